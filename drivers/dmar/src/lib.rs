@@ -1,0 +1,2 @@
+//! Parser for the ACPI DMA Remapping (DMAR) table.
+#![no_std]

@@ -1,0 +1,2 @@
+//! PCI configuration space: ECAM access, enumeration, BAR sizing.
+#![no_std]

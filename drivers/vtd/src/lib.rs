@@ -1,0 +1,2 @@
+//! Intel VT-d DMA remapping: register, table and descriptor formats and the unit driver.
+#![no_std]

@@ -1,0 +1,2 @@
+//! Typed configuration parsed from the hypervisor command line.
+#![no_std]

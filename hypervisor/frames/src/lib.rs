@@ -1,0 +1,2 @@
+//! Physical memory regions and the physical frame allocator.
+#![no_std]

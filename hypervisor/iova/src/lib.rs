@@ -1,0 +1,2 @@
+//! Lock-free per-CPU magazine IOVA allocator.
+#![no_std]
