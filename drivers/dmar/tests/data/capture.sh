@@ -21,14 +21,15 @@ command -v "$qemu" >/dev/null || {
 }
 version="$("$qemu" --version | sed -n 's/^QEMU emulator version \([0-9]*\.[0-9]*\).*/\1/p')"
 
-# capture NAME IOMMU_DEVICE_OPTIONS
+# capture NAME QEMU_DEVICE_ARGS...
 capture() {
-    local name="$1" dev="$2"
+    local name="$1"
+    shift
     local work
     work="$(mktemp -d)"
     local sock="$work/qmp.sock"
     "$qemu" -M q35 -accel tcg -m 128M -display none -nodefaults -no-reboot \
-        -device "$dev" -device edu \
+        "$@" \
         -qmp "unix:$sock,server=on,wait=off" >"$work/qemu.log" 2>&1 &
     local pid=$!
     local rc=0
@@ -112,7 +113,7 @@ PY
     kill "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
     if [ "$rc" -ne 0 ]; then
-        echo "error: capture of $name ($dev) failed; QEMU said:" >&2
+        echo "error: capture of $name ($*) failed; QEMU said:" >&2
         cat "$work/qemu.log" >&2
         rm -rf "$work"
         return "$rc"
@@ -120,11 +121,18 @@ PY
     rm -rf "$work"
 }
 
-# Default VT-d as Moat's `cargo xtask run` uses it (interrupt remapping off).
-capture dmar "intel-iommu,intremap=off"
+# QEMU 7.2 does NOT set INCLUDE_PCI_ALL: it lists every device of the root bus
+# explicitly (endpoints, and bridges as sub-hierarchies) plus the I/O APIC.
+# intel-iommu must come before the devices it translates.
+
+# Default VT-d as Moat's `cargo xtask run` uses it (interrupt remapping off) + edu.
+capture dmar -device intel-iommu,intremap=off -device edu
 # 48-bit address width (4-level SAGAW) with caching mode.
-capture dmar-aw48-cm "intel-iommu,intremap=off,aw-bits=48,caching-mode=on"
+capture dmar-aw48-cm -device intel-iommu,intremap=off,aw-bits=48,caching-mode=on -device edu
 # Interrupt remapping on (x2APIC mode off: eim=on needs KVM in QEMU 7.2).
-capture dmar-ir "intel-iommu,intremap=on,eim=off"
+capture dmar-ir -device intel-iommu,intremap=on,eim=off -device edu
 # Device-IOTLB (ATS) support: QEMU adds an ATSR structure.
-capture dmar-ats "intel-iommu,intremap=off,device-iotlb=on"
+capture dmar-ats -device intel-iommu,intremap=off,device-iotlb=on -device edu
+# edu behind a PCIe root port: the port appears as a PCI sub-hierarchy scope.
+capture dmar-rootport -device intel-iommu,intremap=off \
+    -device pcie-root-port,id=rp0,chassis=1,slot=1 -device edu,bus=rp0
