@@ -34,7 +34,7 @@ pub use error::DmarError;
 pub use lookup::{BridgeTopology, BusRange, NoBridges, PciFunction};
 pub use scope::{DeviceScope, DeviceScopes, PathEntry, PathIter, ScopeType, SCOPE_HEADER_LEN};
 pub use structures::{
-    kind, min_length, Andd, Atsr, AtsrFlags, Drhd, DrhdFlags, RemappingStructure, Rhsa, Rmrr,
-    Satc, SatcFlags, Sidp, Structures, STRUCTURE_HEADER_LEN,
+    kind, min_length, Andd, Atsr, AtsrFlags, Drhd, DrhdFlags, RemappingStructure, Rhsa, Rmrr, Satc,
+    SatcFlags, Sidp, Structures, STRUCTURE_HEADER_LEN,
 };
 pub use table::{Dmar, DmarFlags, Summary, HEADER_LEN, SIGNATURE};

@@ -173,8 +173,7 @@ impl<'a> Dmar<'a> {
     where
         'a: 't,
     {
-        self.rmrrs()
-            .filter(move |r| r.applies_to(f, topology))
+        self.rmrrs().filter(move |r| r.applies_to(f, topology))
     }
 
     /// The unit whose scope lists the I/O APIC with id `ioapic_id`, with that

@@ -96,12 +96,10 @@ impl<'a> Dmar<'a> {
         if len < HEADER_LEN {
             return Err(DmarError::TableLengthTooSmall { table_len });
         }
-        let table = bytes
-            .get(..len)
-            .ok_or(DmarError::TableLengthPastSlice {
-                table_len,
-                slice_len: bytes.len(),
-            })?;
+        let table = bytes.get(..len).ok_or(DmarError::TableLengthPastSlice {
+            table_len,
+            slice_len: bytes.len(),
+        })?;
         let sum = table.iter().fold(0u8, |acc, &b| acc.wrapping_add(b));
         if sum != 0 {
             let stored = u8_at(table, 9);
@@ -172,25 +170,31 @@ impl<'a> Dmar<'a> {
 
     /// The DRHD units in table order (stops at a malformed structure).
     pub fn drhds(&self) -> impl Iterator<Item = Drhd<'a>> + Clone + 'a {
-        self.structures().map_while(Result::ok).filter_map(|s| match s {
-            RemappingStructure::Drhd(d) => Some(d),
-            _ => None,
-        })
+        self.structures()
+            .map_while(Result::ok)
+            .filter_map(|s| match s {
+                RemappingStructure::Drhd(d) => Some(d),
+                _ => None,
+            })
     }
 
     /// The reserved memory regions in table order (stops at a malformed structure).
     pub fn rmrrs(&self) -> impl Iterator<Item = Rmrr<'a>> + Clone + 'a {
-        self.structures().map_while(Result::ok).filter_map(|s| match s {
-            RemappingStructure::Rmrr(r) => Some(r),
-            _ => None,
-        })
+        self.structures()
+            .map_while(Result::ok)
+            .filter_map(|s| match s {
+                RemappingStructure::Rmrr(r) => Some(r),
+                _ => None,
+            })
     }
 
     /// The ATSR structures in table order (stops at a malformed structure).
     pub fn atsrs(&self) -> impl Iterator<Item = Atsr<'a>> + Clone + 'a {
-        self.structures().map_while(Result::ok).filter_map(|s| match s {
-            RemappingStructure::Atsr(a) => Some(a),
-            _ => None,
-        })
+        self.structures()
+            .map_while(Result::ok)
+            .filter_map(|s| match s {
+                RemappingStructure::Atsr(a) => Some(a),
+                _ => None,
+            })
     }
 }

@@ -28,7 +28,14 @@ pub fn fix_checksum(t: &mut [u8]) {
 
 /// One device scope entry.
 pub fn scope(kind: u8, enumeration_id: u8, start_bus: u8, path: &[(u8, u8)]) -> Vec<u8> {
-    let mut s = vec![kind, (6 + 2 * path.len()) as u8, 0, 0, enumeration_id, start_bus];
+    let mut s = vec![
+        kind,
+        (6 + 2 * path.len()) as u8,
+        0,
+        0,
+        enumeration_id,
+        start_bus,
+    ];
     for &(d, f) in path {
         s.extend_from_slice(&[d, f]);
     }
