@@ -1,0 +1,339 @@
+//! Gathering unmaps (and caching-mode maps) into one flush.
+//!
+//! Every `unmap` adds its range and the page-table pages it emptied to a [`Gather`]. Nothing
+//! is released while it sits there: the pages stay allocated and the IOVAs stay owned by the
+//! domain until [`crate::Unit::flush`] has issued the invalidations and the wait descriptor
+//! reported completion. [`Gather::plan`] turns the accumulated ranges into the fewest
+//! page-selective invalidations (one naturally aligned block per merged range, nested blocks
+//! dropped, buddies merged), or one domain-selective invalidation when PSI is unsupported,
+//! a block exceeds `CAP.MAMV`, or too many descriptors would be needed.
+
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use crate::hw::PhysAddr;
+
+/// A naturally aligned block of `2^am` 4 KiB pages for a page-selective invalidation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PsiBlock {
+    /// Base address, aligned to `4096 << am`.
+    pub addr: u64,
+    /// Address mask: log2 of the page count.
+    pub am: u8,
+}
+
+impl PsiBlock {
+    /// Size of the block in bytes.
+    pub const fn size(self) -> u64 {
+        4096u64 << self.am
+    }
+    /// End address (exclusive).
+    pub const fn end(self) -> u64 {
+        self.addr + self.size()
+    }
+}
+
+/// The smallest naturally aligned power-of-two block of pages containing `[start, end)`.
+///
+/// `start < end` is required; the result always contains the range (it may be larger).
+pub const fn psi_cover(start: u64, end: u64) -> PsiBlock {
+    let first = start >> 12;
+    let last = (end - 1) >> 12;
+    let diff = first ^ last;
+    let am = if diff == 0 { 0 } else { 64 - diff.leading_zeros() };
+    PsiBlock { addr: (first >> am << am) << 12, am: am as u8 }
+}
+
+/// What one flush must invalidate in the IOTLB.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FlushPlan {
+    /// Nothing to invalidate.
+    Nothing,
+    /// One domain-selective invalidation.
+    Domain,
+    /// Page-selective invalidations, sorted and disjoint.
+    Pages {
+        /// The blocks.
+        blocks: Vec<PsiBlock>,
+        /// Invalidation hint: only leaf entries changed (no page-table page was freed and no
+        /// entry went from not-present to present).
+        ih: bool,
+    },
+}
+
+/// Accumulates the effects of maps and unmaps on one domain until a flush.
+#[derive(Debug)]
+pub struct Gather {
+    did: u16,
+    inval: Vec<Range<u64>>,
+    unmapped: Vec<Range<u64>>,
+    freed_tables: Vec<PhysAddr>,
+    new_mappings: bool,
+    invalidate_maps: bool,
+}
+
+/// Appends `r` to `v`, merging with the last range when they touch or overlap.
+fn push_merged(v: &mut Vec<Range<u64>>, r: Range<u64>) {
+    if let Some(last) = v.last_mut() {
+        if r.start <= last.end && last.start <= r.end {
+            last.start = last.start.min(r.start);
+            last.end = last.end.max(r.end);
+            return;
+        }
+    }
+    v.push(r);
+}
+
+/// Sorts and merges touching or overlapping ranges.
+pub(crate) fn merge_ranges(v: &mut Vec<Range<u64>>) {
+    v.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(v.len());
+    for r in v.drain(..) {
+        push_merged(&mut out, r);
+    }
+    *v = out;
+}
+
+impl Gather {
+    /// An empty gather for the domain with id `did`.
+    pub fn new(did: u16) -> Self {
+        Self {
+            did,
+            inval: Vec::new(),
+            unmapped: Vec::new(),
+            freed_tables: Vec::new(),
+            new_mappings: false,
+            invalidate_maps: false,
+        }
+    }
+
+    /// Domain id this gather belongs to.
+    pub fn domain_id(&self) -> u16 {
+        self.did
+    }
+
+    /// True when a flush would do nothing.
+    pub fn is_empty(&self) -> bool {
+        self.inval.is_empty() && self.freed_tables.is_empty() && !self.new_mappings
+    }
+
+    /// Unmapped IOVA ranges waiting for the flush (merged where they touch).
+    pub fn unmapped(&self) -> &[Range<u64>] {
+        &self.unmapped
+    }
+
+    /// Number of page-table pages waiting to be freed after the flush.
+    pub fn pending_tables(&self) -> usize {
+        self.freed_tables.len()
+    }
+
+    /// True when a map added entries since the last flush (for `CAP.RWBF`).
+    pub fn has_new_mappings(&self) -> bool {
+        self.new_mappings
+    }
+
+    pub(crate) fn add_unmapped(&mut self, r: Range<u64>) {
+        push_merged(&mut self.inval, r.clone());
+        push_merged(&mut self.unmapped, r);
+    }
+
+    /// Records a range to invalidate that is not released to the caller (rollback of a
+    /// failed map, pruned tables).
+    pub(crate) fn add_invalidation(&mut self, r: Range<u64>) {
+        push_merged(&mut self.inval, r);
+    }
+
+    /// Records a map; with caching mode the range must be invalidated too.
+    pub(crate) fn add_mapped(&mut self, r: Range<u64>, caching_mode: bool) {
+        self.new_mappings = true;
+        if caching_mode {
+            self.invalidate_maps = true;
+            push_merged(&mut self.inval, r);
+        }
+    }
+
+    pub(crate) fn add_freed_table(&mut self, table: PhysAddr) {
+        self.freed_tables.push(table);
+    }
+
+    /// Plans the IOTLB invalidation for this gather.
+    ///
+    /// `psi` is `CAP.PSI`, `mamv` is `CAP.MAMV`, `max_blocks` is the most page-selective
+    /// descriptors one flush may use before a single domain-selective one is cheaper.
+    pub fn plan(&self, psi: bool, mamv: u8, max_blocks: usize) -> FlushPlan {
+        if self.inval.is_empty() {
+            return FlushPlan::Nothing;
+        }
+        if !psi || max_blocks == 0 {
+            return FlushPlan::Domain;
+        }
+        let mut ranges = self.inval.clone();
+        merge_ranges(&mut ranges);
+        let mut blocks: Vec<PsiBlock> = Vec::with_capacity(ranges.len());
+        for r in &ranges {
+            let b = psi_cover(r.start, r.end);
+            if b.am > mamv {
+                return FlushPlan::Domain;
+            }
+            blocks.push(b);
+        }
+        // Aligned blocks either nest or are disjoint: sort by address (bigger first on ties)
+        // and drop blocks inside the previous kept one.
+        blocks.sort_by(|a, b| a.addr.cmp(&b.addr).then(b.am.cmp(&a.am)));
+        let mut kept: Vec<PsiBlock> = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            if let Some(top) = kept.last() {
+                if b.addr < top.end() {
+                    continue;
+                }
+            }
+            kept.push(b);
+            // Merge buddies bottom-up while the two topmost blocks are siblings.
+            while kept.len() >= 2 {
+                let n = kept.len();
+                let (a, b) = (kept[n - 2], kept[n - 1]);
+                let parent_am = a.am + 1;
+                if a.am == b.am
+                    && parent_am <= mamv
+                    && a.addr % (4096u64 << parent_am) == 0
+                    && b.addr == a.end()
+                {
+                    kept.truncate(n - 2);
+                    kept.push(PsiBlock { addr: a.addr, am: parent_am });
+                } else {
+                    break;
+                }
+            }
+        }
+        if kept.len() > max_blocks {
+            return FlushPlan::Domain;
+        }
+        FlushPlan::Pages { blocks: kept, ih: self.freed_tables.is_empty() && !self.invalidate_maps }
+    }
+
+    /// Empties the gather, returning the unmapped ranges and the page-table pages to free.
+    pub(crate) fn take(&mut self) -> (Vec<Range<u64>>, Vec<PhysAddr>) {
+        self.inval.clear();
+        self.new_mappings = false;
+        self.invalidate_maps = false;
+        let mut unmapped = core::mem::take(&mut self.unmapped);
+        merge_ranges(&mut unmapped);
+        (unmapped, core::mem::take(&mut self.freed_tables))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+    use proptest::prelude::*;
+
+    #[test]
+    fn cover_of_single_and_crossing_ranges() {
+        assert_eq!(psi_cover(0x5000, 0x6000), PsiBlock { addr: 0x5000, am: 0 });
+        assert_eq!(psi_cover(0x4000, 0x8000), PsiBlock { addr: 0x4000, am: 2 });
+        // Two pages across a 2 MiB boundary need the 4 MiB block around them.
+        assert_eq!(psi_cover(0x1f_f000, 0x20_1000), PsiBlock { addr: 0, am: 10 });
+        assert_eq!(psi_cover(0x20_0000, 0x40_0000), PsiBlock { addr: 0x20_0000, am: 9 });
+        assert_eq!(psi_cover(0x5000, 0x7000), PsiBlock { addr: 0x4000, am: 2 });
+    }
+
+    #[test]
+    fn plan_coalesces_adjacent_and_buddies() {
+        let mut g = Gather::new(3);
+        for p in [0u64, 1, 2, 3, 5, 4, 6, 7] {
+            g.add_unmapped(p * 4096..(p + 1) * 4096);
+        }
+        assert_eq!(
+            g.plan(true, 18, 16),
+            FlushPlan::Pages { blocks: vec![PsiBlock { addr: 0, am: 3 }], ih: true }
+        );
+        // Two separate buddies that are not adjacent in insertion order.
+        let mut g = Gather::new(3);
+        g.add_unmapped(0x2000..0x3000);
+        g.add_unmapped(0x10_0000..0x10_1000);
+        g.add_unmapped(0x3000..0x4000);
+        assert_eq!(
+            g.plan(true, 18, 16),
+            FlushPlan::Pages {
+                blocks: vec![PsiBlock { addr: 0x2000, am: 1 }, PsiBlock { addr: 0x10_0000, am: 0 }],
+                ih: true
+            }
+        );
+    }
+
+    #[test]
+    fn plan_falls_back_to_domain() {
+        let mut g = Gather::new(1);
+        assert_eq!(g.plan(true, 18, 16), FlushPlan::Nothing);
+        g.add_unmapped(0..0x1000);
+        assert_eq!(g.plan(false, 18, 16), FlushPlan::Domain);
+        // 2 GiB exceeds MAMV 18 (1 GiB).
+        let mut g = Gather::new(1);
+        g.add_unmapped(0..0x8000_0000);
+        assert_eq!(g.plan(true, 18, 16), FlushPlan::Domain);
+        // Exactly 1 GiB fits.
+        let mut g = Gather::new(1);
+        g.add_unmapped(0x4000_0000..0x8000_0000);
+        assert_eq!(
+            g.plan(true, 18, 16),
+            FlushPlan::Pages { blocks: vec![PsiBlock { addr: 0x4000_0000, am: 18 }], ih: true }
+        );
+        // Too many scattered blocks.
+        let mut g = Gather::new(1);
+        for i in 0..5u64 {
+            g.add_unmapped(i * 0x10_0000..i * 0x10_0000 + 0x1000);
+        }
+        assert_eq!(g.plan(true, 18, 4), FlushPlan::Domain);
+        assert!(matches!(g.plan(true, 18, 5), FlushPlan::Pages { .. }));
+    }
+
+    #[test]
+    fn hint_cleared_when_tables_freed_or_caching_mode_maps() {
+        let mut g = Gather::new(1);
+        g.add_unmapped(0..0x1000);
+        g.add_freed_table(0x9000);
+        assert!(matches!(g.plan(true, 18, 8), FlushPlan::Pages { ih: false, .. }));
+        let mut g = Gather::new(1);
+        g.add_mapped(0..0x1000, false);
+        assert_eq!(g.plan(true, 18, 8), FlushPlan::Nothing);
+        assert!(!g.is_empty());
+        g.add_mapped(0x1000..0x2000, true);
+        assert!(matches!(g.plan(true, 18, 8), FlushPlan::Pages { ih: false, .. }));
+        let (unmapped, tables) = g.take();
+        assert!(unmapped.is_empty() && tables.is_empty() && g.is_empty());
+    }
+
+    proptest! {
+        /// The plan covers every gathered page, and the blocks are aligned, disjoint and
+        /// within MAMV.
+        #[test]
+        fn plan_covers_every_page(pages in proptest::collection::vec((0u64..4096, 1u64..40), 1..20),
+                                  mamv in 0u8..20, max in 1usize..40) {
+            let mut g = Gather::new(1);
+            for (p, n) in &pages {
+                g.add_unmapped(p * 4096..(p + n) * 4096);
+            }
+            match g.plan(true, mamv, max) {
+                FlushPlan::Nothing => prop_assert!(false),
+                FlushPlan::Domain => {}
+                FlushPlan::Pages { blocks, .. } => {
+                    prop_assert!(blocks.len() <= max);
+                    for w in blocks.windows(2) {
+                        prop_assert!(w[0].end() <= w[1].addr);
+                    }
+                    for b in &blocks {
+                        prop_assert!(b.am <= mamv);
+                        prop_assert_eq!(b.addr % b.size(), 0);
+                    }
+                    for (p, n) in &pages {
+                        for q in *p..p + n {
+                            let a = q * 4096;
+                            prop_assert!(blocks.iter().any(|b| b.addr <= a && a < b.end()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! The hardware the driver needs, as small traits the kernel implements.
+//!
+//! Keeping every raw access behind these traits makes all of the driver's logic host-testable
+//! (the tests implement them with plain vectors and a register model) and keeps `unsafe` out
+//! of this crate: the kernel's implementations are the only place that touches MMIO or
+//! physical memory.
+
+/// A physical address.
+pub type PhysAddr = u64;
+
+/// Size of a page-table page, queue page and translation granule.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// The MMIO register page(s) of one remapping unit.
+///
+/// `offset` is a byte offset from the unit's register base (the DRHD `Register Base Address`).
+/// The kernel implements it with volatile 32-/64-bit loads and stores on an uncached
+/// identity (or fixed) mapping of the register pages. The driver only uses naturally aligned
+/// offsets below the register-set size reported by the DRHD (it derives the IOTLB and fault
+/// recording offsets from `ECAP.IRO` and `CAP.FRO`); an implementation may still bounds-check
+/// and ignore out-of-range offsets.
+pub trait RegisterWindow {
+    /// Reads the 32-bit register at `offset`.
+    fn read32(&mut self, offset: usize) -> u32;
+    /// Reads the 64-bit register at `offset` (one 64-bit access).
+    fn read64(&mut self, offset: usize) -> u64;
+    /// Writes the 32-bit register at `offset`.
+    fn write32(&mut self, offset: usize, value: u32);
+    /// Writes the 64-bit register at `offset` (one 64-bit access).
+    fn write64(&mut self, offset: usize, value: u64);
+}
+
+/// Physical memory for root/context/page tables, the invalidation queue and its status word.
+///
+/// Rather than handing out raw pointers, the trait offers typed, bounds-defined accessors:
+/// the kernel implements them with volatile accesses through its mapping of physical memory
+/// (identity-mapped, write-back), so no `unsafe` is needed in the driver. The driver only
+/// accesses addresses inside frames it obtained from [`DmaMemory::alloc_frame`] and not yet
+/// released with [`DmaMemory::free_frame`], at naturally aligned offsets.
+pub trait DmaMemory {
+    /// Allocates one zero-filled, 4 KiB-aligned 4 KiB frame; `None` when out of memory.
+    fn alloc_frame(&mut self) -> Option<PhysAddr>;
+    /// Returns a frame obtained from `alloc_frame`. The driver calls this only after the
+    /// remapping hardware can no longer reach the frame (the covering invalidation completed).
+    fn free_frame(&mut self, frame: PhysAddr);
+    /// Volatile 64-bit load from `addr` (8-byte aligned, inside an allocated frame).
+    fn read_u64(&self, addr: PhysAddr) -> u64;
+    /// Volatile 64-bit store to `addr` (8-byte aligned, inside an allocated frame).
+    fn write_u64(&mut self, addr: PhysAddr, value: u64);
+    /// Volatile 32-bit load from `addr` (4-byte aligned, inside an allocated frame); used to
+    /// poll invalidation-wait status words.
+    fn read_u32(&self, addr: PhysAddr) -> u32;
+    /// Volatile 32-bit store to `addr` (4-byte aligned, inside an allocated frame).
+    fn write_u32(&mut self, addr: PhysAddr, value: u32);
+    /// Writes back the cache lines covering `[addr, addr + len)` to memory (`clflush` or
+    /// `clflushopt` per 64-byte line followed by `mfence`). Called only for units whose
+    /// `ECAP.C` is 0 (page walks do not snoop the CPU caches). A coherent-only platform may
+    /// implement it as a fence.
+    fn flush_cache(&mut self, addr: PhysAddr, len: usize);
+}
+
+/// A monotonic time source for bounded polls.
+///
+/// The kernel implements it with the TSC (scaled to nanoseconds) or, before the TSC is
+/// calibrated, with a counter that advances by a fixed step per call (a spin budget).
+pub trait Clock {
+    /// Monotonic time in nanoseconds (any epoch).
+    fn now_ns(&self) -> u64;
+    /// Called between two polls of a register or status word; defaults to a spin hint.
+    fn relax(&self) {
+        core::hint::spin_loop();
+    }
+}
+
+/// Polls `done` until it returns `Some` or `timeout_ns` passes on `clock`.
+///
+/// `done` is always evaluated at least once and once more after the deadline passed, so a
+/// slow clock cannot make a completed operation look timed out.
+pub(crate) fn poll_until<C: Clock, T>(
+    clock: &C,
+    timeout_ns: u64,
+    mut done: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let start = clock.now_ns();
+    loop {
+        if let Some(v) = done() {
+            return Some(v);
+        }
+        if clock.now_ns().wrapping_sub(start) > timeout_ns {
+            return done();
+        }
+        clock.relax();
+    }
+}

@@ -1,0 +1,666 @@
+//! Second-level (legacy mode) I/O page tables of one domain.
+//!
+//! Entry format (VT-d 9.8): R (0), W (1), PS (7, large page in level 2/3 entries), SNP (11,
+//! only when `ECAP.SC`), address (51:12). An entry is present when R or W is set. Non-leaf
+//! entries carry R|W so that the leaf decides the access rights.
+//!
+//! Invariants kept by [`PageTable`]:
+//! - every non-root table page reachable from the root has at least one present entry
+//!   (a page that becomes empty on unmap is unlinked and handed to the [`Gather`]);
+//! - a superpage is only created where the IOVA and physical address are aligned to it, the
+//!   range covers it, and `CAP.SLLPS` allows it;
+//! - map and unmap are all-or-nothing: a failing map is rolled back, and unmap validates
+//!   the whole range (present, no partial superpage) before changing anything.
+
+use bitflags::bitflags;
+
+use crate::entry::PagingLevels;
+use crate::error::Error;
+use crate::gather::Gather;
+use crate::hw::{DmaMemory, PhysAddr, PAGE_SIZE};
+
+bitflags! {
+    /// Access rights of a DMA mapping.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Access: u8 {
+        /// The device may read (DMA from memory).
+        const READ = 1 << 0;
+        /// The device may write (DMA to memory).
+        const WRITE = 1 << 1;
+    }
+}
+
+/// Second-level page-table entry bits.
+pub mod pte {
+    /// Read permission.
+    pub const R: u64 = 1 << 0;
+    /// Write permission.
+    pub const W: u64 = 1 << 1;
+    /// Page size: the entry maps a 2 MiB (level 2) or 1 GiB (level 3) page.
+    pub const PS: u64 = 1 << 7;
+    /// Snoop behaviour (only defined with `ECAP.SC`).
+    pub const SNP: u64 = 1 << 11;
+    /// Address bits 51:12.
+    pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+}
+
+/// Highest physical address width the entry format can hold.
+pub const MAX_PHYS_BITS: u32 = 52;
+
+/// What the page tables of a domain may use, derived from the unit's capabilities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableConfig {
+    /// Table depth.
+    pub levels: PagingLevels,
+    /// IOVAs must be below `1 << iova_bits` (min of the AGAW and `CAP.MGAW`).
+    pub iova_bits: u32,
+    /// 2 MiB superpages allowed.
+    pub superpage_2m: bool,
+    /// 1 GiB superpages allowed.
+    pub superpage_1g: bool,
+    /// Set SNP in leaf entries (only when `ECAP.SC`).
+    pub snoop: bool,
+    /// Page walks are coherent (`ECAP.C`); when false every table write is flushed.
+    pub coherent: bool,
+    /// `CAP.CM`: maps must be invalidated too.
+    pub caching_mode: bool,
+}
+
+/// Result of a translation lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// Physical address the IOVA translates to.
+    pub phys: u64,
+    /// Access rights of the leaf.
+    pub access: Access,
+    /// Size of the page holding the IOVA (4 KiB, 2 MiB or 1 GiB).
+    pub page_size: u64,
+}
+
+const fn level_shift(level: u8) -> u32 {
+    12 + 9 * (level as u32 - 1)
+}
+
+const fn level_size(level: u8) -> u64 {
+    1u64 << level_shift(level)
+}
+
+const fn index(iova: u64, level: u8) -> u64 {
+    (iova >> level_shift(level)) & 0x1ff
+}
+
+const fn is_present(e: u64) -> bool {
+    e & (pte::R | pte::W) != 0
+}
+
+const fn is_leaf(e: u64, level: u8) -> bool {
+    level == 1 || e & pte::PS != 0
+}
+
+fn table_empty<M: DmaMemory>(mem: &M, table: PhysAddr) -> bool {
+    (0..512).all(|i| !is_present(mem.read_u64(table + i * 8)))
+}
+
+/// A domain's second-level page tables.
+#[derive(Debug)]
+pub struct PageTable {
+    root: PhysAddr,
+    cfg: TableConfig,
+    table_pages: usize,
+}
+
+impl PageTable {
+    /// Allocates an empty root table.
+    pub fn new<M: DmaMemory>(mem: &mut M, cfg: TableConfig) -> Result<Self, Error> {
+        let root = mem.alloc_frame().ok_or(Error::NoMemory)?;
+        if !cfg.coherent {
+            mem.flush_cache(root, PAGE_SIZE as usize);
+        }
+        Ok(Self { root, cfg, table_pages: 1 })
+    }
+
+    /// Physical address of the root table (the context entry's SLPTPTR).
+    pub fn root(&self) -> PhysAddr {
+        self.root
+    }
+
+    /// The configuration the tables were built with.
+    pub fn config(&self) -> &TableConfig {
+        &self.cfg
+    }
+
+    /// Number of table pages currently linked into the tree (root included).
+    pub fn table_pages(&self) -> usize {
+        self.table_pages
+    }
+
+    fn check_range(&self, iova: u64, len: u64) -> Result<u64, Error> {
+        if len == 0 || iova % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+            return Err(Error::Misaligned);
+        }
+        let end = iova.checked_add(len).ok_or(Error::OutOfRange)?;
+        if end > 1u64 << self.cfg.iova_bits {
+            return Err(Error::OutOfRange);
+        }
+        Ok(end)
+    }
+
+    fn write_entry<M: DmaMemory>(&self, mem: &mut M, addr: PhysAddr, value: u64) {
+        mem.write_u64(addr, value);
+        if !self.cfg.coherent {
+            mem.flush_cache(addr, 8);
+        }
+    }
+
+    /// Largest page level usable at `iova`/`phys` with `remaining` bytes left.
+    fn leaf_level(&self, iova: u64, phys: u64, remaining: u64) -> u8 {
+        let fits = |lvl: u8| {
+            let s = level_size(lvl);
+            iova % s == 0 && phys % s == 0 && remaining >= s
+        };
+        if self.cfg.superpage_1g && fits(3) {
+            3
+        } else if self.cfg.superpage_2m && fits(2) {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Maps `[iova, iova + len)` to `[phys, phys + len)` with `access`.
+    ///
+    /// Uses the largest pages allowed by alignment and the unit. Fails without changing the
+    /// mapping when any page of the range is already mapped (tables allocated on the way are
+    /// handed to `gather`). Records the map in `gather` (caching mode needs an invalidation;
+    /// `CAP.RWBF` needs a write-buffer flush).
+    pub fn map<M: DmaMemory>(
+        &mut self,
+        mem: &mut M,
+        iova: u64,
+        phys: u64,
+        len: u64,
+        access: Access,
+        gather: &mut Gather,
+    ) -> Result<(), Error> {
+        let end = self.check_range(iova, len)?;
+        if phys % PAGE_SIZE != 0 {
+            return Err(Error::Misaligned);
+        }
+        match phys.checked_add(len) {
+            Some(pend) if pend <= 1u64 << MAX_PHYS_BITS => {}
+            _ => return Err(Error::OutOfRange),
+        }
+        if access.is_empty() {
+            return Err(Error::NoAccess);
+        }
+        let mut cur = iova;
+        while cur < end {
+            let p = phys + (cur - iova);
+            let level = self.leaf_level(cur, p, end - cur);
+            if let Err(e) = self.map_one(mem, cur, p, level, access) {
+                // Roll back: remove what this call mapped and unlink tables it left empty.
+                // The range is invalidated by the next flush but not reported as unmapped:
+                // the caller still owns those IOVAs.
+                if cur > iova {
+                    self.clear_range(mem, self.root, self.cfg.levels.count(), iova, cur, gather);
+                    gather.add_invalidation(iova..cur);
+                }
+                self.prune_path(mem, cur, gather);
+                return Err(e);
+            }
+            cur += level_size(level);
+        }
+        gather.add_mapped(iova..end, self.cfg.caching_mode);
+        Ok(())
+    }
+
+    fn map_one<M: DmaMemory>(
+        &mut self,
+        mem: &mut M,
+        iova: u64,
+        phys: u64,
+        leaf_level: u8,
+        access: Access,
+    ) -> Result<(), Error> {
+        let mut table = self.root;
+        let mut level = self.cfg.levels.count();
+        while level > leaf_level {
+            let slot = table + index(iova, level) * 8;
+            let e = mem.read_u64(slot);
+            if !is_present(e) {
+                let next = mem.alloc_frame().ok_or(Error::NoMemory)?;
+                if !self.cfg.coherent {
+                    mem.flush_cache(next, PAGE_SIZE as usize);
+                }
+                self.table_pages += 1;
+                self.write_entry(mem, slot, next | pte::R | pte::W);
+                table = next;
+            } else if is_leaf(e, level) {
+                let s = level_size(level);
+                return Err(Error::AlreadyMapped { iova: iova & !(s - 1) });
+            } else {
+                table = e & pte::ADDR_MASK;
+            }
+            level -= 1;
+        }
+        let slot = table + index(iova, level) * 8;
+        if is_present(mem.read_u64(slot)) {
+            return Err(Error::AlreadyMapped { iova });
+        }
+        let mut e = phys | (access.bits() as u64 & (pte::R | pte::W));
+        if level > 1 {
+            e |= pte::PS;
+        }
+        if self.cfg.snoop {
+            e |= pte::SNP;
+        }
+        self.write_entry(mem, slot, e);
+        Ok(())
+    }
+
+    /// Unmaps `[iova, iova + len)`.
+    ///
+    /// The whole range must be mapped, and every superpage it touches must lie entirely
+    /// inside it: a partial superpage unmap is rejected with [`Error::PartialSuperpage`]
+    /// (superpages are never split implicitly; the caller unmaps the whole superpage and maps
+    /// back what it wants to keep). On error nothing changed. On success the range and the
+    /// table pages that became empty are added to `gather`; they are released only by the
+    /// flush that invalidates them.
+    pub fn unmap<M: DmaMemory>(
+        &mut self,
+        mem: &mut M,
+        iova: u64,
+        len: u64,
+        gather: &mut Gather,
+    ) -> Result<(), Error> {
+        let end = self.check_range(iova, len)?;
+        // Validation pass: nothing is modified unless the whole range can be unmapped.
+        let mut cur = iova;
+        while cur < end {
+            let (e, level) = self.walk(mem, cur);
+            if !is_present(e) {
+                return Err(Error::NotMapped { iova: cur });
+            }
+            let s = level_size(level);
+            let base = cur & !(s - 1);
+            if base < iova || base + s > end {
+                return Err(Error::PartialSuperpage { iova: base, size: s });
+            }
+            cur = base + s;
+        }
+        self.clear_range(mem, self.root, self.cfg.levels.count(), iova, end, gather);
+        gather.add_unmapped(iova..end);
+        Ok(())
+    }
+
+    /// Unlinks the tables on the walk to `iova` that are empty (left by a failed map),
+    /// deepest first, handing them to `gather` with the range they covered.
+    fn prune_path<M: DmaMemory>(&mut self, mem: &mut M, iova: u64, gather: &mut Gather) {
+        let mut path = [(0u64, 0u64, 0u8); 5];
+        let mut depth = 0;
+        let mut table = self.root;
+        let mut level = self.cfg.levels.count();
+        while level > 1 {
+            let slot = table + index(iova, level) * 8;
+            let e = mem.read_u64(slot);
+            if !is_present(e) || is_leaf(e, level) {
+                break;
+            }
+            table = e & pte::ADDR_MASK;
+            path[depth] = (slot, table, level);
+            depth += 1;
+            level -= 1;
+        }
+        for &(slot, child, level) in path[..depth].iter().rev() {
+            if !table_empty(mem, child) {
+                break;
+            }
+            self.write_entry(mem, slot, 0);
+            self.table_pages -= 1;
+            gather.add_freed_table(child);
+            let s = level_size(level);
+            let base = iova & !(s - 1);
+            gather.add_invalidation(base..base.saturating_add(s));
+        }
+    }
+
+    /// Walks to the entry mapping `iova`: returns the entry and its level. A not-present
+    /// entry is returned with the level at which the walk stopped.
+    fn walk<M: DmaMemory>(&self, mem: &M, iova: u64) -> (u64, u8) {
+        let mut table = self.root;
+        let mut level = self.cfg.levels.count();
+        loop {
+            let e = mem.read_u64(table + index(iova, level) * 8);
+            if !is_present(e) || is_leaf(e, level) {
+                return (e, level);
+            }
+            table = e & pte::ADDR_MASK;
+            level -= 1;
+        }
+    }
+
+    /// Clears every present entry in `[start, end)` of `table` (at `level`), recursing into
+    /// child tables; unlinks children that became empty into `gather`. Leaves must be fully
+    /// covered (checked by the caller). Returns true when `table` is empty afterwards.
+    fn clear_range<M: DmaMemory>(
+        &mut self,
+        mem: &mut M,
+        table: PhysAddr,
+        level: u8,
+        start: u64,
+        end: u64,
+        gather: &mut Gather,
+    ) -> bool {
+        let size = level_size(level);
+        let mut cur = start;
+        let mut first_written: Option<u64> = None;
+        let mut last_written = 0;
+        while cur < end {
+            let idx = index(cur, level);
+            let slot = table + idx * 8;
+            let entry_end = (cur & !(size - 1)).saturating_add(size);
+            let sub_end = end.min(entry_end);
+            let e = mem.read_u64(slot);
+            if is_present(e) {
+                let clear = if is_leaf(e, level) {
+                    true
+                } else {
+                    let child = e & pte::ADDR_MASK;
+                    let empty = self.clear_range(mem, child, level - 1, cur, sub_end, gather);
+                    if empty {
+                        gather.add_freed_table(child);
+                        self.table_pages -= 1;
+                    }
+                    empty
+                };
+                if clear {
+                    mem.write_u64(slot, 0);
+                    first_written.get_or_insert(idx);
+                    last_written = idx;
+                }
+            }
+            cur = sub_end;
+        }
+        if let Some(first) = first_written {
+            if !self.cfg.coherent {
+                mem.flush_cache(table + first * 8, ((last_written - first + 1) * 8) as usize);
+            }
+        }
+        first_written.is_some() && table_empty(mem, table)
+    }
+
+    /// Looks up `iova` in the tables (as the hardware would walk them).
+    pub fn translate<M: DmaMemory>(&self, mem: &M, iova: u64) -> Option<Translation> {
+        if iova >= 1u64 << self.cfg.iova_bits {
+            return None;
+        }
+        let (e, level) = self.walk(mem, iova);
+        if !is_present(e) {
+            return None;
+        }
+        let s = level_size(level);
+        Some(Translation {
+            phys: (e & pte::ADDR_MASK & !(s - 1)) | (iova & (s - 1)),
+            access: Access::from_bits_truncate((e & (pte::R | pte::W)) as u8),
+            page_size: s,
+        })
+    }
+
+    /// Frees every table page, root included. Only valid when no hardware can walk the
+    /// tables any more (no device attached and the domain's IOTLB entries invalidated).
+    pub(crate) fn free_all<M: DmaMemory>(self, mem: &mut M) {
+        fn free_level<M: DmaMemory>(mem: &mut M, table: PhysAddr, level: u8) {
+            if level > 1 {
+                for i in 0..512 {
+                    let e = mem.read_u64(table + i * 8);
+                    if is_present(e) && !is_leaf(e, level) {
+                        free_level(mem, e & pte::ADDR_MASK, level - 1);
+                    }
+                }
+            }
+            mem.free_frame(table);
+        }
+        free_level(mem, self.root, self.cfg.levels.count());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::FakeMemory;
+    use alloc::collections::BTreeMap;
+    use alloc::vec::Vec;
+    use proptest::prelude::*;
+
+    fn cfg(levels: PagingLevels, sp: bool, coherent: bool) -> TableConfig {
+        TableConfig {
+            levels,
+            iova_bits: levels.width(),
+            superpage_2m: sp,
+            superpage_1g: sp,
+            snoop: false,
+            coherent,
+            caching_mode: false,
+        }
+    }
+
+    const RW: Access = Access::READ.union(Access::WRITE);
+
+    #[test]
+    fn map_translate_unmap_4k() {
+        let mut mem = FakeMemory::new(64);
+        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
+        let mut g = Gather::new(1);
+        pt.map(&mut mem, 0x1000, 0x5000_0000, 0x2000, Access::READ, &mut g).unwrap();
+        assert_eq!(pt.table_pages(), 3);
+        let t = pt.translate(&mem, 0x1234).unwrap();
+        assert_eq!(t, Translation { phys: 0x5000_0234, access: Access::READ, page_size: 4096 });
+        assert_eq!(pt.translate(&mem, 0x2fff).unwrap().phys, 0x5000_1fff);
+        assert!(pt.translate(&mem, 0x3000).is_none());
+        assert_eq!(
+            pt.map(&mut mem, 0x2000, 0, 0x1000, RW, &mut g),
+            Err(Error::AlreadyMapped { iova: 0x2000 })
+        );
+        pt.unmap(&mut mem, 0x1000, 0x2000, &mut g).unwrap();
+        assert!(pt.translate(&mem, 0x1000).is_none());
+        // Both lower tables became empty and wait in the gather; nothing was freed yet.
+        assert_eq!(g.pending_tables(), 2);
+        assert_eq!(pt.table_pages(), 1);
+        assert_eq!(mem.live_frames(), 3);
+    }
+
+    #[test]
+    fn superpages_used_when_aligned_and_allowed() {
+        let mut mem = FakeMemory::new(64);
+        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Four, true, true)).unwrap();
+        let mut g = Gather::new(1);
+        pt.map(&mut mem, 0x4000_0000, 0x8000_0000, 0x4020_0000, RW, &mut g).unwrap();
+        assert_eq!(pt.translate(&mem, 0x4000_1000).unwrap().page_size, 1 << 30);
+        assert_eq!(pt.translate(&mem, 0x8010_0000).unwrap().page_size, 2 << 20);
+        assert_eq!(pt.translate(&mem, 0x8010_0000).unwrap().phys, 0xc010_0000);
+        // Unaligned physical address: only 4 KiB pages.
+        pt.map(&mut mem, 0x20_0000, 0x1000, 0x20_0000, RW, &mut g).unwrap();
+        assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 4096);
+        // Superpages disabled.
+        let mut pt2 = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
+        pt2.map(&mut mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g).unwrap();
+        assert_eq!(pt2.translate(&mem, 0x20_0000).unwrap().page_size, 4096);
+    }
+
+    #[test]
+    fn partial_superpage_unmap_rejected_without_change() {
+        let mut mem = FakeMemory::new(64);
+        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
+        let mut g = Gather::new(1);
+        pt.map(&mut mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g).unwrap();
+        assert_eq!(
+            pt.unmap(&mut mem, 0x20_0000, 0x1000, &mut g),
+            Err(Error::PartialSuperpage { iova: 0x20_0000, size: 0x20_0000 })
+        );
+        assert_eq!(pt.unmap(&mut mem, 0x1f_f000, 0x20_1000, &mut g), Err(Error::NotMapped { iova: 0x1f_f000 }));
+        assert!(g.unmapped().is_empty());
+        assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 0x20_0000);
+        pt.unmap(&mut mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
+        assert!(pt.translate(&mem, 0x20_0000).is_none());
+    }
+
+    #[test]
+    fn bad_arguments_rejected() {
+        let mut mem = FakeMemory::new(8);
+        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
+        let mut g = Gather::new(1);
+        assert_eq!(pt.map(&mut mem, 0x1001, 0, 0x1000, RW, &mut g), Err(Error::Misaligned));
+        assert_eq!(pt.map(&mut mem, 0x1000, 0x10, 0x1000, RW, &mut g), Err(Error::Misaligned));
+        assert_eq!(pt.map(&mut mem, 0x1000, 0, 0, RW, &mut g), Err(Error::Misaligned));
+        assert_eq!(pt.map(&mut mem, 1 << 39, 0, 0x1000, RW, &mut g), Err(Error::OutOfRange));
+        assert_eq!(pt.map(&mut mem, u64::MAX & !0xfff, 0, 0x1000, RW, &mut g), Err(Error::OutOfRange));
+        assert_eq!(pt.map(&mut mem, 0, 1 << 52, 0x1000, RW, &mut g), Err(Error::OutOfRange));
+        assert_eq!(pt.map(&mut mem, 0, 0, 0x1000, Access::empty(), &mut g), Err(Error::NoAccess));
+        assert_eq!(pt.unmap(&mut mem, 0, 0x1000, &mut g), Err(Error::NotMapped { iova: 0 }));
+        assert!(g.is_empty());
+    }
+
+    #[test]
+    fn out_of_memory_map_rolls_back() {
+        // Root + 2 tables fit; the second 1 GiB region needs 2 more tables.
+        let mut mem = FakeMemory::new(4);
+        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
+        let mut g = Gather::new(1);
+        let r = pt.map(&mut mem, 0x3fff_f000, 0x1000, 0x2000, RW, &mut g);
+        assert_eq!(r, Err(Error::NoMemory));
+        assert!(pt.translate(&mem, 0x3fff_f000).is_none());
+        // Region 0's two tables (rolled back) and region 1's empty level-2 table (pruned).
+        assert_eq!(g.pending_tables(), 3);
+        assert_eq!(pt.table_pages(), 1);
+        assert_eq!(mem.live_frames(), 4);
+        assert!(g.unmapped().is_empty());
+        assert_eq!(g.plan(true, 18, 8), crate::gather::FlushPlan::Domain);
+    }
+
+    #[test]
+    fn non_coherent_flushes_every_table_write() {
+        let mut mem = FakeMemory::new(16);
+        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, false)).unwrap();
+        let mut g = Gather::new(1);
+        pt.map(&mut mem, 0, 0x10000, 0x3000, RW, &mut g).unwrap();
+        // Every written entry's line was flushed after the write.
+        assert!(mem.unflushed_writes().is_empty(), "{:?}", mem.unflushed_writes());
+        pt.unmap(&mut mem, 0x1000, 0x1000, &mut g).unwrap();
+        assert!(mem.unflushed_writes().is_empty());
+        // The coherent configuration does not pay for flushes.
+        let mut mem = FakeMemory::new(16);
+        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
+        pt.map(&mut mem, 0, 0x10000, 0x3000, RW, &mut g).unwrap();
+        assert_eq!(mem.flush_calls(), 0);
+    }
+
+    #[test]
+    fn snoop_bit_only_when_configured() {
+        let mut mem = FakeMemory::new(16);
+        let mut c = cfg(PagingLevels::Three, false, true);
+        let mut pt = PageTable::new(&mut mem, c).unwrap();
+        let mut g = Gather::new(1);
+        pt.map(&mut mem, 0, 0x10000, 0x1000, RW, &mut g).unwrap();
+        assert_eq!(leaf_entry(&mem, &pt, 0) & pte::SNP, 0);
+        c.snoop = true;
+        let mut pt = PageTable::new(&mut mem, c).unwrap();
+        pt.map(&mut mem, 0, 0x10000, 0x1000, RW, &mut g).unwrap();
+        assert_eq!(leaf_entry(&mem, &pt, 0), 0x10000 | pte::SNP | pte::R | pte::W);
+    }
+
+    fn leaf_entry(mem: &FakeMemory, pt: &PageTable, iova: u64) -> u64 {
+        pt.walk(mem, iova).0
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Map { page: u64, pages: u64, phys_page: u64, write: bool },
+        Unmap { page: u64, pages: u64 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        // IOVAs within 8 MiB so 2 MiB superpages and table sharing happen often.
+        prop_oneof![
+            (0u64..2048, 1u64..600, 0u64..4096, any::<bool>()).prop_map(|(page, pages, phys_page, write)| {
+                let page = if page % 3 == 0 { page & !511 } else { page };
+                let phys_page = if page % 512 == 0 { phys_page & !511 } else { phys_page };
+                Op::Map { page, pages, phys_page, write }
+            }),
+            (0u64..2048, 1u64..600).prop_map(|(page, pages)| Op::Unmap { page, pages }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+        /// Map/unmap against a page-granular model: translations agree, errors leave the
+        /// tables unchanged, and every table page is either linked, pending in the gather,
+        /// or free (no leak, no double use).
+        #[test]
+        fn matches_model(ops in proptest::collection::vec(op(), 1..40), four in any::<bool>(),
+                         coherent in any::<bool>()) {
+            let levels = if four { PagingLevels::Four } else { PagingLevels::Three };
+            let mut mem = FakeMemory::new(4096);
+            let mut pt = PageTable::new(&mut mem, cfg(levels, true, coherent)).unwrap();
+            let mut g = Gather::new(1);
+            // page -> (phys page, write, superpage base page, superpage pages)
+            let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
+            for op in ops {
+                match op {
+                    Op::Map { page, pages, phys_page, write } => {
+                        let access = if write { RW } else { Access::READ };
+                        let r = pt.map(&mut mem, page * 4096, phys_page * 4096, pages * 4096, access, &mut g);
+                        let clash = (page..page + pages).any(|p| model.contains_key(&p));
+                        prop_assert_eq!(r.is_ok(), !clash, "{:?}", r);
+                        if r.is_ok() {
+                            for i in 0..pages {
+                                model.insert(page + i, (phys_page + i, write));
+                            }
+                        }
+                    }
+                    Op::Unmap { page, pages } => {
+                        let r = pt.unmap(&mut mem, page * 4096, pages * 4096, &mut g);
+                        match r {
+                            Ok(()) => {
+                                for p in page..page + pages {
+                                    prop_assert!(model.remove(&p).is_some());
+                                }
+                            }
+                            Err(Error::NotMapped { iova }) => {
+                                prop_assert!(!model.contains_key(&(iova / 4096)));
+                            }
+                            Err(Error::PartialSuperpage { iova, size }) => {
+                                let t = pt.translate(&mem, iova).unwrap();
+                                prop_assert_eq!(t.page_size, size);
+                            }
+                            Err(e) => prop_assert!(false, "{:?}", e),
+                        }
+                    }
+                }
+                if !coherent {
+                    prop_assert!(mem.unflushed_writes().is_empty());
+                }
+            }
+            for p in 0..2048 + 600 {
+                let t = pt.translate(&mem, p * 4096 + 8);
+                match model.get(&p) {
+                    None => prop_assert!(t.is_none()),
+                    Some(&(phys, write)) => {
+                        let t = t.unwrap();
+                        prop_assert_eq!(t.phys, phys * 4096 + 8);
+                        prop_assert_eq!(t.access.contains(Access::WRITE), write);
+                    }
+                }
+            }
+            // Frame accounting: linked + pending == live.
+            prop_assert_eq!(pt.table_pages() + g.pending_tables(), mem.live_frames());
+            let (_, tables) = g.take();
+            let mut seen: Vec<u64> = tables.clone();
+            seen.sort_unstable();
+            seen.dedup();
+            prop_assert_eq!(seen.len(), tables.len());
+            for t in tables { mem.free_frame(t); }
+            pt.free_all(&mut mem);
+            prop_assert_eq!(mem.live_frames(), 0);
+        }
+    }
+}
