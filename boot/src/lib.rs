@@ -1,2 +1,16 @@
-//! Multiboot2 header, 32->64-bit trampoline and BootInfo for the Moat hypervisor.
+//! Boot path of the Moat hypervisor.
+//!
+//! * [`entry`]: the multiboot2 header and the 32-bit entry point GRUB jumps to; it builds an
+//!   identity map of the first 4 GiB, enters long mode and calls the kernel's
+//!   `moat_boot_main(magic, mbi)`.
+//! * [`ap`]: the real-mode start-up trampoline that application processors run after
+//!   INIT-SIPI-SIPI, and the parameter block the BSP fills for each of them.
+//! * [`info`]: [`BootInfo`](info::BootInfo), the typed view of the multiboot2 information the
+//!   rest of the hypervisor uses (memory map, RSDP, modules, command line).
 #![no_std]
+
+pub mod ap;
+pub mod entry;
+pub mod info;
+
+pub use info::{BootInfo, BootInfoError, MemoryKind, MemoryRegion, Module};

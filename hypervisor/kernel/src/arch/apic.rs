@@ -1,0 +1,78 @@
+//! The local APIC in xAPIC mode (MMIO at the address in `IA32_APIC_BASE`): enable, id, EOI and
+//! the INIT / start-up IPIs used to bring up application processors.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::{tsc, x86};
+
+const REG_ID: usize = 0x20;
+const REG_EOI: usize = 0xB0;
+const REG_SVR: usize = 0xF0;
+const REG_ICR_LO: usize = 0x300;
+const REG_ICR_HI: usize = 0x310;
+const ICR_DELIVERY_PENDING: u32 = 1 << 12;
+
+static BASE: AtomicU64 = AtomicU64::new(0xFEE0_0000);
+
+/// The xAPIC MMIO base from `IA32_APIC_BASE`.
+pub fn base() -> u64 {
+    BASE.load(Ordering::Relaxed)
+}
+
+fn read(reg: usize) -> u32 {
+    // SAFETY: the APIC page is identity mapped (uncached) and `reg` is a valid register.
+    unsafe { core::ptr::read_volatile((base() as usize + reg) as *const u32) }
+}
+
+fn write(reg: usize, v: u32) {
+    // SAFETY: as `read`; writes to these registers only affect this CPU's APIC.
+    unsafe { core::ptr::write_volatile((base() as usize + reg) as *mut u32, v) }
+}
+
+/// Enables this CPU's local APIC (xAPIC mode, spurious vector 0xFF).
+pub fn init_this_cpu() {
+    // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU with an APIC; setting the global
+    // enable bit (11) keeps the base unchanged.
+    let msr = unsafe { x86::rdmsr(x86::msr::APIC_BASE) };
+    BASE.store(msr & 0x000F_FFFF_FFFF_F000, Ordering::Relaxed);
+    // SAFETY: as above.
+    unsafe { x86::wrmsr(x86::msr::APIC_BASE, msr | (1 << 11)) };
+    write(REG_SVR, (1 << 8) | super::idt::SPURIOUS_VECTOR as u32);
+}
+
+/// This CPU's APIC id.
+pub fn id() -> u32 {
+    read(REG_ID) >> 24
+}
+
+/// Signals end of interrupt.
+pub fn eoi() {
+    write(REG_EOI, 0);
+}
+
+fn wait_icr_idle() -> bool {
+    let deadline = tsc::deadline_us(100_000);
+    while read(REG_ICR_LO) & ICR_DELIVERY_PENDING != 0 {
+        if tsc::expired(deadline) {
+            return false;
+        }
+        x86::pause();
+    }
+    true
+}
+
+fn send_ipi(apic_id: u32, icr: u32) -> bool {
+    write(REG_ICR_HI, apic_id << 24);
+    write(REG_ICR_LO, icr);
+    wait_icr_idle()
+}
+
+/// Sends INIT (assert, level) to `apic_id`.
+pub fn send_init(apic_id: u32) -> bool {
+    send_ipi(apic_id, 0x0000_4500)
+}
+
+/// Sends a start-up IPI with `vector` (page number of the trampoline) to `apic_id`.
+pub fn send_startup(apic_id: u32, vector: u8) -> bool {
+    send_ipi(apic_id, 0x0000_4600 | vector as u32)
+}

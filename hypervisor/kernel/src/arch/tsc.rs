@@ -1,0 +1,87 @@
+//! The time-stamp counter: calibrated once against the PIT, then used for timestamps, delays
+//! and timeouts.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::x86;
+
+static TSC_KHZ: AtomicU64 = AtomicU64::new(0);
+static BOOT_TSC: AtomicU64 = AtomicU64::new(0);
+
+/// Records the boot TSC (call first thing).
+pub fn mark_boot() {
+    BOOT_TSC.store(x86::rdtsc(), Ordering::Relaxed);
+}
+
+/// Calibrates the TSC against PIT channel 2 over 10 ms. Returns kHz.
+pub fn calibrate() -> u64 {
+    const PIT_HZ: u64 = 1_193_182;
+    const MS: u64 = 10;
+    let count = (PIT_HZ * MS / 1000) as u16;
+    // SAFETY: ports 0x61 (NMI status / speaker gate) and 0x42/0x43 (PIT channel 2) belong to
+    // the platform timer, which the hypervisor owns; the speaker output is kept off.
+    let (t0, t1) = unsafe {
+        let gate = x86::inb(0x61);
+        x86::outb(0x61, (gate & !0x02) | 0x01);
+        x86::outb(0x43, 0xB0); // channel 2, lobyte/hibyte, mode 0, binary
+        x86::outb(0x42, count as u8);
+        x86::outb(0x42, (count >> 8) as u8);
+        // restart the count: toggle the gate
+        let g = x86::inb(0x61);
+        x86::outb(0x61, g & !0x01);
+        x86::outb(0x61, g | 0x01);
+        let t0 = x86::rdtsc();
+        let mut spins = 0u64;
+        while x86::inb(0x61) & 0x20 == 0 {
+            spins += 1;
+            if spins > 100_000_000 {
+                break;
+            }
+        }
+        let t1 = x86::rdtsc();
+        x86::outb(0x61, gate);
+        (t0, t1)
+    };
+    let khz = ((t1 - t0) / MS).max(1);
+    TSC_KHZ.store(khz, Ordering::Relaxed);
+    khz
+}
+
+/// TSC frequency in kHz (0 before calibration).
+pub fn khz() -> u64 {
+    TSC_KHZ.load(Ordering::Relaxed)
+}
+
+/// Microseconds since [`mark_boot`] (0 before calibration).
+pub fn micros_since_boot() -> u64 {
+    let khz = khz();
+    if khz == 0 {
+        return 0;
+    }
+    let d = x86::rdtsc().wrapping_sub(BOOT_TSC.load(Ordering::Relaxed));
+    (d as u128 * 1000 / khz as u128) as u64
+}
+
+/// Converts cycles to nanoseconds.
+pub fn cycles_to_ns(c: u64) -> u64 {
+    let khz = khz().max(1);
+    (c as u128 * 1_000_000 / khz as u128) as u64
+}
+
+/// A deadline `us` microseconds from now, in TSC cycles.
+pub fn deadline_us(us: u64) -> u64 {
+    x86::rdtsc().saturating_add(us.saturating_mul(khz().max(1)) / 1000)
+}
+
+/// Whether `deadline` (from [`deadline_us`]) has passed.
+pub fn expired(deadline: u64) -> bool {
+    x86::rdtsc() >= deadline
+}
+
+/// Busy-waits `us` microseconds.
+pub fn delay_us(us: u64) {
+    let d = deadline_us(us);
+    while !expired(d) {
+        x86::pause();
+    }
+}

@@ -1,0 +1,167 @@
+//! Reports what the platform has for DMA remapping (DMAR) and on the PCI bus, and hands the
+//! results to the rest of the hypervisor.
+
+use moat_config::{Config, Dump};
+use moat_dmar::Dmar;
+use moat_pci::{probe_bars, ConfigAccess, Ecam};
+
+use crate::acpi::Platform;
+use crate::mm::space;
+
+/// Parses and reports the DMAR table. `None` (with a clear log line) when there is none or it is
+/// malformed: the hypervisor then goes on without DMA remapping.
+pub fn report_dmar(platform: &Platform, config: &Config) -> Option<Dmar<'static>> {
+    let Some(bytes) = platform.dmar_bytes() else {
+        log::warn!("dmar: no DMAR table: no DMA remapping hardware, going on without remapping");
+        return None;
+    };
+    if config.dump == Dump::Dmar {
+        dump_hex("DMAR", platform.dmar.map_or(0, |d| d.0), bytes);
+    }
+    let dmar = match Dmar::parse(bytes) {
+        Ok(d) => d,
+        Err(e) => {
+            log::error!("dmar: malformed DMAR table rejected: {e}; going on WITHOUT DMA remapping");
+            return None;
+        }
+    };
+    log::info!(
+        "dmar: host address width {} bits, flags {:?}",
+        dmar.host_address_width(),
+        dmar.flags()
+    );
+    for (i, u) in dmar.drhds().enumerate() {
+        log::info!(
+            "dmar: DRHD unit {} base={:#x} segment={} flags={}{}",
+            i,
+            u.register_base(),
+            u.segment(),
+            if u.include_pci_all() {
+                "INCLUDE_PCI_ALL"
+            } else {
+                "0"
+            },
+            ScopeList(u.scopes())
+        );
+    }
+    for r in dmar.rmrrs() {
+        log::info!(
+            "dmar: RMRR [{:#x}-{:#x}] segment={}{}",
+            r.base(),
+            r.limit(),
+            r.segment(),
+            ScopeList(r.scopes())
+        );
+    }
+    for a in dmar.atsrs() {
+        log::info!(
+            "dmar: ATSR segment={} all_ports={}{}",
+            a.segment(),
+            a.all_ports(),
+            ScopeList(a.scopes())
+        );
+    }
+    Some(dmar)
+}
+
+struct ScopeList<'a>(moat_dmar::DeviceScopes<'a>);
+impl core::fmt::Display for ScopeList<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for s in self.0.clone().flatten() {
+            write!(f, " scope={:?}@{:02x}", s.scope_type(), s.start_bus())?;
+            for p in s.path() {
+                write!(f, "/{:02x}.{}", p.device, p.function)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn dump_hex(name: &str, phys: u64, bytes: &[u8]) {
+    crate::println!("dump {name} at {phys:#x} length {}", bytes.len());
+    for (i, chunk) in bytes.chunks(16).enumerate() {
+        crate::print!("dump {name} {:04x}:", i * 16);
+        for b in chunk {
+            crate::print!(" {b:02x}");
+        }
+        crate::println!();
+    }
+}
+
+/// PCI configuration access over identity-mapped ECAM windows.
+pub struct EcamAccess<'a> {
+    windows: &'a [crate::acpi::Ecam],
+}
+
+impl EcamAccess<'_> {
+    fn address(&self, bdf: moat_pci::Bdf, offset: u16) -> Option<u64> {
+        self.windows
+            .iter()
+            .find_map(|w| to_pci(w).address(bdf, offset & !3))
+    }
+}
+
+fn to_pci(w: &crate::acpi::Ecam) -> Ecam {
+    Ecam {
+        base: w.base,
+        segment: w.segment,
+        start_bus: w.bus_start,
+        end_bus: w.bus_end,
+    }
+}
+
+impl ConfigAccess for EcamAccess<'_> {
+    fn read32(&self, bdf: moat_pci::Bdf, offset: u16) -> u32 {
+        match self.address(bdf, offset) {
+            // SAFETY: the address lies in an ECAM window from the MCFG, mapped uncached.
+            Some(a) => unsafe { core::ptr::read_volatile(a as *const u32) },
+            None => u32::MAX,
+        }
+    }
+
+    fn write32(&self, bdf: moat_pci::Bdf, offset: u16, value: u32) {
+        if let Some(a) = self.address(bdf, offset) {
+            // SAFETY: as in read32; configuration writes only affect that function.
+            unsafe { core::ptr::write_volatile(a as *mut u32, value) }
+        }
+    }
+}
+
+/// Maps the ECAM windows and lists every PCI function with its BARs.
+pub fn report_pci(platform: &Platform) {
+    if platform.ecam().is_empty() {
+        log::warn!("pci: no ECAM window (MCFG): PCI devices not enumerated");
+        return;
+    }
+    for w in platform.ecam() {
+        let e = to_pci(w);
+        let start = e.base + ((e.start_bus as u64) << 20);
+        if let Err(err) = space::map_mmio(start, e.size()) {
+            log::error!("pci: cannot map ECAM {start:#x}: {err:?}");
+            return;
+        }
+        log::info!(
+            "pci: ECAM segment {} buses {:02x}-{:02x} at {:#x}",
+            e.segment,
+            e.start_bus,
+            e.end_bus,
+            e.base
+        );
+    }
+    let cfg = EcamAccess {
+        windows: platform.ecam(),
+    };
+    let mut count = 0;
+    for w in platform.ecam() {
+        for f in moat_pci::enumerate_ecam(&cfg, &to_pci(w)) {
+            count += 1;
+            log::info!("pci: {f}");
+            if let Some(bars) = probe_bars(&cfg, f.bdf) {
+                for b in bars.iter() {
+                    log::info!("pci:   {} {b}", f.bdf);
+                }
+            }
+        }
+    }
+    log::info!("pci: {count} functions");
+}

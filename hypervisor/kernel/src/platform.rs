@@ -1,0 +1,301 @@
+//! The BSP's boot sequence, from the multiboot2 hand-off to a running platform.
+
+use moat_boot::{BootInfo, MemoryKind};
+use moat_config::{Config, Dump, ExitAction, LogLevel, SelfTest};
+
+use crate::arch::{apic, cpu, tsc, x86};
+use crate::exit::{self, ExitCode};
+use crate::mm::{self, frames, frames::Reservation, space, PAGE_SIZE};
+
+/// Heap size carved from physical memory at boot.
+const HEAP_SIZE: u64 = 8 << 20;
+
+fn level_filter(l: LogLevel) -> log::LevelFilter {
+    match l {
+        LogLevel::Off => log::LevelFilter::Off,
+        LogLevel::Error => log::LevelFilter::Error,
+        LogLevel::Warn => log::LevelFilter::Warn,
+        LogLevel::Info => log::LevelFilter::Info,
+        LogLevel::Debug => log::LevelFilter::Debug,
+        LogLevel::Trace => log::LevelFilter::Trace,
+    }
+}
+
+fn kind_name(k: MemoryKind) -> &'static str {
+    match k {
+        MemoryKind::Usable => "usable",
+        MemoryKind::Reserved => "reserved",
+        MemoryKind::AcpiReclaimable => "ACPI reclaimable",
+        MemoryKind::AcpiNvs => "ACPI NVS",
+        MemoryKind::Defective => "defective",
+    }
+}
+
+/// Picks the AP trampoline page: a usable page in [0x1000, 0xA0000) that holds no boot data.
+fn pick_trampoline(boot: &BootInfo) -> Option<u64> {
+    let busy = |a: u64| {
+        let (ms, me) = boot.mbi;
+        (a < me && a + PAGE_SIZE > ms)
+            || boot
+                .modules()
+                .iter()
+                .any(|m| a < m.end && a + PAGE_SIZE > m.start)
+    };
+    boot.memory_map()
+        .iter()
+        .filter(|r| r.kind == MemoryKind::Usable)
+        .flat_map(|r| {
+            let s = mm::align_up(r.start.max(0x8000), PAGE_SIZE);
+            let e = mm::align_down(r.end().min(0xA0000), PAGE_SIZE);
+            (s..e).step_by(PAGE_SIZE as usize)
+        })
+        .find(|&a| a + PAGE_SIZE <= 0xA0000 && !busy(a))
+}
+
+/// The BSP's whole boot. Never returns.
+pub fn boot(magic: u32, mbi: u32) -> ! {
+    tsc::mark_boot();
+    crate::console::init();
+    let tsc_khz = tsc::calibrate();
+    // SAFETY: GRUB handed us the multiboot2 information; its frames are reserved below and
+    // never written.
+    let boot = match unsafe { BootInfo::from_multiboot2(magic, mbi as usize) } {
+        Ok(b) => b,
+        Err(e) => {
+            crate::println!("moat: cannot boot: {e}");
+            exit::exit(ExitCode::Failure)
+        }
+    };
+    let (config, diags) = Config::parse(boot.cmdline);
+    exit::set_qemu_exit(config.exit == ExitAction::Qemu);
+    crate::console::init_log(level_filter(config.log));
+    crate::println!(
+        "\nMoat microhypervisor {} ({} build)",
+        env!("CARGO_PKG_VERSION"),
+        if cfg!(feature = "selftest") {
+            "selftest"
+        } else {
+            "release"
+        }
+    );
+    log::info!(
+        "boot loader: {:?}, TSC {} MHz",
+        boot.bootloader,
+        tsc_khz / 1000
+    );
+    log::info!("command line: {:?}", boot.cmdline);
+    for d in diags.iter() {
+        log::warn!("command line: {d}; using the default");
+    }
+    if diags.dropped() > 0 {
+        log::warn!("command line: {} more problems not shown", diags.dropped());
+    }
+    log::info!("config: {config}");
+
+    cpu::init_this_cpu(0, x86::cpuid(1, 0).ebx >> 24);
+
+    log::info!(
+        "memory map ({} regions{}):",
+        boot.memory_map().len(),
+        if boot.efi_memory_map {
+            ", from EFI"
+        } else {
+            ""
+        }
+    );
+    for r in boot.memory_map() {
+        log::info!(
+            "  [{:#014x}-{:#014x}) {:>10} KiB {}",
+            r.start,
+            r.end(),
+            r.len / 1024,
+            kind_name(r.kind)
+        );
+    }
+    if boot.regions_dropped > 0 {
+        log::warn!(
+            "{} memory-map regions beyond capacity ignored",
+            boot.regions_dropped
+        );
+    }
+    for m in boot.modules() {
+        log::info!("module [{:#x}-{:#x}) {:?}", m.start, m.end, m.cmdline);
+    }
+
+    let platform = match crate::acpi::discover(boot.acpi) {
+        Ok(p) => p,
+        Err(e) => {
+            log::error!("ACPI: {e}; cannot go on without a MADT");
+            exit::exit(ExitCode::Failure)
+        }
+    };
+
+    // Frames: everything usable except what boot data lives in.
+    let k = mm::kernel_image();
+    let trampoline = pick_trampoline(&boot);
+    let mut res = [Reservation {
+        start: 0,
+        end: 0,
+        what: "",
+    }; 96];
+    let mut n = 0;
+    let mut reserve = |start: u64, end: u64, what: &'static str| {
+        if n < res.len() {
+            res[n] = Reservation { start, end, what };
+            n += 1;
+        }
+    };
+    reserve(0, 0x10_0000, "first 1 MiB");
+    reserve(k.image.0, k.image.1, "kernel image");
+    reserve(boot.mbi.0, boot.mbi.1, "multiboot2 information");
+    for m in boot.modules() {
+        reserve(m.start, m.end, "boot module");
+    }
+    crate::acpi::table_ranges(|s, e| reserve(s, e, "ACPI table"));
+    let (total, free) = frames::init(&boot, &res[..n]);
+    log::info!(
+        "frames: {} MiB usable, {} MiB free after {} reservations",
+        total * 4 / 1024,
+        free * 4 / 1024,
+        n
+    );
+
+    let Some(tramp) = trampoline else {
+        log::error!("no free page below 640 KiB for the AP trampoline");
+        exit::exit(ExitCode::Failure)
+    };
+    let cr3 = match space::build(&boot, tramp) {
+        Ok(c) => c,
+        Err(e) => {
+            log::error!("building the page tables failed: {e:?}");
+            exit::exit(ExitCode::Failure)
+        }
+    };
+    wx_self_check();
+    let Some(heap) = frames::alloc_contiguous(HEAP_SIZE / PAGE_SIZE, PAGE_SIZE) else {
+        log::error!("no {} MiB for the heap", HEAP_SIZE >> 20);
+        exit::exit(ExitCode::Failure)
+    };
+    // SAFETY: the frames were just allocated for the heap alone and are mapped RW.
+    unsafe { mm::heap::init(heap, HEAP_SIZE as usize) };
+    log::info!("heap: {} MiB at {:#x}", HEAP_SIZE >> 20, heap);
+
+    let _ = space::map_mmio(platform.lapic_address, PAGE_SIZE);
+    for io in platform.ioapics() {
+        let _ = space::map_mmio(io.address as u64, PAGE_SIZE);
+    }
+    apic::init_this_cpu();
+    log::info!(
+        "ACPI: {} CPUs (APIC ids {:?}), {} IOAPICs, {} ECAM windows, DMAR {}",
+        platform.cpus().len(),
+        ApicIds(&platform),
+        platform.ioapics().len(),
+        platform.ecam().len(),
+        if platform.dmar.is_some() {
+            "present"
+        } else {
+            "absent"
+        }
+    );
+
+    crate::discovery::report_dmar(&platform, &config);
+    crate::discovery::report_pci(&platform);
+
+    // APs: install the trampoline (the page is R+X in the kernel map; write it through the
+    // boot-time view is gone, so map it RW briefly).
+    install_trampoline(tramp, cr3);
+    let smp = crate::smp::start_aps(&platform, config.smp, tramp);
+    log::info!(
+        "smp: {} of {} CPUs online ({} listed by ACPI)",
+        smp.online,
+        smp.wanted,
+        smp.listed
+    );
+
+    run_selftest(config.selftest);
+    let (used, hfree) = mm::heap::usage();
+    let (ftotal, ffree) = frames::stats();
+    log::info!("frames: {ffree}/{ftotal} free; heap: {used} bytes used, {hfree} free");
+    crate::println!("moat: boot complete");
+    let _ = config.dump == Dump::None;
+    exit::exit(ExitCode::Success)
+}
+
+struct ApicIds<'a>(&'a crate::acpi::Platform);
+impl core::fmt::Debug for ApicIds<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_list()
+            .entries(self.0.cpus().iter().map(|c| c.apic_id))
+            .finish()
+    }
+}
+
+fn install_trampoline(page: u64, cr3: u64) {
+    let (code, entry64) = moat_boot::ap::trampoline_code();
+    let mut image = [0u8; moat_boot::ap::TRAMPOLINE_SIZE];
+    if let Err(e) = moat_boot::ap::build_image(&mut image, code, page, cr3, entry64) {
+        log::error!("AP trampoline: {e:?}");
+        return;
+    }
+    // Temporarily writable, then back to R+X.
+    let _ = space::map_rw(page);
+    // SAFETY: the page was picked from usable RAM below 640 KiB, is reserved from the frame
+    // allocator (first 1 MiB) and is mapped writable right now.
+    unsafe { core::ptr::copy_nonoverlapping(image.as_ptr(), page as *mut u8, image.len()) };
+    let _ = space::map_rx(page);
+}
+
+/// Checks that the kernel's own mappings really are W^X.
+fn wx_self_check() {
+    use mm::paging::Pte;
+    let k = mm::kernel_image();
+    let text = space::flags_of(k.text.0);
+    let ro = space::flags_of(k.rodata.0);
+    let data = space::flags_of(k.data.0);
+    let null = space::flags_of(0);
+    let ok = matches!(text, Some(f) if !f.contains(Pte::WRITABLE) && !f.contains(Pte::NO_EXECUTE))
+        && matches!(ro, Some(f) if !f.contains(Pte::WRITABLE) && f.contains(Pte::NO_EXECUTE))
+        && matches!(data, Some(f) if f.contains(Pte::WRITABLE) && f.contains(Pte::NO_EXECUTE))
+        && null.is_none();
+    if ok {
+        log::info!("paging: W^X enforced (text RX, rodata R+NX, data RW+NX, page 0 unmapped)");
+    } else {
+        log::error!("paging: W^X self-check failed: text {text:?} rodata {ro:?} data {data:?} page0 {null:?}");
+        exit::exit(ExitCode::Failure)
+    }
+}
+
+fn run_selftest(t: SelfTest) {
+    if t == SelfTest::None {
+        return;
+    }
+    if !cfg!(feature = "selftest") {
+        log::warn!("selftest={t:?} ignored: not a selftest build");
+        return;
+    }
+    log::info!("selftest: raising {t:?} on purpose");
+    #[cfg(feature = "selftest")]
+    selftest_fault(t);
+}
+
+#[cfg(feature = "selftest")]
+fn selftest_fault(t: SelfTest) {
+    // SAFETY: these deliberately fault; the exception handler ends the run.
+    unsafe {
+        match t {
+            SelfTest::Ud => core::arch::asm!("ud2"),
+            SelfTest::Pf => {
+                core::ptr::read_volatile(0x10 as *const u64);
+            }
+            SelfTest::Gp => {
+                x86::rdmsr(0xDEAD_BEEF);
+            }
+            SelfTest::De => {
+                core::arch::asm!("xor edx, edx", "xor eax, eax", "div eax", out("eax") _, out("edx") _)
+            }
+            SelfTest::Bp => core::arch::asm!("int3"),
+            SelfTest::Panic => panic!("selftest: deliberate panic"),
+            SelfTest::None => {}
+        }
+    }
+}
