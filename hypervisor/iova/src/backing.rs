@@ -63,6 +63,7 @@ pub(crate) struct Backing {
     free_root: u32,
     alloc_root: u32,
     end: u64,
+    max_ranges: u64,
     counts: Counts,
 }
 
@@ -118,6 +119,7 @@ impl Backing {
             free_root: NONE,
             alloc_root: NONE,
             end,
+            max_ranges: max_ranges as u64,
             counts: Counts::default(),
         };
         let n = b.new_node(base, end).ok_or(Error::InvalidConfig)?;
@@ -363,8 +365,9 @@ impl Backing {
         }
         let size = 1u64 << order;
         let limit = limit.min(self.end);
-        // One node for the allocated range, one for splitting a free range in two.
-        if self.spare_count < 2 {
+        // One node for the allocated range, one for splitting a free range in two (always there
+        // below `max_ranges`: nodes in use <= 2 * allocated + 1).
+        if self.counts.allocated_ranges >= self.max_ranges || self.spare_count < 2 {
             return Err(Error::NoSpace);
         }
         let t = self.find_fit(order);

@@ -446,8 +446,9 @@ impl IovaAllocator {
         }
     }
 
-    /// Empties every full magazine of the depot into the backing allocator.
-    fn drain_depot(&self) {
+    /// Empties every full magazine of the depot into the backing allocator (the exhaustion path
+    /// does this itself; also useful before tearing a domain down or to compact the window).
+    pub fn drain_depot(&self) {
         for order in 0..NUM_CLASSES as u8 {
             while let Some(mut m) = self.depot.pop_full(order as usize) {
                 self.flush_magazine(order, &mut m);
@@ -492,3 +493,6 @@ fn check_range(base: u64, end: u64, iova: Iova) -> Result<(), Error> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,290 @@
+//! Unit tests of the allocator as a whole.
+
+extern crate std;
+
+use super::*;
+use std::collections::BTreeSet;
+use std::vec::Vec;
+
+fn alloc(base: u64, limit: u64, cpus: usize, strict: bool) -> IovaAllocator {
+    IovaAllocator::new(
+        Config::new(base, limit, cpus).with_strict(strict).with_max_ranges(4096).with_drain_spins(16),
+    )
+    .unwrap()
+}
+
+#[test]
+fn config_is_validated() {
+    assert_eq!(IovaAllocator::new(Config::new(5, 5, 1)).err(), Some(Error::InvalidConfig));
+    assert_eq!(IovaAllocator::new(Config::new(0, 10, 0)).err(), Some(Error::InvalidConfig));
+    assert_eq!(IovaAllocator::new(Config::new(0, MAX_PFN + 1, 1)).err(), Some(Error::InvalidConfig));
+    assert_eq!(
+        IovaAllocator::new(Config::new(0, 10, 1).with_max_ranges(0)).err(),
+        Some(Error::InvalidConfig)
+    );
+    assert!(IovaAllocator::new(Config::new(1, MAX_PFN, 2)).is_ok());
+}
+
+#[test]
+fn helpers() {
+    assert_eq!(order_for_pages(0), None);
+    assert_eq!(order_for_pages(1), Some(0));
+    assert_eq!(order_for_pages(2), Some(1));
+    assert_eq!(order_for_pages(3), Some(2));
+    assert_eq!(order_for_pages(512), Some(9));
+    assert_eq!(order_for_pages(513), Some(10));
+    assert_eq!(order_for_pages(1 << 63), Some(63));
+    assert_eq!(order_for_pages((1 << 63) + 1), None);
+    assert_eq!(limit_for_dma_mask(0x0fff_ffff), 65536);
+    assert_eq!(limit_for_dma_mask(u64::MAX), MAX_PFN);
+    assert_eq!(limit_for_dma_mask(0x1fff), 2);
+    assert_eq!(limit_for_dma_mask(0x1000), 1);
+    assert_eq!(Iova::new(3, 2).pages(), 4);
+    assert_eq!(Iova::new(3, 2).addr(), Some(0x3000));
+    assert_eq!(Iova::new(MAX_PFN, 0).addr(), None);
+}
+
+#[test]
+fn claim_is_exclusive_and_released_on_drop() {
+    let a = alloc(1, 1 << 20, 2, true);
+    let h = a.claim(0).unwrap();
+    assert_eq!(a.claim(0).err(), Some(Error::CpuInUse));
+    assert_eq!(a.claim(2).err(), Some(Error::CpuOutOfRange));
+    drop(h);
+    assert!(a.claim(0).is_ok());
+}
+
+#[test]
+fn hit_path_reuses_the_last_freed_iova() {
+    for strict in [false, true] {
+        let a = alloc(1, 1 << 20, 1, strict);
+        let mut h = a.claim(0).unwrap();
+        let x = h.alloc(0, u64::MAX).unwrap();
+        h.free(x).unwrap();
+        assert_eq!(h.cached(), 1);
+        assert_eq!(h.alloc(0, u64::MAX).unwrap(), x);
+        assert_eq!(h.cached(), 0);
+        h.free(x).unwrap();
+        drop(h);
+        let s = a.stats();
+        assert_eq!((s.free_pages, s.free_ranges, s.allocated_ranges), ((1 << 20) - 1, 1, 0));
+        a.verify().unwrap();
+    }
+}
+
+#[test]
+fn every_order_is_aligned_inside_window_and_limit() {
+    let a = alloc(3, 1 << 22, 1, true);
+    let mut h = a.claim(0).unwrap();
+    let mut got = Vec::new();
+    for order in 0..=12u8 {
+        for limit in [u64::MAX, 1 << 16, 1 << 21] {
+            let i = h.alloc(order, limit).unwrap();
+            assert_eq!(i.pfn() % i.pages(), 0);
+            assert!(i.pfn() >= 3 && i.pfn() + i.pages() <= limit.min(1 << 22));
+            got.push(i);
+        }
+    }
+    let mut pages = BTreeSet::new();
+    for i in &got {
+        for p in i.pfn()..i.pfn() + i.pages() {
+            assert!(pages.insert(p), "page {p} handed out twice");
+        }
+    }
+    for i in got {
+        h.free(i).unwrap();
+    }
+    drop(h);
+    assert_eq!(a.stats().free_pages, (1 << 22) - 3);
+    a.verify().unwrap();
+}
+
+#[test]
+fn edu_limit_is_honoured_even_with_high_cached_iovas() {
+    let a = alloc(1, 1 << 36, 1, false);
+    let mut h = a.claim(0).unwrap();
+    let low: Vec<_> = (1..300).map(|_| h.alloc(0, u64::MAX).unwrap()).collect();
+    assert_eq!(low.last().unwrap().pfn(), 299);
+    let high = h.alloc(0, u64::MAX).unwrap();
+    assert_eq!(high.pfn(), 300);
+    h.free(low[4]).unwrap();
+    h.free(high).unwrap();
+    // The top of the magazine (300) is above the limit: the entry below it is found instead.
+    assert_eq!(h.alloc(0, 300), Ok(low[4]));
+    // Nothing cached or free below 300 any more: NoSpace, never an IOVA above the limit.
+    assert_eq!(h.alloc(0, 300), Err(Error::NoSpace));
+    let lim = limit_for_dma_mask(0x0fff_ffff);
+    let y = h.alloc(9, lim).unwrap();
+    assert!(y.pfn() + 512 <= lim);
+    for i in low.into_iter().chain([y]) {
+        h.free(i).unwrap();
+    }
+    drop(h);
+    a.drain_depot();
+    a.verify().unwrap();
+    assert_eq!(a.stats().free_ranges, 1, "{:?}", a.stats());
+}
+
+#[test]
+fn misuse_is_rejected_in_strict_mode() {
+    let a = alloc(16, 1 << 16, 1, true);
+    let mut h = a.claim(0).unwrap();
+    let x = h.alloc(2, u64::MAX).unwrap();
+    let y = h.alloc(0, u64::MAX).unwrap();
+    assert_eq!(h.free(Iova::new(x.pfn(), 1)), Err(Error::WrongSize { allocated_order: 2 }));
+    assert_eq!(h.free(Iova::new(x.pfn() + 1, 0)), Err(Error::NotAllocated));
+    assert_eq!(h.free(Iova::new(x.pfn() + 2, 1)), Err(Error::NotAllocated));
+    assert_eq!(h.free(Iova::new(x.pfn() + 1, 2)), Err(Error::Misaligned));
+    assert_eq!(h.free(Iova::new(8, 0)), Err(Error::OutOfWindow));
+    assert_eq!(h.free(Iova::new(1 << 16, 0)), Err(Error::OutOfWindow));
+    assert_eq!(h.free(Iova::new(0, 64)), Err(Error::InvalidOrder));
+    h.free(x).unwrap();
+    h.free(y).unwrap();
+    // Double free of something now sitting in a magazine, not on top.
+    assert_eq!(h.free(x), Err(Error::DoubleFree));
+    assert_eq!(h.free(y), Err(Error::DoubleFree));
+    let s = a.stats();
+    assert_eq!(s.live_pages, 0);
+    assert_eq!(s.cached_pages, 5);
+    assert_eq!(s.late_misuse, 0);
+    drop(h);
+    a.verify().unwrap();
+    assert_eq!(a.stats().free_pages, (1 << 16) - 16);
+}
+
+#[test]
+fn misuse_in_release_mode_is_caught_cheaply_or_late() {
+    let a = alloc(16, 1 << 16, 1, false);
+    let mut h = a.claim(0).unwrap();
+    let x = h.alloc(0, u64::MAX).unwrap();
+    let y = h.alloc(0, u64::MAX).unwrap();
+    h.free(x).unwrap();
+    // Immediate double free: caught on the hit path.
+    assert_eq!(h.free(x), Err(Error::DoubleFree));
+    h.free(y).unwrap();
+    // Not on top any more: accepted into the magazine, caught when it reaches the backing
+    // allocator, counted and dropped.
+    h.free(x).unwrap();
+    // Forged IOVA: also only caught late.
+    h.free(Iova::new(1000, 0)).unwrap();
+    drop(h);
+    let s = a.stats();
+    assert_eq!(s.late_misuse, 2);
+    assert_eq!(s.free_pages, (1 << 16) - 16);
+    a.verify().unwrap();
+    // Large orders always go to the backing allocator and are always checked.
+    let mut h = a.claim(0).unwrap();
+    let big = h.alloc(12, u64::MAX).unwrap();
+    assert_eq!(h.free(Iova::new(big.pfn(), 11)), Err(Error::WrongSize { allocated_order: 12 }));
+    h.free(big).unwrap();
+    assert_eq!(h.free(big), Err(Error::NotAllocated));
+}
+
+#[test]
+fn magazines_overflow_into_the_depot_and_come_back() {
+    let a = alloc(1, 1 << 20, 1, true);
+    let mut h = a.claim(0).unwrap();
+    let n = MAG_SIZE * 5;
+    let v: Vec<_> = (0..n).map(|_| h.alloc(0, u64::MAX).unwrap()).collect();
+    for &i in &v {
+        h.free(i).unwrap();
+    }
+    let s = a.stats();
+    // Depot target is 1 (one CPU): the rest went back to the backing allocator.
+    assert!(s.depot_full[0] <= 1, "{:?}", s.depot_full);
+    assert_eq!(s.cached_pages as usize, h.cached() + s.depot_full[0] * MAG_SIZE);
+    let again: BTreeSet<_> = (0..n).map(|_| h.alloc(0, u64::MAX).unwrap()).collect();
+    assert_eq!(again.len(), n);
+    for i in again {
+        h.free(i).unwrap();
+    }
+    drop(h);
+    a.verify().unwrap();
+}
+
+#[test]
+fn exhaustion_drains_depot_and_own_cache_then_reports_no_space() {
+    let a = alloc(0, 64, 1, true);
+    let mut h = a.claim(0).unwrap();
+    let v: Vec<_> = (0..64).map(|_| h.alloc(0, u64::MAX).unwrap()).collect();
+    assert_eq!(h.alloc(0, u64::MAX), Err(Error::NoSpace));
+    for &i in &v {
+        h.free(i).unwrap();
+    }
+    // All 64 pages are cached as order-0 IOVAs: an order-6 request must drain them.
+    assert_eq!(h.cached(), 64);
+    let big = h.alloc(6, u64::MAX).unwrap();
+    assert_eq!(big, Iova::new(0, 6));
+    assert_eq!(h.cached(), 0);
+    assert_eq!(h.alloc(0, u64::MAX), Err(Error::NoSpace));
+    assert_eq!(h.alloc(7, u64::MAX), Err(Error::NoSpace));
+    assert_eq!(h.alloc(64, u64::MAX), Err(Error::InvalidOrder));
+    h.free(big).unwrap();
+    a.verify().unwrap();
+}
+
+#[test]
+fn exhaustion_asks_other_cpus_to_drain() {
+    let a = alloc(0, 8, 2, true);
+    let mut h0 = a.claim(0).unwrap();
+    let mut h1 = a.claim(1).unwrap();
+    let v: Vec<_> = (0..8).map(|_| h1.alloc(0, u64::MAX).unwrap()).collect();
+    for i in v {
+        h1.free(i).unwrap();
+    }
+    assert_eq!(h1.cached(), 8);
+    // CPU 1 does not answer (same thread): CPU 0 gets NoSpace after its bounded wait...
+    assert_eq!(h0.alloc(0, u64::MAX), Err(Error::NoSpace));
+    // ...and CPU 1 empties its cache at its next poll, after which CPU 0 succeeds.
+    h1.poll();
+    assert_eq!(h1.cached(), 0);
+    assert_eq!(h0.alloc(3, u64::MAX), Ok(Iova::new(0, 3)));
+    a.verify().unwrap();
+}
+
+#[test]
+fn uncached_path_and_large_orders() {
+    let a = alloc(1, 1 << 30, 2, true);
+    let x = a.alloc_uncached(20, u64::MAX).unwrap();
+    assert_eq!(x.pfn() % (1 << 20), 0);
+    assert_eq!(a.free_uncached(Iova::new(x.pfn(), 19)), Err(Error::WrongSize { allocated_order: 20 }));
+    a.free_uncached(x).unwrap();
+    assert_eq!(a.free_uncached(x), Err(Error::NotAllocated));
+    assert_eq!(a.alloc_uncached(30, u64::MAX), Err(Error::NoSpace));
+    assert_eq!(a.alloc_uncached(3, 8), Err(Error::NoSpace));
+    assert_eq!(a.alloc_uncached(3, 16), Ok(Iova::new(8, 3)));
+    a.verify().unwrap();
+}
+
+#[test]
+fn limit_below_base_fails_fast() {
+    let a = alloc(1 << 20, 1 << 21, 1, false);
+    let mut h = a.claim(0).unwrap();
+    let x = h.alloc(0, u64::MAX).unwrap();
+    h.free(x).unwrap();
+    assert_eq!(h.alloc(0, 1 << 19), Err(Error::NoSpace));
+    // The cache was not drained for a request that can never succeed.
+    assert_eq!(h.cached(), 1);
+}
+
+#[test]
+fn node_arena_limit_is_no_space_not_a_panic() {
+    let a = IovaAllocator::new(Config::new(0, 1 << 20, 1).with_max_ranges(8).with_drain_spins(4))
+        .unwrap();
+    let mut h = a.claim(0).unwrap();
+    let mut v = Vec::new();
+    loop {
+        match h.alloc(0, u64::MAX) {
+            Ok(i) => v.push(i),
+            Err(e) => {
+                assert_eq!(e, Error::NoSpace);
+                break;
+            }
+        }
+        assert!(v.len() <= 8);
+    }
+    assert_eq!(v.len(), 8);
+    for i in v {
+        h.free(i).unwrap();
+    }
+}
