@@ -194,8 +194,16 @@ impl PhysRange {
 
     /// The common part (empty when disjoint).
     pub const fn intersect(self, other: PhysRange) -> PhysRange {
-        let start = if self.start > other.start { self.start } else { other.start };
-        let end = if self.end < other.end { self.end } else { other.end };
+        let start = if self.start > other.start {
+            self.start
+        } else {
+            other.start
+        };
+        let end = if self.end < other.end {
+            self.end
+        } else {
+            other.end
+        };
         if start < end {
             PhysRange { start, end }
         } else {

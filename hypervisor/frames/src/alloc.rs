@@ -60,10 +60,9 @@ impl fmt::Display for FrameError {
                 "frame bitmap too small: {given} words given, {needed} needed"
             ),
             FrameError::OutOfMemory => f.write_str("out of physical memory"),
-            FrameError::NoContiguousRange { count, align } => write!(
-                f,
-                "no {count} contiguous free frames aligned to {align:#x}"
-            ),
+            FrameError::NoContiguousRange { count, align } => {
+                write!(f, "no {count} contiguous free frames aligned to {align:#x}")
+            }
             FrameError::ZeroCount => f.write_str("request for zero frames"),
             FrameError::BadAlignment { align } => {
                 write!(f, "alignment {align:#x} is not a power of two")
@@ -366,7 +365,9 @@ impl<'b> FrameAllocator<'b> {
         let bit = self
             .locate(first)
             .ok_or(FrameError::NotOwned { frame: first })?;
-        let zone = self.zone_of_bit(bit).ok_or(FrameError::NotOwned { frame: first })?;
+        let zone = self
+            .zone_of_bit(bit)
+            .ok_or(FrameError::NotOwned { frame: first })?;
         let available = zone.end_frame() - first.number();
         if count > available {
             let outside = Frame::from_number(zone.end_frame()).unwrap_or(first);
@@ -386,15 +387,22 @@ impl<'b> FrameAllocator<'b> {
     fn locate(&self, frame: Frame) -> Option<u64> {
         let zones = &self.zones[..self.zone_count];
         let n = frame.number();
-        let i = zones.partition_point(|z| z.first_frame <= n).checked_sub(1)?;
+        let i = zones
+            .partition_point(|z| z.first_frame <= n)
+            .checked_sub(1)?;
         let z = zones.get(i)?;
         (n < z.end_frame()).then(|| z.first_bit + (n - z.first_frame))
     }
 
     fn zone_of_bit(&self, bit: u64) -> Option<Zone> {
         let zones = &self.zones[..self.zone_count];
-        let i = zones.partition_point(|z| z.first_bit <= bit).checked_sub(1)?;
-        zones.get(i).copied().filter(|z| bit < z.first_bit + z.frames)
+        let i = zones
+            .partition_point(|z| z.first_bit <= bit)
+            .checked_sub(1)?;
+        zones
+            .get(i)
+            .copied()
+            .filter(|z| bit < z.first_bit + z.frames)
     }
 
     fn frame_of_bit(&self, bit: u64) -> Option<Frame> {
@@ -404,7 +412,9 @@ impl<'b> FrameAllocator<'b> {
 
     fn bit(&self, bit: u64) -> bool {
         let w = (bit / 64) as usize;
-        self.bitmap.get(w).is_some_and(|word| word & (1u64 << (bit % 64)) != 0)
+        self.bitmap
+            .get(w)
+            .is_some_and(|word| word & (1u64 << (bit % 64)) != 0)
     }
 
     /// Calls `f(word_index, mask)` for the words covering bits `[start, start + len)`.
@@ -414,7 +424,11 @@ impl<'b> FrameAllocator<'b> {
         while b < end {
             let off = b % 64;
             let n = (64 - off).min(end - b);
-            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << off };
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << off
+            };
             if !f((b / 64) as usize, mask) {
                 return;
             }

@@ -50,6 +50,5 @@ mod map;
 pub use addr::{Bytes, Frame, PhysAddr, PhysRange, FRAME_SHIFT, FRAME_SIZE};
 pub use alloc::{FrameAllocator, FrameError};
 pub use map::{
-    MapError, MemoryMap, Region, RegionKind, Reservation, MAX_REGIONS, MAX_RESERVATIONS,
-    MAX_USABLE,
+    MapError, MemoryMap, Region, RegionKind, Reservation, MAX_REGIONS, MAX_RESERVATIONS, MAX_USABLE,
 };

@@ -73,7 +73,13 @@ pub struct Region {
 
 impl fmt::Display for Region {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {:>10} {}", self.range, Bytes(self.range.len()), self.kind)
+        write!(
+            f,
+            "{} {:>10} {}",
+            self.range,
+            Bytes(self.range.len()),
+            self.kind
+        )
     }
 }
 
@@ -88,7 +94,13 @@ pub struct Reservation {
 
 impl fmt::Display for Reservation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {:>10} {}", self.range, Bytes(self.range.len()), self.why)
+        write!(
+            f,
+            "{} {:>10} {}",
+            self.range,
+            Bytes(self.range.len()),
+            self.why
+        )
     }
 }
 
@@ -206,12 +218,9 @@ impl MemoryMap {
             return Ok(());
         }
         let region = Region { range, kind };
-        insert_sorted(
-            &mut self.regions,
-            &mut self.region_count,
-            region,
-            |r| (r.range.start(), r.range.end()),
-        )
+        insert_sorted(&mut self.regions, &mut self.region_count, region, |r| {
+            (r.range.start(), r.range.end())
+        })
         .map_err(|()| MapError::TooManyRegions { max: MAX_REGIONS })?;
         self.recompute();
         Ok(())
@@ -333,7 +342,10 @@ impl MemoryMap {
             while first_hole < holes.len() && holes[first_hole].end() <= u.start() {
                 first_hole += 1;
             }
-            for h in holes[first_hole..].iter().take_while(|h| h.start() < u.end()) {
+            for h in holes[first_hole..]
+                .iter()
+                .take_while(|h| h.start() < u.end())
+            {
                 if h.start() > cursor {
                     self.push_usable(PhysRange::new(cursor, h.start()).unwrap_or_default());
                 }

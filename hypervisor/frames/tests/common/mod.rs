@@ -33,7 +33,8 @@ pub const Q35_SEABIOS_128M: [(u32, u64, u64); 9] = [
 pub fn q35_map() -> MemoryMap {
     let mut map = MemoryMap::new();
     for (kind, start, len) in Q35_SEABIOS_128M {
-        map.add_region(r(start, len), RegionKind::from_multiboot(kind)).unwrap();
+        map.add_region(r(start, len), RegionKind::from_multiboot(kind))
+            .unwrap();
     }
     map
 }
@@ -44,7 +45,9 @@ pub fn q35_booted() -> (MemoryMap, PhysRange) {
     let mut map = q35_map();
     map.reserve(r(0x200000, 0x140000), "kernel image").unwrap();
     map.reserve(r(0x341230, 0x2a8), "multiboot2 info").unwrap();
-    let trampoline = map.carve(4096, 4096, span(0x1000, MIB), "AP trampoline").unwrap();
+    let trampoline = map
+        .carve(4096, 4096, span(0x1000, MIB), "AP trampoline")
+        .unwrap();
     map.reserve(span(0, MIB), "first MiB").unwrap();
     (map, trampoline)
 }
