@@ -1,0 +1,655 @@
+//! One DMA remapping hardware unit (a DRHD): bring-up, disable, context entries, flushes
+//! and fault draining.
+
+use alloc::collections::BTreeMap;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use crate::domain::{Domain, DomainIdAllocator};
+use crate::entry::{ContextEntry, PagingLevels, RootEntry, SourceId, TranslationType};
+use crate::error::{Error, Operation};
+use crate::fault::{FaultCounters, FaultPoll, FaultRecord};
+use crate::gather::{FlushPlan, Gather};
+use crate::hw::{poll_until, Clock, DmaMemory, PhysAddr, RegisterWindow, PAGE_SIZE};
+use crate::inval::{register_invalidate, Invalidation, InvalidationQueue, InvalidationStats};
+use crate::paging::{PageTable, TableConfig};
+use crate::regs::{
+    frcd, gcmd_value, iqa_value, offset, queue_pointer, rtaddr_legacy, Capability,
+    ContextGranularity, ExtCapability, FaultEventControl, FaultStatus, GlobalCommand,
+    GlobalStatus, IotlbGranularity, ProtectedMemoryEnable, Version,
+};
+
+/// Driver policy for one unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnitConfig {
+    /// An id the kernel gives the unit (e.g. its DRHD index); domains remember it so they
+    /// cannot be used with another unit.
+    pub id: u32,
+    /// Timeout of every hardware poll, in nanoseconds of [`Clock::now_ns`].
+    pub timeout_ns: u64,
+    /// Use queued invalidation when `ECAP.QI` is set (register-based otherwise).
+    pub queued_invalidation: bool,
+    /// Force a table depth (must be in SAGAW); `None` picks one from SAGAW and MGAW.
+    pub levels: Option<PagingLevels>,
+    /// Set SNP in leaf entries when the unit has `ECAP.SC`.
+    pub snoop: bool,
+    /// Most page-selective IOTLB invalidations per flush before one domain-selective
+    /// invalidation is used instead.
+    pub max_psi_blocks: usize,
+}
+
+impl UnitConfig {
+    /// Defaults: 100 ms timeouts, QI when available, automatic depth, snoop when
+    /// supported, at most 16 PSI descriptors per flush.
+    pub const fn new(id: u32) -> Self {
+        Self {
+            id,
+            timeout_ns: 100_000_000,
+            queued_invalidation: true,
+            levels: None,
+            snoop: true,
+            max_psi_blocks: 16,
+        }
+    }
+}
+
+/// What a successful [`Unit::flush`] released.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Flushed {
+    /// Unmapped IOVA ranges: the invalidation covering them completed, the caller may reuse
+    /// them (and unpin the memory they pointed to).
+    pub unmapped: Vec<Range<u64>>,
+    /// Page-table pages returned to [`DmaMemory::free_frame`].
+    pub tables_freed: usize,
+    /// IOTLB invalidations issued (not counting the wait descriptor).
+    pub invalidations: usize,
+    /// The flush used one domain-selective invalidation.
+    pub domain_selective: bool,
+}
+
+/// One remapping unit and the state the driver keeps for it.
+#[derive(Debug)]
+pub struct Unit<R: RegisterWindow, C: Clock> {
+    regs: R,
+    clock: C,
+    cfg: UnitConfig,
+    version: Version,
+    cap: Capability,
+    ecap: ExtCapability,
+    levels: PagingLevels,
+    enabled: bool,
+    root: Option<PhysAddr>,
+    context_tables: Vec<Option<PhysAddr>>,
+    queue: Option<InvalidationQueue>,
+    qi_on: bool,
+    dids: DomainIdAllocator,
+    attached: BTreeMap<SourceId, u16>,
+    faults: FaultCounters,
+    inv_stats: InvalidationStats,
+}
+
+impl<R: RegisterWindow, C: Clock> Unit<R, C> {
+    /// Reads the unit's capabilities. Writes nothing to the hardware.
+    pub fn new(mut regs: R, clock: C, cfg: UnitConfig) -> Result<Self, Error> {
+        let version = Version(regs.read32(offset::VER));
+        let cap = Capability(regs.read64(offset::CAP));
+        let ecap = ExtCapability(regs.read64(offset::ECAP));
+        let levels = match cfg.levels {
+            Some(l) if cap.supports_levels(l.count()) => l,
+            Some(_) => return Err(Error::Unsupported("requested table depth not in SAGAW")),
+            None => PagingLevels::choose(cap)
+                .ok_or(Error::Unsupported("SAGAW has neither 3- nor 4-level tables"))?,
+        };
+        Ok(Self {
+            regs,
+            clock,
+            cfg,
+            version,
+            cap,
+            ecap,
+            levels,
+            enabled: false,
+            root: None,
+            context_tables: vec![None; 256],
+            queue: None,
+            qi_on: false,
+            dids: DomainIdAllocator::new(cap.domain_id_bits()),
+            attached: BTreeMap::new(),
+            faults: FaultCounters::default(),
+            inv_stats: InvalidationStats::default(),
+        })
+    }
+
+    /// Version register.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+    /// Capability register.
+    pub fn capability(&self) -> Capability {
+        self.cap
+    }
+    /// Extended capability register.
+    pub fn ext_capability(&self) -> ExtCapability {
+        self.ecap
+    }
+    /// Table depth used for this unit's domains.
+    pub fn levels(&self) -> PagingLevels {
+        self.levels
+    }
+    /// Driver configuration.
+    pub fn config(&self) -> &UnitConfig {
+        &self.cfg
+    }
+    /// Translation is enabled.
+    pub fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+    /// Queued invalidation is in use.
+    pub fn queued_invalidation(&self) -> bool {
+        self.qi_on
+    }
+    /// Physical address of the root table, once allocated.
+    pub fn root_table(&self) -> Option<PhysAddr> {
+        self.root
+    }
+    /// Invalidation counters.
+    pub fn invalidation_stats(&self) -> &InvalidationStats {
+        &self.inv_stats
+    }
+    /// Fault counters.
+    pub fn fault_counters(&self) -> &FaultCounters {
+        &self.faults
+    }
+    /// Domain the device is attached to.
+    pub fn attached_domain(&self, sid: SourceId) -> Option<u16> {
+        self.attached.get(&sid).copied()
+    }
+    /// Direct access to the register window (diagnostics).
+    pub fn registers(&mut self) -> &mut R {
+        &mut self.regs
+    }
+
+    /// The table configuration this unit's capabilities allow.
+    pub fn table_config(&self) -> TableConfig {
+        TableConfig {
+            levels: self.levels,
+            iova_bits: self.levels.width().min(self.cap.mgaw()),
+            superpage_2m: self.cap.superpage_2m(),
+            superpage_1g: self.cap.superpage_1g(),
+            snoop: self.cfg.snoop && self.ecap.snoop_control(),
+            coherent: self.ecap.coherent(),
+            caching_mode: self.cap.caching_mode(),
+        }
+    }
+
+    fn gsts(&mut self) -> GlobalStatus {
+        GlobalStatus::from_bits_retain(self.regs.read32(offset::GSTS))
+    }
+
+    /// Issues one GCMD command, carrying the persistent bits of GSTS, and polls GSTS until
+    /// the command took effect.
+    fn global_command(&mut self, cmd: GlobalCommand, enable: bool) -> Result<(), Error> {
+        let (status, want_set, op) = match cmd {
+            GlobalCommand::TE => (GlobalStatus::TES, enable, Operation::TranslationEnable),
+            GlobalCommand::QIE => (GlobalStatus::QIES, enable, Operation::QueuedInvalidationEnable),
+            GlobalCommand::SRTP => (GlobalStatus::RTPS, true, Operation::SetRootTablePointer),
+            GlobalCommand::WBF => (GlobalStatus::WBFS, false, Operation::WriteBufferFlush),
+            _ => return Err(Error::Unsupported("global command not used by this driver")),
+        };
+        let gsts = self.regs.read32(offset::GSTS);
+        self.regs.write32(offset::GCMD, gcmd_value(gsts, cmd, enable));
+        let regs = &mut self.regs;
+        poll_until(&self.clock, self.cfg.timeout_ns, || {
+            let s = GlobalStatus::from_bits_retain(regs.read32(offset::GSTS));
+            (s.contains(status) == want_set).then_some(())
+        })
+        .ok_or(Error::Timeout(op))
+    }
+
+    fn write_buffer_flush(&mut self) -> Result<(), Error> {
+        if self.cap.rwbf() {
+            self.global_command(GlobalCommand::WBF, true)?;
+        }
+        Ok(())
+    }
+
+    fn flush_lines<M: DmaMemory>(&self, mem: &mut M, addr: PhysAddr, len: usize) {
+        if !self.ecap.coherent() {
+            mem.flush_cache(addr, len);
+        }
+    }
+
+    fn ensure_root<M: DmaMemory>(&mut self, mem: &mut M) -> Result<PhysAddr, Error> {
+        if let Some(r) = self.root {
+            return Ok(r);
+        }
+        let r = mem.alloc_frame().ok_or(Error::NoMemory)?;
+        self.flush_lines(mem, r, PAGE_SIZE as usize);
+        self.root = Some(r);
+        Ok(r)
+    }
+
+    /// Runs invalidations and waits for them: through the queue when it is enabled,
+    /// otherwise through the registers.
+    fn invalidate<M: DmaMemory>(&mut self, mem: &mut M, invs: &[Invalidation]) -> Result<(), Error> {
+        let (dr, dw) = (self.cap.drd(), self.cap.dwd());
+        if self.qi_on {
+            let Some(q) = self.queue.as_mut() else {
+                return Err(Error::InvalidState("queued invalidation on without a queue"));
+            };
+            q.submit_and_wait(&mut self.regs, mem, &self.clock, self.cfg.timeout_ns, invs, &mut self.inv_stats)
+        } else {
+            let iotlb = self.ecap.iotlb_register_offset();
+            for inv in invs {
+                register_invalidate(&mut self.regs, &self.clock, self.cfg.timeout_ns, iotlb, dr, dw, *inv)?;
+                self.inv_stats.register_invalidations += 1;
+            }
+            Ok(())
+        }
+    }
+
+    /// Brings the unit up: root table, SRTP, global context-cache and IOTLB invalidation
+    /// (QEMU 7.2 has no ESRTPS), queued invalidation (when used), write-buffer flush,
+    /// stale faults cleared with the fault interrupt masked, TE, protected memory regions
+    /// off. Every GCMD write carries the persistent GSTS bits.
+    ///
+    /// If firmware left translation or queued invalidation on, they are turned off first.
+    /// Devices may be attached before or after `enable`.
+    pub fn enable<M: DmaMemory>(&mut self, mem: &mut M) -> Result<(), Error> {
+        if self.enabled {
+            return Err(Error::InvalidState("unit already enabled"));
+        }
+        let gsts = self.gsts();
+        if gsts.contains(GlobalStatus::TES) {
+            log::warn!("vt-d unit {}: translation left on by firmware, turning it off", self.cfg.id);
+            self.global_command(GlobalCommand::TE, false)?;
+        }
+        if gsts.contains(GlobalStatus::QIES) {
+            log::warn!("vt-d unit {}: queued invalidation left on, turning it off", self.cfg.id);
+            self.global_command(GlobalCommand::QIE, false)?;
+        }
+        self.qi_on = false;
+
+        let root = self.ensure_root(mem)?;
+        self.regs.write64(offset::RTADDR, rtaddr_legacy(root));
+        self.global_command(GlobalCommand::SRTP, true)?;
+        self.invalidate(
+            mem,
+            &[
+                Invalidation::Context(ContextGranularity::Global),
+                Invalidation::Iotlb(IotlbGranularity::Global),
+            ],
+        )?;
+
+        if self.cfg.queued_invalidation && self.ecap.queued_invalidation() {
+            if self.queue.is_none() {
+                self.queue = Some(InvalidationQueue::new(
+                    mem,
+                    self.ecap.coherent(),
+                    self.cap.drd(),
+                    self.cap.dwd(),
+                )?);
+            }
+            let base = match self.queue.as_mut() {
+                Some(q) => {
+                    q.reset();
+                    q.base()
+                }
+                None => return Err(Error::NoMemory),
+            };
+            self.regs.write64(offset::IQT, queue_pointer(0));
+            self.regs.write64(offset::IQA, iqa_value(base, 0));
+            self.global_command(GlobalCommand::QIE, true)?;
+            self.qi_on = true;
+            // Prove the queue works (a wait round-trip) before translation depends on it.
+            self.invalidate(
+                mem,
+                &[
+                    Invalidation::Context(ContextGranularity::Global),
+                    Invalidation::Iotlb(IotlbGranularity::Global),
+                ],
+            )?;
+        }
+        self.write_buffer_flush()?;
+
+        self.regs.write32(offset::FECTL, FaultEventControl::IM.bits());
+        self.clear_stale_faults();
+
+        self.global_command(GlobalCommand::TE, true)?;
+        self.enabled = true;
+
+        let pmen = ProtectedMemoryEnable::from_bits_retain(self.regs.read32(offset::PMEN));
+        if pmen.contains(ProtectedMemoryEnable::EPM) || pmen.contains(ProtectedMemoryEnable::PRS) {
+            self.regs.write32(offset::PMEN, 0);
+            let regs = &mut self.regs;
+            poll_until(&self.clock, self.cfg.timeout_ns, || {
+                (regs.read32(offset::PMEN) & ProtectedMemoryEnable::PRS.bits() == 0).then_some(())
+            })
+            .ok_or(Error::Timeout(Operation::ProtectedMemoryDisable))?;
+        }
+        log::info!(
+            "vt-d unit {}: enabled, {}-level tables, {} invalidation, CAP={:#x} ECAP={:#x}",
+            self.cfg.id,
+            self.levels.count(),
+            if self.qi_on { "queued" } else { "register" },
+            self.cap.0,
+            self.ecap.0
+        );
+        Ok(())
+    }
+
+    /// Turns translation off, then queued invalidation (the queue is idle: every submission
+    /// waits for its completion). Tables and domains stay; `enable` may be called again.
+    pub fn disable(&mut self) -> Result<(), Error> {
+        if self.gsts().contains(GlobalStatus::TES) {
+            self.global_command(GlobalCommand::TE, false)?;
+        }
+        self.enabled = false;
+        if self.qi_on || self.gsts().contains(GlobalStatus::QIES) {
+            self.global_command(GlobalCommand::QIE, false)?;
+            self.qi_on = false;
+        }
+        log::info!("vt-d unit {}: disabled", self.cfg.id);
+        Ok(())
+    }
+
+    /// Frees the root table, the context tables and the queue. Only when the unit is
+    /// disabled and no device is attached.
+    pub fn free_tables<M: DmaMemory>(&mut self, mem: &mut M) -> Result<(), Error> {
+        if self.enabled || self.qi_on {
+            return Err(Error::InvalidState("unit still enabled"));
+        }
+        if !self.attached.is_empty() {
+            return Err(Error::DomainInUse { devices: self.attached.len() });
+        }
+        for slot in self.context_tables.iter_mut() {
+            if let Some(t) = slot.take() {
+                mem.free_frame(t);
+            }
+        }
+        if let Some(r) = self.root.take() {
+            mem.free_frame(r);
+        }
+        if let Some(q) = self.queue.take() {
+            q.free(mem);
+        }
+        Ok(())
+    }
+
+    /// Creates a domain: allocates a domain id and an empty root page table.
+    pub fn create_domain<M: DmaMemory>(&mut self, mem: &mut M) -> Result<Domain, Error> {
+        let did = self.dids.alloc()?;
+        match PageTable::new(mem, self.table_config()) {
+            Ok(tables) => Ok(Domain { unit_id: self.cfg.id, did, tables, devices: Vec::new() }),
+            Err(e) => {
+                // The id was allocated just above: freeing it cannot fail.
+                let _ = self.dids.free(did);
+                Err(e)
+            }
+        }
+    }
+
+    /// Destroys a domain with no device attached: frees all its page-table pages and its
+    /// domain id. On error the domain is handed back unchanged.
+    ///
+    /// Safe without a flush: the last detach invalidated the domain's IOTLB entries and no
+    /// device can walk its tables since. Pages still pending in a [`Gather`] are not part of
+    /// the tree; flush that gather as usual.
+    pub fn destroy_domain<M: DmaMemory>(
+        &mut self,
+        mem: &mut M,
+        domain: Domain,
+    ) -> Result<(), (Domain, Error)> {
+        if domain.unit_id != self.cfg.id {
+            return Err((domain, Error::WrongDomain));
+        }
+        if !domain.devices.is_empty() {
+            let devices = domain.devices.len();
+            return Err((domain, Error::DomainInUse { devices }));
+        }
+        if let Err(e) = self.dids.free(domain.did) {
+            return Err((domain, e));
+        }
+        domain.tables.free_all(mem);
+        Ok(())
+    }
+
+    fn context_slot<M: DmaMemory>(&mut self, mem: &mut M, sid: SourceId) -> Result<PhysAddr, Error> {
+        let root = self.ensure_root(mem)?;
+        let bus = sid.bus() as usize;
+        let table = match self.context_tables[bus] {
+            Some(t) => t,
+            None => {
+                let t = mem.alloc_frame().ok_or(Error::NoMemory)?;
+                self.flush_lines(mem, t, PAGE_SIZE as usize);
+                let re = RootEntry::new(t);
+                let at = root + bus as u64 * 16;
+                mem.write_u64(at + 8, re.hi);
+                mem.write_u64(at, re.lo);
+                self.flush_lines(mem, at, 16);
+                self.context_tables[bus] = Some(t);
+                t
+            }
+        };
+        Ok(table + sid.devfn() as u64 * 16)
+    }
+
+    /// Attaches device `sid` to `domain`: writes its context entry (translation through the
+    /// domain's second-level tables, AW from the table depth, DID of the domain).
+    ///
+    /// With caching mode, the not-present -> present change is invalidated (context cache
+    /// device-selective with domain id 0, IOTLB domain-selective); otherwise the write buffer
+    /// is flushed when `CAP.RWBF` asks for it.
+    pub fn attach<M: DmaMemory>(
+        &mut self,
+        mem: &mut M,
+        domain: &mut Domain,
+        sid: SourceId,
+    ) -> Result<(), Error> {
+        if domain.unit_id != self.cfg.id {
+            return Err(Error::WrongDomain);
+        }
+        if self.attached.contains_key(&sid) {
+            return Err(Error::AlreadyAttached(sid));
+        }
+        let slot = self.context_slot(mem, sid)?;
+        if mem.read_u64(slot) & 1 != 0 {
+            return Err(Error::AlreadyAttached(sid));
+        }
+        let ce = ContextEntry::new(
+            domain.tables.root(),
+            self.levels,
+            domain.did,
+            TranslationType::Untranslated,
+        );
+        // High half first: the entry becomes present with the write of the low half.
+        mem.write_u64(slot + 8, ce.hi);
+        mem.write_u64(slot, ce.lo);
+        self.flush_lines(mem, slot, 16);
+        self.attached.insert(sid, domain.did);
+        domain.devices.push(sid);
+        if self.enabled {
+            if self.cap.caching_mode() {
+                self.invalidate(
+                    mem,
+                    &[
+                        Invalidation::Context(ContextGranularity::Device { did: 0, sid: sid.0, fm: 0 }),
+                        Invalidation::Iotlb(IotlbGranularity::Domain(domain.did)),
+                    ],
+                )?;
+            } else {
+                self.write_buffer_flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Detaches device `sid` from `domain`: clears its context entry, then invalidates the
+    /// context cache (device-selective) and the domain's IOTLB entries and waits. If the
+    /// invalidation fails the device stays listed as attached (the domain cannot be
+    /// destroyed) and `detach` may be retried.
+    pub fn detach<M: DmaMemory>(
+        &mut self,
+        mem: &mut M,
+        domain: &mut Domain,
+        sid: SourceId,
+    ) -> Result<(), Error> {
+        if domain.unit_id != self.cfg.id || self.attached.get(&sid) != Some(&domain.did) {
+            return Err(Error::NotAttached(sid));
+        }
+        let slot = self.context_slot(mem, sid)?;
+        mem.write_u64(slot, 0);
+        mem.write_u64(slot + 8, 0);
+        self.flush_lines(mem, slot, 16);
+        if self.enabled {
+            self.invalidate(
+                mem,
+                &[
+                    Invalidation::Context(ContextGranularity::Device { did: domain.did, sid: sid.0, fm: 0 }),
+                    Invalidation::Iotlb(IotlbGranularity::Domain(domain.did)),
+                ],
+            )?;
+        }
+        self.attached.remove(&sid);
+        domain.devices.retain(|s| *s != sid);
+        Ok(())
+    }
+
+    /// Makes the changes gathered in `gather` visible to the hardware and releases what the
+    /// unmaps freed: write-buffer flush (for new mappings with `CAP.RWBF`), the planned IOTLB
+    /// invalidations (fewest page-selective ones, or one domain-selective), one wait; then
+    /// the page-table pages go back to [`DmaMemory::free_frame`] and the unmapped IOVA
+    /// ranges are returned. On error the gather is left intact (nothing is released) and the
+    /// flush may be retried.
+    pub fn flush<M: DmaMemory>(&mut self, mem: &mut M, gather: &mut Gather) -> Result<Flushed, Error> {
+        if gather.is_empty() {
+            return Ok(Flushed::default());
+        }
+        let did = gather.domain_id();
+        let mut out = Flushed::default();
+        if self.enabled {
+            if gather.has_new_mappings() && !self.cap.caching_mode() {
+                self.write_buffer_flush()?;
+            }
+            let plan = gather.plan(self.cap.psi(), self.cap.mamv(), self.cfg.max_psi_blocks);
+            let mut invs: Vec<Invalidation> = Vec::new();
+            match plan {
+                FlushPlan::Nothing => {}
+                FlushPlan::Domain => {
+                    out.domain_selective = true;
+                    invs.push(Invalidation::Iotlb(IotlbGranularity::Domain(did)));
+                }
+                FlushPlan::Pages { blocks, ih } => {
+                    invs.extend(blocks.iter().map(|b| {
+                        Invalidation::Iotlb(IotlbGranularity::Page { did, addr: b.addr, am: b.am, ih })
+                    }));
+                }
+            }
+            if !invs.is_empty() {
+                self.invalidate(mem, &invs)?;
+            }
+            out.invalidations = invs.len();
+        }
+        // Translation off: nothing is cached that `enable`'s global invalidation would not
+        // drop, so everything can be released at once.
+        let (unmapped, tables) = gather.take();
+        out.tables_freed = tables.len();
+        for t in tables {
+            mem.free_frame(t);
+        }
+        out.unmapped = unmapped;
+        Ok(out)
+    }
+
+    /// Drains up to `budget` primary fault records: decodes each (the domain is looked up
+    /// from the attached source id), counts it per domain and source, hands it to `sink`
+    /// and clears it (F is write-1-to-clear). A primary fault overflow is counted as
+    /// dropped and cleared. Work per call is bounded by `min(budget, NFR)` records, so a
+    /// device that faults continuously cannot hang the caller; `more` says to call again.
+    ///
+    /// Call it from the fault-event interrupt handler and/or periodically.
+    pub fn poll_faults(&mut self, budget: usize, mut sink: impl FnMut(&FaultRecord)) -> FaultPoll {
+        let mut out = FaultPoll::default();
+        let fsts = FaultStatus::from_bits_retain(self.regs.read32(offset::FSTS));
+        let nfr = self.cap.num_fault_records();
+        let fro = self.cap.fault_record_offset();
+        if fsts.contains(FaultStatus::PPF) {
+            let start = fsts.fault_record_index() % nfr;
+            for k in 0..nfr {
+                let idx = (start + k) % nfr;
+                let base = fro + idx * offset::FAULT_RECORD_LEN;
+                let high = self.regs.read32(base + frcd::HIGH_DWORD);
+                if high & frcd::F == 0 {
+                    continue;
+                }
+                if out.drained >= budget {
+                    out.more = true;
+                    break;
+                }
+                let lo = self.regs.read64(base);
+                let sid = self.regs.read32(base + frcd::SID_DWORD);
+                let mut rec = FaultRecord::decode(idx, lo, sid, high);
+                rec.domain = self.attached.get(&rec.source).copied();
+                self.regs.write32(base + frcd::HIGH_DWORD, frcd::F);
+                self.faults.count(&rec);
+                log::debug!(
+                    "vt-d unit {}: fault {:?} {:?} from {} at {:#x} (domain {:?})",
+                    self.cfg.id,
+                    rec.reason,
+                    rec.access,
+                    rec.source,
+                    rec.address,
+                    rec.domain
+                );
+                sink(&rec);
+                out.drained += 1;
+            }
+        }
+        if fsts.contains(FaultStatus::PFO) {
+            self.faults.dropped += 1;
+            self.regs.write32(offset::FSTS, FaultStatus::PFO.bits());
+            out.overflow = true;
+            log::warn!("vt-d unit {}: primary fault overflow, faults dropped", self.cfg.id);
+        }
+        out
+    }
+
+    fn clear_stale_faults(&mut self) {
+        let fro = self.cap.fault_record_offset();
+        let mut stale = 0;
+        for idx in 0..self.cap.num_fault_records() {
+            let at = fro + idx * offset::FAULT_RECORD_LEN + frcd::HIGH_DWORD;
+            if self.regs.read32(at) & frcd::F != 0 {
+                self.regs.write32(at, frcd::F);
+                stale += 1;
+            }
+        }
+        let fsts = FaultStatus::from_bits_retain(self.regs.read32(offset::FSTS));
+        let w1c = fsts & FaultStatus::W1C;
+        if !w1c.is_empty() {
+            self.regs.write32(offset::FSTS, w1c.bits());
+        }
+        if stale != 0 || !w1c.is_empty() {
+            log::warn!(
+                "vt-d unit {}: cleared {stale} stale fault records, FSTS={:#x}",
+                self.cfg.id,
+                fsts.bits()
+            );
+        }
+    }
+
+    /// Programs the fault event MSI (address and data as for any MSI) and unmasks it.
+    pub fn configure_fault_interrupt(&mut self, msi_address: u64, msi_data: u32) {
+        self.regs.write32(offset::FEDATA, msi_data);
+        self.regs.write32(offset::FEADDR, msi_address as u32);
+        self.regs.write32(offset::FEUADDR, (msi_address >> 32) as u32);
+        self.regs.write32(offset::FECTL, 0);
+    }
+
+    /// Masks (`true`) or unmasks the fault event interrupt.
+    pub fn set_fault_interrupt_masked(&mut self, masked: bool) {
+        let v = if masked { FaultEventControl::IM.bits() } else { 0 };
+        self.regs.write32(offset::FECTL, v);
+    }
+}
