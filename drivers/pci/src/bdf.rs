@@ -77,7 +77,11 @@ impl fmt::Display for Bdf {
         if self.segment != 0 {
             write!(f, "{:04x}:", self.segment)?;
         }
-        write!(f, "{:02x}:{:02x}.{:x}", self.bus, self.device, self.function)
+        write!(
+            f,
+            "{:02x}:{:02x}.{:x}",
+            self.bus, self.device, self.function
+        )
     }
 }
 

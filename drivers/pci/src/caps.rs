@@ -63,15 +63,13 @@ pub struct Capabilities<'a, C: ?Sized> {
 /// (below 0x40), or after [`MAX_CAPABILITIES`] entries.
 pub fn capabilities<C: ConfigAccess + ?Sized>(cfg: &C, bdf: Bdf) -> Capabilities<'_, C> {
     let first = match Header::read(cfg, bdf) {
-        Some(h) if h.status.contains(Status::CAPABILITIES_LIST) => {
-            match h.header_type.layout() {
-                HeaderLayout::Endpoint | HeaderLayout::PciBridge => {
-                    cfg.read8(bdf, regs::CAPABILITIES_POINTER)
-                }
-                HeaderLayout::CardBusBridge => cfg.read8(bdf, 0x14),
-                HeaderLayout::Unknown(_) => 0,
+        Some(h) if h.status.contains(Status::CAPABILITIES_LIST) => match h.header_type.layout() {
+            HeaderLayout::Endpoint | HeaderLayout::PciBridge => {
+                cfg.read8(bdf, regs::CAPABILITIES_POINTER)
             }
-        }
+            HeaderLayout::CardBusBridge => cfg.read8(bdf, 0x14),
+            HeaderLayout::Unknown(_) => 0,
+        },
         _ => 0,
     };
     Capabilities {

@@ -39,9 +39,15 @@ fn ecam_addresses() {
         Some(0xb000_0000 + (0x12 << 20) + (0x1f << 15) + (7 << 12) + 0xffc)
     );
     assert_eq!(ecam.address(f, 0x1000), None);
-    assert_eq!(ecam.address(Bdf::with_segment(1, 0, 1, 0).unwrap(), 0), None);
+    assert_eq!(
+        ecam.address(Bdf::with_segment(1, 0, 1, 0).unwrap(), 0),
+        None
+    );
     assert_eq!(ecam.size(), 256 << 20);
-    assert_eq!(ecam_offset(f, 0x40), (0x12 << 20) | (0x1f << 15) | (7 << 12) | 0x40);
+    assert_eq!(
+        ecam_offset(f, 0x40),
+        (0x12 << 20) | (0x1f << 15) | (7 << 12) | 0x40
+    );
 
     // A region decoding buses 0x10..=0x1f: the base is still bus 0's address.
     let partial = Ecam {

@@ -41,7 +41,16 @@ fn q35_with_edu_is_listed() {
     );
     assert_eq!(edu.header.header_type.layout(), HeaderLayout::Endpoint);
     assert!(!edu.header.header_type.multi_function());
-    assert_eq!(edu.header.command, Command::MEMORY_SPACE);
+    // SeaBIOS enabled decode (and SERR#) but not bus mastering.
+    assert_eq!(
+        edu.header.command,
+        Command::IO_SPACE | Command::MEMORY_SPACE | Command::SERR_ENABLE
+    );
+    assert!(edu.header.status.contains(Status::CAPABILITIES_LIST));
+    assert_eq!(
+        (edu.header.interrupt_pin, edu.header.interrupt_line),
+        (1, 10)
+    );
     assert!(found[2].header.header_type.multi_function());
 }
 
@@ -106,8 +115,14 @@ fn multi_function_rules() {
 fn bridge_and_buses_behind_it() {
     let ep = |d| FakeFunction::endpoint(0x1b36, d, 0x01, 0x08, 0x02);
     let cfg = FakeSpace::new()
-        .with(bdf(0, 0, 0), FakeFunction::endpoint(0x8086, 0x29c0, 6, 0, 0))
-        .with(bdf(0, 0x1c, 0), FakeFunction::bridge(0x1b36, 0x000c, 0, 1, 2))
+        .with(
+            bdf(0, 0, 0),
+            FakeFunction::endpoint(0x8086, 0x29c0, 6, 0, 0),
+        )
+        .with(
+            bdf(0, 0x1c, 0),
+            FakeFunction::bridge(0x1b36, 0x000c, 0, 1, 2),
+        )
         .with(bdf(1, 0, 0), FakeFunction::bridge(0x1b36, 0x000e, 1, 2, 2))
         .with(bdf(2, 0, 0), ep(0x0010))
         .with(bdf(2, 1, 0), ep(0x0010));

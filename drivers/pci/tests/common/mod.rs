@@ -52,6 +52,32 @@ impl FakeFunction {
         f
     }
 
+    /// A function whose first 256 bytes are `bytes` (a real capture); only the
+    /// command register and interrupt line are writable until BAR sizes are given.
+    pub fn captured(bytes: &[u8; 256]) -> Self {
+        let mut f = Self {
+            regs: [0; 1024],
+            writable: [0; 1024],
+        };
+        for (r, dw) in f.regs.iter_mut().zip(bytes.chunks_exact(4)) {
+            *r = u32::from_le_bytes(dw.try_into().unwrap());
+        }
+        f.writable[1] = COMMAND_WRITABLE;
+        f.writable[0x3c / 4] = 0xff;
+        f
+    }
+
+    /// Makes the (32-bit memory or 16-bit I/O) BAR `index` decode `size` bytes.
+    pub fn bar_size(mut self, index: usize, size: u32) -> Self {
+        let r = Self::bar_reg(index);
+        self.writable[r] = if self.regs[r] & 1 != 0 {
+            !(size - 1) & 0xfffc
+        } else {
+            !(size - 1) & !0xf
+        };
+        self
+    }
+
     pub fn revision(mut self, rev: u8) -> Self {
         self.regs[2] = self.regs[2] & !0xff | u32::from(rev);
         self
@@ -189,43 +215,36 @@ impl ConfigAccess for FakeSpace {
     }
 }
 
+/// Real configuration space (first 256 bytes) captured by data/capture.sh.
+macro_rules! captured {
+    ($name:literal) => {
+        include_bytes!(concat!("../data/qemu-7.2-q35-", $name, ".cfg"))
+    };
+}
+
 /// QEMU 7.2 `-M q35 -nodefaults -device intel-iommu -device edu` as SeaBIOS
-/// leaves it: host bridge, edu at 00:01.0, and the ICH9 functions at 00:1f.
+/// leaves it, from captured bytes: host bridge, edu at 00:01.0, and the ICH9
+/// functions at 00:1f. The BAR sizes (which bits are writable) are those
+/// QEMU's `info pci` reports for the same machine.
 pub fn q35_with_edu() -> FakeSpace {
     FakeSpace::new()
-        .with(
-            bdf(0, 0, 0),
-            FakeFunction::endpoint(0x8086, 0x29c0, 0x06, 0x00, 0x00),
-        )
+        .with(bdf(0, 0, 0), FakeFunction::captured(captured!("00.00.0")))
         .with(
             bdf(0, 1, 0),
-            FakeFunction::endpoint(0x1234, 0x11e8, 0x00, 0xff, 0x00)
-                .revision(0x10)
-                .command(CMD_MEM)
-                .mem32_bar(0, 0xfea0_0000, 1 << 20, false),
+            FakeFunction::captured(captured!("00.01.0")).bar_size(0, 1 << 20),
         )
         .with(
             bdf(0, 0x1f, 0),
-            FakeFunction::endpoint(0x8086, 0x2918, 0x06, 0x01, 0x00)
-                .revision(0x02)
-                .multi_function(),
+            FakeFunction::captured(captured!("00.1f.0")),
         )
         .with(
             bdf(0, 0x1f, 2),
-            FakeFunction::endpoint(0x8086, 0x2922, 0x01, 0x06, 0x01)
-                .revision(0x02)
-                .command(CMD_IO | CMD_MEM)
-                .io_bar(4, 0xc040, 0x20)
-                .mem32_bar(5, 0xfeb0_0000, 0x1000, false)
-                .cap_pointer(0x80)
-                .cap(0x80, 0x05, 0xa8)
-                .cap(0xa8, 0x12, 0x00),
+            FakeFunction::captured(captured!("00.1f.2"))
+                .bar_size(4, 0x20)
+                .bar_size(5, 0x1000),
         )
         .with(
             bdf(0, 0x1f, 3),
-            FakeFunction::endpoint(0x8086, 0x2930, 0x0c, 0x05, 0x00)
-                .revision(0x02)
-                .command(CMD_IO)
-                .io_bar(4, 0x0700, 0x40),
+            FakeFunction::captured(captured!("00.1f.3")).bar_size(4, 0x40),
         )
 }
