@@ -135,7 +135,7 @@ impl fmt::Display for ValueKind {
             }
             ValueKind::Bool => f.write_str("on or off"),
             ValueKind::Bdf => f.write_str(
-                "a PCI address [segment:]bus:device.function in hex (device < 20, function < 8), such as 00:05.0",
+                "a PCI address [segment:]bus:device.function in hex (device 00-1f, function 0-7), such as 00:05.0",
             ),
             ValueKind::Name { max_len } => write!(
                 f,

@@ -292,8 +292,8 @@ fn guest_mistakes_keep_the_guest_with_defaults() {
         [
             "bad value `3` for guest.mem ignored; expected a size from 1M to 1T (suffix K, M, G or T, such as 64M) in multiples of 4K",
             "bad value `0` for guest.cpus ignored; expected an integer from 1 to 256",
-            "bad value `00:20.0` for guest.dev ignored; expected a PCI address [segment:]bus:device.function in hex (device < 20, function < 8), such as 00:05.0",
-            "bad value `zz` for guest.dev ignored; expected a PCI address [segment:]bus:device.function in hex (device < 20, function < 8), such as 00:05.0",
+            "bad value `00:20.0` for guest.dev ignored; expected a PCI address [segment:]bus:device.function in hex (device 00-1f, function 0-7), such as 00:05.0",
+            "bad value `zz` for guest.dev ignored; expected a PCI address [segment:]bus:device.function in hex (device 00-1f, function 0-7), such as 00:05.0",
             "bad value `lazy` for guest.policy ignored; expected one of passthrough, strict, batched, deferred",
             "unknown field `color` in guest= ignored; valid fields: name, mem, cpus, dev, policy",
             "guest.mem given more than once; the last valid value wins",

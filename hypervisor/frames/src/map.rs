@@ -327,12 +327,13 @@ impl MemoryMap {
             hole_count += 1;
         }
         holes[..hole_count].sort_unstable();
-        let mut merged_holes = [PhysRange::EMPTY; MAX_USABLE];
+        // Merge in place: the write index never passes the read index.
         let mut merged_count = 0;
-        for &h in &holes[..hole_count] {
-            push_merged(&mut merged_holes, &mut merged_count, h);
+        for i in 0..hole_count {
+            let h = holes[i];
+            push_merged(&mut holes, &mut merged_count, h);
         }
-        let holes = &merged_holes[..merged_count];
+        let holes = &holes[..merged_count];
 
         // Usable minus holes, each piece cut to whole frames.
         self.usable_count = 0;
