@@ -127,8 +127,9 @@ impl ConfigAccess for EcamAccess<'_> {
     }
 }
 
-/// Maps the ECAM windows and lists every PCI function with its BARs.
-pub fn report_pci(platform: &Platform) {
+/// Maps the ECAM windows and lists every PCI function with its BARs and, when there is a DMAR,
+/// the remapping unit responsible for it.
+pub fn report_pci(platform: &Platform, dmar: Option<&Dmar<'_>>) {
     if platform.ecam().is_empty() {
         log::warn!("pci: no ECAM window (MCFG): PCI devices not enumerated");
         return;
@@ -161,7 +162,27 @@ pub fn report_pci(platform: &Platform) {
                     log::info!("pci:   {} {b}", f.bdf);
                 }
             }
+            if let Some(d) = dmar {
+                report_unit(d, f.bdf);
+            }
         }
     }
     log::info!("pci: {count} functions");
+}
+
+fn report_unit(dmar: &Dmar<'_>, bdf: moat_pci::Bdf) {
+    let f = moat_dmar::PciFunction::new(bdf.segment(), bdf.bus(), bdf.device(), bdf.function());
+    match dmar.find_drhd(f, &moat_dmar::NoBridges) {
+        Some(u) => {
+            let index = dmar
+                .drhds()
+                .position(|d| d.offset() == u.offset())
+                .unwrap_or(0);
+            log::info!(
+                "dmar: {bdf} -> DRHD unit {index} ({:#x})",
+                u.register_base()
+            );
+        }
+        None => log::warn!("dmar: {bdf} -> no DRHD unit: its DMA is not remapped"),
+    }
 }

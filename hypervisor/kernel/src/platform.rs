@@ -122,6 +122,15 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
         log::info!("module [{:#x}-{:#x}) {:?}", m.start, m.end, m.cmdline);
     }
 
+    match boot.acpi {
+        Some(moat_boot::info::AcpiRoot::Rsdt(a)) => {
+            log::info!("ACPI root: RSDT at {a:#x} (RSDP 1.0)")
+        }
+        Some(moat_boot::info::AcpiRoot::Xsdt { address, revision }) => {
+            log::info!("ACPI root: XSDT at {address:#x} (RSDP revision {revision})")
+        }
+        None => {}
+    }
     let platform = match crate::acpi::discover(boot.acpi) {
         Ok(p) => p,
         Err(e) => {
@@ -198,8 +207,8 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
         }
     );
 
-    crate::discovery::report_dmar(&platform, &config);
-    crate::discovery::report_pci(&platform);
+    let dmar = crate::discovery::report_dmar(&platform, &config);
+    crate::discovery::report_pci(&platform, dmar.as_ref());
 
     // APs: install the trampoline (the page is R+X in the kernel map; write it through the
     // boot-time view is gone, so map it RW briefly).
@@ -288,7 +297,8 @@ fn selftest_fault(t: SelfTest) {
                 core::ptr::read_volatile(0x10 as *const u64);
             }
             SelfTest::Gp => {
-                x86::rdmsr(0xDEAD_BEEF);
+                // A non-canonical address raises #GP.
+                core::ptr::read_volatile(0x8000_0000_0000_0000 as *const u64);
             }
             SelfTest::De => {
                 core::arch::asm!("xor edx, edx", "xor eax, eax", "div eax", out("eax") _, out("edx") _)

@@ -1,0 +1,341 @@
+//! Moat's QEMU scenarios: each is a machine configuration, a kernel command line, the expected
+//! way the run ends and a check of what the hypervisor reported on its serial console.
+//!
+//! The checks look for specific report lines the hypervisor prints from what it really found
+//! (ACPI, PCI config space, CPUs that executed their start-up code), so a scenario fails when
+//! the hardware effect is missing, not only when the log is silent. `cargo xtask test` runs
+//! them all in parallel.
+
+pub mod checks;
+pub mod machine;
+
+pub use machine::{Exit, Firmware, Machine};
+
+/// A check of a serial log: `Err` says what is missing.
+pub type Check = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// One QEMU scenario.
+pub struct Scenario {
+    /// Unique name (used for logs: `target/xtask/logs/<name>.log`).
+    pub name: String,
+    /// One line on what it shows.
+    pub about: &'static str,
+    /// The machine.
+    pub machine: Machine,
+    /// The kernel command line (GRUB `multiboot2` line).
+    pub cmdline: String,
+    /// How the run must end.
+    pub expect: Exit,
+    /// What the serial log must show.
+    pub check: Check,
+    /// Wall-clock limit in seconds.
+    pub timeout_secs: u64,
+    /// Files the scenario needs next to its ISO: (name, bytes). `@FILE:name` in
+    /// `machine.extra` is replaced by the file's path.
+    pub files: Vec<(&'static str, Vec<u8>)>,
+}
+
+/// The command line every scenario starts from.
+pub const BASE_CMDLINE: &str = "exit=qemu log=info";
+
+fn scenario(
+    name: impl Into<String>,
+    about: &'static str,
+    machine: Machine,
+    extra_cmdline: &str,
+    expect: Exit,
+    check: Check,
+) -> Scenario {
+    let cmdline = if extra_cmdline.is_empty() {
+        BASE_CMDLINE.to_string()
+    } else {
+        format!("{BASE_CMDLINE} {extra_cmdline}")
+    };
+    Scenario {
+        name: name.into(),
+        about,
+        machine,
+        cmdline,
+        expect,
+        check,
+        timeout_secs: 120,
+        files: vec![],
+    }
+}
+
+/// The scenario `cargo xtask run` boots: q35 + intel-iommu + edu, everything reported.
+pub fn demo(firmware: Firmware, smp: u32) -> Scenario {
+    let machine = Machine {
+        firmware,
+        smp,
+        ..Machine::default()
+    };
+    scenario(
+        "demo",
+        "the demo run",
+        machine,
+        "",
+        Exit::Success,
+        Box::new(move |log| {
+            checks::boot_complete(log)?;
+            checks::smp(log, smp as usize)
+        }),
+    )
+}
+
+/// Every scenario of `cargo xtask test`.
+pub fn all(real_dmar: &[u8]) -> Vec<Scenario> {
+    use checks::*;
+    let mut v = vec![
+        scenario(
+            "boot-bios",
+            "SeaBIOS + GRUB boot: memory map, W^X paging, RSDT",
+            Machine::default(),
+            "",
+            Exit::Success,
+            Box::new(|log| {
+                boot_complete(log)?;
+                need_line(log, &["ACPI root: RSDT"])?;
+                need_line(log, &["memory map (", "regions):"])?;
+                need_line(log, &["usable"])
+            }),
+        ),
+        scenario(
+            "boot-uefi",
+            "OVMF (UEFI) + GRUB boot: XSDT, memory map",
+            Machine {
+                firmware: Firmware::Uefi,
+                ..Machine::default()
+            },
+            "",
+            Exit::Success,
+            Box::new(|log| {
+                boot_complete(log)?;
+                need_line(log, &["ACPI root: XSDT"])?;
+                need_line(log, &["smp: 2 of 2 CPUs online"])
+            }),
+        ),
+    ];
+    for n in [1u32, 2, 4] {
+        v.push(scenario(
+            format!("smp-{n}"),
+            "every CPU the MADT lists runs its start-up code and reports in",
+            Machine {
+                smp: n,
+                ..Machine::default()
+            },
+            "",
+            Exit::Success,
+            Box::new(move |log| {
+                boot_complete(log)?;
+                smp(log, n as usize)
+            }),
+        ));
+    }
+    v.push(scenario(
+        "smp-limit",
+        "smp=2 on a 4-CPU machine brings up exactly 2",
+        Machine {
+            smp: 4,
+            ..Machine::default()
+        },
+        "smp=2",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(log, &["smp: 2 of 2 CPUs online (4 listed by ACPI)"])?;
+            forbid_line(log, &["cpu2 online"])
+        }),
+    ));
+    v.push(scenario(
+        "dmar-discovery",
+        "the DMAR names the DRHD at 0xfed90000 and the unit covers the edu device",
+        Machine::default(),
+        "",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(log, &["dmar: DRHD unit 0 base=0xfed90000 segment=0"])?;
+            need_line(log, &["dmar: host address width 39 bits"])?;
+            need_line(log, &["dmar: 00:05.0 -> DRHD unit 0 (0xfed90000)"])
+        }),
+    ));
+    v.push(scenario(
+        "dmar-aw48",
+        "aw-bits=48: the DMAR reports a 48-bit host address width",
+        Machine {
+            iommu: Some("intel-iommu,intremap=off,aw-bits=48,caching-mode=on".into()),
+            ..Machine::default()
+        },
+        "",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(log, &["dmar: host address width 48 bits"])?;
+            need_line(log, &["dmar: DRHD unit 0 base=0xfed90000"])
+        }),
+    ));
+    v.push(scenario(
+        "pci-edu",
+        "ECAM enumeration finds the edu device at its real BDF with its 1 MiB BAR",
+        Machine {
+            devices: vec!["edu,addr=0x7".into()],
+            ..Machine::default()
+        },
+        "",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(log, &["pci: 00:07.0 1234:11e8 class 00ff00"])?;
+            need_line(log, &["pci:   00:07.0 BAR0 mem32", "size 0x100000"])?;
+            need_line(log, &["pci: 00:00.0 8086:29c0"])?;
+            forbid_line(log, &["pci: 00:05.0 1234:11e8"])
+        }),
+    ));
+    v.push(scenario(
+        "no-iommu",
+        "without VT-d there is no DMAR: said clearly, boot goes on",
+        Machine {
+            iommu: None,
+            ..Machine::default()
+        },
+        "",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(log, &["dmar: no DMAR table", "going on without remapping"])
+        }),
+    ));
+    let mut bad = scenario(
+        "dmar-malformed",
+        "a DMAR whose DRHD length runs past the table is rejected; boot goes on without remapping",
+        Machine {
+            iommu: None,
+            extra: vec!["-acpitable".into(), "file=@FILE:bad-dmar.bin".into()],
+            ..Machine::default()
+        },
+        "",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(
+                log,
+                &[
+                    "dmar: malformed DMAR table rejected",
+                    "going on WITHOUT DMA remapping",
+                ],
+            )
+        }),
+    );
+    bad.files
+        .push(("bad-dmar.bin", corrupt_dmar_length(real_dmar)));
+    v.push(bad);
+    v.push(scenario(
+        "cmdline-bad",
+        "unknown options and bad values are reported with the valid ones; boot goes on with defaults",
+        Machine::default(),
+        "frobnicate=1 log=loud smp=0",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(log, &["unknown option `frobnicate` ignored; valid options:", "log", "smp", "iommu"])?;
+            need_line(log, &["bad value `loud` for log", "off", "trace"])?;
+            need_line(log, &["bad value `0` for smp"])?;
+            need_line(log, &["config: log=info"])
+        }),
+    ));
+    for (name, arg, vector, extra) in [
+        (
+            "exception-ud",
+            "selftest=ud",
+            "#UD invalid opcode (vector 6)",
+            "rip=",
+        ),
+        (
+            "exception-pf",
+            "selftest=pf",
+            "#PF page fault (vector 14)",
+            "cr2=0x0000000000000010",
+        ),
+        (
+            "exception-gp",
+            "selftest=gp",
+            "#GP general protection (vector 13)",
+            "rip=",
+        ),
+        (
+            "exception-de",
+            "selftest=de",
+            "#DE divide error (vector 0)",
+            "rip=",
+        ),
+    ] {
+        v.push(scenario(
+            name,
+            "a CPU exception in the hypervisor prints a register dump and fails the run",
+            Machine::default(),
+            arg,
+            Exit::Exception,
+            Box::new(move |log| {
+                need_line(log, &["moat: FATAL exception", vector])?;
+                need_line(log, &[extra])?;
+                need_line(log, &["rax=", "rbx="])?;
+                forbid_line(log, &["moat: boot complete"])
+            }),
+        ));
+    }
+    v.push(scenario(
+        "panic",
+        "a panic prints where and why and fails the run",
+        Machine::default(),
+        "selftest=panic",
+        Exit::Panic,
+        Box::new(|log| {
+            need_line(log, &["moat: PANIC on cpu0: panicked at", "platform.rs"])?;
+            need_line(log, &["selftest: deliberate panic"])?;
+            forbid_line(log, &["moat: boot complete"])
+        }),
+    ));
+    v
+}
+
+/// The real DMAR table with its first structure's length pointing past the end of the table
+/// (the header checksum is fixed up so only the structure is wrong).
+pub fn corrupt_dmar_length(real: &[u8]) -> Vec<u8> {
+    let mut t = real.to_vec();
+    if t.len() >= 52 {
+        let len = t.len() as u16;
+        // first remapping structure at 48: type(2) length(2)
+        t[50..52].copy_from_slice(&(len).to_le_bytes());
+        t[9] = 0;
+        let sum = t.iter().fold(0u8, |a, b| a.wrapping_add(*b));
+        t[9] = 0u8.wrapping_sub(sum);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_unique() {
+        let all = all(&[0u8; 80]);
+        let mut names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
+        names.sort();
+        let n = names.len();
+        names.dedup();
+        assert_eq!(n, names.len());
+    }
+
+    #[test]
+    fn corrupted_dmar_keeps_a_valid_checksum_and_a_bad_length() {
+        let mut real = vec![0u8; 80];
+        real[..4].copy_from_slice(b"DMAR");
+        real[4..8].copy_from_slice(&80u32.to_le_bytes());
+        real[50..52].copy_from_slice(&24u16.to_le_bytes());
+        let bad = corrupt_dmar_length(&real);
+        assert_eq!(bad.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+        assert_eq!(u16::from_le_bytes([bad[50], bad[51]]), 80);
+    }
+}

@@ -1,0 +1,138 @@
+//! Checks for the tools Moat needs and installs what is missing (Debian packages with apt-get,
+//! the Rust target with rustup), saying what it does; prints the exact command when it cannot.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::{run_status, Result};
+
+/// Something the build or the runner needs, and the Debian package that provides it.
+struct Need {
+    what: &'static str,
+    present: fn() -> bool,
+    package: &'static str,
+}
+
+fn on_path(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
+        .unwrap_or(false)
+}
+
+/// OVMF firmware image used for UEFI boots.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+
+const NEEDS: &[Need] = &[
+    Need {
+        what: "qemu-system-x86_64",
+        present: || on_path("qemu-system-x86_64"),
+        package: "qemu-system-x86",
+    },
+    Need {
+        what: "grub-mkrescue",
+        present: || on_path("grub-mkrescue"),
+        package: "grub-common",
+    },
+    Need {
+        what: "GRUB BIOS modules",
+        present: || Path::new("/usr/lib/grub/i386-pc/multiboot2.mod").exists(),
+        package: "grub-pc-bin",
+    },
+    Need {
+        what: "GRUB UEFI modules",
+        present: || Path::new("/usr/lib/grub/x86_64-efi/multiboot2.mod").exists(),
+        package: "grub-efi-amd64-bin",
+    },
+    Need {
+        what: "xorriso",
+        present: || on_path("xorriso"),
+        package: "xorriso",
+    },
+    Need {
+        what: "mformat (mtools)",
+        present: || on_path("mformat"),
+        package: "mtools",
+    },
+    Need {
+        what: "OVMF firmware",
+        present: || Path::new(OVMF_CODE).exists(),
+        package: "ovmf",
+    },
+];
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Makes sure every Debian package and the Rust target are there.
+pub fn ensure() -> Result<()> {
+    let missing: Vec<&Need> = NEEDS.iter().filter(|n| !(n.present)()).collect();
+    if !missing.is_empty() {
+        let mut pkgs: Vec<&str> = missing.iter().map(|n| n.package).collect();
+        pkgs.dedup();
+        let what: Vec<&str> = missing.iter().map(|n| n.what).collect();
+        let cmd = format!(
+            "apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y {}",
+            pkgs.join(" ")
+        );
+        if !is_root() || !on_path("apt-get") {
+            return Err(format!(
+                "missing: {}. Install them with:\n    sudo sh -c '{cmd}'",
+                what.join(", ")
+            )
+            .into());
+        }
+        eprintln!(
+            "xtask: missing {}; installing Debian packages: {}",
+            what.join(", "),
+            pkgs.join(" ")
+        );
+        eprintln!("xtask: running: {cmd}");
+        run_status(
+            Command::new("apt-get")
+                .args(["update", "-q"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .map_err(|e| format!("apt-get update failed ({e}); run by hand: {cmd}"))?;
+        run_status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-q", "--no-install-recommends"])
+                .args(&pkgs)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .map_err(|e| format!("apt-get install failed ({e}); run by hand: {cmd}"))?;
+        let still: Vec<&str> = NEEDS
+            .iter()
+            .filter(|n| !(n.present)())
+            .map(|n| n.what)
+            .collect();
+        if !still.is_empty() {
+            return Err(format!("still missing after install: {}", still.join(", ")).into());
+        }
+    }
+    ensure_rust_target()
+}
+
+fn ensure_rust_target() -> Result<()> {
+    const TARGET: &str = "x86_64-unknown-none";
+    let out = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    let Ok(out) = out else {
+        // No rustup: trust the toolchain (the build will say if the target is missing).
+        return Ok(());
+    };
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.trim() == TARGET)
+    {
+        return Ok(());
+    }
+    eprintln!("xtask: installing the Rust target: rustup target add {TARGET}");
+    run_status(Command::new("rustup").args(["target", "add", TARGET]))
+        .map_err(|e| format!("rustup target add {TARGET} failed ({e}); run it by hand").into())
+}

@@ -1,0 +1,245 @@
+//! `cargo xtask test`: every host test (workspace `cargo test`, the loom models) and every QEMU
+//! scenario, in parallel up to the core count, ending with one line `N passed, N failed`.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use moat_scenarios::Scenario;
+
+use crate::{build_kernel, make_iso, qemu, root, setup, Flavour, Result};
+
+#[derive(Default)]
+struct Tally {
+    passed: usize,
+    failed: usize,
+    failures: Vec<String>,
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+/// Sums libtest's `test result:` lines; a suite that did not build or run counts as failed.
+fn run_libtest(label: &str, mut cmd: Command, tally: &mut Tally) {
+    eprintln!("xtask: {label}: {cmd:?}");
+    let start = Instant::now();
+    let out = match cmd.stdin(Stdio::null()).output() {
+        Ok(o) => o,
+        Err(e) => {
+            tally.failed += 1;
+            tally
+                .failures
+                .push(format!("{label}: cannot run cargo: {e}"));
+            return;
+        }
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let (mut p, mut f) = (0, 0);
+    for line in stdout.lines() {
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            // "ok. 5 passed; 0 failed; 0 ignored; ..."
+            for part in rest.split(';') {
+                let words: Vec<&str> = part.split_whitespace().collect();
+                let n = |w: &[&str]| w.iter().find_map(|x| x.parse::<usize>().ok()).unwrap_or(0);
+                if part.contains(" passed") {
+                    p += n(&words);
+                } else if part.contains(" failed") {
+                    f += n(&words);
+                }
+            }
+        }
+    }
+    let failed_lines: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("test ") && l.ends_with("FAILED"))
+        .collect();
+    tally.passed += p;
+    tally.failed += f;
+    if !out.status.success() && f == 0 {
+        tally.failed += 1;
+        tally.failures.push(format!(
+            "{label}: cargo exited with {} before reporting failures",
+            out.status
+        ));
+        eprintln!("{stderr}");
+    }
+    if f > 0 {
+        for l in &failed_lines {
+            tally.failures.push(format!("{label}: {l}"));
+        }
+        eprintln!("{stdout}");
+        eprintln!("{}", tail(&stderr, 40));
+    }
+    eprintln!(
+        "xtask: {label}: {p} passed, {f} failed ({:.1}s)",
+        start.elapsed().as_secs_f64()
+    );
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn host_tests(tally: &mut Tally) {
+    let mut t = cargo();
+    t.args(["test", "--workspace", "--exclude", "moat-kernel"]);
+    run_libtest("host tests", t, tally);
+    if root().join("hypervisor/iova/tests/loom.rs").exists() {
+        let mut l = cargo();
+        l.args(["test", "-p", "moat-iova", "--release", "--test", "loom"])
+            .env("RUSTFLAGS", "--cfg loom")
+            .env("CARGO_TARGET_DIR", root().join("target/loom"));
+        run_libtest("loom models", l, tally);
+    }
+}
+
+fn run_scenario(s: &Scenario, kernel: &Path) -> std::result::Result<Duration, String> {
+    let dir = root().join("target/xtask/scenarios").join(&s.name);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let mut machine = s.machine.clone();
+    for (name, bytes) in &s.files {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).map_err(|e| format!("{}: {e}", p.display()))?;
+        for a in &mut machine.extra {
+            *a = a.replace(&format!("@FILE:{name}"), &p.to_string_lossy());
+        }
+    }
+    let iso =
+        make_iso(kernel, &s.cmdline, &format!("scenario-{}", s.name)).map_err(|e| e.to_string())?;
+    let args = machine.qemu_args(&iso.to_string_lossy(), setup::OVMF_CODE);
+    let log = root()
+        .join("target/xtask/logs")
+        .join(format!("{}.log", s.name));
+    let r = qemu::run(&args, &log, false, Duration::from_secs(s.timeout_secs))
+        .map_err(|e| e.to_string())?;
+    let verdict = if r.exit != s.expect {
+        Err(format!("expected {:?}, got {}", s.expect, r.exit))
+    } else {
+        (s.check)(&r.serial)
+    };
+    verdict.map(|()| r.elapsed).map_err(|e| {
+        let mut msg = format!(
+            "{e}\n  log: {}\n  --- serial tail ---\n{}",
+            log.display(),
+            indent(&tail(&r.serial, 25))
+        );
+        if r.exit != s.expect && !r.stderr.trim().is_empty() {
+            msg.push_str(&format!(
+                "\n  --- QEMU stderr tail ---\n{}",
+                indent(&tail(&r.stderr, 10))
+            ));
+        }
+        msg
+    })
+}
+
+fn indent(s: &str) -> String {
+    s.lines()
+        .map(|l| format!("  | {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn scenarios(pattern: Option<&str>, jobs: usize, tally: &mut Tally) -> Result<()> {
+    let real_dmar_path = root().join("drivers/dmar/tests/data/qemu-7.2-q35-dmar.bin");
+    let real_dmar =
+        std::fs::read(&real_dmar_path).map_err(|e| format!("{}: {e}", real_dmar_path.display()))?;
+    let all: Vec<Scenario> = moat_scenarios::all(&real_dmar)
+        .into_iter()
+        .filter(|s| pattern.is_none_or(|p| s.name.contains(p)))
+        .collect();
+    if all.is_empty() {
+        return Ok(());
+    }
+    let kernel = build_kernel(Flavour::Selftest)?;
+    std::fs::create_dir_all(root().join("target/xtask/logs"))?;
+    eprintln!("xtask: {} QEMU scenarios, {} at a time", all.len(), jobs);
+    let queue = Mutex::new(all.into_iter().collect::<VecDeque<_>>());
+    let results = Mutex::new(Vec::new());
+    std::thread::scope(|sc| {
+        for _ in 0..jobs {
+            sc.spawn(|| loop {
+                let Some(s) = queue.lock().unwrap().pop_front() else {
+                    break;
+                };
+                let r = run_scenario(&s, &kernel);
+                match &r {
+                    Ok(t) => eprintln!("PASS {} ({:.1}s): {}", s.name, t.as_secs_f64(), s.about),
+                    Err(e) => eprintln!("FAIL {}: {}\n  {e}", s.name, s.about),
+                }
+                results.lock().unwrap().push((s.name.clone(), r));
+            });
+        }
+    });
+    for (name, r) in results.into_inner().unwrap() {
+        match r {
+            Ok(_) => tally.passed += 1,
+            Err(e) => {
+                tally.failed += 1;
+                tally.failures.push(format!(
+                    "scenario {name}: {}",
+                    e.lines().next().unwrap_or("")
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Entry of `cargo xtask test`.
+pub fn cmd_test(mut rest: Vec<String>, _after: Vec<String>) -> Result<()> {
+    let take = |rest: &mut Vec<String>, f: &str| match rest.iter().position(|a| a == f) {
+        Some(i) => {
+            rest.remove(i);
+            true
+        }
+        None => false,
+    };
+    let no_host = take(&mut rest, "--no-host");
+    let no_qemu = take(&mut rest, "--no-qemu");
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let mut jobs = cores;
+    if let Some(i) = rest.iter().position(|a| a == "-j" || a == "--jobs") {
+        let v = rest.get(i + 1).ok_or("-j needs a number")?.clone();
+        jobs = v
+            .parse()
+            .map_err(|_| format!("-j wants a number, got `{v}`"))?;
+        rest.drain(i..=i + 1);
+    }
+    if let Some(bad) = rest.iter().find(|a| a.starts_with('-')) {
+        return Err(format!("unknown option {bad} (usage: cargo xtask test [PATTERN] [--no-host] [--no-qemu] [-j N])").into());
+    }
+    let pattern = rest.first().cloned();
+    let start = Instant::now();
+    setup::ensure()?;
+    let mut tally = Tally::default();
+    if !no_host && pattern.is_none() {
+        host_tests(&mut tally);
+    }
+    if !no_qemu {
+        if let Err(e) = scenarios(pattern.as_deref(), jobs.max(1), &mut tally) {
+            tally.failed += 1;
+            tally.failures.push(format!("scenarios could not run: {e}"));
+        }
+    }
+    if !tally.failures.is_empty() {
+        eprintln!("\nfailures:");
+        for f in &tally.failures {
+            eprintln!("  {f}");
+        }
+    }
+    eprintln!("xtask: total time {:.1}s", start.elapsed().as_secs_f64());
+    println!("{} passed, {} failed", tally.passed, tally.failed);
+    if tally.failed > 0 {
+        Err(format!("{} failed", tally.failed).into())
+    } else {
+        Ok(())
+    }
+}
