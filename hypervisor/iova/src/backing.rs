@@ -101,7 +101,9 @@ impl Backing {
             .filter(|&n| n < NONE as usize)
             .ok_or(Error::InvalidConfig)?;
         let mut nodes = Vec::new();
-        nodes.try_reserve_exact(cap).map_err(|_| Error::OutOfMemory)?;
+        nodes
+            .try_reserve_exact(cap)
+            .map_err(|_| Error::OutOfMemory)?;
         nodes.extend((0..cap).map(|i| Node {
             start: 0,
             end: 0,
@@ -193,9 +195,19 @@ impl Backing {
     }
 
     fn pull(&mut self, t: u32, aug: bool) {
-        let Node { left, right, start, end, .. } = *self.n(t);
+        let Node {
+            left,
+            right,
+            start,
+            end,
+            ..
+        } = *self.n(t);
         let height = 1 + self.height(left).max(self.height(right));
-        let fit = if aug { own_fit(start, end).max(self.fit(left)).max(self.fit(right)) } else { 0 };
+        let fit = if aug {
+            own_fit(start, end).max(self.fit(left)).max(self.fit(right))
+        } else {
+            0
+        };
         let node = self.nm(t);
         node.height = height;
         node.fit = fit;
@@ -242,6 +254,23 @@ impl Backing {
         }
     }
 
+    /// (height, fit) of a subtree root, to tell whether a child changed in a way its parent sees.
+    #[inline]
+    fn shape(&self, t: u32) -> (u8, u8) {
+        (self.height(t), self.fit(t))
+    }
+
+    /// After a child of `t` was replaced by `new` (previously `old` with shape `before`):
+    /// rebalances `t` unless nothing its parent can see changed, in which case the walk back up
+    /// stops touching nodes (no sibling loads on the common path).
+    #[inline]
+    fn fix(&mut self, t: u32, old: u32, new: u32, before: (u8, u8), aug: bool) -> u32 {
+        if old == new && self.shape(new) == before {
+            return t;
+        }
+        self.balance(t, aug)
+    }
+
     /// Inserts node `n` (keyed by start) into the subtree `t`; returns the new subtree root.
     fn insert(&mut self, t: u32, n: u32, aug: bool) -> u32 {
         if t == NONE {
@@ -252,13 +281,18 @@ impl Backing {
             return n;
         }
         if self.n(n).start < self.n(t).start {
-            let l = self.insert(self.n(t).left, n, aug);
+            let old = self.n(t).left;
+            let before = self.shape(old);
+            let l = self.insert(old, n, aug);
             self.nm(t).left = l;
+            self.fix(t, old, l, before, aug)
         } else {
-            let r = self.insert(self.n(t).right, n, aug);
+            let old = self.n(t).right;
+            let before = self.shape(old);
+            let r = self.insert(old, n, aug);
             self.nm(t).right = r;
+            self.fix(t, old, r, before, aug)
         }
-        self.balance(t, aug)
     }
 
     /// Detaches the minimum of the non-empty subtree `t`: (new root, detached node).
@@ -267,9 +301,10 @@ impl Backing {
         if l == NONE {
             return (self.n(t).right, t);
         }
+        let before = self.shape(l);
         let (nl, min) = self.remove_min(l, aug);
         self.nm(t).left = nl;
-        (self.balance(t, aug), min)
+        (self.fix(t, l, nl, before, aug), min)
     }
 
     /// Detaches the node with start `key` from subtree `t`: (new root, detached node or NONE).
@@ -277,21 +312,25 @@ impl Backing {
         if t == NONE {
             return (NONE, NONE);
         }
-        let Node { start, left, right, .. } = *self.n(t);
+        let Node {
+            start, left, right, ..
+        } = *self.n(t);
         if key < start {
+            let before = self.shape(left);
             let (nl, x) = self.remove(left, key, aug);
             if x == NONE {
                 return (t, NONE);
             }
             self.nm(t).left = nl;
-            (self.balance(t, aug), x)
+            (self.fix(t, left, nl, before, aug), x)
         } else if key > start {
+            let before = self.shape(right);
             let (nr, x) = self.remove(right, key, aug);
             if x == NONE {
                 return (t, NONE);
             }
             self.nm(t).right = nr;
-            (self.balance(t, aug), x)
+            (self.fix(t, right, nr, before, aug), x)
         } else if right == NONE {
             (left, t)
         } else {
@@ -374,7 +413,9 @@ impl Backing {
         if t == NONE {
             return Err(Error::NoSpace);
         }
-        let Node { start: a, end: b, .. } = *self.n(t);
+        let Node {
+            start: a, end: b, ..
+        } = *self.n(t);
         let blk = align_up(a, size).ok_or(Error::NoSpace)?;
         let blk_end = blk.checked_add(size).ok_or(Error::NoSpace)?;
         if blk_end > limit {
@@ -426,7 +467,9 @@ impl Backing {
         }
         let n = self.n(t);
         if n.order != order {
-            return Err(Error::WrongSize { allocated_order: n.order });
+            return Err(Error::WrongSize {
+                allocated_order: n.order,
+            });
         }
         match (n.state, expect) {
             (s, e) if s == e => Ok(t),
@@ -436,7 +479,13 @@ impl Backing {
     }
 
     /// Moves the allocated range at `pfn` from state `from` to `to` (strict checking).
-    pub(crate) fn mark(&mut self, pfn: u64, order: u8, from: State, to: State) -> Result<(), Error> {
+    pub(crate) fn mark(
+        &mut self,
+        pfn: u64,
+        order: u8,
+        from: State,
+        to: State,
+    ) -> Result<(), Error> {
         let t = self.check(pfn, order, from)?;
         self.nm(t).state = to;
         let size = 1u64 << order;
@@ -552,7 +601,11 @@ impl Backing {
         if hl.abs_diff(hr) > 1 || n.height != 1 + hl.max(hr) {
             return Err("AVL height or balance wrong");
         }
-        let fit = if aug { own_fit(n.start, n.end).max(fl).max(fr) } else { 0 };
+        let fit = if aug {
+            own_fit(n.start, n.end).max(fl).max(fr)
+        } else {
+            0
+        };
         if n.fit != fit {
             return Err("fit augmentation wrong");
         }
@@ -591,7 +644,10 @@ mod tests {
         assert_eq!(b.alloc(4, 47), Err(Error::NoSpace));
         assert_eq!(b.alloc(4, 48), Ok(32));
         b.verify(1).unwrap();
-        assert_eq!(b.free(8, 2, State::Live), Err(Error::WrongSize { allocated_order: 3 }));
+        assert_eq!(
+            b.free(8, 2, State::Live),
+            Err(Error::WrongSize { allocated_order: 3 })
+        );
         assert_eq!(b.free(9, 0, State::Live), Err(Error::NotAllocated));
         assert_eq!(b.free(8, 3, State::Live), Ok(()));
         assert_eq!(b.free(8, 3, State::Live), Err(Error::NotAllocated));

@@ -122,7 +122,10 @@ impl core::fmt::Display for Error {
             Error::Misaligned => f.write_str("IOVA not aligned to its size"),
             Error::NotAllocated => f.write_str("IOVA not allocated"),
             Error::WrongSize { allocated_order } => {
-                write!(f, "IOVA freed with the wrong size (allocated with order {allocated_order})")
+                write!(
+                    f,
+                    "IOVA freed with the wrong size (allocated with order {allocated_order})"
+                )
             }
             Error::DoubleFree => f.write_str("IOVA freed twice"),
             Error::CpuOutOfRange => f.write_str("CPU index out of range"),
@@ -320,11 +323,12 @@ impl IovaAllocator {
         let depot = Depot::new(magazines, config.depot_target)?;
         let backing = Backing::new(config.base, config.limit, config.max_ranges)?;
         let mut cpus = alloc::vec::Vec::new();
-        cpus.try_reserve_exact(config.cpus).map_err(|_| Error::OutOfMemory)?;
-        cpus.extend(
-            (0..config.cpus)
-                .map(|_| CpuSlot { claimed: AtomicBool::new(false), ack: AtomicU64::new(0) }),
-        );
+        cpus.try_reserve_exact(config.cpus)
+            .map_err(|_| Error::OutOfMemory)?;
+        cpus.extend((0..config.cpus).map(|_| CpuSlot {
+            claimed: AtomicBool::new(false),
+            ack: AtomicU64::new(0),
+        }));
         Ok(Self {
             base: config.base,
             end: config.limit,
@@ -378,7 +382,8 @@ impl IovaAllocator {
     /// invalidation rule of the crate documentation applies.
     pub fn free_uncached(&self, iova: Iova) -> Result<(), Error> {
         self.check_range(iova)?;
-        self.backing.with(|b| b.free(iova.pfn, iova.order, State::Live))
+        self.backing
+            .with(|b| b.free(iova.pfn, iova.order, State::Live))
     }
 
     /// Cheap checks every free gets: order, alignment, window.
@@ -461,7 +466,10 @@ impl IovaAllocator {
     /// their acknowledgements; `serve` runs while waiting so that the waiter answers requests
     /// from others. Returns the generation requested.
     fn request_drain(&self, me: Option<usize>, mut serve: impl FnMut()) -> u64 {
-        let generation = self.drain_gen.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+        let generation = self
+            .drain_gen
+            .fetch_add(1, Ordering::AcqRel)
+            .wrapping_add(1);
         for _ in 0..self.drain_spins {
             let pending = self.cpus.iter().enumerate().any(|(i, s)| {
                 Some(i) != me

@@ -6,8 +6,8 @@
 //! one [`MagRef`] held by a CPU. A `MagRef` is only created by popping a stack and only given up
 //! by pushing it back, so the owner of a `MagRef` may touch the contents without atomics.
 
-use crate::sync::{AtomicU32, AtomicUsize, Cell, Ordering};
 use crate::stack::{Links, TaggedStack, NIL};
+use crate::sync::{AtomicU32, AtomicUsize, Cell, Ordering};
 use crate::NUM_CLASSES;
 
 /// IOVAs per magazine: 126 makes a magazine exactly 1 KiB (smaller under loom to keep the
@@ -38,7 +38,13 @@ unsafe impl Sync for Magazine {}
 
 impl Magazine {
     fn new() -> Self {
-        Self { link: AtomicU32::new(NIL), data: Cell::new(MagData { count: 0, slots: [0; MAG_SIZE] }) }
+        Self {
+            link: AtomicU32::new(NIL),
+            data: Cell::new(MagData {
+                count: 0,
+                slots: [0; MAG_SIZE],
+            }),
+        }
     }
 }
 
@@ -93,7 +99,13 @@ impl MagRef<'_> {
     /// The most recently pushed IOVA.
     #[inline(always)]
     pub(crate) fn top(&mut self) -> Option<u64> {
-        self.with(|c, s| if *c == 0 { None } else { s.get(*c as usize - 1).copied() })
+        self.with(|c, s| {
+            if *c == 0 {
+                None
+            } else {
+                s.get(*c as usize - 1).copied()
+            }
+        })
     }
 
     /// Pushes `pfn`; `false` when full.
@@ -161,10 +173,13 @@ impl Depot {
     /// A depot with `magazines` empty magazines (allocates; construction only).
     pub(crate) fn new(magazines: usize, target: usize) -> Result<Self, crate::Error> {
         let mut v = alloc::vec::Vec::new();
-        v.try_reserve_exact(magazines).map_err(|_| crate::Error::OutOfMemory)?;
+        v.try_reserve_exact(magazines)
+            .map_err(|_| crate::Error::OutOfMemory)?;
         v.extend((0..magazines).map(|_| Magazine::new()));
         let depot = Self {
-            pool: Pool { mags: v.into_boxed_slice() },
+            pool: Pool {
+                mags: v.into_boxed_slice(),
+            },
             empty: TaggedStack::new(),
             classes: core::array::from_fn(|_| ClassDepot {
                 full: TaggedStack::new(),
@@ -180,7 +195,10 @@ impl Depot {
     }
 
     fn make_ref(&self, index: u32) -> Option<MagRef<'_>> {
-        self.pool.mags.get(index as usize).map(|mag| MagRef { mag, index })
+        self.pool
+            .mags
+            .get(index as usize)
+            .map(|mag| MagRef { mag, index })
     }
 
     /// Takes an empty magazine.

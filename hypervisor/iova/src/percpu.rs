@@ -32,7 +32,9 @@ pub struct PerCpu<'a> {
 
 impl core::fmt::Debug for PerCpu<'_> {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("PerCpu").field("cpu", &self.cpu).finish_non_exhaustive()
+        f.debug_struct("PerCpu")
+            .field("cpu", &self.cpu)
+            .finish_non_exhaustive()
     }
 }
 
@@ -144,7 +146,11 @@ impl<'a> PerCpu<'a> {
 
     #[cold]
     fn hit_strict(&mut self, pfn: u64, order: u8) -> Result<Iova, Error> {
-        match self.alloc.backing.with(|b| b.mark(pfn, order, State::Cached, State::Live)) {
+        match self
+            .alloc
+            .backing
+            .with(|b| b.mark(pfn, order, State::Cached, State::Live))
+        {
             Ok(()) => Ok(Iova { pfn, order }),
             Err(e) => {
                 self.alloc.late_misuse.fetch_add(1, Ordering::Relaxed);
@@ -187,7 +193,12 @@ impl<'a> PerCpu<'a> {
             return Err(Error::InvalidOrder);
         }
         let alloc = self.alloc;
-        let attempt = || alloc.backing.with(|b| b.alloc(order, limit)).map(|pfn| Iova { pfn, order });
+        let attempt = || {
+            alloc
+                .backing
+                .with(|b| b.alloc(order, limit))
+                .map(|pfn| Iova { pfn, order })
+        };
         if let Ok(iova) = attempt() {
             return Ok(iova);
         }
@@ -223,8 +234,10 @@ impl<'a> PerCpu<'a> {
             return self.alloc.backing.with(|b| b.free(pfn, order, State::Live));
         };
         if self.strict {
-            self.alloc.backing.with(|b| b.mark(pfn, order, State::Live, State::Cached))?;
-        } else if c.loaded.top() == Some(pfn) || c.prev.top() == Some(pfn) {
+            self.alloc
+                .backing
+                .with(|b| b.mark(pfn, order, State::Live, State::Cached))?;
+        } else if c.loaded.top() == Some(pfn) {
             return Err(Error::DoubleFree);
         }
         if c.loaded.push(pfn) {
@@ -246,7 +259,10 @@ impl<'a> PerCpu<'a> {
     fn free_slow(&mut self, pfn: u64, order: u8) -> Result<(), Error> {
         self.poll();
         let alloc = self.alloc;
-        let c = self.classes.get_mut(order as usize).ok_or(Error::Inconsistent)?;
+        let c = self
+            .classes
+            .get_mut(order as usize)
+            .ok_or(Error::Inconsistent)?;
         if c.loaded.push(pfn) {
             return Ok(());
         }
@@ -290,7 +306,10 @@ impl<'a> PerCpu<'a> {
 
     /// IOVAs currently cached in this CPU's magazines.
     pub fn cached(&mut self) -> usize {
-        self.classes.iter_mut().map(|c| c.loaded.len() + c.prev.len()).sum()
+        self.classes
+            .iter_mut()
+            .map(|c| c.loaded.len() + c.prev.len())
+            .sum()
     }
 }
 

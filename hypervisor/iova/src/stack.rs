@@ -77,7 +77,9 @@ fn unpack(word: u64) -> (u32, u32) {
 impl TaggedStack {
     /// An empty stack.
     pub fn new() -> Self {
-        Self { head: AtomicU64::new(pack(0, NIL)) }
+        Self {
+            head: AtomicU64::new(pack(0, NIL)),
+        }
     }
 
     /// Pushes element `index`. The caller must own `index` (it is on no stack); returns `false`

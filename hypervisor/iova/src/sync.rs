@@ -69,7 +69,10 @@ unsafe impl<T: Send> Send for SpinLock<T> {}
 
 impl<T> SpinLock<T> {
     pub(crate) fn new(value: T) -> Self {
-        Self { locked: AtomicBool::new(false), value: Cell::new(value) }
+        Self {
+            locked: AtomicBool::new(false),
+            value: Cell::new(value),
+        }
     }
 
     /// Runs `f` with exclusive access to the protected value.

@@ -8,16 +8,28 @@ use std::vec::Vec;
 
 fn alloc(base: u64, limit: u64, cpus: usize, strict: bool) -> IovaAllocator {
     IovaAllocator::new(
-        Config::new(base, limit, cpus).with_strict(strict).with_max_ranges(4096).with_drain_spins(16),
+        Config::new(base, limit, cpus)
+            .with_strict(strict)
+            .with_max_ranges(4096)
+            .with_drain_spins(16),
     )
     .unwrap()
 }
 
 #[test]
 fn config_is_validated() {
-    assert_eq!(IovaAllocator::new(Config::new(5, 5, 1)).err(), Some(Error::InvalidConfig));
-    assert_eq!(IovaAllocator::new(Config::new(0, 10, 0)).err(), Some(Error::InvalidConfig));
-    assert_eq!(IovaAllocator::new(Config::new(0, MAX_PFN + 1, 1)).err(), Some(Error::InvalidConfig));
+    assert_eq!(
+        IovaAllocator::new(Config::new(5, 5, 1)).err(),
+        Some(Error::InvalidConfig)
+    );
+    assert_eq!(
+        IovaAllocator::new(Config::new(0, 10, 0)).err(),
+        Some(Error::InvalidConfig)
+    );
+    assert_eq!(
+        IovaAllocator::new(Config::new(0, MAX_PFN + 1, 1)).err(),
+        Some(Error::InvalidConfig)
+    );
     assert_eq!(
         IovaAllocator::new(Config::new(0, 10, 1).with_max_ranges(0)).err(),
         Some(Error::InvalidConfig)
@@ -67,7 +79,10 @@ fn hit_path_reuses_the_last_freed_iova() {
         h.free(x).unwrap();
         drop(h);
         let s = a.stats();
-        assert_eq!((s.free_pages, s.free_ranges, s.allocated_ranges), ((1 << 20) - 1, 1, 0));
+        assert_eq!(
+            (s.free_pages, s.free_ranges, s.allocated_ranges),
+            ((1 << 20) - 1, 1, 0)
+        );
         a.verify().unwrap();
     }
 }
@@ -131,7 +146,10 @@ fn misuse_is_rejected_in_strict_mode() {
     let mut h = a.claim(0).unwrap();
     let x = h.alloc(2, u64::MAX).unwrap();
     let y = h.alloc(0, u64::MAX).unwrap();
-    assert_eq!(h.free(Iova::new(x.pfn(), 1)), Err(Error::WrongSize { allocated_order: 2 }));
+    assert_eq!(
+        h.free(Iova::new(x.pfn(), 1)),
+        Err(Error::WrongSize { allocated_order: 2 })
+    );
     assert_eq!(h.free(Iova::new(x.pfn() + 1, 0)), Err(Error::NotAllocated));
     assert_eq!(h.free(Iova::new(x.pfn() + 2, 1)), Err(Error::NotAllocated));
     assert_eq!(h.free(Iova::new(x.pfn() + 1, 2)), Err(Error::Misaligned));
@@ -175,7 +193,12 @@ fn misuse_in_release_mode_is_caught_cheaply_or_late() {
     // Large orders always go to the backing allocator and are always checked.
     let mut h = a.claim(0).unwrap();
     let big = h.alloc(12, u64::MAX).unwrap();
-    assert_eq!(h.free(Iova::new(big.pfn(), 11)), Err(Error::WrongSize { allocated_order: 12 }));
+    assert_eq!(
+        h.free(Iova::new(big.pfn(), 11)),
+        Err(Error::WrongSize {
+            allocated_order: 12
+        })
+    );
     h.free(big).unwrap();
     assert_eq!(h.free(big), Err(Error::NotAllocated));
 }
@@ -192,7 +215,10 @@ fn magazines_overflow_into_the_depot_and_come_back() {
     let s = a.stats();
     // Depot target is 1 (one CPU): the rest went back to the backing allocator.
     assert!(s.depot_full[0] <= 1, "{:?}", s.depot_full);
-    assert_eq!(s.cached_pages as usize, h.cached() + s.depot_full[0] * MAG_SIZE);
+    assert_eq!(
+        s.cached_pages as usize,
+        h.cached() + s.depot_full[0] * MAG_SIZE
+    );
     let again: BTreeSet<_> = (0..n).map(|_| h.alloc(0, u64::MAX).unwrap()).collect();
     assert_eq!(again.len(), n);
     for i in again {
@@ -247,7 +273,12 @@ fn uncached_path_and_large_orders() {
     let a = alloc(1, 1 << 30, 2, true);
     let x = a.alloc_uncached(20, u64::MAX).unwrap();
     assert_eq!(x.pfn() % (1 << 20), 0);
-    assert_eq!(a.free_uncached(Iova::new(x.pfn(), 19)), Err(Error::WrongSize { allocated_order: 20 }));
+    assert_eq!(
+        a.free_uncached(Iova::new(x.pfn(), 19)),
+        Err(Error::WrongSize {
+            allocated_order: 20
+        })
+    );
     a.free_uncached(x).unwrap();
     assert_eq!(a.free_uncached(x), Err(Error::NotAllocated));
     assert_eq!(a.alloc_uncached(30, u64::MAX), Err(Error::NoSpace));
@@ -269,8 +300,12 @@ fn limit_below_base_fails_fast() {
 
 #[test]
 fn node_arena_limit_is_no_space_not_a_panic() {
-    let a = IovaAllocator::new(Config::new(0, 1 << 20, 1).with_max_ranges(8).with_drain_spins(4))
-        .unwrap();
+    let a = IovaAllocator::new(
+        Config::new(0, 1 << 20, 1)
+            .with_max_ranges(8)
+            .with_drain_spins(4),
+    )
+    .unwrap();
     let mut h = a.claim(0).unwrap();
     let mut v = Vec::new();
     loop {

@@ -44,9 +44,15 @@ impl Model {
 
     fn take(&mut self, i: Iova, limit: u64) {
         assert_eq!(i.pfn() % i.pages(), 0, "{i:?} misaligned");
-        assert!(i.pfn() >= self.base && i.pfn() + i.pages() <= self.end.min(limit), "{i:?} outside");
+        assert!(
+            i.pfn() >= self.base && i.pfn() + i.pages() <= self.end.min(limit),
+            "{i:?} outside"
+        );
         let r = self.range(i);
-        assert!(self.used[r.clone()].iter().all(|u| !u), "{i:?} overlaps a live allocation");
+        assert!(
+            self.used[r.clone()].iter().all(|u| !u),
+            "{i:?} overlaps a live allocation"
+        );
         self.used[r].iter_mut().for_each(|u| *u = true);
         self.live.push(i);
     }
@@ -64,7 +70,10 @@ impl Model {
         let size = 1u64 << order;
         let mut p = self.base.div_ceil(size) * size;
         while p + size <= self.end.min(limit) {
-            if !self.used[(p - self.base) as usize..(p - self.base + size) as usize].iter().any(|u| *u) {
+            if !self.used[(p - self.base) as usize..(p - self.base + size) as usize]
+                .iter()
+                .any(|u| *u)
+            {
                 return true;
             }
             p += size;
@@ -89,11 +98,20 @@ fn limit_of(base: u64, len: u64, sel: u8) -> u64 {
 fn run(base: u64, len: u64, strict: bool, ops: Vec<Op>) {
     let end = base + len;
     let a = IovaAllocator::new(
-        Config::new(base, end, 2).with_strict(strict).with_max_ranges(1024).with_drain_spins(4),
+        Config::new(base, end, 2)
+            .with_strict(strict)
+            .with_max_ranges(1024)
+            .with_drain_spins(4),
     )
     .unwrap();
     let mut hs: Vec<PerCpu<'_>> = vec![a.claim(0).unwrap(), a.claim(1).unwrap()];
-    let mut m = Model { base, end, used: vec![false; len as usize], live: Vec::new(), freed: Vec::new() };
+    let mut m = Model {
+        base,
+        end,
+        used: vec![false; len as usize],
+        live: Vec::new(),
+        freed: Vec::new(),
+    };
     for op in ops {
         match op {
             Op::Alloc { cpu, order, limit } => {
@@ -106,7 +124,10 @@ fn run(base: u64, len: u64, strict: bool, ops: Vec<Op>) {
                         match hs[cpu].alloc(order, limit) {
                             Ok(i) => m.take(i, limit),
                             Err(Error::NoSpace) => {
-                                assert!(!m.fits(order, limit), "NoSpace but order {order} fits below {limit}")
+                                assert!(
+                                    !m.fits(order, limit),
+                                    "NoSpace but order {order} fits below {limit}"
+                                )
                             }
                             Err(e) => panic!("unexpected {e:?}"),
                         }
@@ -126,7 +147,12 @@ fn run(base: u64, len: u64, strict: bool, ops: Vec<Op>) {
                     if !m.live.contains(&i) {
                         let r = hs[cpu].free(i);
                         assert!(
-                            matches!(r, Err(Error::DoubleFree | Error::NotAllocated | Error::WrongSize { .. })),
+                            matches!(
+                                r,
+                                Err(Error::DoubleFree
+                                    | Error::NotAllocated
+                                    | Error::WrongSize { .. })
+                            ),
                             "{i:?}: {r:?}"
                         );
                     }
@@ -137,7 +163,12 @@ fn run(base: u64, len: u64, strict: bool, ops: Vec<Op>) {
                     let i = m.live[pick % m.live.len()];
                     if i.order() > 0 {
                         let bad = Iova::new(i.pfn(), i.order() - 1);
-                        assert_eq!(hs[cpu].free(bad), Err(Error::WrongSize { allocated_order: i.order() }));
+                        assert_eq!(
+                            hs[cpu].free(bad),
+                            Err(Error::WrongSize {
+                                allocated_order: i.order()
+                            })
+                        );
                     }
                 }
             }
@@ -148,7 +179,10 @@ fn run(base: u64, len: u64, strict: bool, ops: Vec<Op>) {
                 if !starts_live {
                     let r = hs[cpu].free(i);
                     assert!(
-                        matches!(r, Err(Error::NotAllocated | Error::DoubleFree | Error::WrongSize { .. })),
+                        matches!(
+                            r,
+                            Err(Error::NotAllocated | Error::DoubleFree | Error::WrongSize { .. })
+                        ),
                         "{i:?}: {r:?}"
                     );
                 }
@@ -181,7 +215,10 @@ fn run(base: u64, len: u64, strict: bool, ops: Vec<Op>) {
     drop(hs);
     a.drain_depot();
     let s = a.stats();
-    assert_eq!((s.free_pages, s.free_ranges, s.allocated_ranges), (len, 1, 0));
+    assert_eq!(
+        (s.free_pages, s.free_ranges, s.allocated_ranges),
+        (len, 1, 0)
+    );
     let mut h = a.claim(1).unwrap();
     for _ in 0..len {
         let i = h.alloc(0, u64::MAX).unwrap();

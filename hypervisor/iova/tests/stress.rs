@@ -53,7 +53,11 @@ fn worker(
             13 | 14 => 3,
             _ => 10,
         } as u8;
-        let limit = if r & 0x100 == 0 { u64::MAX } else { BASE + WINDOW / 2 };
+        let limit = if r & 0x100 == 0 {
+            u64::MAX
+        } else {
+            BASE + WINDOW / 2
+        };
         match h.alloc(order, limit) {
             Ok(i) => {
                 assert!(i.pfn() + i.pages() <= limit.min(BASE + WINDOW));
@@ -100,7 +104,9 @@ fn worker(
 
 fn stress(threads: usize, strict: bool, duration: Duration) {
     let a = IovaAllocator::new(
-        Config::new(BASE, BASE + WINDOW, threads).with_strict(strict).with_max_ranges(WINDOW as usize),
+        Config::new(BASE, BASE + WINDOW, threads)
+            .with_strict(strict)
+            .with_max_ranges(WINDOW as usize),
     )
     .unwrap();
     let owners = Owners((0..WINDOW).map(|_| AtomicBool::new(false)).collect());
@@ -127,7 +133,16 @@ fn stress(threads: usize, strict: bool, duration: Duration) {
     assert!(owners.0.iter().all(|o| !o.load(Ordering::Relaxed)));
     a.drain_depot();
     let s = a.stats();
-    assert_eq!((s.free_pages, s.free_ranges, s.allocated_ranges, s.late_misuse), (WINDOW, 1, 0, 0), "{s:?}");
+    assert_eq!(
+        (
+            s.free_pages,
+            s.free_ranges,
+            s.allocated_ranges,
+            s.late_misuse
+        ),
+        (WINDOW, 1, 0, 0),
+        "{s:?}"
+    );
     a.verify().unwrap();
 }
 
