@@ -31,27 +31,6 @@ fn kind_name(k: MemoryKind) -> &'static str {
     }
 }
 
-/// Picks the AP trampoline page: a usable page in [0x1000, 0xA0000) that holds no boot data.
-fn pick_trampoline(boot: &BootInfo) -> Option<u64> {
-    let busy = |a: u64| {
-        let (ms, me) = boot.mbi;
-        (a < me && a + PAGE_SIZE > ms)
-            || boot
-                .modules()
-                .iter()
-                .any(|m| a < m.end && a + PAGE_SIZE > m.start)
-    };
-    boot.memory_map()
-        .iter()
-        .filter(|r| r.kind == MemoryKind::Usable)
-        .flat_map(|r| {
-            let s = mm::align_up(r.start.max(0x8000), PAGE_SIZE);
-            let e = mm::align_down(r.end().min(0xA0000), PAGE_SIZE);
-            (s..e).step_by(PAGE_SIZE as usize)
-        })
-        .find(|&a| a + PAGE_SIZE <= 0xA0000 && !busy(a))
-}
-
 /// The BSP's whole boot. Never returns.
 pub fn boot(magic: u32, mbi: u32) -> ! {
     tsc::mark_boot();
@@ -141,7 +120,6 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
 
     // Frames: everything usable except what boot data lives in.
     let k = mm::kernel_image();
-    let trampoline = pick_trampoline(&boot);
     let mut res = [Reservation {
         start: 0,
         end: 0,
@@ -154,22 +132,27 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
             n += 1;
         }
     };
-    reserve(0, 0x10_0000, "first 1 MiB");
     reserve(k.image.0, k.image.1, "kernel image");
     reserve(boot.mbi.0, boot.mbi.1, "multiboot2 information");
     for m in boot.modules() {
         reserve(m.start, m.end, "boot module");
     }
     crate::acpi::table_ranges(|s, e| reserve(s, e, "ACPI table"));
-    let (total, free) = frames::init(&boot, &res[..n]);
+    let fr = match frames::init(&boot, &res[..n]) {
+        Ok(r) => r,
+        Err(e) => {
+            log::error!("frames: {e}");
+            exit::exit(ExitCode::Failure)
+        }
+    };
+    frames::log_reservations();
     log::info!(
-        "frames: {} MiB usable, {} MiB free after {} reservations",
-        total * 4 / 1024,
-        free * 4 / 1024,
-        n
+        "frames: {} MiB managed, {} MiB free, {} reservations",
+        fr.total * 4 / 1024,
+        fr.free * 4 / 1024,
+        fr.reservations
     );
-
-    let Some(tramp) = trampoline else {
+    let Some(tramp) = fr.trampoline else {
         log::error!("no free page below 640 KiB for the AP trampoline");
         exit::exit(ExitCode::Failure)
     };

@@ -1,10 +1,11 @@
-//! The global physical frame allocator (temporary early implementation: usable ranges minus
-//! reservations, bump allocation plus a free stack; to be replaced by `moat-frames`).
+//! The global physical frame allocator: `moat-frames` over the multiboot2 memory map minus
+//! everything boot data lives in, behind a spin lock.
 
 use moat_boot::{BootInfo, MemoryKind};
+use moat_frames::{Frame, FrameAllocator, MemoryMap, PhysAddr, PhysRange, RegionKind};
 use spin::Mutex;
 
-use super::{align_down, align_up, PAGE_SIZE};
+use super::PAGE_SIZE;
 
 /// A range the allocator must never hand out.
 #[derive(Debug, Clone, Copy)]
@@ -17,140 +18,144 @@ pub struct Reservation {
     pub what: &'static str,
 }
 
-const MAX_RANGES: usize = 128;
-const MAX_FREED: usize = 4096;
+static MAP: Mutex<MemoryMap> = Mutex::new(MemoryMap::new());
+static FRAMES: Mutex<Option<FrameAllocator<'static>>> = Mutex::new(None);
 
-struct Early {
-    ranges: [(u64, u64); MAX_RANGES],
-    count: usize,
-    cursor: usize,
-    next: u64,
-    freed: [u64; MAX_FREED],
-    nfreed: usize,
-    total: u64,
-    used: u64,
+/// What [`init`] set up.
+#[derive(Debug, Clone, Copy)]
+pub struct FramesReport {
+    /// The page below 640 KiB kept for the AP start-up trampoline.
+    pub trampoline: Option<u64>,
+    /// Frames managed.
+    pub total: u64,
+    /// Frames free.
+    pub free: u64,
+    /// Reservations recorded.
+    pub reservations: usize,
 }
 
-static FRAMES: Mutex<Early> = Mutex::new(Early {
-    ranges: [(0, 0); MAX_RANGES],
-    count: 0,
-    cursor: 0,
-    next: 0,
-    freed: [0; MAX_FREED],
-    nfreed: 0,
-    total: 0,
-    used: 0,
-});
+fn range(start: u64, end: u64) -> PhysRange {
+    PhysRange::new(PhysAddr::new(start), PhysAddr::new(end.max(start)))
+        .unwrap_or(PhysRange::from_start_len(PhysAddr::new(start), 0))
+}
 
-/// Builds the allocator from the memory map minus `reserved`. Returns (total, free) frames.
-pub fn init(boot: &BootInfo, reserved: &[Reservation]) -> (u64, u64) {
-    let mut f = FRAMES.lock();
-    for r in boot
-        .memory_map()
-        .iter()
-        .filter(|r| r.kind == MemoryKind::Usable)
-    {
-        let (mut s, e) = (align_up(r.start, PAGE_SIZE), align_down(r.end(), PAGE_SIZE));
-        // Cut reservations out, in address order.
-        let mut cuts: [(u64, u64); 64] = [(0, 0); 64];
-        let mut n = 0;
-        for res in reserved {
-            if res.end > s && res.start < e && n < 64 {
-                cuts[n] = (
-                    align_down(res.start, PAGE_SIZE),
-                    align_up(res.end, PAGE_SIZE),
-                );
-                n += 1;
-            }
-        }
-        cuts[..n].sort_unstable();
-        for &(cs, ce) in &cuts[..n] {
-            if cs > s && f.count < MAX_RANGES {
-                let c = f.count;
-                f.ranges[c] = (s, cs.min(e));
-                f.count += 1;
-            }
-            s = s.max(ce);
-        }
-        if s < e && f.count < MAX_RANGES {
-            let c = f.count;
-            f.ranges[c] = (s, e);
-            f.count += 1;
+/// Builds the allocator from the memory map minus `reserved`, the first MiB (except one page
+/// carved for the AP trampoline) and its own bitmap.
+pub fn init(boot: &BootInfo, reserved: &[Reservation]) -> Result<FramesReport, &'static str> {
+    let mut map = MAP.lock();
+    for r in boot.memory_map() {
+        let kind = match r.kind {
+            MemoryKind::Usable => RegionKind::Usable,
+            MemoryKind::Reserved => RegionKind::Reserved,
+            MemoryKind::AcpiReclaimable => RegionKind::AcpiReclaimable,
+            MemoryKind::AcpiNvs => RegionKind::AcpiNvs,
+            MemoryKind::Defective => RegionKind::Bad,
+        };
+        if map
+            .add_region(
+                PhysRange::from_start_len(PhysAddr::new(r.start), r.len),
+                kind,
+            )
+            .is_err()
+        {
+            log::warn!(
+                "frames: memory-map region [{:#x}+{:#x}) beyond capacity: not used",
+                r.start,
+                r.len
+            );
         }
     }
-    let total: u64 = f.ranges[..f.count]
-        .iter()
-        .map(|(s, e)| (e - s) / PAGE_SIZE)
-        .sum();
-    f.total = total;
-    f.next = f.ranges[0].0;
-    (total, total)
+    for res in reserved {
+        map.reserve(range(res.start, res.end), res.what)
+            .map_err(|_| "too many reservations")?;
+    }
+    let trampoline = map
+        .carve(
+            PAGE_SIZE,
+            PAGE_SIZE,
+            range(0x1000, 0xA0000),
+            "AP trampoline",
+        )
+        .ok()
+        .map(|r| r.start().as_u64());
+    map.reserve(range(0, 0x10_0000), "first MiB")
+        .map_err(|_| "too many reservations")?;
+    // SAFETY: the boot page tables identity-map the first 4 GiB read-write, and the kernel's
+    // own tables map all usable RAM read-write; the carved block is usable RAM that the map
+    // reserves for the bitmap, so nothing else uses it.
+    let alloc = unsafe {
+        FrameAllocator::from_map(&mut map, range(0x10_0000, 1 << 32), |pa| {
+            pa.as_u64() as *mut u8
+        })
+    }
+    .map_err(|_| "no memory for the frame allocator's bitmap")?;
+    let report = FramesReport {
+        trampoline,
+        total: alloc.total_frames(),
+        free: alloc.free_frames(),
+        reservations: map.reservations().len(),
+    };
+    *FRAMES.lock() = Some(alloc);
+    Ok(report)
 }
 
-impl Early {
-    fn bump(&mut self, count: u64, align: u64) -> Option<u64> {
-        while self.cursor < self.count {
-            let (_, end) = self.ranges[self.cursor];
-            let start = align_up(self.next.max(self.ranges[self.cursor].0), align);
-            if start + count * PAGE_SIZE <= end {
-                self.next = start + count * PAGE_SIZE;
-                return Some(start);
-            }
-            self.cursor += 1;
-            if self.cursor < self.count {
-                self.next = self.ranges[self.cursor].0;
-            }
-        }
-        None
+/// Logs the reservations (debug level).
+pub fn log_reservations() {
+    for r in MAP.lock().reservations() {
+        log::debug!("frames: reserved {r}");
     }
 }
 
 /// Allocates one frame.
 pub fn alloc() -> Option<u64> {
-    let mut f = FRAMES.lock();
-    let p = if f.nfreed > 0 {
-        f.nfreed -= 1;
-        Some(f.freed[f.nfreed])
-    } else {
-        f.bump(1, PAGE_SIZE)
-    };
-    if p.is_some() {
-        f.used += 1;
-    }
-    p
+    FRAMES
+        .lock()
+        .as_mut()?
+        .allocate()
+        .ok()
+        .map(|f| f.start().as_u64())
 }
 
 /// Allocates one zeroed frame.
 pub fn alloc_zeroed() -> Option<u64> {
     let p = alloc()?;
-    // SAFETY: the frame is identity mapped RAM now owned by the caller.
+    // SAFETY: the frame is identity-mapped RAM now owned by the caller.
     unsafe { core::ptr::write_bytes(p as *mut u8, 0, PAGE_SIZE as usize) };
     Some(p)
 }
 
 /// Allocates `count` contiguous frames aligned to `align` bytes.
 pub fn alloc_contiguous(count: u64, align: u64) -> Option<u64> {
-    let mut f = FRAMES.lock();
-    let p = f.bump(count, align.max(PAGE_SIZE));
-    if p.is_some() {
-        f.used += count;
-    }
-    p
+    FRAMES
+        .lock()
+        .as_mut()?
+        .allocate_contiguous(count, align.max(PAGE_SIZE))
+        .ok()
+        .map(|f| f.start().as_u64())
 }
 
-/// Frees one frame.
+/// Frees one frame. A double free or a frame the allocator never owned is refused and logged.
 pub fn free(phys: u64) {
-    let mut f = FRAMES.lock();
-    if f.nfreed < MAX_FREED {
-        let n = f.nfreed;
-        f.freed[n] = phys;
-        f.nfreed += 1;
-        f.used -= 1;
+    free_contiguous(phys, 1)
+}
+
+/// Frees `count` contiguous frames starting at `phys` (all or nothing).
+pub fn free_contiguous(phys: u64, count: u64) {
+    let Some(frame) = Frame::from_start(PhysAddr::new(phys)) else {
+        log::error!("frames: free of unaligned address {phys:#x} refused");
+        return;
+    };
+    if let Some(a) = FRAMES.lock().as_mut() {
+        if let Err(e) = a.free_contiguous(frame, count) {
+            log::error!("frames: free of {count} frames at {phys:#x} refused: {e:?}");
+        }
     }
 }
 
 /// (total, free) frames.
 pub fn stats() -> (u64, u64) {
-    let f = FRAMES.lock();
-    (f.total, f.total - f.used)
+    FRAMES
+        .lock()
+        .as_ref()
+        .map_or((0, 0), |a| (a.total_frames(), a.free_frames()))
 }
