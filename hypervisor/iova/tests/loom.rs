@@ -13,6 +13,7 @@ use moat_iova::{Config, Error, Iova, IovaAllocator, MAG_SIZE};
 fn model(preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
     let mut b = loom::model::Builder::new();
     b.preemption_bound = Some(preemptions);
+    b.max_branches = 50_000;
     b.check(f);
 }
 
@@ -180,19 +181,26 @@ fn cross_cpu_alloc_here_free_there() {
 fn exhaustion_drains_the_other_cpu() {
     model(2, || {
         let a = Arc::new(small(4, true));
-        let mut h1 = a.claim(1).unwrap();
-        let v: Vec<Iova> = (0..4).map(|_| h1.alloc(0, u64::MAX).unwrap()).collect();
-        for i in v {
-            h1.free(i).unwrap();
+        let ready = Arc::new(AtomicBool::new(false));
+        let other = {
+            let (a, ready) = (a.clone(), ready.clone());
+            thread::spawn(move || {
+                let mut h1 = a.claim(1).unwrap();
+                let v: Vec<Iova> = (0..4).map(|_| h1.alloc(0, u64::MAX).unwrap()).collect();
+                for i in v {
+                    h1.free(i).unwrap();
+                }
+                ready.store(true, Ordering::Release);
+                // Poll until a drain request has emptied this CPU's magazines.
+                while h1.cached() != 0 {
+                    h1.poll();
+                    thread::yield_now();
+                }
+            })
+        };
+        while !ready.load(Ordering::Acquire) {
+            thread::yield_now();
         }
-        let other = thread::spawn(move || {
-            // Poll until a drain request has emptied this CPU's magazines.
-            while h1.cached() != 0 {
-                h1.poll();
-                thread::yield_now();
-            }
-            drop(h1);
-        });
         let mut h0 = a.claim(0).unwrap();
         let first = h0.alloc(2, u64::MAX);
         assert!(matches!(first, Ok(_) | Err(Error::NoSpace)), "{first:?}");
