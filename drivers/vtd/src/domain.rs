@@ -24,7 +24,12 @@ impl DomainIdAllocator {
     /// 4..=16 bits.
     pub fn new(bits: u32) -> Self {
         let limit = 1u32 << bits.clamp(4, 16);
-        Self { bitmap: vec![0; (limit as usize).div_ceil(64)], limit, next: 1, used: 0 }
+        Self {
+            bitmap: vec![0; (limit as usize).div_ceil(64)],
+            limit,
+            next: 1,
+            used: 0,
+        }
     }
 
     /// Number of ids (including the reserved id 0).

@@ -109,7 +109,10 @@ const _: () = assert!(core::mem::size_of::<ContextEntry>() == 16);
 impl RootEntry {
     /// A present root entry pointing at the context table at `context_table`.
     pub const fn new(context_table: u64) -> Self {
-        Self { lo: (context_table & !0xfff) | 1, hi: 0 }
+        Self {
+            lo: (context_table & !0xfff) | 1,
+            hi: 0,
+        }
     }
     /// P bit.
     pub const fn present(self) -> bool {
@@ -198,7 +201,10 @@ mod tests {
     fn source_id_fields() {
         let s = SourceId::new(0x3a, 0x1f, 7);
         assert_eq!(s.0, 0x3aff);
-        assert_eq!((s.bus(), s.dev(), s.func(), s.devfn()), (0x3a, 0x1f, 7, 0xff));
+        assert_eq!(
+            (s.bus(), s.dev(), s.func(), s.devfn()),
+            (0x3a, 0x1f, 7, 0xff)
+        );
         assert_eq!(std::format!("{}", SourceId::new(0, 4, 0)), "00:04.0");
     }
 
@@ -214,7 +220,12 @@ mod tests {
 
     #[test]
     fn context_entry_encoding() {
-        let c = ContextEntry::new(0xabc_d000, PagingLevels::Three, 0x1234, TranslationType::Untranslated);
+        let c = ContextEntry::new(
+            0xabc_d000,
+            PagingLevels::Three,
+            0x1234,
+            TranslationType::Untranslated,
+        );
         assert_eq!(c.lo, 0xabc_d001);
         assert_eq!(c.hi, (0x1234 << 8) | 1);
         assert_eq!(c.domain_id(), 0x1234);
@@ -225,18 +236,30 @@ mod tests {
         assert_eq!(c.hi, (1 << 8) | 2);
         assert!(c.fault_processing_disabled());
         assert_eq!(c.translation_type(), 2);
-        assert!(!c.with_fault_processing_disabled(false).fault_processing_disabled());
+        assert!(!c
+            .with_fault_processing_disabled(false)
+            .fault_processing_disabled());
     }
 
     #[test]
     fn level_choice_follows_sagaw_and_mgaw() {
         // QEMU default: SAGAW = 39-bit only, MGAW = 39.
-        assert_eq!(PagingLevels::choose(Capability(0xd2_008c_2226_0206)), Some(PagingLevels::Three));
+        assert_eq!(
+            PagingLevels::choose(Capability(0xd2_008c_2226_0206)),
+            Some(PagingLevels::Three)
+        );
         // aw-bits=48: SAGAW = 39 | 48, MGAW = 48.
-        let cap48 = (0xd2_008c_2226_0206u64 & !(0x1f << 8) & !(0x3f << 16)) | (0b110 << 8) | (47 << 16);
-        assert_eq!(PagingLevels::choose(Capability(cap48)), Some(PagingLevels::Four));
+        let cap48 =
+            (0xd2_008c_2226_0206u64 & !(0x1f << 8) & !(0x3f << 16)) | (0b110 << 8) | (47 << 16);
+        assert_eq!(
+            PagingLevels::choose(Capability(cap48)),
+            Some(PagingLevels::Four)
+        );
         // 4-level only.
-        assert_eq!(PagingLevels::choose(Capability((0b100 << 8) | (38 << 16))), Some(PagingLevels::Four));
+        assert_eq!(
+            PagingLevels::choose(Capability((0b100 << 8) | (38 << 16))),
+            Some(PagingLevels::Four)
+        );
         // 5-level only: unsupported.
         assert_eq!(PagingLevels::choose(Capability(0b1000 << 8)), None);
     }

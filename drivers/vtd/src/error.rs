@@ -100,7 +100,10 @@ impl fmt::Display for Error {
             Self::AlreadyMapped { iova } => write!(f, "IOVA {iova:#x} already mapped"),
             Self::NotMapped { iova } => write!(f, "IOVA {iova:#x} not mapped"),
             Self::PartialSuperpage { iova, size } => {
-                write!(f, "partial unmap of the {size:#x}-byte superpage at {iova:#x}")
+                write!(
+                    f,
+                    "partial unmap of the {size:#x}-byte superpage at {iova:#x}"
+                )
             }
             Self::DomainIdsExhausted => f.write_str("no free domain id"),
             Self::UnknownDomainId(d) => write!(f, "domain id {d} not allocated"),
@@ -111,7 +114,10 @@ impl fmt::Display for Error {
             Self::InvalidState(s) => write!(f, "invalid unit state: {s}"),
             Self::Timeout(op) => write!(f, "VT-d operation {op:?} timed out"),
             Self::InvalidationQueue { index, lo, hi } => {
-                write!(f, "invalidation queue error at {index}: {hi:#018x}_{lo:016x}")
+                write!(
+                    f,
+                    "invalidation queue error at {index}: {hi:#018x}_{lo:016x}"
+                )
             }
             Self::IotlbInvalidationRefused => f.write_str("IOTLB invalidation refused"),
         }

@@ -117,7 +117,11 @@ impl FaultRecord {
             index,
             source: SourceId(sid_dword as u16),
             address: lo & !0xfff,
-            access: if high_dword & frcd::T != 0 { FaultAccess::Read } else { FaultAccess::Write },
+            access: if high_dword & frcd::T != 0 {
+                FaultAccess::Read
+            } else {
+                FaultAccess::Write
+            },
             reason: FaultReason::from_code(high_dword as u8),
             domain: None,
         }

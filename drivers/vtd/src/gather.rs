@@ -40,8 +40,15 @@ pub const fn psi_cover(start: u64, end: u64) -> PsiBlock {
     let first = start >> 12;
     let last = (end - 1) >> 12;
     let diff = first ^ last;
-    let am = if diff == 0 { 0 } else { 64 - diff.leading_zeros() };
-    PsiBlock { addr: (first >> am << am) << 12, am: am as u8 }
+    let am = if diff == 0 {
+        0
+    } else {
+        64 - diff.leading_zeros()
+    };
+    PsiBlock {
+        addr: (first >> am << am) << 12,
+        am: am as u8,
+    }
 }
 
 /// What one flush must invalidate in the IOTLB.
@@ -199,7 +206,10 @@ impl Gather {
                     && b.addr == a.end()
                 {
                     kept.truncate(n - 2);
-                    kept.push(PsiBlock { addr: a.addr, am: parent_am });
+                    kept.push(PsiBlock {
+                        addr: a.addr,
+                        am: parent_am,
+                    });
                 } else {
                     break;
                 }
@@ -208,7 +218,10 @@ impl Gather {
         if kept.len() > max_blocks {
             return FlushPlan::Domain;
         }
-        FlushPlan::Pages { blocks: kept, ih: self.freed_tables.is_empty() && !self.invalidate_maps }
+        FlushPlan::Pages {
+            blocks: kept,
+            ih: self.freed_tables.is_empty() && !self.invalidate_maps,
+        }
     }
 
     /// Empties the gather, returning the unmapped ranges and the page-table pages to free.
@@ -230,12 +243,39 @@ mod tests {
 
     #[test]
     fn cover_of_single_and_crossing_ranges() {
-        assert_eq!(psi_cover(0x5000, 0x6000), PsiBlock { addr: 0x5000, am: 0 });
-        assert_eq!(psi_cover(0x4000, 0x8000), PsiBlock { addr: 0x4000, am: 2 });
+        assert_eq!(
+            psi_cover(0x5000, 0x6000),
+            PsiBlock {
+                addr: 0x5000,
+                am: 0
+            }
+        );
+        assert_eq!(
+            psi_cover(0x4000, 0x8000),
+            PsiBlock {
+                addr: 0x4000,
+                am: 2
+            }
+        );
         // Two pages across a 2 MiB boundary need the 4 MiB block around them.
-        assert_eq!(psi_cover(0x1f_f000, 0x20_1000), PsiBlock { addr: 0, am: 10 });
-        assert_eq!(psi_cover(0x20_0000, 0x40_0000), PsiBlock { addr: 0x20_0000, am: 9 });
-        assert_eq!(psi_cover(0x5000, 0x7000), PsiBlock { addr: 0x4000, am: 2 });
+        assert_eq!(
+            psi_cover(0x1f_f000, 0x20_1000),
+            PsiBlock { addr: 0, am: 10 }
+        );
+        assert_eq!(
+            psi_cover(0x20_0000, 0x40_0000),
+            PsiBlock {
+                addr: 0x20_0000,
+                am: 9
+            }
+        );
+        assert_eq!(
+            psi_cover(0x5000, 0x7000),
+            PsiBlock {
+                addr: 0x4000,
+                am: 2
+            }
+        );
     }
 
     #[test]
@@ -246,7 +286,10 @@ mod tests {
         }
         assert_eq!(
             g.plan(true, 18, 16),
-            FlushPlan::Pages { blocks: vec![PsiBlock { addr: 0, am: 3 }], ih: true }
+            FlushPlan::Pages {
+                blocks: vec![PsiBlock { addr: 0, am: 3 }],
+                ih: true
+            }
         );
         // Two separate buddies that are not adjacent in insertion order.
         let mut g = Gather::new(3);
@@ -256,7 +299,16 @@ mod tests {
         assert_eq!(
             g.plan(true, 18, 16),
             FlushPlan::Pages {
-                blocks: vec![PsiBlock { addr: 0x2000, am: 1 }, PsiBlock { addr: 0x10_0000, am: 0 }],
+                blocks: vec![
+                    PsiBlock {
+                        addr: 0x2000,
+                        am: 1
+                    },
+                    PsiBlock {
+                        addr: 0x10_0000,
+                        am: 0
+                    }
+                ],
                 ih: true
             }
         );
@@ -277,7 +329,13 @@ mod tests {
         g.add_unmapped(0x4000_0000..0x8000_0000);
         assert_eq!(
             g.plan(true, 18, 16),
-            FlushPlan::Pages { blocks: vec![PsiBlock { addr: 0x4000_0000, am: 18 }], ih: true }
+            FlushPlan::Pages {
+                blocks: vec![PsiBlock {
+                    addr: 0x4000_0000,
+                    am: 18
+                }],
+                ih: true
+            }
         );
         // Too many scattered blocks.
         let mut g = Gather::new(1);
@@ -293,13 +351,19 @@ mod tests {
         let mut g = Gather::new(1);
         g.add_unmapped(0..0x1000);
         g.add_freed_table(0x9000);
-        assert!(matches!(g.plan(true, 18, 8), FlushPlan::Pages { ih: false, .. }));
+        assert!(matches!(
+            g.plan(true, 18, 8),
+            FlushPlan::Pages { ih: false, .. }
+        ));
         let mut g = Gather::new(1);
         g.add_mapped(0..0x1000, false);
         assert_eq!(g.plan(true, 18, 8), FlushPlan::Nothing);
         assert!(!g.is_empty());
         g.add_mapped(0x1000..0x2000, true);
-        assert!(matches!(g.plan(true, 18, 8), FlushPlan::Pages { ih: false, .. }));
+        assert!(matches!(
+            g.plan(true, 18, 8),
+            FlushPlan::Pages { ih: false, .. }
+        ));
         let (unmapped, tables) = g.take();
         assert!(unmapped.is_empty() && tables.is_empty() && g.is_empty());
     }

@@ -89,11 +89,18 @@ impl Descriptor {
     /// An invalidation wait descriptor that writes `data` to `status` (4-byte aligned) once
     /// every earlier descriptor completed.
     pub const fn wait(status: PhysAddr, data: u32) -> Self {
-        Self { lo: desc_type::WAIT as u64 | WAIT_SW | ((data as u64) << 32), hi: status & !3 }
+        Self {
+            lo: desc_type::WAIT as u64 | WAIT_SW | ((data as u64) << 32),
+            hi: status & !3,
+        }
     }
 
     /// Descriptor for an [`Invalidation`].
-    pub const fn from_invalidation(inv: Invalidation, drain_reads: bool, drain_writes: bool) -> Self {
+    pub const fn from_invalidation(
+        inv: Invalidation,
+        drain_reads: bool,
+        drain_writes: bool,
+    ) -> Self {
         match inv {
             Invalidation::Context(g) => Self::context_cache(g),
             Invalidation::Iotlb(g) => Self::iotlb(g, drain_reads, drain_writes),
@@ -153,7 +160,15 @@ impl InvalidationQueue {
             mem.free_frame(base);
             return Err(Error::NoMemory);
         };
-        Ok(Self { base, status, tail: 0, seq: 0, coherent, drain_reads, drain_writes })
+        Ok(Self {
+            base,
+            status,
+            tail: 0,
+            seq: 0,
+            coherent,
+            drain_reads,
+            drain_writes,
+        })
     }
 
     /// Physical address of the queue page (for IQA).
@@ -260,7 +275,10 @@ impl InvalidationQueue {
             if fsts.contains(FaultStatus::IQE) {
                 let head = queue_index(regs.read64(offset::IQH)) % QUEUE_ENTRIES;
                 let at = self.base + head as u64 * 16;
-                let bad = Descriptor { lo: mem.read_u64(at), hi: mem.read_u64(at + 8) };
+                let bad = Descriptor {
+                    lo: mem.read_u64(at),
+                    hi: mem.read_u64(at + 8),
+                };
                 log::error!(
                     "vt-d: invalidation queue error (IQE) at descriptor {head}: {:#018x}_{:016x}",
                     bad.hi,
@@ -282,20 +300,30 @@ impl InvalidationQueue {
                 stats.iqe_recovered += 1;
                 if head == wait_idx {
                     // Our own wait descriptor was refused: nothing will write the status.
-                    fatal = Some(Error::InvalidationQueue { index: head, lo: bad.lo, hi: bad.hi });
+                    fatal = Some(Error::InvalidationQueue {
+                        index: head,
+                        lo: bad.lo,
+                        hi: bad.hi,
+                    });
                     return Some(Err(()));
                 }
                 log::warn!("vt-d: replaced it with a global invalidation and resumed the queue");
             }
             if fsts.intersects(FaultStatus::ICE | FaultStatus::ITE) {
-                log::error!("vt-d: device-TLB invalidation error, FSTS={:#x}", fsts.bits());
+                log::error!(
+                    "vt-d: device-TLB invalidation error, FSTS={:#x}",
+                    fsts.bits()
+                );
                 if fsts.contains(FaultStatus::ICE) {
                     stats.ice += 1;
                 }
                 if fsts.contains(FaultStatus::ITE) {
                     stats.ite += 1;
                 }
-                regs.write32(offset::FSTS, (fsts & (FaultStatus::ICE | FaultStatus::ITE)).bits());
+                regs.write32(
+                    offset::FSTS,
+                    (fsts & (FaultStatus::ICE | FaultStatus::ITE)).bits(),
+                );
                 regs.write64(offset::IQT, queue_pointer(tail));
             }
             None
@@ -331,8 +359,10 @@ pub fn register_invalidate<R: RegisterWindow, C: Clock>(
     match inv {
         Invalidation::Context(g) => {
             regs.write64(offset::CCMD, ccmd::encode(g));
-            poll_until(clock, timeout_ns, || (regs.read64(offset::CCMD) & ccmd::ICC == 0).then_some(()))
-                .ok_or(Error::Timeout(Operation::ContextCommand))
+            poll_until(clock, timeout_ns, || {
+                (regs.read64(offset::CCMD) & ccmd::ICC == 0).then_some(())
+            })
+            .ok_or(Error::Timeout(Operation::ContextCommand))
         }
         Invalidation::Iotlb(g) => {
             if let IotlbGranularity::Page { .. } = g {
@@ -365,12 +395,29 @@ mod tests {
         );
         assert_eq!(
             Descriptor::context_cache(ContextGranularity::Domain(0x42)),
-            Descriptor { lo: 0x0042_0021, hi: 0 }
+            Descriptor {
+                lo: 0x0042_0021,
+                hi: 0
+            }
         );
-        let d = Descriptor::context_cache(ContextGranularity::Device { did: 3, sid: 0x0010, fm: 0 });
-        assert_eq!(d, Descriptor { lo: (0x0010 << 32) | (3 << 16) | 0x31, hi: 0 });
+        let d = Descriptor::context_cache(ContextGranularity::Device {
+            did: 3,
+            sid: 0x0010,
+            fm: 0,
+        });
+        assert_eq!(
+            d,
+            Descriptor {
+                lo: (0x0010 << 32) | (3 << 16) | 0x31,
+                hi: 0
+            }
+        );
         // Reserved bits (QEMU: 0xfffc_0000_0000_ffc0) stay zero even with an oversized FM.
-        let d = Descriptor::context_cache(ContextGranularity::Device { did: 0xffff, sid: 0xffff, fm: 0xff });
+        let d = Descriptor::context_cache(ContextGranularity::Device {
+            did: 0xffff,
+            sid: 0xffff,
+            fm: 0xff,
+        });
         assert_eq!(d.lo & 0xfffc_0000_0000_ffc0, 0);
         assert_eq!(d.kind(), desc_type::CONTEXT_CACHE);
     }
@@ -383,16 +430,35 @@ mod tests {
         );
         assert_eq!(
             Descriptor::iotlb(IotlbGranularity::Domain(7), true, true),
-            Descriptor { lo: (7 << 16) | (1 << 7) | (1 << 6) | 0x22, hi: 0 }
+            Descriptor {
+                lo: (7 << 16) | (1 << 7) | (1 << 6) | 0x22,
+                hi: 0
+            }
         );
         let d = Descriptor::iotlb(
-            IotlbGranularity::Page { did: 9, addr: 0x7654_3000, am: 0, ih: true },
+            IotlbGranularity::Page {
+                did: 9,
+                addr: 0x7654_3000,
+                am: 0,
+                ih: true,
+            },
             false,
             false,
         );
-        assert_eq!(d, Descriptor { lo: (9 << 16) | 0x32, hi: 0x7654_3000 | (1 << 6) });
+        assert_eq!(
+            d,
+            Descriptor {
+                lo: (9 << 16) | 0x32,
+                hi: 0x7654_3000 | (1 << 6)
+            }
+        );
         let d = Descriptor::iotlb(
-            IotlbGranularity::Page { did: 0xffff, addr: 0x4000_0000, am: 18, ih: false },
+            IotlbGranularity::Page {
+                did: 0xffff,
+                addr: 0x4000_0000,
+                am: 18,
+                ih: false,
+            },
             true,
             true,
         );

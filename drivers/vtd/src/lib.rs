@@ -39,4 +39,8 @@ pub use paging::Access;
 pub use unit::{Flushed, Unit, UnitConfig};
 
 #[cfg(test)]
+mod fake_unit;
+#[cfg(test)]
 mod testing;
+#[cfg(test)]
+mod unit_tests;

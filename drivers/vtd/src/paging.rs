@@ -116,7 +116,11 @@ impl PageTable {
         if !cfg.coherent {
             mem.flush_cache(root, PAGE_SIZE as usize);
         }
-        Ok(Self { root, cfg, table_pages: 1 })
+        Ok(Self {
+            root,
+            cfg,
+            table_pages: 1,
+        })
     }
 
     /// Physical address of the root table (the context entry's SLPTPTR).
@@ -135,7 +139,7 @@ impl PageTable {
     }
 
     fn check_range(&self, iova: u64, len: u64) -> Result<u64, Error> {
-        if len == 0 || iova % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        if len == 0 || !iova.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Misaligned);
         }
         let end = iova.checked_add(len).ok_or(Error::OutOfRange)?;
@@ -156,7 +160,7 @@ impl PageTable {
     fn leaf_level(&self, iova: u64, phys: u64, remaining: u64) -> u8 {
         let fits = |lvl: u8| {
             let s = level_size(lvl);
-            iova % s == 0 && phys % s == 0 && remaining >= s
+            iova.is_multiple_of(s) && phys.is_multiple_of(s) && remaining >= s
         };
         if self.cfg.superpage_1g && fits(3) {
             3
@@ -183,7 +187,7 @@ impl PageTable {
         gather: &mut Gather,
     ) -> Result<(), Error> {
         let end = self.check_range(iova, len)?;
-        if phys % PAGE_SIZE != 0 {
+        if !phys.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Misaligned);
         }
         match phys.checked_add(len) {
@@ -237,7 +241,9 @@ impl PageTable {
                 table = next;
             } else if is_leaf(e, level) {
                 let s = level_size(level);
-                return Err(Error::AlreadyMapped { iova: iova & !(s - 1) });
+                return Err(Error::AlreadyMapped {
+                    iova: iova & !(s - 1),
+                });
             } else {
                 table = e & pte::ADDR_MASK;
             }
@@ -284,7 +290,10 @@ impl PageTable {
             let s = level_size(level);
             let base = cur & !(s - 1);
             if base < iova || base + s > end {
-                return Err(Error::PartialSuperpage { iova: base, size: s });
+                return Err(Error::PartialSuperpage {
+                    iova: base,
+                    size: s,
+                });
             }
             cur = base + s;
         }
@@ -451,10 +460,18 @@ mod tests {
         let mut mem = FakeMemory::new(64);
         let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(1);
-        pt.map(&mut mem, 0x1000, 0x5000_0000, 0x2000, Access::READ, &mut g).unwrap();
+        pt.map(&mut mem, 0x1000, 0x5000_0000, 0x2000, Access::READ, &mut g)
+            .unwrap();
         assert_eq!(pt.table_pages(), 3);
         let t = pt.translate(&mem, 0x1234).unwrap();
-        assert_eq!(t, Translation { phys: 0x5000_0234, access: Access::READ, page_size: 4096 });
+        assert_eq!(
+            t,
+            Translation {
+                phys: 0x5000_0234,
+                access: Access::READ,
+                page_size: 4096
+            }
+        );
         assert_eq!(pt.translate(&mem, 0x2fff).unwrap().phys, 0x5000_1fff);
         assert!(pt.translate(&mem, 0x3000).is_none());
         assert_eq!(
@@ -474,16 +491,19 @@ mod tests {
         let mut mem = FakeMemory::new(64);
         let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Four, true, true)).unwrap();
         let mut g = Gather::new(1);
-        pt.map(&mut mem, 0x4000_0000, 0x8000_0000, 0x4020_0000, RW, &mut g).unwrap();
+        pt.map(&mut mem, 0x4000_0000, 0x8000_0000, 0x4020_0000, RW, &mut g)
+            .unwrap();
         assert_eq!(pt.translate(&mem, 0x4000_1000).unwrap().page_size, 1 << 30);
         assert_eq!(pt.translate(&mem, 0x8010_0000).unwrap().page_size, 2 << 20);
         assert_eq!(pt.translate(&mem, 0x8010_0000).unwrap().phys, 0xc010_0000);
         // Unaligned physical address: only 4 KiB pages.
-        pt.map(&mut mem, 0x20_0000, 0x1000, 0x20_0000, RW, &mut g).unwrap();
+        pt.map(&mut mem, 0x20_0000, 0x1000, 0x20_0000, RW, &mut g)
+            .unwrap();
         assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 4096);
         // Superpages disabled.
         let mut pt2 = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
-        pt2.map(&mut mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g).unwrap();
+        pt2.map(&mut mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
+            .unwrap();
         assert_eq!(pt2.translate(&mem, 0x20_0000).unwrap().page_size, 4096);
     }
 
@@ -492,12 +512,19 @@ mod tests {
         let mut mem = FakeMemory::new(64);
         let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(1);
-        pt.map(&mut mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g).unwrap();
+        pt.map(&mut mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
+            .unwrap();
         assert_eq!(
             pt.unmap(&mut mem, 0x20_0000, 0x1000, &mut g),
-            Err(Error::PartialSuperpage { iova: 0x20_0000, size: 0x20_0000 })
+            Err(Error::PartialSuperpage {
+                iova: 0x20_0000,
+                size: 0x20_0000
+            })
         );
-        assert_eq!(pt.unmap(&mut mem, 0x1f_f000, 0x20_1000, &mut g), Err(Error::NotMapped { iova: 0x1f_f000 }));
+        assert_eq!(
+            pt.unmap(&mut mem, 0x1f_f000, 0x20_1000, &mut g),
+            Err(Error::NotMapped { iova: 0x1f_f000 })
+        );
         assert!(g.unmapped().is_empty());
         assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 0x20_0000);
         pt.unmap(&mut mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
@@ -509,14 +536,38 @@ mod tests {
         let mut mem = FakeMemory::new(8);
         let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(1);
-        assert_eq!(pt.map(&mut mem, 0x1001, 0, 0x1000, RW, &mut g), Err(Error::Misaligned));
-        assert_eq!(pt.map(&mut mem, 0x1000, 0x10, 0x1000, RW, &mut g), Err(Error::Misaligned));
-        assert_eq!(pt.map(&mut mem, 0x1000, 0, 0, RW, &mut g), Err(Error::Misaligned));
-        assert_eq!(pt.map(&mut mem, 1 << 39, 0, 0x1000, RW, &mut g), Err(Error::OutOfRange));
-        assert_eq!(pt.map(&mut mem, u64::MAX & !0xfff, 0, 0x1000, RW, &mut g), Err(Error::OutOfRange));
-        assert_eq!(pt.map(&mut mem, 0, 1 << 52, 0x1000, RW, &mut g), Err(Error::OutOfRange));
-        assert_eq!(pt.map(&mut mem, 0, 0, 0x1000, Access::empty(), &mut g), Err(Error::NoAccess));
-        assert_eq!(pt.unmap(&mut mem, 0, 0x1000, &mut g), Err(Error::NotMapped { iova: 0 }));
+        assert_eq!(
+            pt.map(&mut mem, 0x1001, 0, 0x1000, RW, &mut g),
+            Err(Error::Misaligned)
+        );
+        assert_eq!(
+            pt.map(&mut mem, 0x1000, 0x10, 0x1000, RW, &mut g),
+            Err(Error::Misaligned)
+        );
+        assert_eq!(
+            pt.map(&mut mem, 0x1000, 0, 0, RW, &mut g),
+            Err(Error::Misaligned)
+        );
+        assert_eq!(
+            pt.map(&mut mem, 1 << 39, 0, 0x1000, RW, &mut g),
+            Err(Error::OutOfRange)
+        );
+        assert_eq!(
+            pt.map(&mut mem, !0xfff, 0, 0x1000, RW, &mut g),
+            Err(Error::OutOfRange)
+        );
+        assert_eq!(
+            pt.map(&mut mem, 0, 1 << 52, 0x1000, RW, &mut g),
+            Err(Error::OutOfRange)
+        );
+        assert_eq!(
+            pt.map(&mut mem, 0, 0, 0x1000, Access::empty(), &mut g),
+            Err(Error::NoAccess)
+        );
+        assert_eq!(
+            pt.unmap(&mut mem, 0, 0x1000, &mut g),
+            Err(Error::NotMapped { iova: 0 })
+        );
         assert!(g.is_empty());
     }
 
@@ -544,7 +595,11 @@ mod tests {
         let mut g = Gather::new(1);
         pt.map(&mut mem, 0, 0x10000, 0x3000, RW, &mut g).unwrap();
         // Every written entry's line was flushed after the write.
-        assert!(mem.unflushed_writes().is_empty(), "{:?}", mem.unflushed_writes());
+        assert!(
+            mem.unflushed_writes().is_empty(),
+            "{:?}",
+            mem.unflushed_writes()
+        );
         pt.unmap(&mut mem, 0x1000, 0x1000, &mut g).unwrap();
         assert!(mem.unflushed_writes().is_empty());
         // The coherent configuration does not pay for flushes.
@@ -565,7 +620,10 @@ mod tests {
         c.snoop = true;
         let mut pt = PageTable::new(&mut mem, c).unwrap();
         pt.map(&mut mem, 0, 0x10000, 0x1000, RW, &mut g).unwrap();
-        assert_eq!(leaf_entry(&mem, &pt, 0), 0x10000 | pte::SNP | pte::R | pte::W);
+        assert_eq!(
+            leaf_entry(&mem, &pt, 0),
+            0x10000 | pte::SNP | pte::R | pte::W
+        );
     }
 
     fn leaf_entry(mem: &FakeMemory, pt: &PageTable, iova: u64) -> u64 {
@@ -574,18 +632,37 @@ mod tests {
 
     #[derive(Clone, Debug)]
     enum Op {
-        Map { page: u64, pages: u64, phys_page: u64, write: bool },
-        Unmap { page: u64, pages: u64 },
+        Map {
+            page: u64,
+            pages: u64,
+            phys_page: u64,
+            write: bool,
+        },
+        Unmap {
+            page: u64,
+            pages: u64,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
         // IOVAs within 8 MiB so 2 MiB superpages and table sharing happen often.
         prop_oneof![
-            (0u64..2048, 1u64..600, 0u64..4096, any::<bool>()).prop_map(|(page, pages, phys_page, write)| {
-                let page = if page % 3 == 0 { page & !511 } else { page };
-                let phys_page = if page % 512 == 0 { phys_page & !511 } else { phys_page };
-                Op::Map { page, pages, phys_page, write }
-            }),
+            (0u64..2048, 1u64..600, 0u64..4096, any::<bool>()).prop_map(
+                |(page, pages, phys_page, write)| {
+                    let page = if page % 3 == 0 { page & !511 } else { page };
+                    let phys_page = if page % 512 == 0 {
+                        phys_page & !511
+                    } else {
+                        phys_page
+                    };
+                    Op::Map {
+                        page,
+                        pages,
+                        phys_page,
+                        write,
+                    }
+                }
+            ),
             (0u64..2048, 1u64..600).prop_map(|(page, pages)| Op::Unmap { page, pages }),
         ]
     }

@@ -591,21 +591,36 @@ mod tests {
         let v = gcmd_value(gsts, GlobalCommand::SRTP, true);
         assert_eq!(v, (GlobalCommand::SRTP | GlobalCommand::QIE).bits());
         assert_eq!(GSTS_PERSISTENT_MASK & GlobalStatus::RTPS.bits(), 0);
-        assert_eq!(GSTS_PERSISTENT_MASK & GlobalStatus::TES.bits(), GlobalStatus::TES.bits());
+        assert_eq!(
+            GSTS_PERSISTENT_MASK & GlobalStatus::TES.bits(),
+            GlobalStatus::TES.bits()
+        );
     }
 
     #[test]
     fn ccmd_and_iotlb_register_encodings() {
-        assert_eq!(ccmd::encode(ContextGranularity::Global), (1 << 63) | (1 << 61));
         assert_eq!(
-            ccmd::encode(ContextGranularity::Device { did: 5, sid: 0x0108, fm: 0 }),
+            ccmd::encode(ContextGranularity::Global),
+            (1 << 63) | (1 << 61)
+        );
+        assert_eq!(
+            ccmd::encode(ContextGranularity::Device {
+                did: 5,
+                sid: 0x0108,
+                fm: 0
+            }),
             (1 << 63) | (3 << 61) | (0x0108 << 16) | 5
         );
         assert_eq!(
             iotlb_reg::encode(IotlbGranularity::Domain(7), true, false),
             (1 << 63) | (2 << 60) | (7 << 32) | (1 << 49)
         );
-        let p = IotlbGranularity::Page { did: 1, addr: 0x20_0000, am: 9, ih: true };
+        let p = IotlbGranularity::Page {
+            did: 1,
+            addr: 0x20_0000,
+            am: 9,
+            ih: true,
+        };
         assert_eq!(p.address_word(), 0x20_0000 | (1 << 6) | 9);
         assert_eq!(iotlb_reg::actual_granularity(1 << 57), 1);
         assert_eq!(ccmd::actual_granularity(3 << 59), 3);

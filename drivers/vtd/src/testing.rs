@@ -33,13 +33,14 @@ pub struct FakeMemory(pub Rc<RefCell<MemInner>>);
 
 impl FakeMemory {
     pub fn new(max_frames: usize) -> Self {
-        Self(Rc::new(RefCell::new(MemInner { max_frames, next: FAKE_BASE, ..Default::default() })))
+        Self(Rc::new(RefCell::new(MemInner {
+            max_frames,
+            next: FAKE_BASE,
+            ..Default::default()
+        })))
     }
     pub fn live_frames(&self) -> usize {
         self.0.borrow().frames.len()
-    }
-    pub fn is_live(&self, frame: u64) -> bool {
-        self.0.borrow().frames.contains_key(&(frame & !0xfff))
     }
     pub fn flush_calls(&self) -> usize {
         self.0.borrow().flush_calls
@@ -87,7 +88,10 @@ impl DmaMemory for FakeMemory {
     }
     fn free_frame(&mut self, frame: PhysAddr) {
         let mut inner = self.0.borrow_mut();
-        assert!(inner.frames.remove(&frame).is_some(), "double free of {frame:#x}");
+        assert!(
+            inner.frames.remove(&frame).is_some(),
+            "double free of {frame:#x}"
+        );
         inner.dirty_lines.retain(|l| l & !0xfff != frame);
         inner.free.push(frame);
     }
@@ -124,7 +128,10 @@ pub struct FakeClock {
 
 impl FakeClock {
     pub fn new(step: u64) -> Self {
-        Self { now: Cell::new(0), step }
+        Self {
+            now: Cell::new(0),
+            step,
+        }
     }
 }
 

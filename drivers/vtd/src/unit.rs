@@ -16,8 +16,8 @@ use crate::inval::{register_invalidate, Invalidation, InvalidationQueue, Invalid
 use crate::paging::{PageTable, TableConfig};
 use crate::regs::{
     frcd, gcmd_value, iqa_value, offset, queue_pointer, rtaddr_legacy, Capability,
-    ContextGranularity, ExtCapability, FaultEventControl, FaultStatus, GlobalCommand,
-    GlobalStatus, IotlbGranularity, ProtectedMemoryEnable, Version,
+    ContextGranularity, ExtCapability, FaultEventControl, FaultStatus, GlobalCommand, GlobalStatus,
+    IotlbGranularity, ProtectedMemoryEnable, Version,
 };
 
 /// Driver policy for one unit.
@@ -98,8 +98,9 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         let levels = match cfg.levels {
             Some(l) if cap.supports_levels(l.count()) => l,
             Some(_) => return Err(Error::Unsupported("requested table depth not in SAGAW")),
-            None => PagingLevels::choose(cap)
-                .ok_or(Error::Unsupported("SAGAW has neither 3- nor 4-level tables"))?,
+            None => PagingLevels::choose(cap).ok_or(Error::Unsupported(
+                "SAGAW has neither 3- nor 4-level tables",
+            ))?,
         };
         Ok(Self {
             regs,
@@ -192,13 +193,18 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
     fn global_command(&mut self, cmd: GlobalCommand, enable: bool) -> Result<(), Error> {
         let (status, want_set, op) = match cmd {
             GlobalCommand::TE => (GlobalStatus::TES, enable, Operation::TranslationEnable),
-            GlobalCommand::QIE => (GlobalStatus::QIES, enable, Operation::QueuedInvalidationEnable),
+            GlobalCommand::QIE => (
+                GlobalStatus::QIES,
+                enable,
+                Operation::QueuedInvalidationEnable,
+            ),
             GlobalCommand::SRTP => (GlobalStatus::RTPS, true, Operation::SetRootTablePointer),
             GlobalCommand::WBF => (GlobalStatus::WBFS, false, Operation::WriteBufferFlush),
             _ => return Err(Error::Unsupported("global command not used by this driver")),
         };
         let gsts = self.regs.read32(offset::GSTS);
-        self.regs.write32(offset::GCMD, gcmd_value(gsts, cmd, enable));
+        self.regs
+            .write32(offset::GCMD, gcmd_value(gsts, cmd, enable));
         let regs = &mut self.regs;
         poll_until(&self.clock, self.cfg.timeout_ns, || {
             let s = GlobalStatus::from_bits_retain(regs.read32(offset::GSTS));
@@ -232,17 +238,38 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
 
     /// Runs invalidations and waits for them: through the queue when it is enabled,
     /// otherwise through the registers.
-    fn invalidate<M: DmaMemory>(&mut self, mem: &mut M, invs: &[Invalidation]) -> Result<(), Error> {
+    fn invalidate<M: DmaMemory>(
+        &mut self,
+        mem: &mut M,
+        invs: &[Invalidation],
+    ) -> Result<(), Error> {
         let (dr, dw) = (self.cap.drd(), self.cap.dwd());
         if self.qi_on {
             let Some(q) = self.queue.as_mut() else {
-                return Err(Error::InvalidState("queued invalidation on without a queue"));
+                return Err(Error::InvalidState(
+                    "queued invalidation on without a queue",
+                ));
             };
-            q.submit_and_wait(&mut self.regs, mem, &self.clock, self.cfg.timeout_ns, invs, &mut self.inv_stats)
+            q.submit_and_wait(
+                &mut self.regs,
+                mem,
+                &self.clock,
+                self.cfg.timeout_ns,
+                invs,
+                &mut self.inv_stats,
+            )
         } else {
             let iotlb = self.ecap.iotlb_register_offset();
             for inv in invs {
-                register_invalidate(&mut self.regs, &self.clock, self.cfg.timeout_ns, iotlb, dr, dw, *inv)?;
+                register_invalidate(
+                    &mut self.regs,
+                    &self.clock,
+                    self.cfg.timeout_ns,
+                    iotlb,
+                    dr,
+                    dw,
+                    *inv,
+                )?;
                 self.inv_stats.register_invalidations += 1;
             }
             Ok(())
@@ -262,11 +289,17 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         }
         let gsts = self.gsts();
         if gsts.contains(GlobalStatus::TES) {
-            log::warn!("vt-d unit {}: translation left on by firmware, turning it off", self.cfg.id);
+            log::warn!(
+                "vt-d unit {}: translation left on by firmware, turning it off",
+                self.cfg.id
+            );
             self.global_command(GlobalCommand::TE, false)?;
         }
         if gsts.contains(GlobalStatus::QIES) {
-            log::warn!("vt-d unit {}: queued invalidation left on, turning it off", self.cfg.id);
+            log::warn!(
+                "vt-d unit {}: queued invalidation left on, turning it off",
+                self.cfg.id
+            );
             self.global_command(GlobalCommand::QIE, false)?;
         }
         self.qi_on = false;
@@ -313,7 +346,8 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         }
         self.write_buffer_flush()?;
 
-        self.regs.write32(offset::FECTL, FaultEventControl::IM.bits());
+        self.regs
+            .write32(offset::FECTL, FaultEventControl::IM.bits());
         self.clear_stale_faults();
 
         self.global_command(GlobalCommand::TE, true)?;
@@ -361,7 +395,9 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
             return Err(Error::InvalidState("unit still enabled"));
         }
         if !self.attached.is_empty() {
-            return Err(Error::DomainInUse { devices: self.attached.len() });
+            return Err(Error::DomainInUse {
+                devices: self.attached.len(),
+            });
         }
         for slot in self.context_tables.iter_mut() {
             if let Some(t) = slot.take() {
@@ -381,7 +417,12 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
     pub fn create_domain<M: DmaMemory>(&mut self, mem: &mut M) -> Result<Domain, Error> {
         let did = self.dids.alloc()?;
         match PageTable::new(mem, self.table_config()) {
-            Ok(tables) => Ok(Domain { unit_id: self.cfg.id, did, tables, devices: Vec::new() }),
+            Ok(tables) => Ok(Domain {
+                unit_id: self.cfg.id,
+                did,
+                tables,
+                devices: Vec::new(),
+            }),
             Err(e) => {
                 // The id was allocated just above: freeing it cannot fail.
                 let _ = self.dids.free(did);
@@ -415,7 +456,11 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         Ok(())
     }
 
-    fn context_slot<M: DmaMemory>(&mut self, mem: &mut M, sid: SourceId) -> Result<PhysAddr, Error> {
+    fn context_slot<M: DmaMemory>(
+        &mut self,
+        mem: &mut M,
+        sid: SourceId,
+    ) -> Result<PhysAddr, Error> {
         let root = self.ensure_root(mem)?;
         let bus = sid.bus() as usize;
         let table = match self.context_tables[bus] {
@@ -474,7 +519,11 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
                 self.invalidate(
                     mem,
                     &[
-                        Invalidation::Context(ContextGranularity::Device { did: 0, sid: sid.0, fm: 0 }),
+                        Invalidation::Context(ContextGranularity::Device {
+                            did: 0,
+                            sid: sid.0,
+                            fm: 0,
+                        }),
                         Invalidation::Iotlb(IotlbGranularity::Domain(domain.did)),
                     ],
                 )?;
@@ -506,7 +555,11 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
             self.invalidate(
                 mem,
                 &[
-                    Invalidation::Context(ContextGranularity::Device { did: domain.did, sid: sid.0, fm: 0 }),
+                    Invalidation::Context(ContextGranularity::Device {
+                        did: domain.did,
+                        sid: sid.0,
+                        fm: 0,
+                    }),
                     Invalidation::Iotlb(IotlbGranularity::Domain(domain.did)),
                 ],
             )?;
@@ -522,7 +575,11 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
     /// the page-table pages go back to [`DmaMemory::free_frame`] and the unmapped IOVA
     /// ranges are returned. On error the gather is left intact (nothing is released) and the
     /// flush may be retried.
-    pub fn flush<M: DmaMemory>(&mut self, mem: &mut M, gather: &mut Gather) -> Result<Flushed, Error> {
+    pub fn flush<M: DmaMemory>(
+        &mut self,
+        mem: &mut M,
+        gather: &mut Gather,
+    ) -> Result<Flushed, Error> {
         if gather.is_empty() {
             return Ok(Flushed::default());
         }
@@ -542,7 +599,12 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
                 }
                 FlushPlan::Pages { blocks, ih } => {
                     invs.extend(blocks.iter().map(|b| {
-                        Invalidation::Iotlb(IotlbGranularity::Page { did, addr: b.addr, am: b.am, ih })
+                        Invalidation::Iotlb(IotlbGranularity::Page {
+                            did,
+                            addr: b.addr,
+                            am: b.am,
+                            ih,
+                        })
                     }));
                 }
             }
@@ -610,7 +672,10 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
             self.faults.dropped += 1;
             self.regs.write32(offset::FSTS, FaultStatus::PFO.bits());
             out.overflow = true;
-            log::warn!("vt-d unit {}: primary fault overflow, faults dropped", self.cfg.id);
+            log::warn!(
+                "vt-d unit {}: primary fault overflow, faults dropped",
+                self.cfg.id
+            );
         }
         out
     }
@@ -643,13 +708,18 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
     pub fn configure_fault_interrupt(&mut self, msi_address: u64, msi_data: u32) {
         self.regs.write32(offset::FEDATA, msi_data);
         self.regs.write32(offset::FEADDR, msi_address as u32);
-        self.regs.write32(offset::FEUADDR, (msi_address >> 32) as u32);
+        self.regs
+            .write32(offset::FEUADDR, (msi_address >> 32) as u32);
         self.regs.write32(offset::FECTL, 0);
     }
 
     /// Masks (`true`) or unmasks the fault event interrupt.
     pub fn set_fault_interrupt_masked(&mut self, masked: bool) {
-        let v = if masked { FaultEventControl::IM.bits() } else { 0 };
+        let v = if masked {
+            FaultEventControl::IM.bits()
+        } else {
+            0
+        };
         self.regs.write32(offset::FECTL, v);
     }
 }

@@ -1,0 +1,539 @@
+//! A register-level model of one VT-d unit, modelled on QEMU 7.2's intel-iommu, for host
+//! tests of the driver: GCMD/GSTS with persistent bits (a GCMD write without QIE turns QI
+//! off), SRTP latching, register-based invalidation refused while QI is on, the invalidation
+//! queue with QEMU's reserved-bit checks (IQE on a bad descriptor, assertion on SW|IF), a
+//! context cache and an IOTLB that keep stale translations until invalidated, hardware
+//! page walks over the driver's tables (in the shared fake memory), and fault recording
+//! with PPF/PFO/FRI and QEMU's same-source suppression.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::string::{String, ToString};
+use std::vec;
+use std::vec::Vec;
+
+use crate::entry::ContextEntry;
+use crate::hw::RegisterWindow;
+use crate::regs::{offset, Capability, ExtCapability, FaultStatus, GlobalCommand, GlobalStatus};
+use crate::testing::FakeMemory;
+
+pub const QEMU_CAP: u64 = 0xd2_008c_2226_0206;
+pub const QEMU_ECAP: u64 = 0xf0_0f4a;
+
+/// Events the model saw, in order (for bring-up sequence checks).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Gcmd(u32),
+    RtAddr(u64),
+    Ccmd(u64),
+    Iotlb(u64),
+    Iqa(u64),
+    Iqt(u64),
+    /// A descriptor executed from the queue (lo, hi).
+    Desc(u64, u64),
+    Fsts(u32),
+    Fectl(u32),
+}
+
+pub struct State {
+    pub mem: FakeMemory,
+    pub cap: u64,
+    pub ecap: u64,
+    pub gsts: u32,
+    pub rtaddr: u64,
+    pub latched_root: Option<u64>,
+    pub fsts: u32,
+    pub fectl: u32,
+    pub fedata: u32,
+    pub feaddr: u32,
+    pub feuaddr: u32,
+    pub pmen: u32,
+    pub iqa: u64,
+    pub iqh: usize,
+    pub iqt: usize,
+    pub ccmd: u64,
+    pub iotlb: u64,
+    pub iva: u64,
+    pub records: Vec<(u64, u32, u32)>,
+    pub events: Vec<Event>,
+    pub context_cache: BTreeMap<u16, ContextEntry>,
+    /// (did, page) -> (phys page, R, W)
+    pub iotlb_cache: BTreeMap<(u16, u64), (u64, bool, bool)>,
+    /// Caching mode: (did, page) of failed lookups, cached as not-present.
+    pub negative_cache: BTreeMap<(u16, u64), ()>,
+    /// GSTS status changes take effect after this many GSTS reads.
+    pub gsts_delay: u32,
+    pending_gsts: Option<(u32, u32)>,
+    /// Never complete waits (a hung queue).
+    pub ignore_waits: bool,
+    /// Treat the next descriptor of this type as invalid (IQE).
+    pub reject_type: Option<u8>,
+    /// Never clear register-command busy bits.
+    pub dead_registers: bool,
+    pub errors: Vec<String>,
+    pub faults_recorded: u64,
+    pub faults_overflowed: u64,
+    pub faults_suppressed: u64,
+}
+
+#[derive(Clone)]
+pub struct FakeUnit(pub Rc<RefCell<State>>);
+
+impl FakeUnit {
+    pub fn new(mem: &FakeMemory, cap: u64, ecap: u64) -> Self {
+        let nfr = Capability(cap).num_fault_records();
+        Self(Rc::new(RefCell::new(State {
+            mem: mem.clone(),
+            cap,
+            ecap,
+            gsts: 0,
+            rtaddr: 0,
+            latched_root: None,
+            fsts: 0,
+            fectl: 0,
+            fedata: 0,
+            feaddr: 0,
+            feuaddr: 0,
+            pmen: 0,
+            iqa: 0,
+            iqh: 0,
+            iqt: 0,
+            ccmd: 0,
+            iotlb: 0,
+            iva: 0,
+            records: vec![(0, 0, 0); nfr],
+            events: Vec::new(),
+            context_cache: BTreeMap::new(),
+            iotlb_cache: BTreeMap::new(),
+            negative_cache: BTreeMap::new(),
+            gsts_delay: 0,
+            pending_gsts: None,
+            ignore_waits: false,
+            reject_type: None,
+            dead_registers: false,
+            errors: Vec::new(),
+            faults_recorded: 0,
+            faults_overflowed: 0,
+            faults_suppressed: 0,
+        })))
+    }
+
+    pub fn qemu(mem: &FakeMemory) -> Self {
+        Self::new(mem, QEMU_CAP, QEMU_ECAP)
+    }
+
+    pub fn state(&self) -> std::cell::RefMut<'_, State> {
+        self.0.borrow_mut()
+    }
+
+    /// A DMA of one byte at `iova` by `sid`: the physical address or the fault reason.
+    pub fn dma(&self, sid: u16, iova: u64, write: bool) -> Result<u64, u8> {
+        let r = self.0.borrow_mut().translate(sid, iova, write);
+        if let Err(reason) = r {
+            self.0.borrow_mut().record_fault(sid, iova, write, reason);
+        }
+        r
+    }
+}
+
+impl State {
+    fn iro(&self) -> usize {
+        ExtCapability(self.ecap).iotlb_register_offset()
+    }
+    fn fro(&self) -> usize {
+        Capability(self.cap).fault_record_offset()
+    }
+    fn qi_on(&self) -> bool {
+        self.gsts & GlobalStatus::QIES.bits() != 0
+    }
+
+    fn set_gsts(&mut self, new: u32) {
+        if self.gsts_delay == 0 {
+            self.gsts = new;
+        } else {
+            self.pending_gsts = Some((new, self.gsts_delay));
+        }
+    }
+
+    fn gcmd(&mut self, v: u32) {
+        self.events.push(Event::Gcmd(v));
+        let cmd = GlobalCommand::from_bits_retain(v);
+        let mut new = self.gsts;
+        // Persistent state follows the written value, as in QEMU 7.2.
+        for (c, s) in [
+            (GlobalCommand::TE, GlobalStatus::TES),
+            (GlobalCommand::QIE, GlobalStatus::QIES),
+            (GlobalCommand::IRE, GlobalStatus::IRES),
+        ] {
+            if cmd.contains(c) {
+                new |= s.bits();
+            } else {
+                new &= !s.bits();
+            }
+        }
+        if cmd.contains(GlobalCommand::SRTP) {
+            self.latched_root = Some(self.rtaddr & !0xfff);
+            new |= GlobalStatus::RTPS.bits();
+        }
+        if cmd.contains(GlobalCommand::WBF) {
+            new &= !GlobalStatus::WBFS.bits();
+        }
+        let was_qi = self.qi_on();
+        let qi = new & GlobalStatus::QIES.bits() != 0;
+        if qi && !was_qi {
+            if self.iqt != 0 {
+                self.errors.push("QI enabled with IQT != 0".to_string());
+            }
+            self.iqh = 0;
+        }
+        if !qi && was_qi && self.iqh != self.iqt {
+            self.errors
+                .push("QI disabled with a non-empty queue".to_string());
+            new |= GlobalStatus::QIES.bits();
+        }
+        self.set_gsts(new);
+    }
+
+    fn register_invalidate_context(&mut self, v: u64) {
+        self.events.push(Event::Ccmd(v));
+        if self.qi_on() || self.dead_registers {
+            self.ccmd = v; // refused: ICC stays set
+            return;
+        }
+        self.apply_context_inv(((v >> 61) & 3) as u8, v as u16, (v >> 16) as u16);
+        self.ccmd = (v & !(1 << 63)) | (((v >> 61) & 3) << 59);
+    }
+
+    fn register_invalidate_iotlb(&mut self, v: u64) {
+        self.events.push(Event::Iotlb(v));
+        if self.qi_on() || self.dead_registers {
+            self.iotlb = v;
+            return;
+        }
+        let g = ((v >> 60) & 3) as u8;
+        let did = (v >> 32) as u16;
+        self.apply_iotlb_inv(g, did, self.iva & !0xfff, (self.iva & 0x3f) as u8);
+        self.iotlb = (v & !(1 << 63)) | ((g as u64) << 57);
+    }
+
+    fn apply_context_inv(&mut self, g: u8, did: u16, sid: u16) {
+        match g {
+            1 => self.context_cache.clear(),
+            2 => self.context_cache.retain(|_, c| c.domain_id() != did),
+            3 => {
+                self.context_cache.remove(&sid);
+            }
+            _ => self.errors.push("bad context granularity".to_string()),
+        }
+    }
+
+    fn apply_iotlb_inv(&mut self, g: u8, did: u16, addr: u64, am: u8) {
+        let (lo, hi) = (addr >> 12, (addr >> 12) + (1u64 << am));
+        let keep = |k: &(u16, u64)| match g {
+            1 => false,
+            2 => k.0 != did,
+            3 => k.0 != did || k.1 < lo || k.1 >= hi,
+            _ => true,
+        };
+        self.iotlb_cache.retain(|k, _| keep(k));
+        self.negative_cache.retain(|k, _| keep(k));
+    }
+
+    /// Processes the queue from IQH to IQT, as QEMU does on an IQT write.
+    fn run_queue(&mut self) {
+        if !self.qi_on() || self.fsts & FaultStatus::IQE.bits() != 0 {
+            return;
+        }
+        let base = self.iqa & !0xfff;
+        let size = 256usize << (self.iqa & 7);
+        while self.iqh != self.iqt {
+            let at = base + self.iqh as u64 * 16;
+            let lo = self.mem.peek_u64(at);
+            let hi = self.mem.peek_u64(at + 8);
+            let ty = (lo & 0xf) as u8;
+            let mamv = Capability(self.cap).mamv();
+            let mut bad = match ty {
+                1 => lo & 0xfffc_0000_0000_ffc0 != 0 || hi != 0,
+                2 => {
+                    lo & 0xffff_ffff_0000_ff00 != 0
+                        || hi & 0xf80 != 0
+                        || (lo >> 4) & 3 == 0
+                        || ((lo >> 4) & 3 == 3 && (hi & 0x3f) as u8 > mamv)
+                }
+                5 => {
+                    let (sw, iflag) = (lo & (1 << 5) != 0, lo & (1 << 4) != 0);
+                    assert!(
+                        !(sw && iflag),
+                        "QEMU 7.2 asserts on a wait descriptor with SW and IF"
+                    );
+                    lo & 0xffff_ff80 != 0 || hi & 3 != 0 || !sw
+                }
+                _ => true,
+            };
+            if self.reject_type == Some(ty) {
+                self.reject_type = None;
+                bad = true;
+            }
+            if bad {
+                self.fsts |= FaultStatus::IQE.bits();
+                return;
+            }
+            self.events.push(Event::Desc(lo, hi));
+            match ty {
+                1 => self.apply_context_inv(
+                    ((lo >> 4) & 3) as u8,
+                    (lo >> 16) as u16,
+                    (lo >> 32) as u16,
+                ),
+                2 => self.apply_iotlb_inv(
+                    ((lo >> 4) & 3) as u8,
+                    (lo >> 16) as u16,
+                    hi & !0xfff,
+                    (hi & 0x3f) as u8,
+                ),
+                5 => {
+                    if self.ignore_waits {
+                        return;
+                    }
+                    self.mem.hw_write_u32(hi & !3, (lo >> 32) as u32);
+                }
+                _ => unreachable!(),
+            }
+            self.iqh = (self.iqh + 1) % size;
+        }
+    }
+
+    fn context(&mut self, sid: u16) -> Result<ContextEntry, u8> {
+        if let Some(c) = self.context_cache.get(&sid) {
+            return Ok(*c);
+        }
+        let root = self.latched_root.ok_or(8u8)?;
+        let re = self.mem.peek_u64(root + (sid >> 8) as u64 * 16);
+        if re & 1 == 0 {
+            return Err(1);
+        }
+        let at = (re & !0xfff) + (sid & 0xff) as u64 * 16;
+        let ce = ContextEntry {
+            lo: self.mem.peek_u64(at),
+            hi: self.mem.peek_u64(at + 8),
+        };
+        if !ce.present() {
+            return Err(2);
+        }
+        if ce.domain_id() == 0 {
+            self.errors
+                .push("context entry with domain id 0".to_string());
+        }
+        self.context_cache.insert(sid, ce);
+        Ok(ce)
+    }
+
+    fn translate(&mut self, sid: u16, iova: u64, write: bool) -> Result<u64, u8> {
+        if self.gsts & GlobalStatus::TES.bits() == 0 {
+            return Ok(iova);
+        }
+        let ce = self.context(sid)?;
+        let did = ce.domain_id();
+        let page = iova >> 12;
+        let deny = if write { 5 } else { 6 };
+        if let Some(&(pp, r, w)) = self.iotlb_cache.get(&(did, page)) {
+            return if (write && w) || (!write && r) {
+                Ok((pp << 12) | (iova & 0xfff))
+            } else {
+                Err(deny)
+            };
+        }
+        if self.negative_cache.contains_key(&(did, page)) {
+            return Err(deny);
+        }
+        let levels = match ce.address_width() {
+            1 => 3,
+            2 => 4,
+            _ => return Err(3),
+        };
+        if iova >> (12 + 9 * levels) != 0 {
+            return Err(4);
+        }
+        let sc = ExtCapability(self.ecap).snoop_control();
+        let mut table = ce.slptptr();
+        let mut level = levels;
+        loop {
+            let idx = (iova >> (12 + 9 * (level - 1))) & 0x1ff;
+            let e = self.mem.peek_u64(table + idx * 8);
+            if e & 3 == 0 {
+                if Capability(self.cap).caching_mode() {
+                    self.negative_cache.insert((did, page), ());
+                }
+                return Err(deny);
+            }
+            if !sc && e & (1 << 11) != 0 {
+                return Err(0xc);
+            }
+            let leaf = level == 1 || e & (1 << 7) != 0;
+            if leaf {
+                if level == 4 {
+                    return Err(0xc);
+                }
+                let size_mask = (1u64 << (12 + 9 * (level - 1))) - 1;
+                let phys = (e & 0x000f_ffff_ffff_f000 & !size_mask) | (iova & size_mask);
+                let (r, w) = (e & 1 != 0, e & 2 != 0);
+                self.iotlb_cache.insert((did, page), (phys >> 12, r, w));
+                return if (write && w) || (!write && r) {
+                    Ok(phys)
+                } else {
+                    Err(deny)
+                };
+            }
+            table = e & 0x000f_ffff_ffff_f000;
+            level -= 1;
+        }
+    }
+
+    fn record_fault(&mut self, sid: u16, iova: u64, write: bool, reason: u8) {
+        if self
+            .records
+            .iter()
+            .any(|r| r.2 & (1 << 31) != 0 && r.1 as u16 == sid)
+        {
+            self.faults_suppressed += 1;
+            return;
+        }
+        if self.fsts & FaultStatus::PFO.bits() != 0 {
+            self.faults_overflowed += 1;
+            return;
+        }
+        let n = self.records.len();
+        let fri = ((self.fsts >> 8) & 0xff) as usize % n;
+        if self.records[fri].2 & (1 << 31) != 0 {
+            self.fsts |= FaultStatus::PFO.bits();
+            self.faults_overflowed += 1;
+            return;
+        }
+        let t = if write { 0 } else { 1 << 30 };
+        self.records[fri] = (iova & !0xfff, sid as u32, (1 << 31) | t | reason as u32);
+        self.faults_recorded += 1;
+        self.fsts =
+            (self.fsts & !0xff00) | ((((fri + 1) % n) as u32) << 8) | FaultStatus::PPF.bits();
+    }
+
+    fn update_ppf(&mut self) {
+        if self.records.iter().any(|r| r.2 & (1 << 31) != 0) {
+            self.fsts |= FaultStatus::PPF.bits();
+        } else {
+            self.fsts &= !FaultStatus::PPF.bits();
+        }
+    }
+}
+
+impl RegisterWindow for FakeUnit {
+    fn read32(&mut self, off: usize) -> u32 {
+        let mut s = self.0.borrow_mut();
+        let fro = s.fro();
+        match off {
+            offset::VER => 0x10,
+            offset::GSTS => {
+                if let Some((v, left)) = s.pending_gsts {
+                    if left <= 1 {
+                        s.gsts = v;
+                        s.pending_gsts = None;
+                    } else {
+                        s.pending_gsts = Some((v, left - 1));
+                    }
+                }
+                s.gsts
+            }
+            offset::FSTS => s.fsts,
+            offset::FECTL => s.fectl,
+            offset::PMEN => s.pmen,
+            o if o >= fro && o < fro + 16 * s.records.len() => {
+                let r = s.records[(o - fro) / 16];
+                match (o - fro) % 16 {
+                    0 => r.0 as u32,
+                    4 => (r.0 >> 32) as u32,
+                    8 => r.1,
+                    _ => r.2,
+                }
+            }
+            _ => {
+                s.errors.push(std::format!("read32 of {off:#x}"));
+                0
+            }
+        }
+    }
+
+    fn read64(&mut self, off: usize) -> u64 {
+        let mut s = self.0.borrow_mut();
+        let (iro, fro) = (s.iro(), s.fro());
+        match off {
+            offset::CAP => s.cap,
+            offset::ECAP => s.ecap,
+            offset::RTADDR => s.rtaddr,
+            offset::CCMD => s.ccmd,
+            offset::IQH => (s.iqh as u64) << 4,
+            offset::IQT => (s.iqt as u64) << 4,
+            offset::IQA => s.iqa,
+            o if o == iro + 8 => s.iotlb,
+            o if o >= fro && o < fro + 16 * s.records.len() && (o - fro) % 16 == 0 => {
+                s.records[(o - fro) / 16].0
+            }
+            _ => {
+                s.errors.push(std::format!("read64 of {off:#x}"));
+                0
+            }
+        }
+    }
+
+    fn write32(&mut self, off: usize, v: u32) {
+        let mut s = self.0.borrow_mut();
+        let fro = s.fro();
+        match off {
+            offset::GCMD => s.gcmd(v),
+            offset::FSTS => {
+                s.events.push(Event::Fsts(v));
+                let w1c = v & FaultStatus::W1C.bits();
+                s.fsts &= !w1c;
+            }
+            offset::FECTL => {
+                s.events.push(Event::Fectl(v));
+                s.fectl = v & (1 << 31);
+            }
+            offset::FEDATA => s.fedata = v,
+            offset::FEADDR => s.feaddr = v,
+            offset::FEUADDR => s.feuaddr = v,
+            offset::PMEN => s.pmen = v & (1 << 31),
+            o if o >= fro && o < fro + 16 * s.records.len() && (o - fro) % 16 == 12 => {
+                let i = (o - fro) / 16;
+                if v & (1 << 31) != 0 {
+                    s.records[i].2 &= !(1 << 31);
+                }
+                s.update_ppf();
+            }
+            _ => s.errors.push(std::format!("write32 of {off:#x}")),
+        }
+    }
+
+    fn write64(&mut self, off: usize, v: u64) {
+        let mut s = self.0.borrow_mut();
+        let iro = s.iro();
+        match off {
+            offset::RTADDR => {
+                s.events.push(Event::RtAddr(v));
+                s.rtaddr = v;
+            }
+            offset::CCMD => s.register_invalidate_context(v),
+            offset::IQT => {
+                s.events.push(Event::Iqt(v));
+                s.iqt = ((v >> 4) & 0x7fff) as usize;
+                s.run_queue();
+            }
+            offset::IQA => {
+                s.events.push(Event::Iqa(v));
+                s.iqa = v;
+            }
+            o if o == iro => s.iva = v,
+            o if o == iro + 8 => s.register_invalidate_iotlb(v),
+            _ => s.errors.push(std::format!("write64 of {off:#x}")),
+        }
+    }
+}

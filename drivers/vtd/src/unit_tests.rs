@@ -1,0 +1,581 @@
+//! Driver tests against the register-level model in `fake_unit`.
+
+use std::vec;
+use std::vec::Vec;
+
+use crate::entry::{PagingLevels, SourceId};
+use crate::error::{Error, Operation};
+use crate::fake_unit::{Event, FakeUnit, QEMU_CAP, QEMU_ECAP};
+use crate::fault::{FaultAccess, FaultReason, FaultRecord};
+use crate::paging::Access;
+use crate::regs::{
+    ccmd, iotlb_reg, ContextGranularity, GlobalCommand, GlobalStatus, IotlbGranularity,
+};
+use crate::testing::{FakeClock, FakeMemory};
+use crate::unit::{Unit, UnitConfig};
+
+type TestUnit = Unit<FakeUnit, FakeClock>;
+
+const RW: Access = Access::READ.union(Access::WRITE);
+const EDU: SourceId = SourceId::new(0, 3, 0);
+
+fn setup_with(cap: u64, ecap: u64) -> (FakeMemory, FakeUnit, TestUnit) {
+    let mem = FakeMemory::new(4096);
+    let hw = FakeUnit::new(&mem, cap, ecap);
+    let mut cfg = UnitConfig::new(0);
+    cfg.timeout_ns = 1_000_000;
+    let unit = Unit::new(hw.clone(), FakeClock::new(1_000), cfg).unwrap();
+    (mem, hw, unit)
+}
+
+fn setup() -> (FakeMemory, FakeUnit, TestUnit) {
+    setup_with(QEMU_CAP, QEMU_ECAP)
+}
+
+fn drain(unit: &mut TestUnit) -> Vec<FaultRecord> {
+    let mut v = Vec::new();
+    unit.poll_faults(64, |r| v.push(*r));
+    v
+}
+
+#[test]
+fn bring_up_sequence_and_disable() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let root = unit.root_table().unwrap();
+    let s = hw.state();
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    let gcmds: Vec<u32> = s
+        .events
+        .iter()
+        .filter_map(|e| {
+            if let Event::Gcmd(v) = e {
+                Some(*v)
+            } else {
+                None
+            }
+        })
+        .collect();
+    assert_eq!(
+        gcmds,
+        vec![
+            GlobalCommand::SRTP.bits(),
+            GlobalCommand::QIE.bits(),
+            (GlobalCommand::TE | GlobalCommand::QIE).bits(),
+        ]
+    );
+    // The order of the whole sequence.
+    let pos = |pred: &dyn Fn(&Event) -> bool| s.events.iter().position(pred).unwrap();
+    let rtaddr = pos(&|e| *e == Event::RtAddr(root));
+    let srtp = pos(&|e| *e == Event::Gcmd(GlobalCommand::SRTP.bits()));
+    let cc = pos(&|e| *e == Event::Ccmd(ccmd::encode(ContextGranularity::Global)));
+    let tlb = pos(&|e| *e == Event::Iotlb(iotlb_reg::encode(IotlbGranularity::Global, true, true)));
+    let iqa = pos(&|e| matches!(e, Event::Iqa(_)));
+    let qie = pos(&|e| *e == Event::Gcmd(GlobalCommand::QIE.bits()));
+    let wait = pos(&|e| matches!(e, Event::Desc(lo, _) if lo & 0xf == 5));
+    let te = pos(&|e| *e == Event::Gcmd((GlobalCommand::TE | GlobalCommand::QIE).bits()));
+    assert!(
+        rtaddr < srtp && srtp < cc && cc < tlb && tlb < iqa && iqa < qie && qie < wait && wait < te
+    );
+    assert_eq!(s.events[iqa - 1], Event::Iqt(0));
+    assert!(
+        s.gsts & (GlobalStatus::TES | GlobalStatus::QIES).bits()
+            == (GlobalStatus::TES | GlobalStatus::QIES).bits()
+    );
+    drop(s);
+    assert!(unit.is_enabled() && unit.queued_invalidation());
+    assert_eq!(
+        unit.enable(&mut mem),
+        Err(Error::InvalidState("unit already enabled"))
+    );
+
+    unit.disable().unwrap();
+    let s = hw.state();
+    let n = s.events.len();
+    assert_eq!(
+        s.events[n - 2..],
+        [Event::Gcmd(GlobalCommand::QIE.bits()), Event::Gcmd(0)]
+    );
+    assert_eq!(s.gsts & (GlobalStatus::TES | GlobalStatus::QIES).bits(), 0);
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    drop(s);
+    // Re-enable works and frees cleanly afterwards.
+    unit.enable(&mut mem).unwrap();
+    unit.disable().unwrap();
+    unit.free_tables(&mut mem).unwrap();
+    assert_eq!(mem.live_frames(), 0);
+}
+
+#[test]
+fn slow_status_bits_are_polled() {
+    let (mut mem, hw, mut unit) = setup();
+    hw.state().gsts_delay = 7;
+    unit.enable(&mut mem).unwrap();
+    assert!(unit.is_enabled());
+}
+
+#[test]
+fn dead_unit_times_out_instead_of_hanging() {
+    let (mut mem, hw, mut unit) = setup();
+    hw.state().gsts_delay = u32::MAX;
+    assert_eq!(
+        unit.enable(&mut mem),
+        Err(Error::Timeout(Operation::SetRootTablePointer))
+    );
+    let (mut mem, hw, mut unit) = setup();
+    hw.state().dead_registers = true;
+    assert_eq!(
+        unit.enable(&mut mem),
+        Err(Error::Timeout(Operation::ContextCommand))
+    );
+}
+
+#[test]
+fn mapped_dma_translates_and_unmap_needs_the_flush() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    assert_ne!(dom.id(), 0);
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x10_0000, 0x5000_0000, 0x2000, RW, &mut g)
+        .unwrap();
+    dom.map(
+        &mut mem,
+        0x20_0000,
+        0x6000_0000,
+        0x1000,
+        Access::READ,
+        &mut g,
+    )
+    .unwrap();
+    let f = unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!(
+        f.invalidations, 0,
+        "no caching mode: maps need no invalidation"
+    );
+    assert_eq!(hw.dma(EDU.0, 0x10_0008, true), Ok(0x5000_0008));
+    assert_eq!(hw.dma(EDU.0, 0x10_1ff0, false), Ok(0x5000_1ff0));
+    assert_eq!(hw.dma(EDU.0, 0x20_0000, false), Ok(0x6000_0000));
+    // Write to a read-only page.
+    assert_eq!(hw.dma(EDU.0, 0x20_0010, true), Err(5));
+    let recs = drain(&mut unit);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].source, EDU);
+    assert_eq!(recs[0].address, 0x20_0000);
+    assert_eq!(recs[0].access, FaultAccess::Write);
+    assert_eq!(recs[0].reason, FaultReason::WriteDenied);
+    assert_eq!(recs[0].domain, Some(dom.id()));
+
+    dom.unmap(&mut mem, 0x10_0000, 0x1000, &mut g).unwrap();
+    // Stale IOTLB entry: still translates until the flush.
+    assert_eq!(hw.dma(EDU.0, 0x10_0000, false), Ok(0x5000_0000));
+    let f = unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!(f.unmapped, vec![0x10_0000..0x10_1000]);
+    assert_eq!(f.invalidations, 1);
+    assert!(!f.domain_selective);
+    let psi = crate::inval::Descriptor::iotlb(
+        IotlbGranularity::Page {
+            did: dom.id(),
+            addr: 0x10_0000,
+            am: 0,
+            ih: true,
+        },
+        true,
+        true,
+    );
+    assert!(hw.state().events.contains(&Event::Desc(psi.lo, psi.hi)));
+    assert_eq!(hw.dma(EDU.0, 0x10_0000, false), Err(6));
+    assert_eq!(hw.dma(EDU.0, 0x10_1000, false), Ok(0x5000_1000));
+    let recs = drain(&mut unit);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(
+        (recs[0].address, recs[0].access, recs[0].reason),
+        (0x10_0000, FaultAccess::Read, FaultReason::ReadDenied)
+    );
+    assert_eq!(unit.fault_counters().domain(dom.id()), 2);
+    assert_eq!(unit.fault_counters().source(EDU), 2);
+    assert!(hw.state().errors.is_empty(), "{:?}", hw.state().errors);
+    // Non-coherent unit (ECAP.C = 0): every CPU write to a table or the queue was flushed.
+    assert!(mem.unflushed_writes().is_empty());
+}
+
+#[test]
+fn unattached_devices_and_other_memory_are_blocked() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x1000, 0x8000, 0x1000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!(hw.dma(SourceId::new(0, 4, 0).0, 0x1000, false), Err(2));
+    drain(&mut unit);
+    assert_eq!(hw.dma(SourceId::new(1, 0, 0).0, 0x1000, false), Err(1));
+    let recs = drain(&mut unit);
+    assert_eq!(recs[0].reason, FaultReason::RootEntryNotPresent);
+    assert_eq!(recs[0].domain, None);
+    assert_eq!(hw.dma(EDU.0, 0x2000, true), Err(5));
+    assert_eq!(hw.dma(EDU.0, 1 << 39, true), Err(4));
+    assert_eq!(unit.fault_counters().unattached, 2);
+}
+
+#[test]
+fn table_pages_released_only_after_completed_invalidation() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x4000_0000, 0x9000_0000, 0x1000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    assert!(hw.dma(EDU.0, 0x4000_0000, true).is_ok());
+    let live = mem.live_frames();
+    dom.unmap(&mut mem, 0x4000_0000, 0x1000, &mut g).unwrap();
+    assert_eq!(g.pending_tables(), 2);
+    // A hung queue: the flush fails and nothing is released.
+    hw.state().ignore_waits = true;
+    assert_eq!(
+        unit.flush(&mut mem, &mut g),
+        Err(Error::Timeout(Operation::InvalidationWait))
+    );
+    assert_eq!(unit.invalidation_stats().timeouts, 1);
+    assert_eq!(mem.live_frames(), live);
+    assert_eq!(g.pending_tables(), 2);
+    assert_eq!(g.unmapped().to_vec(), vec![0x4000_0000..0x4000_1000]);
+}
+
+#[test]
+fn table_pages_freed_after_flush() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x4000_0000, 0x9000_0000, 0x1000, RW, &mut g)
+        .unwrap();
+    let live = mem.live_frames();
+    dom.unmap(&mut mem, 0x4000_0000, 0x1000, &mut g).unwrap();
+    let f = unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!(f.tables_freed, 2);
+    assert_eq!(mem.live_frames(), live - 2);
+    // The invalidation did not use the leaf-only hint: paging-structure entries went away.
+    let has_ih0_psi = hw
+        .state()
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Desc(lo, hi) if lo & 0x3f == 0x32 && hi & (1 << 6) == 0));
+    assert!(has_ih0_psi);
+    assert!(g.is_empty());
+}
+
+#[test]
+fn gather_batches_many_unmaps_into_one_flush() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0, 0x100_0000, 0x10_0000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    for p in 0..64u64 {
+        assert!(hw.dma(EDU.0, p * 4096, false).is_ok());
+    }
+    let before = hw.state().events.len();
+    for p in (0..64u64).rev() {
+        dom.unmap(&mut mem, p * 4096, 4096, &mut g).unwrap();
+    }
+    let f = unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!(f.invalidations, 1);
+    assert_eq!(f.unmapped, vec![0..0x4_0000]);
+    let s = hw.state();
+    let descs: Vec<(u64, u64)> = s.events[before..]
+        .iter()
+        .filter_map(|e| {
+            if let Event::Desc(l, h) = e {
+                Some((*l, *h))
+            } else {
+                None
+            }
+        })
+        .collect();
+    // One PSI of 64 pages, then one wait.
+    assert_eq!(descs.len(), 2);
+    assert_eq!(descs[0].1 & 0x3f, 6);
+    assert_eq!(descs[1].0 & 0xf, 5);
+    drop(s);
+    for p in 0..64u64 {
+        assert!(hw.dma(EDU.0, p * 4096, false).is_err());
+        drain(&mut unit);
+    }
+    assert!(hw.dma(EDU.0, 64 * 4096, false).is_ok());
+}
+
+#[test]
+fn register_based_invalidation_without_qi() {
+    let (mut mem, hw, mut unit) = setup_with(QEMU_CAP, QEMU_ECAP & !2);
+    unit.enable(&mut mem).unwrap();
+    assert!(!unit.queued_invalidation());
+    assert!(!hw.state().events.iter().any(|e| matches!(e, Event::Iqa(_))));
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
+        .unwrap();
+    assert_eq!(dom.translate(&mem, 0x20_0000).unwrap().page_size, 0x20_0000);
+    unit.flush(&mut mem, &mut g).unwrap();
+    assert!(hw.dma(EDU.0, 0x21_0000, true).is_ok());
+    dom.unmap(&mut mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    let page = IotlbGranularity::Page {
+        did: dom.id(),
+        addr: 0x20_0000,
+        am: 9,
+        ih: true,
+    };
+    assert!(hw
+        .state()
+        .events
+        .contains(&Event::Iotlb(iotlb_reg::encode(page, true, true))));
+    assert_eq!(hw.dma(EDU.0, 0x21_0000, true), Err(5));
+    assert!(unit.invalidation_stats().register_invalidations >= 3);
+    assert!(hw.state().errors.is_empty(), "{:?}", hw.state().errors);
+}
+
+#[test]
+fn caching_mode_invalidates_new_mappings_and_attach() {
+    let (mut mem, hw, mut unit) = setup_with(QEMU_CAP | (1 << 7), QEMU_ECAP);
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dev0 = crate::inval::Descriptor::context_cache(ContextGranularity::Device {
+        did: 0,
+        sid: EDU.0,
+        fm: 0,
+    });
+    assert!(hw.state().events.contains(&Event::Desc(dev0.lo, dev0.hi)));
+    // The device touches the IOVA before it is mapped: the model caches "not present".
+    assert!(hw.dma(EDU.0, 0x3000, false).is_err());
+    drain(&mut unit);
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x3000, 0x7000, 0x1000, RW, &mut g)
+        .unwrap();
+    assert!(
+        hw.dma(EDU.0, 0x3000, false).is_err(),
+        "not-present entry still cached"
+    );
+    drain(&mut unit);
+    let f = unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!(f.invalidations, 1);
+    assert!(f.unmapped.is_empty());
+    assert_eq!(hw.dma(EDU.0, 0x3000, false), Ok(0x7000));
+}
+
+#[test]
+fn invalidation_queue_error_is_recovered() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x5000, 0x7000, 0x1000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    assert!(hw.dma(EDU.0, 0x5000, false).is_ok());
+    dom.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+    hw.state().reject_type = Some(2);
+    unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!(unit.invalidation_stats().iqe_recovered, 1);
+    // The PSI was replaced by a global IOTLB invalidation: the stale entry is gone.
+    let global = crate::inval::Descriptor::iotlb(IotlbGranularity::Global, false, false);
+    assert!(hw
+        .state()
+        .events
+        .contains(&Event::Desc(global.lo, global.hi)));
+    assert_eq!(hw.dma(EDU.0, 0x5000, false), Err(6));
+    assert_eq!(hw.state().fsts & 0x10, 0, "IQE cleared");
+    // A refused wait descriptor is reported, not waited for until the timeout.
+    hw.state().reject_type = Some(5);
+    assert!(
+        unit.flush(&mut mem, &mut dom.gather()).is_ok(),
+        "empty gather does nothing"
+    );
+    dom.map(&mut mem, 0x5000, 0x7000, 0x1000, RW, &mut g)
+        .unwrap();
+    dom.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+    assert!(matches!(
+        unit.flush(&mut mem, &mut g),
+        Err(Error::InvalidationQueue { .. })
+    ));
+    assert!(
+        g.pending_tables() > 0,
+        "nothing released after a failed flush"
+    );
+}
+
+#[test]
+fn gcmd_writes_keep_translation_and_qi_on_with_rwbf() {
+    let (mut mem, hw, mut unit) = setup_with(QEMU_CAP | (1 << 4), QEMU_ECAP);
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x5000, 0x7000, 0x1000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    let s = hw.state();
+    let wbf = (GlobalCommand::WBF | GlobalCommand::TE | GlobalCommand::QIE).bits();
+    assert!(s.events.iter().filter(|e| **e == Event::Gcmd(wbf)).count() >= 2);
+    let on = (GlobalStatus::TES | GlobalStatus::QIES).bits();
+    assert_eq!(s.gsts & on, on);
+}
+
+#[test]
+fn four_level_tables_with_48_bit_width() {
+    let cap48 = (QEMU_CAP & !(0x1f << 8) & !(0x3f << 16)) | (0b110 << 8) | (47 << 16);
+    let (mut mem, hw, mut unit) = setup_with(cap48, QEMU_ECAP);
+    assert_eq!(unit.levels(), PagingLevels::Four);
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x80_0000_0000, 0x1000, 0x1000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!(hw.dma(EDU.0, 0x80_0000_0010, true), Ok(0x1010));
+    // A 3-level choice can be forced when SAGAW has it.
+    let mut cfg = UnitConfig::new(1);
+    cfg.levels = Some(PagingLevels::Three);
+    let u3 = Unit::new(
+        FakeUnit::new(&mem, cap48, QEMU_ECAP),
+        FakeClock::new(1),
+        cfg,
+    )
+    .unwrap();
+    assert_eq!(u3.levels(), PagingLevels::Three);
+    cfg.levels = Some(PagingLevels::Four);
+    let r = Unit::new(FakeUnit::qemu(&mem), FakeClock::new(1), cfg);
+    assert!(matches!(r, Err(Error::Unsupported(_))));
+}
+
+#[test]
+fn detach_blocks_and_destroy_frees_everything() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let base = mem.live_frames();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    let mut other = unit.create_domain(&mut mem).unwrap();
+    assert_ne!(dom.id(), other.id());
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    assert_eq!(
+        unit.attach(&mut mem, &mut other, EDU),
+        Err(Error::AlreadyAttached(EDU))
+    );
+    assert_eq!(
+        unit.detach(&mut mem, &mut other, EDU),
+        Err(Error::NotAttached(EDU))
+    );
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0, 0x10_0000, 0x40_0000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    assert!(hw.dma(EDU.0, 0x1000, true).is_ok());
+    let dom = match unit.destroy_domain(&mut mem, dom) {
+        Err((d, Error::DomainInUse { devices: 1 })) => d,
+        r => panic!("{r:?}"),
+    };
+    let mut dom = dom;
+    unit.detach(&mut mem, &mut dom, EDU).unwrap();
+    assert_eq!(hw.dma(EDU.0, 0x1000, true), Err(2));
+    assert_eq!(unit.attached_domain(EDU), None);
+    unit.destroy_domain(&mut mem, dom).unwrap();
+    unit.destroy_domain(&mut mem, other).unwrap();
+    // Only the context table page created for bus 0 remains.
+    assert_eq!(mem.live_frames(), base + 1);
+    // The other unit's domain is refused.
+    let (mut mem2, _hw2, mut unit2) = setup();
+    let mut cfg = UnitConfig::new(7);
+    cfg.timeout_ns = 1_000_000;
+    let mut foreign = Unit::new(FakeUnit::qemu(&mem2), FakeClock::new(1), cfg).unwrap();
+    let mut fd = foreign.create_domain(&mut mem2).unwrap();
+    assert_eq!(
+        unit2.attach(&mut mem2, &mut fd, EDU),
+        Err(Error::WrongDomain)
+    );
+}
+
+#[test]
+fn fault_storm_is_bounded_and_counted() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    let devs: Vec<SourceId> = (3..6).map(|d| SourceId::new(0, d, 0)).collect();
+    for d in &devs {
+        unit.attach(&mut mem, &mut dom, *d).unwrap();
+    }
+    let mut seen = 0;
+    for round in 0..200u64 {
+        for d in &devs {
+            let _ = hw.dma(d.0, 0x1000 * round, true);
+            let _ = hw.dma(d.0, 0x1000 * round, true);
+        }
+        if round % 3 == 0 {
+            let p = unit.poll_faults(1, |_| seen += 1);
+            assert!(p.drained <= 1);
+        }
+    }
+    for _ in 0..16 {
+        if unit.poll_faults(1, |_| seen += 1).drained == 0 {
+            break;
+        }
+    }
+    let s = hw.state();
+    assert!(s.faults_overflowed > 0);
+    assert_eq!(unit.fault_counters().recorded, s.faults_recorded);
+    assert_eq!(seen, s.faults_recorded);
+    assert!(unit.fault_counters().dropped > 0);
+    assert_eq!(unit.fault_counters().domain(dom.id()), s.faults_recorded);
+    assert_eq!(s.fsts & 3, 0, "PPF and PFO clear after draining");
+}
+
+#[test]
+fn several_records_drained_from_fri_with_budget() {
+    // NFR = 4 records.
+    let cap = (QEMU_CAP & !(0xff << 40)) | (3 << 40);
+    let (mut mem, hw, mut unit) = setup_with(cap, QEMU_ECAP);
+    unit.enable(&mut mem).unwrap();
+    for d in 0..4 {
+        assert!(hw.dma(SourceId::new(2, d, 0).0, 0x1000, false).is_err());
+    }
+    let mut got = Vec::new();
+    let p = unit.poll_faults(3, |r| got.push(r.source));
+    assert_eq!((p.drained, p.more), (3, true));
+    let p = unit.poll_faults(3, |r| got.push(r.source));
+    assert_eq!((p.drained, p.more), (1, false));
+    assert_eq!(
+        got,
+        (0..4).map(|d| SourceId::new(2, d, 0)).collect::<Vec<_>>()
+    );
+    // FRI moved on: the next fault lands in record 0 again, is found and drained.
+    assert!(hw.dma(SourceId::new(2, 9, 0).0, 0x1000, true).is_err());
+    assert_eq!(drain(&mut unit)[0].index, 0);
+}
+
+#[test]
+fn fault_interrupt_programming() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    assert_eq!(hw.state().fectl, 1 << 31, "masked after bring-up");
+    unit.configure_fault_interrupt(0xfee0_0000, 0x41);
+    let s = hw.state();
+    assert_eq!(
+        (s.feaddr, s.feuaddr, s.fedata, s.fectl),
+        (0xfee0_0000, 0, 0x41, 0)
+    );
+    drop(s);
+    unit.set_fault_interrupt_masked(true);
+    assert_eq!(hw.state().fectl, 1 << 31);
+}
