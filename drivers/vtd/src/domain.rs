@@ -109,11 +109,11 @@ impl Domain {
 
     /// An empty gather for this domain.
     pub fn gather(&self) -> Gather {
-        Gather::new(self.did)
+        Gather::new(self.unit_id, self.did)
     }
 
     fn check_gather(&self, g: &Gather) -> Result<(), Error> {
-        if g.domain_id() != self.did {
+        if g.domain_id() != self.did || g.unit_id() != self.unit_id {
             return Err(Error::WrongDomain);
         }
         Ok(())

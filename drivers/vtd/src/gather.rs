@@ -71,6 +71,7 @@ pub enum FlushPlan {
 /// Accumulates the effects of maps and unmaps on one domain until a flush.
 #[derive(Debug)]
 pub struct Gather {
+    unit: u32,
     did: u16,
     inval: Vec<Range<u64>>,
     unmapped: Vec<Range<u64>>,
@@ -102,9 +103,11 @@ pub(crate) fn merge_ranges(v: &mut Vec<Range<u64>>) {
 }
 
 impl Gather {
-    /// An empty gather for the domain with id `did`.
-    pub fn new(did: u16) -> Self {
+    /// An empty gather for the domain with id `did` on the unit with id `unit_id`
+    /// (usually obtained from [`crate::Domain::gather`]).
+    pub fn new(unit_id: u32, did: u16) -> Self {
         Self {
+            unit: unit_id,
             did,
             inval: Vec::new(),
             unmapped: Vec::new(),
@@ -112,6 +115,11 @@ impl Gather {
             new_mappings: false,
             invalidate_maps: false,
         }
+    }
+
+    /// Id of the unit whose domain this gather belongs to.
+    pub fn unit_id(&self) -> u32 {
+        self.unit
     }
 
     /// Domain id this gather belongs to.
@@ -124,7 +132,8 @@ impl Gather {
         self.inval.is_empty() && self.freed_tables.is_empty() && !self.new_mappings
     }
 
-    /// Unmapped IOVA ranges waiting for the flush (merged where they touch).
+    /// Unmapped IOVA ranges waiting for the flush, exactly as passed to each successful
+    /// unmap (not merged, so an IOVA allocator can free each allocation as it made it).
     pub fn unmapped(&self) -> &[Range<u64>] {
         &self.unmapped
     }
@@ -141,7 +150,7 @@ impl Gather {
 
     pub(crate) fn add_unmapped(&mut self, r: Range<u64>) {
         push_merged(&mut self.inval, r.clone());
-        push_merged(&mut self.unmapped, r);
+        self.unmapped.push(r);
     }
 
     /// Records a range to invalidate that is not released to the caller (rollback of a
@@ -229,9 +238,10 @@ impl Gather {
         self.inval.clear();
         self.new_mappings = false;
         self.invalidate_maps = false;
-        let mut unmapped = core::mem::take(&mut self.unmapped);
-        merge_ranges(&mut unmapped);
-        (unmapped, core::mem::take(&mut self.freed_tables))
+        (
+            core::mem::take(&mut self.unmapped),
+            core::mem::take(&mut self.freed_tables),
+        )
     }
 }
 
@@ -280,7 +290,7 @@ mod tests {
 
     #[test]
     fn plan_coalesces_adjacent_and_buddies() {
-        let mut g = Gather::new(3);
+        let mut g = Gather::new(0, 3);
         for p in [0u64, 1, 2, 3, 5, 4, 6, 7] {
             g.add_unmapped(p * 4096..(p + 1) * 4096);
         }
@@ -292,7 +302,7 @@ mod tests {
             }
         );
         // Two separate buddies that are not adjacent in insertion order.
-        let mut g = Gather::new(3);
+        let mut g = Gather::new(0, 3);
         g.add_unmapped(0x2000..0x3000);
         g.add_unmapped(0x10_0000..0x10_1000);
         g.add_unmapped(0x3000..0x4000);
@@ -316,16 +326,16 @@ mod tests {
 
     #[test]
     fn plan_falls_back_to_domain() {
-        let mut g = Gather::new(1);
+        let mut g = Gather::new(0, 1);
         assert_eq!(g.plan(true, 18, 16), FlushPlan::Nothing);
         g.add_unmapped(0..0x1000);
         assert_eq!(g.plan(false, 18, 16), FlushPlan::Domain);
         // 2 GiB exceeds MAMV 18 (1 GiB).
-        let mut g = Gather::new(1);
+        let mut g = Gather::new(0, 1);
         g.add_unmapped(0..0x8000_0000);
         assert_eq!(g.plan(true, 18, 16), FlushPlan::Domain);
         // Exactly 1 GiB fits.
-        let mut g = Gather::new(1);
+        let mut g = Gather::new(0, 1);
         g.add_unmapped(0x4000_0000..0x8000_0000);
         assert_eq!(
             g.plan(true, 18, 16),
@@ -338,7 +348,7 @@ mod tests {
             }
         );
         // Too many scattered blocks.
-        let mut g = Gather::new(1);
+        let mut g = Gather::new(0, 1);
         for i in 0..5u64 {
             g.add_unmapped(i * 0x10_0000..i * 0x10_0000 + 0x1000);
         }
@@ -348,14 +358,14 @@ mod tests {
 
     #[test]
     fn hint_cleared_when_tables_freed_or_caching_mode_maps() {
-        let mut g = Gather::new(1);
+        let mut g = Gather::new(0, 1);
         g.add_unmapped(0..0x1000);
         g.add_freed_table(0x9000);
         assert!(matches!(
             g.plan(true, 18, 8),
             FlushPlan::Pages { ih: false, .. }
         ));
-        let mut g = Gather::new(1);
+        let mut g = Gather::new(0, 1);
         g.add_mapped(0..0x1000, false);
         assert_eq!(g.plan(true, 18, 8), FlushPlan::Nothing);
         assert!(!g.is_empty());
@@ -374,7 +384,7 @@ mod tests {
         #[test]
         fn plan_covers_every_page(pages in proptest::collection::vec((0u64..4096, 1u64..40), 1..20),
                                   mamv in 0u8..20, max in 1usize..40) {
-            let mut g = Gather::new(1);
+            let mut g = Gather::new(0, 1);
             for (p, n) in &pages {
                 g.add_unmapped(p * 4096..(p + n) * 4096);
             }

@@ -459,7 +459,7 @@ mod tests {
     fn map_translate_unmap_4k() {
         let mut mem = FakeMemory::new(64);
         let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
-        let mut g = Gather::new(1);
+        let mut g = Gather::new(0, 1);
         pt.map(&mut mem, 0x1000, 0x5000_0000, 0x2000, Access::READ, &mut g)
             .unwrap();
         assert_eq!(pt.table_pages(), 3);
@@ -490,7 +490,7 @@ mod tests {
     fn superpages_used_when_aligned_and_allowed() {
         let mut mem = FakeMemory::new(64);
         let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Four, true, true)).unwrap();
-        let mut g = Gather::new(1);
+        let mut g = Gather::new(0, 1);
         pt.map(&mut mem, 0x4000_0000, 0x8000_0000, 0x4020_0000, RW, &mut g)
             .unwrap();
         assert_eq!(pt.translate(&mem, 0x4000_1000).unwrap().page_size, 1 << 30);
@@ -511,7 +511,7 @@ mod tests {
     fn partial_superpage_unmap_rejected_without_change() {
         let mut mem = FakeMemory::new(64);
         let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
-        let mut g = Gather::new(1);
+        let mut g = Gather::new(0, 1);
         pt.map(&mut mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
             .unwrap();
         assert_eq!(
@@ -535,7 +535,7 @@ mod tests {
     fn bad_arguments_rejected() {
         let mut mem = FakeMemory::new(8);
         let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
-        let mut g = Gather::new(1);
+        let mut g = Gather::new(0, 1);
         assert_eq!(
             pt.map(&mut mem, 0x1001, 0, 0x1000, RW, &mut g),
             Err(Error::Misaligned)
@@ -576,7 +576,7 @@ mod tests {
         // Root + 2 tables fit; the second 1 GiB region needs 2 more tables.
         let mut mem = FakeMemory::new(4);
         let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
-        let mut g = Gather::new(1);
+        let mut g = Gather::new(0, 1);
         let r = pt.map(&mut mem, 0x3fff_f000, 0x1000, 0x2000, RW, &mut g);
         assert_eq!(r, Err(Error::NoMemory));
         assert!(pt.translate(&mem, 0x3fff_f000).is_none());
@@ -592,7 +592,7 @@ mod tests {
     fn non_coherent_flushes_every_table_write() {
         let mut mem = FakeMemory::new(16);
         let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, false)).unwrap();
-        let mut g = Gather::new(1);
+        let mut g = Gather::new(0, 1);
         pt.map(&mut mem, 0, 0x10000, 0x3000, RW, &mut g).unwrap();
         // Every written entry's line was flushed after the write.
         assert!(
@@ -614,7 +614,7 @@ mod tests {
         let mut mem = FakeMemory::new(16);
         let mut c = cfg(PagingLevels::Three, false, true);
         let mut pt = PageTable::new(&mut mem, c).unwrap();
-        let mut g = Gather::new(1);
+        let mut g = Gather::new(0, 1);
         pt.map(&mut mem, 0, 0x10000, 0x1000, RW, &mut g).unwrap();
         assert_eq!(leaf_entry(&mem, &pt, 0) & pte::SNP, 0);
         c.snoop = true;
@@ -678,7 +678,7 @@ mod tests {
             let levels = if four { PagingLevels::Four } else { PagingLevels::Three };
             let mut mem = FakeMemory::new(4096);
             let mut pt = PageTable::new(&mut mem, cfg(levels, true, coherent)).unwrap();
-            let mut g = Gather::new(1);
+            let mut g = Gather::new(0, 1);
             // page -> (phys page, write, superpage base page, superpage pages)
             let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
             for op in ops {

@@ -57,8 +57,9 @@ impl UnitConfig {
 /// What a successful [`Unit::flush`] released.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Flushed {
-    /// Unmapped IOVA ranges: the invalidation covering them completed, the caller may reuse
-    /// them (and unpin the memory they pointed to).
+    /// Unmapped IOVA ranges, one per successful unmap in the order of the unmaps: the
+    /// invalidation covering them completed, so the caller may reuse them (and unpin the
+    /// memory they pointed to).
     pub unmapped: Vec<Range<u64>>,
     /// Page-table pages returned to [`DmaMemory::free_frame`].
     pub tables_freed: usize,
@@ -574,12 +575,16 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
     /// invalidations (fewest page-selective ones, or one domain-selective), one wait; then
     /// the page-table pages go back to [`DmaMemory::free_frame`] and the unmapped IOVA
     /// ranges are returned. On error the gather is left intact (nothing is released) and the
-    /// flush may be retried.
+    /// flush may be retried. A gather of another unit's domain is refused
+    /// ([`Error::WrongDomain`]).
     pub fn flush<M: DmaMemory>(
         &mut self,
         mem: &mut M,
         gather: &mut Gather,
     ) -> Result<Flushed, Error> {
+        if gather.unit_id() != self.cfg.id {
+            return Err(Error::WrongDomain);
+        }
         if gather.is_empty() {
             return Ok(Flushed::default());
         }
