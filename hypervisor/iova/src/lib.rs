@@ -78,6 +78,8 @@ pub const MAX_CACHED_ORDER: u8 = NUM_CLASSES as u8 - 1;
 pub const PAGE_SHIFT: u32 = 12;
 /// Highest window limit accepted (pfn), the whole 64-bit address space.
 pub const MAX_PFN: u64 = 1 << (64 - PAGE_SHIFT);
+/// A CPU trims the depot (see [`IovaAllocator::trim`]) once per this many depot exchanges.
+pub const TRIM_EVERY: u32 = 64;
 /// Most CPUs one allocator serves.
 pub const MAX_CPUS: usize = 4096;
 
@@ -208,8 +210,12 @@ pub struct Config {
     pub max_ranges: usize,
     /// Full per-operation misuse checking (see the crate documentation).
     pub strict: bool,
-    /// Full magazines the depot keeps per size class before trimming.
+    /// Full magazines per size class the depot trims itself toward (gradually: see
+    /// [`IovaAllocator::trim`]).
     pub depot_target: usize,
+    /// Magazines in the pool beyond the two per CPU and class: how many full magazines the
+    /// depot can hold in all (more absorb longer alloc-here/free-there pipelines).
+    pub depot_magazines: usize,
     /// How long an exhausted CPU waits for the others to drain (spin-loop iterations).
     pub drain_spins: u32,
 }
@@ -225,6 +231,7 @@ impl Config {
             max_ranges: 1 << 16,
             strict: cfg!(debug_assertions),
             depot_target: cpus,
+            depot_magazines: 4 * cpus + 8,
             drain_spins: 1 << 14,
         }
     }
@@ -247,6 +254,12 @@ impl Config {
         self
     }
 
+    /// Sets [`Config::depot_magazines`].
+    pub const fn with_depot_magazines(mut self, depot_magazines: usize) -> Self {
+        self.depot_magazines = depot_magazines;
+        self
+    }
+
     /// Sets [`Config::drain_spins`].
     pub const fn with_drain_spins(mut self, drain_spins: u32) -> Self {
         self.drain_spins = drain_spins;
@@ -254,12 +267,11 @@ impl Config {
     }
 
     fn magazines(&self) -> Option<usize> {
-        // Two per CPU and class, the depot target per class, and one in flight per CPU and
-        // class while the depot is being trimmed.
+        // Two per CPU and class, plus one per CPU and class in flight during an exchange, plus
+        // the depot's share.
         self.cpus
-            .checked_mul(3)?
-            .checked_add(self.depot_target)?
-            .checked_mul(NUM_CLASSES)
+            .checked_mul(3 * NUM_CLASSES)?
+            .checked_add(self.depot_magazines)
             .filter(|&n| n < u32::MAX as usize)
     }
 }
@@ -441,14 +453,24 @@ impl IovaAllocator {
         }
     }
 
-    /// Stores a full magazine in the depot, trimming the depot if it is over its target.
-    fn depot_push_full(&self, order: u8, mag: MagRef<'_>) {
-        if self.depot.push_full(order as usize, mag) {
-            if let Some(mut m) = self.depot.pop_full(order as usize) {
-                self.flush_magazine(order, &mut m);
-                self.depot.push_empty(m);
+    /// Trims the depot one step toward its target: every size class holding more than
+    /// [`Config::depot_target`] full magazines gives one back to the backing allocator. The
+    /// CPUs call this every [`TRIM_EVERY`] depot exchanges, so an idle surplus drains away
+    /// gradually (like Linux's delayed depot work) while a busy alloc-here/free-there pipeline
+    /// keeps the magazines it needs; the hypervisor may also call it from a timer. Returns the
+    /// number of magazines trimmed.
+    pub fn trim(&self) -> usize {
+        let mut trimmed = 0;
+        for (order, count) in self.depot.full_counts().into_iter().enumerate() {
+            if count > self.depot.target() {
+                if let Some(mut m) = self.depot.pop_full(order) {
+                    self.flush_magazine(order as u8, &mut m);
+                    self.depot.push_empty(m);
+                    trimmed += 1;
+                }
             }
         }
+        trimmed
     }
 
     /// Empties every full magazine of the depot into the backing allocator (the exhaustion path

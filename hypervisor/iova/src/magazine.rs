@@ -164,8 +164,7 @@ pub(crate) struct Depot {
     pool: Pool,
     empty: TaggedStack,
     classes: [ClassDepot; NUM_CLASSES],
-    /// Trim target: full magazines kept per class before the excess goes back to the backing
-    /// allocator.
+    /// Trim target: full magazines per class that trimming leaves in place.
     target: usize,
 }
 
@@ -220,17 +219,20 @@ impl Depot {
         self.make_ref(index)
     }
 
-    /// Stores a full magazine of `class`; returns `true` when the class is over its trim target
-    /// (the caller should then give one full magazine back to the backing allocator).
-    pub(crate) fn push_full(&self, class: usize, mag: MagRef<'_>) -> bool {
+    /// Stores a full magazine of `class`.
+    pub(crate) fn push_full(&self, class: usize, mag: MagRef<'_>) {
         let Some(c) = self.classes.get(class) else {
             // Unreachable for callers inside the crate; keep the magazine rather than leak it.
             self.empty.push(&self.pool, mag.index);
-            return false;
+            return;
         };
-        let n = c.full_count.fetch_add(1, Ordering::Relaxed) + 1;
+        c.full_count.fetch_add(1, Ordering::Relaxed);
         c.full.push(&self.pool, mag.index);
-        n > self.target
+    }
+
+    /// Full magazines per class the depot trims toward.
+    pub(crate) fn target(&self) -> usize {
+        self.target
     }
 
     /// Full magazines currently in the depot, per class (a racy snapshot).

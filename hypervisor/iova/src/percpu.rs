@@ -27,6 +27,7 @@ pub struct PerCpu<'a> {
     end: u64,
     strict: bool,
     seen_gen: u64,
+    exchanges: u32,
     classes: ManuallyDrop<[ClassCache<'a>; NUM_CLASSES]>,
 }
 
@@ -97,6 +98,7 @@ impl<'a> PerCpu<'a> {
             end: alloc.end,
             strict: alloc.strict,
             seen_gen,
+            exchanges: 0,
             classes: ManuallyDrop::new([c0, c1, c2, c3, c4, c5, c6, c7, c8, c9]),
         })
     }
@@ -176,7 +178,9 @@ impl<'a> PerCpu<'a> {
                 if let Some(full) = depot.pop_full(order as usize) {
                     let empty = replace(&mut c.loaded, full);
                     depot.push_empty(empty);
-                    if let Some(pfn) = c.loaded.pop_at_most(max_start) {
+                    let got = c.loaded.pop_at_most(max_start);
+                    self.exchanged();
+                    if let Some(pfn) = got {
                         return self.hit(pfn, order);
                     }
                 }
@@ -230,19 +234,49 @@ impl<'a> PerCpu<'a> {
     pub fn free(&mut self, iova: Iova) -> Result<(), Error> {
         check_range(self.base, self.end, iova)?;
         let Iova { pfn, order } = iova;
+        if self.strict || order as usize >= NUM_CLASSES {
+            return self.free_checked(pfn, order);
+        }
         let Some(c) = self.classes.get_mut(order as usize) else {
-            return self.alloc.backing.with(|b| b.free(pfn, order, State::Live));
+            return Err(Error::InvalidOrder);
         };
-        if self.strict {
-            self.alloc
-                .backing
-                .with(|b| b.mark(pfn, order, State::Live, State::Cached))?;
-        } else if c.loaded.top() == Some(pfn) {
+        if c.loaded.top() == Some(pfn) {
             return Err(Error::DoubleFree);
         }
         if c.loaded.push(pfn) {
             return Ok(());
         }
+        self.free_full(pfn, order)
+    }
+
+    /// Free with full checking: orders above the cached ones go to the backing allocator; with
+    /// strict checking the range is marked cached in the allocated tree first.
+    #[cold]
+    #[inline(never)]
+    fn free_checked(&mut self, pfn: u64, order: u8) -> Result<(), Error> {
+        if order as usize >= NUM_CLASSES {
+            return self.alloc.backing.with(|b| b.free(pfn, order, State::Live));
+        }
+        self.alloc
+            .backing
+            .with(|b| b.mark(pfn, order, State::Live, State::Cached))?;
+        let c = self
+            .classes
+            .get_mut(order as usize)
+            .ok_or(Error::Inconsistent)?;
+        if c.loaded.push(pfn) {
+            return Ok(());
+        }
+        self.free_full(pfn, order)
+    }
+
+    /// The loaded magazine is full: swap in the previous one if it has room.
+    #[inline]
+    fn free_full(&mut self, pfn: u64, order: u8) -> Result<(), Error> {
+        let c = self
+            .classes
+            .get_mut(order as usize)
+            .ok_or(Error::Inconsistent)?;
         if !c.prev.is_full() {
             swap(&mut c.loaded, &mut c.prev);
             if c.loaded.push(pfn) {
@@ -266,17 +300,36 @@ impl<'a> PerCpu<'a> {
         if c.loaded.push(pfn) {
             return Ok(());
         }
-        match alloc.depot.pop_empty() {
+        let exchanged = match alloc.depot.pop_empty() {
             Some(empty) => {
                 let full = replace(&mut c.loaded, empty);
-                alloc.depot_push_full(order, full);
+                alloc.depot.push_full(order as usize, full);
+                true
             }
-            None => alloc.flush_magazine(order, &mut c.loaded),
+            // The pool is exhausted (the depot holds all spare magazines): give this
+            // magazine's IOVAs back to the backing allocator instead.
+            None => {
+                alloc.flush_magazine(order, &mut c.loaded);
+                false
+            }
+        };
+        let pushed = c.loaded.push(pfn);
+        if exchanged {
+            self.exchanged();
         }
-        if c.loaded.push(pfn) {
+        if pushed {
             Ok(())
         } else {
             Err(Error::Inconsistent)
+        }
+    }
+
+    /// Counts a depot exchange and trims the depot every [`crate::TRIM_EVERY`] of them.
+    #[inline]
+    fn exchanged(&mut self) {
+        self.exchanges = self.exchanges.wrapping_add(1);
+        if self.exchanges.is_multiple_of(crate::TRIM_EVERY) {
+            self.alloc.trim();
         }
     }
 

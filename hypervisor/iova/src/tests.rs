@@ -213,12 +213,20 @@ fn magazines_overflow_into_the_depot_and_come_back() {
         h.free(i).unwrap();
     }
     let s = a.stats();
-    // Depot target is 1 (one CPU): the rest went back to the backing allocator.
-    assert!(s.depot_full[0] <= 1, "{:?}", s.depot_full);
+    // Three magazines' worth went to the depot (two stay loaded/previous on the CPU).
+    assert_eq!(s.depot_full[0], 3, "{:?}", s.depot_full);
     assert_eq!(
         s.cached_pages as usize,
         h.cached() + s.depot_full[0] * MAG_SIZE
     );
+    // Trimming goes toward the target (1 per CPU) one magazine per call, then stops.
+    assert_eq!(a.trim(), 1);
+    assert_eq!(a.trim(), 1);
+    assert_eq!(a.trim(), 0);
+    let s = a.stats();
+    assert_eq!(s.depot_full[0], 1);
+    assert_eq!(s.cached_pages as usize, h.cached() + MAG_SIZE);
+    a.verify().unwrap();
     let again: BTreeSet<_> = (0..n).map(|_| h.alloc(0, u64::MAX).unwrap()).collect();
     assert_eq!(again.len(), n);
     for i in again {
@@ -322,4 +330,57 @@ fn node_arena_limit_is_no_space_not_a_panic() {
     for i in v {
         h.free(i).unwrap();
     }
+}
+
+#[test]
+fn depot_pool_exhaustion_falls_back_to_the_backing_allocator() {
+    // No extra depot magazines: the pool holds the CPU's 20 and 10 spare (one per class in
+    // flight). Once the spares are full, a CPU with both magazines full empties one in place.
+    let a = IovaAllocator::new(
+        Config::new(1, 1 << 20, 1)
+            .with_strict(true)
+            .with_depot_magazines(0)
+            .with_max_ranges(4096),
+    )
+    .unwrap();
+    let mut h = a.claim(0).unwrap();
+    let n = MAG_SIZE * 14;
+    let v: Vec<_> = (0..n).map(|_| h.alloc(0, u64::MAX).unwrap()).collect();
+    for &i in &v {
+        h.free(i).unwrap();
+    }
+    let s = a.stats();
+    assert!(s.depot_full[0] <= 10);
+    assert_eq!(
+        s.cached_pages as usize,
+        h.cached() + s.depot_full[0] * MAG_SIZE
+    );
+    assert!(
+        (s.cached_pages as usize) < n,
+        "some magazines went back to the backing allocator"
+    );
+    assert_eq!(s.live_pages, 0);
+    a.verify().unwrap();
+}
+
+#[test]
+fn dropping_a_handle_returns_everything() {
+    let a = alloc(1, 1 << 20, 2, true);
+    let mut h = a.claim(1).unwrap();
+    let v: Vec<_> = (0..3 * MAG_SIZE)
+        .map(|_| h.alloc(0, u64::MAX).unwrap())
+        .collect();
+    for i in v {
+        h.free(i).unwrap();
+    }
+    drop(h);
+    a.drain_depot();
+    let s = a.stats();
+    assert_eq!(
+        (s.free_ranges, s.allocated_ranges, s.cached_pages),
+        (1, 0, 0)
+    );
+    // The magazines went back to the pool: both CPUs can claim again.
+    let _h0 = a.claim(0).unwrap();
+    let _h1 = a.claim(1).unwrap();
 }

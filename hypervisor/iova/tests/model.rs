@@ -135,41 +135,33 @@ fn run(base: u64, len: u64, strict: bool, ops: Vec<Op>) {
                     Err(e) => panic!("unexpected {e:?}"),
                 }
             }
-            Op::Free { cpu, pick } => {
-                if !m.live.is_empty() {
-                    let i = m.give(pick % m.live.len());
-                    hs[cpu].free(i).unwrap();
+            Op::Free { cpu, pick } if !m.live.is_empty() => {
+                let i = m.give(pick % m.live.len());
+                hs[cpu].free(i).unwrap();
+            }
+            Op::DoubleFree { cpu, pick } if strict && !m.freed.is_empty() => {
+                let i = m.freed[pick % m.freed.len()];
+                if !m.live.contains(&i) {
+                    let r = hs[cpu].free(i);
+                    assert!(
+                        matches!(
+                            r,
+                            Err(Error::DoubleFree | Error::NotAllocated | Error::WrongSize { .. })
+                        ),
+                        "{i:?}: {r:?}"
+                    );
                 }
             }
-            Op::DoubleFree { cpu, pick } if strict => {
-                if !m.freed.is_empty() {
-                    let i = m.freed[pick % m.freed.len()];
-                    if !m.live.contains(&i) {
-                        let r = hs[cpu].free(i);
-                        assert!(
-                            matches!(
-                                r,
-                                Err(Error::DoubleFree
-                                    | Error::NotAllocated
-                                    | Error::WrongSize { .. })
-                            ),
-                            "{i:?}: {r:?}"
-                        );
-                    }
-                }
-            }
-            Op::WrongSize { cpu, pick } if strict => {
-                if !m.live.is_empty() {
-                    let i = m.live[pick % m.live.len()];
-                    if i.order() > 0 {
-                        let bad = Iova::new(i.pfn(), i.order() - 1);
-                        assert_eq!(
-                            hs[cpu].free(bad),
-                            Err(Error::WrongSize {
-                                allocated_order: i.order()
-                            })
-                        );
-                    }
+            Op::WrongSize { cpu, pick } if strict && !m.live.is_empty() => {
+                let i = m.live[pick % m.live.len()];
+                if i.order() > 0 {
+                    let bad = Iova::new(i.pfn(), i.order() - 1);
+                    assert_eq!(
+                        hs[cpu].free(bad),
+                        Err(Error::WrongSize {
+                            allocated_order: i.order()
+                        })
+                    );
                 }
             }
             Op::NotAllocated { cpu, pfn_off } if strict => {
