@@ -93,17 +93,61 @@ pub fn build_kernel(flavour: Flavour) -> Result<PathBuf> {
 
 /// Makes a GRUB rescue ISO (BIOS and UEFI) booting `kernel` with `cmdline`, named `name`.
 pub fn make_iso(kernel: &Path, cmdline: &str, name: &str) -> Result<PathBuf> {
+    make_iso_with_modules(kernel, cmdline, &[], name)
+}
+
+/// Builds the test guest (`tests/guest`) and returns the path of a private copy of its ELF.
+pub fn build_test_guest() -> Result<PathBuf> {
+    let root = root();
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(&root).args([
+        "build",
+        "--quiet",
+        "--release",
+        "-p",
+        "moat-test-guest",
+        "--target",
+        "x86_64-unknown-none",
+    ]);
+    eprintln!("xtask: building the test guest");
+    run_status(&mut cmd)?;
+    let built = root.join("target/x86_64-unknown-none/release/moat-test-guest");
+    let out = root.join("target/xtask").join(moat_scenarios::TEST_GUEST);
+    std::fs::create_dir_all(root.join("target/xtask"))?;
+    std::fs::copy(&built, &out).map_err(|e| format!("{}: {e}", built.display()))?;
+    Ok(out)
+}
+
+/// As [`make_iso`], plus boot modules: each `(file, cmdline)` becomes
+/// `module2 /boot/<file name> <cmdline>` (files are copied once into `/boot`).
+pub fn make_iso_with_modules(
+    kernel: &Path,
+    cmdline: &str,
+    modules: &[(PathBuf, String)],
+    name: &str,
+) -> Result<PathBuf> {
     let base = root().join("target/xtask/iso");
     let dir = base.join(name);
     let grub = dir.join("boot/grub");
     std::fs::create_dir_all(&grub)?;
     std::fs::copy(kernel, dir.join("boot/moat.elf"))?;
+    let mut module_lines = String::new();
+    for (file, args) in modules {
+        let file_name = file
+            .file_name()
+            .ok_or_else(|| format!("module {} has no file name", file.display()))?
+            .to_string_lossy()
+            .into_owned();
+        std::fs::copy(file, dir.join("boot").join(&file_name))
+            .map_err(|e| format!("{}: {e}", file.display()))?;
+        module_lines.push_str(&format!("  module2 /boot/{file_name} {args}\n"));
+    }
     std::fs::write(
         grub.join("grub.cfg"),
         format!(
             "set timeout=0\nset default=0\nserial --unit=0 --speed=115200\n\
              terminal_input serial console\nterminal_output serial console\n\
-             menuentry \"Moat\" {{\n  multiboot2 /boot/moat.elf {cmdline}\n  boot\n}}\n"
+             menuentry \"Moat\" {{\n  multiboot2 /boot/moat.elf {cmdline}\n{module_lines}  boot\n}}\n"
         ),
     )?;
     let iso = base.join(format!("{name}.iso"));
@@ -259,7 +303,8 @@ fn cmd_run(mut a: Args) -> Result<()> {
     if !user_cmdline.is_empty() {
         demo.cmdline = format!("{} {user_cmdline}", demo.cmdline);
     }
-    let iso = make_iso(&kernel, &demo.cmdline, "run")?;
+    let modules = module_files(&demo.modules)?;
+    let iso = make_iso_with_modules(&kernel, &demo.cmdline, &modules, "run")?;
     let mut args = demo
         .machine
         .qemu_args(&iso.to_string_lossy(), setup::OVMF_CODE);
@@ -290,6 +335,22 @@ fn cmd_run(mut a: Args) -> Result<()> {
     }
     (demo.check)(&r.serial).map_err(|e| format!("the demo did not show what it should: {e}"))?;
     Ok(())
+}
+
+/// Resolves a scenario's boot modules to files, building the test guest if one is used.
+pub fn module_files(modules: &[moat_scenarios::BootModule]) -> Result<Vec<(PathBuf, String)>> {
+    let mut guest = None;
+    let mut out = Vec::new();
+    for m in modules {
+        if m.file != moat_scenarios::TEST_GUEST {
+            return Err(format!("unknown boot module file `{}`", m.file).into());
+        }
+        if guest.is_none() {
+            guest = Some(build_test_guest()?);
+        }
+        out.push((guest.clone().unwrap_or_default(), m.cmdline.clone()));
+    }
+    Ok(out)
 }
 
 fn cmd_bench(mut a: Args) -> Result<()> {

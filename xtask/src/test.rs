@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use moat_scenarios::Scenario;
 
-use crate::{build_kernel, make_iso, qemu, root, setup, Flavour, Result};
+use crate::{
+    build_kernel, build_test_guest, make_iso_with_modules, qemu, root, setup, Flavour, Result,
+};
 
 #[derive(Default)]
 struct Tally {
@@ -89,7 +91,14 @@ fn tail(s: &str, n: usize) -> String {
 
 fn host_tests(tally: &mut Tally) {
     let mut t = cargo();
-    t.args(["test", "--workspace", "--exclude", "moat-kernel"]);
+    t.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "moat-kernel",
+        "--exclude",
+        "moat-test-guest",
+    ]);
     run_libtest("host tests", t, tally);
     if root().join("hypervisor/iova/tests/loom.rs").exists() {
         let mut l = cargo();
@@ -100,7 +109,11 @@ fn host_tests(tally: &mut Tally) {
     }
 }
 
-fn run_scenario(s: &Scenario, kernel: &Path) -> std::result::Result<Duration, String> {
+fn run_scenario(
+    s: &Scenario,
+    kernel: &Path,
+    guest: Option<&Path>,
+) -> std::result::Result<Duration, String> {
     let dir = root().join("target/xtask/scenarios").join(&s.name);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let mut machine = s.machine.clone();
@@ -111,8 +124,23 @@ fn run_scenario(s: &Scenario, kernel: &Path) -> std::result::Result<Duration, St
             *a = a.replace(&format!("@FILE:{name}"), &p.to_string_lossy());
         }
     }
-    let iso =
-        make_iso(kernel, &s.cmdline, &format!("scenario-{}", s.name)).map_err(|e| e.to_string())?;
+    let modules: Vec<(std::path::PathBuf, String)> = s
+        .modules
+        .iter()
+        .map(|m| match guest {
+            Some(g) if m.file == moat_scenarios::TEST_GUEST => {
+                Ok((g.to_path_buf(), m.cmdline.clone()))
+            }
+            _ => Err(format!("boot module `{}` was not built", m.file)),
+        })
+        .collect::<std::result::Result<_, _>>()?;
+    let iso = make_iso_with_modules(
+        kernel,
+        &s.cmdline,
+        &modules,
+        &format!("scenario-{}", s.name),
+    )
+    .map_err(|e| e.to_string())?;
     let args = machine.qemu_args(&iso.to_string_lossy(), setup::OVMF_CODE);
     let log = root()
         .join("target/xtask/logs")
@@ -159,6 +187,11 @@ fn scenarios(pattern: Option<&str>, jobs: usize, tally: &mut Tally) -> Result<()
         return Ok(());
     }
     let kernel = build_kernel(Flavour::Selftest)?;
+    let guest = if all.iter().any(|s| !s.modules.is_empty()) {
+        Some(build_test_guest()?)
+    } else {
+        None
+    };
     std::fs::create_dir_all(root().join("target/xtask/logs"))?;
     eprintln!("xtask: {} QEMU scenarios, {} at a time", all.len(), jobs);
     let queue = Mutex::new(all.into_iter().collect::<VecDeque<_>>());
@@ -169,7 +202,7 @@ fn scenarios(pattern: Option<&str>, jobs: usize, tally: &mut Tally) -> Result<()
                 let Some(s) = queue.lock().unwrap().pop_front() else {
                     break;
                 };
-                let r = run_scenario(&s, &kernel);
+                let r = run_scenario(&s, &kernel, guest.as_deref());
                 match &r {
                     Ok(t) => eprintln!("PASS {} ({:.1}s): {}", s.name, t.as_secs_f64(), s.about),
                     Err(e) => eprintln!("FAIL {}: {}\n  {e}", s.name, s.about),

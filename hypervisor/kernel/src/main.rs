@@ -18,6 +18,7 @@ mod mm;
 mod panic;
 mod platform;
 mod smp;
+mod vm;
 
 #[no_mangle]
 extern "C" fn moat_boot_main(magic: u32, mbi: u32) -> ! {

@@ -210,6 +210,7 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
     log::info!("frames: {ffree}/{ftotal} free; heap: {used} bytes used, {hfree} free");
     crate::println!("moat: boot complete");
     let _ = config.dump == Dump::None;
+    crate::vm::run(&boot, &config, &platform);
     exit::exit(ExitCode::Success)
 }
 

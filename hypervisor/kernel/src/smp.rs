@@ -88,5 +88,5 @@ pub fn ap_main(index: usize) -> ! {
     apic::init_this_cpu();
     log::info!("cpu{index} online (APIC id {})", apic::id());
     STARTED.fetch_add(1, Ordering::SeqCst);
-    crate::arch::x86::halt_forever()
+    crate::vm::ap_wait(index)
 }

@@ -7,6 +7,7 @@
 //! them all in parallel.
 
 pub mod checks;
+pub mod guests;
 pub mod machine;
 
 pub use machine::{Exit, Firmware, Machine};
@@ -33,6 +34,20 @@ pub struct Scenario {
     /// Files the scenario needs next to its ISO: (name, bytes). `@FILE:name` in
     /// `machine.extra` is replaced by the file's path.
     pub files: Vec<(&'static str, Vec<u8>)>,
+    /// GRUB boot modules (`module2 /boot/<file> <cmdline>`), in order.
+    pub modules: Vec<BootModule>,
+}
+
+/// The test guest's ELF (`tests/guest`), built by the harness when a scenario uses it.
+pub const TEST_GUEST: &str = "moat-test-guest.elf";
+
+/// A boot module: a file the harness builds and the module's command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootModule {
+    /// Which file: [`TEST_GUEST`].
+    pub file: &'static str,
+    /// Its command line: the guest's name, then the guest's own arguments.
+    pub cmdline: String,
 }
 
 /// The command line every scenario starts from.
@@ -60,6 +75,7 @@ fn scenario(
         check,
         timeout_secs: 120,
         files: vec![],
+        modules: vec![],
     }
 }
 
@@ -70,17 +86,20 @@ pub fn demo(firmware: Firmware, smp: u32) -> Scenario {
         smp,
         ..Machine::default()
     };
-    scenario(
+    let mut demo = scenario(
         "demo",
         "the demo run",
         machine,
-        "",
+        guests::DEMO_CMDLINE,
         Exit::Success,
         Box::new(move |log| {
             checks::boot_complete(log)?;
-            checks::smp(log, smp as usize)
+            checks::smp(log, smp as usize)?;
+            guests::demo_check(log)
         }),
-    )
+    );
+    demo.modules = guests::demo_modules();
+    demo
 }
 
 /// Every scenario of `cargo xtask test`.
@@ -284,6 +303,7 @@ pub fn all(real_dmar: &[u8]) -> Vec<Scenario> {
             }),
         ));
     }
+    v.extend(guests::all());
     v.push(scenario(
         "panic",
         "a panic prints where and why and fails the run",

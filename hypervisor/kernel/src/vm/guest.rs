@@ -1,0 +1,664 @@
+//! Guests: a contiguous memory partition from the frame allocator mapped at guest-physical 0 by
+//! the second stage (plus the BARs of assigned devices, at their host addresses), an ELF image
+//! from a multiboot2 module loaded into it, hypervisor-built boot page tables so every vCPU
+//! starts in 64-bit long mode, and the exit loop each vCPU runs on its own physical CPU.
+//!
+//! # Guest-physical layout (shared with the test guest)
+//!
+//! | GPA | what |
+//! |---|---|
+//! | `0x1000` | [`BootInfo`] (RDI at entry), the command line at `0x1100` |
+//! | `0x2000` | GDT: null, 64-bit code (`0x08`), data (`0x10`) |
+//! | `0x3000` | PML4, then PDPT at `0x4000` and four PDs at `0x5000..0x9000`: the first 4 GiB identity-mapped with 2 MiB pages (the top GiB uncached, for BARs) |
+//! | `0x10_0000` | lowest address an ELF segment may load at |
+//! | `mem - 64 KiB * (i + 1)` | vCPU `i`'s 64 KiB stack (RSP at its top) |
+//!
+//! RSI holds the vCPU index at entry.
+
+use alloc::vec::Vec;
+use core::fmt;
+use core::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
+
+use moat_config::GuestConfig;
+use moat_pci::Bdf;
+use spin::Mutex;
+
+use super::elf::{Elf, ElfError};
+use super::hypercall::{self, Outcome};
+use super::pci::{self, AssignedDevice, Ecams};
+use super::vcpu::{
+    Access, Backend, EntryState, Event, Exit, IoAccess, MemKind, Reg, Stage2, Vcpu, VcpuError,
+};
+use crate::mm::{frames, PAGE_SIZE};
+
+/// Guest-physical address of [`BootInfo`].
+pub const BOOT_INFO_GPA: u64 = 0x1000;
+/// Guest-physical address of the command line copy.
+pub const CMDLINE_GPA: u64 = 0x1100;
+/// Longest command line passed.
+pub const CMDLINE_MAX: usize = 0xf00;
+/// Guest-physical address of the GDT.
+pub const GDT_GPA: u64 = 0x2000;
+/// Guest-physical address of the PML4.
+pub const PML4_GPA: u64 = 0x3000;
+/// Lowest guest-physical address an ELF segment may use.
+pub const LOAD_MIN: u64 = 0x10_0000;
+/// Stack bytes per vCPU.
+pub const STACK_SIZE: u64 = 64 << 10;
+/// Partition alignment (2 MiB, so the second stage uses large pages).
+const PARTITION_ALIGN: u64 = 2 << 20;
+/// `BootInfo::magic`: "MOATBOOT".
+pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"MOATBOOT");
+
+/// What a guest finds at [`BOOT_INFO_GPA`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct BootInfo {
+    /// [`BOOT_MAGIC`].
+    pub magic: u64,
+    /// Layout version (1).
+    pub version: u32,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Bytes of RAM at guest-physical 0.
+    pub mem_size: u64,
+    /// TSC frequency in kHz (the guest's TSC is the host's).
+    pub tsc_khz: u64,
+    /// Guest-physical address of the command line.
+    pub cmdline_gpa: u64,
+    /// Its length in bytes.
+    pub cmdline_len: u64,
+    /// The guest's name, NUL padded.
+    pub name: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 64);
+
+/// Why a guest could not be created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestError {
+    /// The ELF image was refused.
+    Elf(ElfError),
+    /// A segment falls outside `[LOAD_MIN, mem - stacks)`.
+    SegmentOutside {
+        /// Its guest-physical start.
+        start: u64,
+        /// Its end.
+        end: u64,
+    },
+    /// The entry point is not inside a loaded segment.
+    EntryOutside(u64),
+    /// Too little memory for the boot structures, one segment and the stacks.
+    TooSmall,
+    /// No contiguous run of frames that large.
+    NoMemory,
+    /// From the vCPU layer.
+    Vcpu(VcpuError),
+    /// An assigned device cannot be given to the guest.
+    Device(Bdf, pci::AssignError),
+}
+
+impl fmt::Display for GuestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Elf(e) => write!(f, "{e}"),
+            Self::SegmentOutside { start, end } => write!(
+                f,
+                "ELF segment [{start:#x}-{end:#x}) outside the loadable guest memory"
+            ),
+            Self::EntryOutside(e) => write!(f, "entry point {e:#x} outside the loaded image"),
+            Self::TooSmall => f.write_str("memory too small (at least 2 MiB)"),
+            Self::NoMemory => f.write_str("no contiguous host memory for the partition"),
+            Self::Vcpu(e) => write!(f, "{e}"),
+            Self::Device(b, e) => write!(f, "device {b}: {e}"),
+        }
+    }
+}
+
+impl From<VcpuError> for GuestError {
+    fn from(e: VcpuError) -> Self {
+        GuestError::Vcpu(e)
+    }
+}
+
+/// Why a vCPU stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The exit hypercall, with the guest's code.
+    Exited(u64),
+    /// An access outside the guest's memory and devices.
+    NestedPageFault {
+        /// Guest-physical address.
+        gpa: u64,
+        /// What kind of access.
+        access: Access,
+        /// Where.
+        rip: u64,
+    },
+    /// Shutdown (triple fault).
+    TripleFault {
+        /// Last RIP.
+        rip: u64,
+    },
+    /// HLT with no interrupt source to wake it.
+    Halted {
+        /// RIP after the HLT.
+        rip: u64,
+    },
+    /// Something the hypervisor does not emulate.
+    Unsupported {
+        /// What.
+        what: &'static str,
+        /// Raw exit code.
+        code: u64,
+        /// Where.
+        rip: u64,
+    },
+    /// An intercepted exception (machine check).
+    Exception {
+        /// Vector.
+        vector: u8,
+        /// Where.
+        rip: u64,
+    },
+    /// The hardware refused the guest state.
+    InvalidState,
+    /// The vCPU could not run.
+    Failed(&'static str),
+    /// Another vCPU of the guest stopped it.
+    WithGuest,
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::Exited(c) => write!(f, "exited with code {c}"),
+            Self::NestedPageFault { gpa, access, rip } => write!(
+                f,
+                "nested page fault at GPA {gpa:#x} ({access}) rip={rip:#x}: outside its memory and devices"
+            ),
+            Self::TripleFault { rip } => write!(f, "triple fault (shutdown) rip={rip:#x}"),
+            Self::Halted { rip } => write!(
+                f,
+                "halted with no interrupt source (no virtual interrupts yet) rip={rip:#x}"
+            ),
+            Self::Unsupported { what, code, rip } => {
+                write!(f, "unsupported: {what} (exit code {code:#x}) rip={rip:#x}")
+            }
+            Self::Exception { vector, rip } => {
+                write!(f, "exception vector {vector} rip={rip:#x}")
+            }
+            Self::InvalidState => f.write_str("invalid guest state refused by VMRUN"),
+            Self::Failed(why) => write!(f, "could not run: {why}"),
+            Self::WithGuest => f.write_str("stopped with its guest"),
+        }
+    }
+}
+
+impl StopReason {
+    /// Whether this is the guest's own orderly exit.
+    pub fn is_exit(&self) -> bool {
+        matches!(self, Self::Exited(_))
+    }
+}
+
+const STATE_RUNNING: u8 = 0;
+const STATE_STOPPED: u8 = 1;
+
+/// A console line being assembled for one vCPU.
+struct Line {
+    bytes: [u8; 160],
+    len: usize,
+}
+
+/// One guest.
+pub struct Guest {
+    name: moat_config::GuestName,
+    mem_hpa: u64,
+    mem_size: u64,
+    vcpus: usize,
+    space: Stage2,
+    ecams: Ecams,
+    devices: Mutex<Vec<AssignedDevice>>,
+    cf8: AtomicU32,
+    state: AtomicU8,
+    running: AtomicUsize,
+    lines: Vec<Mutex<Line>>,
+    outcome: Mutex<Option<StopReason>>,
+}
+
+impl Guest {
+    /// Builds a guest from its configuration and its ELF image; returns it with its vCPUs.
+    pub fn create(
+        backend: &Backend,
+        config: &GuestConfig,
+        image: &[u8],
+        cmdline: &str,
+        ecams: Ecams,
+    ) -> Result<(&'static Guest, Vec<Vcpu>), GuestError> {
+        let mem = config.mem;
+        let vcpus = usize::from(config.cpus.max(1));
+        let stacks = STACK_SIZE * vcpus as u64;
+        if mem < PARTITION_ALIGN || mem < LOAD_MIN + stacks + PAGE_SIZE {
+            return Err(GuestError::TooSmall);
+        }
+        let elf = Elf::parse(image).map_err(GuestError::Elf)?;
+        let load_end = mem - stacks;
+        let mut any = false;
+        let mut entry_ok = false;
+        for s in elf.segments() {
+            let s = s.map_err(GuestError::Elf)?;
+            let end = s.paddr + s.mem_len;
+            if s.paddr < LOAD_MIN || end > load_end {
+                return Err(GuestError::SegmentOutside {
+                    start: s.paddr,
+                    end,
+                });
+            }
+            any = true;
+            entry_ok |= (s.paddr..end).contains(&elf.entry);
+        }
+        if !any {
+            return Err(GuestError::Elf(ElfError::NoSegments));
+        }
+        if !entry_ok {
+            return Err(GuestError::EntryOutside(elf.entry));
+        }
+        // Devices first: nothing is allocated if one cannot be assigned.
+        let mut devices = Vec::new();
+        for &d in config.devices() {
+            let Some(bdf) = Bdf::with_segment(d.segment(), d.bus(), d.device(), d.function())
+            else {
+                continue;
+            };
+            devices
+                .push(AssignedDevice::probe(&ecams, bdf).map_err(|e| GuestError::Device(bdf, e))?);
+        }
+
+        let hpa = frames::alloc_contiguous(mem / PAGE_SIZE, PARTITION_ALIGN)
+            .ok_or(GuestError::NoMemory)?;
+        // SAFETY: the frames were just allocated for this partition alone and are identity
+        // mapped RW; zeroing them keeps hypervisor data from leaking into the guest.
+        unsafe { core::ptr::write_bytes(hpa as *mut u8, 0, mem as usize) };
+        let mut space = backend.new_stage2()?;
+        space.map(0, hpa, mem, MemKind::Ram)?;
+        for d in &devices {
+            for bar in d.bars.iter().filter(|b| b.is_memory()) {
+                if bar.address == 0 || bar.size < PAGE_SIZE || bar.address % PAGE_SIZE != 0 {
+                    log::warn!(
+                        "guest {}: {} BAR{} at {:#x} size {:#x} not mapped (unassigned or smaller than a page)",
+                        config.name,
+                        d.bdf,
+                        bar.index,
+                        bar.address,
+                        bar.size
+                    );
+                    continue;
+                }
+                space.map(bar.address, bar.address, bar.size, MemKind::Mmio)?;
+                log::info!(
+                    "guest {}: {} BAR{} [{:#x}-{:#x}) mapped at the same guest-physical address",
+                    config.name,
+                    d.bdf,
+                    bar.index,
+                    bar.address,
+                    bar.address + bar.size
+                );
+            }
+        }
+
+        let write = |gpa: u64, bytes: &[u8]| {
+            // SAFETY: every caller writes inside [0, mem) of the partition (checked above for
+            // segments; fixed boot structures lie below LOAD_MIN), which this guest owns.
+            unsafe {
+                core::ptr::copy_nonoverlapping(bytes.as_ptr(), (hpa + gpa) as *mut u8, bytes.len())
+            }
+        };
+        for s in elf.segments().flatten() {
+            write(s.paddr, elf.data(&s));
+        }
+        // Boot page tables: PML4 -> PDPT -> 4 PDs of 2 MiB pages over the first 4 GiB.
+        const P: u64 = 1;
+        const RW: u64 = 2;
+        const PS: u64 = 1 << 7;
+        const PWT_PCD: u64 = 3 << 3;
+        write(PML4_GPA, &((PML4_GPA + 0x1000) | P | RW).to_le_bytes());
+        for g in 0..4u64 {
+            let pd = PML4_GPA + 0x2000 + g * 0x1000;
+            write(PML4_GPA + 0x1000 + g * 8, &(pd | P | RW).to_le_bytes());
+            let mut table = [0u8; 4096];
+            for (i, e) in table.chunks_exact_mut(8).enumerate() {
+                let addr = (g << 30) + ((i as u64) << 21);
+                let cache = if g == 3 { PWT_PCD } else { 0 };
+                e.copy_from_slice(&(addr | P | RW | PS | cache).to_le_bytes());
+            }
+            write(pd, &table);
+        }
+        let gdt: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+        for (i, d) in gdt.iter().enumerate() {
+            write(GDT_GPA + i as u64 * 8, &d.to_le_bytes());
+        }
+        let cmd = &cmdline.as_bytes()[..cmdline.len().min(CMDLINE_MAX)];
+        write(CMDLINE_GPA, cmd);
+        let mut name = [0u8; 16];
+        let n = config.name.as_str().as_bytes();
+        name[..n.len().min(16)].copy_from_slice(&n[..n.len().min(16)]);
+        let info = BootInfo {
+            magic: BOOT_MAGIC,
+            version: 1,
+            vcpus: vcpus as u32,
+            mem_size: mem,
+            tsc_khz: crate::arch::tsc::khz(),
+            cmdline_gpa: CMDLINE_GPA,
+            cmdline_len: cmd.len() as u64,
+            name,
+        };
+        // SAFETY: `BootInfo` is plain `repr(C)` integers; viewing it as bytes is sound.
+        let info_bytes = unsafe {
+            core::slice::from_raw_parts(
+                &info as *const BootInfo as *const u8,
+                core::mem::size_of::<BootInfo>(),
+            )
+        };
+        write(BOOT_INFO_GPA, info_bytes);
+
+        let mut cpus = Vec::new();
+        for i in 0..vcpus {
+            let entry = EntryState {
+                rip: elf.entry,
+                rsp: mem - STACK_SIZE * i as u64,
+                cr3: PML4_GPA,
+                gdt_base: GDT_GPA,
+                gdt_limit: (gdt.len() * 8 - 1) as u16,
+                code_selector: 0x08,
+                data_selector: 0x10,
+                rdi: BOOT_INFO_GPA,
+                rsi: i as u64,
+            };
+            cpus.push(backend.new_vcpu(&space, &entry)?);
+        }
+        let guest = alloc::boxed::Box::leak(alloc::boxed::Box::new(Guest {
+            name: config.name,
+            mem_hpa: hpa,
+            mem_size: mem,
+            vcpus,
+            space,
+            ecams,
+            devices: Mutex::new(devices),
+            cf8: AtomicU32::new(0),
+            state: AtomicU8::new(STATE_RUNNING),
+            running: AtomicUsize::new(vcpus),
+            lines: (0..vcpus)
+                .map(|_| {
+                    Mutex::new(Line {
+                        bytes: [0; 160],
+                        len: 0,
+                    })
+                })
+                .collect(),
+            outcome: Mutex::new(None),
+        }));
+        log::info!(
+            "guest {}: {} MiB at host {:#x}, {} vCPU(s), entry {:#x}, {} device(s)",
+            guest.name,
+            mem >> 20,
+            hpa,
+            vcpus,
+            elf.entry,
+            guest.devices.lock().len()
+        );
+        Ok((guest, cpus))
+    }
+
+    /// The guest's name.
+    pub fn name(&self) -> &str {
+        self.name.as_str()
+    }
+
+    /// How the guest ended (the first vCPU stop that was not an exit, else the last exit).
+    pub fn outcome(&self) -> Option<StopReason> {
+        *self.outcome.lock()
+    }
+
+    /// Copies guest-physical `[gpa, gpa + buf.len())` of the guest's RAM into `buf`.
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), ()> {
+        let end = gpa.checked_add(buf.len() as u64).ok_or(())?;
+        if end > self.mem_size {
+            return Err(());
+        }
+        debug_assert_eq!(self.space.translate(gpa), Some(self.mem_hpa + gpa));
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: inside the guest's partition (checked above), identity mapped in the
+            // hypervisor; volatile because the guest's other vCPUs may be writing it.
+            *b = unsafe { core::ptr::read_volatile((self.mem_hpa + gpa + i as u64) as *const u8) };
+        }
+        Ok(())
+    }
+
+    /// Console output of vCPU `index`: printed line by line as `name> text`.
+    pub fn console(&self, index: usize, bytes: &[u8]) {
+        let Some(line) = self.lines.get(index) else {
+            return;
+        };
+        let mut l = line.lock();
+        for &b in bytes {
+            if b == b'\n' || l.len == l.bytes.len() {
+                self.flush_line(&mut l);
+                if b == b'\n' {
+                    continue;
+                }
+            }
+            let c = if b == b'\t' || (0x20..0x7f).contains(&b) {
+                b
+            } else {
+                b'?'
+            };
+            let n = l.len;
+            l.bytes[n] = c;
+            l.len += 1;
+        }
+    }
+
+    fn flush_line(&self, l: &mut Line) {
+        let text = core::str::from_utf8(&l.bytes[..l.len]).unwrap_or("?");
+        log::info!("{}> {}", self.name, text);
+        l.len = 0;
+    }
+
+    fn stop(&self, index: usize, reason: StopReason) {
+        if let Some(line) = self.lines.get(index) {
+            let mut l = line.lock();
+            if l.len > 0 {
+                self.flush_line(&mut l);
+            }
+        }
+        if reason.is_exit() {
+            log::info!("guest {} vcpu{index}: {reason}", self.name);
+        } else if reason != StopReason::WithGuest {
+            log::error!("guest {} vcpu{index}: {reason}; guest stopped", self.name);
+            self.state.store(STATE_STOPPED, Ordering::SeqCst);
+        }
+        {
+            let mut o = self.outcome.lock();
+            if !matches!(*o, Some(r) if !r.is_exit()) && reason != StopReason::WithGuest {
+                *o = Some(reason);
+            }
+        }
+        if self.running.fetch_sub(1, Ordering::SeqCst) == 1 {
+            log::info!(
+                "guest {}: all {} vCPU(s) stopped ({})",
+                self.name,
+                self.vcpus,
+                self.outcome().map_or(StopReason::WithGuest, |r| r)
+            );
+        }
+    }
+
+    /// Runs vCPU `index` on the calling CPU until it stops. The hypervisor never panics on
+    /// anything the guest does: every exit ends in a return to the guest or a logged stop.
+    pub fn run_vcpu(&self, backend: &Backend, index: usize, mut vcpu: Vcpu) {
+        if let Err(e) = backend.enable_this_cpu() {
+            log::error!(
+                "guest {} vcpu{index}: cannot enable virtualisation: {e}",
+                self.name
+            );
+            self.stop(
+                index,
+                StopReason::Failed("virtualisation could not be enabled"),
+            );
+            return;
+        }
+        log::info!("guest {} vcpu{index}: running", self.name);
+        let reason = loop {
+            if self.state.load(Ordering::SeqCst) == STATE_STOPPED {
+                break StopReason::WithGuest;
+            }
+            let exit = vcpu.run();
+            let rip = vcpu.reg(Reg::Rip);
+            match exit {
+                Exit::Hypercall => match hypercall::dispatch(self, index, &mut vcpu) {
+                    Outcome::Return => {
+                        vcpu.complete_instruction();
+                    }
+                    Outcome::Stop(r) => break r,
+                },
+                Exit::Cpuid => {
+                    hypercall::cpuid(&mut vcpu);
+                    vcpu.complete_instruction();
+                }
+                Exit::Msr { write } => self.msr(&mut vcpu, write),
+                Exit::Io(a) => {
+                    if a.string {
+                        break StopReason::Unsupported {
+                            what: "string port I/O (INS/OUTS)",
+                            code: vcpu.raw_exit().0,
+                            rip,
+                        };
+                    }
+                    self.io(&mut vcpu, a);
+                    vcpu.complete_instruction();
+                }
+                Exit::Halt => {
+                    vcpu.complete_instruction();
+                    break StopReason::Halted {
+                        rip: vcpu.reg(Reg::Rip),
+                    };
+                }
+                Exit::NestedPageFault { gpa, access } => {
+                    break StopReason::NestedPageFault { gpa, access, rip }
+                }
+                Exit::TripleFault => break StopReason::TripleFault { rip },
+                Exit::Exception { vector, .. } => break StopReason::Exception { vector, rip },
+                Exit::Interrupted => {}
+                Exit::InvalidState => break StopReason::InvalidState,
+                Exit::Unsupported { what, code } => {
+                    break StopReason::Unsupported { what, code, rip }
+                }
+                Exit::Failed(why) => break StopReason::Failed(why),
+            }
+        };
+        self.stop(index, reason);
+    }
+
+    fn msr(&self, vcpu: &mut Vcpu, write: bool) {
+        const EFER: u64 = 0xc000_0080;
+        const TSC: u64 = 0x10;
+        const SVME: u64 = 1 << 12;
+        let msr = vcpu.reg(Reg::Rcx) as u32 as u64;
+        let value = match (write, msr) {
+            (false, EFER) => Some(vcpu.reg(Reg::Efer) & !SVME),
+            (false, TSC) => Some(crate::arch::x86::rdtsc()),
+            _ => None,
+        };
+        match value {
+            Some(v) => {
+                vcpu.set_reg(Reg::Rax, v & 0xffff_ffff);
+                vcpu.set_reg(Reg::Rdx, v >> 32);
+                vcpu.complete_instruction();
+            }
+            None => {
+                log::debug!(
+                    "guest {}: {} of MSR {msr:#x}: #GP injected",
+                    self.name,
+                    if write { "WRMSR" } else { "RDMSR" }
+                );
+                vcpu.inject(Event::Exception {
+                    vector: 13,
+                    error: Some(0),
+                });
+            }
+        }
+    }
+
+    fn io(&self, vcpu: &mut Vcpu, a: IoAccess) {
+        let size_mask: u32 = match a.size {
+            1 => 0xff,
+            2 => 0xffff,
+            _ => u32::MAX,
+        };
+        let rax = vcpu.reg(Reg::Rax);
+        let value = if a.write {
+            self.port_write(a.port, a.size, rax as u32 & size_mask);
+            return;
+        } else {
+            self.port_read(a.port, a.size) & size_mask
+        };
+        let new = if a.size == 4 {
+            u64::from(value)
+        } else {
+            (rax & !u64::from(size_mask)) | u64::from(value)
+        };
+        vcpu.set_reg(Reg::Rax, new);
+    }
+
+    fn config_target(&self, port: u16) -> Option<(Bdf, u16, u32)> {
+        let (bdf, offset) = pci::decode_address(self.cf8.load(Ordering::SeqCst))?;
+        Some((bdf, offset, u32::from(port - pci::PORT_DATA) * 8))
+    }
+
+    fn port_read(&self, port: u16, size: u8) -> u32 {
+        match port {
+            pci::PORT_ADDRESS if size == 4 => self.cf8.load(Ordering::SeqCst),
+            pci::PORT_DATA..=0xcff => {
+                let Some((bdf, offset, shift)) = self.config_target(port) else {
+                    return u32::MAX;
+                };
+                let devices = self.devices.lock();
+                match devices.iter().find(|d| d.bdf == bdf) {
+                    Some(d) => d.read(&self.ecams, offset) >> shift,
+                    None => u32::MAX,
+                }
+            }
+            _ => u32::MAX,
+        }
+    }
+
+    fn port_write(&self, port: u16, size: u8, value: u32) {
+        match port {
+            pci::PORT_ADDRESS if size == 4 => self.cf8.store(value, Ordering::SeqCst),
+            pci::PORT_DATA..=0xcff => {
+                let Some((bdf, offset, shift)) = self.config_target(port) else {
+                    return;
+                };
+                let size_mask: u32 = match size {
+                    1 => 0xff,
+                    2 => 0xffff,
+                    _ => u32::MAX,
+                };
+                let mask = size_mask.checked_shl(shift).unwrap_or(0);
+                let mut devices = self.devices.lock();
+                if let Some(d) = devices.iter_mut().find(|d| d.bdf == bdf) {
+                    d.write(
+                        &self.ecams,
+                        offset,
+                        value.checked_shl(shift).unwrap_or(0),
+                        mask,
+                    );
+                }
+            }
+            _ => log::debug!(
+                "guest {}: write {value:#x} to port {port:#x} ignored",
+                self.name
+            ),
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! The backend-neutral vCPU layer: what the rest of the hypervisor sees of hardware
+//! virtualisation. [`Backend`] says which extension the CPU has; [`Stage2`] is a guest's
+//! second-stage address space; [`Vcpu`] is created in 64-bit long mode, runs until an [`Exit`],
+//! and exposes registers, instruction completion and event injection. SVM is the only backend
+//! today; VMX reports [`Unsupported::VmxNotYet`] until its backend exists. No SVM type leaves
+//! this module.
+
+use alloc::boxed::Box;
+use core::fmt;
+
+use super::svm;
+
+/// Why guests cannot run on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsupported {
+    /// Neither SVM nor VMX.
+    NoVirtualization,
+    /// Intel VMX is present but its backend is not written yet.
+    VmxNotYet,
+    /// No AMD SVM.
+    NoSvm,
+    /// SVM is disabled by firmware (VM_CR.SVMDIS).
+    SvmDisabled,
+    /// No nested paging.
+    NoNestedPaging,
+    /// Fewer than two ASIDs.
+    NoAsids,
+}
+
+impl fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::NoVirtualization => "the CPU has neither AMD SVM nor Intel VMX",
+            Self::VmxNotYet => {
+                "Intel VMX is unsupported on this CPU for now (its backend is not written yet)"
+            }
+            Self::NoSvm => "the CPU has no AMD SVM",
+            Self::SvmDisabled => "AMD SVM is disabled by firmware (VM_CR.SVMDIS)",
+            Self::NoNestedPaging => "AMD SVM without nested paging",
+            Self::NoAsids => "AMD SVM with fewer than two ASIDs",
+        })
+    }
+}
+
+/// Errors creating address spaces and vCPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuError {
+    /// No frames.
+    OutOfMemory,
+    /// Every address-space identifier is in use.
+    NoAsid,
+    /// A mapping was misaligned, out of range or overlapping.
+    BadMapping,
+}
+
+impl fmt::Display for VcpuError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::OutOfMemory => "out of memory",
+            Self::NoAsid => "no free address-space identifier",
+            Self::BadMapping => "bad second-stage mapping",
+        })
+    }
+}
+
+/// The hardware virtualisation backend of this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// AMD SVM with nested paging.
+    Svm(svm::SvmInfo),
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Svm(i) => write!(
+                f,
+                "AMD SVM rev {} with nested paging, {} ASIDs, NRIPS {}",
+                i.revision,
+                i.asids,
+                if i.nrips { "yes" } else { "no" }
+            ),
+        }
+    }
+}
+
+impl Backend {
+    /// Detects the backend: SVM when present; a VMX CPU is recognised and refused for now.
+    pub fn detect() -> Result<Backend, Unsupported> {
+        match svm::detect() {
+            Ok(i) => Ok(Backend::Svm(i)),
+            Err(e) => {
+                if crate::arch::x86::cpuid(1, 0).ecx & (1 << 5) != 0 {
+                    Err(Unsupported::VmxNotYet)
+                } else if e == Unsupported::NoSvm {
+                    Err(Unsupported::NoVirtualization)
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// Turns the extension on for the calling CPU (idempotent).
+    pub fn enable_this_cpu(&self) -> Result<(), VcpuError> {
+        match self {
+            Backend::Svm(_) => svm::enable_this_cpu(),
+        }
+    }
+
+    /// A new, empty second-stage address space.
+    pub fn new_stage2(&self) -> Result<Stage2, VcpuError> {
+        match self {
+            Backend::Svm(i) => {
+                let npt = svm::npt::Npt::new().map_err(|_| VcpuError::OutOfMemory)?;
+                let asid = svm::alloc_asid(i.asids).ok_or(VcpuError::NoAsid)?;
+                Ok(Stage2 {
+                    inner: Stage2Inner::Npt { npt, asid },
+                })
+            }
+        }
+    }
+
+    /// A vCPU of the guest whose address space is `space`, entering 64-bit mode at `entry`.
+    pub fn new_vcpu(&self, space: &Stage2, entry: &EntryState) -> Result<Vcpu, VcpuError> {
+        match (self, &space.inner) {
+            (Backend::Svm(i), Stage2Inner::Npt { npt, asid }) => Ok(Vcpu {
+                inner: VcpuInner::Svm(Box::new(svm::SvmVcpu::new(i, npt.root(), *asid, entry)?)),
+            }),
+        }
+    }
+}
+
+enum Stage2Inner {
+    Npt { npt: svm::npt::Npt, asid: u32 },
+}
+
+/// A guest's second-stage address space (guest-physical to host-physical).
+pub struct Stage2 {
+    inner: Stage2Inner,
+}
+
+/// How a guest-physical range is mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemKind {
+    /// RAM: read, write, execute, cached.
+    Ram,
+    /// Device registers: read, write, uncached, no execute.
+    Mmio,
+}
+
+impl Stage2 {
+    /// Maps guest-physical `[gpa, gpa + len)` to host-physical `[hpa, hpa + len)`.
+    pub fn map(&mut self, gpa: u64, hpa: u64, len: u64, kind: MemKind) -> Result<(), VcpuError> {
+        match &mut self.inner {
+            Stage2Inner::Npt { npt, .. } => {
+                let flags = match kind {
+                    MemKind::Ram => svm::npt::NptFlags::RAM,
+                    MemKind::Mmio => svm::npt::NptFlags::MMIO,
+                };
+                npt.map(gpa, hpa, len, flags).map_err(|e| match e {
+                    svm::npt::NptError::OutOfFrames => VcpuError::OutOfMemory,
+                    _ => VcpuError::BadMapping,
+                })
+            }
+        }
+    }
+
+    /// The host-physical address of `gpa`, if mapped.
+    pub fn translate(&self, gpa: u64) -> Option<u64> {
+        match &self.inner {
+            Stage2Inner::Npt { npt, .. } => npt.translate(gpa),
+        }
+    }
+}
+
+impl Drop for Stage2 {
+    fn drop(&mut self) {
+        match &self.inner {
+            Stage2Inner::Npt { asid, .. } => svm::free_asid(*asid),
+        }
+    }
+}
+
+/// The architectural state a vCPU starts in: 64-bit long mode, paging on with `cr3`, flat
+/// segments from the guest's GDT, interrupts off, no IDT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryState {
+    /// Entry point.
+    pub rip: u64,
+    /// Stack pointer.
+    pub rsp: u64,
+    /// Guest page-table root (guest-physical).
+    pub cr3: u64,
+    /// GDT base (guest-physical = guest-virtual).
+    pub gdt_base: u64,
+    /// GDT limit.
+    pub gdt_limit: u16,
+    /// 64-bit code selector in that GDT.
+    pub code_selector: u16,
+    /// Data selector in that GDT.
+    pub data_selector: u16,
+    /// First argument (SysV ABI).
+    pub rdi: u64,
+    /// Second argument.
+    pub rsi: u64,
+}
+
+/// Guest registers the exit handlers read and write (the whole set is the vCPU boundary's
+/// API, whether or not today's handlers touch every one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(missing_docs, dead_code)]
+pub enum Reg {
+    Rax,
+    Rbx,
+    Rcx,
+    Rdx,
+    Rsi,
+    Rdi,
+    Rbp,
+    Rsp,
+    R8,
+    R9,
+    R10,
+    R11,
+    R12,
+    R13,
+    R14,
+    R15,
+    Rip,
+    Rflags,
+    Cr0,
+    Cr2,
+    Cr3,
+    Cr4,
+    Efer,
+}
+
+/// An event to deliver to the guest at its next entry. Interrupts and NMIs have no source
+/// yet (no virtual interrupt controller); the exit handlers inject exceptions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(dead_code)]
+pub enum Event {
+    /// A hardware exception with an optional error code.
+    Exception {
+        /// Vector (0-31).
+        vector: u8,
+        /// Error code, for the vectors that push one.
+        error: Option<u32>,
+    },
+    /// An external interrupt.
+    Interrupt(u8),
+    /// A non-maskable interrupt.
+    Nmi,
+}
+
+/// What a nested page fault was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// The translation was present (a permission fault) rather than missing.
+    pub present: bool,
+    /// A write.
+    pub write: bool,
+    /// An instruction fetch.
+    pub fetch: bool,
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = if self.fetch {
+            "fetch"
+        } else if self.write {
+            "write"
+        } else {
+            "read"
+        };
+        let why = if self.present {
+            "permission"
+        } else {
+            "not mapped"
+        };
+        write!(f, "{kind}, {why}")
+    }
+}
+
+/// A port I/O exit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoAccess {
+    /// Port.
+    pub port: u16,
+    /// Operand size in bytes (1, 2, 4).
+    pub size: u8,
+    /// OUT (else IN).
+    pub write: bool,
+    /// INS/OUTS.
+    pub string: bool,
+    /// REP prefix.
+    pub rep: bool,
+}
+
+/// Why the guest stopped running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// VMMCALL/VMCALL: a hypercall.
+    Hypercall,
+    /// CPUID (leaf in RAX, subleaf in RCX).
+    Cpuid,
+    /// RDMSR or WRMSR (MSR in RCX).
+    Msr {
+        /// WRMSR.
+        write: bool,
+    },
+    /// IN/OUT.
+    Io(IoAccess),
+    /// HLT.
+    Halt,
+    /// A guest-physical access the second stage does not allow.
+    NestedPageFault {
+        /// Faulting guest-physical address.
+        gpa: u64,
+        /// What the access was.
+        access: Access,
+    },
+    /// Shutdown: the guest triple-faulted.
+    TripleFault,
+    /// An intercepted exception.
+    Exception {
+        /// Vector.
+        vector: u8,
+        /// Error code or exit information.
+        error: u64,
+    },
+    /// A physical interrupt, NMI, SMI or INIT arrived; nothing for the guest.
+    Interrupted,
+    /// The hardware refused the guest state.
+    InvalidState,
+    /// An exit the hypervisor does not handle.
+    Unsupported {
+        /// What it was.
+        what: &'static str,
+        /// The backend's raw exit code.
+        code: u64,
+    },
+    /// The vCPU could not be entered at all.
+    Failed(&'static str),
+}
+
+enum VcpuInner {
+    Svm(Box<svm::SvmVcpu>),
+}
+
+/// A virtual CPU.
+pub struct Vcpu {
+    inner: VcpuInner,
+}
+
+impl Vcpu {
+    /// Runs the guest until it exits.
+    pub fn run(&mut self) -> Exit {
+        match &mut self.inner {
+            VcpuInner::Svm(v) => v.run(),
+        }
+    }
+
+    /// Moves RIP past the instruction that caused the last exit (false when that exit has no
+    /// instruction to complete).
+    pub fn complete_instruction(&mut self) -> bool {
+        match &mut self.inner {
+            VcpuInner::Svm(v) => v.complete_instruction(),
+        }
+    }
+
+    /// Reads a register.
+    pub fn reg(&self, r: Reg) -> u64 {
+        match &self.inner {
+            VcpuInner::Svm(v) => v.reg(r),
+        }
+    }
+
+    /// Writes a register.
+    pub fn set_reg(&mut self, r: Reg, value: u64) {
+        match &mut self.inner {
+            VcpuInner::Svm(v) => v.set_reg(r, value),
+        }
+    }
+
+    /// Injects an interrupt or exception at the next entry.
+    pub fn inject(&mut self, e: Event) {
+        match &mut self.inner {
+            VcpuInner::Svm(v) => v.inject(e),
+        }
+    }
+
+    /// The backend's raw exit record, for log lines.
+    pub fn raw_exit(&self) -> (u64, u64, u64) {
+        match &self.inner {
+            VcpuInner::Svm(v) => v.raw_exit(),
+        }
+    }
+}

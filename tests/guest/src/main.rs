@@ -1,0 +1,305 @@
+//! `moat-test-guest`: a small kernel that runs as a Moat guest.
+//!
+//! Moat enters it in 64-bit long mode at `_start` with RDI = the boot information
+//! ([`abi::BootInfo`]) and RSI = the vCPU index. vCPU 0 runs the tests its module command line
+//! names, in order (words `name` or `name=arg`), prints one `PASS name` or `FAIL name: why` line
+//! each through the console hypercall, then a summary, and exits with the number of failures.
+//! Other vCPUs say they are up and exit.
+//!
+//! Tests: `hello`, `spin=N`, `probe-pci`, `edu-bar`, `escape-read`, `escape-write`,
+//! `triple-fault`, `bad-hypercall`, `vmmcall-bench=N`.
+#![no_std]
+#![no_main]
+
+mod abi;
+mod pci;
+
+use abi::{call, hypercall, BootInfo};
+
+core::arch::global_asm!(
+    r#"
+    .section .text.entry, "ax"
+    .global _start
+_start:
+    and rsp, -16
+    call guest_main
+    ud2
+    "#
+);
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    println!("moat-test-guest: PANIC: {info}");
+    abi::exit(0xff)
+}
+
+fn cmdline(info: &BootInfo) -> &'static str {
+    if info.cmdline_len > 0xf00 {
+        return "";
+    }
+    // SAFETY: the hypervisor copied the command line into this guest's memory at cmdline_gpa
+    // (identity mapped); it is never written afterwards.
+    let bytes = unsafe {
+        core::slice::from_raw_parts(info.cmdline_gpa as *const u8, info.cmdline_len as usize)
+    };
+    core::str::from_utf8(bytes).unwrap_or("")
+}
+
+fn name(info: &BootInfo) -> &str {
+    let n = info.name.iter().position(|&b| b == 0).unwrap_or(16);
+    core::str::from_utf8(&info.name[..n]).unwrap_or("?")
+}
+
+#[no_mangle]
+extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
+    // SAFETY: the hypervisor passes the address of the boot information page in RDI.
+    let info = unsafe { *info };
+    let (_, _, insn, _) = abi::cpuid(0x4000_0001);
+    abi::select_instruction(insn);
+    if info.magic != abi::BOOT_MAGIC {
+        println!(
+            "moat-test-guest: bad boot information magic {:#x}",
+            info.magic
+        );
+        abi::exit(0xfe);
+    }
+    if vcpu != 0 {
+        println!("vcpu {vcpu} of {} up", info.vcpus);
+        abi::exit(0);
+    }
+    let line = cmdline(&info);
+    println!(
+        "moat-test-guest on {} vcpu {vcpu} of {}: {} MiB, command line `{line}`",
+        name(&info),
+        info.vcpus,
+        info.mem_size >> 20
+    );
+    let (mut passed, mut failed) = (0u32, 0u32);
+    for word in line.split_ascii_whitespace() {
+        let (test, arg) = match word.split_once('=') {
+            Some((t, a)) => (t, a.parse::<u64>().ok()),
+            None => (word, None),
+        };
+        let r = match test {
+            "hello" => hello(),
+            "spin" => spin(&info, arg.unwrap_or(10)),
+            "probe-pci" => probe_pci(),
+            "edu-bar" => edu_bar(),
+            "escape-read" => escape(&info, false),
+            "escape-write" => escape(&info, true),
+            "triple-fault" => triple_fault(),
+            "bad-hypercall" => bad_hypercall(),
+            "vmmcall-bench" => vmmcall_bench(&info, arg.unwrap_or(10_000)),
+            other => {
+                println!("FAIL {other}: unknown test");
+                failed += 1;
+                continue;
+            }
+        };
+        match r {
+            Ok(()) => {
+                println!("PASS {test}");
+                passed += 1;
+            }
+            Err(why) => {
+                println!("FAIL {test}: {why}");
+                failed += 1;
+            }
+        }
+    }
+    println!("moat-test-guest: {passed} passed, {failed} failed");
+    abi::exit(failed as u64)
+}
+
+type Outcome = Result<(), &'static str>;
+
+fn hello() -> Outcome {
+    let (max, b, c, d) = abi::cpuid(0x4000_0000);
+    let mut sig = [0u8; 12];
+    sig[..4].copy_from_slice(&b.to_le_bytes());
+    sig[4..8].copy_from_slice(&c.to_le_bytes());
+    sig[8..].copy_from_slice(&d.to_le_bytes());
+    let sig = core::str::from_utf8(&sig).unwrap_or("?");
+    let (version, features, insn, _) = abi::cpuid(0x4000_0001);
+    let hv_bit = abi::cpuid(1).2 & (1 << 31) != 0;
+    println!(
+        "hello: cpuid 0x40000000 signature `{sig}` max leaf {max:#x}; version {version} features {features:#x} instruction {insn}; hypervisor bit {hv_bit}"
+    );
+    let (status, v) = hypercall(call::VERSION, 0, 0, 0);
+    println!("hello: VERSION hypercall returned status {status} value {v}");
+    if sig != "MoatMoatMoat" || !hv_bit {
+        return Err("no Moat signature in CPUID");
+    }
+    if status != abi::OK || u64::from(version) != v {
+        return Err("VERSION hypercall disagrees with CPUID");
+    }
+    Ok(())
+}
+
+fn delay_us(info: &BootInfo, us: u64) {
+    let end = abi::rdtsc() + us * info.tsc_khz.max(1) / 1000;
+    while abi::rdtsc() < end {
+        core::hint::spin_loop();
+    }
+}
+
+fn spin(info: &BootInfo, ticks: u64) -> Outcome {
+    for i in 0..ticks {
+        println!("tick {i}");
+        delay_us(info, 20_000);
+    }
+    Ok(())
+}
+
+fn probe_pci() -> Outcome {
+    let mut count = 0;
+    let mut sized = false;
+    let mut bus_master = false;
+    pci::scan(|f| {
+        count += 1;
+        println!(
+            "pci: {:02x}:{:02x}.{} {:04x}:{:04x}",
+            f.bus, f.dev, f.func, f.vendor, f.device
+        );
+        let bar0 = pci::read32(f.bus, f.dev, f.func, 0x10);
+        pci::write32(f.bus, f.dev, f.func, 0x10, u32::MAX);
+        let mask = pci::read32(f.bus, f.dev, f.func, 0x10);
+        pci::write32(f.bus, f.dev, f.func, 0x10, bar0);
+        let after = pci::read32(f.bus, f.dev, f.func, 0x10);
+        let size = (!(mask & !0xf)).wrapping_add(1);
+        println!(
+            "pci: {:02x}:{:02x}.{} BAR0 {:#x} size {size:#x} (restored {after:#x})",
+            f.bus, f.dev, f.func, bar0
+        );
+        sized |= mask != 0 && after == bar0 && size.is_power_of_two();
+        let command = pci::read32(f.bus, f.dev, f.func, 0x04) as u16;
+        pci::write16(f.bus, f.dev, f.func, 0x04, command | 0x6);
+        let now = pci::read32(f.bus, f.dev, f.func, 0x04) as u16;
+        println!(
+            "pci: {:02x}:{:02x}.{} command {command:#06x} -> {now:#06x}",
+            f.bus, f.dev, f.func
+        );
+        bus_master |= now & 0x4 != 0;
+        let cap = pci::read32(f.bus, f.dev, f.func, 0x34) & 0xff;
+        let past = pci::read32(f.bus, f.dev, f.func, 0x40);
+        println!(
+            "pci: {:02x}:{:02x}.{} capability pointer {cap:#x}, dword 0x40 {past:#x}",
+            f.bus, f.dev, f.func
+        );
+    });
+    println!("probe-pci: {count} function(s) visible");
+    if count == 0 {
+        return Err("no PCI function visible");
+    }
+    if !sized {
+        return Err("BAR0 sizing did not work");
+    }
+    if !bus_master {
+        return Err("bus mastering could not be enabled");
+    }
+    Ok(())
+}
+
+fn edu_bar() -> Outcome {
+    let mut edu = None;
+    pci::scan(|f| {
+        if f.vendor == 0x1234 && f.device == 0x11e8 && edu.is_none() {
+            edu = Some(f);
+        }
+    });
+    let f = edu.ok_or("no edu device visible")?;
+    let bar = u64::from(pci::read32(f.bus, f.dev, f.func, 0x10) & !0xf);
+    println!(
+        "edu-bar: edu at {:02x}:{:02x}.{} BAR0 {bar:#x}",
+        f.bus, f.dev, f.func
+    );
+    let reg = |off: u64| (bar + off) as *mut u32;
+    // SAFETY: the BAR is mapped into this guest by the hypervisor at its configured address
+    // (identity-mapped, uncached, by the boot page tables); edu registers are 32-bit.
+    let (id, inverted, factorial) = unsafe {
+        let id = core::ptr::read_volatile(reg(0x00));
+        core::ptr::write_volatile(reg(0x04), 0x1234_5678);
+        let inverted = core::ptr::read_volatile(reg(0x04));
+        core::ptr::write_volatile(reg(0x08), 10);
+        let mut spins = 0u64;
+        while core::ptr::read_volatile(reg(0x20)) & 1 != 0 && spins < 100_000_000 {
+            spins += 1;
+            core::hint::spin_loop();
+        }
+        (id, inverted, core::ptr::read_volatile(reg(0x08)))
+    };
+    println!("edu-bar: id register {id:#010x}");
+    println!("edu-bar: liveness wrote 0x12345678 read {inverted:#010x}");
+    println!("edu-bar: factorial of 10 = {factorial}");
+    if id != 0x0100_00ed {
+        return Err("edu id register is not 0x010000ed");
+    }
+    if inverted != !0x1234_5678u32 {
+        return Err("edu liveness register did not invert");
+    }
+    if factorial != 3_628_800 {
+        return Err("edu factorial of 10 is not 3628800");
+    }
+    Ok(())
+}
+
+fn escape(info: &BootInfo, write: bool) -> Outcome {
+    // The first byte past this guest's memory.
+    let gpa = info.mem_size;
+    let p = gpa as *mut u64;
+    if write {
+        println!("escape: writing GPA {gpa:#x}");
+        // SAFETY: deliberately outside the partition: the hypervisor must stop this guest.
+        unsafe { core::ptr::write_volatile(p, 0x6d6f_6174_6d6f_6174) };
+    } else {
+        println!("escape: reading GPA {gpa:#x}");
+        // SAFETY: as above.
+        let v = unsafe { core::ptr::read_volatile(p) };
+        println!("escape: read {v:#x}");
+    }
+    Err("the access outside the partition went through")
+}
+
+fn triple_fault() -> Outcome {
+    println!("triple-fault: ud2 with no IDT");
+    // SAFETY: deliberately raises #UD with no IDT: #GP, #DF, shutdown.
+    unsafe { core::arch::asm!("ud2", options(nomem, nostack)) };
+    Err("still running after ud2")
+}
+
+fn bad_hypercall() -> Outcome {
+    let nr = 0x7fff_dead;
+    let (status, value) = hypercall(nr, 1, 2, 3);
+    println!("bad-hypercall: call {nr:#x} returned status {status} value {value}");
+    let (fault, _) = hypercall(call::CONSOLE_WRITE, 0xffff_f000_0000, 16, 0);
+    println!("bad-hypercall: console write from GPA 0xfffff0000000 returned status {fault}");
+    if status != abi::UNSUPP {
+        return Err("unknown hypercall did not return UNSUPP (-9)");
+    }
+    if fault != abi::FAULT {
+        return Err("console write from outside memory did not return FAULT (-8)");
+    }
+    Ok(())
+}
+
+fn vmmcall_bench(info: &BootInfo, n: u64) -> Outcome {
+    let n = n.max(1);
+    for _ in 0..100 {
+        hypercall(call::NOP, 0, 0, 0);
+    }
+    let mut bad = 0;
+    let t0 = abi::rdtsc();
+    for _ in 0..n {
+        bad += (hypercall(call::NOP, 0, 0, 0).0 != abi::OK) as u64;
+    }
+    let cycles = (abi::rdtsc() - t0) / n;
+    let ns = cycles * 1_000_000 / info.tsc_khz.max(1);
+    println!(
+        "vmmcall-bench: {n} round trips: {cycles} cycles/call, {ns} ns/call (QEMU TCG, TSC {} MHz)",
+        info.tsc_khz / 1000
+    );
+    if bad != 0 {
+        return Err("a NOP hypercall failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,301 @@
+//! Guest scenarios: the test guest (`tests/guest`, [`TEST_GUEST`]) booted as one or more Moat
+//! guests from GRUB modules. Each check looks at values the guest or the hypervisor really
+//! observed (device registers, the faulting guest-physical address, hypercall status codes,
+//! which CPU printed), not only that something printed.
+
+use crate::checks::{boot_complete, forbid_line, need_line};
+use crate::{scenario, BootModule, Exit, Machine, Scenario, TEST_GUEST};
+
+/// The guests of `cargo xtask run`: one guest with the edu device at 00:05.0.
+pub const DEMO_CMDLINE: &str = "guest=name=g0,mem=8M,dev=00:05.0";
+
+/// The demo's boot modules.
+pub fn demo_modules() -> Vec<BootModule> {
+    vec![module("g0 hello probe-pci edu-bar vmmcall-bench=2000")]
+}
+
+/// What the demo's guest must show.
+pub fn demo_check(log: &str) -> Result<(), String> {
+    need_line(log, &["g0> edu-bar: id register 0x010000ed"])?;
+    need_line(log, &["g0> moat-test-guest: 4 passed, 0 failed"])?;
+    need_line(log, &["guest g0 vcpu0: exited with code 0"])
+}
+
+fn module(cmdline: &str) -> BootModule {
+    BootModule {
+        file: TEST_GUEST,
+        cmdline: cmdline.to_string(),
+    }
+}
+
+/// Index of the first line containing every part.
+fn line_of(log: &str, parts: &[&str]) -> Result<usize, String> {
+    log.lines()
+        .position(|l| parts.iter().all(|p| l.contains(p)))
+        .ok_or_else(|| format!("no line containing all of {parts:?}"))
+}
+
+/// Index of the last line containing every part.
+fn last_line_of(log: &str, parts: &[&str]) -> Result<usize, String> {
+    log.lines()
+        .enumerate()
+        .filter(|(_, l)| parts.iter().all(|p| l.contains(p)))
+        .map(|(i, _)| i)
+        .last()
+        .ok_or_else(|| format!("no line containing all of {parts:?}"))
+}
+
+/// The run ended with every guest stopped and the hypervisor alive.
+fn guests_done(log: &str) -> Result<(), String> {
+    boot_complete(log)?;
+    need_line(log, &["vm: all guests stopped"])?;
+    forbid_line(log, &["moat: exit Failure"])
+}
+
+/// Both guests printed ticks, each from its own CPU, and their output interleaves.
+pub fn side_by_side(log: &str) -> Result<(), String> {
+    let g0 = (
+        line_of(log, &["cpu0 vm::guest: g0> tick"])?,
+        last_line_of(log, &["cpu0 vm::guest: g0> tick"])?,
+    );
+    let g1 = (
+        line_of(log, &["cpu1 vm::guest: g1> tick"])?,
+        last_line_of(log, &["cpu1 vm::guest: g1> tick"])?,
+    );
+    if g1.0 > g0.1 || g0.0 > g1.1 {
+        return Err(format!(
+            "the guests did not run side by side: g0 ticks on lines {g0:?}, g1 ticks on lines {g1:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// The guest announced `escape: <verb> GPA x`, the hypervisor reported a nested page fault at
+/// exactly `expect_gpa` for that access, and the other guest finished after it.
+fn escape_check(log: &str, verb: &str, kind: &str, expect_gpa: u64) -> Result<(), String> {
+    guests_done(log)?;
+    let announced = format!("g0> escape: {verb} GPA {expect_gpa:#x}");
+    need_line(log, &[&announced])?;
+    let fault =
+        format!("guest g0 vcpu0: nested page fault at GPA {expect_gpa:#x} ({kind}, not mapped)");
+    let at = line_of(log, &[&fault, "guest stopped"])?;
+    forbid_line(log, &["g0> escape: read 0x"])?;
+    forbid_line(log, &["g0> FAIL escape"])?;
+    let other = line_of(log, &["cpu1 vm::guest: g1> PASS spin"])?;
+    if other < at {
+        return Err("g1 finished before g0 faulted: nothing shows it went on".into());
+    }
+    need_line(log, &["guest g1 vcpu0: exited with code 0"])
+}
+
+/// Every guest scenario.
+pub fn all() -> Vec<Scenario> {
+    let mut v = Vec::new();
+
+    let mut s = scenario(
+        "guest-hello",
+        "a guest boots in 64-bit mode, finds Moat in CPUID and prints through the console hypercall",
+        Machine::default(),
+        "guest=name=g0,mem=8M",
+        Exit::Success,
+        Box::new(|log| {
+            guests_done(log)?;
+            need_line(log, &["vm: AMD SVM", "nested paging"])?;
+            need_line(log, &["cpu0 vm::guest: g0> moat-test-guest on g0 vcpu 0 of 1: 8 MiB, command line `hello`"])?;
+            need_line(log, &["g0> hello: cpuid 0x40000000 signature `MoatMoatMoat` max leaf 0x40000001", "hypervisor bit true"])?;
+            need_line(log, &["g0> hello: VERSION hypercall returned status 0 value 1"])?;
+            need_line(log, &["g0> PASS hello"])?;
+            need_line(log, &["guest g0 vcpu0: exited with code 0"])
+        }),
+    );
+    s.modules = vec![module("g0 hello")];
+    v.push(s);
+
+    let mut s = scenario(
+        "guest-two-smp2",
+        "two guests on -smp 2 run side by side, one per CPU",
+        Machine::default(),
+        "guest=name=g0,mem=8M guest=name=g1,mem=8M",
+        Exit::Success,
+        Box::new(|log| {
+            guests_done(log)?;
+            side_by_side(log)?;
+            need_line(log, &["g0> PASS spin"])?;
+            need_line(log, &["g1> PASS spin"])?;
+            need_line(log, &["guest g0 vcpu0: exited with code 0"])?;
+            need_line(log, &["guest g1 vcpu0: exited with code 0"])
+        }),
+    );
+    s.modules = vec![module("g0 spin=12"), module("g1 spin=12")];
+    v.push(s);
+
+    for (name, test, verb, kind) in [
+        ("guest-escape-read", "escape-read", "reading", "read"),
+        ("guest-escape-write", "escape-write", "writing", "write"),
+    ] {
+        let mut s = scenario(
+            name,
+            "a guest touching memory outside its partition takes a nested page fault and is stopped; the other guest goes on",
+            Machine::default(),
+            "guest=name=g0,mem=8M guest=name=g1,mem=8M",
+            Exit::Success,
+            Box::new(move |log| escape_check(log, verb, kind, 8 << 20)),
+        );
+        s.modules = vec![module(&format!("g0 {test}")), module("g1 spin=25")];
+        v.push(s);
+    }
+
+    let mut s = scenario(
+        "guest-edu",
+        "an assigned edu device works through its mapped BAR; an unassigned one and the host bridge are invisible",
+        Machine {
+            devices: vec!["edu,addr=0x5".into(), "edu,addr=0x6".into()],
+            ..Machine::default()
+        },
+        "guest=name=g0,mem=8M,dev=00:05.0",
+        Exit::Success,
+        Box::new(|log| {
+            guests_done(log)?;
+            need_line(log, &["guest g0: 00:05.0 BAR0", "mapped at the same guest-physical address"])?;
+            need_line(log, &["g0> pci: 00:05.0 1234:11e8"])?;
+            forbid_line(log, &["g0> pci: 00:06.0"])?;
+            forbid_line(log, &["g0> pci: 00:00.0"])?;
+            need_line(log, &["g0> probe-pci: 1 function(s) visible"])?;
+            need_line(log, &["g0> pci: 00:05.0 BAR0", "size 0x100000"])?;
+            need_line(log, &["g0> pci: 00:05.0 command", "-> 0x01"])?;
+            need_line(log, &["g0> pci: 00:05.0 capability pointer 0x0, dword 0x40 0x0"])?;
+            need_line(log, &["g0> PASS probe-pci"])?;
+            need_line(log, &["g0> edu-bar: id register 0x010000ed"])?;
+            need_line(log, &["g0> edu-bar: liveness wrote 0x12345678 read 0xedcba987"])?;
+            need_line(log, &["g0> edu-bar: factorial of 10 = 3628800"])?;
+            need_line(log, &["g0> PASS edu-bar"])?;
+            need_line(log, &["guest g0 vcpu0: exited with code 0"])
+        }),
+    );
+    s.modules = vec![module("g0 probe-pci edu-bar")];
+    v.push(s);
+
+    let mut s = scenario(
+        "guest-bad-hypercall",
+        "an unknown hypercall returns UNSUPP (-9) and a console write from outside memory FAULT (-8)",
+        Machine::default(),
+        "guest=name=g0,mem=8M",
+        Exit::Success,
+        Box::new(|log| {
+            guests_done(log)?;
+            need_line(log, &["guest g0 vcpu0: unknown hypercall 0x7fffdead: returned UNSUPP (-9)"])?;
+            need_line(log, &["g0> bad-hypercall: call 0x7fffdead returned status -9 value 0"])?;
+            need_line(log, &["g0> bad-hypercall: console write from GPA 0xfffff0000000 returned status -8"])?;
+            need_line(log, &["g0> PASS bad-hypercall"])?;
+            need_line(log, &["guest g0 vcpu0: exited with code 0"])
+        }),
+    );
+    s.modules = vec![module("g0 bad-hypercall")];
+    v.push(s);
+
+    let mut s = scenario(
+        "guest-triple-fault",
+        "a guest that triple-faults is stopped; the other guest goes on",
+        Machine::default(),
+        "guest=name=g0,mem=8M guest=name=g1,mem=8M",
+        Exit::Success,
+        Box::new(|log| {
+            guests_done(log)?;
+            need_line(log, &["g0> triple-fault: ud2 with no IDT"])?;
+            let at = line_of(
+                log,
+                &["guest g0 vcpu0: triple fault (shutdown)", "guest stopped"],
+            )?;
+            forbid_line(log, &["g0> FAIL triple-fault"])?;
+            let other = line_of(log, &["cpu1 vm::guest: g1> PASS spin"])?;
+            if other < at {
+                return Err("g1 finished before g0 faulted: nothing shows it went on".into());
+            }
+            need_line(log, &["guest g1 vcpu0: exited with code 0"])
+        }),
+    );
+    s.modules = vec![module("g0 triple-fault"), module("g1 spin=25")];
+    v.push(s);
+
+    let mut s = scenario(
+        "guest-config",
+        "a 2-vCPU guest gets both CPUs; a guest with no CPU left or no module is refused with a clear line",
+        Machine::default(),
+        "guest=name=g0,mem=8M,cpus=2 guest=name=g1,mem=8M guest=name=g2,mem=8M",
+        Exit::Success,
+        Box::new(|log| {
+            guests_done(log)?;
+            need_line(log, &["cpu1 vm::guest: g0> vcpu 1 of 2 up"])?;
+            need_line(log, &["guest g0 vcpu1: exited with code 0"])?;
+            need_line(log, &["g0> PASS hello"])?;
+            need_line(log, &["guest g1: needs 1 CPU(s), 0 of 2 left", "not started"])?;
+            need_line(log, &["guest g2: no boot module", "not started"])?;
+            need_line(log, &["vm: all guests stopped (1 started of 3 configured)"])
+        }),
+    );
+    s.modules = vec![module("g0 hello"), module("g1 hello")];
+    v.push(s);
+
+    let mut s = scenario(
+        "guest-vmmcall-bench",
+        "VMMCALL round trip measured in the guest (QEMU TCG)",
+        Machine::default(),
+        "guest=name=g0,mem=8M",
+        Exit::Success,
+        Box::new(|log| {
+            guests_done(log)?;
+            need_line(
+                log,
+                &[
+                    "g0> vmmcall-bench: 20000 round trips:",
+                    "cycles/call",
+                    "ns/call (QEMU TCG",
+                ],
+            )?;
+            need_line(log, &["g0> PASS vmmcall-bench"])
+        }),
+    );
+    s.modules = vec![module("g0 vmmcall-bench=20000")];
+    v.push(s);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn side_by_side_needs_interleaving_from_two_cpus() {
+        let ok = "\
+x cpu0 vm::guest: g0> tick 0
+x cpu1 vm::guest: g1> tick 0
+x cpu0 vm::guest: g0> tick 1
+x cpu1 vm::guest: g1> tick 1
+";
+        assert!(side_by_side(ok).is_ok());
+        let serial = "\
+x cpu0 vm::guest: g0> tick 0
+x cpu0 vm::guest: g0> tick 1
+x cpu1 vm::guest: g1> tick 0
+x cpu1 vm::guest: g1> tick 1
+";
+        assert!(side_by_side(serial).is_err());
+        assert!(side_by_side(&ok.replace("cpu1", "cpu0")).is_err());
+    }
+
+    #[test]
+    fn escape_check_wants_the_exact_gpa() {
+        let log = "\
+[0] INFO  cpu0 platform: paging: W^X enforced
+moat: boot complete
+[1] INFO  cpu0 vm::guest: g0> escape: reading GPA 0x800000
+[2] ERROR cpu0 vm::guest: guest g0 vcpu0: nested page fault at GPA 0x800000 (read, not mapped) rip=0x1: outside its memory and devices; guest stopped
+[3] INFO  cpu1 vm::guest: g1> PASS spin
+[4] INFO  cpu1 vm::guest: guest g1 vcpu0: exited with code 0
+[5] INFO  cpu0 vm: vm: all guests stopped (2 started of 2 configured)
+";
+        assert_eq!(escape_check(log, "reading", "read", 0x80_0000), Ok(()));
+        assert!(escape_check(log, "reading", "read", 0x80_1000).is_err());
+        assert!(escape_check(log, "writing", "write", 0x80_0000).is_err());
+    }
+}
