@@ -8,10 +8,38 @@
 //! - [`inval`]: invalidation descriptors, the queue, register-based invalidation;
 //! - [`fault`]: fault record decoding and counters;
 //! - [`domain`]: domain ids and [`Domain`];
-//! - [`unit`]: [`Unit`], one remapping unit: bring-up, attach/detach, flush, faults;
+//! - [`mod@unit`]: [`Unit`], one remapping unit: bring-up, attach/detach, flush, faults;
 //! - [`hw`]: the traits the kernel implements ([`RegisterWindow`], [`DmaMemory`], [`Clock`]).
 //!
 //! The crate has no `unsafe`: every hardware access goes through the [`hw`] traits.
+//!
+//! # Using it from the kernel
+//!
+//! One [`Unit`] per DRHD (its register base from the DMAR table). The kernel provides:
+//! - a [`RegisterWindow`] doing volatile 32/64-bit accesses at `base + offset` of the unit's
+//!   uncached register page(s);
+//! - a [`DmaMemory`] handing out zeroed 4 KiB frames, doing volatile loads/stores at physical
+//!   addresses inside them (identity map), and `clflush` + `mfence` for `flush_cache`
+//!   (QEMU reports `ECAP.C = 0`, so it is called);
+//! - a [`Clock`] in nanoseconds (TSC-based, or a per-call counter as a spin budget).
+//!
+//! ```text
+//! let mut unit = Unit::new(regs, clock, UnitConfig::new(drhd_index))?;
+//! unit.enable(&mut mem)?;                          // root, SRTP, global flush, QI, TE
+//! unit.configure_fault_interrupt(msi_addr, msi_data); // optional; else poll
+//! let mut dom = unit.create_domain(&mut mem)?;     // domain id != 0, empty tables
+//! let mut g = dom.gather();
+//! for rmrr in rmrrs_of(device) {                   // before attach: no window without it
+//!     dom.map_identity(&mut mem, rmrr.base, rmrr.len, Access::READ | Access::WRITE, &mut g)?;
+//! }
+//! unit.attach(&mut mem, &mut dom, SourceId::new(bus, dev, func))?;
+//! dom.map(&mut mem, iova, phys, len, Access::READ | Access::WRITE, &mut g)?;
+//! unit.flush(&mut mem, &mut g)?;                   // needed with CM=1 or RWBF; cheap else
+//! dom.unmap(&mut mem, iova, len, &mut g)?;         // many unmaps ...
+//! let done = unit.flush(&mut mem, &mut g)?;        // ... one flush: fewest PSIs + one wait
+//! free_iovas(done.unmapped);                       // only now may IOVAs/frames be reused
+//! unit.poll_faults(16, |rec| deliver(rec));        // from the fault MSI handler or a timer
+//! ```
 #![no_std]
 #![forbid(unsafe_code)]
 

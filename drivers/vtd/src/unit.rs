@@ -629,6 +629,29 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         Ok(out)
     }
 
+    /// Invalidates every IOTLB entry of domain `did` and waits (e.g. when a deferred flush
+    /// queue overflows). Does not release anything: pending gathers still need [`Unit::flush`].
+    pub fn invalidate_domain<M: DmaMemory>(&mut self, mem: &mut M, did: u16) -> Result<(), Error> {
+        if !self.enabled {
+            return Ok(());
+        }
+        self.invalidate(mem, &[Invalidation::Iotlb(IotlbGranularity::Domain(did))])
+    }
+
+    /// Invalidates the whole context cache and IOTLB of the unit and waits.
+    pub fn invalidate_all<M: DmaMemory>(&mut self, mem: &mut M) -> Result<(), Error> {
+        if !self.enabled {
+            return Ok(());
+        }
+        self.invalidate(
+            mem,
+            &[
+                Invalidation::Context(ContextGranularity::Global),
+                Invalidation::Iotlb(IotlbGranularity::Global),
+            ],
+        )
+    }
+
     /// Drains up to `budget` primary fault records: decodes each (the domain is looked up
     /// from the attached source id), counts it per domain and source, hands it to `sink`
     /// and clears it (F is write-1-to-clear). A primary fault overflow is counted as

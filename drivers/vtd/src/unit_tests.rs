@@ -689,3 +689,30 @@ mod model {
         }
     }
 }
+
+#[test]
+fn explicit_domain_and_global_invalidation_drop_stale_entries() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x5000, 0x7000, 0x2000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    assert!(hw.dma(EDU.0, 0x5000, false).is_ok());
+    assert!(hw.dma(EDU.0, 0x6000, false).is_ok());
+    dom.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+    assert!(hw.dma(EDU.0, 0x5000, false).is_ok(), "stale");
+    unit.invalidate_domain(&mut mem, dom.id()).unwrap();
+    assert_eq!(hw.dma(EDU.0, 0x5000, false), Err(6));
+    drain(&mut unit);
+    // The gather still owns the IOVA until it is flushed.
+    assert_eq!(g.unmapped().len(), 1);
+    assert!(hw.dma(EDU.0, 0x6000, false).is_ok(), "cached again");
+    dom.unmap(&mut mem, 0x6000, 0x1000, &mut g).unwrap();
+    assert!(hw.dma(EDU.0, 0x6000, false).is_ok(), "stale");
+    unit.invalidate_all(&mut mem).unwrap();
+    assert_eq!(hw.dma(EDU.0, 0x6000, false), Err(6));
+    assert_eq!(unit.flush(&mut mem, &mut g).unwrap().unmapped.len(), 2);
+}
