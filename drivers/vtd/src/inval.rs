@@ -230,6 +230,7 @@ impl InvalidationQueue {
         let mut rest = invs;
         loop {
             let (now, later) = rest.split_at(rest.len().min(round));
+            self.wait_for_space(regs, clock, timeout_ns, now.len() + 1)?;
             for inv in now {
                 let d = Descriptor::from_invalidation(*inv, self.drain_reads, self.drain_writes);
                 self.write_desc(mem, d);
@@ -246,6 +247,32 @@ impl InvalidationQueue {
             }
             rest = later;
         }
+    }
+
+    /// Number of free descriptor slots given the hardware head (one slot always stays
+    /// empty so that `head == tail` means empty).
+    pub const fn free_slots(head: usize, tail: usize) -> usize {
+        (head + QUEUE_ENTRIES - tail - 1) % QUEUE_ENTRIES
+    }
+
+    /// Waits until `needed` slots are free, so a submission never overwrites descriptors the
+    /// hardware has not fetched (possible only after an earlier wait timed out).
+    fn wait_for_space<R: RegisterWindow, C: Clock>(
+        &self,
+        regs: &mut R,
+        clock: &C,
+        timeout_ns: u64,
+        needed: usize,
+    ) -> Result<(), Error> {
+        let tail = self.tail;
+        poll_until(clock, timeout_ns, || {
+            let head = queue_index(regs.read64(offset::IQH)) % QUEUE_ENTRIES;
+            (Self::free_slots(head, tail) >= needed).then_some(())
+        })
+        .ok_or_else(|| {
+            log::error!("vt-d: invalidation queue full (hardware stalled?)");
+            Error::Timeout(Operation::InvalidationWait)
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -466,6 +493,15 @@ mod tests {
         // QEMU's reserved masks for IOTLB descriptors.
         assert_eq!(d.lo & 0xffff_ffff_0000_ff00, 0);
         assert_eq!(d.hi & 0xf80, 0);
+    }
+
+    #[test]
+    fn free_slots_wrap() {
+        assert_eq!(InvalidationQueue::free_slots(0, 0), QUEUE_ENTRIES - 1);
+        assert_eq!(InvalidationQueue::free_slots(5, 4), 0);
+        assert_eq!(InvalidationQueue::free_slots(4, 5), QUEUE_ENTRIES - 2);
+        assert_eq!(InvalidationQueue::free_slots(0, QUEUE_ENTRIES - 1), 0);
+        assert_eq!(InvalidationQueue::free_slots(10, 2), 7);
     }
 
     #[test]

@@ -716,3 +716,41 @@ fn explicit_domain_and_global_invalidation_drop_stale_entries() {
     assert_eq!(hw.dma(EDU.0, 0x6000, false), Err(6));
     assert_eq!(unit.flush(&mut mem, &mut g).unwrap().unmapped.len(), 2);
 }
+
+#[test]
+fn stalled_queue_is_never_overwritten() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x5000, 0x7000, 0x1000, RW, &mut g)
+        .unwrap();
+    dom.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+    hw.state().ignore_waits = true;
+    assert!(unit.flush(&mut mem, &mut g).is_err());
+    let (iqa, head) = {
+        let s = hw.state();
+        (s.iqa & !0xfff, s.iqh as u64)
+    };
+    let stuck = mem.peek_u64(iqa + head * 16);
+    assert_eq!(
+        stuck & 0xf,
+        5,
+        "the hardware stopped at the wait descriptor"
+    );
+    let mut errors = 0;
+    for _ in 0..300 {
+        assert_eq!(
+            unit.flush(&mut mem, &mut g),
+            Err(Error::Timeout(Operation::InvalidationWait))
+        );
+        errors += 1;
+        assert_eq!(
+            mem.peek_u64(iqa + head * 16),
+            stuck,
+            "after {errors} flushes"
+        );
+    }
+    assert_eq!(g.pending_tables(), 2);
+}
