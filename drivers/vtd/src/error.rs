@@ -21,6 +21,8 @@ pub enum Operation {
     IotlbCommand,
     /// Invalidation wait descriptor status write.
     InvalidationWait,
+    /// Free space in the invalidation queue (IQH not advancing).
+    InvalidationQueueSpace,
     /// PMEN.PRS clear.
     ProtectedMemoryDisable,
 }

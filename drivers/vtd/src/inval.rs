@@ -271,7 +271,7 @@ impl InvalidationQueue {
         })
         .ok_or_else(|| {
             log::error!("vt-d: invalidation queue full (hardware stalled?)");
-            Error::Timeout(Operation::InvalidationWait)
+            Error::Timeout(Operation::InvalidationQueueSpace)
         })
     }
 
