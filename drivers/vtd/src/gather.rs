@@ -5,8 +5,9 @@
 //! domain until [`crate::Unit::flush`] has issued the invalidations and the wait descriptor
 //! reported completion. [`Gather::plan`] turns the accumulated ranges into the fewest
 //! page-selective invalidations (one naturally aligned block per merged range, nested blocks
-//! dropped, buddies merged), or one domain-selective invalidation when PSI is unsupported,
-//! a block exceeds `CAP.MAMV`, or too many descriptors would be needed.
+//! folded, neighbours merged into their common aligned block while it stays within twice the
+//! bytes requested), or one domain-selective invalidation when PSI is unsupported, a block
+//! exceeds `CAP.MAMV`, or too many descriptors would be needed.
 
 use alloc::vec::Vec;
 use core::ops::Range;
@@ -185,45 +186,43 @@ impl Gather {
         }
         let mut ranges = self.inval.clone();
         merge_ranges(&mut ranges);
-        let mut blocks: Vec<PsiBlock> = Vec::with_capacity(ranges.len());
+        // (block, bytes actually requested inside it)
+        let mut blocks: Vec<(PsiBlock, u64)> = Vec::with_capacity(ranges.len());
         for r in &ranges {
             let b = psi_cover(r.start, r.end);
             if b.am > mamv {
                 return FlushPlan::Domain;
             }
-            blocks.push(b);
+            blocks.push((b, r.end - r.start));
         }
-        // Aligned blocks either nest or are disjoint: sort by address (bigger first on ties)
-        // and drop blocks inside the previous kept one.
-        blocks.sort_by(|a, b| a.addr.cmp(&b.addr).then(b.am.cmp(&a.am)));
-        let mut kept: Vec<PsiBlock> = Vec::with_capacity(blocks.len());
-        for b in blocks {
-            if let Some(top) = kept.last() {
-                if b.addr < top.end() {
+        // Aligned blocks either nest or are disjoint: sort by address (bigger first on ties),
+        // fold blocks inside the previous kept one into it, and merge neighbours into their
+        // common aligned cover while that cover is at most twice the bytes really requested
+        // (exact buddies always qualify; far-apart pages never do).
+        blocks.sort_by(|a, b| a.0.addr.cmp(&b.0.addr).then(b.0.am.cmp(&a.0.am)));
+        let mut kept: Vec<(PsiBlock, u64)> = Vec::with_capacity(blocks.len());
+        for (b, w) in blocks {
+            if let Some(top) = kept.last_mut() {
+                if b.addr < top.0.end() {
+                    top.1 += w;
                     continue;
                 }
             }
-            kept.push(b);
-            // Merge buddies bottom-up while the two topmost blocks are siblings.
+            kept.push((b, w));
             while kept.len() >= 2 {
                 let n = kept.len();
-                let (a, b) = (kept[n - 2], kept[n - 1]);
-                let parent_am = a.am + 1;
-                if a.am == b.am
-                    && parent_am <= mamv
-                    && a.addr % (4096u64 << parent_am) == 0
-                    && b.addr == a.end()
-                {
-                    kept.truncate(n - 2);
-                    kept.push(PsiBlock {
-                        addr: a.addr,
-                        am: parent_am,
-                    });
-                } else {
+                let ((a, wa), (b, wb)) = (kept[n - 2], kept[n - 1]);
+                let cover = psi_cover(a.addr, b.end());
+                if cover.am > mamv || cover.size() > 2u64.saturating_mul(wa + wb) {
                     break;
                 }
+                // A cover reaching below `a` and containing earlier blocks merges with them
+                // in the next rounds: their cover is itself, within the same bound.
+                kept.truncate(n - 2);
+                kept.push((cover, wa + wb));
             }
         }
+        let kept: Vec<PsiBlock> = kept.into_iter().map(|(b, _)| b).collect();
         if kept.len() > max_blocks {
             return FlushPlan::Domain;
         }
@@ -321,6 +320,43 @@ mod tests {
                 ],
                 ih: true
             }
+        );
+    }
+
+    #[test]
+    fn plan_merges_near_neighbours_but_not_far_ones() {
+        let blocks = |pages: &[u64]| {
+            let mut g = Gather::new(0, 1);
+            for p in pages {
+                g.add_unmapped(p * 4096..(p + 1) * 4096);
+            }
+            match g.plan(true, 18, 64) {
+                FlushPlan::Pages { blocks, .. } => blocks,
+                p => panic!("{p:?}"),
+            }
+        };
+        // Pages 0 and 2: one 4-page block (twice the requested bytes).
+        assert_eq!(blocks(&[0, 2]), vec![PsiBlock { addr: 0, am: 2 }]);
+        // Every other page of 16: one 64 KiB block for 8 requested pages.
+        assert_eq!(
+            blocks(&[0, 2, 4, 6, 8, 10, 12, 14]),
+            vec![PsiBlock { addr: 0, am: 4 }]
+        );
+        // Far apart: kept separate.
+        assert_eq!(
+            blocks(&[0, 100]),
+            vec![
+                PsiBlock { addr: 0, am: 0 },
+                PsiBlock {
+                    addr: 100 * 4096,
+                    am: 0
+                }
+            ]
+        );
+        // A merge whose cover reaches below an earlier block takes that block in too.
+        assert_eq!(
+            blocks(&[0, 5, 8, 9, 10, 11, 12, 13, 14, 15]),
+            vec![PsiBlock { addr: 0, am: 4 }]
         );
     }
 
