@@ -279,6 +279,25 @@ impl Guest {
         // SAFETY: the frames were just allocated for this partition alone and are identity
         // mapped RW; zeroing them keeps hypervisor data from leaking into the guest.
         unsafe { core::ptr::write_bytes(hpa as *mut u8, 0, mem as usize) };
+        let built = Self::populate(backend, config, &elf, devices, cmdline, ecams, hpa);
+        if built.is_err() {
+            frames::free_contiguous(hpa, mem / PAGE_SIZE);
+        }
+        built
+    }
+
+    /// Second half of [`Guest::create`]: everything after the partition at `hpa` exists.
+    fn populate(
+        backend: &Backend,
+        config: &GuestConfig,
+        elf: &Elf<'_>,
+        devices: Vec<AssignedDevice>,
+        cmdline: &str,
+        ecams: Ecams,
+        hpa: u64,
+    ) -> Result<(&'static Guest, Vec<Vcpu>), GuestError> {
+        let mem = config.mem;
+        let vcpus = usize::from(config.cpus.max(1));
         let mut space = backend.new_stage2()?;
         space.map(0, hpa, mem, MemKind::Ram)?;
         for d in &devices {

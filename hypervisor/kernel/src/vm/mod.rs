@@ -156,7 +156,7 @@ pub fn run(boot: &BootInfo, config: &Config, platform: &Platform) {
         let image = unsafe {
             core::slice::from_raw_parts(
                 module.start as *const u8,
-                (module.end - module.start) as usize,
+                module.end.saturating_sub(module.start) as usize,
             )
         };
         match Guest::create(&backend, c, image, args, ecams) {
