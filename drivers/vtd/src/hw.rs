@@ -52,10 +52,10 @@ pub trait DmaMemory {
     fn read_u32(&self, addr: PhysAddr) -> u32;
     /// Volatile 32-bit store to `addr` (4-byte aligned, inside an allocated frame).
     fn write_u32(&mut self, addr: PhysAddr, value: u32);
-    /// Writes back the cache lines covering `[addr, addr + len)` to memory (`clflush` or
-    /// `clflushopt` per 64-byte line followed by `mfence`). Called only for units whose
-    /// `ECAP.C` is 0 (page walks do not snoop the CPU caches). A coherent-only platform may
-    /// implement it as a fence.
+    /// Writes back and invalidates the cache lines covering `[addr, addr + len)`
+    /// (`clflush` per 64-byte line, then `mfence`). Called only for units whose `ECAP.C` is 0
+    /// (page walks do not snoop the CPU caches): after table and descriptor writes, and
+    /// before each read of the wait status word so a non-snooped hardware write is seen.
     fn flush_cache(&mut self, addr: PhysAddr, len: usize);
 }
 

@@ -107,6 +107,7 @@ pub struct PageTable {
     root: PhysAddr,
     cfg: TableConfig,
     table_pages: usize,
+    mapped_bytes: u64,
 }
 
 impl PageTable {
@@ -120,6 +121,7 @@ impl PageTable {
             root,
             cfg,
             table_pages: 1,
+            mapped_bytes: 0,
         })
     }
 
@@ -131,6 +133,11 @@ impl PageTable {
     /// The configuration the tables were built with.
     pub fn config(&self) -> &TableConfig {
         &self.cfg
+    }
+
+    /// Bytes currently mapped (for per-domain quotas).
+    pub fn mapped_bytes(&self) -> u64 {
+        self.mapped_bytes
     }
 
     /// Number of table pages currently linked into the tree (root included).
@@ -214,6 +221,7 @@ impl PageTable {
             }
             cur += level_size(level);
         }
+        self.mapped_bytes += len;
         gather.add_mapped(iova..end, self.cfg.caching_mode);
         Ok(())
     }
@@ -298,6 +306,7 @@ impl PageTable {
             cur = base + s;
         }
         self.clear_range(mem, self.root, self.cfg.levels.count(), iova, end, gather);
+        self.mapped_bytes -= len;
         gather.add_unmapped(iova..end);
         Ok(())
     }
@@ -728,6 +737,7 @@ mod tests {
                     }
                 }
             }
+            prop_assert_eq!(pt.mapped_bytes(), model.len() as u64 * 4096);
             // Frame accounting: linked + pending == live.
             prop_assert_eq!(pt.table_pages() + g.pending_tables(), mem.live_frames());
             let (_, tables) = g.take();
