@@ -1,16 +1,17 @@
 //! The backing allocator: exact, O(log n) allocation of naturally aligned power-of-two ranges.
 //!
-//! Two AVL trees share one node arena that is allocated when the allocator is built (so no path
-//! through here allocates memory):
+//! Everything is allocated when the allocator is built, so no path through here allocates
+//! memory:
 //!
-//! * the **free tree** holds the free ranges of the window, keyed by start, coalesced (no two
+//! * the **free tree**, an AVL tree over a fixed node arena, holds the free ranges of the window, keyed by start, coalesced (no two
 //!   free ranges touch). Each node is augmented with the largest order `k` such that some range
 //!   in its subtree contains a `2^k`-aligned block of `2^k` pages. Because a fit of order `j`
 //!   implies a fit of every order below `j`, the augmentation is exact, and a descent finds the
 //!   lowest free range that fits an order in O(height) without ever walking ranges linearly;
-//! * the **allocated tree** holds every range handed out (to a caller, or sitting in a per-CPU
-//!   or depot magazine), keyed by start, with its order and [`State`]. It is what lets a bad
-//!   free be rejected instead of corrupting the free tree.
+//! * the **registry** (a fixed-size hash table, see [`crate::registry`]) holds every range handed
+//!   out (to a caller, or sitting in a per-CPU or depot magazine) by start, with its order and
+//!   [`State`]. It is what lets a bad free be rejected instead of corrupting the free tree, in
+//!   O(1) expected time.
 //!
 //! Allocation is lowest-address first. The lowest fitting free range also has the lowest
 //! fitting block, so a caller limit (DMA mask) is honoured by one comparison after the descent.
@@ -22,14 +23,8 @@ use alloc::vec::Vec;
 
 const NONE: u32 = u32::MAX;
 
-/// Who holds an allocated range.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum State {
-    /// Handed to a caller.
-    Live,
-    /// Back in a magazine (tracked only when strict checking is on).
-    Cached,
-}
+use crate::registry::Registry;
+pub(crate) use crate::registry::State;
 
 #[derive(Clone, Copy, Debug)]
 struct Node {
@@ -38,10 +33,8 @@ struct Node {
     left: u32,
     right: u32,
     height: u8,
-    /// Free tree: 1 + the largest order that fits in this subtree (0: none).
+    /// 1 + the largest order that fits in this subtree (0: none).
     fit: u8,
-    order: u8,
-    state: State,
 }
 
 /// Counters kept by the backing allocator.
@@ -61,7 +54,7 @@ pub(crate) struct Backing {
     spare: u32,
     spare_count: usize,
     free_root: u32,
-    alloc_root: u32,
+    reg: Registry,
     end: u64,
     max_ranges: u64,
     counts: Counts,
@@ -94,10 +87,10 @@ impl Backing {
     /// A backing allocator for the window `[base, end)` able to track `max_ranges` allocated
     /// ranges (allocates its node arena; construction only).
     pub(crate) fn new(base: u64, end: u64, max_ranges: usize) -> Result<Self, Error> {
-        // Free ranges are separated by allocated ones, so there is at most one more of them.
+        // Free ranges are separated by allocated ones, so there is at most one more of them
+        // (and one more transiently while a free splits nothing and merges nothing).
         let cap = max_ranges
-            .checked_mul(2)
-            .and_then(|n| n.checked_add(2))
+            .checked_add(2)
             .filter(|&n| n < NONE as usize)
             .ok_or(Error::InvalidConfig)?;
         let mut nodes = Vec::new();
@@ -111,15 +104,13 @@ impl Backing {
             right: NONE,
             height: 0,
             fit: 0,
-            order: 0,
-            state: State::Live,
         }));
         let mut b = Self {
             nodes,
             spare: 0,
             spare_count: cap,
             free_root: NONE,
-            alloc_root: NONE,
+            reg: Registry::new(max_ranges)?,
             end,
             max_ranges: max_ranges as u64,
             counts: Counts::default(),
@@ -149,8 +140,6 @@ impl Backing {
             right: NONE,
             height: 1,
             fit: 0,
-            order: 0,
-            state: State::Live,
         };
         Some(n)
     }
@@ -404,9 +393,7 @@ impl Backing {
         }
         let size = 1u64 << order;
         let limit = limit.min(self.end);
-        // One node for the allocated range, one for splitting a free range in two (always there
-        // below `max_ranges`: nodes in use <= 2 * allocated + 1).
-        if self.counts.allocated_ranges >= self.max_ranges || self.spare_count < 2 {
+        if self.reg.len() as u64 >= self.max_ranges {
             return Err(Error::NoSpace);
         }
         let t = self.find_fit(order);
@@ -421,6 +408,11 @@ impl Backing {
         if blk_end > limit {
             return Err(Error::NoSpace);
         }
+        // A split needs a second node; below `max_ranges` the arena always has one.
+        if a < blk && blk_end < b && self.spare_count == 0 {
+            return Err(Error::NoSpace);
+        }
+        self.reg.insert(blk, order, State::Live)?;
         let (root, x) = self.remove(self.free_root, a, true);
         debug_assert_eq!(x, t);
         self.free_root = root;
@@ -443,16 +435,9 @@ impl Backing {
             self.free_root = self.insert(self.free_root, n, true);
             self.counts.free_ranges += 1;
         }
-        let n = match reuse {
-            Some(n) => n,
-            None => self.new_node(blk, blk_end).ok_or(Error::Inconsistent)?,
-        };
-        let node = self.nm(n);
-        node.start = blk;
-        node.end = blk_end;
-        node.order = order;
-        node.state = State::Live;
-        self.alloc_root = self.insert(self.alloc_root, n, false);
+        if let Some(n) = reuse {
+            self.release_node(n);
+        }
         self.counts.allocated_ranges += 1;
         self.counts.free_pages -= size;
         self.counts.live_pages += size;
@@ -460,19 +445,14 @@ impl Backing {
     }
 
     /// Looks up the allocated range starting at `pfn` and checks its order and state.
-    fn check(&self, pfn: u64, order: u8, expect: State) -> Result<u32, Error> {
-        let t = self.find(self.alloc_root, pfn);
-        if t == NONE {
-            return Err(Error::NotAllocated);
+    fn check(&self, pfn: u64, order: u8, expect: State) -> Result<crate::registry::Entry, Error> {
+        let e = self.reg.find(pfn).ok_or(Error::NotAllocated)?;
+        let (o, state) = self.reg.get(e);
+        if o != order {
+            return Err(Error::WrongSize { allocated_order: o });
         }
-        let n = self.n(t);
-        if n.order != order {
-            return Err(Error::WrongSize {
-                allocated_order: n.order,
-            });
-        }
-        match (n.state, expect) {
-            (s, e) if s == e => Ok(t),
+        match (state, expect) {
+            (s, e2) if s == e2 => Ok(e),
             (State::Cached, State::Live) => Err(Error::DoubleFree),
             _ => Err(Error::Inconsistent),
         }
@@ -486,8 +466,8 @@ impl Backing {
         from: State,
         to: State,
     ) -> Result<(), Error> {
-        let t = self.check(pfn, order, from)?;
-        self.nm(t).state = to;
+        let e = self.check(pfn, order, from)?;
+        self.reg.set_state(e, to);
         let size = 1u64 << order;
         match to {
             State::Live => {
@@ -504,38 +484,53 @@ impl Backing {
 
     /// Frees the allocated range at `pfn`, which must have `order` and be in state `expect`.
     pub(crate) fn free(&mut self, pfn: u64, order: u8, expect: State) -> Result<(), Error> {
-        let t = self.check(pfn, order, expect)?;
+        let e = self.check(pfn, order, expect)?;
         let size = 1u64 << order;
-        let (root, x) = self.remove(self.alloc_root, pfn, false);
-        debug_assert_eq!(x, t);
-        self.alloc_root = root;
+        let (mut a, mut b) = (pfn, pfn + size);
+        let p = self.floor(self.free_root, pfn);
+        let p = if p != NONE && self.n(p).end == pfn {
+            p
+        } else {
+            NONE
+        };
+        let q = self.find(self.free_root, b);
+        // Merging nothing needs a node; the arena always has one below `max_ranges` ranges.
+        if p == NONE && q == NONE && self.spare_count == 0 {
+            return Err(Error::Inconsistent);
+        }
+        self.reg.remove(e);
         self.counts.allocated_ranges -= 1;
         match expect {
             State::Live => self.counts.live_pages -= size,
             State::Cached => self.counts.cached_pages -= size,
         }
         self.counts.free_pages += size;
-        let (mut a, mut b) = (pfn, pfn + size);
-        let p = self.floor(self.free_root, pfn);
-        if p != NONE && self.n(p).end == pfn {
+        let mut keep = NONE;
+        if p != NONE {
             a = self.n(p).start;
             let (root, _) = self.remove(self.free_root, a, true);
             self.free_root = root;
-            self.release_node(p);
             self.counts.free_ranges -= 1;
+            keep = p;
         }
-        let q = self.find(self.free_root, b);
         if q != NONE {
             b = self.n(q).end;
             let (root, _) = self.remove(self.free_root, self.n(q).start, true);
             self.free_root = root;
-            self.release_node(q);
             self.counts.free_ranges -= 1;
+            if keep == NONE {
+                keep = q;
+            } else {
+                self.release_node(q);
+            }
         }
-        let node = self.nm(t);
+        if keep == NONE {
+            keep = self.new_node(a, b).ok_or(Error::Inconsistent)?;
+        }
+        let node = self.nm(keep);
         node.start = a;
         node.end = b;
-        self.free_root = self.insert(self.free_root, t, true);
+        self.free_root = self.insert(self.free_root, keep, true);
         self.counts.free_ranges += 1;
         Ok(())
     }
@@ -543,22 +538,35 @@ impl Backing {
     /// Full structural check (O(n)): AVL shape, augmentation, ordering, disjointness, counters.
     pub(crate) fn verify(&self, base: u64) -> Result<(), &'static str> {
         let mut free = Vec::new();
-        self.walk(self.free_root, true, &mut free)?;
-        let mut allocd = Vec::new();
-        self.walk(self.alloc_root, false, &mut allocd)?;
+        self.walk(self.free_root, &mut free)?;
+        let mut allocd: Vec<(u64, u64)> = Vec::new();
+        let (mut live, mut cached) = (0u64, 0u64);
+        for (pfn, order, state) in self.reg.entries() {
+            if order >= 64 || pfn & ((1u64 << order) - 1) != 0 {
+                return Err("allocated range is not a naturally aligned power of two");
+            }
+            allocd.push((pfn, pfn + (1u64 << order)));
+            match state {
+                State::Live => live += 1 << order,
+                State::Cached => cached += 1 << order,
+            }
+        }
+        if !self.reg.probe_runs_intact() {
+            return Err("registry probe runs broken");
+        }
+        if (live, cached) != (self.counts.live_pages, self.counts.cached_pages) {
+            return Err("live and cached counters disagree with the registry");
+        }
         let free_pages: u64 = free.iter().map(|&(a, b)| b - a).sum();
         if free_pages != self.counts.free_pages || free.len() as u64 != self.counts.free_ranges {
             return Err("free counters disagree with the free tree");
         }
         if allocd.len() as u64 != self.counts.allocated_ranges {
-            return Err("allocated counter disagrees with the allocated tree");
+            return Err("allocated counter disagrees with the registry");
         }
         let alloc_pages: u64 = allocd.iter().map(|&(a, b)| b - a).sum();
         if alloc_pages + free_pages != self.end - base {
             return Err("free and allocated pages do not add up to the window");
-        }
-        if alloc_pages != self.counts.live_pages + self.counts.cached_pages {
-            return Err("live and cached pages do not add up");
         }
         for w in free.windows(2) {
             if w[0].1 >= w[1].0 {
@@ -575,37 +583,30 @@ impl Backing {
                 return Err("ranges overlap or leave a gap");
             }
         }
-        if self.nodes.len() - self.spare_count != free.len() + allocd.len() {
+        if self.nodes.len() - self.spare_count != free.len() {
             return Err("node arena accounting is off");
         }
         Ok(())
     }
 
-    fn walk(&self, t: u32, aug: bool, out: &mut Vec<(u64, u64)>) -> Result<(u8, u8), &'static str> {
+    fn walk(&self, t: u32, out: &mut Vec<(u64, u64)>) -> Result<(u8, u8), &'static str> {
         if t == NONE {
             return Ok((0, 0));
         }
         let n = *self.n(t);
-        let (hl, fl) = self.walk(n.left, aug, out)?;
+        let (hl, fl) = self.walk(n.left, out)?;
         if out.last().is_some_and(|&(a, _)| a >= n.start) {
             return Err("tree keys out of order");
         }
         if n.start >= n.end {
             return Err("empty range in a tree");
         }
-        if !aug && (n.end - n.start != 1u64 << n.order || n.start & ((1u64 << n.order) - 1) != 0) {
-            return Err("allocated range is not a naturally aligned power of two");
-        }
         out.push((n.start, n.end));
-        let (hr, fr) = self.walk(n.right, aug, out)?;
+        let (hr, fr) = self.walk(n.right, out)?;
         if hl.abs_diff(hr) > 1 || n.height != 1 + hl.max(hr) {
             return Err("AVL height or balance wrong");
         }
-        let fit = if aug {
-            own_fit(n.start, n.end).max(fl).max(fr)
-        } else {
-            0
-        };
+        let fit = own_fit(n.start, n.end).max(fl).max(fr);
         if n.fit != fit {
             return Err("fit augmentation wrong");
         }

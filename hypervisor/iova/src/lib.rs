@@ -60,6 +60,7 @@ extern crate alloc;
 mod backing;
 mod magazine;
 mod percpu;
+mod registry;
 pub mod stack;
 mod sync;
 

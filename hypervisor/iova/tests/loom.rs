@@ -228,7 +228,9 @@ fn depot_trim_races_with_refill() {
         {
             // Put two full magazines in the depot (target 1: one is surplus).
             let mut h = a.claim(1).unwrap();
-            let v: Vec<Iova> = (0..4 * MAG_SIZE).map(|_| h.alloc(0, u64::MAX).unwrap()).collect();
+            let v: Vec<Iova> = (0..4 * MAG_SIZE)
+                .map(|_| h.alloc(0, u64::MAX).unwrap())
+                .collect();
             for i in v {
                 h.free(i).unwrap();
             }
