@@ -13,11 +13,14 @@
 //! 2. **Depot**: per size class a lock-free stack of full magazines, and one stack of empty
 //!    magazines, with an ABA tag in the 64-bit head (see [`stack`]). All magazines come from a
 //!    pool allocated at construction, so no path after [`IovaAllocator::new`] allocates memory.
-//!    The depot keeps at most `depot_target` (default: the CPU count) full magazines per class;
-//!    the CPU that overfills it gives one magazine's IOVAs back to the backing allocator.
-//! 3. **Backing allocator** (behind a spin lock, taken only on a miss): two AVL trees of free and
-//!    allocated ranges with an exact "largest aligned fit" augmentation, so every operation is
-//!    O(log n) in the number of ranges; never a linear walk.
+//!    The depot trims itself toward `depot_target` (default: the CPU count) full magazines per
+//!    class, one magazine every [`TRIM_EVERY`] exchanges (see [`IovaAllocator::trim`]); when
+//!    the pool has no empty magazine left, a CPU empties its full one into the backing
+//!    allocator instead.
+//! 3. **Backing allocator** (behind a spin lock, taken only on a miss): an AVL tree of free
+//!    ranges with an exact "largest aligned fit" augmentation, so allocation and free are
+//!    O(log n) in the number of ranges and never walk ranges linearly, plus a fixed-size hash
+//!    registry of allocated ranges (order and state) that checks every free in O(1).
 //!
 //! IOVAs are page frame numbers (pfns) inside the domain window `[base, limit)`. Every range is
 //! `2^order` pages aligned to its own size. Requests above [`MAX_CACHED_ORDER`] go straight to
@@ -37,12 +40,12 @@
 //! # Misuse detection
 //! Every free is checked for order, alignment and window. With strict checking
 //! ([`Config::strict`], on by default in debug builds) every allocated range also carries a
-//! state (handed out / cached) in the backing allocator's allocated tree, and every alloc and
+//! state (handed out / cached) in the backing allocator's registry, and every alloc and
 //! free verifies and updates it: a double free, a free of something not allocated, or a free with
 //! the wrong size is returned as an error and changes nothing. Without strict checking (release
 //! default, to keep the hit path at a few nanoseconds) the hit path also rejects an immediate
 //! double free (the IOVA on top of a magazine), and every IOVA that reaches the backing allocator
-//! is checked against the allocated tree there; a bad one is dropped and counted in
+//! is checked against the registry there; a bad one is dropped and counted in
 //! [`Stats::late_misuse`] instead of corrupting the free tree.
 //!
 //! # The invalidation rule
@@ -207,7 +210,7 @@ pub struct Config {
     /// Number of per-CPU handles (physical CPUs, or host threads).
     pub cpus: usize,
     /// Most ranges allocated at once (handed out or cached); sizes the backing node arena
-    /// (about 64 bytes per range).
+    /// (about 100 bytes per range: a free-tree node and two to four registry slots).
     pub max_ranges: usize,
     /// Full per-operation misuse checking (see the crate documentation).
     pub strict: bool,

@@ -250,7 +250,7 @@ impl<'a> PerCpu<'a> {
     }
 
     /// Free with full checking: orders above the cached ones go to the backing allocator; with
-    /// strict checking the range is marked cached in the allocated tree first.
+    /// strict checking the range is marked cached in the registry first.
     #[cold]
     #[inline(never)]
     fn free_checked(&mut self, pfn: u64, order: u8) -> Result<(), Error> {
