@@ -6,12 +6,14 @@
 //! each through the console hypercall, then a summary, and exits with the number of failures.
 //! Other vCPUs say they are up and exit.
 //!
-//! Tests: `hello`, `spin=N`, `probe-pci`, `edu-bar`, `escape-read`, `escape-write`,
-//! `triple-fault`, `bad-hypercall`, `vmmcall-bench=N`.
+//! Tests: `hello`, `spin=N`, `probe-pci`, `edu-bar`, `escape-read[=GPA]`,
+//! `escape-write[=GPA]` (default: the first byte past the guest's memory), `msr`,
+//! `triple-fault`, `bad-hypercall`, `vmmcall-bench=N`. Numbers are decimal or `0x` hex.
 #![no_std]
 #![no_main]
 
 mod abi;
+mod idt;
 mod pci;
 
 use abi::{call, hypercall, BootInfo};
@@ -77,7 +79,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
     let (mut passed, mut failed) = (0u32, 0u32);
     for word in line.split_ascii_whitespace() {
         let (test, arg) = match word.split_once('=') {
-            Some((t, a)) => (t, a.parse::<u64>().ok()),
+            Some((t, a)) => (t, parse_number(a)),
             None => (word, None),
         };
         let r = match test {
@@ -85,8 +87,9 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "spin" => spin(&info, arg.unwrap_or(10)),
             "probe-pci" => probe_pci(),
             "edu-bar" => edu_bar(),
-            "escape-read" => escape(&info, false),
-            "escape-write" => escape(&info, true),
+            "escape-read" => escape(arg.unwrap_or(info.mem_size), false),
+            "escape-write" => escape(arg.unwrap_or(info.mem_size), true),
+            "msr" => msr(),
             "triple-fault" => triple_fault(),
             "bad-hypercall" => bad_hypercall(),
             "vmmcall-bench" => vmmcall_bench(&info, arg.unwrap_or(10_000)),
@@ -112,6 +115,13 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
 }
 
 type Outcome = Result<(), &'static str>;
+
+fn parse_number(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
 
 fn hello() -> Outcome {
     let (max, b, c, d) = abi::cpuid(0x4000_0000);
@@ -243,9 +253,7 @@ fn edu_bar() -> Outcome {
     Ok(())
 }
 
-fn escape(info: &BootInfo, write: bool) -> Outcome {
-    // The first byte past this guest's memory.
-    let gpa = info.mem_size;
+fn escape(gpa: u64, write: bool) -> Outcome {
     let p = gpa as *mut u64;
     if write {
         println!("escape: writing GPA {gpa:#x}");
@@ -258,6 +266,42 @@ fn escape(info: &BootInfo, write: bool) -> Outcome {
         println!("escape: read {v:#x}");
     }
     Err("the access outside the partition went through")
+}
+
+/// RDMSR of EFER is answered (without SVME); RDMSR of the host-save MSR and WRMSR of EFER
+/// get #GP injected, which this guest's IDT counts.
+fn msr() -> Outcome {
+    idt::install();
+    let before = idt::gp_count();
+    let rdmsr = |msr: u32| {
+        let (lo, hi): (u32, u32);
+        // SAFETY: RDMSR traps to the hypervisor; a #GP is handled by `idt`.
+        unsafe {
+            core::arch::asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack))
+        };
+        (hi as u64) << 32 | lo as u64
+    };
+    let efer = rdmsr(0xc000_0080);
+    let after_efer = idt::gp_count() - before;
+    let _ = rdmsr(0xc001_0117);
+    let after_hsave = idt::gp_count() - before;
+    // SAFETY: WRMSR traps to the hypervisor, which refuses it with #GP (handled by `idt`).
+    unsafe {
+        core::arch::asm!("wrmsr", in("ecx") 0xc000_0080u32, in("eax") efer as u32,
+                         in("edx") (efer >> 32) as u32, options(nomem, nostack))
+    };
+    let after_write = idt::gp_count() - before;
+    idt::remove();
+    println!(
+        "msr: EFER {efer:#x}; #GP after RDMSR EFER {after_efer}, after RDMSR 0xc0010117 {after_hsave}, after WRMSR EFER {after_write}"
+    );
+    if efer & 0x500 != 0x500 || efer & (1 << 12) != 0 {
+        return Err("EFER should show LME|LMA and hide SVME");
+    }
+    if (after_efer, after_hsave, after_write) != (0, 1, 2) {
+        return Err("the #GP injections did not arrive as expected");
+    }
+    Ok(())
 }
 
 fn triple_fault() -> Outcome {

@@ -4,7 +4,7 @@
 //! which CPU printed), not only that something printed.
 
 use crate::checks::{boot_complete, forbid_line, need_line};
-use crate::{scenario, BootModule, Exit, Machine, Scenario, TEST_GUEST};
+use crate::{scenario, BootModule, Exit, Firmware, Machine, Scenario, TEST_GUEST};
 
 /// The guests of `cargo xtask run`: one guest with the edu device at 00:05.0.
 pub const DEMO_CMDLINE: &str = "guest=name=g0,mem=8M,dev=00:05.0";
@@ -173,6 +173,71 @@ pub fn all() -> Vec<Scenario> {
         }),
     );
     s.modules = vec![module("g0 probe-pci edu-bar")];
+    v.push(s);
+
+    let mut s = scenario(
+        "guest-unassigned-bar",
+        "the BAR of a device not assigned to the guest is not mapped: touching it stops the guest",
+        Machine {
+            devices: vec!["edu,addr=0x5".into(), "edu,addr=0x6".into()],
+            ..Machine::default()
+        },
+        "guest=name=g0,mem=8M,dev=00:05.0",
+        Exit::Success,
+        Box::new(|log| {
+            guests_done(log)?;
+            // SeaBIOS puts the second edu's BAR0 here; the check fails loudly if it moves.
+            need_line(log, &["pci:   00:06.0 BAR0 mem32 0xfea00000 size 0x100000"])?;
+            need_line(log, &["g0> PASS edu-bar"])?;
+            need_line(log, &["g0> escape: reading GPA 0xfea00000"])?;
+            need_line(
+                log,
+                &[
+                    "guest g0 vcpu0: nested page fault at GPA 0xfea00000 (read, not mapped)",
+                    "guest stopped",
+                ],
+            )?;
+            forbid_line(log, &["g0> escape: read 0x"])
+        }),
+    );
+    s.modules = vec![module("g0 edu-bar escape-read=0xfea00000")];
+    v.push(s);
+
+    let mut s = scenario(
+        "guest-msr-gp",
+        "RDMSR EFER is answered without SVME; other MSR accesses get #GP injected into the guest",
+        Machine::default(),
+        "guest=name=g0,mem=8M",
+        Exit::Success,
+        Box::new(|log| {
+            guests_done(log)?;
+            need_line(
+                log,
+                &["g0> msr: EFER 0xd00; #GP after RDMSR EFER 0, after RDMSR 0xc0010117 1, after WRMSR EFER 2"],
+            )?;
+            need_line(log, &["g0> PASS msr"])?;
+            need_line(log, &["guest g0 vcpu0: exited with code 0"])
+        }),
+    );
+    s.modules = vec![module("g0 msr")];
+    v.push(s);
+
+    let mut s = scenario(
+        "guest-hello-uefi",
+        "under OVMF (UEFI memory map) a guest boots and prints",
+        Machine {
+            firmware: Firmware::Uefi,
+            ..Machine::default()
+        },
+        "guest=name=g0,mem=8M",
+        Exit::Success,
+        Box::new(|log| {
+            guests_done(log)?;
+            need_line(log, &["g0> PASS hello"])?;
+            need_line(log, &["guest g0 vcpu0: exited with code 0"])
+        }),
+    );
+    s.modules = vec![module("g0 hello")];
     v.push(s);
 
     let mut s = scenario(

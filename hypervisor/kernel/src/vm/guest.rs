@@ -201,6 +201,57 @@ impl StopReason {
     }
 }
 
+/// Per-vCPU exit counts and where the time went, logged when the vCPU stops.
+#[derive(Debug, Default, Clone, Copy)]
+struct ExitStats {
+    exits: u64,
+    hypercalls: u64,
+    cpuid: u64,
+    io: u64,
+    msr: u64,
+    other: u64,
+    /// TSC cycles from VMRUN to the #VMEXIT coming back (guest time + world switch).
+    run_cycles: u64,
+    /// TSC cycles from an exit to the next VMRUN (the hypervisor's exit handling).
+    handler_cycles: u64,
+}
+
+impl ExitStats {
+    fn count(&mut self, exit: &Exit, cycles: u64) {
+        self.exits += 1;
+        self.run_cycles += cycles;
+        match exit {
+            Exit::Hypercall => self.hypercalls += 1,
+            Exit::Cpuid => self.cpuid += 1,
+            Exit::Io(_) => self.io += 1,
+            Exit::Msr { .. } => self.msr += 1,
+            _ => self.other += 1,
+        }
+    }
+}
+
+impl fmt::Display for ExitStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.exits.max(1);
+        let handled = self.exits.saturating_sub(1).max(1);
+        let ns = crate::arch::tsc::cycles_to_ns;
+        write!(
+            f,
+            "{} exits (hypercall {}, cpuid {}, io {}, msr {}, other {}); per exit: {} cycles ({} ns) from VMRUN to #VMEXIT, {} cycles ({} ns) handling in the hypervisor",
+            self.exits,
+            self.hypercalls,
+            self.cpuid,
+            self.io,
+            self.msr,
+            self.other,
+            self.run_cycles / n,
+            ns(self.run_cycles / n),
+            self.handler_cycles / handled,
+            ns(self.handler_cycles / handled),
+        )
+    }
+}
+
 const STATE_RUNNING: u8 = 0;
 const STATE_STOPPED: u8 = 1;
 
@@ -527,11 +578,20 @@ impl Guest {
             return;
         }
         log::info!("guest {} vcpu{index}: running", self.name);
+        let mut stats = ExitStats::default();
+        let mut handled_since = None;
         let reason = loop {
             if self.state.load(Ordering::SeqCst) == STATE_STOPPED {
                 break StopReason::WithGuest;
             }
+            if let Some(t) = handled_since {
+                stats.handler_cycles += crate::arch::x86::rdtsc().wrapping_sub(t);
+            }
+            let entered = crate::arch::x86::rdtsc();
             let exit = vcpu.run();
+            let exited = crate::arch::x86::rdtsc();
+            stats.count(&exit, exited.wrapping_sub(entered));
+            handled_since = Some(exited);
             let rip = vcpu.reg(Reg::Rip);
             match exit {
                 Exit::Hypercall => match hypercall::dispatch(self, index, &mut vcpu) {
@@ -575,6 +635,7 @@ impl Guest {
                 Exit::Failed(why) => break StopReason::Failed(why),
             }
         };
+        log::info!("guest {} vcpu{index}: {stats}", self.name);
         self.stop(index, reason);
     }
 
