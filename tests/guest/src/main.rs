@@ -4,7 +4,7 @@
 //! ([`abi::BootInfo`]) and RSI = the vCPU index. vCPU 0 runs the tests its module command line
 //! names, in order (words `name` or `name=arg`), prints one `PASS name` or `FAIL name: why` line
 //! each through the console hypercall, then a summary, and exits with the number of failures.
-//! Other vCPUs say they are up and exit.
+//! Other vCPUs say they are up and exit, or with `vcpu-spin` tick until they are stopped.
 //!
 //! Tests: `hello`, `spin=N`, `probe-pci`, `edu-bar`, `escape-read[=GPA]`,
 //! `escape-write[=GPA]` (default: the first byte past the guest's memory), `msr`,
@@ -65,11 +65,18 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
         );
         abi::exit(0xfe);
     }
+    let line = cmdline(&info);
     if vcpu != 0 {
         println!("vcpu {vcpu} of {} up", info.vcpus);
+        if line.split_ascii_whitespace().any(|w| w == "vcpu-spin") {
+            // Tick until the hypervisor stops this vCPU along with its guest.
+            for i in 0.. {
+                println!("vcpu {vcpu} tick {i}");
+                delay_us(&info, 10_000);
+            }
+        }
         abi::exit(0);
     }
-    let line = cmdline(&info);
     println!(
         "moat-test-guest on {} vcpu {vcpu} of {}: {} MiB, command line `{line}`",
         name(&info),
@@ -93,6 +100,8 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "triple-fault" => triple_fault(),
             "bad-hypercall" => bad_hypercall(),
             "vmmcall-bench" => vmmcall_bench(&info, arg.unwrap_or(10_000)),
+            // Read by the other vCPUs (see above).
+            "vcpu-spin" => continue,
             other => {
                 println!("FAIL {other}: unknown test");
                 failed += 1;

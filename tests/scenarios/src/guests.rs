@@ -302,6 +302,38 @@ pub fn all() -> Vec<Scenario> {
     v.push(s);
 
     let mut s = scenario(
+        "guest-smp-fault",
+        "when one vCPU of a 2-vCPU guest faults, the guest's other vCPU is stopped too",
+        Machine::default(),
+        "guest=name=g0,mem=8M,cpus=2",
+        Exit::Success,
+        Box::new(|log| {
+            guests_done(log)?;
+            need_line(log, &["cpu1 vm::guest: g0> vcpu 1 of 2 up"])?;
+            let fault = line_of(
+                log,
+                &[
+                    "cpu0 vm::guest: guest g0 vcpu0: nested page fault at GPA 0x800000 (read, not mapped)",
+                    "guest stopped",
+                ],
+            )?;
+            let stopped = line_of(
+                log,
+                &["cpu1 vm::guest: guest g0 vcpu1: stopped with its guest"],
+            )?;
+            if stopped < fault {
+                return Err("vcpu1 stopped before vcpu0 faulted".into());
+            }
+            need_line(
+                log,
+                &["guest g0: all 2 vCPU(s) stopped (nested page fault at GPA 0x800000"],
+            )
+        }),
+    );
+    s.modules = vec![module("g0 vcpu-spin spin=3 escape-read")];
+    v.push(s);
+
+    let mut s = scenario(
         "guest-vmmcall-bench",
         "VMMCALL round trip measured in the guest (QEMU TCG)",
         Machine::default(),

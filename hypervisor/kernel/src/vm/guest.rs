@@ -541,9 +541,9 @@ impl Guest {
                 self.flush_line(&mut l);
             }
         }
-        if reason.is_exit() {
+        if reason.is_exit() || reason == StopReason::WithGuest {
             log::info!("guest {} vcpu{index}: {reason}", self.name);
-        } else if reason != StopReason::WithGuest {
+        } else {
             log::error!("guest {} vcpu{index}: {reason}; guest stopped", self.name);
             self.state.store(STATE_STOPPED, Ordering::SeqCst);
         }
