@@ -77,7 +77,8 @@ choice! {
 }
 
 choice! {
-    /// A deliberate fault raised after boot, to test the exception path (`selftest=`).
+    /// A self-test run after boot (`selftest=`, selftest builds only): a deliberate fault to
+    /// test the exception path, or a hardware test that drives devices and checks the effects.
     pub enum SelfTest {
         /// No self-test.
         None = "none",
@@ -93,6 +94,11 @@ choice! {
         Bp = "bp",
         /// A Rust panic.
         Panic = "panic",
+        /// VT-d with the edu DMA engine: mapped DMA both ways, faults, stale IOTLB vs flush,
+        /// superpages, unattached and foreign devices blocked.
+        Vtd = "vtd",
+        /// VT-d fault storm: every edu device DMAs to unmapped IOVAs; faults recorded or counted.
+        VtdStorm = "vtd-storm",
     }
 }
 

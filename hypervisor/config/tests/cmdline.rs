@@ -79,7 +79,17 @@ fn every_value_of_every_choice_option() {
     );
     assert_eq!(
         SelfTest::NAMES,
-        ["none", "ud", "pf", "gp", "de", "bp", "panic"]
+        [
+            "none",
+            "ud",
+            "pf",
+            "gp",
+            "de",
+            "bp",
+            "panic",
+            "vtd",
+            "vtd-storm"
+        ]
     );
 }
 

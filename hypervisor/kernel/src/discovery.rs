@@ -1,6 +1,8 @@
 //! Reports what the platform has for DMA remapping (DMAR) and on the PCI bus, and hands the
 //! results to the rest of the hypervisor.
 
+use alloc::vec::Vec;
+
 use moat_config::{Config, Dump};
 use moat_dmar::Dmar;
 use moat_pci::{probe_bars, ConfigAccess, Ecam};
@@ -93,6 +95,26 @@ pub struct EcamAccess<'a> {
     windows: &'a [crate::acpi::Ecam],
 }
 
+/// A PCI function found at boot.
+#[derive(Debug, Clone, Copy)]
+pub struct PciDevice {
+    /// Address.
+    pub bdf: moat_pci::Bdf,
+    /// Vendor id.
+    pub vendor: u16,
+    /// Device id.
+    pub device: u16,
+    /// Its BARs as probed.
+    pub bars: moat_pci::Bars,
+}
+
+impl<'a> EcamAccess<'a> {
+    /// Access through `windows` (already mapped by [`report_pci`]).
+    pub fn new(windows: &'a [crate::acpi::Ecam]) -> Self {
+        Self { windows }
+    }
+}
+
 impl EcamAccess<'_> {
     fn address(&self, bdf: moat_pci::Bdf, offset: u16) -> Option<u64> {
         self.windows
@@ -128,18 +150,19 @@ impl ConfigAccess for EcamAccess<'_> {
 }
 
 /// Maps the ECAM windows and lists every PCI function with its BARs and, when there is a DMAR,
-/// the remapping unit responsible for it.
-pub fn report_pci(platform: &Platform, dmar: Option<&Dmar<'_>>) {
+/// the remapping unit responsible for it. Returns the functions found.
+pub fn report_pci(platform: &Platform, dmar: Option<&Dmar<'_>>) -> Vec<PciDevice> {
+    let mut found = Vec::new();
     if platform.ecam().is_empty() {
         log::warn!("pci: no ECAM window (MCFG): PCI devices not enumerated");
-        return;
+        return found;
     }
     for w in platform.ecam() {
         let e = to_pci(w);
         let start = e.base + ((e.start_bus as u64) << 20);
         if let Err(err) = space::map_mmio(start, e.size()) {
             log::error!("pci: cannot map ECAM {start:#x}: {err:?}");
-            return;
+            return found;
         }
         log::info!(
             "pci: ECAM segment {} buses {:02x}-{:02x} at {:#x}",
@@ -157,17 +180,23 @@ pub fn report_pci(platform: &Platform, dmar: Option<&Dmar<'_>>) {
         for f in moat_pci::enumerate_ecam(&cfg, &to_pci(w)) {
             count += 1;
             log::info!("pci: {f}");
-            if let Some(bars) = probe_bars(&cfg, f.bdf) {
-                for b in bars.iter() {
-                    log::info!("pci:   {} {b}", f.bdf);
-                }
+            let bars = probe_bars(&cfg, f.bdf).unwrap_or_default();
+            for b in bars.iter() {
+                log::info!("pci:   {} {b}", f.bdf);
             }
+            found.push(PciDevice {
+                bdf: f.bdf,
+                vendor: f.header.vendor_id,
+                device: f.header.device_id,
+                bars,
+            });
             if let Some(d) = dmar {
                 report_unit(d, f.bdf);
             }
         }
     }
     log::info!("pci: {count} functions");
+    found
 }
 
 fn report_unit(dmar: &Dmar<'_>, bdf: moat_pci::Bdf) {

@@ -191,7 +191,9 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
     );
 
     let dmar = crate::discovery::report_dmar(&platform, &config);
-    crate::discovery::report_pci(&platform, dmar.as_ref());
+    let devices = crate::discovery::report_pci(&platform, dmar.as_ref());
+    let units = crate::iommu::init(dmar.as_ref(), &config);
+    log::info!("vtd: {units} remapping unit(s) translating");
 
     // APs: install the trampoline (the page is R+X in the kernel map; write it through the
     // boot-time view is gone, so map it RW briefly).
@@ -204,7 +206,7 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
         smp.listed
     );
 
-    run_selftest(config.selftest);
+    run_selftest(config.selftest, dmar.as_ref(), &platform, &devices);
     let (used, hfree) = mm::heap::usage();
     let (ftotal, ffree) = frames::stats();
     log::info!("frames: {ffree}/{ftotal} free; heap: {used} bytes used, {hfree} free");
@@ -258,7 +260,12 @@ fn wx_self_check() {
     }
 }
 
-fn run_selftest(t: SelfTest) {
+fn run_selftest(
+    t: SelfTest,
+    dmar: Option<&moat_dmar::Dmar<'_>>,
+    platform: &crate::acpi::Platform,
+    devices: &[crate::discovery::PciDevice],
+) {
     if t == SelfTest::None {
         return;
     }
@@ -266,6 +273,17 @@ fn run_selftest(t: SelfTest) {
         log::warn!("selftest={t:?} ignored: not a selftest build");
         return;
     }
+    #[cfg(feature = "selftest")]
+    if matches!(t, SelfTest::Vtd | SelfTest::VtdStorm) {
+        let cfg = crate::discovery::EcamAccess::new(platform.ecam());
+        let ok = crate::iommu::selftest::run(t == SelfTest::VtdStorm, dmar, &cfg, devices);
+        exit::exit(if ok {
+            ExitCode::Success
+        } else {
+            ExitCode::Failure
+        });
+    }
+    let _ = (dmar, platform, devices);
     log::info!("selftest: raising {t:?} on purpose");
     #[cfg(feature = "selftest")]
     selftest_fault(t);
@@ -289,7 +307,7 @@ fn selftest_fault(t: SelfTest) {
             }
             SelfTest::Bp => core::arch::asm!("int3"),
             SelfTest::Panic => panic!("selftest: deliberate panic"),
-            SelfTest::None => {}
+            SelfTest::None | SelfTest::Vtd | SelfTest::VtdStorm => {}
         }
     }
 }

@@ -9,6 +9,7 @@
 pub mod checks;
 pub mod guests;
 pub mod machine;
+pub mod vtd;
 
 pub use machine::{Exit, Firmware, Machine};
 
@@ -304,6 +305,7 @@ pub fn all(real_dmar: &[u8]) -> Vec<Scenario> {
         ));
     }
     v.extend(guests::all());
+    v.extend(vtd::scenarios());
     v.push(scenario(
         "panic",
         "a panic prints where and why and fails the run",

@@ -1,0 +1,136 @@
+//! The QEMU `edu` device (1234:11e8): a deterministic DMA engine with a 4 KiB device-side
+//! buffer at device address 0x40000. Used by the hypervisor's hardware self-tests.
+//!
+//! Registers (BAR0): 0x00 id, 0x04 liveness (returns the complement), 0x80 DMA source,
+//! 0x88 DMA destination, 0x90 count, 0x98 command (bit 0 start/busy, bit 1 direction
+//! 1 = device->RAM, bit 2 raise an interrupt). A DMA completes after a 100 ms timer.
+
+use moat_pci::{Bdf, ConfigAccess};
+
+use crate::arch::tsc;
+use crate::mm::space;
+
+/// PCI vendor and device id of edu.
+pub const ID: (u16, u16) = (0x1234, 0x11e8);
+/// Device address of edu's DMA buffer.
+pub const BUFFER: u64 = 0x40000;
+/// Size of edu's DMA buffer.
+pub const BUFFER_SIZE: u64 = 0x1000;
+
+const REG_ID: u64 = 0x00;
+const REG_LIVENESS: u64 = 0x04;
+const REG_DMA_SRC: u64 = 0x80;
+const REG_DMA_DST: u64 = 0x88;
+const REG_DMA_COUNT: u64 = 0x90;
+const REG_DMA_CMD: u64 = 0x98;
+const CMD_START: u64 = 1;
+const CMD_TO_RAM: u64 = 2;
+
+/// Direction of a DMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The device reads RAM (RAM -> device buffer).
+    FromRam,
+    /// The device writes RAM (device buffer -> RAM).
+    ToRam,
+}
+
+/// Errors driving edu.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EduError {
+    /// The device-side range would reach the end of the 4 KiB buffer (QEMU aborts on that:
+    /// refused).
+    OutsideBuffer,
+    /// The DMA did not complete in time.
+    Timeout,
+    /// The device did not answer as edu does.
+    NotEdu(u32),
+}
+
+/// One edu device.
+pub struct Edu {
+    /// Its PCI address.
+    pub bdf: Bdf,
+    bar0: u64,
+}
+
+impl Edu {
+    /// Takes the edu at `bdf` with memory BAR0 at `bar0`: maps the BAR, enables memory decode
+    /// and bus mastering, checks the id and liveness registers.
+    pub fn new(cfg: &impl ConfigAccess, bdf: Bdf, bar0: u64) -> Result<Self, EduError> {
+        space::map_mmio(bar0, 0x1000).map_err(|_| EduError::NotEdu(0))?;
+        moat_pci::update_command(cfg, bdf, |c| {
+            c | moat_pci::Command::MEMORY_SPACE | moat_pci::Command::BUS_MASTER
+        });
+        let e = Edu { bdf, bar0 };
+        let id = e.read32(REG_ID);
+        if id & 0xff != 0xed {
+            return Err(EduError::NotEdu(id));
+        }
+        e.write32(REG_LIVENESS, 0x1234_5678);
+        if e.read32(REG_LIVENESS) != !0x1234_5678 {
+            return Err(EduError::NotEdu(id));
+        }
+        Ok(e)
+    }
+
+    fn read32(&self, reg: u64) -> u32 {
+        // SAFETY: BAR0 is mapped uncached and `reg` is an edu register.
+        unsafe { core::ptr::read_volatile((self.bar0 + reg) as *const u32) }
+    }
+    fn write32(&self, reg: u64, v: u32) {
+        // SAFETY: as read32.
+        unsafe { core::ptr::write_volatile((self.bar0 + reg) as *mut u32, v) }
+    }
+    fn read64(&self, reg: u64) -> u64 {
+        // SAFETY: as read32 (edu's DMA registers are 64-bit).
+        unsafe { core::ptr::read_volatile((self.bar0 + reg) as *const u64) }
+    }
+    fn write64(&self, reg: u64, v: u64) {
+        // SAFETY: as read32.
+        unsafe { core::ptr::write_volatile((self.bar0 + reg) as *mut u64, v) }
+    }
+
+    /// Starts a DMA of `len` bytes between bus address `bus` and device buffer offset
+    /// `offset`; does not wait.
+    pub fn start(&self, dir: Direction, bus: u64, offset: u64, len: u64) -> Result<(), EduError> {
+        // QEMU 7.2 requires the end of the device-side range to lie strictly inside the
+        // buffer (a DMA ending exactly at 0x41000 hits hw_error and kills the VM): refuse it.
+        if offset.checked_add(len).is_none_or(|end| end >= BUFFER_SIZE) || len == 0 {
+            return Err(EduError::OutsideBuffer);
+        }
+        let dev = BUFFER + offset;
+        let (src, dst, cmd) = match dir {
+            Direction::FromRam => (bus, dev, CMD_START),
+            Direction::ToRam => (dev, bus, CMD_START | CMD_TO_RAM),
+        };
+        self.write64(REG_DMA_SRC, src);
+        self.write64(REG_DMA_DST, dst);
+        self.write64(REG_DMA_COUNT, len);
+        self.write64(REG_DMA_CMD, cmd);
+        Ok(())
+    }
+
+    /// Whether a DMA is in flight.
+    pub fn busy(&self) -> bool {
+        self.read64(REG_DMA_CMD) & CMD_START != 0
+    }
+
+    /// Waits for the DMA in flight (at most `timeout_ms`).
+    pub fn wait(&self, timeout_ms: u64) -> Result<(), EduError> {
+        let d = tsc::deadline_us(timeout_ms * 1000);
+        while self.busy() {
+            if tsc::expired(d) {
+                return Err(EduError::Timeout);
+            }
+            core::hint::spin_loop();
+        }
+        Ok(())
+    }
+
+    /// A whole DMA: start and wait (edu takes ~100 ms of virtual time).
+    pub fn dma(&self, dir: Direction, bus: u64, offset: u64, len: u64) -> Result<(), EduError> {
+        self.start(dir, bus, offset, len)?;
+        self.wait(5_000)
+    }
+}
