@@ -302,6 +302,24 @@ pub fn all() -> Vec<Scenario> {
     v.push(s);
 
     let mut s = scenario(
+        "guest-refused",
+        "a guest with too little memory or a device that does not exist is refused with a clear line and takes no CPU",
+        Machine::default(),
+        "guest=name=g0,mem=1M guest=name=g1,mem=8M,dev=00:09.0 guest=name=g2,mem=8M",
+        Exit::Success,
+        Box::new(|log| {
+            guests_done(log)?;
+            need_line(log, &["guest g0: not started: memory too small"])?;
+            need_line(log, &["guest g1: not started: device 00:09.0: no such PCI function"])?;
+            // Neither refused guest kept a CPU: g2 still gets cpu0.
+            need_line(log, &["cpu0 vm::guest: g2> PASS hello"])?;
+            need_line(log, &["vm: all guests stopped (1 started of 3 configured)"])
+        }),
+    );
+    s.modules = vec![module("g0 hello"), module("g1 hello"), module("g2 hello")];
+    v.push(s);
+
+    let mut s = scenario(
         "guest-smp-fault",
         "when one vCPU of a 2-vCPU guest faults, the guest's other vCPU is stopped too",
         Machine::default(),
