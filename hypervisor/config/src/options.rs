@@ -77,8 +77,8 @@ choice! {
 }
 
 choice! {
-    /// A self-test run after boot (`selftest=`, selftest builds only): a deliberate fault to
-    /// test the exception path, or a hardware test that drives devices and checks the effects.
+    /// A self-test run after boot (`selftest=`): a deliberate fault to test the exception path
+    /// (selftest builds only), or a hardware test that drives devices and checks the effects.
     pub enum SelfTest {
         /// No self-test.
         None = "none",

@@ -85,17 +85,19 @@ pub fn demo(firmware: Firmware, smp: u32) -> Scenario {
     let machine = Machine {
         firmware,
         smp,
+        devices: vec!["edu,addr=0x5".into(), "edu,addr=0x6".into()],
         ..Machine::default()
     };
     let mut demo = scenario(
         "demo",
         "the demo run",
         machine,
-        guests::DEMO_CMDLINE,
+        &format!("selftest=vtd {}", guests::DEMO_CMDLINE),
         Exit::Success,
         Box::new(move |log| {
             checks::boot_complete(log)?;
             checks::smp(log, smp as usize)?;
+            vtd::demo_check(log)?;
             guests::demo_check(log)
         }),
     );

@@ -44,6 +44,13 @@ fn suite_check(levels: u8, caching: &'static str) -> crate::Check {
     })
 }
 
+/// What the demo run must show of VT-d: the unit translating and edu DMA through it.
+pub fn demo_check(log: &str) -> Result<(), String> {
+    need_line(log, &["vtd: unit 0: translation enabled"])?;
+    need_line(log, &["vtd-test dma-both-directions: PASS"])?;
+    need_line(log, &["vtd-test summary:", "passed, 0 failed"])
+}
+
 /// The VT-d scenarios.
 pub fn scenarios() -> Vec<Scenario> {
     let mut v = vec![

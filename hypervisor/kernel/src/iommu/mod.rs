@@ -2,7 +2,6 @@
 //! (unless `iommu=off`), shared by the rest of the hypervisor behind a lock.
 
 pub mod hw;
-#[cfg(feature = "selftest")]
 pub mod selftest;
 
 use alloc::vec::Vec;
