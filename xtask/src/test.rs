@@ -93,6 +93,7 @@ fn host_tests(tally: &mut Tally) {
     let mut t = cargo();
     t.args([
         "test",
+        "--no-fail-fast",
         "--workspace",
         "--exclude",
         "moat-kernel",
@@ -102,9 +103,17 @@ fn host_tests(tally: &mut Tally) {
     run_libtest("host tests", t, tally);
     if root().join("hypervisor/iova/tests/loom.rs").exists() {
         let mut l = cargo();
-        l.args(["test", "-p", "moat-iova", "--release", "--test", "loom"])
-            .env("RUSTFLAGS", "--cfg loom")
-            .env("CARGO_TARGET_DIR", root().join("target/loom"));
+        l.args([
+            "test",
+            "--no-fail-fast",
+            "-p",
+            "moat-iova",
+            "--release",
+            "--test",
+            "loom",
+        ])
+        .env("RUSTFLAGS", "--cfg loom")
+        .env("CARGO_TARGET_DIR", root().join("target/loom"));
         run_libtest("loom models", l, tally);
     }
 }

@@ -116,16 +116,19 @@ impl Edu {
         self.read64(REG_DMA_CMD) & CMD_START != 0
     }
 
-    /// Waits for the DMA in flight (at most `timeout_ms`).
+    /// Waits for the DMA in flight (at most `timeout_ms`), with interrupts enabled so that
+    /// the VT-d fault event interrupt a bad DMA raises is taken while waiting.
     pub fn wait(&self, timeout_ms: u64) -> Result<(), EduError> {
         let d = tsc::deadline_us(timeout_ms * 1000);
-        while self.busy() {
-            if tsc::expired(d) {
-                return Err(EduError::Timeout);
+        crate::arch::x86::with_interrupts(|| {
+            while self.busy() {
+                if tsc::expired(d) {
+                    return Err(EduError::Timeout);
+                }
+                core::hint::spin_loop();
             }
-            core::hint::spin_loop();
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// A whole DMA: start and wait (edu takes ~100 ms of virtual time).

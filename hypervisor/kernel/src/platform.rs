@@ -176,6 +176,7 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
     for io in platform.ioapics() {
         let _ = space::map_mmio(io.address as u64, PAGE_SIZE);
     }
+    apic::mask_legacy_pic();
     apic::init_this_cpu();
     log::info!(
         "ACPI: {} CPUs (APIC ids {:?}), {} IOAPICs, {} ECAM windows, DMAR {}",

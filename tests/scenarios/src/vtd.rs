@@ -12,6 +12,7 @@ const SUITE: &[&str] = &[
     "vtd-test fault-unmapped-write: PASS fault source=00:05.0 address=0x300000 access=Write",
     "vtd-test fault-unmapped-read: PASS fault source=00:05.0 address=0x300000 access=Read",
     "vtd-test fault-write-to-read-only: PASS fault source=00:05.0 address=0x700000 access=Write reason=WriteDenied",
+    "vtd-test fault-interrupt: PASS",
     "vtd-test stale-iotlb-before-flush: PASS",
     "vtd-test fault-after-unmap-and-flush: PASS flush released 0x200000: true; then fault source=00:05.0 address=0x200000 access=Write",
     "vtd-test superpage-2m: PASS",
@@ -91,6 +92,7 @@ pub fn scenarios() -> Vec<Scenario> {
         Box::new(|log| {
             need_line(log, &["vtd-test storm-attach: PASS 4 devices"])?;
             need_line(log, &["vtd-test storm-faults-accounted: PASS"])?;
+            need_line(log, &["vtd-test storm-interrupt-path: PASS"])?;
             need_line(log, &["vtd-test storm-then-dma-works: PASS"])?;
             need_line(log, &["vtd-test summary:", "passed, 0 failed"])
         }),

@@ -76,3 +76,14 @@ pub fn send_init(apic_id: u32) -> bool {
 pub fn send_startup(apic_id: u32, vector: u8) -> bool {
     send_ipi(apic_id, 0x0000_4600 | vector as u32)
 }
+
+/// Masks every line of the legacy 8259 PICs (the firmware may have left the PIT's IRQ 0
+/// routed to vector 8, which would look like a double fault once interrupts are enabled).
+pub fn mask_legacy_pic() {
+    // SAFETY: 0x21/0xA1 are the 8259 interrupt mask registers; masking all lines only stops
+    // legacy interrupts, which the hypervisor does not use.
+    unsafe {
+        x86::outb(0x21, 0xFF);
+        x86::outb(0xA1, 0xFF);
+    }
+}

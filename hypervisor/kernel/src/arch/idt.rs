@@ -9,6 +9,21 @@ use crate::exit::{self, ExitCode};
 /// Vector for spurious local-APIC interrupts.
 pub const SPURIOUS_VECTOR: u8 = 0xFF;
 
+/// Interrupt handlers for vectors 32..=254, as function addresses (0 = none).
+static HANDLERS: [core::sync::atomic::AtomicUsize; 256] =
+    [const { core::sync::atomic::AtomicUsize::new(0) }; 256];
+
+/// Installs `handler` for `vector` (>= 32). It runs with interrupts off, on the interrupted
+/// stack, before the EOI; it must not take locks the interrupted code may hold (use
+/// `try_lock`).
+pub fn register(vector: u8, handler: fn()) {
+    assert!(
+        vector >= 32 && vector != SPURIOUS_VECTOR,
+        "vector {vector} is reserved"
+    );
+    HANDLERS[vector as usize].store(handler as usize, core::sync::atomic::Ordering::SeqCst);
+}
+
 /// Registers saved on entry, in stack order (lowest address first).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -540,6 +555,14 @@ extern "C" fn moat_trap_dispatch(f: &mut TrapFrame) {
         exit::exit(ExitCode::Exception);
     }
     if v == SPURIOUS_VECTOR as usize {
+        return;
+    }
+    let h = HANDLERS[v].load(core::sync::atomic::Ordering::SeqCst);
+    if h != 0 {
+        // SAFETY: only `register` stores into HANDLERS, and it stores `fn()` addresses.
+        let handler: fn() = unsafe { core::mem::transmute::<usize, fn()>(h) };
+        handler();
+        super::apic::eoi();
         return;
     }
     super::apic::eoi();

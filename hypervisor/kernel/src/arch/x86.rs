@@ -134,6 +134,18 @@ pub fn halt_forever() -> ! {
     }
 }
 
+/// Runs `f` with interrupts enabled on this CPU, then disables them again. The hypervisor
+/// otherwise runs with interrupts off; this is where device and fault interrupts are taken.
+pub fn with_interrupts<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: the IDT is loaded and every vector has a handler; the caller holds no lock an
+    // interrupt handler takes without try_lock.
+    unsafe { asm!("sti", options(nomem, nostack)) };
+    let r = f();
+    // SAFETY: CLI only masks interrupts on this CPU.
+    unsafe { asm!("cli", options(nomem, nostack)) };
+    r
+}
+
 /// Spin-loop hint.
 #[inline]
 pub fn pause() {

@@ -4,10 +4,13 @@
 pub mod hw;
 pub mod selftest;
 
+use alloc::collections::VecDeque;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use moat_config::Config;
 use moat_dmar::Dmar;
+use moat_vtd::fault::FaultRecord;
 use moat_vtd::{Unit, UnitConfig};
 use spin::Mutex;
 
@@ -29,8 +32,98 @@ pub struct UnitSlot {
 
 static UNITS: Mutex<Vec<UnitSlot>> = Mutex::new(Vec::new());
 
+/// Interrupt vector of the VT-d fault event (MSI from every unit to the BSP).
+pub const FAULT_VECTOR: u8 = 0x40;
+/// Most drained fault records kept for consumers; older ones are counted as lost.
+const FAULT_LOG_CAPACITY: usize = 1024;
+
+/// A drained fault record and the unit it came from.
+#[derive(Debug, Clone, Copy)]
+pub struct FaultEvent {
+    /// Register base of the unit.
+    pub unit: u64,
+    /// The decoded record.
+    pub record: FaultRecord,
+}
+
+/// Records drained from the units, waiting for a consumer ([`take_faults`]).
+static FAULT_LOG: Mutex<VecDeque<FaultEvent>> = Mutex::new(VecDeque::new());
+static FAULT_LOG_LOST: AtomicU64 = AtomicU64::new(0);
+static FAULT_IRQS: AtomicU64 = AtomicU64::new(0);
+static DRAINED_IN_IRQ: AtomicU64 = AtomicU64::new(0);
+static DRAINED_POLLING: AtomicU64 = AtomicU64::new(0);
+
+/// Fault-path counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FaultPathStats {
+    /// Fault event interrupts taken.
+    pub interrupts: u64,
+    /// Records drained by the interrupt handler.
+    pub drained_in_interrupt: u64,
+    /// Records drained by polling.
+    pub drained_polling: u64,
+    /// Records drained but pushed out of the log before anyone took them.
+    pub lost: u64,
+}
+
+/// The fault-path counters.
+pub fn fault_path_stats() -> FaultPathStats {
+    FaultPathStats {
+        interrupts: FAULT_IRQS.load(Ordering::Relaxed),
+        drained_in_interrupt: DRAINED_IN_IRQ.load(Ordering::Relaxed),
+        drained_polling: DRAINED_POLLING.load(Ordering::Relaxed),
+        lost: FAULT_LOG_LOST.load(Ordering::Relaxed),
+    }
+}
+
+/// Drains up to `budget` records per unit into the fault log; returns how many.
+fn drain_units(units: &mut [UnitSlot], log: &mut VecDeque<FaultEvent>, budget: usize) -> u64 {
+    let mut n = 0;
+    for slot in units.iter_mut() {
+        let base = slot.base;
+        slot.unit.poll_faults(budget, |r| {
+            if log.len() == FAULT_LOG_CAPACITY {
+                log.pop_front();
+                FAULT_LOG_LOST.fetch_add(1, Ordering::Relaxed);
+            }
+            log.push_back(FaultEvent {
+                unit: base,
+                record: *r,
+            });
+            n += 1;
+        });
+    }
+    n
+}
+
+/// The fault event interrupt handler: drains the units unless this CPU interrupted code that
+/// holds the unit or log lock (then the polling path picks the records up).
+fn fault_interrupt() {
+    FAULT_IRQS.fetch_add(1, Ordering::Relaxed);
+    if let (Some(mut units), Some(mut log)) = (UNITS.try_lock(), FAULT_LOG.try_lock()) {
+        let n = drain_units(&mut units, &mut log, 16);
+        DRAINED_IN_IRQ.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// The polling fallback: drains every unit (bounded work per call). Returns records drained.
+pub fn poll_faults(budget: usize) -> u64 {
+    let mut units = UNITS.lock();
+    let mut log = FAULT_LOG.lock();
+    let n = drain_units(&mut units, &mut log, budget);
+    DRAINED_POLLING.fetch_add(n, Ordering::Relaxed);
+    n
+}
+
+/// Takes every drained record from the fault log.
+pub fn take_faults() -> Vec<FaultEvent> {
+    FAULT_LOG.lock().drain(..).collect()
+}
+
 /// Brings up every DRHD unit. Returns how many are translating.
 pub fn init(dmar: Option<&Dmar<'_>>, config: &Config) -> usize {
+    crate::arch::idt::register(FAULT_VECTOR, fault_interrupt);
+    let bsp_apic = crate::arch::apic::id() as u64;
     if !config.iommu {
         log::warn!("vtd: iommu=off on the command line: DMA remapping NOT enabled");
         return 0;
@@ -90,6 +183,11 @@ pub fn init(dmar: Option<&Dmar<'_>>, config: &Config) -> usize {
                         "register-based"
                     },
                     unit.root_table().unwrap_or(0)
+                );
+                // Fault events: MSI (fixed delivery, physical destination) to the BSP.
+                unit.configure_fault_interrupt(0xFEE0_0000 | (bsp_apic << 12), FAULT_VECTOR as u32);
+                log::info!(
+                    "vtd: unit {i}: fault events -> MSI vector {FAULT_VECTOR:#x} on APIC {bsp_apic}, polling as fallback"
                 );
                 units.push(UnitSlot {
                     base,

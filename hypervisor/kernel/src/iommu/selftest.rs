@@ -89,18 +89,14 @@ fn all_bytes(p: u64, v: u8) -> bool {
     page(p).iter().all(|&b| b == v)
 }
 
+/// Faults of the unit at `base` drained so far (by the interrupt handler or, now, by polling).
 fn drain(base: u64) -> Vec<FaultRecord> {
-    with_unit(base, |u, _| {
-        let mut v = Vec::new();
-        loop {
-            let p = u.poll_faults(16, |r| v.push(*r));
-            if !p.more {
-                break;
-            }
-        }
-        v
-    })
-    .unwrap_or_default()
+    while super::poll_faults(16) > 0 {}
+    super::take_faults()
+        .into_iter()
+        .filter(|e| e.unit == base)
+        .map(|e| e.record)
+        .collect()
 }
 
 fn has_fault(
@@ -300,6 +296,19 @@ fn suite(base: u64, edus: &[Edu], t: &mut Tally) {
             "{}; page unchanged: {}",
             fault_text(fp),
             holds_pattern(a, 7)
+        ),
+    );
+
+    let fp = super::fault_path_stats();
+    t.check(
+        "fault-interrupt",
+        fp.interrupts > 0 && fp.drained_in_interrupt > 0,
+        format_args!(
+            "{} fault event interrupts (MSI vector {:#x}), {} records drained by the handler, {} by polling",
+            fp.interrupts,
+            super::FAULT_VECTOR,
+            fp.drained_in_interrupt,
+            fp.drained_polling
         ),
     );
 
@@ -556,15 +565,20 @@ fn fault_storm(base: u64, edus: &[Edu], t: &mut Tally) {
                 started += 1;
             }
         }
-        polls += 1;
-        with_unit(base, |u, _| {
-            u.poll_faults(4, |r| {
-                drained += 1;
-                if let Some(i) = edus.iter().position(|e| sid(e) == r.source) {
-                    per_source[i.min(7)] += 1;
-                }
-            })
+        // Let the fault event interrupt in for a moment, then poll as the fallback.
+        crate::arch::x86::with_interrupts(|| {
+            for _ in 0..2000 {
+                core::hint::spin_loop();
+            }
         });
+        polls += 1;
+        super::poll_faults(4);
+        for ev in super::take_faults().into_iter().filter(|e| e.unit == base) {
+            drained += 1;
+            if let Some(i) = edus.iter().position(|e| sid(e) == ev.record.source) {
+                per_source[i.min(7)] += 1;
+            }
+        }
         let dropped = with_unit(base, |u, _| u.fault_counters().dropped).unwrap_or(0);
         if (drained + dropped >= 150 && started >= 20) || crate::arch::tsc::expired(deadline) {
             break;
@@ -591,6 +605,15 @@ fn fault_storm(base: u64, edus: &[Edu], t: &mut Tally) {
             "{started} bad DMAs from {} devices in {ms} ms, {polls} polls: {drained} faults drained (unit recorded {recorded}, per-source sum {by_source}), {dropped} overflows counted as dropped; per device {:?}",
             edus.len(),
             &per_source[..edus.len().min(8)]
+        ),
+    );
+    let fp = super::fault_path_stats();
+    t.check(
+        "storm-interrupt-path",
+        fp.interrupts > 0 && fp.drained_in_interrupt > 0 && fp.lost == 0,
+        format_args!(
+            "{} fault interrupts, {} records drained by the handler, {} by polling, {} lost",
+            fp.interrupts, fp.drained_in_interrupt, fp.drained_polling, fp.lost
         ),
     );
     // The unit still translates: map a page for edu0 and round-trip it.
