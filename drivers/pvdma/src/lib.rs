@@ -1,0 +1,2 @@
+//! Guest-side paravirtual DMA driver (being written).
+#![no_std]

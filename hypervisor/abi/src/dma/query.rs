@@ -1,0 +1,253 @@
+//! The `DMA_QUERY` response: a header and the reserved IOVA regions.
+
+use super::{Features, Limits, Policy};
+use crate::le::{put_u32, put_u64, u32_at, u64_at};
+use core::mem::{offset_of, size_of};
+
+/// Bytes of a [`QueryHeader`].
+pub const QUERY_HEADER_SIZE: usize = 64;
+/// Bytes of a [`ReservedRegion`].
+pub const REGION_SIZE: usize = 24;
+
+/// The `DMA_QUERY` response header (64 bytes, little-endian), followed directly by
+/// `regions_written` [`ReservedRegion`]s.
+///
+/// | offset | size | field | meaning |
+/// |---|---|---|---|
+/// | 0 | 4 | `abi_version` | [`crate::ABI_VERSION`] of the hypervisor (same as CPUID) |
+/// | 4 | 4 | `header_size` | bytes of this header (64); regions start here |
+/// | 8 | 8 | `page_sizes` | bit *n* set: 2^*n*-byte IOMMU pages are used; bit 12 always set |
+/// | 16 | 1 | `iova_width` | bits of IOVA space: every IOVA + length ≤ 2^`iova_width` |
+/// | 17 | 1 | `policy` | [`Policy`] in force for this guest |
+/// | 18 | 2 | `reserved0` | 0 |
+/// | 20 | 4 | `max_batch` | most entries one MULTICALL runs |
+/// | 24 | 8 | `features` | [`Features`] bits |
+/// | 32 | 4 | `max_mappings` | quota of live mappings (NOMEM beyond) |
+/// | 36 | 4 | `max_pt_pages` | quota of IOMMU page-table pages (NOMEM beyond) |
+/// | 40 | 4 | `deferred_max_entries` | deferred: queue bound in unmaps (0 otherwise) |
+/// | 44 | 4 | `deferred_max_us` | deferred: queue bound in microseconds (0 otherwise) |
+/// | 48 | 4 | `nr_regions` | reserved regions that exist |
+/// | 52 | 4 | `regions_written` | reserved regions that follow (those that fit the buffer) |
+/// | 56 | 4 | `max_batch_pages` | most pages of a batch area ([`super::MAX_BATCH_PAGES`]) |
+/// | 60 | 4 | `reserved1` | 0 |
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryHeader {
+    /// ABI version.
+    pub abi_version: u32,
+    /// Bytes of this header.
+    pub header_size: u32,
+    /// Page-size bitmap.
+    pub page_sizes: u64,
+    /// IOVA width in bits.
+    pub iova_width: u8,
+    /// [`Policy`] as a byte.
+    pub policy: u8,
+    /// 0.
+    pub reserved0: u16,
+    /// Most entries per MULTICALL.
+    pub max_batch: u32,
+    /// [`Features`] bits.
+    pub features: u64,
+    /// Quota of live mappings.
+    pub max_mappings: u32,
+    /// Quota of page-table pages.
+    pub max_pt_pages: u32,
+    /// Deferred queue bound in entries.
+    pub deferred_max_entries: u32,
+    /// Deferred queue bound in microseconds.
+    pub deferred_max_us: u32,
+    /// Reserved regions in total.
+    pub nr_regions: u32,
+    /// Reserved regions in this response.
+    pub regions_written: u32,
+    /// Most pages of a batch area.
+    pub max_batch_pages: u32,
+    /// 0.
+    pub reserved1: u32,
+}
+
+const _: () = {
+    assert!(size_of::<QueryHeader>() == QUERY_HEADER_SIZE);
+    assert!(offset_of!(QueryHeader, abi_version) == 0);
+    assert!(offset_of!(QueryHeader, header_size) == 4);
+    assert!(offset_of!(QueryHeader, page_sizes) == 8);
+    assert!(offset_of!(QueryHeader, iova_width) == 16);
+    assert!(offset_of!(QueryHeader, policy) == 17);
+    assert!(offset_of!(QueryHeader, reserved0) == 18);
+    assert!(offset_of!(QueryHeader, max_batch) == 20);
+    assert!(offset_of!(QueryHeader, features) == 24);
+    assert!(offset_of!(QueryHeader, max_mappings) == 32);
+    assert!(offset_of!(QueryHeader, max_pt_pages) == 36);
+    assert!(offset_of!(QueryHeader, deferred_max_entries) == 40);
+    assert!(offset_of!(QueryHeader, deferred_max_us) == 44);
+    assert!(offset_of!(QueryHeader, nr_regions) == 48);
+    assert!(offset_of!(QueryHeader, regions_written) == 52);
+    assert!(offset_of!(QueryHeader, max_batch_pages) == 56);
+    assert!(offset_of!(QueryHeader, reserved1) == 60);
+};
+
+impl QueryHeader {
+    /// Decodes the little-endian bytes.
+    pub fn from_bytes(b: &[u8; QUERY_HEADER_SIZE]) -> QueryHeader {
+        QueryHeader {
+            abi_version: u32_at(b, 0),
+            header_size: u32_at(b, 4),
+            page_sizes: u64_at(b, 8),
+            iova_width: b[16],
+            policy: b[17],
+            reserved0: u16::from_le_bytes([b[18], b[19]]),
+            max_batch: u32_at(b, 20),
+            features: u64_at(b, 24),
+            max_mappings: u32_at(b, 32),
+            max_pt_pages: u32_at(b, 36),
+            deferred_max_entries: u32_at(b, 40),
+            deferred_max_us: u32_at(b, 44),
+            nr_regions: u32_at(b, 48),
+            regions_written: u32_at(b, 52),
+            max_batch_pages: u32_at(b, 56),
+            reserved1: u32_at(b, 60),
+        }
+    }
+
+    /// Encodes to little-endian bytes.
+    pub fn to_bytes(&self) -> [u8; QUERY_HEADER_SIZE] {
+        let mut b = [0u8; QUERY_HEADER_SIZE];
+        put_u32(&mut b, 0, self.abi_version);
+        put_u32(&mut b, 4, self.header_size);
+        put_u64(&mut b, 8, self.page_sizes);
+        b[16] = self.iova_width;
+        b[17] = self.policy;
+        b[18..20].copy_from_slice(&self.reserved0.to_le_bytes());
+        put_u32(&mut b, 20, self.max_batch);
+        put_u64(&mut b, 24, self.features);
+        put_u32(&mut b, 32, self.max_mappings);
+        put_u32(&mut b, 36, self.max_pt_pages);
+        put_u32(&mut b, 40, self.deferred_max_entries);
+        put_u32(&mut b, 44, self.deferred_max_us);
+        put_u32(&mut b, 48, self.nr_regions);
+        put_u32(&mut b, 52, self.regions_written);
+        put_u32(&mut b, 56, self.max_batch_pages);
+        put_u32(&mut b, 60, self.reserved1);
+        b
+    }
+
+    /// The policy; `None` for an unknown byte.
+    pub const fn policy(&self) -> Option<Policy> {
+        Policy::from_raw(self.policy)
+    }
+
+    /// The feature bits.
+    pub const fn features(&self) -> Features {
+        Features(self.features)
+    }
+
+    /// The validation limits this response announces.
+    pub const fn limits(&self) -> Limits {
+        Limits {
+            iova_width: self.iova_width,
+            max_batch: self.max_batch,
+        }
+    }
+
+    /// Bytes of a response that holds every region (the value of RDX after QUERY).
+    pub const fn full_size(nr_regions: u32) -> u64 {
+        QUERY_HEADER_SIZE as u64 + nr_regions as u64 * REGION_SIZE as u64
+    }
+
+    /// How many regions fit a response buffer of `len` bytes (0 if the header does not fit).
+    pub const fn regions_fitting(len: u64) -> u64 {
+        if len < QUERY_HEADER_SIZE as u64 {
+            0
+        } else {
+            (len - QUERY_HEADER_SIZE as u64) / REGION_SIZE as u64
+        }
+    }
+}
+
+/// What a reserved IOVA region is (`kind` of a [`ReservedRegion`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum RegionKind {
+    /// IOVAs the hypervisor never hands out; device accesses there fault.
+    Reserved = 1,
+    /// The MSI window (`0xfee0_0000..0xfef0_0000` on x86): device writes there are interrupt
+    /// requests, never memory accesses.
+    Msi = 2,
+    /// An RMRR: identity-mapped for a device because firmware requires it; never handed out,
+    /// never unmappable (UNMAP there → PERM).
+    Identity = 3,
+}
+
+impl RegionKind {
+    /// Decodes `kind`.
+    pub const fn from_raw(raw: u32) -> Option<RegionKind> {
+        match raw {
+            1 => Some(RegionKind::Reserved),
+            2 => Some(RegionKind::Msi),
+            3 => Some(RegionKind::Identity),
+            _ => None,
+        }
+    }
+}
+
+/// One reserved IOVA region (24 bytes, little-endian).
+///
+/// | offset | size | field | meaning |
+/// |---|---|---|---|
+/// | 0 | 8 | `start` | first IOVA, page aligned |
+/// | 8 | 8 | `length` | bytes, page multiple |
+/// | 16 | 4 | `kind` | [`RegionKind`] |
+/// | 20 | 4 | `reserved` | 0 |
+///
+/// MAP never returns an IOVA inside a reserved region, and UNMAP of a range that intersects one
+/// returns PERM.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReservedRegion {
+    /// First IOVA.
+    pub start: u64,
+    /// Bytes.
+    pub length: u64,
+    /// [`RegionKind`] as `u32`.
+    pub kind: u32,
+    /// 0.
+    pub reserved: u32,
+}
+
+const _: () = {
+    assert!(size_of::<ReservedRegion>() == REGION_SIZE);
+    assert!(offset_of!(ReservedRegion, start) == 0);
+    assert!(offset_of!(ReservedRegion, length) == 8);
+    assert!(offset_of!(ReservedRegion, kind) == 16);
+    assert!(offset_of!(ReservedRegion, reserved) == 20);
+};
+
+impl ReservedRegion {
+    /// Decodes the little-endian bytes.
+    pub fn from_bytes(b: &[u8; REGION_SIZE]) -> ReservedRegion {
+        ReservedRegion {
+            start: u64_at(b, 0),
+            length: u64_at(b, 8),
+            kind: u32_at(b, 16),
+            reserved: u32_at(b, 20),
+        }
+    }
+
+    /// Encodes to little-endian bytes.
+    pub fn to_bytes(&self) -> [u8; REGION_SIZE] {
+        let mut b = [0u8; REGION_SIZE];
+        put_u64(&mut b, 0, self.start);
+        put_u64(&mut b, 8, self.length);
+        put_u32(&mut b, 16, self.kind);
+        put_u32(&mut b, 20, self.reserved);
+        b
+    }
+
+    /// Whether `[iova, iova+length)` intersects this region (saturating at 2^64).
+    pub const fn intersects(&self, iova: u64, length: u64) -> bool {
+        let end = iova.saturating_add(length);
+        let rend = self.start.saturating_add(self.length);
+        length != 0 && self.length != 0 && iova < rend && self.start < end
+    }
+}
