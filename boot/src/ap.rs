@@ -142,7 +142,7 @@ pub fn build_image(
     cr3: u64,
     entry64: u64,
 ) -> Result<(), TrampolineError> {
-    if base % 4096 != 0 || base >= 0x10_0000 {
+    if !base.is_multiple_of(4096) || base >= 0x10_0000 {
         return Err(TrampolineError::BadBase(base));
     }
     if cr3 >= 1 << 32 {

@@ -193,7 +193,7 @@ impl<P: Default> DmaState<P> {
     }
 
     fn check_range(&self, gpa: u64, len: u64, ram: &impl GuestRam) -> Result<u64, Error> {
-        if len == 0 || len % PAGE_SIZE != 0 || gpa % PAGE_SIZE != 0 {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) || !gpa.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Inval);
         }
         let end = gpa.checked_add(len).ok_or(Error::Range)?;
@@ -310,7 +310,7 @@ impl<P: Default> DmaState<P> {
         C: Clock,
     {
         self.expire_deferred(dom, iovas, clock);
-        if len == 0 || len % PAGE_SIZE != 0 || iova % PAGE_SIZE != 0 {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) || !iova.is_multiple_of(PAGE_SIZE) {
             return self.fail(Error::Inval);
         }
         if self.policy == Policy::Passthrough {

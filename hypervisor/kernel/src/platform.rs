@@ -191,6 +191,17 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
         }
     );
 
+    for c in platform.cpus() {
+        log::debug!("ACPI: processor uid {} APIC id {}", c.uid, c.apic_id);
+    }
+    for io in platform.ioapics() {
+        log::info!(
+            "ACPI: IOAPIC id {} at {:#x}, GSI base {}",
+            io.id,
+            io.address,
+            io.gsi_base
+        );
+    }
     let dmar = crate::discovery::report_dmar(&platform, &config);
     let devices = crate::discovery::report_pci(&platform, dmar.as_ref());
     let units = crate::iommu::init(dmar.as_ref(), &config);

@@ -106,26 +106,6 @@ pub unsafe fn write_cr3(pml4: u64) {
     unsafe { asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags)) }
 }
 
-/// Writes CR0.
-///
-/// # Safety
-/// The new value must keep the kernel's invariants (paging, protection).
-#[inline]
-pub unsafe fn write_cr0(v: u64) {
-    // SAFETY: contract above.
-    unsafe { asm!("mov cr0, {}", in(reg) v, options(nostack, preserves_flags)) }
-}
-
-/// Writes CR4.
-///
-/// # Safety
-/// As [`write_cr0`].
-#[inline]
-pub unsafe fn write_cr4(v: u64) {
-    // SAFETY: contract above.
-    unsafe { asm!("mov cr4, {}", in(reg) v, options(nostack, preserves_flags)) }
-}
-
 /// Disables interrupts and halts forever.
 pub fn halt_forever() -> ! {
     loop {

@@ -24,8 +24,6 @@ pub type KernelUnit = Unit<Mmio, TscClock>;
 pub struct UnitSlot {
     /// Register base from the DRHD.
     pub base: u64,
-    /// PCI segment.
-    pub segment: u16,
     /// The driver.
     pub unit: KernelUnit,
 }
@@ -189,11 +187,7 @@ pub fn init(dmar: Option<&Dmar<'_>>, config: &Config) -> usize {
                 log::info!(
                     "vtd: unit {i}: fault events -> MSI vector {FAULT_VECTOR:#x} on APIC {bsp_apic}, polling as fallback"
                 );
-                units.push(UnitSlot {
-                    base,
-                    segment: d.segment(),
-                    unit,
-                });
+                units.push(UnitSlot { base, unit });
             }
             Err(e) => log::error!(
                 "vtd: unit {i} at {base:#x}: enable failed: {e}; DMA through it is NOT remapped"

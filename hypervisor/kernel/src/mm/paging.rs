@@ -97,7 +97,7 @@ impl AddressSpace {
     /// Identity-maps `[phys, phys + len)` with `flags`, using 2 MiB pages where aligned,
     /// replacing whatever was mapped there.
     pub fn map(&mut self, phys: u64, len: u64, flags: Pte) -> Result<(), MapError> {
-        if phys % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        if !phys.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(MapError::Unaligned);
         }
         let mut a = phys;
@@ -108,7 +108,7 @@ impl AddressSpace {
             let l3 = &mut table(pdpt)[(a >> 30) as usize & 511];
             let pd = Self::next_table(l3, true)?;
             let l2 = &mut table(pd)[(a >> 21) as usize & 511];
-            if a % HUGE_2M == 0 && end - a >= HUGE_2M {
+            if a.is_multiple_of(HUGE_2M) && end - a >= HUGE_2M {
                 // A whole 2 MiB page; a page table that was here is dropped (its frame leaks
                 // only if the range was mapped twice with different granularity, which the
                 // boot-time builder does not do for 2 MiB-covered ranges).

@@ -51,22 +51,6 @@ pub fn map_mmio(phys: u64, len: u64) -> Result<(), MapError> {
     }
 }
 
-/// Makes sure `[phys, phys + len)` is mapped readable; maps unmapped pages read-only.
-pub fn ensure_readable(phys: u64, len: u64) -> Result<(), MapError> {
-    let mut guard = KERNEL_SPACE.lock();
-    let Some(s) = guard.as_mut() else {
-        return Ok(());
-    };
-    let mut a = align_down(phys, PAGE_SIZE);
-    while a < phys + len {
-        if s.lookup(a).is_none() {
-            s.map(a, PAGE_SIZE, Pte::RO)?;
-        }
-        a += PAGE_SIZE;
-    }
-    Ok(())
-}
-
 /// Flags of the page containing `virt` (for the W^X self-check).
 pub fn flags_of(virt: u64) -> Option<Pte> {
     KERNEL_SPACE.lock().as_ref()?.lookup(virt).map(|(_, f)| f)
