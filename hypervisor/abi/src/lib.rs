@@ -41,7 +41,7 @@
 //! | 16 | DMA_QUERY | buffer gpa (8-aligned) | buffer bytes | — | bytes of the full response |
 //! | 17 | DMA_MAP | gpa | length | flags | IOVA |
 //! | 18 | DMA_UNMAP | iova | length | 0 | bytes unmapped |
-//! | 19 | DMA_MULTICALL | cursor | 0 | — | cursor / completed / stop |
+//! | 19 | DMA_MULTICALL | cursor | 0 | — | cursor / completed / stop (+ unsynced bit 8) |
 //! | 20 | DMA_BATCH_REGISTER | area gpa (page-aligned) | pages (0 = unregister) | — | capacity in entries |
 //! | 21 | DMA_SYNC | 0 | — | — | invalidations issued |
 //! | 22 | DMA_STATS | buffer gpa (8-aligned) | buffer bytes | [`dma::StatsFlags`] | bytes written |
@@ -87,6 +87,9 @@
 //!   no batch area → NOENT; RSI ≠ 0 → INVAL; header checks of [`dma::validate_batch`]
 //!   (INVAL, UNSUPP, RANGE).
 //!
+//! R9 bit 8 (`unsynced`) may accompany `Done`, `EntryFailed` and `Preempted`: see section 4,
+//! U4. Bits 9..=63 of R9 are 0.
+//!
 //! There is no hidden continuation state: a resubmission is an ordinary call, and the
 //! hypervisor never runs an entry twice unless the guest resubmits it. The hypervisor copies
 //! the header once per call and each entry once, before checking it, into its own memory; it
@@ -95,8 +98,9 @@
 //! and, for a MAP, `iova`. It never writes the header or entries it did not run.
 //!
 //! **`DMA_SYNC`** (RDI must be 0, else INVAL) completes every pending IOTLB invalidation of the
-//! guest's domain (under `deferred`, the flush queue) and waits for it; RDX = invalidations
-//! issued (0 when nothing was pending).
+//! guest's domain (under `deferred`, the flush queue; in every policy, any invalidation an
+//! earlier call reported as unconfirmed) and waits for it; RDX = invalidations issued (0 when
+//! nothing was pending). BUSY: the IOMMU still did not confirm; call again.
 //!
 //! **`DMA_STATS`** writes a [`dma::Stats`] block. Errors: unknown flag → INVAL; buffer not
 //! 8-aligned → INVAL; fewer than [`dma::STATS_SIZE`] bytes → RANGE; not guest RAM → FAULT;
@@ -119,18 +123,27 @@
 //! | # | check (done by) | status |
 //! |---|---|---|
 //! | 1–7 | unknown op, reserved ≠ 0, unknown flag, MAP without rights / UNMAP with flags, MAP `iova` ≠ 0 / UNMAP `gpa` ≠ 0, length 0, unaligned address or length ([`dma::validate_entry`]) | INVAL |
-//! | 8–9 | `address + length` overflows, length beyond the IOVA space, UNMAP end beyond `2^iova_width` ([`dma::validate_entry`]) | RANGE |
+//! | 8–10 | `address + length` overflows, length beyond the IOVA space, UNMAP end beyond `2^iova_width`, MAP longer than `max_map_pages` ([`dma::validate_entry`]) | RANGE |
 //! | M1 | MAP: some page is not RAM owned by the guest (outside it, hypervisor or other guest memory, MMIO) (hypervisor) | FAULT |
-//! | M2 | MAP: a page is in a registered batch area or fault ring, or read-only to the guest while `flags` has WRITE (hypervisor) | PERM |
-//! | M3 | MAP: a page is part of a live mapping (the same guest page is never mapped twice at once) (hypervisor) | EXIST |
-//! | M4 | MAP: quota of live mappings (`max_mappings`) or page-table pages (`max_pt_pages`) reached, or IOVA space exhausted after flushing pending invalidations (hypervisor) | NOMEM |
+//! | M2 | MAP: a page the guest may not give to a device: a registered batch area or fault ring, memory read-only to the guest while `flags` has WRITE (hypervisor) | PERM |
+//! | M3 | MAP: quota of live mappings (`max_mappings`), of mapped pages, or of page-table pages (`max_pt_pages`) reached (hypervisor) | NOMEM |
+//! | M4 | MAP: a page is part of a live mapping (a guest page is never mapped twice at once) (hypervisor) | EXIST |
+//! | M5 | MAP: no IOVA range free, even after flushing pending invalidations (hypervisor) | NOMEM |
 //! | U1 | UNMAP: the range intersects a reserved region (MSI window, RMRR) (hypervisor) | PERM |
 //! | U2 | UNMAP: no live mapping starts at `iova` (never mapped, or unmapped already) (hypervisor) | NOENT |
-//! | U3 | UNMAP: the mapping at `iova` is not `length` bytes long (partial or spanning unmap) (hypervisor) | RANGE |
+//! | U3 | UNMAP: the mapping at `iova` is not `length` bytes long (partial or spanning unmap) (hypervisor) | INVAL |
+//! | U4 | UNMAP (strict, or batched outside a MULTICALL): the IOMMU did not confirm the invalidation in time (hypervisor) | BUSY |
 //!
-//! AGAIN is only a MULTICALL status (preemption). BUSY only refuses a registration over pages
-//! mapped for DMA. UNSUPP: unknown call, missing feature, unknown batch version. The base
-//! calls keep their version-1 statuses.
+//! BUSY from an UNMAP (U4) is the one failure that is not a no-op, because the hardware,
+//! not the request, failed: the mapping is gone from the page tables and from the guest's
+//! mappings (a repeated UNMAP returns NOENT), but the device-side guarantee is not given yet;
+//! the IOVA and pages stay held, and DMA_SYNC retries the invalidation (BUSY again while the
+//! IOMMU still does not answer). In a MULTICALL the same situation is reported by the
+//! `unsynced` bit of R9 ([`dma::MulticallReturn::unsynced`]), not by an entry status.
+//!
+//! AGAIN is only a MULTICALL status (preemption). BUSY otherwise refuses a registration over
+//! pages mapped for DMA. UNSUPP: unknown call, missing feature, unknown batch version. The
+//! base calls keep their version-1 statuses.
 //!
 //! ## 5. IOVA lifetime per policy
 //!
@@ -139,20 +152,24 @@
 //! after the IOTLB invalidation covering its unmap has completed.
 //!
 //! * **passthrough**: all guest RAM is reachable by the guest's devices at IOVA = GPA
-//!   ([`dma::Features::IOVA_IS_GPA`]); MAP returns `iova = gpa`; UNMAP ends the bookkeeping
-//!   but the memory stays reachable. Only isolation between guests is provided.
-//! * **strict**: when an UNMAP (call or entry) has completed, its IOVA range is unusable by the
-//!   device: the hypervisor invalidated and waited before writing the entry's status (or
-//!   returning from DMA_UNMAP).
+//!   ([`dma::Features::IOVA_IS_GPA`]). MAP and UNMAP run checks 1–10, M1 and M2 (UNMAP: on
+//!   `[iova, iova+length)` as guest-physical) and keep no bookkeeping: MAP returns
+//!   `iova = gpa`, UNMAP returns OK and the memory stays reachable; EXIST, NOENT, quotas and
+//!   the partial-unmap check do not apply. Only isolation between guests is provided.
+//! * **strict**: when an UNMAP (call or entry) has completed with OK, its IOVA range is
+//!   unusable by the device: the hypervisor invalidated and waited before writing the entry's
+//!   status (or returning from DMA_UNMAP).
 //! * **batched**: the UNMAP entries of one MULTICALL are gathered into one invalidation and one
 //!   wait, done before the call returns, whatever it returns (Done, EntryFailed, Preempted).
-//!   When the MULTICALL returns, every UNMAP entry it completed is unusable by the device. A
-//!   status another vCPU reads from the area before the call returns carries no guarantee.
+//!   When the MULTICALL returns (without `unsynced`), every UNMAP entry it completed is
+//!   unusable by the device. A status another vCPU reads from the area before the call
+//!   returns carries no guarantee. A DMA_UNMAP call is a batch of one (as strict).
 //! * **deferred**: UNMAP clears the PTEs and queues the invalidation; a device may still reach
 //!   the range through stale IOTLB entries until the queue is flushed. The queue is flushed at
 //!   the latest when it holds `deferred_max_entries` unmaps or `deferred_max_us` microseconds
-//!   after the oldest unmap in it (both from QUERY), and on DMA_SYNC; after DMA_SYNC returns,
-//!   every earlier UNMAP is unusable by the device.
+//!   after the oldest unmap in it (both from QUERY; the time bound is checked on every DMA
+//!   call of the guest and by the hypervisor's timer), and on DMA_SYNC; after DMA_SYNC
+//!   returns OK, every earlier UNMAP is unusable by the device.
 //!
 //! MAP never returns an IOVA of a mapping whose invalidation is pending, nor one inside a
 //! reserved region. A guest page whose unmap is pending invalidation may be mapped again (it

@@ -8,6 +8,7 @@ use std::vec::Vec;
 const LIMITS: Limits = Limits {
     iova_width: 39,
     max_batch: 256,
+    max_map_pages: 0,
 };
 
 // ---------------------------------------------------------------- numbers
@@ -229,9 +230,10 @@ fn query_known_bytes_and_sizes() {
         nr_regions: 2,
         regions_written: 1,
         max_batch_pages: 16,
-        reserved1: 0,
+        max_map_pages: 512,
     };
     let b = q.to_bytes();
+    assert_eq!(b[60..64], 512u32.to_le_bytes());
     assert_eq!(b[16], 39);
     assert_eq!(b[17], 2);
     assert_eq!(b[20..24], 256u32.to_le_bytes());
@@ -242,7 +244,8 @@ fn query_known_bytes_and_sizes() {
         q.limits(),
         Limits {
             iova_width: 39,
-            max_batch: 256
+            max_batch: 256,
+            max_map_pages: 512
         }
     );
     assert_eq!(QueryHeader::full_size(2), 64 + 48);
@@ -366,6 +369,17 @@ fn entry_validation_examples() {
         v(Entry::unmap((1 << 39) - 0x1000, 0x2000)),
         Err(Status::Range)
     );
+    // max_map_pages (MAP only)
+    let capped = Limits {
+        max_map_pages: 512,
+        ..LIMITS
+    };
+    assert!(validate_entry(&map_e(0, 512 << 12), &capped).is_ok());
+    assert_eq!(
+        validate_entry(&map_e(0, 513 << 12), &capped),
+        Err(Status::Range)
+    );
+    assert!(validate_entry(&Entry::unmap(0, 513 << 12), &capped).is_ok());
     // status and done are outputs: never looked at
     assert!(v(Entry {
         status: -99,
@@ -377,6 +391,7 @@ fn entry_validation_examples() {
     let wide = Limits {
         iova_width: 64,
         max_batch: 1,
+        max_map_pages: 0,
     };
     assert!(validate_entry(&Entry::unmap(u64::MAX - 0x1fff, 0x1000), &wide).is_ok());
     assert_eq!(
@@ -585,6 +600,19 @@ fn multicall_return_consistency() {
         "unknown status"
     );
     assert!(d(ok(Status::Ok, 1 << 32, 7, 0), 3, 10).is_none());
+    // R9 bit 8: unsynced.
+    let u = d(ok(Status::Ok, 10, 7, 0x100), 3, 10).unwrap();
+    assert!(u.unsynced);
+    assert_eq!(u.to_return().values[2], MULTICALL_UNSYNCED);
+    assert!(d(ok(Status::Again, 5, 2, 0x102), 3, 10).unwrap().unsynced);
+    assert!(
+        d(ok(Status::Inval, 3, 0, 0x103), 3, 10).is_none(),
+        "rejected owes nothing"
+    );
+    assert!(
+        d(ok(Status::Ok, 10, 7, 0x200), 3, 10).is_none(),
+        "bit 9 reserved"
+    );
 }
 
 // ---------------------------------------------------------------- properties
@@ -630,10 +658,16 @@ fn valid_entry() -> impl Strategy<Value = Entry> {
 }
 
 fn any_limits() -> impl Strategy<Value = Limits> {
-    (12u8..=64, any::<u32>()).prop_map(|(iova_width, max_batch)| Limits {
-        iova_width,
-        max_batch,
-    })
+    (
+        12u8..=64,
+        any::<u32>(),
+        prop_oneof![Just(0u32), any::<u32>(), 1u32..1024],
+    )
+        .prop_map(|(iova_width, max_batch, max_map_pages)| Limits {
+            iova_width,
+            max_batch,
+            max_map_pages,
+        })
 }
 
 proptest! {
@@ -681,7 +715,7 @@ proptest! {
             iova_width: w[3] as u8, policy: w[4] as u8, reserved0: w[5] as u16, max_batch: w[6] as u32,
             features: w[7], max_mappings: w[8] as u32, max_pt_pages: w[9] as u32,
             deferred_max_entries: w[10] as u32, deferred_max_us: w[11] as u32, nr_regions: w[12] as u32,
-            regions_written: w[13] as u32, max_batch_pages: w[14] as u32, reserved1: w[15] as u32 };
+            regions_written: w[13] as u32, max_batch_pages: w[14] as u32, max_map_pages: w[15] as u32 };
         prop_assert_eq!(QueryHeader::from_bytes(&q.to_bytes()), q);
         let fr = FaultRingHeader { magic: w[0] as u32, version: w[1] as u16, record_size: w[2] as u16,
             capacity: w[3] as u32, reserved0: w[4] as u32, producer: w[5] as u32, reserved1: w[6] as u32,
@@ -696,6 +730,7 @@ proptest! {
             let (addr, len) = match req {
                 Request::Map { gpa, length, flags } => {
                     prop_assert!(!flags.is_empty());
+                    prop_assert!(limits.max_map_pages == 0 || length / 4096 <= u64::from(limits.max_map_pages));
                     prop_assert_eq!(e.iova, 0);
                     (gpa, length)
                 }
@@ -757,7 +792,7 @@ proptest! {
         let addr = (!0xfffu64) - ((page - 1) << 12);
         let length = (page << 12).max(e.length);
         let bad = if e.op == Op::Map as u16 { Entry { gpa: addr, length, ..e } } else { Entry { iova: addr, length, ..e } };
-        prop_assert_eq!(validate_entry(&bad, &Limits { iova_width: 64, max_batch: 1 }), Err(Status::Range));
+        prop_assert_eq!(validate_entry(&bad, &Limits { iova_width: 64, max_batch: 1, max_map_pages: 0 }), Err(Status::Range));
         prop_assert_eq!(validate_entry(&bad, &LIMITS), Err(Status::Range));
     }
 

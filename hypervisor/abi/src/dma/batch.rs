@@ -344,7 +344,8 @@ impl Request {
 ///    → INVAL;
 /// 8. `address + length` overflows 64 bits → RANGE;
 /// 9. `length` larger than the IOVA space (`2^iova_width`), or for UNMAP
-///    `iova + length > 2^iova_width` → RANGE.
+///    `iova + length > 2^iova_width` → RANGE;
+/// 10. MAP longer than `max_map_pages` pages (when non-zero) → RANGE.
 ///
 /// `status` and `done` are not looked at. The hypervisor's own checks follow (see the crate
 /// docs, *Status codes*).
@@ -369,6 +370,12 @@ pub fn validate_entry(e: &Entry, limits: &Limits) -> Result<Request, Status> {
         }
     };
     check_range(addr, e.length, limits, op == Op::Unmap)?;
+    if op == Op::Map
+        && limits.max_map_pages != 0
+        && e.length / PAGE_SIZE > limits.max_map_pages as u64
+    {
+        return Err(Status::Range);
+    }
     Ok(match op {
         Op::Map => Request::Map {
             gpa: e.gpa,
@@ -449,7 +456,7 @@ impl EntryOutcome {
     }
 }
 
-/// Why a MULTICALL returned (R9).
+/// Why a MULTICALL returned (bits 0..=7 of R9; see [`MulticallReturn::unsynced`] for bit 8).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u64)]
 pub enum MulticallStop {
@@ -480,7 +487,7 @@ impl MulticallStop {
 }
 
 /// A MULTICALL's return registers: RAX = `status`, RDX = `cursor`, R8 = `completed`,
-/// R9 = `stop`.
+/// R9 = `stop` | `unsynced << 8`. Bits 9..=63 of R9 are 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MulticallReturn {
     /// The call status.
@@ -491,14 +498,26 @@ pub struct MulticallReturn {
     pub completed: u32,
     /// Why the call returned.
     pub stop: MulticallStop,
+    /// R9 bit 8: the invalidation this call owed (under `strict` or `batched`) was issued but
+    /// the IOMMU did not confirm it in time. Every entry reported completed did take effect in
+    /// the page tables, but the device-side guarantee for its UNMAPs is not given yet: the
+    /// IOVAs and pages stay held and DMA_SYNC retries (until it returns OK).
+    pub unsynced: bool,
 }
+
+/// R9 bit of [`MulticallReturn::unsynced`].
+pub const MULTICALL_UNSYNCED: u64 = 1 << 8;
 
 impl MulticallReturn {
     /// The return registers.
     pub const fn to_return(&self) -> Return {
         Return::new(
             self.status,
-            [self.cursor as u64, self.completed as u64, self.stop as u64],
+            [
+                self.cursor as u64,
+                self.completed as u64,
+                self.stop as u64 | if self.unsynced { MULTICALL_UNSYNCED } else { 0 },
+            ],
         )
     }
 
@@ -507,8 +526,12 @@ impl MulticallReturn {
     /// `completed == cursor - start`. `None` if the hypervisor broke them.
     pub fn from_return(ret: &Return, start: u32, count: u32) -> Option<MulticallReturn> {
         let status = ret.status()?;
-        let [cursor, completed, stop] = ret.values;
-        let stop = MulticallStop::from_raw(stop)?;
+        let [cursor, completed, r9] = ret.values;
+        if r9 & !(0xff | MULTICALL_UNSYNCED) != 0 {
+            return None;
+        }
+        let unsynced = r9 & MULTICALL_UNSYNCED != 0;
+        let stop = MulticallStop::from_raw(r9 & 0xff)?;
         let cursor = u32::try_from(cursor).ok()?;
         let completed = u32::try_from(completed).ok()?;
         if cursor < start || cursor > count || completed != cursor - start {
@@ -520,13 +543,14 @@ impl MulticallReturn {
                 !matches!(status, Status::Ok | Status::Again) && cursor < count
             }
             MulticallStop::Preempted => status == Status::Again && cursor < count && completed > 0,
-            MulticallStop::Rejected => status != Status::Ok && completed == 0,
+            MulticallStop::Rejected => status != Status::Ok && completed == 0 && !unsynced,
         };
         consistent.then_some(MulticallReturn {
             status,
             cursor,
             completed,
             stop,
+            unsynced,
         })
     }
 }

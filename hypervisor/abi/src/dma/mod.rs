@@ -9,7 +9,8 @@ mod stats;
 pub use batch::{
     batch_capacity, decode_map_regs, decode_unmap_regs, validate_batch, validate_entry,
     BatchHeader, BatchInfo, Entry, EntryOutcome, MulticallReturn, MulticallStop, Request,
-    BATCH_HEADER_SIZE, BATCH_MAGIC, BATCH_VERSION, ENTRY_SIZE, MAX_BATCH_PAGES, STATUS_PENDING,
+    BATCH_HEADER_SIZE, BATCH_MAGIC, BATCH_VERSION, ENTRY_SIZE, MAX_BATCH_PAGES, MULTICALL_UNSYNCED,
+    STATUS_PENDING,
 };
 pub use fault::{
     fault_ring_capacity, Direction, FaultRecord, FaultRingHeader, FAULT_RECORD_SIZE,
@@ -206,6 +207,8 @@ pub struct Limits {
     pub iova_width: u8,
     /// Most entries one MULTICALL runs (`max_batch`).
     pub max_batch: u32,
+    /// Most pages one mapping may cover (`max_map_pages`); 0: no limit but the IOVA width.
+    pub max_map_pages: u32,
 }
 
 impl Limits {

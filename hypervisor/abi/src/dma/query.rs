@@ -29,7 +29,7 @@ pub const REGION_SIZE: usize = 24;
 /// | 48 | 4 | `nr_regions` | reserved regions that exist |
 /// | 52 | 4 | `regions_written` | reserved regions that follow (those that fit the buffer) |
 /// | 56 | 4 | `max_batch_pages` | most pages of a batch area ([`super::MAX_BATCH_PAGES`]) |
-/// | 60 | 4 | `reserved1` | 0 |
+/// | 60 | 4 | `max_map_pages` | most 4 KiB pages one mapping may cover (RANGE beyond); 0: only the IOVA width limits it |
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QueryHeader {
@@ -63,8 +63,8 @@ pub struct QueryHeader {
     pub regions_written: u32,
     /// Most pages of a batch area.
     pub max_batch_pages: u32,
-    /// 0.
-    pub reserved1: u32,
+    /// Most pages per mapping (0: no limit but the IOVA width).
+    pub max_map_pages: u32,
 }
 
 const _: () = {
@@ -84,7 +84,7 @@ const _: () = {
     assert!(offset_of!(QueryHeader, nr_regions) == 48);
     assert!(offset_of!(QueryHeader, regions_written) == 52);
     assert!(offset_of!(QueryHeader, max_batch_pages) == 56);
-    assert!(offset_of!(QueryHeader, reserved1) == 60);
+    assert!(offset_of!(QueryHeader, max_map_pages) == 60);
 };
 
 impl QueryHeader {
@@ -106,7 +106,7 @@ impl QueryHeader {
             nr_regions: u32_at(b, 48),
             regions_written: u32_at(b, 52),
             max_batch_pages: u32_at(b, 56),
-            reserved1: u32_at(b, 60),
+            max_map_pages: u32_at(b, 60),
         }
     }
 
@@ -128,7 +128,7 @@ impl QueryHeader {
         put_u32(&mut b, 48, self.nr_regions);
         put_u32(&mut b, 52, self.regions_written);
         put_u32(&mut b, 56, self.max_batch_pages);
-        put_u32(&mut b, 60, self.reserved1);
+        put_u32(&mut b, 60, self.max_map_pages);
         b
     }
 
@@ -147,6 +147,7 @@ impl QueryHeader {
         Limits {
             iova_width: self.iova_width,
             max_batch: self.max_batch,
+            max_map_pages: self.max_map_pages,
         }
     }
 
