@@ -166,6 +166,14 @@ impl<P: Default> DmaState<P> {
         self.stats
     }
 
+    /// Whether any page of guest-physical `[gpa, end)` is in a live mapping.
+    pub fn gpa_mapped(&self, gpa: u64, end: u64) -> bool {
+        match self.by_gpa.range(..end).next_back() {
+            Some((_, iova)) => self.live[iova].gpa_end() > gpa,
+            None => false,
+        }
+    }
+
     /// The live mapping starting at `iova`.
     pub fn mapping(&self, iova: u64) -> Option<Mapping> {
         self.live.get(&iova).copied()

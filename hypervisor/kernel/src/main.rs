@@ -13,6 +13,7 @@ mod acpi;
 mod arch;
 mod console;
 mod discovery;
+mod dma;
 mod edu;
 mod exit;
 mod iommu;

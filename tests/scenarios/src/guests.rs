@@ -103,7 +103,7 @@ pub fn all() -> Vec<Scenario> {
             need_line(log, &["vm: AMD SVM", "nested paging"])?;
             need_line(log, &["cpu0 vm::guest: g0> moat-test-guest on g0 vcpu 0 of 1: 8 MiB, command line `hello`"])?;
             need_line(log, &["g0> hello: cpuid 0x40000000 signature `MoatMoatMoat` max leaf 0x40000001", "hypervisor bit true"])?;
-            need_line(log, &["g0> hello: VERSION hypercall returned status 0 value 1"])?;
+            need_line(log, &["g0> hello: VERSION hypercall returned status 0 value 2"])?;
             need_line(log, &["g0> PASS hello"])?;
             need_line(log, &["guest g0 vcpu0: exited with code 0"])
         }),

@@ -29,6 +29,8 @@ pub struct UnitSlot {
 }
 
 static UNITS: Mutex<Vec<UnitSlot>> = Mutex::new(Vec::new());
+/// The DMAR table the units came from (for device -> unit and RMRR lookups).
+static DMAR: spin::Once<Dmar<'static>> = spin::Once::new();
 
 /// Interrupt vector of the VT-d fault event (MSI from every unit to the BSP).
 pub const FAULT_VECTOR: u8 = 0x40;
@@ -119,7 +121,7 @@ pub fn take_faults() -> Vec<FaultEvent> {
 }
 
 /// Brings up every DRHD unit. Returns how many are translating.
-pub fn init(dmar: Option<&Dmar<'_>>, config: &Config) -> usize {
+pub fn init(dmar: Option<&Dmar<'static>>, config: &Config) -> usize {
     crate::arch::idt::register(FAULT_VECTOR, fault_interrupt);
     let bsp_apic = crate::arch::apic::id() as u64;
     if !config.iommu {
@@ -127,6 +129,7 @@ pub fn init(dmar: Option<&Dmar<'_>>, config: &Config) -> usize {
         return 0;
     }
     let Some(dmar) = dmar else { return 0 };
+    DMAR.call_once(|| dmar.clone());
     let mut units = UNITS.lock();
     for (i, d) in dmar.drhds().enumerate() {
         let base = d.register_base();
@@ -205,4 +208,27 @@ pub fn with_unit<R>(
     let mut units = UNITS.lock();
     let slot = units.iter_mut().find(|s| s.base == base)?;
     Some(f(&mut slot.unit, &mut KernelMemory))
+}
+
+fn function(bdf: moat_pci::Bdf) -> moat_dmar::PciFunction {
+    moat_dmar::PciFunction::new(bdf.segment(), bdf.bus(), bdf.device(), bdf.function())
+}
+
+/// The register base of the enabled unit that translates `bdf`'s DMA.
+pub fn unit_for(bdf: moat_pci::Bdf) -> Option<u64> {
+    let base = DMAR
+        .get()?
+        .find_drhd(function(bdf), &moat_dmar::NoBridges)?
+        .register_base();
+    UNITS.lock().iter().any(|s| s.base == base).then_some(base)
+}
+
+/// The reserved memory regions (RMRRs) `bdf` needs identity-mapped: `(base, end)` pairs.
+pub fn rmrrs_for(bdf: moat_pci::Bdf) -> Vec<(u64, u64)> {
+    let Some(d) = DMAR.get() else {
+        return Vec::new();
+    };
+    d.rmrrs_for(function(bdf), &moat_dmar::NoBridges)
+        .map(|r| (r.base(), r.limit().saturating_add(1)))
+        .collect()
 }

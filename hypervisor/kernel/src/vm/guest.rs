@@ -95,6 +95,8 @@ pub enum GuestError {
     Vcpu(VcpuError),
     /// An assigned device cannot be given to the guest.
     Device(Bdf, pci::AssignError),
+    /// The DMA service (VT-d domain, IOVA allocator) could not be set up.
+    Dma(crate::dma::SetupError),
 }
 
 impl fmt::Display for GuestError {
@@ -110,6 +112,7 @@ impl fmt::Display for GuestError {
             Self::NoMemory => f.write_str("no contiguous host memory for the partition"),
             Self::Vcpu(e) => write!(f, "{e}"),
             Self::Device(b, e) => write!(f, "device {b}: {e}"),
+            Self::Dma(e) => write!(f, "DMA: {e}"),
         }
     }
 }
@@ -275,6 +278,7 @@ pub struct Guest {
     running: AtomicUsize,
     lines: Vec<Mutex<Line>>,
     outcome: Mutex<Option<StopReason>>,
+    dma: Option<crate::dma::GuestDma>,
 }
 
 impl Guest {
@@ -349,6 +353,19 @@ impl Guest {
     ) -> Result<(&'static Guest, Vec<Vcpu>), GuestError> {
         let mem = config.mem;
         let vcpus = usize::from(config.cpus.max(1));
+        let ids: Vec<(Bdf, u16, u16)> = devices
+            .iter()
+            .map(|d| {
+                let h = moat_pci::Header::read(&ecams, d.bdf);
+                (
+                    d.bdf,
+                    h.map_or(0, |h| h.vendor_id),
+                    h.map_or(0, |h| h.device_id),
+                )
+            })
+            .collect();
+        let dma = crate::dma::GuestDma::create(config.policy, vcpus, &ids, hpa, mem)
+            .map_err(GuestError::Dma)?;
         let mut space = backend.new_stage2()?;
         space.map(0, hpa, mem, MemKind::Ram)?;
         for d in &devices {
@@ -466,7 +483,11 @@ impl Guest {
                 })
                 .collect(),
             outcome: Mutex::new(None),
+            dma,
         }));
+        if let Some(d) = &guest.dma {
+            log::info!("guest {}: DMA: {}", guest.name, d.describe());
+        }
         log::info!(
             "guest {}: {} MiB at host {:#x}, {} vCPU(s), entry {:#x}, {} device(s)",
             guest.name,
@@ -477,6 +498,11 @@ impl Guest {
             guest.devices.lock().len()
         );
         Ok((guest, cpus))
+    }
+
+    /// The guest's DMA service (guests with assigned devices).
+    pub fn dma(&self) -> Option<&crate::dma::GuestDma> {
+        self.dma.as_ref()
     }
 
     /// The guest's name.
@@ -560,6 +586,9 @@ impl Guest {
                 self.vcpus,
                 self.outcome().map_or(StopReason::WithGuest, |r| r)
             );
+            if let Some(d) = &self.dma {
+                d.shutdown(self.name.as_str());
+            }
         }
     }
 
@@ -593,6 +622,9 @@ impl Guest {
             stats.count(&exit, exited.wrapping_sub(entered));
             handled_since = Some(exited);
             let rip = vcpu.reg(Reg::Rip);
+            if let Some(d) = &self.dma {
+                d.tick(index);
+            }
             match exit {
                 Exit::Hypercall => match hypercall::dispatch(self, index, &mut vcpu) {
                     Outcome::Return => {
@@ -601,7 +633,7 @@ impl Guest {
                     Outcome::Stop(r) => break r,
                 },
                 Exit::Cpuid => {
-                    hypercall::cpuid(&mut vcpu);
+                    hypercall::cpuid(self, &mut vcpu);
                     vcpu.complete_instruction();
                 }
                 Exit::Msr { write } => self.msr(&mut vcpu, write),

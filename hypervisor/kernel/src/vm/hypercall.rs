@@ -1,76 +1,35 @@
 //! Hypercalls and the hypervisor's CPUID leaves.
 //!
-//! # ABI (version 1)
-//!
-//! A guest issues `VMMCALL` (AMD) with the call number in RAX and arguments in RDI, RSI, RDX.
-//! The hypervisor returns a [`Status`] in RAX (0 or a negative code) and a value in RDX; every
-//! other register is preserved. CPUID leaf `0x4000_0000` returns the highest hypervisor leaf
-//! in EAX and `"MoatMoatMoat"` in EBX, ECX, EDX; leaf `0x4000_0001` returns the ABI version
-//! in EAX, the feature bits ([`FEATURES`]) in EBX and the hypercall instruction in ECX
-//! (1 = VMMCALL, 2 = VMCALL).
-//!
-//! The test guest (`tests/guest`) carries its own copy of these numbers; they move to a shared
-//! ABI crate with the paravirtual DMA interface.
+//! The ABI is `moat-abi` (its documentation is the specification): `VMMCALL` with the call
+//! number in RAX and arguments in RDI, RSI, RDX, R10, R8, R9; a status in RAX (0 or a
+//! negative code) and values in RDX (and R8, R9 for the DMA calls). CPUID leaf `0x4000_0000`
+//! returns `"MoatMoatMoat"`; `0x4000_0001` the ABI version in EAX, the bitmap of calls this
+//! guest has in EBX (the DMA calls only for a guest with devices) and the hypercall
+//! instruction in ECX (1 = VMMCALL).
+
+use moat_abi::{Args, Call, Status, CALLS_BASE, CONSOLE_MAX, CPUID_MAX_LEAF, SIGNATURE};
 
 use super::guest::{Guest, StopReason};
 use super::vcpu::{Reg, Vcpu};
 
-/// ABI version reported by [`Call::Version`] and CPUID `0x4000_0001`.
-pub const ABI_VERSION: u64 = 1;
-/// Highest hypervisor CPUID leaf.
-pub const CPUID_MAX_LEAF: u32 = 0x4000_0001;
-/// `"MoatMoatMoat"` split over EBX, ECX, EDX.
-pub const SIGNATURE: [u8; 12] = *b"MoatMoatMoat";
-/// Feature bits of CPUID `0x4000_0001` EBX: one per implemented call.
-pub const FEATURES: u32 = 1 << Call::Version as u32
-    | 1 << Call::ConsoleWrite as u32
-    | 1 << Call::Exit as u32
-    | 1 << Call::Nop as u32;
-/// Most bytes one console write takes.
-pub const CONSOLE_MAX: u64 = 4096;
-
-/// Hypercall status codes returned in RAX. The whole set is ABI (the paravirtual DMA calls
-/// use the rest), so codes no call returns yet are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(i64)]
-#[allow(dead_code)]
-pub enum Status {
-    /// Success.
-    Ok = 0,
-    /// Invalid argument.
-    Inval = -1,
-    /// Not permitted.
-    Perm = -2,
-    /// No such object.
-    Noent = -3,
-    /// Already exists.
-    Exist = -4,
-    /// Out of range.
-    Range = -5,
-    /// Out of memory.
-    Nomem = -6,
-    /// Try again.
-    Again = -7,
-    /// A guest address the guest does not own.
-    Fault = -8,
-    /// Unknown or unsupported call.
-    Unsupp = -9,
-    /// Busy.
-    Busy = -10,
-}
-
-/// Call numbers (RAX).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u64)]
-pub enum Call {
-    /// Returns the ABI version in RDX.
-    Version = 0,
-    /// Writes RSI bytes at guest-physical RDI to the console; RDX = bytes written.
-    ConsoleWrite = 1,
-    /// Stops the calling vCPU with exit code RDI. Does not return.
-    Exit = 2,
-    /// Does nothing (round-trip measurements).
-    Nop = 3,
+/// The calls a guest with DMA devices has (all but the fault ring, not implemented yet).
+fn calls(guest: &Guest) -> u32 {
+    if guest.dma().is_some() {
+        CALLS_BASE
+            | [
+                Call::DmaQuery,
+                Call::DmaMap,
+                Call::DmaUnmap,
+                Call::DmaMulticall,
+                Call::DmaBatchRegister,
+                Call::DmaSync,
+                Call::DmaStats,
+            ]
+            .iter()
+            .fold(0, |m, c| m | c.bit())
+    } else {
+        CALLS_BASE
+    }
 }
 
 /// What the vCPU loop does after a hypercall.
@@ -81,32 +40,40 @@ pub enum Outcome {
     Stop(StopReason),
 }
 
-type Handler = fn(&Guest, usize, &mut Vcpu) -> Result<u64, Status>;
-
-/// The dispatch table, indexed by call number.
-const TABLE: [Option<Handler>; 4] = [
-    Some(|_, _, _| Ok(ABI_VERSION)),
-    Some(console_write),
-    None, // Exit: handled before the table, it does not return to the guest.
-    Some(|_, _, _| Ok(0)),
-];
-
 /// Handles the hypercall the vCPU just made.
 pub fn dispatch(guest: &Guest, vcpu_index: usize, vcpu: &mut Vcpu) -> Outcome {
     let number = vcpu.reg(Reg::Rax);
-    if number == Call::Exit as u64 {
+    let call = Call::from_number(number);
+    if call == Some(Call::Exit) {
         return Outcome::Stop(StopReason::Exited(vcpu.reg(Reg::Rdi)));
     }
-    let handler = usize::try_from(number)
-        .ok()
-        .and_then(|n| TABLE.get(n).copied().flatten());
-    let result = match handler {
-        Some(h) => h(guest, vcpu_index, vcpu),
-        None => {
+    if let (Some(c), Some(dma)) = (call, guest.dma()) {
+        if c.number() >= Call::DmaQuery.number() {
+            let args = Args::new([
+                vcpu.reg(Reg::Rdi),
+                vcpu.reg(Reg::Rsi),
+                vcpu.reg(Reg::Rdx),
+                vcpu.reg(Reg::R10),
+                vcpu.reg(Reg::R8),
+                vcpu.reg(Reg::R9),
+            ]);
+            let r = dma.hypercall(vcpu_index, c, &args);
+            vcpu.set_reg(Reg::Rax, r.rax);
+            vcpu.set_reg(Reg::Rdx, r.values[0]);
+            vcpu.set_reg(Reg::R8, r.values[1]);
+            vcpu.set_reg(Reg::R9, r.values[2]);
+            return Outcome::Return;
+        }
+    }
+    let result = match call {
+        Some(Call::Version) => Ok(moat_abi::ABI_VERSION as u64),
+        Some(Call::ConsoleWrite) => console_write(guest, vcpu_index, vcpu),
+        Some(Call::Nop) => Ok(0),
+        _ => {
             log::warn!(
                 "guest {} vcpu{vcpu_index}: unknown hypercall {number:#x}: returned UNSUPP ({})",
                 guest.name(),
-                Status::Unsupp as i64
+                Status::Unsupp.raw()
             );
             Err(Status::Unsupp)
         }
@@ -115,7 +82,7 @@ pub fn dispatch(guest: &Guest, vcpu_index: usize, vcpu: &mut Vcpu) -> Outcome {
         Ok(v) => (Status::Ok, v),
         Err(s) => (s, 0),
     };
-    vcpu.set_reg(Reg::Rax, status as i64 as u64);
+    vcpu.set_reg(Reg::Rax, status.raw() as u64);
     vcpu.set_reg(Reg::Rdx, value);
     Outcome::Return
 }
@@ -135,7 +102,7 @@ fn console_write(guest: &Guest, vcpu_index: usize, vcpu: &mut Vcpu) -> Result<u6
 
 /// Emulates CPUID: the host's values with the hypervisor bit set and SVM hidden, plus the
 /// hypervisor leaves.
-pub fn cpuid(vcpu: &mut Vcpu) {
+pub fn cpuid(guest: &Guest, vcpu: &mut Vcpu) {
     let leaf = vcpu.reg(Reg::Rax) as u32;
     let sub = vcpu.reg(Reg::Rcx) as u32;
     let word = |i: usize| {
@@ -148,7 +115,7 @@ pub fn cpuid(vcpu: &mut Vcpu) {
     };
     let (a, b, c, d) = match leaf {
         0x4000_0000 => (CPUID_MAX_LEAF, word(0), word(4), word(8)),
-        0x4000_0001 => (ABI_VERSION as u32, FEATURES, 1, 0),
+        0x4000_0001 => (moat_abi::ABI_VERSION, calls(guest), 1, 0),
         0x4000_0002..=0x4000_00ff => (0, 0, 0, 0),
         _ => {
             let r = crate::arch::x86::cpuid(leaf, sub);

@@ -1,0 +1,145 @@
+//! The kernel's back ends for `moat-dma`: a guest's VT-d domain, its IOVA allocator handle on
+//! the calling CPU, its RAM partition, and the TSC.
+
+use moat_dma::{Access, Clock, Error, GuestRam, Iommu, IovaSource};
+use moat_iova::{order_for_pages, Iova, PerCpu};
+use moat_vtd::{Domain, Gather};
+
+use crate::arch::{tsc, x86};
+use crate::iommu::with_unit;
+
+/// One guest's VT-d domain on the unit at `unit`.
+pub struct VtdDomain {
+    /// Register base of the unit.
+    pub unit: u64,
+    /// The domain (page tables, id, attached devices).
+    pub domain: Domain,
+}
+
+/// Unmaps waiting for the flush: the driver's gather, created on first use.
+#[derive(Default)]
+pub struct VtdPending(Option<Gather>);
+
+fn vtd_error(e: moat_vtd::Error) -> Error {
+    use moat_vtd::Error as V;
+    match e {
+        V::AlreadyMapped { .. } => Error::Exist,
+        V::NotMapped { .. } => Error::Noent,
+        V::NoMemory => Error::Nomem,
+        V::PartialSuperpage { .. } => Error::Inval,
+        V::Misaligned | V::OutOfRange => Error::Range,
+        V::Timeout(_) | V::InvalidationQueue { .. } => Error::Busy,
+        _ => Error::Inval,
+    }
+}
+
+fn access(a: Access) -> moat_vtd::Access {
+    let mut v = moat_vtd::Access::empty();
+    if a.read {
+        v |= moat_vtd::Access::READ;
+    }
+    if a.write {
+        v |= moat_vtd::Access::WRITE;
+    }
+    v
+}
+
+impl Iommu for VtdDomain {
+    type Pending = VtdPending;
+
+    fn map(&mut self, iova: u64, hpa: u64, len: u64, a: Access) -> Result<(), Error> {
+        let dom = &mut self.domain;
+        with_unit(self.unit, |u, m| {
+            let mut g = dom.gather();
+            dom.map(m, iova, hpa, len, access(a), &mut g)?;
+            // With caching mode (or write-buffer flushing) a new mapping needs a flush before
+            // the device may use it; otherwise this returns at once.
+            u.flush(m, &mut g).map(|_| ())
+        })
+        .ok_or(Error::Busy)?
+        .map_err(vtd_error)
+    }
+
+    fn unmap(&mut self, iova: u64, len: u64, pending: &mut VtdPending) -> Result<(), Error> {
+        let dom = &mut self.domain;
+        let g = pending.0.get_or_insert_with(|| dom.gather());
+        with_unit(self.unit, |_, m| dom.unmap(m, iova, len, g))
+            .ok_or(Error::Busy)?
+            .map_err(vtd_error)
+    }
+
+    fn flush(&mut self, pending: &mut VtdPending) -> Result<u32, Error> {
+        let Some(g) = pending.0.as_mut() else {
+            return Ok(0);
+        };
+        with_unit(self.unit, |u, m| u.flush(m, g))
+            .ok_or(Error::Busy)?
+            .map(|f| f.invalidations as u32)
+            .map_err(vtd_error)
+    }
+
+    fn table_pages(&self) -> usize {
+        self.domain.tables().table_pages()
+    }
+}
+
+/// The guest's IOVA allocator seen from one vCPU (its per-CPU magazines).
+pub struct IovaHandle<'a> {
+    /// The magazines of this vCPU.
+    pub cpu: &'a mut PerCpu<'static>,
+    /// Exclusive end of the window the guest's devices can address, in pages.
+    pub limit_pfn: u64,
+}
+
+impl IovaSource for IovaHandle<'_> {
+    fn alloc(&mut self, pages: u64) -> Option<u64> {
+        let order = order_for_pages(pages)?;
+        self.cpu.alloc(order, self.limit_pfn).ok()?.addr()
+    }
+
+    fn free(&mut self, iova: u64, pages: u64) {
+        let Some(order) = order_for_pages(pages) else {
+            return;
+        };
+        if let Err(e) = self.cpu.free(Iova::new(iova >> 12, order)) {
+            // The service only frees what it allocated: a failure here is a bug, reported
+            // loudly but without taking the hypervisor down.
+            log::error!("dma: IOVA {iova:#x} ({pages} pages) refused by the allocator: {e:?}");
+        }
+    }
+}
+
+/// A guest's RAM partition: guest-physical `[0, size)` at host `base`.
+pub struct Partition {
+    /// Host-physical base.
+    pub base: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// The local APIC MSI window: never a DMA target.
+const MSI_WINDOW: core::ops::Range<u64> = 0xFEE0_0000..0xFF00_0000;
+
+impl GuestRam for Partition {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn host_base(&self) -> u64 {
+        self.base
+    }
+    fn forbidden(&self, gpa: core::ops::Range<u64>) -> bool {
+        gpa.start < MSI_WINDOW.end && gpa.end > MSI_WINDOW.start
+    }
+}
+
+/// The TSC for phase accounting and the deferred time bound.
+pub struct Tsc;
+
+impl Clock for Tsc {
+    fn cycles(&self) -> u64 {
+        x86::rdtsc()
+    }
+    fn now_ns(&self) -> u64 {
+        tsc::cycles_to_ns(x86::rdtsc())
+    }
+}

@@ -1,0 +1,708 @@
+//! The paravirtual DMA service (`moat-abi` calls 16..=23): one VT-d domain per guest with
+//! devices, the guest's mapping state (`moat-dma`), its IOVA allocator (`moat-iova`, one
+//! per-CPU handle per vCPU) and the hypercall handlers.
+//!
+//! Every guest-supplied value is copied into hypervisor memory once and checked there
+//! (`moat_abi::dma::validate_entry` for the ABI's rules, then `moat_dma` for the guest- and
+//! hardware-dependent ones); guest memory is only read and written through [`Partition`]'s
+//! bounds-checked accessors.
+
+pub mod backend;
+
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use moat_abi::dma::{
+    self as wire, BatchHeader, DmaFlags, Entry, EntryOutcome, MulticallReturn, MulticallStop,
+    QueryHeader, Request, BATCH_HEADER_SIZE, ENTRY_SIZE,
+};
+use moat_abi::{Args, Call, Return, Status};
+use moat_dma::{Access, DmaState, Limits, Policy};
+use moat_iova::{IovaAllocator, PerCpu};
+use moat_pci::Bdf;
+use moat_vtd::{Access as VtdAccess, SourceId};
+use spin::Mutex;
+
+use crate::arch::{tsc, x86};
+use crate::iommu::with_unit;
+use backend::{IovaHandle, Partition, Tsc, VtdDomain, VtdPending};
+
+const PAGE: u64 = 4096;
+/// Most entries one MULTICALL runs.
+pub const MAX_BATCH: u32 = 1024;
+/// Time budget of one MULTICALL before it returns AGAIN with a cursor (µs).
+const MULTICALL_BUDGET_US: u64 = 2_000;
+/// IOVAs start at 1 MiB (page 0 and the low MiB are never handed out).
+const IOVA_BASE_PFN: u64 = 0x100;
+
+/// Why DMA could not be set up for a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetupError {
+    /// A device is not translated by an enabled VT-d unit (no IOMMU, `iommu=off`).
+    NoUnit(Bdf),
+    /// The devices are behind different units (one domain per guest per unit: not yet).
+    SeveralUnits,
+    /// The VT-d driver refused.
+    Vtd(moat_vtd::Error),
+    /// An RMRR lies inside the IOVA window.
+    RmrrInWindow(Bdf, u64),
+    /// The IOVA allocator could not be built.
+    Iova(moat_iova::Error),
+}
+
+impl core::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoUnit(b) => write!(f, "{b} is not behind an enabled VT-d unit"),
+            Self::SeveralUnits => {
+                f.write_str("devices behind different VT-d units are not supported yet")
+            }
+            Self::Vtd(e) => write!(f, "VT-d: {e}"),
+            Self::RmrrInWindow(b, a) => {
+                write!(f, "{b} has an RMRR at {a:#x} inside the IOVA window")
+            }
+            Self::Iova(e) => write!(f, "IOVA allocator: {e:?}"),
+        }
+    }
+}
+
+struct Inner {
+    st: DmaState<VtdPending>,
+    dom: VtdDomain,
+}
+
+/// Counters the hypercall layer keeps (the service keeps the rest).
+#[derive(Default)]
+struct CallCounters {
+    multicalls: AtomicU64,
+    exits: AtomicU64,
+    cycles_validate: AtomicU64,
+}
+
+/// One guest's DMA service.
+pub struct GuestDma {
+    policy: Policy,
+    limits: wire::Limits,
+    svc: Limits,
+    inner: Mutex<Inner>,
+    iova: &'static IovaAllocator,
+    cpus: Vec<Mutex<PerCpu<'static>>>,
+    limit_pfn: u64,
+    part: Partition,
+    batch: Vec<Mutex<Option<(u64, u64)>>>,
+    calls: CallCounters,
+    sources: Vec<SourceId>,
+    baseline_tables: usize,
+}
+
+/// DMA address bits of a device: QEMU's edu masks DMA addresses to 28 bits; anything else
+/// gets the 32-bit default of the Linux DMA API.
+fn dma_bits(vendor: u16, device: u16) -> u8 {
+    if (vendor, device) == crate::edu::ID {
+        28
+    } else {
+        32
+    }
+}
+
+fn to_policy(p: moat_config::DmaPolicy) -> Policy {
+    match p {
+        moat_config::DmaPolicy::Passthrough => Policy::Passthrough,
+        moat_config::DmaPolicy::Strict => Policy::Strict,
+        moat_config::DmaPolicy::Batched => Policy::Batched,
+        moat_config::DmaPolicy::Deferred => Policy::Deferred,
+    }
+}
+
+fn wire_policy(p: Policy) -> wire::Policy {
+    match p {
+        Policy::Passthrough => wire::Policy::Passthrough,
+        Policy::Strict => wire::Policy::Strict,
+        Policy::Batched => wire::Policy::Batched,
+        Policy::Deferred => wire::Policy::Deferred,
+    }
+}
+
+fn status(e: moat_dma::Error) -> Status {
+    use moat_dma::Error as E;
+    match e {
+        E::Inval => Status::Inval,
+        E::Perm => Status::Perm,
+        E::Noent => Status::Noent,
+        E::Exist => Status::Exist,
+        E::Range => Status::Range,
+        E::Nomem => Status::Nomem,
+        E::Again => Status::Again,
+        E::Fault => Status::Fault,
+        E::Unsupp => Status::Unsupp,
+        E::Busy => Status::Busy,
+    }
+}
+
+/// Guest RAM plus the pages the guest may not hand to a device right now (its batch areas).
+struct CallRam<'a> {
+    part: &'a Partition,
+    areas: &'a [(u64, u64)],
+}
+
+impl moat_dma::GuestRam for CallRam<'_> {
+    fn size(&self) -> u64 {
+        self.part.size
+    }
+    fn host_base(&self) -> u64 {
+        self.part.base
+    }
+    fn forbidden(&self, gpa: core::ops::Range<u64>) -> bool {
+        moat_dma::GuestRam::forbidden(self.part, gpa.clone())
+            || self
+                .areas
+                .iter()
+                .any(|&(a, p)| gpa.start < a + p * PAGE && gpa.end > a)
+    }
+}
+
+impl Partition {
+    fn check(&self, gpa: u64, len: usize) -> Result<u64, Status> {
+        let end = gpa.checked_add(len as u64).ok_or(Status::Fault)?;
+        if end > self.size {
+            return Err(Status::Fault);
+        }
+        Ok(self.base + gpa)
+    }
+
+    /// Copies guest memory into `buf` (hypervisor memory).
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Status> {
+        let hpa = self.check(gpa, buf.len())?;
+        // SAFETY: [hpa, hpa+len) lies inside the guest's partition (checked), which is
+        // identity-mapped RAM the hypervisor owns for the guest's lifetime.
+        unsafe { core::ptr::copy_nonoverlapping(hpa as *const u8, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    /// Writes `bytes` into guest memory.
+    fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), Status> {
+        let hpa = self.check(gpa, bytes.len())?;
+        // SAFETY: as in `read`; the guest owns these bytes and expects the hypervisor to
+        // write them (a reply buffer or a batch entry).
+        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), hpa as *mut u8, bytes.len()) };
+        Ok(())
+    }
+}
+
+impl GuestDma {
+    /// Sets up DMA for a guest with `devices` ((bdf, vendor, device) each): a VT-d domain with
+    /// the devices' RMRRs identity-mapped (and, under passthrough, all guest RAM at IOVA =
+    /// GPA), the devices attached, an IOVA allocator with one handle per vCPU. All or nothing.
+    pub fn create(
+        policy: moat_config::DmaPolicy,
+        vcpus: usize,
+        devices: &[(Bdf, u16, u16)],
+        hpa: u64,
+        mem: u64,
+    ) -> Result<Option<GuestDma>, SetupError> {
+        let Some(&(first, _, _)) = devices.first() else {
+            return Ok(None);
+        };
+        let unit = crate::iommu::unit_for(first).ok_or(SetupError::NoUnit(first))?;
+        for &(b, _, _) in devices {
+            if crate::iommu::unit_for(b).ok_or(SetupError::NoUnit(b))? != unit {
+                return Err(SetupError::SeveralUnits);
+            }
+        }
+        let policy = to_policy(policy);
+        let bits = devices
+            .iter()
+            .map(|&(_, v, d)| dma_bits(v, d))
+            .min()
+            .unwrap_or(32);
+        let limit_pfn = 1u64 << (bits - 12);
+        for &(b, _, _) in devices {
+            for (base, _) in crate::iommu::rmrrs_for(b) {
+                if base < limit_pfn * PAGE {
+                    return Err(SetupError::RmrrInWindow(b, base));
+                }
+            }
+        }
+        let iova = IovaAllocator::new(
+            moat_iova::Config::new(IOVA_BASE_PFN, limit_pfn, vcpus.max(1)).with_max_ranges(8192),
+        )
+        .map_err(SetupError::Iova)?;
+        let iova: &'static IovaAllocator = alloc::boxed::Box::leak(alloc::boxed::Box::new(iova));
+        let mut cpus = Vec::new();
+        for i in 0..vcpus.max(1) {
+            cpus.push(Mutex::new(iova.claim(i).map_err(SetupError::Iova)?));
+        }
+        let sources: Vec<SourceId> = devices
+            .iter()
+            .map(|&(b, _, _)| SourceId::new(b.bus(), b.device(), b.function()))
+            .collect();
+        let domain = with_unit(unit, |u, m| -> Result<moat_vtd::Domain, moat_vtd::Error> {
+            let mut dom = u.create_domain(m)?;
+            let built = (|| {
+                let mut g = dom.gather();
+                for &(b, _, _) in devices {
+                    for (base, end) in crate::iommu::rmrrs_for(b) {
+                        dom.map_identity(
+                            m,
+                            base,
+                            end - base,
+                            VtdAccess::READ | VtdAccess::WRITE,
+                            &mut g,
+                        )?;
+                    }
+                }
+                if policy == Policy::Passthrough {
+                    dom.map(m, 0, hpa, mem, VtdAccess::READ | VtdAccess::WRITE, &mut g)?;
+                }
+                for &s in &sources {
+                    u.attach(m, &mut dom, s)?;
+                }
+                u.flush(m, &mut g).map(|_| ())
+            })();
+            match built {
+                Ok(()) => Ok(dom),
+                Err(e) => {
+                    for &s in &sources {
+                        let _ = u.detach(m, &mut dom, s);
+                    }
+                    let _ = u.destroy_domain(m, dom);
+                    Err(e)
+                }
+            }
+        })
+        .ok_or(SetupError::NoUnit(first))?
+        .map_err(SetupError::Vtd)?;
+        let svc = Limits::DEFAULT;
+        let baseline_tables = domain.tables().table_pages();
+        Ok(Some(GuestDma {
+            policy,
+            limits: wire::Limits {
+                iova_width: bits,
+                max_batch: MAX_BATCH,
+                max_map_pages: svc.max_pages_per_map as u32,
+            },
+            svc,
+            inner: Mutex::new(Inner {
+                st: DmaState::new(policy, svc),
+                dom: VtdDomain { unit, domain },
+            }),
+            iova,
+            cpus,
+            limit_pfn,
+            part: Partition {
+                base: hpa,
+                size: mem,
+            },
+            batch: (0..vcpus.max(1)).map(|_| Mutex::new(None)).collect(),
+            calls: CallCounters::default(),
+            sources,
+            baseline_tables,
+        }))
+    }
+
+    /// One line for the boot log.
+    pub fn describe(&self) -> alloc::string::String {
+        let inner = self.inner.lock();
+        alloc::format!(
+            "policy {:?}, VT-d domain {} on unit {:#x}, IOVA window [{:#x}, {:#x}), {} device(s)",
+            self.policy,
+            inner.dom.domain.id(),
+            inner.dom.unit,
+            IOVA_BASE_PFN * PAGE,
+            self.limit_pfn * PAGE,
+            self.sources.len()
+        )
+    }
+
+    fn areas(&self) -> Vec<(u64, u64)> {
+        self.batch.iter().filter_map(|b| *b.lock()).collect()
+    }
+
+    /// Runs one validated request on the calling vCPU.
+    fn run(
+        &self,
+        inner: &mut Inner,
+        vcpu: usize,
+        areas: &[(u64, u64)],
+        req: Request,
+    ) -> Result<EntryOutcome, Status> {
+        let mut cpu = self.cpus[vcpu % self.cpus.len()].lock();
+        let mut ivs = IovaHandle {
+            cpu: &mut cpu,
+            limit_pfn: self.limit_pfn,
+        };
+        let ram = CallRam {
+            part: &self.part,
+            areas,
+        };
+        let Inner { st, dom } = inner;
+        match req {
+            Request::Map { gpa, length, flags } => {
+                let a = Access {
+                    read: flags.bits() & DmaFlags::READ.bits() != 0,
+                    write: flags.bits() & DmaFlags::WRITE.bits() != 0,
+                };
+                let iova = st
+                    .map(dom, &mut ivs, &ram, &Tsc, gpa, length, a)
+                    .map_err(status)?;
+                Ok(EntryOutcome {
+                    status: Status::Ok,
+                    done: length,
+                    iova: Some(iova),
+                })
+            }
+            Request::Unmap { iova, length } => {
+                // U1: reserved IOVA ranges (the MSI window; RMRRs live outside the window).
+                if iova < 0xFF00_0000 && iova.saturating_add(length) > 0xFEE0_0000 {
+                    return Err(Status::Perm);
+                }
+                st.unmap(dom, &mut ivs, &ram, &Tsc, iova, length)
+                    .map_err(status)?;
+                Ok(EntryOutcome {
+                    status: Status::Ok,
+                    done: length,
+                    iova: None,
+                })
+            }
+        }
+    }
+
+    /// Handles DMA call `call` from vCPU `vcpu`.
+    pub fn hypercall(&self, vcpu: usize, call: Call, a: &Args) -> Return {
+        self.calls.exits.fetch_add(1, Ordering::Relaxed);
+        match call {
+            Call::DmaQuery => self.query(a),
+            Call::DmaMap | Call::DmaUnmap => {
+                let t0 = x86::rdtsc();
+                let req = if call == Call::DmaMap {
+                    wire::decode_map_regs(a, &self.limits)
+                } else {
+                    wire::decode_unmap_regs(a, &self.limits)
+                };
+                self.calls
+                    .cycles_validate
+                    .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
+                let req = match req {
+                    Ok(r) => r,
+                    Err(s) => return Return::err(s),
+                };
+                let areas = self.areas();
+                let mut inner = self.inner.lock();
+                let r = self.run(&mut inner, vcpu, &areas, req);
+                match r {
+                    Ok(o) => Return::ok(o.iova.unwrap_or(o.done)),
+                    Err(s) => Return::err(s),
+                }
+            }
+            Call::DmaMulticall => self.multicall(vcpu, a),
+            Call::DmaBatchRegister => self.batch_register(vcpu, a),
+            Call::DmaSync => {
+                if a.0[0] != 0 {
+                    return Return::err(Status::Inval);
+                }
+                let mut inner = self.inner.lock();
+                let before = inner.st.stats().invalidations;
+                let mut cpu = self.cpus[vcpu % self.cpus.len()].lock();
+                let mut ivs = IovaHandle {
+                    cpu: &mut cpu,
+                    limit_pfn: self.limit_pfn,
+                };
+                let Inner { st, dom } = &mut *inner;
+                match st.sync(dom, &mut ivs, &Tsc) {
+                    Ok(()) => Return::ok(st.stats().invalidations - before),
+                    Err(e) => Return::err(status(e)),
+                }
+            }
+            Call::DmaStats => self.stats(a),
+            // The fault ring is not implemented yet: its feature bit is clear.
+            Call::DmaFaultRingRegister => Return::err(Status::Unsupp),
+            _ => Return::err(Status::Unsupp),
+        }
+    }
+
+    fn query(&self, a: &Args) -> Return {
+        let (gpa, len) = (a.0[0], a.0[1]);
+        let header = QueryHeader {
+            abi_version: moat_abi::ABI_VERSION,
+            header_size: wire::QUERY_HEADER_SIZE as u32,
+            page_sizes: 1 << 12,
+            iova_width: self.limits.iova_width,
+            policy: wire_policy(self.policy) as u8,
+            reserved0: 0,
+            max_batch: self.limits.max_batch,
+            features: wire::Features::STATS
+                | if self.policy == Policy::Passthrough {
+                    wire::Features::IOVA_IS_GPA
+                } else {
+                    0
+                },
+            max_mappings: self.svc.max_mappings as u32,
+            max_pt_pages: self.svc.max_table_pages as u32,
+            deferred_max_entries: if self.policy == Policy::Deferred {
+                self.svc.deferred_entries as u32
+            } else {
+                0
+            },
+            deferred_max_us: if self.policy == Policy::Deferred {
+                (self.svc.deferred_ns / 1000) as u32
+            } else {
+                0
+            },
+            nr_regions: 0,
+            regions_written: 0,
+            max_batch_pages: wire::MAX_BATCH_PAGES as u32,
+            max_map_pages: self.limits.max_map_pages,
+        };
+        let need = wire::QUERY_HEADER_SIZE as u64;
+        if gpa % 8 != 0 {
+            return Return::err(Status::Inval);
+        }
+        if len < need {
+            return Return::new(Status::Range, [need, 0, 0]);
+        }
+        match self.part.write(gpa, &header.to_bytes()) {
+            Ok(()) => Return::ok(need),
+            Err(s) => Return::err(s),
+        }
+    }
+
+    fn stats(&self, a: &Args) -> Return {
+        let (gpa, len, flags) = (a.0[0], a.0[1], a.0[2]);
+        if flags & !wire::StatsFlags::KNOWN != 0 || gpa % 8 != 0 {
+            return Return::err(Status::Inval);
+        }
+        if len < wire::STATS_SIZE as u64 {
+            return Return::err(Status::Range);
+        }
+        let inner = self.inner.lock();
+        let s = inner.st.stats();
+        let c = inner.st.counts(&inner.dom);
+        let faults = with_unit(inner.dom.unit, |u, _| {
+            u.fault_counters().domain(inner.dom.domain.id())
+        })
+        .unwrap_or(0);
+        let out = wire::Stats {
+            size: wire::STATS_SIZE as u32,
+            reserved: 0,
+            maps: s.maps,
+            unmaps: s.unmaps,
+            errors: s.errors,
+            multicalls: self.calls.multicalls.load(Ordering::Relaxed),
+            invalidations: s.invalidations,
+            waits: s.flushes,
+            faults,
+            exits: self.calls.exits.load(Ordering::Relaxed),
+            cycles_exit: 0,
+            cycles_validate: self.calls.cycles_validate.load(Ordering::Relaxed),
+            cycles_iova_alloc: s.cycles[moat_dma::Phase::IovaAlloc as usize],
+            cycles_pte_write: s.cycles[moat_dma::Phase::PteWrite as usize],
+            cycles_invalidate: s.cycles[moat_dma::Phase::InvalidateWait as usize],
+            cycles_iova_free: s.cycles[moat_dma::Phase::IovaFree as usize],
+            live_mappings: c.mappings as u64,
+            live_pages: c.pinned_pages,
+            pending_invalidations: c.pending as u64,
+            pt_pages: c.table_pages as u64,
+        };
+        match self.part.write(gpa, &out.to_bytes()) {
+            Ok(()) => Return::ok(wire::STATS_SIZE as u64),
+            Err(s) => Return::err(s),
+        }
+    }
+
+    fn batch_register(&self, vcpu: usize, a: &Args) -> Return {
+        let (gpa, pages) = (a.0[0], a.0[1]);
+        let slot = &self.batch[vcpu % self.batch.len()];
+        if pages == 0 {
+            return match slot.lock().take() {
+                Some(_) => Return::ok(0),
+                None => Return::err(Status::Noent),
+            };
+        }
+        if gpa % PAGE != 0 {
+            return Return::err(Status::Inval);
+        }
+        if pages > wire::MAX_BATCH_PAGES {
+            return Return::err(Status::Range);
+        }
+        let end = pages * PAGE + gpa;
+        if self.part.check(gpa, (pages * PAGE) as usize).is_err() {
+            return Return::err(Status::Fault);
+        }
+        for (i, other) in self.batch.iter().enumerate() {
+            if i != vcpu % self.batch.len() {
+                if let Some((o, op)) = *other.lock() {
+                    if gpa < o + op * PAGE && end > o {
+                        return Return::err(Status::Exist);
+                    }
+                }
+            }
+        }
+        if self.inner.lock().st.gpa_mapped(gpa, end) {
+            return Return::err(Status::Busy);
+        }
+        *slot.lock() = Some((gpa, pages));
+        Return::ok(wire::batch_capacity(pages, self.limits.max_batch) as u64)
+    }
+
+    fn multicall(&self, vcpu: usize, a: &Args) -> Return {
+        let (cursor, rsi) = (a.0[0], a.0[1]);
+        let reject = |s: Status| {
+            MulticallReturn {
+                status: s,
+                cursor: cursor.min(u32::MAX as u64) as u32,
+                completed: 0,
+                stop: MulticallStop::Rejected,
+                unsynced: false,
+            }
+            .to_return()
+        };
+        let Some((area, pages)) = *self.batch[vcpu % self.batch.len()].lock() else {
+            return reject(Status::Noent);
+        };
+        if rsi != 0 {
+            return reject(Status::Inval);
+        }
+        self.calls.multicalls.fetch_add(1, Ordering::Relaxed);
+        let t0 = x86::rdtsc();
+        let mut hb = [0u8; BATCH_HEADER_SIZE];
+        if let Err(s) = self.part.read(area, &mut hb) {
+            return reject(s);
+        }
+        let header = BatchHeader::from_bytes(&hb);
+        let capacity = wire::batch_capacity(pages, self.limits.max_batch);
+        let info = match wire::validate_batch(&header, cursor, capacity, &self.limits) {
+            Ok(i) => i,
+            Err(s) => return reject(s),
+        };
+        self.calls
+            .cycles_validate
+            .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
+        let areas = self.areas();
+        let deadline = tsc::deadline_us(MULTICALL_BUDGET_US);
+        let mut inner = self.inner.lock();
+        inner.st.begin_batch();
+        let mut i = info.cursor;
+        let mut stop = MulticallStop::Done;
+        let mut result = Status::Ok;
+        while i < info.count {
+            if i > info.cursor && tsc::expired(deadline) {
+                stop = MulticallStop::Preempted;
+                result = Status::Again;
+                break;
+            }
+            let at = area + Entry::offset_of_index(i) as u64;
+            let t0 = x86::rdtsc();
+            let mut eb = [0u8; ENTRY_SIZE];
+            // Copied once; only the copy is checked and used.
+            let outcome = match self.part.read(at, &mut eb) {
+                Err(s) => Err(s),
+                Ok(()) => {
+                    let e = Entry::from_bytes(&eb);
+                    let v = wire::validate_entry(&e, &self.limits);
+                    self.calls
+                        .cycles_validate
+                        .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
+                    v.and_then(|req| self.run(&mut inner, vcpu, &areas, req).map(|o| (e, o)))
+                }
+            };
+            match outcome {
+                Ok((mut e, o)) => {
+                    o.apply(&mut e);
+                    let _ = self.part.write(at, &e.to_bytes());
+                    i += 1;
+                }
+                Err(s) => {
+                    let mut e = Entry::from_bytes(&eb);
+                    let o = EntryOutcome {
+                        status: s,
+                        done: 0,
+                        iova: if e.op == wire::Op::Map as u16 {
+                            Some(0)
+                        } else {
+                            None
+                        },
+                    };
+                    o.apply(&mut e);
+                    let _ = self.part.write(at, &e.to_bytes());
+                    stop = MulticallStop::EntryFailed;
+                    result = s;
+                    break;
+                }
+            }
+        }
+        let mut cpu = self.cpus[vcpu % self.cpus.len()].lock();
+        let mut ivs = IovaHandle {
+            cpu: &mut cpu,
+            limit_pfn: self.limit_pfn,
+        };
+        let Inner { st, dom } = &mut *inner;
+        let unsynced = st.end_batch(dom, &mut ivs, &Tsc).is_err();
+        MulticallReturn {
+            status: result,
+            cursor: i,
+            completed: i - info.cursor,
+            stop,
+            unsynced,
+        }
+        .to_return()
+    }
+
+    /// Called when the guest has stopped: reports what it still held, removes every mapping
+    /// (flushing), and reports again: the leak check of every guest scenario.
+    pub fn shutdown(&self, guest: &str) {
+        let mut inner = self.inner.lock();
+        let before = inner.st.counts(&inner.dom);
+        let mut cpu = self.cpus[0].lock();
+        let mut ivs = IovaHandle {
+            cpu: &mut cpu,
+            limit_pfn: self.limit_pfn,
+        };
+        let Inner { st, dom } = &mut *inner;
+        let torn = st.teardown(dom, &mut ivs, &Tsc);
+        let after = st.counts(dom);
+        ivs.cpu.flush();
+        let live = self.iova.stats().live_pages;
+        log::info!(
+            "guest {guest}: dma leak check: at stop {} mapping(s), {} pending, {} pinned page(s); after teardown ({}) {} mapping(s), {} pending, {} pinned page(s), {} IOVA page(s) live, {} table page(s) (baseline {})",
+            before.mappings,
+            before.pending,
+            before.pinned_pages,
+            if torn.is_ok() { "ok" } else { "FAILED" },
+            after.mappings,
+            after.pending,
+            after.pinned_pages,
+            live,
+            after.table_pages,
+            self.baseline_tables
+        );
+        let s = st.stats();
+        log::info!(
+            "guest {guest}: dma stats: {} maps, {} unmaps, {} errors, {} multicalls, {} flushes with {} invalidations ({} deferred), {} DMA hypercalls",
+            s.maps,
+            s.unmaps,
+            s.errors,
+            self.calls.multicalls.load(Ordering::Relaxed),
+            s.flushes,
+            s.invalidations,
+            s.deferred_flushes,
+            self.calls.exits.load(Ordering::Relaxed)
+        );
+    }
+
+    /// The deferred time bound, checked on the guest's exits.
+    pub fn tick(&self, vcpu: usize) {
+        if self.policy != Policy::Deferred {
+            return;
+        }
+        let Some(mut inner) = self.inner.try_lock() else {
+            return;
+        };
+        let mut cpu = self.cpus[vcpu % self.cpus.len()].lock();
+        let mut ivs = IovaHandle {
+            cpu: &mut cpu,
+            limit_pfn: self.limit_pfn,
+        };
+        let Inner { st, dom } = &mut *inner;
+        st.tick(dom, &mut ivs, &Tsc);
+    }
+}
