@@ -3,10 +3,10 @@
 
 mod model;
 
-use model::{Config, Model, MSI, RAM};
 use moat_abi::dma::*;
 use moat_abi::*;
 use moat_pvdma::*;
+use model::{Config, Model, MSI, RAM};
 use std::vec::Vec;
 
 const SCRATCH: GuestBuffer = GuestBuffer {
@@ -63,12 +63,24 @@ fn discovery_refusals() {
     // No DMA calls for this guest.
     let mut cfg = Config::new(Policy::Strict);
     cfg.calls = CALLS_BASE;
-    assert_eq!(PvDma::probe(Model::new(cfg), SCRATCH).err(), Some(Error::NoDma));
+    assert_eq!(
+        PvDma::probe(Model::new(cfg), SCRATCH).err(),
+        Some(Error::NoDma)
+    );
     // Scratch too small / outside the guest.
-    let tiny = GuestBuffer { gpa: 0x1000, len: 63 };
+    let tiny = GuestBuffer {
+        gpa: 0x1000,
+        len: 63,
+    };
     let m = Model::new(Config::new(Policy::Strict));
-    assert_eq!(PvDma::probe(m.clone(), tiny).err(), Some(Error::BufferTooSmall));
-    let outside = GuestBuffer { gpa: RAM, len: 4096 };
+    assert_eq!(
+        PvDma::probe(m.clone(), tiny).err(),
+        Some(Error::BufferTooSmall)
+    );
+    let outside = GuestBuffer {
+        gpa: RAM,
+        len: 4096,
+    };
     assert_eq!(PvDma::probe(m, outside).err(), Some(Error::Fault));
     // Not Moat.
     struct Other;
@@ -97,7 +109,10 @@ fn discovery_truncated_regions() {
         })
         .collect();
     // 64 + 2 regions fit.
-    let small = GuestBuffer { gpa: 0x1000, len: 64 + 2 * 24 + 10 };
+    let small = GuestBuffer {
+        gpa: 0x1000,
+        len: 64 + 2 * 24 + 10,
+    };
     let d = PvDma::probe(Model::new(cfg.clone()), small).unwrap();
     assert_eq!(d.info().regions().len(), 2);
     assert_eq!(d.info().regions_total, 20);
@@ -118,14 +133,21 @@ fn single_calls_statuses() {
     // Outside the guest.
     assert_eq!(d.map(RAM - PG, 2 * PG, RW), Err(Error::Fault));
     // The scratch buffer is fine to map, a registered batch area is not.
-    d.attach_batch(BatchArea { gpa: AREA, pages: 1 }).unwrap();
+    d.attach_batch(BatchArea {
+        gpa: AREA,
+        pages: 1,
+    })
+    .unwrap();
     assert_eq!(d.map(AREA, PG, RW), Err(Error::Perm));
     // Partial unmap, never-mapped unmap, reserved region.
     assert_eq!(d.unmap(a, PG), Err(Error::Inval));
     assert_eq!(d.unmap(a + 0x10_0000, PG), Err(Error::Noent));
     assert_eq!(d.unmap(MSI.start, PG), Err(Error::Perm));
     d.unmap(a, 2 * PG).unwrap();
-    assert!(!m.state().device_reaches(a), "strict: unusable once UNMAP returned");
+    assert!(
+        !m.state().device_reaches(a),
+        "strict: unusable once UNMAP returned"
+    );
     assert_eq!(d.unmap(a, 2 * PG), Err(Error::Noent), "double unmap");
     assert!(m.state().live.is_empty());
 }
@@ -150,7 +172,9 @@ fn hypervisor_side_validation_matches() {
     let (_, mut d) = probe(Config::new(Policy::Strict));
     let hv = d.hypervisor();
     let call = |hv: &mut Model, c: Call, a: [u64; 3]| {
-        hv.hypercall(c, Args([a[0], a[1], a[2], 0, 0, 0])).status().unwrap()
+        hv.hypercall(c, Args([a[0], a[1], a[2], 0, 0, 0]))
+            .status()
+            .unwrap()
     };
     assert_eq!(call(hv, Call::DmaMap, [BUF, PG, 1 << 2]), Status::Inval);
     assert_eq!(call(hv, Call::DmaMap, [BUF, PG, 1 << 16]), Status::Inval);
@@ -201,7 +225,10 @@ fn batch_completions_in_order_with_distinct_iovas() {
     }
     assert_eq!(d.pending(), 10);
     let rep = d.flush(&mut sink).unwrap();
-    assert_eq!((rep.submitted, rep.ok, rep.failed, rep.multicalls), (10, 10, 0, 1));
+    assert_eq!(
+        (rep.submitted, rep.ok, rep.failed, rep.multicalls),
+        (10, 10, 0, 1)
+    );
     assert_eq!(got.iter().map(|c| c.ticket).collect::<Vec<_>>(), tickets);
     let mut iovas: Vec<u64> = got.iter().map(|c| c.result.unwrap()).collect();
     for (c, k) in got.iter().zip(0..) {
@@ -227,7 +254,10 @@ fn batch_completions_in_order_with_distinct_iovas() {
     d.flush(&mut |c| got.push(c)).unwrap();
     assert!(got.iter().all(|c| c.result.is_ok()));
     assert_eq!(m.state().stats.invalidations - inv0, 1);
-    assert!(m.state().pending.is_empty(), "batched: flushed before the call returned");
+    assert!(
+        m.state().pending.is_empty(),
+        "batched: flushed before the call returned"
+    );
     assert!(m.state().live.is_empty());
 }
 
@@ -239,7 +269,8 @@ fn preempted_batches_resume_without_reexecution() {
         let (m, mut d) = with_batch(cfg, 1);
         let mut got = Vec::new();
         for k in 0..20 {
-            d.queue_map(BUF + k * PG, PG, RW, &mut |c| got.push(c)).unwrap();
+            d.queue_map(BUF + k * PG, PG, RW, &mut |c| got.push(c))
+                .unwrap();
         }
         let rep = d.flush(&mut |c| got.push(c)).unwrap();
         let calls = 20u32.div_ceil(after);
@@ -259,14 +290,21 @@ fn failed_entry_is_reported_and_skipped() {
     d.queue_map(BUF, PG, RW, &mut |c| got.push(c)).unwrap();
     d.queue_map(BUF, PG, RW, &mut |c| got.push(c)).unwrap(); // EXIST
     d.queue_map(RAM, PG, RW, &mut |c| got.push(c)).unwrap(); // FAULT
-    d.queue_unmap(0x7000_0000, PG, &mut |c| got.push(c)).unwrap(); // NOENT
+    d.queue_unmap(0x7000_0000, PG, &mut |c| got.push(c))
+        .unwrap(); // NOENT
     d.queue_map(BUF + PG, PG, RW, &mut |c| got.push(c)).unwrap();
     let rep = d.flush(&mut |c| got.push(c)).unwrap();
     assert_eq!((rep.ok, rep.failed, rep.multicalls), (2, 3, 4));
     let results: Vec<_> = got.iter().map(|c| c.result.map(|_| ())).collect();
     assert_eq!(
         results,
-        [Ok(()), Err(Error::Exist), Err(Error::Fault), Err(Error::Noent), Ok(())]
+        [
+            Ok(()),
+            Err(Error::Exist),
+            Err(Error::Fault),
+            Err(Error::Noent),
+            Ok(())
+        ]
     );
     assert_eq!(m.state().live.len(), 2);
 }
@@ -278,7 +316,8 @@ fn nomem_entry_changes_nothing_and_later_entries_run() {
     let (m, mut d) = with_batch(cfg, 1);
     let mut got = Vec::new();
     for k in 0..3 {
-        d.queue_map(BUF + k * PG, PG, RW, &mut |c| got.push(c)).unwrap();
+        d.queue_map(BUF + k * PG, PG, RW, &mut |c| got.push(c))
+            .unwrap();
     }
     d.flush(&mut |c| got.push(c)).unwrap();
     assert_eq!(got[1].result, Err(Error::Nomem));
@@ -299,7 +338,8 @@ fn full_batch_is_submitted_automatically() {
     assert_eq!(d.capacity(), 4);
     let mut got = Vec::new();
     for k in 0..10 {
-        d.queue_map(BUF + k * PG, PG, RW, &mut |c| got.push(c)).unwrap();
+        d.queue_map(BUF + k * PG, PG, RW, &mut |c| got.push(c))
+            .unwrap();
     }
     assert_eq!(got.len(), 8, "two full batches went out");
     assert_eq!(d.pending(), 2);
@@ -316,17 +356,63 @@ fn batch_registration_rules() {
     let mut noop = |_c: Completion| {};
     assert_eq!(d.queue_map(BUF, PG, RW, &mut noop), Err(Error::NoBatch));
     assert_eq!(d.flush(&mut noop), Err(Error::NoBatch));
-    assert_eq!(d.attach_batch(BatchArea { gpa: AREA + 8, pages: 1 }), Err(Error::Inval));
-    assert_eq!(d.attach_batch(BatchArea { gpa: AREA, pages: 17 }), Err(Error::Range));
-    assert_eq!(d.attach_batch(BatchArea { gpa: RAM, pages: 1 }), Err(Error::Fault));
+    assert_eq!(
+        d.attach_batch(BatchArea {
+            gpa: AREA + 8,
+            pages: 1
+        }),
+        Err(Error::Inval)
+    );
+    assert_eq!(
+        d.attach_batch(BatchArea {
+            gpa: AREA,
+            pages: 17
+        }),
+        Err(Error::Range)
+    );
+    assert_eq!(
+        d.attach_batch(BatchArea { gpa: RAM, pages: 1 }),
+        Err(Error::Fault)
+    );
     let iova = d.map(AREA, PG, RW).unwrap();
-    assert_eq!(d.attach_batch(BatchArea { gpa: AREA, pages: 1 }), Err(Error::Busy));
+    assert_eq!(
+        d.attach_batch(BatchArea {
+            gpa: AREA,
+            pages: 1
+        }),
+        Err(Error::Busy)
+    );
     d.unmap(iova, PG).unwrap();
-    assert_eq!(d.attach_batch(BatchArea { gpa: AREA, pages: 4 }), Ok(256));
+    assert_eq!(
+        d.attach_batch(BatchArea {
+            gpa: AREA,
+            pages: 4
+        }),
+        Ok(256)
+    );
     // Another vCPU may not take overlapping pages.
-    let mut d2 = PvDma::new(m.vcpu(1), *d.info(), GuestBuffer { gpa: 0x2000, len: 0x1000 });
-    assert_eq!(d2.attach_batch(BatchArea { gpa: AREA + 3 * PG, pages: 1 }), Err(Error::Exist));
-    assert_eq!(d2.attach_batch(BatchArea { gpa: AREA2, pages: 1 }), Ok(84));
+    let mut d2 = PvDma::new(
+        m.vcpu(1),
+        *d.info(),
+        GuestBuffer {
+            gpa: 0x2000,
+            len: 0x1000,
+        },
+    );
+    assert_eq!(
+        d2.attach_batch(BatchArea {
+            gpa: AREA + 3 * PG,
+            pages: 1
+        }),
+        Err(Error::Exist)
+    );
+    assert_eq!(
+        d2.attach_batch(BatchArea {
+            gpa: AREA2,
+            pages: 1
+        }),
+        Ok(84)
+    );
     d.queue_map(BUF, PG, RW, &mut noop).unwrap();
     assert_eq!(d.detach_batch(), Err(Error::BatchNotEmpty));
     d.flush(&mut noop).unwrap();
@@ -337,12 +423,25 @@ fn batch_registration_rules() {
 #[test]
 fn two_vcpus_batch_independently() {
     let (m, mut d0) = with_batch(Config::new(Policy::Batched), 1);
-    let mut d1 = PvDma::new(m.vcpu(1), *d0.info(), GuestBuffer { gpa: 0x2000, len: 0x1000 });
-    d1.attach_batch(BatchArea { gpa: AREA2, pages: 1 }).unwrap();
+    let mut d1 = PvDma::new(
+        m.vcpu(1),
+        *d0.info(),
+        GuestBuffer {
+            gpa: 0x2000,
+            len: 0x1000,
+        },
+    );
+    d1.attach_batch(BatchArea {
+        gpa: AREA2,
+        pages: 1,
+    })
+    .unwrap();
     let (mut g0, mut g1) = (Vec::new(), Vec::new());
     for k in 0..5 {
-        d0.queue_map(BUF + k * PG, PG, RW, &mut |c| g0.push(c)).unwrap();
-        d1.queue_map(BUF + (10 + k) * PG, PG, RW, &mut |c| g1.push(c)).unwrap();
+        d0.queue_map(BUF + k * PG, PG, RW, &mut |c| g0.push(c))
+            .unwrap();
+        d1.queue_map(BUF + (10 + k) * PG, PG, RW, &mut |c| g1.push(c))
+            .unwrap();
     }
     d1.flush(&mut |c| g1.push(c)).unwrap();
     d0.flush(&mut |c| g0.push(c)).unwrap();
@@ -368,7 +467,10 @@ fn deferred_holds_until_bound_or_sync() {
     for &i in &iovas[..3] {
         d.unmap(i, PG).unwrap();
     }
-    assert!(m.state().device_reaches(iovas[0]), "deferred: still reachable");
+    assert!(
+        m.state().device_reaches(iovas[0]),
+        "deferred: still reachable"
+    );
     assert_eq!(m.state().pending.len(), 3);
     d.unmap(iovas[3], PG).unwrap();
     assert!(m.state().pending.is_empty(), "bound of 4 entries reached");
@@ -397,11 +499,21 @@ fn passthrough_maps_identity() {
     let (m, mut d) = with_batch(Config::new(Policy::Passthrough), 1);
     assert!(d.info().features.has(Features::IOVA_IS_GPA));
     assert_eq!(d.map(BUF, PG, RW), Ok(BUF));
-    assert_eq!(d.map(BUF, PG, RW), Ok(BUF), "no bookkeeping under passthrough");
+    assert_eq!(
+        d.map(BUF, PG, RW),
+        Ok(BUF),
+        "no bookkeeping under passthrough"
+    );
     assert_eq!(d.map(AREA, PG, RW), Err(Error::Perm));
     d.unmap(BUF, PG).unwrap();
     let mut out = [0u64; 2];
-    let sg = [Segment { addr: BUF, len: PG }, Segment { addr: BUF + 8 * PG, len: 2 * PG }];
+    let sg = [
+        Segment { addr: BUF, len: PG },
+        Segment {
+            addr: BUF + 8 * PG,
+            len: 2 * PG,
+        },
+    ];
     d.map_sg(&sg, RW, &mut out).unwrap();
     assert_eq!(out, [BUF, BUF + 8 * PG]);
     assert!(m.state().live.is_empty());
@@ -435,21 +547,39 @@ fn map_sg_with_and_without_batch() {
     for batch in [false, true] {
         let (m, mut d) = probe(Config::new(Policy::Batched));
         if batch {
-            d.attach_batch(BatchArea { gpa: AREA, pages: 1 }).unwrap();
+            d.attach_batch(BatchArea {
+                gpa: AREA,
+                pages: 1,
+            })
+            .unwrap();
         }
-        let sg: Vec<Segment> =
-            (0..100).map(|k| Segment { addr: BUF + k * 3 * PG, len: 2 * PG }).collect();
+        let sg: Vec<Segment> = (0..100)
+            .map(|k| Segment {
+                addr: BUF + k * 3 * PG,
+                len: 2 * PG,
+            })
+            .collect();
         let mut out = [0u64; 100];
         d.map_sg(&sg, DmaFlags::WRITE, &mut out).unwrap();
         for (s, &i) in sg.iter().zip(&out) {
             assert_eq!(m.state().live[&i].gpa, s.addr);
         }
         let exits = m.state().stats.exits;
-        let back: Vec<Segment> = out.iter().map(|&i| Segment { addr: i, len: 2 * PG }).collect();
+        let back: Vec<Segment> = out
+            .iter()
+            .map(|&i| Segment {
+                addr: i,
+                len: 2 * PG,
+            })
+            .collect();
         d.unmap_sg(&back).unwrap();
         assert!(m.state().live.is_empty());
         let calls = m.state().stats.exits - exits;
-        assert_eq!(calls, if batch { 2 } else { 100 }, "84 + 16 entries per batch");
+        assert_eq!(
+            calls,
+            if batch { 2 } else { 100 },
+            "84 + 16 entries per batch"
+        );
         assert_eq!(d.unmap_sg(&back[..3]), Err(Error::Noent));
     }
 }
@@ -461,9 +591,18 @@ fn map_sg_is_all_or_nothing() {
         cfg.max_mappings = 5;
         let (m, mut d) = probe(cfg);
         if batch {
-            d.attach_batch(BatchArea { gpa: AREA, pages: 1 }).unwrap();
+            d.attach_batch(BatchArea {
+                gpa: AREA,
+                pages: 1,
+            })
+            .unwrap();
         }
-        let sg: Vec<Segment> = (0..8).map(|k| Segment { addr: BUF + k * PG, len: PG }).collect();
+        let sg: Vec<Segment> = (0..8)
+            .map(|k| Segment {
+                addr: BUF + k * PG,
+                len: PG,
+            })
+            .collect();
         let mut out = [0u64; 8];
         assert_eq!(d.map_sg(&sg, RW, &mut out), Err(Error::Nomem));
         assert!(m.state().live.is_empty(), "rolled back");
@@ -475,7 +614,14 @@ fn map_sg_is_all_or_nothing() {
     d.queue_map(BUF, PG, RW, &mut |_| {}).unwrap();
     let mut out = [0u64; 1];
     assert_eq!(
-        d.map_sg(&[Segment { addr: BUF + PG, len: PG }], RW, &mut out),
+        d.map_sg(
+            &[Segment {
+                addr: BUF + PG,
+                len: PG
+            }],
+            RW,
+            &mut out
+        ),
         Err(Error::BatchNotEmpty)
     );
 }
@@ -489,7 +635,11 @@ fn fault_ring_delivers_wraps_and_counts_drops() {
     let (m, mut d) = probe(cfg);
     let mut none = |_r: FaultRecord| {};
     assert_eq!(d.poll_faults(&mut none), Err(Error::NoFaultRing));
-    let area = FaultRingArea { gpa: RING, pages: 1, vector: 40 };
+    let area = FaultRingArea {
+        gpa: RING,
+        pages: 1,
+        vector: 40,
+    };
     assert_eq!(d.attach_fault_ring(area), Ok(126));
     assert_eq!(d.map(RING, PG, RW), Err(Error::Perm));
     let mut seen = Vec::new();
@@ -497,7 +647,8 @@ fn fault_ring_delivers_wraps_and_counts_drops() {
     for round in 0..5 {
         let n = 100 + round * 5;
         for _ in 0..n {
-            m.state().inject_fault(0x5000 + next * PG, 0x18, 6, Direction::Read);
+            m.state()
+                .inject_fault(0x5000 + next * PG, 0x18, 6, Direction::Read);
             next += 1;
         }
         let p = d.poll_faults(&mut |r| seen.push(r)).unwrap();
@@ -511,7 +662,11 @@ fn fault_ring_delivers_wraps_and_counts_drops() {
         assert_eq!(r.direction(), Some(Direction::Read));
         assert_eq!((r.source_id, r.reason), (0x18, 6));
     }
-    assert_eq!(m.state().injected_irqs, 5, "one interrupt per empty-to-non-empty");
+    assert_eq!(
+        m.state().injected_irqs,
+        5,
+        "one interrupt per empty-to-non-empty"
+    );
     // Overflow: 130 faults into 126 slots.
     for _ in 0..130 {
         m.state().inject_fault(0x9000, 0x18, 5, Direction::Write);
@@ -528,10 +683,18 @@ fn fault_ring_delivers_wraps_and_counts_drops() {
 fn fault_ring_registration_rules() {
     let (_, mut d) = probe(Config::new(Policy::Strict));
     let r = |gpa, pages, vector| FaultRingArea { gpa, pages, vector };
-    assert_eq!(d.attach_fault_ring(r(RING, 1, 40)), Err(Error::Unsupp), "no FAULT_IRQ");
+    assert_eq!(
+        d.attach_fault_ring(r(RING, 1, 40)),
+        Err(Error::Unsupp),
+        "no FAULT_IRQ"
+    );
     assert_eq!(d.attach_fault_ring(r(RING, 1, 5)), Err(Error::Inval));
     assert_eq!(d.attach_fault_ring(r(RING, 17, 0)), Err(Error::Range));
-    d.attach_batch(BatchArea { gpa: AREA, pages: 1 }).unwrap();
+    d.attach_batch(BatchArea {
+        gpa: AREA,
+        pages: 1,
+    })
+    .unwrap();
     assert_eq!(d.attach_fault_ring(r(AREA, 1, 0)), Err(Error::Exist));
     assert_eq!(d.attach_fault_ring(r(RING, 2, 0)), Ok(254));
     let mut cfg = Config::new(Policy::Strict);
@@ -553,17 +716,29 @@ fn stats_count_and_reset() {
     assert_eq!((s.maps, s.unmaps, s.errors, s.multicalls), (2, 1, 1, 1));
     assert_eq!((s.invalidations, s.waits), (1, 1));
     assert_eq!((s.live_mappings, s.live_pages), (1, 3));
-    assert_eq!(s.exits, 7, "QUERY, BATCH_REGISTER, 3 MAPs, MULTICALL, STATS");
+    assert_eq!(
+        s.exits, 7,
+        "QUERY, BATCH_REGISTER, 3 MAPs, MULTICALL, STATS"
+    );
     let s = d.stats(false).unwrap();
     assert_eq!((s.maps, s.unmaps, s.multicalls), (0, 0, 0));
     assert_eq!(s.live_mappings, 1, "gauges survive a reset");
-    let mut small = PvDma::new(m.clone(), *d.info(), GuestBuffer { gpa: 0x1000, len: 100 });
+    let mut small = PvDma::new(
+        m.clone(),
+        *d.info(),
+        GuestBuffer {
+            gpa: 0x1000,
+            len: 100,
+        },
+    );
     assert_eq!(small.stats(false), Err(Error::BufferTooSmall));
 }
 
 // ------------------------------------------------------------------ a hypervisor that breaks the ABI
 
-fn tampered(t: impl FnMut(Return) -> Return + 'static) -> (Vec<Completion>, Result<FlushReport, Error>, Model) {
+fn tampered(
+    t: impl FnMut(Return) -> Return + 'static,
+) -> (Vec<Completion>, Result<FlushReport, Error>, Model) {
     tampered_with(Config::new(Policy::Strict), t)
 }
 
@@ -574,7 +749,8 @@ fn tampered_with(
     let (m, mut d) = with_batch(cfg, 1);
     let mut got = Vec::new();
     for k in 0..6 {
-        d.queue_map(BUF + k * PG, PG, RW, &mut |c| got.push(c)).unwrap();
+        d.queue_map(BUF + k * PG, PG, RW, &mut |c| got.push(c))
+            .unwrap();
     }
     m.state().tamper = Some(Box::new(t));
     let r = d.flush(&mut |c| got.push(c));
@@ -587,7 +763,8 @@ fn tampered_with(
 #[test]
 fn protocol_violations_end_the_flush_and_report_every_entry_once() {
     // Preempted without progress (would loop forever if trusted).
-    let (got, r, m) = tampered(|_| Return::new(Status::Again, [0, 0, MulticallStop::Preempted as u64]));
+    let (got, r, m) =
+        tampered(|_| Return::new(Status::Again, [0, 0, MulticallStop::Preempted as u64]));
     assert_eq!(r, Err(Error::Protocol));
     assert_eq!(got.len(), 6);
     // The model did run them all; the driver reports them from the written statuses.
@@ -612,12 +789,17 @@ fn protocol_violations_end_the_flush_and_report_every_entry_once() {
     assert_eq!(got.len(), 6);
     assert!(got[0].result.is_ok());
     assert!(got[1..].iter().all(|c| c.result == Err(Error::Protocol)));
-    assert_eq!(m.state().live.len(), 2, "entry 0 and the fresh map after the flush");
+    assert_eq!(
+        m.state().live.len(),
+        2,
+        "entry 0 and the fresh map after the flush"
+    );
 }
 
 #[test]
 fn rejected_multicall_fails_every_entry() {
-    let (got, r, m) = tampered(|_| Return::new(Status::Inval, [0, 0, MulticallStop::Rejected as u64]));
+    let (got, r, m) =
+        tampered(|_| Return::new(Status::Inval, [0, 0, MulticallStop::Rejected as u64]));
     assert_eq!(r, Err(Error::Inval));
     assert_eq!(got.len(), 6);
     assert!(got.iter().all(|c| c.result == Err(Error::Inval)));

@@ -385,7 +385,7 @@ impl State {
     fn query(&mut self, a: [u64; 6]) -> Return {
         let n = self.cfg.regions.len() as u32;
         let full = QueryHeader::full_size(n);
-        if a[0] % 8 != 0 {
+        if !a[0].is_multiple_of(8) {
             return Return::err(Status::Inval);
         }
         if a[1] < QUERY_HEADER_SIZE as u64 {
@@ -417,7 +417,11 @@ impl State {
             } else {
                 0
             },
-            deferred_max_us: if c.policy == Policy::Deferred { 1000 } else { 0 },
+            deferred_max_us: if c.policy == Policy::Deferred {
+                1000
+            } else {
+                0
+            },
             nr_regions: n,
             regions_written: fit,
             max_batch_pages: MAX_BATCH_PAGES as u32,
@@ -553,7 +557,7 @@ impl State {
         if self.cfg.features & Features::STATS == 0 {
             return Return::err(Status::Unsupp);
         }
-        if a[2] & !StatsFlags::KNOWN != 0 || a[0] % 8 != 0 {
+        if a[2] & !StatsFlags::KNOWN != 0 || !a[0].is_multiple_of(8) {
             return Return::err(Status::Inval);
         }
         if a[1] < STATS_SIZE as u64 {
@@ -633,10 +637,7 @@ impl State {
         self.live
             .iter()
             .any(|(&i, m)| iova >= i && iova < i + m.len)
-            || self
-                .pending
-                .iter()
-                .any(|&(i, l)| iova >= i && iova < i + l)
+            || self.pending.iter().any(|&(i, l)| iova >= i && iova < i + l)
     }
 }
 
