@@ -13,6 +13,7 @@
 #![no_main]
 
 mod abi;
+mod dma;
 mod idt;
 mod pci;
 
@@ -100,6 +101,9 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "triple-fault" => triple_fault(),
             "bad-hypercall" => bad_hypercall(),
             "vmmcall-bench" => vmmcall_bench(&info, arg.unwrap_or(10_000)),
+            "dma-edu" => dma::edu(),
+            "dma-batch" => dma::batch(arg.unwrap_or(64)),
+            "dma-bad" => dma::bad(&info),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {

@@ -7,6 +7,7 @@
 //! them all in parallel.
 
 pub mod checks;
+pub mod dma;
 pub mod guests;
 pub mod machine;
 pub mod vtd;
@@ -308,6 +309,7 @@ pub fn all(real_dmar: &[u8]) -> Vec<Scenario> {
     }
     v.extend(guests::all());
     v.extend(vtd::scenarios());
+    v.extend(dma::scenarios());
     v.push(scenario(
         "panic",
         "a panic prints where and why and fails the run",

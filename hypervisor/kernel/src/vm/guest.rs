@@ -659,7 +659,9 @@ impl Guest {
                 }
                 Exit::TripleFault => break StopReason::TripleFault { rip },
                 Exit::Exception { vector, .. } => break StopReason::Exception { vector, rip },
-                Exit::Interrupted => {}
+                // A physical interrupt (e.g. the VT-d fault event) is pending: take it now,
+                // with interrupts briefly on, then go back to the guest.
+                Exit::Interrupted => crate::arch::x86::with_interrupts(core::hint::spin_loop),
                 Exit::InvalidState => break StopReason::InvalidState,
                 Exit::Unsupported { what, code } => {
                     break StopReason::Unsupported { what, code, rip }

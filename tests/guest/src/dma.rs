@@ -1,0 +1,545 @@
+//! Paravirtual DMA tests: the guest maps its own pages through `moat-pvdma` and drives the
+//! assigned edu device's DMA engine through the IOVAs it gets back, then checks in its own
+//! memory what the device could and could not reach.
+
+use moat_abi::dma::{DmaFlags, Entry, Policy, Request, BATCH_HEADER_SIZE};
+use moat_abi::{Args, Call, Status};
+use moat_pvdma::{BatchArea, Error, GuestBuffer, Hypervisor, Native, PvDma};
+
+use crate::abi::BootInfo;
+use crate::{pci, println, Outcome};
+
+const PAGE: usize = 4096;
+/// Bytes per edu DMA (QEMU refuses a range that ends exactly at the end of edu's buffer).
+const LEN: u64 = 2048;
+
+#[repr(C, align(4096))]
+struct Pages([[u8; PAGE]; 8]);
+
+/// Pages the tests use: 0 scratch, 1-2 batch area, 3 source, 4 destination, 5 spare.
+static mut PAGES: Pages = Pages([[0; PAGE]; 8]);
+
+fn page(i: usize) -> &'static mut [u8; PAGE] {
+    // SAFETY: single-threaded test code on vCPU 0; each test takes the pages it uses, and
+    // the hypervisor or device only touches them while the test waits for it.
+    unsafe { &mut (*core::ptr::addr_of_mut!(PAGES)).0[i] }
+}
+
+fn gpa(i: usize) -> u64 {
+    page(i).as_ptr() as u64
+}
+
+fn pattern(i: usize, seed: u8) -> u8 {
+    (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8
+}
+
+fn fill(i: usize, seed: u8) {
+    for (k, b) in page(i).iter_mut().enumerate() {
+        *b = pattern(k, seed);
+    }
+}
+
+fn holds(i: usize, seed: u8) -> bool {
+    page(i)[..LEN as usize]
+        .iter()
+        .enumerate()
+        .all(|(k, &b)| b == pattern(k, seed))
+}
+
+fn zero(i: usize) -> bool {
+    page(i)[..LEN as usize].iter().all(|&b| b == 0)
+}
+
+/// The edu device through its BAR.
+struct Edu(u64);
+
+impl Edu {
+    fn find() -> Option<Edu> {
+        let mut found = None;
+        pci::scan(|f| {
+            if f.vendor == 0x1234 && f.device == 0x11e8 && found.is_none() {
+                found = Some(f);
+            }
+        });
+        let f = found?;
+        // Memory decode and bus mastering.
+        let cmd = pci::read32(f.bus, f.dev, f.func, 0x04) as u16;
+        pci::write16(f.bus, f.dev, f.func, 0x04, cmd | 0x6);
+        Some(Edu(u64::from(
+            pci::read32(f.bus, f.dev, f.func, 0x10) & !0xf,
+        )))
+    }
+
+    fn reg(&self, off: u64) -> *mut u64 {
+        (self.0 + off) as *mut u64
+    }
+
+    /// One DMA of LEN bytes: `to_ram` = device buffer -> `iova`, else `iova` -> device.
+    fn dma(&self, iova: u64, to_ram: bool) -> bool {
+        // SAFETY: edu's BAR is mapped into this guest (identity, uncached); these are its
+        // 64-bit DMA registers; the device-side range [0x40000, 0x40800) is inside its buffer.
+        unsafe {
+            let (src, dst) = if to_ram {
+                (0x40000, iova)
+            } else {
+                (iova, 0x40000)
+            };
+            core::ptr::write_volatile(self.reg(0x80), src);
+            core::ptr::write_volatile(self.reg(0x88), dst);
+            core::ptr::write_volatile(self.reg(0x90), LEN);
+            core::ptr::write_volatile(self.reg(0x98), 1 | if to_ram { 2 } else { 0 });
+            for _ in 0..2_000_000_000u64 {
+                if core::ptr::read_volatile(self.reg(0x98)) & 1 == 0 {
+                    return true;
+                }
+                core::hint::spin_loop();
+            }
+        }
+        false
+    }
+}
+
+fn driver() -> Result<PvDma<Native>, &'static str> {
+    // SAFETY: a Moat guest at CPL 0 with all memory identity mapped; the scratch page is
+    // only used by the driver.
+    let hv = unsafe { Native::new() };
+    PvDma::probe(
+        hv,
+        GuestBuffer {
+            gpa: gpa(0),
+            len: PAGE as u64,
+        },
+    )
+    .map_err(|e| {
+        println!("dma: discovery failed: {e:?}");
+        "PV DMA discovery failed"
+    })
+}
+
+fn policy_name(p: Policy) -> &'static str {
+    match p {
+        Policy::Passthrough => "passthrough",
+        Policy::Strict => "strict",
+        Policy::Batched => "batched",
+        Policy::Deferred => "deferred",
+    }
+}
+
+/// `dma-edu`: map, DMA both ways, unmap, and check what the device can still reach.
+pub fn edu() -> Outcome {
+    let mut d = driver()?;
+    let info = *d.info();
+    let policy = info.policy;
+    println!(
+        "dma-edu: policy {} iova width {} max batch {} features {:#x}",
+        policy_name(policy),
+        info.limits.iova_width,
+        info.limits.max_batch,
+        info.features.0
+    );
+    let edu = Edu::find().ok_or("no edu device")?;
+    fill(3, 7);
+    page(4).fill(0);
+    let ia = d
+        .map(gpa(3), PAGE as u64, DmaFlags::READ)
+        .map_err(|_| "MAP of the source failed")?;
+    let ib = d
+        .map(gpa(4), PAGE as u64, DmaFlags::WRITE)
+        .map_err(|_| "MAP of the destination failed")?;
+    let ok = edu.dma(ia, false) && edu.dma(ib, true);
+    println!(
+        "dma-edu: source {:#x} -> IOVA {ia:#x}, destination {:#x} -> IOVA {ib:#x}; round trip {}",
+        gpa(3),
+        gpa(4),
+        if ok && holds(4, 7) {
+            "delivered the bytes"
+        } else {
+            "FAILED"
+        }
+    );
+    if !(ok && holds(4, 7)) {
+        return Err("DMA through the PV mappings did not deliver the bytes");
+    }
+    d.unmap(ib, PAGE as u64).map_err(|_| "UNMAP failed")?;
+    page(4).fill(0);
+    let _ = edu.dma(ib, true);
+    let landed = !zero(4);
+    let expect_landed = matches!(policy, Policy::Passthrough);
+    println!(
+        "dma-edu: DMA to IOVA {ib:#x} right after UNMAP returned: {} (policy {}: {})",
+        if landed { "landed" } else { "blocked" },
+        policy_name(policy),
+        match policy {
+            Policy::Passthrough => "memory stays reachable",
+            Policy::Deferred => "may land until the queue is flushed",
+            _ => "must be blocked",
+        }
+    );
+    if policy != Policy::Deferred && landed != expect_landed {
+        return Err("the device reached (or missed) an unmapped IOVA against the policy");
+    }
+    if policy == Policy::Deferred {
+        let n = d.sync_iotlb().map_err(|_| "SYNC failed")?;
+        page(4).fill(0);
+        let _ = edu.dma(ib, true);
+        println!(
+            "dma-edu: after SYNC ({n} invalidation(s)) the DMA is {}",
+            if zero(4) { "blocked" } else { "landed" }
+        );
+        if !zero(4) {
+            return Err("deferred: DMA landed after SYNC");
+        }
+    }
+    d.unmap(ia, PAGE as u64)
+        .map_err(|_| "UNMAP of the source failed")?;
+    let _ = d.sync_iotlb();
+    let s = d.stats(false).map_err(|_| "STATS failed")?;
+    println!(
+        "dma-edu: stats: {} maps, {} unmaps, {} invalidations, {} waits, {} faults, live mappings {}, live pages {}, pending {}",
+        s.maps, s.unmaps, s.invalidations, s.waits, s.faults, s.live_mappings, s.live_pages, s.pending_invalidations
+    );
+    if s.live_mappings != 0 || s.live_pages != 0 || s.pending_invalidations != 0 {
+        return Err("mappings left after unmapping everything");
+    }
+    if policy != Policy::Passthrough && s.faults == 0 {
+        return Err("the blocked DMA left no fault");
+    }
+    Ok(())
+}
+
+/// `dma-batch=N`: N maps in one MULTICALL, then N unmaps in one MULTICALL; checks the
+/// invalidations per batch the policy promises.
+pub fn batch(n: u64) -> Outcome {
+    let mut d = driver()?;
+    let policy = d.info().policy;
+    let cap = d
+        .attach_batch(BatchArea {
+            gpa: gpa(1),
+            pages: 2,
+        })
+        .map_err(|_| "BATCH_REGISTER failed")?;
+    let n = n.min(cap as u64).max(1);
+    let before = d.stats(false).map_err(|_| "STATS failed")?;
+    let base = 32u64 << 20;
+    let mut iovas = [0u64; 256];
+    let first = core::cell::Cell::new(None);
+    {
+        let mut record = |c: moat_pvdma::Completion| {
+            if let (Request::Map { .. }, Ok(iova), Some(f)) = (c.request, c.result, first.get()) {
+                if let Some(slot) = iovas.get_mut((c.ticket.0 - f) as usize) {
+                    *slot = iova;
+                }
+            }
+        };
+        for i in 0..n {
+            let t = d
+                .queue_map(
+                    base + i * PAGE as u64,
+                    PAGE as u64,
+                    DmaFlags::READ_WRITE,
+                    &mut record,
+                )
+                .map_err(|_| "queue MAP failed")?;
+            if first.get().is_none() {
+                first.set(Some(t.0));
+            }
+        }
+    }
+    let f0 = first.get().unwrap_or(0);
+    let r1 = d
+        .flush(&mut |c| {
+            if let (Request::Map { .. }, Ok(iova)) = (c.request, c.result) {
+                if let Some(slot) = iovas.get_mut((c.ticket.0 - f0) as usize) {
+                    *slot = iova;
+                }
+            }
+        })
+        .map_err(|_| "MULTICALL (maps) failed")?;
+    for &iova in iovas.iter().take(n as usize) {
+        d.queue_unmap(iova, PAGE as u64, &mut |_| {})
+            .map_err(|_| "queue UNMAP failed")?;
+    }
+    let r2 = d
+        .flush(&mut |_| {})
+        .map_err(|_| "MULTICALL (unmaps) failed")?;
+    let _ = d.sync_iotlb();
+    let after = d.stats(false).map_err(|_| "STATS failed")?;
+    let inv = after.invalidations - before.invalidations;
+    let waits = after.waits - before.waits;
+    println!(
+        "dma-batch: policy {} batch {n}: maps {} ok in {} multicall(s), unmaps {} ok in {} multicall(s); {inv} invalidation(s), {waits} wait(s); live mappings {}",
+        policy_name(policy),
+        r1.ok,
+        r1.multicalls,
+        r2.ok,
+        r2.multicalls,
+        after.live_mappings
+    );
+    if r1.ok as u64 != n || r2.ok as u64 != n || after.live_mappings != 0 {
+        return Err("batch did not complete");
+    }
+    let want_waits = match policy {
+        Policy::Strict => n,
+        Policy::Batched => r2.multicalls as u64,
+        Policy::Deferred => n.div_ceil(d.info().deferred_max_entries.max(1) as u64) + 1,
+        Policy::Passthrough => 0,
+    };
+    if (policy == Policy::Deferred && waits > want_waits)
+        || (policy != Policy::Deferred && waits != want_waits)
+    {
+        println!("dma-batch: expected {want_waits} wait(s)");
+        return Err("wrong number of invalidation waits for the policy");
+    }
+    d.detach_batch().map_err(|_| "unregister failed")?;
+    Ok(())
+}
+
+fn raw(call: Call, a: [u64; 6]) -> (Option<Status>, [u64; 3]) {
+    // SAFETY: as in `driver`.
+    let mut hv = unsafe { Native::new() };
+    let r = hv.hypercall(call, Args(a));
+    (r.status(), r.values)
+}
+
+/// `dma-bad`: every row of the bad-input matrix gets its exact status and changes nothing.
+pub fn bad(info: &BootInfo) -> Outcome {
+    let mut d = driver()?;
+    let mem = info.mem_size;
+    let base = d.stats(false).map_err(|_| "STATS failed")?;
+    let live = d
+        .map(gpa(3), PAGE as u64, DmaFlags::READ)
+        .map_err(|_| "MAP failed")?;
+    let rw = DmaFlags::READ_WRITE.bits() as u64;
+    let mut rows: [(&str, Call, [u64; 6], Status); 18] = [
+        (
+            "unknown flag",
+            Call::DmaMap,
+            [gpa(5), 4096, 0x4, 0, 0, 0],
+            Status::Inval,
+        ),
+        (
+            "no rights",
+            Call::DmaMap,
+            [gpa(5), 4096, 0, 0, 0, 0],
+            Status::Inval,
+        ),
+        (
+            "zero length",
+            Call::DmaMap,
+            [gpa(5), 0, rw, 0, 0, 0],
+            Status::Inval,
+        ),
+        (
+            "unaligned gpa",
+            Call::DmaMap,
+            [gpa(5) + 8, 4096, rw, 0, 0, 0],
+            Status::Inval,
+        ),
+        (
+            "unaligned length",
+            Call::DmaMap,
+            [gpa(5), 4095, rw, 0, 0, 0],
+            Status::Inval,
+        ),
+        (
+            "overflowing length",
+            Call::DmaMap,
+            [gpa(5), u64::MAX & !0xfff, rw, 0, 0, 0],
+            Status::Range,
+        ),
+        (
+            "huge length",
+            Call::DmaMap,
+            [gpa(5), 1 << 40, rw, 0, 0, 0],
+            Status::Range,
+        ),
+        (
+            "gpa outside the guest",
+            Call::DmaMap,
+            [mem, 4096, rw, 0, 0, 0],
+            Status::Fault,
+        ),
+        (
+            "straddling the end of RAM",
+            Call::DmaMap,
+            [mem - 4096, 8192, rw, 0, 0, 0],
+            Status::Fault,
+        ),
+        (
+            "hypervisor memory (host-physical 2 MiB)",
+            Call::DmaMap,
+            [0x2_0000_0000, 4096, rw, 0, 0, 0],
+            Status::Fault,
+        ),
+        (
+            "overlap with a live mapping",
+            Call::DmaMap,
+            [gpa(3), 4096, rw, 0, 0, 0],
+            Status::Exist,
+        ),
+        (
+            "unmap never mapped",
+            Call::DmaUnmap,
+            [0x0f00_0000, 4096, 0, 0, 0, 0],
+            Status::Noent,
+        ),
+        (
+            "partial unmap",
+            Call::DmaUnmap,
+            [live, 8192, 0, 0, 0, 0],
+            Status::Inval,
+        ),
+        (
+            "unmap flags",
+            Call::DmaUnmap,
+            [live, 4096, 1, 0, 0, 0],
+            Status::Inval,
+        ),
+        (
+            "unmap in the MSI window",
+            Call::DmaUnmap,
+            [0xfee0_0000, 4096, 0, 0, 0, 0],
+            Status::Range,
+        ),
+        (
+            "batch area outside the guest",
+            Call::DmaBatchRegister,
+            [mem, 1, 0, 0, 0, 0],
+            Status::Fault,
+        ),
+        (
+            "batch area too large",
+            Call::DmaBatchRegister,
+            [gpa(1), 1000, 0, 0, 0, 0],
+            Status::Range,
+        ),
+        (
+            "sync with an argument",
+            Call::DmaSync,
+            [1, 0, 0, 0, 0, 0],
+            Status::Inval,
+        ),
+    ];
+    let width = d.info().limits.iova_width;
+    if width > 32 {
+        // With a wide IOVA space the MSI window is inside it: PERM (U1) instead of RANGE.
+        rows[14].3 = Status::Perm;
+    }
+    let mut failures = 0;
+    for (what, call, args, want) in rows {
+        let (got, _) = raw(call, args);
+        let ok = got == Some(want);
+        println!(
+            "dma-bad: {what}: {:?} (want {:?}) {}",
+            got,
+            want,
+            if ok { "ok" } else { "WRONG" }
+        );
+        if !ok {
+            failures += 1;
+        }
+    }
+    // MULTICALL rows: no batch area, then a header with a count beyond the capacity, an entry
+    // with a reserved field set and an unknown op (each entry fails with its own status).
+    let (st, v) = raw(Call::DmaMulticall, [0, 0, 0, 0, 0, 0]);
+    let ok = st == Some(Status::Noent) && v[2] == 3;
+    println!(
+        "dma-bad: multicall without a batch area: {st:?} stop {} {}",
+        v[2],
+        if ok { "ok" } else { "WRONG" }
+    );
+    failures += !ok as u32;
+    let cap = d
+        .attach_batch(BatchArea {
+            gpa: gpa(1),
+            pages: 1,
+        })
+        .map_err(|_| "BATCH_REGISTER failed")?;
+    let hdr = |count: u32| moat_abi::dma::BatchHeader::new(count).to_bytes();
+    page(1)[..BATCH_HEADER_SIZE].copy_from_slice(&hdr(cap + 1));
+    let (st, v) = raw(Call::DmaMulticall, [0, 0, 0, 0, 0, 0]);
+    let ok = st == Some(Status::Range) && v[2] == 3;
+    println!(
+        "dma-bad: batch count {} past capacity {cap}: {st:?} {}",
+        cap + 1,
+        if ok { "ok" } else { "WRONG" }
+    );
+    failures += !ok as u32;
+    let mut e = Request::Map {
+        gpa: gpa(5),
+        length: 4096,
+        flags: DmaFlags::READ,
+    }
+    .to_entry();
+    e.reserved = 1;
+    let mut u = Entry::unmap(live, 4096);
+    u.op = 9;
+    page(1)[..BATCH_HEADER_SIZE].copy_from_slice(&hdr(2));
+    page(1)[BATCH_HEADER_SIZE..BATCH_HEADER_SIZE + 48].copy_from_slice(&e.to_bytes());
+    page(1)[BATCH_HEADER_SIZE + 48..BATCH_HEADER_SIZE + 96].copy_from_slice(&u.to_bytes());
+    let (st, v) = raw(Call::DmaMulticall, [0, 0, 0, 0, 0, 0]);
+    let e0 = Entry::from_bytes(
+        page(1)[BATCH_HEADER_SIZE..BATCH_HEADER_SIZE + 48]
+            .try_into()
+            .unwrap_or(&[0; 48]),
+    );
+    let ok = st == Some(Status::Inval)
+        && v[0] == 0
+        && v[2] == 1
+        && e0.outcome_status() == Some(Status::Inval);
+    println!(
+        "dma-bad: entry with a reserved field set: {st:?} cursor {} stop {} entry status {:?} {}",
+        v[0],
+        v[2],
+        e0.outcome_status(),
+        if ok { "ok" } else { "WRONG" }
+    );
+    failures += !ok as u32;
+    let (st, v) = raw(Call::DmaMulticall, [1, 0, 0, 0, 0, 0]);
+    let ok = st == Some(Status::Inval) && v[0] == 1 && v[2] == 1;
+    println!(
+        "dma-bad: entry with an unknown op (resumed at cursor 1): {st:?} cursor {} stop {} {}",
+        v[0],
+        v[2],
+        if ok { "ok" } else { "WRONG" }
+    );
+    failures += !ok as u32;
+    let _ = d.detach_batch();
+    // Mapping a page of the registered batch area is refused.
+    let _ = d.attach_batch(BatchArea {
+        gpa: gpa(1),
+        pages: 1,
+    });
+    let (st, _) = raw(Call::DmaMap, [gpa(1), 4096, rw, 0, 0, 0]);
+    let ok = st == Some(Status::Perm);
+    println!(
+        "dma-bad: map of the batch area: {st:?} {}",
+        if ok { "ok" } else { "WRONG" }
+    );
+    failures += !ok as u32;
+    let _ = d.detach_batch();
+    // State unchanged: exactly the one live mapping.
+    let s = d.stats(false).map_err(|_| "STATS failed")?;
+    println!(
+        "dma-bad: after {} refused calls: live mappings {} (1 expected), maps {} (+1), errors +{}",
+        s.errors - base.errors,
+        s.live_mappings,
+        s.maps - base.maps,
+        s.errors - base.errors
+    );
+    if s.live_mappings != 1 || s.maps - base.maps != 1 {
+        failures += 1;
+    }
+    d.unmap(live, PAGE as u64).map_err(|_| "UNMAP failed")?;
+    if d.unmap(live, PAGE as u64) != Err(Error::Noent) {
+        println!("dma-bad: double unmap: not NOENT WRONG");
+        failures += 1;
+    } else {
+        println!("dma-bad: double unmap: NOENT ok");
+    }
+    if failures == 0 {
+        Ok(())
+    } else {
+        Err("some bad inputs got the wrong status or changed state")
+    }
+}

@@ -1,0 +1,133 @@
+//! Paravirtual DMA scenarios: a guest with the edu device maps its own pages through the PV
+//! DMA hypercalls (`moat-pvdma` in the test guest) and drives edu's DMA through the IOVAs; the
+//! checks name what the guest measured in its memory (bytes delivered, bytes not delivered
+//! after UNMAP), the statuses the hypervisor returned, and the hypervisor's leak check.
+
+use crate::checks::{boot_complete, need_line};
+use crate::{scenario, BootModule, Exit, Machine, Scenario, TEST_GUEST};
+
+fn guest(policy: &str, tests: &str) -> (String, Vec<BootModule>) {
+    (
+        format!("guest=name=g0,mem=64M,dev=00:05.0,policy={policy}"),
+        vec![BootModule {
+            file: TEST_GUEST,
+            cmdline: format!("g0 {tests}"),
+        }],
+    )
+}
+
+/// The hypervisor's leak check after the guest stopped: nothing held, table pages back to
+/// the domain's baseline, no IOVA live.
+fn no_leak(log: &str) -> Result<(), String> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("guest g0: dma leak check:"))
+        .ok_or("no leak-check line")?;
+    for want in [
+        "at stop 0 mapping(s), 0 pending, 0 pinned page(s)",
+        "after teardown (ok) 0 mapping(s), 0 pending, 0 pinned page(s), 0 IOVA page(s) live",
+    ] {
+        if !line.contains(want) {
+            return Err(format!("leak check: `{want}` missing in {line:?}"));
+        }
+    }
+    let tables = |key: &str| -> Option<u64> {
+        let i = line.find(key)? + key.len();
+        line[i..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    match (tables("live, "), tables("(baseline ")) {
+        (Some(a), Some(b)) if a == b => Ok(()),
+        other => Err(format!(
+            "table pages not back to the baseline: {other:?} in {line:?}"
+        )),
+    }
+}
+
+/// The PV DMA scenarios.
+pub fn scenarios() -> Vec<Scenario> {
+    let mut v = Vec::new();
+    for (policy, after_unmap) in [
+        ("strict", "blocked"),
+        ("batched", "blocked"),
+        ("deferred", ""),
+        ("passthrough", "landed"),
+    ] {
+        let (cmd, modules) = guest(policy, "dma-edu dma-batch=64");
+        let mut s = scenario(
+            format!("dma-{policy}"),
+            "edu DMA through PV mappings both ways; what the device reaches after UNMAP; invalidations per batch; no leak",
+            Machine::default(),
+            &cmd,
+            Exit::Success,
+            Box::new(move |log| {
+                boot_complete(log)?;
+                need_line(log, &[&format!("guest g0: DMA: policy {}", capitalise(policy))])?;
+                need_line(log, &[&format!("g0> dma-edu: policy {policy}")])?;
+                need_line(log, &["g0> dma-edu: source", "round trip delivered the bytes"])?;
+                if !after_unmap.is_empty() {
+                    need_line(log, &[&format!("g0> dma-edu: DMA to IOVA"), &format!("right after UNMAP returned: {after_unmap}")])?;
+                } else {
+                    need_line(log, &["g0> dma-edu: after SYNC", "the DMA is blocked"])?;
+                }
+                need_line(log, &["g0> PASS dma-edu"])?;
+                need_line(log, &[&format!("g0> dma-batch: policy {policy} batch 64: maps 64 ok")])?;
+                need_line(log, &["g0> PASS dma-batch"])?;
+                need_line(log, &["g0> moat-test-guest: 2 passed, 0 failed"])?;
+                no_leak(log)
+            }),
+        );
+        s.modules = modules;
+        v.push(s);
+    }
+    let (cmd, modules) = guest("strict", "dma-bad");
+    let mut s = scenario(
+        "dma-bad-input",
+        "every bad PV DMA input gets its exact status and changes nothing",
+        Machine::default(),
+        &cmd,
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            if let Some(l) = log
+                .lines()
+                .find(|l| l.contains("g0> dma-bad:") && l.contains("WRONG"))
+            {
+                return Err(format!("wrong status: {l}"));
+            }
+            for row in [
+                "unknown flag: Some(Inval)",
+                "zero length: Some(Inval)",
+                "overflowing length: Some(Range)",
+                "gpa outside the guest: Some(Fault)",
+                "hypervisor memory (host-physical 2 MiB): Some(Fault)",
+                "overlap with a live mapping: Some(Exist)",
+                "unmap never mapped: Some(Noent)",
+                "partial unmap: Some(Inval)",
+                "batch area outside the guest: Some(Fault)",
+                "batch count",
+                "entry with a reserved field set: Some(Inval)",
+                "entry with an unknown op",
+                "map of the batch area: Some(Perm)",
+                "double unmap: NOENT ok",
+            ] {
+                need_line(log, &[&format!("g0> dma-bad: {row}")])?;
+            }
+            need_line(log, &["g0> PASS dma-bad"])?;
+            no_leak(log)
+        }),
+    );
+    s.modules = modules;
+    v.push(s);
+    v
+}
+
+fn capitalise(p: &str) -> String {
+    let mut c = p.chars();
+    c.next()
+        .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+        .unwrap_or_default()
+}
