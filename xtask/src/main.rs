@@ -7,10 +7,11 @@
 //!                                                boot Moat in QEMU (q35 + intel-iommu + edu)
 //! cargo xtask test [PATTERN] [--no-host] [--no-qemu] [-j N]
 //!                                                host tests + QEMU scenarios; ends "N passed, N failed"
-//! cargo xtask bench iova [--quick]               IOVA allocator against peers
+//! cargo xtask bench iova|dma [--quick]           IOVA allocator against peers; PV DMA per policy
 //! cargo xtask setup                              install what is missing, nothing else
 //! ```
 
+mod bench_dma;
 mod qemu;
 mod setup;
 mod test;
@@ -216,7 +217,7 @@ const USAGE: &str = "usage:
   cargo xtask iso [--selftest] [-- CMDLINE]
   cargo xtask run [--uefi] [--smp N] [--gdb] [--timeout SECS] [-- CMDLINE]
   cargo xtask test [PATTERN] [--no-host] [--no-qemu] [-j N]
-  cargo xtask bench iova [--quick]
+  cargo xtask bench iova|dma [--quick]
   cargo xtask setup";
 
 fn main() -> ExitCode {
@@ -376,9 +377,7 @@ fn cmd_bench(mut a: Args) -> Result<()> {
             eprintln!("xtask: wrote {}", json.display());
             Ok(())
         }
-        Some("dma") => {
-            Err("bench dma: the paravirtual DMA benchmark is not built yet (issue 6)".into())
-        }
-        _ => Err(format!("bench what? `iova` (or, later, `dma`)\n\n{USAGE}").into()),
+        Some("dma") => bench_dma::run(quick),
+        _ => Err(format!("bench what? `iova` or `dma`\n\n{USAGE}").into()),
     }
 }

@@ -104,6 +104,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "dma-edu" => dma::edu(),
             "dma-batch" => dma::batch(arg.unwrap_or(64)),
             "dma-bad" => dma::bad(&info),
+            "dma-bench" => dma::bench(&info, arg.unwrap_or(512)),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {

@@ -255,12 +255,16 @@ impl fmt::Display for ExitStats {
     }
 }
 
+/// Longest guest console line printed as one log line.
+const LINE_MAX: usize = 512;
+
 const STATE_RUNNING: u8 = 0;
 const STATE_STOPPED: u8 = 1;
 
 /// A console line being assembled for one vCPU.
 struct Line {
-    bytes: [u8; 160],
+    /// Up to [`LINE_MAX`] bytes of the line being assembled (longer lines are split).
+    bytes: [u8; LINE_MAX],
     len: usize,
 }
 
@@ -477,7 +481,7 @@ impl Guest {
             lines: (0..vcpus)
                 .map(|_| {
                     Mutex::new(Line {
-                        bytes: [0; 160],
+                        bytes: [0; LINE_MAX],
                         len: 0,
                     })
                 })
