@@ -21,9 +21,6 @@
 #![no_std]
 #![warn(missing_docs)]
 
-#[cfg(test)]
-extern crate std;
-
 mod discovery;
 mod driver;
 mod error;

@@ -6,8 +6,8 @@
 
 use libfuzzer_sys::fuzz_target;
 use moat_abi::dma::{
-    decode_map_regs, decode_unmap_regs, validate_batch, validate_entry, BatchHeader, Entry,
-    Limits, Request, BATCH_HEADER_SIZE, ENTRY_SIZE,
+    decode_map_regs, decode_unmap_regs, validate_batch, validate_entry, BatchHeader, Entry, Limits,
+    Request, BATCH_HEADER_SIZE, ENTRY_SIZE,
 };
 use moat_abi::Args;
 
@@ -58,7 +58,14 @@ fuzz_target!(|data: &[u8]| {
             assert!(e.reserved == 0 && len != 0 && (addr | len) & 0xfff == 0);
             assert!(addr.checked_add(len).is_some());
         }
-        let args = Args([e.gpa, e.length, u64::from(e.flags) | (e.done << 16), e.iova, 0, 0]);
+        let args = Args([
+            e.gpa,
+            e.length,
+            u64::from(e.flags) | (e.done << 16),
+            e.iova,
+            0,
+            0,
+        ]);
         let _ = decode_map_regs(&args, &limits);
         let _ = decode_unmap_regs(&args, &limits);
     }
