@@ -178,6 +178,8 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
     }
     apic::mask_legacy_pic();
     apic::init_this_cpu();
+    let timer = apic::calibrate_timer();
+    log::info!("apic: timer {} ticks/ms (bus clock / 16)", timer);
     log::info!(
         "ACPI: {} CPUs (APIC ids {:?}), {} IOAPICs, {} ECAM windows, DMAR {}",
         platform.cpus().len(),
@@ -205,6 +207,7 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
     let dmar = crate::discovery::report_dmar(&platform, &config);
     let devices = crate::discovery::report_pci(&platform, dmar.as_ref());
     let units = crate::iommu::init(dmar.as_ref(), &config);
+    crate::dma::init();
     log::info!("vtd: {units} remapping unit(s) translating");
 
     // APs: install the trampoline (the page is R+X in the kernel map; write it through the

@@ -101,7 +101,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "triple-fault" => triple_fault(),
             "bad-hypercall" => bad_hypercall(),
             "vmmcall-bench" => vmmcall_bench(&info, arg.unwrap_or(10_000)),
-            "dma-edu" => dma::edu(),
+            "dma-edu" => dma::edu(&info),
             "dma-batch" => dma::batch(arg.unwrap_or(64)),
             "dma-bad" => dma::bad(&info),
             "dma-bench" => dma::bench(&info, arg.unwrap_or(512)),

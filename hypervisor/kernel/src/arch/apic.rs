@@ -9,6 +9,14 @@ const REG_ID: usize = 0x20;
 const REG_EOI: usize = 0xB0;
 const REG_SVR: usize = 0xF0;
 const REG_ICR_LO: usize = 0x300;
+const REG_LVT_TIMER: usize = 0x320;
+const REG_TIMER_INIT: usize = 0x380;
+const REG_TIMER_CURRENT: usize = 0x390;
+const REG_TIMER_DIVIDE: usize = 0x3E0;
+const LVT_MASKED: u32 = 1 << 16;
+const LVT_PERIODIC: u32 = 1 << 17;
+/// Divide configuration 0b0011: divide the bus clock by 16.
+const DIVIDE_BY_16: u32 = 0x3;
 const REG_ICR_HI: usize = 0x310;
 const ICR_DELIVERY_PENDING: u32 = 1 << 12;
 
@@ -86,4 +94,36 @@ pub fn mask_legacy_pic() {
         x86::outb(0x21, 0xFF);
         x86::outb(0xA1, 0xFF);
     }
+}
+
+/// Local APIC timer ticks per millisecond (divide by 16), from [`calibrate_timer`].
+static TIMER_TICKS_PER_MS: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
+
+/// Measures the local APIC timer against the TSC over 10 ms (on the BSP; every CPU's APIC
+/// timer runs from the same bus clock). Returns ticks per millisecond.
+pub fn calibrate_timer() -> u32 {
+    write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
+    write(REG_LVT_TIMER, LVT_MASKED);
+    write(REG_TIMER_INIT, u32::MAX);
+    tsc::delay_us(10_000);
+    let elapsed = u32::MAX - read(REG_TIMER_CURRENT);
+    write(REG_TIMER_INIT, 0);
+    let per_ms = (elapsed / 10).max(1);
+    TIMER_TICKS_PER_MS.store(per_ms, Ordering::Relaxed);
+    per_ms
+}
+
+/// Starts this CPU's APIC timer: `vector` every `period_us` microseconds.
+pub fn start_periodic_timer(vector: u8, period_us: u32) {
+    let per_ms = TIMER_TICKS_PER_MS.load(Ordering::Relaxed).max(1);
+    let count = ((per_ms as u64 * period_us as u64) / 1000).clamp(1, u32::MAX as u64) as u32;
+    write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
+    write(REG_LVT_TIMER, LVT_PERIODIC | vector as u32);
+    write(REG_TIMER_INIT, count);
+}
+
+/// Stops this CPU's APIC timer.
+pub fn stop_timer() {
+    write(REG_LVT_TIMER, LVT_MASKED);
+    write(REG_TIMER_INIT, 0);
 }

@@ -126,6 +126,19 @@ pub fn with_interrupts<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// Opens a short interrupt window so pending interrupts are taken now. A loop, not a single
+/// instruction: emulators (QEMU TCG) only recognise interrupts between blocks of code, and a
+/// branch ends a block.
+pub fn take_pending_interrupts() {
+    with_interrupts(|| {
+        let mut i = 0u32;
+        while core::hint::black_box(i) < 64 {
+            core::hint::spin_loop();
+            i += 1;
+        }
+    })
+}
+
 /// Spin-loop hint.
 #[inline]
 pub fn pause() {

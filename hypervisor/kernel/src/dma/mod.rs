@@ -27,6 +27,19 @@ use crate::arch::{tsc, x86};
 use crate::iommu::with_unit;
 use backend::{IovaHandle, Partition, Tsc, VtdDomain, VtdPending};
 
+/// Vector of the periodic timer that bounds the deferred flush queue in time.
+pub const TIMER_VECTOR: u8 = 0x41;
+/// Its period: a tenth of the default deferred bound.
+pub const TIMER_PERIOD_US: u32 = 1_000;
+
+/// The timer interrupt does nothing itself: its exit lets the vCPU loop run `tick`.
+fn timer_interrupt() {}
+
+/// Installs the timer handler (once, at boot).
+pub fn init() {
+    crate::arch::idt::register(TIMER_VECTOR, timer_interrupt);
+}
+
 const PAGE: u64 = 4096;
 /// Most entries one MULTICALL runs.
 pub const MAX_BATCH: u32 = 1024;
@@ -610,30 +623,34 @@ impl GuestDma {
                     v.and_then(|req| self.run(&mut inner, vcpu, &areas, req).map(|o| (e, o)))
                 }
             };
-            match outcome {
-                Ok((mut e, o)) => {
-                    o.apply(&mut e);
-                    let _ = self.part.write(at, &e.to_bytes());
-                    i += 1;
-                }
+            // Only the output fields are written back (status and done, and a MAP's iova):
+            // never the inputs, which the guest may have changed meanwhile.
+            let (o, ok) = match outcome {
+                Ok((_, o)) => (o, true),
                 Err(s) => {
-                    let mut e = Entry::from_bytes(&eb);
+                    let is_map = Entry::from_bytes(&eb).op == wire::Op::Map as u16;
                     let o = EntryOutcome {
                         status: s,
                         done: 0,
-                        iova: if e.op == wire::Op::Map as u16 {
-                            Some(0)
-                        } else {
-                            None
-                        },
+                        iova: is_map.then_some(0),
                     };
-                    o.apply(&mut e);
-                    let _ = self.part.write(at, &e.to_bytes());
-                    stop = MulticallStop::EntryFailed;
-                    result = s;
-                    break;
+                    (o, false)
                 }
+            };
+            let _ = self
+                .part
+                .write(at + Entry::STATUS_OFFSET as u64, &o.status_done_bytes());
+            if let Some(iova) = o.iova {
+                let _ = self
+                    .part
+                    .write(at + Entry::IOVA_OFFSET as u64, &iova.to_le_bytes());
             }
+            if !ok {
+                stop = MulticallStop::EntryFailed;
+                result = o.status;
+                break;
+            }
+            i += 1;
         }
         let mut cpu = self.cpus[vcpu % self.cpus.len()].lock();
         let mut ivs = IovaHandle {
@@ -692,6 +709,12 @@ impl GuestDma {
             s.deferred_flushes,
             self.calls.exits.load(Ordering::Relaxed)
         );
+    }
+
+    /// Whether the vCPUs need the periodic timer (the deferred time bound must hold even when
+    /// the guest makes no exits).
+    pub fn needs_timer(&self) -> bool {
+        self.policy == Policy::Deferred
     }
 
     /// The deferred time bound, checked on the guest's exits.

@@ -611,6 +611,13 @@ impl Guest {
             return;
         }
         log::info!("guest {} vcpu{index}: running", self.name);
+        let timer = self.dma.as_ref().is_some_and(|d| d.needs_timer());
+        if timer {
+            crate::arch::apic::start_periodic_timer(
+                crate::dma::TIMER_VECTOR,
+                crate::dma::TIMER_PERIOD_US,
+            );
+        }
         let mut stats = ExitStats::default();
         let mut handled_since = None;
         let reason = loop {
@@ -665,7 +672,7 @@ impl Guest {
                 Exit::Exception { vector, .. } => break StopReason::Exception { vector, rip },
                 // A physical interrupt (e.g. the VT-d fault event) is pending: take it now,
                 // with interrupts briefly on, then go back to the guest.
-                Exit::Interrupted => crate::arch::x86::with_interrupts(core::hint::spin_loop),
+                Exit::Interrupted => crate::arch::x86::take_pending_interrupts(),
                 Exit::InvalidState => break StopReason::InvalidState,
                 Exit::Unsupported { what, code } => {
                     break StopReason::Unsupported { what, code, rip }
@@ -673,6 +680,9 @@ impl Guest {
                 Exit::Failed(why) => break StopReason::Failed(why),
             }
         };
+        if timer {
+            crate::arch::apic::stop_timer();
+        }
         log::info!("guest {} vcpu{index}: {stats}", self.name);
         self.stop(index, reason);
     }

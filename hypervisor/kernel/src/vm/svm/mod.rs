@@ -173,6 +173,9 @@ moat_svm_run:
     push rdx
     push rsi
     clgi
+    // Host IF = 1 while the guest runs (GIF = 0 keeps interrupts out of this sequence): a
+    // physical interrupt then makes the guest exit (INTR intercept with V_INTR_MASKING).
+    sti
     mov rax, rdx
     vmsave rax
     mov rax, rsi
@@ -212,6 +215,9 @@ moat_svm_run:
     pop qword ptr [rdi + {rdi}]
     mov rax, [rsp + 8]
     vmload rax
+    // Back to the hypervisor's interrupts-off rule before GIF opens again; a pending
+    // interrupt is taken by the exit handler (Exit::Interrupted).
+    cli
     stgi
     add rsp, 24
     pop r15
