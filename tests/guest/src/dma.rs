@@ -653,3 +653,174 @@ pub fn bench(info: &BootInfo, ops_per_cell: u64) -> Outcome {
     }
     Ok(())
 }
+
+fn delay_ms(boot: &BootInfo, ms: u64) {
+    let t0 = crate::abi::rdtsc();
+    while crate::abi::rdtsc() - t0 < ms * boot.tsc_khz {
+        core::hint::spin_loop();
+    }
+}
+
+/// `dma-hold=MS` (two-guest scenario, the victim): maps pages 3..=5 for DMA, holds them MS
+/// milliseconds while the other guest's device tries their IOVAs, then checks they are intact.
+pub fn hold(boot: &BootInfo, ms: u64) -> Outcome {
+    let mut d = driver()?;
+    let mut iovas = [0u64; 3];
+    for (k, iova) in iovas.iter_mut().enumerate() {
+        fill(3 + k, 0xA0 + k as u8);
+        *iova = d
+            .map(gpa(3 + k), PAGE as u64, DmaFlags::READ_WRITE)
+            .map_err(|_| "MAP failed")?;
+    }
+    println!(
+        "dma-hold: pages mapped at IOVAs {:#x} {:#x} {:#x}; holding {ms} ms",
+        iovas[0], iovas[1], iovas[2]
+    );
+    delay_ms(boot, ms);
+    let intact = (0..3).all(|k| holds(3 + k, 0xA0 + k as u8));
+    for iova in iovas {
+        d.unmap(iova, PAGE as u64).map_err(|_| "UNMAP failed")?;
+    }
+    println!(
+        "dma-hold: after {ms} ms the pages are {}",
+        if intact { "intact" } else { "MODIFIED" }
+    );
+    if intact {
+        Ok(())
+    } else {
+        Err("another guest's device wrote into this guest's mapped pages")
+    }
+}
+
+/// `dma-foreign=MS` (two-guest scenario, the attacker): after MS ms, programs its own edu to
+/// write to the IOVAs the other guest holds, and to map memory outside its own RAM.
+pub fn foreign(boot: &BootInfo, ms: u64) -> Outcome {
+    let mut d = driver()?;
+    let edu = Edu::find().ok_or("no edu device")?;
+    delay_ms(boot, ms);
+    fill(3, 0x5A);
+    page(4).fill(0);
+    let src = d
+        .map(gpa(3), PAGE as u64, DmaFlags::READ)
+        .map_err(|_| "MAP failed")?;
+    let own = d
+        .map(gpa(4), PAGE as u64, DmaFlags::WRITE)
+        .map_err(|_| "MAP failed")?;
+    let loaded = edu.dma(src, false);
+    // Its own mapping at the same IOVA values the other guest uses reaches its own page only.
+    let mine = edu.dma(own, true) && holds(4, 0x5A);
+    // IOVAs only the other guest has mapped: nothing in this guest's domain.
+    let before = d.stats(false).map_err(|_| "STATS failed")?.faults;
+    for iova in [own + 0x1000, own + 0x2000, own + 0x3000] {
+        let _ = edu.dma(iova, true);
+    }
+    let after = d.stats(false).map_err(|_| "STATS failed")?.faults;
+    // The other guest's RAM is not this guest's RAM: beyond the end of its own.
+    let (st, _) = raw(
+        Call::DmaMap,
+        [
+            boot.mem_size,
+            4096,
+            DmaFlags::READ_WRITE.bits() as u64,
+            0,
+            0,
+            0,
+        ],
+    );
+    println!(
+        "dma-foreign: own IOVA {own:#x} reached its own page: {}; writes to IOVAs {:#x}..{:#x} faulted {} time(s) in this guest's domain; MAP of GPA {:#x} (past its RAM): {st:?}",
+        loaded && mine,
+        own + 0x1000,
+        own + 0x3000,
+        after - before,
+        boot.mem_size
+    );
+    d.unmap(src, PAGE as u64).map_err(|_| "UNMAP failed")?;
+    d.unmap(own, PAGE as u64).map_err(|_| "UNMAP failed")?;
+    if !(loaded && mine) || after - before < 3 || st != Some(Status::Fault) {
+        return Err("isolation between guests not shown");
+    }
+    Ok(())
+}
+
+/// Live IOVAs of each vCPU in `dma-smp` (0 = none), published after MAP, cleared before UNMAP.
+static SMP_LIVE: [[core::sync::atomic::AtomicU64; 4]; 4] =
+    [const { [const { core::sync::atomic::AtomicU64::new(0) }; 4] }; 4];
+static SMP_DONE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static SMP_DUPS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static SMP_OPS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+
+#[repr(C, align(4096))]
+struct Scratch([[u8; PAGE]; 4]);
+static mut SMP_SCRATCH: Scratch = Scratch([[0; PAGE]; 4]);
+
+/// One vCPU's part of `dma-smp=N`: N rounds of mapping 4 pages of its own and unmapping them,
+/// checking after each map that no other vCPU holds the same IOVA at that moment.
+pub fn smp_worker(vcpu: usize, rounds: u64) -> Result<u64, &'static str> {
+    use core::sync::atomic::Ordering::SeqCst;
+    let v = vcpu % 4;
+    let scratch = core::ptr::addr_of!(SMP_SCRATCH) as u64 + (v * PAGE) as u64;
+    // SAFETY: as in `driver`; each vCPU has its own scratch page.
+    let hv = unsafe { Native::new() };
+    let mut d = PvDma::probe(
+        hv,
+        GuestBuffer {
+            gpa: scratch,
+            len: PAGE as u64,
+        },
+    )
+    .map_err(|_| "discovery failed")?;
+    let base = (48u64 << 20) + (v as u64) * (64 << 10);
+    let mut dups = 0;
+    for _ in 0..rounds {
+        for k in 0..4 {
+            let iova = d
+                .map(
+                    base + k as u64 * PAGE as u64,
+                    PAGE as u64,
+                    DmaFlags::READ_WRITE,
+                )
+                .map_err(|_| "MAP failed")?;
+            for (o, slots) in SMP_LIVE.iter().enumerate() {
+                if o != v && slots.iter().any(|s| s.load(SeqCst) == iova) {
+                    dups += 1;
+                }
+            }
+            SMP_LIVE[v][k].store(iova, SeqCst);
+        }
+        for k in 0..4 {
+            let iova = SMP_LIVE[v][k].swap(0, SeqCst);
+            d.unmap(iova, PAGE as u64).map_err(|_| "UNMAP failed")?;
+        }
+        SMP_OPS.fetch_add(4, SeqCst);
+    }
+    SMP_DUPS.fetch_add(dups, SeqCst);
+    SMP_DONE.fetch_add(1, SeqCst);
+    Ok(dups)
+}
+
+/// `dma-smp=N` on vCPU 0: runs its own worker, waits for the others, reports.
+pub fn smp(boot: &BootInfo, rounds: u64) -> Outcome {
+    use core::sync::atomic::Ordering::SeqCst;
+    smp_worker(0, rounds)?;
+    let vcpus = u64::from(boot.vcpus).min(4);
+    let t0 = crate::abi::rdtsc();
+    while SMP_DONE.load(SeqCst) < vcpus {
+        if crate::abi::rdtsc() - t0 > 120_000 * boot.tsc_khz {
+            return Err("the other vCPUs did not finish");
+        }
+        core::hint::spin_loop();
+    }
+    let mut d = driver()?;
+    let s = d.stats(false).map_err(|_| "STATS failed")?;
+    println!(
+        "dma-smp: {vcpus} vCPUs, {} map+unmap operations, IOVA held by two vCPUs at once: {} time(s); live mappings after: {}",
+        SMP_OPS.load(SeqCst),
+        SMP_DUPS.load(SeqCst),
+        s.live_mappings
+    );
+    if SMP_DUPS.load(SeqCst) != 0 || s.live_mappings != 0 {
+        return Err("an IOVA was handed out twice or mappings were left");
+    }
+    Ok(())
+}

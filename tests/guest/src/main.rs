@@ -69,6 +69,17 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
     let line = cmdline(&info);
     if vcpu != 0 {
         println!("vcpu {vcpu} of {} up", info.vcpus);
+        if let Some(rounds) = line
+            .split_ascii_whitespace()
+            .find_map(|w| w.strip_prefix("dma-smp="))
+            .and_then(parse_number)
+        {
+            match dma::smp_worker(vcpu as usize, rounds) {
+                Ok(d) => println!("vcpu {vcpu}: dma-smp worker done, {d} duplicate IOVA(s) seen"),
+                Err(e) => println!("vcpu {vcpu}: dma-smp worker FAILED: {e}"),
+            }
+            abi::exit(0);
+        }
         if line.split_ascii_whitespace().any(|w| w == "vcpu-spin") {
             // Tick until the hypervisor stops this vCPU along with its guest.
             for i in 0.. {
@@ -105,6 +116,9 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "dma-batch" => dma::batch(arg.unwrap_or(64)),
             "dma-bad" => dma::bad(&info),
             "dma-bench" => dma::bench(&info, arg.unwrap_or(512)),
+            "dma-hold" => dma::hold(&info, arg.unwrap_or(3000)),
+            "dma-foreign" => dma::foreign(&info, arg.unwrap_or(1000)),
+            "dma-smp" => dma::smp(&info, arg.unwrap_or(100)),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {

@@ -122,6 +122,59 @@ pub fn scenarios() -> Vec<Scenario> {
     );
     s.modules = modules;
     v.push(s);
+
+    let mut s = scenario(
+        "dma-two-guests",
+        "two guests with their own edu: neither can map the other's memory nor reach it with its device",
+        Machine { devices: vec!["edu,addr=0x5".into(), "edu,addr=0x6".into()], ..Machine::default() },
+        "guest=name=g0,mem=16M,dev=00:05.0,policy=strict guest=name=g1,mem=16M,dev=00:06.0,policy=strict",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(log, &["g1> dma-hold: pages mapped at IOVAs 0x100000 0x101000 0x102000"])?;
+            need_line(log, &["g0> dma-foreign: own IOVA 0x101000 reached its own page: true", "faulted 3 time(s) in this guest's domain", "Some(Fault)"])?;
+            need_line(log, &["g1> dma-hold:", "the pages are intact"])?;
+            need_line(log, &["g0> PASS dma-foreign"])?;
+            need_line(log, &["g1> PASS dma-hold"])?;
+            for g in ["g0", "g1"] {
+                need_line(log, &[&format!("guest {g}: dma leak check: at stop 0 mapping(s), 0 pending, 0 pinned page(s)")])?;
+            }
+            Ok(())
+        }),
+    );
+    s.modules = vec![
+        BootModule {
+            file: TEST_GUEST,
+            cmdline: "g0 dma-foreign=1000".into(),
+        },
+        BootModule {
+            file: TEST_GUEST,
+            cmdline: "g1 dma-hold=4000".into(),
+        },
+    ];
+    v.push(s);
+
+    let mut s = scenario(
+        "dma-smp",
+        "4 vCPUs of one guest map and unmap concurrently: no IOVA held by two vCPUs at once, no leak",
+        Machine { smp: 4, ..Machine::default() },
+        "guest=name=g0,mem=64M,cpus=4,dev=00:05.0,policy=batched",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(log, &["g0> dma-smp: 4 vCPUs, 1600 map+unmap operations, IOVA held by two vCPUs at once: 0 time(s); live mappings after: 0"])?;
+            for k in 1..4 {
+                need_line(log, &[&format!("g0> vcpu {k}: dma-smp worker done, 0 duplicate IOVA(s) seen")])?;
+            }
+            need_line(log, &["g0> PASS dma-smp"])?;
+            no_leak(log)
+        }),
+    );
+    s.modules = vec![BootModule {
+        file: TEST_GUEST,
+        cmdline: "g0 dma-smp=100".into(),
+    }];
+    v.push(s);
     v
 }
 

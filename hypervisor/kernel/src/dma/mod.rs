@@ -683,6 +683,11 @@ impl GuestDma {
         let torn = st.teardown(dom, &mut ivs, &Tsc);
         let after = st.counts(dom);
         ivs.cpu.flush();
+        drop(cpu);
+        // Every vCPU's magazines go back, so "live" counts only what is really held.
+        for c in &self.cpus {
+            c.lock().flush();
+        }
         let live = self.iova.stats().live_pages;
         log::info!(
             "guest {guest}: dma leak check: at stop {} mapping(s), {} pending, {} pinned page(s); after teardown ({}) {} mapping(s), {} pending, {} pinned page(s), {} IOVA page(s) live, {} table page(s) (baseline {})",
