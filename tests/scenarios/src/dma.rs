@@ -83,6 +83,22 @@ pub fn scenarios() -> Vec<Scenario> {
         s.modules = modules;
         v.push(s);
     }
+    let (cmd, modules) = guest("strict", "dma-faults");
+    let mut s = scenario(
+        "dma-fault-ring",
+        "a DMA the IOMMU blocks is delivered to the guest's fault ring: IOVA, source id, direction, reason",
+        Machine::default(),
+        &cmd,
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(log, &["g0> dma-faults: ring of 126 records:", "source 0x0028 (edu 0x0028) direction 2 reason 5 seq 0; dropped 0; MAP of the ring page: Some(Perm)"])?;
+            need_line(log, &["g0> PASS dma-faults"])?;
+            no_leak(log)
+        }),
+    );
+    s.modules = modules;
+    v.push(s);
     let (cmd, modules) = guest("strict", "dma-bad");
     let mut s = scenario(
         "dma-bad-input",

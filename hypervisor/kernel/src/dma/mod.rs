@@ -108,6 +108,20 @@ pub struct GuestDma {
     calls: CallCounters,
     sources: Vec<SourceId>,
     baseline_tables: usize,
+    unit: u64,
+    did: u16,
+    ring: Mutex<Option<FaultRing>>,
+    faults: AtomicU64,
+}
+
+/// The guest's registered fault ring: the producer side is kept here and never read back.
+struct FaultRing {
+    gpa: u64,
+    pages: u64,
+    capacity: u32,
+    producer: u32,
+    seq: u64,
+    dropped: u64,
 }
 
 /// DMA address bits of a device: QEMU's edu masks DMA addresses to 28 bits; anything else
@@ -289,6 +303,7 @@ impl GuestDma {
         .map_err(SetupError::Vtd)?;
         let svc = Limits::DEFAULT;
         let baseline_tables = domain.tables().table_pages();
+        let did = domain.id();
         Ok(Some(GuestDma {
             policy,
             limits: wire::Limits {
@@ -312,6 +327,10 @@ impl GuestDma {
             calls: CallCounters::default(),
             sources,
             baseline_tables,
+            unit,
+            did,
+            ring: Mutex::new(None),
+            faults: AtomicU64::new(0),
         }))
     }
 
@@ -329,8 +348,134 @@ impl GuestDma {
         )
     }
 
+    /// Guest pages registered with the hypervisor (batch areas, the fault ring): never DMA
+    /// targets.
     fn areas(&self) -> Vec<(u64, u64)> {
-        self.batch.iter().filter_map(|b| *b.lock()).collect()
+        let mut v: Vec<(u64, u64)> = self.batch.iter().filter_map(|b| *b.lock()).collect();
+        if let Some(r) = self.ring.lock().as_ref() {
+            v.push((r.gpa, r.pages));
+        }
+        v
+    }
+
+    /// Moves the VT-d faults of this guest's domain from the hypervisor's fault log into the
+    /// guest's fault ring (or only counts them when it has none). Called on the guest's exits
+    /// and DMA calls.
+    pub fn deliver_faults(&self) {
+        let (unit, did) = (self.unit, self.did);
+        let Some(events) =
+            crate::iommu::take_faults_if(|e| e.unit == unit && e.record.domain == Some(did))
+        else {
+            return;
+        };
+        if events.is_empty() {
+            return;
+        }
+        self.faults
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        let mut ring = self.ring.lock();
+        let Some(r) = ring.as_mut() else { return };
+        let mut cb = [0u8; 4];
+        if self
+            .part
+            .read(
+                r.gpa + wire::FaultRingHeader::CONSUMER_OFFSET as u64,
+                &mut cb,
+            )
+            .is_err()
+        {
+            return;
+        }
+        let consumer = u32::from_le_bytes(cb);
+        for ev in events {
+            if r.producer.wrapping_sub(consumer) >= r.capacity {
+                r.dropped += 1;
+                continue;
+            }
+            let rec = wire::FaultRecord {
+                iova: ev.record.address,
+                source_id: ev.record.source.0,
+                reason: ev.record.reason.code(),
+                direction: match ev.record.access {
+                    moat_vtd::fault::FaultAccess::Read => wire::Direction::Read as u8,
+                    moat_vtd::fault::FaultAccess::Write => wire::Direction::Write as u8,
+                },
+                reserved0: 0,
+                seq: r.seq,
+                reserved1: 0,
+            };
+            let slot = r.gpa
+                + wire::FAULT_RING_HEADER_SIZE as u64
+                + (r.producer % r.capacity) as u64 * wire::FAULT_RECORD_SIZE as u64;
+            // The record first, then the index that publishes it (x86 keeps store order).
+            let _ = self.part.write(slot, &rec.to_bytes());
+            r.seq += 1;
+            r.producer = r.producer.wrapping_add(1);
+        }
+        let _ = self.part.write(
+            r.gpa + wire::FaultRingHeader::DROPPED_OFFSET as u64,
+            &r.dropped.to_le_bytes(),
+        );
+        let _ = self.part.write(
+            r.gpa + wire::FaultRingHeader::PRODUCER_OFFSET as u64,
+            &r.producer.to_le_bytes(),
+        );
+    }
+
+    fn fault_ring_register(&self, a: &Args) -> Return {
+        let (gpa, pages, vector) = (a.0[0], a.0[1], a.0[2]);
+        if vector != 0 {
+            // Only the polled ring is offered (no FAULT_IRQ feature yet).
+            return Return::err(if (1..32).contains(&vector) || vector > 255 {
+                Status::Inval
+            } else {
+                Status::Unsupp
+            });
+        }
+        if pages == 0 {
+            return match self.ring.lock().take() {
+                Some(_) => Return::ok(0),
+                None => Return::err(Status::Noent),
+            };
+        }
+        if gpa % PAGE != 0 {
+            return Return::err(Status::Inval);
+        }
+        if pages > wire::MAX_FAULT_RING_PAGES {
+            return Return::err(Status::Range);
+        }
+        let end = gpa + pages * PAGE;
+        if self.part.check(gpa, (pages * PAGE) as usize).is_err() {
+            return Return::err(Status::Fault);
+        }
+        if self
+            .batch
+            .iter()
+            .filter_map(|b| *b.lock())
+            .any(|(b, bp)| gpa < b + bp * PAGE && end > b)
+        {
+            return Return::err(Status::Exist);
+        }
+        if self.inner.lock().st.gpa_mapped(gpa, end) {
+            return Return::err(Status::Busy);
+        }
+        let capacity = wire::fault_ring_capacity(pages);
+        if self
+            .part
+            .write(gpa, &wire::FaultRingHeader::new(capacity).to_bytes())
+            .is_err()
+        {
+            return Return::err(Status::Fault);
+        }
+        *self.ring.lock() = Some(FaultRing {
+            gpa,
+            pages,
+            capacity,
+            producer: 0,
+            seq: 0,
+            dropped: 0,
+        });
+        Return::ok(capacity as u64)
     }
 
     /// Runs one validated request on the calling vCPU.
@@ -385,6 +530,7 @@ impl GuestDma {
     /// Handles DMA call `call` from vCPU `vcpu`.
     pub fn hypercall(&self, vcpu: usize, call: Call, a: &Args) -> Return {
         self.calls.exits.fetch_add(1, Ordering::Relaxed);
+        self.deliver_faults();
         match call {
             Call::DmaQuery => self.query(a),
             Call::DmaMap | Call::DmaUnmap => {
@@ -429,8 +575,7 @@ impl GuestDma {
                 }
             }
             Call::DmaStats => self.stats(a),
-            // The fault ring is not implemented yet: its feature bit is clear.
-            Call::DmaFaultRingRegister => Return::err(Status::Unsupp),
+            Call::DmaFaultRingRegister => self.fault_ring_register(a),
             _ => Return::err(Status::Unsupp),
         }
     }
@@ -446,6 +591,7 @@ impl GuestDma {
             reserved0: 0,
             max_batch: self.limits.max_batch,
             features: wire::Features::STATS
+                | wire::Features::FAULT_RING
                 | if self.policy == Policy::Passthrough {
                     wire::Features::IOVA_IS_GPA
                 } else {
@@ -492,6 +638,7 @@ impl GuestDma {
         // While a guest runs the hypervisor's interrupts are masked (host IF = 0 at VMRUN),
         // so the fault event cannot be taken: drain the fault records here (polling path).
         crate::iommu::poll_faults(64);
+        self.deliver_faults();
         let inner = self.inner.lock();
         let s = inner.st.stats();
         let c = inner.st.counts(&inner.dom);
@@ -724,6 +871,7 @@ impl GuestDma {
 
     /// The deferred time bound, checked on the guest's exits.
     pub fn tick(&self, vcpu: usize) {
+        self.deliver_faults();
         if self.policy != Policy::Deferred {
             return;
         }

@@ -115,6 +115,25 @@ pub fn poll_faults(budget: usize) -> u64 {
     n
 }
 
+/// Takes the drained records `keep` selects from the fault log (the others stay). Does not
+/// wait for the log lock (called on every guest exit): `None` when it is busy.
+pub fn take_faults_if(keep: impl Fn(&FaultEvent) -> bool) -> Option<Vec<FaultEvent>> {
+    let mut log = FAULT_LOG.try_lock()?;
+    if log.is_empty() {
+        return Some(Vec::new());
+    }
+    let mut taken = Vec::new();
+    log.retain(|e| {
+        if keep(e) {
+            taken.push(*e);
+            false
+        } else {
+            true
+        }
+    });
+    Some(taken)
+}
+
 /// Takes every drained record from the fault log.
 pub fn take_faults() -> Vec<FaultEvent> {
     FAULT_LOG.lock().drain(..).collect()

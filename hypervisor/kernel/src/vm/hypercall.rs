@@ -12,7 +12,7 @@ use moat_abi::{Args, Call, Status, CALLS_BASE, CONSOLE_MAX, CPUID_MAX_LEAF, SIGN
 use super::guest::{Guest, StopReason};
 use super::vcpu::{Reg, Vcpu};
 
-/// The calls a guest with DMA devices has (all but the fault ring, not implemented yet).
+/// The calls a guest with DMA devices has.
 fn calls(guest: &Guest) -> u32 {
     if guest.dma().is_some() {
         CALLS_BASE
@@ -24,6 +24,7 @@ fn calls(guest: &Guest) -> u32 {
                 Call::DmaBatchRegister,
                 Call::DmaSync,
                 Call::DmaStats,
+                Call::DmaFaultRingRegister,
             ]
             .iter()
             .fold(0, |m, c| m | c.bit())
