@@ -882,3 +882,107 @@ pub fn faults() -> Outcome {
     }
     Ok(())
 }
+
+static RACE_GO: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+static RACE_STOP: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
+static RACE_WRITES: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// Entries in the race batch.
+const RACE_N: usize = 64;
+static mut RACE_BATCH: BatchPages = BatchPages([[0; PAGE]; 8]);
+
+fn race_entry(i: usize) -> *mut u8 {
+    (core::ptr::addr_of_mut!(RACE_BATCH) as *mut u8).wrapping_add(BATCH_HEADER_SIZE + i * 48)
+}
+
+/// vCPU 1 of `dma-race`: rewrites the input fields (op, flags, reserved, gpa) of vCPU 0's
+/// entries, flipping each between a valid MAP of one of two pages and an invalid one, until
+/// told to stop. It never touches the output fields.
+pub fn race_scribbler() {
+    use core::sync::atomic::Ordering::SeqCst;
+    while !RACE_GO.load(SeqCst) {
+        core::hint::spin_loop();
+    }
+    let mut k = 0u64;
+    while !RACE_STOP.load(SeqCst) {
+        let i = (k as usize * 7) % RACE_N;
+        let p = race_entry(i);
+        let gpa = (56u64 << 20) + (i as u64 * 2 + (k & 1)) * PAGE as u64;
+        // SAFETY: the entry is in this guest's memory; the writes race with the hypervisor's
+        // reads on purpose (that is the test); no Rust reference to it exists.
+        unsafe {
+            core::ptr::write_volatile(p.add(4) as *mut u32, ((k >> 1) & 1) as u32);
+            core::ptr::write_volatile(p.add(8) as *mut u64, gpa);
+        }
+        k += 1;
+    }
+    RACE_WRITES.store(k, SeqCst);
+}
+
+/// `dma-race` on vCPU 0: a MULTICALL over entries another vCPU keeps changing. Every entry the
+/// hypervisor reports OK must be exactly one live mapping (UNMAP of its IOVA succeeds), every
+/// failed one must be INVAL and create nothing, and nothing else may be left.
+pub fn race() -> Outcome {
+    use core::sync::atomic::Ordering::SeqCst;
+    let mut d = driver()?;
+    let area = core::ptr::addr_of!(RACE_BATCH) as u64;
+    let (st, _) = raw(Call::DmaBatchRegister, [area, 2, 0, 0, 0, 0]);
+    if st != Some(Status::Ok) {
+        return Err("BATCH_REGISTER failed");
+    }
+    let hdr = moat_abi::dma::BatchHeader::new(RACE_N as u32).to_bytes();
+    // SAFETY: the area is this test's; vCPU 1 only starts writing after RACE_GO.
+    unsafe {
+        core::ptr::copy_nonoverlapping(hdr.as_ptr(), area as *mut u8, BATCH_HEADER_SIZE);
+        for i in 0..RACE_N {
+            let e = Request::Map {
+                gpa: (56u64 << 20) + i as u64 * 2 * PAGE as u64,
+                length: PAGE as u64,
+                flags: DmaFlags::READ,
+            }
+            .to_entry();
+            core::ptr::copy_nonoverlapping(e.to_bytes().as_ptr(), race_entry(i), 48);
+        }
+    }
+    RACE_GO.store(true, SeqCst);
+    let mut cursor = 0u64;
+    let mut calls = 0;
+    while cursor < RACE_N as u64 && calls < 10 * RACE_N {
+        calls += 1;
+        let (_, v) = raw(Call::DmaMulticall, [cursor, 0, 0, 0, 0, 0]);
+        cursor = match v[2] & 0xff {
+            0 => break,
+            1 => v[0] + 1,
+            2 => v[0],
+            _ => return Err("MULTICALL rejected"),
+        };
+    }
+    RACE_STOP.store(true, SeqCst);
+    let (mut ok, mut inval, mut other, mut unmapped) = (0u64, 0u64, 0u64, 0u64);
+    for i in 0..RACE_N {
+        let mut b = [0u8; 48];
+        // SAFETY: vCPU 1 has stopped writing; the entry is plain guest memory.
+        unsafe { core::ptr::copy_nonoverlapping(race_entry(i), b.as_mut_ptr(), 48) };
+        let e = Entry::from_bytes(&b);
+        match e.outcome_status() {
+            Some(Status::Ok) => {
+                ok += 1;
+                if d.unmap(e.iova, PAGE as u64).is_ok() {
+                    unmapped += 1;
+                }
+            }
+            Some(Status::Inval) => inval += 1,
+            _ => other += 1,
+        }
+    }
+    let s = d.stats(false).map_err(|_| "STATS failed")?;
+    println!(
+        "dma-race: {RACE_N} entries while vCPU 1 rewrote them ({} rewrites seen so far): {ok} OK (each unmapped once: {unmapped}), {inval} INVAL, {other} other; live mappings after: {}",
+        RACE_WRITES.load(SeqCst),
+        s.live_mappings
+    );
+    let _ = raw(Call::DmaBatchRegister, [0, 0, 0, 0, 0, 0]);
+    if ok + inval != RACE_N as u64 || unmapped != ok || s.live_mappings != 0 || other != 0 {
+        return Err("the hypervisor acted on entries inconsistently with what it reported");
+    }
+    Ok(())
+}

@@ -80,6 +80,10 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             }
             abi::exit(0);
         }
+        if vcpu == 1 && line.split_ascii_whitespace().any(|w| w == "dma-race") {
+            dma::race_scribbler();
+            abi::exit(0);
+        }
         if line.split_ascii_whitespace().any(|w| w == "vcpu-spin") {
             // Tick until the hypervisor stops this vCPU along with its guest.
             for i in 0.. {
@@ -120,6 +124,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "dma-foreign" => dma::foreign(&info, arg.unwrap_or(1000)),
             "dma-smp" => dma::smp(&info, arg.unwrap_or(100)),
             "dma-faults" => dma::faults(),
+            "dma-race" => dma::race(),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {

@@ -99,6 +99,24 @@ pub fn scenarios() -> Vec<Scenario> {
     );
     s.modules = modules;
     v.push(s);
+    let mut s = scenario(
+        "dma-batch-race",
+        "another vCPU rewrites the batch entries during the MULTICALL: every OK entry is exactly one mapping, nothing else exists",
+        Machine::default(),
+        "guest=name=g0,mem=64M,cpus=2,dev=00:05.0,policy=batched",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(log, &["g0> dma-race: 64 entries while vCPU 1 rewrote them", "other; live mappings after: 0"])?;
+            need_line(log, &["g0> PASS dma-race"])?;
+            no_leak(log)
+        }),
+    );
+    s.modules = vec![BootModule {
+        file: TEST_GUEST,
+        cmdline: "g0 dma-race".into(),
+    }];
+    v.push(s);
     let (cmd, modules) = guest("strict", "dma-bad");
     let mut s = scenario(
         "dma-bad-input",
