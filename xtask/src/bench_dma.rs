@@ -129,9 +129,9 @@ fn print_table(rows: &[Row]) {
 fn write_json(rows: &[Row]) -> Result<()> {
     let mut s = String::from("[\n");
     for (i, r) in rows.iter().enumerate() {
-        let _ = write!(
+        let _ = writeln!(
             s,
-            "  {{\"policy\": \"{}\", \"batch\": {}, \"bytes\": {}, \"ns_per_op\": {:.1}, \"cycles_per_op\": {:.1}, \"invalidations_per_op\": {:.4}, \"waits_per_op\": {:.4}, \"exits_per_op\": {:.4}, \"phases\": {{\"validate\": {:.1}, \"iova_alloc\": {:.1}, \"pte_write\": {:.1}, \"invalidate\": {:.1}, \"iova_free\": {:.1}}}, \"emulated\": \"QEMU TCG\"}}{}\n",
+            "  {{\"policy\": \"{}\", \"batch\": {}, \"bytes\": {}, \"ns_per_op\": {:.1}, \"cycles_per_op\": {:.1}, \"invalidations_per_op\": {:.4}, \"waits_per_op\": {:.4}, \"exits_per_op\": {:.4}, \"phases\": {{\"validate\": {:.1}, \"iova_alloc\": {:.1}, \"pte_write\": {:.1}, \"invalidate\": {:.1}, \"iova_free\": {:.1}}}, \"emulated\": \"QEMU TCG\"}}{}",
             r.policy,
             r.batch,
             r.bytes,

@@ -352,7 +352,7 @@ pub fn bad(info: &BootInfo) -> Outcome {
         (
             "overflowing length",
             Call::DmaMap,
-            [gpa(5), u64::MAX & !0xfff, rw, 0, 0, 0],
+            [gpa(5), !0xfff, rw, 0, 0, 0],
             Status::Range,
         ),
         (
@@ -773,7 +773,7 @@ pub fn smp_worker(vcpu: usize, rounds: u64) -> Result<u64, &'static str> {
     let base = (48u64 << 20) + (v as u64) * (64 << 10);
     let mut dups = 0;
     for _ in 0..rounds {
-        for k in 0..4 {
+        for (k, slot) in SMP_LIVE[v].iter().enumerate() {
             let iova = d
                 .map(
                     base + k as u64 * PAGE as u64,
@@ -786,10 +786,10 @@ pub fn smp_worker(vcpu: usize, rounds: u64) -> Result<u64, &'static str> {
                     dups += 1;
                 }
             }
-            SMP_LIVE[v][k].store(iova, SeqCst);
+            slot.store(iova, SeqCst);
         }
-        for k in 0..4 {
-            let iova = SMP_LIVE[v][k].swap(0, SeqCst);
+        for slot in &SMP_LIVE[v] {
+            let iova = slot.swap(0, SeqCst);
             d.unmap(iova, PAGE as u64).map_err(|_| "UNMAP failed")?;
         }
         SMP_OPS.fetch_add(4, SeqCst);

@@ -69,7 +69,7 @@ pub fn scenarios() -> Vec<Scenario> {
                 need_line(log, &[&format!("g0> dma-edu: policy {policy}")])?;
                 need_line(log, &["g0> dma-edu: source", "round trip delivered the bytes"])?;
                 if !after_unmap.is_empty() {
-                    need_line(log, &[&format!("g0> dma-edu: DMA to IOVA"), &format!("right after UNMAP returned: {after_unmap}")])?;
+                    need_line(log, &["g0> dma-edu: DMA to IOVA", &format!("right after UNMAP returned: {after_unmap}")])?;
                 } else {
                     need_line(log, &["g0> dma-edu:", "us after UNMAP (bound 10000 us, no exits in between) the DMA is blocked"])?;
                 }

@@ -148,7 +148,7 @@ pub fn init(dmar: Option<&Dmar<'static>>, config: &Config) -> usize {
         return 0;
     }
     let Some(dmar) = dmar else { return 0 };
-    DMAR.call_once(|| dmar.clone());
+    DMAR.call_once(|| *dmar);
     let mut units = UNITS.lock();
     for (i, d) in dmar.drhds().enumerate() {
         let base = d.register_base();
