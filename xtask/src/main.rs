@@ -54,8 +54,16 @@ pub enum Flavour {
     Selftest,
 }
 
-/// Builds the kernel and returns the path of a private copy of the ELF.
-pub fn build_kernel(flavour: Flavour) -> Result<PathBuf> {
+/// Builds bare-metal binary `bin` of `package` (release, x86_64-unknown-none, with `features`)
+/// and copies it to `target/xtask/<out>` (so the two kernel flavours do not overwrite each
+/// other). Returns the copy's path.
+fn build_bare(
+    what: &str,
+    package: &str,
+    bin: &str,
+    features: &[&str],
+    out: &str,
+) -> Result<PathBuf> {
     let root = root();
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(&root).args([
@@ -63,33 +71,41 @@ pub fn build_kernel(flavour: Flavour) -> Result<PathBuf> {
         "--quiet",
         "--release",
         "-p",
-        "moat-kernel",
+        package,
         "--target",
         "x86_64-unknown-none",
     ]);
-    if flavour == Flavour::Selftest {
-        cmd.args(["--features", "selftest"]);
+    for f in features {
+        cmd.args(["--features", f]);
     }
-    eprintln!(
-        "xtask: building the kernel ({})",
-        if flavour == Flavour::Selftest {
-            "selftest"
-        } else {
-            "release"
-        }
-    );
+    eprintln!("xtask: building {what}");
     run_status(&mut cmd)?;
-    let built = root.join("target/x86_64-unknown-none/release/moat");
+    let built = root.join("target/x86_64-unknown-none/release").join(bin);
     let out_dir = root.join("target/xtask");
     std::fs::create_dir_all(&out_dir)?;
-    let name = if flavour == Flavour::Selftest {
-        "moat-selftest.elf"
-    } else {
-        "moat.elf"
-    };
-    let out = out_dir.join(name);
+    let out = out_dir.join(out);
     std::fs::copy(&built, &out).map_err(|e| format!("{}: {e}", built.display()))?;
     Ok(out)
+}
+
+/// Builds the kernel and returns the path of a private copy of the ELF.
+pub fn build_kernel(flavour: Flavour) -> Result<PathBuf> {
+    match flavour {
+        Flavour::Selftest => build_bare(
+            "the kernel (selftest)",
+            "moat-kernel",
+            "moat",
+            &["selftest"],
+            "moat-selftest.elf",
+        ),
+        Flavour::Release => build_bare(
+            "the kernel (release)",
+            "moat-kernel",
+            "moat",
+            &[],
+            "moat.elf",
+        ),
+    }
 }
 
 /// Makes a GRUB rescue ISO (BIOS and UEFI) booting `kernel` with `cmdline`, named `name`.
@@ -99,24 +115,13 @@ pub fn make_iso(kernel: &Path, cmdline: &str, name: &str) -> Result<PathBuf> {
 
 /// Builds the test guest (`tests/guest`) and returns the path of a private copy of its ELF.
 pub fn build_test_guest() -> Result<PathBuf> {
-    let root = root();
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.current_dir(&root).args([
-        "build",
-        "--quiet",
-        "--release",
-        "-p",
+    build_bare(
+        "the test guest",
         "moat-test-guest",
-        "--target",
-        "x86_64-unknown-none",
-    ]);
-    eprintln!("xtask: building the test guest");
-    run_status(&mut cmd)?;
-    let built = root.join("target/x86_64-unknown-none/release/moat-test-guest");
-    let out = root.join("target/xtask").join(moat_scenarios::TEST_GUEST);
-    std::fs::create_dir_all(root.join("target/xtask"))?;
-    std::fs::copy(&built, &out).map_err(|e| format!("{}: {e}", built.display()))?;
-    Ok(out)
+        "moat-test-guest",
+        &[],
+        moat_scenarios::TEST_GUEST,
+    )
 }
 
 /// As [`make_iso`], plus boot modules: each `(file, cmdline)` becomes

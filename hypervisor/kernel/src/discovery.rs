@@ -91,6 +91,7 @@ fn dump_hex(name: &str, phys: u64, bytes: &[u8]) {
 }
 
 /// PCI configuration access over identity-mapped ECAM windows.
+#[derive(Clone, Copy)]
 pub struct EcamAccess<'a> {
     windows: &'a [crate::acpi::Ecam],
 }

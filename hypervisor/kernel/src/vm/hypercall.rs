@@ -7,27 +7,15 @@
 //! guest has in EBX (the DMA calls only for a guest with devices) and the hypercall
 //! instruction in ECX (1 = VMMCALL).
 
-use moat_abi::{Args, Call, Status, CALLS_BASE, CONSOLE_MAX, CPUID_MAX_LEAF, SIGNATURE};
+use moat_abi::{Args, Call, Status, CALLS_ALL, CALLS_BASE, CONSOLE_MAX, CPUID_MAX_LEAF, SIGNATURE};
 
 use super::guest::{Guest, StopReason};
 use super::vcpu::{Reg, Vcpu};
 
-/// The calls a guest with DMA devices has.
+/// The calls a guest has: every call for a guest with DMA devices, the base calls otherwise.
 fn calls(guest: &Guest) -> u32 {
     if guest.dma().is_some() {
-        CALLS_BASE
-            | [
-                Call::DmaQuery,
-                Call::DmaMap,
-                Call::DmaUnmap,
-                Call::DmaMulticall,
-                Call::DmaBatchRegister,
-                Call::DmaSync,
-                Call::DmaStats,
-                Call::DmaFaultRingRegister,
-            ]
-            .iter()
-            .fold(0, |m, c| m | c.bit())
+        CALLS_ALL
     } else {
         CALLS_BASE
     }

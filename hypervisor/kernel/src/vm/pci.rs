@@ -7,9 +7,7 @@
 //! expansion ROM and everything past 0x40 read as zero. Other functions read as all ones and
 //! ignore writes.
 
-use moat_pci::{probe_bars, regs, BarKind, Bars, Bdf, ConfigAccess, Ecam};
-
-use crate::acpi;
+use moat_pci::{probe_bars, regs, BarKind, Bars, Bdf, ConfigAccess};
 
 /// Configuration address port.
 pub const PORT_ADDRESS: u16 = 0xcf8;
@@ -21,47 +19,8 @@ const GUEST_COMMAND: u16 = 0x0001 | 0x0002 | 0x0004 | 0x0400;
 /// Status bit: capability list present.
 const STATUS_CAP_LIST: u32 = 1 << 20;
 
-/// Configuration access over the ECAM windows ACPI reported.
-#[derive(Clone, Copy)]
-pub struct Ecams {
-    windows: &'static [acpi::Ecam],
-}
-
-impl Ecams {
-    /// Over `windows` (already mapped uncached by PCI discovery).
-    pub fn new(windows: &'static [acpi::Ecam]) -> Self {
-        Ecams { windows }
-    }
-
-    fn address(&self, bdf: Bdf, offset: u16) -> Option<u64> {
-        self.windows.iter().find_map(|w| {
-            Ecam {
-                base: w.base,
-                segment: w.segment,
-                start_bus: w.bus_start,
-                end_bus: w.bus_end,
-            }
-            .address(bdf, offset & !3)
-        })
-    }
-}
-
-impl ConfigAccess for Ecams {
-    fn read32(&self, bdf: Bdf, offset: u16) -> u32 {
-        match self.address(bdf, offset) {
-            // SAFETY: an address inside an ECAM window from the MCFG, mapped uncached.
-            Some(a) => unsafe { core::ptr::read_volatile(a as *const u32) },
-            None => u32::MAX,
-        }
-    }
-
-    fn write32(&self, bdf: Bdf, offset: u16, value: u32) {
-        if let Some(a) = self.address(bdf, offset) {
-            // SAFETY: as in read32; a configuration write affects only that function.
-            unsafe { core::ptr::write_volatile(a as *mut u32, value) }
-        }
-    }
-}
+/// Configuration access over the ECAM windows ACPI reported (the PCI discovery accessor).
+pub type Ecams = crate::discovery::EcamAccess<'static>;
 
 /// Why a device cannot be assigned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
