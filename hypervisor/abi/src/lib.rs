@@ -199,6 +199,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod boot;
 pub mod dma;
 mod hypercall;
 mod le;

@@ -1,54 +1,31 @@
 //! The Moat guest ABI as this guest uses it: boot information, CPUID leaves, hypercalls.
 //!
-//! These numbers mirror `hypervisor/kernel/src/vm/{guest,hypercall}.rs` (ABI version 1).
+//! The numbers come from `moat-abi`, the hypervisor's own definition.
 
 use core::arch::asm;
 use core::sync::atomic::{AtomicBool, Ordering};
 
-/// `BootInfo::magic`.
-pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"MOATBOOT");
-
-/// What the hypervisor leaves at guest-physical 0x1000 (pointer in RDI at entry).
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct BootInfo {
-    /// [`BOOT_MAGIC`].
-    pub magic: u64,
-    /// Layout version.
-    pub version: u32,
-    /// vCPUs of this guest.
-    pub vcpus: u32,
-    /// RAM bytes at guest-physical 0.
-    pub mem_size: u64,
-    /// TSC frequency in kHz.
-    pub tsc_khz: u64,
-    /// Command line address.
-    pub cmdline_gpa: u64,
-    /// Command line length.
-    pub cmdline_len: u64,
-    /// Guest name, NUL padded.
-    pub name: [u8; 16],
-}
-const _: () = assert!(core::mem::size_of::<BootInfo>() == 64);
+pub use moat_abi::boot::{BootInfo, BOOT_MAGIC};
 
 /// Hypercall numbers.
 pub mod call {
+    use moat_abi::Call;
     /// ABI version in the value.
-    pub const VERSION: u64 = 0;
+    pub const VERSION: u64 = Call::Version.number();
     /// Console write (GPA, length).
-    pub const CONSOLE_WRITE: u64 = 1;
+    pub const CONSOLE_WRITE: u64 = Call::ConsoleWrite.number();
     /// Stop this vCPU with a code.
-    pub const EXIT: u64 = 2;
+    pub const EXIT: u64 = Call::Exit.number();
     /// Nothing.
-    pub const NOP: u64 = 3;
+    pub const NOP: u64 = Call::Nop.number();
 }
 
 /// Status: success.
-pub const OK: i64 = 0;
+pub const OK: i64 = moat_abi::Status::Ok.raw();
 /// Status: a guest address the guest does not own.
-pub const FAULT: i64 = -8;
+pub const FAULT: i64 = moat_abi::Status::Fault.raw();
 /// Status: unknown call.
-pub const UNSUPP: i64 = -9;
+pub const UNSUPP: i64 = moat_abi::Status::Unsupp.raw();
 
 static USE_VMCALL: AtomicBool = AtomicBool::new(false);
 

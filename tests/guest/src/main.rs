@@ -55,8 +55,10 @@ fn name(info: &BootInfo) -> &str {
 
 #[no_mangle]
 extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
-    // SAFETY: the hypervisor passes the address of the boot information page in RDI.
-    let info = unsafe { *info };
+    // SAFETY: the hypervisor passes the address of the 64-byte boot information in RDI,
+    // inside this guest's identity-mapped RAM.
+    let info =
+        BootInfo::from_bytes(unsafe { &*(info as *const [u8; moat_abi::boot::BOOT_INFO_SIZE]) });
     let (_, _, insn, _) = abi::cpuid(0x4000_0001);
     abi::select_instruction(insn);
     if info.magic != abi::BOOT_MAGIC {

@@ -47,31 +47,7 @@ pub const LOAD_MIN: u64 = 0x10_0000;
 pub const STACK_SIZE: u64 = 64 << 10;
 /// Partition alignment (2 MiB, so the second stage uses large pages).
 const PARTITION_ALIGN: u64 = 2 << 20;
-/// `BootInfo::magic`: "MOATBOOT".
-pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"MOATBOOT");
-
-/// What a guest finds at [`BOOT_INFO_GPA`].
-#[repr(C)]
-#[derive(Debug, Clone, Copy)]
-pub struct BootInfo {
-    /// [`BOOT_MAGIC`].
-    pub magic: u64,
-    /// Layout version (1).
-    pub version: u32,
-    /// Number of vCPUs.
-    pub vcpus: u32,
-    /// Bytes of RAM at guest-physical 0.
-    pub mem_size: u64,
-    /// TSC frequency in kHz (the guest's TSC is the host's).
-    pub tsc_khz: u64,
-    /// Guest-physical address of the command line.
-    pub cmdline_gpa: u64,
-    /// Its length in bytes.
-    pub cmdline_len: u64,
-    /// The guest's name, NUL padded.
-    pub name: [u8; 16],
-}
-const _: () = assert!(core::mem::size_of::<BootInfo>() == 64);
+pub use moat_abi::boot::{BootInfo, BOOT_MAGIC};
 
 /// Why a guest could not be created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -443,14 +419,7 @@ impl Guest {
             cmdline_len: cmd.len() as u64,
             name,
         };
-        // SAFETY: `BootInfo` is plain `repr(C)` integers; viewing it as bytes is sound.
-        let info_bytes = unsafe {
-            core::slice::from_raw_parts(
-                &info as *const BootInfo as *const u8,
-                core::mem::size_of::<BootInfo>(),
-            )
-        };
-        write(BOOT_INFO_GPA, info_bytes);
+        write(BOOT_INFO_GPA, &info.to_bytes());
 
         let mut cpus = Vec::new();
         for i in 0..vcpus {
