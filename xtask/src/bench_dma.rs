@@ -101,12 +101,12 @@ fn print_table(rows: &[Row]) {
     };
     println!("PV DMA map+unmap per operation (QEMU TCG, emulated; hypervisor phases in cycles per op; vs pass = cycles / passthrough at the same batch and size; vs strict1 = cycles / strict at batch 1)");
     println!(
-        "{:<12} {:>5} {:>6} {:>10} {:>11} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>10} {:>11}",
-        "policy", "batch", "bytes", "ns/op", "cycles/op", "inv/op", "waits/op", "exits/op", "validate", "iova_alloc", "pte", "inval", "iova_free", "vs pass", "vs strict1", ""
+        "{:<12} {:>5} {:>6} {:>10} {:>11} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>10}",
+        "policy", "batch", "bytes", "ns/op", "cycles/op", "inv/op", "waits/op", "exits/op", "exit", "validate", "iova_alloc", "pte", "inval", "iova_free", "vs pass", "vs strict1"
     );
     for r in rows {
         println!(
-            "{:<12} {:>5} {:>6} {:>10.0} {:>11.0} {:>8.3} {:>8.3} {:>8.3} {:>9.0} {:>9.0} {:>8.0} {:>8.0} {:>9.0} {:>7.2}x {:>9.3}x",
+            "{:<12} {:>5} {:>6} {:>10.0} {:>11.0} {:>8.3} {:>8.3} {:>8.3} {:>8.0} {:>9.0} {:>9.0} {:>8.0} {:>8.0} {:>9.0} {:>7.2}x {:>9.3}x",
             r.policy,
             r.batch,
             r.bytes,
@@ -115,6 +115,7 @@ fn print_table(rows: &[Row]) {
             r.get("invalidations_per_op"),
             r.get("waits_per_op"),
             r.get("exits_per_op"),
+            r.get("exit"),
             r.get("validate"),
             r.get("iova_alloc"),
             r.get("pte_write"),
@@ -131,7 +132,7 @@ fn write_json(rows: &[Row]) -> Result<()> {
     for (i, r) in rows.iter().enumerate() {
         let _ = writeln!(
             s,
-            "  {{\"policy\": \"{}\", \"batch\": {}, \"bytes\": {}, \"ns_per_op\": {:.1}, \"cycles_per_op\": {:.1}, \"invalidations_per_op\": {:.4}, \"waits_per_op\": {:.4}, \"exits_per_op\": {:.4}, \"phases\": {{\"validate\": {:.1}, \"iova_alloc\": {:.1}, \"pte_write\": {:.1}, \"invalidate\": {:.1}, \"iova_free\": {:.1}}}, \"emulated\": \"QEMU TCG\"}}{}",
+            "  {{\"policy\": \"{}\", \"batch\": {}, \"bytes\": {}, \"ns_per_op\": {:.1}, \"cycles_per_op\": {:.1}, \"invalidations_per_op\": {:.4}, \"waits_per_op\": {:.4}, \"exits_per_op\": {:.4}, \"phases\": {{\"exit\": {:.1}, \"validate\": {:.1}, \"iova_alloc\": {:.1}, \"pte_write\": {:.1}, \"invalidate\": {:.1}, \"iova_free\": {:.1}}}, \"emulated\": \"QEMU TCG\"}}{}",
             r.policy,
             r.batch,
             r.bytes,
@@ -140,6 +141,7 @@ fn write_json(rows: &[Row]) -> Result<()> {
             r.get("invalidations_per_op"),
             r.get("waits_per_op"),
             r.get("exits_per_op"),
+            r.get("exit"),
             r.get("validate"),
             r.get("iova_alloc"),
             r.get("pte_write"),

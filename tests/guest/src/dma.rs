@@ -629,7 +629,7 @@ pub fn bench(info: &BootInfo, ops_per_cell: u64) -> Outcome {
             let per = |a: u64, b: u64| (b - a) as f64 / ops as f64;
             let cycles = (t1 - t0) as f64 / ops as f64;
             println!(
-                "dma-bench policy={} batch={batch} bytes={bytes} ops={ops} ns_per_op={:.0} cycles_per_op={:.0} invalidations_per_op={:.4} waits_per_op={:.4} exits_per_op={:.4} validate={:.0} iova_alloc={:.0} pte_write={:.0} invalidate={:.0} iova_free={:.0}",
+                "dma-bench policy={} batch={batch} bytes={bytes} ops={ops} ns_per_op={:.0} cycles_per_op={:.0} invalidations_per_op={:.4} waits_per_op={:.4} exits_per_op={:.4} exit={:.0} validate={:.0} iova_alloc={:.0} pte_write={:.0} invalidate={:.0} iova_free={:.0}",
                 policy_name(policy),
                 cycles * 1_000_000.0 / khz as f64,
                 cycles,
@@ -637,6 +637,7 @@ pub fn bench(info: &BootInfo, ops_per_cell: u64) -> Outcome {
                 per(s0.waits, s1.waits),
                 // The closing STATS call counts itself.
                 (s1.exits - s0.exits - 1) as f64 / ops as f64,
+                per(s0.cycles_exit, s1.cycles_exit),
                 per(s0.cycles_validate, s1.cycles_validate),
                 per(s0.cycles_iova_alloc, s1.cycles_iova_alloc),
                 per(s0.cycles_pte_write, s1.cycles_pte_write),

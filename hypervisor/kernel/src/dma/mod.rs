@@ -89,6 +89,7 @@ struct Inner {
 /// Counters the hypercall layer keeps (the service keeps the rest).
 #[derive(Default)]
 struct CallCounters {
+    cycles_exit: AtomicU64,
     multicalls: AtomicU64,
     exits: AtomicU64,
     cycles_validate: AtomicU64,
@@ -657,7 +658,7 @@ impl GuestDma {
             waits: s.flushes,
             faults,
             exits: self.calls.exits.load(Ordering::Relaxed),
-            cycles_exit: 0,
+            cycles_exit: self.calls.cycles_exit.load(Ordering::Relaxed),
             cycles_validate: self.calls.cycles_validate.load(Ordering::Relaxed),
             cycles_iova_alloc: s.cycles[moat_dma::Phase::IovaAlloc as usize],
             cycles_pte_write: s.cycles[moat_dma::Phase::PteWrite as usize],
@@ -861,6 +862,13 @@ impl GuestDma {
             s.deferred_flushes,
             self.calls.exits.load(Ordering::Relaxed)
         );
+    }
+
+    /// Adds the hypervisor's exit/entry cycles of one DMA hypercall (from #VMEXIT to the
+    /// handler and from the handler back to VMRUN; the hardware world switch itself is not
+    /// visible from the hypervisor).
+    pub fn add_exit_cycles(&self, c: u64) {
+        self.calls.cycles_exit.fetch_add(c, Ordering::Relaxed);
     }
 
     /// Whether the vCPUs need the periodic timer (the deferred time bound must hold even when

@@ -589,6 +589,8 @@ impl Guest {
         }
         let mut stats = ExitStats::default();
         let mut handled_since = None;
+        // A DMA hypercall's exit/entry cycles: (#VMEXIT -> handler, handler end) until VMRUN.
+        let mut dma_exit: Option<(u64, u64)> = None;
         let reason = loop {
             if self.state.load(Ordering::SeqCst) == STATE_STOPPED {
                 break StopReason::WithGuest;
@@ -597,6 +599,9 @@ impl Guest {
                 stats.handler_cycles += crate::arch::x86::rdtsc().wrapping_sub(t);
             }
             let entered = crate::arch::x86::rdtsc();
+            if let (Some((pre, done)), Some(d)) = (dma_exit.take(), &self.dma) {
+                d.add_exit_cycles(pre + entered.wrapping_sub(done));
+            }
             let exit = vcpu.run();
             let exited = crate::arch::x86::rdtsc();
             stats.count(&exit, exited.wrapping_sub(entered));
@@ -606,7 +611,15 @@ impl Guest {
                 d.tick(index);
             }
             match exit {
-                Exit::Hypercall => match hypercall::dispatch(self, index, &mut vcpu) {
+                Exit::Hypercall => match {
+                    let is_dma = vcpu.reg(Reg::Rax) >= moat_abi::Call::DmaQuery.number();
+                    let t0 = crate::arch::x86::rdtsc();
+                    let outcome = hypercall::dispatch(self, index, &mut vcpu);
+                    if is_dma {
+                        dma_exit = Some((t0.wrapping_sub(exited), crate::arch::x86::rdtsc()));
+                    }
+                    outcome
+                } {
                     Outcome::Return => {
                         vcpu.complete_instruction();
                     }
