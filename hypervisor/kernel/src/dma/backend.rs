@@ -52,9 +52,14 @@ impl Iommu for VtdDomain {
         with_unit(self.unit, |u, m| {
             let mut g = dom.gather();
             dom.map(m, iova, hpa, len, access(a), &mut g)?;
-            // With caching mode (or write-buffer flushing) a new mapping needs a flush before
-            // the device may use it; otherwise this returns at once.
-            u.flush(m, &mut g).map(|_| ())
+            // With caching mode (not-present entries may be cached) or write-buffer flushing
+            // a new mapping needs a flush before the device may use it; otherwise nothing
+            // has to be invalidated for a not-present -> present change.
+            let cap = u.capability();
+            if cap.caching_mode() || cap.rwbf() {
+                u.flush(m, &mut g)?;
+            }
+            Ok(())
         })
         .ok_or(Error::Busy)?
         .map_err(vtd_error)
