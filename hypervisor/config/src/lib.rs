@@ -66,7 +66,7 @@ pub use options::{
     DmaPolicy, Dump, ExitAction, LogLevel, OptionSpec, SelfTest, GUEST_FIELDS, MAX_CPUS,
     MAX_GUESTS, MAX_GUEST_DEVICES, MAX_GUEST_NAME, OPTIONS,
 };
-pub use value::{Bdf, SizeDisplay, ValueKind};
+pub use value::{parse_bdf, Bdf, SizeDisplay, ValueKind, BDF_ZERO};
 
 use options::{lookup, Key};
 use value::Value;
@@ -172,7 +172,7 @@ impl GuestConfig {
             mem: Self::DEFAULT_MEM,
             cpus: 1,
             policy: DmaPolicy::Strict,
-            devices: [Bdf::ZERO; MAX_GUEST_DEVICES],
+            devices: [BDF_ZERO; MAX_GUEST_DEVICES],
             device_count: 0,
         }
     }
@@ -200,6 +200,8 @@ impl GuestConfig {
         let n = usize::from(self.device_count);
         if let Some(i) = self.devices[..n].iter().position(|d| *d == bdf) {
             self.devices.copy_within(i + 1..n, i);
+            // The vacated slot goes back to the filler, so equal configurations compare equal.
+            self.devices[n - 1] = BDF_ZERO;
             self.device_count -= 1;
         }
     }

@@ -93,7 +93,7 @@ impl ValueKind {
                 ((min..=max).contains(&v) && aligned).then_some(Value::Size(v))
             }
             ValueKind::Bool => parse_bool(text).map(Value::Bool),
-            ValueKind::Bdf => Bdf::parse(text).map(Value::Bdf),
+            ValueKind::Bdf => parse_bdf(text).map(Value::Bdf),
             ValueKind::Name { max_len } => {
                 let ok = !text.is_empty()
                     && text.len() <= max_len
@@ -249,100 +249,34 @@ impl fmt::Display for SizeDisplay {
     }
 }
 
-/// A PCI function address: segment (PCI domain), bus, device, function.
-///
-/// Parsed from `bus:device.function` or `segment:bus:device.function`, all hexadecimal
-/// (`00:05.0`, `0000:00:1f.3`). Displayed in the long form only when the segment is not 0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Bdf {
-    segment: u16,
-    bus: u8,
-    device: u8,
-    function: u8,
-}
+/// A PCI function address: `moat_pci::Bdf`, the one the hypervisor uses everywhere.
+pub use moat_pci::Bdf;
 
-impl Bdf {
-    /// `0000:00:00.0`.
-    pub const ZERO: Bdf = Bdf {
-        segment: 0,
-        bus: 0,
-        device: 0,
-        function: 0,
+/// `0000:00:00.0` (the filler of unused device slots).
+pub const BDF_ZERO: Bdf = match Bdf::new(0, 0, 0) {
+    Some(b) => b,
+    None => panic!("00:00.0 is a valid address"),
+};
+
+/// Parses `[segment:]bus:device.function` (hexadecimal, at most 4/2/2/1 digits).
+pub fn parse_bdf(text: &str) -> Option<Bdf> {
+    let (rest, function) = text.rsplit_once('.')?;
+    let mut parts = rest.rsplitn(3, ':');
+    let device = parts.next()?;
+    let bus = parts.next()?;
+    let segment = parts.next();
+    let field = |s: &str, max_digits: usize| -> Option<u64> {
+        if s.len() > max_digits {
+            return None;
+        }
+        parse_radix(s, 16)
     };
-
-    /// Builds an address; `None` when `device >= 32` or `function >= 8`.
-    pub const fn new(segment: u16, bus: u8, device: u8, function: u8) -> Option<Self> {
-        if device < 32 && function < 8 {
-            Some(Bdf {
-                segment,
-                bus,
-                device,
-                function,
-            })
-        } else {
-            None
-        }
-    }
-
-    /// PCI segment group (domain) number.
-    pub const fn segment(self) -> u16 {
-        self.segment
-    }
-
-    /// Bus number.
-    pub const fn bus(self) -> u8 {
-        self.bus
-    }
-
-    /// Device number (0..32).
-    pub const fn device(self) -> u8 {
-        self.device
-    }
-
-    /// Function number (0..8).
-    pub const fn function(self) -> u8 {
-        self.function
-    }
-
-    /// The 16-bit requester/source id `bus << 8 | device << 3 | function` used by VT-d context
-    /// tables and fault records.
-    pub const fn source_id(self) -> u16 {
-        (self.bus as u16) << 8 | (self.device as u16) << 3 | self.function as u16
-    }
-
-    /// Parses `[segment:]bus:device.function` (hexadecimal, at most 4/2/2/1 digits).
-    pub fn parse(text: &str) -> Option<Self> {
-        let (rest, function) = text.rsplit_once('.')?;
-        let mut parts = rest.rsplitn(3, ':');
-        let device = parts.next()?;
-        let bus = parts.next()?;
-        let segment = parts.next();
-        let field = |s: &str, max_digits: usize| -> Option<u64> {
-            if s.len() > max_digits {
-                return None;
-            }
-            parse_radix(s, 16)
-        };
-        let segment = match segment {
-            Some(s) => u16::try_from(field(s, 4)?).ok()?,
-            None => 0,
-        };
-        let bus = u8::try_from(field(bus, 2)?).ok()?;
-        let device = u8::try_from(field(device, 2)?).ok()?;
-        let function = u8::try_from(field(function, 1)?).ok()?;
-        Bdf::new(segment, bus, device, function)
-    }
-}
-
-impl fmt::Display for Bdf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.segment != 0 {
-            write!(f, "{:04x}:", self.segment)?;
-        }
-        write!(
-            f,
-            "{:02x}:{:02x}.{:x}",
-            self.bus, self.device, self.function
-        )
-    }
+    let segment = match segment {
+        Some(s) => u16::try_from(field(s, 4)?).ok()?,
+        None => 0,
+    };
+    let bus = u8::try_from(field(bus, 2)?).ok()?;
+    let device = u8::try_from(field(device, 2)?).ok()?;
+    let function = u8::try_from(field(function, 1)?).ok()?;
+    Bdf::with_segment(segment, bus, device, function)
 }

@@ -300,11 +300,7 @@ impl Guest {
         }
         // Devices first: nothing is allocated if one cannot be assigned.
         let mut devices = Vec::new();
-        for &d in config.devices() {
-            let Some(bdf) = Bdf::with_segment(d.segment(), d.bus(), d.device(), d.function())
-            else {
-                continue;
-            };
+        for &bdf in config.devices() {
             devices
                 .push(AssignedDevice::probe(&ecams, bdf).map_err(|e| GuestError::Device(bdf, e))?);
         }
@@ -611,20 +607,20 @@ impl Guest {
                 d.tick(index);
             }
             match exit {
-                Exit::Hypercall => match {
+                Exit::Hypercall => {
                     let is_dma = vcpu.reg(Reg::Rax) >= moat_abi::Call::DmaQuery.number();
                     let t0 = crate::arch::x86::rdtsc();
                     let outcome = hypercall::dispatch(self, index, &mut vcpu);
                     if is_dma {
                         dma_exit = Some((t0.wrapping_sub(exited), crate::arch::x86::rdtsc()));
                     }
-                    outcome
-                } {
-                    Outcome::Return => {
-                        vcpu.complete_instruction();
+                    match outcome {
+                        Outcome::Return => {
+                            vcpu.complete_instruction();
+                        }
+                        Outcome::Stop(r) => break r,
                     }
-                    Outcome::Stop(r) => break r,
-                },
+                }
                 Exit::Cpuid => {
                     hypercall::cpuid(self, &mut vcpu);
                     vcpu.complete_instruction();
