@@ -871,6 +871,9 @@ pub fn faults() -> Outcome {
         Call::DmaMap,
         [gpa(6), 4096, DmaFlags::READ.bits() as u64, 0, 0, 0],
     );
+    // A batch area may not overlap the fault ring.
+    let (overlap, _) = raw(Call::DmaBatchRegister, [gpa(6), 1, 0, 0, 0, 0]);
+    println!("dma-faults: batch area over the fault ring: {overlap:?}");
     match got {
         Some(r) => println!(
             "dma-faults: ring of {cap} records: {n} record(s), first for IOVA {:#x}: source {:#06x} (edu {sid:#06x}) direction {} reason {} seq {}; dropped {}; MAP of the ring page: {st:?}",
@@ -884,6 +887,7 @@ pub fn faults() -> Outcome {
         || r.direction != moat_abi::dma::Direction::Write as u8
         || r.reason == 0
         || st != Some(Status::Perm)
+        || overlap != Some(Status::Exist)
     {
         return Err("fault record fields wrong");
     }

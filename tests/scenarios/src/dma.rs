@@ -93,6 +93,7 @@ pub fn scenarios() -> Vec<Scenario> {
         Box::new(|log| {
             boot_complete(log)?;
             need_line(log, &["g0> dma-faults: ring of 126 records:", "source 0x0028 (edu 0x0028) direction 2 reason 5 seq 0; dropped 0; MAP of the ring page: Some(Perm)"])?;
+            need_line(log, &["g0> dma-faults: batch area over the fault ring: Some(Exist)"])?;
             need_line(log, &["g0> PASS dma-faults"])?;
             no_leak(log)
         }),

@@ -439,26 +439,9 @@ impl GuestDma {
                 None => Return::err(Status::Noent),
             };
         }
-        if gpa % PAGE != 0 {
-            return Return::err(Status::Inval);
-        }
-        if pages > wire::MAX_FAULT_RING_PAGES {
-            return Return::err(Status::Range);
-        }
-        let end = gpa + pages * PAGE;
-        if self.part.check(gpa, (pages * PAGE) as usize).is_err() {
-            return Return::err(Status::Fault);
-        }
-        if self
-            .batch
-            .iter()
-            .filter_map(|b| *b.lock())
-            .any(|(b, bp)| gpa < b + bp * PAGE && end > b)
-        {
-            return Return::err(Status::Exist);
-        }
-        if self.inner.lock().st.gpa_mapped(gpa, end) {
-            return Return::err(Status::Busy);
+        let others: Vec<(u64, u64)> = self.batch.iter().filter_map(|b| *b.lock()).collect();
+        if let Err(st) = self.check_area(gpa, pages, wire::MAX_FAULT_RING_PAGES, &others) {
+            return Return::err(st);
         }
         let capacity = wire::fault_ring_capacity(pages);
         if self
@@ -487,11 +470,6 @@ impl GuestDma {
         areas: &[(u64, u64)],
         req: Request,
     ) -> Result<EntryOutcome, Status> {
-        let mut cpu = self.cpus[vcpu % self.cpus.len()].lock();
-        let mut ivs = IovaHandle {
-            cpu: &mut cpu,
-            limit_pfn: self.limit_pfn,
-        };
         let ram = CallRam {
             part: &self.part,
             areas,
@@ -503,8 +481,8 @@ impl GuestDma {
                     read: flags.bits() & DmaFlags::READ.bits() != 0,
                     write: flags.bits() & DmaFlags::WRITE.bits() != 0,
                 };
-                let iova = st
-                    .map(dom, &mut ivs, &ram, &Tsc, gpa, length, a)
+                let iova = self
+                    .with_iovas(vcpu, |ivs| st.map(dom, ivs, &ram, &Tsc, gpa, length, a))
                     .map_err(status)?;
                 Ok(EntryOutcome {
                     status: Status::Ok,
@@ -517,7 +495,7 @@ impl GuestDma {
                 if iova < 0xFF00_0000 && iova.saturating_add(length) > 0xFEE0_0000 {
                     return Err(Status::Perm);
                 }
-                st.unmap(dom, &mut ivs, &ram, &Tsc, iova, length)
+                self.with_iovas(vcpu, |ivs| st.unmap(dom, ivs, &ram, &Tsc, iova, length))
                     .map_err(status)?;
                 Ok(EntryOutcome {
                     status: Status::Ok,
@@ -564,13 +542,8 @@ impl GuestDma {
                 }
                 let mut inner = self.inner.lock();
                 let before = inner.st.stats().invalidations;
-                let mut cpu = self.cpus[vcpu % self.cpus.len()].lock();
-                let mut ivs = IovaHandle {
-                    cpu: &mut cpu,
-                    limit_pfn: self.limit_pfn,
-                };
                 let Inner { st, dom } = &mut *inner;
-                match st.sync(dom, &mut ivs, &Tsc) {
+                match self.with_iovas(vcpu, |ivs| st.sync(dom, ivs, &Tsc)) {
                     Ok(()) => Return::ok(st.stats().invalidations - before),
                     Err(e) => Return::err(status(e)),
                 }
@@ -675,6 +648,44 @@ impl GuestDma {
         }
     }
 
+    /// Runs `f` with vCPU `vcpu`'s IOVA magazines (its own handle; uncontended).
+    fn with_iovas<R>(&self, vcpu: usize, f: impl FnOnce(&mut IovaHandle<'_>) -> R) -> R {
+        let mut cpu = self.cpus[vcpu % self.cpus.len()].lock();
+        f(&mut IovaHandle {
+            cpu: &mut cpu,
+            limit_pfn: self.limit_pfn,
+        })
+    }
+
+    /// The checks of every registration of guest pages (batch area, fault ring), in the
+    /// ABI's order: page aligned (INVAL), at most `max_pages` (RANGE), guest RAM (FAULT), no
+    /// overlap with the `others` registered areas (EXIST), no page mapped for DMA (BUSY).
+    fn check_area(
+        &self,
+        gpa: u64,
+        pages: u64,
+        max_pages: u64,
+        others: &[(u64, u64)],
+    ) -> Result<(), Status> {
+        if !gpa.is_multiple_of(PAGE) {
+            return Err(Status::Inval);
+        }
+        if pages > max_pages {
+            return Err(Status::Range);
+        }
+        let end = gpa + pages * PAGE;
+        self.part
+            .check(gpa, (pages * PAGE) as usize)
+            .map_err(|_| Status::Fault)?;
+        if others.iter().any(|&(o, op)| gpa < o + op * PAGE && end > o) {
+            return Err(Status::Exist);
+        }
+        if self.inner.lock().st.gpa_mapped(gpa, end) {
+            return Err(Status::Busy);
+        }
+        Ok(())
+    }
+
     fn batch_register(&self, vcpu: usize, a: &Args) -> Return {
         let (gpa, pages) = (a.0[0], a.0[1]);
         let slot = &self.batch[vcpu % self.batch.len()];
@@ -684,27 +695,14 @@ impl GuestDma {
                 None => Return::err(Status::Noent),
             };
         }
-        if gpa % PAGE != 0 {
-            return Return::err(Status::Inval);
-        }
-        if pages > wire::MAX_BATCH_PAGES {
-            return Return::err(Status::Range);
-        }
-        let end = pages * PAGE + gpa;
-        if self.part.check(gpa, (pages * PAGE) as usize).is_err() {
-            return Return::err(Status::Fault);
-        }
-        for (i, other) in self.batch.iter().enumerate() {
-            if i != vcpu % self.batch.len() {
-                if let Some((o, op)) = *other.lock() {
-                    if gpa < o + op * PAGE && end > o {
-                        return Return::err(Status::Exist);
-                    }
-                }
-            }
-        }
-        if self.inner.lock().st.gpa_mapped(gpa, end) {
-            return Return::err(Status::Busy);
+        let me = vcpu % self.batch.len();
+        let mut others: Vec<(u64, u64)> = (self.batch.iter().enumerate())
+            .filter(|&(i, _)| i != me)
+            .filter_map(|(_, b)| *b.lock())
+            .collect();
+        others.extend(self.ring.lock().as_ref().map(|r| (r.gpa, r.pages)));
+        if let Err(st) = self.check_area(gpa, pages, wire::MAX_BATCH_PAGES, &others) {
+            return Return::err(st);
         }
         *slot.lock() = Some((gpa, pages));
         Return::ok(wire::batch_capacity(pages, self.limits.max_batch) as u64)
@@ -800,13 +798,10 @@ impl GuestDma {
             }
             i += 1;
         }
-        let mut cpu = self.cpus[vcpu % self.cpus.len()].lock();
-        let mut ivs = IovaHandle {
-            cpu: &mut cpu,
-            limit_pfn: self.limit_pfn,
-        };
         let Inner { st, dom } = &mut *inner;
-        let unsynced = st.end_batch(dom, &mut ivs, &Tsc).is_err();
+        let unsynced = self
+            .with_iovas(vcpu, |ivs| st.end_batch(dom, ivs, &Tsc))
+            .is_err();
         MulticallReturn {
             status: result,
             cursor: i,
@@ -822,16 +817,9 @@ impl GuestDma {
     pub fn shutdown(&self, guest: &str) {
         let mut inner = self.inner.lock();
         let before = inner.st.counts(&inner.dom);
-        let mut cpu = self.cpus[0].lock();
-        let mut ivs = IovaHandle {
-            cpu: &mut cpu,
-            limit_pfn: self.limit_pfn,
-        };
         let Inner { st, dom } = &mut *inner;
-        let torn = st.teardown(dom, &mut ivs, &Tsc);
+        let torn = self.with_iovas(0, |ivs| st.teardown(dom, ivs, &Tsc));
         let after = st.counts(dom);
-        ivs.cpu.flush();
-        drop(cpu);
         // Every vCPU's magazines go back, so "live" counts only what is really held.
         for c in &self.cpus {
             c.lock().flush();
@@ -886,12 +874,7 @@ impl GuestDma {
         let Some(mut inner) = self.inner.try_lock() else {
             return;
         };
-        let mut cpu = self.cpus[vcpu % self.cpus.len()].lock();
-        let mut ivs = IovaHandle {
-            cpu: &mut cpu,
-            limit_pfn: self.limit_pfn,
-        };
         let Inner { st, dom } = &mut *inner;
-        st.tick(dom, &mut ivs, &Tsc);
+        self.with_iovas(vcpu, |ivs| st.tick(dom, ivs, &Tsc));
     }
 }
