@@ -24,6 +24,14 @@ pub const PAGE_SIZE: u64 = 4096;
 /// `log2(PAGE_SIZE)`.
 pub const PAGE_SHIFT: u32 = 12;
 
+/// The x86 MSI window `[0xfee0_0000, 0xfef0_0000)`: a device write there is an interrupt
+/// request, never a memory access. It is a [`RegionKind::Msi`] reserved region of every
+/// guest whose IOVA window reaches it: MAP never returns an IOVA inside it and UNMAP of a
+/// range that intersects it returns PERM.
+pub const MSI_WINDOW_START: u64 = 0xfee0_0000;
+/// End (exclusive) of the MSI window.
+pub const MSI_WINDOW_END: u64 = 0xfef0_0000;
+
 /// Whether `v` is a multiple of [`PAGE_SIZE`].
 #[inline]
 pub const fn is_page_aligned(v: u64) -> bool {

@@ -172,8 +172,8 @@ impl QueryHeader {
 pub enum RegionKind {
     /// IOVAs the hypervisor never hands out; device accesses there fault.
     Reserved = 1,
-    /// The MSI window (`0xfee0_0000..0xfef0_0000` on x86): device writes there are interrupt
-    /// requests, never memory accesses.
+    /// The MSI window ([`super::MSI_WINDOW_START`]`..`[`super::MSI_WINDOW_END`] on x86):
+    /// device writes there are interrupt requests, never memory accesses.
     Msi = 2,
     /// An RMRR: identity-mapped for a device because firmware requires it; never handed out,
     /// never unmappable (UNMAP there → PERM).

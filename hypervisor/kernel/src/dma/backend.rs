@@ -94,11 +94,30 @@ pub struct IovaHandle<'a> {
     pub cpu: &'a mut PerCpu<'static>,
     /// Exclusive end of the window the guest's devices can address, in pages.
     pub limit_pfn: u64,
+    /// Every vCPU's handle (this one's is locked by the caller): an exhausted allocation
+    /// empties the magazines of the vCPUs that are not in a DMA call right now.
+    pub all: &'a [spin::Mutex<PerCpu<'static>>],
 }
 
 impl IovaSource for IovaHandle<'_> {
     fn alloc(&mut self, pages: u64) -> Option<u64> {
         let order = order_for_pages(pages)?;
+        if let Ok(iova) = self.cpu.alloc(order, self.limit_pfn) {
+            return iova.addr();
+        }
+        // The allocator's own exhaustion path drained the depot, this vCPU's magazines and
+        // asked the others to drain; a vCPU that makes no DMA call never answers that
+        // request, so its magazines are emptied here (its handle is free between calls).
+        let mut reclaimed = 0;
+        for other in self.all {
+            if let Some(mut c) = other.try_lock() {
+                reclaimed += c.cached();
+                c.flush();
+            }
+        }
+        if reclaimed == 0 {
+            return None;
+        }
         self.cpu.alloc(order, self.limit_pfn).ok()?.addr()
     }
 
@@ -122,8 +141,8 @@ pub struct Partition {
     pub size: u64,
 }
 
-/// The local APIC MSI window: never a DMA target.
-const MSI_WINDOW: core::ops::Range<u64> = 0xFEE0_0000..0xFF00_0000;
+/// The MSI window (moat-abi's): never a DMA target.
+const MSI_WINDOW: core::ops::Range<u64> = moat_abi::dma::MSI_WINDOW_START..moat_abi::dma::MSI_WINDOW_END;
 
 impl GuestRam for Partition {
     fn size(&self) -> u64 {

@@ -104,6 +104,9 @@ pub struct GuestDma {
     iova: &'static IovaAllocator,
     cpus: Vec<Mutex<PerCpu<'static>>>,
     limit_pfn: u64,
+    /// The reserved IOVA regions QUERY reports (the MSI window when the IOVA window reaches
+    /// it, the devices' RMRRs): never handed out by MAP, UNMAP there is PERM.
+    regions: Vec<wire::ReservedRegion>,
     part: Partition,
     batch: Vec<Mutex<Option<(u64, u64)>>>,
     calls: CallCounters,
@@ -200,21 +203,29 @@ impl Partition {
         Ok(self.base + gpa)
     }
 
-    /// Copies guest memory into `buf` (hypervisor memory).
+    /// Copies guest memory into `buf` (hypervisor memory). The guest's other vCPUs and its
+    /// devices may write these bytes at the same time: every byte is read exactly once with a
+    /// volatile load, so the copy is what the checks see (no time-of-check/time-of-use) and
+    /// the compiler may not re-read guest memory.
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Status> {
         let hpa = self.check(gpa, buf.len())?;
-        // SAFETY: [hpa, hpa+len) lies inside the guest's partition (checked), which is
-        // identity-mapped RAM the hypervisor owns for the guest's lifetime.
-        unsafe { core::ptr::copy_nonoverlapping(hpa as *const u8, buf.as_mut_ptr(), buf.len()) };
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: [hpa, hpa+len) lies inside the guest's partition (checked), which is
+            // identity-mapped RAM the hypervisor owns for the guest's lifetime; a byte load
+            // cannot tear.
+            *b = unsafe { core::ptr::read_volatile((hpa as *const u8).add(i)) };
+        }
         Ok(())
     }
 
-    /// Writes `bytes` into guest memory.
+    /// Writes `bytes` into guest memory (volatile stores: the guest may read them meanwhile).
     fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), Status> {
         let hpa = self.check(gpa, bytes.len())?;
-        // SAFETY: as in `read`; the guest owns these bytes and expects the hypervisor to
-        // write them (a reply buffer or a batch entry).
-        unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), hpa as *mut u8, bytes.len()) };
+        for (i, &b) in bytes.iter().enumerate() {
+            // SAFETY: as in `read`; the guest owns these bytes and expects the hypervisor to
+            // write them (a reply buffer or a batch entry's output fields).
+            unsafe { core::ptr::write_volatile((hpa as *mut u8).add(i), b) };
+        }
         Ok(())
     }
 }
@@ -253,8 +264,33 @@ impl GuestDma {
                 }
             }
         }
+        let mut regions = Vec::new();
+        if wire::MSI_WINDOW_START < limit_pfn * PAGE {
+            regions.push(wire::ReservedRegion {
+                start: wire::MSI_WINDOW_START,
+                length: wire::MSI_WINDOW_END - wire::MSI_WINDOW_START,
+                kind: wire::RegionKind::Msi as u32,
+                reserved: 0,
+            });
+        }
+        for &(b, _, _) in devices {
+            for (base, end) in crate::iommu::rmrrs_for(b) {
+                regions.push(wire::ReservedRegion {
+                    start: base,
+                    length: end - base,
+                    kind: wire::RegionKind::Identity as u32,
+                    reserved: 0,
+                });
+            }
+        }
+        // Enough tracked ranges for every mapping the quota allows plus what the vCPUs'
+        // magazines may cache; strict misuse checking, as the allocator's documentation asks
+        // of the hypervisor (a double or foreign free is refused, never absorbed).
+        let svc = Limits::DEFAULT;
         let iova = IovaAllocator::new(
-            moat_iova::Config::new(IOVA_BASE_PFN, limit_pfn, vcpus.max(1)).with_max_ranges(8192),
+            moat_iova::Config::new(IOVA_BASE_PFN, limit_pfn, vcpus.max(1))
+                .with_max_ranges(svc.max_mappings + 4096 * vcpus.max(1))
+                .with_strict(true),
         )
         .map_err(SetupError::Iova)?;
         let iova: &'static IovaAllocator = alloc::boxed::Box::leak(alloc::boxed::Box::new(iova));
@@ -302,7 +338,6 @@ impl GuestDma {
         })
         .ok_or(SetupError::NoUnit(first))?
         .map_err(SetupError::Vtd)?;
-        let svc = Limits::DEFAULT;
         let baseline_tables = domain.tables().table_pages();
         let did = domain.id();
         Ok(Some(GuestDma {
@@ -320,6 +355,7 @@ impl GuestDma {
             iova,
             cpus,
             limit_pfn,
+            regions,
             part: Partition {
                 base: hpa,
                 size: mem,
@@ -434,13 +470,17 @@ impl GuestDma {
             });
         }
         if pages == 0 {
+            let _inner = self.inner.lock();
             return match self.ring.lock().take() {
                 Some(_) => Return::ok(0),
                 None => Return::err(Status::Noent),
             };
         }
+        // Checks and publication under the guest's lock (see `check_area`).
+        let inner = self.inner.lock();
         let others: Vec<(u64, u64)> = self.batch.iter().filter_map(|b| *b.lock()).collect();
-        if let Err(st) = self.check_area(gpa, pages, wire::MAX_FAULT_RING_PAGES, &others) {
+        if let Err(st) = self.check_area(&inner, gpa, pages, wire::MAX_FAULT_RING_PAGES, &others)
+        {
             return Return::err(st);
         }
         let capacity = wire::fault_ring_capacity(pages);
@@ -459,6 +499,7 @@ impl GuestDma {
             seq: 0,
             dropped: 0,
         });
+        drop(inner);
         Return::ok(capacity as u64)
     }
 
@@ -491,8 +532,8 @@ impl GuestDma {
                 })
             }
             Request::Unmap { iova, length } => {
-                // U1: reserved IOVA ranges (the MSI window; RMRRs live outside the window).
-                if iova < 0xFF00_0000 && iova.saturating_add(length) > 0xFEE0_0000 {
+                // U1: reserved IOVA regions (the MSI window, RMRRs), as QUERY reports them.
+                if self.regions.iter().any(|r| r.intersects(iova, length)) {
                     return Err(Status::Perm);
                 }
                 self.with_iovas(vcpu, |ivs| st.unmap(dom, ivs, &ram, &Tsc, iova, length))
@@ -526,8 +567,11 @@ impl GuestDma {
                     Ok(r) => r,
                     Err(s) => return Return::err(s),
                 };
-                let areas = self.areas();
+                // The registered areas are read under the guest's lock, which every
+                // registration holds from its checks to its publication: a page cannot be
+                // registered and mapped for the device at once.
                 let mut inner = self.inner.lock();
+                let areas = self.areas();
                 let r = self.run(&mut inner, vcpu, &areas, req);
                 match r {
                     Ok(o) => Return::ok(o.iova.unwrap_or(o.done)),
@@ -571,7 +615,9 @@ impl GuestDma {
                 } else {
                     0
                 },
-            max_mappings: self.svc.max_mappings as u32,
+            // What can really be live at once: the quota, or every page of the IOVA window
+            // outside the reserved regions when that is fewer.
+            max_mappings: self.max_mappings() as u32,
             max_pt_pages: self.svc.max_table_pages as u32,
             deferred_max_entries: if self.policy == Policy::Deferred {
                 self.svc.deferred_entries as u32
@@ -583,22 +629,46 @@ impl GuestDma {
             } else {
                 0
             },
-            nr_regions: 0,
+            nr_regions: self.regions.len() as u32,
             regions_written: 0,
             max_batch_pages: wire::MAX_BATCH_PAGES as u32,
             max_map_pages: self.limits.max_map_pages,
         };
-        let need = wire::QUERY_HEADER_SIZE as u64;
+        let need = QueryHeader::full_size(self.regions.len() as u32);
         if gpa % 8 != 0 {
             return Return::err(Status::Inval);
         }
-        if len < need {
+        if len < wire::QUERY_HEADER_SIZE as u64 {
             return Return::new(Status::Range, [need, 0, 0]);
         }
-        match self.part.write(gpa, &header.to_bytes()) {
+        let fit = (QueryHeader::regions_fitting(len) as usize).min(self.regions.len());
+        let header = QueryHeader {
+            regions_written: fit as u32,
+            ..header
+        };
+        let mut out = Vec::with_capacity(wire::QUERY_HEADER_SIZE + fit * wire::REGION_SIZE);
+        out.extend_from_slice(&header.to_bytes());
+        for r in &self.regions[..fit] {
+            out.extend_from_slice(&r.to_bytes());
+        }
+        match self.part.write(gpa, &out) {
             Ok(()) => Return::ok(need),
             Err(s) => Return::err(s),
         }
+    }
+
+    /// Live mappings the guest can really hold at once: the quota, or the pages of its IOVA
+    /// window outside the reserved regions when that is fewer.
+    fn max_mappings(&self) -> u64 {
+        let (lo, hi) = (IOVA_BASE_PFN * PAGE, self.limit_pfn * PAGE);
+        let reserved: u64 = (self.regions.iter())
+            .map(|r| {
+                let (s, e) = (r.start.max(lo), r.start.saturating_add(r.length).min(hi));
+                e.saturating_sub(s) / PAGE
+            })
+            .sum();
+        let window = (self.limit_pfn - IOVA_BASE_PFN).saturating_sub(reserved);
+        (self.svc.max_mappings as u64).min(window)
     }
 
     fn stats(&self, a: &Args) -> Return {
@@ -651,17 +721,25 @@ impl GuestDma {
     /// Runs `f` with vCPU `vcpu`'s IOVA magazines (its own handle; uncontended).
     fn with_iovas<R>(&self, vcpu: usize, f: impl FnOnce(&mut IovaHandle<'_>) -> R) -> R {
         let mut cpu = self.cpus[vcpu % self.cpus.len()].lock();
+        // Answer another vCPU's drain request, if any (one load otherwise).
+        cpu.poll();
         f(&mut IovaHandle {
             cpu: &mut cpu,
             limit_pfn: self.limit_pfn,
+            all: &self.cpus,
         })
     }
 
     /// The checks of every registration of guest pages (batch area, fault ring), in the
     /// ABI's order: page aligned (INVAL), at most `max_pages` (RANGE), guest RAM (FAULT), no
-    /// overlap with the `others` registered areas (EXIST), no page mapped for DMA (BUSY).
+    /// overlap with the `others` registered areas (EXIST), no page mapped for DMA or still
+    /// waiting for the invalidation of its unmap (BUSY).
+    ///
+    /// The caller holds the guest's lock (`inner`) from these checks until it has published
+    /// the area, so no MAP and no other registration can slip in between.
     fn check_area(
         &self,
+        inner: &Inner,
         gpa: u64,
         pages: u64,
         max_pages: u64,
@@ -673,14 +751,17 @@ impl GuestDma {
         if pages > max_pages {
             return Err(Status::Range);
         }
-        let end = gpa + pages * PAGE;
-        self.part
-            .check(gpa, (pages * PAGE) as usize)
-            .map_err(|_| Status::Fault)?;
-        if others.iter().any(|&(o, op)| gpa < o + op * PAGE && end > o) {
+        // `pages <= max_pages` keeps the length small; the end may still overflow.
+        let len = pages * PAGE;
+        let end = gpa.checked_add(len).ok_or(Status::Fault)?;
+        self.part.check(gpa, len as usize).map_err(|_| Status::Fault)?;
+        if others
+            .iter()
+            .any(|&(o, op)| gpa < o.saturating_add(op * PAGE) && end > o)
+        {
             return Err(Status::Exist);
         }
-        if self.inner.lock().st.gpa_mapped(gpa, end) {
+        if inner.st.gpa_mapped(gpa, end) { // MERGE: gpa_busy
             return Err(Status::Busy);
         }
         Ok(())
@@ -690,36 +771,32 @@ impl GuestDma {
         let (gpa, pages) = (a.0[0], a.0[1]);
         let slot = &self.batch[vcpu % self.batch.len()];
         if pages == 0 {
+            let _inner = self.inner.lock();
             return match slot.lock().take() {
                 Some(_) => Return::ok(0),
                 None => Return::err(Status::Noent),
             };
         }
         let me = vcpu % self.batch.len();
+        // Checks and publication under the guest's lock (see `check_area`).
+        let inner = self.inner.lock();
         let mut others: Vec<(u64, u64)> = (self.batch.iter().enumerate())
             .filter(|&(i, _)| i != me)
             .filter_map(|(_, b)| *b.lock())
             .collect();
         others.extend(self.ring.lock().as_ref().map(|r| (r.gpa, r.pages)));
-        if let Err(st) = self.check_area(gpa, pages, wire::MAX_BATCH_PAGES, &others) {
+        if let Err(st) = self.check_area(&inner, gpa, pages, wire::MAX_BATCH_PAGES, &others) {
             return Return::err(st);
         }
         *slot.lock() = Some((gpa, pages));
+        drop(inner);
         Return::ok(wire::batch_capacity(pages, self.limits.max_batch) as u64)
     }
 
     fn multicall(&self, vcpu: usize, a: &Args) -> Return {
         let (cursor, rsi) = (a.0[0], a.0[1]);
-        let reject = |s: Status| {
-            MulticallReturn {
-                status: s,
-                cursor: cursor.min(u32::MAX as u64) as u32,
-                completed: 0,
-                stop: MulticallStop::Rejected,
-                unsynced: false,
-            }
-            .to_return()
-        };
+        // Refused before any entry ran: RDX is the cursor passed in, all 64 bits of it.
+        let reject = |s: Status| Return::new(s, [cursor, 0, MulticallStop::Rejected as u64]);
         let Some((area, pages)) = *self.batch[vcpu % self.batch.len()].lock() else {
             return reject(Status::Noent);
         };
@@ -741,9 +818,10 @@ impl GuestDma {
         self.calls
             .cycles_validate
             .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
-        let areas = self.areas();
         let deadline = tsc::deadline_us(MULTICALL_BUDGET_US);
         let mut inner = self.inner.lock();
+        // Under the guest's lock, like every registration (see DMA_MAP).
+        let areas = self.areas();
         inner.st.begin_batch();
         let mut i = info.cursor;
         let mut stop = MulticallStop::Done;
@@ -816,8 +894,28 @@ impl GuestDma {
     /// (flushing), and reports again: the leak check of every guest scenario.
     pub fn shutdown(&self, guest: &str) {
         let mut inner = self.inner.lock();
-        let before = inner.st.counts(&inner.dom);
+        // First of all the devices: detached from the domain (context entries cleared, the
+        // context cache and the domain's IOTLB entries invalidated), so nothing they still
+        // have in flight reaches the stopped guest's memory, whatever its policy.
         let Inner { st, dom } = &mut *inner;
+        let (unit, domain) = (dom.unit, &mut dom.domain);
+        let blocked = with_unit(unit, |u, m| {
+            self.sources
+                .iter()
+                .map(|&s| (s, u.detach(m, domain, s)))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+        for (s, r) in &blocked {
+            match r {
+                Ok(()) => log::info!(
+                    "guest {guest}: device {s} blocked (detached from VT-d domain {})",
+                    self.did
+                ),
+                Err(e) => log::error!("guest {guest}: device {s} could NOT be detached: {e}"),
+            }
+        }
+        let before = st.counts(dom);
         let torn = self.with_iovas(0, |ivs| st.teardown(dom, ivs, &Tsc));
         let after = st.counts(dom);
         // Every vCPU's magazines go back, so "live" counts only what is really held.
@@ -852,6 +950,28 @@ impl GuestDma {
         );
     }
 
+    /// After the guest stopped (its devices detached at [`Self::shutdown`]): logs every fault
+    /// its devices caused since, i.e. DMA they still had in flight that the IOMMU blocked.
+    /// Returns how many.
+    pub fn report_faults_after_stop(&self, guest: &str) -> usize {
+        while crate::iommu::poll_faults(64) > 0 {}
+        let (unit, sources) = (self.unit, &self.sources);
+        let events =
+            crate::iommu::take_faults_if(|e| e.unit == unit && sources.contains(&e.record.source))
+                .unwrap_or_default();
+        for ev in &events {
+            log::info!(
+                "vtd: fault after guest stop: unit {:#x} source {} ({guest}) {:?} at {:#x}, reason {}",
+                ev.unit,
+                ev.record.source,
+                ev.record.access,
+                ev.record.address,
+                ev.record.reason.code()
+            );
+        }
+        events.len()
+    }
+
     /// Adds the hypervisor's exit/entry cycles of one DMA hypercall (from #VMEXIT to the
     /// handler and from the handler back to VMRUN; the hardware world switch itself is not
     /// visible from the hypervisor).
@@ -868,6 +988,10 @@ impl GuestDma {
     /// The deferred time bound, checked on the guest's exits.
     pub fn tick(&self, vcpu: usize) {
         self.deliver_faults();
+        // Answer another vCPU's IOVA drain request (one load when there is none).
+        if let Some(mut c) = self.cpus[vcpu % self.cpus.len()].try_lock() {
+            c.poll();
+        }
         if self.policy != Policy::Deferred {
             return;
         }

@@ -205,6 +205,13 @@ pub fn run(boot: &BootInfo, config: &Config, platform: &Platform) {
         guests.len(),
         configs.len()
     );
+    // DMA the stopped guests' devices still had in flight: blocked (they were detached at
+    // stop); report what the IOMMU recorded.
+    for g in &guests {
+        if let Some(d) = g.dma() {
+            d.report_faults_after_stop(g.name());
+        }
+    }
     for g in guests {
         match g.outcome() {
             Some(r) => log::info!("vm: guest {}: {r}", g.name()),
