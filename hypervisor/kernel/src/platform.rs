@@ -8,7 +8,7 @@ use crate::exit::{self, ExitCode};
 use crate::mm::{self, frames, frames::Reservation, space, PAGE_SIZE};
 
 /// Heap size carved from physical memory at boot.
-const HEAP_SIZE: u64 = 8 << 20;
+const HEAP_SIZE: u64 = 16 << 20;
 
 fn level_filter(l: LogLevel) -> log::LevelFilter {
     match l {

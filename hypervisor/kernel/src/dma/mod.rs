@@ -47,6 +47,11 @@ pub const MAX_BATCH: u32 = 1024;
 /// under QEMU's emulator one entry costs tens of microseconds; on hardware a 1024-entry batch
 /// takes well under a millisecond.
 const MULTICALL_BUDGET_US: u64 = 20_000;
+/// Quota of live mappings per guest (QUERY's `max_mappings`, or fewer when the IOVA window
+/// is smaller).
+const MAX_MAPPINGS: usize = 16384;
+/// Ranges the IOVA allocator tracks per vCPU beyond the quota, for its magazines and depot.
+const IOVA_CACHE_RANGES_PER_VCPU: usize = 4096;
 /// IOVAs start at 1 MiB (page 0 and the low MiB are never handed out).
 const IOVA_BASE_PFN: u64 = 0x100;
 
@@ -283,13 +288,17 @@ impl GuestDma {
                 });
             }
         }
-        // Enough tracked ranges for every mapping the quota allows plus what the vCPUs'
-        // magazines may cache; strict misuse checking, as the allocator's documentation asks
-        // of the hypervisor (a double or foreign free is refused, never absorbed).
-        let svc = Limits::DEFAULT;
+        // The allocator tracks every range it hands out or caches (about 100 bytes each, from
+        // the heap): room for every mapping the quota allows plus what the magazines may
+        // cache. Strict misuse checking, as the allocator's documentation asks of the
+        // hypervisor (a double or foreign free is refused, never absorbed).
+        let svc = Limits {
+            max_mappings: MAX_MAPPINGS,
+            ..Limits::DEFAULT
+        };
         let iova = IovaAllocator::new(
             moat_iova::Config::new(IOVA_BASE_PFN, limit_pfn, vcpus.max(1))
-                .with_max_ranges(svc.max_mappings + 4096 * vcpus.max(1))
+                .with_max_ranges(MAX_MAPPINGS + IOVA_CACHE_RANGES_PER_VCPU * vcpus.max(1))
                 .with_strict(true),
         )
         .map_err(SetupError::Iova)?;
