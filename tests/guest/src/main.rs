@@ -13,6 +13,7 @@
 #![no_main]
 
 mod abi;
+mod capacity;
 mod dma;
 mod idt;
 mod pci;
@@ -82,6 +83,10 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             }
             abi::exit(0);
         }
+        if vcpu == 1 && line.split_ascii_whitespace().any(|w| w == "dma-capacity") {
+            capacity::worker();
+            abi::exit(0);
+        }
         if vcpu == 1 && line.split_ascii_whitespace().any(|w| w == "dma-race") {
             dma::race_scribbler();
             abi::exit(0);
@@ -127,6 +132,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "dma-smp" => dma::smp(&info, arg.unwrap_or(100)),
             "dma-faults" => dma::faults(),
             "dma-race" => dma::race(),
+            "dma-capacity" => capacity::run(&info),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {

@@ -210,7 +210,46 @@ pub fn scenarios() -> Vec<Scenario> {
         cmdline: "g0 dma-smp=100".into(),
     }];
     v.push(s);
+
+    let mut s = scenario(
+        "dma-capacity",
+        "the guest holds exactly the mappings QUERY promises (then NOMEM), although its other vCPU's magazines cache IOVAs and it makes no call",
+        Machine::default(),
+        "guest=name=g0,mem=112M,cpus=2,dev=00:05.0,policy=batched",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(log, &["g0> dma-capacity: vCPU 1 mapped and unmapped 2000 pages; now idle"])?;
+            let line = log
+                .lines()
+                .find(|l| l.contains("g0> dma-capacity: QUERY max_mappings"))
+                .ok_or("no dma-capacity result line")?;
+            let promised: u64 = number_after(line, "max_mappings ").ok_or("no max_mappings")?;
+            let mapped: u64 = number_after(line, "mapped ").ok_or("no mapped count")?;
+            if promised == 0 || mapped != promised {
+                return Err(format!("mapped {mapped} of the {promised} promised: {line}"));
+            }
+            need_line(log, &["g0> dma-capacity:", "(1 NOMEM, 0 other error(s)), 0 IOVA(s) twice; unmapped with 0 failure(s); live mappings after: 0"])?;
+            need_line(log, &["g0> PASS dma-capacity"])?;
+            no_leak(log)
+        }),
+    );
+    s.modules = vec![BootModule {
+        file: TEST_GUEST,
+        cmdline: "g0 dma-capacity".into(),
+    }];
+    v.push(s);
     v
+}
+
+/// The decimal number right after `key` in `line`.
+fn number_after(line: &str, key: &str) -> Option<u64> {
+    let i = line.find(key)? + key.len();
+    line[i..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn capitalise(p: &str) -> String {

@@ -142,7 +142,8 @@ pub struct Partition {
 }
 
 /// The MSI window (moat-abi's): never a DMA target.
-const MSI_WINDOW: core::ops::Range<u64> = moat_abi::dma::MSI_WINDOW_START..moat_abi::dma::MSI_WINDOW_END;
+const MSI_WINDOW: core::ops::Range<u64> =
+    moat_abi::dma::MSI_WINDOW_START..moat_abi::dma::MSI_WINDOW_END;
 
 impl GuestRam for Partition {
     fn size(&self) -> u64 {

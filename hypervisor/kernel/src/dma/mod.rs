@@ -488,8 +488,7 @@ impl GuestDma {
         // Checks and publication under the guest's lock (see `check_area`).
         let inner = self.inner.lock();
         let others: Vec<(u64, u64)> = self.batch.iter().filter_map(|b| *b.lock()).collect();
-        if let Err(st) = self.check_area(&inner, gpa, pages, wire::MAX_FAULT_RING_PAGES, &others)
-        {
+        if let Err(st) = self.check_area(&inner, gpa, pages, wire::MAX_FAULT_RING_PAGES, &others) {
             return Return::err(st);
         }
         let capacity = wire::fault_ring_capacity(pages);
@@ -763,14 +762,17 @@ impl GuestDma {
         // `pages <= max_pages` keeps the length small; the end may still overflow.
         let len = pages * PAGE;
         let end = gpa.checked_add(len).ok_or(Status::Fault)?;
-        self.part.check(gpa, len as usize).map_err(|_| Status::Fault)?;
+        self.part
+            .check(gpa, len as usize)
+            .map_err(|_| Status::Fault)?;
         if others
             .iter()
             .any(|&(o, op)| gpa < o.saturating_add(op * PAGE) && end > o)
         {
             return Err(Status::Exist);
         }
-        if inner.st.gpa_mapped(gpa, end) { // MERGE: gpa_busy
+        if inner.st.gpa_mapped(gpa, end) {
+            // MERGE: gpa_busy
             return Err(Status::Busy);
         }
         Ok(())
