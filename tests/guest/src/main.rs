@@ -17,6 +17,7 @@ mod capacity;
 mod dma;
 mod idt;
 mod pci;
+mod race;
 
 use abi::{call, hypercall, BootInfo};
 
@@ -83,6 +84,14 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             }
             abi::exit(0);
         }
+        if vcpu == 1
+            && line
+                .split_ascii_whitespace()
+                .any(|w| w == "dma-register-race")
+        {
+            race::worker();
+            abi::exit(0);
+        }
         if vcpu == 1 && line.split_ascii_whitespace().any(|w| w == "dma-capacity") {
             capacity::worker();
             abi::exit(0);
@@ -133,6 +142,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "dma-faults" => dma::faults(),
             "dma-race" => dma::race(),
             "dma-capacity" => capacity::run(&info),
+            "dma-register-race" => race::run(&info),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {

@@ -239,6 +239,31 @@ pub fn scenarios() -> Vec<Scenario> {
         cmdline: "g0 dma-capacity".into(),
     }];
     v.push(s);
+
+    let mut s = scenario(
+        "dma-register-race",
+        "two vCPUs race BATCH_REGISTER, FAULT_RING_REGISTER and MAP of the same page: never do both succeed",
+        Machine::default(),
+        "guest=name=g0,mem=64M,cpus=2,dev=00:05.0,policy=strict",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            for what in [
+                "BATCH_REGISTER vs BATCH_REGISTER",
+                "BATCH_REGISTER vs FAULT_RING_REGISTER",
+                "BATCH_REGISTER vs MAP",
+            ] {
+                need_line(log, &[&format!("g0> dma-register-race: {what}:"), "both succeeded 0 time(s)"])?;
+            }
+            need_line(log, &["g0> PASS dma-register-race"])?;
+            no_leak(log)
+        }),
+    );
+    s.modules = vec![BootModule {
+        file: TEST_GUEST,
+        cmdline: "g0 dma-register-race".into(),
+    }];
+    v.push(s);
     v
 }
 
