@@ -17,7 +17,7 @@ use moat_abi::dma::{
     QueryHeader, Request, BATCH_HEADER_SIZE, ENTRY_SIZE,
 };
 use moat_abi::{Args, Call, Return, Status};
-use moat_dma::{Access, DmaState, Limits, Policy};
+use moat_dma::{Access, DmaState, Limits, Policy, Unmapped};
 use moat_iova::{IovaAllocator, PerCpu};
 use moat_pci::Bdf;
 use moat_vtd::{Access as VtdAccess, SourceId};
@@ -462,13 +462,15 @@ impl GuestDma {
         Return::ok(capacity as u64)
     }
 
-    /// Runs one validated request on the calling vCPU.
+    /// Runs one validated request on the calling vCPU (`single`: a DMA_MAP/DMA_UNMAP call,
+    /// else a MULTICALL entry).
     fn run(
         &self,
         inner: &mut Inner,
         vcpu: usize,
         areas: &[(u64, u64)],
         req: Request,
+        single: bool,
     ) -> Result<EntryOutcome, Status> {
         let ram = CallRam {
             part: &self.part,
@@ -495,8 +497,15 @@ impl GuestDma {
                 if iova < 0xFF00_0000 && iova.saturating_add(length) > 0xFEE0_0000 {
                     return Err(Status::Perm);
                 }
-                self.with_iovas(vcpu, |ivs| st.unmap(dom, ivs, &ram, &Tsc, iova, length))
+                let u = self
+                    .with_iovas(vcpu, |ivs| st.unmap(dom, ivs, &ram, &Tsc, iova, length))
                     .map_err(status)?;
+                // Took effect but the invalidation was not confirmed (U4): BUSY for a single
+                // UNMAP; inside a MULTICALL the entry is OK and `end_batch` reports the call
+                // unsynced.
+                if single && u == Unmapped::Unsynced {
+                    return Err(Status::Busy);
+                }
                 Ok(EntryOutcome {
                     status: Status::Ok,
                     done: length,
@@ -528,7 +537,7 @@ impl GuestDma {
                 };
                 let areas = self.areas();
                 let mut inner = self.inner.lock();
-                let r = self.run(&mut inner, vcpu, &areas, req);
+                let r = self.run(&mut inner, vcpu, &areas, req, true);
                 match r {
                     Ok(o) => Return::ok(o.iova.unwrap_or(o.done)),
                     Err(s) => Return::err(s),
@@ -766,7 +775,10 @@ impl GuestDma {
                     self.calls
                         .cycles_validate
                         .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
-                    v.and_then(|req| self.run(&mut inner, vcpu, &areas, req).map(|o| (e, o)))
+                    v.and_then(|req| {
+                        self.run(&mut inner, vcpu, &areas, req, false)
+                            .map(|o| (e, o))
+                    })
                 }
             };
             // Only the output fields are written back (status and done, and a MAP's iova):
