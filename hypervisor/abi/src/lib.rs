@@ -129,6 +129,7 @@
 //! | M3 | MAP: quota of live mappings (`max_mappings`), of mapped pages, or of page-table pages (`max_pt_pages`) reached (hypervisor) | NOMEM |
 //! | M4 | MAP: a page is part of a live mapping (a guest page is never mapped twice at once) (hypervisor) | EXIST |
 //! | M5 | MAP: no IOVA range free, even after flushing pending invalidations (hypervisor) | NOMEM |
+//! | M6 | MAP: the unit caches not-present entries (caching mode) or needs write-buffer flushing, and the IOMMU did not confirm the flush the new mapping needs; the mapping was removed again and the IOVA is held until that removal is invalidated (hypervisor) | BUSY |
 //! | U1 | UNMAP: the range intersects a reserved region (MSI window, RMRR) (hypervisor) | PERM |
 //! | U2 | UNMAP: no live mapping starts at `iova` (never mapped, or unmapped already) (hypervisor) | NOENT |
 //! | U3 | UNMAP: the mapping at `iova` is not `length` bytes long (partial or spanning unmap) (hypervisor) | INVAL |
@@ -141,8 +142,10 @@
 //! IOMMU still does not answer). In a MULTICALL the same situation is reported by the
 //! `unsynced` bit of R9 ([`dma::MulticallReturn::unsynced`]), not by an entry status.
 //!
+//! BUSY from a MAP (M6) is a no-op for the guest (no mapping exists; retry later).
+//!
 //! AGAIN is only a MULTICALL status (preemption). BUSY otherwise refuses a registration over
-//! pages mapped for DMA. UNSUPP: unknown call, missing feature, unknown batch version. The
+//! pages mapped for DMA or whose unmap still waits for its invalidation. UNSUPP: unknown call, missing feature, unknown batch version. The
 //! base calls keep their version-1 statuses.
 //!
 //! ## 5. IOVA lifetime per policy

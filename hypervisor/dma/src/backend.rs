@@ -32,15 +32,32 @@ impl Access {
 
 /// One IOMMU domain (all of a guest's devices).
 ///
-/// `map` must make the mapping usable by the device before it returns (on VT-d with caching
-/// mode or write-buffer flushing, that includes the flush it needs). `unmap` clears the
-/// entries and records what must be invalidated in the pending set; nothing is invalidated
-/// until `flush`, which invalidates everything pending and waits for completion.
+/// `map` writes the entries and records in the pending set what a flush must do for them
+/// (VT-d with caching mode: invalidate the range; with write-buffer flushing: flush the write
+/// buffer); when [`Iommu::map_needs_flush`] is true the service flushes after every map
+/// before the mapping is used. `unmap` clears the entries and records what must be
+/// invalidated in the pending set; nothing is invalidated until `flush`, which invalidates
+/// everything pending and waits for completion.
 pub trait Iommu {
     /// Unmaps waiting for invalidation.
     type Pending: Default;
-    /// Maps `[iova, iova + len)` to host `[hpa, hpa + len)`, all or nothing.
-    fn map(&mut self, iova: u64, hpa: u64, len: u64, access: Access) -> Result<(), crate::Error>;
+    /// Maps `[iova, iova + len)` to host `[hpa, hpa + len)`, all or nothing, recording in
+    /// `pending` what the flush that makes it usable must do. On `Err` no entry of the range
+    /// is present, but entries it wrote and rolled back may still be cached: what must be
+    /// invalidated for them is in `pending`, and the service holds the IOVA until a flush
+    /// of `pending` completed.
+    fn map(
+        &mut self,
+        iova: u64,
+        hpa: u64,
+        len: u64,
+        access: Access,
+        pending: &mut Self::Pending,
+    ) -> Result<(), crate::Error>;
+    /// Whether a new mapping needs a flush before a device may use it (VT-d: caching mode
+    /// or `CAP.RWBF`). Then the service flushes after each map; if that flush fails it
+    /// unmaps the range again (into `pending`) and the map fails with `Busy`.
+    fn map_needs_flush(&self) -> bool;
     /// Unmaps exactly a range `map` created, adding it to `pending`.
     fn unmap(
         &mut self,

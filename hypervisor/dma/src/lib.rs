@@ -10,15 +10,22 @@
 //! | `Passthrough` | immediately (guest RAM is direct-mapped; calls only check) | none |
 //! | `Strict` | the invalidation covering it has completed | one per unmap |
 //! | `Batched` | inside a batch: the batch's one invalidation at [`DmaState::end_batch`]; alone: as `Strict` | one per batch |
-//! | `Deferred` | immediately; the device may still use it until the flush queue is flushed, which happens when it holds `deferred_entries` unmaps or its oldest is `deferred_ns` old ([`DmaState::tick`]) | one per queue flush |
+//! | `Deferred` | immediately; the device may still use it until the flush queue is flushed, which happens when it holds `deferred_entries` unmaps or its oldest is `deferred_ns - slack_ns` old (checked on every call, inside batches too, and by [`DmaState::tick`]; see [`DmaState::deferred_deadline`]) | one per queue flush |
 //!
 //! **Release rule** (every policy): an unmapped range's IOVA goes back to the allocator, and its
 //! guest pages stop being pinned for DMA, only after the invalidation that covers it has
 //! completed ([`Iommu::flush`] returned `Ok`). A failed flush keeps everything pinned and is
 //! retried by the next flush.
 //!
-//! **Errors change nothing**: every failing call leaves the mappings, the pending list, the
-//! IOVA allocator and the IOMMU exactly as before it.
+//! **Errors change nothing**: every failing call leaves the mappings, the IOVA allocator and
+//! the IOMMU's translations as before it. The one thing a failed MAP may leave behind is
+//! invisible to the guest: if it wrote entries before failing (or its flush failed and it
+//! cleared them again), those are cleared under a pending invalidation, and its IOVA stays
+//! held ([`Counts::rolled_back`], not a mapping) until that invalidation completed.
+//!
+//! **Unconfirmed invalidations**: an UNMAP whose required invalidation the IOMMU did not
+//! confirm took effect and returns [`Unmapped::Unsynced`], not an error (the ABI's BUSY for a
+//! single UNMAP, the `unsynced` bit inside a MULTICALL).
 //!
 //! The hardware is behind two traits the kernel implements: [`Iommu`] (one VT-d domain:
 //! map, unmap into a pending set, flush = invalidate + wait) and [`IovaSource`] (the per-CPU
@@ -33,4 +40,4 @@ mod state;
 
 pub use backend::{Access, Clock, GuestRam, Iommu, IovaSource, NoClock};
 pub use error::Error;
-pub use state::{Counts, DmaState, Limits, Mapping, Phase, Policy, Stats, PAGE_SIZE};
+pub use state::{Counts, DmaState, Limits, Mapping, Phase, Policy, Stats, Unmapped, PAGE_SIZE};

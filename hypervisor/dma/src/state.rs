@@ -38,13 +38,21 @@ pub struct Limits {
     pub max_pages_per_map: u64,
     /// Deferred: flush when this many unmaps wait.
     pub deferred_entries: usize,
-    /// Deferred: flush when the oldest waiting unmap is this old (ns).
+    /// Deferred: the time bound (ns). The oldest waiting unmap's invalidation must have
+    /// completed this long after the unmap (see [`DmaState::deferred_deadline`]).
     pub deferred_ns: u64,
+    /// Deferred: how early the time bound is acted on (ns). A check (any call, or
+    /// [`DmaState::tick`]) flushes once the oldest waiting unmap is `deferred_ns - slack_ns`
+    /// old, so the bound holds as long as the caller checks at least once every
+    /// `slack_ns - F`, where `F` is the longest flush (invalidation + wait). At least 0 and at
+    /// most `deferred_ns`.
+    pub slack_ns: u64,
 }
 
 impl Limits {
     /// Defaults: 65536 mappings, 1 GiB mapped, 1024 table pages, 2 MiB per mapping, deferred
-    /// flush after 256 unmaps or 10 ms.
+    /// flush after 256 unmaps or 10 ms, acted on 3 ms early (the kernel's 1 ms timer plus
+    /// exit latency and the flush itself fit in the slack).
     pub const DEFAULT: Limits = Limits {
         max_mappings: 65536,
         max_mapped_pages: 1 << 18,
@@ -52,6 +60,7 @@ impl Limits {
         max_pages_per_map: 512,
         deferred_entries: 256,
         deferred_ns: 10_000_000,
+        slack_ns: 3_000_000,
     };
 }
 
@@ -88,21 +97,31 @@ pub enum Phase {
     IovaFree = 3,
 }
 
-/// Counters.
+/// Counters: they only grow, until [`DmaState::reset_stats`] zeroes them all. What is held
+/// right now (the gauges) is in [`Counts`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
-    /// Successful maps.
+    /// Maps that returned `Ok`.
     pub maps: u64,
-    /// Successful unmaps.
+    /// Unmaps that returned `Ok` (including [`Unmapped::Unsynced`] ones: they took effect).
     pub unmaps: u64,
-    /// Flushes (each one invalidation round followed by one wait).
-    pub flushes: u64,
-    /// Invalidation requests issued by those flushes.
-    pub invalidations: u64,
-    /// Flushes triggered by the deferred bounds.
-    pub deferred_flushes: u64,
-    /// Failed calls.
+    /// Failed maps and unmaps: those refused here, plus those the caller refused before they
+    /// reached the service (decoding, entry validation) and reported with
+    /// [`DmaState::note_error`].
     pub errors: u64,
+    /// Flushes that completed: the IOMMU confirmed everything pending, and what waited for
+    /// it was released. Includes flushes that had nothing to invalidate (e.g. only a
+    /// write-buffer flush for a new mapping).
+    pub flushes: u64,
+    /// Completion waits: completed flushes that issued at least one invalidation request and
+    /// waited for its completion (with queued invalidation, one wait descriptor each).
+    pub waits: u64,
+    /// Flush attempts the IOMMU did not confirm in time (everything stayed held).
+    pub flush_failures: u64,
+    /// Invalidation requests issued by completed flushes.
+    pub invalidations: u64,
+    /// Completed flushes that the deferred bounds (entries or time) triggered.
+    pub deferred_flushes: u64,
     /// Cycles per [`Phase`].
     pub cycles: [u64; 4],
 }
@@ -114,12 +133,41 @@ pub struct Counts {
     pub mappings: usize,
     /// Unmaps waiting for their invalidation.
     pub pending: usize,
-    /// Guest pages pinned for DMA (live and pending mappings).
+    /// Failed maps whose rolled-back entries wait for an invalidation: not mappings (the
+    /// guest never got their IOVA), but their IOVA is held until the invalidation completes.
+    pub rolled_back: usize,
+    /// Guest pages a device may still reach (live mappings, pending unmaps, rolled-back maps).
     pub pinned_pages: u64,
-    /// IOVA pages held (live and pending).
+    /// IOVA pages held (live, pending and rolled back).
     pub iova_pages: u64,
     /// Page-table pages of the domain.
     pub table_pages: usize,
+}
+
+/// What a successful UNMAP achieved.
+#[must_use]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmapped {
+    /// It took effect, and so did the invalidation the policy requires before the call
+    /// returns (`Strict`, `Batched` outside a batch), if any.
+    Done,
+    /// It took effect (the entries are cleared, the mapping is gone: a second unmap is
+    /// `Noent`), but the invalidation the policy requires before the call returns was not
+    /// confirmed by the IOMMU. The IOVA and the pages stay held; the next flush (any later
+    /// call, [`DmaState::sync`], [`DmaState::end_batch`]) retries. The ABI reports this as
+    /// BUSY for a single UNMAP and as the `unsynced` bit of a MULTICALL (the entry is OK).
+    /// Only `Strict` and `Batched` outside a batch return it.
+    Unsynced,
+}
+
+/// A range whose IOVA is held until the pending invalidation completes.
+#[derive(Debug, Clone, Copy)]
+struct Waiting {
+    m: Mapping,
+    /// When it started waiting ([`Clock::now_ns`]).
+    since: u64,
+    /// An unmap (else the rollback of a failed map).
+    unmap: bool,
 }
 
 /// One guest's DMA state.
@@ -130,7 +178,11 @@ pub struct DmaState<P> {
     by_gpa: BTreeMap<u64, u64>,
     mapped_pages: u64,
     pending: P,
-    waiting: Vec<(Mapping, u64)>,
+    /// In the order they started waiting (so the first is the oldest).
+    waiting: Vec<Waiting>,
+    /// A map that needed a flush is live without it (the flush failed and so did its undo):
+    /// the next flush must run even with nothing waiting.
+    map_unflushed: bool,
     in_batch: bool,
     stats: Stats,
 }
@@ -146,6 +198,7 @@ impl<P: Default> DmaState<P> {
             mapped_pages: 0,
             pending: P::default(),
             waiting: Vec::new(),
+            map_unflushed: false,
             in_batch: false,
             stats: Stats::default(),
         }
@@ -166,6 +219,18 @@ impl<P: Default> DmaState<P> {
         self.stats
     }
 
+    /// Zeroes every counter of [`Stats`] (STATS with RESET: the counters, not the gauges of
+    /// [`Counts`]).
+    pub fn reset_stats(&mut self) {
+        self.stats = Stats::default();
+    }
+
+    /// Counts a MAP or UNMAP the caller refused before it reached the service (decoding or
+    /// entry validation), so that [`Stats::errors`] counts every failed MAP and UNMAP.
+    pub fn note_error(&mut self) {
+        self.stats.errors += 1;
+    }
+
     /// Whether any page of guest-physical `[gpa, end)` is in a live mapping.
     pub fn gpa_mapped(&self, gpa: u64, end: u64) -> bool {
         match self.by_gpa.range(..end).next_back() {
@@ -174,19 +239,58 @@ impl<P: Default> DmaState<P> {
         }
     }
 
+    /// Whether a device may still reach any page of guest-physical `[gpa, end)`: a live
+    /// mapping, an unmap whose invalidation has not completed (deferred, or unconfirmed), or a
+    /// failed map's rolled-back entries waiting for theirs. Registrations of guest pages
+    /// (batch area, fault ring) must refuse such pages.
+    pub fn gpa_busy(&self, gpa: u64, end: u64) -> bool {
+        self.gpa_mapped(gpa, end)
+            || self
+                .waiting
+                .iter()
+                .any(|w| w.m.gpa < end && w.m.gpa_end() > gpa)
+    }
+
     /// The live mapping starting at `iova`.
     pub fn mapping(&self, iova: u64) -> Option<Mapping> {
         self.live.get(&iova).copied()
     }
 
+    /// The live mappings, by IOVA.
+    pub fn mappings(&self) -> impl Iterator<Item = Mapping> + '_ {
+        self.live.values().copied()
+    }
+
+    /// The ranges whose IOVA is held until the pending invalidation completes (pending unmaps
+    /// and rolled-back maps), oldest first.
+    pub fn waiting(&self) -> impl Iterator<Item = Mapping> + '_ {
+        self.waiting.iter().map(|w| w.m)
+    }
+
+    /// Under `Deferred`, when ([`Clock::now_ns`]) the oldest waiting unmap's invalidation must
+    /// have completed: its unmap time plus `deferred_ns`. Checks flush from `slack_ns` before
+    /// it, so a caller that checks ([`Self::tick`] or any call) at least every
+    /// `slack_ns - F` (`F` the longest flush) keeps the bound. `None` when nothing waits or
+    /// the policy has no time bound.
+    pub fn deferred_deadline(&self) -> Option<u64> {
+        if self.policy != Policy::Deferred {
+            return None;
+        }
+        self.waiting
+            .first()
+            .map(|w| w.since.saturating_add(self.limits.deferred_ns))
+    }
+
     /// What is held now.
     pub fn counts<D: Iommu<Pending = P>>(&self, dom: &D) -> Counts {
-        let pend: u64 = self.waiting.iter().map(|(m, _)| m.pages).sum();
+        let held: u64 = self.waiting.iter().map(|w| w.m.pages).sum();
+        let pending = self.waiting.iter().filter(|w| w.unmap).count();
         Counts {
             mappings: self.live.len(),
-            pending: self.waiting.len(),
-            pinned_pages: self.mapped_pages + pend,
-            iova_pages: self.mapped_pages + pend,
+            pending,
+            rolled_back: self.waiting.len() - pending,
+            pinned_pages: self.mapped_pages + held,
+            iova_pages: self.mapped_pages + held,
             table_pages: dom.table_pages(),
         }
     }
@@ -198,6 +302,23 @@ impl<P: Default> DmaState<P> {
     fn fail<T>(&mut self, e: Error) -> Result<T, Error> {
         self.stats.errors += 1;
         Err(e)
+    }
+
+    /// Whether the policy requires the invalidation of an unmap before the call returns.
+    fn owes_flush(&self) -> bool {
+        match self.policy {
+            Policy::Strict => true,
+            Policy::Batched => !self.in_batch,
+            Policy::Deferred | Policy::Passthrough => false,
+        }
+    }
+
+    fn hold(&mut self, m: Mapping, unmap: bool, clock: &impl Clock) {
+        self.waiting.push(Waiting {
+            m,
+            since: clock.now_ns(),
+            unmap,
+        });
     }
 
     fn check_range(&self, gpa: u64, len: u64, ram: &impl GuestRam) -> Result<u64, Error> {
@@ -216,6 +337,12 @@ impl<P: Default> DmaState<P> {
 
     /// MAP: makes guest `[gpa, gpa + len)` reachable by the guest's devices with `access`;
     /// returns the IOVA.
+    ///
+    /// When the domain needs a flush for a new mapping ([`Iommu::map_needs_flush`]), it is
+    /// done here; if it fails, the new entries are cleared again and the call fails with
+    /// `Busy`. A failed map is not a mapping, but its IOVA stays held (as
+    /// [`Counts::rolled_back`]) until the invalidation of whatever it wrote and cleared has
+    /// completed.
     #[allow(clippy::too_many_arguments)]
     pub fn map<D, I, R, C>(
         &mut self,
@@ -256,18 +383,15 @@ impl<P: Default> DmaState<P> {
         {
             return self.fail(Error::Nomem);
         }
-        if let Some((&s, &iova)) = self.by_gpa.range(..gpa + len).next_back() {
-            let m = self.live[&iova];
-            if s < gpa + len && m.gpa_end() > gpa {
-                return self.fail(Error::Exist);
-            }
+        if self.gpa_mapped(gpa, gpa + len) {
+            return self.fail(Error::Exist);
         }
         let t0 = clock.cycles();
         let mut iova = iovas.alloc(pages);
         self.account(Phase::IovaAlloc, t0, clock);
         if iova.is_none() && !self.waiting.is_empty() {
             // IOVAs wait for an invalidation: flush now and try once more.
-            if self.flush(dom, iovas, clock).is_ok() {
+            if self.flush(dom, iovas, clock, false).is_ok() {
                 let t0 = clock.cycles();
                 iova = iovas.alloc(pages);
                 self.account(Phase::IovaAlloc, t0, clock);
@@ -276,19 +400,40 @@ impl<P: Default> DmaState<P> {
         let Some(iova) = iova else {
             return self.fail(Error::Nomem);
         };
-        let t0 = clock.cycles();
-        let r = dom.map(iova, ram.host_base() + gpa, len, access);
-        self.account(Phase::PteWrite, t0, clock);
-        if let Err(e) = r {
-            iovas.free(iova, pages);
-            return self.fail(e);
-        }
         let m = Mapping {
             iova,
             pages,
             gpa,
             access,
         };
+        let t0 = clock.cycles();
+        let r = dom.map(iova, ram.host_base() + gpa, len, access, &mut self.pending);
+        self.account(Phase::PteWrite, t0, clock);
+        if let Err(e) = r {
+            // The domain cleared what it wrote, but a device may hold it cached until the
+            // invalidation the rollback left pending completes: the IOVA waits for it.
+            self.hold(m, false, clock);
+            if self.owes_flush() {
+                let _ = self.flush(dom, iovas, clock, false);
+            } else {
+                self.deferred_entry_bound(dom, iovas, clock);
+            }
+            return self.fail(e);
+        }
+        if dom.map_needs_flush() && self.flush(dom, iovas, clock, true).is_err() {
+            // The device may not be able to use the new entries: undo them, under the
+            // pending invalidation, and hold the IOVA until it completes.
+            let t0 = clock.cycles();
+            let r = dom.unmap(iova, len, &mut self.pending);
+            self.account(Phase::PteWrite, t0, clock);
+            if r.is_ok() {
+                self.hold(m, false, clock);
+                return self.fail(Error::Busy);
+            }
+            // Cannot undo (the domain refused to clear what it just wrote): the map took
+            // effect; it becomes usable with the next flush, which must run.
+            self.map_unflushed = true;
+        }
         self.live.insert(iova, m);
         self.by_gpa.insert(gpa, iova);
         self.mapped_pages += pages;
@@ -297,11 +442,11 @@ impl<P: Default> DmaState<P> {
     }
 
     /// UNMAP: removes the mapping that starts at `iova` and is `len` bytes long. When it
-    /// returns, the device can no longer use it under `Strict` (and `Batched` outside a
-    /// batch); see the policy table for the others.
+    /// returns [`Unmapped::Done`], the device can no longer use it under `Strict` (and
+    /// `Batched` outside a batch); see the policy table for the others, and
+    /// [`Unmapped::Unsynced`] for an invalidation the IOMMU did not confirm.
     ///
-    /// `Busy` means the entries are cleared but the invalidation did not complete: the IOVA
-    /// and pages stay held, and the next flush (any call, or SYNC) retries.
+    /// An `Err` changed nothing.
     pub fn unmap<D, I, R, C>(
         &mut self,
         dom: &mut D,
@@ -310,7 +455,7 @@ impl<P: Default> DmaState<P> {
         clock: &C,
         iova: u64,
         len: u64,
-    ) -> Result<(), Error>
+    ) -> Result<Unmapped, Error>
     where
         D: Iommu<Pending = P>,
         I: IovaSource,
@@ -326,7 +471,7 @@ impl<P: Default> DmaState<P> {
                 return self.fail(e);
             }
             self.stats.unmaps += 1;
-            return Ok(());
+            return Ok(Unmapped::Done);
         }
         let Some(m) = self.live.get(&iova).copied() else {
             return self.fail(Error::Noent);
@@ -343,21 +488,31 @@ impl<P: Default> DmaState<P> {
         self.live.remove(&iova);
         self.by_gpa.remove(&m.gpa);
         self.mapped_pages -= m.pages;
-        self.waiting.push((m, clock.now_ns()));
+        self.hold(m, true, clock);
         self.stats.unmaps += 1;
-        let flush_now = match self.policy {
-            Policy::Strict => true,
-            Policy::Batched => !self.in_batch,
-            Policy::Deferred => self.waiting.len() >= self.limits.deferred_entries,
-            Policy::Passthrough => false,
-        };
-        if flush_now {
-            if self.policy == Policy::Deferred {
-                self.stats.deferred_flushes += 1;
+        if self.owes_flush() {
+            if self.flush(dom, iovas, clock, false).is_err() {
+                return Ok(Unmapped::Unsynced);
             }
-            return self.flush(dom, iovas, clock).map_err(|_| Error::Busy);
+        } else {
+            self.deferred_entry_bound(dom, iovas, clock);
         }
-        Ok(())
+        Ok(Unmapped::Done)
+    }
+
+    /// Under `Deferred`, flushes when `deferred_entries` ranges wait.
+    fn deferred_entry_bound<D, I, C>(&mut self, dom: &mut D, iovas: &mut I, clock: &C)
+    where
+        D: Iommu<Pending = P>,
+        I: IovaSource,
+        C: Clock,
+    {
+        if self.policy == Policy::Deferred
+            && self.waiting.len() >= self.limits.deferred_entries
+            && self.flush(dom, iovas, clock, false).is_ok()
+        {
+            self.stats.deferred_flushes += 1;
+        }
     }
 
     /// Starts a batch (a MULTICALL): under `Batched`, unmaps wait for [`Self::end_batch`].
@@ -365,7 +520,10 @@ impl<P: Default> DmaState<P> {
         self.in_batch = true;
     }
 
-    /// Ends a batch: under `Batched`, one flush for all of its unmaps.
+    /// Ends a batch. Under `Strict` and `Batched`, flushes whatever waits (under `Batched`
+    /// the batch's unmaps; under `Strict` only what an earlier flush left unconfirmed); `Busy`
+    /// when the IOMMU did not confirm it: every unmap of the batch took effect but is not
+    /// synced (the MULTICALL's `unsynced` bit). Under `Deferred`, checks the time bound.
     pub fn end_batch<D, I, C>(&mut self, dom: &mut D, iovas: &mut I, clock: &C) -> Result<(), Error>
     where
         D: Iommu<Pending = P>,
@@ -373,10 +531,16 @@ impl<P: Default> DmaState<P> {
         C: Clock,
     {
         self.in_batch = false;
-        if self.policy == Policy::Batched {
-            self.flush(dom, iovas, clock).map_err(|_| Error::Busy)?;
+        match self.policy {
+            Policy::Strict | Policy::Batched => self
+                .flush(dom, iovas, clock, false)
+                .map_err(|_| Error::Busy),
+            Policy::Deferred => {
+                self.expire_deferred(dom, iovas, clock);
+                Ok(())
+            }
+            Policy::Passthrough => Ok(()),
         }
-        Ok(())
     }
 
     /// SYNC: flushes everything waiting, whatever the policy.
@@ -386,11 +550,14 @@ impl<P: Default> DmaState<P> {
         I: IovaSource,
         C: Clock,
     {
-        self.flush(dom, iovas, clock).map_err(|_| Error::Busy)
+        self.flush(dom, iovas, clock, false)
+            .map_err(|_| Error::Busy)
     }
 
-    /// The deferred time bound: flushes when the oldest waiting unmap is too old. Called on
-    /// every call and by the kernel on the guest's exits.
+    /// The deferred time bound: flushes when the oldest waiting unmap is
+    /// `deferred_ns - slack_ns` old. Every call checks it too (inside a batch as well); the
+    /// kernel calls this from its periodic timer so that the bound holds while the guest makes
+    /// no call. See [`Self::deferred_deadline`] for the guarantee.
     pub fn tick<D, I, C>(&mut self, dom: &mut D, iovas: &mut I, clock: &C)
     where
         D: Iommu<Pending = P>,
@@ -406,36 +573,57 @@ impl<P: Default> DmaState<P> {
         I: IovaSource,
         C: Clock,
     {
-        if self.policy != Policy::Deferred || self.in_batch {
+        // Inside a batch too: flushing early is always allowed under `Deferred`.
+        if self.policy != Policy::Deferred {
             return;
         }
-        let Some(&(_, oldest)) = self.waiting.first() else {
+        let Some(oldest) = self.waiting.first().map(|w| w.since) else {
             return;
         };
-        if clock.now_ns().saturating_sub(oldest) >= self.limits.deferred_ns {
+        let age = clock.now_ns().saturating_sub(oldest);
+        if age.saturating_add(self.limits.slack_ns) >= self.limits.deferred_ns
+            && self.flush(dom, iovas, clock, false).is_ok()
+        {
             self.stats.deferred_flushes += 1;
-            let _ = self.flush(dom, iovas, clock);
         }
     }
 
-    fn flush<D, I, C>(&mut self, dom: &mut D, iovas: &mut I, clock: &C) -> Result<(), Error>
+    /// Flushes the pending set and, once it completed, releases everything waiting. With
+    /// `force`, flushes even when nothing waits (a new mapping that needs it).
+    fn flush<D, I, C>(
+        &mut self,
+        dom: &mut D,
+        iovas: &mut I,
+        clock: &C,
+        force: bool,
+    ) -> Result<(), Error>
     where
         D: Iommu<Pending = P>,
         I: IovaSource,
         C: Clock,
     {
-        if self.waiting.is_empty() {
+        if self.waiting.is_empty() && !force && !self.map_unflushed {
             return Ok(());
         }
         let t0 = clock.cycles();
         let r = dom.flush(&mut self.pending);
         self.account(Phase::InvalidateWait, t0, clock);
-        let n = r?;
+        let n = match r {
+            Ok(n) => n,
+            Err(e) => {
+                self.stats.flush_failures += 1;
+                return Err(e);
+            }
+        };
+        self.map_unflushed = false;
         self.stats.flushes += 1;
+        if n > 0 {
+            self.stats.waits += 1;
+        }
         self.stats.invalidations += n as u64;
         let t0 = clock.cycles();
-        for (m, _) in core::mem::take(&mut self.waiting) {
-            iovas.free(m.iova, m.pages);
+        for w in core::mem::take(&mut self.waiting) {
+            iovas.free(w.m.iova, w.m.pages);
         }
         self.account(Phase::IovaFree, t0, clock);
         Ok(())
@@ -456,8 +644,9 @@ impl<P: Default> DmaState<P> {
             self.live.remove(&m.iova);
             self.by_gpa.remove(&m.gpa);
             self.mapped_pages -= m.pages;
-            self.waiting.push((m, clock.now_ns()));
+            self.hold(m, true, clock);
         }
-        self.flush(dom, iovas, clock).map_err(|_| Error::Busy)
+        self.flush(dom, iovas, clock, false)
+            .map_err(|_| Error::Busy)
     }
 }

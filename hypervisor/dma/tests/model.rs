@@ -6,7 +6,8 @@ use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use moat_dma::{
-    Access, Clock, DmaState, Error, GuestRam, Iommu, IovaSource, Limits, Policy, PAGE_SIZE,
+    Access, Clock, DmaState, Error, GuestRam, Iommu, IovaSource, Limits, Mapping, Policy, Unmapped,
+    PAGE_SIZE,
 };
 use proptest::prelude::*;
 
@@ -14,10 +15,19 @@ use proptest::prelude::*;
 struct FakeIommu {
     ptes: BTreeMap<u64, u64>,
     cached: BTreeMap<u64, u64>,
+    /// Caching mode: the device may cache "not present" too (`absent`), so a new mapping is
+    /// usable only after a flush covering it.
+    caching_mode: bool,
+    absent: BTreeSet<u64>,
     fail_next_flush: bool,
+    /// The next map writes this many pages, then fails with NOMEM and rolls them back (a
+    /// device walked them meanwhile: they are cached until invalidated).
+    fail_map_after: Option<u64>,
     flushes: u32,
     /// The last flush attempt failed (pending invalidations are owed).
     owed: bool,
+    /// Every range handed to `pending` and not flushed yet (what a flush must invalidate).
+    unflushed: Vec<(u64, u64)>,
 }
 
 impl FakeIommu {
@@ -26,23 +36,62 @@ impl FakeIommu {
         if let Some(&h) = self.cached.get(&iova) {
             return Some(h);
         }
-        let h = *self.ptes.get(&iova)?;
-        self.cached.insert(iova, h);
-        Some(h)
+        if self.absent.contains(&iova) {
+            return None;
+        }
+        match self.ptes.get(&iova) {
+            Some(&h) => {
+                self.cached.insert(iova, h);
+                Some(h)
+            }
+            None => {
+                if self.caching_mode {
+                    self.absent.insert(iova);
+                }
+                None
+            }
+        }
     }
 }
 
 impl Iommu for FakeIommu {
     type Pending = Vec<(u64, u64)>;
-    fn map(&mut self, iova: u64, hpa: u64, len: u64, _a: Access) -> Result<(), Error> {
+    fn map(
+        &mut self,
+        iova: u64,
+        hpa: u64,
+        len: u64,
+        _a: Access,
+        pending: &mut Self::Pending,
+    ) -> Result<(), Error> {
         let pages = len / PAGE_SIZE;
         if (0..pages).any(|i| self.ptes.contains_key(&(iova + i * PAGE_SIZE))) {
             return Err(Error::Exist);
         }
+        if let Some(k) = self.fail_map_after.take() {
+            let k = k.min(pages);
+            for i in 0..k {
+                // Written, walked by the device, rolled back: cached until invalidated.
+                self.cached
+                    .insert(iova + i * PAGE_SIZE, hpa + i * PAGE_SIZE);
+            }
+            if k > 0 {
+                pending.push((iova, k * PAGE_SIZE));
+                self.unflushed.push((iova, k * PAGE_SIZE));
+            }
+            return Err(Error::Nomem);
+        }
         for i in 0..pages {
             self.ptes.insert(iova + i * PAGE_SIZE, hpa + i * PAGE_SIZE);
         }
+        if self.caching_mode {
+            pending.push((iova, len));
+            self.unflushed.push((iova, len));
+        }
         Ok(())
+    }
+    fn map_needs_flush(&self) -> bool {
+        self.caching_mode
     }
     fn unmap(&mut self, iova: u64, len: u64, pending: &mut Self::Pending) -> Result<(), Error> {
         let pages = len / PAGE_SIZE;
@@ -53,6 +102,7 @@ impl Iommu for FakeIommu {
             self.ptes.remove(&(iova + i * PAGE_SIZE));
         }
         pending.push((iova, len));
+        self.unflushed.push((iova, len));
         Ok(())
     }
     fn flush(&mut self, pending: &mut Self::Pending) -> Result<u32, Error> {
@@ -64,10 +114,13 @@ impl Iommu for FakeIommu {
         for (iova, len) in pending.drain(..) {
             for i in 0..len / PAGE_SIZE {
                 self.cached.remove(&(iova + i * PAGE_SIZE));
+                self.absent.remove(&(iova + i * PAGE_SIZE));
             }
         }
+        let n = self.unflushed.len() as u32;
+        self.unflushed.clear();
         self.flushes += 1;
-        Ok(1)
+        Ok(n)
     }
     fn table_pages(&self) -> usize {
         1 + self
@@ -158,9 +211,112 @@ impl World {
             a,
         )
     }
-    fn unmap(&mut self, iova: u64, len: u64) -> Result<(), Error> {
+    fn unmap(&mut self, iova: u64, len: u64) -> Result<Unmapped, Error> {
         self.st
             .unmap(&mut self.dom, &mut self.iovas, &Ram, &self.clock, iova, len)
+    }
+    fn end_batch(&mut self) -> Result<(), Error> {
+        self.st
+            .end_batch(&mut self.dom, &mut self.iovas, &self.clock)
+    }
+    fn sync(&mut self) -> Result<(), Error> {
+        self.st.sync(&mut self.dom, &mut self.iovas, &self.clock)
+    }
+    fn tick(&mut self) {
+        self.st.tick(&mut self.dom, &mut self.iovas, &self.clock)
+    }
+    fn teardown(&mut self) -> Result<(), Error> {
+        self.st
+            .teardown(&mut self.dom, &mut self.iovas, &self.clock)
+    }
+    fn now(&self) -> u64 {
+        self.clock.0.get()
+    }
+    fn advance(&mut self, ns: u64) {
+        self.clock.0.set(self.clock.0.get() + ns);
+    }
+
+    /// The invariants that hold after every call, whatever happened:
+    /// - no IOVA held twice: live mappings and waiting ranges are disjoint, and together they
+    ///   are exactly what the allocator has handed out (the counters add up);
+    /// - nothing released before its invalidation: every translation a device may still use
+    ///   (cached) and every range still owed an invalidation lies in an IOVA the service
+    ///   holds; a cached translation of a range that is not live is in a waiting range;
+    /// - live mappings are in the tables, waiting ranges are not.
+    fn check(&self) -> Result<(), TestCaseError> {
+        let waiting: Vec<Mapping> = self.st.waiting().collect();
+        let mut held: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut live_pages = BTreeSet::new();
+        for m in self.st.mappings() {
+            prop_assert!(
+                held.insert(m.iova, m.pages).is_none(),
+                "IOVA {:#x} held twice",
+                m.iova
+            );
+            for i in 0..m.pages {
+                let a = m.iova + i * PAGE_SIZE;
+                prop_assert_eq!(
+                    self.dom.ptes.get(&a),
+                    Some(&(0x1000_0000 + m.gpa + i * PAGE_SIZE))
+                );
+                live_pages.insert(a);
+            }
+        }
+        let mut waiting_pages = BTreeSet::new();
+        for m in &waiting {
+            prop_assert!(
+                held.insert(m.iova, m.pages).is_none(),
+                "IOVA {:#x} held twice",
+                m.iova
+            );
+            for i in 0..m.pages {
+                let a = m.iova + i * PAGE_SIZE;
+                prop_assert!(
+                    !self.dom.ptes.contains_key(&a),
+                    "waiting range still mapped"
+                );
+                waiting_pages.insert(a);
+            }
+        }
+        // Disjoint ranges: no page in two of them.
+        let mut all = held
+            .iter()
+            .map(|(&i, &p)| (i, i + p * PAGE_SIZE))
+            .collect::<Vec<_>>();
+        all.sort();
+        for w in all.windows(2) {
+            prop_assert!(w[0].1 <= w[1].0, "held IOVA ranges overlap");
+        }
+        prop_assert_eq!(&held, &self.iovas.used, "held by the service == handed out");
+        let c = self.st.counts(&self.dom);
+        prop_assert_eq!(c.iova_pages, self.iovas.used.values().sum::<u64>());
+        prop_assert_eq!(c.pinned_pages, c.iova_pages);
+        prop_assert_eq!(c.pending + c.rolled_back, waiting.len());
+        for &a in self.dom.cached.keys() {
+            prop_assert!(
+                live_pages.contains(&a) || waiting_pages.contains(&a),
+                "device still reaches {:#x}, released before its invalidation",
+                a
+            );
+            if live_pages.contains(&a) {
+                prop_assert_eq!(
+                    self.dom.cached.get(&a),
+                    self.dom.ptes.get(&a),
+                    "stale translation of an earlier mapping at a live IOVA"
+                );
+            }
+        }
+        for &(iova, len) in &self.dom.unflushed {
+            for i in 0..len / PAGE_SIZE {
+                let a = iova + i * PAGE_SIZE;
+                prop_assert!(
+                    live_pages.contains(&a) || waiting_pages.contains(&a),
+                    "{:#x} owed an invalidation but released",
+                    a
+                );
+            }
+        }
+        Ok(())
     }
     fn snapshot(&self) -> (moat_dma::Counts, BTreeMap<u64, u64>, BTreeMap<u64, u64>) {
         (
@@ -178,6 +334,7 @@ const L: Limits = Limits {
     max_pages_per_map: 16,
     deferred_entries: 4,
     deferred_ns: 1000,
+    slack_ns: 0,
 };
 
 #[test]
@@ -185,7 +342,7 @@ fn strict_unmap_is_unreachable_when_it_returns() {
     let mut w = World::new(Policy::Strict, L);
     let iova = w.map(0x2000, 0x2000, Access::RW).unwrap();
     assert_eq!(w.dom.device(iova), Some(0x1000_2000));
-    w.unmap(iova, 0x2000).unwrap();
+    assert_eq!(w.unmap(iova, 0x2000), Ok(Unmapped::Done));
     assert_eq!(
         w.dom.device(iova),
         None,
@@ -206,14 +363,14 @@ fn batched_flushes_once_per_batch() {
     }
     w.st.begin_batch();
     for &i in &a {
-        w.unmap(i, 0x1000).unwrap();
+        assert_eq!(w.unmap(i, 0x1000), Ok(Unmapped::Done));
     }
     assert!(
         a.iter().all(|&i| w.dom.cached.contains_key(&i)),
         "inside the batch nothing is flushed yet"
     );
     assert_eq!(w.st.counts(&w.dom).pending, 8);
-    w.st.end_batch(&mut w.dom, &mut w.iovas, &w.clock).unwrap();
+    w.end_batch().unwrap();
     assert!(a.iter().all(|&i| w.dom.device(i).is_none()));
     assert_eq!(w.dom.flushes, 1);
     assert_eq!(w.st.stats().flushes, 1);
@@ -226,11 +383,11 @@ fn deferred_flushes_by_count_and_by_time() {
         .map(|i| w.map(i * 0x1000 + 0x20000, 0x1000, Access::W).unwrap())
         .collect();
     for &i in &a[..3] {
-        w.unmap(i, 0x1000).unwrap();
+        assert_eq!(w.unmap(i, 0x1000), Ok(Unmapped::Done));
     }
     assert_eq!(w.st.counts(&w.dom).pending, 3);
     assert_eq!(w.dom.flushes, 0);
-    w.unmap(a[3], 0x1000).unwrap();
+    assert_eq!(w.unmap(a[3], 0x1000), Ok(Unmapped::Done));
     assert_eq!(
         (w.st.counts(&w.dom).pending, w.dom.flushes),
         (0, 1),
@@ -238,7 +395,7 @@ fn deferred_flushes_by_count_and_by_time() {
     );
     let b = w.map(0x30000, 0x1000, Access::W).unwrap();
     w.dom.device(b);
-    w.unmap(b, 0x1000).unwrap();
+    assert_eq!(w.unmap(b, 0x1000), Ok(Unmapped::Done));
     w.clock.0.set(999);
     w.st.tick(&mut w.dom, &mut w.iovas, &w.clock);
     assert!(
@@ -320,16 +477,25 @@ fn bad_inputs_get_their_status_and_change_nothing() {
             w.map(0x3000, 0x2000, Access::R).map(|_| ()),
             Error::Exist,
         ),
-        ("never mapped", w.unmap(0x90_0000, 0x1000), Error::Noent),
-        ("partial", w.unmap(iova, 0x1000), Error::Inval),
-        ("inside", w.unmap(iova + 0x1000, 0x1000), Error::Noent),
-        ("zero unmap", w.unmap(iova, 0), Error::Inval),
+        (
+            "never mapped",
+            w.unmap(0x90_0000, 0x1000).map(|_| ()),
+            Error::Noent,
+        ),
+        ("partial", w.unmap(iova, 0x1000).map(|_| ()), Error::Inval),
+        (
+            "inside",
+            w.unmap(iova + 0x1000, 0x1000).map(|_| ()),
+            Error::Noent,
+        ),
+        ("zero unmap", w.unmap(iova, 0).map(|_| ()), Error::Inval),
     ];
     for (what, got, want) in cases {
         assert_eq!(got, Err(want), "{what}");
     }
     assert_eq!(w.snapshot(), before, "state unchanged");
-    w.unmap(iova, 0x2000).unwrap();
+    assert_eq!(w.st.stats().errors, 15, "every refusal counted");
+    assert_eq!(w.unmap(iova, 0x2000), Ok(Unmapped::Done));
     assert_eq!(w.unmap(iova, 0x2000), Err(Error::Noent), "double unmap");
 }
 
@@ -355,7 +521,12 @@ fn failed_flush_keeps_everything_held_and_is_retried() {
     let iova = w.map(0x1_0000, 0x1000, Access::R).unwrap();
     w.dom.device(iova);
     w.dom.fail_next_flush = true;
-    assert_eq!(w.unmap(iova, 0x1000), Err(Error::Busy));
+    assert_eq!(
+        w.unmap(iova, 0x1000),
+        Ok(Unmapped::Unsynced),
+        "took effect, invalidation unconfirmed"
+    );
+    assert_eq!(w.unmap(iova, 0x1000), Err(Error::Noent), "it is gone");
     let c = w.st.counts(&w.dom);
     assert_eq!(
         (c.mappings, c.pending, c.iova_pages),
@@ -363,7 +534,7 @@ fn failed_flush_keeps_everything_held_and_is_retried() {
         "IOVA still held"
     );
     assert!(w.iovas.used.contains_key(&iova));
-    w.st.sync(&mut w.dom, &mut w.iovas, &w.clock).unwrap();
+    w.sync().unwrap();
     assert!(w.dom.device(iova).is_none());
     assert!(w.iovas.used.is_empty());
 }
@@ -373,20 +544,280 @@ fn passthrough_is_identity_and_checks_only() {
     let mut w = World::new(Policy::Passthrough, L);
     assert_eq!(w.map(0x3000, 0x1000, Access::R), Ok(0x3000));
     assert_eq!(w.map(16 << 20, 0x1000, Access::R), Err(Error::Fault));
-    assert_eq!(w.unmap(0x3000, 0x1000), Ok(()));
+    assert_eq!(w.unmap(0x3000, 0x1000), Ok(Unmapped::Done));
     assert!(w.dom.ptes.is_empty() && w.iovas.used.is_empty());
+}
+
+// ----- Issue 9, defect 1: a MAP whose flush fails must not release an IOVA that translates.
+
+#[test]
+fn map_whose_flush_fails_changes_nothing_and_holds_its_iova() {
+    for p in [Policy::Strict, Policy::Batched, Policy::Deferred] {
+        let mut w = World::new(p, L);
+        w.dom.caching_mode = true;
+        let before = w.snapshot();
+        w.dom.fail_next_flush = true;
+        assert_eq!(w.map(0x8000, 0x2000, Access::RW), Err(Error::Busy), "{p:?}");
+        w.check().unwrap();
+        let c = w.st.counts(&w.dom);
+        assert_eq!((c.mappings, c.pending, c.rolled_back), (0, 0, 1), "{p:?}");
+        assert_eq!(w.dom.ptes, before.1, "{p:?}: the entries are cleared again");
+        let held: Vec<u64> = w.st.waiting().map(|m| m.iova).collect();
+        assert_eq!(held.len(), 1);
+        assert!(
+            w.iovas.used.contains_key(&held[0]),
+            "{p:?}: the IOVA is held until the invalidation completes"
+        );
+        // The guest page is not mapped: it can be mapped again, under another IOVA.
+        let again = w.map(0x8000, 0x2000, Access::RW).unwrap();
+        assert_eq!(w.dom.device(again), Some(0x1000_8000));
+        w.check().unwrap();
+        assert!(
+            w.st.waiting().next().is_none(),
+            "{p:?}: the map's flush released it"
+        );
+        assert_eq!(w.unmap(again, 0x2000), Ok(Unmapped::Done));
+        w.teardown().unwrap();
+        w.check().unwrap();
+        assert!(w.iovas.used.is_empty() && w.dom.ptes.is_empty(), "{p:?}");
+        assert_eq!(w.st.counts(&w.dom).pinned_pages, 0);
+    }
+}
+
+#[test]
+fn failed_map_holds_its_iova_until_the_rollback_is_invalidated() {
+    let mut w = World::new(Policy::Deferred, L);
+    w.dom.fail_map_after = Some(1);
+    assert_eq!(w.map(0x8000, 0x2000, Access::RW), Err(Error::Nomem));
+    w.check().unwrap();
+    let held: Vec<Mapping> = w.st.waiting().collect();
+    assert_eq!(held.len(), 1);
+    let iova = held[0].iova;
+    assert_eq!(
+        w.dom.device(iova),
+        Some(0x1000_8000),
+        "the rolled-back entry is cached"
+    );
+    let other = w.map(0x20000, 0x2000, Access::RW).unwrap();
+    assert_ne!(other, iova, "a held IOVA is not handed out again");
+    assert!(
+        w.st.gpa_busy(0x8000, 0x9000),
+        "a device may still reach the page"
+    );
+    assert!(!w.st.gpa_mapped(0x8000, 0x9000));
+    w.sync().unwrap();
+    w.check().unwrap();
+    assert_eq!(w.dom.device(iova), None);
+    assert!(!w.st.gpa_busy(0x8000, 0x9000));
+    assert_eq!(w.st.counts(&w.dom).rolled_back, 0);
+    // Under strict the call itself flushes: the allocator is as before when it returns.
+    let mut w = World::new(Policy::Strict, L);
+    let before = w.snapshot();
+    w.dom.fail_map_after = Some(1);
+    assert_eq!(w.map(0x8000, 0x2000, Access::RW), Err(Error::Nomem));
+    w.check().unwrap();
+    assert_eq!(w.snapshot(), before);
+    assert!(w.dom.cached.is_empty());
+    // Nothing written: nothing to invalidate, one flush and no completion wait.
+    w.dom.fail_map_after = Some(0);
+    assert_eq!(w.map(0x8000, 0x2000, Access::RW), Err(Error::Nomem));
+    assert_eq!(w.snapshot(), before);
+    let s = w.st.stats();
+    assert_eq!((s.flushes, s.waits, s.invalidations), (2, 1, 1));
+}
+
+// ----- Defect 4: the deferred time bound is kept inside batches, at their end, with slack.
+
+#[test]
+fn deferred_bound_holds_inside_a_batch() {
+    let mut w = World::new(Policy::Deferred, L);
+    let a = w.map(0x10000, 0x1000, Access::RW).unwrap();
+    let b = w.map(0x20000, 0x1000, Access::RW).unwrap();
+    w.dom.device(a);
+    w.st.begin_batch();
+    assert_eq!(w.unmap(a, 0x1000), Ok(Unmapped::Done));
+    w.advance(1000);
+    assert_eq!(w.unmap(b, 0x1000), Ok(Unmapped::Done));
+    assert_eq!(
+        w.dom.device(a),
+        None,
+        "the next entry of the batch flushed the expired unmap"
+    );
+    w.end_batch().unwrap();
+    w.check().unwrap();
+}
+
+#[test]
+fn end_batch_checks_the_deferred_bound() {
+    let mut w = World::new(Policy::Deferred, L);
+    let a = w.map(0x10000, 0x1000, Access::RW).unwrap();
+    w.dom.device(a);
+    w.st.begin_batch();
+    assert_eq!(w.unmap(a, 0x1000), Ok(Unmapped::Done));
+    w.advance(1000);
+    w.end_batch().unwrap();
+    assert_eq!(w.dom.device(a), None, "end_batch flushed the expired unmap");
+    assert_eq!(w.st.stats().deferred_flushes, 1);
+}
+
+#[test]
+fn deferred_slack_and_deadline() {
+    let mut w = World::new(Policy::Deferred, Limits { slack_ns: 300, ..L });
+    assert_eq!(w.st.deferred_deadline(), None);
+    let a = w.map(0x10000, 0x1000, Access::RW).unwrap();
+    w.advance(50);
+    w.dom.device(a);
+    assert_eq!(w.unmap(a, 0x1000), Ok(Unmapped::Done));
+    assert_eq!(w.st.deferred_deadline(), Some(1050));
+    w.advance(699);
+    w.tick();
+    assert_eq!(
+        w.dom.device(a),
+        Some(0x1001_0000),
+        "not yet: 699 + 300 < 1000"
+    );
+    w.advance(1);
+    w.tick();
+    assert_eq!(w.dom.device(a), None, "700 + 300 >= 1000: flushed");
+    assert_eq!(w.st.deferred_deadline(), None);
+}
+
+// ----- Defect 7: an unconfirmed invalidation inside a MULTICALL is not an entry failure.
+
+#[test]
+fn busy_flush_inside_a_multicall_is_unsynced_not_an_entry_failure() {
+    // Strict: the entry took effect; the next flush (next entry, or end_batch) retries.
+    let mut w = World::new(Policy::Strict, L);
+    let a = w.map(0x10000, 0x1000, Access::RW).unwrap();
+    let b = w.map(0x20000, 0x1000, Access::RW).unwrap();
+    w.dom.device(a);
+    w.st.begin_batch();
+    w.dom.fail_next_flush = true;
+    assert_eq!(w.unmap(a, 0x1000), Ok(Unmapped::Unsynced));
+    assert_eq!(
+        w.unmap(a, 0x1000),
+        Err(Error::Noent),
+        "a retry finds it gone"
+    );
+    assert_eq!(w.unmap(b, 0x1000), Ok(Unmapped::Done));
+    assert_eq!(w.dom.device(a), None, "b's flush covered a");
+    w.end_batch().unwrap();
+    w.check().unwrap();
+    assert!(w.iovas.used.is_empty());
+    // Strict: a failure that persists to the end of the batch is reported by end_batch.
+    let a = w.map(0x10000, 0x1000, Access::RW).unwrap();
+    w.st.begin_batch();
+    w.dom.fail_next_flush = true;
+    assert_eq!(w.unmap(a, 0x1000), Ok(Unmapped::Unsynced));
+    w.dom.fail_next_flush = true;
+    assert_eq!(w.end_batch(), Err(Error::Busy));
+    w.check().unwrap();
+    w.sync().unwrap();
+    assert!(w.iovas.used.is_empty());
+    // Batched: entries are OK, end_batch says the batch is unsynced.
+    let mut w = World::new(Policy::Batched, L);
+    let a = w.map(0x10000, 0x1000, Access::RW).unwrap();
+    let b = w.map(0x20000, 0x1000, Access::RW).unwrap();
+    w.st.begin_batch();
+    assert_eq!(w.unmap(a, 0x1000), Ok(Unmapped::Done));
+    assert_eq!(w.unmap(b, 0x1000), Ok(Unmapped::Done));
+    w.dom.fail_next_flush = true;
+    assert_eq!(w.end_batch(), Err(Error::Busy));
+    assert_eq!(w.st.counts(&w.dom).pending, 2);
+    w.check().unwrap();
+    w.sync().unwrap();
+    assert!(w.iovas.used.is_empty());
+    // Batched, single UNMAP (a batch of one): unsynced.
+    let a = w.map(0x10000, 0x1000, Access::RW).unwrap();
+    w.dom.fail_next_flush = true;
+    assert_eq!(w.unmap(a, 0x1000), Ok(Unmapped::Unsynced));
+    // Deferred: an unmap owes no invalidation; a failed entry-bound flush is retried later.
+    let mut w = World::new(Policy::Deferred, L);
+    let m: Vec<u64> = (0..4)
+        .map(|i| w.map(0x10000 * (i + 1), 0x1000, Access::RW).unwrap())
+        .collect();
+    for &i in &m[..3] {
+        assert_eq!(w.unmap(i, 0x1000), Ok(Unmapped::Done));
+    }
+    w.dom.fail_next_flush = true;
+    assert_eq!(w.unmap(m[3], 0x1000), Ok(Unmapped::Done));
+    assert_eq!(w.st.counts(&w.dom).pending, 4);
+    assert_eq!(w.st.stats().flush_failures, 1);
+}
+
+// ----- Issue item 5: pages whose unmap is pending count as mapped for registrations.
+
+#[test]
+fn pending_unmaps_are_busy() {
+    let mut w = World::new(Policy::Deferred, L);
+    let a = w.map(0x10000, 0x2000, Access::RW).unwrap();
+    assert!(w.st.gpa_busy(0x11000, 0x12000) && w.st.gpa_mapped(0x11000, 0x12000));
+    assert!(!w.st.gpa_busy(0x12000, 0x13000) && !w.st.gpa_busy(0xF000, 0x10000));
+    assert_eq!(w.unmap(a, 0x2000), Ok(Unmapped::Done));
+    assert!(!w.st.gpa_mapped(0x10000, 0x12000));
+    assert!(w.st.gpa_busy(0x11000, 0x12000), "pending unmap: still busy");
+    assert!(!w.st.gpa_busy(0x12000, 0x13000));
+    w.sync().unwrap();
+    assert!(!w.st.gpa_busy(0x10000, 0x12000));
+}
+
+// ----- STATS: RESET zeroes the counters, errors found before the service count too.
+
+#[test]
+fn stats_reset_and_external_errors() {
+    let mut w = World::new(Policy::Strict, L);
+    let a = w.map(0x10000, 0x1000, Access::RW).unwrap();
+    let _ = w.map(0x10000, 0x1000, Access::RW);
+    assert_eq!(w.unmap(a, 0x1000), Ok(Unmapped::Done));
+    let b = w.map(0x20000, 0x1000, Access::RW).unwrap();
+    w.st.note_error();
+    let s = w.st.stats();
+    assert_eq!(
+        (s.maps, s.unmaps, s.errors, s.flushes, s.waits),
+        (2, 1, 2, 1, 1)
+    );
+    let counts = w.st.counts(&w.dom);
+    w.st.reset_stats();
+    assert_eq!(
+        w.st.stats(),
+        moat_dma::Stats::default(),
+        "every counter zeroed"
+    );
+    assert_eq!(w.st.counts(&w.dom), counts, "the gauges are not counters");
+    assert_eq!(w.unmap(b, 0x1000), Ok(Unmapped::Done));
+    assert_eq!((w.st.stats().unmaps, w.st.stats().flushes), (1, 1));
 }
 
 #[derive(Debug, Clone)]
 enum Op {
-    Map { page: u64, pages: u64, access: u8 },
-    Unmap { pick: usize },
-    UnmapBad { iova: u64, len: u64 },
-    Touch { pick: usize },
-    Batch { n: usize },
-    Tick { ns: u64 },
+    Map {
+        page: u64,
+        pages: u64,
+        access: u8,
+    },
+    Unmap {
+        pick: usize,
+    },
+    UnmapBad {
+        iova: u64,
+        len: u64,
+    },
+    Touch {
+        pick: usize,
+    },
+    /// A MULTICALL of `n` unmaps, `ns` apart, with the device touching everything in between.
+    Batch {
+        n: usize,
+        ns: u64,
+    },
+    Tick {
+        ns: u64,
+    },
     Sync,
     FailFlush,
+    FailMap {
+        after: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -395,10 +826,11 @@ fn op() -> impl Strategy<Value = Op> {
         3 => any::<usize>().prop_map(|pick| Op::Unmap { pick }),
         1 => (any::<u64>(), any::<u64>()).prop_map(|(iova, len)| Op::UnmapBad { iova, len }),
         3 => any::<usize>().prop_map(|pick| Op::Touch { pick }),
-        1 => (1usize..6).prop_map(|n| Op::Batch { n }),
+        1 => (1usize..6, 0u64..600).prop_map(|(n, ns)| Op::Batch { n, ns }),
         1 => (0u64..2000).prop_map(|ns| Op::Tick { ns }),
         1 => Just(Op::Sync),
         1 => Just(Op::FailFlush),
+        1 => (0u64..4).prop_map(|after| Op::FailMap { after }),
     ]
 }
 
@@ -410,44 +842,86 @@ fn policy() -> impl Strategy<Value = Policy> {
     ]
 }
 
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+/// Limits of the random sequences: the deferred bound acted on `SLACK` early.
+const SLACK: u64 = 200;
+const LP: Limits = Limits {
+    slack_ns: SLACK,
+    ..L
+};
 
-    /// Random sequences: live mappings never overlap (IOVA or guest pages), the device never
-    /// reaches a strictly unmapped range, deferred waits stay within their bound, errors
-    /// change nothing, and teardown returns everything.
+/// Under `Deferred`, after a call: the oldest waiting unmap is younger than the bound minus
+/// the slack (the call checked it), unless the flush it needed failed.
+fn deferred_bound_kept(w: &World) -> Result<(), TestCaseError> {
+    if let Some(deadline) = w.st.deferred_deadline() {
+        prop_assert!(
+            w.now() + SLACK < deadline || w.dom.owed,
+            "oldest unmap due at {} not flushed at {}",
+            deadline,
+            w.now()
+        );
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    /// Random sequences, with and without caching mode, with failing flushes and failing
+    /// maps: after every step the invariants of [`World::check`] hold (no IOVA held twice,
+    /// nothing released before its invalidation, counters add up), a failed call changes
+    /// nothing the guest or a device can see, the device never reaches a strictly unmapped
+    /// range, the deferred bounds hold (inside batches too), and teardown returns everything.
     #[test]
-    fn random_sequences(p in policy(), ops in proptest::collection::vec(op(), 1..80)) {
-        let mut w = World::new(p, L);
+    fn random_sequences(
+        p in policy(),
+        cm in any::<bool>(),
+        ops in proptest::collection::vec(op(), 1..80),
+    ) {
+        let mut w = World::new(p, LP);
+        w.dom.caching_mode = cm;
         let mut live: Vec<(u64, u64)> = Vec::new();
         for o in ops {
             match o {
                 Op::Map { page, pages, access } => {
                     let a = [Access::R, Access::W, Access::RW, Access { read: false, write: false }][access as usize];
                     let before = w.snapshot();
-                    match w.map(page * PAGE_SIZE, pages * PAGE_SIZE, a) {
-                        Ok(iova) => live.push((iova, pages * PAGE_SIZE)),
-                        Err(Error::Busy) => {}
+                    let gpa = page * PAGE_SIZE;
+                    match w.map(gpa, pages * PAGE_SIZE, a) {
+                        Ok(iova) => {
+                            live.push((iova, pages * PAGE_SIZE));
+                            // Usable by the device at once, also in caching mode.
+                            prop_assert_eq!(w.dom.device(iova), Some(0x1000_0000 + gpa));
+                        }
                         Err(_) => {
+                            // A failed map changed nothing visible: no mapping, no entry, and
+                            // an IOVA it took is only held while its invalidation is owed.
                             let after = w.snapshot();
-                            // A failed map may only have flushed deferred work first.
                             prop_assert_eq!(after.0.mappings, before.0.mappings);
                             prop_assert_eq!(after.1, before.1);
+                            let waiting: Vec<Mapping> = w.st.waiting().collect();
+                            for (iova, _) in after.2.iter().filter(|(i, _)| !before.2.contains_key(i)) {
+                                prop_assert!(waiting.iter().any(|m| m.iova == *iova));
+                            }
                         }
                     }
                 }
                 Op::Unmap { pick } if !live.is_empty() => {
                     let (iova, len) = live.remove(pick % live.len());
+                    let owed_before = w.dom.owed || w.dom.fail_next_flush;
                     match w.unmap(iova, len) {
-                        Ok(()) => {
+                        Ok(Unmapped::Done) => {
                             if p == Policy::Strict || p == Policy::Batched {
                                 for i in 0..len / PAGE_SIZE {
                                     prop_assert!(w.dom.device(iova + i * PAGE_SIZE).is_none());
                                 }
                             }
                         }
-                        Err(Error::Busy) => {} // cleared, invalidation pending
-                        Err(e) => prop_assert!(false, "unmap of a live mapping failed: {e}"),
+                        Ok(Unmapped::Unsynced) => {
+                            prop_assert!(p != Policy::Deferred);
+                            prop_assert!(owed_before, "unsynced without a failed flush");
+                            prop_assert!(w.st.mapping(iova).is_none(), "took effect");
+                        }
+                        Err(e) => prop_assert!(false, "unmap of a live mapping failed: {}", e),
                     }
                 }
                 Op::Unmap { .. } => {}
@@ -464,50 +938,60 @@ proptest! {
                     prop_assert!(w.dom.device(iova).is_some());
                 }
                 Op::Touch { .. } => {}
-                Op::Batch { n } => {
+                Op::Batch { n, ns } => {
                     w.st.begin_batch();
                     let mut done = Vec::new();
                     for _ in 0..n.min(live.len()) {
                         let (iova, len) = live.remove(0);
-                        if w.unmap(iova, len).is_ok() { done.push((iova, len)); }
+                        for &(i, _) in &live { w.dom.device(i); }
+                        for &(i, _) in &done { w.dom.device(i); }
+                        w.advance(ns);
+                        match w.unmap(iova, len) {
+                            Ok(_) => done.push((iova, len)),
+                            Err(e) => prop_assert!(false, "unmap in a batch failed: {}", e),
+                        }
+                        w.check()?;
+                        if p == Policy::Deferred { deferred_bound_kept(&w)?; }
                     }
-                    if w.st.end_batch(&mut w.dom, &mut w.iovas, &w.clock).is_ok() && p == Policy::Batched {
+                    w.advance(ns);
+                    if w.end_batch().is_ok() && p != Policy::Deferred {
                         for (iova, _) in done {
                             prop_assert!(w.dom.device(iova).is_none());
                         }
                     }
                 }
                 Op::Tick { ns } => {
-                    w.clock.0.set(w.clock.0.get() + ns);
-                    w.st.tick(&mut w.dom, &mut w.iovas, &w.clock);
+                    w.advance(ns);
+                    w.tick();
                 }
                 Op::Sync => {
-                    if w.st.sync(&mut w.dom, &mut w.iovas, &w.clock).is_ok() {
+                    if w.sync().is_ok() {
                         prop_assert_eq!(w.st.counts(&w.dom).pending, 0);
+                        prop_assert_eq!(w.st.counts(&w.dom).rolled_back, 0);
                         prop_assert!(w.dom.cached.keys().all(|k| w.dom.ptes.contains_key(k)));
                     }
                 }
                 Op::FailFlush => w.dom.fail_next_flush = true,
+                Op::FailMap { after } => w.dom.fail_map_after = Some(after),
             }
-            // Live mappings: disjoint IOVAs, each one held by the allocator.
+            w.check()?;
             let c = w.st.counts(&w.dom);
             prop_assert_eq!(c.mappings, live.len());
             for &(iova, _) in &live {
-                prop_assert!(w.iovas.used.contains_key(&iova));
                 prop_assert!(w.st.mapping(iova).is_some());
             }
             if p == Policy::Deferred {
                 // Above the entry bound only while a failed flush is owed (the next call retries).
-                prop_assert!(c.pending <= L.deferred_entries || w.dom.fail_next_flush || w.dom.owed);
+                prop_assert!(c.pending + c.rolled_back <= L.deferred_entries || w.dom.fail_next_flush || w.dom.owed);
+                deferred_bound_kept(&w)?;
             }
-            // Nothing pending is ever released: every cached translation is live or pending.
-            let pending_pages = c.pinned_pages;
-            prop_assert_eq!(w.iovas.used.values().sum::<u64>(), pending_pages);
         }
         w.dom.fail_next_flush = false;
-        w.st.teardown(&mut w.dom, &mut w.iovas, &w.clock).unwrap();
+        w.dom.fail_map_after = None;
+        w.teardown().unwrap();
+        w.check()?;
         let c = w.st.counts(&w.dom);
-        prop_assert_eq!((c.mappings, c.pending, c.pinned_pages), (0, 0, 0));
+        prop_assert_eq!((c.mappings, c.pending, c.rolled_back, c.pinned_pages, c.iova_pages), (0, 0, 0, 0, 0));
         prop_assert!(w.iovas.used.is_empty());
         prop_assert!(w.dom.ptes.is_empty() && w.dom.cached.is_empty());
     }

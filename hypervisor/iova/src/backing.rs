@@ -57,6 +57,9 @@ pub(crate) struct Backing {
     reg: Registry,
     end: u64,
     max_ranges: u64,
+    /// Disjoint reserved ranges (never free, never allocated); each counts as a range
+    /// against `max_ranges`, since it separates free ranges like an allocated one.
+    reserved: Vec<(u64, u64)>,
     counts: Counts,
 }
 
@@ -113,6 +116,7 @@ impl Backing {
             reg: Registry::new(max_ranges)?,
             end,
             max_ranges: max_ranges as u64,
+            reserved: Vec::new(),
             counts: Counts::default(),
         };
         let n = b.new_node(base, end).ok_or(Error::InvalidConfig)?;
@@ -124,6 +128,128 @@ impl Backing {
 
     pub(crate) fn counts(&self) -> Counts {
         self.counts
+    }
+
+    /// The reserved ranges, sorted and disjoint (not touching).
+    pub(crate) fn reserved(&self) -> &[(u64, u64)] {
+        &self.reserved
+    }
+
+    /// Free pages of the free tree inside `[s, e)`.
+    fn free_in(&self, s: u64, e: u64) -> u64 {
+        let mut sum = 0;
+        if e <= s {
+            return 0;
+        }
+        let mut t = self.floor(self.free_root, e - 1);
+        while t != NONE {
+            let n = *self.n(t);
+            if n.end <= s {
+                break;
+            }
+            sum += n.end.min(e) - n.start.max(s);
+            if n.start == 0 {
+                break;
+            }
+            t = self.floor(self.free_root, n.start - 1);
+        }
+        sum
+    }
+
+    /// Reserves `[s, e)` (inside the window): its pages are never handed out. Pages already
+    /// reserved stay so; a page that is allocated (handed out or cached) fails the call with
+    /// [`Error::InUse`], and a reservation that would exceed the range capacity with
+    /// [`Error::NoSpace`], both changing nothing.
+    pub(crate) fn reserve(&mut self, s: u64, e: u64) -> Result<(), Error> {
+        if e <= s {
+            return Ok(());
+        }
+        // The parts of [s, e) not reserved yet, and the reserved list once merged.
+        let mut pieces: Vec<(u64, u64)> = Vec::new();
+        let mut merged: Vec<(u64, u64)> = Vec::new();
+        let mut cur = s;
+        for &(a, b) in &self.reserved {
+            if b < s || a > e {
+                merged.push((a, b));
+                continue;
+            }
+            if a > cur {
+                pieces.push((cur, a.min(e)));
+            }
+            cur = cur.max(b);
+        }
+        if cur < e {
+            pieces.push((cur, e));
+        }
+        let lo = self
+            .reserved
+            .iter()
+            .filter(|&&(a, b)| !(b < s || a > e))
+            .map(|r| r.0)
+            .fold(s, u64::min);
+        let hi = self
+            .reserved
+            .iter()
+            .filter(|&&(a, b)| !(b < s || a > e))
+            .map(|r| r.1)
+            .fold(e, u64::max);
+        merged.push((lo, hi));
+        merged.sort_unstable();
+        for &(a, b) in &pieces {
+            if self.free_in(a, b) != b - a {
+                return Err(Error::InUse);
+            }
+        }
+        if self.reg.len() as u64 + merged.len() as u64 > self.max_ranges
+            || self.spare_count < pieces.len()
+        {
+            return Err(Error::NoSpace);
+        }
+        for &(a, b) in &pieces {
+            self.carve(a, b)?;
+        }
+        self.reserved = merged;
+        Ok(())
+    }
+
+    /// Removes `[s, e)`, entirely free, from the free tree.
+    fn carve(&mut self, s: u64, e: u64) -> Result<(), Error> {
+        let t = self.floor(self.free_root, s);
+        if t == NONE || self.n(t).end < e {
+            return Err(Error::Inconsistent);
+        }
+        let Node {
+            start: a, end: b, ..
+        } = *self.n(t);
+        let (root, _) = self.remove(self.free_root, a, true);
+        self.free_root = root;
+        self.counts.free_ranges -= 1;
+        self.counts.free_pages -= e - s;
+        let mut reuse = Some(t);
+        if a < s {
+            self.nm(t).end = s;
+            self.free_root = self.insert(self.free_root, t, true);
+            self.counts.free_ranges += 1;
+            reuse = None;
+        }
+        if e < b {
+            let n = match reuse.take() {
+                Some(n) => n,
+                None => self.new_node(e, b).ok_or(Error::Inconsistent)?,
+            };
+            let node = self.nm(n);
+            node.start = e;
+            node.end = b;
+            node.left = NONE;
+            node.right = NONE;
+            node.height = 1;
+            self.free_root = self.insert(self.free_root, n, true);
+            self.counts.free_ranges += 1;
+        }
+        if let Some(n) = reuse {
+            self.release_node(n);
+        }
+        Ok(())
     }
 
     // ----- node arena -----
@@ -393,7 +519,7 @@ impl Backing {
         }
         let size = 1u64 << order;
         let limit = limit.min(self.end);
-        if self.reg.len() as u64 >= self.max_ranges {
+        if (self.reg.len() + self.reserved.len()) as u64 >= self.max_ranges {
             return Err(Error::NoSpace);
         }
         let t = self.find_fit(order);
@@ -565,7 +691,8 @@ impl Backing {
             return Err("allocated counter disagrees with the registry");
         }
         let alloc_pages: u64 = allocd.iter().map(|&(a, b)| b - a).sum();
-        if alloc_pages + free_pages != self.end - base {
+        let reserved_pages: u64 = self.reserved.iter().map(|&(a, b)| b - a).sum();
+        if alloc_pages + free_pages + reserved_pages != self.end - base {
             return Err("free and allocated pages do not add up to the window");
         }
         for w in free.windows(2) {
@@ -573,7 +700,17 @@ impl Backing {
                 return Err("free ranges overlap or touch (not coalesced)");
             }
         }
-        let mut all: Vec<(u64, u64)> = free.iter().chain(allocd.iter()).copied().collect();
+        for w in self.reserved.windows(2) {
+            if w[0].1 >= w[1].0 {
+                return Err("reserved ranges overlap or touch (not merged)");
+            }
+        }
+        let mut all: Vec<(u64, u64)> = free
+            .iter()
+            .chain(allocd.iter())
+            .chain(self.reserved.iter())
+            .copied()
+            .collect();
         all.sort_unstable();
         if all.first().map(|r| r.0) != Some(base) && !all.is_empty() {
             return Err("ranges do not start at the window base");

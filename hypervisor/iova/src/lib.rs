@@ -117,6 +117,10 @@ pub enum Error {
     OutOfMemory,
     /// Internal bookkeeping disagreed (a bug, or memory corruption); nothing was changed.
     Inconsistent,
+    /// A range to reserve holds allocated (handed out or cached) pages.
+    InUse,
+    /// The IOVA to free lies (partly) in a reserved range: it was never handed out.
+    Reserved,
 }
 
 impl core::fmt::Display for Error {
@@ -139,6 +143,8 @@ impl core::fmt::Display for Error {
             Error::InvalidConfig => f.write_str("invalid allocator configuration"),
             Error::OutOfMemory => f.write_str("out of memory building the allocator"),
             Error::Inconsistent => f.write_str("allocator bookkeeping inconsistent"),
+            Error::InUse => f.write_str("range to reserve is (partly) allocated"),
+            Error::Reserved => f.write_str("IOVA inside a reserved range"),
         }
     }
 }
@@ -300,6 +306,8 @@ pub struct Stats {
     /// Bad IOVAs caught when they reached the backing allocator from a magazine (release-mode
     /// misuse that the hit path could not see); each was dropped.
     pub late_misuse: u64,
+    /// Pages reserved (never handed out; see [`IovaAllocator::reserve`]).
+    pub reserved_pages: u64,
 }
 
 /// One CPU's slot in the allocator: claim flag and drain acknowledgement.
@@ -321,6 +329,9 @@ pub struct IovaAllocator {
     cpus: alloc::boxed::Box<[CpuSlot]>,
     drain_gen: AtomicU64,
     late_misuse: AtomicU64,
+    /// Copy of the backing allocator's reserved ranges, read without its lock by the free
+    /// hit path (only [`IovaAllocator::reserve`], which takes `&mut self`, changes it).
+    reserved: alloc::vec::Vec<(u64, u64)>,
 }
 
 impl IovaAllocator {
@@ -355,7 +366,47 @@ impl IovaAllocator {
             cpus: cpus.into_boxed_slice(),
             drain_gen: AtomicU64::new(0),
             late_misuse: AtomicU64::new(0),
+            reserved: alloc::vec::Vec::new(),
         })
+    }
+
+    /// Reserves the pages `[base_pfn, end_pfn)`: they are never handed out (e.g. the MSI
+    /// window 0xFEE00000-0xFEFFFFFF and RMRRs when they lie inside the window), and a free of
+    /// an IOVA touching them is refused with [`Error::Reserved`]. Only the part inside the
+    /// window counts; reserving pages already reserved is allowed. Must be called before the
+    /// allocator is shared (it takes `&mut self`), typically right after [`Self::new`]. Each
+    /// disjoint reserved range counts as one of [`Config::max_ranges`].
+    ///
+    /// Errors, changing nothing: [`Error::InUse`] if a page of the range is allocated,
+    /// [`Error::NoSpace`] if the range capacity is exhausted, [`Error::OutOfMemory`].
+    pub fn reserve(&mut self, base_pfn: u64, end_pfn: u64) -> Result<(), Error> {
+        let (s, e) = (base_pfn.max(self.base), end_pfn.min(self.end));
+        if s >= e {
+            return Ok(());
+        }
+        let mut copy = alloc::vec::Vec::new();
+        let reserved = self.backing.with(|b| -> Result<(), Error> {
+            copy.try_reserve_exact(b.reserved().len() + 1)
+                .map_err(|_| Error::OutOfMemory)?;
+            b.reserve(s, e)?;
+            copy.extend_from_slice(b.reserved());
+            Ok(())
+        });
+        reserved?;
+        self.reserved = copy;
+        Ok(())
+    }
+
+    /// The reserved ranges (pfns, `[start, end)`, sorted, disjoint).
+    pub fn reserved(&self) -> &[(u64, u64)] {
+        &self.reserved
+    }
+
+    /// Whether `iova` touches a reserved range.
+    #[inline(always)]
+    fn in_reserved(&self, iova: Iova) -> bool {
+        let end = iova.pfn.saturating_add(iova.pages());
+        self.reserved.iter().any(|&(a, b)| iova.pfn < b && end > a)
     }
 
     /// The window `[base, limit)` in pfns.
@@ -398,6 +449,9 @@ impl IovaAllocator {
     /// invalidation rule of the crate documentation applies.
     pub fn free_uncached(&self, iova: Iova) -> Result<(), Error> {
         self.check_range(iova)?;
+        if self.in_reserved(iova) {
+            return Err(Error::Reserved);
+        }
         self.backing
             .with(|b| b.free(iova.pfn, iova.order, State::Live))
     }
@@ -420,6 +474,7 @@ impl IovaAllocator {
             cached_pages: c.cached_pages,
             depot_full: self.depot.full_counts(),
             late_misuse: self.late_misuse.load(Ordering::Relaxed),
+            reserved_pages: self.reserved.iter().map(|&(a, b)| b - a).sum(),
         }
     }
 

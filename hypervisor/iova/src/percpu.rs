@@ -233,6 +233,9 @@ impl<'a> PerCpu<'a> {
     #[inline]
     pub fn free(&mut self, iova: Iova) -> Result<(), Error> {
         check_range(self.base, self.end, iova)?;
+        if self.alloc.in_reserved(iova) {
+            return Err(Error::Reserved);
+        }
         let Iova { pfn, order } = iova;
         if self.strict || order as usize >= NUM_CLASSES {
             return self.free_checked(pfn, order);

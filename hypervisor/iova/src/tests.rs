@@ -384,3 +384,62 @@ fn dropping_a_handle_returns_everything() {
     let _h0 = a.claim(0).unwrap();
     let _h1 = a.claim(1).unwrap();
 }
+
+#[test]
+fn reserved_ranges_are_skipped_refused_and_merged() {
+    // A 32-bit window from 1 MiB with the MSI window 0xFEE00000..0xFF000000 reserved.
+    let mut a = alloc(0x100, 1 << 20, 1, true);
+    a.reserve(0xFEE00, 0xFF000).unwrap();
+    assert_eq!(a.reserved(), &[(0xFEE00, 0xFF000)]);
+    assert_eq!(a.stats().reserved_pages, 0x200);
+    // Touching and overlapping reservations merge; parts outside the window are ignored.
+    a.reserve(0xFF000, 0xFF010).unwrap();
+    a.reserve(0xFEDF0, 0xFEE10).unwrap();
+    a.reserve(0x10, 0x100).unwrap();
+    a.reserve((1 << 20) - 4, u64::MAX).unwrap();
+    assert_eq!(
+        a.reserved(),
+        &[(0xFEDF0, 0xFF010), ((1 << 20) - 4, 1 << 20)]
+    );
+    a.verify().unwrap();
+    // 512 MiB blocks: the one holding the MSI window is never handed out.
+    let order = 17;
+    let got: Vec<Iova> = (0..8)
+        .map_while(|_| a.alloc_uncached(order, u64::MAX).ok())
+        .collect();
+    assert!(got
+        .iter()
+        .all(|i| i.pfn() + i.pages() <= 0xFEDF0 || i.pfn() >= 0xFF010));
+    // Of the eight blocks the first starts below the window base and the last holds the MSI
+    // window.
+    assert_eq!(got.len(), 6, "all but the block holding the MSI window");
+    // A range holding allocated pages cannot be reserved; nothing changes.
+    let before = a.stats();
+    assert_eq!(a.reserve(got[0].pfn(), got[0].pfn() + 1), Err(Error::InUse));
+    assert_eq!(a.stats(), before);
+    // Frees into a reserved range are refused on every path.
+    assert_eq!(a.free_uncached(Iova::new(0xFEE00, 0)), Err(Error::Reserved));
+    for i in got {
+        a.free_uncached(i).unwrap();
+    }
+    {
+        let mut h = a.claim(0).unwrap();
+        assert_eq!(h.free(Iova::new(0xFEE00, 0)), Err(Error::Reserved));
+        assert_eq!(h.free(Iova::new(0xFEC00, 9)), Err(Error::Reserved));
+    }
+    a.verify().unwrap();
+    let s = a.stats();
+    assert_eq!(s.free_pages + s.reserved_pages, s.window_pages);
+}
+
+#[test]
+fn reservations_count_against_the_range_capacity() {
+    let mut a = IovaAllocator::new(Config::new(0, 1000, 1).with_max_ranges(3)).unwrap();
+    a.reserve(10, 11).unwrap();
+    a.reserve(20, 21).unwrap();
+    a.reserve(30, 31).unwrap();
+    assert_eq!(a.reserve(40, 41), Err(Error::NoSpace));
+    a.reserve(31, 35).unwrap(); // merges: no new range
+    assert_eq!(a.alloc_uncached(0, u64::MAX), Err(Error::NoSpace));
+    a.verify().unwrap();
+}

@@ -95,20 +95,34 @@ fn limit_of(base: u64, len: u64, sel: u8) -> u64 {
     }
 }
 
-fn run(base: u64, len: u64, strict: bool, ops: Vec<Op>) {
+/// `reserved`: ranges (pfn offsets from `base`, possibly beyond the window or overlapping)
+/// reserved before use; the model marks them used for good, so the allocator must never
+/// hand out a page of them and must still fit everything else exactly.
+fn run(base: u64, len: u64, strict: bool, ops: Vec<Op>, reserved: Vec<(u64, u64)>) {
     let end = base + len;
-    let a = IovaAllocator::new(
+    let mut a = IovaAllocator::new(
         Config::new(base, end, 2)
             .with_strict(strict)
             .with_max_ranges(1024)
             .with_drain_spins(4),
     )
     .unwrap();
+    let mut is_reserved = vec![false; len as usize];
+    for &(off, n) in &reserved {
+        a.reserve(base + off, base + off + n).unwrap();
+        for p in off..(off + n).min(len) {
+            is_reserved[p as usize] = true;
+        }
+    }
+    let reserved_pages = is_reserved.iter().filter(|&&r| r).count() as u64;
+    assert_eq!(a.stats().reserved_pages, reserved_pages);
+    a.verify().unwrap();
+    let a = a;
     let mut hs: Vec<PerCpu<'_>> = vec![a.claim(0).unwrap(), a.claim(1).unwrap()];
     let mut m = Model {
         base,
         end,
-        used: vec![false; len as usize],
+        used: is_reserved.clone(),
         live: Vec::new(),
         freed: Vec::new(),
     };
@@ -173,7 +187,10 @@ fn run(base: u64, len: u64, strict: bool, ops: Vec<Op>) {
                     assert!(
                         matches!(
                             r,
-                            Err(Error::NotAllocated | Error::DoubleFree | Error::WrongSize { .. })
+                            Err(Error::NotAllocated
+                                | Error::DoubleFree
+                                | Error::WrongSize { .. }
+                                | Error::Reserved)
                         ),
                         "{i:?}: {r:?}"
                     );
@@ -192,7 +209,10 @@ fn run(base: u64, len: u64, strict: bool, ops: Vec<Op>) {
             _ => {}
         }
         let s = a.stats();
-        assert_eq!(s.free_pages + s.live_pages + s.cached_pages, len);
+        assert_eq!(
+            s.free_pages + s.live_pages + s.cached_pages + s.reserved_pages,
+            len
+        );
         if strict {
             assert_eq!(s.live_pages, m.live_pages());
             assert_eq!(s.late_misuse, 0);
@@ -208,11 +228,20 @@ fn run(base: u64, len: u64, strict: bool, ops: Vec<Op>) {
     a.drain_depot();
     let s = a.stats();
     assert_eq!(
-        (s.free_pages, s.free_ranges, s.allocated_ranges),
-        (len, 1, 0)
+        (s.free_pages, s.allocated_ranges),
+        (len - reserved_pages, 0)
     );
+    if reserved.is_empty() {
+        assert_eq!(s.free_ranges, 1);
+    }
+    // A free of a reserved page is refused, whatever the mode.
+    if let Some(p) = is_reserved.iter().position(|&r| r) {
+        let i = Iova::new(base + p as u64, 0);
+        assert_eq!(a.free_uncached(i), Err(Error::Reserved));
+        assert_eq!(a.claim(0).unwrap().free(i), Err(Error::Reserved));
+    }
     let mut h = a.claim(1).unwrap();
-    for _ in 0..len {
+    for _ in 0..len - reserved_pages {
         let i = h.alloc(0, u64::MAX).unwrap();
         m.take(i, u64::MAX);
     }
@@ -226,13 +255,26 @@ proptest! {
     fn strict_allocator_matches_model(
         base in 0u64..70, len in 1u64..600, ops in prop::collection::vec(op(), 1..400)
     ) {
-        run(base, len, true, ops);
+        run(base, len, true, ops, vec![]);
     }
 
     #[test]
     fn release_allocator_matches_model(
         base in 0u64..70, len in 1u64..600, ops in prop::collection::vec(op(), 1..400)
     ) {
-        run(base, len, false, ops);
+        run(base, len, false, ops, vec![]);
+    }
+
+    /// Reserved ranges (the MSI window, RMRRs) are never handed out: every allocation of a
+    /// random sequence avoids them (the model holds their pages as used), allocation still
+    /// fits exactly everything else, and frees into them are refused.
+    #[test]
+    fn reserved_ranges_are_never_handed_out(
+        strict in any::<bool>(),
+        base in 0u64..70, len in 1u64..600,
+        reserved in prop::collection::vec((0u64..650, 1u64..80), 0..5),
+        ops in prop::collection::vec(op(), 1..400),
+    ) {
+        run(base, len, strict, ops, reserved);
     }
 }

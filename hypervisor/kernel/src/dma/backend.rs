@@ -47,22 +47,33 @@ fn access(a: Access) -> moat_vtd::Access {
 impl Iommu for VtdDomain {
     type Pending = VtdPending;
 
-    fn map(&mut self, iova: u64, hpa: u64, len: u64, a: Access) -> Result<(), Error> {
+    fn map(
+        &mut self,
+        iova: u64,
+        hpa: u64,
+        len: u64,
+        a: Access,
+        pending: &mut VtdPending,
+    ) -> Result<(), Error> {
+        // The map records in the gather what a flush must do for it (caching mode:
+        // invalidate the range; RWBF: flush the write buffer) and, when it fails, what its
+        // rollback cleared; `moat-dma` flushes when `map_needs_flush` says so.
         let dom = &mut self.domain;
-        with_unit(self.unit, |u, m| {
-            let mut g = dom.gather();
-            dom.map(m, iova, hpa, len, access(a), &mut g)?;
-            // With caching mode (not-present entries may be cached) or write-buffer flushing
-            // a new mapping needs a flush before the device may use it; otherwise nothing
-            // has to be invalidated for a not-present -> present change.
+        let g = pending.0.get_or_insert_with(|| dom.gather());
+        with_unit(self.unit, |_, m| dom.map(m, iova, hpa, len, access(a), g))
+            .ok_or(Error::Busy)?
+            .map_err(vtd_error)
+    }
+
+    fn map_needs_flush(&self) -> bool {
+        // With caching mode (not-present entries may be cached) or write-buffer flushing a
+        // new mapping needs a flush before the device may use it; otherwise nothing has to
+        // be invalidated for a not-present -> present change.
+        with_unit(self.unit, |u, _| {
             let cap = u.capability();
-            if cap.caching_mode() || cap.rwbf() {
-                u.flush(m, &mut g)?;
-            }
-            Ok(())
+            cap.caching_mode() || cap.rwbf()
         })
-        .ok_or(Error::Busy)?
-        .map_err(vtd_error)
+        .unwrap_or(true)
     }
 
     fn unmap(&mut self, iova: u64, len: u64, pending: &mut VtdPending) -> Result<(), Error> {

@@ -17,7 +17,7 @@ use moat_abi::dma::{
     QueryHeader, Request, BATCH_HEADER_SIZE, ENTRY_SIZE,
 };
 use moat_abi::{Args, Call, Return, Status};
-use moat_dma::{Access, DmaState, Limits, Policy};
+use moat_dma::{Access, DmaState, Limits, Policy, Unmapped};
 use moat_iova::{IovaAllocator, PerCpu};
 use moat_pci::Bdf;
 use moat_vtd::{Access as VtdAccess, SourceId};
@@ -64,8 +64,6 @@ pub enum SetupError {
     SeveralUnits,
     /// The VT-d driver refused.
     Vtd(moat_vtd::Error),
-    /// An RMRR lies inside the IOVA window.
-    RmrrInWindow(Bdf, u64),
     /// The IOVA allocator could not be built.
     Iova(moat_iova::Error),
 }
@@ -78,9 +76,6 @@ impl core::fmt::Display for SetupError {
                 f.write_str("devices behind different VT-d units are not supported yet")
             }
             Self::Vtd(e) => write!(f, "VT-d: {e}"),
-            Self::RmrrInWindow(b, a) => {
-                write!(f, "{b} has an RMRR at {a:#x} inside the IOVA window")
-            }
             Self::Iova(e) => write!(f, "IOVA allocator: {e:?}"),
         }
     }
@@ -98,6 +93,23 @@ struct CallCounters {
     multicalls: AtomicU64,
     exits: AtomicU64,
     cycles_validate: AtomicU64,
+    /// The unit's fault count for the domain at the last STATS RESET.
+    faults_base: AtomicU64,
+}
+
+impl CallCounters {
+    /// STATS RESET: zero the counters; `faults_now` becomes the new fault baseline.
+    fn reset(&self, faults_now: u64) {
+        for c in [
+            &self.cycles_exit,
+            &self.multicalls,
+            &self.exits,
+            &self.cycles_validate,
+        ] {
+            c.store(0, Ordering::Relaxed);
+        }
+        self.faults_base.store(faults_now, Ordering::Relaxed);
+    }
 }
 
 /// One guest's DMA service.
@@ -121,6 +133,9 @@ pub struct GuestDma {
     did: u16,
     ring: Mutex<Option<FaultRing>>,
     faults: AtomicU64,
+    /// When the oldest deferred unmap must have been flushed (ns; `u64::MAX`: nothing
+    /// waits), as the last DMA call left it.
+    deadline_ns: AtomicU64,
 }
 
 /// The guest's registered fault ring: the producer side is kept here and never read back.
@@ -262,13 +277,6 @@ impl GuestDma {
             .min()
             .unwrap_or(32);
         let limit_pfn = 1u64 << (bits - 12);
-        for &(b, _, _) in devices {
-            for (base, _) in crate::iommu::rmrrs_for(b) {
-                if base < limit_pfn * PAGE {
-                    return Err(SetupError::RmrrInWindow(b, base));
-                }
-            }
-        }
         let mut regions = Vec::new();
         if wire::MSI_WINDOW_START < limit_pfn * PAGE {
             regions.push(wire::ReservedRegion {
@@ -296,12 +304,18 @@ impl GuestDma {
             max_mappings: MAX_MAPPINGS,
             ..Limits::DEFAULT
         };
-        let iova = IovaAllocator::new(
+        let mut iova = IovaAllocator::new(
             moat_iova::Config::new(IOVA_BASE_PFN, limit_pfn, vcpus.max(1))
                 .with_max_ranges(MAX_MAPPINGS + IOVA_CACHE_RANGES_PER_VCPU * vcpus.max(1))
                 .with_strict(true),
         )
         .map_err(SetupError::Iova)?;
+        // Reserved regions inside the window (the MSI window, RMRRs) are never handed out.
+        for r in &regions {
+            let end = r.start.saturating_add(r.length);
+            iova.reserve(r.start / PAGE, end.div_ceil(PAGE))
+                .map_err(SetupError::Iova)?;
+        }
         let iova: &'static IovaAllocator = alloc::boxed::Box::leak(alloc::boxed::Box::new(iova));
         let mut cpus = Vec::new();
         for i in 0..vcpus.max(1) {
@@ -377,6 +391,7 @@ impl GuestDma {
             did,
             ring: Mutex::new(None),
             faults: AtomicU64::new(0),
+            deadline_ns: AtomicU64::new(u64::MAX),
         }))
     }
 
@@ -511,13 +526,15 @@ impl GuestDma {
         Return::ok(capacity as u64)
     }
 
-    /// Runs one validated request on the calling vCPU.
+    /// Runs one validated request on the calling vCPU (`single`: a DMA_MAP/DMA_UNMAP call,
+    /// else a MULTICALL entry).
     fn run(
         &self,
         inner: &mut Inner,
         vcpu: usize,
         areas: &[(u64, u64)],
         req: Request,
+        single: bool,
     ) -> Result<EntryOutcome, Status> {
         let ram = CallRam {
             part: &self.part,
@@ -542,10 +559,18 @@ impl GuestDma {
             Request::Unmap { iova, length } => {
                 // U1: reserved IOVA regions (the MSI window, RMRRs), as QUERY reports them.
                 if self.regions.iter().any(|r| r.intersects(iova, length)) {
+                    st.note_error();
                     return Err(Status::Perm);
                 }
-                self.with_iovas(vcpu, |ivs| st.unmap(dom, ivs, &ram, &Tsc, iova, length))
+                let u = self
+                    .with_iovas(vcpu, |ivs| st.unmap(dom, ivs, &ram, &Tsc, iova, length))
                     .map_err(status)?;
+                // Took effect but the invalidation was not confirmed (U4): BUSY for a single
+                // UNMAP; inside a MULTICALL the entry is OK and `end_batch` reports the call
+                // unsynced.
+                if single && u == Unmapped::Unsynced {
+                    return Err(Status::Busy);
+                }
                 Ok(EntryOutcome {
                     status: Status::Ok,
                     done: length,
@@ -573,14 +598,20 @@ impl GuestDma {
                     .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
                 let req = match req {
                     Ok(r) => r,
-                    Err(s) => return Return::err(s),
+                    Err(s) => {
+                        // A failed MAP/UNMAP is an error whether the ABI layer or the
+                        // service found it.
+                        self.inner.lock().st.note_error();
+                        return Return::err(s);
+                    }
                 };
                 // The registered areas are read under the guest's lock, which every
                 // registration holds from its checks to its publication: a page cannot be
                 // registered and mapped for the device at once.
                 let mut inner = self.inner.lock();
                 let areas = self.areas();
-                let r = self.run(&mut inner, vcpu, &areas, req);
+                let r = self.run(&mut inner, vcpu, &areas, req, true);
+                self.publish_deadline(&inner.st);
                 match r {
                     Ok(o) => Return::ok(o.iova.unwrap_or(o.done)),
                     Err(s) => Return::err(s),
@@ -595,7 +626,9 @@ impl GuestDma {
                 let mut inner = self.inner.lock();
                 let before = inner.st.stats().invalidations;
                 let Inner { st, dom } = &mut *inner;
-                match self.with_iovas(vcpu, |ivs| st.sync(dom, ivs, &Tsc)) {
+                let r = self.with_iovas(vcpu, |ivs| st.sync(dom, ivs, &Tsc));
+                self.publish_deadline(st);
+                match r {
                     Ok(()) => Return::ok(st.stats().invalidations - before),
                     Err(e) => Return::err(status(e)),
                 }
@@ -691,13 +724,14 @@ impl GuestDma {
         // so the fault event cannot be taken: drain the fault records here (polling path).
         crate::iommu::poll_faults(64);
         self.deliver_faults();
-        let inner = self.inner.lock();
+        let mut inner = self.inner.lock();
         let s = inner.st.stats();
         let c = inner.st.counts(&inner.dom);
-        let faults = with_unit(inner.dom.unit, |u, _| {
+        let faults_total = with_unit(inner.dom.unit, |u, _| {
             u.fault_counters().domain(inner.dom.domain.id())
         })
         .unwrap_or(0);
+        let faults = faults_total.saturating_sub(self.calls.faults_base.load(Ordering::Relaxed));
         let out = wire::Stats {
             size: wire::STATS_SIZE as u32,
             reserved: 0,
@@ -706,7 +740,7 @@ impl GuestDma {
             errors: s.errors,
             multicalls: self.calls.multicalls.load(Ordering::Relaxed),
             invalidations: s.invalidations,
-            waits: s.flushes,
+            waits: s.waits,
             faults,
             exits: self.calls.exits.load(Ordering::Relaxed),
             cycles_exit: self.calls.cycles_exit.load(Ordering::Relaxed),
@@ -720,10 +754,17 @@ impl GuestDma {
             pending_invalidations: c.pending as u64,
             pt_pages: c.table_pages as u64,
         };
-        match self.part.write(gpa, &out.to_bytes()) {
-            Ok(()) => Return::ok(wire::STATS_SIZE as u64),
-            Err(s) => Return::err(s),
+        if let Err(s) = self.part.write(gpa, &out.to_bytes()) {
+            return Return::err(s);
         }
+        if flags & wire::StatsFlags::RESET != 0 {
+            // The counters, not the gauges, atomically with the read (under the guest's
+            // lock, which every DMA call that counts holds).
+            inner.st.reset_stats();
+            self.calls.reset(faults_total);
+        }
+        drop(inner);
+        Return::ok(wire::STATS_SIZE as u64)
     }
 
     /// Runs `f` with vCPU `vcpu`'s IOVA magazines (its own handle; uncontended).
@@ -771,8 +812,7 @@ impl GuestDma {
         {
             return Err(Status::Exist);
         }
-        if inner.st.gpa_mapped(gpa, end) {
-            // MERGE: gpa_busy
+        if inner.st.gpa_busy(gpa, end) {
             return Err(Status::Busy);
         }
         Ok(())
@@ -829,7 +869,15 @@ impl GuestDma {
         self.calls
             .cycles_validate
             .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
-        let deadline = tsc::deadline_us(MULTICALL_BUDGET_US);
+        // The budget; a deferred guest's MULTICALL also keeps within the deferred slack, so
+        // the other vCPUs' timer checks are never held off longer than that (the call
+        // checks the bound itself on every entry as well).
+        let budget = if self.policy == Policy::Deferred {
+            MULTICALL_BUDGET_US.min(self.svc.slack_ns / 1000 / 2)
+        } else {
+            MULTICALL_BUDGET_US
+        };
+        let deadline = tsc::deadline_us(budget);
         let mut inner = self.inner.lock();
         // Under the guest's lock, like every registration (see DMA_MAP).
         let areas = self.areas();
@@ -855,7 +903,15 @@ impl GuestDma {
                     self.calls
                         .cycles_validate
                         .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
-                    v.and_then(|req| self.run(&mut inner, vcpu, &areas, req).map(|o| (e, o)))
+                    match v {
+                        Ok(req) => self
+                            .run(&mut inner, vcpu, &areas, req, false)
+                            .map(|o| (e, o)),
+                        Err(s) => {
+                            inner.st.note_error();
+                            Err(s)
+                        }
+                    }
                 }
             };
             // Only the output fields are written back (status and done, and a MAP's iova):
@@ -889,7 +945,11 @@ impl GuestDma {
         }
         let Inner { st, dom } = &mut *inner;
         let unsynced = self
-            .with_iovas(vcpu, |ivs| st.end_batch(dom, ivs, &Tsc))
+            .with_iovas(vcpu, |ivs| {
+                let r = st.end_batch(dom, ivs, &Tsc);
+                self.publish_deadline(st);
+                r
+            })
             .is_err();
         MulticallReturn {
             status: result,
@@ -1006,10 +1066,35 @@ impl GuestDma {
         if self.policy != Policy::Deferred {
             return;
         }
-        let Some(mut inner) = self.inner.try_lock() else {
-            return;
+        // Uncontended: check here. Contended: the holder is another vCPU's DMA call, which
+        // checks the bound itself on every entry; but a call may have started just before
+        // the flush became due, so once it is due (by the deadline the last call
+        // published) wait for the lock rather than skip the check. This runs in the vCPU
+        // loop, never in an interrupt handler, so waiting cannot deadlock.
+        let mut inner = match self.inner.try_lock() {
+            Some(g) => g,
+            None => {
+                let due = self
+                    .deadline_ns
+                    .load(Ordering::Relaxed)
+                    .saturating_sub(self.svc.slack_ns);
+                if tsc::cycles_to_ns(x86::rdtsc()) < due {
+                    return;
+                }
+                self.inner.lock()
+            }
         };
         let Inner { st, dom } = &mut *inner;
         self.with_iovas(vcpu, |ivs| st.tick(dom, ivs, &Tsc));
+        self.publish_deadline(st);
+    }
+
+    /// Publishes when the oldest deferred unmap's flush is due (read by `tick` without the
+    /// lock). Called with the guest's lock held, after every call that may change it.
+    fn publish_deadline(&self, st: &DmaState<VtdPending>) {
+        self.deadline_ns.store(
+            st.deferred_deadline().unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 }
