@@ -218,20 +218,23 @@ impl PageTable {
         let mut cur = iova;
         while cur < end {
             let p = phys + (cur - iova);
-            let level = self.leaf_level(cur, p, end - cur);
-            if let Err(e) = self.map_one(mem, cur, p, level, access) {
-                // Roll back: clear the leaves this call wrote, keep every table linked (a
-                // device may have walked them, and the IOVAs of their span go back to the
-                // caller, which may map them again before any flush). The range is
-                // invalidated by the next flush but not reported as unmapped: the caller
-                // still owns those IOVAs.
-                if cur > iova {
-                    let top = self.cfg.levels.count();
-                    self.clear_range(mem, self.root, top, iova, cur, false, gather);
-                    gather.add_invalidation(iova..cur);
+            let want = self.leaf_level(cur, p, end - cur);
+            let level = match self.map_one(mem, cur, p, want, access) {
+                Ok(level) => level,
+                Err(e) => {
+                    // Roll back: clear the leaves this call wrote, keep every table linked (a
+                    // device may have walked them, and the IOVAs of their span go back to the
+                    // caller, which may map them again before any flush). The range is
+                    // invalidated by the next flush but not reported as unmapped: the caller
+                    // still owns those IOVAs.
+                    if cur > iova {
+                        let top = self.cfg.levels.count();
+                        self.clear_range(mem, self.root, top, iova, cur, false, gather);
+                        gather.add_invalidation(iova..cur);
+                    }
+                    return Err(e);
                 }
-                return Err(e);
-            }
+            };
             cur += level_size(level);
         }
         self.mapped_bytes += len;
@@ -239,19 +242,34 @@ impl PageTable {
         Ok(())
     }
 
+    /// Maps one page of `leaf_level` (or smaller, see below) at `iova`; returns the level of
+    /// the leaf written.
+    ///
+    /// Where a superpage would go but a table is linked (one kept empty, or one with
+    /// mappings elsewhere in its span), the page is mapped inside that table with the next
+    /// smaller size: replacing the directory entry by a leaf would hide the table behind a
+    /// directory entry the hardware may still cache, with no invalidation (CM = 0).
     fn map_one<M: DmaMemory>(
         &mut self,
         mem: &mut M,
         iova: u64,
         phys: u64,
-        leaf_level: u8,
+        mut leaf_level: u8,
         access: Access,
-    ) -> Result<(), Error> {
+    ) -> Result<u8, Error> {
         let mut table = self.root;
         let mut level = self.cfg.levels.count();
-        while level > leaf_level {
+        loop {
             let slot = table + index(iova, level) * 8;
             let e = mem.read_u64(slot);
+            if level == leaf_level {
+                if level > 1 && is_present(e) && !is_leaf(e, level) {
+                    // Aligned to and covering this level's size, so the smaller one too.
+                    leaf_level -= 1;
+                } else {
+                    break;
+                }
+            }
             if !is_present(e) {
                 let next = mem.alloc_frame().ok_or(Error::NoMemory)?;
                 if !self.cfg.coherent {
@@ -282,7 +300,7 @@ impl PageTable {
             e |= pte::SNP;
         }
         self.write_entry(mem, slot, e);
-        Ok(())
+        Ok(level)
     }
 
     /// Unmaps `[iova, iova + len)`.
@@ -543,6 +561,34 @@ mod tests {
         pt.map(&mut mem, 0x5000, 0x6000_0000, 0x1000, RW, &mut g)
             .unwrap();
         assert_eq!((pt.table_pages(), mem.live_frames()), (3, 3));
+    }
+
+    #[test]
+    fn superpage_range_over_a_kept_table_maps_small_pages_inside_it() {
+        let mut mem = FakeMemory::new(64);
+        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
+        let mut g = Gather::new(0, 1);
+        pt.map(&mut mem, 0x5000, 0x5000, 0x1000, RW, &mut g)
+            .unwrap();
+        pt.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+        let tables = pt.walk_tables(&mem);
+        assert_eq!(tables.len(), 3, "the emptied leaf table stays linked");
+        // 2 MiB aligned both sides: a superpage, except that a table is linked there.
+        pt.map(&mut mem, 0, 0x4000_0000, 0x40_0000, RW, &mut g)
+            .unwrap();
+        assert_eq!(pt.translate(&mem, 0x1000).unwrap().page_size, 4096);
+        assert_eq!(pt.translate(&mem, 0x1000).unwrap().phys, 0x4000_1000);
+        assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 0x20_0000);
+        assert_eq!(pt.walk_tables(&mem), tables, "no table replaced");
+        // A clash inside the kept table is found at its page.
+        pt.unmap(&mut mem, 0, 0x20_0000, &mut g).unwrap();
+        pt.map(&mut mem, 0x7000, 0x7000, 0x1000, RW, &mut g)
+            .unwrap();
+        assert_eq!(
+            pt.map(&mut mem, 0, 0, 0x20_0000, RW, &mut g),
+            Err(Error::AlreadyMapped { iova: 0x7000 })
+        );
+        assert!(pt.translate(&mem, 0).is_none());
     }
 
     #[test]

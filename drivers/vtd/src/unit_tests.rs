@@ -761,3 +761,224 @@ fn stalled_queue_is_never_overwritten() {
     }
     assert_eq!(g.unmapped().to_vec(), vec![0x5000..0x6000]);
 }
+
+/// The IOTLB invalidation descriptors (lo, hi) executed after event `from`.
+fn iotlb_descs(hw: &FakeUnit, from: usize) -> Vec<(u64, u64)> {
+    hw.state().events[from..]
+        .iter()
+        .filter_map(|e| match e {
+            Event::Desc(lo, hi) if lo & 0xf == 2 => Some((*lo, *hi)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Issue 9, defect 2. The only mapping of a leaf table is unmapped while other IOVAs of its
+/// 2 MiB span stay free; before the (deferred) flush a new IOVA of that span is mapped. The
+/// old driver unlinked the emptied tables at the unmap and linked fresh ones for the new map
+/// without any invalidation (CM = 0): a unit whose paging-structure cache still held the old
+/// directory entries walked the old, empty table and faulted on the live mapping. Now the
+/// emptied tables stay linked and the new mapping goes into them.
+#[test]
+fn map_into_emptied_table_before_flush_translates_through_cached_directories() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x1000, 0x5000_0000, 0x1000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    // The device uses it: the unit caches the leaf and the directory entries of the walk.
+    assert_eq!(hw.dma(EDU.0, 0x1000, true), Ok(0x5000_0000));
+    assert!(!hw.state().dir_cache.is_empty());
+    let tables = dom.tables().table_pages();
+    dom.unmap(&mut mem, 0x1000, 0x1000, &mut g).unwrap();
+    // Before the flush (deferred), a new IOVA of the same span is mapped and used.
+    dom.map(&mut mem, 0x5000, 0x6000_0000, 0x1000, RW, &mut g)
+        .unwrap();
+    let hits = hw.state().dir_cache_hits;
+    assert_eq!(hw.dma(EDU.0, 0x5008, true), Ok(0x6000_0008));
+    assert!(
+        hw.state().dir_cache_hits > hits,
+        "the walk used cached directory entries"
+    );
+    assert_eq!(
+        g.pending_tables(),
+        0,
+        "the unmap did not cover a table's span"
+    );
+    assert_eq!(dom.tables().table_pages(), tables);
+    let from = hw.state().events.len();
+    let f = unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!(f.unmapped, vec![0x1000..0x2000]);
+    assert_eq!(f.tables_freed, 0);
+    // Only a leaf went away: leaf-only invalidation (IH = 1).
+    let d = iotlb_descs(&hw, from);
+    assert_eq!(d.len(), 1);
+    assert_ne!(d[0].1 & (1 << 6), 0, "IH = 1");
+    assert_eq!(hw.dma(EDU.0, 0x1000, true), Err(5));
+    drain(&mut unit);
+    assert_eq!(hw.dma(EDU.0, 0x5000, true), Ok(0x6000_0000));
+    assert!(hw.state().errors.is_empty(), "{:?}", hw.state().errors);
+}
+
+/// An unmap covering a leaf table's whole span unlinks it; the flush must then drop the
+/// cached directory entry pointing to it (IH = 0) before freeing it: with IH = 1 the next
+/// walk would read the freed (poisoned) frame and the fake memory would panic.
+#[test]
+fn table_unlinked_by_a_whole_span_unmap_is_invalidated_with_ih0_before_it_is_freed() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    // 2 MiB of 4 KiB pages (the physical address rules out a superpage).
+    dom.map(&mut mem, 0x20_0000, 0x9000_1000, 0x20_0000, RW, &mut g)
+        .unwrap();
+    // And a neighbour in the same 1 GiB, so the level-2 table stays.
+    dom.map(&mut mem, 0x40_0000, 0x7000_0000, 0x1000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    assert!(hw.dma(EDU.0, 0x20_0000, true).is_ok());
+    assert!(hw.dma(EDU.0, 0x3f_f000, true).is_ok());
+    dom.unmap(&mut mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
+    assert_eq!(g.pending_tables(), 1);
+    let from = hw.state().events.len();
+    let f = unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!(f.tables_freed, 1);
+    let d = iotlb_descs(&hw, from);
+    assert!(!d.is_empty());
+    assert!(d.iter().all(|(_, hi)| hi & (1 << 6) == 0), "IH = 0: {d:x?}");
+    // The freed table is poisoned; these walks must not reach it.
+    for iova in [0x20_0000, 0x2a_b000, 0x3f_f000] {
+        assert_eq!(hw.dma(EDU.0, iova, true), Err(5));
+        drain(&mut unit);
+    }
+    assert_eq!(hw.dma(EDU.0, 0x40_0000, true), Ok(0x7000_0000));
+    // The span can be mapped again (a fresh table).
+    dom.map(&mut mem, 0x20_0000, 0x9000_1000, 0x1000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!(hw.dma(EDU.0, 0x20_0000, true), Ok(0x9000_1000));
+}
+
+/// Issue 9, defect 3. A device walks the tables while a map is in progress (it reads an
+/// IOVA the map just wrote); the map then fails (out of frames) and is rolled back. The old
+/// rollback unlinked the leaf table it had emptied and handed it to the gather: a map of
+/// another IOVA of the same span before the flush linked a fresh table behind the cached
+/// directory entry, and the live mapping faulted (and the table leaked when the gather was
+/// dropped). Now the rollback keeps the table linked, holds no table page for the flush and
+/// records only a leaf invalidation of the rolled-back range.
+#[test]
+fn failed_map_rollback_keeps_tables_and_records_a_leaf_invalidation() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    // A mapping elsewhere in the first 1 GiB, so the level-2 table exists.
+    dom.map(&mut mem, 0x40_0000, 0x7000_0000, 0x1000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    let tables = dom.tables().table_pages();
+    // The map of [0x1fe000, 0x201000) allocates the leaf table of [0, 2M), writes two
+    // leaves, then asks for the leaf table of [2M, 4M): the device reads 0x1fe000 right
+    // then, and the allocation fails.
+    let (hw2, seen) = (hw.clone(), std::rc::Rc::new(std::cell::Cell::new(None)));
+    let (seen2, mut calls) = (seen.clone(), 0);
+    mem.set_alloc_hook(move || {
+        calls += 1;
+        if calls == 2 {
+            seen2.set(Some(hw2.dma(EDU.0, 0x1f_e000, false)));
+            return true;
+        }
+        false
+    });
+    let r = dom.map(&mut mem, 0x1f_e000, 0x8000_0000, 0x3000, RW, &mut g);
+    mem.0.borrow_mut().alloc_hook = None;
+    assert_eq!(r, Err(Error::NoMemory));
+    assert_eq!(seen.get(), Some(Ok(0x8000_0000)), "the device saw the leaf");
+    assert!(dom.translate(&mem, 0x1f_e000).is_none());
+    assert!(g.unmapped().is_empty());
+    assert!(
+        !g.is_empty(),
+        "the rolled-back leaves still need an invalidation"
+    );
+    // Before any flush, another IOVA of the same span is mapped and used.
+    dom.map(&mut mem, 0x10_0000, 0x6000_0000, 0x1000, RW, &mut g)
+        .unwrap();
+    assert_eq!(hw.dma(EDU.0, 0x10_0000, true), Ok(0x6000_0000));
+    assert_eq!(g.pending_tables(), 0, "no table page handed to the gather");
+    assert_eq!(
+        dom.tables().table_pages(),
+        tables + 1,
+        "the new table stays linked"
+    );
+    // The flush invalidates the rolled-back leaves (the device's cached translation of
+    // 0x1fe000 goes away), leaf-only, and frees nothing.
+    let from = hw.state().events.len();
+    let f = unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!((f.tables_freed, f.unmapped.len()), (0, 0));
+    let d = iotlb_descs(&hw, from);
+    assert_eq!(d.len(), 1);
+    assert_ne!(d[0].1 & (1 << 6), 0, "IH = 1");
+    assert_eq!(hw.dma(EDU.0, 0x1f_e000, false), Err(6));
+    drain(&mut unit);
+    assert_eq!(hw.dma(EDU.0, 0x10_0000, true), Ok(0x6000_0000));
+    assert!(hw.state().errors.is_empty(), "{:?}", hw.state().errors);
+    // Nothing leaked: teardown frees every page, the kept ones included.
+    unit.detach(&mut mem, &mut dom, EDU).unwrap();
+    let live = mem.live_frames();
+    let n = dom.tables().table_pages();
+    unit.destroy_domain(&mut mem, dom).unwrap();
+    assert_eq!(mem.live_frames(), live - n);
+}
+
+/// Teardown: after the last unmap, `release_empty_tables` hands every emptied table to the
+/// gather and the flush frees them (table pages back to the empty domain's one root).
+#[test]
+fn release_empty_tables_at_teardown() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let baseline = dom.tables().table_pages();
+    let live = mem.live_frames();
+    let mut g = dom.gather();
+    for i in 0..8u64 {
+        dom.map(
+            &mut mem,
+            i * 0x3_3000,
+            0x5000_0000 + i * 0x1000,
+            0x1000,
+            RW,
+            &mut g,
+        )
+        .unwrap();
+    }
+    unit.flush(&mut mem, &mut g).unwrap();
+    for i in 0..8u64 {
+        assert!(hw.dma(EDU.0, i * 0x3_3000, true).is_ok());
+    }
+    for i in 0..8u64 {
+        dom.unmap(&mut mem, i * 0x3_3000, 0x1000, &mut g).unwrap();
+    }
+    assert!(dom.tables().table_pages() > baseline);
+    let mut wrong = crate::gather::Gather::new(0, dom.id() + 1);
+    assert_eq!(
+        dom.release_empty_tables(&mut mem, &mut wrong),
+        Err(Error::WrongDomain)
+    );
+    let n = dom.release_empty_tables(&mut mem, &mut g).unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(dom.tables().table_pages(), baseline);
+    let f = unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!(f.tables_freed, 2);
+    assert_eq!(mem.live_frames(), live);
+    // The cached directory entries went with the IH = 0 flush: no walk reaches a freed page.
+    for i in 0..8u64 {
+        assert_eq!(hw.dma(EDU.0, i * 0x3_3000, true), Err(5));
+        drain(&mut unit);
+    }
+}
