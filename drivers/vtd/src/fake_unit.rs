@@ -588,10 +588,12 @@ impl RegisterWindow for FakeUnit {
             offset::CCMD => s.register_invalidate_context(v),
             offset::IQT => {
                 s.events.push(Event::Iqt(v));
+                let was_idle = s.iqh == s.iqt;
                 s.iqt = ((v >> 4) & 0x7fff) as usize;
                 if s.queue_delay == 0 {
                     s.run_queue(usize::MAX);
-                } else if s.queue_countdown == 0 {
+                } else if was_idle {
+                    // The first new descriptor is fetched `queue_delay` reads from now.
                     s.queue_countdown = s.queue_delay;
                 }
             }

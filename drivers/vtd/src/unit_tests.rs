@@ -982,3 +982,56 @@ fn release_empty_tables_at_teardown() {
         drain(&mut unit);
     }
 }
+
+/// Issue 9 (item 10): queued invalidation was turned off without waiting for IQH == IQT. A
+/// flush whose wait timed out on a slow unit leaves descriptors in the queue; `disable` must
+/// let the unit consume them (bounded) before clearing QIE. The model refuses (and records)
+/// a QIE clear with a non-empty queue, as the specification forbids it.
+#[test]
+fn disable_waits_for_the_queue_to_drain() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x5000, 0x7000, 0x1000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    dom.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+    // A slow unit: one descriptor per 700 register reads; the flush polls ~1000 times.
+    hw.state().queue_delay = 700;
+    assert_eq!(
+        unit.flush(&mut mem, &mut g),
+        Err(Error::Timeout(Operation::InvalidationWait))
+    );
+    {
+        let s = hw.state();
+        assert_ne!(s.iqh, s.iqt, "the queue has not drained yet");
+    }
+    unit.disable().unwrap();
+    let s = hw.state();
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert_eq!(s.iqh, s.iqt);
+    assert_eq!(s.gsts & (GlobalStatus::TES | GlobalStatus::QIES).bits(), 0);
+    drop(s);
+    assert!(!unit.queued_invalidation());
+    // A hung queue never drains: disable reports it and leaves QI on (translation is off).
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x5000, 0x7000, 0x1000, RW, &mut g)
+        .unwrap();
+    dom.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+    hw.state().ignore_waits = true;
+    assert!(unit.flush(&mut mem, &mut g).is_err());
+    assert_eq!(
+        unit.disable(),
+        Err(Error::Timeout(Operation::InvalidationQueueDrain))
+    );
+    assert!(unit.queued_invalidation());
+    assert!(!unit.is_enabled());
+    let s = hw.state();
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert_eq!(s.gsts & GlobalStatus::TES.bits(), 0);
+}
