@@ -752,6 +752,32 @@ mod tests {
     }
 
     #[test]
+    fn rollback_keeps_a_table_even_when_it_cleared_its_whole_span() {
+        let mut mem = FakeMemory::new(64);
+        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
+        let mut g = Gather::new(0, 1);
+        pt.map(&mut mem, 0x20_0000, 0x1000, 0x1000, RW, &mut g)
+            .unwrap();
+        let tables = pt.table_pages();
+        // Fills the leaf table of [0, 2M) completely, then clashes at 2M.
+        assert_eq!(
+            pt.map(&mut mem, 0, 0x10_0000, 0x20_1000, RW, &mut g),
+            Err(Error::AlreadyMapped { iova: 0x20_0000 })
+        );
+        assert!(pt.translate(&mem, 0x1f_f000).is_none());
+        // The IOVAs go back to the caller: the table must stay linked.
+        assert_eq!(g.pending_tables(), 0);
+        assert_eq!(pt.table_pages(), tables + 1);
+        assert_eq!(
+            g.plan(true, 18, 8),
+            crate::gather::FlushPlan::Pages {
+                blocks: alloc::vec![crate::gather::PsiBlock { addr: 0, am: 9 }],
+                ih: true
+            }
+        );
+    }
+
+    #[test]
     fn non_coherent_flushes_every_table_write() {
         let mut mem = FakeMemory::new(16);
         let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, false)).unwrap();
@@ -790,6 +816,10 @@ mod tests {
     }
 
     impl PageTable {
+        fn table_empty_for_test(&self, mem: &FakeMemory, t: PhysAddr) -> bool {
+            table_empty(mem, t)
+        }
+
         /// Every linked table page, root first, depth first.
         fn walk_tables(&self, mem: &FakeMemory) -> Vec<PhysAddr> {
             self.linked_tables(mem)
@@ -846,12 +876,19 @@ mod tests {
             page: u64,
             pages: u64,
         },
+        /// Unmaps exactly the range of the n-th successful map (modulo their number), as a
+        /// DMA client unmapping its own mappings does.
+        UnmapNth(usize),
+        /// The gather's flush: its table pages are freed (poisoned in the fake memory).
+        Flush,
+        /// Teardown-style release of the empty tables, then a flush.
+        Release,
     }
 
     fn op() -> impl Strategy<Value = Op> {
         // IOVAs within 8 MiB so 2 MiB superpages and table sharing happen often.
         prop_oneof![
-            (0u64..2048, 1u64..600, 0u64..4096, any::<bool>()).prop_map(
+            4 => (0u64..2048, 1u64..600, 0u64..4096, any::<bool>()).prop_map(
                 |(page, pages, phys_page, write)| {
                     let page = if page % 3 == 0 { page & !511 } else { page };
                     let phys_page = if page % 512 == 0 {
@@ -867,8 +904,26 @@ mod tests {
                     }
                 }
             ),
-            (0u64..2048, 1u64..600).prop_map(|(page, pages)| Op::Unmap { page, pages }),
+            4 => (0u64..2048, 1u64..1100).prop_map(|(page, pages)| {
+                // Often a whole number of 2 MiB spans, so tables get unlinked.
+                if page % 3 == 0 {
+                    Op::Unmap { page: page & !511, pages: (pages + 511) & !511 }
+                } else {
+                    Op::Unmap { page, pages: pages % 600 + 1 }
+                }
+            }),
+            3 => any::<usize>().prop_map(Op::UnmapNth),
+            1 => Just(Op::Flush),
+            1 => Just(Op::Release),
         ]
+    }
+
+    /// Frees what the gather holds, as a completed flush would.
+    fn flush(mem: &mut FakeMemory, g: &mut Gather) {
+        let (_, tables) = g.take();
+        for t in tables {
+            mem.free_frame(t);
+        }
     }
 
     proptest! {
@@ -885,17 +940,41 @@ mod tests {
             let mut g = Gather::new(0, 1);
             // page -> (phys page, write, superpage base page, superpage pages)
             let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
+            let mut maps: Vec<(u64, u64)> = Vec::new();
             for op in ops {
+                let op = match op {
+                    Op::UnmapNth(n) if !maps.is_empty() => {
+                        let (page, pages) = maps[n % maps.len()];
+                        Op::Unmap { page, pages }
+                    }
+                    Op::UnmapNth(_) => Op::Flush,
+                    op => op,
+                };
+                let before = pt.linked_tables(&mem);
+                let pending_before = g.pending_tables();
                 match op {
+                    Op::UnmapNth(_) => unreachable!(),
+                    Op::Flush => flush(&mut mem, &mut g),
+                    Op::Release => {
+                        let n = pt.release_empty_tables(&mut mem, &mut g);
+                        prop_assert_eq!(g.pending_tables(), pending_before + n);
+                        for &t in &g.pending_table_list()[pending_before..] {
+                            prop_assert!(pt.table_empty_for_test(&mem, t));
+                        }
+                        flush(&mut mem, &mut g);
+                    }
                     Op::Map { page, pages, phys_page, write } => {
                         let access = if write { RW } else { Access::READ };
                         let r = pt.map(&mut mem, page * 4096, phys_page * 4096, pages * 4096, access, &mut g);
                         let clash = (page..page + pages).any(|p| model.contains_key(&p));
                         prop_assert_eq!(r.is_ok(), !clash, "{:?}", r);
+                        // A map, failed or not, never unlinks a table.
+                        prop_assert_eq!(g.pending_tables(), pending_before);
                         if r.is_ok() {
                             for i in 0..pages {
                                 model.insert(page + i, (phys_page + i, write));
                             }
+                            maps.push((page, pages));
                         }
                     }
                     Op::Unmap { page, pages } => {
@@ -904,6 +983,19 @@ mod tests {
                             Ok(()) => {
                                 for p in page..page + pages {
                                     prop_assert!(model.remove(&p).is_some());
+                                }
+                                maps.retain(|&(p, n)| p + n <= page || p >= page + pages);
+                                // Unlinked only tables whose whole span the range covered.
+                                let (start, end) = (page * 4096, (page + pages) * 4096);
+                                for &t in &g.pending_table_list()[pending_before..] {
+                                    let &(_, level, base) = before
+                                        .iter()
+                                        .find(|x| x.0 == t)
+                                        .expect("an unlinked table was linked");
+                                    let span = level_size(level) * 512;
+                                    prop_assert!(start <= base && base + span <= end,
+                                        "table {:#x} (level {}, span {:#x}+{:#x}) unlinked by unmap {:#x}..{:#x}",
+                                        t, level, base, span, start, end);
                                 }
                             }
                             Err(Error::NotMapped { iova }) => {
@@ -920,6 +1012,15 @@ mod tests {
                 if !coherent {
                     prop_assert!(mem.unflushed_writes().is_empty());
                 }
+                // No linked table is a freed frame or one waiting in the gather, and the
+                // accounting is exact.
+                let linked = pt.linked_tables(&mem);
+                for &(t, ..) in &linked {
+                    prop_assert!(mem.is_live(t) && !mem.is_poisoned(t), "linked table {:#x} freed", t);
+                    prop_assert!(!g.pending_table_list().contains(&t));
+                }
+                prop_assert_eq!(linked.len(), pt.table_pages());
+                prop_assert_eq!(pt.table_pages() + g.pending_tables(), mem.live_frames());
             }
             for p in 0..2048 + 600 {
                 let t = pt.translate(&mem, p * 4096 + 8);
