@@ -607,3 +607,86 @@ impl RegisterWindow for FakeUnit {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hw::DmaMemory;
+
+    /// The paging-structure cache follows the IH rules: PSI with IH = 1 keeps it, PSI with
+    /// IH = 0 drops the entries whose span meets the range (of that domain only), domain and
+    /// global invalidations drop them all.
+    #[test]
+    fn directory_cache_invalidation_rules() {
+        let mem = FakeMemory::new(8);
+        let hw = FakeUnit::qemu(&mem);
+        let fill = |s: &mut State| {
+            s.dir_cache.clear();
+            // Domain 1: level-3 entry for [0, 1G), level-2 entries for [0, 2M), [2M, 4M).
+            s.dir_cache.insert((1, 3, 0), 0x1003);
+            s.dir_cache.insert((1, 2, 0), 0x2003);
+            s.dir_cache.insert((1, 2, 1), 0x3003);
+            s.dir_cache.insert((2, 2, 0), 0x4003);
+        };
+        let mut s = hw.state();
+        fill(&mut s);
+        s.apply_iotlb_inv(3, 1, 0x1000, 0, true);
+        assert_eq!(s.dir_cache.len(), 4, "IH = 1 keeps directory entries");
+        s.apply_iotlb_inv(3, 1, 0x1000, 0, false);
+        let keys: Vec<_> = s.dir_cache.keys().copied().collect();
+        assert_eq!(
+            keys,
+            vec![(1, 2, 1), (2, 2, 0)],
+            "IH = 0: those over 0x1000 go"
+        );
+        fill(&mut s);
+        s.apply_iotlb_inv(2, 1, 0, 0, false);
+        assert_eq!(
+            s.dir_cache.keys().copied().collect::<Vec<_>>(),
+            vec![(2, 2, 0)]
+        );
+        fill(&mut s);
+        s.apply_iotlb_inv(1, 0, 0, 0, false);
+        assert!(s.dir_cache.is_empty());
+    }
+
+    /// A wait descriptor's status write lands only after later register reads, not at the
+    /// IQT write; with `queue_delay = 0` it lands at once (QEMU's behaviour).
+    #[test]
+    fn wait_completes_asynchronously() {
+        for delay in [0u32, 5] {
+            let mut mem = FakeMemory::new(8);
+            let mut hw = FakeUnit::qemu(&mem);
+            hw.state().queue_delay = delay;
+            let q = mem.alloc_frame().unwrap();
+            let status = mem.alloc_frame().unwrap();
+            hw.write64(offset::IQA, q);
+            hw.write32(offset::GCMD, GlobalCommand::QIE.bits());
+            let wait = crate::inval::Descriptor::wait(status, 7);
+            mem.write_u64(q, wait.lo);
+            mem.write_u64(q + 8, wait.hi);
+            hw.write64(offset::IQT, 1 << 4);
+            let mut reads = 0;
+            while mem.read_u32(status) != 7 {
+                assert!(reads < 100);
+                hw.read32(offset::FSTS);
+                reads += 1;
+            }
+            assert_eq!(reads, delay);
+            assert_eq!(hw.read64(offset::IQH), 1 << 4);
+        }
+    }
+
+    /// A hardware read of a freed frame panics, even though the CPU side cannot tell.
+    #[test]
+    #[should_panic(expected = "hardware read of FREED frame")]
+    fn hardware_read_of_a_freed_frame_fails_loudly() {
+        let mut mem = FakeMemory::new(8);
+        let f = mem.alloc_frame().unwrap();
+        mem.free_frame(f);
+        // Not reused at once (quarantine).
+        let g = mem.alloc_frame().unwrap();
+        assert_ne!(f, g);
+        mem.hw_read_u64(f);
+    }
+}

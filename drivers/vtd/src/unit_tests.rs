@@ -603,6 +603,8 @@ mod model {
         Dma {
             page: u64,
         },
+        /// Unmaps exactly the n-th live mapping (modulo their number).
+        UnmapNth(usize),
         Flush,
     }
 
@@ -613,7 +615,11 @@ mod model {
                 let (page, phys) = if page % 4 == 0 { (page & !511, phys & !511) } else { (page, phys) };
                 Op::Map { page, pages, phys, write }
             }),
+            // Small mappings, as DMA clients make them: tables shared by several mappings.
+            2 => (0u64..1024, 1u64..4, 0u64..2048, any::<bool>())
+                .prop_map(|(page, pages, phys, write)| Op::Map { page, pages, phys, write }),
             3 => (0u64..1024, 1u64..600).prop_map(|(page, pages)| Op::Unmap { page, pages }),
+            2 => any::<usize>().prop_map(Op::UnmapNth),
             3 => (0u64..1100).prop_map(|page| Op::Dma { page }),
             1 => Just(Op::Flush),
         ]
@@ -647,15 +653,43 @@ mod model {
             let mut g = dom.gather();
             let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
             let mut outstanding: Vec<std::ops::Range<u64>> = Vec::new();
+            // Ranges of failed maps, invalidated by the next flush.
+            let mut dirty: Vec<std::ops::Range<u64>> = Vec::new();
+            let mut maps: Vec<(u64, u64)> = Vec::new();
             for op in ops.into_iter().chain([Op::Flush]) {
+                let op = match op {
+                    Op::UnmapNth(n) if !maps.is_empty() => {
+                        let (page, pages) = maps[n % maps.len()];
+                        Op::Unmap { page, pages }
+                    }
+                    Op::UnmapNth(_) => Op::Flush,
+                    op => op,
+                };
                 match op {
+                    Op::UnmapNth(_) => unreachable!(),
                     Op::Map { page, pages, phys, write } => {
                         let access = if write { RW } else { Access::READ };
                         let r = dom.map(&mut mem, page << 12, phys << 12, pages << 12, access, &mut g);
+                        let range = (page << 12)..((page + pages) << 12);
                         if r.is_ok() {
                             for i in 0..pages {
                                 model.insert(page + i, (phys + i, write));
                             }
+                            maps.push((page, pages));
+                            // Without caching mode a new mapping is live at once, before
+                            // any flush, unless it reuses IOVAs still pending in the gather
+                            // (which a real caller never does: its allocator holds them).
+                            let pending = outstanding.iter().chain(&dirty)
+                                .any(|o| o.start < range.end && range.start < o.end);
+                            if !cm && !pending {
+                                for p in [page, page + pages - 1] {
+                                    let want = ((phys + p - page) << 12) | 0x10;
+                                    prop_assert_eq!(hw.dma(EDU.0, (p << 12) | 0x10, false), Ok(want),
+                                        "fresh mapping at page {:#x}", p);
+                                }
+                            }
+                        } else {
+                            dirty.push(range);
                         }
                     }
                     Op::Unmap { page, pages } => {
@@ -663,6 +697,7 @@ mod model {
                             for p in page..page + pages {
                                 prop_assert!(model.remove(&p).is_some());
                             }
+                            maps.retain(|&(p, n)| p + n <= page || p >= page + pages);
                             outstanding.push((page << 12)..((page + pages) << 12));
                         }
                     }
@@ -674,6 +709,7 @@ mod model {
                         let f = unit.flush(&mut mem, &mut g).unwrap();
                         prop_assert_eq!(&f.unmapped, &outstanding);
                         outstanding.clear();
+                        dirty.clear();
                         for p in 0..WINDOW {
                             let got = hw.dma(EDU.0, (p << 12) | 0x18, true);
                             let want = match model.get(&p) {
