@@ -120,6 +120,11 @@ impl Domain {
     }
 
     /// Maps `[iova, iova + len)` to `[phys, phys + len)`. See [`PageTable::map`].
+    ///
+    /// On error the mapping is unchanged but `gather` may hold an invalidation of the leaves
+    /// the failed call wrote and cleared again: the caller **must** flush `gather`
+    /// successfully before it reuses those IOVAs (the tables the call installed stay linked;
+    /// nothing leaks if the gather is flushed later with other work).
     pub fn map<M: DmaMemory>(
         &mut self,
         mem: &mut M,
@@ -155,6 +160,18 @@ impl Domain {
     ) -> Result<(), Error> {
         self.check_gather(gather)?;
         self.tables.unmap(mem, iova, len, gather)
+    }
+
+    /// Unlinks every empty table page into `gather` (to be freed by its flush). See
+    /// [`PageTable::release_empty_tables`]: no map into the domain until that flush
+    /// succeeded (for teardown, after the last unmap).
+    pub fn release_empty_tables<M: DmaMemory>(
+        &mut self,
+        mem: &mut M,
+        gather: &mut Gather,
+    ) -> Result<usize, Error> {
+        self.check_gather(gather)?;
+        Ok(self.tables.release_empty_tables(mem, gather))
     }
 
     /// Looks `iova` up in the domain's tables.

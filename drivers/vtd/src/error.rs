@@ -23,6 +23,9 @@ pub enum Operation {
     InvalidationWait,
     /// Free space in the invalidation queue (IQH not advancing).
     InvalidationQueueSpace,
+    /// The invalidation queue draining (IQH reaching IQT) before queued invalidation is
+    /// turned off.
+    InvalidationQueueDrain,
     /// PMEN.PRS clear.
     ProtectedMemoryDisable,
 }

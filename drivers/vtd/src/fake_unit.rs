@@ -5,6 +5,16 @@
 //! context cache and an IOTLB that keep stale translations until invalidated, hardware
 //! page walks over the driver's tables (in the shared fake memory), and fault recording
 //! with PPF/PFO/FRI and QEMU's same-source suppression.
+//!
+//! Beyond QEMU, it behaves like real hardware in three ways QEMU does not show:
+//! - a paging-structure cache: every walk caches the directory (non-leaf) entries it used,
+//!   per domain and IOVA span, and later walks use the cached entry instead of the table in
+//!   memory. A page-selective IOTLB invalidation with IH = 1 keeps them; with IH = 0 it drops
+//!   those whose span meets the range; domain and global invalidations drop them all;
+//! - asynchronous queued invalidation: descriptors are fetched and executed one per
+//!   `queue_delay` register reads (the driver's polls), so a wait's status write, the
+//!   invalidations before it and IQH reaching IQT all happen some time after the IQT write;
+//! - hardware accesses to freed (poisoned) frames panic (see `testing`).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -62,6 +72,15 @@ pub struct State {
     pub iotlb_cache: BTreeMap<(u16, u64), (u64, bool, bool)>,
     /// Caching mode: (did, page) of failed lookups, cached as not-present.
     pub negative_cache: BTreeMap<(u16, u64), ()>,
+    /// Paging-structure cache: (did, level of the table holding the entry, IOVA >> shift of
+    /// that level) -> the present non-leaf entry.
+    pub dir_cache: BTreeMap<(u16, u8, u64), u64>,
+    /// Walk steps served from `dir_cache`.
+    pub dir_cache_hits: u64,
+    /// Register reads between two descriptors fetched from the queue (0: the whole queue
+    /// runs at the IQT write, as in QEMU).
+    pub queue_delay: u32,
+    queue_countdown: u32,
     /// GSTS status changes take effect after this many GSTS reads.
     pub gsts_delay: u32,
     pending_gsts: Option<(u32, u32)>,
@@ -107,6 +126,10 @@ impl FakeUnit {
             context_cache: BTreeMap::new(),
             iotlb_cache: BTreeMap::new(),
             negative_cache: BTreeMap::new(),
+            dir_cache: BTreeMap::new(),
+            dir_cache_hits: 0,
+            queue_delay: 2,
+            queue_countdown: 0,
             gsts_delay: 0,
             pending_gsts: None,
             ignore_waits: false,
@@ -213,7 +236,8 @@ impl State {
         }
         let g = ((v >> 60) & 3) as u8;
         let did = (v >> 32) as u16;
-        self.apply_iotlb_inv(g, did, self.iva & !0xfff, (self.iva & 0x3f) as u8);
+        let ih = self.iva & (1 << 6) != 0;
+        self.apply_iotlb_inv(g, did, self.iva & !0xfff, (self.iva & 0x3f) as u8, ih);
         self.iotlb = (v & !(1 << 63)) | ((g as u64) << 57);
     }
 
@@ -228,7 +252,7 @@ impl State {
         }
     }
 
-    fn apply_iotlb_inv(&mut self, g: u8, did: u16, addr: u64, am: u8) {
+    fn apply_iotlb_inv(&mut self, g: u8, did: u16, addr: u64, am: u8, ih: bool) {
         let (lo, hi) = (addr >> 12, (addr >> 12) + (1u64 << am));
         let keep = |k: &(u16, u64)| match g {
             1 => false,
@@ -238,19 +262,46 @@ impl State {
         };
         self.iotlb_cache.retain(|k, _| keep(k));
         self.negative_cache.retain(|k, _| keep(k));
+        // Paging-structure caches: IH = 1 keeps them (only leaves changed); IH = 0 drops
+        // every cached directory entry used to translate some address of the range.
+        let (start, end) = (addr, addr + (4096u64 << am));
+        self.dir_cache.retain(|&(d, level, idx), _| match g {
+            1 => false,
+            2 => d != did,
+            3 => {
+                let shift = 12 + 9 * (level as u32 - 1);
+                let (s, e) = (idx << shift, (idx + 1) << shift);
+                d != did || ih || e <= start || s >= end
+            }
+            _ => true,
+        });
     }
 
-    /// Processes the queue from IQH to IQT, as QEMU does on an IQT write.
-    fn run_queue(&mut self) {
+    /// One register read went by: the queue makes progress.
+    fn tick(&mut self) {
+        if self.queue_delay == 0 || self.iqh == self.iqt {
+            return;
+        }
+        self.queue_countdown = self.queue_countdown.saturating_sub(1);
+        if self.queue_countdown == 0 {
+            self.run_queue(1);
+            self.queue_countdown = self.queue_delay;
+        }
+    }
+
+    /// Processes up to `budget` descriptors of the queue from IQH towards IQT.
+    fn run_queue(&mut self, budget: usize) {
         if !self.qi_on() || self.fsts & FaultStatus::IQE.bits() != 0 {
             return;
         }
         let base = self.iqa & !0xfff;
         let size = 256usize << (self.iqa & 7);
-        while self.iqh != self.iqt {
+        let mut left = budget;
+        while self.iqh != self.iqt && left > 0 {
+            left -= 1;
             let at = base + self.iqh as u64 * 16;
-            let lo = self.mem.peek_u64(at);
-            let hi = self.mem.peek_u64(at + 8);
+            let lo = self.mem.hw_read_u64(at);
+            let hi = self.mem.hw_read_u64(at + 8);
             let ty = (lo & 0xf) as u8;
             let mamv = Capability(self.cap).mamv();
             let mut bad = match ty {
@@ -279,6 +330,10 @@ impl State {
                 self.fsts |= FaultStatus::IQE.bits();
                 return;
             }
+            if ty == 5 && self.ignore_waits {
+                // A hung queue: stuck at the wait descriptor.
+                return;
+            }
             self.events.push(Event::Desc(lo, hi));
             match ty {
                 1 => self.apply_context_inv(
@@ -291,11 +346,9 @@ impl State {
                     (lo >> 16) as u16,
                     hi & !0xfff,
                     (hi & 0x3f) as u8,
+                    hi & (1 << 6) != 0,
                 ),
                 5 => {
-                    if self.ignore_waits {
-                        return;
-                    }
                     self.mem.hw_write_u32(hi & !3, (lo >> 32) as u32);
                 }
                 _ => unreachable!(),
@@ -309,14 +362,14 @@ impl State {
             return Ok(*c);
         }
         let root = self.latched_root.ok_or(8u8)?;
-        let re = self.mem.peek_u64(root + (sid >> 8) as u64 * 16);
+        let re = self.mem.hw_read_u64(root + (sid >> 8) as u64 * 16);
         if re & 1 == 0 {
             return Err(1);
         }
         let at = (re & !0xfff) + (sid & 0xff) as u64 * 16;
         let ce = ContextEntry {
-            lo: self.mem.peek_u64(at),
-            hi: self.mem.peek_u64(at + 8),
+            lo: self.mem.hw_read_u64(at),
+            hi: self.mem.hw_read_u64(at + 8),
         };
         if !ce.present() {
             return Err(2);
@@ -359,8 +412,16 @@ impl State {
         let mut table = ce.slptptr();
         let mut level = levels;
         loop {
-            let idx = (iova >> (12 + 9 * (level - 1))) & 0x1ff;
-            let e = self.mem.peek_u64(table + idx * 8);
+            let shift = 12 + 9 * (level - 1);
+            let idx = (iova >> shift) & 0x1ff;
+            let key = (did, level as u8, iova >> shift);
+            let e = match self.dir_cache.get(&key) {
+                Some(&cached) => {
+                    self.dir_cache_hits += 1;
+                    cached
+                }
+                None => self.mem.hw_read_u64(table + idx * 8),
+            };
             if e & 3 == 0 {
                 if Capability(self.cap).caching_mode() {
                     self.negative_cache.insert((did, page), ());
@@ -385,6 +446,7 @@ impl State {
                     Err(deny)
                 };
             }
+            self.dir_cache.insert(key, e);
             table = e & 0x000f_ffff_ffff_f000;
             level -= 1;
         }
@@ -429,6 +491,7 @@ impl State {
 impl RegisterWindow for FakeUnit {
     fn read32(&mut self, off: usize) -> u32 {
         let mut s = self.0.borrow_mut();
+        s.tick();
         let fro = s.fro();
         match off {
             offset::VER => 0x10,
@@ -464,6 +527,7 @@ impl RegisterWindow for FakeUnit {
 
     fn read64(&mut self, off: usize) -> u64 {
         let mut s = self.0.borrow_mut();
+        s.tick();
         let (iro, fro) = (s.iro(), s.fro());
         match off {
             offset::CAP => s.cap,
@@ -524,8 +588,14 @@ impl RegisterWindow for FakeUnit {
             offset::CCMD => s.register_invalidate_context(v),
             offset::IQT => {
                 s.events.push(Event::Iqt(v));
+                let was_idle = s.iqh == s.iqt;
                 s.iqt = ((v >> 4) & 0x7fff) as usize;
-                s.run_queue();
+                if s.queue_delay == 0 {
+                    s.run_queue(usize::MAX);
+                } else if was_idle {
+                    // The first new descriptor is fetched `queue_delay` reads from now.
+                    s.queue_countdown = s.queue_delay;
+                }
             }
             offset::IQA => {
                 s.events.push(Event::Iqa(v));
@@ -535,5 +605,88 @@ impl RegisterWindow for FakeUnit {
             o if o == iro + 8 => s.register_invalidate_iotlb(v),
             _ => s.errors.push(std::format!("write64 of {off:#x}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hw::DmaMemory;
+
+    /// The paging-structure cache follows the IH rules: PSI with IH = 1 keeps it, PSI with
+    /// IH = 0 drops the entries whose span meets the range (of that domain only), domain and
+    /// global invalidations drop them all.
+    #[test]
+    fn directory_cache_invalidation_rules() {
+        let mem = FakeMemory::new(8);
+        let hw = FakeUnit::qemu(&mem);
+        let fill = |s: &mut State| {
+            s.dir_cache.clear();
+            // Domain 1: level-3 entry for [0, 1G), level-2 entries for [0, 2M), [2M, 4M).
+            s.dir_cache.insert((1, 3, 0), 0x1003);
+            s.dir_cache.insert((1, 2, 0), 0x2003);
+            s.dir_cache.insert((1, 2, 1), 0x3003);
+            s.dir_cache.insert((2, 2, 0), 0x4003);
+        };
+        let mut s = hw.state();
+        fill(&mut s);
+        s.apply_iotlb_inv(3, 1, 0x1000, 0, true);
+        assert_eq!(s.dir_cache.len(), 4, "IH = 1 keeps directory entries");
+        s.apply_iotlb_inv(3, 1, 0x1000, 0, false);
+        let keys: Vec<_> = s.dir_cache.keys().copied().collect();
+        assert_eq!(
+            keys,
+            vec![(1, 2, 1), (2, 2, 0)],
+            "IH = 0: those over 0x1000 go"
+        );
+        fill(&mut s);
+        s.apply_iotlb_inv(2, 1, 0, 0, false);
+        assert_eq!(
+            s.dir_cache.keys().copied().collect::<Vec<_>>(),
+            vec![(2, 2, 0)]
+        );
+        fill(&mut s);
+        s.apply_iotlb_inv(1, 0, 0, 0, false);
+        assert!(s.dir_cache.is_empty());
+    }
+
+    /// A wait descriptor's status write lands only after later register reads, not at the
+    /// IQT write; with `queue_delay = 0` it lands at once (QEMU's behaviour).
+    #[test]
+    fn wait_completes_asynchronously() {
+        for delay in [0u32, 5] {
+            let mut mem = FakeMemory::new(8);
+            let mut hw = FakeUnit::qemu(&mem);
+            hw.state().queue_delay = delay;
+            let q = mem.alloc_frame().unwrap();
+            let status = mem.alloc_frame().unwrap();
+            hw.write64(offset::IQA, q);
+            hw.write32(offset::GCMD, GlobalCommand::QIE.bits());
+            let wait = crate::inval::Descriptor::wait(status, 7);
+            mem.write_u64(q, wait.lo);
+            mem.write_u64(q + 8, wait.hi);
+            hw.write64(offset::IQT, 1 << 4);
+            let mut reads = 0;
+            while mem.read_u32(status) != 7 {
+                assert!(reads < 100);
+                hw.read32(offset::FSTS);
+                reads += 1;
+            }
+            assert_eq!(reads, delay);
+            assert_eq!(hw.read64(offset::IQH), 1 << 4);
+        }
+    }
+
+    /// A hardware read of a freed frame panics, even though the CPU side cannot tell.
+    #[test]
+    #[should_panic(expected = "hardware read of FREED frame")]
+    fn hardware_read_of_a_freed_frame_fails_loudly() {
+        let mut mem = FakeMemory::new(8);
+        let f = mem.alloc_frame().unwrap();
+        mem.free_frame(f);
+        // Not reused at once (quarantine).
+        let g = mem.alloc_frame().unwrap();
+        assert_ne!(f, g);
+        mem.hw_read_u64(f);
     }
 }

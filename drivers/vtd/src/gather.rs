@@ -144,6 +144,12 @@ impl Gather {
         self.freed_tables.len()
     }
 
+    /// The page-table pages waiting to be freed, in the order they were unlinked.
+    #[cfg(test)]
+    pub(crate) fn pending_table_list(&self) -> &[PhysAddr] {
+        &self.freed_tables
+    }
+
     /// True when a map added entries since the last flush (for `CAP.RWBF`).
     pub fn has_new_mappings(&self) -> bool {
         self.new_mappings

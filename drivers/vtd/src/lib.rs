@@ -38,6 +38,10 @@
 //! dom.unmap(&mut mem, iova, len, &mut g)?;         // many unmaps ...
 //! let done = unit.flush(&mut mem, &mut g)?;        // ... one flush: fewest PSIs + one wait
 //! free_iovas(done.unmapped);                       // only now may IOVAs/frames be reused
+//! // A failed map leaves a leaf invalidation in `g`: flush it before reusing its IOVAs.
+//! // Emptied tables stay linked (reused by later maps); at teardown, after the last unmap:
+//! dom.release_empty_tables(&mut mem, &mut g)?;     // no map until this gather is flushed
+//! unit.flush(&mut mem, &mut g)?;
 //! unit.poll_faults(16, |rec| deliver(rec));        // from the fault MSI handler or a timer
 //! ```
 #![no_std]

@@ -5,8 +5,13 @@
 //! entries carry R|W so that the leaf decides the access rights.
 //!
 //! Invariants kept by [`PageTable`]:
-//! - every non-root table page reachable from the root has at least one present entry
-//!   (a page that becomes empty on unmap is unlinked and handed to the [`Gather`]);
+//! - a table page is unlinked (and handed to the [`Gather`], to be freed by the flush that
+//!   invalidates it) only by an unmap whose range covers the table's whole span. Then every
+//!   IOVA of the span was mapped and is pending in the gather, so no map can link a fresh
+//!   table into the same slot before the flush (hardware with a paging-structure cache may
+//!   still hold the old directory entry until then). A table emptied by a smaller unmap, or
+//!   left empty by a failed map, stays linked: later maps reuse it, and
+//!   [`PageTable::release_empty_tables`] or the domain's teardown frees it;
 //! - a superpage is only created where the IOVA and physical address are aligned to it, the
 //!   range covers it, and `CAP.SLLPS` allows it;
 //! - map and unmap are all-or-nothing: a failing map is rolled back, and unmap validates
@@ -180,10 +185,16 @@ impl PageTable {
 
     /// Maps `[iova, iova + len)` to `[phys, phys + len)` with `access`.
     ///
-    /// Uses the largest pages allowed by alignment and the unit. Fails without changing the
-    /// mapping when any page of the range is already mapped (tables allocated on the way are
-    /// handed to `gather`). Records the map in `gather` (caching mode needs an invalidation;
-    /// `CAP.RWBF` needs a write-buffer flush).
+    /// Uses the largest pages allowed by alignment and the unit. Records the map in `gather`
+    /// (caching mode needs an invalidation; `CAP.RWBF` needs a write-buffer flush).
+    ///
+    /// On error the mapping is unchanged: the leaves this call wrote are cleared again, and
+    /// the table pages it installed stay linked (empty, counted in [`Self::table_pages`],
+    /// reused by later maps): nothing is unlinked behind the hardware's back. A device may
+    /// have used the cleared leaves already, so their range is recorded in `gather` as an
+    /// invalidation (leaf-only, IH = 1). **The caller must flush `gather` (and see the flush
+    /// succeed) before it reuses the IOVAs of a failed map**, even though the map failed;
+    /// the gather holds no table page to free and reports no unmapped range for it.
     pub fn map<M: DmaMemory>(
         &mut self,
         mem: &mut M,
@@ -207,18 +218,23 @@ impl PageTable {
         let mut cur = iova;
         while cur < end {
             let p = phys + (cur - iova);
-            let level = self.leaf_level(cur, p, end - cur);
-            if let Err(e) = self.map_one(mem, cur, p, level, access) {
-                // Roll back: remove what this call mapped and unlink tables it left empty.
-                // The range is invalidated by the next flush but not reported as unmapped:
-                // the caller still owns those IOVAs.
-                if cur > iova {
-                    self.clear_range(mem, self.root, self.cfg.levels.count(), iova, cur, gather);
-                    gather.add_invalidation(iova..cur);
+            let want = self.leaf_level(cur, p, end - cur);
+            let level = match self.map_one(mem, cur, p, want, access) {
+                Ok(level) => level,
+                Err(e) => {
+                    // Roll back: clear the leaves this call wrote, keep every table linked (a
+                    // device may have walked them, and the IOVAs of their span go back to the
+                    // caller, which may map them again before any flush). The range is
+                    // invalidated by the next flush but not reported as unmapped: the caller
+                    // still owns those IOVAs.
+                    if cur > iova {
+                        let top = self.cfg.levels.count();
+                        self.clear_range(mem, self.root, top, iova, cur, false, gather);
+                        gather.add_invalidation(iova..cur);
+                    }
+                    return Err(e);
                 }
-                self.prune_path(mem, cur, gather);
-                return Err(e);
-            }
+            };
             cur += level_size(level);
         }
         self.mapped_bytes += len;
@@ -226,19 +242,34 @@ impl PageTable {
         Ok(())
     }
 
+    /// Maps one page of `leaf_level` (or smaller, see below) at `iova`; returns the level of
+    /// the leaf written.
+    ///
+    /// Where a superpage would go but a table is linked (one kept empty, or one with
+    /// mappings elsewhere in its span), the page is mapped inside that table with the next
+    /// smaller size: replacing the directory entry by a leaf would hide the table behind a
+    /// directory entry the hardware may still cache, with no invalidation (CM = 0).
     fn map_one<M: DmaMemory>(
         &mut self,
         mem: &mut M,
         iova: u64,
         phys: u64,
-        leaf_level: u8,
+        mut leaf_level: u8,
         access: Access,
-    ) -> Result<(), Error> {
+    ) -> Result<u8, Error> {
         let mut table = self.root;
         let mut level = self.cfg.levels.count();
-        while level > leaf_level {
+        loop {
             let slot = table + index(iova, level) * 8;
             let e = mem.read_u64(slot);
+            if level == leaf_level {
+                if level > 1 && is_present(e) && !is_leaf(e, level) {
+                    // Aligned to and covering this level's size, so the smaller one too.
+                    leaf_level -= 1;
+                } else {
+                    break;
+                }
+            }
             if !is_present(e) {
                 let next = mem.alloc_frame().ok_or(Error::NoMemory)?;
                 if !self.cfg.coherent {
@@ -269,7 +300,7 @@ impl PageTable {
             e |= pte::SNP;
         }
         self.write_entry(mem, slot, e);
-        Ok(())
+        Ok(level)
     }
 
     /// Unmaps `[iova, iova + len)`.
@@ -277,9 +308,10 @@ impl PageTable {
     /// The whole range must be mapped, and every superpage it touches must lie entirely
     /// inside it: a partial superpage unmap is rejected with [`Error::PartialSuperpage`]
     /// (superpages are never split implicitly; the caller unmaps the whole superpage and maps
-    /// back what it wants to keep). On error nothing changed. On success the range and the
-    /// table pages that became empty are added to `gather`; they are released only by the
-    /// flush that invalidates them.
+    /// back what it wants to keep). On error nothing changed. On success the range is added
+    /// to `gather`, with the table pages whose whole span the range covers (unlinked); they
+    /// are released only by the flush that invalidates them. A table left empty by a smaller
+    /// range stays linked (see the module docs).
     pub fn unmap<M: DmaMemory>(
         &mut self,
         mem: &mut M,
@@ -305,41 +337,18 @@ impl PageTable {
             }
             cur = base + s;
         }
-        self.clear_range(mem, self.root, self.cfg.levels.count(), iova, end, gather);
+        self.clear_range(
+            mem,
+            self.root,
+            self.cfg.levels.count(),
+            iova,
+            end,
+            true,
+            gather,
+        );
         self.mapped_bytes -= len;
         gather.add_unmapped(iova..end);
         Ok(())
-    }
-
-    /// Unlinks the tables on the walk to `iova` that are empty (left by a failed map),
-    /// deepest first, handing them to `gather` with the range they covered.
-    fn prune_path<M: DmaMemory>(&mut self, mem: &mut M, iova: u64, gather: &mut Gather) {
-        let mut path = [(0u64, 0u64, 0u8); 5];
-        let mut depth = 0;
-        let mut table = self.root;
-        let mut level = self.cfg.levels.count();
-        while level > 1 {
-            let slot = table + index(iova, level) * 8;
-            let e = mem.read_u64(slot);
-            if !is_present(e) || is_leaf(e, level) {
-                break;
-            }
-            table = e & pte::ADDR_MASK;
-            path[depth] = (slot, table, level);
-            depth += 1;
-            level -= 1;
-        }
-        for &(slot, child, level) in path[..depth].iter().rev() {
-            if !table_empty(mem, child) {
-                break;
-            }
-            self.write_entry(mem, slot, 0);
-            self.table_pages -= 1;
-            gather.add_freed_table(child);
-            let s = level_size(level);
-            let base = iova & !(s - 1);
-            gather.add_invalidation(base..base.saturating_add(s));
-        }
     }
 
     /// Walks to the entry mapping `iova`: returns the entry and its level. A not-present
@@ -357,9 +366,61 @@ impl PageTable {
         }
     }
 
+    /// Unlinks every table page that has no present entry (a child's release may empty
+    /// its parent) and hands it to `gather`, with its whole span as an invalidation (the
+    /// flush then uses IH = 0, so cached directory entries pointing to it are dropped
+    /// before it is freed). The root stays. Returns the number of pages unlinked.
+    ///
+    /// For teardown or a quiesced domain: **the caller must not map into this domain until
+    /// `gather` was flushed successfully**, since the spans of the released tables may hold
+    /// IOVAs it owns (a map there would link a fresh table into a slot the hardware may
+    /// still have cached).
+    pub fn release_empty_tables<M: DmaMemory>(
+        &mut self,
+        mem: &mut M,
+        gather: &mut Gather,
+    ) -> usize {
+        fn release<M: DmaMemory>(
+            pt: &mut PageTable,
+            mem: &mut M,
+            table: PhysAddr,
+            level: u8,
+            base: u64,
+            gather: &mut Gather,
+        ) -> usize {
+            let mut released = 0;
+            if level == 1 {
+                return 0;
+            }
+            let size = level_size(level);
+            for i in 0..512u64 {
+                let slot = table + i * 8;
+                let e = mem.read_u64(slot);
+                if !is_present(e) || is_leaf(e, level) {
+                    continue;
+                }
+                let child = e & pte::ADDR_MASK;
+                let start = base + i * size;
+                released += release(pt, mem, child, level - 1, start, gather);
+                if table_empty(mem, child) {
+                    pt.write_entry(mem, slot, 0);
+                    gather.add_freed_table(child);
+                    gather.add_invalidation(start..start + size);
+                    pt.table_pages -= 1;
+                    released += 1;
+                }
+            }
+            released
+        }
+        let (root, top) = (self.root, self.cfg.levels.count());
+        release(self, mem, root, top, 0, gather)
+    }
+
     /// Clears every present entry in `[start, end)` of `table` (at `level`), recursing into
-    /// child tables; unlinks children that became empty into `gather`. Leaves must be fully
-    /// covered (checked by the caller). Returns true when `table` is empty afterwards.
+    /// child tables. Leaves must be fully covered (checked by the caller). With `unlink`, a
+    /// child table whose whole span lies in the range is unlinked and handed to `gather`;
+    /// any other child stays linked, even when it becomes empty.
+    #[allow(clippy::too_many_arguments)]
     fn clear_range<M: DmaMemory>(
         &mut self,
         mem: &mut M,
@@ -367,8 +428,9 @@ impl PageTable {
         level: u8,
         start: u64,
         end: u64,
+        unlink: bool,
         gather: &mut Gather,
-    ) -> bool {
+    ) {
         let size = level_size(level);
         let mut cur = start;
         let mut first_written: Option<u64> = None;
@@ -376,7 +438,8 @@ impl PageTable {
         while cur < end {
             let idx = index(cur, level);
             let slot = table + idx * 8;
-            let entry_end = (cur & !(size - 1)).saturating_add(size);
+            let entry_base = cur & !(size - 1);
+            let entry_end = entry_base.saturating_add(size);
             let sub_end = end.min(entry_end);
             let e = mem.read_u64(slot);
             if is_present(e) {
@@ -384,12 +447,13 @@ impl PageTable {
                     true
                 } else {
                     let child = e & pte::ADDR_MASK;
-                    let empty = self.clear_range(mem, child, level - 1, cur, sub_end, gather);
-                    if empty {
+                    self.clear_range(mem, child, level - 1, cur, sub_end, unlink, gather);
+                    let whole_span = cur == entry_base && sub_end == entry_end;
+                    if unlink && whole_span {
                         gather.add_freed_table(child);
                         self.table_pages -= 1;
                     }
-                    empty
+                    unlink && whole_span
                 };
                 if clear {
                     mem.write_u64(slot, 0);
@@ -404,7 +468,6 @@ impl PageTable {
                 mem.flush_cache(table + first * 8, ((last_written - first + 1) * 8) as usize);
             }
         }
-        first_written.is_some() && table_empty(mem, table)
     }
 
     /// Looks up `iova` in the tables (as the hardware would walk them).
@@ -489,10 +552,86 @@ mod tests {
         );
         pt.unmap(&mut mem, 0x1000, 0x2000, &mut g).unwrap();
         assert!(pt.translate(&mem, 0x1000).is_none());
-        // Both lower tables became empty and wait in the gather; nothing was freed yet.
-        assert_eq!(g.pending_tables(), 2);
-        assert_eq!(pt.table_pages(), 1);
+        // Both lower tables became empty, but the unmap covered neither's span: they stay
+        // linked (other IOVAs of their span may be mapped before the flush).
+        assert_eq!(g.pending_tables(), 0);
+        assert_eq!(pt.table_pages(), 3);
         assert_eq!(mem.live_frames(), 3);
+        // A later map reuses them.
+        pt.map(&mut mem, 0x5000, 0x6000_0000, 0x1000, RW, &mut g)
+            .unwrap();
+        assert_eq!((pt.table_pages(), mem.live_frames()), (3, 3));
+    }
+
+    #[test]
+    fn superpage_range_over_a_kept_table_maps_small_pages_inside_it() {
+        let mut mem = FakeMemory::new(64);
+        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
+        let mut g = Gather::new(0, 1);
+        pt.map(&mut mem, 0x5000, 0x5000, 0x1000, RW, &mut g)
+            .unwrap();
+        pt.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+        let tables = pt.walk_tables(&mem);
+        assert_eq!(tables.len(), 3, "the emptied leaf table stays linked");
+        // 2 MiB aligned both sides: a superpage, except that a table is linked there.
+        pt.map(&mut mem, 0, 0x4000_0000, 0x40_0000, RW, &mut g)
+            .unwrap();
+        assert_eq!(pt.translate(&mem, 0x1000).unwrap().page_size, 4096);
+        assert_eq!(pt.translate(&mem, 0x1000).unwrap().phys, 0x4000_1000);
+        assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 0x20_0000);
+        assert_eq!(pt.walk_tables(&mem), tables, "no table replaced");
+        // A clash inside the kept table is found at its page.
+        pt.unmap(&mut mem, 0, 0x20_0000, &mut g).unwrap();
+        pt.map(&mut mem, 0x7000, 0x7000, 0x1000, RW, &mut g)
+            .unwrap();
+        assert_eq!(
+            pt.map(&mut mem, 0, 0, 0x20_0000, RW, &mut g),
+            Err(Error::AlreadyMapped { iova: 0x7000 })
+        );
+        assert!(pt.translate(&mem, 0).is_none());
+    }
+
+    #[test]
+    fn unmap_unlinks_only_tables_whose_span_it_covers() {
+        let mut mem = FakeMemory::new(64);
+        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
+        let mut g = Gather::new(0, 1);
+        // Two leaf tables (spans [0, 2M) and [2M, 4M)) under one level-2 table.
+        pt.map(&mut mem, 0, 0x4000_0000, 0x40_0000, RW, &mut g)
+            .unwrap();
+        assert_eq!(pt.table_pages(), 4);
+        let leaf0 = pt.walk_tables(&mem)[2];
+        // Half of the first span: nothing unlinked.
+        pt.unmap(&mut mem, 0, 0x10_0000, &mut g).unwrap();
+        assert_eq!(g.pending_tables(), 0);
+        // The rest of it (the whole span is now unmapped, but by two unmaps): still linked.
+        pt.unmap(&mut mem, 0x10_0000, 0x10_0000, &mut g).unwrap();
+        assert_eq!(g.pending_tables(), 0);
+        assert_eq!(pt.table_pages(), 4);
+        // One unmap covering the second span exactly: its leaf table goes to the gather;
+        // the level-2 table (1 GiB span) stays.
+        let leaf1 = pt.walk_tables(&mem)[3];
+        pt.unmap(&mut mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
+        assert_eq!(g.pending_tables(), 1);
+        assert_eq!(pt.table_pages(), 3);
+        assert!(!pt.walk_tables(&mem).contains(&leaf1));
+        assert!(pt.walk_tables(&mem).contains(&leaf0));
+        assert!(matches!(
+            g.plan(true, 18, 8),
+            crate::gather::FlushPlan::Pages { ih: false, .. }
+        ));
+        // Teardown-style release: the empty leaf table and then its parent.
+        assert_eq!(pt.release_empty_tables(&mut mem, &mut g), 2);
+        assert_eq!(pt.table_pages(), 1);
+        assert_eq!(g.pending_tables(), 3);
+        assert_eq!(pt.table_pages() + g.pending_tables(), mem.live_frames());
+        assert_eq!(
+            g.plan(true, 18, 8),
+            crate::gather::FlushPlan::Pages {
+                blocks: alloc::vec![crate::gather::PsiBlock { addr: 0, am: 18 }],
+                ih: false,
+            }
+        );
     }
 
     #[test]
@@ -589,12 +728,53 @@ mod tests {
         let r = pt.map(&mut mem, 0x3fff_f000, 0x1000, 0x2000, RW, &mut g);
         assert_eq!(r, Err(Error::NoMemory));
         assert!(pt.translate(&mem, 0x3fff_f000).is_none());
-        // Region 0's two tables (rolled back) and region 1's empty level-2 table (pruned).
-        assert_eq!(g.pending_tables(), 3);
-        assert_eq!(pt.table_pages(), 1);
+        // Region 0's two tables and region 1's level-2 table stay linked (empty): nothing is
+        // unlinked behind the hardware's back and nothing waits to be freed.
+        assert_eq!(g.pending_tables(), 0);
+        assert_eq!(pt.table_pages(), 4);
         assert_eq!(mem.live_frames(), 4);
         assert!(g.unmapped().is_empty());
-        assert_eq!(g.plan(true, 18, 8), crate::gather::FlushPlan::Domain);
+        // The leaf written and cleared again must be invalidated (leaf only: IH = 1).
+        assert_eq!(
+            g.plan(true, 18, 8),
+            crate::gather::FlushPlan::Pages {
+                blocks: alloc::vec![crate::gather::PsiBlock {
+                    addr: 0x3fff_f000,
+                    am: 0
+                }],
+                ih: true
+            }
+        );
+        // The kept tables are reused: this map needs no new frame.
+        pt.map(&mut mem, 0x3fff_e000, 0x1000, 0x2000, RW, &mut g)
+            .unwrap();
+        assert_eq!(pt.table_pages(), 4);
+    }
+
+    #[test]
+    fn rollback_keeps_a_table_even_when_it_cleared_its_whole_span() {
+        let mut mem = FakeMemory::new(64);
+        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
+        let mut g = Gather::new(0, 1);
+        pt.map(&mut mem, 0x20_0000, 0x1000, 0x1000, RW, &mut g)
+            .unwrap();
+        let tables = pt.table_pages();
+        // Fills the leaf table of [0, 2M) completely, then clashes at 2M.
+        assert_eq!(
+            pt.map(&mut mem, 0, 0x10_0000, 0x20_1000, RW, &mut g),
+            Err(Error::AlreadyMapped { iova: 0x20_0000 })
+        );
+        assert!(pt.translate(&mem, 0x1f_f000).is_none());
+        // The IOVAs go back to the caller: the table must stay linked.
+        assert_eq!(g.pending_tables(), 0);
+        assert_eq!(pt.table_pages(), tables + 1);
+        assert_eq!(
+            g.plan(true, 18, 8),
+            crate::gather::FlushPlan::Pages {
+                blocks: alloc::vec![crate::gather::PsiBlock { addr: 0, am: 9 }],
+                ih: true
+            }
+        );
     }
 
     #[test]
@@ -635,6 +815,51 @@ mod tests {
         );
     }
 
+    impl PageTable {
+        fn table_empty_for_test(&self, mem: &FakeMemory, t: PhysAddr) -> bool {
+            table_empty(mem, t)
+        }
+
+        /// Every linked table page, root first, depth first.
+        fn walk_tables(&self, mem: &FakeMemory) -> Vec<PhysAddr> {
+            self.linked_tables(mem)
+                .into_iter()
+                .map(|(t, _, _)| t)
+                .collect()
+        }
+
+        /// Every linked table page with its level and the base IOVA of its span.
+        fn linked_tables(&self, mem: &FakeMemory) -> Vec<(PhysAddr, u8, u64)> {
+            fn rec(
+                mem: &FakeMemory,
+                t: PhysAddr,
+                level: u8,
+                base: u64,
+                out: &mut Vec<(PhysAddr, u8, u64)>,
+            ) {
+                out.push((t, level, base));
+                if level == 1 {
+                    return;
+                }
+                for i in 0..512u64 {
+                    let e = mem.read_u64(t + i * 8);
+                    if is_present(e) && !is_leaf(e, level) {
+                        rec(
+                            mem,
+                            e & pte::ADDR_MASK,
+                            level - 1,
+                            base + i * level_size(level),
+                            out,
+                        );
+                    }
+                }
+            }
+            let mut out = Vec::new();
+            rec(mem, self.root, self.cfg.levels.count(), 0, &mut out);
+            out
+        }
+    }
+
     fn leaf_entry(mem: &FakeMemory, pt: &PageTable, iova: u64) -> u64 {
         pt.walk(mem, iova).0
     }
@@ -651,12 +876,19 @@ mod tests {
             page: u64,
             pages: u64,
         },
+        /// Unmaps exactly the range of the n-th successful map (modulo their number), as a
+        /// DMA client unmapping its own mappings does.
+        UnmapNth(usize),
+        /// The gather's flush: its table pages are freed (poisoned in the fake memory).
+        Flush,
+        /// Teardown-style release of the empty tables, then a flush.
+        Release,
     }
 
     fn op() -> impl Strategy<Value = Op> {
         // IOVAs within 8 MiB so 2 MiB superpages and table sharing happen often.
         prop_oneof![
-            (0u64..2048, 1u64..600, 0u64..4096, any::<bool>()).prop_map(
+            4 => (0u64..2048, 1u64..600, 0u64..4096, any::<bool>()).prop_map(
                 |(page, pages, phys_page, write)| {
                     let page = if page % 3 == 0 { page & !511 } else { page };
                     let phys_page = if page % 512 == 0 {
@@ -672,8 +904,26 @@ mod tests {
                     }
                 }
             ),
-            (0u64..2048, 1u64..600).prop_map(|(page, pages)| Op::Unmap { page, pages }),
+            4 => (0u64..2048, 1u64..1100).prop_map(|(page, pages)| {
+                // Often a whole number of 2 MiB spans, so tables get unlinked.
+                if page % 3 == 0 {
+                    Op::Unmap { page: page & !511, pages: (pages + 511) & !511 }
+                } else {
+                    Op::Unmap { page, pages: pages % 600 + 1 }
+                }
+            }),
+            3 => any::<usize>().prop_map(Op::UnmapNth),
+            1 => Just(Op::Flush),
+            1 => Just(Op::Release),
         ]
+    }
+
+    /// Frees what the gather holds, as a completed flush would.
+    fn flush(mem: &mut FakeMemory, g: &mut Gather) {
+        let (_, tables) = g.take();
+        for t in tables {
+            mem.free_frame(t);
+        }
     }
 
     proptest! {
@@ -690,17 +940,41 @@ mod tests {
             let mut g = Gather::new(0, 1);
             // page -> (phys page, write, superpage base page, superpage pages)
             let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
+            let mut maps: Vec<(u64, u64)> = Vec::new();
             for op in ops {
+                let op = match op {
+                    Op::UnmapNth(n) if !maps.is_empty() => {
+                        let (page, pages) = maps[n % maps.len()];
+                        Op::Unmap { page, pages }
+                    }
+                    Op::UnmapNth(_) => Op::Flush,
+                    op => op,
+                };
+                let before = pt.linked_tables(&mem);
+                let pending_before = g.pending_tables();
                 match op {
+                    Op::UnmapNth(_) => unreachable!(),
+                    Op::Flush => flush(&mut mem, &mut g),
+                    Op::Release => {
+                        let n = pt.release_empty_tables(&mut mem, &mut g);
+                        prop_assert_eq!(g.pending_tables(), pending_before + n);
+                        for &t in &g.pending_table_list()[pending_before..] {
+                            prop_assert!(pt.table_empty_for_test(&mem, t));
+                        }
+                        flush(&mut mem, &mut g);
+                    }
                     Op::Map { page, pages, phys_page, write } => {
                         let access = if write { RW } else { Access::READ };
                         let r = pt.map(&mut mem, page * 4096, phys_page * 4096, pages * 4096, access, &mut g);
                         let clash = (page..page + pages).any(|p| model.contains_key(&p));
                         prop_assert_eq!(r.is_ok(), !clash, "{:?}", r);
+                        // A map, failed or not, never unlinks a table.
+                        prop_assert_eq!(g.pending_tables(), pending_before);
                         if r.is_ok() {
                             for i in 0..pages {
                                 model.insert(page + i, (phys_page + i, write));
                             }
+                            maps.push((page, pages));
                         }
                     }
                     Op::Unmap { page, pages } => {
@@ -709,6 +983,19 @@ mod tests {
                             Ok(()) => {
                                 for p in page..page + pages {
                                     prop_assert!(model.remove(&p).is_some());
+                                }
+                                maps.retain(|&(p, n)| p + n <= page || p >= page + pages);
+                                // Unlinked only tables whose whole span the range covered.
+                                let (start, end) = (page * 4096, (page + pages) * 4096);
+                                for &t in &g.pending_table_list()[pending_before..] {
+                                    let &(_, level, base) = before
+                                        .iter()
+                                        .find(|x| x.0 == t)
+                                        .expect("an unlinked table was linked");
+                                    let span = level_size(level) * 512;
+                                    prop_assert!(start <= base && base + span <= end,
+                                        "table {:#x} (level {}, span {:#x}+{:#x}) unlinked by unmap {:#x}..{:#x}",
+                                        t, level, base, span, start, end);
                                 }
                             }
                             Err(Error::NotMapped { iova }) => {
@@ -725,6 +1012,15 @@ mod tests {
                 if !coherent {
                     prop_assert!(mem.unflushed_writes().is_empty());
                 }
+                // No linked table is a freed frame or one waiting in the gather, and the
+                // accounting is exact.
+                let linked = pt.linked_tables(&mem);
+                for &(t, ..) in &linked {
+                    prop_assert!(mem.is_live(t) && !mem.is_poisoned(t), "linked table {:#x} freed", t);
+                    prop_assert!(!g.pending_table_list().contains(&t));
+                }
+                prop_assert_eq!(linked.len(), pt.table_pages());
+                prop_assert_eq!(pt.table_pages() + g.pending_tables(), mem.live_frames());
             }
             for p in 0..2048 + 600 {
                 let t = pt.translate(&mem, p * 4096 + 8);

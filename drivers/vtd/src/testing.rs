@@ -4,9 +4,17 @@
 //! queue the driver writes, like hardware does). It panics on any access outside a live
 //! frame, which turns use-after-free of table pages into test failures, and it tracks which
 //! 64-byte lines were written but not flushed, to check the `ECAP.C = 0` discipline.
+//!
+//! Freed frames are poisoned: they go to a quarantine and are not handed out again before
+//! [`QUARANTINE`] other frames were freed, and a hardware access ([`FakeMemory::hw_read_u64`],
+//! [`FakeMemory::hw_write_u32`], used by the fake unit's page walks and queue) to a freed
+//! frame panics with a message naming it, so a table freed while the hardware could still
+//! walk it (stale paging-structure cache) fails the test loudly instead of reading whatever
+//! the frame holds next.
 
+use std::boxed::Box;
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::rc::Rc;
 use std::vec;
 use std::vec::Vec;
@@ -16,10 +24,18 @@ use crate::hw::{Clock, DmaMemory, PhysAddr};
 /// Physical address of frame 0 of the fake memory.
 pub const FAKE_BASE: u64 = 0x1000_0000;
 
+/// Freed frames wait this long (in later frees) before they can be allocated again.
+pub const QUARANTINE: usize = 1024;
+
 #[derive(Default)]
 pub struct MemInner {
     frames: BTreeMap<u64, Vec<u8>>,
-    free: Vec<u64>,
+    /// Freed frames, oldest first (the quarantine); all of them are poisoned.
+    free: VecDeque<u64>,
+    poisoned: BTreeSet<u64>,
+    /// Called (with no borrow held) at the start of every `alloc_frame`; returning true makes
+    /// that allocation fail. Lets a test run a device DMA in the middle of a driver call.
+    pub alloc_hook: Option<Box<dyn FnMut() -> bool>>,
     next: u64,
     max_frames: usize,
     dirty_lines: BTreeSet<u64>,
@@ -59,9 +75,33 @@ impl FakeMemory {
             .unwrap_or_else(|| panic!("access to {addr:#x} outside a live frame"));
         f(&mut bytes[off..off + len])
     }
+    pub fn is_live(&self, frame: u64) -> bool {
+        self.0.borrow().frames.contains_key(&(frame & !0xfff))
+    }
+    pub fn is_poisoned(&self, frame: u64) -> bool {
+        self.0.borrow().poisoned.contains(&(frame & !0xfff))
+    }
+    /// Installs the allocation hook (see [`MemInner::alloc_hook`]).
+    pub fn set_alloc_hook(&self, hook: impl FnMut() -> bool + 'static) {
+        self.0.borrow_mut().alloc_hook = Some(Box::new(hook));
+    }
+    fn check_hw_access(&self, addr: u64, what: &str) {
+        assert!(
+            !self.is_poisoned(addr),
+            "fake VT-d hardware {what} of FREED frame {:#x} (address {addr:#x}): the driver \
+             freed a page the hardware could still reach",
+            addr & !0xfff
+        );
+    }
     /// A write by the (fake) hardware: not a CPU write, so no cache line becomes dirty.
     pub fn hw_write_u32(&self, addr: u64, v: u32) {
+        self.check_hw_access(addr, "write");
         self.with_bytes(addr, 4, |b| b.copy_from_slice(&v.to_le_bytes()));
+    }
+    /// A read by the (fake) hardware (page walk, descriptor fetch).
+    pub fn hw_read_u64(&self, addr: u64) -> u64 {
+        self.check_hw_access(addr, "read");
+        self.peek_u64(addr)
     }
     pub fn peek_u64(&self, addr: u64) -> u64 {
         self.with_bytes(addr, 8, |b| u64::from_le_bytes(b.try_into().unwrap()))
@@ -70,12 +110,28 @@ impl FakeMemory {
 
 impl DmaMemory for FakeMemory {
     fn alloc_frame(&mut self) -> Option<PhysAddr> {
+        let hook = self.0.borrow_mut().alloc_hook.take();
+        if let Some(mut hook) = hook {
+            let fail = hook();
+            self.0.borrow_mut().alloc_hook = Some(hook);
+            if fail {
+                return None;
+            }
+        }
         let mut inner = self.0.borrow_mut();
         if inner.frames.len() >= inner.max_frames {
             return None;
         }
-        let pa = match inner.free.pop() {
-            Some(pa) => pa,
+        let reuse = if inner.free.len() > QUARANTINE {
+            inner.free.pop_front()
+        } else {
+            None
+        };
+        let pa = match reuse {
+            Some(pa) => {
+                inner.poisoned.remove(&pa);
+                pa
+            }
             None => {
                 let pa = inner.next;
                 inner.next += 0x1000;
@@ -93,7 +149,8 @@ impl DmaMemory for FakeMemory {
             "double free of {frame:#x}"
         );
         inner.dirty_lines.retain(|l| l & !0xfff != frame);
-        inner.free.push(frame);
+        inner.free.push_back(frame);
+        inner.poisoned.insert(frame);
     }
     fn read_u64(&self, addr: PhysAddr) -> u64 {
         self.peek_u64(addr)

@@ -15,7 +15,7 @@ use crate::hw::{poll_until, Clock, DmaMemory, PhysAddr, RegisterWindow, PAGE_SIZ
 use crate::inval::{register_invalidate, Invalidation, InvalidationQueue, InvalidationStats};
 use crate::paging::{PageTable, TableConfig};
 use crate::regs::{
-    frcd, gcmd_value, iqa_value, offset, queue_pointer, rtaddr_legacy, Capability,
+    frcd, gcmd_value, iqa_value, offset, queue_index, queue_pointer, rtaddr_legacy, Capability,
     ContextGranularity, ExtCapability, FaultEventControl, FaultStatus, GlobalCommand, GlobalStatus,
     IotlbGranularity, ProtectedMemoryEnable, Version,
 };
@@ -301,6 +301,13 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
                 "vt-d unit {}: queued invalidation left on, turning it off",
                 self.cfg.id
             );
+            if self.wait_queue_drained().is_err() {
+                // Not our queue: nothing of ours waits in it, so turn it off regardless.
+                log::warn!(
+                    "vt-d unit {}: firmware's invalidation queue did not drain",
+                    self.cfg.id
+                );
+            }
             self.global_command(GlobalCommand::QIE, false)?;
         }
         self.qi_on = false;
@@ -374,14 +381,40 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         Ok(())
     }
 
-    /// Turns translation off, then queued invalidation (the queue is idle: every submission
-    /// waits for its completion). Tables and domains stay; `enable` may be called again.
+    /// Polls until the hardware fetched every queued descriptor (IQH == IQT). A wait that
+    /// timed out earlier can leave descriptors in the queue; queued invalidation must not be
+    /// turned off before they were consumed.
+    fn wait_queue_drained(&mut self) -> Result<(), Error> {
+        let regs = &mut self.regs;
+        poll_until(&self.clock, self.cfg.timeout_ns, || {
+            let head = queue_index(regs.read64(offset::IQH));
+            let tail = queue_index(regs.read64(offset::IQT));
+            (head == tail).then_some(())
+        })
+        .ok_or_else(|| {
+            log::error!(
+                "vt-d unit {}: invalidation queue not drained (IQH={:#x}, IQT={:#x})",
+                self.cfg.id,
+                self.regs.read64(offset::IQH),
+                self.regs.read64(offset::IQT)
+            );
+            Error::Timeout(Operation::InvalidationQueueDrain)
+        })
+    }
+
+    /// Turns translation off, then waits (bounded by the unit's timeout) until the
+    /// invalidation queue drained (IQH == IQT: an earlier timed-out wait may have left
+    /// descriptors in it) and turns queued invalidation off. If the queue does not drain,
+    /// returns [`Error::Timeout`]`(`[`Operation::InvalidationQueueDrain`]`)` with queued
+    /// invalidation still on (translation is off); `disable` may be retried. Tables and
+    /// domains stay; `enable` may be called again.
     pub fn disable(&mut self) -> Result<(), Error> {
         if self.gsts().contains(GlobalStatus::TES) {
             self.global_command(GlobalCommand::TE, false)?;
         }
         self.enabled = false;
         if self.qi_on || self.gsts().contains(GlobalStatus::QIES) {
+            self.wait_queue_drained()?;
             self.global_command(GlobalCommand::QIE, false)?;
             self.qi_on = false;
         }

@@ -228,13 +228,14 @@ fn table_pages_released_only_after_completed_invalidation() {
     let mut dom = unit.create_domain(&mut mem).unwrap();
     unit.attach(&mut mem, &mut dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mut mem, 0x4000_0000, 0x9000_0000, 0x1000, RW, &mut g)
+    // 2 MiB of 4 KiB pages (the physical address rules out a superpage): one leaf table.
+    dom.map(&mut mem, 0x4000_0000, 0x9000_1000, 0x20_0000, RW, &mut g)
         .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x4000_0000, true).is_ok());
     let live = mem.live_frames();
-    dom.unmap(&mut mem, 0x4000_0000, 0x1000, &mut g).unwrap();
-    assert_eq!(g.pending_tables(), 2);
+    dom.unmap(&mut mem, 0x4000_0000, 0x20_0000, &mut g).unwrap();
+    assert_eq!(g.pending_tables(), 1);
     // A hung queue: the flush fails and nothing is released.
     hw.state().ignore_waits = true;
     assert_eq!(
@@ -243,8 +244,8 @@ fn table_pages_released_only_after_completed_invalidation() {
     );
     assert_eq!(unit.invalidation_stats().timeouts, 1);
     assert_eq!(mem.live_frames(), live);
-    assert_eq!(g.pending_tables(), 2);
-    assert_eq!(g.unmapped().to_vec(), vec![0x4000_0000..0x4000_1000]);
+    assert_eq!(g.pending_tables(), 1);
+    assert_eq!(g.unmapped().to_vec(), vec![0x4000_0000..0x4020_0000]);
 }
 
 #[test]
@@ -254,13 +255,13 @@ fn table_pages_freed_after_flush() {
     let mut dom = unit.create_domain(&mut mem).unwrap();
     unit.attach(&mut mem, &mut dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mut mem, 0x4000_0000, 0x9000_0000, 0x1000, RW, &mut g)
+    dom.map(&mut mem, 0x4000_0000, 0x9000_1000, 0x20_0000, RW, &mut g)
         .unwrap();
     let live = mem.live_frames();
-    dom.unmap(&mut mem, 0x4000_0000, 0x1000, &mut g).unwrap();
+    dom.unmap(&mut mem, 0x4000_0000, 0x20_0000, &mut g).unwrap();
     let f = unit.flush(&mut mem, &mut g).unwrap();
-    assert_eq!(f.tables_freed, 2);
-    assert_eq!(mem.live_frames(), live - 2);
+    assert_eq!(f.tables_freed, 1);
+    assert_eq!(mem.live_frames(), live - 1);
     // The invalidation did not use the leaf-only hint: paging-structure entries went away.
     let has_ih0_psi = hw
         .state()
@@ -411,8 +412,9 @@ fn invalidation_queue_error_is_recovered() {
         unit.flush(&mut mem, &mut g),
         Err(Error::InvalidationQueue { .. })
     ));
-    assert!(
-        g.pending_tables() > 0,
+    assert_eq!(
+        g.unmapped().to_vec(),
+        vec![0x5000..0x6000],
         "nothing released after a failed flush"
     );
 }
@@ -601,6 +603,8 @@ mod model {
         Dma {
             page: u64,
         },
+        /// Unmaps exactly the n-th live mapping (modulo their number).
+        UnmapNth(usize),
         Flush,
     }
 
@@ -611,7 +615,11 @@ mod model {
                 let (page, phys) = if page % 4 == 0 { (page & !511, phys & !511) } else { (page, phys) };
                 Op::Map { page, pages, phys, write }
             }),
+            // Small mappings, as DMA clients make them: tables shared by several mappings.
+            2 => (0u64..1024, 1u64..4, 0u64..2048, any::<bool>())
+                .prop_map(|(page, pages, phys, write)| Op::Map { page, pages, phys, write }),
             3 => (0u64..1024, 1u64..600).prop_map(|(page, pages)| Op::Unmap { page, pages }),
+            2 => any::<usize>().prop_map(Op::UnmapNth),
             3 => (0u64..1100).prop_map(|page| Op::Dma { page }),
             1 => Just(Op::Flush),
         ]
@@ -645,15 +653,43 @@ mod model {
             let mut g = dom.gather();
             let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
             let mut outstanding: Vec<std::ops::Range<u64>> = Vec::new();
+            // Ranges of failed maps, invalidated by the next flush.
+            let mut dirty: Vec<std::ops::Range<u64>> = Vec::new();
+            let mut maps: Vec<(u64, u64)> = Vec::new();
             for op in ops.into_iter().chain([Op::Flush]) {
+                let op = match op {
+                    Op::UnmapNth(n) if !maps.is_empty() => {
+                        let (page, pages) = maps[n % maps.len()];
+                        Op::Unmap { page, pages }
+                    }
+                    Op::UnmapNth(_) => Op::Flush,
+                    op => op,
+                };
                 match op {
+                    Op::UnmapNth(_) => unreachable!(),
                     Op::Map { page, pages, phys, write } => {
                         let access = if write { RW } else { Access::READ };
                         let r = dom.map(&mut mem, page << 12, phys << 12, pages << 12, access, &mut g);
+                        let range = (page << 12)..((page + pages) << 12);
                         if r.is_ok() {
                             for i in 0..pages {
                                 model.insert(page + i, (phys + i, write));
                             }
+                            maps.push((page, pages));
+                            // Without caching mode a new mapping is live at once, before
+                            // any flush, unless it reuses IOVAs still pending in the gather
+                            // (which a real caller never does: its allocator holds them).
+                            let pending = outstanding.iter().chain(&dirty)
+                                .any(|o| o.start < range.end && range.start < o.end);
+                            if !cm && !pending {
+                                for p in [page, page + pages - 1] {
+                                    let want = ((phys + p - page) << 12) | 0x10;
+                                    prop_assert_eq!(hw.dma(EDU.0, (p << 12) | 0x10, false), Ok(want),
+                                        "fresh mapping at page {:#x}", p);
+                                }
+                            }
+                        } else {
+                            dirty.push(range);
                         }
                     }
                     Op::Unmap { page, pages } => {
@@ -661,6 +697,7 @@ mod model {
                             for p in page..page + pages {
                                 prop_assert!(model.remove(&p).is_some());
                             }
+                            maps.retain(|&(p, n)| p + n <= page || p >= page + pages);
                             outstanding.push((page << 12)..((page + pages) << 12));
                         }
                     }
@@ -672,6 +709,7 @@ mod model {
                         let f = unit.flush(&mut mem, &mut g).unwrap();
                         prop_assert_eq!(&f.unmapped, &outstanding);
                         outstanding.clear();
+                        dirty.clear();
                         for p in 0..WINDOW {
                             let got = hw.dma(EDU.0, (p << 12) | 0x18, true);
                             let want = match model.get(&p) {
@@ -757,5 +795,279 @@ fn stalled_queue_is_never_overwritten() {
             "after {errors} flushes"
         );
     }
-    assert_eq!(g.pending_tables(), 2);
+    assert_eq!(g.unmapped().to_vec(), vec![0x5000..0x6000]);
+}
+
+/// The IOTLB invalidation descriptors (lo, hi) executed after event `from`.
+fn iotlb_descs(hw: &FakeUnit, from: usize) -> Vec<(u64, u64)> {
+    hw.state().events[from..]
+        .iter()
+        .filter_map(|e| match e {
+            Event::Desc(lo, hi) if lo & 0xf == 2 => Some((*lo, *hi)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Issue 9, defect 2. The only mapping of a leaf table is unmapped while other IOVAs of its
+/// 2 MiB span stay free; before the (deferred) flush a new IOVA of that span is mapped. The
+/// old driver unlinked the emptied tables at the unmap and linked fresh ones for the new map
+/// without any invalidation (CM = 0): a unit whose paging-structure cache still held the old
+/// directory entries walked the old, empty table and faulted on the live mapping. Now the
+/// emptied tables stay linked and the new mapping goes into them.
+#[test]
+fn map_into_emptied_table_before_flush_translates_through_cached_directories() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x1000, 0x5000_0000, 0x1000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    // The device uses it: the unit caches the leaf and the directory entries of the walk.
+    assert_eq!(hw.dma(EDU.0, 0x1000, true), Ok(0x5000_0000));
+    assert!(!hw.state().dir_cache.is_empty());
+    let tables = dom.tables().table_pages();
+    dom.unmap(&mut mem, 0x1000, 0x1000, &mut g).unwrap();
+    // Before the flush (deferred), a new IOVA of the same span is mapped and used.
+    dom.map(&mut mem, 0x5000, 0x6000_0000, 0x1000, RW, &mut g)
+        .unwrap();
+    let hits = hw.state().dir_cache_hits;
+    assert_eq!(hw.dma(EDU.0, 0x5008, true), Ok(0x6000_0008));
+    assert!(
+        hw.state().dir_cache_hits > hits,
+        "the walk used cached directory entries"
+    );
+    assert_eq!(
+        g.pending_tables(),
+        0,
+        "the unmap did not cover a table's span"
+    );
+    assert_eq!(dom.tables().table_pages(), tables);
+    let from = hw.state().events.len();
+    let f = unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!(f.unmapped, vec![0x1000..0x2000]);
+    assert_eq!(f.tables_freed, 0);
+    // Only a leaf went away: leaf-only invalidation (IH = 1).
+    let d = iotlb_descs(&hw, from);
+    assert_eq!(d.len(), 1);
+    assert_ne!(d[0].1 & (1 << 6), 0, "IH = 1");
+    assert_eq!(hw.dma(EDU.0, 0x1000, true), Err(5));
+    drain(&mut unit);
+    assert_eq!(hw.dma(EDU.0, 0x5000, true), Ok(0x6000_0000));
+    assert!(hw.state().errors.is_empty(), "{:?}", hw.state().errors);
+}
+
+/// An unmap covering a leaf table's whole span unlinks it; the flush must then drop the
+/// cached directory entry pointing to it (IH = 0) before freeing it: with IH = 1 the next
+/// walk would read the freed (poisoned) frame and the fake memory would panic.
+#[test]
+fn table_unlinked_by_a_whole_span_unmap_is_invalidated_with_ih0_before_it_is_freed() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    // 2 MiB of 4 KiB pages (the physical address rules out a superpage).
+    dom.map(&mut mem, 0x20_0000, 0x9000_1000, 0x20_0000, RW, &mut g)
+        .unwrap();
+    // And a neighbour in the same 1 GiB, so the level-2 table stays.
+    dom.map(&mut mem, 0x40_0000, 0x7000_0000, 0x1000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    assert!(hw.dma(EDU.0, 0x20_0000, true).is_ok());
+    assert!(hw.dma(EDU.0, 0x3f_f000, true).is_ok());
+    dom.unmap(&mut mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
+    assert_eq!(g.pending_tables(), 1);
+    let from = hw.state().events.len();
+    let f = unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!(f.tables_freed, 1);
+    let d = iotlb_descs(&hw, from);
+    assert!(!d.is_empty());
+    assert!(d.iter().all(|(_, hi)| hi & (1 << 6) == 0), "IH = 0: {d:x?}");
+    // The freed table is poisoned; these walks must not reach it.
+    for iova in [0x20_0000, 0x2a_b000, 0x3f_f000] {
+        assert_eq!(hw.dma(EDU.0, iova, true), Err(5));
+        drain(&mut unit);
+    }
+    assert_eq!(hw.dma(EDU.0, 0x40_0000, true), Ok(0x7000_0000));
+    // The span can be mapped again (a fresh table).
+    dom.map(&mut mem, 0x20_0000, 0x9000_1000, 0x1000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!(hw.dma(EDU.0, 0x20_0000, true), Ok(0x9000_1000));
+}
+
+/// Issue 9, defect 3. A device walks the tables while a map is in progress (it reads an
+/// IOVA the map just wrote); the map then fails (out of frames) and is rolled back. The old
+/// rollback unlinked the leaf table it had emptied and handed it to the gather: a map of
+/// another IOVA of the same span before the flush linked a fresh table behind the cached
+/// directory entry, and the live mapping faulted (and the table leaked when the gather was
+/// dropped). Now the rollback keeps the table linked, holds no table page for the flush and
+/// records only a leaf invalidation of the rolled-back range.
+#[test]
+fn failed_map_rollback_keeps_tables_and_records_a_leaf_invalidation() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    // A mapping elsewhere in the first 1 GiB, so the level-2 table exists.
+    dom.map(&mut mem, 0x40_0000, 0x7000_0000, 0x1000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    let tables = dom.tables().table_pages();
+    // The map of [0x1fe000, 0x201000) allocates the leaf table of [0, 2M), writes two
+    // leaves, then asks for the leaf table of [2M, 4M): the device reads 0x1fe000 right
+    // then, and the allocation fails.
+    let (hw2, seen) = (hw.clone(), std::rc::Rc::new(std::cell::Cell::new(None)));
+    let (seen2, mut calls) = (seen.clone(), 0);
+    mem.set_alloc_hook(move || {
+        calls += 1;
+        if calls == 2 {
+            seen2.set(Some(hw2.dma(EDU.0, 0x1f_e000, false)));
+            return true;
+        }
+        false
+    });
+    let r = dom.map(&mut mem, 0x1f_e000, 0x8000_0000, 0x3000, RW, &mut g);
+    mem.0.borrow_mut().alloc_hook = None;
+    assert_eq!(r, Err(Error::NoMemory));
+    assert_eq!(seen.get(), Some(Ok(0x8000_0000)), "the device saw the leaf");
+    assert!(dom.translate(&mem, 0x1f_e000).is_none());
+    assert!(g.unmapped().is_empty());
+    assert!(
+        !g.is_empty(),
+        "the rolled-back leaves still need an invalidation"
+    );
+    // Before any flush, another IOVA of the same span is mapped and used.
+    dom.map(&mut mem, 0x10_0000, 0x6000_0000, 0x1000, RW, &mut g)
+        .unwrap();
+    assert_eq!(hw.dma(EDU.0, 0x10_0000, true), Ok(0x6000_0000));
+    assert_eq!(g.pending_tables(), 0, "no table page handed to the gather");
+    assert_eq!(
+        dom.tables().table_pages(),
+        tables + 1,
+        "the new table stays linked"
+    );
+    // The flush invalidates the rolled-back leaves (the device's cached translation of
+    // 0x1fe000 goes away), leaf-only, and frees nothing.
+    let from = hw.state().events.len();
+    let f = unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!((f.tables_freed, f.unmapped.len()), (0, 0));
+    let d = iotlb_descs(&hw, from);
+    assert_eq!(d.len(), 1);
+    assert_ne!(d[0].1 & (1 << 6), 0, "IH = 1");
+    assert_eq!(hw.dma(EDU.0, 0x1f_e000, false), Err(6));
+    drain(&mut unit);
+    assert_eq!(hw.dma(EDU.0, 0x10_0000, true), Ok(0x6000_0000));
+    assert!(hw.state().errors.is_empty(), "{:?}", hw.state().errors);
+    // Nothing leaked: teardown frees every page, the kept ones included.
+    unit.detach(&mut mem, &mut dom, EDU).unwrap();
+    let live = mem.live_frames();
+    let n = dom.tables().table_pages();
+    unit.destroy_domain(&mut mem, dom).unwrap();
+    assert_eq!(mem.live_frames(), live - n);
+}
+
+/// Teardown: after the last unmap, `release_empty_tables` hands every emptied table to the
+/// gather and the flush frees them (table pages back to the empty domain's one root).
+#[test]
+fn release_empty_tables_at_teardown() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let baseline = dom.tables().table_pages();
+    let live = mem.live_frames();
+    let mut g = dom.gather();
+    for i in 0..8u64 {
+        dom.map(
+            &mut mem,
+            i * 0x3_3000,
+            0x5000_0000 + i * 0x1000,
+            0x1000,
+            RW,
+            &mut g,
+        )
+        .unwrap();
+    }
+    unit.flush(&mut mem, &mut g).unwrap();
+    for i in 0..8u64 {
+        assert!(hw.dma(EDU.0, i * 0x3_3000, true).is_ok());
+    }
+    for i in 0..8u64 {
+        dom.unmap(&mut mem, i * 0x3_3000, 0x1000, &mut g).unwrap();
+    }
+    assert!(dom.tables().table_pages() > baseline);
+    let mut wrong = crate::gather::Gather::new(0, dom.id() + 1);
+    assert_eq!(
+        dom.release_empty_tables(&mut mem, &mut wrong),
+        Err(Error::WrongDomain)
+    );
+    let n = dom.release_empty_tables(&mut mem, &mut g).unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(dom.tables().table_pages(), baseline);
+    let f = unit.flush(&mut mem, &mut g).unwrap();
+    assert_eq!(f.tables_freed, 2);
+    assert_eq!(mem.live_frames(), live);
+    // The cached directory entries went with the IH = 0 flush: no walk reaches a freed page.
+    for i in 0..8u64 {
+        assert_eq!(hw.dma(EDU.0, i * 0x3_3000, true), Err(5));
+        drain(&mut unit);
+    }
+}
+
+/// Issue 9 (item 10): queued invalidation was turned off without waiting for IQH == IQT. A
+/// flush whose wait timed out on a slow unit leaves descriptors in the queue; `disable` must
+/// let the unit consume them (bounded) before clearing QIE. The model refuses (and records)
+/// a QIE clear with a non-empty queue, as the specification forbids it.
+#[test]
+fn disable_waits_for_the_queue_to_drain() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x5000, 0x7000, 0x1000, RW, &mut g)
+        .unwrap();
+    unit.flush(&mut mem, &mut g).unwrap();
+    dom.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+    // A slow unit: one descriptor per 700 register reads; the flush polls ~1000 times.
+    hw.state().queue_delay = 700;
+    assert_eq!(
+        unit.flush(&mut mem, &mut g),
+        Err(Error::Timeout(Operation::InvalidationWait))
+    );
+    {
+        let s = hw.state();
+        assert_ne!(s.iqh, s.iqt, "the queue has not drained yet");
+    }
+    unit.disable().unwrap();
+    let s = hw.state();
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert_eq!(s.iqh, s.iqt);
+    assert_eq!(s.gsts & (GlobalStatus::TES | GlobalStatus::QIES).bits(), 0);
+    drop(s);
+    assert!(!unit.queued_invalidation());
+    // A hung queue never drains: disable reports it and leaves QI on (translation is off).
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let mut dom = unit.create_domain(&mut mem).unwrap();
+    let mut g = dom.gather();
+    dom.map(&mut mem, 0x5000, 0x7000, 0x1000, RW, &mut g)
+        .unwrap();
+    dom.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+    hw.state().ignore_waits = true;
+    assert!(unit.flush(&mut mem, &mut g).is_err());
+    assert_eq!(
+        unit.disable(),
+        Err(Error::Timeout(Operation::InvalidationQueueDrain))
+    );
+    assert!(unit.queued_invalidation());
+    assert!(!unit.is_enabled());
+    let s = hw.state();
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    assert_eq!(s.gsts & GlobalStatus::TES.bits(), 0);
 }
