@@ -70,6 +70,14 @@ pub trait Iommu {
     fn flush(&mut self, pending: &mut Self::Pending) -> Result<u32, crate::Error>;
     /// Page-table pages in use (for the quota).
     fn table_pages(&self) -> usize;
+    /// Unlinks every empty page-table page (the domain keeps emptied tables for reuse while
+    /// the guest runs), adding them to `pending`; they are freed by the flush that
+    /// invalidates them. Returns how many. Only valid when nothing will be mapped into the
+    /// domain before that flush (teardown). The default keeps no tables.
+    fn release_empty_tables(&mut self, pending: &mut Self::Pending) -> usize {
+        let _ = pending;
+        0
+    }
 }
 
 /// The IOVA allocator of the guest's domain (on the calling CPU).

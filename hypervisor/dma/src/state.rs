@@ -646,6 +646,8 @@ impl<P: Default> DmaState<P> {
             self.mapped_pages -= m.pages;
             self.hold(m, true, clock);
         }
+        // The guest makes no more calls: the tables kept for reuse go with this flush.
+        dom.release_empty_tables(&mut self.pending);
         self.flush(dom, iovas, clock, false)
             .map_err(|_| Error::Busy)
     }

@@ -14,6 +14,10 @@ pub struct VtdDomain {
     pub unit: u64,
     /// The domain (page tables, id, attached devices).
     pub domain: Domain,
+    /// With caching mode (not-present entries may be cached) or write-buffer flushing
+    /// (`CAP.CM`, `CAP.RWBF`) a new mapping needs a flush before the device may use it;
+    /// otherwise nothing has to be invalidated for a not-present -> present change.
+    pub map_needs_flush: bool,
 }
 
 /// Unmaps waiting for the flush: the driver's gather, created on first use.
@@ -66,14 +70,7 @@ impl Iommu for VtdDomain {
     }
 
     fn map_needs_flush(&self) -> bool {
-        // With caching mode (not-present entries may be cached) or write-buffer flushing a
-        // new mapping needs a flush before the device may use it; otherwise nothing has to
-        // be invalidated for a not-present -> present change.
-        with_unit(self.unit, |u, _| {
-            let cap = u.capability();
-            cap.caching_mode() || cap.rwbf()
-        })
-        .unwrap_or(true)
+        self.map_needs_flush
     }
 
     fn unmap(&mut self, iova: u64, len: u64, pending: &mut VtdPending) -> Result<(), Error> {
@@ -96,6 +93,14 @@ impl Iommu for VtdDomain {
 
     fn table_pages(&self) -> usize {
         self.domain.tables().table_pages()
+    }
+
+    fn release_empty_tables(&mut self, pending: &mut VtdPending) -> usize {
+        let dom = &mut self.domain;
+        let g = pending.0.get_or_insert_with(|| dom.gather());
+        with_unit(self.unit, |_, m| dom.release_empty_tables(m, g))
+            .and_then(|r| r.ok())
+            .unwrap_or(0)
     }
 }
 

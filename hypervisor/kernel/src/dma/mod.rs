@@ -362,6 +362,22 @@ impl GuestDma {
         .ok_or(SetupError::NoUnit(first))?
         .map_err(SetupError::Vtd)?;
         let baseline_tables = domain.tables().table_pages();
+        // The domain keeps emptied tables for reuse until teardown (a table is unlinked
+        // only when an unmap covers its whole span), so the quota covers every table the
+        // IOVA window can need (a leaf table per 2 MiB, one per 1 GiB, the levels above)
+        // beyond the tables setup built.
+        let svc = Limits {
+            max_table_pages: baseline_tables
+                + limit_pfn.div_ceil(512) as usize
+                + limit_pfn.div_ceil(512 * 512) as usize
+                + 4,
+            ..svc
+        };
+        let map_needs_flush = with_unit(unit, |u, _| {
+            let cap = u.capability();
+            cap.caching_mode() || cap.rwbf()
+        })
+        .unwrap_or(true);
         let did = domain.id();
         Ok(Some(GuestDma {
             policy,
@@ -373,7 +389,11 @@ impl GuestDma {
             svc,
             inner: Mutex::new(Inner {
                 st: DmaState::new(policy, svc),
-                dom: VtdDomain { unit, domain },
+                dom: VtdDomain {
+                    unit,
+                    domain,
+                    map_needs_flush,
+                },
             }),
             iova,
             cpus,
