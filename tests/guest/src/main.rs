@@ -126,7 +126,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "dma-foreign" => dma::foreign(&info, arg.unwrap_or(1000)),
             "dma-smp" => dma::smp(&info, arg.unwrap_or(100)),
             "dma-faults" => dma::faults(),
-            "dma-race" => dma::race(),
+            "dma-race" => dma::race(&info),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {
