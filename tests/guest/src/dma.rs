@@ -730,23 +730,32 @@ pub(crate) fn delay_ms(boot: &BootInfo, ms: u64) {
     }
 }
 
-/// `dma-hold=MS` (two-guest scenario, the victim): maps pages 3..=5 for DMA, holds them MS
+/// Pages `dma-hold` maps (pages 3..8 of this guest's test pages).
+const HOLD_PAGES: usize = 5;
+
+/// `dma-hold=MS` (two-guest scenario, the victim): maps pages 3..8 for DMA, holds them MS
 /// milliseconds while the other guest's device tries their IOVAs, then checks they are intact.
 pub fn hold(boot: &BootInfo, ms: u64) -> Outcome {
     let mut d = driver()?;
-    let mut iovas = [0u64; 3];
+    let mut iovas = [0u64; HOLD_PAGES];
     for (k, iova) in iovas.iter_mut().enumerate() {
         fill(3 + k, 0xA0 + k as u8);
         *iova = d
             .map(gpa(3 + k), PAGE as u64, DmaFlags::READ_WRITE)
             .map_err(|_| "MAP failed")?;
     }
+    let mut list = [0u8; 128];
+    let mut w = Cursor(&mut list, 0);
+    for iova in iovas {
+        let _ = core::fmt::Write::write_fmt(&mut w, format_args!(" {iova:#x}"));
+    }
+    let n = w.1;
     println!(
-        "dma-hold: pages mapped at IOVAs {:#x} {:#x} {:#x}; holding {ms} ms",
-        iovas[0], iovas[1], iovas[2]
+        "dma-hold: pages mapped at IOVAs{}; holding {ms} ms",
+        core::str::from_utf8(&list[..n]).unwrap_or("?")
     );
     delay_ms(boot, ms);
-    let intact = (0..3).all(|k| holds(3 + k, 0xA0 + k as u8));
+    let intact = (0..HOLD_PAGES).all(|k| holds(3 + k, 0xA0 + k as u8));
     for iova in iovas {
         d.unmap(iova, PAGE as u64).map_err(|_| "UNMAP failed")?;
     }
@@ -761,8 +770,21 @@ pub fn hold(boot: &BootInfo, ms: u64) -> Outcome {
     }
 }
 
+/// A `fmt::Write` into a byte buffer (drops what does not fit).
+struct Cursor<'a>(&'a mut [u8], usize);
+
+impl core::fmt::Write for Cursor<'_> {
+    fn write_str(&mut self, s: &str) -> core::fmt::Result {
+        let n = s.len().min(self.0.len() - self.1);
+        self.0[self.1..self.1 + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.1 += n;
+        Ok(())
+    }
+}
+
 /// `dma-foreign=MS` (two-guest scenario, the attacker): after MS ms, programs its own edu to
-/// write to the IOVAs the other guest holds, and to map memory outside its own RAM.
+/// write to IOVAs the other guest holds (the three after its own two mappings; the scenario
+/// checks the other guest holds each), and to map memory outside its own RAM.
 pub fn foreign(boot: &BootInfo, ms: u64) -> Outcome {
     let mut d = driver()?;
     let edu = Edu::find().ok_or("no edu device")?;
@@ -778,12 +800,24 @@ pub fn foreign(boot: &BootInfo, ms: u64) -> Outcome {
     let loaded = edu.dma(src, false);
     // Its own mapping at the same IOVA values the other guest uses reaches its own page only.
     let mine = edu.dma(own, true) && holds(4, 0x5A);
-    // IOVAs only the other guest has mapped: nothing in this guest's domain.
-    let before = d.stats(false).map_err(|_| "STATS failed")?.faults;
-    for iova in [own + 0x1000, own + 0x2000, own + 0x3000] {
+    // IOVAs only the other guest has mapped: nothing in this guest's domain. Each DMA must
+    // fault on its own.
+    let mut faulted = [0u64; 3];
+    for (k, n) in faulted.iter_mut().enumerate() {
+        let iova = own + (k as u64 + 1) * PAGE as u64;
+        let before = d.stats(false).map_err(|_| "STATS failed")?.faults;
         let _ = edu.dma(iova, true);
+        // The fault reaches the counters through the hypervisor's fault handling: give it
+        // up to 100 ms.
+        for _ in 0..100 {
+            *n = d.stats(false).map_err(|_| "STATS failed")?.faults - before;
+            if *n > 0 {
+                break;
+            }
+            delay_ms(boot, 1);
+        }
+        println!("dma-foreign: write to IOVA {iova:#x}: {n} fault(s) in this guest's domain");
     }
-    let after = d.stats(false).map_err(|_| "STATS failed")?.faults;
     // The other guest's RAM is not this guest's RAM: beyond the end of its own.
     let (st, _) = raw(
         Call::DmaMap,
@@ -797,37 +831,73 @@ pub fn foreign(boot: &BootInfo, ms: u64) -> Outcome {
         ],
     );
     println!(
-        "dma-foreign: own IOVA {own:#x} reached its own page: {}; writes to IOVAs {:#x}..{:#x} faulted {} time(s) in this guest's domain; MAP of GPA {:#x} (past its RAM): {st:?}",
+        "dma-foreign: own IOVA {own:#x} reached its own page: {}; MAP of GPA {:#x} (past its RAM): {st:?}",
         loaded && mine,
-        own + 0x1000,
-        own + 0x3000,
-        after - before,
         boot.mem_size
     );
     d.unmap(src, PAGE as u64).map_err(|_| "UNMAP failed")?;
     d.unmap(own, PAGE as u64).map_err(|_| "UNMAP failed")?;
-    if !(loaded && mine) || after - before < 3 || st != Some(Status::Fault) {
+    if !(loaded && mine) || faulted.iter().any(|&n| n == 0) || st != Some(Status::Fault) {
         return Err("isolation between guests not shown");
     }
     Ok(())
 }
 
-/// Live IOVAs of each vCPU in `dma-smp` (0 = none), published after MAP, cleared before UNMAP.
-static SMP_LIVE: [[core::sync::atomic::AtomicU64; 4]; 4] =
+/// `dma-smp` hand-over slots: vCPU v publishes the IOVAs it mapped in `SMP_SLOTS[v]`; vCPU
+/// v+1 (mod n) unmaps them. A slot holds the IOVA from MAP's return until the UNMAP of it has
+/// returned (then 0); bit 0 set means "UNMAP in progress" (the hypervisor may or may not have
+/// released it yet).
+static SMP_SLOTS: [[core::sync::atomic::AtomicU64; 4]; 4] =
     [const { [const { core::sync::atomic::AtomicU64::new(0) }; 4] }; 4];
+/// Last vCPU that was handed each IOVA page (index (iova - 1 MiB) / 4 KiB), + 1; 0 = never.
+static SMP_LAST: [core::sync::atomic::AtomicU8; 4096] =
+    [const { core::sync::atomic::AtomicU8::new(0) }; 4096];
+const SMP_UNMAPPING: u64 = 1;
 static SMP_DONE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 static SMP_DUPS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 static SMP_OPS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// MAPs that returned an IOVA another vCPU was handed before (reuse across vCPUs).
+static SMP_CROSS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+static SMP_FAILED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 #[repr(C, align(4096))]
 struct Scratch([[u8; PAGE]; 4]);
 static mut SMP_SCRATCH: Scratch = Scratch([[0; PAGE]; 4]);
 
-/// One vCPU's part of `dma-smp=N`: N rounds of mapping 4 pages of its own and unmapping them,
-/// checking after each map that no other vCPU holds the same IOVA at that moment.
-pub fn smp_worker(vcpu: usize, rounds: u64) -> Result<u64, &'static str> {
+/// Waits until `cond` holds, another worker failed, or about 60 s passed.
+fn smp_wait(tsc_khz: u64, mut cond: impl FnMut() -> bool) -> Result<(), &'static str> {
+    let t0 = crate::abi::rdtsc();
+    while !cond() {
+        if SMP_FAILED.load(core::sync::atomic::Ordering::SeqCst) {
+            return Err("another dma-smp worker failed");
+        }
+        if crate::abi::rdtsc() - t0 > 60_000 * tsc_khz {
+            return Err("timed out waiting for another vCPU");
+        }
+        core::hint::spin_loop();
+    }
+    Ok(())
+}
+
+/// One vCPU's part of `dma-smp=N` on `vcpus` vCPUs: N rounds of mapping 4 pages and handing
+/// the IOVAs to the next vCPU, which unmaps them, so every IOVA is freed on another vCPU
+/// than the one it was allocated on (and the allocator's per-vCPU caches move IOVAs between
+/// vCPUs). After each MAP: no slot may hold the same IOVA unless that slot's UNMAP is in
+/// progress (a definite double hand-out). Returns the duplicates seen.
+pub fn smp_worker(vcpu: usize, vcpus: usize, rounds: u64, tsc_khz: u64) -> Result<u64, &'static str> {
+    let r = smp_work(vcpu, vcpus, rounds, tsc_khz);
+    if r.is_err() {
+        SMP_FAILED.store(true, core::sync::atomic::Ordering::SeqCst);
+    }
+    SMP_DONE.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
+    r
+}
+
+fn smp_work(vcpu: usize, vcpus: usize, rounds: u64, tsc_khz: u64) -> Result<u64, &'static str> {
     use core::sync::atomic::Ordering::SeqCst;
-    let v = vcpu % 4;
+    let n = vcpus.clamp(1, 4);
+    let v = vcpu % n;
+    let prev = (v + n - 1) % n;
     let scratch = core::ptr::addr_of!(SMP_SCRATCH) as u64 + (v * PAGE) as u64;
     // SAFETY: as in `driver`; each vCPU has its own scratch page.
     let hv = unsafe { Native::new() };
@@ -839,40 +909,61 @@ pub fn smp_worker(vcpu: usize, rounds: u64) -> Result<u64, &'static str> {
         },
     )
     .map_err(|_| "discovery failed")?;
+    // 8 pages per vCPU: the 4 it maps now and the 4 still waiting to be unmapped.
     let base = (48u64 << 20) + (v as u64) * (64 << 10);
     let mut dups = 0;
-    for _ in 0..rounds {
-        for (k, slot) in SMP_LIVE[v].iter().enumerate() {
+    for r in 0..rounds {
+        let half = (r & 1) * 4;
+        for (k, slot) in SMP_SLOTS[v].iter().enumerate() {
+            // The next vCPU has unmapped what this slot held last round.
+            smp_wait(tsc_khz, || slot.load(SeqCst) == 0)?;
             let iova = d
                 .map(
-                    base + k as u64 * PAGE as u64,
+                    base + (half + k as u64) * PAGE as u64,
                     PAGE as u64,
                     DmaFlags::READ_WRITE,
                 )
                 .map_err(|_| "MAP failed")?;
-            for (o, slots) in SMP_LIVE.iter().enumerate() {
-                if o != v && slots.iter().any(|s| s.load(SeqCst) == iova) {
+            for slots in SMP_SLOTS.iter() {
+                if slots.iter().any(|s| s.load(SeqCst) == iova) {
                     dups += 1;
+                }
+            }
+            if let Some(last) = iova
+                .checked_sub(1 << 20)
+                .and_then(|o| SMP_LAST.get((o / PAGE as u64) as usize))
+            {
+                let before = last.swap(v as u8 + 1, SeqCst);
+                if before != 0 && before != v as u8 + 1 {
+                    SMP_CROSS.fetch_add(1, SeqCst);
                 }
             }
             slot.store(iova, SeqCst);
         }
-        for slot in &SMP_LIVE[v] {
-            let iova = slot.swap(0, SeqCst);
-            d.unmap(iova, PAGE as u64).map_err(|_| "UNMAP failed")?;
+        // Unmap what the previous vCPU handed over this round.
+        for slot in SMP_SLOTS[prev].iter() {
+            let mut iova = 0;
+            smp_wait(tsc_khz, || {
+                iova = slot.load(SeqCst);
+                iova != 0 && iova & SMP_UNMAPPING == 0
+            })?;
+            slot.store(iova | SMP_UNMAPPING, SeqCst);
+            let r = d.unmap(iova, PAGE as u64);
+            // Only now is the IOVA free: clear the slot after UNMAP returned.
+            slot.store(0, SeqCst);
+            r.map_err(|_| "UNMAP failed")?;
         }
         SMP_OPS.fetch_add(4, SeqCst);
     }
     SMP_DUPS.fetch_add(dups, SeqCst);
-    SMP_DONE.fetch_add(1, SeqCst);
     Ok(dups)
 }
 
 /// `dma-smp=N` on vCPU 0: runs its own worker, waits for the others, reports.
 pub fn smp(boot: &BootInfo, rounds: u64) -> Outcome {
     use core::sync::atomic::Ordering::SeqCst;
-    smp_worker(0, rounds)?;
     let vcpus = u64::from(boot.vcpus).min(4);
+    let mine = smp_worker(0, vcpus as usize, rounds, boot.tsc_khz);
     let t0 = crate::abi::rdtsc();
     while SMP_DONE.load(SeqCst) < vcpus {
         if crate::abi::rdtsc() - t0 > 120_000 * boot.tsc_khz {
@@ -880,16 +971,29 @@ pub fn smp(boot: &BootInfo, rounds: u64) -> Outcome {
         }
         core::hint::spin_loop();
     }
+    mine?;
+    if SMP_FAILED.load(SeqCst) {
+        return Err("a dma-smp worker failed");
+    }
     let mut d = driver()?;
     let s = d.stats(false).map_err(|_| "STATS failed")?;
+    let held = SMP_SLOTS
+        .iter()
+        .flatten()
+        .filter(|s| s.load(SeqCst) != 0)
+        .count();
     println!(
-        "dma-smp: {vcpus} vCPUs, {} map+unmap operations, IOVA held by two vCPUs at once: {} time(s); live mappings after: {}",
+        "dma-smp: {vcpus} vCPUs, {} map+unmap operations (each IOVA unmapped by the next vCPU), IOVAs reused across vCPUs: {}, IOVA held by two vCPUs at once: {} time(s); slots still held: {held}; live mappings after: {}",
         SMP_OPS.load(SeqCst),
+        SMP_CROSS.load(SeqCst),
         SMP_DUPS.load(SeqCst),
         s.live_mappings
     );
-    if SMP_DUPS.load(SeqCst) != 0 || s.live_mappings != 0 {
+    if SMP_DUPS.load(SeqCst) != 0 || s.live_mappings != 0 || held != 0 {
         return Err("an IOVA was handed out twice or mappings were left");
+    }
+    if vcpus > 1 && SMP_CROSS.load(SeqCst) == 0 {
+        return Err("no IOVA moved between vCPUs: the workload did not force reuse");
     }
     Ok(())
 }
