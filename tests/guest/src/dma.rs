@@ -445,7 +445,10 @@ pub fn bad(info: &BootInfo) -> Outcome {
         ),
     ];
     if d.info().limits.iova_width > 28 {
-        println!("dma-bad: IOVA width {} (edu's is 28) WRONG", d.info().limits.iova_width);
+        println!(
+            "dma-bad: IOVA width {} (edu's is 28) WRONG",
+            d.info().limits.iova_width
+        );
         failures += 1;
     }
     for (what, call, args, want) in rows {
@@ -884,7 +887,12 @@ fn smp_wait(tsc_khz: u64, mut cond: impl FnMut() -> bool) -> Result<(), &'static
 /// than the one it was allocated on (and the allocator's per-vCPU caches move IOVAs between
 /// vCPUs). After each MAP: no slot may hold the same IOVA unless that slot's UNMAP is in
 /// progress (a definite double hand-out). Returns the duplicates seen.
-pub fn smp_worker(vcpu: usize, vcpus: usize, rounds: u64, tsc_khz: u64) -> Result<u64, &'static str> {
+pub fn smp_worker(
+    vcpu: usize,
+    vcpus: usize,
+    rounds: u64,
+    tsc_khz: u64,
+) -> Result<u64, &'static str> {
     let r = smp_work(vcpu, vcpus, rounds, tsc_khz);
     if r.is_err() {
         SMP_FAILED.store(true, core::sync::atomic::Ordering::SeqCst);
@@ -1146,7 +1154,11 @@ pub fn race(boot: &BootInfo) -> Outcome {
     unsafe {
         core::ptr::copy_nonoverlapping(hdr.as_ptr(), area as *mut u8, BATCH_HEADER_SIZE);
         for i in 0..RACE_N {
-            let e = Entry::map(inside + (i * PAGE) as u64, PAGE as u64, DmaFlags::READ_WRITE);
+            let e = Entry::map(
+                inside + (i * PAGE) as u64,
+                PAGE as u64,
+                DmaFlags::READ_WRITE,
+            );
             core::ptr::copy_nonoverlapping(e.to_bytes().as_ptr(), race_entry(i), 48);
         }
     }

@@ -54,7 +54,11 @@ pub fn msi() -> Outcome {
     for (what, iova, len) in [
         ("first page of the MSI window", MSI_START, 0x1000),
         ("last page of the MSI window", MSI_END - 0x1000, 0x1000),
-        ("range reaching into the MSI window", MSI_START - 0x1000, 0x2000),
+        (
+            "range reaching into the MSI window",
+            MSI_START - 0x1000,
+            0x2000,
+        ),
     ] {
         let (st, _) = raw(Call::DmaUnmap, [iova, len, 0, 0, 0, 0]);
         let ok = st == Some(Status::Perm);
@@ -94,6 +98,8 @@ pub fn msi() -> Outcome {
 static STORM: AtomicBool = AtomicBool::new(false);
 /// Set when `dma-stale` is over: vCPU 1 stops.
 static STALE_END: AtomicBool = AtomicBool::new(false);
+/// Set by vCPU 1 when it has left the storm loop.
+static STORM_EXITED: AtomicBool = AtomicBool::new(false);
 /// MULTICALLs vCPU 1 ran.
 static STORM_CALLS: AtomicU64 = AtomicU64::new(0);
 /// Set if vCPU 1's storm failed.
@@ -129,16 +135,17 @@ pub fn stale_storm() {
         },
     ) else {
         STORM_FAILED.store(true, SeqCst);
+        STORM_EXITED.store(true, SeqCst);
         return;
     };
-    if d
-        .attach_batch(BatchArea {
-            gpa: base + PAGE as u64,
-            pages: 2,
-        })
-        .is_err()
+    if d.attach_batch(BatchArea {
+        gpa: base + PAGE as u64,
+        pages: 2,
+    })
+    .is_err()
     {
         STORM_FAILED.store(true, SeqCst);
+        STORM_EXITED.store(true, SeqCst);
         return;
     }
     let mut iovas = [0u64; 64];
@@ -183,6 +190,7 @@ pub fn stale_storm() {
     }
     let _ = d.sync_iotlb();
     let _ = d.detach_batch();
+    STORM_EXITED.store(true, SeqCst);
 }
 
 fn stale_entry(i: usize) -> *mut u8 {
@@ -201,20 +209,21 @@ fn get_entry(i: usize) -> Entry {
     Entry::from_bytes(&b)
 }
 
-/// Runs the batch of `count` entries from entry 0 to the end; returns the TSC at the return
-/// of the first call (the one that ran entry 0) or an error.
-fn multicall(count: usize) -> Result<u64, &'static str> {
+/// Runs the batch of `count` entries from entry 0 to the end; `first` runs right after the
+/// return of the first call (the one that ran entry 0).
+fn multicall(count: usize, mut first: impl FnMut()) -> Result<(), &'static str> {
     let hdr = moat_abi::dma::BatchHeader::new(count as u32).to_bytes();
     let area = core::ptr::addr_of_mut!(STALE_BATCH) as *mut u8;
     // SAFETY: as in `put_entry`.
     unsafe { core::ptr::copy_nonoverlapping(hdr.as_ptr(), area, BATCH_HEADER_SIZE) };
-    let mut first = None;
     let mut cursor = 0u64;
-    for _ in 0..10 * count {
+    for call in 0..10 * count {
         let (_, v) = raw(Call::DmaMulticall, [cursor, 0, 0, 0, 0, 0]);
-        first.get_or_insert(rdtsc());
+        if call == 0 {
+            first();
+        }
         match v[2] & 0xff {
-            0 => return first.ok_or("no call"),
+            0 => return Ok(()),
             2 => cursor = v[0],
             _ => return Err("an entry of the long MULTICALL failed"),
         }
@@ -226,9 +235,11 @@ fn multicall(count: usize) -> Result<u64, &'static str> {
 #[derive(Default, Clone, Copy)]
 struct Tally {
     unmaps: u64,
-    /// Bytes landed after the UNMAP returned.
+    /// DMAs still pending when the UNMAP returned whose bytes landed (stale translations).
     stale: u64,
-    /// Bytes landed before the UNMAP returned (the DMA beat the UNMAP).
+    /// DMAs still pending when the UNMAP returned that were blocked.
+    blocked: u64,
+    /// DMAs already done when the UNMAP returned (they may have run during the call).
     early: u64,
     /// Worst time from the UNMAP's return to a landed write's completion, in TSC cycles.
     worst: u64,
@@ -237,10 +248,12 @@ struct Tally {
 /// `dma-stale=T`: measures the stale window after UNMAP with real edu DMA. Calibrates edu's
 /// DMA latency L, then for T trials of each kind (plain UNMAP; entry 0 of a long MULTICALL;
 /// plain UNMAP while vCPU 1 runs MULTICALL storms) starts a device->RAM DMA to a mapped
-/// IOVA, UNMAPs it L - d later (d from 0 to twice the deferred bound), waits for edu, and
-/// records whether the bytes landed and how long after the UNMAP returned. PASS under
-/// `deferred` iff every landed write completed within the bound and some did land (so the
-/// test can see stale translations); under `strict`/`batched` iff none landed after UNMAP.
+/// IOVA, UNMAPs it L - d later (d from 0 to twice the deferred bound), notes whether edu
+/// still had the DMA pending right after the UNMAP returned, waits for edu, and records
+/// whether the bytes landed and how long after the UNMAP's return. PASS under `deferred` iff
+/// every write still pending at the return that landed completed within the bound, and some
+/// did land (so the test can see stale translations); under `strict`/`batched` iff none
+/// pending at the return landed.
 pub fn stale(boot: &BootInfo, trials: u64) -> Outcome {
     let r = stale_run(boot, trials.max(TRIALS_PER_KIND));
     STORM.store(false, SeqCst);
@@ -297,8 +310,9 @@ fn stale_run(boot: &BootInfo, per_kind: u64) -> Outcome {
     for t in 0..3 * per_kind {
         let kind = (t % 3) as usize;
         let step = t / 3;
-        let d_us = step * span_us / (per_kind - 1).max(1);
-        let wait = lat.saturating_sub(d_us * khz / 1000);
+        // Denser near 0, where the writes that land are.
+        let last = (per_kind - 1).max(1);
+        let d_us = step * step * span_us / (last * last);
         page(4).fill(0);
         let iova = match d.map(gpa(4), PAGE as u64, DmaFlags::WRITE) {
             Ok(i) => i,
@@ -318,7 +332,10 @@ fn stale_run(boot: &BootInfo, per_kind: u64) -> Outcome {
                 };
                 put_entry(1 + j, Entry::unmap(pre, PAGE as u64));
                 let other = LONG_GPA + ((LONG_HALF + j) * PAGE) as u64;
-                put_entry(1 + LONG_HALF + j, Entry::map(other, PAGE as u64, DmaFlags::READ));
+                put_entry(
+                    1 + LONG_HALF + j,
+                    Entry::map(other, PAGE as u64, DmaFlags::READ),
+                );
             }
             if failed.is_some() {
                 break;
@@ -332,28 +349,43 @@ fn stale_run(boot: &BootInfo, per_kind: u64) -> Outcome {
                 core::hint::spin_loop();
             }
         }
+        // Warm the IOMMU's IOTLB with one DMA through the IOVA (a stale translation can only
+        // come from a cached one), timing it: the next DMA fires about as long after its
+        // start.
+        let w0 = rdtsc();
+        edu.start(iova, true);
+        if !edu.wait() {
+            failed = Some("edu DMA did not finish");
+            break;
+        }
+        let lat = rdtsc() - w0;
+        let wait = lat.saturating_sub(d_us * khz / 1000);
+        page(4).fill(0);
         let t0 = rdtsc();
         edu.start(iova, true);
         while rdtsc() - t0 < wait {
             core::hint::spin_loop();
         }
-        let returned = if kind == 1 {
-            match multicall(1 + 2 * LONG_HALF) {
-                Ok(at) => at,
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
+        // The first thing after the UNMAP returns: the time and whether edu has run the
+        // DMA yet (edu clears the bit after its write, under QEMU's lock, so a DMA still
+        // pending here writes after the UNMAP returned).
+        let mut returned = 0;
+        let mut pending = false;
+        let mut after = || {
+            returned = rdtsc();
+            pending = edu.busy();
+        };
+        let r = if kind == 1 {
+            multicall(1 + 2 * LONG_HALF, &mut after)
         } else {
             let r = d.unmap(iova, PAGE as u64);
-            let at = rdtsc();
-            if r.is_err() {
-                failed = Some("UNMAP failed");
-                break;
-            }
-            at
+            after();
+            r.map_err(|_| "UNMAP failed")
         };
+        if let Err(e) = r {
+            failed = Some(e);
+            break;
+        }
         // Poll without a single exit: only edu's register (QEMU MMIO, no hypervisor exit).
         let mut done = rdtsc();
         while edu.busy() {
@@ -363,11 +395,13 @@ fn stale_run(boot: &BootInfo, per_kind: u64) -> Outcome {
         let landed = holds(4, 0x9e);
         let k = &mut tally[kind];
         k.unmaps += 1;
-        if landed && done > returned {
-            k.stale += 1;
-            k.worst = k.worst.max(done - returned);
-        } else if landed {
-            k.early += 1;
+        match (pending, landed) {
+            (true, true) => {
+                k.stale += 1;
+                k.worst = k.worst.max(done.saturating_sub(returned));
+            }
+            (true, false) => k.blocked += 1,
+            (false, _) => k.early += 1,
         }
         if kind == 1 {
             // Clean up the MAPs of the long MULTICALL.
@@ -375,7 +409,7 @@ fn stale_run(boot: &BootInfo, per_kind: u64) -> Outcome {
                 let e = get_entry(1 + LONG_HALF + j);
                 put_entry(j, Entry::unmap(e.iova, PAGE as u64));
             }
-            if let Err(e) = multicall(LONG_HALF) {
+            if let Err(e) = multicall(LONG_HALF, || {}) {
                 failed = Some(e);
                 break;
             }
@@ -387,15 +421,20 @@ fn stale_run(boot: &BootInfo, per_kind: u64) -> Outcome {
     if let Some(e) = failed {
         return Err(e);
     }
-    for (name, k) in ["plain UNMAP", "entry 0 of a long MULTICALL", "UNMAP during MULTICALL storms on vCPU 1"]
-        .iter()
-        .zip(tally.iter())
+    for (name, k) in [
+        "plain UNMAP",
+        "entry 0 of a long MULTICALL",
+        "UNMAP during MULTICALL storms on vCPU 1",
+    ]
+    .iter()
+    .zip(tally.iter())
     {
         println!(
-            "dma-stale: {name}: {} unmaps, {} landed after UNMAP returned (worst {} us), {} landed before it returned",
+            "dma-stale: {name}: {} unmaps; DMA pending at the return: {} landed (worst {} us after the return), {} blocked; {} done by the return",
             k.unmaps,
             k.stale,
             us(k.worst),
+            k.blocked,
             k.early
         );
     }
@@ -406,7 +445,18 @@ fn stale_run(boot: &BootInfo, per_kind: u64) -> Outcome {
         "dma-stale: {n} unmaps, {landed} landed, worst stale window {worst} us (bound {bound_us} us); vCPU 1 ran {} MULTICALLs",
         STORM_CALLS.load(SeqCst)
     );
+    // vCPU 1's mappings count too: let it finish its last storm first.
+    STALE_END.store(true, SeqCst);
+    let t0 = rdtsc();
+    while !STORM_EXITED.load(SeqCst) && rdtsc() - t0 < 10_000 * khz {
+        core::hint::spin_loop();
+    }
     let s = d.stats(false).map_err(|_| "STATS failed")?;
+    println!(
+        "dma-stale: live mappings after: {}, vCPU 1 done: {}",
+        s.live_mappings,
+        STORM_EXITED.load(SeqCst)
+    );
     if s.live_mappings != 0 {
         return Err("mappings left");
     }

@@ -51,14 +51,13 @@ fn no_leak(log: &str) -> Result<(), String> {
 /// The PV DMA scenarios on `on`'s machine.
 pub fn scenarios(on: Variant) -> Vec<Scenario> {
     let mut v = Vec::new();
-    let scenario = |name: &str,
-                    about: &'static str,
-                    machine: Machine,
-                    cmd: &str,
-                    exit: Exit,
-                    check: crate::Check| {
-        on.scenario(name, about, machine, cmd, exit, check)
-    };
+    let scenario =
+        |name: &str,
+         about: &'static str,
+         machine: Machine,
+         cmd: &str,
+         exit: Exit,
+         check: crate::Check| { on.scenario(name, about, machine, cmd, exit, check) };
     for (policy, after_unmap) in [
         ("strict", "blocked"),
         ("batched", "blocked"),
@@ -344,7 +343,10 @@ fn race_check(log: &str) -> Result<(), String> {
     if landed != ok || unmapped != ok || untouched != fault {
         return Err(format!("entries inconsistent with their status: {l:?}"));
     }
-    for want in ["live mappings matched: true", "0 other; live mappings after: 0"] {
+    for want in [
+        "live mappings matched: true",
+        "0 other; live mappings after: 0",
+    ] {
         if !l.contains(want) {
             return Err(format!("`{want}` missing in {l:?}"));
         }
@@ -388,11 +390,14 @@ fn two_guests_check(log: &str) -> Result<(), String> {
 /// `dma-smp`'s summary: IOVAs moved between vCPUs, none held twice, nothing left.
 fn smp_check(log: &str) -> Result<(), String> {
     let l = find_line(log, &["g0> dma-smp: 4 vCPUs, 1600 map+unmap operations"])?;
-    let cross = number_after(l, "IOVAs reused across vCPUs:").ok_or(format!("no reuse count in {l:?}"))?;
+    let cross =
+        number_after(l, "IOVAs reused across vCPUs:").ok_or(format!("no reuse count in {l:?}"))?;
     if cross == 0 {
         return Err(format!("no IOVA reused across vCPUs: {l:?}"));
     }
-    if !l.contains("IOVA held by two vCPUs at once: 0 time(s); slots still held: 0; live mappings after: 0") {
+    if !l.contains(
+        "IOVA held by two vCPUs at once: 0 time(s); slots still held: 0; live mappings after: 0",
+    ) {
         return Err(format!("IOVA held twice or left: {l:?}"));
     }
     Ok(())
@@ -401,7 +406,10 @@ fn smp_check(log: &str) -> Result<(), String> {
 /// `dma-stale`'s summary: `deferred`: at least 30 UNMAPs, some writes landed after UNMAP,
 /// none later than the bound; otherwise none landed.
 fn stale_check(log: &str, deferred: bool) -> Result<(), String> {
-    let l = find_line(log, &["g0> dma-stale:", "unmaps,", "landed, worst stale window"])?;
+    let l = find_line(
+        log,
+        &["g0> dma-stale:", "unmaps,", "landed, worst stale window"],
+    )?;
     let n = |key: &str| number_after(l, key).ok_or(format!("no `{key}` in {l:?}"));
     let unmaps = n("dma-stale:")?;
     let landed = n("unmaps,")?;
@@ -415,10 +423,14 @@ fn stale_check(log: &str, deferred: bool) -> Result<(), String> {
             return Err(format!("no deferred bound reported: {l:?}"));
         }
         if landed == 0 {
-            return Err(format!("no write landed after UNMAP: the test cannot see stale translations: {l:?}"));
+            return Err(format!(
+                "no write landed after UNMAP: the test cannot see stale translations: {l:?}"
+            ));
         }
         if worst > bound {
-            return Err(format!("a write landed {worst} us after UNMAP, bound {bound} us: {l:?}"));
+            return Err(format!(
+                "a write landed {worst} us after UNMAP, bound {bound} us: {l:?}"
+            ));
         }
     } else if landed != 0 {
         return Err(format!("writes landed after UNMAP under strict: {l:?}"));

@@ -136,7 +136,13 @@ fn guest_edu_check(log: &str) -> Result<(), String> {
             before | 0x6
         ));
     }
-    let mapped = find_line(log, &["guest g0: 00:05.0 BAR0 [", "mapped at the same guest-physical address"])?;
+    let mapped = find_line(
+        log,
+        &[
+            "guest g0: 00:05.0 BAR0 [",
+            "mapped at the same guest-physical address",
+        ],
+    )?;
     let hv = number_after(mapped, "BAR0 [").ok_or("no BAR address in the mapping line")?;
     let seen = find_line(log, &["g0> pci: 00:05.0 BAR0"])?;
     let guest = number_after(seen, "BAR0").ok_or("no BAR address in the guest's line")?;
@@ -151,14 +157,13 @@ fn guest_edu_check(log: &str) -> Result<(), String> {
 /// Every guest scenario on `on`'s machine.
 pub fn all(on: Variant) -> Vec<Scenario> {
     let mut v = Vec::new();
-    let scenario = |name: &str,
-                    about: &'static str,
-                    machine: Machine,
-                    cmd: &str,
-                    exit: Exit,
-                    check: crate::Check| {
-        on.scenario(name, about, machine, cmd, exit, check)
-    };
+    let scenario =
+        |name: &str,
+         about: &'static str,
+         machine: Machine,
+         cmd: &str,
+         exit: Exit,
+         check: crate::Check| { on.scenario(name, about, machine, cmd, exit, check) };
 
     let mut s = scenario(
         "guest-hello",
@@ -262,7 +267,9 @@ pub fn all(on: Variant) -> Vec<Scenario> {
             need_line(
                 log,
                 &[
-                    &format!("guest g0 vcpu0: nested page fault at GPA {bar:#x} (read, not mapped)"),
+                    &format!(
+                        "guest g0 vcpu0: nested page fault at GPA {bar:#x} (read, not mapped)"
+                    ),
                     "guest stopped",
                 ],
             )?;
@@ -486,10 +493,16 @@ x cpu1 vm::guest: g1> tick 1
         assert_eq!(guest_edu_check(log), Ok(()));
         assert!(guest_edu_check(&log.replace("-> 0x0006", "-> 0x0004")).is_err());
         assert!(guest_edu_check(&log.replace("0x0000 -> 0x0006", "0x0103 -> 0x0107")).is_ok());
-        assert!(guest_edu_check(&log.replace("BAR0 0x80000000 size", "BAR0 0x90000000 size")).is_err());
+        assert!(
+            guest_edu_check(&log.replace("BAR0 0x80000000 size", "BAR0 0x90000000 size")).is_err()
+        );
         assert_eq!(discovered_bar(log, "00:05.0", 0), Ok(0x8000_0000));
         assert_eq!(
-            discovered_bar("pci:   00:01.0 BAR0 mem32 pref 0xfd000000 size 0x1000000", "00:01.0", 0),
+            discovered_bar(
+                "pci:   00:01.0 BAR0 mem32 pref 0xfd000000 size 0x1000000",
+                "00:01.0",
+                0
+            ),
             Ok(0xfd00_0000)
         );
     }

@@ -432,7 +432,9 @@ mod tests {
         for s in &m {
             assert!(s.name.ends_with("@matrix"), "{}", s.name);
             assert!(
-                ["guest-", "vtd-", "dma-"].iter().any(|p| s.name.starts_with(p)),
+                ["guest-", "vtd-", "dma-"]
+                    .iter()
+                    .any(|p| s.name.starts_with(p)),
                 "{}",
                 s.name
             );
