@@ -840,7 +840,7 @@ pub fn foreign(boot: &BootInfo, ms: u64) -> Outcome {
     );
     d.unmap(src, PAGE as u64).map_err(|_| "UNMAP failed")?;
     d.unmap(own, PAGE as u64).map_err(|_| "UNMAP failed")?;
-    if !(loaded && mine) || faulted.iter().any(|&n| n == 0) || st != Some(Status::Fault) {
+    if !(loaded && mine) || faulted.contains(&0) || st != Some(Status::Fault) {
         return Err("isolation between guests not shown");
     }
     Ok(())
