@@ -1,5 +1,7 @@
 //! `cargo xtask test`: every host test (workspace `cargo test`, the loom models) and every QEMU
 //! scenario, in parallel up to the core count, ending with one line `N passed, N failed`.
+//! `--matrix` adds the guest, VT-d and DMA scenarios again on the second machine (OVMF, 4
+//! CPUs, EPYC, aw-bits=48, caching-mode=on; names end in `@matrix`).
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -133,8 +135,38 @@ fn run_scenario(
             *a = a.replace(&format!("@FILE:{name}"), &p.to_string_lossy());
         }
     }
-    let modules: Vec<(std::path::PathBuf, String)> = s
-        .modules
+    let derived;
+    let wanted = match &s.prepare {
+        Some(prepare) => {
+            // First boot: the same machine with no guests; the hypervisor reports what it
+            // discovered, and the scenario derives its modules from that.
+            let iso = make_iso_with_modules(
+                kernel,
+                moat_scenarios::BASE_CMDLINE,
+                &[],
+                &format!("scenario-{}-prepare", s.name),
+            )
+            .map_err(|e| e.to_string())?;
+            let args = machine.qemu_args(&iso.to_string_lossy(), setup::OVMF_CODE);
+            let log = root()
+                .join("target/xtask/logs")
+                .join(format!("{}.prepare.log", s.name));
+            let r = qemu::run(&args, &log, false, Duration::from_secs(s.timeout_secs))
+                .map_err(|e| e.to_string())?;
+            if r.exit != moat_scenarios::Exit::Success {
+                return Err(format!(
+                    "the discovery boot ended with {} (log: {})",
+                    r.exit,
+                    log.display()
+                ));
+            }
+            derived = prepare(&r.serial)
+                .map_err(|e| format!("discovery boot: {e} (log: {})", log.display()))?;
+            &derived
+        }
+        None => &s.modules,
+    };
+    let modules: Vec<(std::path::PathBuf, String)> = wanted
         .iter()
         .map(|m| match guest {
             Some(g) if m.file == moat_scenarios::TEST_GUEST => {
@@ -184,11 +216,17 @@ fn indent(s: &str) -> String {
         .join("\n")
 }
 
-fn scenarios(pattern: Option<&str>, jobs: usize, tally: &mut Tally) -> Result<()> {
+fn scenarios(pattern: Option<&str>, matrix: bool, jobs: usize, tally: &mut Tally) -> Result<()> {
     let real_dmar_path = root().join("drivers/dmar/tests/data/qemu-7.2-q35-dmar.bin");
     let real_dmar =
         std::fs::read(&real_dmar_path).map_err(|e| format!("{}: {e}", real_dmar_path.display()))?;
-    let all: Vec<Scenario> = moat_scenarios::all(&real_dmar)
+    let mut all = moat_scenarios::all(&real_dmar);
+    if matrix {
+        all.extend(moat_scenarios::matrix());
+    }
+    // The longest first, so the slowest runs do not end up last on one core.
+    all.sort_by_key(|s| std::cmp::Reverse(s.timeout_secs));
+    let all: Vec<Scenario> = all
         .into_iter()
         .filter(|s| pattern.is_none_or(|p| s.name.contains(p)))
         .collect();
@@ -196,7 +234,10 @@ fn scenarios(pattern: Option<&str>, jobs: usize, tally: &mut Tally) -> Result<()
         return Ok(());
     }
     let kernel = build_kernel(Flavour::Selftest)?;
-    let guest = if all.iter().any(|s| !s.modules.is_empty()) {
+    let guest = if all
+        .iter()
+        .any(|s| !s.modules.is_empty() || s.prepare.is_some())
+    {
         Some(build_test_guest()?)
     } else {
         None
@@ -246,6 +287,7 @@ pub fn cmd_test(mut rest: Vec<String>, _after: Vec<String>) -> Result<()> {
     };
     let no_host = take(&mut rest, "--no-host");
     let no_qemu = take(&mut rest, "--no-qemu");
+    let matrix = take(&mut rest, "--matrix");
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut jobs = cores;
     if let Some(i) = rest.iter().position(|a| a == "-j" || a == "--jobs") {
@@ -256,7 +298,7 @@ pub fn cmd_test(mut rest: Vec<String>, _after: Vec<String>) -> Result<()> {
         rest.drain(i..=i + 1);
     }
     if let Some(bad) = rest.iter().find(|a| a.starts_with('-')) {
-        return Err(format!("unknown option {bad} (usage: cargo xtask test [PATTERN] [--no-host] [--no-qemu] [-j N])").into());
+        return Err(format!("unknown option {bad} (usage: cargo xtask test [PATTERN] [--matrix] [--no-host] [--no-qemu] [-j N])").into());
     }
     let pattern = rest.first().cloned();
     let start = Instant::now();
@@ -266,7 +308,7 @@ pub fn cmd_test(mut rest: Vec<String>, _after: Vec<String>) -> Result<()> {
         host_tests(&mut tally);
     }
     if !no_qemu {
-        if let Err(e) = scenarios(pattern.as_deref(), jobs.max(1), &mut tally) {
+        if let Err(e) = scenarios(pattern.as_deref(), matrix, jobs.max(1), &mut tally) {
             tally.failed += 1;
             tally.failures.push(format!("scenarios could not run: {e}"));
         }

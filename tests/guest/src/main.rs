@@ -8,13 +8,15 @@
 //!
 //! Tests: `hello`, `spin=N`, `probe-pci`, `edu-bar`, `escape-read[=GPA]`,
 //! `escape-write[=GPA]` (default: the first byte past the guest's memory), `msr`,
-//! `triple-fault`, `bad-hypercall`, `vmmcall-bench=N`. Numbers are decimal or `0x` hex.
+//! `triple-fault`, `bad-hypercall`, `vmmcall-bench=N`, and the PV DMA tests `dma-*` (`dma.rs`,
+//! `dma_bounds.rs`). Numbers are decimal or `0x` hex.
 #![no_std]
 #![no_main]
 
 mod abi;
 mod capacity;
 mod dma;
+mod dma_bounds;
 mod idt;
 mod pci;
 mod race;
@@ -78,10 +80,18 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             .find_map(|w| w.strip_prefix("dma-smp="))
             .and_then(parse_number)
         {
-            match dma::smp_worker(vcpu as usize, rounds) {
+            match dma::smp_worker(vcpu as usize, info.vcpus as usize, rounds, info.tsc_khz) {
                 Ok(d) => println!("vcpu {vcpu}: dma-smp worker done, {d} duplicate IOVA(s) seen"),
                 Err(e) => println!("vcpu {vcpu}: dma-smp worker FAILED: {e}"),
             }
+            abi::exit(0);
+        }
+        if vcpu == 1
+            && line
+                .split_ascii_whitespace()
+                .any(|w| w == "dma-stale" || w.starts_with("dma-stale="))
+        {
+            dma_bounds::stale_storm();
             abi::exit(0);
         }
         if vcpu == 1
@@ -140,9 +150,12 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "dma-foreign" => dma::foreign(&info, arg.unwrap_or(1000)),
             "dma-smp" => dma::smp(&info, arg.unwrap_or(100)),
             "dma-faults" => dma::faults(),
-            "dma-race" => dma::race(),
+            "dma-race" => dma::race(&info),
             "dma-capacity" => capacity::run(&info),
             "dma-register-race" => race::run(&info),
+            "dma-msi" => dma_bounds::msi(),
+            "dma-stale" => dma_bounds::stale(&info, arg.unwrap_or(12)),
+            "dma-stop" => dma_bounds::stop(),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {

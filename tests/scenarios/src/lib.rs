@@ -17,6 +17,64 @@ pub use machine::{Exit, Firmware, Machine};
 /// A check of a serial log: `Err` says what is missing.
 pub type Check = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
+/// Boot modules derived from what the hypervisor discovered: called with the serial log of a
+/// first boot of the same machine with [`BASE_CMDLINE`] (no guests), it returns the modules of
+/// the real run (e.g. a guest told the address firmware gave an unassigned device's BAR).
+pub type Prepare = Box<dyn Fn(&str) -> Result<Vec<BootModule>, String> + Send + Sync>;
+
+/// The machine a set of scenarios runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// The scenario's own machine (SeaBIOS, qemu64, 3-level VT-d, CM off, as written).
+    Default,
+    /// The second machine of `cargo xtask test --matrix` ([`Machine::matrix`]): OVMF, 4+
+    /// CPUs, EPYC, aw-bits=48, caching-mode=on. Names get the suffix `@matrix`.
+    Matrix,
+}
+
+impl Variant {
+    /// The name suffix.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Variant::Default => "",
+            Variant::Matrix => "@matrix",
+        }
+    }
+
+    /// The machine this variant runs `m` on.
+    pub fn machine(self, m: Machine) -> Machine {
+        match self {
+            Variant::Default => m,
+            Variant::Matrix => m.matrix(),
+        }
+    }
+
+    /// A scenario on this variant's machine (name suffixed, machine moved, more time on the
+    /// heavier machine).
+    pub fn scenario(
+        self,
+        name: &str,
+        about: &'static str,
+        machine: Machine,
+        extra_cmdline: &str,
+        expect: Exit,
+        check: Check,
+    ) -> Scenario {
+        let mut s = scenario(
+            format!("{name}{}", self.suffix()),
+            about,
+            self.machine(machine),
+            extra_cmdline,
+            expect,
+            check,
+        );
+        if self == Variant::Matrix {
+            s.timeout_secs = s.timeout_secs * 3 / 2;
+        }
+        s
+    }
+}
+
 /// One QEMU scenario.
 pub struct Scenario {
     /// Unique name (used for logs: `target/xtask/logs/<name>.log`).
@@ -38,6 +96,8 @@ pub struct Scenario {
     pub files: Vec<(&'static str, Vec<u8>)>,
     /// GRUB boot modules (`module2 /boot/<file> <cmdline>`), in order.
     pub modules: Vec<BootModule>,
+    /// When set, the modules come from a first boot instead (see [`Prepare`]).
+    pub prepare: Option<Prepare>,
 }
 
 /// The test guest's ELF (`tests/guest`), built by the harness when a scenario uses it.
@@ -78,6 +138,7 @@ fn scenario(
         timeout_secs: 120,
         files: vec![],
         modules: vec![],
+        prepare: None,
     }
 }
 
@@ -307,9 +368,9 @@ pub fn all(real_dmar: &[u8]) -> Vec<Scenario> {
             }),
         ));
     }
-    v.extend(guests::all());
-    v.extend(vtd::scenarios());
-    v.extend(dma::scenarios());
+    v.extend(guests::all(Variant::Default));
+    v.extend(vtd::scenarios(Variant::Default));
+    v.extend(dma::scenarios(Variant::Default));
     v.push(scenario(
         "panic",
         "a panic prints where and why and fails the run",
@@ -322,6 +383,15 @@ pub fn all(real_dmar: &[u8]) -> Vec<Scenario> {
             forbid_line(log, &["moat: boot complete"])
         }),
     ));
+    v
+}
+
+/// The scenarios of `cargo xtask test --matrix` beyond [`all`]: the guest, VT-d and DMA
+/// scenarios again on the second machine ([`Variant::Matrix`]).
+pub fn matrix() -> Vec<Scenario> {
+    let mut v = guests::all(Variant::Matrix);
+    v.extend(vtd::scenarios(Variant::Matrix));
+    v.extend(dma::scenarios(Variant::Matrix));
     v
 }
 
@@ -346,12 +416,43 @@ mod tests {
 
     #[test]
     fn names_are_unique() {
-        let all = all(&[0u8; 80]);
+        let mut all = all(&[0u8; 80]);
+        all.extend(matrix());
         let mut names: Vec<&str> = all.iter().map(|s| s.name.as_str()).collect();
         names.sort();
         let n = names.len();
         names.dedup();
         assert_eq!(n, names.len());
+    }
+
+    #[test]
+    fn matrix_reruns_guest_vtd_and_dma_scenarios_on_the_second_machine() {
+        let m = matrix();
+        assert!(m.len() >= 20);
+        for s in &m {
+            assert!(s.name.ends_with("@matrix"), "{}", s.name);
+            assert!(
+                ["guest-", "vtd-", "dma-"]
+                    .iter()
+                    .any(|p| s.name.starts_with(p)),
+                "{}",
+                s.name
+            );
+            assert_eq!(s.machine.firmware, Firmware::Uefi, "{}", s.name);
+            assert!(s.machine.smp >= machine::MATRIX_SMP, "{}", s.name);
+            assert_eq!(s.machine.cpu, machine::MATRIX_CPU, "{}", s.name);
+            if s.machine.iommu.is_some() {
+                assert_eq!(s.machine.iommu.as_deref(), Some(machine::MATRIX_IOMMU));
+            }
+        }
+        let base: Vec<String> = all(&[0u8; 80])
+            .into_iter()
+            .filter(|s| ["guest-", "dma-"].iter().any(|p| s.name.starts_with(p)))
+            .map(|s| format!("{}@matrix", s.name))
+            .collect();
+        for n in base {
+            assert!(m.iter().any(|s| s.name == n), "{n} missing from the matrix");
+        }
     }
 
     #[test]

@@ -73,7 +73,18 @@ pub struct Machine {
     pub devices: Vec<String>,
     /// Extra raw QEMU arguments.
     pub extra: Vec<String>,
+    /// The `-cpu` model; it must offer SVM with nested paging.
+    pub cpu: &'static str,
 }
+
+/// The default CPU model: QEMU's generic x86-64 with SVM and nested paging.
+pub const DEFAULT_CPU: &str = "qemu64,+svm,+npt";
+/// The second machine's CPU model (`cargo xtask test --matrix`): an AMD EPYC with SVM.
+pub const MATRIX_CPU: &str = "EPYC,+svm,+npt";
+/// The second machine's IOMMU: 4-level tables and caching mode.
+pub const MATRIX_IOMMU: &str = "intel-iommu,intremap=off,aw-bits=48,caching-mode=on";
+/// The second machine's CPU count.
+pub const MATRIX_SMP: u32 = 4;
 
 impl Default for Machine {
     fn default() -> Self {
@@ -84,11 +95,25 @@ impl Default for Machine {
             iommu: Some("intel-iommu,intremap=off".into()),
             devices: vec!["edu,addr=0x5".into()],
             extra: vec![],
+            cpu: DEFAULT_CPU,
         }
     }
 }
 
 impl Machine {
+    /// The same machine moved to the second configuration of `cargo xtask test --matrix`:
+    /// OVMF, at least [`MATRIX_SMP`] CPUs, an EPYC CPU model, and (if the machine has an
+    /// IOMMU) intel-iommu with `aw-bits=48,caching-mode=on`. Devices stay where they are.
+    pub fn matrix(&self) -> Machine {
+        Machine {
+            firmware: Firmware::Uefi,
+            smp: self.smp.max(MATRIX_SMP),
+            iommu: self.iommu.as_ref().map(|_| MATRIX_IOMMU.to_string()),
+            cpu: MATRIX_CPU,
+            ..self.clone()
+        }
+    }
+
     /// QEMU arguments to boot `iso` with `ovmf` as the UEFI firmware image. Serial goes to
     /// stdout; `isa-debug-exit` reports the result; `-no-reboot` turns a triple fault into an
     /// exit.
@@ -98,8 +123,6 @@ impl Machine {
             "q35",
             "-accel",
             "tcg",
-            "-cpu",
-            "qemu64,+svm,+npt",
             "-display",
             "none",
             "-serial",
@@ -113,6 +136,8 @@ impl Machine {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        a.push("-cpu".into());
+        a.push(self.cpu.into());
         a.push("-smp".into());
         a.push(self.smp.to_string());
         a.push("-m".into());
@@ -162,5 +187,26 @@ mod tests {
             .iter()
             .any(|s| s == "if=pflash,format=raw,readonly=on,file=/ovmf.fd"));
         assert_eq!(a.last().unwrap(), "x.iso");
+    }
+
+    #[test]
+    fn matrix_machine_changes_firmware_cpus_iommu_and_cpu_model() {
+        let m = Machine {
+            devices: vec!["edu,addr=0x6".into()],
+            ..Machine::default()
+        }
+        .matrix();
+        assert_eq!(m.firmware, Firmware::Uefi);
+        assert_eq!(m.smp, MATRIX_SMP);
+        assert_eq!(m.iommu.as_deref(), Some(MATRIX_IOMMU));
+        assert_eq!(m.devices, vec!["edu,addr=0x6".to_string()]);
+        let a = m.qemu_args("x.iso", "/ovmf.fd");
+        let cpu = a.iter().position(|s| s == "-cpu").unwrap();
+        assert_eq!(a[cpu + 1], MATRIX_CPU);
+        let none = Machine {
+            iommu: None,
+            ..Machine::default()
+        };
+        assert_eq!(none.matrix().iommu, None);
     }
 }
