@@ -122,6 +122,9 @@ pub struct Stats {
     pub invalidations: u64,
     /// Completed flushes that the deferred bounds (entries or time) triggered.
     pub deferred_flushes: u64,
+    /// The oldest unmap's age (ns) when a time-bound deferred flush completed, at most:
+    /// how close the time bound came to being missed.
+    pub deferred_max_age_ns: u64,
     /// Cycles per [`Phase`].
     pub cycles: [u64; 4],
 }
@@ -585,6 +588,8 @@ impl<P: Default> DmaState<P> {
             && self.flush(dom, iovas, clock, false).is_ok()
         {
             self.stats.deferred_flushes += 1;
+            let age = clock.now_ns().saturating_sub(oldest);
+            self.stats.deferred_max_age_ns = self.stats.deferred_max_age_ns.max(age);
         }
     }
 

@@ -265,15 +265,45 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
             "the same measurement under strict: no device write lands after UNMAP returned",
         ),
     ] {
+        // Deterministic virtual time (instruction counting): the device's timer, the
+        // hypervisor's timer and the TSC all advance with the instructions executed, so a
+        // vCPU thread descheduled by a busy host cannot make a device write look late (or
+        // early). Without it, this measures the host's scheduler as much as the hypervisor.
+        // (Strict needs no clock: no write may land after UNMAP returned, whatever the time.)
+        // `shift=3`: 8 ns of virtual time per instruction, fine enough that the other vCPU's
+        // round-robin slice does not distort the guest's measurement (it starts the clock
+        // before the UNMAP call, so the window it reports is never shorter than the true
+        // one); coarser shifts let the measurement exceed the bound while the hypervisor's
+        // own record (the `dma stats` line) shows its flushes were on time.
+        let machine = Machine {
+            extra: if policy == "deferred" {
+                vec!["-icount".into(), "shift=3,sleep=off".into()]
+            } else {
+                vec![]
+            },
+            ..Machine::default()
+        };
         let mut s = scenario(
             name,
             about,
-            Machine::default(),
+            machine,
             &format!("guest=name=g0,mem=64M,cpus=2,dev=00:05.0,policy={policy}"),
             Exit::Success,
             Box::new(move |log| {
                 boot_complete(log)?;
                 stale_check(log, policy == "deferred")?;
+                if policy == "deferred" {
+                    // The hypervisor's own record: the oldest unmap's age when each
+                    // time-bound flush completed stayed within the bound QUERY gave.
+                    let line = crate::guests::find_line(log, &["guest g0: dma stats:"])?;
+                    let age = number_after(line, "oldest unmap at most ")
+                        .ok_or("no deferred flush age in the dma stats line")?;
+                    if age > 10_000 {
+                        return Err(format!(
+                            "a deferred flush completed {age} us after its oldest unmap (bound 10000 us): {line}"
+                        ));
+                    }
+                }
                 need_line(log, &["g0> PASS dma-stale"])?;
                 no_leak(log)
             }),

@@ -302,6 +302,11 @@ impl GuestDma {
         // hypervisor (a double or foreign free is refused, never absorbed).
         let svc = Limits {
             max_mappings: MAX_MAPPINGS,
+            // Deferred unmaps are flushed once half the bound has passed: the other half
+            // covers the timer's period (TIMER_PERIOD_US), a flush, and a vCPU that is late
+            // to take its timer interrupt (under emulation its thread may be descheduled for
+            // milliseconds on a busy host).
+            slack_ns: Limits::DEFAULT.deferred_ns / 2,
             ..Limits::DEFAULT
         };
         let mut iova = IovaAllocator::new(
@@ -1029,7 +1034,7 @@ impl GuestDma {
         );
         let s = st.stats();
         log::info!(
-            "guest {guest}: dma stats: {} maps, {} unmaps, {} errors, {} multicalls, {} flushes with {} invalidations ({} deferred), {} DMA hypercalls",
+            "guest {guest}: dma stats: {} maps, {} unmaps, {} errors, {} multicalls, {} flushes with {} invalidations ({} deferred, oldest unmap at most {} us old when its flush completed), {} DMA hypercalls",
             s.maps,
             s.unmaps,
             s.errors,
@@ -1037,6 +1042,7 @@ impl GuestDma {
             s.flushes,
             s.invalidations,
             s.deferred_flushes,
+            s.deferred_max_age_ns / 1000,
             self.calls.exits.load(Ordering::Relaxed)
         );
     }
