@@ -62,6 +62,7 @@ fn build_bare(
     package: &str,
     bin: &str,
     features: &[&str],
+    profile: &str,
     out: &str,
 ) -> Result<PathBuf> {
     let root = root();
@@ -69,7 +70,8 @@ fn build_bare(
     cmd.current_dir(&root).args([
         "build",
         "--quiet",
-        "--release",
+        "--profile",
+        profile,
         "-p",
         package,
         "--target",
@@ -80,7 +82,10 @@ fn build_bare(
     }
     eprintln!("xtask: building {what}");
     run_status(&mut cmd)?;
-    let built = root.join("target/x86_64-unknown-none/release").join(bin);
+    let built = root
+        .join("target/x86_64-unknown-none")
+        .join(profile)
+        .join(bin);
     let out_dir = root.join("target/xtask");
     std::fs::create_dir_all(&out_dir)?;
     let out = out_dir.join(out);
@@ -88,14 +93,20 @@ fn build_bare(
     Ok(out)
 }
 
+/// Cargo profile of the kernel the scenarios run: `release` with overflow checks (see the
+/// workspace Cargo.toml), so an arithmetic overflow a guest can reach panics in the tests
+/// instead of wrapping silently. The `overflow` scenario checks that it does.
+pub const SCENARIO_PROFILE: &str = "scenario";
+
 /// Builds the kernel and returns the path of a private copy of the ELF.
 pub fn build_kernel(flavour: Flavour) -> Result<PathBuf> {
     match flavour {
         Flavour::Selftest => build_bare(
-            "the kernel (selftest)",
+            "the kernel (selftest, overflow checks)",
             "moat-kernel",
             "moat",
             &["selftest"],
+            SCENARIO_PROFILE,
             "moat-selftest.elf",
         ),
         Flavour::Release => build_bare(
@@ -103,6 +114,7 @@ pub fn build_kernel(flavour: Flavour) -> Result<PathBuf> {
             "moat-kernel",
             "moat",
             &[],
+            "release",
             "moat.elf",
         ),
     }
@@ -120,6 +132,7 @@ pub fn build_test_guest() -> Result<PathBuf> {
         "moat-test-guest",
         "moat-test-guest",
         &[],
+        "release",
         moat_scenarios::TEST_GUEST,
     )
 }

@@ -7,6 +7,7 @@
 //! - [`gather`]: batching unmaps into the fewest invalidations;
 //! - [`inval`]: invalidation descriptors, the queue, register-based invalidation;
 //! - [`fault`]: fault record decoding and counters;
+//! - [`fault_queue`]: drained records per consumer (domain), bounded, with drop counts;
 //! - [`domain`]: domain ids and [`Domain`];
 //! - [`mod@unit`]: [`Unit`], one remapping unit: bring-up, attach/detach, flush, faults;
 //! - [`hw`]: the traits the kernel implements ([`RegisterWindow`], [`DmaMemory`], [`Clock`]).
@@ -55,6 +56,7 @@ pub mod domain;
 pub mod entry;
 pub mod error;
 pub mod fault;
+pub mod fault_queue;
 pub mod gather;
 pub mod hw;
 pub mod inval;

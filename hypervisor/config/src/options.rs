@@ -94,6 +94,12 @@ choice! {
         Bp = "bp",
         /// A Rust panic.
         Panic = "panic",
+        /// An arithmetic overflow on a value the compiler cannot see: must panic (the test
+        /// kernel is built with overflow checks), not wrap.
+        Overflow = "overflow",
+        /// Makes a page in the middle of the kernel's text writable, then runs the W^X
+        /// self-check again: it must find the page and fail the run.
+        Wx = "wx",
         /// VT-d with the edu DMA engine: mapped DMA both ways, faults, stale IOTLB vs flush,
         /// superpages, unattached and foreign devices blocked.
         Vtd = "vtd",

@@ -20,6 +20,7 @@ mod iommu;
 mod mm;
 mod panic;
 mod platform;
+mod ratelimit;
 mod smp;
 mod vm;
 

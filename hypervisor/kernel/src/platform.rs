@@ -255,24 +255,68 @@ fn install_trampoline(page: u64, cr3: u64) {
     let _ = space::map_rx(page);
 }
 
-/// Checks that the kernel's own mappings really are W^X.
+/// Checks that the kernel's own mappings really are W^X: every page of text R+X, of rodata
+/// R+NX, of data/bss RW+NX (the flags of all levels combined, as the CPU applies them), page 0
+/// unmapped, and no mapped page anywhere both writable and executable. Ends the run if not.
 fn wx_self_check() {
     use mm::paging::Pte;
     let k = mm::kernel_image();
-    let text = space::flags_of(k.text.0);
-    let ro = space::flags_of(k.rodata.0);
-    let data = space::flags_of(k.data.0);
+    let exec = |f: Pte| !f.contains(Pte::NO_EXECUTE);
+    let write = |f: Pte| f.contains(Pte::WRITABLE);
+    type Section = (&'static str, (u64, u64), fn(Pte) -> bool);
+    let sections: [Section; 3] = [
+        ("text", k.text, |f| {
+            !f.contains(Pte::WRITABLE) && !f.contains(Pte::NO_EXECUTE)
+        }),
+        ("rodata", k.rodata, |f| {
+            !f.contains(Pte::WRITABLE) && f.contains(Pte::NO_EXECUTE)
+        }),
+        ("data", k.data, |f| {
+            f.contains(Pte::WRITABLE) && f.contains(Pte::NO_EXECUTE)
+        }),
+    ];
+    let mut pages = [0u64; 3];
+    let mut bad: Option<(&str, u64, Option<Pte>)> = None;
+    for (i, (name, (start, end), ok)) in sections.iter().enumerate() {
+        let mut a = mm::align_down(*start, PAGE_SIZE);
+        while a < *end {
+            let f = space::effective_flags(a);
+            if bad.is_none() && !f.is_some_and(ok) {
+                bad = Some((name, a, f));
+            }
+            pages[i] += 1;
+            a += PAGE_SIZE;
+        }
+    }
+    let mut leaves = 0u64;
+    let mut wx: Option<(u64, u64)> = None;
+    let walked = space::for_each_page(|a, size, f| {
+        leaves += 1;
+        if wx.is_none() && write(f) && exec(f) {
+            wx = Some((a, size));
+        }
+    });
     let null = space::flags_of(0);
-    let ok = matches!(text, Some(f) if !f.contains(Pte::WRITABLE) && !f.contains(Pte::NO_EXECUTE))
-        && matches!(ro, Some(f) if !f.contains(Pte::WRITABLE) && f.contains(Pte::NO_EXECUTE))
-        && matches!(data, Some(f) if f.contains(Pte::WRITABLE) && f.contains(Pte::NO_EXECUTE))
-        && null.is_none();
-    if ok {
-        log::info!("paging: W^X enforced (text RX, rodata R+NX, data RW+NX, page 0 unmapped)");
-    } else {
-        log::error!("paging: W^X self-check failed: text {text:?} rodata {ro:?} data {data:?} page0 {null:?}");
+    if let Some((name, a, f)) = bad {
+        log::error!("paging: W^X self-check failed: {name} page {a:#x} has flags {f:?}");
         exit::exit(ExitCode::Failure)
     }
+    if let Some((a, size)) = wx {
+        log::error!(
+            "paging: W^X self-check failed: page {a:#x} ({size:#x} bytes) is writable and executable"
+        );
+        exit::exit(ExitCode::Failure)
+    }
+    if null.is_some() || !walked {
+        log::error!("paging: W^X self-check failed: page 0 {null:?}, tables walked: {walked}");
+        exit::exit(ExitCode::Failure)
+    }
+    log::info!(
+        "paging: W^X enforced on every page (text {} pages RX, rodata {} R+NX, data {} RW+NX; none of {leaves} mapped pages W+X; page 0 unmapped)",
+        pages[0],
+        pages[1],
+        pages[2]
+    );
 }
 
 fn run_selftest(
@@ -318,6 +362,31 @@ fn selftest_fault(t: SelfTest) {
             }
             SelfTest::Bp => core::arch::asm!("int3"),
             SelfTest::Panic => panic!("selftest: deliberate panic"),
+            SelfTest::Overflow => {
+                // The compiler cannot see the values: only an overflow check catches this.
+                let a = core::hint::black_box(u64::MAX - 1);
+                let b = core::hint::black_box(3u64);
+                let sum = a + b;
+                log::error!("selftest: u64 overflow wrapped to {sum}: the kernel was built without overflow checks");
+                exit::exit(ExitCode::Failure)
+            }
+            SelfTest::Wx => {
+                let k = mm::kernel_image();
+                let mid = mm::align_down((k.text.0 + k.text.1) / 2, PAGE_SIZE);
+                match space::break_wx_for_selftest(mid) {
+                    Ok(()) => {
+                        log::info!(
+                            "selftest: text page {mid:#x} made writable, checking W^X again"
+                        );
+                        wx_self_check();
+                        log::error!(
+                            "selftest: the W^X self-check missed the writable text page {mid:#x}"
+                        );
+                        exit::exit(ExitCode::Failure)
+                    }
+                    Err(e) => log::error!("selftest: cannot remap {mid:#x}: {e:?}"),
+                }
+            }
             SelfTest::None | SelfTest::Vtd | SelfTest::VtdStorm => {}
         }
     }

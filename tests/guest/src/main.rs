@@ -376,10 +376,19 @@ fn triple_fault() -> Outcome {
     Err("still running after ud2")
 }
 
+/// Unknown hypercalls made after the first one by `bad-hypercall`.
+const FLOOD: u64 = 1000;
+
 fn bad_hypercall() -> Outcome {
     let nr = 0x7fff_dead;
     let (status, value) = hypercall(nr, 1, 2, 3);
     println!("bad-hypercall: call {nr:#x} returned status {status} value {value}");
+    // A flood of unknown calls: the hypervisor must rate-limit its WARN lines about them.
+    let mut flood_unsupp = 0;
+    for i in 0..FLOOD {
+        flood_unsupp += (hypercall(nr + 1 + (i % 4), 0, 0, 0).0 == abi::UNSUPP) as u64;
+    }
+    println!("bad-hypercall: {FLOOD} more unknown calls, {flood_unsupp} returned UNSUPP");
     let (fault, _) = hypercall(call::CONSOLE_WRITE, 0xffff_f000_0000, 16, 0);
     println!("bad-hypercall: console write from GPA 0xfffff0000000 returned status {fault}");
     if status != abi::UNSUPP {
@@ -387,6 +396,9 @@ fn bad_hypercall() -> Outcome {
     }
     if fault != abi::FAULT {
         return Err("console write from outside memory did not return FAULT (-8)");
+    }
+    if flood_unsupp != FLOOD {
+        return Err("an unknown hypercall of the flood did not return UNSUPP");
     }
     Ok(())
 }

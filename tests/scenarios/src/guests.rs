@@ -322,13 +322,21 @@ pub fn all(on: Variant) -> Vec<Scenario> {
 
     let mut s = scenario(
         "guest-bad-hypercall",
-        "an unknown hypercall returns UNSUPP (-9) and a console write from outside memory FAULT (-8)",
+        "an unknown hypercall returns UNSUPP (-9) (a flood of them is logged rate-limited) and a console write from outside memory FAULT (-8)",
         Machine::default(),
         "guest=name=g0,mem=8M",
         Exit::Success,
         Box::new(|log| {
             guests_done(log)?;
             need_line(log, &["guest g0 vcpu0: unknown hypercall 0x7fffdead: returned UNSUPP (-9)"])?;
+            // 1001 unknown calls: 8 lines, then one per power of two (16 .. 512) with the
+            // count of the lines left out.
+            need_line(log, &["g0> bad-hypercall: 1000 more unknown calls, 1000 returned UNSUPP"])?;
+            let lines = log.lines().filter(|l| l.contains("unknown hypercall 0x")).count();
+            if lines > 8 + 6 {
+                return Err(format!("{lines} WARN lines for 1001 unknown hypercalls: not rate-limited"));
+            }
+            need_line(log, &["unknown hypercall", "#512, 255 not logged since the previous line"])?;
             need_line(log, &["g0> bad-hypercall: call 0x7fffdead returned status -9 value 0"])?;
             need_line(log, &["g0> bad-hypercall: console write from GPA 0xfffff0000000 returned status -8"])?;
             need_line(log, &["g0> PASS bad-hypercall"])?;

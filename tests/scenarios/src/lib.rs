@@ -383,6 +383,37 @@ pub fn all(real_dmar: &[u8]) -> Vec<Scenario> {
             forbid_line(log, &["moat: boot complete"])
         }),
     ));
+    v.push(scenario(
+        "overflow-checks",
+        "the test kernel is built with overflow checks: an arithmetic overflow panics, it does not wrap",
+        Machine::default(),
+        "selftest=overflow",
+        Exit::Panic,
+        Box::new(|log| {
+            need_line(log, &["moat: PANIC on cpu0: panicked at", "platform.rs"])?;
+            need_line(log, &["attempt to add with overflow"])?;
+            forbid_line(log, &["overflow wrapped"])?;
+            forbid_line(log, &["moat: boot complete"])
+        }),
+    ));
+    v.push(scenario(
+        "wx-every-page",
+        "the W^X self-check looks at every page: one writable page in the middle of the text fails the run",
+        Machine::default(),
+        "selftest=wx",
+        Exit::Failure,
+        Box::new(|log| {
+            need_line(log, &["paging: W^X enforced on every page (text"])?;
+            let page = log
+                .lines()
+                .find_map(|l| l.split("selftest: text page ").nth(1))
+                .and_then(|r| r.split(' ').next())
+                .ok_or("no `selftest: text page` line")?;
+            need_line(log, &[&format!("paging: W^X self-check failed: text page {page} has flags")])?;
+            forbid_line(log, &["W^X self-check missed"])?;
+            forbid_line(log, &["moat: boot complete"])
+        }),
+    ));
     v
 }
 

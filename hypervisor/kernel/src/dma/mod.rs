@@ -444,23 +444,24 @@ impl GuestDma {
         v
     }
 
-    /// Moves the VT-d faults of this guest's domain from the hypervisor's fault log into the
-    /// guest's fault ring (or only counts them when it has none). Called on the guest's exits
-    /// and DMA calls.
+    /// Moves the VT-d faults of this guest's domain from its queue in the hypervisor's fault
+    /// log into the guest's fault ring (or only counts them when it has none); records the
+    /// queue had to drop (it was full) count as the ring's drops. Called on the guest's exits
+    /// and DMA calls (which also runs a fault drain an interrupt left pending).
     pub fn deliver_faults(&self) {
-        let (unit, did) = (self.unit, self.did);
-        let Some(events) =
-            crate::iommu::take_faults_if(|e| e.unit == unit && e.record.domain == Some(did))
-        else {
+        let Some(taken) = crate::iommu::take_domain_faults(self.unit, self.did) else {
             return;
         };
-        if events.is_empty() {
+        if taken.records.is_empty() && taken.dropped == 0 {
             return;
         }
-        self.faults
-            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        self.faults.fetch_add(
+            taken.records.len() as u64 + taken.dropped,
+            Ordering::Relaxed,
+        );
         let mut ring = self.ring.lock();
         let Some(r) = ring.as_mut() else { return };
+        r.dropped = r.dropped.wrapping_add(taken.dropped);
         let mut cb = [0u8; 4];
         if self
             .part
@@ -473,16 +474,16 @@ impl GuestDma {
             return;
         }
         let consumer = u32::from_le_bytes(cb);
-        for ev in events {
+        for rec in taken.records {
             if r.producer.wrapping_sub(consumer) >= r.capacity {
                 r.dropped += 1;
                 continue;
             }
             let rec = wire::FaultRecord {
-                iova: ev.record.address,
-                source_id: ev.record.source.0,
-                reason: ev.record.reason.code(),
-                direction: match ev.record.access {
+                iova: rec.address,
+                source_id: rec.source.0,
+                reason: rec.reason.code(),
+                direction: match rec.access {
                     moat_vtd::fault::FaultAccess::Read => wire::Direction::Read as u8,
                     moat_vtd::fault::FaultAccess::Write => wire::Direction::Write as u8,
                 },

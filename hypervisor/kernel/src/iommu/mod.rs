@@ -4,17 +4,18 @@
 pub mod hw;
 pub mod selftest;
 
-use alloc::collections::VecDeque;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use moat_config::Config;
 use moat_dmar::Dmar;
 use moat_vtd::fault::FaultRecord;
+use moat_vtd::fault_queue::{FaultQueues, Taken};
 use moat_vtd::{Unit, UnitConfig};
 use spin::Mutex;
 
 use crate::mm::space;
+use crate::ratelimit::{RateLimit, Verdict};
 use hw::{KernelMemory, Mmio, TscClock};
 
 /// A unit as the kernel holds it.
@@ -34,24 +35,26 @@ static DMAR: spin::Once<Dmar<'static>> = spin::Once::new();
 
 /// Interrupt vector of the VT-d fault event (MSI from every unit to the BSP).
 pub const FAULT_VECTOR: u8 = 0x40;
-/// Most drained fault records kept for consumers; older ones are counted as lost.
-const FAULT_LOG_CAPACITY: usize = 1024;
+/// Most drained records one consumer's queue keeps; more are counted as that queue's drops.
+const FAULT_QUEUE_CAPACITY: usize = 256;
+/// Most records drained per unit by one interrupt or one follow-up drain: the rest is left
+/// pending for the next follow-up (bounded work in interrupt context and on exits).
+const DRAIN_BUDGET: usize = 64;
 
-/// A drained fault record and the unit it came from.
-#[derive(Debug, Clone, Copy)]
-pub struct FaultEvent {
-    /// Register base of the unit.
-    pub unit: u64,
-    /// The decoded record.
-    pub record: FaultRecord,
-}
-
-/// Records drained from the units, waiting for a consumer ([`take_faults`]).
-static FAULT_LOG: Mutex<VecDeque<FaultEvent>> = Mutex::new(VecDeque::new());
-static FAULT_LOG_LOST: AtomicU64 = AtomicU64::new(0);
+/// Records drained from the units, one bounded queue per (unit, domain) and the
+/// hypervisor's queue per unit (sources attached to no domain).
+static FAULTS: Mutex<FaultQueues<FaultRecord>> = Mutex::new(FaultQueues::new(FAULT_QUEUE_CAPACITY));
+/// A unit may hold undrained records: an interrupt found a lock held or ran out of budget.
+/// Set before trying the locks; every holder of `UNITS` or `FAULTS` checks it after
+/// releasing them ([`follow_up`]), so a record cannot be stranded behind a held lock.
+static DRAIN_PENDING: AtomicBool = AtomicBool::new(false);
 static FAULT_IRQS: AtomicU64 = AtomicU64::new(0);
 static DRAINED_IN_IRQ: AtomicU64 = AtomicU64::new(0);
 static DRAINED_POLLING: AtomicU64 = AtomicU64::new(0);
+static DRAINED_FOLLOW_UP: AtomicU64 = AtomicU64::new(0);
+static DRAINS_DEFERRED: AtomicU64 = AtomicU64::new(0);
+/// Faults of sources attached to no domain (logged rate-limited).
+static UNOWNED_FAULTS: RateLimit = RateLimit::new();
 
 /// Fault-path counters.
 #[derive(Debug, Clone, Copy, Default)]
@@ -60,10 +63,16 @@ pub struct FaultPathStats {
     pub interrupts: u64,
     /// Records drained by the interrupt handler.
     pub drained_in_interrupt: u64,
-    /// Records drained by polling.
+    /// Records drained by explicit polling ([`poll_faults`]).
     pub drained_polling: u64,
-    /// Records drained but pushed out of the log before anyone took them.
-    pub lost: u64,
+    /// Records drained by follow-up drains (after a lock holder released the lock, on guest
+    /// exits) that an interrupt had to leave pending.
+    pub drained_follow_up: u64,
+    /// Drains an interrupt could not finish (a lock held, or its budget spent) and left to
+    /// a follow-up.
+    pub deferred: u64,
+    /// Records drained but dropped because their consumer's queue was full.
+    pub queue_dropped: u64,
 }
 
 /// The fault-path counters.
@@ -72,71 +81,160 @@ pub fn fault_path_stats() -> FaultPathStats {
         interrupts: FAULT_IRQS.load(Ordering::Relaxed),
         drained_in_interrupt: DRAINED_IN_IRQ.load(Ordering::Relaxed),
         drained_polling: DRAINED_POLLING.load(Ordering::Relaxed),
-        lost: FAULT_LOG_LOST.load(Ordering::Relaxed),
+        drained_follow_up: DRAINED_FOLLOW_UP.load(Ordering::Relaxed),
+        deferred: DRAINS_DEFERRED.load(Ordering::Relaxed),
+        queue_dropped: FAULTS.lock().dropped_total(),
     }
 }
 
-/// Drains up to `budget` records per unit into the fault log; returns how many.
-fn drain_units(units: &mut [UnitSlot], log: &mut VecDeque<FaultEvent>, budget: usize) -> u64 {
-    let mut n = 0;
+/// Drains up to `budget` records per unit into their consumers' queues, pass after pass until
+/// a pass finds no record pending (a unit raises no new fault event while one is). Returns
+/// the records drained and whether every unit was left with none pending.
+fn drain_units(
+    units: &mut [UnitSlot],
+    queues: &mut FaultQueues<FaultRecord>,
+    budget: usize,
+) -> (u64, bool) {
+    let mut n = 0u64;
+    let mut complete = true;
     for slot in units.iter_mut() {
         let base = slot.base;
-        slot.unit.poll_faults(budget, |r| {
-            if log.len() == FAULT_LOG_CAPACITY {
-                log.pop_front();
-                FAULT_LOG_LOST.fetch_add(1, Ordering::Relaxed);
-            }
-            log.push_back(FaultEvent {
-                unit: base,
-                record: *r,
+        let mut left = budget;
+        loop {
+            let p = slot.unit.poll_faults(left, |r| {
+                if r.domain.is_none() {
+                    if let Verdict::Log { nth, suppressed } = UNOWNED_FAULTS.event() {
+                        log::warn!(
+                            "vtd: unit {base:#x}: fault from {} (attached to no domain) at {:#x}, {:?} {:?} (fault #{nth} of unattached sources, {suppressed} not logged since the previous line)",
+                            r.source,
+                            r.address,
+                            r.access,
+                            r.reason
+                        );
+                    }
+                }
+                queues.push(base, r.domain, *r);
             });
-            n += 1;
-        });
+            n += p.drained as u64;
+            left -= p.drained.min(left);
+            if p.drained == 0 {
+                break;
+            }
+            if left == 0 {
+                // Budget spent with records possibly still pending.
+                complete = false;
+                break;
+            }
+        }
     }
-    n
+    (n, complete)
 }
 
-/// The fault event interrupt handler: drains the units unless this CPU interrupted code that
-/// holds the unit or log lock (then the polling path picks the records up).
+/// Where a drain was started from (for the counters).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Interrupt,
+    FollowUp,
+}
+
+/// Drains the units while a drain is pending and both locks can be taken without waiting.
+/// When a lock is held, the drain stays pending: its holder runs [`follow_up`] after releasing
+/// it (the flag is set before the lock is tried, so one of the two always sees the other).
+fn drain_pending(path: Path) {
+    // A few rounds at most: bounded work per call, the rest stays pending.
+    for _ in 0..4 {
+        if !DRAIN_PENDING.load(Ordering::SeqCst) {
+            return;
+        }
+        let (Some(mut units), Some(mut queues)) = (UNITS.try_lock(), FAULTS.try_lock()) else {
+            if path == Path::Interrupt {
+                DRAINS_DEFERRED.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        };
+        DRAIN_PENDING.store(false, Ordering::SeqCst);
+        let (n, complete) = drain_units(&mut units, &mut queues, DRAIN_BUDGET);
+        let counter = match path {
+            Path::Interrupt => &DRAINED_IN_IRQ,
+            Path::FollowUp => &DRAINED_FOLLOW_UP,
+        };
+        counter.fetch_add(n, Ordering::Relaxed);
+        if !complete {
+            DRAIN_PENDING.store(true, Ordering::SeqCst);
+            if path == Path::Interrupt {
+                DRAINS_DEFERRED.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+    }
+}
+
+/// The follow-up drain: runs a drain an interrupt had to leave pending. Called after
+/// releasing `UNITS` or `FAULTS`, and on every exit of a guest with DMA devices (through
+/// [`take_domain_faults`]); costs one atomic load when nothing is pending.
+#[inline]
+pub fn follow_up() {
+    if DRAIN_PENDING.load(Ordering::SeqCst) {
+        drain_pending(Path::FollowUp);
+    }
+}
+
+/// The fault event interrupt handler: drains the units (bounded), or leaves the drain pending
+/// for the lock holder when this CPU interrupted code that holds the unit or queue lock.
 fn fault_interrupt() {
     FAULT_IRQS.fetch_add(1, Ordering::Relaxed);
-    if let (Some(mut units), Some(mut log)) = (UNITS.try_lock(), FAULT_LOG.try_lock()) {
-        let n = drain_units(&mut units, &mut log, 16);
-        DRAINED_IN_IRQ.fetch_add(n, Ordering::Relaxed);
-    }
+    DRAIN_PENDING.store(true, Ordering::SeqCst);
+    drain_pending(Path::Interrupt);
 }
 
-/// The polling fallback: drains every unit (bounded work per call). Returns records drained.
+/// The polling fallback: drains every unit (at most `budget` records per unit). Returns
+/// records drained.
 pub fn poll_faults(budget: usize) -> u64 {
-    let mut units = UNITS.lock();
-    let mut log = FAULT_LOG.lock();
-    let n = drain_units(&mut units, &mut log, budget);
+    let (n, complete) = {
+        let mut units = UNITS.lock();
+        let mut queues = FAULTS.lock();
+        drain_units(&mut units, &mut queues, budget)
+    };
     DRAINED_POLLING.fetch_add(n, Ordering::Relaxed);
+    if !complete {
+        DRAIN_PENDING.store(true, Ordering::SeqCst);
+    }
+    follow_up();
     n
 }
 
-/// Takes the drained records `keep` selects from the fault log (the others stay). Does not
-/// wait for the log lock (called on every guest exit): `None` when it is busy.
-pub fn take_faults_if(keep: impl Fn(&FaultEvent) -> bool) -> Option<Vec<FaultEvent>> {
-    let mut log = FAULT_LOG.try_lock()?;
-    if log.is_empty() {
-        return Some(Vec::new());
-    }
-    let mut taken = Vec::new();
-    log.retain(|e| {
-        if keep(e) {
-            taken.push(*e);
-            false
-        } else {
-            true
+/// Takes the records of domain `did` on the unit at `unit`, with the count of its records
+/// dropped because its queue was full since the last take. Runs a pending follow-up drain
+/// first. Does not wait for the queue lock (called on every guest exit): `None` when it is
+/// busy.
+pub fn take_domain_faults(unit: u64, did: u16) -> Option<Taken<FaultRecord>> {
+    follow_up();
+    let taken = {
+        let mut q = FAULTS.try_lock()?;
+        if !q.has(unit, Some(did)) {
+            return Some(Taken::default());
         }
-    });
+        q.take(unit, Some(did))
+    };
+    follow_up();
     Some(taken)
 }
 
-/// Takes every drained record from the fault log.
-pub fn take_faults() -> Vec<FaultEvent> {
-    FAULT_LOG.lock().drain(..).collect()
+/// Takes every record of the unit at `unit` (its domains' and the hypervisor's queue), with
+/// their drop counts: for the self-tests, which own every domain there is when they run.
+pub fn take_unit_faults(unit: u64) -> Taken<FaultRecord> {
+    let t = FAULTS.lock().take_unit(unit);
+    follow_up();
+    t
+}
+
+/// Forgets the queued records of domain `did` on `unit` (its guest stopped; the id may be
+/// reused). Returns how many records and drops were discarded.
+#[allow(dead_code)] // for the DMA service's guest shutdown (not wired yet)
+pub fn discard_domain_faults(unit: u64, did: u16) -> (usize, u64) {
+    let t = FAULTS.lock().take(unit, Some(did));
+    follow_up();
+    (t.records.len(), t.dropped)
 }
 
 /// Brings up every DRHD unit. Returns how many are translating.
@@ -224,9 +322,16 @@ pub fn with_unit<R>(
     base: u64,
     f: impl FnOnce(&mut KernelUnit, &mut KernelMemory) -> R,
 ) -> Option<R> {
-    let mut units = UNITS.lock();
-    let slot = units.iter_mut().find(|s| s.base == base)?;
-    Some(f(&mut slot.unit, &mut KernelMemory))
+    let r = {
+        let mut units = UNITS.lock();
+        units
+            .iter_mut()
+            .find(|s| s.base == base)
+            .map(|slot| f(&mut slot.unit, &mut KernelMemory))
+    };
+    // A fault interrupt may have come in while the lock was held (here or on this CPU).
+    follow_up();
+    r
 }
 
 fn function(bdf: moat_pci::Bdf) -> moat_dmar::PciFunction {
@@ -239,7 +344,9 @@ pub fn unit_for(bdf: moat_pci::Bdf) -> Option<u64> {
         .get()?
         .find_drhd(function(bdf), &moat_dmar::NoBridges)?
         .register_base();
-    UNITS.lock().iter().any(|s| s.base == base).then_some(base)
+    let enabled = UNITS.lock().iter().any(|s| s.base == base);
+    follow_up();
+    enabled.then_some(base)
 }
 
 /// The reserved memory regions (RMRRs) `bdf` needs identity-mapped: `(base, end)` pairs.

@@ -23,6 +23,8 @@ const LEN: u64 = 2048;
 const IOVA_A: u64 = 0x10_0000;
 const IOVA_B: u64 = 0x20_0000;
 const IOVA_HOLE: u64 = 0x30_0000;
+const IOVA_HOLE_LOCKED: u64 = 0x31_0000;
+const IOVA_HOLE_AFTER: u64 = 0x32_0000;
 const IOVA_SUPER: u64 = 0x40_0000;
 const IOVA_E: u64 = 0x50_0000;
 const IOVA_RO: u64 = 0x70_0000;
@@ -92,11 +94,27 @@ fn all_bytes(p: u64, v: u8) -> bool {
 /// Faults of the unit at `base` drained so far (by the interrupt handler or, now, by polling).
 fn drain(base: u64) -> Vec<FaultRecord> {
     while super::poll_faults(16) > 0 {}
-    super::take_faults()
-        .into_iter()
-        .filter(|e| e.unit == base)
-        .map(|e| e.record)
-        .collect()
+    super::take_unit_faults(base).records
+}
+
+/// Faults of the unit at `base` already drained, without polling the unit.
+fn drained_without_polling(base: u64) -> Vec<FaultRecord> {
+    super::take_unit_faults(base).records
+}
+
+/// Spins with interrupts enabled until a fault event interrupt after the `seen`th was taken
+/// (at most `timeout_us`). Returns whether one was.
+fn wait_fault_interrupt(seen: u64, timeout_us: u64) -> bool {
+    let d = crate::arch::tsc::deadline_us(timeout_us);
+    crate::arch::x86::with_interrupts(|| {
+        while super::FAULT_IRQS.load(core::sync::atomic::Ordering::Relaxed) == seen {
+            if crate::arch::tsc::expired(d) {
+                return false;
+            }
+            core::hint::spin_loop();
+        }
+        true
+    })
 }
 
 fn has_fault(
@@ -193,7 +211,7 @@ pub fn run(
     })
     .unwrap_or((0, 0));
     crate::println!(
-        "vtd-test summary: {} passed, {} failed; unit faults recorded {recorded}, dropped {dropped}",
+        "vtd-test summary: {} passed, {} failed; unit faults recorded {recorded}, fault overflows observed (PFO) {dropped}",
         t.passed,
         t.failed
     );
@@ -309,6 +327,56 @@ fn suite(base: u64, edus: &[Edu], t: &mut Tally) {
             super::FAULT_VECTOR,
             fp.drained_in_interrupt,
             fp.drained_polling
+        ),
+    );
+
+    // 2b. A fault event taken while this CPU holds the unit lock: the handler cannot drain,
+    //     so the drain stays pending and the lock holder runs it on release. Without that the
+    //     record stays in the unit, which then raises no event for later faults (it only
+    //     does while no record is pending) and overflows. No polling here.
+    let before = super::fault_path_stats();
+    let overflows_before = with_unit(base, |u, _| u.fault_counters().dropped).unwrap_or(0);
+    let irq_in_lock = with_unit(base, |_, _| {
+        let _ = e0.start(Direction::ToRam, IOVA_HOLE_LOCKED, 0, LEN);
+        let _ = e0.wait(5_000);
+        wait_fault_interrupt(before.interrupts, 2_000_000)
+    })
+    .unwrap_or(false);
+    let mid = super::fault_path_stats();
+    let f1 = has_fault(
+        &drained_without_polling(base),
+        s0,
+        IOVA_HOLE_LOCKED,
+        FaultAccess::Write,
+    );
+    let _ = e0.start(Direction::ToRam, IOVA_HOLE_AFTER, 0, LEN);
+    let _ = e0.wait(5_000);
+    let irq_after = wait_fault_interrupt(mid.interrupts, 2_000_000);
+    let f2 = has_fault(
+        &drained_without_polling(base),
+        s0,
+        IOVA_HOLE_AFTER,
+        FaultAccess::Write,
+    );
+    let overflows =
+        with_unit(base, |u, _| u.fault_counters().dropped).unwrap_or(0) - overflows_before;
+    let after = super::fault_path_stats();
+    t.check(
+        "fault-interrupt-while-locked",
+        irq_in_lock
+            && mid.deferred > before.deferred
+            && mid.drained_follow_up > before.drained_follow_up
+            && f1.is_some()
+            && irq_after
+            && after.drained_in_interrupt > mid.drained_in_interrupt
+            && f2.is_some()
+            && overflows == 0,
+        format_args!(
+            "event taken with the unit lock held: {irq_in_lock}, drain left pending {} time(s), {} record(s) drained after the release; {IOVA_HOLE_LOCKED:#x}: {}; next fault raised an event: {irq_after}, {IOVA_HOLE_AFTER:#x}: {}; overflows {overflows}",
+            mid.deferred - before.deferred,
+            mid.drained_follow_up - before.drained_follow_up,
+            f1.is_some(),
+            f2.is_some()
         ),
     );
 
@@ -538,8 +606,15 @@ fn second_device(base: u64, e1: &Edu, canary: u64, a: u64, t: &mut Tally) {
     }
 }
 
-/// Several edu devices DMA to unmapped IOVAs over and over: every fault must be recorded or
-/// counted as dropped, the hypervisor stays responsive, and mapped DMA still works afterwards.
+/// Bad DMAs the storm issues.
+const STORM_DMAS: u64 = 200;
+
+/// Several edu devices DMA to unmapped IOVAs over and over: the unit records what it can and
+/// sets PFO (primary fault overflow) when it cannot; every record it made must be drained and
+/// reach its consumer, the overflows must be seen, the hypervisor stays responsive, and mapped
+/// DMA still works afterwards. The unit cannot say how many faults an overflow lost: PFO is one
+/// bit, so the counts of overflows are observations (each means at least one lost fault), and
+/// the faults lost are the bad DMAs minus the records drained (one fault per bad DMA).
 fn fault_storm(base: u64, edus: &[Edu], t: &mut Tally) {
     let Some(mut dom) = create_domain(base) else {
         return;
@@ -552,16 +627,30 @@ fn fault_storm(base: u64, edus: &[Edu], t: &mut Tally) {
         matches!(attached, Some(Ok(()))),
         format_args!("{} devices in domain {}", edus.len(), dom.id()),
     );
+    let overflows_before = with_unit(base, |u, _| u.fault_counters().dropped).unwrap_or(0);
     let start = crate::arch::tsc::micros_since_boot();
-    let deadline = crate::arch::tsc::deadline_us(30_000_000);
+    let deadline = crate::arch::tsc::deadline_us(60_000_000);
     let mut started = 0u64;
     let mut drained = 0u64;
+    let mut queue_dropped = 0u64;
     let mut polls = 0u64;
     let mut per_source = [0u64; 8];
+    let mut count = |taken: super::Taken<FaultRecord>, drained: &mut u64, dropped: &mut u64| {
+        *dropped += taken.dropped;
+        for r in taken.records {
+            *drained += 1;
+            if let Some(i) = edus.iter().position(|e| sid(e) == r.source) {
+                per_source[i.min(7)] += 1;
+            }
+        }
+    };
     loop {
         for (i, e) in edus.iter().enumerate() {
-            if !e.busy() && started < 400 {
-                let _ = e.start(Direction::ToRam, 0x60_0000 + (i as u64) * PAGE, 0, LEN);
+            if !e.busy()
+                && started < STORM_DMAS
+                && e.start(Direction::ToRam, 0x60_0000 + (i as u64) * PAGE, 0, LEN)
+                    .is_ok()
+            {
                 started += 1;
             }
         }
@@ -573,47 +662,63 @@ fn fault_storm(base: u64, edus: &[Edu], t: &mut Tally) {
         });
         polls += 1;
         super::poll_faults(4);
-        for ev in super::take_faults().into_iter().filter(|e| e.unit == base) {
-            drained += 1;
-            if let Some(i) = edus.iter().position(|e| sid(e) == ev.record.source) {
-                per_source[i.min(7)] += 1;
-            }
-        }
-        let dropped = with_unit(base, |u, _| u.fault_counters().dropped).unwrap_or(0);
-        if (drained + dropped >= 150 && started >= 20) || crate::arch::tsc::expired(deadline) {
+        count(
+            super::take_unit_faults(base),
+            &mut drained,
+            &mut queue_dropped,
+        );
+        if started >= STORM_DMAS || crate::arch::tsc::expired(deadline) {
             break;
         }
     }
     for e in edus {
         let _ = e.wait(2_000);
     }
-    drained += drain(base).len() as u64;
-    let (recorded, dropped, by_source) = with_unit(base, |u, _| {
+    while super::poll_faults(16) > 0 {}
+    count(
+        super::take_unit_faults(base),
+        &mut drained,
+        &mut queue_dropped,
+    );
+    let (recorded, overflows, by_source) = with_unit(base, |u, _| {
         let c = u.fault_counters();
         (
             c.recorded,
-            c.dropped,
+            c.dropped - overflows_before,
             edus.iter().map(|e| c.source(sid(e))).sum::<u64>(),
         )
     })
     .unwrap_or((0, 0, 0));
+    let lost = started.saturating_sub(drained);
     let ms = (crate::arch::tsc::micros_since_boot() - start) / 1000;
     t.check(
-        "storm-faults-accounted",
-        drained + dropped >= 100 && recorded == drained && by_source == recorded,
+        "storm-records-drained",
+        started >= 20 && drained > 0 && recorded == drained && by_source == recorded && queue_dropped == 0,
         format_args!(
-            "{started} bad DMAs from {} devices in {ms} ms, {polls} polls: {drained} faults drained (unit recorded {recorded}, per-source sum {by_source}), {dropped} overflows counted as dropped; per device {:?}",
+            "{started} bad DMAs from {} devices in {ms} ms, {polls} polls: {drained} fault records drained (unit recorded {recorded}, per-source sum {by_source}), {queue_dropped} dropped by a full queue; per device {:?}",
             edus.len(),
             &per_source[..edus.len().min(8)]
+        ),
+    );
+    t.check(
+        "storm-overflows-observed",
+        drained <= started && (lost > 0) == (overflows > 0) && overflows <= lost,
+        format_args!(
+            "{lost} faults not recorded by the unit (bad DMAs minus records), {overflows} overflow observations (PFO seen set; each means >= 1 unrecorded fault)"
         ),
     );
     let fp = super::fault_path_stats();
     t.check(
         "storm-interrupt-path",
-        fp.interrupts > 0 && fp.drained_in_interrupt > 0 && fp.lost == 0,
+        fp.interrupts > 0 && fp.drained_in_interrupt > 0 && fp.queue_dropped == 0,
         format_args!(
-            "{} fault interrupts, {} records drained by the handler, {} by polling, {} lost",
-            fp.interrupts, fp.drained_in_interrupt, fp.drained_polling, fp.lost
+            "{} fault interrupts, {} records drained by the handler, {} by polling, {} by follow-ups ({} drains left pending), {} dropped by a full queue",
+            fp.interrupts,
+            fp.drained_in_interrupt,
+            fp.drained_polling,
+            fp.drained_follow_up,
+            fp.deferred,
+            fp.queue_dropped
         ),
     );
     // The unit still translates: map a page for edu0 and round-trip it.

@@ -46,6 +46,18 @@ pub enum MapError {
     Unaligned,
 }
 
+/// Flags accumulated down the levels: a lower level can only take write access away (every
+/// level must set W) and add no-execute (any level's NX applies); the other bits are the
+/// lower level's.
+fn combine(upper: Pte, lower: Pte) -> Pte {
+    let w = upper.contains(Pte::WRITABLE) && lower.contains(Pte::WRITABLE);
+    let nx = upper.contains(Pte::NO_EXECUTE) || lower.contains(Pte::NO_EXECUTE);
+    let mut f = lower - Pte::WRITABLE - Pte::NO_EXECUTE;
+    f.set(Pte::WRITABLE, w);
+    f.set(Pte::NO_EXECUTE, nx);
+    f
+}
+
 /// A 4-level address space (identity mapped, so virtual = physical).
 pub struct AddressSpace {
     pml4: u64,
@@ -161,6 +173,70 @@ impl AddressSpace {
             return None;
         }
         Some((e1 & ADDR_MASK, Pte::from_bits_retain(e1 & !ADDR_MASK)))
+    }
+
+    /// Flags of the 4 KiB page at `virt` as the CPU applies them: writable only if every
+    /// level allows writes, no-execute if any level forbids execution (for the W^X check).
+    pub fn effective_flags(&self, virt: u64) -> Option<Pte> {
+        let mut acc = Pte::PRESENT | Pte::WRITABLE;
+        let mut t = self.pml4;
+        for shift in [39u64, 30, 21, 12] {
+            let e = table(t)[(virt >> shift) as usize & 511];
+            let f = Pte::from_bits_retain(e & !ADDR_MASK);
+            if !f.contains(Pte::PRESENT) {
+                return None;
+            }
+            acc = combine(acc, f);
+            if shift == 12 || (shift == 21 && f.contains(Pte::HUGE)) {
+                return Some(acc);
+            }
+            t = e & ADDR_MASK;
+        }
+        None
+    }
+
+    /// Calls `f(address, size, effective flags)` for every present leaf (4 KiB or 2 MiB page)
+    /// of the address space, in address order (for the W^X check of every page).
+    pub fn for_each_leaf(&self, mut f: impl FnMut(u64, u64, Pte)) {
+        let root = Pte::PRESENT | Pte::WRITABLE;
+        for (i4, &e4) in table(self.pml4).iter().enumerate() {
+            let f4 = Pte::from_bits_retain(e4 & !ADDR_MASK);
+            if !f4.contains(Pte::PRESENT) {
+                continue;
+            }
+            let a4 = combine(root, f4);
+            for (i3, &e3) in table(e4 & ADDR_MASK).iter().enumerate() {
+                let f3 = Pte::from_bits_retain(e3 & !ADDR_MASK);
+                if !f3.contains(Pte::PRESENT) {
+                    continue;
+                }
+                // The builder never makes 1 GiB pages: a HUGE bit here is not followed.
+                let a3 = combine(a4, f3);
+                let base3 = (i4 as u64) << 39 | (i3 as u64) << 30;
+                if f3.contains(Pte::HUGE) {
+                    f(base3, 1 << 30, a3);
+                    continue;
+                }
+                for (i2, &e2) in table(e3 & ADDR_MASK).iter().enumerate() {
+                    let f2 = Pte::from_bits_retain(e2 & !ADDR_MASK);
+                    if !f2.contains(Pte::PRESENT) {
+                        continue;
+                    }
+                    let a2 = combine(a3, f2);
+                    let base2 = base3 | (i2 as u64) << 21;
+                    if f2.contains(Pte::HUGE) {
+                        f(base2, HUGE_2M, a2);
+                        continue;
+                    }
+                    for (i1, &e1) in table(e2 & ADDR_MASK).iter().enumerate() {
+                        let f1 = Pte::from_bits_retain(e1 & !ADDR_MASK);
+                        if f1.contains(Pte::PRESENT) {
+                            f(base2 | (i1 as u64) << 12, PAGE_SIZE, combine(a2, f1));
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// Switches this CPU to the address space.

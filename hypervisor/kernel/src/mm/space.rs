@@ -56,6 +56,30 @@ pub fn flags_of(virt: u64) -> Option<Pte> {
     KERNEL_SPACE.lock().as_ref()?.lookup(virt).map(|(_, f)| f)
 }
 
+/// Effective flags (every level combined) of the page containing `virt`.
+pub fn effective_flags(virt: u64) -> Option<Pte> {
+    KERNEL_SPACE.lock().as_ref()?.effective_flags(virt)
+}
+
+/// Calls `f(address, size, effective flags)` for every mapped page (see
+/// [`AddressSpace::for_each_leaf`]); `false` before the space exists.
+pub fn for_each_page(f: impl FnMut(u64, u64, Pte)) -> bool {
+    match KERNEL_SPACE.lock().as_ref() {
+        Some(s) => {
+            s.for_each_leaf(f);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Makes one page writable AND executable: only for the W^X self-check's own test
+/// (`selftest=wx`), which must then see the check fail.
+#[cfg(feature = "selftest")]
+pub fn break_wx_for_selftest(page: u64) -> Result<(), MapError> {
+    remap_page(page, Pte::PRESENT | Pte::WRITABLE)
+}
+
 fn remap_page(page: u64, flags: Pte) -> Result<(), MapError> {
     let mut guard = KERNEL_SPACE.lock();
     let s = guard.as_mut().ok_or(MapError::OutOfFrames)?;

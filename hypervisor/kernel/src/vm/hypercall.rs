@@ -11,6 +11,7 @@ use moat_abi::{Args, Call, Status, CALLS_ALL, CALLS_BASE, CONSOLE_MAX, CPUID_MAX
 
 use super::guest::{Guest, StopReason};
 use super::vcpu::{Reg, Vcpu};
+use crate::ratelimit::{RateLimit, Verdict};
 
 /// The calls a guest has: every call for a guest with DMA devices, the base calls otherwise.
 fn calls(guest: &Guest) -> u32 {
@@ -18,6 +19,31 @@ fn calls(guest: &Guest) -> u32 {
         CALLS_ALL
     } else {
         CALLS_BASE
+    }
+}
+
+/// Unknown hypercalls of every guest (logged rate-limited).
+static UNKNOWN_CALLS: RateLimit = RateLimit::new();
+
+/// The tail of a rate-limited line: nothing for the first ones, then the counts.
+struct Suppressed {
+    nth: u64,
+    suppressed: u64,
+}
+
+impl core::fmt::Display for Suppressed {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.nth < RateLimit::FIRST {
+            Ok(())
+        } else if self.nth == RateLimit::FIRST {
+            f.write_str("; further unknown hypercalls are logged at power-of-two counts only")
+        } else {
+            write!(
+                f,
+                "; unknown hypercall #{}, {} not logged since the previous line",
+                self.nth, self.suppressed
+            )
+        }
     }
 }
 
@@ -59,11 +85,16 @@ pub fn dispatch(guest: &Guest, vcpu_index: usize, vcpu: &mut Vcpu) -> Outcome {
         Some(Call::ConsoleWrite) => console_write(guest, vcpu_index, vcpu),
         Some(Call::Nop) => Ok(0),
         _ => {
-            log::warn!(
-                "guest {} vcpu{vcpu_index}: unknown hypercall {number:#x}: returned UNSUPP ({})",
-                guest.name(),
-                Status::Unsupp.raw()
-            );
+            // A guest can make these as fast as it likes: rate-limited, with the count of
+            // the lines left out.
+            if let Verdict::Log { nth, suppressed } = UNKNOWN_CALLS.event() {
+                log::warn!(
+                    "guest {} vcpu{vcpu_index}: unknown hypercall {number:#x}: returned UNSUPP ({}){}",
+                    guest.name(),
+                    Status::Unsupp.raw(),
+                    Suppressed { nth, suppressed }
+                );
+            }
             Err(Status::Unsupp)
         }
     };
