@@ -1046,6 +1046,14 @@ impl GuestDma {
             s.deferred_max_age_ns / 1000,
             self.calls.exits.load(Ordering::Relaxed)
         );
+        // Records of the domain nobody will deliver any more.
+        let (n, dropped) = crate::iommu::discard_domain_faults(self.unit, self.did);
+        if n > 0 || dropped > 0 {
+            log::info!(
+                "guest {guest}: {n} undelivered fault record(s) and {dropped} drop(s) of domain {} discarded",
+                self.did
+            );
+        }
     }
 
     /// After the guest stopped (its devices detached at [`Self::shutdown`]): logs every fault
@@ -1054,20 +1062,18 @@ impl GuestDma {
     pub fn report_faults_after_stop(&self, guest: &str) -> usize {
         while crate::iommu::poll_faults(64) > 0 {}
         let (unit, sources) = (self.unit, &self.sources);
-        let events =
-            crate::iommu::take_faults_if(|e| e.unit == unit && sources.contains(&e.record.source))
-                .unwrap_or_default();
-        for ev in &events {
+        // Detached devices' faults are queued as the hypervisor's (no domain).
+        let records = crate::iommu::take_unattached_faults(unit, |r| sources.contains(&r.source));
+        for r in &records {
             log::info!(
-                "vtd: fault after guest stop: unit {:#x} source {} ({guest}) {:?} at {:#x}, reason {}",
-                ev.unit,
-                ev.record.source,
-                ev.record.access,
-                ev.record.address,
-                ev.record.reason.code()
+                "vtd: fault after guest stop: unit {unit:#x} source {} ({guest}) {:?} at {:#x}, reason {}",
+                r.source,
+                r.access,
+                r.address,
+                r.reason.code()
             );
         }
-        events.len()
+        records.len()
     }
 
     /// Adds the hypervisor's exit/entry cycles of one DMA hypercall (from #VMEXIT to the

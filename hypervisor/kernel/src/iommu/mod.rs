@@ -228,9 +228,28 @@ pub fn take_unit_faults(unit: u64) -> Taken<FaultRecord> {
     t
 }
 
+/// Takes the records of sources attached to no domain on `unit` that `pick` selects (the
+/// others stay queued): e.g. the faults of a stopped guest's detached devices.
+pub fn take_unattached_faults(unit: u64, pick: impl Fn(&FaultRecord) -> bool) -> Vec<FaultRecord> {
+    let picked = {
+        let mut q = FAULTS.lock();
+        let all = q.take(unit, None);
+        let mut picked = Vec::new();
+        for r in all.records {
+            if pick(&r) {
+                picked.push(r);
+            } else {
+                q.push(unit, None, r);
+            }
+        }
+        picked
+    };
+    follow_up();
+    picked
+}
+
 /// Forgets the queued records of domain `did` on `unit` (its guest stopped; the id may be
 /// reused). Returns how many records and drops were discarded.
-#[allow(dead_code)] // for the DMA service's guest shutdown (not wired yet)
 pub fn discard_domain_faults(unit: u64, did: u16) -> (usize, u64) {
     let t = FAULTS.lock().take(unit, Some(did));
     follow_up();
