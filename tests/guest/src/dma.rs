@@ -338,7 +338,7 @@ pub fn bad(info: &BootInfo) -> Outcome {
         .map_err(|_| "MAP failed")?;
     let rw = DmaFlags::READ_WRITE.bits() as u64;
     let mut failures = 0;
-    let rows: [(&str, Call, [u64; 6], Status); 17] = [
+    let rows: [(&str, Call, [u64; 6], Status); 19] = [
         (
             "unknown flag",
             Call::DmaMap,
@@ -438,6 +438,19 @@ pub fn bad(info: &BootInfo) -> Outcome {
             Status::Range,
         ),
         (
+            // gpa + pages * 4096 overflows: a panic in an overflow-checked hypervisor.
+            "batch area whose end overflows",
+            Call::DmaBatchRegister,
+            [0xffff_ffff_ffff_f000, 2, 0, 0, 0, 0],
+            Status::Fault,
+        ),
+        (
+            "fault ring whose end overflows",
+            Call::DmaFaultRingRegister,
+            [0xffff_ffff_ffff_f000, 2, 0, 0, 0, 0],
+            Status::Fault,
+        ),
+        (
             "sync with an argument",
             Call::DmaSync,
             [1, 0, 0, 0, 0, 0],
@@ -451,6 +464,10 @@ pub fn bad(info: &BootInfo) -> Outcome {
         );
         failures += 1;
     }
+    let map_unmap_rows = rows
+        .iter()
+        .filter(|r| matches!(r.1, Call::DmaMap | Call::DmaUnmap))
+        .count() as u64;
     for (what, call, args, want) in rows {
         let (got, _) = raw(call, args);
         let ok = got == Some(want);
@@ -555,6 +572,50 @@ pub fn bad(info: &BootInfo) -> Outcome {
     if s.live_mappings != 1 || s.maps - base.maps != 1 {
         failures += 1;
     }
+    // Every refused MAP/UNMAP counts as an error, whichever layer refused it (the ABI's
+    // decoding or the service).
+    let ok = s.errors - base.errors >= map_unmap_rows;
+    println!(
+        "dma-bad: errors counted for the {map_unmap_rows} refused MAP/UNMAP rows: {} {}",
+        s.errors - base.errors,
+        if ok { "ok" } else { "WRONG" }
+    );
+    failures += !ok as u32;
+    // A refused MULTICALL returns the cursor passed in, all 64 bits of it.
+    let cursor = 0x1_0000_0005u64;
+    let (st, v) = raw(Call::DmaMulticall, [cursor, 0, 0, 0, 0, 0]);
+    let ok = st == Some(Status::Noent) && v[0] == cursor && v[2] == 3;
+    println!(
+        "dma-bad: refused MULTICALL with cursor {cursor:#x}: {st:?} RDX {:#x} stop {} {}",
+        v[0],
+        v[2],
+        if ok { "ok" } else { "WRONG" }
+    );
+    failures += !ok as u32;
+    // STATS RESET zeroes the counters (not the gauges), atomically with the read.
+    let before = d.stats(true).map_err(|_| "STATS RESET failed")?;
+    let after = d.stats(false).map_err(|_| "STATS failed")?;
+    let ok = before.maps > 0
+        && after.maps == 0
+        && after.unmaps == 0
+        && after.errors == 0
+        && after.multicalls == 0
+        && after.invalidations == 0
+        && after.exits <= 1
+        && after.live_mappings == 1;
+    println!(
+        "dma-bad: STATS RESET: maps {} -> {}, errors {} -> {}, exits {} -> {}, live mappings {} -> {} {}",
+        before.maps,
+        after.maps,
+        before.errors,
+        after.errors,
+        before.exits,
+        after.exits,
+        before.live_mappings,
+        after.live_mappings,
+        if ok { "ok" } else { "WRONG" }
+    );
+    failures += !ok as u32;
     d.unmap(live, PAGE as u64).map_err(|_| "UNMAP failed")?;
     if d.unmap(live, PAGE as u64) != Err(Error::Noent) {
         println!("dma-bad: double unmap: not NOENT WRONG");

@@ -156,6 +156,11 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
                 "entry with a reserved field set: Some(Inval)",
                 "entry with an unknown op",
                 "map of the batch area: Some(Perm)",
+                "batch area whose end overflows: Some(Fault)",
+                "fault ring whose end overflows: Some(Fault)",
+                "errors counted for the",
+                "refused MULTICALL with cursor 0x100000005: Some(Noent) RDX 0x100000005 stop 3 ok",
+                "STATS RESET:",
                 "double unmap: NOENT ok",
             ] {
                 need_line(log, &[&format!("g0> dma-bad: {row}")])?;
