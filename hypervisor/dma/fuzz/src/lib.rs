@@ -88,6 +88,13 @@ pub struct Hw {
     unflushed_mask: u64,
     /// The next this many flushes fail.
     fail_flushes: u32,
+    /// A flush failed and none succeeded since (the deferred bounds may be overrun until
+    /// the next call retries).
+    flush_owed: bool,
+    /// The time (ns) of each unflushed unmap, in `unflushed` order.
+    unflushed_at: [u64; WINDOW_PAGES],
+    /// Now, in ns (the clock the service sees).
+    now: u64,
     /// The next map fails (before writing anything).
     fail_map: bool,
     /// The next unmap fails (before clearing anything).
@@ -115,6 +122,9 @@ impl Hw {
             n_unflushed: 0,
             unflushed_mask: 0,
             fail_flushes: 0,
+            flush_owed: false,
+            unflushed_at: [0; WINDOW_PAGES],
+            now: 0,
             fail_map: false,
             fail_unmap: false,
             flushes_ok: 0,
@@ -253,6 +263,17 @@ impl Iommu for Dom<'_> {
         if std::mem::take(&mut hw.fail_map) {
             return Err(Error::Nomem);
         }
+        #[cfg(feature = "cm-map-flush")]
+        let cm_flush_fails = {
+            // The kernel's VtdDomain under caching mode (or RWBF): the entries are written,
+            // then a flush makes them usable; when that flush fails the call returns BUSY
+            // with the entries in place.
+            let f = hw.fail_flushes > 0;
+            if f {
+                hw.fail_flushes -= 1;
+            }
+            f
+        };
         let first = page_of(iova).unwrap_or_else(|| panic!("map at {iova:#x}: outside the window"));
         assert!(len > 0 && len % PAGE_SIZE == 0, "map of {len:#x} bytes");
         let m = mask(first, len / PAGE_SIZE);
@@ -269,6 +290,10 @@ impl Iommu for Dom<'_> {
         }
         for (i, p) in bits(m).enumerate() {
             hw.pte[p] = Some(hpa + i as u64 * PAGE_SIZE);
+        }
+        #[cfg(feature = "cm-map-flush")]
+        if cm_flush_fails {
+            return Err(Error::Busy);
         }
         Ok(())
     }
@@ -296,6 +321,7 @@ impl Iommu for Dom<'_> {
         pending.0 |= m;
         let n = hw.n_unflushed;
         hw.unflushed[n] = (first as u8, pages as u8);
+        hw.unflushed_at[n] = hw.now;
         hw.n_unflushed += 1;
         hw.unflushed_mask |= m;
         Ok(())
@@ -306,8 +332,10 @@ impl Iommu for Dom<'_> {
         assert_eq!(pending.0, hw.unflushed_mask, "the pending set lost unmaps");
         if hw.fail_flushes > 0 {
             hw.fail_flushes -= 1;
+            hw.flush_owed = true;
             return Err(Error::Busy);
         }
+        hw.flush_owed = false;
         for p in bits(pending.0) {
             hw.cache[p] = None;
         }
@@ -795,6 +823,7 @@ impl<'a> World<'a> {
             }
             Op::Tick { vcpu, ns } => {
                 self.clk.0.set(self.clk.0.get() + u64::from(ns));
+                self.hw.borrow_mut().now = self.clk.0.get();
                 self.st
                     .tick(&mut self.dom, &mut self.cpus[v(vcpu)], &self.clk);
             }
@@ -916,6 +945,25 @@ impl<'a> World<'a> {
             0,
             "a live page is also pending"
         );
+        #[cfg(feature = "deferred-bound")]
+        if self.policy == Policy::Deferred && !hw.flush_owed {
+            // The deferred bounds: after any call, fewer unmaps wait than the entry bound, and
+            // (outside a batch) none is `deferred_ns` old.
+            assert!(
+                hw.n_unflushed < self.limits.deferred_entries,
+                "{} unmaps wait, the bound is {}",
+                hw.n_unflushed,
+                self.limits.deferred_entries
+            );
+            if hw.n_unflushed > 0 && !self.in_batch {
+                let age = hw.now - hw.unflushed_at[0];
+                assert!(
+                    age < self.limits.deferred_ns,
+                    "a deferred unmap waits {age} ns, the bound is {} ns",
+                    self.limits.deferred_ns
+                );
+            }
+        }
         let pend_pages = u64::from(hw.unflushed_mask.count_ones());
         assert_eq!(c.mappings, self.live.len(), "counts.mappings");
         assert_eq!(
