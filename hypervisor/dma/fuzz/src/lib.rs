@@ -275,7 +275,10 @@ impl Iommu for Dom<'_> {
             f
         };
         let first = page_of(iova).unwrap_or_else(|| panic!("map at {iova:#x}: outside the window"));
-        assert!(len > 0 && len % PAGE_SIZE == 0, "map of {len:#x} bytes");
+        assert!(
+            len > 0 && len.is_multiple_of(PAGE_SIZE),
+            "map of {len:#x} bytes"
+        );
         let m = mask(first, len / PAGE_SIZE);
         assert_eq!(
             hw.held & m,
@@ -305,7 +308,10 @@ impl Iommu for Dom<'_> {
         }
         let first =
             page_of(iova).unwrap_or_else(|| panic!("unmap at {iova:#x}: outside the window"));
-        assert!(len > 0 && len % PAGE_SIZE == 0, "unmap of {len:#x} bytes");
+        assert!(
+            len > 0 && len.is_multiple_of(PAGE_SIZE),
+            "unmap of {len:#x} bytes"
+        );
         let pages = len / PAGE_SIZE;
         let m = mask(first, pages);
         for p in bits(m) {
@@ -525,7 +531,7 @@ fn access_of(a: u8) -> Access {
 /// The status a guest range `[gpa, gpa + len)` gets if it is malformed, outside the guest's
 /// RAM or touches a forbidden page.
 fn range_error(gpa: u64, len: u64) -> Option<Error> {
-    if len == 0 || len % PAGE_SIZE != 0 || gpa % PAGE_SIZE != 0 {
+    if len == 0 || !len.is_multiple_of(PAGE_SIZE) || !gpa.is_multiple_of(PAGE_SIZE) {
         return Some(Error::Inval);
     }
     let Some(end) = gpa.checked_add(len) else {
@@ -722,7 +728,8 @@ impl<'a> World<'a> {
                         matches!(e, Error::Inval | Error::Noent),
                         "UNMAP {iova:#x}+{len:#x} of no live mapping: {e:?}"
                     );
-                    if len == 0 || len % PAGE_SIZE != 0 || iova % PAGE_SIZE != 0 {
+                    if len == 0 || !len.is_multiple_of(PAGE_SIZE) || !iova.is_multiple_of(PAGE_SIZE)
+                    {
                         assert_eq!(e, Error::Inval);
                     }
                 }
