@@ -8,10 +8,13 @@
 //! cargo xtask test [PATTERN] [--no-host] [--no-qemu] [-j N]
 //!                                                host tests + QEMU scenarios; ends "N passed, N failed"
 //! cargo xtask bench iova|dma [--quick]           IOVA allocator against peers; PV DMA per policy
+//! cargo xtask fuzz [--time S] [TARGET]           fuzz every target (or one) S seconds each
+//!                                                (default 60; nightly + cargo-fuzz installed)
 //! cargo xtask setup                              install what is missing, nothing else
 //! ```
 
 mod bench_dma;
+mod fuzz;
 mod qemu;
 mod setup;
 mod test;
@@ -236,6 +239,7 @@ const USAGE: &str = "usage:
   cargo xtask run [--uefi] [--smp N] [--gdb] [--timeout SECS] [-- CMDLINE]
   cargo xtask test [PATTERN] [--no-host] [--no-qemu] [-j N]
   cargo xtask bench iova|dma [--quick]
+  cargo xtask fuzz [--time SECS] [TARGET]
   cargo xtask setup";
 
 fn main() -> ExitCode {
@@ -252,6 +256,7 @@ fn main() -> ExitCode {
         "run" => cmd_run(args),
         "test" => test::cmd_test(args.rest, args.cmdline),
         "bench" => cmd_bench(args),
+        "fuzz" => cmd_fuzz(args),
         "setup" => setup::ensure(),
         "help" | "--help" | "-h" => {
             println!("{USAGE}");
@@ -370,6 +375,20 @@ pub fn module_files(modules: &[moat_scenarios::BootModule]) -> Result<Vec<(PathB
         out.push((guest.clone().unwrap_or_default(), m.cmdline.clone()));
     }
     Ok(out)
+}
+
+fn cmd_fuzz(mut a: Args) -> Result<()> {
+    let secs = match a.value(&["--time"])? {
+        Some(v) => Some(
+            v.parse::<u64>()
+                .ok()
+                .filter(|&s| s > 0)
+                .ok_or_else(|| format!("--time wants seconds (> 0), got `{v}`"))?,
+        ),
+        None => None,
+    };
+    let rest = a.finish()?;
+    fuzz::cmd_fuzz(rest, secs)
 }
 
 fn cmd_bench(mut a: Args) -> Result<()> {
