@@ -135,6 +135,20 @@ pub(crate) fn driver() -> Result<PvDma<Native>, &'static str> {
     })
 }
 
+/// Loads edu's device buffer with pattern `seed` (page 3 mapped for the device to read,
+/// one RAM -> device DMA, unmapped again).
+pub(crate) fn load_pattern(d: &mut PvDma<Native>, edu: &Edu, seed: u8) -> Outcome {
+    fill(3, seed);
+    let src = d
+        .map(gpa(3), PAGE as u64, DmaFlags::READ)
+        .map_err(|_| "MAP of the source failed")?;
+    if !edu.dma(src, false) {
+        return Err("edu DMA did not finish");
+    }
+    d.unmap(src, PAGE as u64).map_err(|_| "UNMAP failed")?;
+    Ok(())
+}
+
 pub(crate) fn policy_name(p: Policy) -> &'static str {
     match p {
         Policy::Passthrough => "passthrough",
@@ -1206,14 +1220,7 @@ pub fn race(boot: &BootInfo) -> Outcome {
     RACE_OUT.store(outside, SeqCst);
     let in_page = |i: usize| (inside + (i * PAGE) as u64) as *mut u8;
     // edu's buffer gets a known pattern once; every DMA below writes it to one IOVA.
-    fill(3, 0x3c);
-    let src = d
-        .map(gpa(3), PAGE as u64, DmaFlags::READ)
-        .map_err(|_| "MAP of the source failed")?;
-    if !edu.dma(src, false) {
-        return Err("edu DMA did not finish");
-    }
-    d.unmap(src, PAGE as u64).map_err(|_| "UNMAP failed")?;
+    load_pattern(&mut d, &edu, 0x3c)?;
     let area = core::ptr::addr_of!(RACE_BATCH) as u64;
     let (st, _) = raw(Call::DmaBatchRegister, [area, 2, 0, 0, 0, 0]);
     if st != Some(Status::Ok) {

@@ -9,7 +9,7 @@ use moat_abi::{Call, Status};
 use moat_pvdma::{BatchArea, GuestBuffer, Native, PvDma};
 
 use crate::abi::{rdtsc, BootInfo};
-use crate::dma::{driver, fill, gpa, holds, page, policy_name, raw, Edu, PAGE};
+use crate::dma::{driver, gpa, holds, page, policy_name, raw, Edu, PAGE};
 use crate::{println, Outcome};
 
 /// The x86 MSI window as the ABI names it (`RegionKind::Msi`).
@@ -272,14 +272,7 @@ fn stale_run(boot: &BootInfo, per_kind: u64) -> Outcome {
     let span_us = 2 * if bound_us > 0 { bound_us } else { 10_000 };
     let edu = Edu::find().ok_or("no edu device")?;
     // edu's buffer holds a known pattern; every DMA below writes it.
-    fill(3, 0x9e);
-    let src = d
-        .map(gpa(3), PAGE as u64, DmaFlags::READ)
-        .map_err(|_| "MAP of the source failed")?;
-    if !edu.dma(src, false) {
-        return Err("edu DMA did not finish");
-    }
-    d.unmap(src, PAGE as u64).map_err(|_| "UNMAP failed")?;
+    crate::dma::load_pattern(&mut d, &edu, 0x9e)?;
     // Calibrate: the shortest of three device->RAM DMAs, start to observed completion.
     let mut lat = u64::MAX;
     for _ in 0..3 {

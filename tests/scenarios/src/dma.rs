@@ -51,13 +51,6 @@ fn no_leak(log: &str) -> Result<(), String> {
 /// The PV DMA scenarios on `on`'s machine.
 pub fn scenarios(on: Variant) -> Vec<Scenario> {
     let mut v = Vec::new();
-    let scenario =
-        |name: &str,
-         about: &'static str,
-         machine: Machine,
-         cmd: &str,
-         exit: Exit,
-         check: crate::Check| { on.scenario(name, about, machine, cmd, exit, check) };
     for (policy, after_unmap) in [
         ("strict", "blocked"),
         ("batched", "blocked"),
@@ -65,7 +58,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
         ("passthrough", "landed"),
     ] {
         let (cmd, modules) = guest(policy, "dma-edu dma-batch=64");
-        let mut s = scenario(
+        let mut s = on.scenario(
             &format!("dma-{policy}"),
             "edu DMA through PV mappings both ways; what the device reaches after UNMAP; invalidations per batch; no leak",
             Machine::default(),
@@ -92,7 +85,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
         v.push(s);
     }
     let (cmd, modules) = guest("strict", "dma-faults");
-    let mut s = scenario(
+    let mut s = on.scenario(
         "dma-fault-ring",
         "a DMA the IOMMU blocks is delivered to the guest's fault ring: IOVA, source id, direction, reason",
         Machine::default(),
@@ -108,7 +101,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
     );
     s.modules = modules;
     v.push(s);
-    let mut s = scenario(
+    let mut s = on.scenario(
         "dma-batch-race",
         "another vCPU flips MAP entries' GPA in and out of the guest during the MULTICALL: every OK entry maps its in-guest page (DMA lands there), every other is FAULT and creates nothing",
         Machine::default(),
@@ -127,7 +120,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
     }];
     v.push(s);
     let (cmd, modules) = guest("strict", "dma-bad");
-    let mut s = scenario(
+    let mut s = on.scenario(
         "dma-bad-input",
         "every bad PV DMA input gets its exact status and changes nothing",
         Machine::default(),
@@ -172,7 +165,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
     s.modules = modules;
     v.push(s);
 
-    let mut s = scenario(
+    let mut s = on.scenario(
         "dma-two-guests",
         "two guests with their own edu: neither can map the other's memory nor reach any IOVA the other holds with its device",
         Machine { devices: vec!["edu,addr=0x5".into(), "edu,addr=0x6".into()], ..Machine::default() },
@@ -203,7 +196,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
     ];
     v.push(s);
 
-    let mut s = scenario(
+    let mut s = on.scenario(
         "dma-smp",
         "4 vCPUs of one guest map IOVAs and the next vCPU unmaps them: IOVAs move between vCPUs, none held twice, no leak",
         Machine { smp: 4, ..Machine::default() },
@@ -226,7 +219,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
     v.push(s);
 
     // A 32-bit device (e1000e): the MSI window lies inside its IOVA space.
-    let mut s = scenario(
+    let mut s = on.scenario(
         "dma-msi-window",
         "a guest with a 32-bit device (e1000e): QUERY lists the MSI window, UNMAP there is PERM, MAP never hands it out",
         Machine {
@@ -288,7 +281,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
             },
             ..Machine::default()
         };
-        let mut s = scenario(
+        let mut s = on.scenario(
             name,
             about,
             machine,
@@ -323,7 +316,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
         v.push(s);
     }
 
-    let mut s = scenario(
+    let mut s = on.scenario(
         "dma-stop-blocks-device",
         "a guest stops with an edu DMA into its memory still pending: the device is blocked at stop and its DMA faults",
         Machine::default(),
@@ -355,7 +348,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
     ];
     v.push(s);
 
-    let mut s = scenario(
+    let mut s = on.scenario(
         "dma-capacity",
         "the guest holds exactly the mappings QUERY promises (then NOMEM), although its other vCPU's magazines cache IOVAs and it makes no call",
         Machine::default(),
@@ -384,7 +377,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
     }];
     v.push(s);
 
-    let mut s = scenario(
+    let mut s = on.scenario(
         "dma-register-race",
         "two vCPUs race BATCH_REGISTER, FAULT_RING_REGISTER and MAP of the same page: never do both succeed",
         Machine::default(),

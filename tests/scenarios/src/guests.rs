@@ -157,15 +157,8 @@ fn guest_edu_check(log: &str) -> Result<(), String> {
 /// Every guest scenario on `on`'s machine.
 pub fn all(on: Variant) -> Vec<Scenario> {
     let mut v = Vec::new();
-    let scenario =
-        |name: &str,
-         about: &'static str,
-         machine: Machine,
-         cmd: &str,
-         exit: Exit,
-         check: crate::Check| { on.scenario(name, about, machine, cmd, exit, check) };
 
-    let mut s = scenario(
+    let mut s = on.scenario(
         "guest-hello",
         "a guest boots in 64-bit mode, finds Moat in CPUID and prints through the console hypercall",
         Machine::default(),
@@ -184,7 +177,7 @@ pub fn all(on: Variant) -> Vec<Scenario> {
     s.modules = vec![module("g0 hello")];
     v.push(s);
 
-    let mut s = scenario(
+    let mut s = on.scenario(
         "guest-two-smp2",
         "two guests on -smp 2 run side by side, one per CPU",
         Machine::default(),
@@ -206,7 +199,7 @@ pub fn all(on: Variant) -> Vec<Scenario> {
         ("guest-escape-read", "escape-read", "reading", "read"),
         ("guest-escape-write", "escape-write", "writing", "write"),
     ] {
-        let mut s = scenario(
+        let mut s = on.scenario(
             name,
             "a guest touching memory outside its partition takes a nested page fault and is stopped; the other guest goes on",
             Machine::default(),
@@ -218,7 +211,7 @@ pub fn all(on: Variant) -> Vec<Scenario> {
         v.push(s);
     }
 
-    let mut s = scenario(
+    let mut s = on.scenario(
         "guest-edu",
         "an assigned edu device works through its mapped BAR; an unassigned one and the host bridge are invisible",
         Machine {
@@ -248,7 +241,7 @@ pub fn all(on: Variant) -> Vec<Scenario> {
     s.modules = vec![module("g0 probe-pci edu-bar")];
     v.push(s);
 
-    let mut s = scenario(
+    let mut s = on.scenario(
         "guest-unassigned-bar",
         "the BAR of a device not assigned to the guest is not mapped: touching it stops the guest",
         Machine {
@@ -283,7 +276,7 @@ pub fn all(on: Variant) -> Vec<Scenario> {
     }));
     v.push(s);
 
-    let mut s = scenario(
+    let mut s = on.scenario(
         "guest-msr-gp",
         "RDMSR EFER is answered without SVME; other MSR accesses get #GP injected into the guest",
         Machine::default(),
@@ -302,7 +295,7 @@ pub fn all(on: Variant) -> Vec<Scenario> {
     s.modules = vec![module("g0 msr")];
     v.push(s);
 
-    let mut s = scenario(
+    let mut s = on.scenario(
         "guest-hello-uefi",
         "under OVMF (UEFI memory map) a guest boots and prints",
         Machine {
@@ -320,7 +313,7 @@ pub fn all(on: Variant) -> Vec<Scenario> {
     s.modules = vec![module("g0 hello")];
     v.push(s);
 
-    let mut s = scenario(
+    let mut s = on.scenario(
         "guest-bad-hypercall",
         "an unknown hypercall returns UNSUPP (-9) (a flood of them is logged rate-limited) and a console write from outside memory FAULT (-8)",
         Machine::default(),
@@ -346,7 +339,7 @@ pub fn all(on: Variant) -> Vec<Scenario> {
     s.modules = vec![module("g0 bad-hypercall")];
     v.push(s);
 
-    let mut s = scenario(
+    let mut s = on.scenario(
         "guest-triple-fault",
         "a guest that triple-faults is stopped; the other guest goes on",
         Machine::default(),
@@ -372,7 +365,7 @@ pub fn all(on: Variant) -> Vec<Scenario> {
 
     // g0 takes every CPU of the machine, so g1 finds none left.
     let cpus = on.machine(Machine::default()).smp;
-    let mut s = scenario(
+    let mut s = on.scenario(
         "guest-config",
         "a guest with every CPU gets them all; a guest with no CPU left or no module is refused with a clear line",
         Machine::default(),
@@ -393,7 +386,7 @@ pub fn all(on: Variant) -> Vec<Scenario> {
     s.modules = vec![module("g0 hello"), module("g1 hello")];
     v.push(s);
 
-    let mut s = scenario(
+    let mut s = on.scenario(
         "guest-refused",
         "a guest with too little memory or a device that does not exist is refused with a clear line and takes no CPU",
         Machine::default(),
@@ -411,7 +404,7 @@ pub fn all(on: Variant) -> Vec<Scenario> {
     s.modules = vec![module("g0 hello"), module("g1 hello"), module("g2 hello")];
     v.push(s);
 
-    let mut s = scenario(
+    let mut s = on.scenario(
         "guest-smp-fault",
         "when one vCPU of a 2-vCPU guest faults, the guest's other vCPU is stopped too",
         Machine::default(),
@@ -443,7 +436,7 @@ pub fn all(on: Variant) -> Vec<Scenario> {
     s.modules = vec![module("g0 vcpu-spin spin=3 escape-read")];
     v.push(s);
 
-    let mut s = scenario(
+    let mut s = on.scenario(
         "guest-vmmcall-bench",
         "VMMCALL round trip measured in the guest (QEMU TCG)",
         Machine::default(),
