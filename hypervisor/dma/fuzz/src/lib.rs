@@ -1498,7 +1498,7 @@ pub fn describe(data: &[u8]) -> String {
 pub fn encode(setup: &Setup, ops: &[Op]) -> Vec<u8> {
     /// A derived enum's variant `i` of `n`: a `u32` `x` with `(x * n) >> 32 == i`.
     fn tag(b: &mut Vec<u8>, i: u64, n: u64) {
-        let x = ((i << 32) + n - 1) / n;
+        let x = (i << 32).div_ceil(n);
         assert_eq!((x * n) >> 32, i);
         b.extend_from_slice(&(x as u32).to_le_bytes());
     }
