@@ -1,30 +1,54 @@
 //! Stateful fuzzing of `moat-dma`'s [`DmaState`]: one guest, several vCPUs (each its own
 //! [`IovaSource`] handle on a shared allocator with per-vCPU magazines, like the kernel's
 //! per-CPU caches), arbitrary interleavings of map / unmap / begin_batch / end_batch / sync /
-//! tick / teardown with arbitrary arguments (good and bad), device accesses in between, and
-//! injectable failures (flush, map, unmap), against a model IOMMU whose device keeps using the
-//! translations it has cached until an invalidation covers them.
+//! tick / teardown / reset_stats / note_error with arbitrary arguments (good and bad), device
+//! accesses in between, and injectable failures, against a model IOMMU whose device keeps
+//! using the translations it has cached until an invalidation covers them.
+//!
+//! The input's [`Setup`] picks the policy, the limits (`slack_ns < deferred_ns`) and whether
+//! the IOMMU needs a flush after every map (caching mode / RWBF: [`Iommu::map_needs_flush`];
+//! then a device racing the map may cache the new entries). Injected failures: the next
+//! `n` flushes fail; the next map writes some of its entries, then fails and rolls them back
+//! into the pending set (a racing device may have cached them), as the VT-d driver does when
+//! it runs out of table pages half-way; the next unmap fails before clearing anything.
 //!
 //! The model is small on purpose (a 64-page IOVA window, 256 guest pages, fixed arrays and
-//! bit masks) so one execution does no allocation apart from `DmaState`'s own.
+//! bit masks) so one execution allocates little apart from `DmaState`'s own.
 //!
 //! Checked after every step (a failed check panics, which libFuzzer reports as a crash):
 //! - **no IOVA held twice**: the allocator never hands out a page it has handed out and not
 //!   got back, the domain never maps over a present entry, live mappings are disjoint in IOVA
-//!   and in guest pages, and a MAP that succeeds never overlaps one that is live or pending;
+//!   and in guest pages, and a MAP that succeeds never overlaps one that is live or waiting;
 //! - **nothing released before its invalidation**: an IOVA page returned to the allocator
 //!   (free list or a vCPU's magazine) has no page-table entry and no translation in the
 //!   device-side cache, checked when it is freed and after every step; a cached translation
-//!   of a live page is that page's current one (never a previous mapping's);
-//! - **a failed call changes nothing**: a MAP or UNMAP that fails leaves the page tables, the
-//!   live mappings and (unless it flushed deferred work first) the pending unmaps as they
-//!   were; argument errors get the status the ABI gives them; a SYNC / END_BATCH whose flush
-//!   fails keeps every pending unmap held;
-//! - **counters add up**: `counts()` equals this harness's own bookkeeping (live mappings,
-//!   pending unmaps, pinned and IOVA pages = the allocator's held pages, table pages) and
-//!   `stats()` equals the calls it saw succeed and fail and the flushes the IOMMU performed;
-//! - **strict means strict**: after an UNMAP returns OK under `Strict` (or `Batched` outside a
-//!   batch), and after END_BATCH / SYNC / TEARDOWN return OK, nothing is pending;
+//!   of a live page is that page's current one (never a previous mapping's); the allocator's
+//!   held pages are exactly live | waiting, where waiting = the unmaps and the rolled-back
+//!   failed maps since the last successful flush, as the model IOMMU saw them (and
+//!   `waiting()`, `counts().pending` / `rolled_back` / `pinned_pages` / `iova_pages`,
+//!   `gpa_busy` must agree);
+//! - **a failed call changes nothing visible**: a MAP or UNMAP that fails leaves the page
+//!   tables and the live mappings as they were, and what waited waits still (unless a flush
+//!   completed); the one thing a failed MAP may add is its own rolled-back range, IOVA held;
+//!   a caching-mode MAP whose flush fails returns BUSY with its entries cleared into the
+//!   pending set and its IOVA held; argument errors get the status the ABI gives them; a
+//!   SYNC / END_BATCH whose flush fails keeps everything held;
+//! - **Unsynced only where it may be**: an UNMAP returns `Unmapped::Unsynced` only under
+//!   `Strict` or `Batched` outside a batch, only after an injected flush failure, and it took
+//!   effect (mapping gone, entries cleared and pending, IOVA held, guest pages busy); `Done`
+//!   there means nothing waits;
+//! - **the deferred bounds** (every policy `Deferred` input): after every step, inside
+//!   batches too, unless a flush failed and none succeeded since, fewer ranges wait than
+//!   `deferred_entries` and the oldest is younger than `deferred_ns - slack_ns` at the last
+//!   check (the service checks at the start of every call and in `tick`; time advances only
+//!   in the Tick step, which calls `tick`, so the last check is "now");
+//!   `deferred_deadline()` is the oldest's time + `deferred_ns`;
+//! - **counters add up**: `counts()` equals this harness's own bookkeeping and `stats()` the
+//!   calls it saw succeed and fail, the flushes the IOMMU completed and failed, the
+//!   invalidations and completion waits they reported (after `reset_stats` from zero);
+//! - **strict means strict**: after END_BATCH (`Strict`, `Batched`), SYNC and TEARDOWN return
+//!   OK nothing waits and no new mapping is unflushed; a caching-mode MAP returns OK only
+//!   after a flush completed (or when its flush and its undo both failed);
 //! - at the end, with failures switched off, TEARDOWN succeeds and everything is returned;
 //! - no panic inside `moat-dma` for any input.
 
@@ -123,8 +147,8 @@ pub struct Hw {
     now: u64,
     /// The next map fails after writing `n % pages` of its pages (then rolls them back).
     fail_map: Option<u8>,
-    /// The next unmap fails (before clearing anything).
-    fail_unmap: bool,
+    /// The unmap after the next `n` fails (before clearing anything).
+    fail_unmap: Option<u8>,
     /// Flushes that succeeded, the invalidation requests they reported, those that
     /// reported at least one (completion waits), and flushes that failed.
     flushes_ok: u64,
@@ -157,7 +181,7 @@ impl Hw {
             flush_owed: false,
             now: 0,
             fail_map: None,
-            fail_unmap: false,
+            fail_unmap: None,
             flushes_ok: 0,
             invalidations: 0,
             waits_ok: 0,
@@ -389,8 +413,13 @@ impl Iommu for Dom<'_> {
     fn unmap(&mut self, iova: u64, len: u64, pending: &mut Pending) -> Result<(), Error> {
         let mut hw = self.0.borrow_mut();
         assert_eq!(pending.0, hw.inv, "the pending set lost cleared entries");
-        if std::mem::take(&mut hw.fail_unmap) {
-            return Err(Error::Busy);
+        match hw.fail_unmap {
+            Some(0) => {
+                hw.fail_unmap = None;
+                return Err(Error::Busy);
+            }
+            Some(n) => hw.fail_unmap = Some(n - 1),
+            None => {}
         }
         let first =
             page_of(iova).unwrap_or_else(|| panic!("unmap at {iova:#x}: outside the window"));
@@ -585,8 +614,11 @@ pub enum Op {
     FailMap {
         written: u8,
     },
-    /// The next unmap fails before clearing anything.
-    FailUnmap,
+    /// The unmap after the next `skip % 4` fails before clearing anything (a later one:
+    /// e.g. half-way through a teardown).
+    FailUnmap {
+        skip: u8,
+    },
     /// STATS with RESET.
     ResetStats,
     /// A MAP or UNMAP refused before it reached the service (`note_error`).
@@ -621,6 +653,12 @@ struct World<'a> {
     live: Vec<Live>,
     seen: Seen,
     in_batch: bool,
+    /// OPEN FINDING (see the README): a TEARDOWN that failed half-way (an unmap after others
+    /// succeeded) returns without checking the deferred entry bound, and no later call checks
+    /// it before the next unmap or flush. Set by such a teardown; the entry bound is not
+    /// asserted until nothing waits. The time bound is asserted regardless.
+    entry_bound_excused: bool,
+    excuse_failed_teardown: bool,
 }
 
 fn access_of(a: u8) -> Access {
@@ -727,7 +765,9 @@ impl<'a> World<'a> {
                     // Caching mode: only when the flush failed and so did the undo (the map
                     // took effect; the next flush must run).
                     assert!(
-                        before.fail_flushes > 0 && before.fail_unmap && !hw.fail_unmap,
+                        before.fail_flushes > 0
+                            && before.fail_unmap == Some(0)
+                            && hw.fail_unmap.is_none(),
                         "MAP OK under caching mode before the flush that makes it usable"
                     );
                 }
@@ -893,7 +933,7 @@ impl<'a> World<'a> {
                 self.seen.errors += 1;
                 if exact.is_some() {
                     assert!(
-                        e == Error::Busy && before.fail_unmap,
+                        e == Error::Busy && before.fail_unmap == Some(0),
                         "UNMAP of a live mapping failed with {e:?} without an injected failure"
                     );
                     assert!(
@@ -1021,7 +1061,7 @@ impl<'a> World<'a> {
             }
             Op::FailFlushes { n } => self.hw.borrow_mut().fail_flushes = u32::from(n % 4),
             Op::FailMap { written } => self.hw.borrow_mut().fail_map = Some(written),
-            Op::FailUnmap => self.hw.borrow_mut().fail_unmap = true,
+            Op::FailUnmap { skip } => self.hw.borrow_mut().fail_unmap = Some(skip % 4),
             Op::ResetStats => {
                 self.st.reset_stats();
                 self.seen = Seen::default();
@@ -1077,12 +1117,18 @@ impl<'a> World<'a> {
                 assert_eq!(hw.held, 0, "TEARDOWN OK left IOVAs held");
                 assert_eq!(hw.n_waits, 0, "TEARDOWN OK left ranges waiting");
             }
-            Err(e) => assert_eq!(e, Error::Busy, "TEARDOWN failed with {e:?}"),
+            Err(e) => {
+                assert_eq!(e, Error::Busy, "TEARDOWN failed with {e:?}");
+                self.entry_bound_excused = self.excuse_failed_teardown;
+            }
         }
     }
 
     /// The invariants that hold between any two steps.
-    fn check(&self) {
+    fn check(&mut self) {
+        if self.hw.borrow().n_waits == 0 {
+            self.entry_bound_excused = false;
+        }
         let hw = self.hw.borrow();
         let c = self.counts();
         let s = self.st.stats();
@@ -1250,7 +1296,7 @@ impl<'a> World<'a> {
             // oldest is younger than `deferred_ns - slack_ns` now (now = the last check).
             if !hw.flush_owed {
                 assert!(
-                    waits.len() < self.limits.deferred_entries,
+                    waits.len() < self.limits.deferred_entries || self.entry_bound_excused,
                     "{} ranges wait, the entry bound is {}",
                     waits.len(),
                     self.limits.deferred_entries
@@ -1311,7 +1357,7 @@ struct Before {
     waits: Vec<Wait>,
     wait_mask: u64,
     live_mask: u64,
-    fail_unmap: bool,
+    fail_unmap: Option<u8>,
     fail_map: Option<u8>,
     fail_flushes: u32,
 }
@@ -1439,6 +1485,12 @@ fn setup_of(s: &Setup) -> (Policy, Limits) {
 /// Runs one input: a [`Setup`], then steps until the input is used up; then a teardown with
 /// failures switched off must return everything.
 pub fn run(data: &[u8]) {
+    run_with(data, true)
+}
+
+/// [`run`], choosing whether the open finding (a TEARDOWN that fails half-way leaves the
+/// deferred entry bound overrun) is excused (`true`, what the fuzz target runs) or asserted.
+pub fn run_with(data: &[u8], excuse_failed_teardown: bool) {
     let mut u = Unstructured::new(data);
     let Ok(setup) = Setup::arbitrary(&mut u) else {
         return;
@@ -1456,6 +1508,8 @@ pub fn run(data: &[u8]) {
         live: Vec::with_capacity(WINDOW_PAGES),
         seen: Seen::default(),
         in_batch: false,
+        entry_bound_excused: false,
+        excuse_failed_teardown,
     };
     while !u.is_empty() {
         let Ok(op) = Op::arbitrary(&mut u) else {
@@ -1468,7 +1522,7 @@ pub fn run(data: &[u8]) {
         let mut h = hw.borrow_mut();
         h.fail_flushes = 0;
         h.fail_map = None;
-        h.fail_unmap = false;
+        h.fail_unmap = None;
     }
     w.teardown(0);
     w.check();
@@ -1612,7 +1666,10 @@ pub fn encode(setup: &Setup, ops: &[Op]) -> Vec<u8> {
                 tag(&mut b, 9, N);
                 b.push(written);
             }
-            Op::FailUnmap => tag(&mut b, 10, N),
+            Op::FailUnmap { skip } => {
+                tag(&mut b, 10, N);
+                b.push(skip);
+            }
             Op::ResetStats => tag(&mut b, 11, N),
             Op::NoteError => tag(&mut b, 12, N),
         }
