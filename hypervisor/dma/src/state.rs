@@ -645,7 +645,13 @@ impl<P: Default> DmaState<P> {
         self.in_batch = false;
         let all: Vec<Mapping> = self.live.values().copied().collect();
         for m in all {
-            dom.unmap(m.iova, m.pages * PAGE_SIZE, &mut self.pending)?;
+            if let Err(e) = dom.unmap(m.iova, m.pages * PAGE_SIZE, &mut self.pending) {
+                // What this teardown unmapped so far waits like any unmap: flush it now, so
+                // a teardown that stops half-way leaves no bound overrun (if this flush fails
+                // too, the next call retries it).
+                let _ = self.flush(dom, iovas, clock, false);
+                return Err(e);
+            }
             self.live.remove(&m.iova);
             self.by_gpa.remove(&m.gpa);
             self.mapped_pages -= m.pages;
