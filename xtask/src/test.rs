@@ -148,7 +148,7 @@ fn run_check(label: &str, mut cmd: Command, tally: &mut Tally) {
             tally.failed += 1;
             tally
                 .failures
-                .push(format!("{label}: cannot run cargo: {e}"));
+                .push(format!("{label}: cannot run {cmd:?}: {e}"));
         }
     }
 }
@@ -384,5 +384,27 @@ pub fn cmd_test(a: TestArgs) -> Result<()> {
         Err(format!("{} failed", tally.failed).into())
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        c
+    }
+
+    #[test]
+    fn a_check_counts_as_one_test() {
+        let mut t = Tally::default();
+        run_check("ok", sh("exit 0"), &mut t);
+        run_check("bad", sh("echo diff; exit 1"), &mut t);
+        run_check("missing", Command::new("/nonexistent/tool"), &mut t);
+        assert_eq!((t.passed, t.failed), (1, 2));
+        assert!(t.failures[0].starts_with("bad: failed with"));
+        assert!(t.failures[1].starts_with("missing: cannot run"));
     }
 }
