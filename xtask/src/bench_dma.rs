@@ -4,50 +4,70 @@
 //! cycles, invalidations, waits, VM exits and the hypervisor's per-phase cycles. Emulated
 //! (QEMU TCG) figures: the ratios between rows are the result, not the absolute times.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use moat_scenarios::{BootModule, Exit, Machine, TEST_GUEST};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 use crate::{
     build_kernel, make_iso_with_modules, module_files, qemu, root, setup, Flavour, Result,
 };
 
-/// One measured cell.
-#[derive(Debug, Clone)]
+/// One measured cell: a row of the printed table and an element of `target/bench/dma.json`.
+/// Read from the guest's `dma-bench key=value ...` line by field name (see [`parse`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Row {
     policy: String,
     batch: u64,
     bytes: u64,
-    fields: Vec<(String, f64)>,
+    ns_per_op: f64,
+    cycles_per_op: f64,
+    invalidations_per_op: f64,
+    waits_per_op: f64,
+    exits_per_op: f64,
+    /// Filled from the same flat line (second pass of [`parse`]), nested in the JSON.
+    #[serde(skip_deserializing)]
+    phases: Phases,
+    #[serde(skip_deserializing, default = "emulated")]
+    emulated: String,
 }
 
-impl Row {
-    fn get(&self, k: &str) -> f64 {
-        self.fields
-            .iter()
-            .find(|(n, _)| n == k)
-            .map_or(f64::NAN, |(_, v)| *v)
-    }
+/// The hypervisor's cycles per operation, by phase.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Phases {
+    exit: f64,
+    validate: f64,
+    iova_alloc: f64,
+    pte_write: f64,
+    invalidate: f64,
+    iova_free: f64,
 }
 
+fn emulated() -> String {
+    "QEMU TCG".into()
+}
+
+/// A guest line `... dma-bench policy=strict batch=8 bytes=4096 ops=.. ns_per_op=.. ...` as a
+/// [`Row`]: the `key=value` pairs become a JSON object (numbers where they parse), which
+/// fills the row and its phases by name (keys neither wants, such as `ops`, are ignored).
 fn parse(line: &str) -> Option<Row> {
     let rest = &line[line.find("dma-bench policy=")? + "dma-bench ".len()..];
-    let mut row = Row {
-        policy: String::new(),
-        batch: 0,
-        bytes: 0,
-        fields: Vec::new(),
-    };
+    let mut fields = Map::new();
     for kv in rest.split_whitespace() {
         let (k, v) = kv.split_once('=')?;
-        match k {
-            "policy" => row.policy = v.to_string(),
-            "batch" => row.batch = v.parse().ok()?,
-            "bytes" => row.bytes = v.parse().ok()?,
-            _ => row.fields.push((k.to_string(), v.parse().ok()?)),
-        }
+        let v = if let Ok(n) = v.parse::<u64>() {
+            Value::from(n)
+        } else if let Ok(x) = v.parse::<f64>() {
+            Value::from(x)
+        } else {
+            Value::from(v)
+        };
+        fields.insert(k.to_string(), v);
     }
+    let fields = Value::Object(fields);
+    let mut row: Row = serde_json::from_value(fields.clone()).ok()?;
+    row.phases = serde_json::from_value(fields).ok()?;
     Some(row)
 }
 
@@ -89,15 +109,10 @@ pub fn run(quick: bool) -> Result<()> {
 }
 
 fn print_table(rows: &[Row]) {
-    let base = |bytes: u64, batch: u64| {
+    let cycles = |policy: &str, bytes: u64, batch: u64| {
         rows.iter()
-            .find(|r| r.policy == "passthrough" && r.bytes == bytes && r.batch == batch)
-            .map_or(f64::NAN, |r| r.get("cycles_per_op"))
-    };
-    let strict1 = |bytes: u64| {
-        rows.iter()
-            .find(|r| r.policy == "strict" && r.bytes == bytes && r.batch == 1)
-            .map_or(f64::NAN, |r| r.get("cycles_per_op"))
+            .find(|r| r.policy == policy && r.bytes == bytes && r.batch == batch)
+            .map_or(f64::NAN, |r| r.cycles_per_op)
     };
     println!("PV DMA map+unmap per operation (QEMU TCG, emulated; hypervisor phases in cycles per op; vs pass = cycles / passthrough at the same batch and size; vs strict1 = cycles / strict at batch 1)");
     println!(
@@ -105,55 +120,38 @@ fn print_table(rows: &[Row]) {
         "policy", "batch", "bytes", "ns/op", "cycles/op", "inv/op", "waits/op", "exits/op", "exit", "validate", "iova_alloc", "pte", "inval", "iova_free", "vs pass", "vs strict1"
     );
     for r in rows {
+        let p = &r.phases;
         println!(
             "{:<12} {:>5} {:>6} {:>10.0} {:>11.0} {:>8.3} {:>8.3} {:>8.3} {:>8.0} {:>9.0} {:>9.0} {:>8.0} {:>8.0} {:>9.0} {:>7.2}x {:>9.3}x",
             r.policy,
             r.batch,
             r.bytes,
-            r.get("ns_per_op"),
-            r.get("cycles_per_op"),
-            r.get("invalidations_per_op"),
-            r.get("waits_per_op"),
-            r.get("exits_per_op"),
-            r.get("exit"),
-            r.get("validate"),
-            r.get("iova_alloc"),
-            r.get("pte_write"),
-            r.get("invalidate"),
-            r.get("iova_free"),
-            r.get("cycles_per_op") / base(r.bytes, r.batch),
-            r.get("cycles_per_op") / strict1(r.bytes),
+            r.ns_per_op,
+            r.cycles_per_op,
+            r.invalidations_per_op,
+            r.waits_per_op,
+            r.exits_per_op,
+            p.exit,
+            p.validate,
+            p.iova_alloc,
+            p.pte_write,
+            p.invalidate,
+            p.iova_free,
+            r.cycles_per_op / cycles("passthrough", r.bytes, r.batch),
+            r.cycles_per_op / cycles("strict", r.bytes, 1),
         );
     }
 }
 
+/// `target/bench/dma.json`: an array of [`Row`]s, one per line.
 fn write_json(rows: &[Row]) -> Result<()> {
-    let mut s = String::from("[\n");
-    for (i, r) in rows.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "  {{\"policy\": \"{}\", \"batch\": {}, \"bytes\": {}, \"ns_per_op\": {:.1}, \"cycles_per_op\": {:.1}, \"invalidations_per_op\": {:.4}, \"waits_per_op\": {:.4}, \"exits_per_op\": {:.4}, \"phases\": {{\"exit\": {:.1}, \"validate\": {:.1}, \"iova_alloc\": {:.1}, \"pte_write\": {:.1}, \"invalidate\": {:.1}, \"iova_free\": {:.1}}}, \"emulated\": \"QEMU TCG\"}}{}",
-            r.policy,
-            r.batch,
-            r.bytes,
-            r.get("ns_per_op"),
-            r.get("cycles_per_op"),
-            r.get("invalidations_per_op"),
-            r.get("waits_per_op"),
-            r.get("exits_per_op"),
-            r.get("exit"),
-            r.get("validate"),
-            r.get("iova_alloc"),
-            r.get("pte_write"),
-            r.get("invalidate"),
-            r.get("iova_free"),
-            if i + 1 < rows.len() { "," } else { "" }
-        );
-    }
-    s.push_str("]\n");
+    let lines = rows
+        .iter()
+        .map(|r| serde_json::to_string(r).map(|s| format!("  {s}")))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     let path = root().join("target/bench/dma.json");
     std::fs::create_dir_all(path.parent().unwrap())?;
-    std::fs::write(&path, s)?;
+    std::fs::write(&path, format!("[\n{}\n]\n", lines.join(",\n")))?;
     eprintln!("xtask: wrote {}", path.display());
     Ok(())
 }
@@ -169,12 +167,12 @@ fn check_targets(rows: &[Row]) {
             get("strict", 1, bytes),
             get("batched", 1, bytes),
         ) {
-            let ratio = b.get("cycles_per_op") / s.get("cycles_per_op");
+            let ratio = b.cycles_per_op / s.cycles_per_op;
             // A single UNMAP under `batched` is a batch of one, i.e. strict: the same work as
             // strict@1, measured in the same QEMU run as batched@64 (no run-to-run noise).
-            let same_run = b.get("cycles_per_op") / b1.get("cycles_per_op");
-            let per_batch_inv = b.get("invalidations_per_op") * 64.0;
-            let per_batch_wait = b.get("waits_per_op") * 64.0;
+            let same_run = b.cycles_per_op / b1.cycles_per_op;
+            let per_batch_inv = b.invalidations_per_op * 64.0;
+            let per_batch_wait = b.waits_per_op * 64.0;
             println!(
                 "target: batched@64 / strict@1 ({bytes} B) = {ratio:.3} (same run, vs batched@1 = strict work: {same_run:.3}; target <= 0.100: {}); invalidations per batch {per_batch_inv:.2}, waits per batch {per_batch_wait:.2} (target 1 and 1: {})",
                 if ratio <= 0.1 { "met" } else { "MISSED" },
@@ -185,5 +183,62 @@ fn check_targets(rows: &[Row]) {
                 }
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINE: &str = "[g0] dma-bench policy=batched batch=64 bytes=4096 ops=512 ns_per_op=9046 \
+        cycles_per_op=24153 invalidations_per_op=0.0156 waits_per_op=0.0156 exits_per_op=0.0312 \
+        exit=2 validate=312 iova_alloc=95 pte_write=116 invalidate=160 iova_free=93";
+
+    #[test]
+    fn parses_the_guest_line() {
+        let r = parse(LINE).unwrap();
+        assert_eq!((r.policy.as_str(), r.batch, r.bytes), ("batched", 64, 4096));
+        assert_eq!((r.ns_per_op, r.cycles_per_op), (9046.0, 24153.0));
+        assert_eq!(r.exits_per_op, 0.0312);
+        assert_eq!(
+            r.phases,
+            Phases {
+                exit: 2.0,
+                validate: 312.0,
+                iova_alloc: 95.0,
+                pte_write: 116.0,
+                invalidate: 160.0,
+                iova_free: 93.0
+            }
+        );
+        assert!(parse("dma-bench policy=strict batch=1 bytes=4096").is_none());
+        assert!(parse("something else").is_none());
+    }
+
+    #[test]
+    fn json_has_the_fields_readers_use() {
+        let v = serde_json::to_value(parse(LINE).unwrap()).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want = [
+            "policy",
+            "batch",
+            "bytes",
+            "ns_per_op",
+            "cycles_per_op",
+            "invalidations_per_op",
+            "waits_per_op",
+            "exits_per_op",
+            "phases",
+            "emulated",
+        ];
+        want.sort();
+        let mut keys = keys;
+        keys.sort();
+        assert_eq!(keys, want);
+        let phases: Vec<&String> = v["phases"].as_object().unwrap().keys().collect();
+        assert_eq!(phases.len(), 6);
+        assert_eq!(v["phases"]["pte_write"], 116.0);
+        assert_eq!(v["emulated"], "QEMU TCG");
+        assert_eq!(v["batch"], 64);
     }
 }

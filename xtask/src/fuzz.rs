@@ -9,9 +9,10 @@
 //! the command fail.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 
-use crate::{root, run_status, Result};
+use crate::setup::nightly_cargo;
+use crate::{root, run_status, setup, Result};
 
 /// A fuzz workspace (relative to the repository root) and its targets.
 struct Workspace {
@@ -41,8 +42,6 @@ fn target_args(target: &str) -> &'static [&'static str] {
     }
 }
 
-const DEFAULT_SECS: u64 = 60;
-
 /// What one target's run showed.
 struct Outcome {
     name: String,
@@ -51,84 +50,6 @@ struct Outcome {
     ft: Option<u64>,
     crashes: u64,
     artifacts: Vec<PathBuf>,
-}
-
-fn cargo() -> String {
-    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
-}
-
-/// `cargo +nightly` without the toolchain variables xtask itself was started with (they name
-/// the pinned stable toolchain and would override `+nightly`).
-fn nightly_cargo() -> Command {
-    let mut c = Command::new("cargo");
-    c.arg("+nightly");
-    for v in [
-        "RUSTUP_TOOLCHAIN",
-        "CARGO",
-        "RUSTC",
-        "RUSTDOC",
-        "RUSTC_WRAPPER",
-    ] {
-        c.env_remove(v);
-    }
-    c
-}
-
-fn has_nightly() -> bool {
-    Command::new("rustup")
-        .args(["toolchain", "list"])
-        .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| l.starts_with("nightly"))
-        })
-        .unwrap_or(false)
-}
-
-fn has_cargo_fuzz() -> bool {
-    nightly_cargo()
-        .args(["fuzz", "--version"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-/// Installs the nightly toolchain and cargo-fuzz when missing, saying so.
-fn ensure_tools() -> Result<()> {
-    if !has_nightly() {
-        let cmd = "rustup toolchain install nightly --profile minimal";
-        eprintln!(
-            "xtask: the nightly toolchain is missing (used for fuzzing only); running: {cmd}"
-        );
-        run_status(Command::new("rustup").args([
-            "toolchain",
-            "install",
-            "nightly",
-            "--profile",
-            "minimal",
-        ]))
-        .map_err(|e| format!("{e}; run by hand: {cmd}"))?;
-    }
-    if !has_cargo_fuzz() {
-        let cmd = "cargo install cargo-fuzz --locked";
-        eprintln!("xtask: cargo-fuzz is missing; running: {cmd}");
-        run_status(Command::new(cargo()).current_dir(root()).args([
-            "install",
-            "cargo-fuzz",
-            "--locked",
-        ]))
-        .map_err(|e| format!("{e}; run by hand: {cmd}"))?;
-        if !has_cargo_fuzz() {
-            return Err(
-                "cargo-fuzz still does not run after installing it (is ~/.cargo/bin on PATH?)"
-                    .into(),
-            );
-        }
-    }
-    Ok(())
 }
 
 /// The `value` after `key` in a libFuzzer stats line (`cov: 123`).
@@ -276,12 +197,7 @@ fn show(v: Option<u64>) -> String {
 }
 
 /// The command.
-pub fn cmd_fuzz(rest: Vec<String>, secs: Option<u64>) -> Result<()> {
-    let secs = secs.unwrap_or(DEFAULT_SECS);
-    if rest.len() > 1 {
-        return Err(format!("fuzz takes at most one TARGET, got {}", rest.join(" ")).into());
-    }
-    let wanted = rest.first();
+pub fn cmd_fuzz(wanted: Option<&str>, secs: u64) -> Result<()> {
     let all: Vec<(&Workspace, &str)> = WORKSPACES
         .iter()
         .flat_map(|w| w.targets.iter().map(move |t| (w, *t)))
@@ -289,18 +205,18 @@ pub fn cmd_fuzz(rest: Vec<String>, secs: Option<u64>) -> Result<()> {
     let chosen: Vec<(&Workspace, &str)> = all
         .iter()
         .copied()
-        .filter(|(_, t)| wanted.is_none_or(|w| w == t))
+        .filter(|(_, t)| wanted.is_none_or(|w| w == *t))
         .collect();
     if chosen.is_empty() {
         let names: Vec<&str> = all.iter().map(|(_, t)| *t).collect();
         return Err(format!(
             "no fuzz target `{}`; there are: {}",
-            wanted.map_or("", |s| s.as_str()),
+            wanted.unwrap_or(""),
             names.join(", ")
         )
         .into());
     }
-    ensure_tools()?;
+    setup::ensure_fuzz_tools()?;
     let mut outcomes = Vec::new();
     for (w, t) in chosen {
         outcomes.push(run_target(&root().join(w.dir), t, secs)?);

@@ -3,17 +3,21 @@
 //! ```text
 //! cargo xtask build [--selftest]                 build the kernel (x86_64-unknown-none)
 //! cargo xtask iso [--selftest] [-- CMDLINE]      build and make a GRUB ISO (BIOS + UEFI)
-//! cargo xtask run [--uefi] [--smp N] [--gdb] [-- CMDLINE]
+//! cargo xtask run [--uefi] [--smp N] [--gdb] [--timeout SECS] [-- CMDLINE]
 //!                                                boot Moat in QEMU (q35 + intel-iommu + edu)
-//! cargo xtask test [PATTERN] [--no-host] [--no-qemu] [-j N]
-//!                                                host tests + QEMU scenarios; ends "N passed, N failed"
+//! cargo xtask test [PATTERN] [--matrix] [--no-host] [--no-qemu] [-j N]
+//!                                                host tests, fmt + clippy, QEMU scenarios;
+//!                                                ends "N passed, N failed"
 //! cargo xtask bench iova|dma [--quick]           IOVA allocator against peers; PV DMA per policy
-//! cargo xtask fuzz [--time S] [TARGET]           fuzz every target (or one) S seconds each
+//! cargo xtask fuzz [--time SECS] [TARGET]        fuzz every target (or one) SECS seconds each
 //!                                                (default 60; nightly + cargo-fuzz installed)
 //! cargo xtask setup                              install what is missing, nothing else
 //! ```
+//!
+//! The command line is `cli.rs` (`cargo xtask --help`, `cargo xtask <command> --help`).
 
 mod bench_dma;
+mod cli;
 mod fuzz;
 mod qemu;
 mod setup;
@@ -23,7 +27,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
+use clap::Parser as _;
 use moat_scenarios::{Exit, Firmware};
+
+use cli::{Bench, Cmd, RunArgs};
 
 /// Errors carry a message for the user.
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -189,80 +196,17 @@ pub fn make_iso_with_modules(
     Ok(iso)
 }
 
-struct Args {
-    rest: Vec<String>,
-    cmdline: Vec<String>,
-}
-
-impl Args {
-    fn parse(args: Vec<String>) -> Args {
-        let (rest, cmdline) = match args.iter().position(|a| a == "--") {
-            Some(i) => (args[..i].to_vec(), args[i + 1..].to_vec()),
-            None => (args, vec![]),
-        };
-        Args { rest, cmdline }
-    }
-
-    fn flag(&mut self, name: &str) -> bool {
-        match self.rest.iter().position(|a| a == name) {
-            Some(i) => {
-                self.rest.remove(i);
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn value(&mut self, names: &[&str]) -> Result<Option<String>> {
-        match self.rest.iter().position(|a| names.contains(&a.as_str())) {
-            Some(i) if i + 1 < self.rest.len() => {
-                let v = self.rest.remove(i + 1);
-                self.rest.remove(i);
-                Ok(Some(v))
-            }
-            Some(_) => Err(format!("{} needs a value", names[0]).into()),
-            None => Ok(None),
-        }
-    }
-
-    fn finish(self) -> Result<Vec<String>> {
-        if let Some(bad) = self.rest.iter().find(|a| a.starts_with('-')) {
-            return Err(format!("unknown option {bad}\n\n{USAGE}").into());
-        }
-        Ok(self.rest)
-    }
-}
-
-const USAGE: &str = "usage:
-  cargo xtask build [--selftest]
-  cargo xtask iso [--selftest] [-- CMDLINE]
-  cargo xtask run [--uefi] [--smp N] [--gdb] [--timeout SECS] [-- CMDLINE]
-  cargo xtask test [PATTERN] [--no-host] [--no-qemu] [-j N]
-  cargo xtask bench iova|dma [--quick]
-  cargo xtask fuzz [--time SECS] [TARGET]
-  cargo xtask setup";
-
 fn main() -> ExitCode {
-    let mut argv: Vec<String> = std::env::args().skip(1).collect();
-    if argv.is_empty() {
-        eprintln!("{USAGE}");
-        return ExitCode::from(2);
-    }
-    let cmd = argv.remove(0);
-    let args = Args::parse(argv);
-    let r = match cmd.as_str() {
-        "build" => cmd_build(args),
-        "iso" => cmd_iso(args),
-        "run" => cmd_run(args),
-        "test" => test::cmd_test(args.rest, args.cmdline),
-        "bench" => cmd_bench(args),
-        "fuzz" => cmd_fuzz(args),
-        "setup" => setup::ensure(),
-        "help" | "--help" | "-h" => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        other => Err(format!("unknown command `{other}`\n\n{USAGE}").into()),
+    // Bad arguments: clap prints the error and the usage and exits with status 2.
+    let cli = cli::Cli::parse();
+    let r = match cli.cmd {
+        Cmd::Build { selftest } => cmd_build(selftest),
+        Cmd::Iso { selftest, cmdline } => cmd_iso(selftest, &cmdline),
+        Cmd::Run(a) => cmd_run(a),
+        Cmd::Test(a) => test::cmd_test(a),
+        Cmd::Bench { what, quick } => cmd_bench(what, quick),
+        Cmd::Fuzz { time, target } => fuzz::cmd_fuzz(target.as_deref(), time),
+        Cmd::Setup => setup::ensure(),
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -273,54 +217,38 @@ fn main() -> ExitCode {
     }
 }
 
-fn cmd_build(mut a: Args) -> Result<()> {
-    let flavour = if a.flag("--selftest") {
+fn flavour(selftest: bool) -> Flavour {
+    if selftest {
         Flavour::Selftest
     } else {
         Flavour::Release
-    };
-    a.finish()?;
+    }
+}
+
+fn cmd_build(selftest: bool) -> Result<()> {
     setup::ensure()?;
-    let k = build_kernel(flavour)?;
+    let k = build_kernel(flavour(selftest))?;
     println!("{}", k.display());
     Ok(())
 }
 
-fn cmd_iso(mut a: Args) -> Result<()> {
-    let flavour = if a.flag("--selftest") {
-        Flavour::Selftest
-    } else {
-        Flavour::Release
-    };
-    let cmdline = a.cmdline.join(" ");
-    a.finish()?;
+fn cmd_iso(selftest: bool, cmdline: &[String]) -> Result<()> {
     setup::ensure()?;
-    let k = build_kernel(flavour)?;
-    let iso = make_iso(&k, &cmdline, "moat")?;
+    let k = build_kernel(flavour(selftest))?;
+    let iso = make_iso(&k, &cmdline.join(" "), "moat")?;
     println!("{}", iso.display());
     Ok(())
 }
 
-fn cmd_run(mut a: Args) -> Result<()> {
-    let uefi = a.flag("--uefi");
-    let gdb = a.flag("--gdb");
-    let smp: u32 = match a.value(&["--smp"])? {
-        Some(v) => v
-            .parse()
-            .map_err(|_| format!("--smp wants a number, got `{v}`"))?,
-        None => 2,
-    };
-    if !(1..=64).contains(&smp) {
-        return Err(format!("--smp {smp}: between 1 and 64").into());
-    }
-    let timeout: u64 = match a.value(&["--timeout"])? {
-        Some(v) => v
-            .parse()
-            .map_err(|_| format!("--timeout wants seconds, got `{v}`"))?,
-        None => 120,
-    };
-    let user_cmdline = a.cmdline.join(" ");
-    a.finish()?;
+fn cmd_run(a: RunArgs) -> Result<()> {
+    let RunArgs {
+        uefi,
+        smp,
+        gdb,
+        timeout,
+        cmdline,
+    } = a;
+    let user_cmdline = cmdline.join(" ");
     setup::ensure()?;
     let kernel = build_kernel(Flavour::Release)?;
     let mut demo = moat_scenarios::demo(if uefi { Firmware::Uefi } else { Firmware::Bios }, smp);
@@ -377,25 +305,10 @@ pub fn module_files(modules: &[moat_scenarios::BootModule]) -> Result<Vec<(PathB
     Ok(out)
 }
 
-fn cmd_fuzz(mut a: Args) -> Result<()> {
-    let secs = match a.value(&["--time"])? {
-        Some(v) => Some(
-            v.parse::<u64>()
-                .ok()
-                .filter(|&s| s > 0)
-                .ok_or_else(|| format!("--time wants seconds (> 0), got `{v}`"))?,
-        ),
-        None => None,
-    };
-    let rest = a.finish()?;
-    fuzz::cmd_fuzz(rest, secs)
-}
-
-fn cmd_bench(mut a: Args) -> Result<()> {
-    let quick = a.flag("--quick");
-    let rest = a.finish()?;
-    match rest.first().map(String::as_str) {
-        Some("iova") => {
+fn cmd_bench(what: Bench, quick: bool) -> Result<()> {
+    match what {
+        Bench::Iova => {
+            // The IOVA benchmark is a host program (`hypervisor/iova-bench`); it writes the JSON.
             let json = root().join("target/bench/iova.json");
             let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
             cmd.current_dir(root()).args([
@@ -414,7 +327,6 @@ fn cmd_bench(mut a: Args) -> Result<()> {
             eprintln!("xtask: wrote {}", json.display());
             Ok(())
         }
-        Some("dma") => bench_dma::run(quick),
-        _ => Err(format!("bench what? `iova` or `dma`\n\n{USAGE}").into()),
+        Bench::Dma => bench_dma::run(quick),
     }
 }

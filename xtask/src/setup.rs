@@ -1,8 +1,10 @@
 //! Checks for the tools Moat needs and installs what is missing (Debian packages with apt-get,
-//! the Rust target with rustup), saying what it does; prints the exact command when it cannot.
+//! the Rust target with rustup, and for fuzzing the nightly toolchain and cargo-fuzz), saying
+//! what it does; prints the exact command when it cannot. The only module that installs
+//! anything: `run`, `test`, `bench` and `fuzz` call it.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use crate::{run_status, Result};
 
@@ -135,4 +137,83 @@ fn ensure_rust_target() -> Result<()> {
     eprintln!("xtask: installing the Rust target: rustup target add {TARGET}");
     run_status(Command::new("rustup").args(["target", "add", TARGET]))
         .map_err(|e| format!("rustup target add {TARGET} failed ({e}); run it by hand").into())
+}
+
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// `cargo +nightly` without the toolchain variables xtask itself was started with (they name
+/// the pinned stable toolchain and would override `+nightly`).
+pub fn nightly_cargo() -> Command {
+    let mut c = Command::new("cargo");
+    c.arg("+nightly");
+    for v in [
+        "RUSTUP_TOOLCHAIN",
+        "CARGO",
+        "RUSTC",
+        "RUSTDOC",
+        "RUSTC_WRAPPER",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
+fn has_nightly() -> bool {
+    Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with("nightly"))
+        })
+        .unwrap_or(false)
+}
+
+fn has_cargo_fuzz() -> bool {
+    nightly_cargo()
+        .args(["fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Installs what `cargo xtask fuzz` needs when missing (the nightly toolchain, used for
+/// fuzzing only, and cargo-fuzz), saying so.
+pub fn ensure_fuzz_tools() -> Result<()> {
+    if !has_nightly() {
+        let cmd = "rustup toolchain install nightly --profile minimal";
+        eprintln!(
+            "xtask: the nightly toolchain is missing (used for fuzzing only); running: {cmd}"
+        );
+        run_status(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))
+        .map_err(|e| format!("{e}; run by hand: {cmd}"))?;
+    }
+    if !has_cargo_fuzz() {
+        let cmd = "cargo install cargo-fuzz --locked";
+        eprintln!("xtask: cargo-fuzz is missing; running: {cmd}");
+        run_status(Command::new(cargo()).current_dir(crate::root()).args([
+            "install",
+            "cargo-fuzz",
+            "--locked",
+        ]))
+        .map_err(|e| format!("{e}; run by hand: {cmd}"))?;
+        if !has_cargo_fuzz() {
+            return Err(
+                "cargo-fuzz still does not run after installing it (is ~/.cargo/bin on PATH?)"
+                    .into(),
+            );
+        }
+    }
+    Ok(())
 }

@@ -1,5 +1,6 @@
-//! `cargo xtask test`: every host test (workspace `cargo test`, the loom models) and every QEMU
-//! scenario, in parallel up to the core count, ending with one line `N passed, N failed`.
+//! `cargo xtask test`: every host test (workspace `cargo test`, the loom models), the `cargo fmt
+//! --check` and `cargo clippy -D warnings` checks (one test each) and every QEMU scenario, in
+//! parallel up to the core count, ending with one line `N passed, N failed`.
 //! `--matrix` adds the guest, VT-d and DMA scenarios again on the second machine (OVMF, 4
 //! CPUs, EPYC, aw-bits=48, caching-mode=on; names end in `@matrix`).
 
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use moat_scenarios::Scenario;
 
+use crate::cli::TestArgs;
 use crate::{
     build_kernel, build_test_guest, make_iso_with_modules, qemu, root, setup, Flavour, Result,
 };
@@ -118,6 +120,76 @@ fn host_tests(tally: &mut Tally) {
         .env("CARGO_TARGET_DIR", root().join("target/loom"));
         run_libtest("loom models", l, tally);
     }
+}
+
+/// Runs a check that passes or fails as a whole (one test in the tally); on failure, the
+/// tool's own output is shown.
+fn run_check(label: &str, mut cmd: Command, tally: &mut Tally) {
+    eprintln!("xtask: {label}: {cmd:?}");
+    let start = Instant::now();
+    match cmd.stdin(Stdio::null()).output() {
+        Ok(out) if out.status.success() => {
+            tally.passed += 1;
+            eprintln!(
+                "xtask: {label}: passed ({:.1}s)",
+                start.elapsed().as_secs_f64()
+            );
+        }
+        Ok(out) => {
+            tally.failed += 1;
+            tally
+                .failures
+                .push(format!("{label}: failed with {}", out.status));
+            eprintln!("xtask: {label}: FAILED with {}", out.status);
+            eprint!("{}", String::from_utf8_lossy(&out.stdout));
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Err(e) => {
+            tally.failed += 1;
+            tally
+                .failures
+                .push(format!("{label}: cannot run {cmd:?}: {e}"));
+        }
+    }
+}
+
+/// `cargo fmt --check` and `cargo clippy -D warnings`: the host crates with every target, and
+/// the two bare-metal crates (they only build for x86_64-unknown-none) for their target.
+fn lint_checks(tally: &mut Tally) {
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--check"]);
+    run_check("cargo fmt", fmt, tally);
+    let mut host = cargo();
+    host.args([
+        "clippy",
+        "--quiet",
+        "--workspace",
+        "--exclude",
+        "moat-kernel",
+        "--exclude",
+        "moat-test-guest",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run_check("cargo clippy (host crates)", host, tally);
+    let mut bare = cargo();
+    bare.args([
+        "clippy",
+        "--quiet",
+        "-p",
+        "moat-kernel",
+        "-p",
+        "moat-test-guest",
+        "--target",
+        "x86_64-unknown-none",
+        "--release",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    run_check("cargo clippy (kernel, test guest)", bare, tally);
 }
 
 fn run_scenario(
@@ -277,35 +349,22 @@ fn scenarios(pattern: Option<&str>, matrix: bool, jobs: usize, tally: &mut Tally
 }
 
 /// Entry of `cargo xtask test`.
-pub fn cmd_test(mut rest: Vec<String>, _after: Vec<String>) -> Result<()> {
-    let take = |rest: &mut Vec<String>, f: &str| match rest.iter().position(|a| a == f) {
-        Some(i) => {
-            rest.remove(i);
-            true
-        }
-        None => false,
-    };
-    let no_host = take(&mut rest, "--no-host");
-    let no_qemu = take(&mut rest, "--no-qemu");
-    let matrix = take(&mut rest, "--matrix");
+pub fn cmd_test(a: TestArgs) -> Result<()> {
+    let TestArgs {
+        pattern,
+        matrix,
+        no_host,
+        no_qemu,
+        jobs,
+    } = a;
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let mut jobs = cores;
-    if let Some(i) = rest.iter().position(|a| a == "-j" || a == "--jobs") {
-        let v = rest.get(i + 1).ok_or("-j needs a number")?.clone();
-        jobs = v
-            .parse()
-            .map_err(|_| format!("-j wants a number, got `{v}`"))?;
-        rest.drain(i..=i + 1);
-    }
-    if let Some(bad) = rest.iter().find(|a| a.starts_with('-')) {
-        return Err(format!("unknown option {bad} (usage: cargo xtask test [PATTERN] [--matrix] [--no-host] [--no-qemu] [-j N])").into());
-    }
-    let pattern = rest.first().cloned();
+    let jobs = jobs.unwrap_or(cores);
     let start = Instant::now();
     setup::ensure()?;
     let mut tally = Tally::default();
     if !no_host && pattern.is_none() {
         host_tests(&mut tally);
+        lint_checks(&mut tally);
     }
     if !no_qemu {
         if let Err(e) = scenarios(pattern.as_deref(), matrix, jobs.max(1), &mut tally) {
@@ -325,5 +384,27 @@ pub fn cmd_test(mut rest: Vec<String>, _after: Vec<String>) -> Result<()> {
         Err(format!("{} failed", tally.failed).into())
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut c = Command::new("sh");
+        c.args(["-c", script]);
+        c
+    }
+
+    #[test]
+    fn a_check_counts_as_one_test() {
+        let mut t = Tally::default();
+        run_check("ok", sh("exit 0"), &mut t);
+        run_check("bad", sh("echo diff; exit 1"), &mut t);
+        run_check("missing", Command::new("/nonexistent/tool"), &mut t);
+        assert_eq!((t.passed, t.failed), (1, 2));
+        assert!(t.failures[0].starts_with("bad: failed with"));
+        assert!(t.failures[1].starts_with("missing: cannot run"));
     }
 }
