@@ -60,6 +60,13 @@ const NEEDS: &[Need] = &[
         present: || Path::new(OVMF_CODE).exists(),
         package: "ovmf",
     },
+    Need {
+        // libFuzzer (C++) is built by the fuzz workspaces, whose regression replays
+        // `cargo xtask test` runs on stable.
+        what: "a C++ compiler (g++)",
+        present: || on_path("g++") || on_path("c++"),
+        package: "g++",
+    },
 ];
 
 fn is_root() -> bool {

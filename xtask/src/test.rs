@@ -120,6 +120,17 @@ fn host_tests(tally: &mut Tally) {
         .env("CARGO_TARGET_DIR", root().join("target/loom"));
         run_libtest("loom models", l, tally);
     }
+    // The fuzz targets' regression inputs (every crash a fuzz campaign found), replayed on
+    // stable; the fuzz workspaces are not members of the main workspace (cargo fuzz needs
+    // nightly to fuzz, not to replay).
+    for ws in ["hypervisor/dma/fuzz"] {
+        if root().join(ws).join("tests").exists() {
+            let mut f = cargo();
+            f.current_dir(root().join(ws))
+                .args(["test", "--no-fail-fast"]);
+            run_libtest(&format!("fuzz regressions ({ws})"), f, tally);
+        }
+    }
 }
 
 /// Runs a check that passes or fails as a whole (one test in the tally); on failure, the
