@@ -25,7 +25,10 @@ use std::vec::Vec;
 
 use crate::entry::ContextEntry;
 use crate::hw::RegisterWindow;
-use crate::regs::{offset, Capability, ExtCapability, FaultStatus, GlobalCommand, GlobalStatus};
+use crate::regs::{
+    offset, Capability, ExtCapability, FaultStatus, GlobalCommand, GlobalStatus, Readable, Reg,
+    Writable,
+};
 use crate::testing::FakeMemory;
 
 pub const QEMU_CAP: u64 = 0xd2_008c_2226_0206;
@@ -488,8 +491,24 @@ impl State {
     }
 }
 
+/// The typed accesses, by offset: an access the model does not know is recorded as an error.
 impl RegisterWindow for FakeUnit {
-    fn read32(&mut self, off: usize) -> u32 {
+    fn read32<A: Readable>(&mut self, reg: Reg<u32, A>) -> u32 {
+        self.read32_at(reg.offset())
+    }
+    fn read64<A: Readable>(&mut self, reg: Reg<u64, A>) -> u64 {
+        self.read64_at(reg.offset())
+    }
+    fn write32<A: Writable>(&mut self, reg: Reg<u32, A>, value: u32) {
+        self.write32_at(reg.offset(), value)
+    }
+    fn write64<A: Writable>(&mut self, reg: Reg<u64, A>, value: u64) {
+        self.write64_at(reg.offset(), value)
+    }
+}
+
+impl FakeUnit {
+    fn read32_at(&mut self, off: usize) -> u32 {
         let mut s = self.0.borrow_mut();
         s.tick();
         let fro = s.fro();
@@ -525,7 +544,7 @@ impl RegisterWindow for FakeUnit {
         }
     }
 
-    fn read64(&mut self, off: usize) -> u64 {
+    fn read64_at(&mut self, off: usize) -> u64 {
         let mut s = self.0.borrow_mut();
         s.tick();
         let (iro, fro) = (s.iro(), s.fro());
@@ -548,7 +567,7 @@ impl RegisterWindow for FakeUnit {
         }
     }
 
-    fn write32(&mut self, off: usize, v: u32) {
+    fn write32_at(&mut self, off: usize, v: u32) {
         let mut s = self.0.borrow_mut();
         let fro = s.fro();
         match off {
@@ -577,7 +596,7 @@ impl RegisterWindow for FakeUnit {
         }
     }
 
-    fn write64(&mut self, off: usize, v: u64) {
+    fn write64_at(&mut self, off: usize, v: u64) {
         let mut s = self.0.borrow_mut();
         let iro = s.iro();
         match off {
@@ -612,6 +631,7 @@ impl RegisterWindow for FakeUnit {
 mod tests {
     use super::*;
     use crate::hw::DmaMemory;
+    use crate::regs::{FSTS, GCMD, IQA, IQH, IQT};
 
     /// The paging-structure cache follows the IH rules: PSI with IH = 1 keeps it, PSI with
     /// IH = 0 drops the entries whose span meets the range (of that domain only), domain and
@@ -660,20 +680,20 @@ mod tests {
             hw.state().queue_delay = delay;
             let q = mem.alloc_frame().unwrap();
             let status = mem.alloc_frame().unwrap();
-            hw.write64(offset::IQA, q);
-            hw.write32(offset::GCMD, GlobalCommand::QIE.bits());
+            hw.write64(IQA, q);
+            hw.write32(GCMD, GlobalCommand::QIE.bits());
             let wait = crate::inval::Descriptor::wait(status, 7);
             mem.write_u64(q, wait.lo);
             mem.write_u64(q + 8, wait.hi);
-            hw.write64(offset::IQT, 1 << 4);
+            hw.write64(IQT, 1 << 4);
             let mut reads = 0;
             while mem.read_u32(status) != 7 {
                 assert!(reads < 100);
-                hw.read32(offset::FSTS);
+                hw.read32(FSTS);
                 reads += 1;
             }
             assert_eq!(reads, delay);
-            assert_eq!(hw.read64(offset::IQH), 1 << 4);
+            assert_eq!(hw.read64(IQH), 1 << 4);
         }
     }
 

@@ -5,6 +5,8 @@
 //! of this crate: the kernel's implementations are the only place that touches MMIO or
 //! physical memory.
 
+use crate::regs::{Readable, Reg, Writable};
+
 /// A physical address.
 pub type PhysAddr = u64;
 
@@ -13,21 +15,22 @@ pub const PAGE_SIZE: u64 = 4096;
 
 /// The MMIO register page(s) of one remapping unit.
 ///
-/// `offset` is a byte offset from the unit's register base (the DRHD `Register Base Address`).
-/// The kernel implements it with volatile 32-/64-bit loads and stores on an uncached
-/// identity (or fixed) mapping of the register pages. The driver only uses naturally aligned
-/// offsets below the register-set size reported by the DRHD (it derives the IOTLB and fault
-/// recording offsets from `ECAP.IRO` and `CAP.FRO`); an implementation may still bounds-check
-/// and ignore out-of-range offsets.
+/// Every access names a typed register ([`Reg`]): its width is the method's, and its access
+/// mode must allow the access, so a write to a read-only register or a 32-bit read of a
+/// 64-bit register does not compile (see [`crate::regs`]). `reg.offset()` is a byte offset
+/// from the unit's register base (the DRHD `Register Base Address`), naturally aligned;
+/// the IOTLB and fault recording offsets derive from `ECAP.IRO` and `CAP.FRO`. The kernel
+/// implements the trait with volatile 32-/64-bit loads and stores on an uncached mapping of
+/// the register pages, bounds-checked against the register-set size the DRHD reports.
 pub trait RegisterWindow {
-    /// Reads the 32-bit register at `offset`.
-    fn read32(&mut self, offset: usize) -> u32;
-    /// Reads the 64-bit register at `offset` (one 64-bit access).
-    fn read64(&mut self, offset: usize) -> u64;
-    /// Writes the 32-bit register at `offset`.
-    fn write32(&mut self, offset: usize, value: u32);
-    /// Writes the 64-bit register at `offset` (one 64-bit access).
-    fn write64(&mut self, offset: usize, value: u64);
+    /// Reads the 32-bit register `reg`.
+    fn read32<A: Readable>(&mut self, reg: Reg<u32, A>) -> u32;
+    /// Reads the 64-bit register `reg` (one 64-bit access).
+    fn read64<A: Readable>(&mut self, reg: Reg<u64, A>) -> u64;
+    /// Writes the 32-bit register `reg`.
+    fn write32<A: Writable>(&mut self, reg: Reg<u32, A>, value: u32);
+    /// Writes the 64-bit register `reg` (one 64-bit access).
+    fn write64<A: Writable>(&mut self, reg: Reg<u64, A>, value: u64);
 }
 
 /// Physical memory for root/context/page tables, the invalidation queue and its status word.

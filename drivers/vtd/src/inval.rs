@@ -11,8 +11,8 @@
 use crate::error::{Error, Operation};
 use crate::hw::{poll_until, Clock, DmaMemory, PhysAddr, RegisterWindow, PAGE_SIZE};
 use crate::regs::{
-    ccmd, iotlb_reg, offset, queue_index, queue_pointer, ContextGranularity, FaultStatus,
-    IotlbGranularity,
+    ccmd, iotlb_reg, queue_index, queue_pointer, ContextGranularity, FaultStatus, IotlbGranularity,
+    IotlbRegs, CCMD, FSTS, IQH, IQT,
 };
 
 /// One invalidation request, independent of how it is delivered (queue or registers).
@@ -239,7 +239,7 @@ impl InvalidationQueue {
             let seq = self.seq;
             let wait_idx = self.write_desc(mem, Descriptor::wait(self.status, seq));
             stats.descriptors += now.len() as u64 + 1;
-            regs.write64(offset::IQT, queue_pointer(self.tail));
+            regs.write64(IQT, queue_pointer(self.tail));
             self.wait_status(regs, mem, clock, timeout_ns, seq, wait_idx, stats)?;
             stats.waits += 1;
             if later.is_empty() {
@@ -266,7 +266,7 @@ impl InvalidationQueue {
     ) -> Result<(), Error> {
         let tail = self.tail;
         poll_until(clock, timeout_ns, || {
-            let head = queue_index(regs.read64(offset::IQH)) % QUEUE_ENTRIES;
+            let head = queue_index(regs.read64(IQH)) % QUEUE_ENTRIES;
             (Self::free_slots(head, tail) >= needed).then_some(())
         })
         .ok_or_else(|| {
@@ -298,9 +298,9 @@ impl InvalidationQueue {
             if mem.read_u32(status) == seq {
                 return Some(Ok(()));
             }
-            let fsts = FaultStatus::from_bits_retain(regs.read32(offset::FSTS));
+            let fsts = FaultStatus::from_bits_retain(regs.read32(FSTS));
             if fsts.contains(FaultStatus::IQE) {
-                let head = queue_index(regs.read64(offset::IQH)) % QUEUE_ENTRIES;
+                let head = queue_index(regs.read64(IQH)) % QUEUE_ENTRIES;
                 let at = self.base + head as u64 * 16;
                 let bad = Descriptor {
                     lo: mem.read_u64(at),
@@ -322,8 +322,8 @@ impl InvalidationQueue {
                 if !coherent {
                     mem.flush_cache(at, 16);
                 }
-                regs.write32(offset::FSTS, FaultStatus::IQE.bits());
-                regs.write64(offset::IQT, queue_pointer(tail));
+                regs.write32(FSTS, FaultStatus::IQE.bits());
+                regs.write64(IQT, queue_pointer(tail));
                 stats.iqe_recovered += 1;
                 if head == wait_idx {
                     // Our own wait descriptor was refused: nothing will write the status.
@@ -347,11 +347,8 @@ impl InvalidationQueue {
                 if fsts.contains(FaultStatus::ITE) {
                     stats.ite += 1;
                 }
-                regs.write32(
-                    offset::FSTS,
-                    (fsts & (FaultStatus::ICE | FaultStatus::ITE)).bits(),
-                );
-                regs.write64(offset::IQT, queue_pointer(tail));
+                regs.write32(FSTS, (fsts & (FaultStatus::ICE | FaultStatus::ITE)).bits());
+                regs.write64(IQT, queue_pointer(tail));
             }
             None
         });
@@ -362,8 +359,8 @@ impl InvalidationQueue {
                 stats.timeouts += 1;
                 log::error!(
                     "vt-d: invalidation wait {seq} timed out (IQH={:#x}, IQT={:#x})",
-                    regs.read64(offset::IQH),
-                    regs.read64(offset::IQT)
+                    regs.read64(IQH),
+                    regs.read64(IQT)
                 );
                 Err(Error::Timeout(Operation::InvalidationWait))
             }
@@ -378,24 +375,24 @@ pub fn register_invalidate<R: RegisterWindow, C: Clock>(
     regs: &mut R,
     clock: &C,
     timeout_ns: u64,
-    iotlb_block: usize,
+    iotlb: IotlbRegs,
     drain_reads: bool,
     drain_writes: bool,
     inv: Invalidation,
 ) -> Result<(), Error> {
     match inv {
         Invalidation::Context(g) => {
-            regs.write64(offset::CCMD, ccmd::encode(g));
+            regs.write64(CCMD, ccmd::encode(g));
             poll_until(clock, timeout_ns, || {
-                (regs.read64(offset::CCMD) & ccmd::ICC == 0).then_some(())
+                (regs.read64(CCMD) & ccmd::ICC == 0).then_some(())
             })
             .ok_or(Error::Timeout(Operation::ContextCommand))
         }
         Invalidation::Iotlb(g) => {
             if let IotlbGranularity::Page { .. } = g {
-                regs.write64(iotlb_block + offset::IVA_IN_IOTLB_BLOCK, g.address_word());
+                regs.write64(iotlb.iva(), g.address_word());
             }
-            let reg = iotlb_block + offset::IOTLB_IN_IOTLB_BLOCK;
+            let reg = iotlb.iotlb();
             regs.write64(reg, iotlb_reg::encode(g, drain_reads, drain_writes));
             let v = poll_until(clock, timeout_ns, || {
                 let v = regs.read64(reg);

@@ -1,7 +1,9 @@
 //! Intel VT-d DMA remapping: register, table and descriptor formats and the unit driver.
 //!
 //! Layout:
-//! - [`regs`]: register offsets and typed register values (VER, CAP, ECAP, GCMD/GSTS, ...);
+//! - [`regs`]: typed registers (offset, width, read-only / write-only / read-write; the IOTLB
+//!   and fault-record registers indexed from ECAP/CAP) and register values (VER, CAP, ECAP,
+//!   GCMD/GSTS, ...);
 //! - [`entry`]: legacy root and context entries, [`SourceId`], [`PagingLevels`];
 //! - [`paging`]: second-level page tables (map, unmap, translate);
 //! - [`gather`]: batching unmaps into the fewest invalidations;
@@ -17,8 +19,8 @@
 //! # Using it from the kernel
 //!
 //! One [`Unit`] per DRHD (its register base from the DMAR table). The kernel provides:
-//! - a [`RegisterWindow`] doing volatile 32/64-bit accesses at `base + offset` of the unit's
-//!   uncached register page(s);
+//! - a [`RegisterWindow`] doing volatile 32/64-bit accesses at `base + reg.offset()` of the
+//!   unit's uncached register page(s) (the driver names typed registers from [`regs`]);
 //! - a [`DmaMemory`] handing out zeroed 4 KiB frames, doing volatile loads/stores at physical
 //!   addresses inside them (identity map), and `clflush` + `mfence` for `flush_cache`
 //!   (QEMU reports `ECAP.C = 0`, so it is called);

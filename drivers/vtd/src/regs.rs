@@ -1,12 +1,70 @@
-//! Remapping-unit registers (VT-d specification, chapter 11) as typed values.
+//! Remapping-unit registers (VT-d specification, chapter 11): where they are, how wide, how
+//! they may be accessed, and their values as types.
 //!
-//! Every register is a transparent wrapper (or a `bitflags` type) around its raw value with
-//! `const fn` accessors for the fields the driver uses. Offsets are byte offsets into the
-//! unit's register page(s) as reported by the DMAR DRHD structure.
+//! Every register is a typed descriptor [`Reg<W, A>`]: its byte offset in the unit's register
+//! page(s) (as reported by the DMAR DRHD structure), its width `W` (`u32` or `u64`) and its
+//! access mode `A` ([`ReadOnly`], [`WriteOnly`], [`ReadWrite`]). The [`RegisterWindow`] trait
+//! only accepts descriptors, and only the matching width and mode, so a wrong access does
+//! not compile. Descriptors cannot be made from a bare offset outside this module: the fixed
+//! registers are the constants below, the IOTLB registers come from [`IotlbRegs::new`]
+//! (at `ECAP.IRO`) and the fault recording registers from [`FaultRecordRegs::new`] (at
+//! `CAP.FRO`, index below `CAP.NFR`). The values are transparent wrappers (or `bitflags`
+//! types) around the raw value, with `const fn` accessors for the fields the driver uses.
+//!
+//! ```
+//! use moat_vtd::regs::{Capability, GlobalStatus, CAP, GCMD, GSTS};
+//! use moat_vtd::RegisterWindow;
+//!
+//! fn status<R: RegisterWindow>(r: &mut R) -> (Capability, GlobalStatus) {
+//!     r.write32(GCMD, 0);
+//!     (Capability(r.read64(CAP)), GlobalStatus::from_bits_retain(r.read32(GSTS)))
+//! }
+//! ```
+//!
+//! A write to the read-only GSTS does not compile:
+//!
+//! ```compile_fail,E0277
+//! fn bad<R: moat_vtd::RegisterWindow>(r: &mut R) {
+//!     r.write32(moat_vtd::regs::GSTS, 0);
+//! }
+//! ```
+//!
+//! Nor a read of the write-only GCMD:
+//!
+//! ```compile_fail,E0277
+//! fn bad<R: moat_vtd::RegisterWindow>(r: &mut R) -> u32 {
+//!     r.read32(moat_vtd::regs::GCMD)
+//! }
+//! ```
+//!
+//! Nor a 32-bit read of the 64-bit CAP:
+//!
+//! ```compile_fail,E0308
+//! fn bad<R: moat_vtd::RegisterWindow>(r: &mut R) -> u32 {
+//!     r.read32(moat_vtd::regs::CAP)
+//! }
+//! ```
+//!
+//! Nor a register made up from an offset:
+//!
+//! ```compile_fail,E0451
+//! use moat_vtd::regs::{ReadWrite, Reg};
+//! fn bad<R: moat_vtd::RegisterWindow>(r: &mut R) -> u32 {
+//!     let gsts: Reg<u32, ReadWrite> = Reg { offset: 0x1c, kind: core::marker::PhantomData };
+//!     r.read32(gsts)
+//! }
+//! ```
+//!
+//! (rustdoc checks the error codes only on nightly; the reasons were checked by hand.)
+//!
+//! [`RegisterWindow`]: crate::RegisterWindow
+
+use core::fmt;
+use core::marker::PhantomData;
 
 use bitflags::bitflags;
 
-/// Byte offsets of the fixed registers.
+/// Byte offsets of the fixed registers (the raw layout behind the typed descriptors).
 pub mod offset {
     /// Version register (32-bit).
     pub const VER: usize = 0x00;
@@ -50,6 +108,182 @@ pub mod offset {
     pub const IOTLB_IN_IOTLB_BLOCK: usize = 0x8;
     /// Size in bytes of one fault recording register (at `CAP.FRO`).
     pub const FAULT_RECORD_LEN: usize = 16;
+}
+
+mod sealed {
+    pub trait Mode {}
+    pub trait Width {}
+}
+
+/// Access mode: the register may only be read.
+#[derive(Debug)]
+pub enum ReadOnly {}
+/// Access mode: the register may only be written (reads return nothing meaningful).
+#[derive(Debug)]
+pub enum WriteOnly {}
+/// Access mode: the register may be read and written.
+#[derive(Debug)]
+pub enum ReadWrite {}
+
+/// Access modes that allow reads ([`ReadOnly`], [`ReadWrite`]).
+pub trait Readable: sealed::Mode {}
+/// Access modes that allow writes ([`WriteOnly`], [`ReadWrite`]).
+pub trait Writable: sealed::Mode {}
+
+impl sealed::Mode for ReadOnly {}
+impl sealed::Mode for WriteOnly {}
+impl sealed::Mode for ReadWrite {}
+impl Readable for ReadOnly {}
+impl Readable for ReadWrite {}
+impl Writable for WriteOnly {}
+impl Writable for ReadWrite {}
+
+/// Register widths: `u32` and `u64` (one access of that size).
+pub trait Width: sealed::Width + Copy {}
+impl sealed::Width for u32 {}
+impl sealed::Width for u64 {}
+impl Width for u32 {}
+impl Width for u64 {}
+
+/// One register of a remapping unit: byte offset in the register window, width `W`, access
+/// mode `A`. Only this module makes them (see the module documentation).
+pub struct Reg<W: Width, A: sealed::Mode> {
+    offset: usize,
+    kind: PhantomData<fn() -> (W, A)>,
+}
+
+impl<W: Width, A: sealed::Mode> Reg<W, A> {
+    const fn at(offset: usize) -> Self {
+        Self {
+            offset,
+            kind: PhantomData,
+        }
+    }
+    /// Byte offset from the unit's register base (naturally aligned for `W`).
+    pub const fn offset(self) -> usize {
+        self.offset
+    }
+}
+
+impl<W: Width, A: sealed::Mode> Clone for Reg<W, A> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<W: Width, A: sealed::Mode> Copy for Reg<W, A> {}
+impl<W: Width, A: sealed::Mode> PartialEq for Reg<W, A> {
+    fn eq(&self, other: &Self) -> bool {
+        self.offset == other.offset
+    }
+}
+impl<W: Width, A: sealed::Mode> Eq for Reg<W, A> {}
+impl<W: Width, A: sealed::Mode> fmt::Debug for Reg<W, A> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Reg<{}, {}>({:#x})",
+            core::any::type_name::<W>(),
+            core::any::type_name::<A>()
+                .rsplit("::")
+                .next()
+                .unwrap_or(""),
+            self.offset
+        )
+    }
+}
+
+/// Version register (`VER_REG`, [`Version`]).
+pub const VER: Reg<u32, ReadOnly> = Reg::at(offset::VER);
+/// Capability register (`CAP_REG`, [`Capability`]).
+pub const CAP: Reg<u64, ReadOnly> = Reg::at(offset::CAP);
+/// Extended capability register (`ECAP_REG`, [`ExtCapability`]).
+pub const ECAP: Reg<u64, ReadOnly> = Reg::at(offset::ECAP);
+/// Global command register (`GCMD_REG`, [`GlobalCommand`]; see [`gcmd_value`]).
+pub const GCMD: Reg<u32, WriteOnly> = Reg::at(offset::GCMD);
+/// Global status register (`GSTS_REG`, [`GlobalStatus`]).
+pub const GSTS: Reg<u32, ReadOnly> = Reg::at(offset::GSTS);
+/// Root table address register (`RTADDR_REG`, see [`rtaddr_legacy`]).
+pub const RTADDR: Reg<u64, ReadWrite> = Reg::at(offset::RTADDR);
+/// Context command register (`CCMD_REG`, see [`ccmd`]).
+pub const CCMD: Reg<u64, ReadWrite> = Reg::at(offset::CCMD);
+/// Fault status register (`FSTS_REG`, [`FaultStatus`]; error bits write-1-to-clear).
+pub const FSTS: Reg<u32, ReadWrite> = Reg::at(offset::FSTS);
+/// Fault event control register (`FECTL_REG`, [`FaultEventControl`]).
+pub const FECTL: Reg<u32, ReadWrite> = Reg::at(offset::FECTL);
+/// Fault event data register (`FEDATA_REG`: the MSI data).
+pub const FEDATA: Reg<u32, ReadWrite> = Reg::at(offset::FEDATA);
+/// Fault event address register (`FEADDR_REG`: low half of the MSI address).
+pub const FEADDR: Reg<u32, ReadWrite> = Reg::at(offset::FEADDR);
+/// Fault event upper address register (`FEUADDR_REG`: high half of the MSI address).
+pub const FEUADDR: Reg<u32, ReadWrite> = Reg::at(offset::FEUADDR);
+/// Protected memory enable register (`PMEN_REG`, [`ProtectedMemoryEnable`]).
+pub const PMEN: Reg<u32, ReadWrite> = Reg::at(offset::PMEN);
+/// Invalidation queue head register (`IQH_REG`, see [`queue_index`]).
+pub const IQH: Reg<u64, ReadOnly> = Reg::at(offset::IQH);
+/// Invalidation queue tail register (`IQT_REG`, see [`queue_pointer`]).
+pub const IQT: Reg<u64, ReadWrite> = Reg::at(offset::IQT);
+/// Invalidation queue address register (`IQA_REG`, see [`iqa_value`]).
+pub const IQA: Reg<u64, ReadWrite> = Reg::at(offset::IQA);
+/// Invalidation completion status register (`ICS_REG`, [`ICS_IWC`] write-1-to-clear).
+pub const ICS: Reg<u32, ReadWrite> = Reg::at(offset::ICS);
+/// Invalidation queue error record register (`IQERCD_REG`).
+pub const IQERCD: Reg<u64, ReadOnly> = Reg::at(offset::IQERCD);
+
+/// The IOTLB registers of a unit, at the offset `ECAP.IRO` reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IotlbRegs {
+    base: usize,
+}
+
+impl IotlbRegs {
+    /// The IOTLB register block of a unit with extended capabilities `ecap`.
+    pub const fn new(ecap: ExtCapability) -> Self {
+        Self {
+            base: ecap.iotlb_register_offset(),
+        }
+    }
+    /// Invalidate address register (`IVA_REG`, write only): see
+    /// [`IotlbGranularity::address_word`].
+    pub const fn iva(self) -> Reg<u64, WriteOnly> {
+        Reg::at(self.base + offset::IVA_IN_IOTLB_BLOCK)
+    }
+    /// IOTLB invalidate register (`IOTLB_REG`): see [`iotlb_reg`].
+    pub const fn iotlb(self) -> Reg<u64, ReadWrite> {
+        Reg::at(self.base + offset::IOTLB_IN_IOTLB_BLOCK)
+    }
+}
+
+/// One 128-bit fault recording register (`FRCD_REG`), at `CAP.FRO + 16 * index`, read as a
+/// qword and two dwords (see [`frcd`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultRecordRegs {
+    base: usize,
+}
+
+impl FaultRecordRegs {
+    /// Fault record `index` of a unit with capabilities `cap`; `None` unless
+    /// `index < CAP.NFR`.
+    pub const fn new(cap: Capability, index: usize) -> Option<Self> {
+        if index >= cap.num_fault_records() {
+            return None;
+        }
+        Some(Self {
+            base: cap.fault_record_offset() + index * offset::FAULT_RECORD_LEN,
+        })
+    }
+    /// Bits 63:0: fault information (the faulting page address in 63:12).
+    pub const fn info(self) -> Reg<u64, ReadOnly> {
+        Reg::at(self.base)
+    }
+    /// Bits 95:64: the source id (79:64).
+    pub const fn source(self) -> Reg<u32, ReadOnly> {
+        Reg::at(self.base + frcd::SID_DWORD)
+    }
+    /// Bits 127:96: F ([`frcd::F`], write 1 to clear), T ([`frcd::T`]) and the reason
+    /// (103:96).
+    pub const fn status(self) -> Reg<u32, ReadWrite> {
+        Reg::at(self.base + frcd::HIGH_DWORD)
+    }
 }
 
 /// Version register.
@@ -579,6 +813,27 @@ mod tests {
         assert_eq!(e.iotlb_register_offset(), 0xf0);
         assert_eq!(e.mhmv(), 0xf);
         assert!(!e.scalable_mode());
+    }
+
+    #[test]
+    fn indexed_registers_follow_iro_fro_and_nfr() {
+        let iotlb = IotlbRegs::new(QEMU_ECAP);
+        assert_eq!(iotlb.iva().offset(), 0xf0);
+        assert_eq!(iotlb.iotlb().offset(), 0xf8);
+        let r = FaultRecordRegs::new(QEMU_CAP, 0).unwrap();
+        assert_eq!(r.info().offset(), 0x220);
+        assert_eq!(r.source().offset(), 0x228);
+        assert_eq!(r.status().offset(), 0x22c);
+        assert_eq!(FaultRecordRegs::new(QEMU_CAP, 1), None, "QEMU has one record");
+        // NFR = 8: records 0..8 at FRO + 16 * i, none past them.
+        let cap = Capability(QEMU_CAP.0 | (7 << 40));
+        assert_eq!(
+            FaultRecordRegs::new(cap, 7).unwrap().status().offset(),
+            0x220 + 7 * 16 + 12
+        );
+        assert_eq!(FaultRecordRegs::new(cap, 8), None);
+        assert_eq!(GSTS.offset(), 0x1c);
+        assert_eq!(std::format!("{GSTS:?}"), "Reg<u32, ReadOnly>(0x1c)");
     }
 
     #[test]

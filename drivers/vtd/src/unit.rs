@@ -15,9 +15,10 @@ use crate::hw::{poll_until, Clock, DmaMemory, PhysAddr, RegisterWindow, PAGE_SIZ
 use crate::inval::{register_invalidate, Invalidation, InvalidationQueue, InvalidationStats};
 use crate::paging::{PageTable, TableConfig};
 use crate::regs::{
-    frcd, gcmd_value, iqa_value, offset, queue_index, queue_pointer, rtaddr_legacy, Capability,
-    ContextGranularity, ExtCapability, FaultEventControl, FaultStatus, GlobalCommand, GlobalStatus,
-    IotlbGranularity, ProtectedMemoryEnable, Version,
+    frcd, gcmd_value, iqa_value, queue_index, queue_pointer, rtaddr_legacy, Capability,
+    ContextGranularity, ExtCapability, FaultEventControl, FaultRecordRegs, FaultStatus,
+    GlobalCommand, GlobalStatus, IotlbGranularity, IotlbRegs, ProtectedMemoryEnable, Version, CAP,
+    ECAP, FEADDR, FECTL, FEDATA, FEUADDR, FSTS, GCMD, GSTS, IQA, IQH, IQT, PMEN, RTADDR, VER,
 };
 
 /// Driver policy for one unit.
@@ -93,9 +94,9 @@ pub struct Unit<R: RegisterWindow, C: Clock> {
 impl<R: RegisterWindow, C: Clock> Unit<R, C> {
     /// Reads the unit's capabilities. Writes nothing to the hardware.
     pub fn new(mut regs: R, clock: C, cfg: UnitConfig) -> Result<Self, Error> {
-        let version = Version(regs.read32(offset::VER));
-        let cap = Capability(regs.read64(offset::CAP));
-        let ecap = ExtCapability(regs.read64(offset::ECAP));
+        let version = Version(regs.read32(VER));
+        let cap = Capability(regs.read64(CAP));
+        let ecap = ExtCapability(regs.read64(ECAP));
         let levels = match cfg.levels {
             Some(l) if cap.supports_levels(l.count()) => l,
             Some(_) => return Err(Error::Unsupported("requested table depth not in SAGAW")),
@@ -186,7 +187,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
     }
 
     fn gsts(&mut self) -> GlobalStatus {
-        GlobalStatus::from_bits_retain(self.regs.read32(offset::GSTS))
+        GlobalStatus::from_bits_retain(self.regs.read32(GSTS))
     }
 
     /// Issues one GCMD command, carrying the persistent bits of GSTS, and polls GSTS until
@@ -203,12 +204,11 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
             GlobalCommand::WBF => (GlobalStatus::WBFS, false, Operation::WriteBufferFlush),
             _ => return Err(Error::Unsupported("global command not used by this driver")),
         };
-        let gsts = self.regs.read32(offset::GSTS);
-        self.regs
-            .write32(offset::GCMD, gcmd_value(gsts, cmd, enable));
+        let gsts = self.regs.read32(GSTS);
+        self.regs.write32(GCMD, gcmd_value(gsts, cmd, enable));
         let regs = &mut self.regs;
         poll_until(&self.clock, self.cfg.timeout_ns, || {
-            let s = GlobalStatus::from_bits_retain(regs.read32(offset::GSTS));
+            let s = GlobalStatus::from_bits_retain(regs.read32(GSTS));
             (s.contains(status) == want_set).then_some(())
         })
         .ok_or(Error::Timeout(op))
@@ -260,7 +260,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
                 &mut self.inv_stats,
             )
         } else {
-            let iotlb = self.ecap.iotlb_register_offset();
+            let iotlb = IotlbRegs::new(self.ecap);
             for inv in invs {
                 register_invalidate(
                     &mut self.regs,
@@ -313,7 +313,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         self.qi_on = false;
 
         let root = self.ensure_root(mem)?;
-        self.regs.write64(offset::RTADDR, rtaddr_legacy(root));
+        self.regs.write64(RTADDR, rtaddr_legacy(root));
         self.global_command(GlobalCommand::SRTP, true)?;
         self.invalidate(
             mem,
@@ -339,8 +339,8 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
                 }
                 None => return Err(Error::NoMemory),
             };
-            self.regs.write64(offset::IQT, queue_pointer(0));
-            self.regs.write64(offset::IQA, iqa_value(base, 0));
+            self.regs.write64(IQT, queue_pointer(0));
+            self.regs.write64(IQA, iqa_value(base, 0));
             self.global_command(GlobalCommand::QIE, true)?;
             self.qi_on = true;
             // Prove the queue works (a wait round-trip) before translation depends on it.
@@ -354,19 +354,18 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         }
         self.write_buffer_flush()?;
 
-        self.regs
-            .write32(offset::FECTL, FaultEventControl::IM.bits());
+        self.regs.write32(FECTL, FaultEventControl::IM.bits());
         self.clear_stale_faults();
 
         self.global_command(GlobalCommand::TE, true)?;
         self.enabled = true;
 
-        let pmen = ProtectedMemoryEnable::from_bits_retain(self.regs.read32(offset::PMEN));
+        let pmen = ProtectedMemoryEnable::from_bits_retain(self.regs.read32(PMEN));
         if pmen.contains(ProtectedMemoryEnable::EPM) || pmen.contains(ProtectedMemoryEnable::PRS) {
-            self.regs.write32(offset::PMEN, 0);
+            self.regs.write32(PMEN, 0);
             let regs = &mut self.regs;
             poll_until(&self.clock, self.cfg.timeout_ns, || {
-                (regs.read32(offset::PMEN) & ProtectedMemoryEnable::PRS.bits() == 0).then_some(())
+                (regs.read32(PMEN) & ProtectedMemoryEnable::PRS.bits() == 0).then_some(())
             })
             .ok_or(Error::Timeout(Operation::ProtectedMemoryDisable))?;
         }
@@ -387,16 +386,16 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
     fn wait_queue_drained(&mut self) -> Result<(), Error> {
         let regs = &mut self.regs;
         poll_until(&self.clock, self.cfg.timeout_ns, || {
-            let head = queue_index(regs.read64(offset::IQH));
-            let tail = queue_index(regs.read64(offset::IQT));
+            let head = queue_index(regs.read64(IQH));
+            let tail = queue_index(regs.read64(IQT));
             (head == tail).then_some(())
         })
         .ok_or_else(|| {
             log::error!(
                 "vt-d unit {}: invalidation queue not drained (IQH={:#x}, IQT={:#x})",
                 self.cfg.id,
-                self.regs.read64(offset::IQH),
-                self.regs.read64(offset::IQT)
+                self.regs.read64(IQH),
+                self.regs.read64(IQT)
             );
             Error::Timeout(Operation::InvalidationQueueDrain)
         })
@@ -694,15 +693,16 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
     /// Call it from the fault-event interrupt handler and/or periodically.
     pub fn poll_faults(&mut self, budget: usize, mut sink: impl FnMut(&FaultRecord)) -> FaultPoll {
         let mut out = FaultPoll::default();
-        let fsts = FaultStatus::from_bits_retain(self.regs.read32(offset::FSTS));
+        let fsts = FaultStatus::from_bits_retain(self.regs.read32(FSTS));
         let nfr = self.cap.num_fault_records();
-        let fro = self.cap.fault_record_offset();
         if fsts.contains(FaultStatus::PPF) {
             let start = fsts.fault_record_index() % nfr;
             for k in 0..nfr {
                 let idx = (start + k) % nfr;
-                let base = fro + idx * offset::FAULT_RECORD_LEN;
-                let high = self.regs.read32(base + frcd::HIGH_DWORD);
+                let Some(record) = FaultRecordRegs::new(self.cap, idx) else {
+                    break;
+                };
+                let high = self.regs.read32(record.status());
                 if high & frcd::F == 0 {
                     continue;
                 }
@@ -710,11 +710,11 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
                     out.more = true;
                     break;
                 }
-                let lo = self.regs.read64(base);
-                let sid = self.regs.read32(base + frcd::SID_DWORD);
+                let lo = self.regs.read64(record.info());
+                let sid = self.regs.read32(record.source());
                 let mut rec = FaultRecord::decode(idx, lo, sid, high);
                 rec.domain = self.attached.get(&rec.source).copied();
-                self.regs.write32(base + frcd::HIGH_DWORD, frcd::F);
+                self.regs.write32(record.status(), frcd::F);
                 self.faults.count(&rec);
                 log::debug!(
                     "vt-d unit {}: fault {:?} {:?} from {} at {:#x} (domain {:?})",
@@ -731,7 +731,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         }
         if fsts.contains(FaultStatus::PFO) {
             self.faults.dropped += 1;
-            self.regs.write32(offset::FSTS, FaultStatus::PFO.bits());
+            self.regs.write32(FSTS, FaultStatus::PFO.bits());
             out.overflow = true;
             log::warn!(
                 "vt-d unit {}: primary fault overflow, faults dropped",
@@ -742,19 +742,20 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
     }
 
     fn clear_stale_faults(&mut self) {
-        let fro = self.cap.fault_record_offset();
         let mut stale = 0;
         for idx in 0..self.cap.num_fault_records() {
-            let at = fro + idx * offset::FAULT_RECORD_LEN + frcd::HIGH_DWORD;
-            if self.regs.read32(at) & frcd::F != 0 {
-                self.regs.write32(at, frcd::F);
+            let Some(record) = FaultRecordRegs::new(self.cap, idx) else {
+                break;
+            };
+            if self.regs.read32(record.status()) & frcd::F != 0 {
+                self.regs.write32(record.status(), frcd::F);
                 stale += 1;
             }
         }
-        let fsts = FaultStatus::from_bits_retain(self.regs.read32(offset::FSTS));
+        let fsts = FaultStatus::from_bits_retain(self.regs.read32(FSTS));
         let w1c = fsts & FaultStatus::W1C;
         if !w1c.is_empty() {
-            self.regs.write32(offset::FSTS, w1c.bits());
+            self.regs.write32(FSTS, w1c.bits());
         }
         if stale != 0 || !w1c.is_empty() {
             log::warn!(
@@ -767,11 +768,10 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
 
     /// Programs the fault event MSI (address and data as for any MSI) and unmasks it.
     pub fn configure_fault_interrupt(&mut self, msi_address: u64, msi_data: u32) {
-        self.regs.write32(offset::FEDATA, msi_data);
-        self.regs.write32(offset::FEADDR, msi_address as u32);
-        self.regs
-            .write32(offset::FEUADDR, (msi_address >> 32) as u32);
-        self.regs.write32(offset::FECTL, 0);
+        self.regs.write32(FEDATA, msi_data);
+        self.regs.write32(FEADDR, msi_address as u32);
+        self.regs.write32(FEUADDR, (msi_address >> 32) as u32);
+        self.regs.write32(FECTL, 0);
     }
 
     /// Masks (`true`) or unmasks the fault event interrupt.
@@ -781,6 +781,6 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         } else {
             0
         };
-        self.regs.write32(offset::FECTL, v);
+        self.regs.write32(FECTL, v);
     }
 }

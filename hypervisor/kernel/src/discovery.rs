@@ -8,6 +8,7 @@ use moat_dmar::Dmar;
 use moat_pci::{probe_bars, ConfigAccess, Ecam};
 
 use crate::acpi::Platform;
+use crate::mm::mmio::Mmio;
 use crate::mm::space;
 
 /// Parses and reports the DMAR table. `None` (with a clear log line) when there is none or it is
@@ -110,17 +111,30 @@ pub struct PciDevice {
 }
 
 impl<'a> EcamAccess<'a> {
-    /// Access through `windows` (already mapped by [`report_pci`]).
-    pub fn new(windows: &'a [crate::acpi::Ecam]) -> Self {
+    /// Access through `windows`.
+    ///
+    /// # Safety
+    ///
+    /// `windows` are the platform's ECAM windows (from the ACPI MCFG), already mapped
+    /// uncached by [`report_pci`]; the hypervisor owns PCI configuration space (guests reach
+    /// it only through the filtered accessors of `vm::pci`).
+    pub unsafe fn new(windows: &'a [crate::acpi::Ecam]) -> Self {
         Self { windows }
     }
 }
 
 impl EcamAccess<'_> {
-    fn address(&self, bdf: moat_pci::Bdf, offset: u16) -> Option<u64> {
-        self.windows
-            .iter()
-            .find_map(|w| to_pci(w).address(bdf, offset & !3))
+    /// The window holding `bdf`, and the offset in it of the dword holding `offset`.
+    fn locate(&self, bdf: moat_pci::Bdf, offset: u16) -> Option<(Mmio, usize)> {
+        self.windows.iter().find_map(|w| {
+            let e = to_pci(w);
+            let address = e.address(bdf, offset & !3)?;
+            let start = e.base + ((e.start_bus as u64) << 20);
+            // SAFETY: by `new`'s contract (or, in `report_pci`, just mapped) the window
+            // `[start, start + size)` is ECAM from the MCFG, mapped uncached, ours.
+            let window = unsafe { Mmio::new(start, e.size() as usize) };
+            Some((window, (address - start) as usize))
+        })
     }
 }
 
@@ -135,17 +149,15 @@ fn to_pci(w: &crate::acpi::Ecam) -> Ecam {
 
 impl ConfigAccess for EcamAccess<'_> {
     fn read32(&self, bdf: moat_pci::Bdf, offset: u16) -> u32 {
-        match self.address(bdf, offset) {
-            // SAFETY: the address lies in an ECAM window from the MCFG, mapped uncached.
-            Some(a) => unsafe { core::ptr::read_volatile(a as *const u32) },
+        match self.locate(bdf, offset) {
+            Some((window, at)) => window.read32(at),
             None => u32::MAX,
         }
     }
 
     fn write32(&self, bdf: moat_pci::Bdf, offset: u16, value: u32) {
-        if let Some(a) = self.address(bdf, offset) {
-            // SAFETY: as in read32; configuration writes only affect that function.
-            unsafe { core::ptr::write_volatile(a as *mut u32, value) }
+        if let Some((window, at)) = self.locate(bdf, offset) {
+            window.write32(at, value)
         }
     }
 }
@@ -173,6 +185,7 @@ pub fn report_pci(platform: &Platform, dmar: Option<&Dmar<'_>>) -> Vec<PciDevice
             e.base
         );
     }
+    // The windows were all mapped above: `EcamAccess::new`'s contract holds.
     let cfg = EcamAccess {
         windows: platform.ecam(),
     };

@@ -8,6 +8,7 @@
 use moat_pci::{Bdf, ConfigAccess};
 
 use crate::arch::tsc;
+use crate::mm::mmio::Mmio;
 use crate::mm::space;
 
 /// PCI vendor and device id of edu.
@@ -17,12 +18,12 @@ pub const BUFFER: u64 = 0x40000;
 /// Size of edu's DMA buffer.
 pub const BUFFER_SIZE: u64 = 0x1000;
 
-const REG_ID: u64 = 0x00;
-const REG_LIVENESS: u64 = 0x04;
-const REG_DMA_SRC: u64 = 0x80;
-const REG_DMA_DST: u64 = 0x88;
-const REG_DMA_COUNT: u64 = 0x90;
-const REG_DMA_CMD: u64 = 0x98;
+const REG_ID: usize = 0x00;
+const REG_LIVENESS: usize = 0x04;
+const REG_DMA_SRC: usize = 0x80;
+const REG_DMA_DST: usize = 0x88;
+const REG_DMA_COUNT: usize = 0x90;
+const REG_DMA_CMD: usize = 0x98;
 const CMD_START: u64 = 1;
 const CMD_TO_RAM: u64 = 2;
 
@@ -51,44 +52,35 @@ pub enum EduError {
 pub struct Edu {
     /// Its PCI address.
     pub bdf: Bdf,
-    bar0: u64,
+    regs: Mmio,
 }
 
 impl Edu {
     /// Takes the edu at `bdf` with memory BAR0 at `bar0`: maps the BAR, enables memory decode
     /// and bus mastering, checks the id and liveness registers.
-    pub fn new(cfg: &impl ConfigAccess, bdf: Bdf, bar0: u64) -> Result<Self, EduError> {
+    ///
+    /// # Safety
+    ///
+    /// `bar0` is the address assigned to memory BAR0 of the function at `bdf` (as probed from
+    /// its configuration space), and the caller owns that function (no guest has it).
+    pub unsafe fn new(cfg: &impl ConfigAccess, bdf: Bdf, bar0: u64) -> Result<Self, EduError> {
         space::map_mmio(bar0, 0x1000).map_err(|_| EduError::NotEdu(0))?;
         moat_pci::update_command(cfg, bdf, |c| {
             c | moat_pci::Command::MEMORY_SPACE | moat_pci::Command::BUS_MASTER
         });
-        let e = Edu { bdf, bar0 };
-        let id = e.read32(REG_ID);
+        // SAFETY: by the caller's contract the page at `bar0` is this function's register
+        // page (device MMIO the caller owns), mapped uncached just above.
+        let regs = unsafe { Mmio::new(bar0, 0x1000) };
+        let e = Edu { bdf, regs };
+        let id = e.regs.read32(REG_ID);
         if id & 0xff != 0xed {
             return Err(EduError::NotEdu(id));
         }
-        e.write32(REG_LIVENESS, 0x1234_5678);
-        if e.read32(REG_LIVENESS) != !0x1234_5678 {
+        e.regs.write32(REG_LIVENESS, 0x1234_5678);
+        if e.regs.read32(REG_LIVENESS) != !0x1234_5678 {
             return Err(EduError::NotEdu(id));
         }
         Ok(e)
-    }
-
-    fn read32(&self, reg: u64) -> u32 {
-        // SAFETY: BAR0 is mapped uncached and `reg` is an edu register.
-        unsafe { core::ptr::read_volatile((self.bar0 + reg) as *const u32) }
-    }
-    fn write32(&self, reg: u64, v: u32) {
-        // SAFETY: as read32.
-        unsafe { core::ptr::write_volatile((self.bar0 + reg) as *mut u32, v) }
-    }
-    fn read64(&self, reg: u64) -> u64 {
-        // SAFETY: as read32 (edu's DMA registers are 64-bit).
-        unsafe { core::ptr::read_volatile((self.bar0 + reg) as *const u64) }
-    }
-    fn write64(&self, reg: u64, v: u64) {
-        // SAFETY: as read32.
-        unsafe { core::ptr::write_volatile((self.bar0 + reg) as *mut u64, v) }
     }
 
     /// Starts a DMA of `len` bytes between bus address `bus` and device buffer offset
@@ -104,16 +96,16 @@ impl Edu {
             Direction::FromRam => (bus, dev, CMD_START),
             Direction::ToRam => (dev, bus, CMD_START | CMD_TO_RAM),
         };
-        self.write64(REG_DMA_SRC, src);
-        self.write64(REG_DMA_DST, dst);
-        self.write64(REG_DMA_COUNT, len);
-        self.write64(REG_DMA_CMD, cmd);
+        self.regs.write64(REG_DMA_SRC, src);
+        self.regs.write64(REG_DMA_DST, dst);
+        self.regs.write64(REG_DMA_COUNT, len);
+        self.regs.write64(REG_DMA_CMD, cmd);
         Ok(())
     }
 
     /// Whether a DMA is in flight.
     pub fn busy(&self) -> bool {
-        self.read64(REG_DMA_CMD) & CMD_START != 0
+        self.regs.read64(REG_DMA_CMD) & CMD_START != 0
     }
 
     /// Waits for the DMA in flight (at most `timeout_ms`), with interrupts enabled so that

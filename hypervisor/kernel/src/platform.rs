@@ -329,7 +329,8 @@ fn run_selftest(
         return;
     }
     if matches!(t, SelfTest::Vtd | SelfTest::VtdStorm) {
-        let cfg = crate::discovery::EcamAccess::new(platform.ecam());
+        // SAFETY: the MCFG's windows, mapped by `report_pci` during discovery.
+        let cfg = unsafe { crate::discovery::EcamAccess::new(platform.ecam()) };
         if !crate::iommu::selftest::run(t == SelfTest::VtdStorm, dmar, &cfg, devices) {
             exit::exit(ExitCode::Failure);
         }

@@ -4,6 +4,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::{tsc, x86};
+use crate::mm::mmio::Mmio;
 
 const REG_ID: usize = 0x20;
 const REG_EOI: usize = 0xB0;
@@ -27,14 +28,20 @@ pub fn base() -> u64 {
     BASE.load(Ordering::Relaxed)
 }
 
+/// This CPU's local APIC register page.
+fn regs() -> Mmio {
+    // SAFETY: the page at IA32_APIC_BASE is the local APIC's MMIO (identity mapped uncached:
+    // by the boot map, then by platform setup), it only affects this CPU's APIC, and only
+    // this module drives the APIC.
+    unsafe { Mmio::new(base(), 0x1000) }
+}
+
 fn read(reg: usize) -> u32 {
-    // SAFETY: the APIC page is identity mapped (uncached) and `reg` is a valid register.
-    unsafe { core::ptr::read_volatile((base() as usize + reg) as *const u32) }
+    regs().read32(reg)
 }
 
 fn write(reg: usize, v: u32) {
-    // SAFETY: as `read`; writes to these registers only affect this CPU's APIC.
-    unsafe { core::ptr::write_volatile((base() as usize + reg) as *mut u32, v) }
+    regs().write32(reg, v)
 }
 
 /// Enables this CPU's local APIC (xAPIC mode, spurious vector 0xFF).

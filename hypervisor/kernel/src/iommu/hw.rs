@@ -2,50 +2,28 @@
 //! window, table memory from the frame allocator (identity mapped, cache lines flushed for
 //! non-coherent walks), and a TSC clock.
 
+use moat_vtd::regs::{Readable, Reg, Writable};
 use moat_vtd::{Clock, DmaMemory, PhysAddr, RegisterWindow};
 
 use crate::arch::tsc;
 use crate::mm::frames;
+use crate::mm::mmio::Mmio;
 
-/// One remapping unit's registers at `base` (mapped uncached by [`crate::mm::space::map_mmio`]).
-pub struct Mmio {
-    base: u64,
-    len: usize,
-}
-
-impl Mmio {
-    /// A window of `len` bytes at `base`. The caller has mapped it uncached.
-    pub fn new(base: u64, len: usize) -> Self {
-        Self { base, len }
-    }
-
-    fn addr(&self, offset: usize, width: usize) -> u64 {
-        // The driver only uses offsets inside the register set; anything else is a bug that
-        // must not turn into a stray MMIO access.
-        assert!(
-            offset + width <= self.len,
-            "VT-d register offset {offset:#x} out of window"
-        );
-        self.base + offset as u64
-    }
-}
-
+/// A unit's registers: its [`Mmio`] window (the DRHD register set, mapped uncached by
+/// [`crate::mm::space::map_mmio`]) accessed by typed register; an offset past the register
+/// set the DRHD reports panics in [`Mmio`] instead of touching a stray address.
 impl RegisterWindow for Mmio {
-    fn read32(&mut self, offset: usize) -> u32 {
-        // SAFETY: inside this unit's uncached register window (checked in addr).
-        unsafe { core::ptr::read_volatile(self.addr(offset, 4) as *const u32) }
+    fn read32<A: Readable>(&mut self, reg: Reg<u32, A>) -> u32 {
+        Mmio::read32(self, reg.offset())
     }
-    fn read64(&mut self, offset: usize) -> u64 {
-        // SAFETY: as read32.
-        unsafe { core::ptr::read_volatile(self.addr(offset, 8) as *const u64) }
+    fn read64<A: Readable>(&mut self, reg: Reg<u64, A>) -> u64 {
+        Mmio::read64(self, reg.offset())
     }
-    fn write32(&mut self, offset: usize, value: u32) {
-        // SAFETY: as read32; register writes only affect this remapping unit.
-        unsafe { core::ptr::write_volatile(self.addr(offset, 4) as *mut u32, value) }
+    fn write32<A: Writable>(&mut self, reg: Reg<u32, A>, value: u32) {
+        Mmio::write32(self, reg.offset(), value)
     }
-    fn write64(&mut self, offset: usize, value: u64) {
-        // SAFETY: as write32.
-        unsafe { core::ptr::write_volatile(self.addr(offset, 8) as *mut u64, value) }
+    fn write64<A: Writable>(&mut self, reg: Reg<u64, A>, value: u64) {
+        Mmio::write64(self, reg.offset(), value)
     }
 }
 

@@ -14,9 +14,10 @@ use moat_vtd::fault_queue::{FaultQueues, Taken};
 use moat_vtd::{Unit, UnitConfig};
 use spin::Mutex;
 
+use crate::mm::mmio::Mmio;
 use crate::mm::space;
 use crate::ratelimit::{RateLimit, Verdict};
-use hw::{KernelMemory, Mmio, TscClock};
+use hw::{KernelMemory, TscClock};
 
 /// A unit as the kernel holds it.
 pub type KernelUnit = Unit<Mmio, TscClock>;
@@ -274,11 +275,10 @@ pub fn init(dmar: Option<&Dmar<'static>>, config: &Config) -> usize {
             log::error!("vtd: unit {i}: cannot map registers at {base:#x}: {e:?}");
             continue;
         }
-        let mut unit = match Unit::new(
-            Mmio::new(base, len as usize),
-            TscClock,
-            UnitConfig::new(i as u32),
-        ) {
+        // SAFETY: the DRHD's register set (from the firmware's DMAR table) is this unit's
+        // MMIO, just mapped uncached, and the hypervisor alone drives the remapping units.
+        let regs = unsafe { Mmio::new(base, len as usize) };
+        let mut unit = match Unit::new(regs, TscClock, UnitConfig::new(i as u32)) {
             Ok(u) => u,
             Err(e) => {
                 log::error!("vtd: unit {i} at {base:#x}: {e}; left off");

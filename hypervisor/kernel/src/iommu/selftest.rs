@@ -157,8 +157,10 @@ pub fn run(
         .iter()
         .filter(|d| (d.vendor, d.device) == edu::ID)
         .filter_map(|d| {
-            let bar0 = d.bars.get(0)?;
-            match Edu::new(cfg, d.bdf, bar0.address) {
+            let bar0 = d.bars.get(0).filter(|b| b.is_memory())?;
+            // SAFETY: `bar0` is the memory BAR0 of this edu as probed at discovery; the
+            // self-test runs before any guest is started, so the hypervisor owns the device.
+            match unsafe { Edu::new(cfg, d.bdf, bar0.address) } {
                 Ok(e) => Some(e),
                 Err(err) => {
                     log::error!("edu at {}: {err:?}", d.bdf);

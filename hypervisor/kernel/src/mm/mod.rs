@@ -2,6 +2,7 @@
 
 pub mod frames;
 pub mod heap;
+pub mod mmio;
 pub mod paging;
 pub mod space;
 

@@ -110,7 +110,8 @@ pub fn run(boot: &BootInfo, config: &Config, platform: &Platform) {
         }
     };
     log::info!("vm: {backend}");
-    let ecams = pci::Ecams::new(Vec::leak(platform.ecam().to_vec()));
+    // SAFETY: the MCFG's windows, mapped by `report_pci` during discovery.
+    let ecams = unsafe { pci::Ecams::new(Vec::leak(platform.ecam().to_vec())) };
     let online = cpu::online_count();
     for m in boot.modules() {
         let name = m.cmdline.split_ascii_whitespace().next().unwrap_or("");
