@@ -18,16 +18,6 @@ pub unsafe fn outb(port: u16, v: u8) {
     unsafe { Port::new(port).write(v) }
 }
 
-/// Reads a byte from an I/O port.
-///
-/// # Safety
-/// As [`outb`]: reads may have device side effects.
-#[inline]
-pub unsafe fn inb(port: u16) -> u8 {
-    // SAFETY: contract above.
-    unsafe { Port::new(port).read() }
-}
-
 /// Writes a dword to an I/O port.
 ///
 /// # Safety
