@@ -19,8 +19,9 @@ static HANDLERS: [core::sync::atomic::AtomicUsize; 256] =
     [const { core::sync::atomic::AtomicUsize::new(0) }; 256];
 
 /// Installs `handler` for `vector` (>= 32). It runs with interrupts off, on the interrupted
-/// stack, before the EOI; it must not take locks the interrupted code may hold (use
-/// `try_lock`).
+/// stack, before the EOI. A lock it shares with other code must be a
+/// [`crate::sync::IrqMutex`] (then the code it interrupted cannot hold it), taken with
+/// `try_lock` where waiting for another CPU is wrong.
 pub fn register(vector: u8, handler: fn()) {
     assert!(
         vector >= 32 && vector != SPURIOUS_VECTOR,
