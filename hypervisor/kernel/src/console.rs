@@ -6,11 +6,13 @@
 use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use spin::Mutex;
 use uart_16550::backend::PioBackend;
 use uart_16550::Uart16550Tty;
 
-static COM1: Mutex<Option<Uart16550Tty<PioBackend>>> = Mutex::new(None);
+use crate::sync::IrqMutex;
+
+/// COM1; an interrupt-safe lock because interrupt handlers log (the VT-d fault path).
+static COM1: IrqMutex<Option<Uart16550Tty<PioBackend>>> = IrqMutex::new(None);
 static PRESENT: AtomicBool = AtomicBool::new(false);
 
 /// Initialises COM1 (0x3f8, 115200 8N1). Without a working UART the console stays silent.

@@ -22,6 +22,7 @@ mod panic;
 mod platform;
 mod ratelimit;
 mod smp;
+mod sync;
 mod vm;
 
 #[no_mangle]

@@ -71,7 +71,7 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
     }
     log::info!("config: {config}");
 
-    cpu::init_this_cpu(0, x86::cpuid(1, 0).ebx >> 24);
+    cpu::init_this_cpu(0, x86::initial_apic_id());
 
     log::info!(
         "memory map ({} regions{}):",

@@ -83,7 +83,7 @@ fn wait_started(before: usize, us: u64) -> bool {
 
 /// Rust entry of every AP (called from `moat_ap_entry64` on its own stack).
 pub fn ap_main(index: usize) -> ! {
-    let apic_id = crate::arch::x86::cpuid(1, 0).ebx >> 24;
+    let apic_id = crate::arch::x86::initial_apic_id();
     cpu::init_this_cpu(index, apic_id);
     apic::init_this_cpu();
     log::info!("cpu{index} online (APIC id {})", apic::id());

@@ -3,6 +3,8 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use x86_64::instructions::port::{Port, PortWriteOnly};
+
 use super::x86;
 
 static TSC_KHZ: AtomicU64 = AtomicU64::new(0);
@@ -18,28 +20,33 @@ pub fn calibrate() -> u64 {
     const PIT_HZ: u64 = 1_193_182;
     const MS: u64 = 10;
     let count = (PIT_HZ * MS / 1000) as u16;
-    // SAFETY: ports 0x61 (NMI status / speaker gate) and 0x42/0x43 (PIT channel 2) belong to
-    // the platform timer, which the hypervisor owns; the speaker output is kept off.
+    // Port 0x61: NMI status and speaker gate (bit 0 gates PIT channel 2, bit 1 drives the
+    // speaker, bit 5 is channel 2's output); 0x43: PIT mode/command; 0x42: PIT channel 2.
+    let mut gate_port = Port::<u8>::new(0x61);
+    let mut command = PortWriteOnly::<u8>::new(0x43);
+    let mut channel2 = Port::<u8>::new(0x42);
+    // SAFETY: these ports belong to the platform timer, which the hypervisor owns; the
+    // speaker output is kept off.
     let (t0, t1) = unsafe {
-        let gate = x86::inb(0x61);
-        x86::outb(0x61, (gate & !0x02) | 0x01);
-        x86::outb(0x43, 0xB0); // channel 2, lobyte/hibyte, mode 0, binary
-        x86::outb(0x42, count as u8);
-        x86::outb(0x42, (count >> 8) as u8);
+        let gate = gate_port.read();
+        gate_port.write((gate & !0x02) | 0x01);
+        command.write(0xB0); // channel 2, lobyte/hibyte, mode 0, binary
+        channel2.write(count as u8);
+        channel2.write((count >> 8) as u8);
         // restart the count: toggle the gate
-        let g = x86::inb(0x61);
-        x86::outb(0x61, g & !0x01);
-        x86::outb(0x61, g | 0x01);
+        let g = gate_port.read();
+        gate_port.write(g & !0x01);
+        gate_port.write(g | 0x01);
         let t0 = x86::rdtsc();
         let mut spins = 0u64;
-        while x86::inb(0x61) & 0x20 == 0 {
+        while gate_port.read() & 0x20 == 0 {
             spins += 1;
             if spins > 100_000_000 {
                 break;
             }
         }
         let t1 = x86::rdtsc();
-        x86::outb(0x61, gate);
+        gate_port.write(gate);
         (t0, t1)
     };
     let khz = ((t1 - t0) / MS).max(1);

@@ -1,7 +1,12 @@
 //! Thin, named wrappers around the x86 instructions the kernel uses (port I/O, MSRs, control
-//! registers, TSC, halting). Every `unsafe` instruction lives here with its contract.
+//! registers, TSC, CPUID, halting), on top of the `x86_64` crate's typed accessors. Every
+//! `unsafe` instruction keeps its contract here.
 
-use core::arch::asm;
+use x86_64::instructions::{hlt, interrupts, port::Port};
+use x86_64::registers::control::Cr3;
+use x86_64::registers::model_specific::Msr;
+use x86_64::structures::paging::PhysFrame;
+use x86_64::PhysAddr;
 
 /// Writes a byte to an I/O port.
 ///
@@ -10,23 +15,7 @@ use core::arch::asm;
 #[inline]
 pub unsafe fn outb(port: u16, v: u8) {
     // SAFETY: contract above.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
-    }
-}
-
-/// Reads a byte from an I/O port.
-///
-/// # Safety
-/// As [`outb`]: reads may have device side effects.
-#[inline]
-pub unsafe fn inb(port: u16) -> u8 {
-    let v: u8;
-    // SAFETY: contract above.
-    unsafe {
-        asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags))
-    };
-    v
+    unsafe { Port::new(port).write(v) }
 }
 
 /// Writes a dword to an I/O port.
@@ -36,9 +25,7 @@ pub unsafe fn inb(port: u16) -> u8 {
 #[inline]
 pub unsafe fn outl(port: u16, v: u32) {
     // SAFETY: contract above.
-    unsafe {
-        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
-    }
+    unsafe { Port::new(port).write(v) }
 }
 
 /// Reads a model-specific register.
@@ -47,12 +34,8 @@ pub unsafe fn outl(port: u16, v: u32) {
 /// The MSR must exist on this CPU (else #GP).
 #[inline]
 pub unsafe fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
     // SAFETY: contract above.
-    unsafe {
-        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
-    };
-    ((hi as u64) << 32) | lo as u64
+    unsafe { Msr::new(msr).read() }
 }
 
 /// Writes a model-specific register.
@@ -62,9 +45,7 @@ pub unsafe fn rdmsr(msr: u32) -> u64 {
 #[inline]
 pub unsafe fn wrmsr(msr: u32, v: u64) {
     // SAFETY: contract above.
-    unsafe {
-        asm!("wrmsr", in("ecx") msr, in("eax") v as u32, in("edx") (v >> 32) as u32, options(nostack, preserves_flags))
-    }
+    unsafe { Msr::new(msr).write(v) }
 }
 
 /// Reads the time-stamp counter.
@@ -74,26 +55,18 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// CPUID leaf/subleaf.
+/// CPUID leaf/subleaf, raw (for passing leaves through to guests). Feature bits are read
+/// through `raw_cpuid`'s named accessors instead.
 #[inline]
 pub fn cpuid(leaf: u32, sub: u32) -> core::arch::x86_64::CpuidResult {
     core::arch::x86_64::__cpuid_count(leaf, sub)
 }
 
-/// Reads CR0, CR2, CR3 or CR4.
-#[inline]
-pub fn read_cr(n: u8) -> u64 {
-    let v: u64;
-    // SAFETY: reading control registers has no side effects at CPL 0.
-    unsafe {
-        match n {
-            0 => asm!("mov {}, cr0", out(reg) v, options(nomem, nostack, preserves_flags)),
-            2 => asm!("mov {}, cr2", out(reg) v, options(nomem, nostack, preserves_flags)),
-            3 => asm!("mov {}, cr3", out(reg) v, options(nomem, nostack, preserves_flags)),
-            _ => asm!("mov {}, cr4", out(reg) v, options(nomem, nostack, preserves_flags)),
-        }
-    }
-    v
+/// This CPU's initial local APIC id (CPUID leaf 1).
+pub fn initial_apic_id() -> u32 {
+    raw_cpuid::CpuId::new()
+        .get_feature_info()
+        .map_or(0, |f| u32::from(f.initial_local_apic_id()))
 }
 
 /// Loads CR3 (switches address space).
@@ -102,27 +75,28 @@ pub fn read_cr(n: u8) -> u64 {
 /// `pml4` must be a valid PML4 that maps the running code, stack and all live data.
 #[inline]
 pub unsafe fn write_cr3(pml4: u64) {
-    // SAFETY: contract above.
-    unsafe { asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags)) }
+    let frame = PhysFrame::containing_address(PhysAddr::new_truncate(pml4));
+    // SAFETY: contract above; the low 12 bits (PCD/PWT) are passed through unchanged.
+    unsafe { Cr3::write_raw(frame, (pml4 & 0xfff) as u16) }
 }
 
 /// Disables interrupts and halts forever.
 pub fn halt_forever() -> ! {
     loop {
-        // SAFETY: CLI+HLT only stops this CPU.
-        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+        interrupts::disable();
+        hlt();
     }
 }
 
 /// Runs `f` with interrupts enabled on this CPU, then disables them again. The hypervisor
 /// otherwise runs with interrupts off; this is where device and fault interrupts are taken.
+/// Called with a [`crate::sync::IrqMutex`] held it lets in the interrupts that lock keeps out:
+/// only the VT-d self-test does that, on purpose, to exercise the handler's `try_lock` path.
 pub fn with_interrupts<R>(f: impl FnOnce() -> R) -> R {
-    // SAFETY: the IDT is loaded and every vector has a handler; the caller holds no lock an
-    // interrupt handler takes without try_lock.
-    unsafe { asm!("sti", options(nomem, nostack)) };
+    // The IDT is loaded and every vector has a handler.
+    interrupts::enable();
     let r = f();
-    // SAFETY: CLI only masks interrupts on this CPU.
-    unsafe { asm!("cli", options(nomem, nostack)) };
+    interrupts::disable();
     r
 }
 
@@ -149,8 +123,6 @@ pub fn pause() {
 pub mod msr {
     /// Extended feature enable register.
     pub const EFER: u32 = 0xC000_0080;
-    /// GS base (per-CPU data pointer).
-    pub const GS_BASE: u32 = 0xC000_0101;
     /// Local APIC base.
     pub const APIC_BASE: u32 = 0x1B;
 }

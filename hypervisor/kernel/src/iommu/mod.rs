@@ -12,11 +12,11 @@ use moat_dmar::Dmar;
 use moat_vtd::fault::FaultRecord;
 use moat_vtd::fault_queue::{FaultQueues, Taken};
 use moat_vtd::{Unit, UnitConfig};
-use spin::Mutex;
 
 use crate::mm::mmio::Mmio;
 use crate::mm::space;
 use crate::ratelimit::{RateLimit, Verdict};
+use crate::sync::IrqMutex;
 use hw::{KernelMemory, TscClock};
 
 /// A unit as the kernel holds it.
@@ -30,7 +30,8 @@ pub struct UnitSlot {
     pub unit: KernelUnit,
 }
 
-static UNITS: Mutex<Vec<UnitSlot>> = Mutex::new(Vec::new());
+/// Interrupt-safe: the fault event interrupt takes it (with `try_lock`).
+static UNITS: IrqMutex<Vec<UnitSlot>> = IrqMutex::new(Vec::new());
 /// The DMAR table the units came from (for device -> unit and RMRR lookups).
 static DMAR: spin::Once<Dmar<'static>> = spin::Once::new();
 
@@ -44,7 +45,9 @@ const DRAIN_BUDGET: usize = 64;
 
 /// Records drained from the units, one bounded queue per (unit, domain) and the
 /// hypervisor's queue per unit (sources attached to no domain).
-static FAULTS: Mutex<FaultQueues<FaultRecord>> = Mutex::new(FaultQueues::new(FAULT_QUEUE_CAPACITY));
+/// Interrupt-safe: the fault event interrupt takes it (with `try_lock`).
+static FAULTS: IrqMutex<FaultQueues<FaultRecord>> =
+    IrqMutex::new(FaultQueues::new(FAULT_QUEUE_CAPACITY));
 /// A unit may hold undrained records: an interrupt found a lock held or ran out of budget.
 /// Set before trying the locks; every holder of `UNITS` or `FAULTS` checks it after
 /// releasing them ([`follow_up`]), so a record cannot be stranded behind a held lock.

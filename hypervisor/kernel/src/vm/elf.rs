@@ -1,12 +1,22 @@
-//! A bounds-checked reader of the ELF64 images guests are loaded from: the file header and the
-//! `PT_LOAD` program headers, nothing else.
+//! The ELF64 images guests are loaded from, read through the `elf` crate (no_std, no alloc):
+//! the file header and the `PT_LOAD` program headers, each checked against the file; the
+//! section headers are never read.
+
+use elf::abi::{EI_NIDENT, EM_X86_64, ET_EXEC, PT_LOAD};
+use elf::endian::LittleEndian;
+use elf::file::{parse_ident, Class, FileHeader, ELF64_EHDR_TAILSIZE};
+use elf::segment::SegmentTable;
+use elf::ParseError;
+
+/// Size of an ELF64 program header.
+const PHENT_SIZE: usize = 56;
 
 /// Why an image was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ElfError {
     /// Shorter than its headers say.
     Truncated,
-    /// Not `\x7fELF`, not 64-bit little-endian, not x86_64, or not an executable.
+    /// Not `\x7fELF` version 1, not 64-bit little-endian, not x86_64, or not an executable.
     NotX86_64Executable,
     /// A program header table entry size other than 56.
     BadProgramHeaders,
@@ -28,6 +38,15 @@ impl core::fmt::Display for ElfError {
     }
 }
 
+impl From<ParseError> for ElfError {
+    fn from(e: ParseError) -> Self {
+        match e {
+            ParseError::SliceReadError(_) => Self::Truncated,
+            _ => Self::NotX86_64Executable,
+        }
+    }
+}
+
 /// One `PT_LOAD` segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
@@ -46,89 +65,64 @@ pub struct Elf<'a> {
     bytes: &'a [u8],
     /// Entry point.
     pub entry: u64,
-    phoff: usize,
-    phnum: usize,
+    phdrs: SegmentTable<'a, LittleEndian>,
 }
-
-fn u16_at(b: &[u8], o: usize) -> Result<u16, ElfError> {
-    let s = b.get(o..o + 2).ok_or(ElfError::Truncated)?;
-    Ok(u16::from_le_bytes([s[0], s[1]]))
-}
-
-fn u32_at(b: &[u8], o: usize) -> Result<u32, ElfError> {
-    let s = b.get(o..o + 4).ok_or(ElfError::Truncated)?;
-    Ok(u32::from_le_bytes([s[0], s[1], s[2], s[3]]))
-}
-
-fn u64_at(b: &[u8], o: usize) -> Result<u64, ElfError> {
-    let s = b.get(o..o + 8).ok_or(ElfError::Truncated)?;
-    let mut a = [0u8; 8];
-    a.copy_from_slice(s);
-    Ok(u64::from_le_bytes(a))
-}
-
-const PT_LOAD: u32 = 1;
-const PHENT_SIZE: usize = 56;
 
 impl<'a> Elf<'a> {
-    /// Checks the file header.
+    /// Checks the file header and that the program header table lies inside the file. The
+    /// section headers are not read: loading needs only the segments.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, ElfError> {
-        let ident = bytes.get(..16).ok_or(ElfError::Truncated)?;
-        // class 2 = 64-bit, data 1 = little-endian; type 2 = EXEC; machine 62 = x86_64.
-        if &ident[..4] != b"\x7fELF"
-            || ident[4] != 2
-            || ident[5] != 1
-            || u16_at(bytes, 16)? != 2
-            || u16_at(bytes, 18)? != 62
-        {
+        let ident = bytes.get(..EI_NIDENT).ok_or(ElfError::Truncated)?;
+        // Magic, version 1, class, little-endian.
+        let ident = parse_ident::<LittleEndian>(ident)?;
+        if ident.1 != Class::ELF64 {
             return Err(ElfError::NotX86_64Executable);
         }
-        let entry = u64_at(bytes, 24)?;
-        let phoff = usize::try_from(u64_at(bytes, 32)?).map_err(|_| ElfError::Truncated)?;
-        if usize::from(u16_at(bytes, 54)?) != PHENT_SIZE {
+        let tail = bytes
+            .get(EI_NIDENT..EI_NIDENT + ELF64_EHDR_TAILSIZE)
+            .ok_or(ElfError::Truncated)?;
+        let h = FileHeader::parse_tail(ident, tail)?;
+        if h.e_type != ET_EXEC || h.e_machine != EM_X86_64 {
+            return Err(ElfError::NotX86_64Executable);
+        }
+        if usize::from(h.e_phentsize) != PHENT_SIZE {
             return Err(ElfError::BadProgramHeaders);
         }
-        let phnum = usize::from(u16_at(bytes, 56)?);
-        let table_end = phnum
+        let phoff = usize::try_from(h.e_phoff).map_err(|_| ElfError::Truncated)?;
+        let table_end = usize::from(h.e_phnum)
             .checked_mul(PHENT_SIZE)
             .and_then(|n| n.checked_add(phoff))
             .ok_or(ElfError::BadProgramHeaders)?;
-        if table_end > bytes.len() {
-            return Err(ElfError::Truncated);
-        }
+        let table = bytes.get(phoff..table_end).ok_or(ElfError::Truncated)?;
         Ok(Elf {
             bytes,
-            entry,
-            phoff,
-            phnum,
+            entry: h.e_entry,
+            phdrs: SegmentTable::new(h.endianness, Class::ELF64, table),
         })
     }
 
     /// The `PT_LOAD` segments, each checked against the file.
     pub fn segments(&self) -> impl Iterator<Item = Result<Segment, ElfError>> + '_ {
-        (0..self.phnum).filter_map(move |i| {
-            let o = self.phoff + i * PHENT_SIZE;
-            let seg = (|| {
-                if u32_at(self.bytes, o)? != PT_LOAD {
-                    return Ok(None);
-                }
+        let len = self.bytes.len() as u64;
+        self.phdrs
+            .iter()
+            .filter(|p| p.p_type == PT_LOAD)
+            .map(move |p| {
                 let s = Segment {
-                    file_offset: u64_at(self.bytes, o + 8)?,
-                    paddr: u64_at(self.bytes, o + 24)?,
-                    file_len: u64_at(self.bytes, o + 32)?,
-                    mem_len: u64_at(self.bytes, o + 40)?,
+                    file_offset: p.p_offset,
+                    paddr: p.p_paddr,
+                    file_len: p.p_filesz,
+                    mem_len: p.p_memsz,
                 };
                 let file_end = s.file_offset.checked_add(s.file_len);
                 if s.file_len > s.mem_len
                     || s.paddr.checked_add(s.mem_len).is_none()
-                    || file_end.is_none_or(|e| e > self.bytes.len() as u64)
+                    || file_end.is_none_or(|e| e > len)
                 {
                     return Err(ElfError::BadSegment);
                 }
-                Ok(Some(s))
-            })();
-            seg.transpose()
-        })
+                Ok(s)
+            })
     }
 
     /// The file bytes of `s` (checked by [`Elf::segments`]).

@@ -9,6 +9,7 @@ pub mod vmcb;
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
+use raw_cpuid::CpuId;
 use spin::Once;
 
 use crate::arch::x86;
@@ -39,20 +40,20 @@ pub struct SvmInfo {
 
 /// Detects SVM with nested paging.
 pub fn detect() -> Result<SvmInfo, Unsupported> {
-    let max_ext = x86::cpuid(0x8000_0000, 0).eax;
-    if max_ext < 0x8000_000a || x86::cpuid(0x8000_0001, 0).ecx & (1 << 2) == 0 {
+    // CPUID 0x8000_0001 ECX.SVM and leaf 0x8000_000A, named by `raw_cpuid` (which, as AMD's
+    // manual defines the bit, reads it on AuthenticAMD CPUs only).
+    let Some(svm) = CpuId::new().get_svm_info() else {
         return Err(Unsupported::NoSvm);
-    }
+    };
     // SAFETY: VM_CR exists on every CPU that reports SVM.
     if unsafe { x86::rdmsr(MSR_VM_CR) } & VM_CR_SVMDIS != 0 {
         return Err(Unsupported::SvmDisabled);
     }
-    let l = x86::cpuid(0x8000_000a, 0);
     let info = SvmInfo {
-        revision: l.eax & 0xff,
-        asids: l.ebx,
-        npt: l.edx & 1 != 0,
-        nrips: l.edx & (1 << 3) != 0,
+        revision: u32::from(svm.revision()),
+        asids: svm.supported_asids(),
+        npt: svm.has_nested_paging(),
+        nrips: svm.has_nrip(),
     };
     if !info.npt {
         return Err(Unsupported::NoNestedPaging);
