@@ -6,8 +6,8 @@ use moat_abi::dma::{
     Features, Limits, Policy, QueryHeader, ReservedRegion, QUERY_HEADER_SIZE, REGION_SIZE,
 };
 use moat_abi::{
-    is_moat_signature, Args, Call, Instruction, ABI_VERSION_DMA, CPUID_FEATURES_LEAF,
-    CPUID_SIGNATURE_LEAF,
+    is_moat_signature, Args, Call, FromZeros, Instruction, IntoBytes, ABI_VERSION_DMA,
+    CPUID_FEATURES_LEAF, CPUID_SIGNATURE_LEAF,
 };
 
 /// Reserved regions the driver keeps (the rest are counted in
@@ -82,31 +82,32 @@ pub fn discover<H: Hypervisor>(hv: &mut H, scratch: GuestBuffer) -> Result<Disco
     }
     let ret = hv.hypercall(Call::DmaQuery, Args([scratch.gpa, scratch.len, 0, 0, 0, 0]));
     Error::check_raw(ret.rax as i64)?;
-    let mut hb = [0u8; QUERY_HEADER_SIZE];
-    hv.read(scratch.gpa, &mut hb);
-    let h = QueryHeader::from_bytes(&hb);
+    let mut h = QueryHeader::new_zeroed();
+    hv.read(scratch.gpa, h.as_mut_bytes());
     let policy = h.policy().ok_or(Error::Protocol)?;
     // Regions start at `header_size` (64 in this version; later versions may grow it).
-    let hsize = u64::from(h.header_size);
+    let hsize = u64::from(h.header_size.get());
     let fit = scratch.len.saturating_sub(hsize) / REGION_SIZE as u64;
-    if h.abi_version != version
+    let (written, total) = (h.regions_written.get(), h.nr_regions.get());
+    if h.abi_version.get() != version
         || hsize < QUERY_HEADER_SIZE as u64
         || hsize > scratch.len
         || !(12..=64).contains(&h.iova_width)
-        || h.max_batch == 0
-        || h.page_sizes & (1 << 12) == 0
-        || h.regions_written > h.nr_regions
-        || u64::from(h.regions_written) > fit
-        || ret.values[0] != hsize + u64::from(h.nr_regions) * REGION_SIZE as u64
+        || h.max_batch.get() == 0
+        || h.page_sizes.get() & (1 << 12) == 0
+        || written > total
+        || u64::from(written) > fit
+        || ret.values[0] != hsize + u64::from(total) * REGION_SIZE as u64
     {
         return Err(Error::Protocol);
     }
     let mut regions = [ReservedRegion::default(); MAX_REGIONS];
-    let keep = (h.regions_written as usize).min(MAX_REGIONS);
+    let keep = (written as usize).min(MAX_REGIONS);
     for (i, r) in regions.iter_mut().take(keep).enumerate() {
-        let mut rb = [0u8; REGION_SIZE];
-        hv.read(scratch.gpa + hsize + (i * REGION_SIZE) as u64, &mut rb);
-        *r = ReservedRegion::from_bytes(&rb);
+        hv.read(
+            scratch.gpa + hsize + (i * REGION_SIZE) as u64,
+            r.as_mut_bytes(),
+        );
     }
     Ok(Discovery {
         abi_version: version,
@@ -114,14 +115,14 @@ pub fn discover<H: Hypervisor>(hv: &mut H, scratch: GuestBuffer) -> Result<Disco
         instruction,
         policy,
         features: h.features(),
-        page_sizes: h.page_sizes,
+        page_sizes: h.page_sizes.get(),
         limits: h.limits(),
-        max_mappings: h.max_mappings,
-        max_pt_pages: h.max_pt_pages,
-        deferred_max_entries: h.deferred_max_entries,
-        deferred_max_us: h.deferred_max_us,
-        max_batch_pages: h.max_batch_pages,
-        regions_total: h.nr_regions,
+        max_mappings: h.max_mappings.get(),
+        max_pt_pages: h.max_pt_pages.get(),
+        deferred_max_entries: h.deferred_max_entries.get(),
+        deferred_max_us: h.deferred_max_us.get(),
+        max_batch_pages: h.max_batch_pages.get(),
+        regions_total: total,
         regions,
         nr_regions: keep,
     })

@@ -5,10 +5,9 @@ use crate::{Error, Hypervisor};
 use moat_abi::dma::{
     batch_capacity, fault_ring_capacity, validate_entry, BatchHeader, DmaFlags, Entry, FaultRecord,
     FaultRingHeader, MulticallReturn, MulticallStop, Op, Policy, Request, Stats, StatsFlags,
-    ENTRY_SIZE, FAULT_RECORD_SIZE, FAULT_RING_HEADER_SIZE, FAULT_RING_MAGIC, FAULT_RING_VERSION,
-    STATS_SIZE,
+    FAULT_RECORD_SIZE, FAULT_RING_MAGIC, FAULT_RING_VERSION, STATS_SIZE,
 };
-use moat_abi::{Args, Call, Return, Status};
+use moat_abi::{Args, Call, FromZeros, IntoBytes, Return, Status};
 
 /// A buffer of guest memory given to the driver, by guest-physical address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,16 +137,16 @@ fn err_of(s: Status) -> Error {
 
 /// The request an entry carried, from its input fields (the MAP `iova` is an output).
 fn request_of(e: &Entry) -> Option<Request> {
-    let flags = DmaFlags::from_bits(e.flags)?;
-    match Op::from_raw(e.op)? {
+    let flags = DmaFlags::from_bits(e.flags.get())?;
+    match Op::from_raw(e.op.get())? {
         Op::Map => Some(Request::Map {
-            gpa: e.gpa,
-            length: e.length,
+            gpa: e.gpa.get(),
+            length: e.length.get(),
             flags,
         }),
         Op::Unmap => Some(Request::Unmap {
-            iova: e.iova,
-            length: e.length,
+            iova: e.iova.get(),
+            length: e.length.get(),
         }),
     }
 }
@@ -223,7 +222,7 @@ impl<H: Hypervisor> PvDma<H> {
         self.check(&Request::Unmap { iova, length: len })?;
         let ret = self.call(Call::DmaUnmap, [iova, len, 0, 0, 0, 0]);
         let r = status_of(&ret);
-        if r == Err(Error::Busy) {
+        if r == Err(Error::Status(moat_abi::Error::Busy)) {
             self.unsynced = true;
         }
         r
@@ -249,10 +248,9 @@ impl<H: Hypervisor> PvDma<H> {
             [self.scratch.gpa, self.scratch.len, flags, 0, 0, 0],
         );
         status_of(&ret)?;
-        let mut b = [0u8; STATS_SIZE];
-        self.hv.read(self.scratch.gpa, &mut b);
-        let s = Stats::from_bytes(&b);
-        if ret.values[0] != STATS_SIZE as u64 || s.size as usize != STATS_SIZE {
+        let mut s = Stats::new_zeroed();
+        self.hv.read(self.scratch.gpa, s.as_mut_bytes());
+        if ret.values[0] != STATS_SIZE as u64 || s.size.get() as usize != STATS_SIZE {
             return Err(Error::Protocol);
         }
         Ok(s)
@@ -341,7 +339,7 @@ impl<H: Hypervisor> PvDma<H> {
         b.pending += 1;
         let ticket = Ticket(b.base + u64::from(index));
         self.next_ticket = ticket.0 + 1;
-        self.hv.write(gpa, &req.to_entry().to_bytes());
+        self.hv.write(gpa, req.to_entry().as_bytes());
         Ok(ticket)
     }
 
@@ -366,7 +364,7 @@ impl<H: Hypervisor> PvDma<H> {
         b.base += u64::from(count);
         b.pending = 0;
         self.batch = Some(b);
-        self.hv.write(b.gpa, &BatchHeader::new(count).to_bytes());
+        self.hv.write(b.gpa, BatchHeader::new(count).as_bytes());
 
         let mut cursor = 0u32;
         let mut broken = false;
@@ -383,9 +381,9 @@ impl<H: Hypervisor> PvDma<H> {
             }
             for i in cursor..mr.cursor {
                 let (e, req) = self.read_entry(b.gpa, i);
-                let ok = e.status == Status::Ok.raw() && e.done == e.length;
+                let ok = e.status.get() == Status::Ok.raw() && e.done == e.length;
                 let result = match req {
-                    Some(_) if ok => Ok(e.iova),
+                    Some(_) if ok => Ok(e.iova.get()),
                     _ => {
                         broken = true;
                         Err(Error::Protocol)
@@ -436,10 +434,11 @@ impl<H: Hypervisor> PvDma<H> {
     }
 
     fn read_entry(&mut self, area: u64, index: u32) -> (Entry, Option<Request>) {
-        let mut eb = [0u8; ENTRY_SIZE];
-        self.hv
-            .read(area + Entry::offset_of_index(index) as u64, &mut eb);
-        let e = Entry::from_bytes(&eb);
+        let mut e = Entry::new_zeroed();
+        self.hv.read(
+            area + Entry::offset_of_index(index) as u64,
+            e.as_mut_bytes(),
+        );
         (e, request_of(&e))
     }
 
@@ -481,8 +480,8 @@ impl<H: Hypervisor> PvDma<H> {
     ) {
         for i in range {
             let (e, req) = self.read_entry(area, i);
-            let result = match Status::from_raw(e.status) {
-                Some(Status::Ok) if e.done == e.length => Ok(e.iova),
+            let result = match e.outcome_status() {
+                Some(Status::Ok) if e.done == e.length => Ok(e.iova.get()),
                 Some(s) if s != Status::Ok => Err(err_of(s)),
                 _ => Err(Error::Protocol),
             };
@@ -610,15 +609,14 @@ impl<H: Hypervisor> PvDma<H> {
         );
         status_of(&ret)?;
         let capacity = ret.values[0];
-        let mut hb = [0u8; FAULT_RING_HEADER_SIZE];
-        self.hv.read(area.gpa, &mut hb);
-        let h = FaultRingHeader::from_bytes(&hb);
+        let mut h = FaultRingHeader::new_zeroed();
+        self.hv.read(area.gpa, h.as_mut_bytes());
         if capacity == 0
             || capacity > u64::from(fault_ring_capacity(area.pages))
-            || h.magic != FAULT_RING_MAGIC
-            || h.version != FAULT_RING_VERSION
-            || h.record_size as usize != FAULT_RECORD_SIZE
-            || u64::from(h.capacity) != capacity
+            || h.magic.get() != FAULT_RING_MAGIC
+            || h.version.get() != FAULT_RING_VERSION
+            || h.record_size.get() as usize != FAULT_RECORD_SIZE
+            || u64::from(h.capacity.get()) != capacity
             || h.pending() != Some(0)
         {
             self.ring = None;
@@ -626,11 +624,11 @@ impl<H: Hypervisor> PvDma<H> {
         }
         self.ring = Some(RingState {
             gpa: area.gpa,
-            capacity: h.capacity,
-            consumer: h.consumer,
-            dropped_seen: h.dropped,
+            capacity: h.capacity.get(),
+            consumer: h.consumer.get(),
+            dropped_seen: h.dropped.get(),
         });
-        Ok(h.capacity)
+        Ok(h.capacity.get())
     }
 
     /// Unregisters the fault ring.
@@ -643,31 +641,31 @@ impl<H: Hypervisor> PvDma<H> {
     /// Consumes the records the hypervisor produced since the last poll, oldest first.
     pub fn poll_faults(&mut self, f: &mut dyn FnMut(FaultRecord)) -> Result<FaultPoll, Error> {
         let mut r = self.ring.ok_or(Error::NoFaultRing)?;
-        let mut hb = [0u8; FAULT_RING_HEADER_SIZE];
-        self.hv.read(r.gpa, &mut hb);
-        let h = FaultRingHeader::from_bytes(&hb);
-        let n = h.producer.wrapping_sub(r.consumer);
-        if n > r.capacity || h.dropped < r.dropped_seen {
+        let mut h = FaultRingHeader::new_zeroed();
+        self.hv.read(r.gpa, h.as_mut_bytes());
+        let (producer, dropped) = (h.producer.get(), h.dropped.get());
+        let n = producer.wrapping_sub(r.consumer);
+        if n > r.capacity || dropped < r.dropped_seen {
             return Err(Error::Protocol);
         }
         for k in 0..n {
             let at = FaultRingHeader::record_offset(r.capacity, r.consumer.wrapping_add(k))
                 .ok_or(Error::Protocol)?;
-            let mut rb = [0u8; FAULT_RECORD_SIZE];
-            self.hv.read(r.gpa + at as u64, &mut rb);
-            f(FaultRecord::from_bytes(&rb));
+            let mut rec = FaultRecord::new_zeroed();
+            self.hv.read(r.gpa + at as u64, rec.as_mut_bytes());
+            f(rec);
         }
-        r.consumer = h.producer;
+        r.consumer = producer;
         self.hv.write(
             r.gpa + FaultRingHeader::CONSUMER_OFFSET as u64,
             &r.consumer.to_le_bytes(),
         );
-        let dropped = h.dropped - r.dropped_seen;
-        r.dropped_seen = h.dropped;
+        let new_drops = dropped - r.dropped_seen;
+        r.dropped_seen = dropped;
         self.ring = Some(r);
         Ok(FaultPoll {
             records: n,
-            dropped,
+            dropped: new_drops,
         })
     }
 }

@@ -6,6 +6,7 @@ mod model;
 use moat_abi::dma::*;
 use moat_abi::*;
 use moat_pvdma::*;
+use moat_pvdma::{moat_abi::Error as AbiError, Error};
 use model::{Config, Model, MSI, RAM};
 use std::vec::Vec;
 
@@ -81,7 +82,10 @@ fn discovery_refusals() {
         gpa: RAM,
         len: 4096,
     };
-    assert_eq!(PvDma::probe(m, outside).err(), Some(Error::Fault));
+    assert_eq!(
+        PvDma::probe(m, outside).err(),
+        Some(Error::Status(AbiError::Fault))
+    );
     // Not Moat.
     struct Other;
     impl Hypervisor for Other {
@@ -102,10 +106,10 @@ fn discovery_truncated_regions() {
     let mut cfg = Config::new(Policy::Strict);
     cfg.regions = (0..20)
         .map(|k| ReservedRegion {
-            start: 0x1_0000_0000 + k * 0x10_0000,
-            length: 0x1000,
-            kind: RegionKind::Reserved as u32,
-            reserved: 0,
+            start: (0x1_0000_0000 + k * 0x10_0000).into(),
+            length: 0x1000.into(),
+            kind: (RegionKind::Reserved as u32).into(),
+            reserved: 0.into(),
         })
         .collect();
     // 64 + 2 regions fit.
@@ -129,26 +133,42 @@ fn single_calls_statuses() {
     assert!(is_page_aligned(a) && a != 0);
     assert!(!MSI.intersects(a, 2 * PG));
     // Overlapping guest pages.
-    assert_eq!(d.map(BUF + PG, PG, DmaFlags::READ), Err(Error::Exist));
+    assert_eq!(
+        d.map(BUF + PG, PG, DmaFlags::READ),
+        Err(Error::Status(AbiError::Exist))
+    );
     // Outside the guest.
-    assert_eq!(d.map(RAM - PG, 2 * PG, RW), Err(Error::Fault));
+    assert_eq!(
+        d.map(RAM - PG, 2 * PG, RW),
+        Err(Error::Status(AbiError::Fault))
+    );
     // The scratch buffer is fine to map, a registered batch area is not.
     d.attach_batch(BatchArea {
         gpa: AREA,
         pages: 1,
     })
     .unwrap();
-    assert_eq!(d.map(AREA, PG, RW), Err(Error::Perm));
+    assert_eq!(d.map(AREA, PG, RW), Err(Error::Status(AbiError::Perm)));
     // Partial unmap, never-mapped unmap, reserved region.
-    assert_eq!(d.unmap(a, PG), Err(Error::Inval));
-    assert_eq!(d.unmap(a + 0x10_0000, PG), Err(Error::Noent));
-    assert_eq!(d.unmap(MSI.start, PG), Err(Error::Perm));
+    assert_eq!(d.unmap(a, PG), Err(Error::Status(AbiError::Inval)));
+    assert_eq!(
+        d.unmap(a + 0x10_0000, PG),
+        Err(Error::Status(AbiError::Noent))
+    );
+    assert_eq!(
+        d.unmap(MSI.start.get(), PG),
+        Err(Error::Status(AbiError::Perm))
+    );
     d.unmap(a, 2 * PG).unwrap();
     assert!(
         !m.state().device_reaches(a),
         "strict: unusable once UNMAP returned"
     );
-    assert_eq!(d.unmap(a, 2 * PG), Err(Error::Noent), "double unmap");
+    assert_eq!(
+        d.unmap(a, 2 * PG),
+        Err(Error::Status(AbiError::Noent)),
+        "double unmap"
+    );
     assert!(m.state().live.is_empty());
 }
 
@@ -156,13 +176,19 @@ fn single_calls_statuses() {
 fn driver_refuses_malformed_requests_without_a_hypercall() {
     let (m, mut d) = probe(Config::new(Policy::Strict));
     let exits = m.state().stats.exits;
-    assert_eq!(d.map(BUF, 0, RW), Err(Error::Inval));
-    assert_eq!(d.map(BUF + 1, PG, RW), Err(Error::Inval));
-    assert_eq!(d.map(BUF, PG + 1, RW), Err(Error::Inval));
-    assert_eq!(d.map(BUF, PG, DmaFlags::EMPTY), Err(Error::Inval));
-    assert_eq!(d.map(!0xfff, 2 * PG, RW), Err(Error::Range));
-    assert_eq!(d.map(0, 1 << 40, RW), Err(Error::Range));
-    assert_eq!(d.unmap(1 << 39, PG), Err(Error::Range));
+    assert_eq!(d.map(BUF, 0, RW), Err(Error::Status(AbiError::Inval)));
+    assert_eq!(d.map(BUF + 1, PG, RW), Err(Error::Status(AbiError::Inval)));
+    assert_eq!(d.map(BUF, PG + 1, RW), Err(Error::Status(AbiError::Inval)));
+    assert_eq!(
+        d.map(BUF, PG, DmaFlags::EMPTY),
+        Err(Error::Status(AbiError::Inval))
+    );
+    assert_eq!(
+        d.map(!0xfff, 2 * PG, RW),
+        Err(Error::Status(AbiError::Range))
+    );
+    assert_eq!(d.map(0, 1 << 40, RW), Err(Error::Status(AbiError::Range)));
+    assert_eq!(d.unmap(1 << 39, PG), Err(Error::Status(AbiError::Range)));
     assert_eq!(m.state().stats.exits, exits);
 }
 
@@ -197,7 +223,10 @@ fn quota_gives_nomem_and_changes_nothing() {
     let a = d.map(BUF, PG, RW).unwrap();
     d.map(BUF + PG, PG, RW).unwrap();
     let before = m.state().live.clone();
-    assert_eq!(d.map(BUF + 2 * PG, PG, RW), Err(Error::Nomem));
+    assert_eq!(
+        d.map(BUF + 2 * PG, PG, RW),
+        Err(Error::Status(AbiError::Nomem))
+    );
     assert_eq!(m.state().live, before);
     d.unmap(a, PG).unwrap();
     d.map(BUF + 2 * PG, PG, RW).unwrap();
@@ -208,7 +237,7 @@ fn max_map_pages_is_range() {
     let mut cfg = Config::new(Policy::Strict);
     cfg.max_map_pages = 4;
     let (_, mut d) = probe(cfg);
-    assert_eq!(d.map(BUF, 5 * PG, RW), Err(Error::Range));
+    assert_eq!(d.map(BUF, 5 * PG, RW), Err(Error::Status(AbiError::Range)));
     d.map(BUF, 4 * PG, RW).unwrap();
 }
 
@@ -300,9 +329,9 @@ fn failed_entry_is_reported_and_skipped() {
         results,
         [
             Ok(()),
-            Err(Error::Exist),
-            Err(Error::Fault),
-            Err(Error::Noent),
+            Err(Error::Status(AbiError::Exist)),
+            Err(Error::Status(AbiError::Fault)),
+            Err(Error::Status(AbiError::Noent)),
             Ok(())
         ]
     );
@@ -320,7 +349,7 @@ fn nomem_entry_changes_nothing_and_later_entries_run() {
             .unwrap();
     }
     d.flush(&mut |c| got.push(c)).unwrap();
-    assert_eq!(got[1].result, Err(Error::Nomem));
+    assert_eq!(got[1].result, Err(Error::Status(AbiError::Nomem)));
     assert!(got[0].result.is_ok() && got[2].result.is_ok());
     assert_eq!(m.state().live.len(), 2);
     assert!(!m.state().live.values().any(|l| l.gpa == BUF + PG));
@@ -361,18 +390,18 @@ fn batch_registration_rules() {
             gpa: AREA + 8,
             pages: 1
         }),
-        Err(Error::Inval)
+        Err(Error::Status(AbiError::Inval))
     );
     assert_eq!(
         d.attach_batch(BatchArea {
             gpa: AREA,
             pages: 17
         }),
-        Err(Error::Range)
+        Err(Error::Status(AbiError::Range))
     );
     assert_eq!(
         d.attach_batch(BatchArea { gpa: RAM, pages: 1 }),
-        Err(Error::Fault)
+        Err(Error::Status(AbiError::Fault))
     );
     let iova = d.map(AREA, PG, RW).unwrap();
     assert_eq!(
@@ -380,7 +409,7 @@ fn batch_registration_rules() {
             gpa: AREA,
             pages: 1
         }),
-        Err(Error::Busy)
+        Err(Error::Status(AbiError::Busy))
     );
     d.unmap(iova, PG).unwrap();
     assert_eq!(
@@ -404,7 +433,7 @@ fn batch_registration_rules() {
             gpa: AREA + 3 * PG,
             pages: 1
         }),
-        Err(Error::Exist)
+        Err(Error::Status(AbiError::Exist))
     );
     assert_eq!(
         d2.attach_batch(BatchArea {
@@ -504,7 +533,7 @@ fn passthrough_maps_identity() {
         Ok(BUF),
         "no bookkeeping under passthrough"
     );
-    assert_eq!(d.map(AREA, PG, RW), Err(Error::Perm));
+    assert_eq!(d.map(AREA, PG, RW), Err(Error::Status(AbiError::Perm)));
     d.unmap(BUF, PG).unwrap();
     let mut out = [0u64; 2];
     let sg = [
@@ -525,12 +554,19 @@ fn unconfirmed_invalidation_is_retried_by_sync() {
     let a = d.map(BUF, PG, RW).unwrap();
     let b = d.map(BUF + PG, PG, RW).unwrap();
     m.state().cfg.iommu_stuck = true;
-    assert_eq!(d.unmap(a, PG), Err(Error::Busy));
+    assert_eq!(d.unmap(a, PG), Err(Error::Status(AbiError::Busy)));
     assert!(d.is_unsynced());
-    assert_eq!(d.unmap(a, PG), Err(Error::Noent), "the mapping is gone");
+    assert_eq!(
+        d.unmap(a, PG),
+        Err(Error::Status(AbiError::Noent)),
+        "the mapping is gone"
+    );
     d.queue_unmap(b, PG, &mut |_| {}).unwrap();
     let mut got = Vec::new();
-    assert_eq!(d.sync(&mut |c| got.push(c)).err(), Some(Error::Busy));
+    assert_eq!(
+        d.sync(&mut |c| got.push(c)).err(),
+        Some(Error::Status(AbiError::Busy))
+    );
     assert!(got[0].result.is_ok());
     assert!(m.state().device_reaches(a) && m.state().device_reaches(b));
     m.state().cfg.iommu_stuck = false;
@@ -580,7 +616,7 @@ fn map_sg_with_and_without_batch() {
             if batch { 2 } else { 100 },
             "84 + 16 entries per batch"
         );
-        assert_eq!(d.unmap_sg(&back[..3]), Err(Error::Noent));
+        assert_eq!(d.unmap_sg(&back[..3]), Err(Error::Status(AbiError::Noent)));
     }
 }
 
@@ -604,11 +640,17 @@ fn map_sg_is_all_or_nothing() {
             })
             .collect();
         let mut out = [0u64; 8];
-        assert_eq!(d.map_sg(&sg, RW, &mut out), Err(Error::Nomem));
+        assert_eq!(
+            d.map_sg(&sg, RW, &mut out),
+            Err(Error::Status(AbiError::Nomem))
+        );
         assert!(m.state().live.is_empty(), "rolled back");
         assert_eq!(d.map_sg(&sg, RW, &mut out[..7]), Err(Error::BufferTooSmall));
         let bad = [Segment { addr: BUF, len: 0 }];
-        assert_eq!(d.map_sg(&bad, RW, &mut out), Err(Error::Inval));
+        assert_eq!(
+            d.map_sg(&bad, RW, &mut out),
+            Err(Error::Status(AbiError::Inval))
+        );
     }
     let (_, mut d) = with_batch(Config::new(Policy::Strict), 1);
     d.queue_map(BUF, PG, RW, &mut |_| {}).unwrap();
@@ -641,7 +683,7 @@ fn fault_ring_delivers_wraps_and_counts_drops() {
         vector: 40,
     };
     assert_eq!(d.attach_fault_ring(area), Ok(126));
-    assert_eq!(d.map(RING, PG, RW), Err(Error::Perm));
+    assert_eq!(d.map(RING, PG, RW), Err(Error::Status(AbiError::Perm)));
     let mut seen = Vec::new();
     let mut next = 0u64;
     for round in 0..5 {
@@ -660,7 +702,7 @@ fn fault_ring_delivers_wraps_and_counts_drops() {
         assert_eq!(r.seq, k as u64);
         assert_eq!(r.iova, 0x5000 + k as u64 * PG);
         assert_eq!(r.direction(), Some(Direction::Read));
-        assert_eq!((r.source_id, r.reason), (0x18, 6));
+        assert_eq!((r.source_id.get(), r.reason), (0x18, 6));
     }
     assert_eq!(
         m.state().injected_irqs,
@@ -685,23 +727,35 @@ fn fault_ring_registration_rules() {
     let r = |gpa, pages, vector| FaultRingArea { gpa, pages, vector };
     assert_eq!(
         d.attach_fault_ring(r(RING, 1, 40)),
-        Err(Error::Unsupp),
+        Err(Error::Status(AbiError::Unsupp)),
         "no FAULT_IRQ"
     );
-    assert_eq!(d.attach_fault_ring(r(RING, 1, 5)), Err(Error::Inval));
-    assert_eq!(d.attach_fault_ring(r(RING, 17, 0)), Err(Error::Range));
+    assert_eq!(
+        d.attach_fault_ring(r(RING, 1, 5)),
+        Err(Error::Status(AbiError::Inval))
+    );
+    assert_eq!(
+        d.attach_fault_ring(r(RING, 17, 0)),
+        Err(Error::Status(AbiError::Range))
+    );
     d.attach_batch(BatchArea {
         gpa: AREA,
         pages: 1,
     })
     .unwrap();
-    assert_eq!(d.attach_fault_ring(r(AREA, 1, 0)), Err(Error::Exist));
+    assert_eq!(
+        d.attach_fault_ring(r(AREA, 1, 0)),
+        Err(Error::Status(AbiError::Exist))
+    );
     assert_eq!(d.attach_fault_ring(r(RING, 2, 0)), Ok(254));
     let mut cfg = Config::new(Policy::Strict);
     cfg.features = 0;
     let (_, mut d) = probe(cfg);
-    assert_eq!(d.attach_fault_ring(r(RING, 1, 0)), Err(Error::Unsupp));
-    assert_eq!(d.stats(false), Err(Error::Unsupp));
+    assert_eq!(
+        d.attach_fault_ring(r(RING, 1, 0)),
+        Err(Error::Status(AbiError::Unsupp))
+    );
+    assert_eq!(d.stats(false), Err(Error::Status(AbiError::Unsupp)));
 }
 
 #[test]
@@ -713,15 +767,26 @@ fn stats_count_and_reset() {
     d.flush(&mut |_| {}).unwrap();
     d.map(BUF, 3 * PG, RW).unwrap();
     let s = d.stats(true).unwrap();
-    assert_eq!((s.maps, s.unmaps, s.errors, s.multicalls), (2, 1, 1, 1));
-    assert_eq!((s.invalidations, s.waits), (1, 1));
-    assert_eq!((s.live_mappings, s.live_pages), (1, 3));
+    assert_eq!(
+        (
+            s.maps.get(),
+            s.unmaps.get(),
+            s.errors.get(),
+            s.multicalls.get()
+        ),
+        (2, 1, 1, 1)
+    );
+    assert_eq!((s.invalidations.get(), s.waits.get()), (1, 1));
+    assert_eq!((s.live_mappings.get(), s.live_pages.get()), (1, 3));
     assert_eq!(
         s.exits, 7,
         "QUERY, BATCH_REGISTER, 3 MAPs, MULTICALL, STATS"
     );
     let s = d.stats(false).unwrap();
-    assert_eq!((s.maps, s.unmaps, s.multicalls), (0, 0, 0));
+    assert_eq!(
+        (s.maps.get(), s.unmaps.get(), s.multicalls.get()),
+        (0, 0, 0)
+    );
     assert_eq!(s.live_mappings, 1, "gauges survive a reset");
     let mut small = PvDma::new(
         m.clone(),
@@ -800,9 +865,11 @@ fn protocol_violations_end_the_flush_and_report_every_entry_once() {
 fn rejected_multicall_fails_every_entry() {
     let (got, r, m) =
         tampered(|_| Return::new(Status::Inval, [0, 0, MulticallStop::Rejected as u64]));
-    assert_eq!(r, Err(Error::Inval));
+    assert_eq!(r, Err(Error::Status(AbiError::Inval)));
     assert_eq!(got.len(), 6);
-    assert!(got.iter().all(|c| c.result == Err(Error::Inval)));
+    assert!(got
+        .iter()
+        .all(|c| c.result == Err(Error::Status(AbiError::Inval))));
     // (The tamper replaced the return of a call the model had run: only the fresh map after
     // it is live besides those.)
     assert_eq!(m.state().live.len(), 7);

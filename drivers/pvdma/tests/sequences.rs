@@ -8,6 +8,7 @@
 mod model;
 
 use moat_abi::dma::*;
+use moat_pvdma::Error;
 use moat_pvdma::*;
 use model::{Config, Model};
 use proptest::prelude::*;

@@ -824,7 +824,11 @@ mod tests {
         assert_eq!(r.info().offset(), 0x220);
         assert_eq!(r.source().offset(), 0x228);
         assert_eq!(r.status().offset(), 0x22c);
-        assert_eq!(FaultRecordRegs::new(QEMU_CAP, 1), None, "QEMU has one record");
+        assert_eq!(
+            FaultRecordRegs::new(QEMU_CAP, 1),
+            None,
+            "QEMU has one record"
+        );
         // NFR = 8: records 0..8 at FRO + 16 * i, none past them.
         let cap = Capability(QEMU_CAP.0 | (7 << 40));
         assert_eq!(

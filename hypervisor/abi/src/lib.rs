@@ -2,9 +2,13 @@
 //!
 //! This crate is the one definition of the interface between the Moat hypervisor and its
 //! guests: the hypervisor and guest drivers both build against it, and this documentation is
-//! the specification a third party implements a guest driver from. Every structure is encoded
-//! and decoded field by field in little-endian order (no transmutes), and each one's size and
-//! field offsets are checked at compile time.
+//! the specification a third party implements a guest driver from. Every structure shared
+//! through guest memory is a `#[repr(C)]` struct of little-endian field types
+//! (`zerocopy::little_endian::{U16, U32, U64, I64}`, alignment 1), so its bytes are the same on
+//! any host: zerocopy's derives check that it has no padding and that every byte pattern is a
+//! value ([`FromBytes`], [`IntoBytes`]), and each one's size and field offsets are asserted at
+//! compile time. Its bytes are [`IntoBytes::as_bytes`]; a copy from bytes is
+//! [`FromBytes::read_from_bytes`].
 //!
 //! A guest uses the DMA interface to make its own pages reachable by its assigned devices:
 //! it hands the hypervisor guest-physical ranges and gets back I/O virtual addresses (IOVAs)
@@ -205,7 +209,6 @@
 pub mod boot;
 pub mod dma;
 mod hypercall;
-mod le;
 mod status;
 
 pub use hypercall::{
@@ -213,7 +216,11 @@ pub use hypercall::{
     ABI_VERSION_DMA, ARG_REGS, CALLS_ALL, CALLS_BASE, CONSOLE_MAX, CPUID_FEATURES_LEAF,
     CPUID_MAX_LEAF, CPUID_SIGNATURE_LEAF, RET_REGS, SIGNATURE,
 };
-pub use status::Status;
+pub use status::{Error, Status};
+/// The byte-layout crate of every ABI structure: its traits give a structure's bytes
+/// ([`IntoBytes::as_bytes`]) and a structure from bytes ([`FromBytes::read_from_bytes`]).
+pub use zerocopy;
+pub use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 #[cfg(test)]
 extern crate std;

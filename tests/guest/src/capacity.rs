@@ -87,7 +87,7 @@ fn map_pages(
                         ok += 1;
                         put((gpa - BASE) / PAGE, iova);
                     }
-                    Err(Error::Nomem) => nomem += 1,
+                    Err(Error::Status(moat_abi::Error::Nomem)) => nomem += 1,
                     Err(_) => other += 1,
                 }
             }
@@ -157,11 +157,11 @@ pub fn worker() {
 
 /// vCPU 0's part.
 pub fn run(boot: &BootInfo) -> Outcome {
-    if boot.vcpus < 2 {
+    if boot.vcpus.get() < 2 {
         return Err("needs 2 vCPUs");
     }
     let need = BASE + (MAX as u64 + WORKER_PAGES) * PAGE;
-    if boot.mem_size < need {
+    if boot.mem_size.get() < need {
         println!("dma-capacity: needs {} MiB of guest memory", need >> 20);
         return Err("guest memory too small");
     }
@@ -170,7 +170,7 @@ pub fn run(boot: &BootInfo) -> Outcome {
         match STAGE.load(SeqCst) {
             1 => break,
             3 => return Err("vCPU 1 failed"),
-            _ if crate::abi::rdtsc() - t0 > 120_000 * boot.tsc_khz => {
+            _ if crate::abi::rdtsc() - t0 > 120_000 * boot.tsc_khz.get() => {
                 return Err("vCPU 1 did not finish")
             }
             _ => core::hint::spin_loop(),

@@ -3,7 +3,8 @@
 //! memory what the device could and could not reach.
 
 use moat_abi::dma::{DmaFlags, Entry, Policy, Request, BATCH_HEADER_SIZE};
-use moat_abi::{Args, Call, Status};
+use moat_abi::zerocopy::little_endian::U64;
+use moat_abi::{Args, Call, FromBytes, FromZeros, IntoBytes, Status};
 use moat_pvdma::{BatchArea, Error, GuestBuffer, Hypervisor, Native, PvDma};
 
 use crate::abi::BootInfo;
@@ -216,7 +217,7 @@ pub fn edu(boot: &BootInfo) -> Outcome {
         // hypervisor's own timer can enforce it.
         let bound = u64::from(info.deferred_max_us);
         let t0 = crate::abi::rdtsc();
-        while crate::abi::rdtsc() - t0 < (bound + 5_000) * boot.tsc_khz / 1000 {
+        while crate::abi::rdtsc() - t0 < (bound + 5_000) * boot.tsc_khz.get() / 1000 {
             core::hint::spin_loop();
         }
         page(4).fill(0);
@@ -354,7 +355,7 @@ pub(crate) fn raw(call: Call, a: [u64; 6]) -> (Option<Status>, [u64; 3]) {
 /// `dma-bad`: every row of the bad-input matrix gets its exact status and changes nothing.
 pub fn bad(info: &BootInfo) -> Outcome {
     let mut d = driver()?;
-    let mem = info.mem_size;
+    let mem = info.mem_size.get();
     let base = d.stats(false).map_err(|_| "STATS failed")?;
     let live = d
         .map(gpa(3), PAGE as u64, DmaFlags::READ)
@@ -520,8 +521,8 @@ pub fn bad(info: &BootInfo) -> Outcome {
             pages: 1,
         })
         .map_err(|_| "BATCH_REGISTER failed")?;
-    let hdr = |count: u32| moat_abi::dma::BatchHeader::new(count).to_bytes();
-    page(1)[..BATCH_HEADER_SIZE].copy_from_slice(&hdr(cap + 1));
+    let hdr = moat_abi::dma::BatchHeader::new;
+    page(1)[..BATCH_HEADER_SIZE].copy_from_slice(hdr(cap + 1).as_bytes());
     let (st, v) = raw(Call::DmaMulticall, [0, 0, 0, 0, 0, 0]);
     let ok = st == Some(Status::Range) && v[2] == 3;
     println!(
@@ -536,18 +537,15 @@ pub fn bad(info: &BootInfo) -> Outcome {
         flags: DmaFlags::READ,
     }
     .to_entry();
-    e.reserved = 1;
+    e.reserved = 1.into();
     let mut u = Entry::unmap(live, 4096);
-    u.op = 9;
-    page(1)[..BATCH_HEADER_SIZE].copy_from_slice(&hdr(2));
-    page(1)[BATCH_HEADER_SIZE..BATCH_HEADER_SIZE + 48].copy_from_slice(&e.to_bytes());
-    page(1)[BATCH_HEADER_SIZE + 48..BATCH_HEADER_SIZE + 96].copy_from_slice(&u.to_bytes());
+    u.op = 9.into();
+    page(1)[..BATCH_HEADER_SIZE].copy_from_slice(hdr(2).as_bytes());
+    page(1)[BATCH_HEADER_SIZE..BATCH_HEADER_SIZE + 48].copy_from_slice(e.as_bytes());
+    page(1)[BATCH_HEADER_SIZE + 48..BATCH_HEADER_SIZE + 96].copy_from_slice(u.as_bytes());
     let (st, v) = raw(Call::DmaMulticall, [0, 0, 0, 0, 0, 0]);
-    let e0 = Entry::from_bytes(
-        page(1)[BATCH_HEADER_SIZE..BATCH_HEADER_SIZE + 48]
-            .try_into()
-            .unwrap_or(&[0; 48]),
-    );
+    let e0 = Entry::read_from_bytes(&page(1)[BATCH_HEADER_SIZE..BATCH_HEADER_SIZE + 48])
+        .unwrap_or_else(|_| Entry::new_zeroed());
     let ok = st == Some(Status::Inval)
         && v[0] == 0
         && v[2] == 1
@@ -640,7 +638,7 @@ pub fn bad(info: &BootInfo) -> Outcome {
     );
     failures += !ok as u32;
     d.unmap(live, PAGE as u64).map_err(|_| "UNMAP failed")?;
-    if d.unmap(live, PAGE as u64) != Err(Error::Noent) {
+    if d.unmap(live, PAGE as u64) != Err(Error::Status(moat_abi::Error::Noent)) {
         println!("dma-bad: double unmap: not NOENT WRONG");
         failures += 1;
     } else {
@@ -724,7 +722,7 @@ pub fn bench(info: &BootInfo, ops_per_cell: u64) -> Outcome {
         })
         .map_err(|_| "BATCH_REGISTER failed")?;
     let base = 32u64 << 20;
-    let khz = info.tsc_khz.max(1);
+    let khz = info.tsc_khz.get().max(1);
     for bytes in [4096u64, 65536] {
         for batch in [1u64, 8, 64, 256] {
             let batch = batch.min(cap as u64);
@@ -781,7 +779,7 @@ pub fn bench(info: &BootInfo, ops_per_cell: u64) -> Outcome {
             }
             let t1 = crate::abi::rdtsc();
             let s1 = d.stats(false).map_err(|_| "STATS failed")?;
-            let per = |a: u64, b: u64| (b - a) as f64 / ops as f64;
+            let per = |a: U64, b: U64| (b.get() - a.get()) as f64 / ops as f64;
             let cycles = (t1 - t0) as f64 / ops as f64;
             println!(
                 "dma-bench policy={} batch={batch} bytes={bytes} ops={ops} ns_per_op={:.0} cycles_per_op={:.0} invalidations_per_op={:.4} waits_per_op={:.4} exits_per_op={:.4} exit={:.0} validate={:.0} iova_alloc={:.0} pte_write={:.0} invalidate={:.0} iova_free={:.0}",
@@ -791,7 +789,7 @@ pub fn bench(info: &BootInfo, ops_per_cell: u64) -> Outcome {
                 per(s0.invalidations, s1.invalidations),
                 per(s0.waits, s1.waits),
                 // The closing STATS call counts itself.
-                (s1.exits - s0.exits - 1) as f64 / ops as f64,
+                (s1.exits.get() - s0.exits.get() - 1) as f64 / ops as f64,
                 per(s0.cycles_exit, s1.cycles_exit),
                 per(s0.cycles_validate, s1.cycles_validate),
                 per(s0.cycles_iova_alloc, s1.cycles_iova_alloc),
@@ -812,7 +810,7 @@ pub fn bench(info: &BootInfo, ops_per_cell: u64) -> Outcome {
 
 pub(crate) fn delay_ms(boot: &BootInfo, ms: u64) {
     let t0 = crate::abi::rdtsc();
-    while crate::abi::rdtsc() - t0 < ms * boot.tsc_khz {
+    while crate::abi::rdtsc() - t0 < ms * boot.tsc_khz.get() {
         core::hint::spin_loop();
     }
 }
@@ -892,12 +890,12 @@ pub fn foreign(boot: &BootInfo, ms: u64) -> Outcome {
     let mut faulted = [0u64; 3];
     for (k, n) in faulted.iter_mut().enumerate() {
         let iova = own + (k as u64 + 1) * PAGE as u64;
-        let before = d.stats(false).map_err(|_| "STATS failed")?.faults;
+        let before = d.stats(false).map_err(|_| "STATS failed")?.faults.get();
         let _ = edu.dma(iova, true);
         // The fault reaches the counters through the hypervisor's fault handling: give it
         // up to 100 ms.
         for _ in 0..100 {
-            *n = d.stats(false).map_err(|_| "STATS failed")?.faults - before;
+            *n = d.stats(false).map_err(|_| "STATS failed")?.faults.get() - before;
             if *n > 0 {
                 break;
             }
@@ -909,7 +907,7 @@ pub fn foreign(boot: &BootInfo, ms: u64) -> Outcome {
     let (st, _) = raw(
         Call::DmaMap,
         [
-            boot.mem_size,
+            boot.mem_size.get(),
             4096,
             DmaFlags::READ_WRITE.bits() as u64,
             0,
@@ -920,7 +918,7 @@ pub fn foreign(boot: &BootInfo, ms: u64) -> Outcome {
     println!(
         "dma-foreign: own IOVA {own:#x} reached its own page: {}; MAP of GPA {:#x} (past its RAM): {st:?}",
         loaded && mine,
-        boot.mem_size
+        boot.mem_size.get()
     );
     d.unmap(src, PAGE as u64).map_err(|_| "UNMAP failed")?;
     d.unmap(own, PAGE as u64).map_err(|_| "UNMAP failed")?;
@@ -1054,11 +1052,11 @@ fn smp_work(vcpu: usize, vcpus: usize, rounds: u64, tsc_khz: u64) -> Result<u64,
 /// `dma-smp=N` on vCPU 0: runs its own worker, waits for the others, reports.
 pub fn smp(boot: &BootInfo, rounds: u64) -> Outcome {
     use core::sync::atomic::Ordering::SeqCst;
-    let vcpus = u64::from(boot.vcpus).min(4);
-    let mine = smp_worker(0, vcpus as usize, rounds, boot.tsc_khz);
+    let vcpus = u64::from(boot.vcpus.get()).min(4);
+    let mine = smp_worker(0, vcpus as usize, rounds, boot.tsc_khz.get());
     let t0 = crate::abi::rdtsc();
     while SMP_DONE.load(SeqCst) < vcpus {
-        if crate::abi::rdtsc() - t0 > 120_000 * boot.tsc_khz {
+        if crate::abi::rdtsc() - t0 > 120_000 * boot.tsc_khz.get() {
             return Err("the other vCPUs did not finish");
         }
         core::hint::spin_loop();
@@ -1211,11 +1209,11 @@ pub fn race(boot: &BootInfo) -> Outcome {
     let mut d = driver()?;
     let edu = Edu::find().ok_or("no edu device")?;
     let inside = 56u64 << 20;
-    if inside + (RACE_N * PAGE) as u64 > boot.mem_size {
+    if inside + (RACE_N * PAGE) as u64 > boot.mem_size.get() {
         return Err("dma-race needs 64 MiB of guest memory");
     }
     // Outside the guest, but host RAM a double fetch could really map.
-    let outside = boot.mem_size + (1 << 20);
+    let outside = boot.mem_size.get() + (1 << 20);
     RACE_IN.store(inside, SeqCst);
     RACE_OUT.store(outside, SeqCst);
     let in_page = |i: usize| (inside + (i * PAGE) as u64) as *mut u8;
@@ -1226,7 +1224,8 @@ pub fn race(boot: &BootInfo) -> Outcome {
     if st != Some(Status::Ok) {
         return Err("BATCH_REGISTER failed");
     }
-    let hdr = moat_abi::dma::BatchHeader::new(RACE_N as u32).to_bytes();
+    let hdr = moat_abi::dma::BatchHeader::new(RACE_N as u32);
+    let hdr = hdr.as_bytes();
     // SAFETY: the area is this test's; vCPU 1 only starts writing after RACE_GO.
     unsafe {
         core::ptr::copy_nonoverlapping(hdr.as_ptr(), area as *mut u8, BATCH_HEADER_SIZE);
@@ -1236,7 +1235,7 @@ pub fn race(boot: &BootInfo) -> Outcome {
                 PAGE as u64,
                 DmaFlags::READ_WRITE,
             );
-            core::ptr::copy_nonoverlapping(e.to_bytes().as_ptr(), race_entry(i), 48);
+            core::ptr::copy_nonoverlapping(e.as_bytes().as_ptr(), race_entry(i), 48);
         }
     }
     RACE_GO.store(true, SeqCst);
@@ -1283,14 +1282,15 @@ pub fn race(boot: &BootInfo) -> Outcome {
             // SAFETY: the output fields are only written by the hypervisor, which is done
             // with this batch; plain guest memory.
             unsafe { core::ptr::copy_nonoverlapping(race_entry(i), b.as_mut_ptr(), 48) };
-            let e = Entry::from_bytes(&b);
+            let e: Entry = moat_abi::zerocopy::transmute!(b);
+            let (e_iova, e_done) = (e.iova.get(), e.done.get());
             match e.outcome_status() {
-                Some(Status::Ok) if e.iova != 0 && e.done == PAGE as u64 => {
+                Some(Status::Ok) if e_iova != 0 && e_done == PAGE as u64 => {
                     ok += 1;
                     round_ok += 1;
-                    *iova = e.iova;
+                    *iova = e_iova;
                 }
-                Some(Status::Fault) if e.iova == 0 && e.done == 0 => fault += 1,
+                Some(Status::Fault) if e_iova == 0 && e_done == 0 => fault += 1,
                 _ => other += 1,
             }
         }
@@ -1329,7 +1329,7 @@ pub fn race(boot: &BootInfo) -> Outcome {
     }
     RACE_STOP.store(true, SeqCst);
     let t0 = crate::abi::rdtsc();
-    while RACE_WRITES.load(SeqCst) == 0 && crate::abi::rdtsc() - t0 < 10_000 * boot.tsc_khz {
+    while RACE_WRITES.load(SeqCst) == 0 && crate::abi::rdtsc() - t0 < 10_000 * boot.tsc_khz.get() {
         core::hint::spin_loop();
     }
     let s = d.stats(false).map_err(|_| "STATS failed")?;

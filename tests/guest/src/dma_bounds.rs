@@ -5,7 +5,7 @@
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 
 use moat_abi::dma::{DmaFlags, Entry, Policy, RegionKind, BATCH_HEADER_SIZE};
-use moat_abi::{Call, Status};
+use moat_abi::{Call, IntoBytes, Status};
 use moat_pvdma::{BatchArea, GuestBuffer, Native, PvDma};
 
 use crate::abi::{rdtsc, BootInfo};
@@ -31,15 +31,10 @@ pub fn msi() -> Outcome {
     );
     let mut msi_listed = false;
     for r in info.regions() {
-        let kind = RegionKind::from_raw(r.kind);
-        println!(
-            "dma-msi: region [{:#x}, {:#x}) kind {kind:?}",
-            r.start,
-            r.start.saturating_add(r.length)
-        );
-        msi_listed |= kind == Some(RegionKind::Msi)
-            && r.start <= MSI_START
-            && r.start.saturating_add(r.length) >= MSI_END;
+        let kind = RegionKind::from_raw(r.kind.get());
+        let (start, end) = (r.start.get(), r.start.get().saturating_add(r.length.get()));
+        println!("dma-msi: region [{start:#x}, {end:#x}) kind {kind:?}");
+        msi_listed |= kind == Some(RegionKind::Msi) && start <= MSI_START && end >= MSI_END;
     }
     let mut failures = 0u32;
     if width < 32 {
@@ -71,11 +66,10 @@ pub fn msi() -> Outcome {
     let iova = d
         .map(gpa(3), PAGE as u64, DmaFlags::READ_WRITE)
         .map_err(|_| "MAP failed")?;
-    let inside = info
-        .regions()
-        .iter()
-        .any(|r| iova < r.start.saturating_add(r.length) && r.start < iova + PAGE as u64)
-        || (iova < MSI_END && MSI_START < iova + PAGE as u64);
+    let inside = info.regions().iter().any(|r| {
+        let (start, len) = (r.start.get(), r.length.get());
+        iova < start.saturating_add(len) && start < iova + PAGE as u64
+    }) || (iova < MSI_END && MSI_START < iova + PAGE as u64);
     let ok = !inside && (width >= 64 || iova + PAGE as u64 <= 1u64 << width);
     println!(
         "dma-msi: MAP returned IOVA {iova:#x}: outside every reserved region and inside the width: {ok} {}",
@@ -199,20 +193,21 @@ fn stale_entry(i: usize) -> *mut u8 {
 
 fn put_entry(i: usize, e: Entry) {
     // SAFETY: vCPU 0's own batch area; the hypervisor reads it only during a MULTICALL.
-    unsafe { core::ptr::copy_nonoverlapping(e.to_bytes().as_ptr(), stale_entry(i), 48) };
+    unsafe { core::ptr::copy_nonoverlapping(e.as_bytes().as_ptr(), stale_entry(i), 48) };
 }
 
 fn get_entry(i: usize) -> Entry {
     let mut b = [0u8; 48];
     // SAFETY: as in `put_entry`.
     unsafe { core::ptr::copy_nonoverlapping(stale_entry(i), b.as_mut_ptr(), 48) };
-    Entry::from_bytes(&b)
+    moat_abi::zerocopy::transmute!(b)
 }
 
 /// Runs the batch of `count` entries from entry 0 to the end; `first` runs right after the
 /// return of the first call (the one that ran entry 0).
 fn multicall(count: usize, mut first: impl FnMut()) -> Result<(), &'static str> {
-    let hdr = moat_abi::dma::BatchHeader::new(count as u32).to_bytes();
+    let hdr = moat_abi::dma::BatchHeader::new(count as u32);
+    let hdr = hdr.as_bytes();
     let area = core::ptr::addr_of_mut!(STALE_BATCH) as *mut u8;
     // SAFETY: as in `put_entry`.
     unsafe { core::ptr::copy_nonoverlapping(hdr.as_ptr(), area, BATCH_HEADER_SIZE) };
@@ -265,7 +260,7 @@ fn stale_run(boot: &BootInfo, per_kind: u64) -> Outcome {
     let mut d = driver()?;
     let info = *d.info();
     let policy = info.policy;
-    let khz = boot.tsc_khz.max(1);
+    let khz = boot.tsc_khz.get().max(1);
     let us = |cycles: u64| cycles * 1000 / khz;
     let bound_us = u64::from(info.deferred_max_us);
     // Delays step over twice the bound (a 10 ms bound where there is none).
@@ -402,7 +397,7 @@ fn stale_run(boot: &BootInfo, per_kind: u64) -> Outcome {
             // Clean up the MAPs of the long MULTICALL.
             for j in 0..LONG_HALF {
                 let e = get_entry(1 + LONG_HALF + j);
-                put_entry(j, Entry::unmap(e.iova, PAGE as u64));
+                put_entry(j, Entry::unmap(e.iova.get(), PAGE as u64));
             }
             if let Err(e) = multicall(LONG_HALF, || {}) {
                 failed = Some(e);

@@ -41,13 +41,16 @@ fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
 }
 
 fn cmdline(info: &BootInfo) -> &'static str {
-    if info.cmdline_len > 0xf00 {
+    if info.cmdline_len.get() > 0xf00 {
         return "";
     }
     // SAFETY: the hypervisor copied the command line into this guest's memory at cmdline_gpa
     // (identity mapped); it is never written afterwards.
     let bytes = unsafe {
-        core::slice::from_raw_parts(info.cmdline_gpa as *const u8, info.cmdline_len as usize)
+        core::slice::from_raw_parts(
+            info.cmdline_gpa.get() as *const u8,
+            info.cmdline_len.get() as usize,
+        )
     };
     core::str::from_utf8(bytes).unwrap_or("")
 }
@@ -60,27 +63,32 @@ fn name(info: &BootInfo) -> &str {
 #[no_mangle]
 extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
     // SAFETY: the hypervisor passes the address of the 64-byte boot information in RDI,
-    // inside this guest's identity-mapped RAM.
-    let info =
-        BootInfo::from_bytes(unsafe { &*(info as *const [u8; moat_abi::boot::BOOT_INFO_SIZE]) });
+    // inside this guest's identity-mapped RAM; `BootInfo` has alignment 1 and every byte
+    // pattern is one (`FromBytes`). Copied once.
+    let info = unsafe { info.read() };
     let (_, _, insn, _) = abi::cpuid(0x4000_0001);
     abi::select_instruction(insn);
-    if info.magic != abi::BOOT_MAGIC {
+    if info.magic.get() != abi::BOOT_MAGIC {
         println!(
             "moat-test-guest: bad boot information magic {:#x}",
-            info.magic
+            info.magic.get()
         );
         abi::exit(0xfe);
     }
     let line = cmdline(&info);
     if vcpu != 0 {
-        println!("vcpu {vcpu} of {} up", info.vcpus);
+        println!("vcpu {vcpu} of {} up", info.vcpus.get());
         if let Some(rounds) = line
             .split_ascii_whitespace()
             .find_map(|w| w.strip_prefix("dma-smp="))
             .and_then(parse_number)
         {
-            match dma::smp_worker(vcpu as usize, info.vcpus as usize, rounds, info.tsc_khz) {
+            match dma::smp_worker(
+                vcpu as usize,
+                info.vcpus.get() as usize,
+                rounds,
+                info.tsc_khz.get(),
+            ) {
                 Ok(d) => println!("vcpu {vcpu}: dma-smp worker done, {d} duplicate IOVA(s) seen"),
                 Err(e) => println!("vcpu {vcpu}: dma-smp worker FAILED: {e}"),
             }
@@ -122,8 +130,8 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
     println!(
         "moat-test-guest on {} vcpu {vcpu} of {}: {} MiB, command line `{line}`",
         name(&info),
-        info.vcpus,
-        info.mem_size >> 20
+        info.vcpus.get(),
+        info.mem_size.get() >> 20
     );
     let (mut passed, mut failed) = (0u32, 0u32);
     for word in line.split_ascii_whitespace() {
@@ -136,8 +144,8 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "spin" => spin(&info, arg.unwrap_or(10)),
             "probe-pci" => probe_pci(),
             "edu-bar" => edu_bar(),
-            "escape-read" => escape(arg.unwrap_or(info.mem_size), false),
-            "escape-write" => escape(arg.unwrap_or(info.mem_size), true),
+            "escape-read" => escape(arg.unwrap_or(info.mem_size.get()), false),
+            "escape-write" => escape(arg.unwrap_or(info.mem_size.get()), true),
             "msr" => msr(),
             "triple-fault" => triple_fault(),
             "bad-hypercall" => bad_hypercall(),
@@ -212,7 +220,7 @@ fn hello() -> Outcome {
 }
 
 fn delay_us(info: &BootInfo, us: u64) {
-    let end = abi::rdtsc() + us * info.tsc_khz.max(1) / 1000;
+    let end = abi::rdtsc() + us * info.tsc_khz.get().max(1) / 1000;
     while abi::rdtsc() < end {
         core::hint::spin_loop();
     }
@@ -414,10 +422,10 @@ fn vmmcall_bench(info: &BootInfo, n: u64) -> Outcome {
         bad += (hypercall(call::NOP, 0, 0, 0).0 != abi::OK) as u64;
     }
     let cycles = (abi::rdtsc() - t0) / n;
-    let ns = cycles * 1_000_000 / info.tsc_khz.max(1);
+    let ns = cycles * 1_000_000 / info.tsc_khz.get().max(1);
     println!(
         "vmmcall-bench: {n} round trips: {cycles} cycles/call, {ns} ns/call (QEMU TCG, TSC {} MHz)",
-        info.tsc_khz / 1000
+        info.tsc_khz.get() / 1000
     );
     if bad != 0 {
         return Err("a NOP hypercall failed");

@@ -117,7 +117,7 @@ pub fn worker() {
 
 /// vCPU 0's side: runs the rounds and judges them.
 pub fn run(boot: &crate::abi::BootInfo) -> Outcome {
-    if boot.vcpus < 2 {
+    if boot.vcpus.get() < 2 {
         return Err("needs 2 vCPUs");
     }
     let mut round = 0u32;
@@ -135,7 +135,7 @@ pub fn run(boot: &crate::abi::BootInfo) -> Outcome {
             let t1 = crate::abi::rdtsc();
             let t_wait = crate::abi::rdtsc();
             while ONE_STATUS.load(SeqCst) == 0 {
-                if crate::abi::rdtsc() - t_wait > 10_000 * boot.tsc_khz {
+                if crate::abi::rdtsc() - t_wait > 10_000 * boot.tsc_khz.get() {
                     return Err("vCPU 1 stopped answering");
                 }
                 core::hint::spin_loop();
@@ -151,7 +151,7 @@ pub fn run(boot: &crate::abi::BootInfo) -> Outcome {
             }
             UNDO.store(round, SeqCst);
             while DONE.load(SeqCst) != round {
-                if crate::abi::rdtsc() - t_wait > 10_000 * boot.tsc_khz {
+                if crate::abi::rdtsc() - t_wait > 10_000 * boot.tsc_khz.get() {
                     return Err("vCPU 1 stopped answering");
                 }
                 core::hint::spin_loop();

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 use moat_abi::dma::*;
+use moat_abi::zerocopy::little_endian::{U32, U64};
 use moat_abi::*;
 use moat_pvdma::Hypervisor;
 use std::cell::RefCell;
@@ -17,10 +18,10 @@ use std::vec::Vec;
 pub const RAM: u64 = 16 << 20;
 /// The MSI window, a reserved region.
 pub const MSI: ReservedRegion = ReservedRegion {
-    start: 0xfee0_0000,
-    length: 0x10_0000,
-    kind: RegionKind::Msi as u32,
-    reserved: 0,
+    start: U64::new(0xfee0_0000),
+    length: U64::new(0x10_0000),
+    kind: U32::new(RegionKind::Msi as u32),
+    reserved: U32::ZERO,
 };
 
 #[derive(Clone, Debug)]
@@ -192,7 +193,12 @@ impl State {
             .iter()
             .map(|(&i, m)| (i, m.len))
             .chain(self.pending.iter().copied())
-            .chain(self.cfg.regions.iter().map(|r| (r.start, r.length)))
+            .chain(
+                self.cfg
+                    .regions
+                    .iter()
+                    .map(|r| (r.start.get(), r.length.get())),
+            )
             .chain([(0, PAGE_SIZE)])
             .collect();
         busy.sort();
@@ -319,14 +325,9 @@ impl State {
             return rejected(Status::Inval, a[0]);
         }
         self.stats.multicalls += 1;
-        let mut hb = [0u8; BATCH_HEADER_SIZE];
-        hb.copy_from_slice(&self.ram[area as usize..area as usize + BATCH_HEADER_SIZE]);
-        let info = match validate_batch(
-            &BatchHeader::from_bytes(&hb),
-            a[0],
-            capacity,
-            &self.cfg.limits(),
-        ) {
+        let header =
+            BatchHeader::read_from_bytes(&self.ram[area as usize..][..BATCH_HEADER_SIZE]).unwrap();
+        let info = match validate_batch(&header, a[0], capacity, &self.cfg.limits()) {
             Ok(i) => i,
             Err(s) => return rejected(s, a[0]),
         };
@@ -341,20 +342,18 @@ impl State {
                 }
             }
             let at = area as usize + Entry::offset_of_index(i);
-            let mut eb = [0u8; ENTRY_SIZE];
-            eb.copy_from_slice(&self.ram[at..at + ENTRY_SIZE]);
-            let e = Entry::from_bytes(&eb);
+            let e = Entry::read_from_bytes(&self.ram[at..at + ENTRY_SIZE]).unwrap();
             let v = validate_entry(&e, &self.cfg.limits());
             let r = v.and_then(|req| self.apply(req, true));
             // An unconfirmed invalidation inside a multicall is reported by `unsynced`.
             let r = match r {
-                Err(Status::Busy) => Ok(e.iova),
+                Err(Status::Busy) => Ok(e.iova.get()),
                 r => r,
             };
             self.record(true, v.ok(), r);
             let out = EntryOutcome {
                 status: r.err().unwrap_or(Status::Ok),
-                done: if r.is_ok() { e.length } else { 0 },
+                done: if r.is_ok() { e.length.get() } else { 0 },
                 iova: (e.op == Op::Map as u16).then(|| r.unwrap_or(0)),
             };
             self.ram[at + Entry::STATUS_OFFSET..at + ENTRY_SIZE]
@@ -397,42 +396,45 @@ impl State {
         let fit = QueryHeader::regions_fitting(a[1]).min(u64::from(n)) as u32;
         let c = &self.cfg;
         let h = QueryHeader {
-            abi_version: c.abi_version,
-            header_size: QUERY_HEADER_SIZE as u32,
-            page_sizes: 1 << 12,
+            abi_version: c.abi_version.into(),
+            header_size: (QUERY_HEADER_SIZE as u32).into(),
+            page_sizes: (1 << 12).into(),
             iova_width: c.iova_width,
             policy: c.policy as u8,
-            reserved0: 0,
-            max_batch: c.max_batch,
-            features: c.features
+            reserved0: 0.into(),
+            max_batch: c.max_batch.into(),
+            features: (c.features
                 | if c.policy == Policy::Passthrough {
                     Features::IOVA_IS_GPA
                 } else {
                     0
-                },
-            max_mappings: c.max_mappings,
-            max_pt_pages: 1024,
+                })
+            .into(),
+            max_mappings: c.max_mappings.into(),
+            max_pt_pages: 1024.into(),
             deferred_max_entries: if c.policy == Policy::Deferred {
                 c.deferred_max_entries
             } else {
                 0
-            },
+            }
+            .into(),
             deferred_max_us: if c.policy == Policy::Deferred {
                 1000
             } else {
                 0
-            },
-            nr_regions: n,
-            regions_written: fit,
-            max_batch_pages: MAX_BATCH_PAGES as u32,
-            max_map_pages: c.max_map_pages,
+            }
+            .into(),
+            nr_regions: n.into(),
+            regions_written: fit.into(),
+            max_batch_pages: (MAX_BATCH_PAGES as u32).into(),
+            max_map_pages: c.max_map_pages.into(),
         };
-        let regions: Vec<[u8; REGION_SIZE]> = c.regions.iter().map(|r| r.to_bytes()).collect();
+        let regions: Vec<ReservedRegion> = c.regions.clone();
         let g = a[0] as usize;
-        self.ram[g..g + QUERY_HEADER_SIZE].copy_from_slice(&h.to_bytes());
+        self.ram[g..g + QUERY_HEADER_SIZE].copy_from_slice(h.as_bytes());
         for (k, r) in regions.iter().take(fit as usize).enumerate() {
             let at = g + QUERY_HEADER_SIZE + k * REGION_SIZE;
-            self.ram[at..at + REGION_SIZE].copy_from_slice(r);
+            self.ram[at..at + REGION_SIZE].copy_from_slice(r.as_bytes());
         }
         Return::ok(full)
     }
@@ -502,7 +504,7 @@ impl State {
         let capacity = fault_ring_capacity(pages);
         let g = gpa as usize;
         self.ram[g..g + FAULT_RING_HEADER_SIZE]
-            .copy_from_slice(&FaultRingHeader::new(capacity).to_bytes());
+            .copy_from_slice(FaultRingHeader::new(capacity).as_bytes());
         self.ring = Some(Ring {
             gpa,
             pages,
@@ -533,16 +535,16 @@ impl State {
             self.ram[d..d + 8].copy_from_slice(&r.dropped.to_le_bytes());
         } else {
             let rec = FaultRecord {
-                iova: iova & !(PAGE_SIZE - 1),
-                source_id,
+                iova: (iova & !(PAGE_SIZE - 1)).into(),
+                source_id: source_id.into(),
                 reason,
                 direction: dir as u8,
-                reserved0: 0,
-                seq,
-                reserved1: 0,
+                reserved0: 0.into(),
+                seq: seq.into(),
+                reserved1: 0.into(),
             };
             let at = g + FaultRingHeader::record_offset(r.capacity, r.producer).unwrap();
-            self.ram[at..at + FAULT_RECORD_SIZE].copy_from_slice(&rec.to_bytes());
+            self.ram[at..at + FAULT_RECORD_SIZE].copy_from_slice(rec.as_bytes());
             if used == 0 && r.vector != 0 {
                 self.injected_irqs += 1;
             }
@@ -567,12 +569,17 @@ impl State {
             return Return::err(Status::Fault);
         }
         let mut s = self.stats;
-        s.size = STATS_SIZE as u32;
-        s.live_mappings = self.live.len() as u64;
-        s.live_pages = self.live.values().map(|m| m.len / PAGE_SIZE).sum();
-        s.pending_invalidations = self.pending.len() as u64;
+        s.size = (STATS_SIZE as u32).into();
+        s.live_mappings = (self.live.len() as u64).into();
+        s.live_pages = self
+            .live
+            .values()
+            .map(|m| m.len / PAGE_SIZE)
+            .sum::<u64>()
+            .into();
+        s.pending_invalidations = (self.pending.len() as u64).into();
         let g = a[0] as usize;
-        self.ram[g..g + STATS_SIZE].copy_from_slice(&s.to_bytes());
+        self.ram[g..g + STATS_SIZE].copy_from_slice(s.as_bytes());
         if a[2] & StatsFlags::RESET != 0 {
             self.stats = Stats::from_counters([0; 18]);
         }

@@ -14,7 +14,7 @@ use moat_abi::dma::{
     MAX_BATCH_PAGES, MAX_FAULT_RING_PAGES, MULTICALL_UNSYNCED, PAGE_SIZE, QUERY_HEADER_SIZE,
     REGION_SIZE, STATS_SIZE,
 };
-use moat_abi::{Call, Return, Status};
+use moat_abi::{Call, FromBytes, IntoBytes, Return, Status};
 
 /// `N` bytes from `data` at `at`, zero-padded past its end.
 fn bytes<const N: usize>(data: &[u8], at: usize) -> [u8; N] {
@@ -32,13 +32,13 @@ fn u64_at(data: &[u8], at: usize) -> u64 {
 fuzz_target!(|data: &[u8]| {
     // QUERY: the header round-trips, its limits and policy decode, the size helpers agree.
     let qb: [u8; QUERY_HEADER_SIZE] = bytes(data, 0);
-    let q = QueryHeader::from_bytes(&qb);
-    assert_eq!(q.to_bytes(), qb);
+    let q = QueryHeader::read_from_bytes(&qb).unwrap();
+    assert_eq!(q.as_bytes(), qb);
     let _ = (q.policy(), q.features(), q.limits().iova_space());
-    let full = QueryHeader::full_size(q.nr_regions);
+    let full = QueryHeader::full_size(q.nr_regions.get());
     assert_eq!(
         QueryHeader::regions_fitting(full),
-        u64::from(q.nr_regions),
+        u64::from(q.nr_regions.get()),
         "a buffer of full_size holds every region"
     );
     let len = u64_at(data, 8);
@@ -56,32 +56,38 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // Reserved regions: round-trip, kind decode, `intersects` is symmetric and exact.
-    let r1 = ReservedRegion::from_bytes(&bytes(data, 16));
-    let r2 = ReservedRegion::from_bytes(&bytes(data, 40));
-    assert_eq!(r1.to_bytes(), bytes::<REGION_SIZE>(data, 16));
-    let _ = RegionKind::from_raw(r1.kind);
+    let r1b: [u8; REGION_SIZE] = bytes(data, 16);
+    let r1 = ReservedRegion::read_from_bytes(&r1b).unwrap();
+    let r2 = ReservedRegion::read_from_bytes(&bytes::<REGION_SIZE>(data, 40)).unwrap();
+    assert_eq!(r1.as_bytes(), r1b);
+    let _ = RegionKind::from_raw(r1.kind.get());
     let as_region = |s: u64, l: u64| ReservedRegion {
-        start: s,
-        length: l,
-        kind: 0,
-        reserved: 0,
+        start: s.into(),
+        length: l.into(),
+        ..ReservedRegion::default()
     };
+    let (s1, l1, s2, l2) = (
+        r1.start.get(),
+        r1.length.get(),
+        r2.start.get(),
+        r2.length.get(),
+    );
     assert_eq!(
-        r1.intersects(r2.start, r2.length),
-        r2.intersects(r1.start, r1.length),
+        r1.intersects(s2, l2),
+        r2.intersects(s1, l1),
         "intersects is symmetric"
     );
-    if r1.intersects(r2.start, r2.length) {
+    if r1.intersects(s2, l2) {
         // Some byte lies in both (saturating ends): the later start is below both ends.
-        let s = r1.start.max(r2.start);
-        assert!(s < r1.start.saturating_add(r1.length) && s < r2.start.saturating_add(r2.length));
-        assert!(as_region(s, 1).intersects(r1.start, r1.length));
+        let s = s1.max(s2);
+        assert!(s < s1.saturating_add(l1) && s < s2.saturating_add(l2));
+        assert!(as_region(s, 1).intersects(s1, l1));
     }
 
     // STATS: round-trip through the bytes and through the counter array.
     let sb: [u8; STATS_SIZE] = bytes(data, 0);
-    let s = Stats::from_bytes(&sb);
-    assert_eq!(s.to_bytes(), sb);
+    let s = Stats::read_from_bytes(&sb).unwrap();
+    assert_eq!(s.as_bytes(), sb);
     let again = Stats {
         size: s.size,
         reserved: s.reserved,
@@ -91,19 +97,19 @@ fuzz_target!(|data: &[u8]| {
 
     // Fault ring: header round-trip, `pending` within capacity, slots inside the area.
     let fb: [u8; FAULT_RING_HEADER_SIZE] = bytes(data, 0);
-    let f = FaultRingHeader::from_bytes(&fb);
-    assert_eq!(f.to_bytes(), fb);
+    let f = FaultRingHeader::read_from_bytes(&fb).unwrap();
+    assert_eq!(f.as_bytes(), fb);
     if let Some(n) = f.pending() {
-        assert!(n <= f.capacity);
+        assert!(n <= f.capacity.get());
     }
     let pages = u64_at(data, 24) % (MAX_FAULT_RING_PAGES + 4);
     let cap = fault_ring_capacity(pages);
     if pages == 0 {
         assert_eq!(cap, 0);
-        assert_eq!(FaultRingHeader::record_offset(cap, f.producer), None);
+        assert_eq!(FaultRingHeader::record_offset(cap, f.producer.get()), None);
     } else {
         let area = pages.min(MAX_FAULT_RING_PAGES) * PAGE_SIZE;
-        let off = FaultRingHeader::record_offset(cap, f.producer).expect("a slot");
+        let off = FaultRingHeader::record_offset(cap, f.producer.get()).expect("a slot");
         assert!(off >= FAULT_RING_HEADER_SIZE);
         assert!(
             (off + FAULT_RECORD_SIZE) as u64 <= area,
@@ -114,8 +120,8 @@ fuzz_target!(|data: &[u8]| {
         );
     }
     let rb: [u8; FAULT_RECORD_SIZE] = bytes(data, 32);
-    let rec = FaultRecord::from_bytes(&rb);
-    assert_eq!(rec.to_bytes(), rb);
+    let rec = FaultRecord::read_from_bytes(&rb).unwrap();
+    assert_eq!(rec.as_bytes(), rb);
     if let Some(d) = rec.direction() {
         assert_eq!(Direction::from_raw(rec.direction), Some(d));
     }
@@ -138,7 +144,7 @@ fuzz_target!(|data: &[u8]| {
 
     // Boot info round-trip.
     let bb: [u8; BOOT_INFO_SIZE] = bytes(data, 0);
-    assert_eq!(BootInfo::from_bytes(&bb).to_bytes(), bb);
+    assert_eq!(BootInfo::read_from_bytes(&bb).unwrap().as_bytes(), bb);
 
     // Status and call numbers: whatever decodes encodes back to the same number.
     let rax = u64_at(data, 56);
@@ -176,7 +182,7 @@ fuzz_target!(|data: &[u8]| {
     }
 
     // An entry outcome written back: status and done land where the guest reads them.
-    let mut e = Entry::from_bytes(&bytes(data, 8));
+    let mut e = Entry::read_from_bytes(&bytes::<ENTRY_SIZE>(data, 8)).unwrap();
     if let Some(st) = Status::from_rax(rax) {
         let o = EntryOutcome {
             status: st,
@@ -186,13 +192,13 @@ fuzz_target!(|data: &[u8]| {
         let before = e;
         o.apply(&mut e);
         assert_eq!(e.outcome_status(), Some(st));
-        assert_eq!(e.done, o.done);
-        assert_eq!(e.iova, o.iova.unwrap_or(before.iova));
+        assert_eq!(e.done.get(), o.done);
+        assert_eq!(e.iova.get(), o.iova.unwrap_or(before.iova.get()));
         assert_eq!(
             (e.gpa, e.length, e.flags),
             (before.gpa, before.length, before.flags)
         );
-        let b = e.to_bytes();
+        let b = e.as_bytes();
         assert_eq!(
             &b[Entry::STATUS_OFFSET..Entry::STATUS_OFFSET + 16],
             &o.status_done_bytes()

@@ -9,7 +9,7 @@ use moat_abi::dma::{
     decode_map_regs, decode_unmap_regs, validate_batch, validate_entry, BatchHeader, Entry, Limits,
     Request, BATCH_HEADER_SIZE, ENTRY_SIZE,
 };
-use moat_abi::Args;
+use moat_abi::{Args, FromBytes, IntoBytes};
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
     let mut w = [0u8; 8];
@@ -32,8 +32,8 @@ fuzz_target!(|data: &[u8]| {
     let rest = data.get(16..).unwrap_or(&[]);
 
     if let Some(hb) = rest.get(..BATCH_HEADER_SIZE) {
-        let h = BatchHeader::from_bytes(hb.try_into().unwrap());
-        assert_eq!(&h.to_bytes()[..], hb);
+        let h = BatchHeader::read_from_bytes(hb).unwrap();
+        assert_eq!(h.as_bytes(), hb);
         if let Ok(info) = validate_batch(&h, cursor, capacity, &limits) {
             assert!(info.count <= capacity && info.count <= limits.max_batch);
             assert!(u64::from(info.cursor) == cursor && info.cursor <= info.count);
@@ -41,28 +41,28 @@ fuzz_target!(|data: &[u8]| {
     }
 
     for chunk in rest.chunks_exact(ENTRY_SIZE) {
-        let e = Entry::from_bytes(chunk.try_into().unwrap());
-        assert_eq!(&e.to_bytes()[..], chunk);
+        let e = Entry::read_from_bytes(chunk).unwrap();
+        assert_eq!(e.as_bytes(), chunk);
         if let Ok(req) = validate_entry(&e, &limits) {
             let (addr, len) = match req {
                 Request::Map { gpa, length, flags } => {
-                    assert!(!flags.is_empty() && e.iova == 0);
+                    assert!(!flags.is_empty() && e.iova.get() == 0);
                     (gpa, length)
                 }
                 Request::Unmap { iova, length } => {
-                    assert!(e.flags == 0 && e.gpa == 0);
+                    assert!(e.flags.get() == 0 && e.gpa.get() == 0);
                     assert!(u128::from(iova) + u128::from(length) <= 1u128 << limits.iova_width);
                     (iova, length)
                 }
             };
-            assert!(e.reserved == 0 && len != 0 && (addr | len) & 0xfff == 0);
+            assert!(e.reserved.get() == 0 && len != 0 && (addr | len) & 0xfff == 0);
             assert!(addr.checked_add(len).is_some());
         }
         let args = Args([
-            e.gpa,
-            e.length,
-            u64::from(e.flags) | (e.done << 16),
-            e.iova,
+            e.gpa.get(),
+            e.length.get(),
+            u64::from(e.flags.get()) | (e.done.get() << 16),
+            e.iova.get(),
             0,
             0,
         ]);

@@ -3,9 +3,10 @@
 
 use super::{is_page_aligned, DmaFlags, Limits, Op, PAGE_SIZE};
 use crate::hypercall::{Args, Return};
-use crate::le::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
 use crate::status::Status;
 use core::mem::{offset_of, size_of};
+use zerocopy::little_endian::{I64, U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// `magic` of a [`BatchHeader`]: the bytes `"MDMA"`.
 pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"MDMA");
@@ -52,20 +53,22 @@ pub const fn batch_capacity(pages: u64, max_batch: u32) -> u32 {
 /// | 12 | 4 | `reserved0` | must be 0 |
 /// | 16 | 48 | `reserved` | must be 0 |
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
 pub struct BatchHeader {
     /// [`BATCH_MAGIC`].
-    pub magic: u32,
+    pub magic: U32,
     /// [`BATCH_VERSION`].
-    pub version: u16,
+    pub version: U16,
     /// [`ENTRY_SIZE`].
-    pub entry_size: u16,
+    pub entry_size: U16,
     /// Number of entries.
-    pub count: u32,
+    pub count: U32,
     /// Must be 0.
-    pub reserved0: u32,
+    pub reserved0: U32,
     /// Must be 0.
-    pub reserved: [u64; 6],
+    pub reserved: [U64; 6],
 }
 
 const _: () = {
@@ -82,43 +85,13 @@ impl BatchHeader {
     /// A valid header for `count` entries.
     pub const fn new(count: u32) -> BatchHeader {
         BatchHeader {
-            magic: BATCH_MAGIC,
-            version: BATCH_VERSION,
-            entry_size: ENTRY_SIZE as u16,
-            count,
-            reserved0: 0,
-            reserved: [0; 6],
+            magic: U32::new(BATCH_MAGIC),
+            version: U16::new(BATCH_VERSION),
+            entry_size: U16::new(ENTRY_SIZE as u16),
+            count: U32::new(count),
+            reserved0: U32::ZERO,
+            reserved: [U64::ZERO; 6],
         }
-    }
-
-    /// Decodes the little-endian bytes.
-    pub fn from_bytes(b: &[u8; BATCH_HEADER_SIZE]) -> BatchHeader {
-        let mut reserved = [0u64; 6];
-        for (i, r) in reserved.iter_mut().enumerate() {
-            *r = u64_at(b, 16 + 8 * i);
-        }
-        BatchHeader {
-            magic: u32_at(b, 0),
-            version: u16_at(b, 4),
-            entry_size: u16_at(b, 6),
-            count: u32_at(b, 8),
-            reserved0: u32_at(b, 12),
-            reserved,
-        }
-    }
-
-    /// Encodes to little-endian bytes.
-    pub fn to_bytes(&self) -> [u8; BATCH_HEADER_SIZE] {
-        let mut b = [0u8; BATCH_HEADER_SIZE];
-        put_u32(&mut b, 0, self.magic);
-        put_u16(&mut b, 4, self.version);
-        put_u16(&mut b, 6, self.entry_size);
-        put_u32(&mut b, 8, self.count);
-        put_u32(&mut b, 12, self.reserved0);
-        for (i, r) in self.reserved.iter().enumerate() {
-            put_u64(&mut b, 16 + 8 * i, *r);
-        }
-        b
     }
 }
 
@@ -147,26 +120,27 @@ pub fn validate_batch(
     capacity: u32,
     limits: &Limits,
 ) -> Result<BatchInfo, Status> {
-    if header.magic != BATCH_MAGIC {
+    if header.magic.get() != BATCH_MAGIC {
         return Err(Status::Inval);
     }
-    if header.version != BATCH_VERSION {
+    if header.version.get() != BATCH_VERSION {
         return Err(Status::Unsupp);
     }
-    if header.entry_size as usize != ENTRY_SIZE {
+    if header.entry_size.get() as usize != ENTRY_SIZE {
         return Err(Status::Inval);
     }
-    if header.reserved0 != 0 || header.reserved.iter().any(|&r| r != 0) {
+    if header.reserved0.get() != 0 || header.reserved.iter().any(|r| r.get() != 0) {
         return Err(Status::Inval);
     }
-    if header.count > capacity || header.count > limits.max_batch {
+    let count = header.count.get();
+    if count > capacity || count > limits.max_batch {
         return Err(Status::Range);
     }
-    if cursor > header.count as u64 {
+    if cursor > count as u64 {
         return Err(Status::Range);
     }
     Ok(BatchInfo {
-        count: header.count,
+        count,
         cursor: cursor as u32,
     })
 }
@@ -188,24 +162,26 @@ pub fn validate_batch(
 /// [`STATUS_PENDING`] and 0) and writes `status`, `done` (and `iova` for MAP) of every entry
 /// it runs, whether it succeeds or fails. It never writes an entry it did not run.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
 pub struct Entry {
     /// [`Op`] as `u16`.
-    pub op: u16,
+    pub op: U16,
     /// [`DmaFlags`] bits.
-    pub flags: u16,
+    pub flags: U16,
     /// Must be 0.
-    pub reserved: u32,
+    pub reserved: U32,
     /// MAP: first guest-physical byte. UNMAP: must be 0.
-    pub gpa: u64,
+    pub gpa: U64,
     /// MAP: in 0, out the IOVA. UNMAP: the IOVA the mapping starts at.
-    pub iova: u64,
+    pub iova: U64,
     /// Bytes, a non-zero multiple of [`PAGE_SIZE`].
-    pub length: u64,
+    pub length: U64,
     /// Out: the entry's [`Status`] (raw).
-    pub status: i64,
+    pub status: I64,
     /// Out: bytes done.
-    pub done: u64,
+    pub done: U64,
 }
 
 const _: () = {
@@ -222,35 +198,35 @@ const _: () = {
 
 impl Entry {
     /// Byte offset of `iova` inside an entry (the MAP write-back).
-    pub const IOVA_OFFSET: usize = 16;
+    pub const IOVA_OFFSET: usize = offset_of!(Entry, iova);
     /// Byte offset of `status`; `status` and `done` are written back together as 16 bytes.
-    pub const STATUS_OFFSET: usize = 32;
+    pub const STATUS_OFFSET: usize = offset_of!(Entry, status);
 
     /// A MAP entry as a guest submits it.
     pub const fn map(gpa: u64, length: u64, flags: DmaFlags) -> Entry {
         Entry {
-            op: Op::Map as u16,
-            flags: flags.bits(),
-            reserved: 0,
-            gpa,
-            iova: 0,
-            length,
-            status: STATUS_PENDING,
-            done: 0,
+            op: U16::new(Op::Map as u16),
+            flags: U16::new(flags.bits()),
+            reserved: U32::ZERO,
+            gpa: U64::new(gpa),
+            iova: U64::ZERO,
+            length: U64::new(length),
+            status: I64::new(STATUS_PENDING),
+            done: U64::ZERO,
         }
     }
 
     /// An UNMAP entry as a guest submits it.
     pub const fn unmap(iova: u64, length: u64) -> Entry {
         Entry {
-            op: Op::Unmap as u16,
-            flags: 0,
-            reserved: 0,
-            gpa: 0,
-            iova,
-            length,
-            status: STATUS_PENDING,
-            done: 0,
+            op: U16::new(Op::Unmap as u16),
+            flags: U16::ZERO,
+            reserved: U32::ZERO,
+            gpa: U64::ZERO,
+            iova: U64::new(iova),
+            length: U64::new(length),
+            status: I64::new(STATUS_PENDING),
+            done: U64::ZERO,
         }
     }
 
@@ -259,37 +235,9 @@ impl Entry {
         BATCH_HEADER_SIZE + index as usize * ENTRY_SIZE
     }
 
-    /// Decodes the little-endian bytes (every bit pattern decodes; [`validate_entry`] judges).
-    pub fn from_bytes(b: &[u8; ENTRY_SIZE]) -> Entry {
-        Entry {
-            op: u16_at(b, 0),
-            flags: u16_at(b, 2),
-            reserved: u32_at(b, 4),
-            gpa: u64_at(b, 8),
-            iova: u64_at(b, 16),
-            length: u64_at(b, 24),
-            status: u64_at(b, 32) as i64,
-            done: u64_at(b, 40),
-        }
-    }
-
-    /// Encodes to little-endian bytes.
-    pub fn to_bytes(&self) -> [u8; ENTRY_SIZE] {
-        let mut b = [0u8; ENTRY_SIZE];
-        put_u16(&mut b, 0, self.op);
-        put_u16(&mut b, 2, self.flags);
-        put_u32(&mut b, 4, self.reserved);
-        put_u64(&mut b, 8, self.gpa);
-        put_u64(&mut b, 16, self.iova);
-        put_u64(&mut b, 24, self.length);
-        put_u64(&mut b, 32, self.status as u64);
-        put_u64(&mut b, 40, self.done);
-        b
-    }
-
     /// The raw status as a [`Status`]; `None` for [`STATUS_PENDING`] or garbage.
     pub const fn outcome_status(&self) -> Option<Status> {
-        Status::from_raw(self.status)
+        Status::from_raw(self.status.get())
     }
 }
 
@@ -350,42 +298,36 @@ impl Request {
 /// `status` and `done` are not looked at. The hypervisor's own checks follow (see the crate
 /// docs, *Status codes*).
 pub fn validate_entry(e: &Entry, limits: &Limits) -> Result<Request, Status> {
-    let op = Op::from_raw(e.op).ok_or(Status::Inval)?;
-    if e.reserved != 0 {
+    let (gpa, iova, length) = (e.gpa.get(), e.iova.get(), e.length.get());
+    let op = Op::from_raw(e.op.get()).ok_or(Status::Inval)?;
+    if e.reserved.get() != 0 {
         return Err(Status::Inval);
     }
-    let flags = DmaFlags::from_bits(e.flags).ok_or(Status::Inval)?;
+    let flags = DmaFlags::from_bits(e.flags.get()).ok_or(Status::Inval)?;
     let addr = match op {
         Op::Map => {
-            if flags.is_empty() || e.iova != 0 {
+            if flags.is_empty() || iova != 0 {
                 return Err(Status::Inval);
             }
-            e.gpa
+            gpa
         }
         Op::Unmap => {
-            if !flags.is_empty() || e.gpa != 0 {
+            if !flags.is_empty() || gpa != 0 {
                 return Err(Status::Inval);
             }
-            e.iova
+            iova
         }
     };
-    check_range(addr, e.length, limits, op == Op::Unmap)?;
+    check_range(addr, length, limits, op == Op::Unmap)?;
     if op == Op::Map
         && limits.max_map_pages != 0
-        && e.length / PAGE_SIZE > limits.max_map_pages as u64
+        && length / PAGE_SIZE > limits.max_map_pages as u64
     {
         return Err(Status::Range);
     }
     Ok(match op {
-        Op::Map => Request::Map {
-            gpa: e.gpa,
-            length: e.length,
-            flags,
-        },
-        Op::Unmap => Request::Unmap {
-            iova: e.iova,
-            length: e.length,
-        },
+        Op::Map => Request::Map { gpa, length, flags },
+        Op::Unmap => Request::Unmap { iova, length },
     })
 }
 
@@ -408,7 +350,7 @@ pub fn decode_map_regs(args: &Args, limits: &Limits) -> Result<Request, Status> 
     let [gpa, length, flags, ..] = args.0;
     let flags = u16::try_from(flags).map_err(|_| Status::Inval)?;
     let entry = Entry {
-        flags,
+        flags: U16::new(flags),
         ..Entry::map(gpa, length, DmaFlags::EMPTY)
     };
     validate_entry(&entry, limits)
@@ -420,7 +362,7 @@ pub fn decode_unmap_regs(args: &Args, limits: &Limits) -> Result<Request, Status
     let [iova, length, flags, ..] = args.0;
     let flags = u16::try_from(flags).map_err(|_| Status::Inval)?;
     let entry = Entry {
-        flags,
+        flags: U16::new(flags),
         ..Entry::unmap(iova, length)
     };
     validate_entry(&entry, limits)
@@ -440,18 +382,16 @@ pub struct EntryOutcome {
 impl EntryOutcome {
     /// The 16 bytes written at [`Entry::STATUS_OFFSET`] (`status`, then `done`).
     pub fn status_done_bytes(&self) -> [u8; 16] {
-        let mut b = [0u8; 16];
-        put_u64(&mut b, 0, self.status.raw() as u64);
-        put_u64(&mut b, 8, self.done);
-        b
+        let fields = [U64::new(self.status.raw() as u64), U64::new(self.done)];
+        zerocopy::transmute!(fields)
     }
 
     /// Applies the write-back to an entry (what the guest then reads).
     pub fn apply(&self, e: &mut Entry) {
-        e.status = self.status.raw();
-        e.done = self.done;
+        e.status = I64::new(self.status.raw());
+        e.done = U64::new(self.done);
         if let Some(iova) = self.iova {
-            e.iova = iova;
+            e.iova = U64::new(iova);
         }
     }
 }

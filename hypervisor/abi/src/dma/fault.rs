@@ -1,8 +1,9 @@
 //! The fault ring: VT-d faults on the guest's domain, delivered into guest memory.
 
 use super::PAGE_SIZE;
-use crate::le::{put_u16, put_u32, put_u64, u16_at, u32_at, u64_at};
 use core::mem::{offset_of, size_of};
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// `magic` of a [`FaultRingHeader`]: the bytes `"MFLT"`.
 pub const FAULT_RING_MAGIC: u32 = u32::from_le_bytes(*b"MFLT");
@@ -48,30 +49,32 @@ pub const fn fault_ring_capacity(pages: u64) -> u32 {
 /// Record *k* (counting from 0 since registration) is in slot `k % capacity`, at offset
 /// `64 + 32 * (k % capacity)`.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
 pub struct FaultRingHeader {
     /// [`FAULT_RING_MAGIC`].
-    pub magic: u32,
+    pub magic: U32,
     /// [`FAULT_RING_VERSION`].
-    pub version: u16,
+    pub version: U16,
     /// [`FAULT_RECORD_SIZE`].
-    pub record_size: u16,
+    pub record_size: U16,
     /// Record slots.
-    pub capacity: u32,
+    pub capacity: U32,
     /// 0.
-    pub reserved0: u32,
+    pub reserved0: U32,
     /// Records produced.
-    pub producer: u32,
+    pub producer: U32,
     /// 0.
-    pub reserved1: u32,
+    pub reserved1: U32,
     /// Records consumed.
-    pub consumer: u32,
+    pub consumer: U32,
     /// 0.
-    pub reserved2: u32,
+    pub reserved2: U32,
     /// Faults dropped.
-    pub dropped: u64,
+    pub dropped: U64,
     /// 0.
-    pub reserved: [u64; 3],
+    pub reserved: [U64; 3],
 }
 
 const _: () = {
@@ -88,26 +91,26 @@ const _: () = {
 
 impl FaultRingHeader {
     /// Byte offset of `producer`.
-    pub const PRODUCER_OFFSET: usize = 16;
+    pub const PRODUCER_OFFSET: usize = offset_of!(FaultRingHeader, producer);
     /// Byte offset of `consumer`.
-    pub const CONSUMER_OFFSET: usize = 24;
+    pub const CONSUMER_OFFSET: usize = offset_of!(FaultRingHeader, consumer);
     /// Byte offset of `dropped`.
-    pub const DROPPED_OFFSET: usize = 32;
+    pub const DROPPED_OFFSET: usize = offset_of!(FaultRingHeader, dropped);
 
     /// The header the hypervisor writes at registration.
     pub const fn new(capacity: u32) -> FaultRingHeader {
         FaultRingHeader {
-            magic: FAULT_RING_MAGIC,
-            version: FAULT_RING_VERSION,
-            record_size: FAULT_RECORD_SIZE as u16,
-            capacity,
-            reserved0: 0,
-            producer: 0,
-            reserved1: 0,
-            consumer: 0,
-            reserved2: 0,
-            dropped: 0,
-            reserved: [0; 3],
+            magic: U32::new(FAULT_RING_MAGIC),
+            version: U16::new(FAULT_RING_VERSION),
+            record_size: U16::new(FAULT_RECORD_SIZE as u16),
+            capacity: U32::new(capacity),
+            reserved0: U32::ZERO,
+            producer: U32::ZERO,
+            reserved1: U32::ZERO,
+            consumer: U32::ZERO,
+            reserved2: U32::ZERO,
+            dropped: U64::ZERO,
+            reserved: [U64::ZERO; 3],
         }
     }
 
@@ -124,48 +127,12 @@ impl FaultRingHeader {
     /// exceeds the capacity (a consumer index the guest corrupted; the hypervisor then treats
     /// the ring as full).
     pub const fn pending(&self) -> Option<u32> {
-        let n = self.producer.wrapping_sub(self.consumer);
-        if n > self.capacity {
+        let n = self.producer.get().wrapping_sub(self.consumer.get());
+        if n > self.capacity.get() {
             None
         } else {
             Some(n)
         }
-    }
-
-    /// Decodes the little-endian bytes.
-    pub fn from_bytes(b: &[u8; FAULT_RING_HEADER_SIZE]) -> FaultRingHeader {
-        FaultRingHeader {
-            magic: u32_at(b, 0),
-            version: u16_at(b, 4),
-            record_size: u16_at(b, 6),
-            capacity: u32_at(b, 8),
-            reserved0: u32_at(b, 12),
-            producer: u32_at(b, 16),
-            reserved1: u32_at(b, 20),
-            consumer: u32_at(b, 24),
-            reserved2: u32_at(b, 28),
-            dropped: u64_at(b, 32),
-            reserved: [u64_at(b, 40), u64_at(b, 48), u64_at(b, 56)],
-        }
-    }
-
-    /// Encodes to little-endian bytes.
-    pub fn to_bytes(&self) -> [u8; FAULT_RING_HEADER_SIZE] {
-        let mut b = [0u8; FAULT_RING_HEADER_SIZE];
-        put_u32(&mut b, 0, self.magic);
-        put_u16(&mut b, 4, self.version);
-        put_u16(&mut b, 6, self.record_size);
-        put_u32(&mut b, 8, self.capacity);
-        put_u32(&mut b, 12, self.reserved0);
-        put_u32(&mut b, 16, self.producer);
-        put_u32(&mut b, 20, self.reserved1);
-        put_u32(&mut b, 24, self.consumer);
-        put_u32(&mut b, 28, self.reserved2);
-        put_u64(&mut b, 32, self.dropped);
-        for (i, r) in self.reserved.iter().enumerate() {
-            put_u64(&mut b, 40 + 8 * i, *r);
-        }
-        b
     }
 }
 
@@ -202,22 +169,34 @@ impl Direction {
 /// | 16 | 8 | `seq` | the fault's number for this guest since registration, counting dropped ones (a gap = drops) |
 /// | 24 | 8 | `reserved1` | 0 |
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
 pub struct FaultRecord {
     /// Faulting IOVA (page).
-    pub iova: u64,
+    pub iova: U64,
     /// PCI requester id.
-    pub source_id: u16,
+    pub source_id: U16,
     /// VT-d fault reason.
     pub reason: u8,
     /// [`Direction`] as a byte.
     pub direction: u8,
     /// 0.
-    pub reserved0: u32,
+    pub reserved0: U32,
     /// Fault sequence number.
-    pub seq: u64,
+    pub seq: U64,
     /// 0.
-    pub reserved1: u64,
+    pub reserved1: U64,
 }
 
 const _: () = {
@@ -232,32 +211,6 @@ const _: () = {
 };
 
 impl FaultRecord {
-    /// Decodes the little-endian bytes.
-    pub fn from_bytes(b: &[u8; FAULT_RECORD_SIZE]) -> FaultRecord {
-        FaultRecord {
-            iova: u64_at(b, 0),
-            source_id: u16_at(b, 8),
-            reason: b[10],
-            direction: b[11],
-            reserved0: u32_at(b, 12),
-            seq: u64_at(b, 16),
-            reserved1: u64_at(b, 24),
-        }
-    }
-
-    /// Encodes to little-endian bytes.
-    pub fn to_bytes(&self) -> [u8; FAULT_RECORD_SIZE] {
-        let mut b = [0u8; FAULT_RECORD_SIZE];
-        put_u64(&mut b, 0, self.iova);
-        put_u16(&mut b, 8, self.source_id);
-        b[10] = self.reason;
-        b[11] = self.direction;
-        put_u32(&mut b, 12, self.reserved0);
-        put_u64(&mut b, 16, self.seq);
-        put_u64(&mut b, 24, self.reserved1);
-        b
-    }
-
     /// The direction; `None` for an unknown byte.
     pub const fn direction(&self) -> Option<Direction> {
         Direction::from_raw(self.direction)

@@ -1,8 +1,9 @@
 //! The `DMA_QUERY` response: a header and the reserved IOVA regions.
 
 use super::{Features, Limits, Policy};
-use crate::le::{put_u32, put_u64, u32_at, u64_at};
 use core::mem::{offset_of, size_of};
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Bytes of a [`QueryHeader`].
 pub const QUERY_HEADER_SIZE: usize = 64;
@@ -31,40 +32,42 @@ pub const REGION_SIZE: usize = 24;
 /// | 56 | 4 | `max_batch_pages` | most pages of a batch area ([`super::MAX_BATCH_PAGES`]) |
 /// | 60 | 4 | `max_map_pages` | most 4 KiB pages one mapping may cover (RANGE beyond); 0: only the IOVA width limits it |
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
 pub struct QueryHeader {
     /// ABI version.
-    pub abi_version: u32,
+    pub abi_version: U32,
     /// Bytes of this header.
-    pub header_size: u32,
+    pub header_size: U32,
     /// Page-size bitmap.
-    pub page_sizes: u64,
+    pub page_sizes: U64,
     /// IOVA width in bits.
     pub iova_width: u8,
     /// [`Policy`] as a byte.
     pub policy: u8,
     /// 0.
-    pub reserved0: u16,
+    pub reserved0: U16,
     /// Most entries per MULTICALL.
-    pub max_batch: u32,
+    pub max_batch: U32,
     /// [`Features`] bits.
-    pub features: u64,
+    pub features: U64,
     /// Quota of live mappings.
-    pub max_mappings: u32,
+    pub max_mappings: U32,
     /// Quota of page-table pages.
-    pub max_pt_pages: u32,
+    pub max_pt_pages: U32,
     /// Deferred queue bound in entries.
-    pub deferred_max_entries: u32,
+    pub deferred_max_entries: U32,
     /// Deferred queue bound in microseconds.
-    pub deferred_max_us: u32,
+    pub deferred_max_us: U32,
     /// Reserved regions in total.
-    pub nr_regions: u32,
+    pub nr_regions: U32,
     /// Reserved regions in this response.
-    pub regions_written: u32,
+    pub regions_written: U32,
     /// Most pages of a batch area.
-    pub max_batch_pages: u32,
+    pub max_batch_pages: U32,
     /// Most pages per mapping (0: no limit but the IOVA width).
-    pub max_map_pages: u32,
+    pub max_map_pages: U32,
 }
 
 const _: () = {
@@ -88,50 +91,6 @@ const _: () = {
 };
 
 impl QueryHeader {
-    /// Decodes the little-endian bytes.
-    pub fn from_bytes(b: &[u8; QUERY_HEADER_SIZE]) -> QueryHeader {
-        QueryHeader {
-            abi_version: u32_at(b, 0),
-            header_size: u32_at(b, 4),
-            page_sizes: u64_at(b, 8),
-            iova_width: b[16],
-            policy: b[17],
-            reserved0: u16::from_le_bytes([b[18], b[19]]),
-            max_batch: u32_at(b, 20),
-            features: u64_at(b, 24),
-            max_mappings: u32_at(b, 32),
-            max_pt_pages: u32_at(b, 36),
-            deferred_max_entries: u32_at(b, 40),
-            deferred_max_us: u32_at(b, 44),
-            nr_regions: u32_at(b, 48),
-            regions_written: u32_at(b, 52),
-            max_batch_pages: u32_at(b, 56),
-            max_map_pages: u32_at(b, 60),
-        }
-    }
-
-    /// Encodes to little-endian bytes.
-    pub fn to_bytes(&self) -> [u8; QUERY_HEADER_SIZE] {
-        let mut b = [0u8; QUERY_HEADER_SIZE];
-        put_u32(&mut b, 0, self.abi_version);
-        put_u32(&mut b, 4, self.header_size);
-        put_u64(&mut b, 8, self.page_sizes);
-        b[16] = self.iova_width;
-        b[17] = self.policy;
-        b[18..20].copy_from_slice(&self.reserved0.to_le_bytes());
-        put_u32(&mut b, 20, self.max_batch);
-        put_u64(&mut b, 24, self.features);
-        put_u32(&mut b, 32, self.max_mappings);
-        put_u32(&mut b, 36, self.max_pt_pages);
-        put_u32(&mut b, 40, self.deferred_max_entries);
-        put_u32(&mut b, 44, self.deferred_max_us);
-        put_u32(&mut b, 48, self.nr_regions);
-        put_u32(&mut b, 52, self.regions_written);
-        put_u32(&mut b, 56, self.max_batch_pages);
-        put_u32(&mut b, 60, self.max_map_pages);
-        b
-    }
-
     /// The policy; `None` for an unknown byte.
     pub const fn policy(&self) -> Option<Policy> {
         Policy::from_raw(self.policy)
@@ -139,15 +98,15 @@ impl QueryHeader {
 
     /// The feature bits.
     pub const fn features(&self) -> Features {
-        Features(self.features)
+        Features(self.features.get())
     }
 
     /// The validation limits this response announces.
     pub const fn limits(&self) -> Limits {
         Limits {
             iova_width: self.iova_width,
-            max_batch: self.max_batch,
-            max_map_pages: self.max_map_pages,
+            max_batch: self.max_batch.get(),
+            max_map_pages: self.max_map_pages.get(),
         }
     }
 
@@ -204,16 +163,28 @@ impl RegionKind {
 /// MAP never returns an IOVA inside a reserved region, and UNMAP of a range that intersects one
 /// returns PERM.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
 pub struct ReservedRegion {
     /// First IOVA.
-    pub start: u64,
+    pub start: U64,
     /// Bytes.
-    pub length: u64,
+    pub length: U64,
     /// [`RegionKind`] as `u32`.
-    pub kind: u32,
+    pub kind: U32,
     /// 0.
-    pub reserved: u32,
+    pub reserved: U32,
 }
 
 const _: () = {
@@ -225,30 +196,11 @@ const _: () = {
 };
 
 impl ReservedRegion {
-    /// Decodes the little-endian bytes.
-    pub fn from_bytes(b: &[u8; REGION_SIZE]) -> ReservedRegion {
-        ReservedRegion {
-            start: u64_at(b, 0),
-            length: u64_at(b, 8),
-            kind: u32_at(b, 16),
-            reserved: u32_at(b, 20),
-        }
-    }
-
-    /// Encodes to little-endian bytes.
-    pub fn to_bytes(&self) -> [u8; REGION_SIZE] {
-        let mut b = [0u8; REGION_SIZE];
-        put_u64(&mut b, 0, self.start);
-        put_u64(&mut b, 8, self.length);
-        put_u32(&mut b, 16, self.kind);
-        put_u32(&mut b, 20, self.reserved);
-        b
-    }
-
     /// Whether `[iova, iova+length)` intersects this region (saturating at 2^64).
     pub const fn intersects(&self, iova: u64, length: u64) -> bool {
+        let (start, len) = (self.start.get(), self.length.get());
         let end = iova.saturating_add(length);
-        let rend = self.start.saturating_add(self.length);
-        length != 0 && self.length != 0 && iova < rend && self.start < end
+        let rend = start.saturating_add(len);
+        length != 0 && len != 0 && iova < rend && start < end
     }
 }

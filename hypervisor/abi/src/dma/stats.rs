@@ -1,7 +1,8 @@
 //! The `DMA_STATS` counters.
 
-use crate::le::{put_u32, put_u64, u32_at, u64_at};
 use core::mem::{offset_of, size_of};
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Bytes of a [`Stats`] block.
 pub const STATS_SIZE: usize = 152;
@@ -44,48 +45,60 @@ impl StatsFlags {
 /// | 136 | `pending_invalidations` | gauge: unmaps whose invalidation has not completed |
 /// | 144 | `pt_pages` | gauge: IOMMU page-table pages of the guest's domain |
 #[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
 pub struct Stats {
     /// Bytes of this block.
-    pub size: u32,
+    pub size: U32,
     /// 0.
-    pub reserved: u32,
+    pub reserved: U32,
     /// Successful MAPs.
-    pub maps: u64,
+    pub maps: U64,
     /// Successful UNMAPs.
-    pub unmaps: u64,
+    pub unmaps: U64,
     /// Failed MAPs and UNMAPs.
-    pub errors: u64,
+    pub errors: U64,
     /// MULTICALL calls.
-    pub multicalls: u64,
+    pub multicalls: U64,
     /// IOTLB invalidation requests.
-    pub invalidations: u64,
+    pub invalidations: U64,
     /// Invalidation waits.
-    pub waits: u64,
+    pub waits: U64,
     /// DMA faults.
-    pub faults: u64,
+    pub faults: U64,
     /// VM exits for DMA calls.
-    pub exits: u64,
+    pub exits: U64,
     /// Cycles in exit/entry.
-    pub cycles_exit: u64,
+    pub cycles_exit: U64,
     /// Cycles in copy + validate.
-    pub cycles_validate: u64,
+    pub cycles_validate: U64,
     /// Cycles in IOVA allocation.
-    pub cycles_iova_alloc: u64,
+    pub cycles_iova_alloc: U64,
     /// Cycles writing PTEs.
-    pub cycles_pte_write: u64,
+    pub cycles_pte_write: U64,
     /// Cycles in invalidate + wait.
-    pub cycles_invalidate: u64,
+    pub cycles_invalidate: U64,
     /// Cycles in IOVA free.
-    pub cycles_iova_free: u64,
+    pub cycles_iova_free: U64,
     /// Live mappings (gauge).
-    pub live_mappings: u64,
+    pub live_mappings: U64,
     /// Mapped 4 KiB pages (gauge).
-    pub live_pages: u64,
+    pub live_pages: U64,
     /// Unmaps awaiting invalidation (gauge).
-    pub pending_invalidations: u64,
+    pub pending_invalidations: U64,
     /// Page-table pages (gauge).
-    pub pt_pages: u64,
+    pub pt_pages: U64,
 }
 
 const _: () = {
@@ -103,74 +116,50 @@ impl Stats {
     /// The `u64` fields in layout order (offset `8 + 8*i`).
     pub const fn counters(&self) -> [u64; 18] {
         [
-            self.maps,
-            self.unmaps,
-            self.errors,
-            self.multicalls,
-            self.invalidations,
-            self.waits,
-            self.faults,
-            self.exits,
-            self.cycles_exit,
-            self.cycles_validate,
-            self.cycles_iova_alloc,
-            self.cycles_pte_write,
-            self.cycles_invalidate,
-            self.cycles_iova_free,
-            self.live_mappings,
-            self.live_pages,
-            self.pending_invalidations,
-            self.pt_pages,
+            self.maps.get(),
+            self.unmaps.get(),
+            self.errors.get(),
+            self.multicalls.get(),
+            self.invalidations.get(),
+            self.waits.get(),
+            self.faults.get(),
+            self.exits.get(),
+            self.cycles_exit.get(),
+            self.cycles_validate.get(),
+            self.cycles_iova_alloc.get(),
+            self.cycles_pte_write.get(),
+            self.cycles_invalidate.get(),
+            self.cycles_iova_free.get(),
+            self.live_mappings.get(),
+            self.live_pages.get(),
+            self.pending_invalidations.get(),
+            self.pt_pages.get(),
         ]
     }
 
     /// The block from its `u64` fields in layout order (`size` = [`STATS_SIZE`]).
     pub const fn from_counters(c: [u64; 18]) -> Stats {
         Stats {
-            size: STATS_SIZE as u32,
-            reserved: 0,
-            maps: c[0],
-            unmaps: c[1],
-            errors: c[2],
-            multicalls: c[3],
-            invalidations: c[4],
-            waits: c[5],
-            faults: c[6],
-            exits: c[7],
-            cycles_exit: c[8],
-            cycles_validate: c[9],
-            cycles_iova_alloc: c[10],
-            cycles_pte_write: c[11],
-            cycles_invalidate: c[12],
-            cycles_iova_free: c[13],
-            live_mappings: c[14],
-            live_pages: c[15],
-            pending_invalidations: c[16],
-            pt_pages: c[17],
+            size: U32::new(STATS_SIZE as u32),
+            reserved: U32::ZERO,
+            maps: U64::new(c[0]),
+            unmaps: U64::new(c[1]),
+            errors: U64::new(c[2]),
+            multicalls: U64::new(c[3]),
+            invalidations: U64::new(c[4]),
+            waits: U64::new(c[5]),
+            faults: U64::new(c[6]),
+            exits: U64::new(c[7]),
+            cycles_exit: U64::new(c[8]),
+            cycles_validate: U64::new(c[9]),
+            cycles_iova_alloc: U64::new(c[10]),
+            cycles_pte_write: U64::new(c[11]),
+            cycles_invalidate: U64::new(c[12]),
+            cycles_iova_free: U64::new(c[13]),
+            live_mappings: U64::new(c[14]),
+            live_pages: U64::new(c[15]),
+            pending_invalidations: U64::new(c[16]),
+            pt_pages: U64::new(c[17]),
         }
-    }
-
-    /// Decodes the little-endian bytes.
-    pub fn from_bytes(b: &[u8; STATS_SIZE]) -> Stats {
-        let mut c = [0u64; 18];
-        for (i, v) in c.iter_mut().enumerate() {
-            *v = u64_at(b, 8 + 8 * i);
-        }
-        Stats {
-            size: u32_at(b, 0),
-            reserved: u32_at(b, 4),
-            ..Stats::from_counters(c)
-        }
-    }
-
-    /// Encodes to little-endian bytes.
-    pub fn to_bytes(&self) -> [u8; STATS_SIZE] {
-        let mut b = [0u8; STATS_SIZE];
-        put_u32(&mut b, 0, self.size);
-        put_u32(&mut b, 4, self.reserved);
-        for (i, v) in self.counters().iter().enumerate() {
-            put_u64(&mut b, 8 + 8 * i, *v);
-        }
-        b
     }
 }

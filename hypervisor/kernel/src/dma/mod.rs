@@ -14,9 +14,9 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use moat_abi::dma::{
     self as wire, BatchHeader, DmaFlags, Entry, EntryOutcome, MulticallReturn, MulticallStop,
-    QueryHeader, Request, BATCH_HEADER_SIZE, ENTRY_SIZE,
+    QueryHeader, Request,
 };
-use moat_abi::{Args, Call, Return, Status};
+use moat_abi::{Args, Call, FromZeros, IntoBytes, Return, Status};
 use moat_dma::{Access, DmaState, Limits, Policy, Unmapped};
 use moat_iova::{IovaAllocator, PerCpu};
 use moat_pci::Bdf;
@@ -176,22 +176,6 @@ fn wire_policy(p: Policy) -> wire::Policy {
     }
 }
 
-fn status(e: moat_dma::Error) -> Status {
-    use moat_dma::Error as E;
-    match e {
-        E::Inval => Status::Inval,
-        E::Perm => Status::Perm,
-        E::Noent => Status::Noent,
-        E::Exist => Status::Exist,
-        E::Range => Status::Range,
-        E::Nomem => Status::Nomem,
-        E::Again => Status::Again,
-        E::Fault => Status::Fault,
-        E::Unsupp => Status::Unsupp,
-        E::Busy => Status::Busy,
-    }
-}
-
 /// Guest RAM plus the pages the guest may not hand to a device right now (its batch areas).
 struct CallRam<'a> {
     part: &'a Partition,
@@ -226,25 +210,49 @@ impl Partition {
     /// Copies guest memory into `buf` (hypervisor memory). The guest's other vCPUs and its
     /// devices may write these bytes at the same time: every byte is read exactly once with a
     /// volatile load, so the copy is what the checks see (no time-of-check/time-of-use) and
-    /// the compiler may not re-read guest memory.
+    /// the compiler may not re-read guest memory. Naturally aligned 8-byte words are read
+    /// with one 8-byte load, so a field the guest writes with one aligned store is seen old
+    /// or new, never torn.
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Status> {
         let hpa = self.check(gpa, buf.len())?;
-        for (i, b) in buf.iter_mut().enumerate() {
-            // SAFETY: [hpa, hpa+len) lies inside the guest's partition (checked), which is
-            // identity-mapped RAM the hypervisor owns for the guest's lifetime; a byte load
-            // cannot tear.
-            *b = unsafe { core::ptr::read_volatile((hpa as *const u8).add(i)) };
+        let mut i = 0;
+        while i < buf.len() {
+            let at = hpa + i as u64;
+            if at.is_multiple_of(8) && buf.len() - i >= 8 {
+                // SAFETY: [hpa, hpa+len) lies inside the guest's partition (checked), which is
+                // identity-mapped RAM the hypervisor owns for the guest's lifetime; `at` is
+                // 8-byte aligned and the 8 bytes lie inside the range.
+                let w = unsafe { core::ptr::read_volatile(at as *const u64) };
+                buf[i..i + 8].copy_from_slice(&w.to_ne_bytes());
+                i += 8;
+            } else {
+                // SAFETY: as above, one byte inside the range.
+                buf[i] = unsafe { core::ptr::read_volatile(at as *const u8) };
+                i += 1;
+            }
         }
         Ok(())
     }
 
-    /// Writes `bytes` into guest memory (volatile stores: the guest may read them meanwhile).
+    /// Writes `bytes` into guest memory (volatile stores, aligned 8-byte words in one store:
+    /// the guest may read them meanwhile and sees each word old or new).
     fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), Status> {
         let hpa = self.check(gpa, bytes.len())?;
-        for (i, &b) in bytes.iter().enumerate() {
-            // SAFETY: as in `read`; the guest owns these bytes and expects the hypervisor to
-            // write them (a reply buffer or a batch entry's output fields).
-            unsafe { core::ptr::write_volatile((hpa as *mut u8).add(i), b) };
+        let mut i = 0;
+        while i < bytes.len() {
+            let at = hpa + i as u64;
+            if at.is_multiple_of(8) && bytes.len() - i >= 8 {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(&bytes[i..i + 8]);
+                // SAFETY: as in `read`; the guest owns these bytes and expects the hypervisor
+                // to write them (a reply buffer or a batch entry's output fields).
+                unsafe { core::ptr::write_volatile(at as *mut u64, u64::from_ne_bytes(w)) };
+                i += 8;
+            } else {
+                // SAFETY: as above, one byte inside the range.
+                unsafe { core::ptr::write_volatile(at as *mut u8, bytes[i]) };
+                i += 1;
+            }
         }
         Ok(())
     }
@@ -280,19 +288,19 @@ impl GuestDma {
         let mut regions = Vec::new();
         if wire::MSI_WINDOW_START < limit_pfn * PAGE {
             regions.push(wire::ReservedRegion {
-                start: wire::MSI_WINDOW_START,
-                length: wire::MSI_WINDOW_END - wire::MSI_WINDOW_START,
-                kind: wire::RegionKind::Msi as u32,
-                reserved: 0,
+                start: wire::MSI_WINDOW_START.into(),
+                length: (wire::MSI_WINDOW_END - wire::MSI_WINDOW_START).into(),
+                kind: (wire::RegionKind::Msi as u32).into(),
+                reserved: 0.into(),
             });
         }
         for &(b, _, _) in devices {
             for (base, end) in crate::iommu::rmrrs_for(b) {
                 regions.push(wire::ReservedRegion {
-                    start: base,
-                    length: end - base,
-                    kind: wire::RegionKind::Identity as u32,
-                    reserved: 0,
+                    start: base.into(),
+                    length: (end - base).into(),
+                    kind: (wire::RegionKind::Identity as u32).into(),
+                    reserved: 0.into(),
                 });
             }
         }
@@ -317,8 +325,8 @@ impl GuestDma {
         .map_err(SetupError::Iova)?;
         // Reserved regions inside the window (the MSI window, RMRRs) are never handed out.
         for r in &regions {
-            let end = r.start.saturating_add(r.length);
-            iova.reserve(r.start / PAGE, end.div_ceil(PAGE))
+            let (start, end) = (r.start.get(), r.start.get().saturating_add(r.length.get()));
+            iova.reserve(start / PAGE, end.div_ceil(PAGE))
                 .map_err(SetupError::Iova)?;
         }
         let iova: &'static IovaAllocator = alloc::boxed::Box::leak(alloc::boxed::Box::new(iova));
@@ -480,22 +488,22 @@ impl GuestDma {
                 continue;
             }
             let rec = wire::FaultRecord {
-                iova: rec.address,
-                source_id: rec.source.0,
+                iova: rec.address.into(),
+                source_id: rec.source.0.into(),
                 reason: rec.reason.code(),
                 direction: match rec.access {
                     moat_vtd::fault::FaultAccess::Read => wire::Direction::Read as u8,
                     moat_vtd::fault::FaultAccess::Write => wire::Direction::Write as u8,
                 },
-                reserved0: 0,
-                seq: r.seq,
-                reserved1: 0,
+                reserved0: 0.into(),
+                seq: r.seq.into(),
+                reserved1: 0.into(),
             };
             let slot = r.gpa
                 + wire::FAULT_RING_HEADER_SIZE as u64
                 + (r.producer % r.capacity) as u64 * wire::FAULT_RECORD_SIZE as u64;
             // The record first, then the index that publishes it (x86 keeps store order).
-            let _ = self.part.write(slot, &rec.to_bytes());
+            let _ = self.part.write(slot, rec.as_bytes());
             r.seq += 1;
             r.producer = r.producer.wrapping_add(1);
         }
@@ -535,7 +543,7 @@ impl GuestDma {
         let capacity = wire::fault_ring_capacity(pages);
         if self
             .part
-            .write(gpa, &wire::FaultRingHeader::new(capacity).to_bytes())
+            .write(gpa, wire::FaultRingHeader::new(capacity).as_bytes())
             .is_err()
         {
             return Return::err(Status::Fault);
@@ -575,7 +583,7 @@ impl GuestDma {
                 };
                 let iova = self
                     .with_iovas(vcpu, |ivs| st.map(dom, ivs, &ram, &Tsc, gpa, length, a))
-                    .map_err(status)?;
+                    .map_err(Status::from)?;
                 Ok(EntryOutcome {
                     status: Status::Ok,
                     done: length,
@@ -590,7 +598,7 @@ impl GuestDma {
                 }
                 let u = self
                     .with_iovas(vcpu, |ivs| st.unmap(dom, ivs, &ram, &Tsc, iova, length))
-                    .map_err(status)?;
+                    .map_err(Status::from)?;
                 // Took effect but the invalidation was not confirmed (U4): BUSY for a single
                 // UNMAP; inside a MULTICALL the entry is OK and `end_batch` reports the call
                 // unsynced.
@@ -656,7 +664,7 @@ impl GuestDma {
                 self.publish_deadline(st);
                 match r {
                     Ok(()) => Return::ok(st.stats().invalidations - before),
-                    Err(e) => Return::err(status(e)),
+                    Err(e) => Return::err(e.into()),
                 }
             }
             Call::DmaStats => self.stats(a),
@@ -668,38 +676,41 @@ impl GuestDma {
     fn query(&self, a: &Args) -> Return {
         let (gpa, len) = (a.0[0], a.0[1]);
         let header = QueryHeader {
-            abi_version: moat_abi::ABI_VERSION,
-            header_size: wire::QUERY_HEADER_SIZE as u32,
-            page_sizes: 1 << 12,
+            abi_version: moat_abi::ABI_VERSION.into(),
+            header_size: (wire::QUERY_HEADER_SIZE as u32).into(),
+            page_sizes: (1 << 12).into(),
             iova_width: self.limits.iova_width,
             policy: wire_policy(self.policy) as u8,
-            reserved0: 0,
-            max_batch: self.limits.max_batch,
-            features: wire::Features::STATS
+            reserved0: 0.into(),
+            max_batch: self.limits.max_batch.into(),
+            features: (wire::Features::STATS
                 | wire::Features::FAULT_RING
                 | if self.policy == Policy::Passthrough {
                     wire::Features::IOVA_IS_GPA
                 } else {
                     0
-                },
+                })
+            .into(),
             // What can really be live at once: the quota, or every page of the IOVA window
             // outside the reserved regions when that is fewer.
-            max_mappings: self.max_mappings() as u32,
-            max_pt_pages: self.svc.max_table_pages as u32,
+            max_mappings: (self.max_mappings() as u32).into(),
+            max_pt_pages: (self.svc.max_table_pages as u32).into(),
             deferred_max_entries: if self.policy == Policy::Deferred {
                 self.svc.deferred_entries as u32
             } else {
                 0
-            },
+            }
+            .into(),
             deferred_max_us: if self.policy == Policy::Deferred {
                 (self.svc.deferred_ns / 1000) as u32
             } else {
                 0
-            },
-            nr_regions: self.regions.len() as u32,
-            regions_written: 0,
-            max_batch_pages: wire::MAX_BATCH_PAGES as u32,
-            max_map_pages: self.limits.max_map_pages,
+            }
+            .into(),
+            nr_regions: (self.regions.len() as u32).into(),
+            regions_written: 0.into(),
+            max_batch_pages: (wire::MAX_BATCH_PAGES as u32).into(),
+            max_map_pages: self.limits.max_map_pages.into(),
         };
         let need = QueryHeader::full_size(self.regions.len() as u32);
         if gpa % 8 != 0 {
@@ -710,13 +721,13 @@ impl GuestDma {
         }
         let fit = (QueryHeader::regions_fitting(len) as usize).min(self.regions.len());
         let header = QueryHeader {
-            regions_written: fit as u32,
+            regions_written: (fit as u32).into(),
             ..header
         };
         let mut out = Vec::with_capacity(wire::QUERY_HEADER_SIZE + fit * wire::REGION_SIZE);
-        out.extend_from_slice(&header.to_bytes());
+        out.extend_from_slice(header.as_bytes());
         for r in &self.regions[..fit] {
-            out.extend_from_slice(&r.to_bytes());
+            out.extend_from_slice(r.as_bytes());
         }
         match self.part.write(gpa, &out) {
             Ok(()) => Return::ok(need),
@@ -730,7 +741,8 @@ impl GuestDma {
         let (lo, hi) = (IOVA_BASE_PFN * PAGE, self.limit_pfn * PAGE);
         let reserved: u64 = (self.regions.iter())
             .map(|r| {
-                let (s, e) = (r.start.max(lo), r.start.saturating_add(r.length).min(hi));
+                let (start, len) = (r.start.get(), r.length.get());
+                let (s, e) = (start.max(lo), start.saturating_add(len).min(hi));
                 e.saturating_sub(s) / PAGE
             })
             .sum();
@@ -759,28 +771,28 @@ impl GuestDma {
         .unwrap_or(0);
         let faults = faults_total.saturating_sub(self.calls.faults_base.load(Ordering::Relaxed));
         let out = wire::Stats {
-            size: wire::STATS_SIZE as u32,
-            reserved: 0,
-            maps: s.maps,
-            unmaps: s.unmaps,
-            errors: s.errors,
-            multicalls: self.calls.multicalls.load(Ordering::Relaxed),
-            invalidations: s.invalidations,
-            waits: s.waits,
-            faults,
-            exits: self.calls.exits.load(Ordering::Relaxed),
-            cycles_exit: self.calls.cycles_exit.load(Ordering::Relaxed),
-            cycles_validate: self.calls.cycles_validate.load(Ordering::Relaxed),
-            cycles_iova_alloc: s.cycles[moat_dma::Phase::IovaAlloc as usize],
-            cycles_pte_write: s.cycles[moat_dma::Phase::PteWrite as usize],
-            cycles_invalidate: s.cycles[moat_dma::Phase::InvalidateWait as usize],
-            cycles_iova_free: s.cycles[moat_dma::Phase::IovaFree as usize],
-            live_mappings: c.mappings as u64,
-            live_pages: c.pinned_pages,
-            pending_invalidations: c.pending as u64,
-            pt_pages: c.table_pages as u64,
+            size: (wire::STATS_SIZE as u32).into(),
+            reserved: 0.into(),
+            maps: s.maps.into(),
+            unmaps: s.unmaps.into(),
+            errors: s.errors.into(),
+            multicalls: self.calls.multicalls.load(Ordering::Relaxed).into(),
+            invalidations: s.invalidations.into(),
+            waits: s.waits.into(),
+            faults: faults.into(),
+            exits: self.calls.exits.load(Ordering::Relaxed).into(),
+            cycles_exit: self.calls.cycles_exit.load(Ordering::Relaxed).into(),
+            cycles_validate: self.calls.cycles_validate.load(Ordering::Relaxed).into(),
+            cycles_iova_alloc: s.cycles[moat_dma::Phase::IovaAlloc as usize].into(),
+            cycles_pte_write: s.cycles[moat_dma::Phase::PteWrite as usize].into(),
+            cycles_invalidate: s.cycles[moat_dma::Phase::InvalidateWait as usize].into(),
+            cycles_iova_free: s.cycles[moat_dma::Phase::IovaFree as usize].into(),
+            live_mappings: (c.mappings as u64).into(),
+            live_pages: c.pinned_pages.into(),
+            pending_invalidations: (c.pending as u64).into(),
+            pt_pages: (c.table_pages as u64).into(),
         };
-        if let Err(s) = self.part.write(gpa, &out.to_bytes()) {
+        if let Err(s) = self.part.write(gpa, out.as_bytes()) {
             return Return::err(s);
         }
         if flags & wire::StatsFlags::RESET != 0 {
@@ -882,11 +894,11 @@ impl GuestDma {
         }
         self.calls.multicalls.fetch_add(1, Ordering::Relaxed);
         let t0 = x86::rdtsc();
-        let mut hb = [0u8; BATCH_HEADER_SIZE];
-        if let Err(s) = self.part.read(area, &mut hb) {
+        // Copied once into the hypervisor's memory; only the copy is checked and used.
+        let mut header = BatchHeader::new_zeroed();
+        if let Err(s) = self.part.read(area, header.as_mut_bytes()) {
             return reject(s);
         }
-        let header = BatchHeader::from_bytes(&hb);
         let capacity = wire::batch_capacity(pages, self.limits.max_batch);
         let info = match wire::validate_batch(&header, cursor, capacity, &self.limits) {
             Ok(i) => i,
@@ -919,20 +931,17 @@ impl GuestDma {
             }
             let at = area + Entry::offset_of_index(i) as u64;
             let t0 = x86::rdtsc();
-            let mut eb = [0u8; ENTRY_SIZE];
+            let mut e = Entry::new_zeroed();
             // Copied once; only the copy is checked and used.
-            let outcome = match self.part.read(at, &mut eb) {
+            let outcome = match self.part.read(at, e.as_mut_bytes()) {
                 Err(s) => Err(s),
                 Ok(()) => {
-                    let e = Entry::from_bytes(&eb);
                     let v = wire::validate_entry(&e, &self.limits);
                     self.calls
                         .cycles_validate
                         .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
                     match v {
-                        Ok(req) => self
-                            .run(&mut inner, vcpu, &areas, req, false)
-                            .map(|o| (e, o)),
+                        Ok(req) => self.run(&mut inner, vcpu, &areas, req, false),
                         Err(s) => {
                             inner.st.note_error();
                             Err(s)
@@ -943,9 +952,9 @@ impl GuestDma {
             // Only the output fields are written back (status and done, and a MAP's iova):
             // never the inputs, which the guest may have changed meanwhile.
             let (o, ok) = match outcome {
-                Ok((_, o)) => (o, true),
+                Ok(o) => (o, true),
                 Err(s) => {
-                    let is_map = Entry::from_bytes(&eb).op == wire::Op::Map as u16;
+                    let is_map = e.op == wire::Op::Map as u16;
                     let o = EntryOutcome {
                         status: s,
                         done: 0,

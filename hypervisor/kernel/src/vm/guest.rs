@@ -406,16 +406,16 @@ impl Guest {
         let n = config.name.as_str().as_bytes();
         name[..n.len().min(16)].copy_from_slice(&n[..n.len().min(16)]);
         let info = BootInfo {
-            magic: BOOT_MAGIC,
-            version: 1,
-            vcpus: vcpus as u32,
-            mem_size: mem,
-            tsc_khz: crate::arch::tsc::khz(),
-            cmdline_gpa: CMDLINE_GPA,
-            cmdline_len: cmd.len() as u64,
+            magic: BOOT_MAGIC.into(),
+            version: 1u32.into(),
+            vcpus: (vcpus as u32).into(),
+            mem_size: mem.into(),
+            tsc_khz: crate::arch::tsc::khz().into(),
+            cmdline_gpa: CMDLINE_GPA.into(),
+            cmdline_len: (cmd.len() as u64).into(),
             name,
         };
-        write(BOOT_INFO_GPA, &info.to_bytes());
+        write(BOOT_INFO_GPA, moat_abi::IntoBytes::as_bytes(&info));
 
         let mut cpus = Vec::new();
         for i in 0..vcpus {
