@@ -333,7 +333,10 @@ mod tests {
         // Accessed/dirty and PS are not attributes.
         let e = 0x20_0000 | X86Flags::RW.bits() | 0x60 | PS;
         assert_eq!(X86::leaf_attr(e), X86Flags::RW);
-        assert_eq!(Npt::leaf_attr(0x1000 | NptFlags::MMIO.bits()), NptFlags::MMIO);
+        assert_eq!(
+            Npt::leaf_attr(0x1000 | NptFlags::MMIO.bits()),
+            NptFlags::MMIO
+        );
         assert!(!X86::valid_attr(X86Flags::WRITABLE));
     }
 

@@ -267,9 +267,7 @@ impl<F: Format> PageTable<F> {
     }
 
     fn superpage_ok(&self, level: u8) -> bool {
-        level > 1
-            && level < 8
-            && (self.cfg.superpages & F::SUPERPAGE_LEVELS) & (1 << level) != 0
+        level > 1 && level < 8 && (self.cfg.superpages & F::SUPERPAGE_LEVELS) & (1 << level) != 0
     }
 
     /// Largest leaf level usable at `va`/`phys` with `remaining` bytes left.
@@ -672,7 +670,11 @@ impl<F: Format> PageTable<F> {
     /// parent) into `sink`, with its whole span as an invalidation. The root stays. Returns
     /// the number of pages unlinked. For teardown or a quiesced table: no map may run until
     /// the sink's invalidation completed.
-    pub fn release_empty_tables<M: TableMemory, S: Sink>(&mut self, mem: &M, sink: &mut S) -> usize {
+    pub fn release_empty_tables<M: TableMemory, S: Sink>(
+        &mut self,
+        mem: &M,
+        sink: &mut S,
+    ) -> usize {
         fn release<F: Format, M: TableMemory, S: Sink>(
             pt: &PageTable<F>,
             mem: &M,

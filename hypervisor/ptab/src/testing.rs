@@ -155,9 +155,9 @@ impl TableMemory for ArenaMemory {
     }
 
     fn cas_entry(&self, entry: PhysAddr, current: u64, new: u64) -> Result<u64, u64> {
-        let r = self
-            .entry(entry)
-            .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire);
+        let r =
+            self.entry(entry)
+                .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire);
         if r.is_ok() {
             self.dirty(entry);
         }

@@ -423,7 +423,8 @@ fn concurrent_table_installation() {
     let mut lost = 0;
     for round in 0..40u64 {
         let mem = ArenaMemory::new(4096);
-        mem.yield_in_alloc.store(round % 2 == 0, core::sync::atomic::Ordering::Relaxed);
+        mem.yield_in_alloc
+            .store(round % 2 == 0, core::sync::atomic::Ordering::Relaxed);
         let pt = PageTable::<Ept>::new(&mem, cfg(4, false, true)).unwrap();
         const THREADS: u64 = 4;
         const PAGES: u64 = 64;
