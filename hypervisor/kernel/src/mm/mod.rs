@@ -4,6 +4,7 @@ pub mod frames;
 pub mod heap;
 pub mod paging;
 pub mod space;
+pub mod tables;
 
 /// Page size.
 pub const PAGE_SIZE: u64 = 4096;
