@@ -188,6 +188,21 @@ pub const fn level_size(level: u8) -> u64 {
     1u64 << level_shift(level)
 }
 
+/// Base of the span of the table at `level` holding `va`.
+const fn span_base(va: u64, level: u8) -> u64 {
+    let span = level_shift(level) + 9;
+    if span >= 64 {
+        0
+    } else {
+        va & !((1u64 << span) - 1)
+    }
+}
+
+/// Whether `va` lies in the span of the table at `level` whose span starts at `base`.
+const fn in_span(va: u64, level: u8, base: u64) -> bool {
+    span_base(va, level) == base
+}
+
 const fn index(va: u64, level: u8) -> u64 {
     (va >> level_shift(level)) & 0x1ff
 }
@@ -336,11 +351,29 @@ impl<F: Format> PageTable<F> {
             return Err(Error::NoAccess);
         }
         let mut cur = va;
+        // The table that received the last leaf: consecutive pages in its span skip the walk.
+        let mut last: Option<(PhysAddr, u8, u64)> = None;
         while cur < end {
             let p = phys + (cur - va);
             let want = self.leaf_level(cur, p, end - cur);
-            match self.map_one(mem, cur, p, want, attr) {
-                Ok(level) => cur += level_size(level),
+            let r = match last {
+                Some((t, lvl, base)) if lvl == want && in_span(cur, lvl, base) => {
+                    let slot = t + index(cur, lvl) * 8;
+                    if F::is_present(mem.load_entry(slot)) {
+                        // Mapped, or a kept table: the full walk decides.
+                        self.map_one(mem, cur, p, want, attr)
+                    } else {
+                        self.write(mem, slot, Self::leaf_entry(p, attr, lvl));
+                        Ok((lvl, t))
+                    }
+                }
+                _ => self.map_one(mem, cur, p, want, attr),
+            };
+            match r {
+                Ok((level, t)) => {
+                    last = Some((t, level, span_base(cur, level)));
+                    cur += level_size(level);
+                }
                 Err(e) => {
                     if cur > va {
                         self.clear_range(mem, self.root, self.cfg.levels, va, cur, false, sink);
@@ -355,7 +388,7 @@ impl<F: Format> PageTable<F> {
     }
 
     /// Maps one page of `leaf_level` (or smaller where a table is linked in its slot) at
-    /// `va`; returns the level of the leaf written.
+    /// `va`; returns the level of the leaf written and the table holding it.
     fn map_one<M: TableMemory>(
         &self,
         mem: &M,
@@ -363,7 +396,7 @@ impl<F: Format> PageTable<F> {
         phys: u64,
         mut leaf_level: u8,
         attr: F::Attr,
-    ) -> Result<u8, Error> {
+    ) -> Result<(u8, PhysAddr), Error> {
         let mut table = self.root;
         let mut level = self.cfg.levels;
         loop {
@@ -391,7 +424,7 @@ impl<F: Format> PageTable<F> {
             return Err(Error::AlreadyMapped { va });
         }
         self.write(mem, slot, Self::leaf_entry(phys, attr, level));
-        Ok(level)
+        Ok((level, table))
     }
 
     /// Maps `[va, va + len)` to `[phys, phys + len)` with `attr` (or clears it with `None`),
@@ -523,8 +556,20 @@ impl<F: Format> PageTable<F> {
     ) -> Result<(), Error> {
         let end = self.check_range(va, len)?;
         let mut cur = va;
+        let mut last: Option<(PhysAddr, u8, u64)> = None;
         while cur < end {
-            let (e, level) = self.walk(mem, cur);
+            let (e, level, table) = match last {
+                Some((t, lvl, base)) if in_span(cur, lvl, base) => {
+                    let e = mem.load_entry(t + index(cur, lvl) * 8);
+                    if F::is_present(e) && !is_leaf(e, lvl) {
+                        self.walk_table(mem, cur)
+                    } else {
+                        (e, lvl, t)
+                    }
+                }
+                _ => self.walk_table(mem, cur),
+            };
+            last = Some((table, level, span_base(cur, level)));
             if !F::is_present(e) {
                 return Err(Error::NotMapped { va: cur });
             }
@@ -544,6 +589,20 @@ impl<F: Format> PageTable<F> {
     /// which the walk stopped.
     pub fn walk<M: TableMemory>(&self, mem: &M, va: u64) -> (u64, u8) {
         self.walk_path(mem, va, |_, _| {})
+    }
+
+    /// The entry, its level and the table holding it.
+    fn walk_table<M: TableMemory>(&self, mem: &M, va: u64) -> (u64, u8, PhysAddr) {
+        let mut table = self.root;
+        let mut level = self.cfg.levels;
+        loop {
+            let e = mem.load_entry(table + index(va, level) * 8);
+            if !F::is_present(e) || is_leaf(e, level) {
+                return (e, level, table);
+            }
+            table = e & ADDR_MASK;
+            level -= 1;
+        }
     }
 
     /// As [`Self::walk`], calling `f(level, entry)` for every entry read, root first.
