@@ -36,11 +36,6 @@ impl FrameSet {
         (f < FRAMES).then(|| ((f / 64) as usize, 1u64 << (f % 64)))
     }
 
-    /// Whether the frame holding `pa` is in the set.
-    pub fn contains(&self, pa: PhysAddr) -> bool {
-        Self::bit(pa).is_some_and(|(w, b)| self.words[w].load(Ordering::Acquire) & b != 0)
-    }
-
     /// Adds the frame at `frame` (a frame the caller just obtained from the allocator).
     fn insert(&self, frame: PhysAddr) {
         let (w, b) = Self::bit(frame).expect("frame beyond 4 GiB");
