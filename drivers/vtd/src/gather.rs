@@ -250,6 +250,17 @@ impl Gather {
     }
 }
 
+/// The page-table engine hands what an unmap or release unlinks to the gather: the table
+/// pages wait for the flush, the ranges are invalidated by it.
+impl moat_ptab::Sink for Gather {
+    fn table_unlinked(&mut self, table: PhysAddr) {
+        self.add_freed_table(table);
+    }
+    fn invalidate(&mut self, range: Range<u64>) {
+        self.add_invalidation(range);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,12 +35,21 @@ pub trait RegisterWindow {
 
 /// Physical memory for root/context/page tables, the invalidation queue and its status word.
 ///
-/// Rather than handing out raw pointers, the trait offers typed, bounds-defined accessors:
-/// the kernel implements them with volatile accesses through its mapping of physical memory
-/// (identity-mapped, write-back), so no `unsafe` is needed in the driver. The driver only
-/// accesses addresses inside frames it obtained from [`DmaMemory::alloc_frame`] and not yet
-/// released with [`DmaMemory::free_frame`], at naturally aligned offsets.
-pub trait DmaMemory {
+/// Rather than handing out raw pointers, the trait offers typed, bounds-defined accessors, so
+/// no `unsafe` is needed in the driver. The driver only accesses addresses inside frames it
+/// obtained from [`DmaMemory::alloc_frame`] (or, for page-table pages,
+/// [`moat_ptab::TableMemory::alloc_table`]) and not yet released with
+/// [`DmaMemory::free_frame`], at naturally aligned offsets.
+///
+/// **Contract for implementations** (this is what keeps `#![forbid(unsafe_code)]` honest):
+/// every method is safe, so it must be sound for *any* argument. The kernel's implementation
+/// hands out frames that nothing else uses (no Rust reference points to them) and checks on
+/// every access that the address lies in a frame it handed out for VT-d and did not take
+/// back, panicking otherwise: a driver bug can corrupt the remapping structures, never
+/// arbitrary memory. The page-table engine's accessors ([`moat_ptab::TableMemory`], a
+/// supertrait) follow the same contract on the same frames, since the unit frees unlinked
+/// table pages with [`DmaMemory::free_frame`].
+pub trait DmaMemory: moat_ptab::TableMemory {
     /// Allocates one zero-filled, 4 KiB-aligned 4 KiB frame; `None` when out of memory.
     fn alloc_frame(&mut self) -> Option<PhysAddr>;
     /// Returns a frame obtained from `alloc_frame`. The driver calls this only after the

@@ -1,10 +1,11 @@
-//! Second-level (legacy mode) I/O page tables of one domain.
+//! Second-level (legacy mode) I/O page tables of one domain: a thin VT-d wrapper around the
+//! [`moat_ptab`] engine in the [`moat_ptab::format::VtdSecondLevel`] format.
 //!
 //! Entry format (VT-d 9.8): R (0), W (1), PS (7, large page in level 2/3 entries), SNP (11,
 //! only when `ECAP.SC`), address (51:12). An entry is present when R or W is set. Non-leaf
 //! entries carry R|W so that the leaf decides the access rights.
 //!
-//! Invariants kept by [`PageTable`]:
+//! Invariants (kept by the engine, see its docs):
 //! - a table page is unlinked (and handed to the [`Gather`], to be freed by the flush that
 //!   invalidates it) only by an unmap whose range covers the table's whole span. Then every
 //!   IOVA of the span was mapped and is pending in the gather, so no map can link a fresh
@@ -13,16 +14,19 @@
 //!   left empty by a failed map, stays linked: later maps reuse it, and
 //!   [`PageTable::release_empty_tables`] or the domain's teardown frees it;
 //! - a superpage is only created where the IOVA and physical address are aligned to it, the
-//!   range covers it, and `CAP.SLLPS` allows it;
+//!   range covers it, `CAP.SLLPS` allows it, and no table is linked in its slot;
 //! - map and unmap are all-or-nothing: a failing map is rolled back, and unmap validates
 //!   the whole range (present, no partial superpage) before changing anything.
 
 use bitflags::bitflags;
+use moat_ptab::format::{VtdAttr, VtdSecondLevel};
 
 use crate::entry::PagingLevels;
 use crate::error::Error;
 use crate::gather::Gather;
-use crate::hw::{DmaMemory, PhysAddr, PAGE_SIZE};
+use crate::hw::DmaMemory;
+#[cfg(test)]
+use crate::hw::PhysAddr;
 
 bitflags! {
     /// Access rights of a DMA mapping.
@@ -42,11 +46,11 @@ pub mod pte {
     /// Write permission.
     pub const W: u64 = 1 << 1;
     /// Page size: the entry maps a 2 MiB (level 2) or 1 GiB (level 3) page.
-    pub const PS: u64 = 1 << 7;
+    pub const PS: u64 = moat_ptab::format::PS;
     /// Snoop behaviour (only defined with `ECAP.SC`).
     pub const SNP: u64 = 1 << 11;
     /// Address bits 51:12.
-    pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+    pub const ADDR_MASK: u64 = moat_ptab::format::ADDR_MASK;
 }
 
 /// Highest physical address width the entry format can hold.
@@ -71,6 +75,18 @@ pub struct TableConfig {
     pub caching_mode: bool,
 }
 
+impl TableConfig {
+    fn engine(&self) -> moat_ptab::Config {
+        moat_ptab::Config {
+            levels: self.levels.count(),
+            va_bits: self.iova_bits,
+            pa_bits: MAX_PHYS_BITS,
+            superpages: (self.superpage_2m as u8) << 2 | (self.superpage_1g as u8) << 3,
+            coherent: self.coherent,
+        }
+    }
+}
+
 /// Result of a translation lookup.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Translation {
@@ -82,26 +98,38 @@ pub struct Translation {
     pub page_size: u64,
 }
 
-const fn level_shift(level: u8) -> u32 {
-    12 + 9 * (level as u32 - 1)
+impl From<moat_ptab::Error> for Error {
+    fn from(e: moat_ptab::Error) -> Self {
+        use moat_ptab::Error as E;
+        match e {
+            E::Misaligned => Error::Misaligned,
+            E::OutOfRange => Error::OutOfRange,
+            E::NoAccess => Error::NoAccess,
+            E::NoMemory => Error::NoMemory,
+            E::AlreadyMapped { va } => Error::AlreadyMapped { iova: va },
+            E::NotMapped { va } => Error::NotMapped { iova: va },
+            E::PartialSuperpage { va, size } => Error::PartialSuperpage { iova: va, size },
+        }
+    }
 }
 
+#[cfg(test)]
 const fn level_size(level: u8) -> u64 {
-    1u64 << level_shift(level)
+    moat_ptab::level_size(level)
 }
 
-const fn index(iova: u64, level: u8) -> u64 {
-    (iova >> level_shift(level)) & 0x1ff
+#[cfg(test)]
+fn is_present(e: u64) -> bool {
+    use moat_ptab::Format;
+    VtdSecondLevel::is_present(e)
 }
 
-const fn is_present(e: u64) -> bool {
-    e & (pte::R | pte::W) != 0
-}
-
+#[cfg(test)]
 const fn is_leaf(e: u64, level: u8) -> bool {
-    level == 1 || e & pte::PS != 0
+    moat_ptab::format::is_leaf(e, level)
 }
 
+#[cfg(test)]
 fn table_empty<M: DmaMemory>(mem: &M, table: PhysAddr) -> bool {
     (0..512).all(|i| !is_present(mem.read_u64(table + i * 8)))
 }
@@ -109,30 +137,22 @@ fn table_empty<M: DmaMemory>(mem: &M, table: PhysAddr) -> bool {
 /// A domain's second-level page tables.
 #[derive(Debug)]
 pub struct PageTable {
-    root: PhysAddr,
+    inner: moat_ptab::PageTable<VtdSecondLevel>,
     cfg: TableConfig,
-    table_pages: usize,
-    mapped_bytes: u64,
 }
 
 impl PageTable {
     /// Allocates an empty root table.
     pub fn new<M: DmaMemory>(mem: &mut M, cfg: TableConfig) -> Result<Self, Error> {
-        let root = mem.alloc_frame().ok_or(Error::NoMemory)?;
-        if !cfg.coherent {
-            mem.flush_cache(root, PAGE_SIZE as usize);
-        }
         Ok(Self {
-            root,
+            inner: moat_ptab::PageTable::new(&*mem, cfg.engine())?,
             cfg,
-            table_pages: 1,
-            mapped_bytes: 0,
         })
     }
 
     /// Physical address of the root table (the context entry's SLPTPTR).
-    pub fn root(&self) -> PhysAddr {
-        self.root
+    pub fn root(&self) -> u64 {
+        self.inner.root()
     }
 
     /// The configuration the tables were built with.
@@ -142,45 +162,12 @@ impl PageTable {
 
     /// Bytes currently mapped (for per-domain quotas).
     pub fn mapped_bytes(&self) -> u64 {
-        self.mapped_bytes
+        self.inner.mapped_bytes()
     }
 
     /// Number of table pages currently linked into the tree (root included).
     pub fn table_pages(&self) -> usize {
-        self.table_pages
-    }
-
-    fn check_range(&self, iova: u64, len: u64) -> Result<u64, Error> {
-        if len == 0 || !iova.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
-            return Err(Error::Misaligned);
-        }
-        let end = iova.checked_add(len).ok_or(Error::OutOfRange)?;
-        if end > 1u64 << self.cfg.iova_bits {
-            return Err(Error::OutOfRange);
-        }
-        Ok(end)
-    }
-
-    fn write_entry<M: DmaMemory>(&self, mem: &mut M, addr: PhysAddr, value: u64) {
-        mem.write_u64(addr, value);
-        if !self.cfg.coherent {
-            mem.flush_cache(addr, 8);
-        }
-    }
-
-    /// Largest page level usable at `iova`/`phys` with `remaining` bytes left.
-    fn leaf_level(&self, iova: u64, phys: u64, remaining: u64) -> u8 {
-        let fits = |lvl: u8| {
-            let s = level_size(lvl);
-            iova.is_multiple_of(s) && phys.is_multiple_of(s) && remaining >= s
-        };
-        if self.cfg.superpage_1g && fits(3) {
-            3
-        } else if self.cfg.superpage_2m && fits(2) {
-            2
-        } else {
-            1
-        }
+        self.inner.table_pages()
     }
 
     /// Maps `[iova, iova + len)` to `[phys, phys + len)` with `access`.
@@ -204,103 +191,13 @@ impl PageTable {
         access: Access,
         gather: &mut Gather,
     ) -> Result<(), Error> {
-        let end = self.check_range(iova, len)?;
-        if !phys.is_multiple_of(PAGE_SIZE) {
-            return Err(Error::Misaligned);
-        }
-        match phys.checked_add(len) {
-            Some(pend) if pend <= 1u64 << MAX_PHYS_BITS => {}
-            _ => return Err(Error::OutOfRange),
-        }
-        if access.is_empty() {
-            return Err(Error::NoAccess);
-        }
-        let mut cur = iova;
-        while cur < end {
-            let p = phys + (cur - iova);
-            let want = self.leaf_level(cur, p, end - cur);
-            let level = match self.map_one(mem, cur, p, want, access) {
-                Ok(level) => level,
-                Err(e) => {
-                    // Roll back: clear the leaves this call wrote, keep every table linked (a
-                    // device may have walked them, and the IOVAs of their span go back to the
-                    // caller, which may map them again before any flush). The range is
-                    // invalidated by the next flush but not reported as unmapped: the caller
-                    // still owns those IOVAs.
-                    if cur > iova {
-                        let top = self.cfg.levels.count();
-                        self.clear_range(mem, self.root, top, iova, cur, false, gather);
-                        gather.add_invalidation(iova..cur);
-                    }
-                    return Err(e);
-                }
-            };
-            cur += level_size(level);
-        }
-        self.mapped_bytes += len;
-        gather.add_mapped(iova..end, self.cfg.caching_mode);
-        Ok(())
-    }
-
-    /// Maps one page of `leaf_level` (or smaller, see below) at `iova`; returns the level of
-    /// the leaf written.
-    ///
-    /// Where a superpage would go but a table is linked (one kept empty, or one with
-    /// mappings elsewhere in its span), the page is mapped inside that table with the next
-    /// smaller size: replacing the directory entry by a leaf would hide the table behind a
-    /// directory entry the hardware may still cache, with no invalidation (CM = 0).
-    fn map_one<M: DmaMemory>(
-        &mut self,
-        mem: &mut M,
-        iova: u64,
-        phys: u64,
-        mut leaf_level: u8,
-        access: Access,
-    ) -> Result<u8, Error> {
-        let mut table = self.root;
-        let mut level = self.cfg.levels.count();
-        loop {
-            let slot = table + index(iova, level) * 8;
-            let e = mem.read_u64(slot);
-            if level == leaf_level {
-                if level > 1 && is_present(e) && !is_leaf(e, level) {
-                    // Aligned to and covering this level's size, so the smaller one too.
-                    leaf_level -= 1;
-                } else {
-                    break;
-                }
-            }
-            if !is_present(e) {
-                let next = mem.alloc_frame().ok_or(Error::NoMemory)?;
-                if !self.cfg.coherent {
-                    mem.flush_cache(next, PAGE_SIZE as usize);
-                }
-                self.table_pages += 1;
-                self.write_entry(mem, slot, next | pte::R | pte::W);
-                table = next;
-            } else if is_leaf(e, level) {
-                let s = level_size(level);
-                return Err(Error::AlreadyMapped {
-                    iova: iova & !(s - 1),
-                });
-            } else {
-                table = e & pte::ADDR_MASK;
-            }
-            level -= 1;
-        }
-        let slot = table + index(iova, level) * 8;
-        if is_present(mem.read_u64(slot)) {
-            return Err(Error::AlreadyMapped { iova });
-        }
-        let mut e = phys | (access.bits() as u64 & (pte::R | pte::W));
-        if level > 1 {
-            e |= pte::PS;
-        }
+        let mut attr = VtdAttr::from_bits_truncate(access.bits() as u64);
         if self.cfg.snoop {
-            e |= pte::SNP;
+            attr |= VtdAttr::SNOOP;
         }
-        self.write_entry(mem, slot, e);
-        Ok(level)
+        self.inner.map(&*mem, iova, phys, len, attr, gather)?;
+        gather.add_mapped(iova..iova + len, self.cfg.caching_mode);
+        Ok(())
     }
 
     /// Unmaps `[iova, iova + len)`.
@@ -319,51 +216,16 @@ impl PageTable {
         len: u64,
         gather: &mut Gather,
     ) -> Result<(), Error> {
-        let end = self.check_range(iova, len)?;
-        // Validation pass: nothing is modified unless the whole range can be unmapped.
-        let mut cur = iova;
-        while cur < end {
-            let (e, level) = self.walk(mem, cur);
-            if !is_present(e) {
-                return Err(Error::NotMapped { iova: cur });
-            }
-            let s = level_size(level);
-            let base = cur & !(s - 1);
-            if base < iova || base + s > end {
-                return Err(Error::PartialSuperpage {
-                    iova: base,
-                    size: s,
-                });
-            }
-            cur = base + s;
-        }
-        self.clear_range(
-            mem,
-            self.root,
-            self.cfg.levels.count(),
-            iova,
-            end,
-            true,
-            gather,
-        );
-        self.mapped_bytes -= len;
-        gather.add_unmapped(iova..end);
+        self.inner.unmap(&*mem, iova, len, gather)?;
+        gather.add_unmapped(iova..iova + len);
         Ok(())
     }
 
     /// Walks to the entry mapping `iova`: returns the entry and its level. A not-present
     /// entry is returned with the level at which the walk stopped.
+    #[cfg(test)]
     fn walk<M: DmaMemory>(&self, mem: &M, iova: u64) -> (u64, u8) {
-        let mut table = self.root;
-        let mut level = self.cfg.levels.count();
-        loop {
-            let e = mem.read_u64(table + index(iova, level) * 8);
-            if !is_present(e) || is_leaf(e, level) {
-                return (e, level);
-            }
-            table = e & pte::ADDR_MASK;
-            level -= 1;
-        }
+        self.inner.walk(mem, iova)
     }
 
     /// Unlinks every table page that has no present entry (a child's release may empty
@@ -380,128 +242,23 @@ impl PageTable {
         mem: &mut M,
         gather: &mut Gather,
     ) -> usize {
-        fn release<M: DmaMemory>(
-            pt: &mut PageTable,
-            mem: &mut M,
-            table: PhysAddr,
-            level: u8,
-            base: u64,
-            gather: &mut Gather,
-        ) -> usize {
-            let mut released = 0;
-            if level == 1 {
-                return 0;
-            }
-            let size = level_size(level);
-            for i in 0..512u64 {
-                let slot = table + i * 8;
-                let e = mem.read_u64(slot);
-                if !is_present(e) || is_leaf(e, level) {
-                    continue;
-                }
-                let child = e & pte::ADDR_MASK;
-                let start = base + i * size;
-                released += release(pt, mem, child, level - 1, start, gather);
-                if table_empty(mem, child) {
-                    pt.write_entry(mem, slot, 0);
-                    gather.add_freed_table(child);
-                    gather.add_invalidation(start..start + size);
-                    pt.table_pages -= 1;
-                    released += 1;
-                }
-            }
-            released
-        }
-        let (root, top) = (self.root, self.cfg.levels.count());
-        release(self, mem, root, top, 0, gather)
-    }
-
-    /// Clears every present entry in `[start, end)` of `table` (at `level`), recursing into
-    /// child tables. Leaves must be fully covered (checked by the caller). With `unlink`, a
-    /// child table whose whole span lies in the range is unlinked and handed to `gather`;
-    /// any other child stays linked, even when it becomes empty.
-    #[allow(clippy::too_many_arguments)]
-    fn clear_range<M: DmaMemory>(
-        &mut self,
-        mem: &mut M,
-        table: PhysAddr,
-        level: u8,
-        start: u64,
-        end: u64,
-        unlink: bool,
-        gather: &mut Gather,
-    ) {
-        let size = level_size(level);
-        let mut cur = start;
-        let mut first_written: Option<u64> = None;
-        let mut last_written = 0;
-        while cur < end {
-            let idx = index(cur, level);
-            let slot = table + idx * 8;
-            let entry_base = cur & !(size - 1);
-            let entry_end = entry_base.saturating_add(size);
-            let sub_end = end.min(entry_end);
-            let e = mem.read_u64(slot);
-            if is_present(e) {
-                let clear = if is_leaf(e, level) {
-                    true
-                } else {
-                    let child = e & pte::ADDR_MASK;
-                    self.clear_range(mem, child, level - 1, cur, sub_end, unlink, gather);
-                    let whole_span = cur == entry_base && sub_end == entry_end;
-                    if unlink && whole_span {
-                        gather.add_freed_table(child);
-                        self.table_pages -= 1;
-                    }
-                    unlink && whole_span
-                };
-                if clear {
-                    mem.write_u64(slot, 0);
-                    first_written.get_or_insert(idx);
-                    last_written = idx;
-                }
-            }
-            cur = sub_end;
-        }
-        if let Some(first) = first_written {
-            if !self.cfg.coherent {
-                mem.flush_cache(table + first * 8, ((last_written - first + 1) * 8) as usize);
-            }
-        }
+        self.inner.release_empty_tables(&*mem, gather)
     }
 
     /// Looks up `iova` in the tables (as the hardware would walk them).
     pub fn translate<M: DmaMemory>(&self, mem: &M, iova: u64) -> Option<Translation> {
-        if iova >= 1u64 << self.cfg.iova_bits {
-            return None;
-        }
-        let (e, level) = self.walk(mem, iova);
-        if !is_present(e) {
-            return None;
-        }
-        let s = level_size(level);
+        let t = self.inner.translate(mem, iova)?;
         Some(Translation {
-            phys: (e & pte::ADDR_MASK & !(s - 1)) | (iova & (s - 1)),
-            access: Access::from_bits_truncate((e & (pte::R | pte::W)) as u8),
-            page_size: s,
+            phys: t.phys,
+            access: Access::from_bits_truncate(t.attr.bits() as u8),
+            page_size: t.page_size,
         })
     }
 
     /// Frees every table page, root included. Only valid when no hardware can walk the
     /// tables any more (no device attached and the domain's IOTLB entries invalidated).
     pub(crate) fn free_all<M: DmaMemory>(self, mem: &mut M) {
-        fn free_level<M: DmaMemory>(mem: &mut M, table: PhysAddr, level: u8) {
-            if level > 1 {
-                for i in 0..512 {
-                    let e = mem.read_u64(table + i * 8);
-                    if is_present(e) && !is_leaf(e, level) {
-                        free_level(mem, e & pte::ADDR_MASK, level - 1);
-                    }
-                }
-            }
-            mem.free_frame(table);
-        }
-        free_level(mem, self.root, self.cfg.levels.count());
+        self.inner.free_all(&*mem)
     }
 }
 
@@ -855,7 +612,7 @@ mod tests {
                 }
             }
             let mut out = Vec::new();
-            rec(mem, self.root, self.cfg.levels.count(), 0, &mut out);
+            rec(mem, self.root(), self.cfg.levels.count(), 0, &mut out);
             out
         }
     }

@@ -108,8 +108,8 @@ impl FakeMemory {
     }
 }
 
-impl DmaMemory for FakeMemory {
-    fn alloc_frame(&mut self) -> Option<PhysAddr> {
+impl FakeMemory {
+    fn alloc(&self) -> Option<PhysAddr> {
         let hook = self.0.borrow_mut().alloc_hook.take();
         if let Some(mut hook) = hook {
             let fail = hook();
@@ -142,7 +142,7 @@ impl DmaMemory for FakeMemory {
         inner.allocs += 1;
         Some(pa)
     }
-    fn free_frame(&mut self, frame: PhysAddr) {
+    fn free(&self, frame: PhysAddr) {
         let mut inner = self.0.borrow_mut();
         assert!(
             inner.frames.remove(&frame).is_some(),
@@ -152,12 +152,61 @@ impl DmaMemory for FakeMemory {
         inner.free.push_back(frame);
         inner.poisoned.insert(frame);
     }
+    fn store(&self, addr: PhysAddr, value: u64) {
+        self.with_bytes(addr, 8, |b| b.copy_from_slice(&value.to_le_bytes()));
+        self.0.borrow_mut().dirty_lines.insert(addr & !63);
+    }
+    fn flush(&self, addr: PhysAddr, len: usize) {
+        let mut inner = self.0.borrow_mut();
+        inner.flush_calls += 1;
+        let mut line = addr & !63;
+        while line < addr + len as u64 {
+            inner.dirty_lines.remove(&line);
+            line += 64;
+        }
+    }
+}
+
+/// The page-table engine's view: the same frames and checks (single-threaded, so the
+/// compare-and-swap is a load and a store).
+impl moat_ptab::TableMemory for FakeMemory {
+    fn alloc_table(&self) -> Option<PhysAddr> {
+        self.alloc()
+    }
+    fn free_table(&self, table: PhysAddr) {
+        self.free(table)
+    }
+    fn load_entry(&self, entry: PhysAddr) -> u64 {
+        self.peek_u64(entry)
+    }
+    fn store_entry(&self, entry: PhysAddr, value: u64) {
+        self.store(entry, value)
+    }
+    fn cas_entry(&self, entry: PhysAddr, current: u64, new: u64) -> Result<u64, u64> {
+        let v = self.peek_u64(entry);
+        if v != current {
+            return Err(v);
+        }
+        self.store(entry, new);
+        Ok(v)
+    }
+    fn flush_entries(&self, addr: PhysAddr, len: usize) {
+        self.flush(addr, len)
+    }
+}
+
+impl DmaMemory for FakeMemory {
+    fn alloc_frame(&mut self) -> Option<PhysAddr> {
+        self.alloc()
+    }
+    fn free_frame(&mut self, frame: PhysAddr) {
+        self.free(frame)
+    }
     fn read_u64(&self, addr: PhysAddr) -> u64 {
         self.peek_u64(addr)
     }
     fn write_u64(&mut self, addr: PhysAddr, value: u64) {
-        self.with_bytes(addr, 8, |b| b.copy_from_slice(&value.to_le_bytes()));
-        self.0.borrow_mut().dirty_lines.insert(addr & !63);
+        self.store(addr, value)
     }
     fn read_u32(&self, addr: PhysAddr) -> u32 {
         self.with_bytes(addr, 4, |b| u32::from_le_bytes(b.try_into().unwrap()))
@@ -167,13 +216,7 @@ impl DmaMemory for FakeMemory {
         self.0.borrow_mut().dirty_lines.insert(addr & !63);
     }
     fn flush_cache(&mut self, addr: PhysAddr, len: usize) {
-        let mut inner = self.0.borrow_mut();
-        inner.flush_calls += 1;
-        let mut line = addr & !63;
-        while line < addr + len as u64 {
-            inner.dirty_lines.remove(&line);
-            line += 64;
-        }
+        self.flush(addr, len)
     }
 }
 

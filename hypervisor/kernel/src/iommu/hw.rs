@@ -1,13 +1,16 @@
 //! The kernel's implementations of `moat-vtd`'s hardware traits: a unit's uncached register
-//! window, table memory from the frame allocator (identity mapped, cache lines flushed for
-//! non-coherent walks), and a TSC clock.
+//! window, table memory from the frame allocator (identity mapped, every access checked against
+//! the VT-d frame set, cache lines flushed for non-coherent walks), and a TSC clock.
 
+use core::sync::atomic::Ordering;
+
+use moat_ptab::TableMemory;
 use moat_vtd::regs::{Readable, Reg, Writable};
 use moat_vtd::{Clock, DmaMemory, PhysAddr, RegisterWindow};
 
 use crate::arch::tsc;
-use crate::mm::frames;
 use crate::mm::mmio::Mmio;
+use crate::mm::tables::DMA_FRAMES;
 
 /// A unit's registers: its [`Mmio`] window (the DRHD register set, mapped uncached by
 /// [`crate::mm::space::map_mmio`]) accessed by typed register; an offset past the register
@@ -27,43 +30,62 @@ impl RegisterWindow for Mmio {
     }
 }
 
-/// Table memory: frames from the global allocator, accessed through the identity map.
+/// VT-d memory: frames from the global allocator recorded in [`DMA_FRAMES`], accessed
+/// through the identity map. Every access is checked against the set (see `mm::tables`), so
+/// the safe accessors cannot reach memory the kernel's Rust code owns.
 pub struct KernelMemory;
 
 impl DmaMemory for KernelMemory {
     fn alloc_frame(&mut self) -> Option<PhysAddr> {
-        frames::alloc_zeroed()
+        DMA_FRAMES.alloc()
     }
     fn free_frame(&mut self, frame: PhysAddr) {
-        frames::free(frame)
+        DMA_FRAMES.free(frame)
     }
     fn read_u64(&self, addr: PhysAddr) -> u64 {
-        // SAFETY: the driver only reads inside frames it allocated (identity-mapped RAM).
-        unsafe { core::ptr::read_volatile(addr as *const u64) }
+        DMA_FRAMES.word(addr).load(Ordering::Acquire)
     }
     fn write_u64(&mut self, addr: PhysAddr, value: u64) {
-        // SAFETY: the driver only writes inside frames it allocated and owns.
-        unsafe { core::ptr::write_volatile(addr as *mut u64, value) }
+        DMA_FRAMES.word(addr).store(value, Ordering::Release)
     }
     fn read_u32(&self, addr: PhysAddr) -> u32 {
-        // SAFETY: as read_u64.
+        DMA_FRAMES.check(addr, 4);
+        // SAFETY: checked: 4-byte aligned inside a VT-d frame (identity-mapped RAM no Rust
+        // reference points to); the hardware writes status words there, hence volatile.
         unsafe { core::ptr::read_volatile(addr as *const u32) }
     }
     fn write_u32(&mut self, addr: PhysAddr, value: u32) {
-        // SAFETY: as write_u64.
+        DMA_FRAMES.check(addr, 4);
+        // SAFETY: as read_u32.
         unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
     }
     fn flush_cache(&mut self, addr: PhysAddr, len: usize) {
-        let mut line = addr & !63;
-        while line < addr + len as u64 {
-            // SAFETY: clflush of a mapped address only writes the line back.
-            unsafe {
-                core::arch::asm!("clflush [{}]", in(reg) line, options(nostack, preserves_flags))
-            };
-            line += 64;
-        }
-        // SAFETY: a fence has no side effect beyond ordering.
-        unsafe { core::arch::asm!("mfence", options(nostack, preserves_flags)) };
+        DMA_FRAMES.flush(addr, len)
+    }
+}
+
+/// The page-table engine's view of the same frames (the unit frees unlinked table pages with
+/// [`DmaMemory::free_frame`]).
+impl TableMemory for KernelMemory {
+    fn alloc_table(&self) -> Option<PhysAddr> {
+        DMA_FRAMES.alloc()
+    }
+    fn free_table(&self, table: PhysAddr) {
+        DMA_FRAMES.free(table)
+    }
+    fn load_entry(&self, entry: PhysAddr) -> u64 {
+        DMA_FRAMES.word(entry).load(Ordering::Acquire)
+    }
+    fn store_entry(&self, entry: PhysAddr, value: u64) {
+        DMA_FRAMES.word(entry).store(value, Ordering::Release)
+    }
+    fn cas_entry(&self, entry: PhysAddr, current: u64, new: u64) -> Result<u64, u64> {
+        DMA_FRAMES
+            .word(entry)
+            .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
+    }
+    fn flush_entries(&self, addr: PhysAddr, len: usize) {
+        DMA_FRAMES.flush(addr, len)
     }
 }
 

@@ -5,6 +5,7 @@ pub mod heap;
 pub mod mmio;
 pub mod paging;
 pub mod space;
+pub mod tables;
 
 /// Page size.
 pub const PAGE_SIZE: u64 = 4096;

@@ -1,0 +1,160 @@
+//! The memory behind hardware tables: frames handed out for one kind of table, and checked
+//! accesses to them.
+//!
+//! [`FrameSet`] records which frames were handed out for a purpose (the hypervisor's and the
+//! guests' translation tables, or VT-d's remapping structures). Every access through
+//! [`HostTables`] (and the VT-d `KernelMemory`) is checked against its set, so the safe
+//! accessors of `moat_ptab::TableMemory` and `moat_vtd::DmaMemory` are sound for any
+//! argument: a stray address panics instead of writing memory that Rust code owns.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use moat_ptab::{PhysAddr, TableMemory};
+
+use super::{frames, PAGE_SIZE};
+
+/// Frames the allocator manages lie below 4 GiB.
+const FRAMES: u64 = 1 << 20;
+
+/// A set of frames below 4 GiB (one bit each).
+pub struct FrameSet {
+    words: [AtomicU64; (FRAMES / 64) as usize],
+    what: &'static str,
+}
+
+impl FrameSet {
+    /// An empty set; `what` names it in panics.
+    pub const fn new(what: &'static str) -> Self {
+        Self {
+            words: [const { AtomicU64::new(0) }; (FRAMES / 64) as usize],
+            what,
+        }
+    }
+
+    fn bit(pa: PhysAddr) -> Option<(usize, u64)> {
+        let f = pa / PAGE_SIZE;
+        (f < FRAMES).then(|| ((f / 64) as usize, 1u64 << (f % 64)))
+    }
+
+    /// Adds the frame at `frame` (a frame the caller just obtained from the allocator).
+    fn insert(&self, frame: PhysAddr) {
+        let (w, b) = Self::bit(frame).expect("frame beyond 4 GiB");
+        let old = self.words[w].fetch_or(b, Ordering::AcqRel);
+        assert!(
+            old & b == 0,
+            "{}: frame {frame:#x} handed out twice",
+            self.what
+        );
+    }
+
+    /// Removes the frame at `frame`; false when it was not in the set.
+    fn remove(&self, frame: PhysAddr) -> bool {
+        match Self::bit(frame) {
+            Some((w, b)) if frame.is_multiple_of(PAGE_SIZE) => {
+                self.words[w].fetch_and(!b, Ordering::AcqRel) & b != 0
+            }
+            _ => false,
+        }
+    }
+
+    /// A zeroed frame from the allocator, added to the set.
+    pub fn alloc(&self) -> Option<PhysAddr> {
+        let f = frames::alloc_zeroed()?;
+        self.insert(f);
+        Some(f)
+    }
+
+    /// Gives `frame` back to the allocator; a frame not in the set is refused (and logged).
+    pub fn free(&self, frame: PhysAddr) {
+        if self.remove(frame) {
+            frames::free(frame);
+        } else {
+            log::error!(
+                "{}: free of {frame:#x}, not one of its frames, refused",
+                self.what
+            );
+        }
+    }
+
+    /// Panics unless `[addr, addr + width)` is a naturally aligned access inside a frame of
+    /// the set.
+    #[inline(always)]
+    pub fn check(&self, addr: PhysAddr, width: u64) {
+        let f = addr >> 12;
+        let ok = addr & (width - 1) == 0
+            && self
+                .words
+                .get((f >> 6) as usize)
+                .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (f & 63)) != 0);
+        if !ok {
+            self.stray(addr);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn stray(&self, addr: PhysAddr) -> ! {
+        panic!("{}: access to {addr:#x} outside its frames", self.what)
+    }
+
+    /// The 64-bit word at `addr`, checked.
+    #[inline(always)]
+    pub fn word(&self, addr: PhysAddr) -> &AtomicU64 {
+        self.check(addr, 8);
+        // SAFETY: `addr` is 8-byte aligned inside a frame of this set: identity-mapped RAM
+        // handed out by the allocator for hardware tables only, which no Rust reference points
+        // to and which is only accessed atomically or volatilely through these sets.
+        unsafe { AtomicU64::from_ptr(addr as *mut u64) }
+    }
+
+    /// Writes back and invalidates the cache lines of `[addr, addr + len)` (checked).
+    pub fn flush(&self, addr: PhysAddr, len: usize) {
+        if len == 0 {
+            return;
+        }
+        // No check: a cache-line flush changes no memory contents (an unmapped address
+        // faults, which panics).
+        let mut line = addr & !63;
+        while line < addr + len as u64 {
+            // SAFETY: clflush only writes the line back (and faults if unmapped).
+            unsafe {
+                core::arch::asm!("clflush [{}]", in(reg) line, options(nostack, preserves_flags))
+            };
+            line += 64;
+        }
+        // SAFETY: a fence has no side effect beyond ordering.
+        unsafe { core::arch::asm!("mfence", options(nostack, preserves_flags)) };
+    }
+}
+
+/// Frames of the hypervisor's own page tables and the guests' nested page tables.
+pub static HOST_TABLES: FrameSet = FrameSet::new("host page tables");
+
+/// Frames of the VT-d remapping structures (root, context and page tables, queues).
+pub static DMA_FRAMES: FrameSet = FrameSet::new("VT-d memory");
+
+/// Table memory of the CPU's and the guests' translation tables ([`HOST_TABLES`]).
+pub struct HostTables;
+
+impl TableMemory for HostTables {
+    fn alloc_table(&self) -> Option<PhysAddr> {
+        HOST_TABLES.alloc()
+    }
+    fn free_table(&self, table: PhysAddr) {
+        HOST_TABLES.free(table)
+    }
+    fn load_entry(&self, entry: PhysAddr) -> u64 {
+        HOST_TABLES.word(entry).load(Ordering::Acquire)
+    }
+    fn store_entry(&self, entry: PhysAddr, value: u64) {
+        HOST_TABLES.word(entry).store(value, Ordering::Release)
+    }
+    fn cas_entry(&self, entry: PhysAddr, current: u64, new: u64) -> Result<u64, u64> {
+        HOST_TABLES
+            .word(entry)
+            .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
+    }
+    fn flush_entries(&self, addr: PhysAddr, len: usize) {
+        HOST_TABLES.flush(addr, len)
+    }
+}

@@ -1,0 +1,791 @@
+//! One page-table engine for every translation structure Moat builds.
+//!
+//! [`PageTable<F>`] maps, unmaps, translates and walks radix page tables whose entry format is
+//! a [`Format`]: [`format::VtdSecondLevel`] (VT-d DMA remapping), [`format::Npt`] (AMD nested
+//! paging), [`format::Ept`] (Intel EPT) and [`format::X86`] (the CPU's own 4-level tables).
+//! The table pages live in a [`TableMemory`]; what an unmap or a release unlinks goes to a
+//! [`Sink`] (for VT-d the domain's gather), to be freed only after the hardware's caches were
+//! invalidated.
+//!
+//! Invariants kept by the engine:
+//! - a table page is unlinked only by an unmap whose range covers the table's whole span (then
+//!   every address of the span was mapped and is pending in the sink, so no map can link a
+//!   fresh table into the same slot before the invalidation), or by
+//!   [`PageTable::release_empty_tables`] (teardown / quiesced); a table emptied by a smaller
+//!   unmap, or left empty by a failed map, stays linked and is reused;
+//! - a superpage is written only where the address and the physical address are aligned to it,
+//!   the range covers it, the format and the configuration allow it, and no table is linked
+//!   in its slot (the pages then go into that table, one level down);
+//! - [`PageTable::map`] and [`PageTable::unmap`] are all-or-nothing: a failing map clears the
+//!   leaves it wrote, keeps the tables it linked and reports the cleared range to the sink as
+//!   an invalidation; unmap validates the whole range before it changes anything;
+//! - a new table is linked with a compare-and-swap on the parent entry: maps of disjoint
+//!   ranges may run concurrently, and the loser of a race frees its (never linked) page;
+//! - with non-coherent walks (`coherent == false`) every written entry's cache line is flushed
+//!   after the write, and every new table page before it is linked.
+//!
+//! # Soundness
+//!
+//! The crate has no `unsafe`: every entry access goes through [`TableMemory`], whose
+//! implementations must be sound for any argument (they touch only frames they handed out and
+//! did not take back, and panic otherwise). A corrupted entry can therefore mislead the engine
+//! into a panic or a wrong translation, never into undefined behaviour of the CPU.
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+#[cfg(any(test, feature = "std"))]
+extern crate std;
+
+pub mod format;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
+
+use core::marker::PhantomData;
+use core::ops::Range;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+pub use format::Format;
+use format::{is_leaf, ADDR_MASK, PS};
+
+/// A physical address.
+pub type PhysAddr = u64;
+
+/// Size of a table page and of the smallest page.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Memory holding page-table pages.
+///
+/// The engine reads and writes entries only through these methods, at 8-byte aligned
+/// addresses inside table pages it obtained from [`TableMemory::alloc_table`] and has not
+/// given back (to [`TableMemory::free_table`], or to a [`Sink`] whose owner frees it later).
+///
+/// **Contract for implementations** (what makes the boundary sound): every method must be
+/// sound for *any* argument. An implementation hands out frames that no Rust reference points
+/// to and that nothing else uses until they are freed, and it checks that each access lies in
+/// such a live frame (panicking otherwise), so that a bug or a corrupted entry in a safe
+/// caller cannot read or write arbitrary memory. The methods take `&self`: entries are
+/// accessed atomically, so maps of disjoint ranges may run on several CPUs.
+pub trait TableMemory {
+    /// Allocates a zero-filled, 4 KiB-aligned table page; `None` when out of memory.
+    fn alloc_table(&self) -> Option<PhysAddr>;
+    /// Gives back a page from `alloc_table` (no hardware can reach it any more).
+    fn free_table(&self, table: PhysAddr);
+    /// Atomic 64-bit load of the entry at `entry`.
+    fn load_entry(&self, entry: PhysAddr) -> u64;
+    /// Atomic 64-bit store to the entry at `entry`.
+    fn store_entry(&self, entry: PhysAddr, value: u64);
+    /// Atomic compare-and-swap of the entry at `entry`: `Ok(current)` when it held `current`
+    /// and now holds `new`, `Err(actual)` otherwise.
+    fn cas_entry(&self, entry: PhysAddr, current: u64, new: u64) -> Result<u64, u64>;
+    /// Writes back the cache lines of `[addr, addr + len)` so a non-snooping walker sees the
+    /// writes (only called when the table is configured non-coherent).
+    fn flush_entries(&self, addr: PhysAddr, len: usize);
+}
+
+impl<M: TableMemory + ?Sized> TableMemory for &M {
+    fn alloc_table(&self) -> Option<PhysAddr> {
+        (**self).alloc_table()
+    }
+    fn free_table(&self, table: PhysAddr) {
+        (**self).free_table(table)
+    }
+    fn load_entry(&self, entry: PhysAddr) -> u64 {
+        (**self).load_entry(entry)
+    }
+    fn store_entry(&self, entry: PhysAddr, value: u64) {
+        (**self).store_entry(entry, value)
+    }
+    fn cas_entry(&self, entry: PhysAddr, current: u64, new: u64) -> Result<u64, u64> {
+        (**self).cas_entry(entry, current, new)
+    }
+    fn flush_entries(&self, addr: PhysAddr, len: usize) {
+        (**self).flush_entries(addr, len)
+    }
+}
+
+/// Where unmap and release put what must outlive the next invalidation.
+pub trait Sink {
+    /// A table page was unlinked: free it only after the invalidation covering it completed.
+    fn table_unlinked(&mut self, table: PhysAddr);
+    /// Translations of `range` changed without being reported as unmapped (a failed map's
+    /// cleared leaves, the span of a released table): invalidate them.
+    fn invalidate(&mut self, range: Range<u64>);
+}
+
+/// A sink that only collects unlinked tables, for users that invalidate everything anyway.
+#[derive(Debug, Default)]
+pub struct NoSink;
+
+impl Sink for NoSink {
+    fn table_unlinked(&mut self, _: PhysAddr) {}
+    fn invalidate(&mut self, _: Range<u64>) {}
+}
+
+/// Errors of the engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// Address or length not page aligned, or zero length.
+    Misaligned,
+    /// The range leaves the address space or the physical address width.
+    OutOfRange,
+    /// The attributes grant no access (or an invalid combination).
+    NoAccess,
+    /// No memory for a table page.
+    NoMemory,
+    /// Part of the range is already mapped (the page containing `va`).
+    AlreadyMapped {
+        /// Base of the mapped page met.
+        va: u64,
+    },
+    /// `va` is not mapped.
+    NotMapped {
+        /// The unmapped address.
+        va: u64,
+    },
+    /// The range covers only part of a superpage.
+    PartialSuperpage {
+        /// Base of the superpage.
+        va: u64,
+        /// Its size.
+        size: u64,
+    },
+}
+
+/// The shape and options of one table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Number of levels (3, 4 or 5).
+    pub levels: u8,
+    /// Input addresses must be below `1 << va_bits`.
+    pub va_bits: u32,
+    /// Physical addresses must be below `1 << pa_bits`.
+    pub pa_bits: u32,
+    /// Bit `n`: leaves allowed at level `n` (intersected with the format's).
+    pub superpages: u8,
+    /// Walks snoop the CPU caches; when false every table write is flushed.
+    pub coherent: bool,
+}
+
+/// The result of a lookup.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation<A> {
+    /// The physical address the input address translates to.
+    pub phys: u64,
+    /// The leaf's attributes.
+    pub attr: A,
+    /// Size of the page holding the address.
+    pub page_size: u64,
+}
+
+/// Bit shift of the span of one entry at `level`.
+pub const fn level_shift(level: u8) -> u32 {
+    12 + 9 * (level as u32 - 1)
+}
+
+/// Bytes mapped by one entry at `level`.
+pub const fn level_size(level: u8) -> u64 {
+    1u64 << level_shift(level)
+}
+
+/// Base of the span of the table at `level` holding `va`.
+const fn span_base(va: u64, level: u8) -> u64 {
+    let span = level_shift(level) + 9;
+    if span >= 64 {
+        0
+    } else {
+        va & !((1u64 << span) - 1)
+    }
+}
+
+/// Whether `va` lies in the span of the table at `level` whose span starts at `base`.
+const fn in_span(va: u64, level: u8, base: u64) -> bool {
+    span_base(va, level) == base
+}
+
+const fn index(va: u64, level: u8) -> u64 {
+    (va >> level_shift(level)) & 0x1ff
+}
+
+/// One tree of page tables in format `F`.
+#[derive(Debug)]
+pub struct PageTable<F: Format> {
+    root: PhysAddr,
+    cfg: Config,
+    table_pages: AtomicUsize,
+    mapped_bytes: AtomicU64,
+    _format: PhantomData<fn() -> F>,
+}
+
+impl<F: Format> PageTable<F> {
+    /// Allocates an empty root table.
+    pub fn new<M: TableMemory>(mem: &M, cfg: Config) -> Result<Self, Error> {
+        let root = mem.alloc_table().ok_or(Error::NoMemory)?;
+        if !cfg.coherent {
+            mem.flush_entries(root, PAGE_SIZE as usize);
+        }
+        Ok(Self {
+            root,
+            cfg,
+            table_pages: AtomicUsize::new(1),
+            mapped_bytes: AtomicU64::new(0),
+            _format: PhantomData,
+        })
+    }
+
+    /// Physical address of the root table.
+    pub fn root(&self) -> PhysAddr {
+        self.root
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Bytes mapped by [`Self::map`] and not unmapped since.
+    pub fn mapped_bytes(&self) -> u64 {
+        self.mapped_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Table pages linked into the tree (root included).
+    pub fn table_pages(&self) -> usize {
+        self.table_pages.load(Ordering::Relaxed)
+    }
+
+    fn check_range(&self, va: u64, len: u64) -> Result<u64, Error> {
+        if len == 0 || !va.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::Misaligned);
+        }
+        let end = va.checked_add(len).ok_or(Error::OutOfRange)?;
+        if end > 1u64 << self.cfg.va_bits {
+            return Err(Error::OutOfRange);
+        }
+        Ok(end)
+    }
+
+    fn check_phys(&self, phys: u64, len: u64) -> Result<(), Error> {
+        if !phys.is_multiple_of(PAGE_SIZE) {
+            return Err(Error::Misaligned);
+        }
+        match phys.checked_add(len) {
+            Some(end) if end <= 1u64 << self.cfg.pa_bits => Ok(()),
+            _ => Err(Error::OutOfRange),
+        }
+    }
+
+    fn write<M: TableMemory>(&self, mem: &M, slot: PhysAddr, value: u64) {
+        mem.store_entry(slot, value);
+        if !self.cfg.coherent {
+            mem.flush_entries(slot, 8);
+        }
+    }
+
+    fn superpage_ok(&self, level: u8) -> bool {
+        level > 1 && level < 8 && (self.cfg.superpages & F::SUPERPAGE_LEVELS) & (1 << level) != 0
+    }
+
+    /// Largest leaf level usable at `va`/`phys` with `remaining` bytes left.
+    fn leaf_level(&self, va: u64, phys: u64, remaining: u64) -> u8 {
+        for lvl in (2..self.cfg.levels).rev() {
+            let s = level_size(lvl);
+            if self.superpage_ok(lvl)
+                && va.is_multiple_of(s)
+                && phys.is_multiple_of(s)
+                && remaining >= s
+            {
+                return lvl;
+            }
+        }
+        1
+    }
+
+    fn leaf_entry(phys: u64, attr: F::Attr, level: u8) -> u64 {
+        let mut e = phys | F::leaf_bits(attr);
+        if level > 1 {
+            e |= PS;
+        }
+        e
+    }
+
+    /// Links a fresh table into `slot`, which held the not-present `seen`. Returns the table
+    /// now linked there (ours, or the one a concurrent map linked first).
+    fn install<M: TableMemory>(&self, mem: &M, slot: PhysAddr, seen: u64) -> Result<u64, Error> {
+        let next = mem.alloc_table().ok_or(Error::NoMemory)?;
+        if !self.cfg.coherent {
+            mem.flush_entries(next, PAGE_SIZE as usize);
+        }
+        match mem.cas_entry(slot, seen, F::table_entry(next)) {
+            Ok(_) => {
+                if !self.cfg.coherent {
+                    mem.flush_entries(slot, 8);
+                }
+                self.table_pages.fetch_add(1, Ordering::Relaxed);
+                Ok(F::table_entry(next))
+            }
+            Err(actual) => {
+                // Lost the race: the page was never visible to any walker.
+                mem.free_table(next);
+                Ok(actual)
+            }
+        }
+    }
+
+    /// Maps `[va, va + len)` to `[phys, phys + len)` with `attr`, using the largest pages the
+    /// alignment, the format and the configuration allow. Refuses to replace a mapping.
+    ///
+    /// On error the mapping is unchanged: the leaves this call wrote are cleared again and
+    /// reported to `sink` as an invalidation; the tables it linked stay (empty, reused later).
+    pub fn map<M: TableMemory, S: Sink>(
+        &self,
+        mem: &M,
+        va: u64,
+        phys: u64,
+        len: u64,
+        attr: F::Attr,
+        sink: &mut S,
+    ) -> Result<(), Error> {
+        let end = self.check_range(va, len)?;
+        self.check_phys(phys, len)?;
+        if !F::valid_attr(attr) {
+            return Err(Error::NoAccess);
+        }
+        let mut cur = va;
+        // The table that received the last leaf: consecutive pages in its span skip the walk.
+        let mut last: Option<(PhysAddr, u8, u64)> = None;
+        while cur < end {
+            let p = phys + (cur - va);
+            let want = self.leaf_level(cur, p, end - cur);
+            let r = match last {
+                Some((t, lvl, base)) if lvl == want && in_span(cur, lvl, base) => {
+                    let slot = t + index(cur, lvl) * 8;
+                    if F::is_present(mem.load_entry(slot)) {
+                        // Mapped, or a kept table: the full walk decides.
+                        self.map_one(mem, cur, p, want, attr)
+                    } else {
+                        self.write(mem, slot, Self::leaf_entry(p, attr, lvl));
+                        Ok((lvl, t))
+                    }
+                }
+                _ => self.map_one(mem, cur, p, want, attr),
+            };
+            match r {
+                Ok((level, t)) => {
+                    last = Some((t, level, span_base(cur, level)));
+                    cur += level_size(level);
+                }
+                Err(e) => {
+                    if cur > va {
+                        self.clear_range(mem, self.root, self.cfg.levels, va, cur, false, sink);
+                        sink.invalidate(va..cur);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        self.mapped_bytes.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Maps one page of `leaf_level` (or smaller where a table is linked in its slot) at
+    /// `va`; returns the level of the leaf written and the table holding it.
+    fn map_one<M: TableMemory>(
+        &self,
+        mem: &M,
+        va: u64,
+        phys: u64,
+        mut leaf_level: u8,
+        attr: F::Attr,
+    ) -> Result<(u8, PhysAddr), Error> {
+        let mut table = self.root;
+        let mut level = self.cfg.levels;
+        loop {
+            let slot = table + index(va, level) * 8;
+            let mut e = mem.load_entry(slot);
+            if level == leaf_level {
+                if level > 1 && F::is_present(e) && !is_leaf(e, level) {
+                    leaf_level -= 1;
+                } else {
+                    break;
+                }
+            }
+            if !F::is_present(e) {
+                e = self.install(mem, slot, e)?;
+            }
+            if is_leaf(e, level) {
+                let s = level_size(level);
+                return Err(Error::AlreadyMapped { va: va & !(s - 1) });
+            }
+            table = e & ADDR_MASK;
+            level -= 1;
+        }
+        let slot = table + index(va, level) * 8;
+        if F::is_present(mem.load_entry(slot)) {
+            return Err(Error::AlreadyMapped { va });
+        }
+        self.write(mem, slot, Self::leaf_entry(phys, attr, level));
+        Ok((level, table))
+    }
+
+    /// Maps `[va, va + len)` to `[phys, phys + len)` with `attr` (or clears it with `None`),
+    /// replacing whatever was mapped there: for address spaces that are rebuilt in place (the
+    /// hypervisor's own). A superpage only partly covered is first split into pages of the
+    /// next level with its attributes; where a table is linked, the pages go into it. Never
+    /// unlinks a table. Not all-or-nothing: on `NoMemory` a prefix may have changed.
+    pub fn remap<M: TableMemory>(
+        &self,
+        mem: &M,
+        va: u64,
+        phys: u64,
+        len: u64,
+        attr: Option<F::Attr>,
+    ) -> Result<(), Error> {
+        let end = self.check_range(va, len)?;
+        if let Some(a) = attr {
+            self.check_phys(phys, len)?;
+            if !F::valid_attr(a) {
+                return Err(Error::NoAccess);
+            }
+        }
+        let mut cur = va;
+        while cur < end {
+            let p = phys + (cur - va);
+            let want = match attr {
+                Some(_) => self.leaf_level(cur, p, end - cur),
+                None => 1,
+            };
+            cur = self.remap_one(mem, cur, p, end, want, attr)?;
+        }
+        Ok(())
+    }
+
+    /// One step of [`Self::remap`]; returns where the next step starts.
+    fn remap_one<M: TableMemory>(
+        &self,
+        mem: &M,
+        va: u64,
+        phys: u64,
+        end: u64,
+        mut leaf_level: u8,
+        attr: Option<F::Attr>,
+    ) -> Result<u64, Error> {
+        let mut table = self.root;
+        let mut level = self.cfg.levels;
+        loop {
+            let slot = table + index(va, level) * 8;
+            let mut e = mem.load_entry(slot);
+            let size = level_size(level);
+            let base = va & !(size - 1);
+            let covered = base == va && end - va >= size;
+            if attr.is_none() {
+                // Clearing: a leaf or nothing wholly covered is cleared / skipped here.
+                if !F::is_present(e) {
+                    return Ok((base + size).min(end));
+                }
+                if is_leaf(e, level) && covered {
+                    self.write(mem, slot, 0);
+                    return Ok(base + size);
+                }
+            } else if level == leaf_level {
+                if level > 1 && F::is_present(e) && !is_leaf(e, level) {
+                    leaf_level -= 1;
+                } else {
+                    break;
+                }
+            }
+            if !F::is_present(e) {
+                e = self.install(mem, slot, e)?;
+            } else if is_leaf(e, level) {
+                e = self.split(mem, slot, e, level)?;
+            }
+            table = e & ADDR_MASK;
+            level -= 1;
+        }
+        let slot = table + index(va, level) * 8;
+        if let Some(a) = attr {
+            self.write(mem, slot, Self::leaf_entry(phys, a, level));
+        }
+        Ok(va + level_size(level))
+    }
+
+    /// Replaces the superpage `e` in `slot` (at `level`) by a table of next-level pages with
+    /// the same attributes; returns the new table entry.
+    fn split<M: TableMemory>(
+        &self,
+        mem: &M,
+        slot: PhysAddr,
+        e: u64,
+        level: u8,
+    ) -> Result<u64, Error> {
+        let t = mem.alloc_table().ok_or(Error::NoMemory)?;
+        let size = level_size(level);
+        let base = e & ADDR_MASK & !(size - 1);
+        let attr = F::leaf_attr(e);
+        let sub = level_size(level - 1);
+        for i in 0..512u64 {
+            mem.store_entry(t + i * 8, Self::leaf_entry(base + i * sub, attr, level - 1));
+        }
+        if !self.cfg.coherent {
+            mem.flush_entries(t, PAGE_SIZE as usize);
+        }
+        let te = F::table_entry(t);
+        match mem.cas_entry(slot, e, te) {
+            Ok(_) => {
+                if !self.cfg.coherent {
+                    mem.flush_entries(slot, 8);
+                }
+                self.table_pages.fetch_add(1, Ordering::Relaxed);
+                Ok(te)
+            }
+            Err(actual) => {
+                mem.free_table(t);
+                Ok(actual)
+            }
+        }
+    }
+
+    /// Unmaps `[va, va + len)`: the whole range must be mapped and every superpage it touches
+    /// must lie inside it. On error nothing changed. Table pages whose whole span the range
+    /// covers are unlinked into `sink`.
+    pub fn unmap<M: TableMemory, S: Sink>(
+        &self,
+        mem: &M,
+        va: u64,
+        len: u64,
+        sink: &mut S,
+    ) -> Result<(), Error> {
+        let end = self.check_range(va, len)?;
+        let mut cur = va;
+        let mut last: Option<(PhysAddr, u8, u64)> = None;
+        while cur < end {
+            let (e, level, table) = match last {
+                Some((t, lvl, base)) if in_span(cur, lvl, base) => {
+                    let e = mem.load_entry(t + index(cur, lvl) * 8);
+                    if F::is_present(e) && !is_leaf(e, lvl) {
+                        self.walk_table(mem, cur)
+                    } else {
+                        (e, lvl, t)
+                    }
+                }
+                _ => self.walk_table(mem, cur),
+            };
+            last = Some((table, level, span_base(cur, level)));
+            if !F::is_present(e) {
+                return Err(Error::NotMapped { va: cur });
+            }
+            let s = level_size(level);
+            let base = cur & !(s - 1);
+            if base < va || base + s > end {
+                return Err(Error::PartialSuperpage { va: base, size: s });
+            }
+            cur = base + s;
+        }
+        self.clear_range(mem, self.root, self.cfg.levels, va, end, true, sink);
+        self.mapped_bytes.fetch_sub(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The entry mapping `va` and its level; a not-present entry comes with the level at
+    /// which the walk stopped.
+    pub fn walk<M: TableMemory>(&self, mem: &M, va: u64) -> (u64, u8) {
+        self.walk_path(mem, va, |_, _| {})
+    }
+
+    /// The entry, its level and the table holding it.
+    fn walk_table<M: TableMemory>(&self, mem: &M, va: u64) -> (u64, u8, PhysAddr) {
+        let mut table = self.root;
+        let mut level = self.cfg.levels;
+        loop {
+            let e = mem.load_entry(table + index(va, level) * 8);
+            if !F::is_present(e) || is_leaf(e, level) {
+                return (e, level, table);
+            }
+            table = e & ADDR_MASK;
+            level -= 1;
+        }
+    }
+
+    /// As [`Self::walk`], calling `f(level, entry)` for every entry read, root first.
+    pub fn walk_path<M: TableMemory>(
+        &self,
+        mem: &M,
+        va: u64,
+        mut f: impl FnMut(u8, u64),
+    ) -> (u64, u8) {
+        let mut table = self.root;
+        let mut level = self.cfg.levels;
+        loop {
+            let e = mem.load_entry(table + index(va, level) * 8);
+            f(level, e);
+            if !F::is_present(e) || is_leaf(e, level) {
+                return (e, level);
+            }
+            table = e & ADDR_MASK;
+            level -= 1;
+        }
+    }
+
+    /// Looks `va` up as the hardware would.
+    pub fn translate<M: TableMemory>(&self, mem: &M, va: u64) -> Option<Translation<F::Attr>> {
+        if va >= 1u64 << self.cfg.va_bits {
+            return None;
+        }
+        let (e, level) = self.walk(mem, va);
+        if !F::is_present(e) {
+            return None;
+        }
+        let s = level_size(level);
+        Some(Translation {
+            phys: (e & ADDR_MASK & !(s - 1)) | (va & (s - 1)),
+            attr: F::leaf_attr(e),
+            page_size: s,
+        })
+    }
+
+    /// Calls `f(va, level, entry)` for every present entry, tables before their contents, in
+    /// address order.
+    pub fn visit<M: TableMemory>(&self, mem: &M, mut f: impl FnMut(u64, u8, u64)) {
+        fn rec<F: Format, M: TableMemory>(
+            mem: &M,
+            table: PhysAddr,
+            level: u8,
+            base: u64,
+            f: &mut impl FnMut(u64, u8, u64),
+        ) {
+            for i in 0..512u64 {
+                let e = mem.load_entry(table + i * 8);
+                if !F::is_present(e) {
+                    continue;
+                }
+                let va = base + i * level_size(level);
+                f(va, level, e);
+                if !is_leaf(e, level) {
+                    rec::<F, M>(mem, e & ADDR_MASK, level - 1, va, f);
+                }
+            }
+        }
+        rec::<F, M>(mem, self.root, self.cfg.levels, 0, &mut f);
+    }
+
+    /// Clears every present entry in `[start, end)` of `table` (at `level`), recursing into
+    /// child tables. Leaves must be fully covered (checked by the caller). With `unlink`, a
+    /// child table whose whole span lies in the range is unlinked into `sink`; any other child
+    /// stays linked, even when it becomes empty.
+    #[allow(clippy::too_many_arguments)]
+    fn clear_range<M: TableMemory, S: Sink>(
+        &self,
+        mem: &M,
+        table: PhysAddr,
+        level: u8,
+        start: u64,
+        end: u64,
+        unlink: bool,
+        sink: &mut S,
+    ) {
+        let size = level_size(level);
+        let mut cur = start;
+        let mut first_written: Option<u64> = None;
+        let mut last_written = 0;
+        while cur < end {
+            let idx = index(cur, level);
+            let slot = table + idx * 8;
+            let entry_base = cur & !(size - 1);
+            let entry_end = entry_base.saturating_add(size);
+            let sub_end = end.min(entry_end);
+            let e = mem.load_entry(slot);
+            if F::is_present(e) {
+                let clear = if is_leaf(e, level) {
+                    true
+                } else {
+                    let child = e & ADDR_MASK;
+                    self.clear_range(mem, child, level - 1, cur, sub_end, unlink, sink);
+                    let whole = unlink && cur == entry_base && sub_end == entry_end;
+                    if whole {
+                        sink.table_unlinked(child);
+                        self.table_pages.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    whole
+                };
+                if clear {
+                    mem.store_entry(slot, 0);
+                    first_written.get_or_insert(idx);
+                    last_written = idx;
+                }
+            }
+            cur = sub_end;
+        }
+        if let Some(first) = first_written {
+            if !self.cfg.coherent {
+                mem.flush_entries(table + first * 8, ((last_written - first + 1) * 8) as usize);
+            }
+        }
+    }
+
+    fn table_empty<M: TableMemory>(mem: &M, table: PhysAddr) -> bool {
+        (0..512).all(|i| !F::is_present(mem.load_entry(table + i * 8)))
+    }
+
+    /// Unlinks every table page without a present entry (a child's release may empty its
+    /// parent) into `sink`, with its whole span as an invalidation. The root stays. Returns
+    /// the number of pages unlinked. For teardown or a quiesced table: no map may run until
+    /// the sink's invalidation completed.
+    pub fn release_empty_tables<M: TableMemory, S: Sink>(
+        &mut self,
+        mem: &M,
+        sink: &mut S,
+    ) -> usize {
+        fn release<F: Format, M: TableMemory, S: Sink>(
+            pt: &PageTable<F>,
+            mem: &M,
+            table: PhysAddr,
+            level: u8,
+            base: u64,
+            sink: &mut S,
+        ) -> usize {
+            if level == 1 {
+                return 0;
+            }
+            let mut released = 0;
+            let size = level_size(level);
+            for i in 0..512u64 {
+                let slot = table + i * 8;
+                let e = mem.load_entry(slot);
+                if !F::is_present(e) || is_leaf(e, level) {
+                    continue;
+                }
+                let child = e & ADDR_MASK;
+                let start = base + i * size;
+                released += release(pt, mem, child, level - 1, start, sink);
+                if PageTable::<F>::table_empty(mem, child) {
+                    pt.write(mem, slot, 0);
+                    sink.table_unlinked(child);
+                    sink.invalidate(start..start + size);
+                    pt.table_pages.fetch_sub(1, Ordering::Relaxed);
+                    released += 1;
+                }
+            }
+            released
+        }
+        release(self, mem, self.root, self.cfg.levels, 0, sink)
+    }
+
+    /// Frees every table page, root included. Only when no hardware can walk the tables any
+    /// more.
+    pub fn free_all<M: TableMemory>(self, mem: &M) {
+        fn free_level<F: Format, M: TableMemory>(mem: &M, table: PhysAddr, level: u8) {
+            if level > 1 {
+                for i in 0..512 {
+                    let e = mem.load_entry(table + i * 8);
+                    if F::is_present(e) && !is_leaf(e, level) {
+                        free_level::<F, M>(mem, e & ADDR_MASK, level - 1);
+                    }
+                }
+            }
+            mem.free_table(table);
+        }
+        free_level::<F, M>(mem, self.root, self.cfg.levels);
+    }
+}
+
+#[cfg(test)]
+mod tests;
