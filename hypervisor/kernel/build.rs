@@ -1,3 +1,4 @@
+//! Links the binary at its fixed address with its linker script (bare-metal target only).
 fn main() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap();
     println!("cargo:rerun-if-changed={dir}/linker.ld");

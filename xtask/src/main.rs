@@ -15,6 +15,7 @@
 //! ```
 //!
 //! The command line is `cli.rs` (`cargo xtask --help`, `cargo xtask <command> --help`).
+#![forbid(unsafe_code)]
 
 mod bench_dma;
 mod cli;
@@ -135,7 +136,7 @@ pub fn make_iso(kernel: &Path, cmdline: &str, name: &str) -> Result<PathBuf> {
     make_iso_with_modules(kernel, cmdline, &[], name)
 }
 
-/// Builds the test guest (`tests/guest`) and returns the path of a private copy of its ELF.
+/// Builds the test guest (`guest/test`) and returns the path of a private copy of its ELF.
 pub fn build_test_guest() -> Result<PathBuf> {
     build_bare(
         "the test guest",
@@ -308,7 +309,7 @@ pub fn module_files(modules: &[moat_scenarios::BootModule]) -> Result<Vec<(PathB
 fn cmd_bench(what: Bench, quick: bool) -> Result<()> {
     match what {
         Bench::Iova => {
-            // The IOVA benchmark is a host program (`hypervisor/iova-bench`); it writes the JSON.
+            // The IOVA benchmark is a host program (`bench/iova`); it writes the JSON.
             let json = root().join("target/bench/iova.json");
             let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
             cmd.current_dir(root()).args([

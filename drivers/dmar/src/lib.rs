@@ -17,6 +17,7 @@
 //! let unit = dmar.find_drhd(PciFunction::new(0, 0, 1, 0), &NoBridges);
 //! # let _ = unit; Ok(()) }
 //! ```
+#![forbid(unsafe_code)]
 #![no_std]
 #![deny(missing_docs)]
 

@@ -16,6 +16,7 @@
 //!     }
 //! }
 //! ```
+#![forbid(unsafe_code)]
 #![no_std]
 #![deny(missing_docs)]
 

@@ -30,6 +30,7 @@
 //! The hardware is behind two traits the kernel implements: [`Iommu`] (one VT-d domain:
 //! map, unmap into a pending set, flush = invalidate + wait) and [`IovaSource`] (the per-CPU
 //! magazine allocator). Guest memory is the guest's contiguous partition ([`GuestRam`]).
+#![forbid(unsafe_code)]
 #![no_std]
 
 extern crate alloc;

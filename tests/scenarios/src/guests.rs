@@ -1,4 +1,4 @@
-//! Guest scenarios: the test guest (`tests/guest`, [`TEST_GUEST`]) booted as one or more Moat
+//! Guest scenarios: the test guest (`guest/test`, [`TEST_GUEST`]) booted as one or more Moat
 //! guests from GRUB modules. Each check looks at values the guest or the hypervisor really
 //! observed (device registers, the faulting guest-physical address, hypercall status codes,
 //! which CPU printed), not only that something printed.

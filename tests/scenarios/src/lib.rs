@@ -5,6 +5,7 @@
 //! (ACPI, PCI config space, CPUs that executed their start-up code), so a scenario fails when
 //! the hardware effect is missing, not only when the log is silent. `cargo xtask test` runs
 //! them all in parallel.
+#![forbid(unsafe_code)]
 
 pub mod checks;
 pub mod dma;
@@ -100,7 +101,7 @@ pub struct Scenario {
     pub prepare: Option<Prepare>,
 }
 
-/// The test guest's ELF (`tests/guest`), built by the harness when a scenario uses it.
+/// The test guest's ELF (`guest/test`), built by the harness when a scenario uses it.
 pub const TEST_GUEST: &str = "moat-test-guest.elf";
 
 /// A boot module: a file the harness builds and the module's command line.
