@@ -1,0 +1,81 @@
+//! Guest pages registered with the hypervisor (batch areas, the fault ring): the checks every
+//! registration makes under the guest's lock, and BATCH_REGISTER.
+
+use super::*;
+
+impl GuestDma {
+    /// Guest pages registered with the hypervisor (batch areas, the fault ring): never DMA
+    /// targets.
+    pub(super) fn areas(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self.batch.iter().filter_map(|b| *b.lock()).collect();
+        if let Some(r) = self.ring.lock().as_ref() {
+            v.push((r.gpa, r.pages));
+        }
+        v
+    }
+
+    /// The checks of every registration of guest pages (batch area, fault ring), in the
+    /// ABI's order: page aligned (INVAL), at most `max_pages` (RANGE), guest RAM (FAULT), no
+    /// overlap with the `others` registered areas (EXIST), no page mapped for DMA or still
+    /// waiting for the invalidation of its unmap (BUSY).
+    ///
+    /// The caller holds the guest's lock (`inner`) from these checks until it has published
+    /// the area, so no MAP and no other registration can slip in between.
+    pub(super) fn check_area(
+        &self,
+        inner: &Inner,
+        gpa: u64,
+        pages: u64,
+        max_pages: u64,
+        others: &[(u64, u64)],
+    ) -> Result<(), Status> {
+        if !gpa.is_multiple_of(PAGE) {
+            return Err(Status::Inval);
+        }
+        if pages > max_pages {
+            return Err(Status::Range);
+        }
+        // `pages <= max_pages` keeps the length small; the end may still overflow.
+        let len = pages * PAGE;
+        let end = gpa.checked_add(len).ok_or(Status::Fault)?;
+        self.part
+            .check(gpa, len as usize)
+            .map_err(|_| Status::Fault)?;
+        if others
+            .iter()
+            .any(|&(o, op)| gpa < o.saturating_add(op * PAGE) && end > o)
+        {
+            return Err(Status::Exist);
+        }
+        if inner.st.gpa_busy(gpa, end) {
+            return Err(Status::Busy);
+        }
+        Ok(())
+    }
+
+    pub(super) fn batch_register(&self, vcpu: usize, a: &Args) -> Return {
+        let (gpa, pages) = (a.0[0], a.0[1]);
+        let slot = &self.batch[vcpu % self.batch.len()];
+        if pages == 0 {
+            let _inner = self.inner.lock();
+            return match slot.lock().take() {
+                Some(_) => Return::ok(0),
+                None => Return::err(Status::Noent),
+            };
+        }
+        let me = vcpu % self.batch.len();
+        // Checks and publication under the guest's lock (see `check_area`).
+        let inner = self.inner.lock();
+        let mut others: Vec<(u64, u64)> = (self.batch.iter().enumerate())
+            .filter(|&(i, _)| i != me)
+            .filter_map(|(_, b)| *b.lock())
+            .collect();
+        others.extend(self.ring.lock().as_ref().map(|r| (r.gpa, r.pages)));
+        if let Err(st) = self.check_area(&inner, gpa, pages, wire::MAX_BATCH_PAGES, &others) {
+            return Return::err(st);
+        }
+        *slot.lock() = Some((gpa, pages));
+        drop(inner);
+        Return::ok(wire::batch_capacity(pages, self.limits.max_batch) as u64)
+    }
+}

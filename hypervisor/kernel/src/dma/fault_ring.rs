@@ -1,0 +1,144 @@
+//! The guest's fault ring: FAULT_RING_REGISTER, moving the VT-d faults of the guest's domain into
+//! it, and reporting what the devices of a stopped guest still tried.
+
+use super::*;
+
+/// The guest's registered fault ring: the producer side is kept here and never read back.
+pub(super) struct FaultRing {
+    pub(super) gpa: u64,
+    pub(super) pages: u64,
+    pub(super) capacity: u32,
+    pub(super) producer: u32,
+    pub(super) seq: u64,
+    pub(super) dropped: u64,
+}
+
+impl GuestDma {
+    /// Moves the VT-d faults of this guest's domain from its queue in the hypervisor's fault
+    /// log into the guest's fault ring (or only counts them when it has none); records the
+    /// queue had to drop (it was full) count as the ring's drops. Called on the guest's exits
+    /// and DMA calls (which also runs a fault drain an interrupt left pending).
+    pub fn deliver_faults(&self) {
+        let Some(taken) = crate::iommu::take_domain_faults(self.unit, self.did) else {
+            return;
+        };
+        if taken.records.is_empty() && taken.dropped == 0 {
+            return;
+        }
+        self.faults.fetch_add(
+            taken.records.len() as u64 + taken.dropped,
+            Ordering::Relaxed,
+        );
+        let mut ring = self.ring.lock();
+        let Some(r) = ring.as_mut() else { return };
+        r.dropped = r.dropped.wrapping_add(taken.dropped);
+        let mut cb = [0u8; 4];
+        if self
+            .part
+            .read(
+                r.gpa + wire::FaultRingHeader::CONSUMER_OFFSET as u64,
+                &mut cb,
+            )
+            .is_err()
+        {
+            return;
+        }
+        let consumer = u32::from_le_bytes(cb);
+        for rec in taken.records {
+            if r.producer.wrapping_sub(consumer) >= r.capacity {
+                r.dropped += 1;
+                continue;
+            }
+            let rec = wire::FaultRecord {
+                iova: rec.address.into(),
+                source_id: rec.source.0.into(),
+                reason: rec.reason.code(),
+                direction: match rec.access {
+                    moat_vtd::fault::FaultAccess::Read => wire::Direction::Read as u8,
+                    moat_vtd::fault::FaultAccess::Write => wire::Direction::Write as u8,
+                },
+                reserved0: 0.into(),
+                seq: r.seq.into(),
+                reserved1: 0.into(),
+            };
+            let slot = r.gpa
+                + wire::FAULT_RING_HEADER_SIZE as u64
+                + (r.producer % r.capacity) as u64 * wire::FAULT_RECORD_SIZE as u64;
+            // The record first, then the index that publishes it (x86 keeps store order).
+            let _ = self.part.write(slot, rec.as_bytes());
+            r.seq += 1;
+            r.producer = r.producer.wrapping_add(1);
+        }
+        let _ = self.part.write(
+            r.gpa + wire::FaultRingHeader::DROPPED_OFFSET as u64,
+            &r.dropped.to_le_bytes(),
+        );
+        let _ = self.part.write(
+            r.gpa + wire::FaultRingHeader::PRODUCER_OFFSET as u64,
+            &r.producer.to_le_bytes(),
+        );
+    }
+
+    pub(super) fn fault_ring_register(&self, a: &Args) -> Return {
+        let (gpa, pages, vector) = (a.0[0], a.0[1], a.0[2]);
+        if vector != 0 {
+            // Only the polled ring is offered (no FAULT_IRQ feature yet).
+            return Return::err(if (1..32).contains(&vector) || vector > 255 {
+                Status::Inval
+            } else {
+                Status::Unsupp
+            });
+        }
+        if pages == 0 {
+            let _inner = self.inner.lock();
+            return match self.ring.lock().take() {
+                Some(_) => Return::ok(0),
+                None => Return::err(Status::Noent),
+            };
+        }
+        // Checks and publication under the guest's lock (see `check_area`).
+        let inner = self.inner.lock();
+        let others: Vec<(u64, u64)> = self.batch.iter().filter_map(|b| *b.lock()).collect();
+        if let Err(st) = self.check_area(&inner, gpa, pages, wire::MAX_FAULT_RING_PAGES, &others) {
+            return Return::err(st);
+        }
+        let capacity = wire::fault_ring_capacity(pages);
+        if self
+            .part
+            .write(gpa, wire::FaultRingHeader::new(capacity).as_bytes())
+            .is_err()
+        {
+            return Return::err(Status::Fault);
+        }
+        *self.ring.lock() = Some(FaultRing {
+            gpa,
+            pages,
+            capacity,
+            producer: 0,
+            seq: 0,
+            dropped: 0,
+        });
+        drop(inner);
+        Return::ok(capacity as u64)
+    }
+
+    /// After the guest stopped (its devices detached at [`Self::shutdown`]): logs every fault
+    /// its devices caused since, i.e. DMA they still had in flight that the IOMMU blocked.
+    /// Returns how many.
+    pub fn report_faults_after_stop(&self, guest: &str) -> usize {
+        while crate::iommu::poll_faults(64) > 0 {}
+        let (unit, sources) = (self.unit, &self.sources);
+        // Detached devices' faults are queued as the hypervisor's (no domain).
+        let records = crate::iommu::take_unattached_faults(unit, |r| sources.contains(&r.source));
+        for r in &records {
+            log::info!(
+                "vtd: fault after guest stop: unit {unit:#x} source {} ({guest}) {:?} at {:#x}, reason {}",
+                r.source,
+                r.access,
+                r.address,
+                r.reason.code()
+            );
+        }
+        records.len()
+    }
+}
