@@ -1,0 +1,198 @@
+//! Paravirtual DMA tests: the guest maps its own pages through `moat-pvdma` and drives the
+//! assigned edu device's DMA engine through the IOVAs it gets back, then checks in its own
+//! memory what the device could and could not reach.
+
+use moat_abi::dma::{DmaFlags, Entry, Policy, Request, BATCH_HEADER_SIZE};
+use moat_abi::zerocopy::little_endian::U64;
+use moat_abi::{Args, Call, FromBytes, FromZeros, IntoBytes, Status};
+use moat_pvdma::{BatchArea, Error, GuestBuffer, Hypervisor, Native, PvDma};
+
+use crate::abi::BootInfo;
+use crate::{pci, println, Outcome};
+
+mod bad;
+mod batch;
+mod bench;
+mod edu;
+mod faults;
+mod isolation;
+mod race;
+mod smp;
+
+pub use bad::bad;
+pub use batch::batch;
+pub use bench::bench;
+pub use edu::edu;
+pub use faults::faults;
+pub use isolation::foreign;
+pub use isolation::hold;
+pub use race::race;
+pub use race::race_scribbler;
+pub use smp::smp;
+pub use smp::smp_worker;
+
+pub(crate) const PAGE: usize = 4096;
+/// Bytes per edu DMA (QEMU refuses a range that ends exactly at the end of edu's buffer).
+pub(crate) const LEN: u64 = 2048;
+
+#[repr(C, align(4096))]
+struct Pages([[u8; PAGE]; 8]);
+
+/// Pages the tests use: 0 scratch, 1-2 batch area, 3 source, 4 destination, 5 spare.
+static mut PAGES: Pages = Pages([[0; PAGE]; 8]);
+
+pub(crate) fn page(i: usize) -> &'static mut [u8; PAGE] {
+    // SAFETY: single-threaded test code on vCPU 0; each test takes the pages it uses, and
+    // the hypervisor or device only touches them while the test waits for it.
+    unsafe { &mut (*core::ptr::addr_of_mut!(PAGES)).0[i] }
+}
+
+pub(crate) fn gpa(i: usize) -> u64 {
+    page(i).as_ptr() as u64
+}
+
+pub(crate) fn pattern(i: usize, seed: u8) -> u8 {
+    (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8
+}
+
+pub(crate) fn fill(i: usize, seed: u8) {
+    for (k, b) in page(i).iter_mut().enumerate() {
+        *b = pattern(k, seed);
+    }
+}
+
+pub(crate) fn holds(i: usize, seed: u8) -> bool {
+    page(i)[..LEN as usize]
+        .iter()
+        .enumerate()
+        .all(|(k, &b)| b == pattern(k, seed))
+}
+
+pub(crate) fn zero(i: usize) -> bool {
+    page(i)[..LEN as usize].iter().all(|&b| b == 0)
+}
+
+/// The edu device through its BAR.
+pub(crate) struct Edu(u64);
+
+impl Edu {
+    /// The first edu device the guest sees, with memory decode and bus mastering on.
+    pub(crate) fn find() -> Option<Edu> {
+        let mut found = None;
+        pci::scan(|f| {
+            if f.vendor == 0x1234 && f.device == 0x11e8 && found.is_none() {
+                found = Some(f);
+            }
+        });
+        let f = found?;
+        // Memory decode and bus mastering.
+        let cmd = pci::read32(f.bus, f.dev, f.func, 0x04) as u16;
+        pci::write16(f.bus, f.dev, f.func, 0x04, cmd | 0x6);
+        Some(Edu(u64::from(
+            pci::read32(f.bus, f.dev, f.func, 0x10) & !0xf,
+        )))
+    }
+
+    fn reg(&self, off: u64) -> *mut u64 {
+        (self.0 + off) as *mut u64
+    }
+
+    /// Starts one DMA of LEN bytes and returns at once: `to_ram` = device buffer -> `iova`,
+    /// else `iova` -> device buffer. edu runs it on a timer about 100 ms later.
+    pub(crate) fn start(&self, iova: u64, to_ram: bool) {
+        // SAFETY: edu's BAR is mapped into this guest (identity, uncached); these are its
+        // 64-bit DMA registers; the device-side range [0x40000, 0x40800) is inside its buffer.
+        unsafe {
+            let (src, dst) = if to_ram {
+                (0x40000, iova)
+            } else {
+                (iova, 0x40000)
+            };
+            core::ptr::write_volatile(self.reg(0x80), src);
+            core::ptr::write_volatile(self.reg(0x88), dst);
+            core::ptr::write_volatile(self.reg(0x90), LEN);
+            core::ptr::write_volatile(self.reg(0x98), 1 | if to_ram { 2 } else { 0 });
+        }
+    }
+
+    /// Whether the DMA started last is still running.
+    pub(crate) fn busy(&self) -> bool {
+        // SAFETY: as in `start`: edu's DMA command register.
+        unsafe { core::ptr::read_volatile(self.reg(0x98)) & 1 != 0 }
+    }
+
+    /// Waits for the running DMA to finish; false if it never does.
+    pub(crate) fn wait(&self) -> bool {
+        for _ in 0..2_000_000_000u64 {
+            if !self.busy() {
+                return true;
+            }
+            core::hint::spin_loop();
+        }
+        false
+    }
+
+    /// One DMA of LEN bytes, waited for: `to_ram` = device buffer -> `iova`, else `iova` ->
+    /// device.
+    pub(crate) fn dma(&self, iova: u64, to_ram: bool) -> bool {
+        self.start(iova, to_ram);
+        self.wait()
+    }
+}
+
+pub(crate) fn driver() -> Result<PvDma<Native>, &'static str> {
+    // SAFETY: a Moat guest at CPL 0 with all memory identity mapped; the scratch page is
+    // only used by the driver.
+    let hv = unsafe { Native::new() };
+    PvDma::probe(
+        hv,
+        GuestBuffer {
+            gpa: gpa(0),
+            len: PAGE as u64,
+        },
+    )
+    .map_err(|e| {
+        println!("dma: discovery failed: {e:?}");
+        "PV DMA discovery failed"
+    })
+}
+
+/// Loads edu's device buffer with pattern `seed` (page 3 mapped for the device to read,
+/// one RAM -> device DMA, unmapped again).
+pub(crate) fn load_pattern(d: &mut PvDma<Native>, edu: &Edu, seed: u8) -> Outcome {
+    fill(3, seed);
+    let src = d
+        .map(gpa(3), PAGE as u64, DmaFlags::READ)
+        .map_err(|_| "MAP of the source failed")?;
+    if !edu.dma(src, false) {
+        return Err("edu DMA did not finish");
+    }
+    d.unmap(src, PAGE as u64).map_err(|_| "UNMAP failed")?;
+    Ok(())
+}
+
+pub(crate) fn policy_name(p: Policy) -> &'static str {
+    match p {
+        Policy::Passthrough => "passthrough",
+        Policy::Strict => "strict",
+        Policy::Batched => "batched",
+        Policy::Deferred => "deferred",
+    }
+}
+
+pub(crate) fn raw(call: Call, a: [u64; 6]) -> (Option<Status>, [u64; 3]) {
+    // SAFETY: as in `driver`.
+    let mut hv = unsafe { Native::new() };
+    let r = hv.hypercall(call, Args(a));
+    (r.status(), r.values)
+}
+
+#[repr(C, align(4096))]
+struct BatchPages([[u8; PAGE]; 8]);
+
+pub(crate) fn delay_ms(boot: &BootInfo, ms: u64) {
+    let t0 = crate::abi::rdtsc();
+    while crate::abi::rdtsc() - t0 < ms * boot.tsc_khz.get() {
+        core::hint::spin_loop();
+    }
+}
