@@ -7,11 +7,9 @@
 
 use crate::regs::{Readable, Reg, Writable};
 
-/// A physical address.
-pub type PhysAddr = u64;
-
-/// Size of a page-table page, queue page and translation granule.
-pub const PAGE_SIZE: u64 = 4096;
+/// A physical address, and the size of a page-table page, queue page and translation
+/// granule: the page-table engine's.
+pub use moat_ptab::{PhysAddr, PAGE_SIZE};
 
 /// The MMIO register page(s) of one remapping unit.
 ///

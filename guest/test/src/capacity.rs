@@ -15,7 +15,7 @@ use moat_pvdma::{BatchArea, Error, GuestBuffer, Native, PvDma};
 use crate::abi::BootInfo;
 use crate::{println, Outcome};
 
-const PAGE: u64 = 4096;
+const PAGE: u64 = moat_abi::dma::PAGE_SIZE;
 /// Pages vCPU 1 maps and unmaps first.
 const WORKER_PAGES: u64 = 2000;
 /// First guest page the test maps (above the test guest's image and static data).

@@ -19,7 +19,7 @@ use moat_pvdma::{Hypervisor, Native};
 
 use crate::{println, Outcome};
 
-const PAGE: u64 = 4096;
+const PAGE: u64 = moat_abi::dma::PAGE_SIZE;
 /// Rounds per pair.
 const ROUNDS: u32 = 400;
 

@@ -6,8 +6,8 @@ use alloc::vec::Vec;
 use crate::backend::{Access, Clock, GuestRam, Iommu, IovaSource};
 use crate::Error;
 
-/// The page size of every mapping.
-pub const PAGE_SIZE: u64 = 4096;
+/// The page size of every mapping: the ABI's granule.
+pub use moat_abi::dma::PAGE_SIZE;
 
 /// How a guest's DMA is protected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -31,7 +31,7 @@ pub use race::race_scribbler;
 pub use smp::smp;
 pub use smp::smp_worker;
 
-pub(crate) const PAGE: usize = 4096;
+pub(crate) const PAGE: usize = moat_abi::dma::PAGE_SIZE as usize;
 /// Bytes per edu DMA (QEMU refuses a range that ends exactly at the end of edu's buffer).
 pub(crate) const LEN: u64 = 2048;
 

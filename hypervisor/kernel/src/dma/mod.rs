@@ -48,7 +48,7 @@ pub fn init() {
     crate::arch::idt::register(TIMER_VECTOR, timer_interrupt);
 }
 
-const PAGE: u64 = 4096;
+const PAGE: u64 = wire::PAGE_SIZE;
 /// Most entries one MULTICALL runs.
 pub const MAX_BATCH: u32 = 1024;
 /// Time budget of one MULTICALL before it returns AGAIN with a cursor (µs). Generous because

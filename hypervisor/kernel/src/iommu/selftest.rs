@@ -17,7 +17,7 @@ use crate::discovery::{EcamAccess, PciDevice};
 use crate::edu::{self, Direction, Edu};
 use crate::mm::frames;
 
-const PAGE: u64 = 4096;
+const PAGE: u64 = crate::mm::PAGE_SIZE;
 /// Bytes per edu DMA (edu's buffer is 4 KiB and QEMU refuses a range that ends at its end).
 const LEN: u64 = 2048;
 const IOVA_A: u64 = 0x10_0000;

@@ -7,8 +7,9 @@ pub mod paging;
 pub mod space;
 pub mod tables;
 
-/// Page size.
-pub const PAGE_SIZE: u64 = 4096;
+/// Page size (the page-table engine's; the PV DMA ABI's mapping granule is the same).
+pub use moat_ptab::PAGE_SIZE;
+const _: () = assert!(PAGE_SIZE == moat_abi::dma::PAGE_SIZE);
 
 extern "C" {
     static __kernel_start: u8;
