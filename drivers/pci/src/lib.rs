@@ -1,5 +1,6 @@
 //! PCI configuration space: ECAM addressing, typed header fields, capability
-//! lists, enumeration and BAR sizing.
+//! lists, enumeration and BAR sizing, and the configuration filter guests see
+//! (`0xCF8`/`0xCFC` ports, assigned functions only).
 //!
 //! Pure logic over a [`ConfigAccess`] implementation: the kernel implements it
 //! with volatile MMIO over identity-mapped ECAM; tests implement it with a
@@ -25,6 +26,7 @@ mod bdf;
 mod caps;
 mod config;
 mod enumerate;
+mod filter;
 
 pub use bar::{probe_bars, Bar, BarKind, Bars, MAX_BARS};
 pub use bdf::{ecam_offset, Bdf, Ecam, CONFIG_SPACE_SIZE, MAX_DEVICE, MAX_FUNCTION};
@@ -38,3 +40,7 @@ pub use config::{
     ConfigAccess, Header, HeaderLayout, HeaderType, Status,
 };
 pub use enumerate::{enumerate, enumerate_ecam, enumerate_into, Functions, PciFunction};
+pub use filter::{
+    decode_address, AssignError, AssignedDevice, ConfigPort, Target, GUEST_COMMAND, PORT_ADDRESS,
+    PORT_DATA, PORT_DATA_LAST,
+};

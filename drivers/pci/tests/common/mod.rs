@@ -22,7 +22,7 @@ pub fn bdf(bus: u8, device: u8, function: u8) -> Bdf {
     Bdf::new(bus, device, function).unwrap()
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FakeFunction {
     regs: [u32; 1024],
     writable: [u32; 1024],
@@ -176,6 +176,11 @@ impl FakeSpace {
 
     pub fn function(&self, at: Bdf) -> FakeFunction {
         self.functions.borrow()[&at].clone()
+    }
+
+    /// The function at `at`, if there is one.
+    pub fn function_or_none(&self, at: Bdf) -> Option<FakeFunction> {
+        self.functions.borrow().get(&at).cloned()
     }
 }
 

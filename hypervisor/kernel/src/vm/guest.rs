@@ -20,10 +20,10 @@ use core::fmt;
 use core::sync::atomic::{AtomicU32, AtomicU8, AtomicUsize, Ordering};
 
 use moat_config::GuestConfig;
+use moat_image::{Image, ImageError};
 use moat_pci::Bdf;
 use spin::Mutex;
 
-use super::elf::{Elf, ElfError};
 use super::hypercall::{self, Outcome};
 use super::pci::{self, AssignedDevice, Ecams};
 use super::vcpu::{
@@ -52,17 +52,9 @@ pub use moat_abi::boot::{BootInfo, BOOT_MAGIC};
 /// Why a guest could not be created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GuestError {
-    /// The ELF image was refused.
-    Elf(ElfError),
-    /// A segment falls outside `[LOAD_MIN, mem - stacks)`.
-    SegmentOutside {
-        /// Its guest-physical start.
-        start: u64,
-        /// Its end.
-        end: u64,
-    },
-    /// The entry point is not inside a loaded segment.
-    EntryOutside(u64),
+    /// The ELF image was refused (malformed, or a segment outside `[LOAD_MIN, mem - stacks)`,
+    /// or the entry point outside every segment).
+    Elf(ImageError),
     /// Too little memory for the boot structures, one segment and the stacks.
     TooSmall,
     /// No contiguous run of frames that large.
@@ -79,11 +71,6 @@ impl fmt::Display for GuestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Elf(e) => write!(f, "{e}"),
-            Self::SegmentOutside { start, end } => write!(
-                f,
-                "ELF segment [{start:#x}-{end:#x}) outside the loadable guest memory"
-            ),
-            Self::EntryOutside(e) => write!(f, "entry point {e:#x} outside the loaded image"),
             Self::TooSmall => f.write_str("memory too small (at least 2 MiB)"),
             Self::NoMemory => f.write_str("no contiguous host memory for the partition"),
             Self::Vcpu(e) => write!(f, "{e}"),
@@ -276,28 +263,7 @@ impl Guest {
         if mem < PARTITION_ALIGN || mem < LOAD_MIN + stacks + PAGE_SIZE {
             return Err(GuestError::TooSmall);
         }
-        let elf = Elf::parse(image).map_err(GuestError::Elf)?;
-        let load_end = mem - stacks;
-        let mut any = false;
-        let mut entry_ok = false;
-        for s in elf.segments() {
-            let s = s.map_err(GuestError::Elf)?;
-            let end = s.paddr + s.mem_len;
-            if s.paddr < LOAD_MIN || end > load_end {
-                return Err(GuestError::SegmentOutside {
-                    start: s.paddr,
-                    end,
-                });
-            }
-            any = true;
-            entry_ok |= (s.paddr..end).contains(&elf.entry);
-        }
-        if !any {
-            return Err(GuestError::Elf(ElfError::NoSegments));
-        }
-        if !entry_ok {
-            return Err(GuestError::EntryOutside(elf.entry));
-        }
+        let elf = Image::load(image, LOAD_MIN..mem - stacks).map_err(GuestError::Elf)?;
         // Devices first: nothing is allocated if one cannot be assigned.
         let mut devices = Vec::new();
         for &bdf in config.devices() {
@@ -321,7 +287,7 @@ impl Guest {
     fn populate(
         backend: &Backend,
         config: &GuestConfig,
-        elf: &Elf<'_>,
+        elf: &Image<'_>,
         devices: Vec<AssignedDevice>,
         cmdline: &str,
         ecams: Ecams,
@@ -376,7 +342,7 @@ impl Guest {
                 core::ptr::copy_nonoverlapping(bytes.as_ptr(), (hpa + gpa) as *mut u8, bytes.len())
             }
         };
-        for s in elf.segments().flatten() {
+        for s in elf.segments() {
             write(s.paddr, elf.data(&s));
         }
         // Boot page tables: PML4 -> PDPT -> 4 PDs of 2 MiB pages over the first 4 GiB.
@@ -420,7 +386,7 @@ impl Guest {
         let mut cpus = Vec::new();
         for i in 0..vcpus {
             let entry = EntryState {
-                rip: elf.entry,
+                rip: elf.entry(),
                 rsp: mem - STACK_SIZE * i as u64,
                 cr3: PML4_GPA,
                 gdt_base: GDT_GPA,
@@ -463,7 +429,7 @@ impl Guest {
             mem >> 20,
             hpa,
             vcpus,
-            elf.entry,
+            elf.entry(),
             guest.devices.lock().len()
         );
         Ok((guest, cpus))
@@ -724,55 +690,16 @@ impl Guest {
         vcpu.set_reg(Reg::Rax, new);
     }
 
-    fn config_target(&self, port: u16) -> Option<(Bdf, u16, u32)> {
-        let (bdf, offset) = pci::decode_address(self.cf8.load(Ordering::SeqCst))?;
-        Some((bdf, offset, u32::from(port - pci::PORT_DATA) * 8))
-    }
-
     fn port_read(&self, port: u16, size: u8) -> u32 {
-        match port {
-            pci::PORT_ADDRESS if size == 4 => self.cf8.load(Ordering::SeqCst),
-            pci::PORT_DATA..=0xcff => {
-                let Some((bdf, offset, shift)) = self.config_target(port) else {
-                    return u32::MAX;
-                };
-                let devices = self.devices.lock();
-                match devices.iter().find(|d| d.bdf == bdf) {
-                    Some(d) => d.read(&self.ecams, offset) >> shift,
-                    None => u32::MAX,
-                }
-            }
-            _ => u32::MAX,
-        }
+        pci::port_read(&self.ecams, &self.devices, &self.cf8, port, size).unwrap_or(u32::MAX)
     }
 
     fn port_write(&self, port: u16, size: u8, value: u32) {
-        match port {
-            pci::PORT_ADDRESS if size == 4 => self.cf8.store(value, Ordering::SeqCst),
-            pci::PORT_DATA..=0xcff => {
-                let Some((bdf, offset, shift)) = self.config_target(port) else {
-                    return;
-                };
-                let size_mask: u32 = match size {
-                    1 => 0xff,
-                    2 => 0xffff,
-                    _ => u32::MAX,
-                };
-                let mask = size_mask.checked_shl(shift).unwrap_or(0);
-                let mut devices = self.devices.lock();
-                if let Some(d) = devices.iter_mut().find(|d| d.bdf == bdf) {
-                    d.write(
-                        &self.ecams,
-                        offset,
-                        value.checked_shl(shift).unwrap_or(0),
-                        mask,
-                    );
-                }
-            }
-            _ => log::debug!(
+        if !pci::port_write(&self.ecams, &self.devices, &self.cf8, port, size, value) {
+            log::debug!(
                 "guest {}: write {value:#x} to port {port:#x} ignored",
                 self.name
-            ),
+            );
         }
     }
 }

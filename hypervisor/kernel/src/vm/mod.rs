@@ -12,7 +12,6 @@
 //! there are no interrupts yet), runs its own vCPU if it has one, and returns once every guest
 //! has stopped. See `README.md` next to this file.
 
-pub mod elf;
 pub mod guest;
 pub mod hypercall;
 pub mod pci;
