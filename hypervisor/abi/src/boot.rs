@@ -29,9 +29,8 @@ pub const BOOT_INFO_SIZE: usize = 64;
 /// | 40 | 8 | `cmdline_len` |
 /// | 48 | 16 | `name`: the guest's name, NUL padded |
 #[repr(C)]
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 pub struct BootInfo {
     /// [`BOOT_MAGIC`].
     pub magic: U64,

@@ -53,9 +53,8 @@ pub const fn batch_capacity(pages: u64, max_batch: u32) -> u32 {
 /// | 12 | 4 | `reserved0` | must be 0 |
 /// | 16 | 48 | `reserved` | must be 0 |
 #[repr(C)]
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 pub struct BatchHeader {
     /// [`BATCH_MAGIC`].
     pub magic: U32,
@@ -162,9 +161,8 @@ pub fn validate_batch(
 /// [`STATUS_PENDING`] and 0) and writes `status`, `done` (and `iova` for MAP) of every entry
 /// it runs, whether it succeeds or fails. It never writes an entry it did not run.
 #[repr(C)]
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 pub struct Entry {
     /// [`Op`] as `u16`.
     pub op: U16,

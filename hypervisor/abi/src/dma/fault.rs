@@ -49,9 +49,8 @@ pub const fn fault_ring_capacity(pages: u64) -> u32 {
 /// Record *k* (counting from 0 since registration) is in slot `k % capacity`, at offset
 /// `64 + 32 * (k % capacity)`.
 #[repr(C)]
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 pub struct FaultRingHeader {
     /// [`FAULT_RING_MAGIC`].
     pub magic: U32,
@@ -169,19 +168,8 @@ impl Direction {
 /// | 16 | 8 | `seq` | the fault's number for this guest since registration, counting dropped ones (a gap = drops) |
 /// | 24 | 8 | `reserved1` | 0 |
 #[repr(C)]
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 pub struct FaultRecord {
     /// Faulting IOVA (page).
     pub iova: U64,

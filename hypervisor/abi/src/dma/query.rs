@@ -32,9 +32,8 @@ pub const REGION_SIZE: usize = 24;
 /// | 56 | 4 | `max_batch_pages` | most pages of a batch area ([`super::MAX_BATCH_PAGES`]) |
 /// | 60 | 4 | `max_map_pages` | most 4 KiB pages one mapping may cover (RANGE beyond); 0: only the IOVA width limits it |
 #[repr(C)]
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 pub struct QueryHeader {
     /// ABI version.
     pub abi_version: U32,
@@ -163,19 +162,8 @@ impl RegionKind {
 /// MAP never returns an IOVA inside a reserved region, and UNMAP of a range that intersects one
 /// returns PERM.
 #[repr(C)]
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 pub struct ReservedRegion {
     /// First IOVA.
     pub start: U64,

@@ -45,19 +45,8 @@ impl StatsFlags {
 /// | 136 | `pending_invalidations` | gauge: unmaps whose invalidation has not completed |
 /// | 144 | `pt_pages` | gauge: IOMMU page-table pages of the guest's domain |
 #[repr(C)]
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    FromBytes,
-    IntoBytes,
-    KnownLayout,
-    Immutable,
-    Unaligned,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 pub struct Stats {
     /// Bytes of this block.
     pub size: U32,
