@@ -14,8 +14,9 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering::SeqCst};
 
-use moat_abi::{Args, Call, Return, Status};
-use moat_pvdma::{Hypervisor, Native};
+use moat_abi::{Call, Status};
+
+use crate::dma::raw;
 
 use crate::{println, Outcome};
 
@@ -43,12 +44,6 @@ static PAIR: AtomicU32 = AtomicU32::new(0);
 
 fn target() -> u64 {
     core::ptr::addr_of!(TARGET) as u64
-}
-
-fn call(c: Call, a: [u64; 3]) -> Return {
-    // SAFETY: a Moat guest at CPL 0; the arguments name this guest's own pages.
-    let mut hv = unsafe { Native::new() };
-    hv.hypercall(c, Args([a[0], a[1], a[2], 0, 0, 0]))
 }
 
 /// A start delay in TSC cycles for `vcpu` in `round`: the rounds sweep the two calls' relative
@@ -85,30 +80,33 @@ pub fn worker() {
         spin_cycles(phase(round, 1));
         let t0 = crate::abi::rdtsc();
         let r = match pair {
-            1 => call(Call::DmaBatchRegister, [target(), 1, 0]),
-            2 => call(Call::DmaFaultRingRegister, [target(), 1, 0]),
-            _ => call(
+            1 => raw(Call::DmaBatchRegister, [target(), 1, 0, 0, 0, 0]),
+            2 => raw(Call::DmaFaultRingRegister, [target(), 1, 0, 0, 0, 0]),
+            _ => raw(
                 Call::DmaMap,
                 [
                     target(),
                     PAGE,
                     moat_abi::dma::DmaFlags::READ_WRITE.bits() as u64,
+                    0,
+                    0,
+                    0,
                 ],
             ),
         };
         let t1 = crate::abi::rdtsc();
         ONE_T[0].store(t0, SeqCst);
         ONE_T[1].store(t1, SeqCst);
-        ONE_STATUS.store(if r.status() == Some(Status::Ok) { 1 } else { 2 }, SeqCst);
+        ONE_STATUS.store(if r.0 == Some(Status::Ok) { 1 } else { 2 }, SeqCst);
         // Hold what it got until vCPU 0 has judged the round, then undo it.
         while UNDO.load(SeqCst) != round {
             core::hint::spin_loop();
         }
-        if r.status() == Some(Status::Ok) {
+        if r.0 == Some(Status::Ok) {
             let _ = match pair {
-                1 => call(Call::DmaBatchRegister, [0, 0, 0]),
-                2 => call(Call::DmaFaultRingRegister, [0, 0, 0]),
-                _ => call(Call::DmaUnmap, [r.values[0], PAGE, 0]),
+                1 => raw(Call::DmaBatchRegister, [0, 0, 0, 0, 0, 0]),
+                2 => raw(Call::DmaFaultRingRegister, [0, 0, 0, 0, 0, 0]),
+                _ => raw(Call::DmaUnmap, [r.1[0], PAGE, 0, 0, 0, 0]),
             };
         }
         DONE.store(round, SeqCst);
@@ -131,7 +129,7 @@ pub fn run(boot: &crate::abi::BootInfo) -> Outcome {
             GO.store(round, SeqCst);
             spin_cycles(phase(round, 0));
             let t0 = crate::abi::rdtsc();
-            let r = call(Call::DmaBatchRegister, [target(), 1, 0]);
+            let r = raw(Call::DmaBatchRegister, [target(), 1, 0, 0, 0, 0]);
             let t1 = crate::abi::rdtsc();
             let t_wait = crate::abi::rdtsc();
             while ONE_STATUS.load(SeqCst) == 0 {
@@ -141,13 +139,13 @@ pub fn run(boot: &crate::abi::BootInfo) -> Outcome {
                 core::hint::spin_loop();
             }
             // Both calls have returned and neither has been undone: both hold now.
-            let mine = r.status() == Some(Status::Ok);
+            let mine = r.0 == Some(Status::Ok);
             let theirs = ONE_STATUS.load(SeqCst) == 1;
             if mine && theirs {
                 both += 1;
             }
             if mine {
-                let _ = call(Call::DmaBatchRegister, [0, 0, 0]);
+                let _ = raw(Call::DmaBatchRegister, [0, 0, 0, 0, 0, 0]);
             }
             UNDO.store(round, SeqCst);
             while DONE.load(SeqCst) != round {

@@ -7,9 +7,18 @@ impl GuestDma {
     /// Guest pages registered with the hypervisor (batch areas, the fault ring): never DMA
     /// targets.
     pub(super) fn areas(&self) -> Vec<(u64, u64)> {
-        let mut v: Vec<(u64, u64)> = self.batch.iter().filter_map(|b| *b.lock()).collect();
-        if let Some(r) = self.ring.lock().as_ref() {
-            v.push((r.gpa, r.pages));
+        self.registered(None, true)
+    }
+
+    /// The registered areas as `(gpa, pages)`: every vCPU's batch area but `skip_batch`'s,
+    /// and the fault ring when `ring`.
+    pub(super) fn registered(&self, skip_batch: Option<usize>, ring: bool) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = (self.batch.iter().enumerate())
+            .filter(|&(i, _)| Some(i) != skip_batch)
+            .filter_map(|(_, b)| *b.lock())
+            .collect();
+        if ring {
+            v.extend(self.ring.lock().as_ref().map(|r| (r.gpa, r.pages)));
         }
         v
     }
@@ -66,11 +75,7 @@ impl GuestDma {
         let me = vcpu % self.batch.len();
         // Checks and publication under the guest's lock (see `check_area`).
         let inner = self.inner.lock();
-        let mut others: Vec<(u64, u64)> = (self.batch.iter().enumerate())
-            .filter(|&(i, _)| i != me)
-            .filter_map(|(_, b)| *b.lock())
-            .collect();
-        others.extend(self.ring.lock().as_ref().map(|r| (r.gpa, r.pages)));
+        let others = self.registered(Some(me), true);
         if let Err(st) = self.check_area(&inner, gpa, pages, wire::MAX_BATCH_PAGES, &others) {
             return Return::err(st);
         }

@@ -98,7 +98,7 @@ impl GuestDma {
         }
         // Checks and publication under the guest's lock (see `check_area`).
         let inner = self.inner.lock();
-        let others: Vec<(u64, u64)> = self.batch.iter().filter_map(|b| *b.lock()).collect();
+        let others = self.registered(None, false);
         if let Err(st) = self.check_area(&inner, gpa, pages, wire::MAX_FAULT_RING_PAGES, &others) {
             return Return::err(st);
         }

@@ -42,20 +42,17 @@ impl Partition {
     /// or new, never torn.
     pub(super) fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), Status> {
         let hpa = self.check(gpa, buf.len())?;
-        let mut i = 0;
-        while i < buf.len() {
+        for (i, n) in accesses(hpa, buf.len()) {
             let at = hpa + i as u64;
-            if at.is_multiple_of(8) && buf.len() - i >= 8 {
+            if n == 8 {
                 // SAFETY: [hpa, hpa+len) lies inside the guest's partition (checked), which is
                 // identity-mapped RAM the hypervisor owns for the guest's lifetime; `at` is
                 // 8-byte aligned and the 8 bytes lie inside the range.
                 let w = unsafe { core::ptr::read_volatile(at as *const u64) };
                 buf[i..i + 8].copy_from_slice(&w.to_ne_bytes());
-                i += 8;
             } else {
                 // SAFETY: as above, one byte inside the range.
                 buf[i] = unsafe { core::ptr::read_volatile(at as *const u8) };
-                i += 1;
             }
         }
         Ok(())
@@ -65,22 +62,38 @@ impl Partition {
     /// the guest may read them meanwhile and sees each word old or new).
     pub(super) fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), Status> {
         let hpa = self.check(gpa, bytes.len())?;
-        let mut i = 0;
-        while i < bytes.len() {
+        for (i, n) in accesses(hpa, bytes.len()) {
             let at = hpa + i as u64;
-            if at.is_multiple_of(8) && bytes.len() - i >= 8 {
+            if n == 8 {
                 let mut w = [0u8; 8];
                 w.copy_from_slice(&bytes[i..i + 8]);
                 // SAFETY: as in `read`; the guest owns these bytes and expects the hypervisor
                 // to write them (a reply buffer or a batch entry's output fields).
                 unsafe { core::ptr::write_volatile(at as *mut u64, u64::from_ne_bytes(w)) };
-                i += 8;
             } else {
                 // SAFETY: as above, one byte inside the range.
                 unsafe { core::ptr::write_volatile(at as *mut u8, bytes[i]) };
-                i += 1;
             }
         }
         Ok(())
     }
+}
+
+/// How `read` and `write` split `len` bytes at host address `hpa` into single accesses:
+/// `(offset, 8)` for each naturally aligned 8-byte word wholly inside, `(offset, 1)` for every
+/// other byte; in address order, covering each byte once.
+fn accesses(hpa: u64, len: usize) -> impl Iterator<Item = (usize, usize)> {
+    let mut i = 0;
+    core::iter::from_fn(move || {
+        if i >= len {
+            return None;
+        }
+        let n = if (hpa + i as u64).is_multiple_of(8) && len - i >= 8 {
+            8
+        } else {
+            1
+        };
+        i += n;
+        Some((i - n, n))
+    })
 }

@@ -68,15 +68,10 @@ impl GuestDma {
     /// Live mappings the guest can really hold at once: the quota, or the pages of its IOVA
     /// window outside the reserved regions when that is fewer.
     pub(super) fn max_mappings(&self) -> u64 {
-        let (lo, hi) = (IOVA_BASE_PFN * PAGE, self.limit_pfn * PAGE);
-        let reserved: u64 = (self.regions.iter())
-            .map(|r| {
-                let (start, len) = (r.start.get(), r.length.get());
-                let (s, e) = (start.max(lo), start.saturating_add(len).min(hi));
-                e.saturating_sub(s) / PAGE
-            })
-            .sum();
-        let window = (self.limit_pfn - IOVA_BASE_PFN).saturating_sub(reserved);
+        // The allocator holds the reserved regions, clipped to the window and merged.
+        let (base, end) = self.iova.window();
+        let reserved: u64 = self.iova.reserved().iter().map(|&(s, e)| e - s).sum();
+        let window = (end - base).saturating_sub(reserved);
         (self.svc.max_mappings as u64).min(window)
     }
 
