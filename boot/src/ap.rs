@@ -27,10 +27,10 @@ const OFF_CR3: usize = 0xFC0;
 const OFF_ENTRY64: usize = 0xFC8;
 
 /// Stack top for the AP being started (read by `moat_ap_entry64`).
-#[no_mangle]
+#[unsafe(no_mangle)]
 pub static MOAT_AP_STACK_TOP: AtomicU64 = AtomicU64::new(0);
 /// CPU index for the AP being started (read by `moat_ap_entry64`).
-#[no_mangle]
+#[unsafe(no_mangle)]
 pub static MOAT_AP_CPU_INDEX: AtomicU64 = AtomicU64::new(0);
 
 #[cfg(target_os = "none")]
@@ -166,7 +166,7 @@ pub fn build_image(
 /// The trampoline code as linked into the kernel image, and the 64-bit entry address.
 #[cfg(target_os = "none")]
 pub fn trampoline_code() -> (&'static [u8], u64) {
-    extern "C" {
+    unsafe extern "C" {
         static moat_ap_trampoline_start: u8;
         static moat_ap_trampoline_end: u8;
         fn moat_ap_entry64();

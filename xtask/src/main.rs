@@ -307,6 +307,10 @@ pub fn module_files(modules: &[moat_scenarios::BootModule]) -> Result<Vec<(PathB
 }
 
 fn cmd_bench(what: Bench, quick: bool) -> Result<()> {
+    eprintln!(
+        "xtask: benchmark built with rustc {}",
+        setup::rustc_version().unwrap_or_else(|| "(unknown)".into())
+    );
     match what {
         Bench::Iova => {
             // The IOVA benchmark is a host program (`bench/iova`); it writes the JSON.

@@ -123,7 +123,42 @@ pub fn ensure() -> Result<()> {
             return Err(format!("still missing after install: {}", still.join(", ")).into());
         }
     }
+    check_rustc();
     ensure_rust_target()
+}
+
+/// The compiler version the workspace pins (`[workspace.metadata.moat] rustc` in Cargo.toml).
+fn pinned_rustc() -> Option<String> {
+    let manifest = std::fs::read_to_string(crate::root().join("Cargo.toml")).ok()?;
+    let section = manifest.split("[workspace.metadata.moat]").nth(1)?;
+    let line = section
+        .lines()
+        .find(|l| l.trim_start().starts_with("rustc"))?;
+    Some(line.split('"').nth(1)?.to_string())
+}
+
+/// The version of the compiler cargo runs (`rustc 1.95.0 (...)` -> `1.95.0`).
+pub fn rustc_version() -> Option<String> {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let out = Command::new(rustc).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    Some(text.split_whitespace().nth(1)?.to_string())
+}
+
+/// Says when the compiler is not the pinned one: builds still work (the code needs 1.88), but
+/// benchmark figures are only comparable with the README's when built by the same compiler.
+fn check_rustc() {
+    let (Some(pinned), Some(have)) = (pinned_rustc(), rustc_version()) else {
+        return;
+    };
+    if pinned != have {
+        eprintln!(
+            "xtask: note: rustc {have} is not the pinned {pinned} (Cargo.toml \
+             [workspace.metadata.moat]); everything builds, but benchmark figures are only \
+             comparable with the README's when made with {pinned}: \
+             `rustup toolchain install {pinned}` and `cargo +{pinned} xtask ...`"
+        );
+    }
 }
 
 fn ensure_rust_target() -> Result<()> {

@@ -377,11 +377,9 @@ pub fn cmd_test(a: TestArgs) -> Result<()> {
         host_tests(&mut tally);
         lint_checks(&mut tally);
     }
-    if !no_qemu {
-        if let Err(e) = scenarios(pattern.as_deref(), matrix, jobs.max(1), &mut tally) {
-            tally.failed += 1;
-            tally.failures.push(format!("scenarios could not run: {e}"));
-        }
+    if !no_qemu && let Err(e) = scenarios(pattern.as_deref(), matrix, jobs.max(1), &mut tally) {
+        tally.failed += 1;
+        tally.failures.push(format!("scenarios could not run: {e}"));
     }
     if !tally.failures.is_empty() {
         eprintln!("\nfailures:");

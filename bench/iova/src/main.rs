@@ -515,11 +515,11 @@ fn main() {
         started.elapsed().as_secs_f64()
     );
     if let Some(path) = json_path {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if let Err(e) = std::fs::create_dir_all(dir) {
-                eprintln!("cannot create {}: {e}", dir.display());
-                std::process::exit(1);
-            }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            eprintln!("cannot create {}: {e}", dir.display());
+            std::process::exit(1);
         }
         let written =
             std::fs::File::create(&path).and_then(|mut f| f.write_all(json(&rows).as_bytes()));

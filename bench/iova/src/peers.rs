@@ -115,10 +115,10 @@ impl Tree {
     fn search(&self, hi: u64, size: u64) -> Option<u64> {
         let mut hi = hi;
         for (&s, &e) in self.ranges.range(..hi).rev() {
-            if let Some(c) = hi.checked_sub(size).map(|c| c & !(size - 1)) {
-                if c >= e {
-                    return Some(c);
-                }
+            if let Some(c) = hi.checked_sub(size).map(|c| c & !(size - 1))
+                && c >= e
+            {
+                return Some(c);
             }
             hi = s;
         }

@@ -169,7 +169,7 @@ impl<'a> Dmar<'a> {
         &self,
         f: PciFunction,
         topology: &'t T,
-    ) -> impl Iterator<Item = Rmrr<'a>> + 't
+    ) -> impl Iterator<Item = Rmrr<'a>> + 't + use<'a, 't, T>
     where
         'a: 't,
     {

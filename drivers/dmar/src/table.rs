@@ -169,7 +169,7 @@ impl<'a> Dmar<'a> {
     }
 
     /// The DRHD units in table order (stops at a malformed structure).
-    pub fn drhds(&self) -> impl Iterator<Item = Drhd<'a>> + Clone + 'a {
+    pub fn drhds(&self) -> impl Iterator<Item = Drhd<'a>> + Clone + 'a + use<'a> {
         self.structures()
             .map_while(Result::ok)
             .filter_map(|s| match s {
@@ -179,7 +179,7 @@ impl<'a> Dmar<'a> {
     }
 
     /// The reserved memory regions in table order (stops at a malformed structure).
-    pub fn rmrrs(&self) -> impl Iterator<Item = Rmrr<'a>> + Clone + 'a {
+    pub fn rmrrs(&self) -> impl Iterator<Item = Rmrr<'a>> + Clone + 'a + use<'a> {
         self.structures()
             .map_while(Result::ok)
             .filter_map(|s| match s {
@@ -189,7 +189,7 @@ impl<'a> Dmar<'a> {
     }
 
     /// The ATSR structures in table order (stops at a malformed structure).
-    pub fn atsrs(&self) -> impl Iterator<Item = Atsr<'a>> + Clone + 'a {
+    pub fn atsrs(&self) -> impl Iterator<Item = Atsr<'a>> + Clone + 'a + use<'a> {
         self.structures()
             .map_while(Result::ok)
             .filter_map(|s| match s {

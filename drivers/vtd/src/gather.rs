@@ -83,12 +83,13 @@ pub struct Gather {
 
 /// Appends `r` to `v`, merging with the last range when they touch or overlap.
 fn push_merged(v: &mut Vec<Range<u64>>, r: Range<u64>) {
-    if let Some(last) = v.last_mut() {
-        if r.start <= last.end && last.start <= r.end {
-            last.start = last.start.min(r.start);
-            last.end = last.end.max(r.end);
-            return;
-        }
+    if let Some(last) = v.last_mut()
+        && r.start <= last.end
+        && last.start <= r.end
+    {
+        last.start = last.start.min(r.start);
+        last.end = last.end.max(r.end);
+        return;
     }
     v.push(r);
 }
@@ -208,11 +209,11 @@ impl Gather {
         blocks.sort_by(|a, b| a.0.addr.cmp(&b.0.addr).then(b.0.am.cmp(&a.0.am)));
         let mut kept: Vec<(PsiBlock, u64)> = Vec::with_capacity(blocks.len());
         for (b, w) in blocks {
-            if let Some(top) = kept.last_mut() {
-                if b.addr < top.0.end() {
-                    top.1 += w;
-                    continue;
-                }
+            if let Some(top) = kept.last_mut()
+                && b.addr < top.0.end()
+            {
+                top.1 += w;
+                continue;
             }
             kept.push((b, w));
             while kept.len() >= 2 {

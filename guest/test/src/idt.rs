@@ -20,7 +20,7 @@ guest_gp_entry:
     count = sym GP_COUNT,
 );
 
-extern "C" {
+unsafe extern "C" {
     fn guest_gp_entry();
 }
 

@@ -60,7 +60,7 @@ fn name(info: &BootInfo) -> &str {
     core::str::from_utf8(&info.name[..n]).unwrap_or("?")
 }
 
-#[no_mangle]
+#[unsafe(no_mangle)]
 extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
     // SAFETY: the hypervisor passes the address of the 64-byte boot information in RDI,
     // inside this guest's identity-mapped RAM; `BootInfo` has alignment 1 and every byte

@@ -552,7 +552,7 @@ impl<'c> Setting<'c> {
     }
 
     /// The value, as it would be written on the command line.
-    pub fn value(&self) -> impl fmt::Display + 'c {
+    pub fn value(&self) -> impl fmt::Display + 'c + use<'c> {
         SettingValueDisplay(self.value)
     }
 

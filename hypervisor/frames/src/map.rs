@@ -392,13 +392,13 @@ fn insert_sorted<T: Copy, K: Ord>(
 /// Appends `range` to the merged list `out[..*count]` (ranges arrive sorted by start),
 /// merging it with the last range when they overlap or touch.
 fn push_merged(out: &mut [PhysRange], count: &mut usize, range: PhysRange) {
-    if let Some(last) = count.checked_sub(1).and_then(|i| out.get_mut(i)) {
-        if range.start() <= last.end() {
-            if range.end() > last.end() {
-                *last = PhysRange::new(last.start(), range.end()).unwrap_or(*last);
-            }
-            return;
+    if let Some(last) = count.checked_sub(1).and_then(|i| out.get_mut(i))
+        && range.start() <= last.end()
+    {
+        if range.end() > last.end() {
+            *last = PhysRange::new(last.start(), range.end()).unwrap_or(*last);
         }
+        return;
     }
     if let Some(slot) = out.get_mut(*count) {
         *slot = range;

@@ -521,12 +521,12 @@ impl IovaAllocator {
     pub fn trim(&self) -> usize {
         let mut trimmed = 0;
         for (order, count) in self.depot.full_counts().into_iter().enumerate() {
-            if count > self.depot.target() {
-                if let Some(mut m) = self.depot.pop_full(order) {
-                    self.flush_magazine(order as u8, &mut m);
-                    self.depot.push_empty(m);
-                    trimmed += 1;
-                }
+            if count > self.depot.target()
+                && let Some(mut m) = self.depot.pop_full(order)
+            {
+                self.flush_magazine(order as u8, &mut m);
+                self.depot.push_empty(m);
+                trimmed += 1;
             }
         }
         trimmed

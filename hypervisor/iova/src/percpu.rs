@@ -173,17 +173,16 @@ impl<'a> PerCpu<'a> {
         let max_start = limit - size;
         self.poll();
         let depot = &self.alloc.depot;
-        if let Some(c) = self.classes.get_mut(order as usize) {
-            if c.loaded.is_empty() {
-                if let Some(full) = depot.pop_full(order as usize) {
-                    let empty = replace(&mut c.loaded, full);
-                    depot.push_empty(empty);
-                    let got = c.loaded.pop_at_most(max_start);
-                    self.exchanged();
-                    if let Some(pfn) = got {
-                        return self.hit(pfn, order);
-                    }
-                }
+        if let Some(c) = self.classes.get_mut(order as usize)
+            && c.loaded.is_empty()
+            && let Some(full) = depot.pop_full(order as usize)
+        {
+            let empty = replace(&mut c.loaded, full);
+            depot.push_empty(empty);
+            let got = c.loaded.pop_at_most(max_start);
+            self.exchanged();
+            if let Some(pfn) = got {
+                return self.hit(pfn, order);
             }
         }
         self.alloc_backing(order, limit)

@@ -25,12 +25,12 @@ mod smp;
 mod sync;
 mod vm;
 
-#[no_mangle]
+#[unsafe(no_mangle)]
 extern "C" fn moat_boot_main(magic: u32, mbi: u32) -> ! {
     platform::boot(magic, mbi)
 }
 
-#[no_mangle]
+#[unsafe(no_mangle)]
 extern "C" fn moat_ap_main(cpu: u64) -> ! {
     smp::ap_main(cpu as usize)
 }

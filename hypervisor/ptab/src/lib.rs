@@ -714,10 +714,10 @@ impl<F: Format> PageTable<F> {
             }
             cur = sub_end;
         }
-        if let Some(first) = first_written {
-            if !self.cfg.coherent {
-                mem.flush_entries(table + first * 8, ((last_written - first + 1) * 8) as usize);
-            }
+        if let Some(first) = first_written
+            && !self.cfg.coherent
+        {
+            mem.flush_entries(table + first * 8, ((last_written - first + 1) * 8) as usize);
         }
     }
 

@@ -335,11 +335,11 @@ impl State {
         let mut i = start;
         let mut stop = (Status::Ok, MulticallStop::Done);
         while i < info.count {
-            if let Some(n) = self.cfg.preempt_after {
-                if i - start >= n.max(1) {
-                    stop = (Status::Again, MulticallStop::Preempted);
-                    break;
-                }
+            if let Some(n) = self.cfg.preempt_after
+                && i - start >= n.max(1)
+            {
+                stop = (Status::Again, MulticallStop::Preempted);
+                break;
             }
             let at = area as usize + Entry::offset_of_index(i);
             let e = Entry::read_from_bytes(&self.ram[at..at + ENTRY_SIZE]).unwrap();

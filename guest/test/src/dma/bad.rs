@@ -305,7 +305,7 @@ pub fn bad(info: &BootInfo) -> Outcome {
 /// The host-physical address the hypervisor is loaded at (`hypervisor/kernel/linker.ld`).
 const HYPERVISOR_LOAD: u64 = 2 << 20;
 
-extern "C" {
+unsafe extern "C" {
     /// End of this guest's image (`linker.ld`).
     static __image_end: u8;
 }

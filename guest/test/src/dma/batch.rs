@@ -20,10 +20,10 @@ pub fn batch(n: u64) -> Outcome {
     let first = core::cell::Cell::new(None);
     {
         let mut record = |c: moat_pvdma::Completion| {
-            if let (Request::Map { .. }, Ok(iova), Some(f)) = (c.request, c.result, first.get()) {
-                if let Some(slot) = iovas.get_mut((c.ticket.0 - f) as usize) {
-                    *slot = iova;
-                }
+            if let (Request::Map { .. }, Ok(iova), Some(f)) = (c.request, c.result, first.get())
+                && let Some(slot) = iovas.get_mut((c.ticket.0 - f) as usize)
+            {
+                *slot = iova;
             }
         };
         for i in 0..n {
@@ -43,10 +43,10 @@ pub fn batch(n: u64) -> Outcome {
     let f0 = first.get().unwrap_or(0);
     let r1 = d
         .flush(&mut |c| {
-            if let (Request::Map { .. }, Ok(iova)) = (c.request, c.result) {
-                if let Some(slot) = iovas.get_mut((c.ticket.0 - f0) as usize) {
-                    *slot = iova;
-                }
+            if let (Request::Map { .. }, Ok(iova)) = (c.request, c.result)
+                && let Some(slot) = iovas.get_mut((c.ticket.0 - f0) as usize)
+            {
+                *slot = iova;
             }
         })
         .map_err(|_| "MULTICALL (maps) failed")?;

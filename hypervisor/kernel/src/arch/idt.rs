@@ -134,7 +134,7 @@ struct Idt([Entry<HandlerFunc>; 256]);
 static IDT: spin::Once<Idt> = spin::Once::new();
 
 fn build() -> Idt {
-    extern "C" {
+    unsafe extern "C" {
         static moat_isr_stubs: [u8; 256 * STUB_SIZE as usize];
     }
     let stubs = core::ptr::addr_of!(moat_isr_stubs) as u64;
@@ -251,7 +251,7 @@ pub fn dump(f: &TrapFrame) {
 }
 
 /// Called by the common stub with interrupts off.
-#[no_mangle]
+#[unsafe(no_mangle)]
 extern "C" fn moat_trap_dispatch(f: &mut TrapFrame) {
     let v = f.vector as usize;
     if v < 32 {

@@ -106,8 +106,8 @@ fn drain_units(
         let mut left = budget;
         loop {
             let p = slot.unit.poll_faults(left, |r| {
-                if r.domain.is_none() {
-                    if let Verdict::Log { nth, suppressed } = UNOWNED_FAULTS.event() {
+                if r.domain.is_none()
+                    && let Verdict::Log { nth, suppressed } = UNOWNED_FAULTS.event() {
                         log::warn!(
                             "vtd: unit {base:#x}: fault from {} (attached to no domain) at {:#x}, {:?} {:?} (fault #{nth} of unattached sources, {suppressed} not logged since the previous line)",
                             r.source,
@@ -116,7 +116,6 @@ fn drain_units(
                             r.reason
                         );
                     }
-                }
                 queues.push(base, r.domain, *r);
             });
             n += p.drained as u64;

@@ -145,10 +145,10 @@ pub fn free_contiguous(phys: u64, count: u64) {
         log::error!("frames: free of unaligned address {phys:#x} refused");
         return;
     };
-    if let Some(a) = FRAMES.lock().as_mut() {
-        if let Err(e) = a.free_contiguous(frame, count) {
-            log::error!("frames: free of {count} frames at {phys:#x} refused: {e:?}");
-        }
+    if let Some(a) = FRAMES.lock().as_mut()
+        && let Err(e) = a.free_contiguous(frame, count)
+    {
+        log::error!("frames: free of {count} frames at {phys:#x} refused: {e:?}");
     }
 }
 

@@ -11,7 +11,7 @@ pub mod tables;
 pub use moat_ptab::PAGE_SIZE;
 const _: () = assert!(PAGE_SIZE == moat_abi::dma::PAGE_SIZE);
 
-extern "C" {
+unsafe extern "C" {
     static __kernel_start: u8;
     static __text_start: u8;
     static __text_end: u8;

@@ -62,23 +62,23 @@ pub fn dispatch(guest: &Guest, vcpu_index: usize, vcpu: &mut Vcpu) -> Outcome {
     if call == Some(Call::Exit) {
         return Outcome::Stop(StopReason::Exited(vcpu.reg(Reg::Rdi)));
     }
-    if let (Some(c), Some(dma)) = (call, guest.dma()) {
-        if c.number() >= Call::DmaQuery.number() {
-            let args = Args::new([
-                vcpu.reg(Reg::Rdi),
-                vcpu.reg(Reg::Rsi),
-                vcpu.reg(Reg::Rdx),
-                vcpu.reg(Reg::R10),
-                vcpu.reg(Reg::R8),
-                vcpu.reg(Reg::R9),
-            ]);
-            let r = dma.hypercall(vcpu_index, c, &args);
-            vcpu.set_reg(Reg::Rax, r.rax);
-            vcpu.set_reg(Reg::Rdx, r.values[0]);
-            vcpu.set_reg(Reg::R8, r.values[1]);
-            vcpu.set_reg(Reg::R9, r.values[2]);
-            return Outcome::Return;
-        }
+    if let (Some(c), Some(dma)) = (call, guest.dma())
+        && c.number() >= Call::DmaQuery.number()
+    {
+        let args = Args::new([
+            vcpu.reg(Reg::Rdi),
+            vcpu.reg(Reg::Rsi),
+            vcpu.reg(Reg::Rdx),
+            vcpu.reg(Reg::R10),
+            vcpu.reg(Reg::R8),
+            vcpu.reg(Reg::R9),
+        ]);
+        let r = dma.hypercall(vcpu_index, c, &args);
+        vcpu.set_reg(Reg::Rax, r.rax);
+        vcpu.set_reg(Reg::Rdx, r.values[0]);
+        vcpu.set_reg(Reg::R8, r.values[1]);
+        vcpu.set_reg(Reg::R9, r.values[2]);
+        return Outcome::Return;
     }
     let result = match call {
         Some(Call::Version) => Ok(moat_abi::ABI_VERSION as u64),

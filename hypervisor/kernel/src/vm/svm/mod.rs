@@ -245,7 +245,7 @@ moat_svm_run:
     r15 = const core::mem::offset_of!(Gprs, r15),
 );
 
-extern "C" {
+unsafe extern "C" {
     fn moat_svm_run(gprs: *mut Gprs, vmcb_pa: u64, host_vmsave_pa: u64);
 }
 
