@@ -3,6 +3,7 @@
 
 pub mod hw;
 pub mod selftest;
+mod test_pages;
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};

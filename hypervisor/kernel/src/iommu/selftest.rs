@@ -12,6 +12,7 @@ use moat_dmar::{Dmar, NoBridges};
 use moat_vtd::fault::{FaultAccess, FaultReason, FaultRecord};
 use moat_vtd::{Access, Domain, SourceId};
 
+use super::test_pages::{Frames, Page};
 use super::with_unit;
 use crate::discovery::{EcamAccess, PciDevice};
 use crate::edu::{self, Direction, Edu};
@@ -51,44 +52,33 @@ fn sid(e: &Edu) -> SourceId {
     SourceId::new(e.bdf.bus(), e.bdf.device(), e.bdf.function())
 }
 
-fn page(p: u64) -> &'static mut [u8; 4096] {
-    // SAFETY: `p` is a frame this test allocated and owns, identity mapped RW.
-    unsafe { &mut *(p as *mut [u8; 4096]) }
-}
-
 /// The byte at `i` of the test pattern with `seed` (never all-equal, never zero overall).
 fn pattern_byte(i: usize, seed: u8) -> u8 {
     (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8
 }
 
-fn fill(p: u64, seed: u8) {
-    for (i, b) in page(p).iter_mut().enumerate() {
-        *b = pattern_byte(i, seed);
+fn fill(p: Page<'_>, seed: u8) {
+    for i in 0..PAGE {
+        p.set(i, pattern_byte(i as usize, seed));
     }
 }
 
 /// Whether the DMA-covered part of page `p` holds exactly the pattern with `seed`.
-fn holds_pattern(p: u64, seed: u8) -> bool {
-    dma_part(p)
-        .iter()
+fn holds_pattern(p: Page<'_>, seed: u8) -> bool {
+    p.bytes(LEN)
         .enumerate()
-        .all(|(i, &b)| b == pattern_byte(i, seed))
-}
-
-/// The part of a page a DMA covers.
-fn dma_part(p: u64) -> &'static mut [u8] {
-    &mut page(p)[..LEN as usize]
+        .all(|(i, b)| b == pattern_byte(i, seed))
 }
 
 /// FNV-1a over the DMA-covered part of page `p` (for the log; the checks compare bytes).
-fn checksum(p: u64) -> u32 {
-    dma_part(p).iter().fold(0x811c_9dc5u32, |h, &b| {
+fn checksum(p: Page<'_>) -> u32 {
+    p.bytes(LEN).fold(0x811c_9dc5u32, |h, b| {
         (h ^ b as u32).wrapping_mul(0x0100_0193)
     })
 }
 
-fn all_bytes(p: u64, v: u8) -> bool {
-    page(p).iter().all(|&b| b == v)
+fn all_bytes(p: Page<'_>, v: u8) -> bool {
+    p.bytes(PAGE).all(|b| b == v)
 }
 
 /// Faults of the unit at `base` drained so far (by the interrupt handler or, now, by polling).
@@ -246,25 +236,22 @@ fn suite(base: u64, edus: &[Edu], t: &mut Tally) {
         });
     }
     let free_before = frames::stats().1;
-    let (a, b, c) = match (
-        frames::alloc_zeroed(),
-        frames::alloc_zeroed(),
-        frames::alloc_zeroed(),
-    ) {
+    let (fa, fb, fc) = match (Frames::one(), Frames::one(), Frames::one()) {
         (Some(a), Some(b), Some(c)) => (a, b, c),
         _ => return t.check("setup", false, format_args!("out of frames")),
     };
+    let (a, b, c) = (fa.page(0), fb.page(0), fc.page(0));
     fill(a, 7);
-    page(c).fill(0xA5);
+    c.fill(0xA5);
     let Some(mut dom) = create_domain(base) else {
         return t.check("setup", false, format_args!("no domain"));
     };
     let did = dom.id();
     let r = with_unit(base, |u, m| {
         let mut g = dom.gather();
-        dom.map(m, IOVA_A, a, PAGE, Access::READ, &mut g)?;
-        dom.map(m, IOVA_B, b, PAGE, Access::WRITE, &mut g)?;
-        dom.map(m, IOVA_RO, a, PAGE, Access::READ, &mut g)?;
+        dom.map(m, IOVA_A, a.phys(), PAGE, Access::READ, &mut g)?;
+        dom.map(m, IOVA_B, b.phys(), PAGE, Access::WRITE, &mut g)?;
+        dom.map(m, IOVA_RO, a.phys(), PAGE, Access::READ, &mut g)?;
         u.attach(m, &mut dom, s0)?;
         u.flush(m, &mut g)
     });
@@ -386,7 +373,7 @@ fn suite(base: u64, edus: &[Edu], t: &mut Tally) {
     //    fail); after the flush the same IOVA faults and RAM stays untouched. The failed read
     //    above left edu's buffer undefined: load the pattern again first.
     let reload = e0.dma(Direction::FromRam, IOVA_A, 0, LEN).is_ok();
-    page(b).fill(0);
+    b.fill(0);
     let mut g2 = dom.gather();
     let un = with_unit(base, |_, m| dom.unmap(m, IOVA_B, PAGE, &mut g2));
     let _ = e0.dma(Direction::ToRam, IOVA_B, 0, LEN);
@@ -403,7 +390,7 @@ fn suite(base: u64, edus: &[Edu], t: &mut Tally) {
             }
         ),
     );
-    page(b).fill(0);
+    b.fill(0);
     let fl = with_unit(base, |u, m| u.flush(m, &mut g2));
     let flushed = matches!(&fl, Some(Ok(f)) if f.unmapped.iter().any(|r| r.start == IOVA_B));
     let _ = e0.dma(Direction::ToRam, IOVA_B, 0, LEN);
@@ -422,13 +409,14 @@ fn suite(base: u64, edus: &[Edu], t: &mut Tally) {
     superpage(base, e0, &mut dom, a, t);
 
     // 5. Memory outside the domain: the identity address of a canary page is not mapped.
-    let _ = e0.dma(Direction::ToRam, c, 0, LEN);
-    let fo = has_fault(&drain(base), s0, c, FaultAccess::Write);
+    let _ = e0.dma(Direction::ToRam, c.phys(), 0, LEN);
+    let fo = has_fault(&drain(base), s0, c.phys(), FaultAccess::Write);
     t.check(
         "outside-domain-blocked",
         fo.is_some() && all_bytes(c, 0xA5),
         format_args!(
-            "edu->RAM at bus address {c:#x} (a page not in the domain): {}; canary intact: {}",
+            "edu->RAM at bus address {:#x} (a page not in the domain): {}; canary intact: {}",
+            c.phys(),
             fault_text(fo),
             all_bytes(c, 0xA5)
         ),
@@ -454,8 +442,12 @@ fn suite(base: u64, edus: &[Edu], t: &mut Tally) {
         u.detach(m, &mut dom, s0)?;
         u.destroy_domain(m, dom).map_err(|(_, e)| e)
     });
-    for p in [a, b, c] {
-        frames::free(p);
+    if matches!(r, Some(Ok(()))) {
+        drop((fa, fb, fc));
+    } else {
+        // Still mapped for the device in a domain that could not be torn down: never
+        // handed out again.
+        core::mem::forget((fa, fb, fc));
     }
     let free_after = frames::stats().1;
     t.check(
@@ -468,17 +460,19 @@ fn suite(base: u64, edus: &[Edu], t: &mut Tally) {
     );
 }
 
-fn superpage(base: u64, e0: &Edu, dom: &mut Domain, pattern: u64, t: &mut Tally) {
+fn superpage(base: u64, e0: &Edu, dom: &mut Domain, pattern: Page<'_>, t: &mut Tally) {
     let has_2m = with_unit(base, |u, _| u.capability().superpage_2m()).unwrap_or(false);
-    let Some(s) = frames::alloc_contiguous(SUPER / PAGE, SUPER) else {
+    let Some(frames2m) = Frames::contiguous(SUPER / PAGE, SUPER) else {
         return t.check(
             "superpage-2m",
             false,
             format_args!("no 2 MiB of contiguous frames"),
         );
     };
+    let s = frames2m.phys();
     let last = SUPER - PAGE;
-    page(s + last).fill(0);
+    let last_page = frames2m.page(SUPER / PAGE - 1);
+    last_page.fill(0);
     let mapped = with_unit(base, |u, m| {
         let mut g = dom.gather();
         dom.map(
@@ -493,7 +487,7 @@ fn superpage(base: u64, e0: &Edu, dom: &mut Domain, pattern: u64, t: &mut Tally)
     });
     let tr = with_unit(base, |_, m| dom.translate(m, IOVA_SUPER + last)).flatten();
     let _ = e0.dma(Direction::ToRam, IOVA_SUPER + last, 0, LEN);
-    let landed = dma_part(s + last) == dma_part(pattern);
+    let landed = last_page.bytes(LEN).eq(pattern.bytes(LEN));
     let want_size = if has_2m { SUPER } else { PAGE };
     t.check(
         "superpage-2m",
@@ -527,8 +521,9 @@ fn superpage(base: u64, e0: &Edu, dom: &mut Domain, pattern: u64, t: &mut Tally)
         u.flush(m, &mut g).map(|_| ())
     });
     if matches!(un, Some(Ok(()))) {
-        frames::free_contiguous(s, SUPER / PAGE);
+        drop(frames2m);
     } else {
+        core::mem::forget(frames2m);
         log::error!(
             "superpage unmap failed: {:?}; its frames stay pinned",
             un.map(|r| r.map_err(|e| e.to_string()))
@@ -536,37 +531,46 @@ fn superpage(base: u64, e0: &Edu, dom: &mut Domain, pattern: u64, t: &mut Tally)
     }
 }
 
-fn second_device(base: u64, e1: &Edu, canary: u64, a: u64, t: &mut Tally) {
+fn second_device(base: u64, e1: &Edu, canary: Page<'_>, a: Page<'_>, t: &mut Tally) {
     let s1 = sid(e1);
-    let _ = e1.dma(Direction::ToRam, canary, 0, LEN);
-    let fu = has_fault(&drain(base), s1, canary, FaultAccess::Write);
+    let _ = e1.dma(Direction::ToRam, canary.phys(), 0, LEN);
+    let fu = has_fault(&drain(base), s1, canary.phys(), FaultAccess::Write);
     t.check(
         "unattached-device-blocked",
         fu.is_some_and(|r| r.reason == FaultReason::ContextEntryNotPresent)
             && all_bytes(canary, 0xA5),
         format_args!(
-            "{} (not attached) edu->RAM at {canary:#x}: {}; canary intact: {}",
+            "{} (not attached) edu->RAM at {:#x}: {}; canary intact: {}",
             e1.bdf,
+            canary.phys(),
             fault_text(fu),
             all_bytes(canary, 0xA5)
         ),
     );
-    let Some(e) = frames::alloc_zeroed() else {
+    let Some(fe) = Frames::one() else {
         return;
     };
+    let e = fe.page(0);
     fill(e, 99);
     let Some(mut dom2) = create_domain(base) else {
         return;
     };
     let r = with_unit(base, |u, m| {
         let mut g = dom2.gather();
-        dom2.map(m, IOVA_E, e, PAGE, Access::READ | Access::WRITE, &mut g)?;
+        dom2.map(
+            m,
+            IOVA_E,
+            e.phys(),
+            PAGE,
+            Access::READ | Access::WRITE,
+            &mut g,
+        )?;
         u.attach(m, &mut dom2, s1)?;
         u.flush(m, &mut g).map(|_| ())
     });
     let sum = checksum(e);
     let ok_in = e1.dma(Direction::FromRam, IOVA_E, 0, LEN).is_ok();
-    page(e).fill(0);
+    e.fill(0);
     let ok_out = e1.dma(Direction::ToRam, IOVA_E, 0, LEN).is_ok();
     t.check(
         "second-domain-dma",
@@ -604,7 +608,9 @@ fn second_device(base: u64, e1: &Edu, canary: u64, a: u64, t: &mut Tally) {
         u.destroy_domain(m, dom2).map_err(|(_, e)| e)
     });
     if matches!(r, Some(Ok(()))) {
-        frames::free(e);
+        drop(fe);
+    } else {
+        core::mem::forget(fe);
     }
 }
 
@@ -724,18 +730,28 @@ fn fault_storm(base: u64, edus: &[Edu], t: &mut Tally) {
         ),
     );
     // The unit still translates: map a page for edu0 and round-trip it.
-    let Some(p) = frames::alloc_zeroed() else {
+    let Some(fp_frame) = Frames::one() else {
         return;
     };
+    // Left mapped for edu0 in the storm's domain, which this run never tears down: the
+    // frame is never handed out again.
+    let p = fp_frame.page(0);
     fill(p, 42);
     let sum = checksum(p);
     let r = with_unit(base, |u, m| {
         let mut g = dom.gather();
-        dom.map(m, IOVA_A, p, PAGE, Access::READ | Access::WRITE, &mut g)?;
+        dom.map(
+            m,
+            IOVA_A,
+            p.phys(),
+            PAGE,
+            Access::READ | Access::WRITE,
+            &mut g,
+        )?;
         u.flush(m, &mut g).map(|_| ())
     });
     let ok = edus[0].dma(Direction::FromRam, IOVA_A, 0, LEN).is_ok() && {
-        page(p).fill(0);
+        p.fill(0);
         edus[0].dma(Direction::ToRam, IOVA_A, 0, LEN).is_ok()
     };
     t.check(
@@ -747,4 +763,5 @@ fn fault_storm(base: u64, edus: &[Edu], t: &mut Tally) {
             checksum(p)
         ),
     );
+    core::mem::forget(fp_frame);
 }
