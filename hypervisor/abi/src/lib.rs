@@ -207,6 +207,7 @@
 #![warn(missing_docs)]
 
 pub mod boot;
+pub mod cpuid;
 pub mod dma;
 mod hypercall;
 mod status;

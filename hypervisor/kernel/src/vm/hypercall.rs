@@ -7,7 +7,8 @@
 //! guest has in EBX (the DMA calls only for a guest with devices) and the hypercall
 //! instruction in ECX (1 = VMMCALL).
 
-use moat_abi::{Args, Call, Status, CALLS_ALL, CALLS_BASE, CONSOLE_MAX, CPUID_MAX_LEAF, SIGNATURE};
+use moat_abi::cpuid::{CpuidRegs, GuestCpu};
+use moat_abi::{Args, Call, Instruction, Status, CALLS_ALL, CALLS_BASE, CONSOLE_MAX};
 
 use super::guest::{Guest, StopReason};
 use super::vcpu::{Reg, Vcpu};
@@ -120,42 +121,26 @@ fn console_write(guest: &Guest, vcpu_index: usize, vcpu: &mut Vcpu) -> Result<u6
     Ok(len)
 }
 
-/// Emulates CPUID: the host's values with the hypervisor bit set and SVM hidden, plus the
-/// hypervisor leaves.
+/// Emulates CPUID: the guest's view from [`moat_abi::cpuid::GuestCpu`] (host values with the
+/// hypervisor bit set and virtualization hidden, plus the hypervisor leaves).
 pub fn cpuid(guest: &Guest, vcpu: &mut Vcpu) {
     let leaf = vcpu.reg(Reg::Rax) as u32;
     let sub = vcpu.reg(Reg::Rcx) as u32;
-    let word = |i: usize| {
-        u32::from_le_bytes([
-            SIGNATURE[i],
-            SIGNATURE[i + 1],
-            SIGNATURE[i + 2],
-            SIGNATURE[i + 3],
-        ])
+    let view = GuestCpu {
+        calls: calls(guest),
+        instruction: Instruction::Vmmcall,
     };
-    let (a, b, c, d) = match leaf {
-        0x4000_0000 => (CPUID_MAX_LEAF, word(0), word(4), word(8)),
-        0x4000_0001 => (moat_abi::ABI_VERSION, calls(guest), 1, 0),
-        0x4000_0002..=0x4000_00ff => (0, 0, 0, 0),
-        _ => {
-            let r = crate::arch::x86::cpuid(leaf, sub);
-            match leaf {
-                // Hypervisor present; no x2APIC, no MONITOR, no VMX.
-                1 => (
-                    r.eax,
-                    r.ebx,
-                    (r.ecx | 1 << 31) & !(1 << 21 | 1 << 3 | 1 << 5),
-                    r.edx,
-                ),
-                // No SVM inside the guest.
-                0x8000_0001 => (r.eax, r.ebx, r.ecx & !(1 << 2), r.edx),
-                0x8000_000a => (0, 0, 0, 0),
-                _ => (r.eax, r.ebx, r.ecx, r.edx),
-            }
+    let r = view.leaf(leaf, || {
+        let h = crate::arch::x86::cpuid(leaf, sub);
+        CpuidRegs {
+            eax: h.eax,
+            ebx: h.ebx,
+            ecx: h.ecx,
+            edx: h.edx,
         }
-    };
-    vcpu.set_reg(Reg::Rax, a as u64);
-    vcpu.set_reg(Reg::Rbx, b as u64);
-    vcpu.set_reg(Reg::Rcx, c as u64);
-    vcpu.set_reg(Reg::Rdx, d as u64);
+    });
+    vcpu.set_reg(Reg::Rax, r.eax as u64);
+    vcpu.set_reg(Reg::Rbx, r.ebx as u64);
+    vcpu.set_reg(Reg::Rcx, r.ecx as u64);
+    vcpu.set_reg(Reg::Rdx, r.edx as u64);
 }

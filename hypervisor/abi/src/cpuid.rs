@@ -1,0 +1,138 @@
+//! The CPUID a guest sees: Moat's hypervisor leaves (the discovery part of the ABI) and the host
+//! leaves with the features a guest must not use hidden. The hypervisor answers every CPUID exit
+//! with [`GuestCpu::leaf`]; the guest side reads the same leaves.
+
+use crate::hypercall::{signature_regs, Instruction, ABI_VERSION, CPUID_MAX_LEAF};
+use crate::{CPUID_FEATURES_LEAF, CPUID_SIGNATURE_LEAF};
+
+/// EAX, EBX, ECX, EDX of one CPUID leaf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CpuidRegs {
+    /// EAX.
+    pub eax: u32,
+    /// EBX.
+    pub ebx: u32,
+    /// ECX.
+    pub ecx: u32,
+    /// EDX.
+    pub edx: u32,
+}
+
+/// Leaf 1 ECX: a hypervisor is present.
+pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Leaf 1 ECX bits a guest does not get: MONITOR/MWAIT (3), VMX (5), x2APIC (21).
+pub const LEAF1_ECX_HIDDEN: u32 = 1 << 3 | 1 << 5 | 1 << 21;
+/// Leaf 0x8000_0001 ECX bits a guest does not get: SVM (2).
+pub const EXT1_ECX_HIDDEN: u32 = 1 << 2;
+/// The SVM feature leaf, all zero for a guest.
+pub const SVM_LEAF: u32 = 0x8000_000a;
+/// The range of hypervisor leaves; those above [`CPUID_MAX_LEAF`] read as zero.
+pub const HYPERVISOR_LEAVES: core::ops::RangeInclusive<u32> = 0x4000_0000..=0x4000_00ff;
+
+/// What one guest's CPUID says of the hypervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestCpu {
+    /// The calls this guest has ([`crate::Call::bit`]).
+    pub calls: u32,
+    /// The instruction this guest makes hypercalls with (the one its vCPUs trap).
+    pub instruction: Instruction,
+}
+
+impl GuestCpu {
+    /// Leaf `leaf` as the guest sees it; `host` gives the host's values of a non-hypervisor
+    /// leaf (called only for those).
+    pub fn leaf(&self, leaf: u32, host: impl FnOnce() -> CpuidRegs) -> CpuidRegs {
+        if HYPERVISOR_LEAVES.contains(&leaf) {
+            return self.hypervisor_leaf(leaf);
+        }
+        let mut r = host();
+        match leaf {
+            1 => r.ecx = (r.ecx | LEAF1_ECX_HYPERVISOR) & !LEAF1_ECX_HIDDEN,
+            0x8000_0001 => r.ecx &= !EXT1_ECX_HIDDEN,
+            SVM_LEAF => r = CpuidRegs::default(),
+            _ => {}
+        }
+        r
+    }
+
+    /// A leaf in [`HYPERVISOR_LEAVES`].
+    fn hypervisor_leaf(&self, leaf: u32) -> CpuidRegs {
+        match leaf {
+            CPUID_SIGNATURE_LEAF => {
+                let [ebx, ecx, edx] = signature_regs();
+                CpuidRegs {
+                    eax: CPUID_MAX_LEAF,
+                    ebx,
+                    ecx,
+                    edx,
+                }
+            }
+            CPUID_FEATURES_LEAF => CpuidRegs {
+                eax: ABI_VERSION,
+                ebx: self.calls,
+                ecx: self.instruction as u32,
+                edx: 0,
+            },
+            _ => CpuidRegs::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{is_moat_signature, CALLS_ALL, CALLS_BASE};
+
+    const HOST: CpuidRegs = CpuidRegs {
+        eax: 0x1111_1111,
+        ebx: 0x2222_2222,
+        ecx: !(1 << 31),
+        edx: 0x4444_4444,
+    };
+
+    fn cpu(calls: u32, instruction: Instruction) -> GuestCpu {
+        GuestCpu { calls, instruction }
+    }
+
+    #[test]
+    fn hypervisor_leaves_carry_the_signature_version_calls_and_instruction() {
+        let g = cpu(CALLS_ALL, Instruction::Vmcall);
+        let never = || panic!("a hypervisor leaf must not read the host");
+        let s = g.leaf(0x4000_0000, never);
+        assert_eq!(s.eax, CPUID_MAX_LEAF);
+        assert!(is_moat_signature(s.ebx, s.ecx, s.edx));
+        let f = g.leaf(0x4000_0001, never);
+        assert_eq!((f.eax, f.ebx, f.ecx, f.edx), (ABI_VERSION, CALLS_ALL, 2, 0));
+        let f = cpu(CALLS_BASE, Instruction::Vmmcall).leaf(0x4000_0001, never);
+        assert_eq!(
+            (f.ebx, Instruction::from_raw(f.ecx)),
+            (CALLS_BASE, Some(Instruction::Vmmcall))
+        );
+        for leaf in [0x4000_0002, 0x4000_0080, 0x4000_00ff] {
+            assert_eq!(g.leaf(leaf, never), CpuidRegs::default(), "leaf {leaf:#x}");
+        }
+    }
+
+    #[test]
+    fn host_leaves_hide_virtualization_monitor_and_x2apic_and_say_hypervisor() {
+        let g = cpu(CALLS_BASE, Instruction::Vmmcall);
+        let l1 = g.leaf(1, || HOST);
+        assert_eq!(l1.ecx & LEAF1_ECX_HIDDEN, 0);
+        assert_ne!(l1.ecx & LEAF1_ECX_HYPERVISOR, 0);
+        assert_eq!(
+            l1.ecx | LEAF1_ECX_HIDDEN,
+            u32::MAX,
+            "only the hidden bits are cleared"
+        );
+        assert_eq!((l1.eax, l1.ebx, l1.edx), (HOST.eax, HOST.ebx, HOST.edx));
+        let e1 = g.leaf(0x8000_0001, || HOST);
+        assert_eq!(e1.ecx, HOST.ecx & !EXT1_ECX_HIDDEN);
+        assert_eq!(g.leaf(SVM_LEAF, || HOST), CpuidRegs::default());
+        assert_eq!(g.leaf(0, || HOST), HOST);
+        assert_eq!(
+            g.leaf(0x4000_0100, || HOST),
+            HOST,
+            "past the hypervisor range"
+        );
+    }
+}
