@@ -1,4 +1,4 @@
-//! The DMAR tables QEMU 7.2 really generates (captured by data/capture.sh), and
+//! The DMAR tables QEMU 7.2 really generates (captured by data/capture.py), and
 //! corrupted variants of them.
 
 mod common;

@@ -220,7 +220,7 @@ impl ConfigAccess for FakeSpace {
     }
 }
 
-/// Real configuration space (first 256 bytes) captured by data/capture.sh.
+/// Real configuration space (first 256 bytes) captured by data/capture.py.
 macro_rules! captured {
     ($name:literal) => {
         include_bytes!(concat!("../data/qemu-7.2-q35-", $name, ".cfg"))
