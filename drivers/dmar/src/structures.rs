@@ -9,7 +9,7 @@ use core::iter::FusedIterator;
 
 use bitflags::bitflags;
 
-use crate::bytes::{u16_at, u32_at, u64_at, u8_at};
+use crate::bytes::{next_record, u16_at, u32_at, u64_at, u8_at};
 use crate::error::DmarError;
 use crate::scope::DeviceScopes;
 
@@ -476,17 +476,13 @@ impl<'a> Iterator for Structures<'a> {
     type Item = Result<RemappingStructure<'a>, DmarError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.bytes.is_empty() {
-            return None;
-        }
-        let offset = self.offset;
-        let remaining = self.bytes.len();
-        let result = (|| {
+        next_record(&mut self.bytes, &mut self.offset, |bytes, offset| {
+            let remaining = bytes.len();
             if remaining < STRUCTURE_HEADER_LEN {
                 return Err(DmarError::StructureHeaderTruncated { offset, remaining });
             }
-            let kind = u16_at(self.bytes, 0);
-            let length = u16_at(self.bytes, 2);
+            let kind = u16_at(bytes, 0);
+            let length = u16_at(bytes, 2);
             let len = usize::from(length);
             // Checked for every type, known or not: a length of 0 would never advance.
             if len < STRUCTURE_HEADER_LEN {
@@ -498,7 +494,7 @@ impl<'a> Iterator for Structures<'a> {
                 });
             }
             let (this, rest) =
-                self.bytes
+                bytes
                     .split_at_checked(len)
                     .ok_or(DmarError::StructureLengthPastEnd {
                         offset,
@@ -506,15 +502,8 @@ impl<'a> Iterator for Structures<'a> {
                         length,
                         remaining,
                     })?;
-            let s = RemappingStructure::decode(this, offset)?;
-            self.bytes = rest;
-            self.offset += len;
-            Ok(s)
-        })();
-        if result.is_err() {
-            self.bytes = &[];
-        }
-        Some(result)
+            Ok((RemappingStructure::decode(this, offset)?, rest))
+        })
     }
 }
 
