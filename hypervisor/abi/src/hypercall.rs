@@ -117,16 +117,16 @@ impl Call {
 /// Call bitmap of the base calls (ABI version 1).
 pub const CALLS_BASE: u32 =
     Call::Version.bit() | Call::ConsoleWrite.bit() | Call::Exit.bit() | Call::Nop.bit();
-/// Call bitmap of every call this ABI version defines.
-pub const CALLS_ALL: u32 = CALLS_BASE
-    | Call::DmaQuery.bit()
-    | Call::DmaMap.bit()
-    | Call::DmaUnmap.bit()
-    | Call::DmaMulticall.bit()
-    | Call::DmaBatchRegister.bit()
-    | Call::DmaSync.bit()
-    | Call::DmaStats.bit()
-    | Call::DmaFaultRingRegister.bit();
+/// Call bitmap of every call this ABI version defines (every call of [`Call::ALL`]).
+pub const CALLS_ALL: u32 = {
+    let mut bits = 0;
+    let mut i = 0;
+    while i < Call::ALL.len() {
+        bits |= Call::ALL[i].bit();
+        i += 1;
+    }
+    bits
+};
 
 /// The argument registers of a hypercall, in this order: RDI, RSI, RDX, R10, R8, R9.
 ///
