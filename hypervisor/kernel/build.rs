@@ -1,4 +1,6 @@
-//! Links the binary at its fixed address with its linker script (bare-metal target only).
+//! Links the binary at its fixed address with its package's linker script (`linker.ld`,
+//! bare-metal target only). Shared: the test guest builds with this script too
+//! (`build` in guest/test/Cargo.toml).
 fn main() {
     let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap();
     println!("cargo:rerun-if-changed={dir}/linker.ld");

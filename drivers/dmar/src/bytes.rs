@@ -33,3 +33,29 @@ pub(crate) fn u64_at(b: &[u8], off: usize) -> u64 {
 pub(crate) fn bytes_at<const N: usize>(b: &[u8], off: usize) -> [u8; N] {
     array_at(b, off).unwrap_or([0; N])
 }
+
+/// One step of a walk over length-prefixed records that ends at the first error.
+///
+/// `split` checks the record at the front of `bytes` (at table offset `offset`) and returns
+/// it with the bytes after it; the walk then moves past it. On an error `bytes` is emptied,
+/// so the next step ends the walk: every step consumes at least one byte or ends.
+pub(crate) fn next_record<'a, T, E>(
+    bytes: &mut &'a [u8],
+    offset: &mut usize,
+    split: impl FnOnce(&'a [u8], usize) -> Result<(T, &'a [u8]), E>,
+) -> Option<Result<T, E>> {
+    if bytes.is_empty() {
+        return None;
+    }
+    Some(match split(bytes, *offset) {
+        Ok((record, rest)) => {
+            *offset += bytes.len() - rest.len();
+            *bytes = rest;
+            Ok(record)
+        }
+        Err(e) => {
+            *bytes = &[];
+            Err(e)
+        }
+    })
+}

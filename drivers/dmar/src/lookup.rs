@@ -9,7 +9,7 @@
 
 use core::fmt;
 
-use crate::scope::{DeviceScope, ScopeType};
+use crate::scope::{DeviceScope, DeviceScopes, ScopeType};
 use crate::structures::{Drhd, Rmrr};
 use crate::table::Dmar;
 
@@ -128,24 +128,30 @@ impl DeviceScope<'_> {
     }
 }
 
+/// Whether one of `scopes`, listed by a structure of `segment`, covers `f`.
+fn scopes_cover(
+    segment: u16,
+    scopes: DeviceScopes<'_>,
+    f: PciFunction,
+    topology: &impl BridgeTopology,
+) -> bool {
+    scopes
+        .map_while(Result::ok)
+        .any(|s| s.covers(segment, f, topology))
+}
+
 impl<'a> Drhd<'a> {
     /// Whether one of this unit's explicit device scopes covers `f`
     /// (INCLUDE_PCI_ALL is not considered).
     pub fn scope_covers(&self, f: PciFunction, topology: &impl BridgeTopology) -> bool {
-        let segment = self.segment();
-        self.scopes()
-            .map_while(Result::ok)
-            .any(|s| s.covers(segment, f, topology))
+        scopes_cover(self.segment(), self.scopes(), f, topology)
     }
 }
 
 impl<'a> Rmrr<'a> {
     /// Whether this region is used by `f`.
     pub fn applies_to(&self, f: PciFunction, topology: &impl BridgeTopology) -> bool {
-        let segment = self.segment();
-        self.scopes()
-            .map_while(Result::ok)
-            .any(|s| s.covers(segment, f, topology))
+        scopes_cover(self.segment(), self.scopes(), f, topology)
     }
 }
 

@@ -15,7 +15,7 @@
 use core::fmt;
 use core::iter::FusedIterator;
 
-use crate::bytes::u8_at;
+use crate::bytes::{next_record, u8_at};
 use crate::error::DmarError;
 
 /// Size of a device scope's fixed header, before its path.
@@ -207,40 +207,29 @@ impl<'a> Iterator for DeviceScopes<'a> {
     type Item = Result<DeviceScope<'a>, DmarError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.bytes.is_empty() {
-            return None;
-        }
-        let offset = self.offset;
-        let remaining = self.bytes.len();
-        // Any error ends the iteration: leave nothing behind.
-        let fail = |this: &mut Self, e| {
-            this.bytes = &[];
-            Some(Err(e))
-        };
-        if remaining < 2 {
-            return fail(self, DmarError::ScopeHeaderTruncated { offset, remaining });
-        }
-        let length = u8_at(self.bytes, 1);
-        let len = usize::from(length);
-        if len < SCOPE_HEADER_LEN + 2 {
-            return fail(self, DmarError::ScopeTooShort { offset, length });
-        }
-        if len % 2 != 0 {
-            return fail(self, DmarError::ScopePathOdd { offset, length });
-        }
-        let Some((entry, rest)) = self.bytes.split_at_checked(len) else {
-            return fail(
-                self,
-                DmarError::ScopeLengthPastEnd {
-                    offset,
-                    length,
-                    remaining,
-                },
-            );
-        };
-        self.bytes = rest;
-        self.offset += len;
-        Some(Ok(DeviceScope { bytes: entry }))
+        next_record(&mut self.bytes, &mut self.offset, |bytes, offset| {
+            let remaining = bytes.len();
+            if remaining < 2 {
+                return Err(DmarError::ScopeHeaderTruncated { offset, remaining });
+            }
+            let length = u8_at(bytes, 1);
+            let len = usize::from(length);
+            if len < SCOPE_HEADER_LEN + 2 {
+                return Err(DmarError::ScopeTooShort { offset, length });
+            }
+            if len % 2 != 0 {
+                return Err(DmarError::ScopePathOdd { offset, length });
+            }
+            let (entry, rest) =
+                bytes
+                    .split_at_checked(len)
+                    .ok_or(DmarError::ScopeLengthPastEnd {
+                        offset,
+                        length,
+                        remaining,
+                    })?;
+            Ok((DeviceScope { bytes: entry }, rest))
+        })
     }
 }
 

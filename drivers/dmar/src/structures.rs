@@ -9,7 +9,7 @@ use core::iter::FusedIterator;
 
 use bitflags::bitflags;
 
-use crate::bytes::{u16_at, u32_at, u64_at, u8_at};
+use crate::bytes::{next_record, u16_at, u32_at, u64_at, u8_at};
 use crate::error::DmarError;
 use crate::scope::DeviceScopes;
 
@@ -48,6 +48,67 @@ pub const fn min_length(kind: u16) -> usize {
     }
 }
 
+/// Declares a remapping structure that names a PCI segment (at offset 6) and lists device
+/// scopes after its fixed part of `FIXED_LEN` bytes (and, with `flags`, has a flags byte at
+/// offset 4): the borrowed bytes and table offset, and the accessors every such type shares.
+macro_rules! scoped_structure {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            fixed_len: $len:literal,
+            $(flags: $flags:ident,)?
+            scopes: $scopes:literal $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub struct $name<'a> {
+            bytes: &'a [u8],
+            offset: usize,
+        }
+
+        impl<'a> $name<'a> {
+            /// Length of the fixed part.
+            pub const FIXED_LEN: usize = $len;
+
+            $(
+                /// Flags.
+                pub fn flags(&self) -> $flags {
+                    $flags::from_bits_retain(u8_at(self.bytes, 4))
+                }
+            )?
+
+            /// The PCI segment (ECAM domain) of the devices in scope.
+            pub fn segment(&self) -> u16 {
+                u16_at(self.bytes, 6)
+            }
+
+            #[doc = $scopes]
+            pub fn scopes(&self) -> DeviceScopes<'a> {
+                let fixed = Self::FIXED_LEN;
+                DeviceScopes::new(self.bytes.get(fixed..).unwrap_or(&[]), self.offset + fixed)
+            }
+
+            /// Table offset of this structure.
+            pub fn offset(&self) -> usize {
+                self.offset
+            }
+        }
+
+        impl<'a> TryFrom<RemappingStructure<'a>> for $name<'a> {
+            type Error = RemappingStructure<'a>;
+
+            /// This structure type out of a [`RemappingStructure`], or the structure back.
+            fn try_from(s: RemappingStructure<'a>) -> Result<Self, Self::Error> {
+                match s {
+                    RemappingStructure::$name(x) => Ok(x),
+                    other => Err(other),
+                }
+            }
+        }
+    };
+}
+
 bitflags! {
     /// DRHD flags.
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -78,30 +139,24 @@ bitflags! {
     }
 }
 
-/// DMA Remapping Hardware unit Definition (type 0).
-///
-/// | offset | size | field |
-/// |---|---|---|
-/// | 4 | 1 | flags ([`DrhdFlags`]) |
-/// | 5 | 1 | size: register set is 2^N 4 KiB pages (bits 3:0) |
-/// | 6 | 2 | PCI segment |
-/// | 8 | 8 | register base address |
-/// | 16 | .. | device scopes |
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Drhd<'a> {
-    bytes: &'a [u8],
-    offset: usize,
+scoped_structure! {
+    /// DMA Remapping Hardware unit Definition (type 0).
+    ///
+    /// | offset | size | field |
+    /// |---|---|---|
+    /// | 4 | 1 | flags ([`DrhdFlags`]) |
+    /// | 5 | 1 | size: register set is 2^N 4 KiB pages (bits 3:0) |
+    /// | 6 | 2 | PCI segment |
+    /// | 8 | 8 | register base address |
+    /// | 16 | .. | device scopes |
+    pub struct Drhd {
+        fixed_len: 16,
+        flags: DrhdFlags,
+        scopes: "The device scopes: devices (or, with INCLUDE_PCI_ALL, I/O APICs and HPETs) this unit handles.",
+    }
 }
 
 impl<'a> Drhd<'a> {
-    /// Length of the fixed part.
-    pub const FIXED_LEN: usize = 16;
-
-    /// Flags.
-    pub fn flags(&self) -> DrhdFlags {
-        DrhdFlags::from_bits_retain(u8_at(self.bytes, 4))
-    }
-
     /// Whether this unit covers all PCI devices of its segment not claimed elsewhere.
     pub fn include_pci_all(&self) -> bool {
         self.flags().contains(DrhdFlags::INCLUDE_PCI_ALL)
@@ -112,54 +167,31 @@ impl<'a> Drhd<'a> {
         4096u64 << (u8_at(self.bytes, 5) & 0xf)
     }
 
-    /// The PCI segment (ECAM domain) this unit serves.
-    pub fn segment(&self) -> u16 {
-        u16_at(self.bytes, 6)
-    }
-
     /// Physical address of the unit's register set.
     pub fn register_base(&self) -> u64 {
         u64_at(self.bytes, 8)
     }
-
-    /// The device scopes: devices (or, with INCLUDE_PCI_ALL, I/O APICs and HPETs)
-    /// this unit handles.
-    pub fn scopes(&self) -> DeviceScopes<'a> {
-        scopes_from(self.bytes, self.offset, Self::FIXED_LEN)
-    }
-
-    /// Table offset of this structure.
-    pub fn offset(&self) -> usize {
-        self.offset
-    }
 }
 
-/// Reserved Memory Region Reporting (type 1): memory a device may DMA to at any
-/// time (e.g. USB legacy emulation, graphics stolen memory), which must stay
-/// identity-mapped for the devices in scope.
-///
-/// | offset | size | field |
-/// |---|---|---|
-/// | 4 | 2 | reserved |
-/// | 6 | 2 | PCI segment |
-/// | 8 | 8 | base address (4 KiB aligned) |
-/// | 16 | 8 | limit address (inclusive end) |
-/// | 24 | .. | device scopes |
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Rmrr<'a> {
-    bytes: &'a [u8],
-    offset: usize,
+scoped_structure! {
+    /// Reserved Memory Region Reporting (type 1): memory a device may DMA to at any
+    /// time (e.g. USB legacy emulation, graphics stolen memory), which must stay
+    /// identity-mapped for the devices in scope.
+    ///
+    /// | offset | size | field |
+    /// |---|---|---|
+    /// | 4 | 2 | reserved |
+    /// | 6 | 2 | PCI segment |
+    /// | 8 | 8 | base address (4 KiB aligned) |
+    /// | 16 | 8 | limit address (inclusive end) |
+    /// | 24 | .. | device scopes |
+    pub struct Rmrr {
+        fixed_len: 24,
+        scopes: "The devices that use this region.",
+    }
 }
 
 impl<'a> Rmrr<'a> {
-    /// Length of the fixed part.
-    pub const FIXED_LEN: usize = 24;
-
-    /// The PCI segment of the devices in scope.
-    pub fn segment(&self) -> u16 {
-        u16_at(self.bytes, 6)
-    }
-
     /// First byte of the region.
     pub fn base(&self) -> u64 {
         u64_at(self.bytes, 8)
@@ -169,59 +201,28 @@ impl<'a> Rmrr<'a> {
     pub fn limit(&self) -> u64 {
         u64_at(self.bytes, 16)
     }
-
-    /// The devices that use this region.
-    pub fn scopes(&self) -> DeviceScopes<'a> {
-        scopes_from(self.bytes, self.offset, Self::FIXED_LEN)
-    }
-
-    /// Table offset of this structure.
-    pub fn offset(&self) -> usize {
-        self.offset
-    }
 }
 
-/// Root port ATS capability Reporting (type 2).
-///
-/// | offset | size | field |
-/// |---|---|---|
-/// | 4 | 1 | flags ([`AtsrFlags`]) |
-/// | 5 | 1 | reserved |
-/// | 6 | 2 | PCI segment |
-/// | 8 | .. | device scopes (root ports) |
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Atsr<'a> {
-    bytes: &'a [u8],
-    offset: usize,
+scoped_structure! {
+    /// Root port ATS capability Reporting (type 2).
+    ///
+    /// | offset | size | field |
+    /// |---|---|---|
+    /// | 4 | 1 | flags ([`AtsrFlags`]) |
+    /// | 5 | 1 | reserved |
+    /// | 6 | 2 | PCI segment |
+    /// | 8 | .. | device scopes (root ports) |
+    pub struct Atsr {
+        fixed_len: 8,
+        flags: AtsrFlags,
+        scopes: "The ATS-capable root ports (empty with ALL_PORTS).",
+    }
 }
 
 impl<'a> Atsr<'a> {
-    /// Length of the fixed part.
-    pub const FIXED_LEN: usize = 8;
-
-    /// Flags.
-    pub fn flags(&self) -> AtsrFlags {
-        AtsrFlags::from_bits_retain(u8_at(self.bytes, 4))
-    }
-
     /// Whether every root port of the segment supports ATS.
     pub fn all_ports(&self) -> bool {
         self.flags().contains(AtsrFlags::ALL_PORTS)
-    }
-
-    /// The PCI segment.
-    pub fn segment(&self) -> u16 {
-        u16_at(self.bytes, 6)
-    }
-
-    /// The ATS-capable root ports (empty with ALL_PORTS).
-    pub fn scopes(&self) -> DeviceScopes<'a> {
-        scopes_from(self.bytes, self.offset, Self::FIXED_LEN)
-    }
-
-    /// Table offset of this structure.
-    pub fn offset(&self) -> usize {
-        self.offset
     }
 }
 
@@ -275,70 +276,34 @@ impl<'a> Andd<'a> {
     }
 }
 
-/// SoC Integrated Address Translation Cache (type 5).
-///
-/// | offset | size | field |
-/// |---|---|---|
-/// | 4 | 1 | flags ([`SatcFlags`]) |
-/// | 5 | 1 | reserved |
-/// | 6 | 2 | PCI segment |
-/// | 8 | .. | device scopes |
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Satc<'a> {
-    bytes: &'a [u8],
-    offset: usize,
-}
-
-impl<'a> Satc<'a> {
-    /// Length of the fixed part.
-    pub const FIXED_LEN: usize = 8;
-
-    /// Flags.
-    pub fn flags(&self) -> SatcFlags {
-        SatcFlags::from_bits_retain(u8_at(self.bytes, 4))
-    }
-
-    /// The PCI segment.
-    pub fn segment(&self) -> u16 {
-        u16_at(self.bytes, 6)
-    }
-
-    /// The SoC-integrated devices with an address translation cache.
-    pub fn scopes(&self) -> DeviceScopes<'a> {
-        scopes_from(self.bytes, self.offset, Self::FIXED_LEN)
+scoped_structure! {
+    /// SoC Integrated Address Translation Cache (type 5).
+    ///
+    /// | offset | size | field |
+    /// |---|---|---|
+    /// | 4 | 1 | flags ([`SatcFlags`]) |
+    /// | 5 | 1 | reserved |
+    /// | 6 | 2 | PCI segment |
+    /// | 8 | .. | device scopes |
+    pub struct Satc {
+        fixed_len: 8,
+        flags: SatcFlags,
+        scopes: "The SoC-integrated devices with an address translation cache.",
     }
 }
 
-/// SoC Integrated Device Property (type 6).
-///
-/// | offset | size | field |
-/// |---|---|---|
-/// | 4 | 2 | reserved |
-/// | 6 | 2 | PCI segment |
-/// | 8 | .. | device scopes (properties in each scope's flags byte) |
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Sidp<'a> {
-    bytes: &'a [u8],
-    offset: usize,
-}
-
-impl<'a> Sidp<'a> {
-    /// Length of the fixed part.
-    pub const FIXED_LEN: usize = 8;
-
-    /// The PCI segment.
-    pub fn segment(&self) -> u16 {
-        u16_at(self.bytes, 6)
+scoped_structure! {
+    /// SoC Integrated Device Property (type 6).
+    ///
+    /// | offset | size | field |
+    /// |---|---|---|
+    /// | 4 | 2 | reserved |
+    /// | 6 | 2 | PCI segment |
+    /// | 8 | .. | device scopes (properties in each scope's flags byte) |
+    pub struct Sidp {
+        fixed_len: 8,
+        scopes: "The devices described.",
     }
-
-    /// The devices described.
-    pub fn scopes(&self) -> DeviceScopes<'a> {
-        scopes_from(self.bytes, self.offset, Self::FIXED_LEN)
-    }
-}
-
-fn scopes_from(bytes: &[u8], offset: usize, fixed: usize) -> DeviceScopes<'_> {
-    DeviceScopes::new(bytes.get(fixed..).unwrap_or(&[]), offset + fixed)
 }
 
 /// One remapping structure, borrowed from the table.
@@ -511,17 +476,13 @@ impl<'a> Iterator for Structures<'a> {
     type Item = Result<RemappingStructure<'a>, DmarError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.bytes.is_empty() {
-            return None;
-        }
-        let offset = self.offset;
-        let remaining = self.bytes.len();
-        let result = (|| {
+        next_record(&mut self.bytes, &mut self.offset, |bytes, offset| {
+            let remaining = bytes.len();
             if remaining < STRUCTURE_HEADER_LEN {
                 return Err(DmarError::StructureHeaderTruncated { offset, remaining });
             }
-            let kind = u16_at(self.bytes, 0);
-            let length = u16_at(self.bytes, 2);
+            let kind = u16_at(bytes, 0);
+            let length = u16_at(bytes, 2);
             let len = usize::from(length);
             // Checked for every type, known or not: a length of 0 would never advance.
             if len < STRUCTURE_HEADER_LEN {
@@ -533,7 +494,7 @@ impl<'a> Iterator for Structures<'a> {
                 });
             }
             let (this, rest) =
-                self.bytes
+                bytes
                     .split_at_checked(len)
                     .ok_or(DmarError::StructureLengthPastEnd {
                         offset,
@@ -541,15 +502,8 @@ impl<'a> Iterator for Structures<'a> {
                         length,
                         remaining,
                     })?;
-            let s = RemappingStructure::decode(this, offset)?;
-            self.bytes = rest;
-            self.offset += len;
-            Ok(s)
-        })();
-        if result.is_err() {
-            self.bytes = &[];
-        }
-        Some(result)
+            Ok((RemappingStructure::decode(this, offset)?, rest))
+        })
     }
 }
 

@@ -168,33 +168,27 @@ impl<'a> Dmar<'a> {
         Structures::new(self.bytes.get(HEADER_LEN..).unwrap_or(&[]), HEADER_LEN)
     }
 
-    /// The DRHD units in table order (stops at a malformed structure).
-    pub fn drhds(&self) -> impl Iterator<Item = Drhd<'a>> + Clone + 'a + use<'a> {
+    /// The structures of type `T` in table order (stops at a malformed structure).
+    fn of_type<T: TryFrom<RemappingStructure<'a>>>(
+        &self,
+    ) -> impl Iterator<Item = T> + Clone + 'a + use<'a, T> {
         self.structures()
             .map_while(Result::ok)
-            .filter_map(|s| match s {
-                RemappingStructure::Drhd(d) => Some(d),
-                _ => None,
-            })
+            .filter_map(|s| T::try_from(s).ok())
+    }
+
+    /// The DRHD units in table order (stops at a malformed structure).
+    pub fn drhds(&self) -> impl Iterator<Item = Drhd<'a>> + Clone + 'a + use<'a> {
+        self.of_type()
     }
 
     /// The reserved memory regions in table order (stops at a malformed structure).
     pub fn rmrrs(&self) -> impl Iterator<Item = Rmrr<'a>> + Clone + 'a + use<'a> {
-        self.structures()
-            .map_while(Result::ok)
-            .filter_map(|s| match s {
-                RemappingStructure::Rmrr(r) => Some(r),
-                _ => None,
-            })
+        self.of_type()
     }
 
     /// The ATSR structures in table order (stops at a malformed structure).
     pub fn atsrs(&self) -> impl Iterator<Item = Atsr<'a>> + Clone + 'a + use<'a> {
-        self.structures()
-            .map_while(Result::ok)
-            .filter_map(|s| match s {
-                RemappingStructure::Atsr(a) => Some(a),
-                _ => None,
-            })
+        self.of_type()
     }
 }

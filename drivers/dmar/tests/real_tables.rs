@@ -1,4 +1,4 @@
-//! The DMAR tables QEMU 7.2 really generates (captured by data/capture.sh), and
+//! The DMAR tables QEMU 7.2 really generates (captured by data/capture.py), and
 //! corrupted variants of them.
 
 mod common;
@@ -8,6 +8,14 @@ use moat_dmar::*;
 
 const DRHD_OFF: usize = 48;
 const IOAPIC_SCOPE_OFF: usize = DRHD_OFF + 16;
+
+/// The default table with `bytes` written at `offset`, its checksum fixed again.
+fn patched(offset: usize, bytes: &[u8]) -> Vec<u8> {
+    let mut t = QEMU_DMAR.to_vec();
+    t[offset..offset + bytes.len()].copy_from_slice(bytes);
+    fix_checksum(&mut t);
+    t
+}
 
 #[test]
 fn default_table_parses() {
@@ -96,9 +104,7 @@ fn default_table_lookups() {
 #[test]
 fn include_pci_all_catches_the_rest() {
     // The real table with the DRHD's INCLUDE_PCI_ALL flag set (checksum fixed).
-    let mut t = QEMU_DMAR.to_vec();
-    t[DRHD_OFF + 4] = DrhdFlags::INCLUDE_PCI_ALL.bits();
-    fix_checksum(&mut t);
+    let t = patched(DRHD_OFF + 4, &[DrhdFlags::INCLUDE_PCI_ALL.bits()]);
     let dmar = Dmar::parse(&t).unwrap();
     let unit = dmar.drhds().next().unwrap();
     assert!(unit.include_pci_all());
@@ -243,9 +249,7 @@ fn truncated_table_cuts_the_drhd() {
 
 #[test]
 fn structure_length_past_end() {
-    let mut t = QEMU_DMAR.to_vec();
-    t[DRHD_OFF + 2] = 72;
-    fix_checksum(&mut t);
+    let t = patched(DRHD_OFF + 2, &[72]);
     let err = Dmar::parse(&t).unwrap_err();
     assert_eq!(
         err,
@@ -270,9 +274,7 @@ fn structure_length_past_end() {
 
 #[test]
 fn structure_length_zero() {
-    let mut t = QEMU_DMAR.to_vec();
-    t[DRHD_OFF + 2] = 0;
-    fix_checksum(&mut t);
+    let t = patched(DRHD_OFF + 2, &[0]);
     assert_eq!(
         Dmar::parse(&t),
         Err(DmarError::StructureTooShort {
@@ -359,9 +361,7 @@ fn unknown_structure_is_skipped() {
 
 #[test]
 fn table_length_larger_than_slice() {
-    let mut t = QEMU_DMAR.to_vec();
-    t[4..8].copy_from_slice(&4096u32.to_le_bytes());
-    fix_checksum(&mut t);
+    let mut t = patched(4, &4096u32.to_le_bytes());
     assert_eq!(
         Dmar::parse(&t),
         Err(DmarError::TableLengthPastSlice {
@@ -396,9 +396,7 @@ fn table_length_smaller_than_header() {
 
 #[test]
 fn bad_signature() {
-    let mut t = QEMU_DMAR.to_vec();
-    t[..4].copy_from_slice(b"APIC");
-    fix_checksum(&mut t);
+    let t = patched(0, b"APIC");
     let err = Dmar::parse(&t).unwrap_err();
     assert_eq!(err, DmarError::BadSignature { found: *b"APIC" });
     assert!(std::format!("{err}").starts_with("bad DMAR signature \"APIC\""));
@@ -406,24 +404,19 @@ fn bad_signature() {
 
 #[test]
 fn bad_host_address_width() {
-    let mut t = QEMU_DMAR.to_vec();
-    t[36] = 64;
-    fix_checksum(&mut t);
+    let t = patched(36, &[64]);
     assert_eq!(
         Dmar::parse(&t),
         Err(DmarError::BadHostAddressWidth { raw: 64 })
     );
-    t[36] = 63;
-    fix_checksum(&mut t);
+    let t = patched(36, &[63]);
     assert_eq!(Dmar::parse(&t).unwrap().host_address_width(), 64);
 }
 
 #[test]
 fn scope_length_errors() {
     let with_scope_len = |len: u8| {
-        let mut t = QEMU_DMAR.to_vec();
-        t[IOAPIC_SCOPE_OFF + 1] = len;
-        fix_checksum(&mut t);
+        let t = patched(IOAPIC_SCOPE_OFF + 1, &[len]);
         Dmar::parse(&t).map(|_| ())
     };
     assert_eq!(
@@ -480,9 +473,7 @@ fn scope_length_errors() {
 
 #[test]
 fn unaligned_drhd_base() {
-    let mut t = QEMU_DMAR.to_vec();
-    t[DRHD_OFF + 8] = 0x10;
-    fix_checksum(&mut t);
+    let t = patched(DRHD_OFF + 8, &[0x10]);
     assert_eq!(
         Dmar::parse(&t),
         Err(DmarError::DrhdBaseUnaligned {

@@ -27,10 +27,22 @@ fn probe(cfg: Config) -> (Model, PvDma<Model>) {
     (m, d)
 }
 
+fn area(gpa: u64, pages: u64) -> BatchArea {
+    BatchArea { gpa, pages }
+}
+
 fn with_batch(cfg: Config, pages: u64) -> (Model, PvDma<Model>) {
     let (m, mut d) = probe(cfg);
-    d.attach_batch(BatchArea { gpa: AREA, pages }).unwrap();
+    d.attach_batch(area(AREA, pages)).unwrap();
     (m, d)
+}
+
+/// A scatter-gather list: one segment of `len` bytes at each address.
+fn segments(addrs: impl IntoIterator<Item = u64>, len: u64) -> Vec<Segment> {
+    addrs
+        .into_iter()
+        .map(|addr| Segment { addr, len })
+        .collect()
 }
 
 // ------------------------------------------------------------------ discovery
@@ -143,11 +155,7 @@ fn single_calls_statuses() {
         Err(Error::Status(AbiError::Fault))
     );
     // The scratch buffer is fine to map, a registered batch area is not.
-    d.attach_batch(BatchArea {
-        gpa: AREA,
-        pages: 1,
-    })
-    .unwrap();
+    d.attach_batch(area(AREA, 1)).unwrap();
     assert_eq!(d.map(AREA, PG, RW), Err(Error::Status(AbiError::Perm)));
     // Partial unmap, never-mapped unmap, reserved region.
     assert_eq!(d.unmap(a, PG), Err(Error::Status(AbiError::Inval)));
@@ -386,39 +394,24 @@ fn batch_registration_rules() {
     assert_eq!(d.queue_map(BUF, PG, RW, &mut noop), Err(Error::NoBatch));
     assert_eq!(d.flush(&mut noop), Err(Error::NoBatch));
     assert_eq!(
-        d.attach_batch(BatchArea {
-            gpa: AREA + 8,
-            pages: 1
-        }),
+        d.attach_batch(area(AREA + 8, 1)),
         Err(Error::Status(AbiError::Inval))
     );
     assert_eq!(
-        d.attach_batch(BatchArea {
-            gpa: AREA,
-            pages: 17
-        }),
+        d.attach_batch(area(AREA, 17)),
         Err(Error::Status(AbiError::Range))
     );
     assert_eq!(
-        d.attach_batch(BatchArea { gpa: RAM, pages: 1 }),
+        d.attach_batch(area(RAM, 1)),
         Err(Error::Status(AbiError::Fault))
     );
     let iova = d.map(AREA, PG, RW).unwrap();
     assert_eq!(
-        d.attach_batch(BatchArea {
-            gpa: AREA,
-            pages: 1
-        }),
+        d.attach_batch(area(AREA, 1)),
         Err(Error::Status(AbiError::Busy))
     );
     d.unmap(iova, PG).unwrap();
-    assert_eq!(
-        d.attach_batch(BatchArea {
-            gpa: AREA,
-            pages: 4
-        }),
-        Ok(256)
-    );
+    assert_eq!(d.attach_batch(area(AREA, 4)), Ok(256));
     // Another vCPU may not take overlapping pages.
     let mut d2 = PvDma::new(
         m.vcpu(1),
@@ -429,19 +422,10 @@ fn batch_registration_rules() {
         },
     );
     assert_eq!(
-        d2.attach_batch(BatchArea {
-            gpa: AREA + 3 * PG,
-            pages: 1
-        }),
+        d2.attach_batch(area(AREA + 3 * PG, 1)),
         Err(Error::Status(AbiError::Exist))
     );
-    assert_eq!(
-        d2.attach_batch(BatchArea {
-            gpa: AREA2,
-            pages: 1
-        }),
-        Ok(84)
-    );
+    assert_eq!(d2.attach_batch(area(AREA2, 1)), Ok(84));
     d.queue_map(BUF, PG, RW, &mut noop).unwrap();
     assert_eq!(d.detach_batch(), Err(Error::BatchNotEmpty));
     d.flush(&mut noop).unwrap();
@@ -460,11 +444,7 @@ fn two_vcpus_batch_independently() {
             len: 0x1000,
         },
     );
-    d1.attach_batch(BatchArea {
-        gpa: AREA2,
-        pages: 1,
-    })
-    .unwrap();
+    d1.attach_batch(area(AREA2, 1)).unwrap();
     let (mut g0, mut g1) = (Vec::new(), Vec::new());
     for k in 0..5 {
         d0.queue_map(BUF + k * PG, PG, RW, &mut |c| g0.push(c))
@@ -581,33 +561,20 @@ fn unconfirmed_invalidation_is_retried_by_sync() {
 #[test]
 fn map_sg_with_and_without_batch() {
     for batch in [false, true] {
-        let (m, mut d) = probe(Config::new(Policy::Batched));
-        if batch {
-            d.attach_batch(BatchArea {
-                gpa: AREA,
-                pages: 1,
-            })
-            .unwrap();
-        }
-        let sg: Vec<Segment> = (0..100)
-            .map(|k| Segment {
-                addr: BUF + k * 3 * PG,
-                len: 2 * PG,
-            })
-            .collect();
+        let cfg = Config::new(Policy::Batched);
+        let (m, mut d) = if batch {
+            with_batch(cfg, 1)
+        } else {
+            probe(cfg)
+        };
+        let sg = segments((0..100).map(|k| BUF + k * 3 * PG), 2 * PG);
         let mut out = [0u64; 100];
         d.map_sg(&sg, DmaFlags::WRITE, &mut out).unwrap();
         for (s, &i) in sg.iter().zip(&out) {
             assert_eq!(m.state().live[&i].gpa, s.addr);
         }
         let exits = m.state().stats.exits;
-        let back: Vec<Segment> = out
-            .iter()
-            .map(|&i| Segment {
-                addr: i,
-                len: 2 * PG,
-            })
-            .collect();
+        let back = segments(out, 2 * PG);
         d.unmap_sg(&back).unwrap();
         assert!(m.state().live.is_empty());
         let calls = m.state().stats.exits - exits;
@@ -625,20 +592,12 @@ fn map_sg_is_all_or_nothing() {
     for batch in [false, true] {
         let mut cfg = Config::new(Policy::Strict);
         cfg.max_mappings = 5;
-        let (m, mut d) = probe(cfg);
-        if batch {
-            d.attach_batch(BatchArea {
-                gpa: AREA,
-                pages: 1,
-            })
-            .unwrap();
-        }
-        let sg: Vec<Segment> = (0..8)
-            .map(|k| Segment {
-                addr: BUF + k * PG,
-                len: PG,
-            })
-            .collect();
+        let (m, mut d) = if batch {
+            with_batch(cfg, 1)
+        } else {
+            probe(cfg)
+        };
+        let sg = segments((0..8).map(|k| BUF + k * PG), PG);
         let mut out = [0u64; 8];
         assert_eq!(
             d.map_sg(&sg, RW, &mut out),
@@ -738,11 +697,7 @@ fn fault_ring_registration_rules() {
         d.attach_fault_ring(r(RING, 17, 0)),
         Err(Error::Status(AbiError::Range))
     );
-    d.attach_batch(BatchArea {
-        gpa: AREA,
-        pages: 1,
-    })
-    .unwrap();
+    d.attach_batch(area(AREA, 1)).unwrap();
     assert_eq!(
         d.attach_fault_ring(r(AREA, 1, 0)),
         Err(Error::Status(AbiError::Exist))

@@ -5,9 +5,7 @@
 //! index. The guest's RAM is guest-physical `[0, mem_size)`, identity-mapped by boot page
 //! tables covering the first 4 GiB.
 
-use core::mem::{offset_of, size_of};
 use zerocopy::little_endian::{U32, U64};
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// [`BootInfo::magic`]: the bytes `"MOATBOOT"`.
 pub const BOOT_MAGIC: u64 = u64::from_le_bytes(*b"MOATBOOT");
@@ -16,55 +14,43 @@ pub const BOOT_VERSION: u32 = 1;
 /// Bytes of a [`BootInfo`].
 pub const BOOT_INFO_SIZE: usize = 64;
 
-/// The boot information.
-///
-/// | offset | size | field |
-/// |---|---|---|
-/// | 0 | 8 | `magic` ([`BOOT_MAGIC`]) |
-/// | 8 | 4 | `version` ([`BOOT_VERSION`]) |
-/// | 12 | 4 | `vcpus` |
-/// | 16 | 8 | `mem_size`: bytes of RAM at guest-physical 0 |
-/// | 24 | 8 | `tsc_khz`: TSC frequency (the guest's TSC is the host's) |
-/// | 32 | 8 | `cmdline_gpa` |
-/// | 40 | 8 | `cmdline_len` |
-/// | 48 | 16 | `name`: the guest's name, NUL padded |
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-pub struct BootInfo {
-    /// [`BOOT_MAGIC`].
-    pub magic: U64,
-    /// Layout version.
-    pub version: U32,
-    /// Number of vCPUs.
-    pub vcpus: U32,
-    /// Bytes of RAM at guest-physical 0.
-    pub mem_size: U64,
-    /// TSC frequency in kHz.
-    pub tsc_khz: U64,
-    /// Guest-physical address of the command line.
-    pub cmdline_gpa: U64,
-    /// Its length in bytes.
-    pub cmdline_len: U64,
-    /// The guest's name, NUL padded.
-    pub name: [u8; 16],
+abi_struct! {
+    /// The boot information.
+    ///
+    /// | offset | size | field |
+    /// |---|---|---|
+    /// | 0 | 8 | `magic` ([`BOOT_MAGIC`]) |
+    /// | 8 | 4 | `version` ([`BOOT_VERSION`]) |
+    /// | 12 | 4 | `vcpus` |
+    /// | 16 | 8 | `mem_size`: bytes of RAM at guest-physical 0 |
+    /// | 24 | 8 | `tsc_khz`: TSC frequency (the guest's TSC is the host's) |
+    /// | 32 | 8 | `cmdline_gpa` |
+    /// | 40 | 8 | `cmdline_len` |
+    /// | 48 | 16 | `name`: the guest's name, NUL padded |
+    pub struct BootInfo: BOOT_INFO_SIZE {
+        /// [`BOOT_MAGIC`].
+        pub magic: U64 @ 0,
+        /// Layout version.
+        pub version: U32 @ 8,
+        /// Number of vCPUs.
+        pub vcpus: U32 @ 12,
+        /// Bytes of RAM at guest-physical 0.
+        pub mem_size: U64 @ 16,
+        /// TSC frequency in kHz.
+        pub tsc_khz: U64 @ 24,
+        /// Guest-physical address of the command line.
+        pub cmdline_gpa: U64 @ 32,
+        /// Its length in bytes.
+        pub cmdline_len: U64 @ 40,
+        /// The guest's name, NUL padded.
+        pub name: [u8; 16] @ 48,
+    }
 }
-
-const _: () = {
-    assert!(size_of::<BootInfo>() == BOOT_INFO_SIZE);
-    assert!(offset_of!(BootInfo, magic) == 0);
-    assert!(offset_of!(BootInfo, version) == 8);
-    assert!(offset_of!(BootInfo, vcpus) == 12);
-    assert!(offset_of!(BootInfo, mem_size) == 16);
-    assert!(offset_of!(BootInfo, tsc_khz) == 24);
-    assert!(offset_of!(BootInfo, cmdline_gpa) == 32);
-    assert!(offset_of!(BootInfo, cmdline_len) == 40);
-    assert!(offset_of!(BootInfo, name) == 48);
-};
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use zerocopy::{FromBytes, IntoBytes};
 
     #[test]
     fn known_bytes_and_round_trip() {

@@ -39,78 +39,51 @@ pub const fn is_moat_signature(ebx: u32, ecx: u32, edx: u32) -> bool {
     r[0] == ebx && r[1] == ecx && r[2] == edx
 }
 
-/// The hypercall instruction (ECX of [`CPUID_FEATURES_LEAF`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum Instruction {
-    /// `VMMCALL` (AMD SVM), bytes `0f 01 d9`.
-    Vmmcall = 1,
-    /// `VMCALL` (Intel VMX), bytes `0f 01 c1`.
-    Vmcall = 2,
-}
-
-impl Instruction {
-    /// Decodes ECX; `None` for an unknown value.
-    pub const fn from_raw(ecx: u32) -> Option<Instruction> {
-        match ecx {
-            1 => Some(Instruction::Vmmcall),
-            2 => Some(Instruction::Vmcall),
-            _ => None,
-        }
+abi_enum! {
+    /// The hypercall instruction (ECX of [`CPUID_FEATURES_LEAF`]; `from_raw` decodes ECX).
+    pub enum Instruction: u32 {
+        /// `VMMCALL` (AMD SVM), bytes `0f 01 d9`.
+        Vmmcall = 1,
+        /// `VMCALL` (Intel VMX), bytes `0f 01 c1`.
+        Vmcall = 2,
     }
 }
 
-/// Call numbers (RAX on entry).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u64)]
-pub enum Call {
-    /// `0`: returns the ABI version in RDX.
-    Version = 0,
-    /// `1`: writes RSI bytes at guest-physical RDI to the console; RDX = bytes written.
-    /// RANGE if RSI > [`CONSOLE_MAX`], FAULT if the bytes are not guest RAM.
-    ConsoleWrite = 1,
-    /// `2`: stops the calling vCPU with exit code RDI. Does not return.
-    Exit = 2,
-    /// `3`: does nothing (round-trip measurements).
-    Nop = 3,
-    /// `16`: paravirtual DMA discovery, see [`crate::dma::QueryHeader`].
-    DmaQuery = 16,
-    /// `17`: map one guest range for the guest's devices; the IOVA comes back in RDX.
-    DmaMap = 17,
-    /// `18`: unmap one mapping.
-    DmaUnmap = 18,
-    /// `19`: run the entries of the calling vCPU's batch area.
-    DmaMulticall = 19,
-    /// `20`: register (or unregister) the calling vCPU's batch area.
-    DmaBatchRegister = 20,
-    /// `21`: complete every pending IOTLB invalidation of the guest's domain.
-    DmaSync = 21,
-    /// `22`: read (and optionally reset) the guest's DMA counters.
-    DmaStats = 22,
-    /// `23`: register (or unregister) the guest's fault ring.
-    DmaFaultRingRegister = 23,
+abi_enum! {
+    /// Call numbers (RAX on entry; `from_raw` decodes RAX, [`Call::ALL`] is in numeric order).
+    pub enum Call: u64 {
+        /// `0`: returns the ABI version in RDX.
+        Version = 0,
+        /// `1`: writes RSI bytes at guest-physical RDI to the console; RDX = bytes written.
+        /// RANGE if RSI > [`CONSOLE_MAX`], FAULT if the bytes are not guest RAM.
+        ConsoleWrite = 1,
+        /// `2`: stops the calling vCPU with exit code RDI. Does not return.
+        Exit = 2,
+        /// `3`: does nothing (round-trip measurements).
+        Nop = 3,
+        /// `16`: paravirtual DMA discovery, see [`crate::dma::QueryHeader`].
+        DmaQuery = 16,
+        /// `17`: map one guest range for the guest's devices; the IOVA comes back in RDX.
+        DmaMap = 17,
+        /// `18`: unmap one mapping.
+        DmaUnmap = 18,
+        /// `19`: run the entries of the calling vCPU's batch area.
+        DmaMulticall = 19,
+        /// `20`: register (or unregister) the calling vCPU's batch area.
+        DmaBatchRegister = 20,
+        /// `21`: complete every pending IOTLB invalidation of the guest's domain.
+        DmaSync = 21,
+        /// `22`: read (and optionally reset) the guest's DMA counters.
+        DmaStats = 22,
+        /// `23`: register (or unregister) the guest's fault ring.
+        DmaFaultRingRegister = 23,
+    }
 }
 
 /// Most bytes one [`Call::ConsoleWrite`] takes.
 pub const CONSOLE_MAX: u64 = 4096;
 
 impl Call {
-    /// Every call, in numeric order.
-    pub const ALL: [Call; 12] = [
-        Call::Version,
-        Call::ConsoleWrite,
-        Call::Exit,
-        Call::Nop,
-        Call::DmaQuery,
-        Call::DmaMap,
-        Call::DmaUnmap,
-        Call::DmaMulticall,
-        Call::DmaBatchRegister,
-        Call::DmaSync,
-        Call::DmaStats,
-        Call::DmaFaultRingRegister,
-    ];
-
     /// The paravirtual DMA calls a driver needs at minimum (all but STATS and the fault ring).
     pub const DMA_REQUIRED: [Call; 6] = [
         Call::DmaQuery,
@@ -128,22 +101,9 @@ impl Call {
     }
 
     /// Decodes RAX; `None` for a number no call has (the hypervisor returns UNSUPP).
+    #[inline]
     pub const fn from_number(n: u64) -> Option<Call> {
-        Some(match n {
-            0 => Call::Version,
-            1 => Call::ConsoleWrite,
-            2 => Call::Exit,
-            3 => Call::Nop,
-            16 => Call::DmaQuery,
-            17 => Call::DmaMap,
-            18 => Call::DmaUnmap,
-            19 => Call::DmaMulticall,
-            20 => Call::DmaBatchRegister,
-            21 => Call::DmaSync,
-            22 => Call::DmaStats,
-            23 => Call::DmaFaultRingRegister,
-            _ => return None,
-        })
+        Call::from_raw(n)
     }
 
     /// This call's bit in the call bitmap (EBX of [`CPUID_FEATURES_LEAF`]): bit *n* for call
@@ -157,16 +117,16 @@ impl Call {
 /// Call bitmap of the base calls (ABI version 1).
 pub const CALLS_BASE: u32 =
     Call::Version.bit() | Call::ConsoleWrite.bit() | Call::Exit.bit() | Call::Nop.bit();
-/// Call bitmap of every call this ABI version defines.
-pub const CALLS_ALL: u32 = CALLS_BASE
-    | Call::DmaQuery.bit()
-    | Call::DmaMap.bit()
-    | Call::DmaUnmap.bit()
-    | Call::DmaMulticall.bit()
-    | Call::DmaBatchRegister.bit()
-    | Call::DmaSync.bit()
-    | Call::DmaStats.bit()
-    | Call::DmaFaultRingRegister.bit();
+/// Call bitmap of every call this ABI version defines (every call of [`Call::ALL`]).
+pub const CALLS_ALL: u32 = {
+    let mut bits = 0;
+    let mut i = 0;
+    while i < Call::ALL.len() {
+        bits |= Call::ALL[i].bit();
+        i += 1;
+    }
+    bits
+};
 
 /// The argument registers of a hypercall, in this order: RDI, RSI, RDX, R10, R8, R9.
 ///

@@ -206,6 +206,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[macro_use]
+mod macros;
+
 pub mod boot;
 pub mod cpuid;
 pub mod dma;

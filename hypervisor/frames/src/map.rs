@@ -73,14 +73,17 @@ pub struct Region {
 
 impl fmt::Display for Region {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {:>10} {}",
-            self.range,
-            Bytes(self.range.len()),
-            self.kind
-        )
+        write_entry(f, self.range, &self.kind)
     }
+}
+
+/// One line of the boot log's memory map: the range, its size and what it is.
+fn write_entry(
+    f: &mut fmt::Formatter<'_>,
+    range: PhysRange,
+    what: &dyn fmt::Display,
+) -> fmt::Result {
+    write!(f, "{} {:>10} {}", range, Bytes(range.len()), what)
 }
 
 /// Memory the kernel took out of the usable set, and why.
@@ -94,13 +97,7 @@ pub struct Reservation {
 
 impl fmt::Display for Reservation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} {:>10} {}",
-            self.range,
-            Bytes(self.range.len()),
-            self.why
-        )
+        write_entry(f, self.range, &self.why)
     }
 }
 

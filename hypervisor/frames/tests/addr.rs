@@ -1,10 +1,9 @@
 //! Address, frame and range helpers.
 
-use moat_frames::{Bytes, Frame, PhysAddr, PhysRange};
+mod common;
 
-fn span(start: u64, end: u64) -> PhysRange {
-    PhysRange::new(PhysAddr::new(start), PhysAddr::new(end)).unwrap()
-}
+use common::span;
+use moat_frames::{Bytes, Frame, PhysAddr, PhysRange};
 
 #[test]
 fn addresses_and_frames() {

@@ -9,8 +9,11 @@ use moat_frames::{
     Frame, FrameAllocator, FrameError, MemoryMap, PhysAddr, PhysRange, RegionKind, FRAME_SIZE,
 };
 
-fn bitmap_for(map: &MemoryMap) -> Vec<u64> {
-    vec![u64::MAX; FrameAllocator::bitmap_words(map)] // garbage on purpose: `new` clears it
+/// An allocator for `map` over a bitmap of its own (leaked: a test's allocator lives as long
+/// as the test), filled with garbage on purpose: `new` clears it.
+fn allocator_for(map: &MemoryMap) -> FrameAllocator<'static> {
+    let bitmap = vec![u64::MAX; FrameAllocator::bitmap_words(map)].leak();
+    FrameAllocator::new(map, bitmap).unwrap()
 }
 
 fn frame(addr: u64) -> Frame {
@@ -20,8 +23,7 @@ fn frame(addr: u64) -> Frame {
 #[test]
 fn q35_counts_and_single_frames_never_touch_reserved_memory() {
     let (map, trampoline) = q35_booted();
-    let mut bitmap = bitmap_for(&map);
-    let mut fa = FrameAllocator::new(&map, &mut bitmap).unwrap();
+    let mut fa = allocator_for(&map);
     let expected = (0x200000 - 0x100000 + 0x1000 + 0x7fe0000 - 0x342000) / FRAME_SIZE;
     assert_eq!(fa.total_frames(), expected);
     assert_eq!(fa.free_frames(), expected);
@@ -63,8 +65,7 @@ fn q35_counts_and_single_frames_never_touch_reserved_memory() {
 #[test]
 fn contiguous_runs_are_contiguous_aligned_and_disjoint() {
     let (map, _) = q35_booted();
-    let mut bitmap = bitmap_for(&map);
-    let mut fa = FrameAllocator::new(&map, &mut bitmap).unwrap();
+    let mut fa = allocator_for(&map);
     let single = fa.allocate().unwrap();
     let mut taken: Vec<(u64, u64)> = vec![(single.number(), 1)];
     // Page-table page, a 4 KiB invalidation queue, 2 MiB-aligned 8 MiB heap, 64 KiB odd run.
@@ -145,11 +146,8 @@ fn contiguous_runs_are_contiguous_aligned_and_disjoint() {
 
 #[test]
 fn contiguous_search_skips_holes_made_by_live_frames() {
-    let mut map = MemoryMap::new();
-    map.add_region(span(0, 64 * 4096), RegionKind::Usable)
-        .unwrap();
-    let mut bitmap = bitmap_for(&map);
-    let mut fa = FrameAllocator::new(&map, &mut bitmap).unwrap();
+    let map = usable_map(0, 64 * 4096);
+    let mut fa = allocator_for(&map);
     // Every 8th frame allocated and kept: no run of 8 anywhere, runs of 7 everywhere.
     let all: Vec<Frame> = (0..64).map(|_| fa.allocate().unwrap()).collect();
     for (i, f) in all.iter().enumerate() {
@@ -170,13 +168,11 @@ fn contiguous_search_skips_holes_made_by_live_frames() {
 
 #[test]
 fn runs_never_span_two_usable_ranges() {
-    let mut map = MemoryMap::new();
-    map.add_region(span(0, 0x4000), RegionKind::Usable).unwrap();
+    let mut map = usable_map(0, 0x4000);
     map.add_region(span(0x4000, 0x8000), RegionKind::Usable)
         .unwrap();
     map.reserve(span(0x4000, 0x5000), "hole").unwrap();
-    let mut bitmap = bitmap_for(&map);
-    let mut fa = FrameAllocator::new(&map, &mut bitmap).unwrap();
+    let mut fa = allocator_for(&map);
     assert_eq!(
         fa.ranges().collect::<Vec<_>>(),
         [span(0, 0x4000), span(0x5000, 0x8000)]
@@ -192,8 +188,7 @@ fn runs_never_span_two_usable_ranges() {
 #[test]
 fn double_free_and_foreign_frames_are_errors_that_change_nothing() {
     let (map, trampoline) = q35_booted();
-    let mut bitmap = bitmap_for(&map);
-    let mut fa = FrameAllocator::new(&map, &mut bitmap).unwrap();
+    let mut fa = allocator_for(&map);
     let f = fa.allocate().unwrap();
     fa.free(f).unwrap();
     assert_eq!(fa.free(f), Err(FrameError::DoubleFree { frame: f }));
@@ -263,11 +258,8 @@ fn bitmap_too_small_and_empty_maps() {
 
 #[test]
 fn single_allocations_follow_the_hint() {
-    let mut map = MemoryMap::new();
-    map.add_region(span(0, 256 * 4096), RegionKind::Usable)
-        .unwrap();
-    let mut bitmap = bitmap_for(&map);
-    let mut fa = FrameAllocator::new(&map, &mut bitmap).unwrap();
+    let map = usable_map(0, 256 * 4096);
+    let mut fa = allocator_for(&map);
     let first: Vec<u64> = (0..130).map(|_| fa.allocate().unwrap().number()).collect();
     assert_eq!(
         first,
@@ -286,9 +278,7 @@ fn from_map_carves_its_bitmap_out_of_the_map() {
     // Leaked: the allocator gets a 'static bitmap inside it.
     let memory: &'static mut [u8] = Box::leak(vec![0xa5u8; 8 * MIB as usize].into_boxed_slice());
     let base = memory.as_mut_ptr();
-    let mut map = MemoryMap::new();
-    map.add_region(span(0, 8 * MIB), RegionKind::Usable)
-        .unwrap();
+    let mut map = usable_map(0, 8 * MIB);
     map.reserve(span(0, MIB), "first MiB").unwrap();
     let words_before = FrameAllocator::bitmap_words(&map);
     // SAFETY: every address below 8 MiB maps into `memory`, which is leaked ('static) and
@@ -312,9 +302,7 @@ fn from_map_carves_its_bitmap_out_of_the_map() {
     assert_eq!(n, fa.total_frames());
 
     // No room inside `within`: a typed error, nothing carved.
-    let mut map = MemoryMap::new();
-    map.add_region(span(0x100000, 0x200000), RegionKind::Usable)
-        .unwrap();
+    let mut map = usable_map(0x100000, 0x200000);
     // SAFETY: the translation is never used because carving fails first.
     let err =
         unsafe { FrameAllocator::from_map(&mut map, span(0, 0x100000), |_| std::ptr::null_mut()) };

@@ -54,9 +54,7 @@ fn q35_after_boot_reservations() {
 
 #[test]
 fn unsorted_overlapping_unaligned_regions() {
-    let mut map = MemoryMap::new();
-    map.add_region(span(0x5000, 0x9800), RegionKind::Usable)
-        .unwrap();
+    let mut map = usable_map(0x5000, 0x9800);
     map.add_region(span(0x800, 0x3200), RegionKind::Usable)
         .unwrap();
     map.add_region(span(0x3000, 0x6000), RegionKind::Usable)
@@ -100,9 +98,7 @@ fn non_usable_kinds_win_over_usable() {
 
 #[test]
 fn reservations_clip_and_split() {
-    let mut map = MemoryMap::new();
-    map.add_region(span(0, 0x100000), RegionKind::Usable)
-        .unwrap();
+    let mut map = usable_map(0, 0x100000);
     map.reserve(span(0x10800, 0x11000), "half a frame").unwrap(); // whole frame excluded
     map.reserve(span(0xff000, 0x200000), "past the end")
         .unwrap();

@@ -18,7 +18,7 @@ const COMMAND_WRITABLE: u32 = 0x07ff;
 /// Status bits that are write-1-to-clear.
 const STATUS_RW1C: u32 = 0xf900;
 
-pub fn bdf(bus: u8, device: u8, function: u8) -> Bdf {
+pub const fn bdf(bus: u8, device: u8, function: u8) -> Bdf {
     Bdf::new(bus, device, function).unwrap()
 }
 
@@ -220,7 +220,7 @@ impl ConfigAccess for FakeSpace {
     }
 }
 
-/// Real configuration space (first 256 bytes) captured by data/capture.sh.
+/// Real configuration space (first 256 bytes) captured by data/capture.py.
 macro_rules! captured {
     ($name:literal) => {
         include_bytes!(concat!("../data/qemu-7.2-q35-", $name, ".cfg"))

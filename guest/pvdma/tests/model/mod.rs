@@ -439,29 +439,41 @@ impl State {
         Return::ok(full)
     }
 
+    /// The checks both registrations make on an area of `pages` pages at `gpa`, in order:
+    /// too many pages (RANGE), not guest RAM (FAULT), over another registered area (EXIST;
+    /// `vcpu`'s own batch area excepted), over mapped pages (BUSY).
+    fn check_area(
+        &self,
+        gpa: u64,
+        pages: u64,
+        max_pages: u64,
+        vcpu: Option<usize>,
+    ) -> Result<(), Status> {
+        if pages > max_pages {
+            return Err(Status::Range);
+        }
+        let len = pages * PAGE_SIZE;
+        if !self.in_ram(gpa, len) {
+            Err(Status::Fault)
+        } else if self.in_driver_areas(gpa, len, vcpu) {
+            Err(Status::Exist)
+        } else if self.gpa_mapped(gpa, len) {
+            Err(Status::Busy)
+        } else {
+            Ok(())
+        }
+    }
+
     fn register_area(&mut self, vcpu: usize, a: [u64; 6]) -> Return {
         let (gpa, pages) = (a[0], a[1]);
         if pages == 0 {
-            return match self.areas.remove(&vcpu) {
-                Some(_) => Return::ok(0),
-                None => Return::err(Status::Noent),
-            };
+            return unregistered(self.areas.remove(&vcpu));
         }
         if !is_page_aligned(gpa) {
             return Return::err(Status::Inval);
         }
-        if pages > MAX_BATCH_PAGES {
-            return Return::err(Status::Range);
-        }
-        let len = pages * PAGE_SIZE;
-        if !self.in_ram(gpa, len) {
-            return Return::err(Status::Fault);
-        }
-        if self.in_driver_areas(gpa, len, Some(vcpu)) {
-            return Return::err(Status::Exist);
-        }
-        if self.gpa_mapped(gpa, len) {
-            return Return::err(Status::Busy);
+        if let Err(s) = self.check_area(gpa, pages, MAX_BATCH_PAGES, Some(vcpu)) {
+            return Return::err(s);
         }
         let cap = batch_capacity(pages, self.cfg.max_batch);
         self.areas.insert(vcpu, (gpa, pages, cap));
@@ -474,10 +486,7 @@ impl State {
         }
         let (gpa, pages, vector) = (a[0], a[1], a[2]);
         if pages == 0 {
-            return match self.ring.take() {
-                Some(_) => Return::ok(0),
-                None => Return::err(Status::Noent),
-            };
+            return unregistered(self.ring.take());
         }
         if (1..32).contains(&vector) || vector > 255 || !is_page_aligned(gpa) {
             return Return::err(Status::Inval);
@@ -485,21 +494,11 @@ impl State {
         if vector != 0 && self.cfg.features & Features::FAULT_IRQ == 0 {
             return Return::err(Status::Unsupp);
         }
-        if pages > MAX_FAULT_RING_PAGES {
-            return Return::err(Status::Range);
-        }
-        let len = pages * PAGE_SIZE;
-        if !self.in_ram(gpa, len) {
-            return Return::err(Status::Fault);
-        }
+        // The ring being replaced does not count as another area.
         let old = self.ring.take();
-        if self.in_driver_areas(gpa, len, None) {
+        if let Err(s) = self.check_area(gpa, pages, MAX_FAULT_RING_PAGES, None) {
             self.ring = old;
-            return Return::err(Status::Exist);
-        }
-        if self.gpa_mapped(gpa, len) {
-            self.ring = old;
-            return Return::err(Status::Busy);
+            return Return::err(s);
         }
         let capacity = fault_ring_capacity(pages);
         let g = gpa as usize;
@@ -645,6 +644,14 @@ impl State {
             .iter()
             .any(|(&i, m)| iova >= i && iova < i + m.len)
             || self.pending.iter().any(|&(i, l)| iova >= i && iova < i + l)
+    }
+}
+
+/// The answer to an unregistration (0 pages): OK when something was registered, else NOENT.
+fn unregistered<T>(old: Option<T>) -> Return {
+    match old {
+        Some(_) => Return::ok(0),
+        None => Return::err(Status::Noent),
     }
 }
 

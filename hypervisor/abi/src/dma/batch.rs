@@ -4,9 +4,8 @@
 use super::{is_page_aligned, DmaFlags, Limits, Op, PAGE_SIZE};
 use crate::hypercall::{Args, Return};
 use crate::status::Status;
-use core::mem::{offset_of, size_of};
+use core::mem::offset_of;
 use zerocopy::little_endian::{I64, U16, U32, U64};
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// `magic` of a [`BatchHeader`]: the bytes `"MDMA"`.
 pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"MDMA");
@@ -41,44 +40,33 @@ pub const fn batch_capacity(pages: u64, max_batch: u32) -> u32 {
     }
 }
 
-/// The header at offset 0 of a batch area (64 bytes, little-endian). Written by the guest
-/// before each MULTICALL; the hypervisor copies it once per call and never writes it.
-///
-/// | offset | size | field | meaning |
-/// |---|---|---|---|
-/// | 0 | 4 | `magic` | [`BATCH_MAGIC`] (`"MDMA"`) |
-/// | 4 | 2 | `version` | [`BATCH_VERSION`] |
-/// | 6 | 2 | `entry_size` | [`ENTRY_SIZE`] (48) |
-/// | 8 | 4 | `count` | entries in this batch, at offsets `64 + i*48`, `i < count` |
-/// | 12 | 4 | `reserved0` | must be 0 |
-/// | 16 | 48 | `reserved` | must be 0 |
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-pub struct BatchHeader {
-    /// [`BATCH_MAGIC`].
-    pub magic: U32,
-    /// [`BATCH_VERSION`].
-    pub version: U16,
-    /// [`ENTRY_SIZE`].
-    pub entry_size: U16,
-    /// Number of entries.
-    pub count: U32,
-    /// Must be 0.
-    pub reserved0: U32,
-    /// Must be 0.
-    pub reserved: [U64; 6],
+abi_struct! {
+    /// The header at offset 0 of a batch area (64 bytes, little-endian). Written by the guest
+    /// before each MULTICALL; the hypervisor copies it once per call and never writes it.
+    ///
+    /// | offset | size | field | meaning |
+    /// |---|---|---|---|
+    /// | 0 | 4 | `magic` | [`BATCH_MAGIC`] (`"MDMA"`) |
+    /// | 4 | 2 | `version` | [`BATCH_VERSION`] |
+    /// | 6 | 2 | `entry_size` | [`ENTRY_SIZE`] (48) |
+    /// | 8 | 4 | `count` | entries in this batch, at offsets `64 + i*48`, `i < count` |
+    /// | 12 | 4 | `reserved0` | must be 0 |
+    /// | 16 | 48 | `reserved` | must be 0 |
+    pub struct BatchHeader: BATCH_HEADER_SIZE {
+        /// [`BATCH_MAGIC`].
+        pub magic: U32 @ 0,
+        /// [`BATCH_VERSION`].
+        pub version: U16 @ 4,
+        /// [`ENTRY_SIZE`].
+        pub entry_size: U16 @ 6,
+        /// Number of entries.
+        pub count: U32 @ 8,
+        /// Must be 0.
+        pub reserved0: U32 @ 12,
+        /// Must be 0.
+        pub reserved: [U64; 6] @ 16,
+    }
 }
-
-const _: () = {
-    assert!(size_of::<BatchHeader>() == BATCH_HEADER_SIZE);
-    assert!(offset_of!(BatchHeader, magic) == 0);
-    assert!(offset_of!(BatchHeader, version) == 4);
-    assert!(offset_of!(BatchHeader, entry_size) == 6);
-    assert!(offset_of!(BatchHeader, count) == 8);
-    assert!(offset_of!(BatchHeader, reserved0) == 12);
-    assert!(offset_of!(BatchHeader, reserved) == 16);
-};
 
 impl BatchHeader {
     /// A valid header for `count` entries.
@@ -144,55 +132,42 @@ pub fn validate_batch(
     })
 }
 
-/// One batch entry (48 bytes, little-endian), at offset `64 + 48*i` of the batch area.
-///
-/// | offset | size | field | dir | MAP | UNMAP |
-/// |---|---|---|---|---|---|
-/// | 0 | 2 | `op` | in | 1 | 2 |
-/// | 2 | 2 | `flags` | in | [`DmaFlags`], non-empty | must be 0 |
-/// | 4 | 4 | `reserved` | in | must be 0 | must be 0 |
-/// | 8 | 8 | `gpa` | in | first guest-physical byte | must be 0 |
-/// | 16 | 8 | `iova` | in/out | in: must be 0; out: the IOVA (0 on failure) | in: the mapping's IOVA; not written |
-/// | 24 | 8 | `length` | in | bytes | bytes (the whole mapping) |
-/// | 32 | 8 | `status` | out | [`Status`] as `i64` | same |
-/// | 40 | 8 | `done` | out | bytes mapped: `length` on OK, else 0 | bytes unmapped, same rule |
-///
-/// The hypervisor ignores the input values of `status` and `done` (a guest writes
-/// [`STATUS_PENDING`] and 0) and writes `status`, `done` (and `iova` for MAP) of every entry
-/// it runs, whether it succeeds or fails. It never writes an entry it did not run.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-pub struct Entry {
-    /// [`Op`] as `u16`.
-    pub op: U16,
-    /// [`DmaFlags`] bits.
-    pub flags: U16,
-    /// Must be 0.
-    pub reserved: U32,
-    /// MAP: first guest-physical byte. UNMAP: must be 0.
-    pub gpa: U64,
-    /// MAP: in 0, out the IOVA. UNMAP: the IOVA the mapping starts at.
-    pub iova: U64,
-    /// Bytes, a non-zero multiple of [`PAGE_SIZE`].
-    pub length: U64,
-    /// Out: the entry's [`Status`] (raw).
-    pub status: I64,
-    /// Out: bytes done.
-    pub done: U64,
+abi_struct! {
+    /// One batch entry (48 bytes, little-endian), at offset `64 + 48*i` of the batch area.
+    ///
+    /// | offset | size | field | dir | MAP | UNMAP |
+    /// |---|---|---|---|---|---|
+    /// | 0 | 2 | `op` | in | 1 | 2 |
+    /// | 2 | 2 | `flags` | in | [`DmaFlags`], non-empty | must be 0 |
+    /// | 4 | 4 | `reserved` | in | must be 0 | must be 0 |
+    /// | 8 | 8 | `gpa` | in | first guest-physical byte | must be 0 |
+    /// | 16 | 8 | `iova` | in/out | in: must be 0; out: the IOVA (0 on failure) | in: the mapping's IOVA; not written |
+    /// | 24 | 8 | `length` | in | bytes | bytes (the whole mapping) |
+    /// | 32 | 8 | `status` | out | [`Status`] as `i64` | same |
+    /// | 40 | 8 | `done` | out | bytes mapped: `length` on OK, else 0 | bytes unmapped, same rule |
+    ///
+    /// The hypervisor ignores the input values of `status` and `done` (a guest writes
+    /// [`STATUS_PENDING`] and 0) and writes `status`, `done` (and `iova` for MAP) of every entry
+    /// it runs, whether it succeeds or fails. It never writes an entry it did not run.
+    pub struct Entry: ENTRY_SIZE {
+        /// [`Op`] as `u16`.
+        pub op: U16 @ 0,
+        /// [`DmaFlags`] bits.
+        pub flags: U16 @ 2,
+        /// Must be 0.
+        pub reserved: U32 @ 4,
+        /// MAP: first guest-physical byte. UNMAP: must be 0.
+        pub gpa: U64 @ 8,
+        /// MAP: in 0, out the IOVA. UNMAP: the IOVA the mapping starts at.
+        pub iova: U64 @ 16,
+        /// Bytes, a non-zero multiple of [`PAGE_SIZE`].
+        pub length: U64 @ 24,
+        /// Out: the entry's [`Status`] (raw).
+        pub status: I64 @ 32,
+        /// Out: bytes done.
+        pub done: U64 @ 40,
+    }
 }
-
-const _: () = {
-    assert!(size_of::<Entry>() == ENTRY_SIZE);
-    assert!(offset_of!(Entry, op) == 0);
-    assert!(offset_of!(Entry, flags) == 2);
-    assert!(offset_of!(Entry, reserved) == 4);
-    assert!(offset_of!(Entry, gpa) == 8);
-    assert!(offset_of!(Entry, iova) == 16);
-    assert!(offset_of!(Entry, length) == 24);
-    assert!(offset_of!(Entry, status) == 32);
-    assert!(offset_of!(Entry, done) == 40);
-};
 
 impl Entry {
     /// Byte offset of `iova` inside an entry (the MAP write-back).
@@ -394,33 +369,20 @@ impl EntryOutcome {
     }
 }
 
-/// Why a MULTICALL returned (bits 0..=7 of R9; see [`MulticallReturn::unsynced`] for bit 8).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u64)]
-pub enum MulticallStop {
-    /// `0`: every entry from the cursor to `count` ran OK; RAX = OK, RDX = `count`.
-    Done = 0,
-    /// `1`: the entry at RDX failed; RAX = its status (also written in the entry); entries
-    /// after it were not run.
-    EntryFailed = 1,
-    /// `2`: stopped before the entry at RDX because of the time budget or a pending event;
-    /// RAX = AGAIN; at least one entry ran; the entry at RDX was not run.
-    Preempted = 2,
-    /// `3`: the call was refused before any entry ran (no batch area, bad header, bad
-    /// cursor); RAX says why; RDX = the cursor passed in; nothing was written.
-    Rejected = 3,
-}
-
-impl MulticallStop {
-    /// Decodes R9.
-    pub const fn from_raw(raw: u64) -> Option<MulticallStop> {
-        match raw {
-            0 => Some(MulticallStop::Done),
-            1 => Some(MulticallStop::EntryFailed),
-            2 => Some(MulticallStop::Preempted),
-            3 => Some(MulticallStop::Rejected),
-            _ => None,
-        }
+abi_enum! {
+    /// Why a MULTICALL returned (bits 0..=7 of R9; see [`MulticallReturn::unsynced`] for bit 8).
+    pub enum MulticallStop: u64 {
+        /// `0`: every entry from the cursor to `count` ran OK; RAX = OK, RDX = `count`.
+        Done = 0,
+        /// `1`: the entry at RDX failed; RAX = its status (also written in the entry); entries
+        /// after it were not run.
+        EntryFailed = 1,
+        /// `2`: stopped before the entry at RDX because of the time budget or a pending event;
+        /// RAX = AGAIN; at least one entry ran; the entry at RDX was not run.
+        Preempted = 2,
+        /// `3`: the call was refused before any entry ran (no batch area, bad header, bad
+        /// cursor); RAX says why; RDX = the cursor passed in; nothing was written.
+        Rejected = 3,
     }
 }
 

@@ -1,9 +1,8 @@
 //! The fault ring: VT-d faults on the guest's domain, delivered into guest memory.
 
 use super::PAGE_SIZE;
-use core::mem::{offset_of, size_of};
+use core::mem::offset_of;
 use zerocopy::little_endian::{U16, U32, U64};
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// `magic` of a [`FaultRingHeader`]: the bytes `"MFLT"`.
 pub const FAULT_RING_MAGIC: u32 = u32::from_le_bytes(*b"MFLT");
@@ -30,63 +29,50 @@ pub const fn fault_ring_capacity(pages: u64) -> u32 {
     ((pages * PAGE_SIZE - FAULT_RING_HEADER_SIZE as u64) / FAULT_RECORD_SIZE as u64) as u32
 }
 
-/// The fault ring header (64 bytes, little-endian) at offset 0 of the ring area.
-///
-/// | offset | size | field | written by | meaning |
-/// |---|---|---|---|---|
-/// | 0 | 4 | `magic` | hypervisor at registration | [`FAULT_RING_MAGIC`] |
-/// | 4 | 2 | `version` | hypervisor at registration | [`FAULT_RING_VERSION`] |
-/// | 6 | 2 | `record_size` | hypervisor at registration | [`FAULT_RECORD_SIZE`] |
-/// | 8 | 4 | `capacity` | hypervisor at registration | record slots |
-/// | 12 | 4 | `reserved0` | — | 0 |
-/// | 16 | 4 | `producer` | hypervisor | records produced, free-running mod 2^32 |
-/// | 20 | 4 | `reserved1` | — | 0 |
-/// | 24 | 4 | `consumer` | guest | records consumed, free-running mod 2^32 |
-/// | 28 | 4 | `reserved2` | — | 0 |
-/// | 32 | 8 | `dropped` | hypervisor | faults not recorded because the ring was full |
-/// | 40 | 24 | `reserved` | — | 0 |
-///
-/// Record *k* (counting from 0 since registration) is in slot `k % capacity`, at offset
-/// `64 + 32 * (k % capacity)`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-pub struct FaultRingHeader {
-    /// [`FAULT_RING_MAGIC`].
-    pub magic: U32,
-    /// [`FAULT_RING_VERSION`].
-    pub version: U16,
-    /// [`FAULT_RECORD_SIZE`].
-    pub record_size: U16,
-    /// Record slots.
-    pub capacity: U32,
-    /// 0.
-    pub reserved0: U32,
-    /// Records produced.
-    pub producer: U32,
-    /// 0.
-    pub reserved1: U32,
-    /// Records consumed.
-    pub consumer: U32,
-    /// 0.
-    pub reserved2: U32,
-    /// Faults dropped.
-    pub dropped: U64,
-    /// 0.
-    pub reserved: [U64; 3],
+abi_struct! {
+    /// The fault ring header (64 bytes, little-endian) at offset 0 of the ring area.
+    ///
+    /// | offset | size | field | written by | meaning |
+    /// |---|---|---|---|---|
+    /// | 0 | 4 | `magic` | hypervisor at registration | [`FAULT_RING_MAGIC`] |
+    /// | 4 | 2 | `version` | hypervisor at registration | [`FAULT_RING_VERSION`] |
+    /// | 6 | 2 | `record_size` | hypervisor at registration | [`FAULT_RECORD_SIZE`] |
+    /// | 8 | 4 | `capacity` | hypervisor at registration | record slots |
+    /// | 12 | 4 | `reserved0` | — | 0 |
+    /// | 16 | 4 | `producer` | hypervisor | records produced, free-running mod 2^32 |
+    /// | 20 | 4 | `reserved1` | — | 0 |
+    /// | 24 | 4 | `consumer` | guest | records consumed, free-running mod 2^32 |
+    /// | 28 | 4 | `reserved2` | — | 0 |
+    /// | 32 | 8 | `dropped` | hypervisor | faults not recorded because the ring was full |
+    /// | 40 | 24 | `reserved` | — | 0 |
+    ///
+    /// Record *k* (counting from 0 since registration) is in slot `k % capacity`, at offset
+    /// `64 + 32 * (k % capacity)`.
+    pub struct FaultRingHeader: FAULT_RING_HEADER_SIZE {
+        /// [`FAULT_RING_MAGIC`].
+        pub magic: U32 @ 0,
+        /// [`FAULT_RING_VERSION`].
+        pub version: U16 @ 4,
+        /// [`FAULT_RECORD_SIZE`].
+        pub record_size: U16 @ 6,
+        /// Record slots.
+        pub capacity: U32 @ 8,
+        /// 0.
+        pub reserved0: U32 @ 12,
+        /// Records produced.
+        pub producer: U32 @ 16,
+        /// 0.
+        pub reserved1: U32 @ 20,
+        /// Records consumed.
+        pub consumer: U32 @ 24,
+        /// 0.
+        pub reserved2: U32 @ 28,
+        /// Faults dropped.
+        pub dropped: U64 @ 32,
+        /// 0.
+        pub reserved: [U64; 3] @ 40,
+    }
 }
-
-const _: () = {
-    assert!(size_of::<FaultRingHeader>() == FAULT_RING_HEADER_SIZE);
-    assert!(offset_of!(FaultRingHeader, magic) == 0);
-    assert!(offset_of!(FaultRingHeader, version) == 4);
-    assert!(offset_of!(FaultRingHeader, record_size) == 6);
-    assert!(offset_of!(FaultRingHeader, capacity) == 8);
-    assert!(offset_of!(FaultRingHeader, producer) == 16);
-    assert!(offset_of!(FaultRingHeader, consumer) == 24);
-    assert!(offset_of!(FaultRingHeader, dropped) == 32);
-    assert!(offset_of!(FaultRingHeader, reserved) == 40);
-};
 
 impl FaultRingHeader {
     /// Byte offset of `producer`.
@@ -135,68 +121,46 @@ impl FaultRingHeader {
     }
 }
 
-/// The direction of a faulting DMA request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum Direction {
-    /// The device tried to read memory.
-    Read = 1,
-    /// The device tried to write memory.
-    Write = 2,
-}
-
-impl Direction {
-    /// Decodes `direction`.
-    pub const fn from_raw(raw: u8) -> Option<Direction> {
-        match raw {
-            1 => Some(Direction::Read),
-            2 => Some(Direction::Write),
-            _ => None,
-        }
+abi_enum! {
+    /// The direction of a faulting DMA request.
+    pub enum Direction: u8 {
+        /// The device tried to read memory.
+        Read = 1,
+        /// The device tried to write memory.
+        Write = 2,
     }
 }
 
-/// One fault record (32 bytes, little-endian).
-///
-/// | offset | size | field | meaning |
-/// |---|---|---|---|
-/// | 0 | 8 | `iova` | faulting IOVA, page aligned (VT-d reports the page) |
-/// | 8 | 2 | `source_id` | PCI requester id: bus << 8 \| device << 3 \| function |
-/// | 10 | 1 | `reason` | VT-d fault reason code (e.g. 5 write denied, 6 read denied / not present) |
-/// | 11 | 1 | `direction` | [`Direction`] |
-/// | 12 | 4 | `reserved0` | 0 |
-/// | 16 | 8 | `seq` | the fault's number for this guest since registration, counting dropped ones (a gap = drops) |
-/// | 24 | 8 | `reserved1` | 0 |
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-pub struct FaultRecord {
-    /// Faulting IOVA (page).
-    pub iova: U64,
-    /// PCI requester id.
-    pub source_id: U16,
-    /// VT-d fault reason.
-    pub reason: u8,
-    /// [`Direction`] as a byte.
-    pub direction: u8,
-    /// 0.
-    pub reserved0: U32,
-    /// Fault sequence number.
-    pub seq: U64,
-    /// 0.
-    pub reserved1: U64,
+abi_struct! {
+    /// One fault record (32 bytes, little-endian).
+    ///
+    /// | offset | size | field | meaning |
+    /// |---|---|---|---|
+    /// | 0 | 8 | `iova` | faulting IOVA, page aligned (VT-d reports the page) |
+    /// | 8 | 2 | `source_id` | PCI requester id: bus << 8 \| device << 3 \| function |
+    /// | 10 | 1 | `reason` | VT-d fault reason code (e.g. 5 write denied, 6 read denied / not present) |
+    /// | 11 | 1 | `direction` | [`Direction`] |
+    /// | 12 | 4 | `reserved0` | 0 |
+    /// | 16 | 8 | `seq` | the fault's number for this guest since registration, counting dropped ones (a gap = drops) |
+    /// | 24 | 8 | `reserved1` | 0 |
+    #[derive(Default)]
+    pub struct FaultRecord: FAULT_RECORD_SIZE {
+        /// Faulting IOVA (page).
+        pub iova: U64 @ 0,
+        /// PCI requester id.
+        pub source_id: U16 @ 8,
+        /// VT-d fault reason.
+        pub reason: u8 @ 10,
+        /// [`Direction`] as a byte.
+        pub direction: u8 @ 11,
+        /// 0.
+        pub reserved0: U32 @ 12,
+        /// Fault sequence number.
+        pub seq: U64 @ 16,
+        /// 0.
+        pub reserved1: U64 @ 24,
+    }
 }
-
-const _: () = {
-    assert!(size_of::<FaultRecord>() == FAULT_RECORD_SIZE);
-    assert!(offset_of!(FaultRecord, iova) == 0);
-    assert!(offset_of!(FaultRecord, source_id) == 8);
-    assert!(offset_of!(FaultRecord, reason) == 10);
-    assert!(offset_of!(FaultRecord, direction) == 11);
-    assert!(offset_of!(FaultRecord, reserved0) == 12);
-    assert!(offset_of!(FaultRecord, seq) == 16);
-    assert!(offset_of!(FaultRecord, reserved1) == 24);
-};
 
 impl FaultRecord {
     /// The direction; `None` for an unknown byte.

@@ -100,66 +100,36 @@ impl core::fmt::Debug for DmaFlags {
     }
 }
 
-/// The operation of a batch entry (`op`, a `u16`). Zero is not an op, so a zeroed entry is
-/// refused (INVAL) rather than doing something.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u16)]
-pub enum Op {
-    /// Map guest pages `[gpa, gpa+length)`; the hypervisor chooses and returns the IOVA.
-    Map = 1,
-    /// Unmap the mapping that starts at `iova` and is `length` bytes long.
-    Unmap = 2,
-}
-
-impl Op {
-    /// Decodes `op`; `None` for an unknown op (INVAL).
-    pub const fn from_raw(raw: u16) -> Option<Op> {
-        match raw {
-            1 => Some(Op::Map),
-            2 => Some(Op::Unmap),
-            _ => None,
-        }
+abi_enum! {
+    /// The operation of a batch entry (`op`, a `u16`). Zero is not an op, so a zeroed entry is
+    /// refused (INVAL) rather than doing something.
+    pub enum Op: u16 {
+        /// Map guest pages `[gpa, gpa+length)`; the hypervisor chooses and returns the IOVA.
+        Map = 1,
+        /// Unmap the mapping that starts at `iova` and is `length` bytes long.
+        Unmap = 2,
     }
 }
 
-/// The protection policy in force for the guest (chosen by the host administrator, reported
-/// by QUERY). See the crate docs, *IOVA lifetime per policy*.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum Policy {
-    /// Guest memory is direct-mapped for the guest's devices (IOVA = GPA); MAP and UNMAP keep
-    /// their bookkeeping and checks but do not change what the device can reach.
-    Passthrough = 0,
-    /// Every UNMAP invalidates the IOTLB and waits for completion before it returns.
-    Strict = 1,
-    /// Like strict, with one gathered invalidation and one wait per MULTICALL, before the call
-    /// returns.
-    Batched = 2,
-    /// Invalidations are queued; the queue is flushed when it holds
-    /// `deferred_max_entries` unmaps or its oldest is `deferred_max_us` old, or on SYNC.
-    Deferred = 3,
+abi_enum! {
+    /// The protection policy in force for the guest (chosen by the host administrator, reported
+    /// by QUERY). See the crate docs, *IOVA lifetime per policy*.
+    pub enum Policy: u8 {
+        /// Guest memory is direct-mapped for the guest's devices (IOVA = GPA); MAP and UNMAP keep
+        /// their bookkeeping and checks but do not change what the device can reach.
+        Passthrough = 0,
+        /// Every UNMAP invalidates the IOTLB and waits for completion before it returns.
+        Strict = 1,
+        /// Like strict, with one gathered invalidation and one wait per MULTICALL, before the call
+        /// returns.
+        Batched = 2,
+        /// Invalidations are queued; the queue is flushed when it holds
+        /// `deferred_max_entries` unmaps or its oldest is `deferred_max_us` old, or on SYNC.
+        Deferred = 3,
+    }
 }
 
 impl Policy {
-    /// Every policy.
-    pub const ALL: [Policy; 4] = [
-        Policy::Passthrough,
-        Policy::Strict,
-        Policy::Batched,
-        Policy::Deferred,
-    ];
-
-    /// Decodes the `policy` byte of the QUERY response.
-    pub const fn from_raw(raw: u8) -> Option<Policy> {
-        match raw {
-            0 => Some(Policy::Passthrough),
-            1 => Some(Policy::Strict),
-            2 => Some(Policy::Batched),
-            3 => Some(Policy::Deferred),
-            _ => None,
-        }
-    }
-
     /// The name used on the hypervisor command line.
     pub const fn name(self) -> &'static str {
         match self {

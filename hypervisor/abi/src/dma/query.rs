@@ -1,93 +1,71 @@
 //! The `DMA_QUERY` response: a header and the reserved IOVA regions.
 
 use super::{Features, Limits, Policy};
-use core::mem::{offset_of, size_of};
+
 use zerocopy::little_endian::{U16, U32, U64};
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Bytes of a [`QueryHeader`].
 pub const QUERY_HEADER_SIZE: usize = 64;
 /// Bytes of a [`ReservedRegion`].
 pub const REGION_SIZE: usize = 24;
 
-/// The `DMA_QUERY` response header (64 bytes, little-endian), followed directly by
-/// `regions_written` [`ReservedRegion`]s.
-///
-/// | offset | size | field | meaning |
-/// |---|---|---|---|
-/// | 0 | 4 | `abi_version` | [`crate::ABI_VERSION`] of the hypervisor (same as CPUID) |
-/// | 4 | 4 | `header_size` | bytes of this header (64); regions start here |
-/// | 8 | 8 | `page_sizes` | bit *n* set: 2^*n*-byte IOMMU pages are used; bit 12 always set |
-/// | 16 | 1 | `iova_width` | bits of IOVA space: every IOVA + length ≤ 2^`iova_width` |
-/// | 17 | 1 | `policy` | [`Policy`] in force for this guest |
-/// | 18 | 2 | `reserved0` | 0 |
-/// | 20 | 4 | `max_batch` | most entries one MULTICALL runs |
-/// | 24 | 8 | `features` | [`Features`] bits |
-/// | 32 | 4 | `max_mappings` | quota of live mappings (NOMEM beyond) |
-/// | 36 | 4 | `max_pt_pages` | quota of IOMMU page-table pages (NOMEM beyond) |
-/// | 40 | 4 | `deferred_max_entries` | deferred: queue bound in unmaps (0 otherwise) |
-/// | 44 | 4 | `deferred_max_us` | deferred: queue bound in microseconds (0 otherwise) |
-/// | 48 | 4 | `nr_regions` | reserved regions that exist |
-/// | 52 | 4 | `regions_written` | reserved regions that follow (those that fit the buffer) |
-/// | 56 | 4 | `max_batch_pages` | most pages of a batch area ([`super::MAX_BATCH_PAGES`]) |
-/// | 60 | 4 | `max_map_pages` | most 4 KiB pages one mapping may cover (RANGE beyond); 0: only the IOVA width limits it |
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-pub struct QueryHeader {
-    /// ABI version.
-    pub abi_version: U32,
-    /// Bytes of this header.
-    pub header_size: U32,
-    /// Page-size bitmap.
-    pub page_sizes: U64,
-    /// IOVA width in bits.
-    pub iova_width: u8,
-    /// [`Policy`] as a byte.
-    pub policy: u8,
-    /// 0.
-    pub reserved0: U16,
-    /// Most entries per MULTICALL.
-    pub max_batch: U32,
-    /// [`Features`] bits.
-    pub features: U64,
-    /// Quota of live mappings.
-    pub max_mappings: U32,
-    /// Quota of page-table pages.
-    pub max_pt_pages: U32,
-    /// Deferred queue bound in entries.
-    pub deferred_max_entries: U32,
-    /// Deferred queue bound in microseconds.
-    pub deferred_max_us: U32,
-    /// Reserved regions in total.
-    pub nr_regions: U32,
-    /// Reserved regions in this response.
-    pub regions_written: U32,
-    /// Most pages of a batch area.
-    pub max_batch_pages: U32,
-    /// Most pages per mapping (0: no limit but the IOVA width).
-    pub max_map_pages: U32,
+abi_struct! {
+    /// The `DMA_QUERY` response header (64 bytes, little-endian), followed directly by
+    /// `regions_written` [`ReservedRegion`]s.
+    ///
+    /// | offset | size | field | meaning |
+    /// |---|---|---|---|
+    /// | 0 | 4 | `abi_version` | [`crate::ABI_VERSION`] of the hypervisor (same as CPUID) |
+    /// | 4 | 4 | `header_size` | bytes of this header (64); regions start here |
+    /// | 8 | 8 | `page_sizes` | bit *n* set: 2^*n*-byte IOMMU pages are used; bit 12 always set |
+    /// | 16 | 1 | `iova_width` | bits of IOVA space: every IOVA + length ≤ 2^`iova_width` |
+    /// | 17 | 1 | `policy` | [`Policy`] in force for this guest |
+    /// | 18 | 2 | `reserved0` | 0 |
+    /// | 20 | 4 | `max_batch` | most entries one MULTICALL runs |
+    /// | 24 | 8 | `features` | [`Features`] bits |
+    /// | 32 | 4 | `max_mappings` | quota of live mappings (NOMEM beyond) |
+    /// | 36 | 4 | `max_pt_pages` | quota of IOMMU page-table pages (NOMEM beyond) |
+    /// | 40 | 4 | `deferred_max_entries` | deferred: queue bound in unmaps (0 otherwise) |
+    /// | 44 | 4 | `deferred_max_us` | deferred: queue bound in microseconds (0 otherwise) |
+    /// | 48 | 4 | `nr_regions` | reserved regions that exist |
+    /// | 52 | 4 | `regions_written` | reserved regions that follow (those that fit the buffer) |
+    /// | 56 | 4 | `max_batch_pages` | most pages of a batch area ([`super::MAX_BATCH_PAGES`]) |
+    /// | 60 | 4 | `max_map_pages` | most 4 KiB pages one mapping may cover (RANGE beyond); 0: only the IOVA width limits it |
+    pub struct QueryHeader: QUERY_HEADER_SIZE {
+        /// ABI version.
+        pub abi_version: U32 @ 0,
+        /// Bytes of this header.
+        pub header_size: U32 @ 4,
+        /// Page-size bitmap.
+        pub page_sizes: U64 @ 8,
+        /// IOVA width in bits.
+        pub iova_width: u8 @ 16,
+        /// [`Policy`] as a byte.
+        pub policy: u8 @ 17,
+        /// 0.
+        pub reserved0: U16 @ 18,
+        /// Most entries per MULTICALL.
+        pub max_batch: U32 @ 20,
+        /// [`Features`] bits.
+        pub features: U64 @ 24,
+        /// Quota of live mappings.
+        pub max_mappings: U32 @ 32,
+        /// Quota of page-table pages.
+        pub max_pt_pages: U32 @ 36,
+        /// Deferred queue bound in entries.
+        pub deferred_max_entries: U32 @ 40,
+        /// Deferred queue bound in microseconds.
+        pub deferred_max_us: U32 @ 44,
+        /// Reserved regions in total.
+        pub nr_regions: U32 @ 48,
+        /// Reserved regions in this response.
+        pub regions_written: U32 @ 52,
+        /// Most pages of a batch area.
+        pub max_batch_pages: U32 @ 56,
+        /// Most pages per mapping (0: no limit but the IOVA width).
+        pub max_map_pages: U32 @ 60,
+    }
 }
-
-const _: () = {
-    assert!(size_of::<QueryHeader>() == QUERY_HEADER_SIZE);
-    assert!(offset_of!(QueryHeader, abi_version) == 0);
-    assert!(offset_of!(QueryHeader, header_size) == 4);
-    assert!(offset_of!(QueryHeader, page_sizes) == 8);
-    assert!(offset_of!(QueryHeader, iova_width) == 16);
-    assert!(offset_of!(QueryHeader, policy) == 17);
-    assert!(offset_of!(QueryHeader, reserved0) == 18);
-    assert!(offset_of!(QueryHeader, max_batch) == 20);
-    assert!(offset_of!(QueryHeader, features) == 24);
-    assert!(offset_of!(QueryHeader, max_mappings) == 32);
-    assert!(offset_of!(QueryHeader, max_pt_pages) == 36);
-    assert!(offset_of!(QueryHeader, deferred_max_entries) == 40);
-    assert!(offset_of!(QueryHeader, deferred_max_us) == 44);
-    assert!(offset_of!(QueryHeader, nr_regions) == 48);
-    assert!(offset_of!(QueryHeader, regions_written) == 52);
-    assert!(offset_of!(QueryHeader, max_batch_pages) == 56);
-    assert!(offset_of!(QueryHeader, max_map_pages) == 60);
-};
 
 impl QueryHeader {
     /// The policy; `None` for an unknown byte.
@@ -124,64 +102,44 @@ impl QueryHeader {
     }
 }
 
-/// What a reserved IOVA region is (`kind` of a [`ReservedRegion`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u32)]
-pub enum RegionKind {
-    /// IOVAs the hypervisor never hands out; device accesses there fault.
-    Reserved = 1,
-    /// The MSI window ([`super::MSI_WINDOW_START`]`..`[`super::MSI_WINDOW_END`] on x86):
-    /// device writes there are interrupt requests, never memory accesses.
-    Msi = 2,
-    /// An RMRR: identity-mapped for a device because firmware requires it; never handed out,
-    /// never unmappable (UNMAP there → PERM).
-    Identity = 3,
-}
-
-impl RegionKind {
-    /// Decodes `kind`.
-    pub const fn from_raw(raw: u32) -> Option<RegionKind> {
-        match raw {
-            1 => Some(RegionKind::Reserved),
-            2 => Some(RegionKind::Msi),
-            3 => Some(RegionKind::Identity),
-            _ => None,
-        }
+abi_enum! {
+    /// What a reserved IOVA region is (`kind` of a [`ReservedRegion`]).
+    pub enum RegionKind: u32 {
+        /// IOVAs the hypervisor never hands out; device accesses there fault.
+        Reserved = 1,
+        /// The MSI window ([`super::MSI_WINDOW_START`]`..`[`super::MSI_WINDOW_END`] on x86):
+        /// device writes there are interrupt requests, never memory accesses.
+        Msi = 2,
+        /// An RMRR: identity-mapped for a device because firmware requires it; never handed out,
+        /// never unmappable (UNMAP there → PERM).
+        Identity = 3,
     }
 }
 
-/// One reserved IOVA region (24 bytes, little-endian).
-///
-/// | offset | size | field | meaning |
-/// |---|---|---|---|
-/// | 0 | 8 | `start` | first IOVA, page aligned |
-/// | 8 | 8 | `length` | bytes, page multiple |
-/// | 16 | 4 | `kind` | [`RegionKind`] |
-/// | 20 | 4 | `reserved` | 0 |
-///
-/// MAP never returns an IOVA inside a reserved region, and UNMAP of a range that intersects one
-/// returns PERM.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-pub struct ReservedRegion {
-    /// First IOVA.
-    pub start: U64,
-    /// Bytes.
-    pub length: U64,
-    /// [`RegionKind`] as `u32`.
-    pub kind: U32,
-    /// 0.
-    pub reserved: U32,
+abi_struct! {
+    /// One reserved IOVA region (24 bytes, little-endian).
+    ///
+    /// | offset | size | field | meaning |
+    /// |---|---|---|---|
+    /// | 0 | 8 | `start` | first IOVA, page aligned |
+    /// | 8 | 8 | `length` | bytes, page multiple |
+    /// | 16 | 4 | `kind` | [`RegionKind`] |
+    /// | 20 | 4 | `reserved` | 0 |
+    ///
+    /// MAP never returns an IOVA inside a reserved region, and UNMAP of a range that intersects one
+    /// returns PERM.
+    #[derive(Default)]
+    pub struct ReservedRegion: REGION_SIZE {
+        /// First IOVA.
+        pub start: U64 @ 0,
+        /// Bytes.
+        pub length: U64 @ 8,
+        /// [`RegionKind`] as `u32`.
+        pub kind: U32 @ 16,
+        /// 0.
+        pub reserved: U32 @ 20,
+    }
 }
-
-const _: () = {
-    assert!(size_of::<ReservedRegion>() == REGION_SIZE);
-    assert!(offset_of!(ReservedRegion, start) == 0);
-    assert!(offset_of!(ReservedRegion, length) == 8);
-    assert!(offset_of!(ReservedRegion, kind) == 16);
-    assert!(offset_of!(ReservedRegion, reserved) == 20);
-};
 
 impl ReservedRegion {
     /// Whether `[iova, iova+length)` intersects this region (saturating at 2^64).

@@ -1,8 +1,6 @@
 //! The `DMA_STATS` counters.
 
-use core::mem::{offset_of, size_of};
 use zerocopy::little_endian::{U32, U64};
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Bytes of a [`Stats`] block.
 pub const STATS_SIZE: usize = 152;
@@ -18,88 +16,77 @@ impl StatsFlags {
     pub const KNOWN: u64 = Self::RESET;
 }
 
-/// The guest's DMA counters (152 bytes, little-endian, every field after the first two a
-/// `u64`), summed over its vCPUs since the guest started or the last reset. Cycle sums are
-/// TSC cycles measured by the hypervisor.
-///
-/// | offset | field | meaning |
-/// |---|---|---|
-/// | 0 | `size` (u32) | bytes of this block ([`STATS_SIZE`]) |
-/// | 4 | `reserved` (u32) | 0 |
-/// | 8 | `maps` | MAPs that returned OK (calls and entries) |
-/// | 16 | `unmaps` | UNMAPs that returned OK |
-/// | 24 | `errors` | MAPs and UNMAPs that failed |
-/// | 32 | `multicalls` | MULTICALL calls |
-/// | 40 | `invalidations` | IOTLB invalidation requests issued for the guest's domain |
-/// | 48 | `waits` | invalidation waits (completion waits) |
-/// | 56 | `faults` | DMA faults on the guest's domain (recorded or dropped) |
-/// | 64 | `exits` | VM exits for DMA calls |
-/// | 72 | `cycles_exit` | world switch: exit to dispatch plus return to guest entry |
-/// | 80 | `cycles_validate` | copying and validating requests and entries |
-/// | 88 | `cycles_iova_alloc` | IOVA allocation |
-/// | 96 | `cycles_pte_write` | writing and clearing IOMMU PTEs |
-/// | 104 | `cycles_invalidate` | invalidation and wait |
-/// | 112 | `cycles_iova_free` | IOVA release |
-/// | 120 | `live_mappings` | gauge: mappings now live |
-/// | 128 | `live_pages` | gauge: 4 KiB pages now mapped |
-/// | 136 | `pending_invalidations` | gauge: unmaps whose invalidation has not completed |
-/// | 144 | `pt_pages` | gauge: IOMMU page-table pages of the guest's domain |
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[derive(FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
-pub struct Stats {
-    /// Bytes of this block.
-    pub size: U32,
-    /// 0.
-    pub reserved: U32,
-    /// Successful MAPs.
-    pub maps: U64,
-    /// Successful UNMAPs.
-    pub unmaps: U64,
-    /// Failed MAPs and UNMAPs.
-    pub errors: U64,
-    /// MULTICALL calls.
-    pub multicalls: U64,
-    /// IOTLB invalidation requests.
-    pub invalidations: U64,
-    /// Invalidation waits.
-    pub waits: U64,
-    /// DMA faults.
-    pub faults: U64,
-    /// VM exits for DMA calls.
-    pub exits: U64,
-    /// Cycles in exit/entry.
-    pub cycles_exit: U64,
-    /// Cycles in copy + validate.
-    pub cycles_validate: U64,
-    /// Cycles in IOVA allocation.
-    pub cycles_iova_alloc: U64,
-    /// Cycles writing PTEs.
-    pub cycles_pte_write: U64,
-    /// Cycles in invalidate + wait.
-    pub cycles_invalidate: U64,
-    /// Cycles in IOVA free.
-    pub cycles_iova_free: U64,
-    /// Live mappings (gauge).
-    pub live_mappings: U64,
-    /// Mapped 4 KiB pages (gauge).
-    pub live_pages: U64,
-    /// Unmaps awaiting invalidation (gauge).
-    pub pending_invalidations: U64,
-    /// Page-table pages (gauge).
-    pub pt_pages: U64,
+abi_struct! {
+    /// The guest's DMA counters (152 bytes, little-endian, every field after the first two a
+    /// `u64`), summed over its vCPUs since the guest started or the last reset. Cycle sums are
+    /// TSC cycles measured by the hypervisor.
+    ///
+    /// | offset | field | meaning |
+    /// |---|---|---|
+    /// | 0 | `size` (u32) | bytes of this block ([`STATS_SIZE`]) |
+    /// | 4 | `reserved` (u32) | 0 |
+    /// | 8 | `maps` | MAPs that returned OK (calls and entries) |
+    /// | 16 | `unmaps` | UNMAPs that returned OK |
+    /// | 24 | `errors` | MAPs and UNMAPs that failed |
+    /// | 32 | `multicalls` | MULTICALL calls |
+    /// | 40 | `invalidations` | IOTLB invalidation requests issued for the guest's domain |
+    /// | 48 | `waits` | invalidation waits (completion waits) |
+    /// | 56 | `faults` | DMA faults on the guest's domain (recorded or dropped) |
+    /// | 64 | `exits` | VM exits for DMA calls |
+    /// | 72 | `cycles_exit` | world switch: exit to dispatch plus return to guest entry |
+    /// | 80 | `cycles_validate` | copying and validating requests and entries |
+    /// | 88 | `cycles_iova_alloc` | IOVA allocation |
+    /// | 96 | `cycles_pte_write` | writing and clearing IOMMU PTEs |
+    /// | 104 | `cycles_invalidate` | invalidation and wait |
+    /// | 112 | `cycles_iova_free` | IOVA release |
+    /// | 120 | `live_mappings` | gauge: mappings now live |
+    /// | 128 | `live_pages` | gauge: 4 KiB pages now mapped |
+    /// | 136 | `pending_invalidations` | gauge: unmaps whose invalidation has not completed |
+    /// | 144 | `pt_pages` | gauge: IOMMU page-table pages of the guest's domain |
+    #[derive(Default)]
+    pub struct Stats: STATS_SIZE {
+        /// Bytes of this block.
+        pub size: U32 @ 0,
+        /// 0.
+        pub reserved: U32 @ 4,
+        /// Successful MAPs.
+        pub maps: U64 @ 8,
+        /// Successful UNMAPs.
+        pub unmaps: U64 @ 16,
+        /// Failed MAPs and UNMAPs.
+        pub errors: U64 @ 24,
+        /// MULTICALL calls.
+        pub multicalls: U64 @ 32,
+        /// IOTLB invalidation requests.
+        pub invalidations: U64 @ 40,
+        /// Invalidation waits.
+        pub waits: U64 @ 48,
+        /// DMA faults.
+        pub faults: U64 @ 56,
+        /// VM exits for DMA calls.
+        pub exits: U64 @ 64,
+        /// Cycles in exit/entry.
+        pub cycles_exit: U64 @ 72,
+        /// Cycles in copy + validate.
+        pub cycles_validate: U64 @ 80,
+        /// Cycles in IOVA allocation.
+        pub cycles_iova_alloc: U64 @ 88,
+        /// Cycles writing PTEs.
+        pub cycles_pte_write: U64 @ 96,
+        /// Cycles in invalidate + wait.
+        pub cycles_invalidate: U64 @ 104,
+        /// Cycles in IOVA free.
+        pub cycles_iova_free: U64 @ 112,
+        /// Live mappings (gauge).
+        pub live_mappings: U64 @ 120,
+        /// Mapped 4 KiB pages (gauge).
+        pub live_pages: U64 @ 128,
+        /// Unmaps awaiting invalidation (gauge).
+        pub pending_invalidations: U64 @ 136,
+        /// Page-table pages (gauge).
+        pub pt_pages: U64 @ 144,
+    }
 }
-
-const _: () = {
-    assert!(size_of::<Stats>() == STATS_SIZE);
-    assert!(offset_of!(Stats, maps) == 8);
-    assert!(offset_of!(Stats, multicalls) == 32);
-    assert!(offset_of!(Stats, exits) == 64);
-    assert!(offset_of!(Stats, cycles_exit) == 72);
-    assert!(offset_of!(Stats, cycles_iova_free) == 112);
-    assert!(offset_of!(Stats, live_mappings) == 120);
-    assert!(offset_of!(Stats, pt_pages) == 144);
-};
 
 impl Stats {
     /// The `u64` fields in layout order (offset `8 + 8*i`).

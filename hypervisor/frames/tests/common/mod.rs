@@ -15,6 +15,14 @@ pub fn span(start: u64, end: u64) -> PhysRange {
 
 pub const MIB: u64 = 1 << 20;
 
+/// A map with one usable region, `[start, end)`.
+pub fn usable_map(start: u64, end: u64) -> MemoryMap {
+    let mut map = MemoryMap::new();
+    map.add_region(span(start, end), RegionKind::Usable)
+        .unwrap();
+    map
+}
+
 /// The e820 map SeaBIOS gives a QEMU q35 machine with 128 MiB (`-m 128`), as multiboot2
 /// (type, start, length) entries.
 pub const Q35_SEABIOS_128M: [(u32, u64, u64); 9] = [
