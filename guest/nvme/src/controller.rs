@@ -84,6 +84,7 @@ pub struct Controller {
     identity: Identity,
     namespace: Namespace,
     io_queues: u16,
+    live: bool,
     /// Time an admin command may take, microseconds.
     pub admin_timeout_us: u64,
 }
@@ -157,6 +158,7 @@ impl Controller {
                 block_size: 0,
             },
             io_queues: 0,
+            live: true,
             admin_timeout_us: 5_000_000,
         };
         match c.bring_up(p, m, io_queues) {
@@ -365,11 +367,16 @@ impl Controller {
     }
 
     /// Disables the controller (it stops every queue and DMA) and unmaps the admin queues.
+    /// Once done, later calls do nothing.
     pub fn shutdown<P: Platform, H: Hypervisor>(
-        self,
+        &mut self,
         p: &mut P,
         m: &mut Mapper<H>,
     ) -> Result<(), Error> {
+        if !self.live {
+            return Ok(());
+        }
+        self.live = false;
         let d = disable(p, self.cap);
         let a = m.unmap_static(self.sq_iova, PAGE);
         let b = m.unmap_static(self.cq_iova, PAGE);

@@ -57,8 +57,13 @@ pub struct MapperStats {
     pub maps: u64,
     /// Buffers unmapped.
     pub unmaps: u64,
-    /// MULTICALL flushes issued.
+    /// Bursts submitted with MULTICALL.
     pub multicalls: u64,
+    /// Hypercalls that mapped data buffers (DMA_MAP, or MULTICALL including resumptions
+    /// after preemption).
+    pub map_calls: u64,
+    /// Hypercalls that unmapped data buffers (DMA_UNMAP or MULTICALL as above).
+    pub unmap_calls: u64,
 }
 
 /// One vCPU's mapper over its [`PvDma`] instance.
@@ -146,6 +151,7 @@ impl<H: Hypervisor> Mapper<H> {
             }
             Mode::Single => {
                 for (b, i) in bufs.iter().zip(iovas.iter_mut()) {
+                    self.stats.map_calls += 1;
                     match self.pv.map(b.gpa, b.len, b.flags()) {
                         Ok(iova) => *i = iova,
                         Err(e) => {
@@ -189,8 +195,11 @@ impl<H: Hypervisor> Mapper<H> {
                 }
                 let flushed = self.pv.flush(&mut sink);
                 self.stats.multicalls += 1;
-                if let Err(e) = flushed {
-                    call_err.get_or_insert(Error::Dma(e));
+                match flushed {
+                    Ok(rep) => self.stats.map_calls += u64::from(rep.multicalls),
+                    Err(e) => {
+                        call_err.get_or_insert(Error::Dma(e));
+                    }
                 }
                 first_err = entry_err.or(call_err);
             }
@@ -216,6 +225,7 @@ impl<H: Hypervisor> Mapper<H> {
             Mode::Direct => {}
             Mode::Single => {
                 for &(iova, len) in maps {
+                    self.stats.unmap_calls += 1;
                     if let Err(e) = self.pv.unmap(iova, len) {
                         first_err.get_or_insert(e.into());
                     }
@@ -233,8 +243,11 @@ impl<H: Hypervisor> Mapper<H> {
                         call_err.get_or_insert(Error::Dma(e));
                     }
                 }
-                if let Err(e) = self.pv.flush(&mut sink) {
-                    call_err.get_or_insert(Error::Dma(e));
+                match self.pv.flush(&mut sink) {
+                    Ok(rep) => self.stats.unmap_calls += u64::from(rep.multicalls),
+                    Err(e) => {
+                        call_err.get_or_insert(Error::Dma(e));
+                    }
                 }
                 self.stats.multicalls += 1;
                 if let Some(e) = call_err {

@@ -18,6 +18,8 @@ mod capacity;
 mod dma;
 mod dma_bounds;
 mod idt;
+mod nvme;
+mod paging;
 mod pci;
 mod race;
 
@@ -118,6 +120,13 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             dma::race_scribbler();
             abi::exit(0);
         }
+        if line
+            .split_ascii_whitespace()
+            .any(|w| w.starts_with("nvme-"))
+        {
+            nvme::worker(vcpu as usize, &info);
+            abi::exit(0);
+        }
         if line.split_ascii_whitespace().any(|w| w == "vcpu-spin") {
             // Tick until the hypervisor stops this vCPU along with its guest.
             for i in 0.. {
@@ -164,6 +173,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "dma-msi" => dma_bounds::msi(),
             "dma-stale" => dma_bounds::stale(&info, arg.unwrap_or(12)),
             "dma-stop" => dma_bounds::stop(),
+            "nvme-pattern" => nvme::pattern(&info),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {
@@ -183,6 +193,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             }
         }
     }
+    nvme::stop_workers();
     println!("moat-test-guest: {passed} passed, {failed} failed");
     abi::exit(failed as u64)
 }
