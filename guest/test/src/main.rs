@@ -174,6 +174,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "dma-stale" => dma_bounds::stale(&info, arg.unwrap_or(12)),
             "dma-stop" => dma_bounds::stop(),
             "nvme-pattern" => nvme::pattern(&info),
+            "nvme-bench" => nvme::bench(&info, arg.unwrap_or(2000)),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {

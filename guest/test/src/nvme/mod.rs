@@ -17,8 +17,10 @@ use moat_pvdma::{BatchArea, GuestBuffer, PvDma};
 use crate::abi::BootInfo;
 use crate::{pci, println, Outcome};
 
+mod bench;
 mod pattern;
 
+pub use bench::bench;
 pub use pattern::pattern;
 
 const PAGE: u64 = 4096;
@@ -141,7 +143,7 @@ pub(crate) type Job = fn(
     out: &mut [u64; 4],
 ) -> Outcome;
 
-pub(crate) const JOBS: [Job; 1] = [pattern::job];
+pub(crate) const JOBS: [Job; 2] = [pattern::job, bench::job];
 
 /// The NVMe worker on vCPUs other than 0: runs posted jobs until told to stop.
 pub fn worker(v: usize, info: &BootInfo) {
