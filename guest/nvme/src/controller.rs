@@ -366,6 +366,22 @@ impl Controller {
         q.unmap(m)
     }
 
+    /// Gives queue pair `q` up: deleted through the admin queue if the controller runs
+    /// (CSTS.RDY), else (a stopped controller no longer touches memory) its outstanding
+    /// commands are abandoned; then its memory is unmapped.
+    pub fn release_io_queue<P: Platform, H: Hypervisor>(
+        &mut self,
+        p: &mut P,
+        m: &mut Mapper<H>,
+        mut q: IoQueue,
+    ) -> Result<(), Error> {
+        if self.live && Csts(p.read32(regs::CSTS)).ready() {
+            return self.delete_io_queue(p, m, q);
+        }
+        let a = q.abandon(m).map(|_| ());
+        a.and(q.unmap(m))
+    }
+
     /// Disables the controller (it stops every queue and DMA) and unmaps the admin queues.
     /// Once done, later calls do nothing.
     pub fn shutdown<P: Platform, H: Hypervisor>(

@@ -175,6 +175,8 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "dma-stop" => dma_bounds::stop(),
             "nvme-pattern" => nvme::pattern(&info),
             "nvme-bench" => nvme::bench(&info, arg.unwrap_or(2000)),
+            "nvme-faults" => nvme::faults(&info),
+            "nvme-errors" => nvme::errors(&info),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {

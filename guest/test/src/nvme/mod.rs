@@ -18,9 +18,11 @@ use crate::abi::BootInfo;
 use crate::{pci, println, Outcome};
 
 mod bench;
+mod faults;
 mod pattern;
 
 pub use bench::bench;
+pub use faults::{errors, faults};
 pub use pattern::pattern;
 
 const PAGE: u64 = 4096;
@@ -354,7 +356,7 @@ impl Setup {
         let mut ok = true;
         for v in (0..MAX_VCPUS).rev() {
             if let Some(q) = self.queues[v].take() {
-                if let Err(e) = self.ctrl.delete_io_queue(&mut self.p, &mut self.m, q) {
+                if let Err(e) = self.ctrl.release_io_queue(&mut self.p, &mut self.m, q) {
                     println!("nvme: deleting I/O queue {} failed: {e}", v + 1);
                     ok = false;
                 }
