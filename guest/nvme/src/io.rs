@@ -173,7 +173,11 @@ impl IoQueue {
 
     fn check(&self, r: &Request) -> Result<u32, Error> {
         let bs = u64::from(self.ns.block_size);
-        if r.len == 0 || r.len % bs != 0 || r.len > prp::MAX_TRANSFER || r.gpa % PAGE != 0 {
+        if r.len == 0
+            || !r.len.is_multiple_of(bs)
+            || r.len > prp::MAX_TRANSFER
+            || !r.gpa.is_multiple_of(PAGE)
+        {
             return Err(Error::BadTransfer);
         }
         Ok((r.len / bs) as u32)
@@ -352,7 +356,7 @@ impl IoQueue {
                 return Ok(n);
             }
             polls = polls.wrapping_add(1);
-            if polls % 64 == 0 {
+            if polls.is_multiple_of(64) {
                 let csts = regs::Csts(p.read32(regs::CSTS));
                 if csts.fatal() || csts.absent() {
                     return Err(Error::Fatal);

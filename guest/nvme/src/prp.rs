@@ -31,7 +31,11 @@ pub fn build(
     list: &mut [u64; LIST_ENTRIES],
     list_iova: u64,
 ) -> Result<Prps, Error> {
-    if len == 0 || len > MAX_TRANSFER || iova % PAGE != 0 || list_iova % PAGE != 0 {
+    if len == 0
+        || len > MAX_TRANSFER
+        || !iova.is_multiple_of(PAGE)
+        || !list_iova.is_multiple_of(PAGE)
+    {
         return Err(Error::BadTransfer);
     }
     let pages = len.div_ceil(PAGE);

@@ -22,7 +22,7 @@ fn mix(mut x: u64) -> u64 {
 
 /// The pattern byte at disk offset `off` for vCPU `v` (different for every block and vCPU).
 fn pattern_at(v: usize, off: u64) -> u8 {
-    (mix((v as u64) << 48 | off / 8) >> (8 * (off % 8))) as u8
+    (mix(((v as u64) << 48) | (off / 8)) >> (8 * (off % 8))) as u8
 }
 
 fn fill(v: usize, gpa: u64, disk: u64, len: u64) {
