@@ -278,6 +278,60 @@ pub(crate) fn dma(json: &Path) -> Result<()> {
         &panels,
         "Hypervisor cycles per map+unmap by phase, per policy@batch (QEMU TCG; cargo xtask bench dma)",
         &json.with_extension("svg"),
+    )?;
+    if multi {
+        vcpu_scaling(&text, &json.with_file_name("dma-vcpus.svg"))?;
+    }
+    Ok(())
+}
+
+/// `bench dma --vcpus 1,2`: operations per second per policy@batch (4 KiB), one bar per vCPU
+/// count, from the rows' `vcpus` and `ops_per_s` fields.
+fn vcpu_scaling(json: &str, path: &Path) -> Result<()> {
+    let values: Vec<serde_json::Value> = serde_json::from_str(json)?;
+    let get = |v: &serde_json::Value, k: &str| v.get(k).and_then(serde_json::Value::as_f64);
+    let rows: Vec<(String, u64, f64)> = values
+        .iter()
+        .filter(|v| get(v, "bytes") == Some(4096.0))
+        .filter_map(|v| {
+            let policy = v.get("policy")?.as_str()?;
+            let label = format!("{policy}@{}", get(v, "batch")?);
+            Some((label, get(v, "vcpus")? as u64, get(v, "ops_per_s")?))
+        })
+        .collect();
+    let mut cats: Vec<String> = Vec::new();
+    let mut counts: Vec<u64> = Vec::new();
+    for (c, n, _) in &rows {
+        if !cats.contains(c) {
+            cats.push(c.clone());
+        }
+        if !counts.contains(n) {
+            counts.push(*n);
+        }
+    }
+    counts.sort_unstable();
+    let names: Vec<String> = counts.iter().map(|n| format!("{n} vCPU(s)")).collect();
+    let series: Vec<(&str, Vec<f64>)> = counts
+        .iter()
+        .zip(&names)
+        .map(|(n, name)| {
+            let v = cats
+                .iter()
+                .map(|c| {
+                    rows.iter()
+                        .find(|r| &r.0 == c && r.1 == *n)
+                        .map_or(f64::NAN, |r| r.2)
+                })
+                .collect();
+            (name.as_str(), v)
+        })
+        .collect();
+    grouped_bars(
+        &cats,
+        &series,
+        "PV DMA map+unmap operations per second by vCPUs of one guest, 4 KiB (QEMU TCG; cargo xtask bench dma --vcpus 1,2)",
+        "operations per second (all vCPUs)",
+        path,
     )
 }
 
@@ -347,6 +401,18 @@ mod tests {
         dma(&j).unwrap();
         let svg = std::fs::read_to_string(dir.join("dma.svg")).unwrap();
         assert!(svg.contains("strict@64") && svg.contains("4 KiB buffers"));
+        assert!(!dir.join("dma-vcpus.svg").exists());
+        let row = |v: u64, ops: f64| {
+            format!(
+                r#"{{"policy":"batched","batch":64,"bytes":4096,"vcpus":{v},"ops_per_s":{ops},"phases":{{"exit":1.0,"validate":2.0,"iova_alloc":3.0,"pte_write":4.0,"invalidate":5.0,"iova_free":6.0}}}}"#
+            )
+        };
+        std::fs::write(&j, format!("[{},{}]", row(1, 1000.0), row(2, 1700.0))).unwrap();
+        dma(&j).unwrap();
+        let svg = std::fs::read_to_string(dir.join("dma-vcpus.svg")).unwrap();
+        assert!(svg.contains("batched@64") && svg.contains("2 vCPU(s)"));
+        let svg = std::fs::read_to_string(dir.join("dma.svg")).unwrap();
+        assert!(svg.contains("batched@64 2v"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -8,8 +8,10 @@
 //!
 //! Tests: `hello`, `spin=N`, `probe-pci`, `edu-bar`, `escape-read[=GPA]`,
 //! `escape-write[=GPA]` (default: the first byte past the guest's memory), `msr`,
-//! `triple-fault`, `bad-hypercall`, `vmmcall-bench=N`, and the PV DMA tests `dma-*` (`dma.rs`,
-//! `dma_bounds.rs`). Numbers are decimal or `0x` hex.
+//! `triple-fault`, `bad-hypercall`, `vmmcall-bench=N`, the PV DMA tests `dma-*` (`dma/`,
+//! `dma_bounds.rs`; `dma-demo` is `cargo xtask run`'s) and the NVMe tests `nvme-pattern`,
+//! `nvme-faults`, `nvme-errors`, `nvme-bench=N` (`nvme/`, with `moat-nvme`; the other vCPUs
+//! run their queue pairs). Numbers are decimal or `0x` hex.
 #![no_std]
 #![no_main]
 
