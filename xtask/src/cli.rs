@@ -114,6 +114,8 @@ pub enum Bench {
     Dma,
     /// NVMe reads per policy and vCPU count (-> target/bench/nvme.json and nvme.svg)
     Nvme,
+    /// Redraw the SVG plots from the JSON files in target/bench (dma, nvme)
+    Plot,
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 //!                                                host tests, fmt + clippy, QEMU scenarios;
 //!                                                ends "N passed, N failed"
 //! cargo xtask bench iova|dma|nvme [--quick]      IOVA allocator against peers; PV DMA per policy; NVMe per policy
+//! cargo xtask bench plot                          redraw the SVGs from target/bench/*.json
 //! cargo xtask fuzz [--time SECS] [TARGET]        fuzz every target (or one) SECS seconds each
 //!                                                (default 60; nightly + cargo-fuzz installed)
 //! cargo xtask setup                              install what is missing, nothing else
@@ -332,5 +333,6 @@ fn cmd_bench(what: Bench, quick: bool) -> Result<()> {
         }
         Bench::Dma => bench_dma::run(quick),
         Bench::Nvme => bench_nvme::run(quick),
+        Bench::Plot => plots::redraw(),
     }
 }

@@ -51,9 +51,10 @@ pub(crate) struct PhaseBar<'a> {
 pub(crate) fn phase_bars(
     panels: &[(String, Vec<PhaseBar<'_>>)],
     title: &str,
+    y_desc: &str,
     path: &Path,
 ) -> Result<()> {
-    let width = 120 + 60 * panels.iter().map(|p| p.1.len()).sum::<usize>() as u32;
+    let width = 140 + 84 * panels.iter().map(|p| p.1.len()).sum::<usize>() as u32;
     let root = SVGBackend::new(path, (width.max(640), 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let root = root.titled(title, ("sans-serif", 18))?;
@@ -68,7 +69,7 @@ pub(crate) fn phase_bars(
         let mut chart = ChartBuilder::on(area)
             .caption(name, ("sans-serif", 15))
             .margin(8)
-            .x_label_area_size(70)
+            .x_label_area_size(40)
             .y_label_area_size(70)
             .build_cartesian_2d(0f64..n as f64, 0f64..top)?;
         let labels: Vec<String> = bars.iter().map(|b| b.label.clone()).collect();
@@ -77,12 +78,8 @@ pub(crate) fn phase_bars(
             .disable_x_mesh()
             .x_labels(2 * n + 1)
             .x_label_formatter(&|x| category(&labels, *x))
-            .x_label_style(
-                ("sans-serif", 11)
-                    .into_font()
-                    .transform(FontTransform::Rotate90),
-            )
-            .y_desc("hypervisor cycles per operation")
+            .x_label_style(("sans-serif", 10))
+            .y_desc(y_desc)
             .draw()?;
         for (k, (pname, colour)) in PHASES.iter().enumerate() {
             let rects = bars.iter().enumerate().map(|(i, b)| {
@@ -220,15 +217,53 @@ pub(crate) fn nvme(rows: &[crate::bench_nvme::Row], path: &Path) -> Result<()> {
         .iter()
         .filter(|r| r.policy != "passthrough")
         .map(|r| PhaseBar {
-            label: format!("{} {} qd{} {}v", r.policy, r.workload, r.qd, r.vcpus),
+            label: format!(
+                "{} {}/{} {}v",
+                r.policy,
+                r.workload.replace("rand", "r").replace("seq", "s"),
+                r.qd,
+                r.vcpus
+            ),
             phases: &r.phases,
         })
         .collect();
     phase_bars(
         &[("per I/O".to_string(), bars)],
         "Hypervisor cycles per NVMe I/O by phase (QEMU TCG; cargo xtask bench nvme)",
+        "hypervisor cycles per I/O",
         &path.with_file_name("nvme-phases.svg"),
     )
+}
+
+/// `cargo xtask bench plot`: redraws every plot whose JSON exists in `target/bench`.
+pub(crate) fn redraw() -> Result<()> {
+    let dir = crate::root().join("target/bench");
+    let mut drawn = 0;
+    let dma_json = dir.join("dma.json");
+    if dma_json.exists() {
+        dma(&dma_json)?;
+        drawn += 1;
+    }
+    let nvme_json = dir.join("nvme.json");
+    if nvme_json.exists() {
+        let rows: Vec<crate::bench_nvme::Row> =
+            serde_json::from_str(&std::fs::read_to_string(&nvme_json)?)?;
+        let mut rows = rows;
+        // The phases are nested in the JSON (the guest's flat line fills them otherwise).
+        let values: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(&nvme_json)?)?;
+        for (r, v) in rows.iter_mut().zip(values) {
+            r.phases = serde_json::from_value(v["phases"].clone())?;
+        }
+        nvme(&rows, &nvme_json.with_extension("svg"))?;
+        drawn += 1;
+    }
+    if drawn == 0 {
+        return Err(
+            "no target/bench/dma.json or nvme.json: run cargo xtask bench dma or nvme first".into(),
+        );
+    }
+    Ok(())
 }
 
 /// A `bench dma` row as the plots read it from `dma.json` (extra fields are ignored).
@@ -277,6 +312,7 @@ pub(crate) fn dma(json: &Path) -> Result<()> {
     phase_bars(
         &panels,
         "Hypervisor cycles per map+unmap by phase, per policy@batch (QEMU TCG; cargo xtask bench dma)",
+        "hypervisor cycles per map+unmap",
         &json.with_extension("svg"),
     )?;
     if multi {
@@ -387,6 +423,7 @@ mod tests {
                 }],
             )],
             "t",
+            "cycles",
             &q,
         )
         .unwrap();
