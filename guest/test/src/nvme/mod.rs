@@ -365,6 +365,11 @@ impl Setup {
         ok &= self.ctrl_shutdown();
         // Deferred: the last unmaps' invalidations complete now.
         let _ = self.m.pvdma().sync_iotlb();
+        // The batch area goes back, so that a later test can register it again.
+        if self.m.pvdma().capacity() != 0 && self.m.pvdma().detach_batch().is_err() {
+            println!("nvme: unregistering the batch area failed");
+            ok = false;
+        }
         let s = self.m.pvdma().stats(false).map_err(|_| "STATS failed")?;
         println!(
             "nvme: after teardown: {} maps, {} unmaps, {} invalidations, {} faults, live mappings {}, live pages {}",
