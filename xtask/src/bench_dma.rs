@@ -35,13 +35,13 @@ struct Row {
 
 /// The hypervisor's cycles per operation, by phase.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-struct Phases {
-    exit: f64,
-    validate: f64,
-    iova_alloc: f64,
-    pte_write: f64,
-    invalidate: f64,
-    iova_free: f64,
+pub(crate) struct Phases {
+    pub(crate) exit: f64,
+    pub(crate) validate: f64,
+    pub(crate) iova_alloc: f64,
+    pub(crate) pte_write: f64,
+    pub(crate) invalidate: f64,
+    pub(crate) iova_free: f64,
 }
 
 fn emulated() -> String {
@@ -104,6 +104,7 @@ pub fn run(quick: bool) -> Result<()> {
     }
     print_table(&rows);
     write_json(&rows)?;
+    crate::plots::dma(&root().join("target/bench/dma.json"))?;
     check_targets(&rows);
     Ok(())
 }

@@ -112,6 +112,10 @@ pub enum Bench {
     Iova,
     /// The paravirtual DMA path, one QEMU run per policy (-> target/bench/dma.json)
     Dma,
+    /// NVMe reads per policy and vCPU count (-> target/bench/nvme.json and nvme.svg)
+    Nvme,
+    /// Redraw the SVG plots from the JSON files in target/bench (dma, nvme)
+    Plot,
 }
 
 #[cfg(test)]
@@ -185,6 +189,7 @@ mod tests {
             ("bench dma", Bench::Dma, false),
             ("bench iova --quick", Bench::Iova, true),
             ("bench --quick dma", Bench::Dma, true),
+            ("bench nvme", Bench::Nvme, false),
         ] {
             let Ok(Cmd::Bench { what: w, quick }) = parse(line) else {
                 panic!("{line}")

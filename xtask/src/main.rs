@@ -8,7 +8,8 @@
 //! cargo xtask test [PATTERN] [--matrix] [--no-host] [--no-qemu] [-j N]
 //!                                                host tests, fmt + clippy, QEMU scenarios;
 //!                                                ends "N passed, N failed"
-//! cargo xtask bench iova|dma [--quick]           IOVA allocator against peers; PV DMA per policy
+//! cargo xtask bench iova|dma|nvme [--quick]      IOVA allocator against peers; PV DMA per policy; NVMe per policy
+//! cargo xtask bench plot                          redraw the SVGs from target/bench/*.json
 //! cargo xtask fuzz [--time SECS] [TARGET]        fuzz every target (or one) SECS seconds each
 //!                                                (default 60; nightly + cargo-fuzz installed)
 //! cargo xtask setup                              install what is missing, nothing else
@@ -18,8 +19,10 @@
 #![forbid(unsafe_code)]
 
 mod bench_dma;
+mod bench_nvme;
 mod cli;
 mod fuzz;
+mod plots;
 mod qemu;
 mod setup;
 mod test;
@@ -333,5 +336,7 @@ fn cmd_bench(what: Bench, quick: bool) -> Result<()> {
             Ok(())
         }
         Bench::Dma => bench_dma::run(quick),
+        Bench::Nvme => bench_nvme::run(quick),
+        Bench::Plot => plots::redraw(),
     }
 }

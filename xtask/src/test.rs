@@ -218,6 +218,16 @@ fn run_scenario(
             *a = a.replace(&format!("@FILE:{name}"), &p.to_string_lossy());
         }
     }
+    for (name, bytes) in &s.disks {
+        let p = dir.join(name);
+        // A fresh sparse image each run: it reads as zeros and costs no disk space.
+        let f = std::fs::File::create(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        f.set_len(*bytes)
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+        for a in &mut machine.extra {
+            *a = a.replace(&format!("@FILE:{name}"), &p.to_string_lossy());
+        }
+    }
     let derived;
     let wanted = match &s.prepare {
         Some(prepare) => {

@@ -8,8 +8,10 @@
 //!
 //! Tests: `hello`, `spin=N`, `probe-pci`, `edu-bar`, `escape-read[=GPA]`,
 //! `escape-write[=GPA]` (default: the first byte past the guest's memory), `msr`,
-//! `triple-fault`, `bad-hypercall`, `vmmcall-bench=N`, and the PV DMA tests `dma-*` (`dma.rs`,
-//! `dma_bounds.rs`). Numbers are decimal or `0x` hex.
+//! `triple-fault`, `bad-hypercall`, `vmmcall-bench=N`, the PV DMA tests `dma-*` (`dma/`,
+//! `dma_bounds.rs`; `dma-demo` is `cargo xtask run`'s) and the NVMe tests `nvme-pattern`,
+//! `nvme-faults`, `nvme-errors`, `nvme-bench=N` (`nvme/`, with `moat-nvme`; the other vCPUs
+//! run their queue pairs). Numbers are decimal or `0x` hex.
 #![no_std]
 #![no_main]
 
@@ -18,6 +20,8 @@ mod capacity;
 mod dma;
 mod dma_bounds;
 mod idt;
+mod nvme;
+mod paging;
 mod pci;
 mod race;
 
@@ -118,6 +122,13 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             dma::race_scribbler();
             abi::exit(0);
         }
+        if line
+            .split_ascii_whitespace()
+            .any(|w| w.starts_with("nvme-"))
+        {
+            nvme::worker(vcpu as usize, &info);
+            abi::exit(0);
+        }
         if line.split_ascii_whitespace().any(|w| w == "vcpu-spin") {
             // Tick until the hypervisor stops this vCPU along with its guest.
             for i in 0.. {
@@ -151,6 +162,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "bad-hypercall" => bad_hypercall(),
             "vmmcall-bench" => vmmcall_bench(&info, arg.unwrap_or(10_000)),
             "dma-edu" => dma::edu(&info),
+            "dma-demo" => dma::demo(),
             "dma-batch" => dma::batch(arg.unwrap_or(64)),
             "dma-bad" => dma::bad(&info),
             "dma-bench" => dma::bench(&info, arg.unwrap_or(512)),
@@ -164,6 +176,10 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "dma-msi" => dma_bounds::msi(),
             "dma-stale" => dma_bounds::stale(&info, arg.unwrap_or(12)),
             "dma-stop" => dma_bounds::stop(),
+            "nvme-pattern" => nvme::pattern(&info),
+            "nvme-bench" => nvme::bench(&info, arg.unwrap_or(2000)),
+            "nvme-faults" => nvme::faults(&info),
+            "nvme-errors" => nvme::errors(&info),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {
@@ -183,6 +199,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             }
         }
     }
+    nvme::stop_workers();
     println!("moat-test-guest: {passed} passed, {failed} failed");
     abi::exit(failed as u64)
 }

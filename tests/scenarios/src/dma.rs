@@ -19,7 +19,7 @@ fn guest(policy: &str, tests: &str) -> (String, Vec<BootModule>) {
 
 /// The hypervisor's leak check after the guest stopped: nothing held, table pages back to
 /// the domain's baseline, no IOVA live.
-fn no_leak(log: &str) -> Result<(), String> {
+pub(crate) fn no_leak(log: &str) -> Result<(), String> {
     let line = log
         .lines()
         .find(|l| l.contains("guest g0: dma leak check:"))

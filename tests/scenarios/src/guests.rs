@@ -7,17 +7,33 @@ use crate::checks::{boot_complete, forbid_line, need_line};
 use crate::{BootModule, Exit, Firmware, Machine, Scenario, Variant, TEST_GUEST};
 
 /// The guests of `cargo xtask run`: one guest with the edu device at 00:05.0.
-pub const DEMO_CMDLINE: &str = "guest=name=g0,mem=8M,dev=00:05.0";
+pub const DEMO_CMDLINE: &str = "guest=name=g0,mem=8M,dev=00:05.0,policy=batched";
 
 /// The demo's boot modules.
 pub fn demo_modules() -> Vec<BootModule> {
-    vec![module("g0 hello probe-pci edu-bar vmmcall-bench=2000")]
+    vec![module(
+        "g0 hello probe-pci edu-bar dma-demo vmmcall-bench=2000",
+    )]
 }
 
 /// What the demo's guest must show.
 pub fn demo_check(log: &str) -> Result<(), String> {
     need_line(log, &["g0> edu-bar: id register 0x010000ed"])?;
-    need_line(log, &["g0> moat-test-guest: 4 passed, 0 failed"])?;
+    need_line(
+        log,
+        &["g0> dma-demo: policy batched: mapped 4 buffers with 1 MULTICALL(s)"],
+    )?;
+    need_line(
+        log,
+        &[
+            "g0> dma-demo: edu DMA source",
+            "every destination holds the source's bytes",
+        ],
+    )?;
+    need_line(log, &["g0> dma-demo: unmapped the 4 buffers with 1 MULTICALL(s): 1 IOTLB invalidation(s), 1 wait(s)", "live mappings now 0"])?;
+    need_line(log, &["g0> dma-demo: batched", "<- this guest: measured 1"])?;
+    need_line(log, &["g0> PASS dma-demo"])?;
+    need_line(log, &["g0> moat-test-guest: 5 passed, 0 failed"])?;
     need_line(log, &["guest g0 vcpu0: exited with code 0"])
 }
 

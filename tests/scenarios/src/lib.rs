@@ -11,6 +11,7 @@ pub mod checks;
 pub mod dma;
 pub mod guests;
 pub mod machine;
+pub mod nvme;
 pub mod vtd;
 
 pub use machine::{Exit, Firmware, Machine};
@@ -95,6 +96,9 @@ pub struct Scenario {
     /// Files the scenario needs next to its ISO: (name, bytes). `@FILE:name` in
     /// `machine.extra` is replaced by the file's path.
     pub files: Vec<(&'static str, Vec<u8>)>,
+    /// Sparse disk images the scenario needs next to its ISO: (name, bytes), created empty
+    /// (reading as zeros); `@FILE:name` in `machine.extra` is replaced by the file's path.
+    pub disks: Vec<(&'static str, u64)>,
     /// GRUB boot modules (`module2 /boot/<file> <cmdline>`), in order.
     pub modules: Vec<BootModule>,
     /// When set, the modules come from a first boot instead (see [`Prepare`]).
@@ -138,6 +142,7 @@ fn scenario(
         check,
         timeout_secs: 120,
         files: vec![],
+        disks: vec![],
         modules: vec![],
         prepare: None,
     }
@@ -372,6 +377,7 @@ pub fn all(real_dmar: &[u8]) -> Vec<Scenario> {
     v.extend(guests::all(Variant::Default));
     v.extend(vtd::scenarios(Variant::Default));
     v.extend(dma::scenarios(Variant::Default));
+    v.extend(nvme::scenarios(Variant::Default));
     v.push(scenario(
         "panic",
         "a panic prints where and why and fails the run",
@@ -419,11 +425,12 @@ pub fn all(real_dmar: &[u8]) -> Vec<Scenario> {
 }
 
 /// The scenarios of `cargo xtask test --matrix` beyond [`all`]: the guest, VT-d and DMA
-/// scenarios again on the second machine ([`Variant::Matrix`]).
+/// scenarios and the NVMe scenarios again on the second machine ([`Variant::Matrix`]).
 pub fn matrix() -> Vec<Scenario> {
     let mut v = guests::all(Variant::Matrix);
     v.extend(vtd::scenarios(Variant::Matrix));
     v.extend(dma::scenarios(Variant::Matrix));
+    v.extend(nvme::scenarios(Variant::Matrix));
     v
 }
 
@@ -464,7 +471,7 @@ mod tests {
         for s in &m {
             assert!(s.name.ends_with("@matrix"), "{}", s.name);
             assert!(
-                ["guest-", "vtd-", "dma-"]
+                ["guest-", "vtd-", "dma-", "nvme-"]
                     .iter()
                     .any(|p| s.name.starts_with(p)),
                 "{}",
@@ -479,7 +486,11 @@ mod tests {
         }
         let base: Vec<String> = all(&[0u8; 80])
             .into_iter()
-            .filter(|s| ["guest-", "dma-"].iter().any(|p| s.name.starts_with(p)))
+            .filter(|s| {
+                ["guest-", "dma-", "nvme-"]
+                    .iter()
+                    .any(|p| s.name.starts_with(p))
+            })
             .map(|s| format!("{}@matrix", s.name))
             .collect();
         for n in base {

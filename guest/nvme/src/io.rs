@@ -1,0 +1,398 @@
+//! An I/O queue pair: submission of read and write bursts (data buffers mapped per I/O),
+//! completion by polling the phase tag (buffers unmapped per completion burst).
+
+use moat_pvdma::Hypervisor;
+
+use crate::command::Command;
+use crate::controller::{read_completion, Namespace};
+use crate::dma::{Buffer, Mapper};
+use crate::error::Wait;
+use crate::platform::Platform;
+use crate::prp::{self, LIST_ENTRIES, PAGE};
+use crate::queue::{Cids, CqCursor, SqRing};
+use crate::{regs, Error};
+
+/// Entries of each I/O submission and completion queue.
+pub const IO_ENTRIES: u16 = 64;
+/// Commands a queue has outstanding at most (each has its own PRP list page).
+pub const MAX_DEPTH: usize = 32;
+/// Pages of [`QueueMemory`]: submission queue, completion queue, one PRP list page per
+/// command slot.
+pub const QUEUE_PAGES: u64 = 2 + MAX_DEPTH as u64;
+
+/// Memory for one I/O queue pair: [`QUEUE_PAGES`] pages of guest RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueMemory {
+    /// First byte, page aligned.
+    pub gpa: u64,
+}
+
+/// One read or write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    /// Write to the disk (the device reads the buffer); else read (the device writes it).
+    pub write: bool,
+    /// First logical block.
+    pub lba: u64,
+    /// The buffer: guest-physical, page aligned.
+    pub gpa: u64,
+    /// Bytes: whole blocks, at most [`prp::MAX_TRANSFER`].
+    pub len: u64,
+    /// Returned with the completion.
+    pub tag: u64,
+}
+
+/// A finished command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done {
+    /// The request's tag.
+    pub tag: u64,
+    /// The controller's verdict (and, if the buffer's unmap failed, that error).
+    pub result: Result<(), Error>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    tag: u64,
+    iova: u64,
+    len: u64,
+    /// Whether the buffer was mapped by the queue (unmapped on completion).
+    mapped: bool,
+}
+
+/// One I/O submission/completion queue pair. Owned by one vCPU at a time; every call takes
+/// that vCPU's [`Mapper`].
+pub struct IoQueue {
+    qid: u16,
+    stride: usize,
+    ns: Namespace,
+    mem: QueueMemory,
+    sq_iova: u64,
+    cq_iova: u64,
+    lists_iova: u64,
+    sq: SqRing,
+    cq: CqCursor,
+    cids: Cids,
+    slots: [Slot; MAX_DEPTH],
+    /// Time a command may take before [`IoQueue::wait`] gives up, microseconds.
+    pub timeout_us: u64,
+}
+
+impl IoQueue {
+    /// Zeroes and maps the queue memory (the controller side is created by
+    /// [`crate::Controller::create_io_queue`]).
+    pub(crate) fn map<P: Platform, H: Hypervisor>(
+        p: &mut P,
+        m: &mut Mapper<H>,
+        qid: u16,
+        mem: QueueMemory,
+        stride: usize,
+        ns: Namespace,
+    ) -> Result<IoQueue, Error> {
+        p.mem_zero(mem.gpa, 2 * PAGE);
+        let parts = [
+            Buffer {
+                gpa: mem.gpa,
+                len: PAGE,
+                device_writes: false,
+            },
+            Buffer {
+                gpa: mem.gpa + PAGE,
+                len: PAGE,
+                device_writes: true,
+            },
+            Buffer {
+                gpa: mem.gpa + 2 * PAGE,
+                len: MAX_DEPTH as u64 * PAGE,
+                device_writes: false,
+            },
+        ];
+        let mut iovas = [0u64; 3];
+        for (k, b) in parts.iter().enumerate() {
+            match m.map_static(*b) {
+                Ok(i) => iovas[k] = i,
+                Err(e) => {
+                    for j in 0..k {
+                        let _ = m.unmap_static(iovas[j], parts[j].len);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(IoQueue {
+            qid,
+            stride,
+            ns,
+            mem,
+            sq_iova: iovas[0],
+            cq_iova: iovas[1],
+            lists_iova: iovas[2],
+            sq: SqRing::new(IO_ENTRIES),
+            cq: CqCursor::new(IO_ENTRIES),
+            cids: Cids::new(MAX_DEPTH as u16),
+            slots: [Slot::default(); MAX_DEPTH],
+            timeout_us: 5_000_000,
+        })
+    }
+
+    /// Unmaps the queue memory.
+    pub(crate) fn unmap<H: Hypervisor>(&mut self, m: &mut Mapper<H>) -> Result<(), Error> {
+        let a = m.unmap_static(self.sq_iova, PAGE);
+        let b = m.unmap_static(self.cq_iova, PAGE);
+        let c = m.unmap_static(self.lists_iova, MAX_DEPTH as u64 * PAGE);
+        a.and(b).and(c)
+    }
+
+    /// The queue identifier.
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+
+    /// The namespace the queue reads and writes.
+    pub fn namespace(&self) -> Namespace {
+        self.ns
+    }
+
+    pub(crate) fn sq_iova(&self) -> u64 {
+        self.sq_iova
+    }
+
+    pub(crate) fn cq_iova(&self) -> u64 {
+        self.cq_iova
+    }
+
+    /// Commands submitted and not completed.
+    pub fn outstanding(&self) -> u32 {
+        self.cids.outstanding()
+    }
+
+    /// Commands that can still be submitted.
+    pub fn room(&self) -> usize {
+        MAX_DEPTH - self.cids.outstanding() as usize
+    }
+
+    fn check(&self, r: &Request) -> Result<u32, Error> {
+        let bs = u64::from(self.ns.block_size);
+        if r.len == 0
+            || !r.len.is_multiple_of(bs)
+            || r.len > prp::MAX_TRANSFER
+            || !r.gpa.is_multiple_of(PAGE)
+        {
+            return Err(Error::BadTransfer);
+        }
+        Ok((r.len / bs) as u32)
+    }
+
+    /// Submits every request of `reqs` (at most [`IoQueue::room`]): maps their buffers as one
+    /// burst, writes the commands and rings the doorbell once. All or nothing: on an error
+    /// nothing was submitted and nothing stays mapped.
+    pub fn submit<P: Platform, H: Hypervisor>(
+        &mut self,
+        p: &mut P,
+        m: &mut Mapper<H>,
+        reqs: &[Request],
+    ) -> Result<(), Error> {
+        if reqs.len() > self.room() {
+            return Err(Error::QueueFull);
+        }
+        let mut bufs = [Buffer {
+            gpa: 0,
+            len: 0,
+            device_writes: false,
+        }; MAX_DEPTH];
+        let mut blocks = [0u32; MAX_DEPTH];
+        for (k, r) in reqs.iter().enumerate() {
+            blocks[k] = self.check(r)?;
+            bufs[k] = Buffer {
+                gpa: r.gpa,
+                len: r.len.div_ceil(PAGE) * PAGE,
+                device_writes: !r.write,
+            };
+        }
+        let n = reqs.len();
+        let mut iovas = [0u64; MAX_DEPTH];
+        m.map_burst(&bufs[..n], &mut iovas[..n])?;
+        for (k, r) in reqs.iter().enumerate() {
+            let cmd = Command::rw(r.write, self.ns.nsid, r.lba, blocks[k]);
+            // Room was checked: a slot and a ring entry are free.
+            let cid = self.cids.alloc().ok_or(Error::QueueFull)?;
+            self.slots[cid as usize] = Slot {
+                tag: r.tag,
+                iova: iovas[k],
+                len: bufs[k].len,
+                mapped: true,
+            };
+            self.push(p, cid, cmd, iovas[k], bufs[k].len)?;
+        }
+        p.write32(
+            regs::sq_doorbell(self.qid, self.stride),
+            u32::from(self.sq.tail()),
+        );
+        Ok(())
+    }
+
+    /// Builds the PRPs of command slot `cid` for `len` bytes at `iova` and writes the command
+    /// at the submission tail (without ringing the doorbell).
+    fn push<P: Platform>(
+        &mut self,
+        p: &mut P,
+        cid: u16,
+        cmd: Command,
+        iova: u64,
+        len: u64,
+    ) -> Result<(), Error> {
+        let mut list = [0u64; LIST_ENTRIES];
+        let list_gpa = self.mem.gpa + (2 + u64::from(cid)) * PAGE;
+        let list_iova = self.lists_iova + u64::from(cid) * PAGE;
+        let prps = prp::build(iova, len, &mut list, list_iova)?;
+        for (i, e) in list.iter().take(prps.list_entries).enumerate() {
+            p.mem_write32(list_gpa + 8 * i as u64, *e as u32);
+            p.mem_write32(list_gpa + 8 * i as u64 + 4, (*e >> 32) as u32);
+        }
+        let slot = self.sq.push().ok_or(Error::QueueFull)?;
+        p.mem_write(
+            self.mem.gpa + u64::from(slot) * 64,
+            &cmd.with_cid(cid).with_prps(prps.prp1, prps.prp2).to_bytes(),
+        );
+        Ok(())
+    }
+
+    /// Submits `cmd` as it is (its PRPs untouched, no buffer mapped for it): for tests that
+    /// point the device at memory on purpose. Returns the command identifier.
+    pub fn submit_raw<P: Platform>(
+        &mut self,
+        p: &mut P,
+        cmd: Command,
+        tag: u64,
+    ) -> Result<u16, Error> {
+        let cid = self.cids.alloc().ok_or(Error::QueueFull)?;
+        let Some(slot) = self.sq.push() else {
+            self.cids.free(cid);
+            return Err(Error::QueueFull);
+        };
+        self.slots[cid as usize] = Slot {
+            tag,
+            ..Slot::default()
+        };
+        p.mem_write(
+            self.mem.gpa + u64::from(slot) * 64,
+            &cmd.with_cid(cid).to_bytes(),
+        );
+        p.write32(
+            regs::sq_doorbell(self.qid, self.stride),
+            u32::from(self.sq.tail()),
+        );
+        Ok(cid)
+    }
+
+    /// Takes every completion the controller has posted, unmaps their buffers as one burst,
+    /// and reports each to `done`. Returns how many completed.
+    pub fn reap<P: Platform, H: Hypervisor>(
+        &mut self,
+        p: &mut P,
+        m: &mut Mapper<H>,
+        done: &mut dyn FnMut(Done),
+    ) -> Result<usize, Error> {
+        let mut got = [(0u64, Ok(())); MAX_DEPTH];
+        let mut unmaps = [(0u64, 0u64); MAX_DEPTH];
+        let (mut n, mut u) = (0, 0);
+        let mut stray = false;
+        while n < MAX_DEPTH {
+            let Some(c) = read_completion(p, self.mem.gpa + PAGE, self.cq.head(), &self.cq) else {
+                break;
+            };
+            self.cq.advance();
+            self.sq.set_head(c.sq_head);
+            if !self.cids.free(c.cid) {
+                stray = true;
+                continue;
+            }
+            let s = self.slots[c.cid as usize];
+            if s.mapped {
+                unmaps[u] = (s.iova, s.len);
+                u += 1;
+            }
+            got[n] = (s.tag, c.result().map_err(Error::Controller));
+            n += 1;
+        }
+        if n == 0 && !stray {
+            return Ok(0);
+        }
+        p.write32(
+            regs::cq_doorbell(self.qid, self.stride),
+            u32::from(self.cq.head()),
+        );
+        let unmapped = m.unmap_burst(&unmaps[..u]);
+        for &(tag, result) in &got[..n] {
+            done(Done {
+                tag,
+                result: result.and(unmapped),
+            });
+        }
+        if stray {
+            return Err(Error::BadCompletion);
+        }
+        Ok(n)
+    }
+
+    /// Reaps until at least one command completed, or fails with a timeout after
+    /// [`IoQueue::timeout_us`] without any (the commands then stay outstanding, their
+    /// buffers mapped: the controller may still use them). Also fails at once on a fatal
+    /// controller status.
+    pub fn wait<P: Platform, H: Hypervisor>(
+        &mut self,
+        p: &mut P,
+        m: &mut Mapper<H>,
+        done: &mut dyn FnMut(Done),
+    ) -> Result<usize, Error> {
+        if self.outstanding() == 0 {
+            return Ok(0);
+        }
+        let t0 = p.now_us();
+        let mut checked = t0;
+        let mut polls = 0u32;
+        loop {
+            let n = self.reap(p, m, done)?;
+            if n != 0 {
+                return Ok(n);
+            }
+            polls = polls.wrapping_add(1);
+            if polls.is_multiple_of(64) {
+                let now = p.now_us();
+                // CSTS is an MMIO read (slow on hardware, a device-lock round trip under
+                // emulation): once a millisecond is enough to notice a fatal controller.
+                if now.wrapping_sub(checked) >= 1000 {
+                    checked = now;
+                    let csts = regs::Csts(p.read32(regs::CSTS));
+                    if csts.fatal() || csts.absent() {
+                        return Err(Error::Fatal);
+                    }
+                }
+                if now.wrapping_sub(t0) > self.timeout_us {
+                    return Err(Error::Timeout(Wait::Io));
+                }
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// After the controller was disabled (it no longer touches memory), forgets every
+    /// outstanding command and unmaps its buffer.
+    pub fn abandon<H: Hypervisor>(&mut self, m: &mut Mapper<H>) -> Result<u32, Error> {
+        let mut unmaps = [(0u64, 0u64); MAX_DEPTH];
+        let mut u = 0;
+        let mut n = 0;
+        for cid in 0..MAX_DEPTH as u16 {
+            if self.cids.free(cid) {
+                n += 1;
+                let s = self.slots[cid as usize];
+                if s.mapped {
+                    unmaps[u] = (s.iova, s.len);
+                    u += 1;
+                }
+            }
+        }
+        m.unmap_burst(&unmaps[..u])?;
+        Ok(n)
+    }
+}

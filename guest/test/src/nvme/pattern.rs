@@ -1,0 +1,179 @@
+//! `nvme-pattern`: every vCPU writes a pattern through its own queue pair (single commands of
+//! 1, 2, 3, 16 and 10 pages, a burst of 32 commands, a burst of 64 KiB commands), clears its
+//! buffers, reads the region back in another layout and compares every byte.
+
+use moat_nvme::{Done, IoQueue, Mapper, Native, Request};
+
+use super::{bytes, data, setup};
+use crate::abi::BootInfo;
+use crate::{println, Outcome};
+
+/// Bytes of disk (and of the vCPU's data area) the pattern covers.
+const SPAN: u64 = 768 << 10;
+/// Disk bytes per vCPU.
+const DISK_PER_VCPU: u64 = 2 << 20;
+
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The pattern byte at disk offset `off` for vCPU `v` (different for every block and vCPU).
+fn pattern_at(v: usize, off: u64) -> u8 {
+    (mix(((v as u64) << 48) | (off / 8)) >> (8 * (off % 8))) as u8
+}
+
+fn fill(v: usize, gpa: u64, disk: u64, len: u64) {
+    for (i, b) in bytes(gpa, len).iter_mut().enumerate() {
+        *b = pattern_at(v, disk + i as u64);
+    }
+}
+
+/// Waits until `want` commands completed, all OK.
+pub(crate) fn complete(
+    p: &mut Native,
+    m: &mut Mapper<moat_pvdma::Native>,
+    q: &mut IoQueue,
+    want: usize,
+) -> Outcome {
+    let mut got = 0;
+    let mut bad = None;
+    while got < want {
+        let r = q.wait(p, m, &mut |d: Done| {
+            if let Err(e) = d.result {
+                bad.get_or_insert((d.tag, e));
+            }
+        });
+        match r {
+            Ok(n) => got += n,
+            Err(e) => {
+                println!("nvme: waiting for completions: {e}");
+                return Err("an NVMe command did not complete");
+            }
+        }
+    }
+    if let Some((tag, e)) = bad {
+        println!("nvme: command {tag} failed: {e}");
+        return Err("an NVMe command failed");
+    }
+    Ok(())
+}
+
+/// The per-vCPU job: `out` = [bytes compared, bytes wrong].
+pub(crate) fn job(
+    v: usize,
+    p: &mut Native,
+    m: &mut Mapper<moat_pvdma::Native>,
+    q: &mut IoQueue,
+    _arg: u64,
+    out: &mut [u64; 4],
+) -> Outcome {
+    let bs = u64::from(q.namespace().block_size);
+    let disk0 = v as u64 * DISK_PER_VCPU;
+    let mem0 = data(v);
+    if (disk0 + DISK_PER_VCPU) / bs > q.namespace().blocks {
+        return Err("namespace too small for the pattern");
+    }
+    fill(v, mem0, disk0, SPAN);
+    let req = |write: bool, off: u64, len: u64, tag: u64| Request {
+        write,
+        lba: (disk0 + off) / bs,
+        gpa: mem0 + off,
+        len,
+        tag,
+    };
+    let submit =
+        |p: &mut Native, m: &mut Mapper<moat_pvdma::Native>, q: &mut IoQueue, reqs: &[Request]| {
+            q.submit(p, m, reqs).map_err(|e| {
+                println!("nvme: vcpu {v}: submit failed: {e}");
+                "NVMe submit failed"
+            })
+        };
+    // Single commands: 1 page (PRP1), 2 pages (PRP2), 3, 16 and 10 pages (PRP list), which
+    // cover [0, 128 KiB).
+    let mut off = 0;
+    for (k, pages) in [1u64, 2, 3, 16, 10].into_iter().enumerate() {
+        submit(p, m, q, &[req(true, off, pages * 4096, k as u64)])?;
+        complete(p, m, q, 1)?;
+        off += pages * 4096;
+    }
+    // A burst of 32 commands of 4 KiB, then 8 of 64 KiB, each burst submitted at once.
+    let mut reqs = [req(true, 0, 4096, 0); 32];
+    off = 128 << 10;
+    for (k, r) in reqs.iter_mut().enumerate() {
+        *r = req(true, off + k as u64 * 4096, 4096, 100 + k as u64);
+    }
+    submit(p, m, q, &reqs)?;
+    complete(p, m, q, 32)?;
+    off = 256 << 10;
+    for (k, r) in reqs.iter_mut().take(8).enumerate() {
+        *r = req(true, off + k as u64 * 65536, 65536, 200 + k as u64);
+    }
+    submit(p, m, q, &reqs[..8])?;
+    complete(p, m, q, 8)?;
+    // Clear the buffers, read everything back as 12 commands of 64 KiB in one burst.
+    bytes(mem0, SPAN).fill(0);
+    for (k, r) in reqs.iter_mut().take(12).enumerate() {
+        *r = req(false, k as u64 * 65536, 65536, 300 + k as u64);
+    }
+    submit(p, m, q, &reqs[..12])?;
+    complete(p, m, q, 12)?;
+    let wrong = bytes(mem0, SPAN)
+        .iter()
+        .enumerate()
+        .filter(|&(i, &b)| b != pattern_at(v, disk0 + i as u64))
+        .count() as u64;
+    out[0] = SPAN;
+    out[1] = wrong;
+    if let Some(i) = bytes(mem0, SPAN)
+        .iter()
+        .enumerate()
+        .position(|(i, &b)| b != pattern_at(v, disk0 + i as u64))
+    {
+        let zeros = bytes(mem0, SPAN).iter().filter(|&&b| b == 0).count();
+        println!(
+            "nvme-pattern: vcpu {v}: first difference at byte {i:#x}: {:#04x}, want {:#04x}; {zeros} zero byte(s)",
+            bytes(mem0, SPAN)[i],
+            pattern_at(v, disk0 + i as u64)
+        );
+    }
+    if wrong != 0 {
+        return Err("the data read back differs from what was written");
+    }
+    Ok(())
+}
+
+/// `nvme-pattern`: the pattern job on every vCPU, then teardown and the leak check.
+pub fn pattern(info: &BootInfo) -> Outcome {
+    let mut s = setup(info)?;
+    let policy = crate::dma::policy_name(s.m.pvdma().info().policy);
+    let before = s.m.pvdma().stats(false).map_err(|_| "STATS failed")?;
+    let r = s.run(info, 1, 0);
+    let after = s.m.pvdma().stats(false).map_err(|_| "STATS failed")?;
+    let td = s.teardown();
+    let (outs, _) = r?;
+    let (mut map_calls, mut unmap_calls) = (0, 0);
+    for (v, o) in outs.iter().enumerate().take(s.vcpus) {
+        println!(
+            "nvme-pattern: policy {policy} vcpu {v} of {}: wrote 45 commands (1, 2, 3, 16, 10 pages; bursts of 32 and 8), read back {} KiB in one burst of 12: {} byte(s) differ; {} map and {} unmap hypercall(s)",
+            s.vcpus,
+            o[0] >> 10,
+            o[1],
+            o[2],
+            o[3]
+        );
+        map_calls += o[2];
+        unmap_calls += o[3];
+    }
+    println!(
+        "nvme-pattern: policy {policy}: {} maps, {} unmaps, {} invalidations, {} waits, {} exits during the I/O (hypervisor counters); the driver made {map_calls} map and {unmap_calls} unmap hypercall(s)",
+        after.maps.get() - before.maps.get(),
+        after.unmaps.get() - before.unmaps.get(),
+        after.invalidations.get() - before.invalidations.get(),
+        after.waits.get() - before.waits.get(),
+        after.exits.get() - before.exits.get()
+    );
+    td
+}

@@ -1,0 +1,295 @@
+//! `cargo xtask bench nvme`: end-to-end NVMe reads per protection policy. QEMU's `nvme`
+//! device (behind intel-iommu) on a sparse image under `target/bench/`, assigned to the test
+//! guest, which reads through one queue pair per vCPU (`nvme-bench`: random 4 KiB at queue
+//! depth 1 and 32, sequential 64 KiB at queue depth 32) with every data buffer mapped per
+//! I/O through the PV DMA hypercalls (passthrough: IOVA = GPA, no calls). One QEMU run per
+//! policy and vCPU count (1, 2). Emulated (QEMU TCG) figures: the ratios are the result.
+
+use std::time::Duration;
+
+use moat_scenarios::{BootModule, Exit, Machine, TEST_GUEST};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::bench_dma::Phases;
+use crate::{
+    build_kernel, make_iso_with_modules, module_files, qemu, root, setup, Flavour, Result,
+};
+
+/// One measured cell: a row of the printed table and an element of `target/bench/nvme.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Row {
+    pub(crate) policy: String,
+    pub(crate) workload: String,
+    pub(crate) qd: u64,
+    pub(crate) vcpus: u64,
+    pub(crate) iops: f64,
+    /// IOPS / passthrough IOPS for the same workload, depth and vCPUs.
+    #[serde(default)]
+    pub(crate) ratio: f64,
+    pub(crate) invalidations_per_io: f64,
+    pub(crate) exits_per_io: f64,
+    pub(crate) waits_per_io: f64,
+    pub(crate) ns_per_io: f64,
+    /// IOPS of every run of this cell (the row is the run with the median IOPS).
+    #[serde(default)]
+    pub(crate) iops_runs: Vec<f64>,
+    /// The hypervisor's cycles per I/O by phase (from the same flat line, nested in JSON).
+    #[serde(skip_deserializing)]
+    pub(crate) phases: Phases,
+    #[serde(skip_deserializing, default = "emulated")]
+    pub(crate) emulated: String,
+}
+
+fn emulated() -> String {
+    "QEMU TCG".into()
+}
+
+/// A guest line `... nvme-bench policy=.. workload=.. qd=.. vcpus=.. ios=.. iops=.. ...` as a
+/// [`Row`] (keys neither the row nor its phases want, such as `ios`, are ignored).
+fn parse(line: &str) -> Option<Row> {
+    let rest = &line[line.find("nvme-bench policy=")? + "nvme-bench ".len()..];
+    let mut fields = Map::new();
+    for kv in rest.split_whitespace() {
+        let (k, v) = kv.split_once('=')?;
+        let v = if let Ok(n) = v.parse::<u64>() {
+            Value::from(n)
+        } else if let Ok(x) = v.parse::<f64>() {
+            Value::from(x)
+        } else {
+            Value::from(v)
+        };
+        fields.insert(k.to_string(), v);
+    }
+    let fields = Value::Object(fields);
+    let mut row: Row = serde_json::from_value(fields.clone()).ok()?;
+    row.phases = serde_json::from_value(fields).ok()?;
+    Some(row)
+}
+
+/// Policies measured, passthrough first (the baseline).
+pub(crate) const POLICIES: [&str; 4] = ["passthrough", "strict", "batched", "deferred"];
+/// Rows each run prints (the guest's workloads).
+const WORKLOADS: usize = 3;
+
+/// Runs the benchmark; `quick` reads fewer blocks per cell and runs each cell once.
+pub fn run(quick: bool) -> Result<()> {
+    setup::ensure()?;
+    let kernel = build_kernel(Flavour::Release)?;
+    let (ios, rounds) = if quick { (256, 1) } else { (2000, 3) };
+    let image = root().join("target/bench/nvme.img");
+    std::fs::create_dir_all(image.parent().unwrap())?;
+    let mut rows = Vec::new();
+    // Rounds interleave the policies, so that a busy spell of the host hits them alike; each
+    // cell reports its median run.
+    for round in 1..=rounds {
+        for vcpus in [1u64, 2] {
+            for policy in POLICIES {
+                // A fresh sparse image (reads as zeros): the data does not matter, the DMA does.
+                std::fs::File::create(&image)?.set_len(64 << 20)?;
+                let cmdline = format!(
+                    "exit=qemu log=info guest=name=g0,mem=64M,cpus={vcpus},dev={},policy={policy}",
+                    moat_scenarios::nvme::NVME_BDF
+                );
+                let modules = module_files(&[BootModule {
+                    file: TEST_GUEST,
+                    cmdline: format!("g0 nvme-bench={ios}"),
+                }])?;
+                let name = format!("bench-nvme-{policy}-{vcpus}");
+                let iso = make_iso_with_modules(&kernel, &cmdline, &modules, &name)?;
+                let (dev, extra) = moat_scenarios::nvme::nvme_device(&image.to_string_lossy());
+                let machine = Machine {
+                    devices: vec![dev],
+                    extra,
+                    ..Machine::default()
+                };
+                let args = machine.qemu_args(&iso.to_string_lossy(), setup::OVMF_CODE);
+                let log = root().join(format!("target/xtask/{name}.log"));
+                eprintln!("xtask: bench nvme: round {round}/{rounds}: policy {policy}, {vcpus} vCPU(s) ({ios} reads per vCPU per workload)");
+                let r = qemu::run(&args, &log, false, Duration::from_secs(900))?;
+                let found: Vec<Row> = r.serial.lines().filter_map(parse).collect();
+                if r.exit != Exit::Success || found.len() != WORKLOADS {
+                    return Err(format!(
+                    "bench nvme: policy {policy}, {vcpus} vCPU(s): {} with {} result lines (log: {})",
+                    r.exit,
+                    found.len(),
+                    log.display()
+                )
+                .into());
+                }
+                rows.extend(found);
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&image);
+    let mut rows = medians(rows);
+    fill_ratios(&mut rows);
+    print_table(&rows);
+    let json = root().join("target/bench/nvme.json");
+    write_json(&rows, &json)?;
+    crate::plots::nvme(&rows, &json.with_extension("svg"))?;
+    check_targets(&rows);
+    Ok(())
+}
+
+/// One row per cell (policy, workload, depth, vCPUs), in first-seen order: the run with the
+/// median IOPS, with every run's IOPS in `iops_runs`.
+fn medians(rows: Vec<Row>) -> Vec<Row> {
+    let key = |r: &Row| (r.policy.clone(), r.workload.clone(), r.qd, r.vcpus);
+    let mut keys = Vec::new();
+    for r in &rows {
+        if !keys.contains(&key(r)) {
+            keys.push(key(r));
+        }
+    }
+    keys.iter()
+        .map(|k| {
+            let mut runs: Vec<&Row> = rows.iter().filter(|r| &key(r) == k).collect();
+            let all: Vec<f64> = runs.iter().map(|r| r.iops).collect();
+            runs.sort_by(|a, b| a.iops.total_cmp(&b.iops));
+            let mut m = runs[runs.len() / 2].clone();
+            m.iops_runs = all;
+            m
+        })
+        .collect()
+}
+
+/// Each row's IOPS over passthrough's for the same workload, depth and vCPUs.
+fn fill_ratios(rows: &mut [Row]) {
+    let base: Vec<(String, u64, u64, f64)> = rows
+        .iter()
+        .filter(|r| r.policy == "passthrough")
+        .map(|r| (r.workload.clone(), r.qd, r.vcpus, r.iops))
+        .collect();
+    for r in rows.iter_mut() {
+        r.ratio = base
+            .iter()
+            .find(|b| b.0 == r.workload && b.1 == r.qd && b.2 == r.vcpus)
+            .map_or(f64::NAN, |b| r.iops / b.3);
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    println!("NVMe reads per policy (QEMU TCG, emulated; IOPS over all vCPUs, median run; ratio = IOPS / passthrough IOPS at the same workload, depth and vCPUs; hypervisor phases in cycles per I/O; runs = every run's IOPS)");
+    println!(
+        "{:<12} {:<8} {:>3} {:>5} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10} {:>7} {:>7} {:>9}  runs",
+        "policy", "workload", "qd", "vcpus", "IOPS", "ratio", "us/io", "inv/io", "waits/io", "exits/io", "exit", "validate", "iova_alloc", "pte", "inval", "iova_free"
+    );
+    for r in rows {
+        let p = &r.phases;
+        println!(
+            "{:<12} {:<8} {:>3} {:>5} {:>8.0} {:>5.2}x {:>8.1} {:>8.3} {:>8.3} {:>8.3} {:>7.0} {:>8.0} {:>10.0} {:>7.0} {:>7.0} {:>9.0}  {}",
+            r.policy,
+            r.workload,
+            r.qd,
+            r.vcpus,
+            r.iops,
+            r.ratio,
+            r.ns_per_io / 1000.0,
+            r.invalidations_per_io,
+            r.waits_per_io,
+            r.exits_per_io,
+            p.exit,
+            p.validate,
+            p.iova_alloc,
+            p.pte_write,
+            p.invalidate,
+            p.iova_free,
+            r.iops_runs
+                .iter()
+                .map(|x| format!("{x:.0}"))
+                .collect::<Vec<_>>()
+                .join("/"),
+        );
+    }
+}
+
+/// `target/bench/nvme.json`: an array of [`Row`]s, one per line.
+fn write_json(rows: &[Row], path: &std::path::Path) -> Result<()> {
+    let lines = rows
+        .iter()
+        .map(|r| serde_json::to_string(r).map(|s| format!("  {s}")))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    std::fs::write(path, format!("[\n{}\n]\n", lines.join(",\n")))?;
+    eprintln!("xtask: wrote {}", path.display());
+    Ok(())
+}
+
+fn check_targets(rows: &[Row]) {
+    for r in rows
+        .iter()
+        .filter(|r| r.policy == "batched" && r.workload == "rand4k" && r.qd == 32)
+    {
+        println!(
+            "target: batched / passthrough IOPS, 4 KiB random reads at qd 32, {} vCPU(s) = {:.3} (target >= 0.9: {})",
+            r.vcpus,
+            r.ratio,
+            if r.ratio >= 0.9 { "met" } else { "MISSED" }
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINE: &str = "[g0] nvme-bench policy=batched workload=rand4k qd=32 vcpus=2 ios=4000 \
+        iops=25000 ns_per_io=40000 invalidations_per_io=0.0400 waits_per_io=0.0400 \
+        exits_per_io=0.0800 exit=20 validate=300 iova_alloc=100 pte_write=900 invalidate=400 iova_free=80";
+
+    #[test]
+    fn parses_the_guest_line() {
+        let r = parse(LINE).unwrap();
+        assert_eq!(
+            (r.policy.as_str(), r.workload.as_str(), r.qd, r.vcpus),
+            ("batched", "rand4k", 32, 2)
+        );
+        assert_eq!((r.iops, r.exits_per_io), (25000.0, 0.08));
+        assert_eq!(r.phases.pte_write, 900.0);
+        assert!(parse("nvme-bench policy=strict workload=rand4k").is_none());
+    }
+
+    #[test]
+    fn json_rows_have_the_issue_fields_and_ratios() {
+        let mut rows = vec![
+            parse(LINE).unwrap(),
+            parse(
+                &LINE
+                    .replace("batched", "passthrough")
+                    .replace("25000", "20000"),
+            )
+            .unwrap(),
+        ];
+        fill_ratios(&mut rows);
+        assert_eq!(rows[0].ratio, 1.25);
+        assert_eq!(rows[1].ratio, 1.0);
+        let v = serde_json::to_value(&rows[0]).unwrap();
+        for k in [
+            "policy",
+            "workload",
+            "qd",
+            "vcpus",
+            "iops",
+            "ratio",
+            "invalidations_per_io",
+            "exits_per_io",
+            "phases",
+            "emulated",
+        ] {
+            assert!(v.get(k).is_some(), "{k} missing");
+        }
+        assert_eq!(v["emulated"], "QEMU TCG");
+    }
+
+    #[test]
+    fn a_cell_reports_its_median_run() {
+        let runs: Vec<Row> = ["300", "100", "200"]
+            .iter()
+            .map(|i| parse(&LINE.replace("25000", i)).unwrap())
+            .collect();
+        let m = medians(runs);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].iops, 200.0);
+        assert_eq!(m[0].iops_runs, vec![300.0, 100.0, 200.0]);
+    }
+}
