@@ -355,11 +355,11 @@ impl Setup {
     pub(crate) fn teardown(&mut self) -> Outcome {
         let mut ok = true;
         for v in (0..MAX_VCPUS).rev() {
-            if let Some(q) = self.queues[v].take() {
-                if let Err(e) = self.ctrl.release_io_queue(&mut self.p, &mut self.m, q) {
-                    println!("nvme: deleting I/O queue {} failed: {e}", v + 1);
-                    ok = false;
-                }
+            if let Some(q) = self.queues[v].take()
+                && let Err(e) = self.ctrl.release_io_queue(&mut self.p, &mut self.m, q)
+            {
+                println!("nvme: deleting I/O queue {} failed: {e}", v + 1);
+                ok = false;
             }
         }
         ok &= self.ctrl_shutdown();
