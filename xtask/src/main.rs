@@ -9,6 +9,7 @@
 //!                                                host tests, fmt + clippy, QEMU scenarios;
 //!                                                ends "N passed, N failed"
 //! cargo xtask bench iova|dma [--quick]           IOVA allocator against peers; PV DMA per policy
+//!                  [--vcpus 1,2]                 (dma: on 1 and 2 vCPUs of one guest at once)
 //! cargo xtask fuzz [--time SECS] [TARGET]        fuzz every target (or one) SECS seconds each
 //!                                                (default 60; nightly + cargo-fuzz installed)
 //! cargo xtask setup                              install what is missing, nothing else
@@ -205,7 +206,7 @@ fn main() -> ExitCode {
         Cmd::Iso { selftest, cmdline } => cmd_iso(selftest, &cmdline),
         Cmd::Run(a) => cmd_run(a),
         Cmd::Test(a) => test::cmd_test(a),
-        Cmd::Bench { what, quick } => cmd_bench(what, quick),
+        Cmd::Bench { what, quick, vcpus } => cmd_bench(what, quick, &vcpus),
         Cmd::Fuzz { time, target } => fuzz::cmd_fuzz(target.as_deref(), time),
         Cmd::Setup => setup::ensure(),
     };
@@ -306,7 +307,7 @@ pub fn module_files(modules: &[moat_scenarios::BootModule]) -> Result<Vec<(PathB
     Ok(out)
 }
 
-fn cmd_bench(what: Bench, quick: bool) -> Result<()> {
+fn cmd_bench(what: Bench, quick: bool, vcpus: &[u32]) -> Result<()> {
     match what {
         Bench::Iova => {
             // The IOVA benchmark is a host program (`bench/iova`); it writes the JSON.
@@ -328,6 +329,6 @@ fn cmd_bench(what: Bench, quick: bool) -> Result<()> {
             eprintln!("xtask: wrote {}", json.display());
             Ok(())
         }
-        Bench::Dma => bench_dma::run(quick),
+        Bench::Dma => bench_dma::run(quick, vcpus),
     }
 }

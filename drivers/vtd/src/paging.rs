@@ -183,8 +183,8 @@ impl PageTable {
     /// succeed) before it reuses the IOVAs of a failed map**, even though the map failed;
     /// the gather holds no table page to free and reports no unmapped range for it.
     pub fn map<M: DmaMemory>(
-        &mut self,
-        mem: &mut M,
+        &self,
+        mem: &M,
         iova: u64,
         phys: u64,
         len: u64,
@@ -195,7 +195,7 @@ impl PageTable {
         if self.cfg.snoop {
             attr |= VtdAttr::SNOOP;
         }
-        self.inner.map(&*mem, iova, phys, len, attr, gather)?;
+        self.inner.map(mem, iova, phys, len, attr, gather)?;
         gather.add_mapped(iova..iova + len, self.cfg.caching_mode);
         Ok(())
     }
@@ -210,13 +210,13 @@ impl PageTable {
     /// are released only by the flush that invalidates them. A table left empty by a smaller
     /// range stays linked (see the module docs).
     pub fn unmap<M: DmaMemory>(
-        &mut self,
-        mem: &mut M,
+        &self,
+        mem: &M,
         iova: u64,
         len: u64,
         gather: &mut Gather,
     ) -> Result<(), Error> {
-        self.inner.unmap(&*mem, iova, len, gather)?;
+        self.inner.unmap(mem, iova, len, gather)?;
         gather.add_unmapped(iova..iova + len);
         Ok(())
     }
@@ -237,12 +237,8 @@ impl PageTable {
     /// `gather` was flushed successfully**, since the spans of the released tables may hold
     /// IOVAs it owns (a map there would link a fresh table into a slot the hardware may
     /// still have cached).
-    pub fn release_empty_tables<M: DmaMemory>(
-        &mut self,
-        mem: &mut M,
-        gather: &mut Gather,
-    ) -> usize {
-        self.inner.release_empty_tables(&*mem, gather)
+    pub fn release_empty_tables<M: DmaMemory>(&self, mem: &M, gather: &mut Gather) -> usize {
+        self.inner.release_empty_tables(mem, gather)
     }
 
     /// Looks up `iova` in the tables (as the hardware would walk them).

@@ -454,7 +454,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
                 unit_id: self.cfg.id,
                 did,
                 tables,
-                devices: Vec::new(),
+                devices: core::sync::atomic::AtomicUsize::new(0),
             }),
             Err(e) => {
                 // The id was allocated just above: freeing it cannot fail.
@@ -478,8 +478,8 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         if domain.unit_id != self.cfg.id {
             return Err((domain, Error::WrongDomain));
         }
-        if !domain.devices.is_empty() {
-            let devices = domain.devices.len();
+        if domain.device_count() != 0 {
+            let devices = domain.device_count();
             return Err((domain, Error::DomainInUse { devices }));
         }
         if let Err(e) = self.dids.free(domain.did) {
@@ -522,7 +522,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
     pub fn attach<M: DmaMemory>(
         &mut self,
         mem: &mut M,
-        domain: &mut Domain,
+        domain: &Domain,
         sid: SourceId,
     ) -> Result<(), Error> {
         if domain.unit_id != self.cfg.id {
@@ -546,7 +546,9 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         mem.write_u64(slot, ce.lo);
         self.flush_lines(mem, slot, 16);
         self.attached.insert(sid, domain.did);
-        domain.devices.push(sid);
+        domain
+            .devices
+            .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         if self.enabled {
             if self.cap.caching_mode() {
                 self.invalidate(
@@ -574,7 +576,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
     pub fn detach<M: DmaMemory>(
         &mut self,
         mem: &mut M,
-        domain: &mut Domain,
+        domain: &Domain,
         sid: SourceId,
     ) -> Result<(), Error> {
         if domain.unit_id != self.cfg.id || self.attached.get(&sid) != Some(&domain.did) {
@@ -598,7 +600,9 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
             )?;
         }
         self.attached.remove(&sid);
-        domain.devices.retain(|s| *s != sid);
+        domain
+            .devices
+            .fetch_sub(1, core::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

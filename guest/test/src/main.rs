@@ -94,6 +94,16 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             }
             abi::exit(0);
         }
+        if let Some(ops) = line
+            .split_ascii_whitespace()
+            .find_map(|w| w.strip_prefix("dma-bench="))
+            .and_then(parse_number)
+        {
+            if let Err(e) = dma::bench_worker(&info, vcpu as usize, ops) {
+                println!("vcpu {vcpu}: dma-bench worker FAILED: {e}");
+            }
+            abi::exit(0);
+        }
         if vcpu == 1
             && line
                 .split_ascii_whitespace()

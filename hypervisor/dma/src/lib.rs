@@ -37,8 +37,11 @@ extern crate alloc;
 
 mod backend;
 mod error;
+mod shared;
 mod state;
+mod sync;
 
 pub use backend::{Access, Clock, GuestRam, Iommu, IovaSource, NoClock};
 pub use error::Error;
+pub use shared::Shared;
 pub use state::{Counts, DmaState, Limits, Mapping, Phase, Policy, Stats, Unmapped, PAGE_SIZE};

@@ -22,6 +22,7 @@ mod smp;
 pub use bad::bad;
 pub use batch::batch;
 pub use bench::bench;
+pub use bench::bench_worker;
 pub use edu::edu;
 pub use faults::faults;
 pub use isolation::foreign;

@@ -6,9 +6,12 @@ use moat_iova::{order_for_pages, Iova, PerCpu};
 use moat_vtd::{Domain, Gather};
 
 use crate::arch::{tsc, x86};
+use crate::iommu::hw::KernelMemory;
 use crate::iommu::with_unit;
 
-/// One guest's VT-d domain on the unit at `unit`.
+/// One guest's VT-d domain on the unit at `unit`, shared by the guest's vCPUs: map and unmap
+/// change the page tables with atomic entry writes (new tables linked by compare-and-swap),
+/// each vCPU with its own pending set, without a lock; only a flush takes the unit's lock.
 pub struct VtdDomain {
     /// Register base of the unit.
     pub unit: u64,
@@ -48,7 +51,7 @@ fn access(a: Access) -> moat_vtd::Access {
     v
 }
 
-impl Iommu for VtdDomain {
+impl Iommu for &VtdDomain {
     type Pending = VtdPending;
 
     fn map(
@@ -62,10 +65,11 @@ impl Iommu for VtdDomain {
         // The map records in the gather what a flush must do for it (caching mode:
         // invalidate the range; RWBF: flush the write buffer) and, when it fails, what its
         // rollback cleared; `moat-dma` flushes when `map_needs_flush` says so.
-        let dom = &mut self.domain;
+        // The caller's IOVA range is its own (allocated to it, not yet handed to anyone):
+        // its leaves are written without a lock.
+        let dom = &self.domain;
         let g = pending.0.get_or_insert_with(|| dom.gather());
-        with_unit(self.unit, |_, m| dom.map(m, iova, hpa, len, access(a), g))
-            .ok_or(Error::Busy)?
+        dom.map(&KernelMemory, iova, hpa, len, access(a), g)
             .map_err(vtd_error)
     }
 
@@ -74,11 +78,10 @@ impl Iommu for VtdDomain {
     }
 
     fn unmap(&mut self, iova: u64, len: u64, pending: &mut VtdPending) -> Result<(), Error> {
-        let dom = &mut self.domain;
+        // A live mapping of the caller's shard: nobody else writes its entries.
+        let dom = &self.domain;
         let g = pending.0.get_or_insert_with(|| dom.gather());
-        with_unit(self.unit, |_, m| dom.unmap(m, iova, len, g))
-            .ok_or(Error::Busy)?
-            .map_err(vtd_error)
+        dom.unmap(&KernelMemory, iova, len, g).map_err(vtd_error)
     }
 
     fn flush(&mut self, pending: &mut VtdPending) -> Result<u32, Error> {
@@ -96,11 +99,10 @@ impl Iommu for VtdDomain {
     }
 
     fn release_empty_tables(&mut self, pending: &mut VtdPending) -> usize {
-        let dom = &mut self.domain;
+        // Teardown only: the guest has stopped and every shard is held by the caller.
+        let dom = &self.domain;
         let g = pending.0.get_or_insert_with(|| dom.gather());
-        with_unit(self.unit, |_, m| dom.release_empty_tables(m, g))
-            .and_then(|r| r.ok())
-            .unwrap_or(0)
+        dom.release_empty_tables(&KernelMemory, g).unwrap_or(0)
     }
 }
 
@@ -110,9 +112,9 @@ pub struct IovaHandle<'a> {
     pub cpu: &'a mut PerCpu<'static>,
     /// Exclusive end of the window the guest's devices can address, in pages.
     pub limit_pfn: u64,
-    /// Every vCPU's handle (this one's is locked by the caller): an exhausted allocation
+    /// Every vCPU's shard (this one's is held by the caller): an exhausted allocation
     /// empties the magazines of the vCPUs that are not in a DMA call right now.
-    pub all: &'a [spin::Mutex<PerCpu<'static>>],
+    pub all: &'a [spin::Mutex<super::Shard>],
 }
 
 impl IovaSource for IovaHandle<'_> {
@@ -127,8 +129,8 @@ impl IovaSource for IovaHandle<'_> {
         let mut reclaimed = 0;
         for other in self.all {
             if let Some(mut c) = other.try_lock() {
-                reclaimed += c.cached();
-                c.flush();
+                reclaimed += c.iova.cached();
+                c.iova.flush();
             }
         }
         if reclaimed == 0 {

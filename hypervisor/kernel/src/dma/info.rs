@@ -87,11 +87,12 @@ impl GuestDma {
         // so the fault event cannot be taken: drain the fault records here (polling path).
         crate::iommu::poll_faults(64);
         self.deliver_faults();
-        let mut inner = self.inner.lock();
-        let s = inner.st.stats();
-        let c = inner.st.counts(&inner.dom);
-        let faults_total = with_unit(inner.dom.unit, |u, _| {
-            u.fault_counters().domain(inner.dom.domain.id())
+        let mut shards = self.all_shards();
+        let s = sum_stats(shards.iter().map(|sh| sh.st.stats()));
+        let dom = &self.dom;
+        let c = sum_counts(shards.iter().map(|sh| sh.st.counts(&dom)));
+        let faults_total = with_unit(self.dom.unit, |u, _| {
+            u.fault_counters().domain(self.dom.domain.id())
         })
         .unwrap_or(0);
         let faults = faults_total.saturating_sub(self.calls.faults_base.load(Ordering::Relaxed));
@@ -121,12 +122,14 @@ impl GuestDma {
             return Return::err(s);
         }
         if flags & wire::StatsFlags::RESET != 0 {
-            // The counters, not the gauges, atomically with the read (under the guest's
-            // lock, which every DMA call that counts holds).
-            inner.st.reset_stats();
+            // The counters, not the gauges, atomically with the read (every shard held,
+            // and every DMA call that counts holds its shard).
+            for sh in shards.iter_mut() {
+                sh.st.reset_stats();
+            }
             self.calls.reset(faults_total);
         }
-        drop(inner);
+        drop(shards);
         Return::ok(wire::STATS_SIZE as u64)
     }
 }
