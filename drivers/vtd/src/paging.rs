@@ -283,7 +283,7 @@ mod tests {
     #[test]
     fn map_translate_unmap_4k() {
         let mut mem = FakeMemory::new(64);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
         pt.map(&mut mem, 0x1000, 0x5000_0000, 0x2000, Access::READ, &mut g)
             .unwrap();
@@ -319,7 +319,7 @@ mod tests {
     #[test]
     fn superpage_range_over_a_kept_table_maps_small_pages_inside_it() {
         let mut mem = FakeMemory::new(64);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
         pt.map(&mut mem, 0x5000, 0x5000, 0x1000, RW, &mut g)
             .unwrap();
@@ -347,7 +347,7 @@ mod tests {
     #[test]
     fn unmap_unlinks_only_tables_whose_span_it_covers() {
         let mut mem = FakeMemory::new(64);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
         let mut g = Gather::new(0, 1);
         // Two leaf tables (spans [0, 2M) and [2M, 4M)) under one level-2 table.
         pt.map(&mut mem, 0, 0x4000_0000, 0x40_0000, RW, &mut g)
@@ -390,7 +390,7 @@ mod tests {
     #[test]
     fn superpages_used_when_aligned_and_allowed() {
         let mut mem = FakeMemory::new(64);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Four, true, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Four, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
         pt.map(&mut mem, 0x4000_0000, 0x8000_0000, 0x4020_0000, RW, &mut g)
             .unwrap();
@@ -402,7 +402,7 @@ mod tests {
             .unwrap();
         assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 4096);
         // Superpages disabled.
-        let mut pt2 = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
+        let pt2 = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
         pt2.map(&mut mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
             .unwrap();
         assert_eq!(pt2.translate(&mem, 0x20_0000).unwrap().page_size, 4096);
@@ -411,7 +411,7 @@ mod tests {
     #[test]
     fn partial_superpage_unmap_rejected_without_change() {
         let mut mem = FakeMemory::new(64);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
         pt.map(&mut mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
             .unwrap();
@@ -435,7 +435,7 @@ mod tests {
     #[test]
     fn bad_arguments_rejected() {
         let mut mem = FakeMemory::new(8);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
         assert_eq!(
             pt.map(&mut mem, 0x1001, 0, 0x1000, RW, &mut g),
@@ -476,7 +476,7 @@ mod tests {
     fn out_of_memory_map_rolls_back() {
         // Root + 2 tables fit; the second 1 GiB region needs 2 more tables.
         let mut mem = FakeMemory::new(4);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
         let mut g = Gather::new(0, 1);
         let r = pt.map(&mut mem, 0x3fff_f000, 0x1000, 0x2000, RW, &mut g);
         assert_eq!(r, Err(Error::NoMemory));
@@ -507,7 +507,7 @@ mod tests {
     #[test]
     fn rollback_keeps_a_table_even_when_it_cleared_its_whole_span() {
         let mut mem = FakeMemory::new(64);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
         let mut g = Gather::new(0, 1);
         pt.map(&mut mem, 0x20_0000, 0x1000, 0x1000, RW, &mut g)
             .unwrap();
@@ -533,7 +533,7 @@ mod tests {
     #[test]
     fn non_coherent_flushes_every_table_write() {
         let mut mem = FakeMemory::new(16);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, false)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, false)).unwrap();
         let mut g = Gather::new(0, 1);
         pt.map(&mut mem, 0, 0x10000, 0x3000, RW, &mut g).unwrap();
         // Every written entry's line was flushed after the write.
@@ -546,7 +546,7 @@ mod tests {
         assert!(mem.unflushed_writes().is_empty());
         // The coherent configuration does not pay for flushes.
         let mut mem = FakeMemory::new(16);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
         pt.map(&mut mem, 0, 0x10000, 0x3000, RW, &mut g).unwrap();
         assert_eq!(mem.flush_calls(), 0);
     }
@@ -555,12 +555,12 @@ mod tests {
     fn snoop_bit_only_when_configured() {
         let mut mem = FakeMemory::new(16);
         let mut c = cfg(PagingLevels::Three, false, true);
-        let mut pt = PageTable::new(&mut mem, c).unwrap();
+        let pt = PageTable::new(&mut mem, c).unwrap();
         let mut g = Gather::new(0, 1);
         pt.map(&mut mem, 0, 0x10000, 0x1000, RW, &mut g).unwrap();
         assert_eq!(leaf_entry(&mem, &pt, 0) & pte::SNP, 0);
         c.snoop = true;
-        let mut pt = PageTable::new(&mut mem, c).unwrap();
+        let pt = PageTable::new(&mut mem, c).unwrap();
         pt.map(&mut mem, 0, 0x10000, 0x1000, RW, &mut g).unwrap();
         assert_eq!(
             leaf_entry(&mem, &pt, 0),
@@ -689,7 +689,7 @@ mod tests {
                          coherent in any::<bool>()) {
             let levels = if four { PagingLevels::Four } else { PagingLevels::Three };
             let mut mem = FakeMemory::new(4096);
-            let mut pt = PageTable::new(&mut mem, cfg(levels, true, coherent)).unwrap();
+            let pt = PageTable::new(&mut mem, cfg(levels, true, coherent)).unwrap();
             let mut g = Gather::new(0, 1);
             // page -> (phys page, write, superpage base page, superpage pages)
             let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();

@@ -7,12 +7,13 @@ use crate::entry::{PagingLevels, SourceId};
 use crate::error::{Error, Operation};
 use crate::fake_unit::{Event, FakeUnit, QEMU_CAP, QEMU_ECAP};
 use crate::fault::{FaultAccess, FaultReason, FaultRecord};
+use crate::hw::DmaMemory;
 use crate::paging::Access;
 use crate::regs::{
     ccmd, iotlb_reg, ContextGranularity, GlobalCommand, GlobalStatus, IotlbGranularity,
 };
 use crate::testing::{FakeClock, FakeMemory};
-use crate::unit::{Unit, UnitConfig};
+use crate::unit::{Submitted, Unit, UnitConfig};
 
 type TestUnit = Unit<FakeUnit, FakeClock>;
 
@@ -1054,7 +1055,7 @@ fn disable_waits_for_the_queue_to_drain() {
     // A hung queue never drains: disable reports it and leaves QI on (translation is off).
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
     let mut g = dom.gather();
     dom.map(&mut mem, 0x5000, 0x7000, 0x1000, RW, &mut g)
         .unwrap();
@@ -1070,4 +1071,83 @@ fn disable_waits_for_the_queue_to_drain() {
     let s = hw.state();
     assert!(s.errors.is_empty(), "{:?}", s.errors);
     assert_eq!(s.gsts & GlobalStatus::TES.bits(), 0);
+}
+
+/// The split flush of concurrent callers: two submissions outstanding at once, each with its
+/// own status word, written only when the queue reached it (the fake runs descriptors some
+/// register reads after the IQT write); nothing is released before `flush_release`, the
+/// stale translations stay usable until the status is written, and a refused wait
+/// descriptor is reported to its waiter by `queue_check`.
+#[test]
+fn split_flush_per_waiter_status_words() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
+    let (mut ga, mut gb) = (dom.gather(), dom.gather());
+    // A whole 2 MiB leaf table for A (4 KiB pages: the physical range is not 2 MiB
+    // aligned; unlinked by its unmap), one page for B.
+    dom.map(&mem, 0x40_0000, 0x5000_1000, 0x20_0000, RW, &mut ga)
+        .unwrap();
+    dom.map(&mem, 0x10_0000, 0x6000_0000, 0x1000, RW, &mut gb)
+        .unwrap();
+    unit.flush(&mut mem, &mut ga).unwrap();
+    unit.flush(&mut mem, &mut gb).unwrap();
+    assert_eq!(hw.dma(EDU.0, 0x40_0000, false), Ok(0x5000_1000));
+    assert_eq!(hw.dma(EDU.0, 0x10_0000, false), Ok(0x6000_0000));
+    dom.unmap(&mem, 0x40_0000, 0x20_0000, &mut ga).unwrap();
+    dom.unmap(&mem, 0x10_0000, 0x1000, &mut gb).unwrap();
+    assert_eq!(ga.pending_tables(), 1);
+    let status = mem.alloc_frame().unwrap();
+    let (sa, sb) = (status, status + 64);
+    hw.state().queue_delay = 3;
+    let waits = unit.invalidation_stats().waits;
+    let Submitted::Queued(qa) = unit.flush_submit(&mut mem, &mut ga, sa, 5).unwrap() else {
+        panic!("queued invalidation: the flush is queued")
+    };
+    let Submitted::Queued(qb) = unit.flush_submit(&mut mem, &mut gb, sb, 9).unwrap() else {
+        panic!("queued invalidation: the flush is queued")
+    };
+    assert_eq!((qa.invalidations, qb.invalidations), (1, 1));
+    // Not yet run: the stale translations still work, nothing was released.
+    assert_ne!(mem.read_u32(sa), 5);
+    assert_eq!(hw.dma(EDU.0, 0x10_0000, false), Ok(0x6000_0000));
+    assert_eq!(ga.pending_tables(), 1);
+    // Each waiter polls its own word (register reads let the fake's queue advance).
+    let mut polls = 0;
+    while mem.read_u32(sb) != 9 {
+        unit.queue_check(&mut mem, &qb).unwrap();
+        polls += 1;
+        assert!(polls < 100, "B's status word never written");
+    }
+    // The queue runs in order: A's wait came first.
+    assert_eq!(mem.read_u32(sa), 5);
+    unit.queue_check(&mut mem, &qa).unwrap();
+    assert_eq!(hw.dma(EDU.0, 0x10_0000, false), Err(6));
+    assert_eq!(hw.dma(EDU.0, 0x40_0000, false), Err(6));
+    let fa = Unit::<FakeUnit, FakeClock>::flush_release(&mut mem, &mut ga, &qa);
+    let fb = Unit::<FakeUnit, FakeClock>::flush_release(&mut mem, &mut gb, &qb);
+    assert_eq!(fa.unmapped, vec![0x40_0000..0x60_0000]);
+    assert_eq!((fa.tables_freed, fb.tables_freed), (1, 0));
+    assert_eq!(fb.unmapped, vec![0x10_0000..0x10_1000]);
+    assert!(ga.is_empty() && gb.is_empty());
+    assert_eq!(unit.invalidation_stats().waits, waits + 2);
+
+    // A refused wait descriptor: its waiter learns it from queue_check, the gather stays.
+    hw.state().queue_delay = 0;
+    dom.map(&mem, 0x10_0000, 0x6000_0000, 0x1000, RW, &mut gb)
+        .unwrap();
+    unit.flush(&mut mem, &mut gb).unwrap();
+    dom.unmap(&mem, 0x10_0000, 0x1000, &mut gb).unwrap();
+    hw.state().reject_type = Some(crate::inval::desc_type::WAIT);
+    let Submitted::Queued(q) = unit.flush_submit(&mut mem, &mut gb, sb, 10).unwrap() else {
+        panic!("queued")
+    };
+    assert_ne!(mem.read_u32(sb), 10);
+    assert!(matches!(
+        unit.queue_check(&mut mem, &q),
+        Err(Error::InvalidationQueue { .. })
+    ));
+    assert!(!gb.is_empty(), "nothing released after a failed wait");
+    assert!(hw.state().errors.is_empty(), "{:?}", hw.state().errors);
 }

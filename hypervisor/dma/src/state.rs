@@ -206,18 +206,24 @@ impl<P: Default> DmaState<P> {
 
     /// An empty state for a whole guest (one shard) of at most [`Self::DEFAULT_RAM`] of RAM.
     pub fn new(policy: Policy, limits: Limits) -> Self {
-        Self::with_shared(policy, limits, Arc::new(Shared::new(Self::DEFAULT_RAM)))
+        Self::with_shared(
+            policy,
+            limits,
+            Arc::new(Shared::new(Self::DEFAULT_RAM)),
+            P::default(),
+        )
     }
 
-    /// An empty shard of a guest whose shards share `shared`.
-    pub fn with_shared(policy: Policy, limits: Limits, shared: Arc<Shared>) -> Self {
+    /// An empty shard of a guest whose shards share `shared`, with its own (empty) pending
+    /// set `pending` (e.g. one that knows the shard's invalidation status word).
+    pub fn with_shared(policy: Policy, limits: Limits, shared: Arc<Shared>, pending: P) -> Self {
         Self {
             policy,
             limits,
             live: BTreeMap::new(),
             shared,
             mapped_pages: 0,
-            pending: P::default(),
+            pending,
             waiting: Vec::new(),
             map_unflushed: false,
             in_batch: false,
@@ -250,6 +256,12 @@ impl<P: Default> DmaState<P> {
     /// entry validation), so that [`Stats::errors`] counts every failed MAP and UNMAP.
     pub fn note_error(&mut self) {
         self.stats.errors += 1;
+    }
+
+    /// The back end's pending set, for its own bookkeeping (e.g. what it releases once the
+    /// guest is gone); what waits in it is the service's business.
+    pub fn pending_mut(&mut self) -> &mut P {
+        &mut self.pending
     }
 
     /// What the guest's shards share.

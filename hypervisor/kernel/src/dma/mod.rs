@@ -92,6 +92,10 @@ const MAX_MAPPINGS: usize = 16384;
 const IOVA_CACHE_RANGES_PER_VCPU: usize = 4096;
 /// IOVAs start at 1 MiB (page 0 and the low MiB are never handed out).
 const IOVA_BASE_PFN: u64 = 0x100;
+/// Bytes between two shards' invalidation status words (a cache line each).
+const STATUS_STRIDE: usize = 64;
+/// Shards whose status words fit in one frame.
+const STATUS_SLOTS: usize = 4096 / STATUS_STRIDE;
 
 /// Why DMA could not be set up for a guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,11 +342,24 @@ impl GuestDma {
         .unwrap_or(true);
         let did = domain.id();
         let shared = Arc::new(Shared::new(mem));
+        // The shards' invalidation status words: one cache line each in a VT-d frame (no
+        // frame: every flush waits under the unit's lock, as before).
+        let status_frame = if cpus.len() <= STATUS_SLOTS {
+            moat_vtd::DmaMemory::alloc_frame(&mut crate::iommu::hw::KernelMemory).unwrap_or(0)
+        } else {
+            0
+        };
         let shards: Vec<Mutex<Shard>> = cpus
             .into_iter()
-            .map(|iova| {
+            .enumerate()
+            .map(|(i, iova)| {
+                let pending = if status_frame != 0 {
+                    VtdPending::with_status(status_frame + (i * STATUS_STRIDE) as u64)
+                } else {
+                    VtdPending::default()
+                };
                 Mutex::new(Shard {
-                    st: DmaState::with_shared(policy, svc, shared.clone()),
+                    st: DmaState::with_shared(policy, svc, shared.clone(), pending),
                     iova,
                     areas: Vec::new(),
                 })
@@ -628,8 +645,25 @@ impl GuestDma {
         }
         let after = sum_counts(shards.iter().map(|s| s.st.counts(&dom)));
         // Every vCPU's magazines go back, so "live" counts only what is really held.
+        let mut status_frame = None;
+        let mut poisoned = false;
         for shard in shards.iter_mut() {
             shard.iova.flush();
+            let (status, p) = shard.st.pending_mut().take_status();
+            if status != 0 {
+                status_frame = Some(status & !(PAGE - 1));
+            }
+            poisoned |= p;
+        }
+        // The status words' frame, unless the unit may still write one (a wait timed out).
+        if let Some(f) = status_frame {
+            if poisoned {
+                log::warn!(
+                    "guest {guest}: invalidation status frame {f:#x} kept (a wait on it timed out)"
+                );
+            } else {
+                moat_vtd::DmaMemory::free_frame(&mut crate::iommu::hw::KernelMemory, f);
+            }
         }
         let live = self.iova.stats().live_pages;
         log::info!(
