@@ -285,7 +285,7 @@ mod tests {
         let mut mem = FakeMemory::new(64);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mut mem, 0x1000, 0x5000_0000, 0x2000, Access::READ, &mut g)
+        pt.map(&mem, 0x1000, 0x5000_0000, 0x2000, Access::READ, &mut g)
             .unwrap();
         assert_eq!(pt.table_pages(), 3);
         let t = pt.translate(&mem, 0x1234).unwrap();
@@ -300,10 +300,10 @@ mod tests {
         assert_eq!(pt.translate(&mem, 0x2fff).unwrap().phys, 0x5000_1fff);
         assert!(pt.translate(&mem, 0x3000).is_none());
         assert_eq!(
-            pt.map(&mut mem, 0x2000, 0, 0x1000, RW, &mut g),
+            pt.map(&mem, 0x2000, 0, 0x1000, RW, &mut g),
             Err(Error::AlreadyMapped { iova: 0x2000 })
         );
-        pt.unmap(&mut mem, 0x1000, 0x2000, &mut g).unwrap();
+        pt.unmap(&mem, 0x1000, 0x2000, &mut g).unwrap();
         assert!(pt.translate(&mem, 0x1000).is_none());
         // Both lower tables became empty, but the unmap covered neither's span: they stay
         // linked (other IOVAs of their span may be mapped before the flush).
@@ -311,7 +311,7 @@ mod tests {
         assert_eq!(pt.table_pages(), 3);
         assert_eq!(mem.live_frames(), 3);
         // A later map reuses them.
-        pt.map(&mut mem, 0x5000, 0x6000_0000, 0x1000, RW, &mut g)
+        pt.map(&mem, 0x5000, 0x6000_0000, 0x1000, RW, &mut g)
             .unwrap();
         assert_eq!((pt.table_pages(), mem.live_frames()), (3, 3));
     }
@@ -321,24 +321,21 @@ mod tests {
         let mut mem = FakeMemory::new(64);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mut mem, 0x5000, 0x5000, 0x1000, RW, &mut g)
-            .unwrap();
-        pt.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+        pt.map(&mem, 0x5000, 0x5000, 0x1000, RW, &mut g).unwrap();
+        pt.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
         let tables = pt.walk_tables(&mem);
         assert_eq!(tables.len(), 3, "the emptied leaf table stays linked");
         // 2 MiB aligned both sides: a superpage, except that a table is linked there.
-        pt.map(&mut mem, 0, 0x4000_0000, 0x40_0000, RW, &mut g)
-            .unwrap();
+        pt.map(&mem, 0, 0x4000_0000, 0x40_0000, RW, &mut g).unwrap();
         assert_eq!(pt.translate(&mem, 0x1000).unwrap().page_size, 4096);
         assert_eq!(pt.translate(&mem, 0x1000).unwrap().phys, 0x4000_1000);
         assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 0x20_0000);
         assert_eq!(pt.walk_tables(&mem), tables, "no table replaced");
         // A clash inside the kept table is found at its page.
-        pt.unmap(&mut mem, 0, 0x20_0000, &mut g).unwrap();
-        pt.map(&mut mem, 0x7000, 0x7000, 0x1000, RW, &mut g)
-            .unwrap();
+        pt.unmap(&mem, 0, 0x20_0000, &mut g).unwrap();
+        pt.map(&mem, 0x7000, 0x7000, 0x1000, RW, &mut g).unwrap();
         assert_eq!(
-            pt.map(&mut mem, 0, 0, 0x20_0000, RW, &mut g),
+            pt.map(&mem, 0, 0, 0x20_0000, RW, &mut g),
             Err(Error::AlreadyMapped { iova: 0x7000 })
         );
         assert!(pt.translate(&mem, 0).is_none());
@@ -350,21 +347,20 @@ mod tests {
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
         let mut g = Gather::new(0, 1);
         // Two leaf tables (spans [0, 2M) and [2M, 4M)) under one level-2 table.
-        pt.map(&mut mem, 0, 0x4000_0000, 0x40_0000, RW, &mut g)
-            .unwrap();
+        pt.map(&mem, 0, 0x4000_0000, 0x40_0000, RW, &mut g).unwrap();
         assert_eq!(pt.table_pages(), 4);
         let leaf0 = pt.walk_tables(&mem)[2];
         // Half of the first span: nothing unlinked.
-        pt.unmap(&mut mem, 0, 0x10_0000, &mut g).unwrap();
+        pt.unmap(&mem, 0, 0x10_0000, &mut g).unwrap();
         assert_eq!(g.pending_tables(), 0);
         // The rest of it (the whole span is now unmapped, but by two unmaps): still linked.
-        pt.unmap(&mut mem, 0x10_0000, 0x10_0000, &mut g).unwrap();
+        pt.unmap(&mem, 0x10_0000, 0x10_0000, &mut g).unwrap();
         assert_eq!(g.pending_tables(), 0);
         assert_eq!(pt.table_pages(), 4);
         // One unmap covering the second span exactly: its leaf table goes to the gather;
         // the level-2 table (1 GiB span) stays.
         let leaf1 = pt.walk_tables(&mem)[3];
-        pt.unmap(&mut mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
+        pt.unmap(&mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
         assert_eq!(g.pending_tables(), 1);
         assert_eq!(pt.table_pages(), 3);
         assert!(!pt.walk_tables(&mem).contains(&leaf1));
@@ -374,7 +370,7 @@ mod tests {
             crate::gather::FlushPlan::Pages { ih: false, .. }
         ));
         // Teardown-style release: the empty leaf table and then its parent.
-        assert_eq!(pt.release_empty_tables(&mut mem, &mut g), 2);
+        assert_eq!(pt.release_empty_tables(&mem, &mut g), 2);
         assert_eq!(pt.table_pages(), 1);
         assert_eq!(g.pending_tables(), 3);
         assert_eq!(pt.table_pages() + g.pending_tables(), mem.live_frames());
@@ -392,18 +388,18 @@ mod tests {
         let mut mem = FakeMemory::new(64);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Four, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mut mem, 0x4000_0000, 0x8000_0000, 0x4020_0000, RW, &mut g)
+        pt.map(&mem, 0x4000_0000, 0x8000_0000, 0x4020_0000, RW, &mut g)
             .unwrap();
         assert_eq!(pt.translate(&mem, 0x4000_1000).unwrap().page_size, 1 << 30);
         assert_eq!(pt.translate(&mem, 0x8010_0000).unwrap().page_size, 2 << 20);
         assert_eq!(pt.translate(&mem, 0x8010_0000).unwrap().phys, 0xc010_0000);
         // Unaligned physical address: only 4 KiB pages.
-        pt.map(&mut mem, 0x20_0000, 0x1000, 0x20_0000, RW, &mut g)
+        pt.map(&mem, 0x20_0000, 0x1000, 0x20_0000, RW, &mut g)
             .unwrap();
         assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 4096);
         // Superpages disabled.
         let pt2 = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
-        pt2.map(&mut mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
+        pt2.map(&mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
             .unwrap();
         assert_eq!(pt2.translate(&mem, 0x20_0000).unwrap().page_size, 4096);
     }
@@ -413,22 +409,22 @@ mod tests {
         let mut mem = FakeMemory::new(64);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mut mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
+        pt.map(&mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
             .unwrap();
         assert_eq!(
-            pt.unmap(&mut mem, 0x20_0000, 0x1000, &mut g),
+            pt.unmap(&mem, 0x20_0000, 0x1000, &mut g),
             Err(Error::PartialSuperpage {
                 iova: 0x20_0000,
                 size: 0x20_0000
             })
         );
         assert_eq!(
-            pt.unmap(&mut mem, 0x1f_f000, 0x20_1000, &mut g),
+            pt.unmap(&mem, 0x1f_f000, 0x20_1000, &mut g),
             Err(Error::NotMapped { iova: 0x1f_f000 })
         );
         assert!(g.unmapped().is_empty());
         assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 0x20_0000);
-        pt.unmap(&mut mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
+        pt.unmap(&mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
         assert!(pt.translate(&mem, 0x20_0000).is_none());
     }
 
@@ -438,35 +434,35 @@ mod tests {
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
         assert_eq!(
-            pt.map(&mut mem, 0x1001, 0, 0x1000, RW, &mut g),
+            pt.map(&mem, 0x1001, 0, 0x1000, RW, &mut g),
             Err(Error::Misaligned)
         );
         assert_eq!(
-            pt.map(&mut mem, 0x1000, 0x10, 0x1000, RW, &mut g),
+            pt.map(&mem, 0x1000, 0x10, 0x1000, RW, &mut g),
             Err(Error::Misaligned)
         );
         assert_eq!(
-            pt.map(&mut mem, 0x1000, 0, 0, RW, &mut g),
+            pt.map(&mem, 0x1000, 0, 0, RW, &mut g),
             Err(Error::Misaligned)
         );
         assert_eq!(
-            pt.map(&mut mem, 1 << 39, 0, 0x1000, RW, &mut g),
+            pt.map(&mem, 1 << 39, 0, 0x1000, RW, &mut g),
             Err(Error::OutOfRange)
         );
         assert_eq!(
-            pt.map(&mut mem, !0xfff, 0, 0x1000, RW, &mut g),
+            pt.map(&mem, !0xfff, 0, 0x1000, RW, &mut g),
             Err(Error::OutOfRange)
         );
         assert_eq!(
-            pt.map(&mut mem, 0, 1 << 52, 0x1000, RW, &mut g),
+            pt.map(&mem, 0, 1 << 52, 0x1000, RW, &mut g),
             Err(Error::OutOfRange)
         );
         assert_eq!(
-            pt.map(&mut mem, 0, 0, 0x1000, Access::empty(), &mut g),
+            pt.map(&mem, 0, 0, 0x1000, Access::empty(), &mut g),
             Err(Error::NoAccess)
         );
         assert_eq!(
-            pt.unmap(&mut mem, 0, 0x1000, &mut g),
+            pt.unmap(&mem, 0, 0x1000, &mut g),
             Err(Error::NotMapped { iova: 0 })
         );
         assert!(g.is_empty());
@@ -478,7 +474,7 @@ mod tests {
         let mut mem = FakeMemory::new(4);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        let r = pt.map(&mut mem, 0x3fff_f000, 0x1000, 0x2000, RW, &mut g);
+        let r = pt.map(&mem, 0x3fff_f000, 0x1000, 0x2000, RW, &mut g);
         assert_eq!(r, Err(Error::NoMemory));
         assert!(pt.translate(&mem, 0x3fff_f000).is_none());
         // Region 0's two tables and region 1's level-2 table stay linked (empty): nothing is
@@ -499,7 +495,7 @@ mod tests {
             }
         );
         // The kept tables are reused: this map needs no new frame.
-        pt.map(&mut mem, 0x3fff_e000, 0x1000, 0x2000, RW, &mut g)
+        pt.map(&mem, 0x3fff_e000, 0x1000, 0x2000, RW, &mut g)
             .unwrap();
         assert_eq!(pt.table_pages(), 4);
     }
@@ -509,12 +505,11 @@ mod tests {
         let mut mem = FakeMemory::new(64);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mut mem, 0x20_0000, 0x1000, 0x1000, RW, &mut g)
-            .unwrap();
+        pt.map(&mem, 0x20_0000, 0x1000, 0x1000, RW, &mut g).unwrap();
         let tables = pt.table_pages();
         // Fills the leaf table of [0, 2M) completely, then clashes at 2M.
         assert_eq!(
-            pt.map(&mut mem, 0, 0x10_0000, 0x20_1000, RW, &mut g),
+            pt.map(&mem, 0, 0x10_0000, 0x20_1000, RW, &mut g),
             Err(Error::AlreadyMapped { iova: 0x20_0000 })
         );
         assert!(pt.translate(&mem, 0x1f_f000).is_none());
@@ -535,19 +530,19 @@ mod tests {
         let mut mem = FakeMemory::new(16);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, false)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mut mem, 0, 0x10000, 0x3000, RW, &mut g).unwrap();
+        pt.map(&mem, 0, 0x10000, 0x3000, RW, &mut g).unwrap();
         // Every written entry's line was flushed after the write.
         assert!(
             mem.unflushed_writes().is_empty(),
             "{:?}",
             mem.unflushed_writes()
         );
-        pt.unmap(&mut mem, 0x1000, 0x1000, &mut g).unwrap();
+        pt.unmap(&mem, 0x1000, 0x1000, &mut g).unwrap();
         assert!(mem.unflushed_writes().is_empty());
         // The coherent configuration does not pay for flushes.
         let mut mem = FakeMemory::new(16);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
-        pt.map(&mut mem, 0, 0x10000, 0x3000, RW, &mut g).unwrap();
+        pt.map(&mem, 0, 0x10000, 0x3000, RW, &mut g).unwrap();
         assert_eq!(mem.flush_calls(), 0);
     }
 
@@ -557,11 +552,11 @@ mod tests {
         let mut c = cfg(PagingLevels::Three, false, true);
         let pt = PageTable::new(&mut mem, c).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mut mem, 0, 0x10000, 0x1000, RW, &mut g).unwrap();
+        pt.map(&mem, 0, 0x10000, 0x1000, RW, &mut g).unwrap();
         assert_eq!(leaf_entry(&mem, &pt, 0) & pte::SNP, 0);
         c.snoop = true;
         let pt = PageTable::new(&mut mem, c).unwrap();
-        pt.map(&mut mem, 0, 0x10000, 0x1000, RW, &mut g).unwrap();
+        pt.map(&mem, 0, 0x10000, 0x1000, RW, &mut g).unwrap();
         assert_eq!(
             leaf_entry(&mem, &pt, 0),
             0x10000 | pte::SNP | pte::R | pte::W
@@ -709,7 +704,7 @@ mod tests {
                     Op::UnmapNth(_) => unreachable!(),
                     Op::Flush => flush(&mut mem, &mut g),
                     Op::Release => {
-                        let n = pt.release_empty_tables(&mut mem, &mut g);
+                        let n = pt.release_empty_tables(&mem, &mut g);
                         prop_assert_eq!(g.pending_tables(), pending_before + n);
                         for &t in &g.pending_table_list()[pending_before..] {
                             prop_assert!(pt.table_empty_for_test(&mem, t));
@@ -718,7 +713,7 @@ mod tests {
                     }
                     Op::Map { page, pages, phys_page, write } => {
                         let access = if write { RW } else { Access::READ };
-                        let r = pt.map(&mut mem, page * 4096, phys_page * 4096, pages * 4096, access, &mut g);
+                        let r = pt.map(&mem, page * 4096, phys_page * 4096, pages * 4096, access, &mut g);
                         let clash = (page..page + pages).any(|p| model.contains_key(&p));
                         prop_assert_eq!(r.is_ok(), !clash, "{:?}", r);
                         // A map, failed or not, never unlinks a table.
@@ -731,7 +726,7 @@ mod tests {
                         }
                     }
                     Op::Unmap { page, pages } => {
-                        let r = pt.unmap(&mut mem, page * 4096, pages * 4096, &mut g);
+                        let r = pt.unmap(&mem, page * 4096, pages * 4096, &mut g);
                         match r {
                             Ok(()) => {
                                 for p in page..page + pages {

@@ -70,7 +70,10 @@ impl Iommu for Dom {
 /// The allocator, shared (the real one is per-CPU and lock-free; this double checks that
 /// nothing it handed out is handed out again before it came back).
 #[derive(Clone, Default)]
-struct Iovas(Arc<Mutex<(u64, BTreeMap<u64, u64>, Vec<(u64, u64)>)>>);
+struct Iovas(Arc<Mutex<IovaState>>);
+
+/// Bump pointer, ranges handed out (start -> pages), ranges given back.
+type IovaState = (u64, BTreeMap<u64, u64>, Vec<(u64, u64)>);
 
 impl IovaSource for Iovas {
     fn alloc(&mut self, pages: u64) -> Option<u64> {
@@ -124,14 +127,16 @@ fn rng(seed: &mut u64) -> u64 {
 }
 
 type Shard = Mutex<DmaState<Vec<(u64, u64)>>>;
+/// Mappings `(iova, gpa, pages)` handed to a vCPU to unmap.
+type Inbox = Mutex<Vec<(u64, u64, u64)>>;
 
 /// Unmaps `(iova, gpa, pages)` from vCPU `me`, moving the record from the other shard first
 /// when `me` does not hold it.
 fn unmap(shards: &[Shard], me: usize, dom: &Dom, iovas: &Iovas, m: (u64, u64, u64)) {
     let (iova, gpa, pages) = m;
     let first = (gpa / PAGE_SIZE) as usize;
-    for p in first..first + pages as usize {
-        assert_eq!(GPA[p].swap(2, SeqCst), 1);
+    for g in &GPA[first..first + pages as usize] {
+        assert_eq!(g.swap(2, SeqCst), 1);
     }
     if shards[me].lock().unwrap().mapping(iova).is_none() {
         let other = 1 - me;
@@ -150,8 +155,8 @@ fn unmap(shards: &[Shard], me: usize, dom: &Dom, iovas: &Iovas, m: (u64, u64, u6
         pages * PAGE_SIZE,
     );
     assert!(r.is_ok(), "{r:?}");
-    for p in first..first + pages as usize {
-        GPA[p].store(0, SeqCst);
+    for g in &GPA[first..first + pages as usize] {
+        g.store(0, SeqCst);
     }
 }
 
@@ -177,7 +182,7 @@ fn two_vcpus_share_nothing_but_the_accounting() {
     );
     let (dom, iovas) = (Dom::default(), Iovas::default());
     // Mappings handed to each vCPU to unmap.
-    let inbox: Arc<[Mutex<Vec<(u64, u64, u64)>>; 2]> = Arc::new(Default::default());
+    let inbox: Arc<[Inbox; 2]> = Arc::new(Default::default());
     let threads: Vec<_> = (0..2)
         .map(|me| {
             let (shards, dom, iovas, inbox) =
@@ -212,18 +217,18 @@ fn two_vcpus_share_nothing_but_the_accounting() {
                         Ok(iova) => {
                             maps += 1;
                             let first = (gpa / PAGE_SIZE) as usize;
-                            for p in first..first + pages as usize {
+                            for (p, g) in GPA.iter().enumerate().skip(first).take(pages as usize) {
                                 // A page whose UNMAP is in progress elsewhere is released by
                                 // now (its unclaim came first); wait for that vCPU's mark.
                                 loop {
-                                    match GPA[p].compare_exchange(0, 1, SeqCst, SeqCst) {
+                                    match g.compare_exchange(0, 1, SeqCst, SeqCst) {
                                         Ok(_) => break,
                                         Err(2) => std::thread::yield_now(),
                                         Err(_) => panic!("guest page {p} mapped twice"),
                                     }
                                 }
                             }
-                            if rng(&mut seed) % 2 == 0 {
+                            if rng(&mut seed).is_multiple_of(2) {
                                 inbox[1 - me].lock().unwrap().push((iova, gpa, pages));
                             } else {
                                 mine.push((iova, gpa, pages));
@@ -233,7 +238,7 @@ fn two_vcpus_share_nothing_but_the_accounting() {
                         Err(Error::Nomem) => nomem += 1,
                         Err(e) => panic!("unexpected {e:?}"),
                     }
-                    if mine.len() > 8 || rng(&mut seed) % 3 == 0 {
+                    if mine.len() > 8 || rng(&mut seed).is_multiple_of(3) {
                         if let Some(m) = mine.pop() {
                             unmap(&shards, me, &dom, &iovas, m);
                         }

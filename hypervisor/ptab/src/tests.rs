@@ -150,7 +150,6 @@ fn superpage_not_over_a_kept_table() {
     // two emptied tables above it.
     pt.unmap(&mem, 0, 0x20_0000, &mut s).unwrap();
     assert_eq!(s.tables.len(), 1);
-    let pt = pt;
     assert_eq!(pt.release_empty_tables(&mem, &mut s), 2);
     assert_eq!(s.inval.len(), 2);
     assert_eq!(pt.table_pages(), 1);

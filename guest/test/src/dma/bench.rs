@@ -20,6 +20,10 @@ static ARRIVED: AtomicU64 = AtomicU64::new(0);
 static FAILED: AtomicBool = AtomicBool::new(false);
 /// Workers that finished (ok or not).
 static DONE: AtomicU64 = AtomicU64::new(0);
+/// The last cell vCPU 0 ended (cells count from 1): the others stop at their next round.
+static STOP: AtomicU64 = AtomicU64::new(0);
+/// Operations of the current cell, all vCPUs.
+static CELL_OPS: AtomicU64 = AtomicU64::new(0);
 
 /// Waits until all `n` vCPUs reached barrier `k` (counted from 1), or a worker failed.
 fn barrier(n: u64, k: u64) -> Outcome {
@@ -41,6 +45,9 @@ fn buffers(v: usize) -> u64 {
 /// `dma-bench`: cost per map+unmap operation of real mappings under the guest's policy, for
 /// batch sizes 1 (single hypercalls), 8, 64, 256 and buffers of 4 KiB and 64 KiB, every
 /// vCPU running the same cell at once (each with its own driver, batch area and buffers).
+/// A cell runs at least `ops_per_cell` operations on vCPU 0 and at least `ops_per_cell / 2`
+/// ms (so that a cell is long against the host's scheduling of the vCPU threads); the
+/// other vCPUs run until vCPU 0 ends it.
 /// One line per cell, `dma-bench policy=.. vcpus=.. batch=.. bytes=.. ops=.. ops_per_s=..
 /// ns_per_op=.. cycles_per_op=.. invalidations_per_op=.. waits_per_op=.. exits_per_op=..
 /// validate=.. iova_alloc=.. pte_write=.. invalidate=.. iova_free=..` (ops: all vCPUs';
@@ -110,17 +117,29 @@ fn bench_cells(info: &BootInfo, v: usize, ops_per_cell: u64) -> Outcome {
     let base = buffers(v);
     let khz = info.tsc_khz.get().max(1);
     let mut phase = 0;
+    let mut cell = 0;
+    let min_cycles = ops_per_cell / 2 * khz;
     for bytes in [4096u64, 65536] {
         for batch in [1u64, 8, 64, 256] {
+            cell += 1;
             let batch = batch.min(cap as u64);
             let rounds = (ops_per_cell / batch).max(1);
-            let ops = rounds * batch;
             let mut iovas = [0u64; 256];
             let mut s0 = None;
             let mut t0 = 0;
+            let mut done = 0u64;
             // One unmeasured round first: the emulator translates each code path on its
             // first run, which would otherwise be charged to whichever cell runs it first.
-            for round in 0..=rounds {
+            for round in 0.. {
+                if round > 1 {
+                    done += batch;
+                    if v == 0 && round > rounds && crate::abi::rdtsc() - t0 >= min_cycles {
+                        STOP.store(cell, SeqCst);
+                    }
+                    if STOP.load(SeqCst) >= cell {
+                        break;
+                    }
+                }
                 if round == 1 {
                     // Every vCPU warmed up; vCPU 0 reads the counters; all start together.
                     phase += 1;
@@ -172,6 +191,7 @@ fn bench_cells(info: &BootInfo, v: usize, ops_per_cell: u64) -> Outcome {
                 }
             }
             // Every vCPU finished the cell.
+            CELL_OPS.fetch_add(done, SeqCst);
             phase += 1;
             barrier(n, phase)?;
             if v != 0 {
@@ -180,7 +200,9 @@ fn bench_cells(info: &BootInfo, v: usize, ops_per_cell: u64) -> Outcome {
             let t1 = crate::abi::rdtsc();
             let s1 = d.stats(false).map_err(|_| "STATS failed")?;
             let s0 = s0.ok_or("no counters at the start of the cell")?;
-            let all = ops * n;
+            // Read before the next cell's first barrier, which every vCPU passes only
+            // after vCPU 0 (so nobody adds to it meanwhile).
+            let all = CELL_OPS.swap(0, SeqCst).max(1);
             let per = |a: U64, b: U64| (b.get() - a.get()) as f64 / all as f64;
             let cycles = (t1 - t0) as f64 / all as f64;
             let ns = cycles * 1_000_000.0 / khz as f64;

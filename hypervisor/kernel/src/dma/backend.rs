@@ -148,7 +148,7 @@ impl Iommu for &VtdDomain {
                 break;
             }
             polls = polls.wrapping_add(1);
-            if polls % QUEUE_CHECK_EVERY == 0 {
+            if polls.is_multiple_of(QUEUE_CHECK_EVERY) {
                 let r = with_unit(self.unit, |u, m| u.queue_check(m, &q)).ok_or(Error::Busy)?;
                 if let Err(e) = r {
                     // Our wait descriptor was refused: nothing will write the word.

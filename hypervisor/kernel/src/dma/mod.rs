@@ -288,7 +288,7 @@ impl GuestDma {
             .map(|&(b, _, _)| SourceId::new(b.bus(), b.device(), b.function()))
             .collect();
         let domain = with_unit(unit, |u, m| -> Result<moat_vtd::Domain, moat_vtd::Error> {
-            let mut dom = u.create_domain(m)?;
+            let dom = u.create_domain(m)?;
             let built = (|| {
                 let mut g = dom.gather();
                 for &(b, _, _) in devices {
@@ -306,7 +306,7 @@ impl GuestDma {
                     dom.map(m, 0, hpa, mem, VtdAccess::READ | VtdAccess::WRITE, &mut g)?;
                 }
                 for &s in &sources {
-                    u.attach(m, &mut dom, s)?;
+                    u.attach(m, &dom, s)?;
                 }
                 u.flush(m, &mut g).map(|_| ())
             })();
@@ -314,7 +314,7 @@ impl GuestDma {
                 Ok(()) => Ok(dom),
                 Err(e) => {
                     for &s in &sources {
-                        let _ = u.detach(m, &mut dom, s);
+                        let _ = u.detach(m, &dom, s);
                     }
                     let _ = u.destroy_domain(m, dom);
                     Err(e)
