@@ -95,20 +95,21 @@ impl GuestDma {
             u.fault_counters().domain(self.dom.domain.id())
         })
         .unwrap_or(0);
-        let faults = faults_total.saturating_sub(self.calls.faults_base.load(Ordering::Relaxed));
+        let faults = faults_total.saturating_sub(self.faults_base.load(Ordering::Relaxed));
+        let (cycles_exit, multicalls, exits, cycles_validate) = sum_calls(&self.calls);
         let out = wire::Stats {
             size: (wire::STATS_SIZE as u32).into(),
             reserved: 0.into(),
             maps: s.maps.into(),
             unmaps: s.unmaps.into(),
             errors: s.errors.into(),
-            multicalls: self.calls.multicalls.load(Ordering::Relaxed).into(),
+            multicalls: multicalls.into(),
             invalidations: s.invalidations.into(),
             waits: s.waits.into(),
             faults: faults.into(),
-            exits: self.calls.exits.load(Ordering::Relaxed).into(),
-            cycles_exit: self.calls.cycles_exit.load(Ordering::Relaxed).into(),
-            cycles_validate: self.calls.cycles_validate.load(Ordering::Relaxed).into(),
+            exits: exits.into(),
+            cycles_exit: cycles_exit.into(),
+            cycles_validate: cycles_validate.into(),
             cycles_iova_alloc: s.cycles[moat_dma::Phase::IovaAlloc as usize].into(),
             cycles_pte_write: s.cycles[moat_dma::Phase::PteWrite as usize].into(),
             cycles_invalidate: s.cycles[moat_dma::Phase::InvalidateWait as usize].into(),
@@ -127,7 +128,10 @@ impl GuestDma {
             for sh in shards.iter_mut() {
                 sh.st.reset_stats();
             }
-            self.calls.reset(faults_total);
+            for c in &self.calls {
+                c.reset();
+            }
+            self.faults_base.store(faults_total, Ordering::Relaxed);
         }
         drop(shards);
         Return::ok(wire::STATS_SIZE as u64)

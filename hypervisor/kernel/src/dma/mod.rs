@@ -123,20 +123,20 @@ impl core::fmt::Display for SetupError {
     }
 }
 
-/// Counters the hypercall layer keeps (the service keeps the rest).
+/// Counters the hypercall layer keeps (the service keeps the rest), one set per vCPU (its
+/// own cache line: vCPUs do not share a counter on the hot path); STATS sums them.
 #[derive(Default)]
+#[repr(align(64))]
 struct CallCounters {
     cycles_exit: AtomicU64,
     multicalls: AtomicU64,
     exits: AtomicU64,
     cycles_validate: AtomicU64,
-    /// The unit's fault count for the domain at the last STATS RESET.
-    faults_base: AtomicU64,
 }
 
 impl CallCounters {
-    /// STATS RESET: zero the counters; `faults_now` becomes the new fault baseline.
-    fn reset(&self, faults_now: u64) {
+    /// STATS RESET: zero the counters.
+    fn reset(&self) {
         for c in [
             &self.cycles_exit,
             &self.multicalls,
@@ -145,8 +145,20 @@ impl CallCounters {
         ] {
             c.store(0, Ordering::Relaxed);
         }
-        self.faults_base.store(faults_now, Ordering::Relaxed);
     }
+}
+
+/// The sums of every vCPU's [`CallCounters`]: (cycles_exit, multicalls, exits,
+/// cycles_validate).
+fn sum_calls(calls: &[CallCounters]) -> (u64, u64, u64, u64) {
+    calls.iter().fold((0, 0, 0, 0), |a, c| {
+        (
+            a.0 + c.cycles_exit.load(Ordering::Relaxed),
+            a.1 + c.multicalls.load(Ordering::Relaxed),
+            a.2 + c.exits.load(Ordering::Relaxed),
+            a.3 + c.cycles_validate.load(Ordering::Relaxed),
+        )
+    })
 }
 
 /// One guest's DMA service.
@@ -168,7 +180,10 @@ pub struct GuestDma {
     regions: Vec<wire::ReservedRegion>,
     part: Partition,
     batch: Vec<Mutex<Option<(u64, u64)>>>,
-    calls: CallCounters,
+    /// Per vCPU.
+    calls: Vec<CallCounters>,
+    /// The unit's fault count for the domain at the last STATS RESET.
+    faults_base: AtomicU64,
     sources: Vec<SourceId>,
     baseline_tables: usize,
     unit: u64,
@@ -388,7 +403,8 @@ impl GuestDma {
                 size: mem,
             },
             batch: (0..vcpus.max(1)).map(|_| Mutex::new(None)).collect(),
-            calls: CallCounters::default(),
+            calls: (0..vcpus.max(1)).map(|_| CallCounters::default()).collect(),
+            faults_base: AtomicU64::new(0),
             sources,
             baseline_tables,
             unit,
@@ -549,7 +565,8 @@ impl GuestDma {
 
     /// Handles DMA call `call` from vCPU `vcpu`.
     pub fn hypercall(&self, vcpu: usize, call: Call, a: &Args) -> Return {
-        self.calls.exits.fetch_add(1, Ordering::Relaxed);
+        let calls = &self.calls[self.me(vcpu)];
+        calls.exits.fetch_add(1, Ordering::Relaxed);
         self.deliver_faults();
         match call {
             Call::DmaQuery => self.query(a),
@@ -560,7 +577,7 @@ impl GuestDma {
                 } else {
                     wire::decode_unmap_regs(a, &self.limits)
                 };
-                self.calls
+                calls
                     .cycles_validate
                     .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
                 let req = match req {
@@ -680,18 +697,19 @@ impl GuestDma {
             self.baseline_tables
         );
         let s = sum_stats(shards.iter().map(|s| s.st.stats()));
+        let (_, multicalls, exits, _) = sum_calls(&self.calls);
         let shared = shards[0].st.shared().clone();
         log::info!(
             "guest {guest}: dma stats: {} maps, {} unmaps, {} errors, {} multicalls, {} flushes with {} invalidations ({} deferred, oldest unmap at most {} us old when its flush completed), {} DMA hypercalls; {} shard(s), guest-wide accounting after teardown: {} mapping(s), {} page(s)",
             s.maps,
             s.unmaps,
             s.errors,
-            self.calls.multicalls.load(Ordering::Relaxed),
+            multicalls,
             s.flushes,
             s.invalidations,
             s.deferred_flushes,
             s.deferred_max_age_ns / 1000,
-            self.calls.exits.load(Ordering::Relaxed),
+            exits,
             shards.len(),
             shared.mappings(),
             shared.mapped_pages()
@@ -710,8 +728,10 @@ impl GuestDma {
     /// Adds the hypervisor's exit/entry cycles of one DMA hypercall (from #VMEXIT to the
     /// handler and from the handler back to VMRUN; the hardware world switch itself is not
     /// visible from the hypervisor).
-    pub fn add_exit_cycles(&self, c: u64) {
-        self.calls.cycles_exit.fetch_add(c, Ordering::Relaxed);
+    pub fn add_exit_cycles(&self, vcpu: usize, c: u64) {
+        self.calls[self.me(vcpu)]
+            .cycles_exit
+            .fetch_add(c, Ordering::Relaxed);
     }
 
     /// Whether the vCPUs need the periodic timer (the deferred time bound must hold even when

@@ -14,7 +14,8 @@ impl GuestDma {
         if rsi != 0 {
             return reject(Status::Inval);
         }
-        self.calls.multicalls.fetch_add(1, Ordering::Relaxed);
+        let calls = &self.calls[self.me(vcpu)];
+        calls.multicalls.fetch_add(1, Ordering::Relaxed);
         let t0 = x86::rdtsc();
         // Copied once into the hypervisor's memory; only the copy is checked and used.
         let mut header = BatchHeader::new_zeroed();
@@ -26,7 +27,7 @@ impl GuestDma {
             Ok(i) => i,
             Err(s) => return reject(s),
         };
-        self.calls
+        calls
             .cycles_validate
             .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
         // The budget; a deferred guest's MULTICALL also keeps within the deferred slack, so
@@ -60,7 +61,7 @@ impl GuestDma {
                 Err(s) => Err(s),
                 Ok(()) => {
                     let v = wire::validate_entry(&e, &self.limits);
-                    self.calls
+                    calls
                         .cycles_validate
                         .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
                     match v {
