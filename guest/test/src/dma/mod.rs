@@ -193,6 +193,10 @@ pub(crate) fn raw(call: Call, a: [u64; 6]) -> (Option<Status>, [u64; 3]) {
 #[repr(C, align(4096))]
 struct BatchPages([[u8; PAGE]; 8]);
 
+/// `N` page-aligned pages (batch areas, scratch pages of the multi-vCPU tests).
+#[repr(C, align(4096))]
+pub(crate) struct PageArray<const N: usize>(pub(crate) [[u8; PAGE]; N]);
+
 pub(crate) fn delay_ms(boot: &BootInfo, ms: u64) {
     let t0 = crate::abi::rdtsc();
     while crate::abi::rdtsc() - t0 < ms * boot.tsc_khz.get() {
