@@ -1,5 +1,5 @@
 //! Guest pages registered with the hypervisor (batch areas, the fault ring): the checks every
-//! registration makes under the guest's lock, and BATCH_REGISTER.
+//! registration makes with every vCPU shard held, and BATCH_REGISTER.
 
 use super::*;
 
