@@ -3,6 +3,10 @@
 //! sizes 1, 8, 64, 256 and buffers of 4 KiB and 64 KiB, and reports per operation: time,
 //! cycles, invalidations, waits, VM exits and the hypervisor's per-phase cycles. Emulated
 //! (QEMU TCG) figures: the ratios between rows are the result, not the absolute times.
+//!
+//! `--vcpus 1,2`: the same cells on 1 and on 2 vCPUs of one guest at once (QEMU `-smp N`
+//! with multi-threaded TCG, every vCPU mapping and unmapping its own buffers); each row says
+//! how many vCPUs ran it and the guest's throughput (`ops_per_s`, all vCPUs together).
 
 use std::time::Duration;
 
@@ -19,6 +23,9 @@ use crate::{
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Row {
     policy: String,
+    /// vCPUs running the cell at once (the guest line's `vcpus`; 1 when absent).
+    #[serde(default = "one")]
+    vcpus: u64,
     batch: u64,
     bytes: u64,
     ns_per_op: f64,
@@ -26,6 +33,10 @@ struct Row {
     invalidations_per_op: f64,
     waits_per_op: f64,
     exits_per_op: f64,
+    /// Map+unmap operations per second of emulated time, all vCPUs together (the guest
+    /// line's `ops_per_s`; from `ns_per_op` when absent).
+    #[serde(default)]
+    ops_per_s: f64,
     /// Filled from the same flat line (second pass of [`parse`]), nested in the JSON.
     #[serde(skip_deserializing)]
     phases: Phases,
@@ -48,6 +59,10 @@ fn emulated() -> String {
     "QEMU TCG".into()
 }
 
+fn one() -> u64 {
+    1
+}
+
 /// A guest line `... dma-bench policy=strict batch=8 bytes=4096 ops=.. ns_per_op=.. ...` as a
 /// [`Row`]: the `key=value` pairs become a JSON object (numbers where they parse), which
 /// fills the row and its phases by name (keys neither wants, such as `ops`, are ignored).
@@ -68,39 +83,68 @@ fn parse(line: &str) -> Option<Row> {
     let fields = Value::Object(fields);
     let mut row: Row = serde_json::from_value(fields.clone()).ok()?;
     row.phases = serde_json::from_value(fields).ok()?;
+    if row.ops_per_s == 0.0 && row.ns_per_op > 0.0 {
+        row.ops_per_s = 1e9 / row.ns_per_op;
+    }
     Some(row)
 }
 
-/// Runs the benchmark; `quick` uses fewer operations per cell.
-pub fn run(quick: bool) -> Result<()> {
+/// QEMU's arguments for `vcpus` vCPUs: `-smp vcpus`, and multi-threaded TCG (one host
+/// thread per vCPU) instead of the default accelerator options.
+fn machine_args(iso: &str, vcpus: u32) -> Vec<String> {
+    let m = Machine {
+        smp: vcpus.max(Machine::default().smp),
+        ..Machine::default()
+    };
+    let mut args = m.qemu_args(iso, setup::OVMF_CODE);
+    if let Some(i) = args.iter().position(|a| a == "-accel")
+        && let Some(a) = args.get_mut(i + 1)
+    {
+        *a = "tcg,thread=multi".into();
+    }
+    args
+}
+
+/// Runs the benchmark on each vCPU count of `vcpus`; `quick` uses fewer operations per cell.
+pub fn run(quick: bool, vcpus: &[u32]) -> Result<()> {
     setup::ensure()?;
     let kernel = build_kernel(Flavour::Release)?;
     let ops = if quick { 64 } else { 512 };
     let mut rows = Vec::new();
-    for policy in ["passthrough", "strict", "batched", "deferred"] {
-        let cmdline =
-            format!("exit=qemu log=info guest=name=g0,mem=64M,dev=00:05.0,policy={policy}");
-        let modules = module_files(&[BootModule {
-            file: TEST_GUEST,
-            cmdline: format!("g0 dma-bench={ops}"),
-        }])?;
-        let iso =
-            make_iso_with_modules(&kernel, &cmdline, &modules, &format!("bench-dma-{policy}"))?;
-        let args = Machine::default().qemu_args(&iso.to_string_lossy(), setup::OVMF_CODE);
-        let log = root().join(format!("target/xtask/bench-dma-{policy}.log"));
-        eprintln!("xtask: bench dma: policy {policy} ({ops} operations per cell)");
-        let r = qemu::run(&args, &log, false, Duration::from_secs(600))?;
-        let found: Vec<Row> = r.serial.lines().filter_map(parse).collect();
-        if r.exit != Exit::Success || found.len() != 8 {
-            return Err(format!(
-                "bench dma: policy {policy}: {} with {} result lines (log: {})",
-                r.exit,
-                found.len(),
-                log.display()
-            )
-            .into());
+    for &n in vcpus {
+        for policy in ["passthrough", "strict", "batched", "deferred"] {
+            // 16 MiB of buffers per vCPU from 32 MiB.
+            let mem = 32 + 16 * n.max(2);
+            let cmdline = format!(
+                "exit=qemu log=info guest=name=g0,mem={mem}M,cpus={n},dev=00:05.0,policy={policy}"
+            );
+            let modules = module_files(&[BootModule {
+                file: TEST_GUEST,
+                cmdline: format!("g0 dma-bench={ops}"),
+            }])?;
+            let name = format!("bench-dma-{policy}-{n}vcpu");
+            let iso = make_iso_with_modules(&kernel, &cmdline, &modules, &name)?;
+            let args = machine_args(&iso.to_string_lossy(), n);
+            let log = root().join(format!("target/xtask/{name}.log"));
+            eprintln!(
+                "xtask: bench dma: policy {policy}, {n} vCPU(s) ({ops} operations per cell and vCPU)"
+            );
+            let r = qemu::run(&args, &log, false, Duration::from_secs(900))?;
+            let found: Vec<Row> = r.serial.lines().filter_map(parse).collect();
+            if r.exit != Exit::Success
+                || found.len() != 8
+                || found.iter().any(|f| f.vcpus != n as u64)
+            {
+                return Err(format!(
+                    "bench dma: policy {policy}, {n} vCPU(s): {} with {} result lines (log: {})",
+                    r.exit,
+                    found.len(),
+                    log.display()
+                )
+                .into());
+            }
+            rows.extend(found);
         }
-        rows.extend(found);
     }
     print_table(&rows);
     write_json(&rows)?;
@@ -110,23 +154,27 @@ pub fn run(quick: bool) -> Result<()> {
 }
 
 fn print_table(rows: &[Row]) {
-    let cycles = |policy: &str, bytes: u64, batch: u64| {
+    let cycles = |vcpus: u64, policy: &str, bytes: u64, batch: u64| {
         rows.iter()
-            .find(|r| r.policy == policy && r.bytes == bytes && r.batch == batch)
+            .find(|r| {
+                r.vcpus == vcpus && r.policy == policy && r.bytes == bytes && r.batch == batch
+            })
             .map_or(f64::NAN, |r| r.cycles_per_op)
     };
-    println!("PV DMA map+unmap per operation (QEMU TCG, emulated; hypervisor phases in cycles per op; vs pass = cycles / passthrough at the same batch and size; vs strict1 = cycles / strict at batch 1)");
+    println!("PV DMA map+unmap per operation (QEMU TCG, emulated; vcpus = vCPUs of the guest running the cell at once, ops/s = all of them together, ns/op and cycles/op = wall time / all ops; hypervisor phases in cycles per op; vs pass = cycles / passthrough at the same vCPUs, batch and size; vs strict1 = cycles / strict at batch 1)");
     println!(
-        "{:<12} {:>5} {:>6} {:>10} {:>11} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>10}",
-        "policy", "batch", "bytes", "ns/op", "cycles/op", "inv/op", "waits/op", "exits/op", "exit", "validate", "iova_alloc", "pte", "inval", "iova_free", "vs pass", "vs strict1"
+        "{:<12} {:>5} {:>5} {:>6} {:>10} {:>10} {:>11} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9} {:>8} {:>8} {:>9} {:>8} {:>10}",
+        "policy", "vcpus", "batch", "bytes", "ops/s", "ns/op", "cycles/op", "inv/op", "waits/op", "exits/op", "exit", "validate", "iova_alloc", "pte", "inval", "iova_free", "vs pass", "vs strict1"
     );
     for r in rows {
         let p = &r.phases;
         println!(
-            "{:<12} {:>5} {:>6} {:>10.0} {:>11.0} {:>8.3} {:>8.3} {:>8.3} {:>8.0} {:>9.0} {:>9.0} {:>8.0} {:>8.0} {:>9.0} {:>7.2}x {:>9.3}x",
+            "{:<12} {:>5} {:>5} {:>6} {:>10.0} {:>10.0} {:>11.0} {:>8.3} {:>8.3} {:>8.3} {:>8.0} {:>9.0} {:>9.0} {:>8.0} {:>8.0} {:>9.0} {:>7.2}x {:>9.3}x",
             r.policy,
+            r.vcpus,
             r.batch,
             r.bytes,
+            r.ops_per_s,
             r.ns_per_op,
             r.cycles_per_op,
             r.invalidations_per_op,
@@ -138,8 +186,8 @@ fn print_table(rows: &[Row]) {
             p.pte_write,
             p.invalidate,
             p.iova_free,
-            r.cycles_per_op / cycles("passthrough", r.bytes, r.batch),
-            r.cycles_per_op / cycles("strict", r.bytes, 1),
+            r.cycles_per_op / cycles(r.vcpus, "passthrough", r.bytes, r.batch),
+            r.cycles_per_op / cycles(r.vcpus, "strict", r.bytes, 1),
         );
     }
 }
@@ -158,10 +206,30 @@ fn write_json(rows: &[Row]) -> Result<()> {
 }
 
 fn check_targets(rows: &[Row]) {
-    let get = |p: &str, batch: u64, bytes: u64| {
+    let at = |vcpus: u64, p: &str, batch: u64, bytes: u64| {
         rows.iter()
-            .find(|r| r.policy == p && r.batch == batch && r.bytes == bytes)
+            .find(|r| r.vcpus == vcpus && r.policy == p && r.batch == batch && r.bytes == bytes)
     };
+    let first = rows.first().map_or(1, |r| r.vcpus);
+    let get = |p: &str, batch: u64, bytes: u64| at(first, p, batch, bytes);
+    for bytes in [4096, 65536] {
+        if let (Some(b), Some(p)) = (get("batched", 64, bytes), get("passthrough", 64, bytes)) {
+            let ratio = b.cycles_per_op / p.cycles_per_op;
+            println!(
+                "target: batched@64 / passthrough@64 ({bytes} B, {first} vCPU) = {ratio:.2} (target <= 1.50: {})",
+                if ratio <= 1.5 { "met" } else { "MISSED" }
+            );
+        }
+        if let (Some(one), Some(two)) = (at(1, "batched", 64, bytes), at(2, "batched", 64, bytes)) {
+            let scaling = two.ops_per_s / one.ops_per_s;
+            println!(
+                "target: batched@64 ops/s, 2 vCPUs / 1 vCPU ({bytes} B) = {scaling:.2} ({:.0} / {:.0}; target >= 1.60: {})",
+                two.ops_per_s,
+                one.ops_per_s,
+                if scaling >= 1.6 { "met" } else { "MISSED" }
+            );
+        }
+    }
     for bytes in [4096, 65536] {
         if let (Some(b), Some(s), Some(b1)) = (
             get("batched", 64, bytes),
@@ -222,6 +290,8 @@ mod tests {
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
         let mut want = [
             "policy",
+            "vcpus",
+            "ops_per_s",
             "batch",
             "bytes",
             "ns_per_op",

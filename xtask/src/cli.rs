@@ -47,6 +47,10 @@ pub enum Cmd {
         /// Fewer operations (a quick look, not a figure)
         #[arg(long, global = true)]
         quick: bool,
+        /// vCPU counts to run the DMA benchmark on, one guest each (e.g. `1,2`)
+        #[arg(long, global = true, value_delimiter = ',', default_value = "1",
+              value_parser = clap::value_parser!(u32).range(1..=4))]
+        vcpus: Vec<u32>,
     },
     /// Fuzz every cargo-fuzz target (or one) for SECS seconds each (nightly + cargo-fuzz,
     /// installed when missing)
@@ -191,11 +195,20 @@ mod tests {
             ("bench --quick dma", Bench::Dma, true),
             ("bench nvme", Bench::Nvme, false),
         ] {
-            let Ok(Cmd::Bench { what: w, quick }) = parse(line) else {
+            let Ok(Cmd::Bench { what: w, quick, .. }) = parse(line) else {
                 panic!("{line}")
             };
             assert_eq!((w, quick), (what, q), "{line}");
         }
+        let Ok(Cmd::Bench { vcpus, .. }) = parse("bench dma --vcpus 1,2") else {
+            panic!("--vcpus")
+        };
+        assert_eq!(vcpus, [1, 2]);
+        let Ok(Cmd::Bench { vcpus, .. }) = parse("bench dma") else {
+            panic!("default vcpus")
+        };
+        assert_eq!(vcpus, [1]);
+        assert!(parse("bench dma --vcpus 0").is_err());
         assert!(parse("bench").is_err());
         assert!(parse("bench gpu").is_err());
         let Ok(Cmd::Fuzz { time, target }) = parse("fuzz") else {

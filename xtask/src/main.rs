@@ -9,6 +9,7 @@
 //!                                                host tests, fmt + clippy, QEMU scenarios;
 //!                                                ends "N passed, N failed"
 //! cargo xtask bench iova|dma|nvme [--quick]      IOVA allocator against peers; PV DMA per policy; NVMe per policy
+//!                  [--vcpus 1,2]                 (dma: on 1 and 2 vCPUs of one guest at once)
 //! cargo xtask bench plot                          redraw the SVGs from target/bench/*.json
 //! cargo xtask fuzz [--time SECS] [TARGET]        fuzz every target (or one) SECS seconds each
 //!                                                (default 60; nightly + cargo-fuzz installed)
@@ -208,7 +209,7 @@ fn main() -> ExitCode {
         Cmd::Iso { selftest, cmdline } => cmd_iso(selftest, &cmdline),
         Cmd::Run(a) => cmd_run(a),
         Cmd::Test(a) => test::cmd_test(a),
-        Cmd::Bench { what, quick } => cmd_bench(what, quick),
+        Cmd::Bench { what, quick, vcpus } => cmd_bench(what, quick, &vcpus),
         Cmd::Fuzz { time, target } => fuzz::cmd_fuzz(target.as_deref(), time),
         Cmd::Setup => setup::ensure(),
     };
@@ -309,7 +310,7 @@ pub fn module_files(modules: &[moat_scenarios::BootModule]) -> Result<Vec<(PathB
     Ok(out)
 }
 
-fn cmd_bench(what: Bench, quick: bool) -> Result<()> {
+fn cmd_bench(what: Bench, quick: bool, vcpus: &[u32]) -> Result<()> {
     eprintln!(
         "xtask: benchmark built with rustc {}",
         setup::rustc_version().unwrap_or_else(|| "(unknown)".into())
@@ -335,7 +336,7 @@ fn cmd_bench(what: Bench, quick: bool) -> Result<()> {
             eprintln!("xtask: wrote {}", json.display());
             Ok(())
         }
-        Bench::Dma => bench_dma::run(quick),
+        Bench::Dma => bench_dma::run(quick, vcpus),
         Bench::Nvme => bench_nvme::run(quick),
         Bench::Plot => plots::redraw(),
     }

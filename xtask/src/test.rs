@@ -120,6 +120,20 @@ fn host_tests(tally: &mut Tally) {
         .env("CARGO_TARGET_DIR", root().join("target/loom"));
         run_libtest("loom models", l, tally);
     }
+    // moat-dma's: the shards' shared accounting (guest-page claims, quota reservations).
+    let mut l = cargo();
+    l.args([
+        "test",
+        "--no-fail-fast",
+        "-p",
+        "moat-dma",
+        "--release",
+        "--lib",
+        "loom",
+    ])
+    .env("RUSTFLAGS", "--cfg loom")
+    .env("CARGO_TARGET_DIR", root().join("target/loom"));
+    run_libtest("moat-dma loom models", l, tally);
     // The fuzz targets' regression inputs (every crash a fuzz campaign found), replayed on
     // stable; the fuzz workspaces are not members of the main workspace (cargo fuzz needs
     // nightly to fuzz, not to replay).

@@ -2,8 +2,8 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicUsize, Ordering};
 
-use crate::entry::SourceId;
 use crate::error::Error;
 use crate::gather::Gather;
 use crate::hw::DmaMemory;
@@ -78,12 +78,18 @@ impl DomainIdAllocator {
 /// Created by [`crate::Unit::create_domain`]; devices are attached through the unit. Map and
 /// unmap change only the tables and record what must be invalidated in a [`Gather`]; the
 /// caller then calls [`crate::Unit::flush`] (once per batch).
+///
+/// Map and unmap take `&self`: the tables are changed with atomic entry writes and new
+/// tables are linked with compare-and-swap (see `moat_ptab`), so several CPUs may map and
+/// unmap disjoint IOVA ranges of one domain at once, each with its own [`Gather`], without
+/// a lock.
 #[derive(Debug)]
 pub struct Domain {
     pub(crate) unit_id: u32,
     pub(crate) did: u16,
     pub(crate) tables: PageTable,
-    pub(crate) devices: Vec<SourceId>,
+    /// Devices attached (the unit's attach/detach keep it; the unit records which).
+    pub(crate) devices: AtomicUsize,
 }
 
 impl Domain {
@@ -97,9 +103,9 @@ impl Domain {
         self.unit_id
     }
 
-    /// Devices attached to the domain.
-    pub fn devices(&self) -> &[SourceId] {
-        &self.devices
+    /// How many devices are attached to the domain.
+    pub fn device_count(&self) -> usize {
+        self.devices.load(Ordering::Relaxed)
     }
 
     /// The page tables (read-only view).
@@ -126,8 +132,8 @@ impl Domain {
     /// successfully before it reuses those IOVAs (the tables the call installed stay linked;
     /// nothing leaks if the gather is flushed later with other work).
     pub fn map<M: DmaMemory>(
-        &mut self,
-        mem: &mut M,
+        &self,
+        mem: &M,
         iova: u64,
         phys: u64,
         len: u64,
@@ -140,8 +146,8 @@ impl Domain {
 
     /// Identity-maps `[base, base + len)` (RMRR regions of devices in this domain).
     pub fn map_identity<M: DmaMemory>(
-        &mut self,
-        mem: &mut M,
+        &self,
+        mem: &M,
         base: u64,
         len: u64,
         access: Access,
@@ -152,8 +158,8 @@ impl Domain {
 
     /// Unmaps `[iova, iova + len)`. See [`PageTable::unmap`].
     pub fn unmap<M: DmaMemory>(
-        &mut self,
-        mem: &mut M,
+        &self,
+        mem: &M,
         iova: u64,
         len: u64,
         gather: &mut Gather,
@@ -166,8 +172,8 @@ impl Domain {
     /// [`PageTable::release_empty_tables`]: no map into the domain until that flush
     /// succeeded (for teardown, after the last unmap).
     pub fn release_empty_tables<M: DmaMemory>(
-        &mut self,
-        mem: &mut M,
+        &self,
+        mem: &M,
         gather: &mut Gather,
     ) -> Result<usize, Error> {
         self.check_gather(gather)?;

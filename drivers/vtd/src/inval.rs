@@ -249,6 +249,116 @@ impl InvalidationQueue {
         }
     }
 
+    /// Queues `invs` followed by one wait descriptor that writes `seq` to the caller's own
+    /// status word at `status`, moves the tail and returns at once: the caller polls its
+    /// status word itself, outside whatever lock serializes the queue, and calls
+    /// [`Self::check_errors`] now and then while it waits. Returns the wait descriptor's
+    /// index. At most `QUEUE_ENTRIES - 2` invalidations ([`Error::InvalidState`] otherwise).
+    ///
+    /// Several submissions may be outstanding at once: each waits for its own status word,
+    /// and the queue runs in order, so a status write means everything queued before it
+    /// completed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit<R: RegisterWindow, M: DmaMemory, C: Clock>(
+        &mut self,
+        regs: &mut R,
+        mem: &mut M,
+        clock: &C,
+        timeout_ns: u64,
+        invs: &[Invalidation],
+        status: PhysAddr,
+        seq: u32,
+        stats: &mut InvalidationStats,
+    ) -> Result<usize, Error> {
+        if invs.len() > QUEUE_ENTRIES - 2 {
+            return Err(Error::InvalidState(
+                "too many invalidations for one submission",
+            ));
+        }
+        self.wait_for_space(regs, clock, timeout_ns, invs.len() + 1)?;
+        for inv in invs {
+            let d = Descriptor::from_invalidation(*inv, self.drain_reads, self.drain_writes);
+            self.write_desc(mem, d);
+        }
+        let wait_idx = self.write_desc(mem, Descriptor::wait(status, seq));
+        stats.descriptors += invs.len() as u64 + 1;
+        stats.waits += 1;
+        regs.write64(IQT, queue_pointer(self.tail));
+        Ok(wait_idx)
+    }
+
+    /// Whether the queue's status writes bypass the CPU caches (then a waiter drops its
+    /// status word's cache line before each read).
+    pub fn coherent(&self) -> bool {
+        self.coherent
+    }
+
+    /// The queue's error state, for a waiter whose status word has not been written yet:
+    /// recovers an invalidation queue error (IQE) at another descriptor (replaced by a global
+    /// invalidation of the same cache, a superset) and device-TLB errors (ICE/ITE), and
+    /// fails when the refused descriptor is the waiter's own wait descriptor `wait_idx`
+    /// (nothing will write its status).
+    pub fn check_errors<R: RegisterWindow, M: DmaMemory>(
+        &mut self,
+        regs: &mut R,
+        mem: &mut M,
+        wait_idx: usize,
+        stats: &mut InvalidationStats,
+    ) -> Result<(), Error> {
+        let coherent = self.coherent;
+        let tail = self.tail;
+        let fsts = FaultStatus::from_bits_retain(regs.read32(FSTS));
+        if fsts.contains(FaultStatus::IQE) {
+            let head = queue_index(regs.read64(IQH)) % QUEUE_ENTRIES;
+            let at = self.base + head as u64 * 16;
+            let bad = Descriptor {
+                lo: mem.read_u64(at),
+                hi: mem.read_u64(at + 8),
+            };
+            log::error!(
+                "vt-d: invalidation queue error (IQE) at descriptor {head}: {:#018x}_{:016x}",
+                bad.hi,
+                bad.lo
+            );
+            let replacement = match bad.kind() {
+                desc_type::CONTEXT_CACHE => Descriptor::context_cache(ContextGranularity::Global),
+                _ => Descriptor::iotlb(IotlbGranularity::Global, false, false),
+            };
+            mem.write_u64(at, replacement.lo);
+            mem.write_u64(at + 8, replacement.hi);
+            if !coherent {
+                mem.flush_cache(at, 16);
+            }
+            regs.write32(FSTS, FaultStatus::IQE.bits());
+            regs.write64(IQT, queue_pointer(tail));
+            stats.iqe_recovered += 1;
+            if head == wait_idx {
+                // Our own wait descriptor was refused: nothing will write the status.
+                return Err(Error::InvalidationQueue {
+                    index: head,
+                    lo: bad.lo,
+                    hi: bad.hi,
+                });
+            }
+            log::warn!("vt-d: replaced it with a global invalidation and resumed the queue");
+        }
+        if fsts.intersects(FaultStatus::ICE | FaultStatus::ITE) {
+            log::error!(
+                "vt-d: device-TLB invalidation error, FSTS={:#x}",
+                fsts.bits()
+            );
+            if fsts.contains(FaultStatus::ICE) {
+                stats.ice += 1;
+            }
+            if fsts.contains(FaultStatus::ITE) {
+                stats.ite += 1;
+            }
+            regs.write32(FSTS, (fsts & (FaultStatus::ICE | FaultStatus::ITE)).bits());
+            regs.write64(IQT, queue_pointer(tail));
+        }
+        Ok(())
+    }
+
     /// Number of free descriptor slots given the hardware head (one slot always stays
     /// empty so that `head == tail` means empty).
     pub const fn free_slots(head: usize, tail: usize) -> usize {
@@ -289,7 +399,6 @@ impl InvalidationQueue {
         let mut fatal: Option<Error> = None;
         let status = self.status;
         let coherent = self.coherent;
-        let tail = self.tail;
         let done = poll_until(clock, timeout_ns, || {
             if !coherent {
                 // The status write may bypass the CPU caches: drop the stale line.
@@ -298,57 +407,9 @@ impl InvalidationQueue {
             if mem.read_u32(status) == seq {
                 return Some(Ok(()));
             }
-            let fsts = FaultStatus::from_bits_retain(regs.read32(FSTS));
-            if fsts.contains(FaultStatus::IQE) {
-                let head = queue_index(regs.read64(IQH)) % QUEUE_ENTRIES;
-                let at = self.base + head as u64 * 16;
-                let bad = Descriptor {
-                    lo: mem.read_u64(at),
-                    hi: mem.read_u64(at + 8),
-                };
-                log::error!(
-                    "vt-d: invalidation queue error (IQE) at descriptor {head}: {:#018x}_{:016x}",
-                    bad.hi,
-                    bad.lo
-                );
-                let replacement = match bad.kind() {
-                    desc_type::CONTEXT_CACHE => {
-                        Descriptor::context_cache(ContextGranularity::Global)
-                    }
-                    _ => Descriptor::iotlb(IotlbGranularity::Global, false, false),
-                };
-                mem.write_u64(at, replacement.lo);
-                mem.write_u64(at + 8, replacement.hi);
-                if !coherent {
-                    mem.flush_cache(at, 16);
-                }
-                regs.write32(FSTS, FaultStatus::IQE.bits());
-                regs.write64(IQT, queue_pointer(tail));
-                stats.iqe_recovered += 1;
-                if head == wait_idx {
-                    // Our own wait descriptor was refused: nothing will write the status.
-                    fatal = Some(Error::InvalidationQueue {
-                        index: head,
-                        lo: bad.lo,
-                        hi: bad.hi,
-                    });
-                    return Some(Err(()));
-                }
-                log::warn!("vt-d: replaced it with a global invalidation and resumed the queue");
-            }
-            if fsts.intersects(FaultStatus::ICE | FaultStatus::ITE) {
-                log::error!(
-                    "vt-d: device-TLB invalidation error, FSTS={:#x}",
-                    fsts.bits()
-                );
-                if fsts.contains(FaultStatus::ICE) {
-                    stats.ice += 1;
-                }
-                if fsts.contains(FaultStatus::ITE) {
-                    stats.ite += 1;
-                }
-                regs.write32(FSTS, (fsts & (FaultStatus::ICE | FaultStatus::ITE)).bits());
-                regs.write64(IQT, queue_pointer(tail));
+            if let Err(e) = self.check_errors(regs, mem, wait_idx, stats) {
+                fatal = Some(e);
+                return Some(Err(()));
             }
             None
         });

@@ -72,7 +72,7 @@ pub use error::Error;
 pub use gather::Gather;
 pub use hw::{Clock, DmaMemory, PhysAddr, RegisterWindow};
 pub use paging::Access;
-pub use unit::{Flushed, Unit, UnitConfig};
+pub use unit::{Flushed, Queued, Submitted, Unit, UnitConfig};
 
 #[cfg(test)]
 mod fake_unit;

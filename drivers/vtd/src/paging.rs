@@ -183,8 +183,8 @@ impl PageTable {
     /// succeed) before it reuses the IOVAs of a failed map**, even though the map failed;
     /// the gather holds no table page to free and reports no unmapped range for it.
     pub fn map<M: DmaMemory>(
-        &mut self,
-        mem: &mut M,
+        &self,
+        mem: &M,
         iova: u64,
         phys: u64,
         len: u64,
@@ -195,7 +195,7 @@ impl PageTable {
         if self.cfg.snoop {
             attr |= VtdAttr::SNOOP;
         }
-        self.inner.map(&*mem, iova, phys, len, attr, gather)?;
+        self.inner.map(mem, iova, phys, len, attr, gather)?;
         gather.add_mapped(iova..iova + len, self.cfg.caching_mode);
         Ok(())
     }
@@ -210,13 +210,13 @@ impl PageTable {
     /// are released only by the flush that invalidates them. A table left empty by a smaller
     /// range stays linked (see the module docs).
     pub fn unmap<M: DmaMemory>(
-        &mut self,
-        mem: &mut M,
+        &self,
+        mem: &M,
         iova: u64,
         len: u64,
         gather: &mut Gather,
     ) -> Result<(), Error> {
-        self.inner.unmap(&*mem, iova, len, gather)?;
+        self.inner.unmap(mem, iova, len, gather)?;
         gather.add_unmapped(iova..iova + len);
         Ok(())
     }
@@ -237,12 +237,8 @@ impl PageTable {
     /// `gather` was flushed successfully**, since the spans of the released tables may hold
     /// IOVAs it owns (a map there would link a fresh table into a slot the hardware may
     /// still have cached).
-    pub fn release_empty_tables<M: DmaMemory>(
-        &mut self,
-        mem: &mut M,
-        gather: &mut Gather,
-    ) -> usize {
-        self.inner.release_empty_tables(&*mem, gather)
+    pub fn release_empty_tables<M: DmaMemory>(&self, mem: &M, gather: &mut Gather) -> usize {
+        self.inner.release_empty_tables(mem, gather)
     }
 
     /// Looks up `iova` in the tables (as the hardware would walk them).
@@ -287,9 +283,9 @@ mod tests {
     #[test]
     fn map_translate_unmap_4k() {
         let mut mem = FakeMemory::new(64);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mut mem, 0x1000, 0x5000_0000, 0x2000, Access::READ, &mut g)
+        pt.map(&mem, 0x1000, 0x5000_0000, 0x2000, Access::READ, &mut g)
             .unwrap();
         assert_eq!(pt.table_pages(), 3);
         let t = pt.translate(&mem, 0x1234).unwrap();
@@ -304,10 +300,10 @@ mod tests {
         assert_eq!(pt.translate(&mem, 0x2fff).unwrap().phys, 0x5000_1fff);
         assert!(pt.translate(&mem, 0x3000).is_none());
         assert_eq!(
-            pt.map(&mut mem, 0x2000, 0, 0x1000, RW, &mut g),
+            pt.map(&mem, 0x2000, 0, 0x1000, RW, &mut g),
             Err(Error::AlreadyMapped { iova: 0x2000 })
         );
-        pt.unmap(&mut mem, 0x1000, 0x2000, &mut g).unwrap();
+        pt.unmap(&mem, 0x1000, 0x2000, &mut g).unwrap();
         assert!(pt.translate(&mem, 0x1000).is_none());
         // Both lower tables became empty, but the unmap covered neither's span: they stay
         // linked (other IOVAs of their span may be mapped before the flush).
@@ -315,7 +311,7 @@ mod tests {
         assert_eq!(pt.table_pages(), 3);
         assert_eq!(mem.live_frames(), 3);
         // A later map reuses them.
-        pt.map(&mut mem, 0x5000, 0x6000_0000, 0x1000, RW, &mut g)
+        pt.map(&mem, 0x5000, 0x6000_0000, 0x1000, RW, &mut g)
             .unwrap();
         assert_eq!((pt.table_pages(), mem.live_frames()), (3, 3));
     }
@@ -323,26 +319,23 @@ mod tests {
     #[test]
     fn superpage_range_over_a_kept_table_maps_small_pages_inside_it() {
         let mut mem = FakeMemory::new(64);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mut mem, 0x5000, 0x5000, 0x1000, RW, &mut g)
-            .unwrap();
-        pt.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+        pt.map(&mem, 0x5000, 0x5000, 0x1000, RW, &mut g).unwrap();
+        pt.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
         let tables = pt.walk_tables(&mem);
         assert_eq!(tables.len(), 3, "the emptied leaf table stays linked");
         // 2 MiB aligned both sides: a superpage, except that a table is linked there.
-        pt.map(&mut mem, 0, 0x4000_0000, 0x40_0000, RW, &mut g)
-            .unwrap();
+        pt.map(&mem, 0, 0x4000_0000, 0x40_0000, RW, &mut g).unwrap();
         assert_eq!(pt.translate(&mem, 0x1000).unwrap().page_size, 4096);
         assert_eq!(pt.translate(&mem, 0x1000).unwrap().phys, 0x4000_1000);
         assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 0x20_0000);
         assert_eq!(pt.walk_tables(&mem), tables, "no table replaced");
         // A clash inside the kept table is found at its page.
-        pt.unmap(&mut mem, 0, 0x20_0000, &mut g).unwrap();
-        pt.map(&mut mem, 0x7000, 0x7000, 0x1000, RW, &mut g)
-            .unwrap();
+        pt.unmap(&mem, 0, 0x20_0000, &mut g).unwrap();
+        pt.map(&mem, 0x7000, 0x7000, 0x1000, RW, &mut g).unwrap();
         assert_eq!(
-            pt.map(&mut mem, 0, 0, 0x20_0000, RW, &mut g),
+            pt.map(&mem, 0, 0, 0x20_0000, RW, &mut g),
             Err(Error::AlreadyMapped { iova: 0x7000 })
         );
         assert!(pt.translate(&mem, 0).is_none());
@@ -351,24 +344,23 @@ mod tests {
     #[test]
     fn unmap_unlinks_only_tables_whose_span_it_covers() {
         let mut mem = FakeMemory::new(64);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
         let mut g = Gather::new(0, 1);
         // Two leaf tables (spans [0, 2M) and [2M, 4M)) under one level-2 table.
-        pt.map(&mut mem, 0, 0x4000_0000, 0x40_0000, RW, &mut g)
-            .unwrap();
+        pt.map(&mem, 0, 0x4000_0000, 0x40_0000, RW, &mut g).unwrap();
         assert_eq!(pt.table_pages(), 4);
         let leaf0 = pt.walk_tables(&mem)[2];
         // Half of the first span: nothing unlinked.
-        pt.unmap(&mut mem, 0, 0x10_0000, &mut g).unwrap();
+        pt.unmap(&mem, 0, 0x10_0000, &mut g).unwrap();
         assert_eq!(g.pending_tables(), 0);
         // The rest of it (the whole span is now unmapped, but by two unmaps): still linked.
-        pt.unmap(&mut mem, 0x10_0000, 0x10_0000, &mut g).unwrap();
+        pt.unmap(&mem, 0x10_0000, 0x10_0000, &mut g).unwrap();
         assert_eq!(g.pending_tables(), 0);
         assert_eq!(pt.table_pages(), 4);
         // One unmap covering the second span exactly: its leaf table goes to the gather;
         // the level-2 table (1 GiB span) stays.
         let leaf1 = pt.walk_tables(&mem)[3];
-        pt.unmap(&mut mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
+        pt.unmap(&mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
         assert_eq!(g.pending_tables(), 1);
         assert_eq!(pt.table_pages(), 3);
         assert!(!pt.walk_tables(&mem).contains(&leaf1));
@@ -378,7 +370,7 @@ mod tests {
             crate::gather::FlushPlan::Pages { ih: false, .. }
         ));
         // Teardown-style release: the empty leaf table and then its parent.
-        assert_eq!(pt.release_empty_tables(&mut mem, &mut g), 2);
+        assert_eq!(pt.release_empty_tables(&mem, &mut g), 2);
         assert_eq!(pt.table_pages(), 1);
         assert_eq!(g.pending_tables(), 3);
         assert_eq!(pt.table_pages() + g.pending_tables(), mem.live_frames());
@@ -394,20 +386,20 @@ mod tests {
     #[test]
     fn superpages_used_when_aligned_and_allowed() {
         let mut mem = FakeMemory::new(64);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Four, true, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Four, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mut mem, 0x4000_0000, 0x8000_0000, 0x4020_0000, RW, &mut g)
+        pt.map(&mem, 0x4000_0000, 0x8000_0000, 0x4020_0000, RW, &mut g)
             .unwrap();
         assert_eq!(pt.translate(&mem, 0x4000_1000).unwrap().page_size, 1 << 30);
         assert_eq!(pt.translate(&mem, 0x8010_0000).unwrap().page_size, 2 << 20);
         assert_eq!(pt.translate(&mem, 0x8010_0000).unwrap().phys, 0xc010_0000);
         // Unaligned physical address: only 4 KiB pages.
-        pt.map(&mut mem, 0x20_0000, 0x1000, 0x20_0000, RW, &mut g)
+        pt.map(&mem, 0x20_0000, 0x1000, 0x20_0000, RW, &mut g)
             .unwrap();
         assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 4096);
         // Superpages disabled.
-        let mut pt2 = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
-        pt2.map(&mut mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
+        let pt2 = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
+        pt2.map(&mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
             .unwrap();
         assert_eq!(pt2.translate(&mem, 0x20_0000).unwrap().page_size, 4096);
     }
@@ -415,62 +407,62 @@ mod tests {
     #[test]
     fn partial_superpage_unmap_rejected_without_change() {
         let mut mem = FakeMemory::new(64);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mut mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
+        pt.map(&mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
             .unwrap();
         assert_eq!(
-            pt.unmap(&mut mem, 0x20_0000, 0x1000, &mut g),
+            pt.unmap(&mem, 0x20_0000, 0x1000, &mut g),
             Err(Error::PartialSuperpage {
                 iova: 0x20_0000,
                 size: 0x20_0000
             })
         );
         assert_eq!(
-            pt.unmap(&mut mem, 0x1f_f000, 0x20_1000, &mut g),
+            pt.unmap(&mem, 0x1f_f000, 0x20_1000, &mut g),
             Err(Error::NotMapped { iova: 0x1f_f000 })
         );
         assert!(g.unmapped().is_empty());
         assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 0x20_0000);
-        pt.unmap(&mut mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
+        pt.unmap(&mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
         assert!(pt.translate(&mem, 0x20_0000).is_none());
     }
 
     #[test]
     fn bad_arguments_rejected() {
         let mut mem = FakeMemory::new(8);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
         assert_eq!(
-            pt.map(&mut mem, 0x1001, 0, 0x1000, RW, &mut g),
+            pt.map(&mem, 0x1001, 0, 0x1000, RW, &mut g),
             Err(Error::Misaligned)
         );
         assert_eq!(
-            pt.map(&mut mem, 0x1000, 0x10, 0x1000, RW, &mut g),
+            pt.map(&mem, 0x1000, 0x10, 0x1000, RW, &mut g),
             Err(Error::Misaligned)
         );
         assert_eq!(
-            pt.map(&mut mem, 0x1000, 0, 0, RW, &mut g),
+            pt.map(&mem, 0x1000, 0, 0, RW, &mut g),
             Err(Error::Misaligned)
         );
         assert_eq!(
-            pt.map(&mut mem, 1 << 39, 0, 0x1000, RW, &mut g),
+            pt.map(&mem, 1 << 39, 0, 0x1000, RW, &mut g),
             Err(Error::OutOfRange)
         );
         assert_eq!(
-            pt.map(&mut mem, !0xfff, 0, 0x1000, RW, &mut g),
+            pt.map(&mem, !0xfff, 0, 0x1000, RW, &mut g),
             Err(Error::OutOfRange)
         );
         assert_eq!(
-            pt.map(&mut mem, 0, 1 << 52, 0x1000, RW, &mut g),
+            pt.map(&mem, 0, 1 << 52, 0x1000, RW, &mut g),
             Err(Error::OutOfRange)
         );
         assert_eq!(
-            pt.map(&mut mem, 0, 0, 0x1000, Access::empty(), &mut g),
+            pt.map(&mem, 0, 0, 0x1000, Access::empty(), &mut g),
             Err(Error::NoAccess)
         );
         assert_eq!(
-            pt.unmap(&mut mem, 0, 0x1000, &mut g),
+            pt.unmap(&mem, 0, 0x1000, &mut g),
             Err(Error::NotMapped { iova: 0 })
         );
         assert!(g.is_empty());
@@ -480,9 +472,9 @@ mod tests {
     fn out_of_memory_map_rolls_back() {
         // Root + 2 tables fit; the second 1 GiB region needs 2 more tables.
         let mut mem = FakeMemory::new(4);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        let r = pt.map(&mut mem, 0x3fff_f000, 0x1000, 0x2000, RW, &mut g);
+        let r = pt.map(&mem, 0x3fff_f000, 0x1000, 0x2000, RW, &mut g);
         assert_eq!(r, Err(Error::NoMemory));
         assert!(pt.translate(&mem, 0x3fff_f000).is_none());
         // Region 0's two tables and region 1's level-2 table stay linked (empty): nothing is
@@ -503,7 +495,7 @@ mod tests {
             }
         );
         // The kept tables are reused: this map needs no new frame.
-        pt.map(&mut mem, 0x3fff_e000, 0x1000, 0x2000, RW, &mut g)
+        pt.map(&mem, 0x3fff_e000, 0x1000, 0x2000, RW, &mut g)
             .unwrap();
         assert_eq!(pt.table_pages(), 4);
     }
@@ -511,14 +503,13 @@ mod tests {
     #[test]
     fn rollback_keeps_a_table_even_when_it_cleared_its_whole_span() {
         let mut mem = FakeMemory::new(64);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mut mem, 0x20_0000, 0x1000, 0x1000, RW, &mut g)
-            .unwrap();
+        pt.map(&mem, 0x20_0000, 0x1000, 0x1000, RW, &mut g).unwrap();
         let tables = pt.table_pages();
         // Fills the leaf table of [0, 2M) completely, then clashes at 2M.
         assert_eq!(
-            pt.map(&mut mem, 0, 0x10_0000, 0x20_1000, RW, &mut g),
+            pt.map(&mem, 0, 0x10_0000, 0x20_1000, RW, &mut g),
             Err(Error::AlreadyMapped { iova: 0x20_0000 })
         );
         assert!(pt.translate(&mem, 0x1f_f000).is_none());
@@ -537,21 +528,21 @@ mod tests {
     #[test]
     fn non_coherent_flushes_every_table_write() {
         let mut mem = FakeMemory::new(16);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, false)).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, false)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mut mem, 0, 0x10000, 0x3000, RW, &mut g).unwrap();
+        pt.map(&mem, 0, 0x10000, 0x3000, RW, &mut g).unwrap();
         // Every written entry's line was flushed after the write.
         assert!(
             mem.unflushed_writes().is_empty(),
             "{:?}",
             mem.unflushed_writes()
         );
-        pt.unmap(&mut mem, 0x1000, 0x1000, &mut g).unwrap();
+        pt.unmap(&mem, 0x1000, 0x1000, &mut g).unwrap();
         assert!(mem.unflushed_writes().is_empty());
         // The coherent configuration does not pay for flushes.
         let mut mem = FakeMemory::new(16);
-        let mut pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
-        pt.map(&mut mem, 0, 0x10000, 0x3000, RW, &mut g).unwrap();
+        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
+        pt.map(&mem, 0, 0x10000, 0x3000, RW, &mut g).unwrap();
         assert_eq!(mem.flush_calls(), 0);
     }
 
@@ -559,13 +550,13 @@ mod tests {
     fn snoop_bit_only_when_configured() {
         let mut mem = FakeMemory::new(16);
         let mut c = cfg(PagingLevels::Three, false, true);
-        let mut pt = PageTable::new(&mut mem, c).unwrap();
+        let pt = PageTable::new(&mut mem, c).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mut mem, 0, 0x10000, 0x1000, RW, &mut g).unwrap();
+        pt.map(&mem, 0, 0x10000, 0x1000, RW, &mut g).unwrap();
         assert_eq!(leaf_entry(&mem, &pt, 0) & pte::SNP, 0);
         c.snoop = true;
-        let mut pt = PageTable::new(&mut mem, c).unwrap();
-        pt.map(&mut mem, 0, 0x10000, 0x1000, RW, &mut g).unwrap();
+        let pt = PageTable::new(&mut mem, c).unwrap();
+        pt.map(&mem, 0, 0x10000, 0x1000, RW, &mut g).unwrap();
         assert_eq!(
             leaf_entry(&mem, &pt, 0),
             0x10000 | pte::SNP | pte::R | pte::W
@@ -693,7 +684,7 @@ mod tests {
                          coherent in any::<bool>()) {
             let levels = if four { PagingLevels::Four } else { PagingLevels::Three };
             let mut mem = FakeMemory::new(4096);
-            let mut pt = PageTable::new(&mut mem, cfg(levels, true, coherent)).unwrap();
+            let pt = PageTable::new(&mut mem, cfg(levels, true, coherent)).unwrap();
             let mut g = Gather::new(0, 1);
             // page -> (phys page, write, superpage base page, superpage pages)
             let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
@@ -713,7 +704,7 @@ mod tests {
                     Op::UnmapNth(_) => unreachable!(),
                     Op::Flush => flush(&mut mem, &mut g),
                     Op::Release => {
-                        let n = pt.release_empty_tables(&mut mem, &mut g);
+                        let n = pt.release_empty_tables(&mem, &mut g);
                         prop_assert_eq!(g.pending_tables(), pending_before + n);
                         for &t in &g.pending_table_list()[pending_before..] {
                             prop_assert!(pt.table_empty_for_test(&mem, t));
@@ -722,7 +713,7 @@ mod tests {
                     }
                     Op::Map { page, pages, phys_page, write } => {
                         let access = if write { RW } else { Access::READ };
-                        let r = pt.map(&mut mem, page * 4096, phys_page * 4096, pages * 4096, access, &mut g);
+                        let r = pt.map(&mem, page * 4096, phys_page * 4096, pages * 4096, access, &mut g);
                         let clash = (page..page + pages).any(|p| model.contains_key(&p));
                         prop_assert_eq!(r.is_ok(), !clash, "{:?}", r);
                         // A map, failed or not, never unlinks a table.
@@ -735,7 +726,7 @@ mod tests {
                         }
                     }
                     Op::Unmap { page, pages } => {
-                        let r = pt.unmap(&mut mem, page * 4096, pages * 4096, &mut g);
+                        let r = pt.unmap(&mem, page * 4096, pages * 4096, &mut g);
                         match r {
                             Ok(()) => {
                                 for p in page..page + pages {

@@ -12,7 +12,9 @@ use crate::error::{Error, Operation};
 use crate::fault::{FaultCounters, FaultPoll, FaultRecord};
 use crate::gather::{FlushPlan, Gather};
 use crate::hw::{poll_until, Clock, DmaMemory, PhysAddr, RegisterWindow, PAGE_SIZE};
-use crate::inval::{register_invalidate, Invalidation, InvalidationQueue, InvalidationStats};
+use crate::inval::{
+    register_invalidate, Invalidation, InvalidationQueue, InvalidationStats, QUEUE_ENTRIES,
+};
 use crate::paging::{PageTable, TableConfig};
 use crate::regs::{
     frcd, gcmd_value, iqa_value, queue_index, queue_pointer, rtaddr_legacy, Capability,
@@ -67,6 +69,38 @@ pub struct Flushed {
     /// IOTLB invalidations issued (not counting the wait descriptor).
     pub invalidations: usize,
     /// The flush used one domain-selective invalidation.
+    pub domain_selective: bool,
+}
+
+/// What [`Unit::flush_submit`] did.
+#[derive(Debug)]
+pub enum Submitted {
+    /// Everything is done (nothing to invalidate, translation off, or register-based
+    /// invalidation, which waits under the caller's lock): as [`Unit::flush`].
+    Done(Flushed),
+    /// The invalidations and a wait descriptor for the caller's status word are queued:
+    /// the caller polls its status word ([`Queued::status`] == [`Queued::seq`]) outside
+    /// the unit's lock, calls [`Unit::queue_check`] under it now and then, and once the
+    /// status is written calls [`Unit::flush_release`].
+    Queued(Queued),
+}
+
+/// A queued flush waiting for its status word (see [`Submitted::Queued`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Queued {
+    /// The caller's status word.
+    pub status: PhysAddr,
+    /// The value the hardware writes there when everything before it completed.
+    pub seq: u32,
+    /// Index of the wait descriptor (for [`Unit::queue_check`]).
+    pub wait_idx: usize,
+    /// Drop the status word's cache line before each read (non-coherent queue).
+    pub flush_status: bool,
+    /// How long to wait before giving up (the unit's timeout).
+    pub timeout_ns: u64,
+    /// IOTLB invalidations queued (not counting the wait descriptor).
+    pub invalidations: usize,
+    /// One domain-selective invalidation was used.
     pub domain_selective: bool,
 }
 
@@ -454,7 +488,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
                 unit_id: self.cfg.id,
                 did,
                 tables,
-                devices: Vec::new(),
+                devices: core::sync::atomic::AtomicUsize::new(0),
             }),
             Err(e) => {
                 // The id was allocated just above: freeing it cannot fail.
@@ -478,8 +512,8 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         if domain.unit_id != self.cfg.id {
             return Err((domain, Error::WrongDomain));
         }
-        if !domain.devices.is_empty() {
-            let devices = domain.devices.len();
+        if domain.device_count() != 0 {
+            let devices = domain.device_count();
             return Err((domain, Error::DomainInUse { devices }));
         }
         if let Err(e) = self.dids.free(domain.did) {
@@ -522,7 +556,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
     pub fn attach<M: DmaMemory>(
         &mut self,
         mem: &mut M,
-        domain: &mut Domain,
+        domain: &Domain,
         sid: SourceId,
     ) -> Result<(), Error> {
         if domain.unit_id != self.cfg.id {
@@ -546,7 +580,9 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         mem.write_u64(slot, ce.lo);
         self.flush_lines(mem, slot, 16);
         self.attached.insert(sid, domain.did);
-        domain.devices.push(sid);
+        domain
+            .devices
+            .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
         if self.enabled {
             if self.cap.caching_mode() {
                 self.invalidate(
@@ -574,7 +610,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
     pub fn detach<M: DmaMemory>(
         &mut self,
         mem: &mut M,
-        domain: &mut Domain,
+        domain: &Domain,
         sid: SourceId,
     ) -> Result<(), Error> {
         if domain.unit_id != self.cfg.id || self.attached.get(&sid) != Some(&domain.did) {
@@ -598,7 +634,9 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
             )?;
         }
         self.attached.remove(&sid);
-        domain.devices.retain(|s| *s != sid);
+        domain
+            .devices
+            .fetch_sub(1, core::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -659,6 +697,115 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         }
         out.unmapped = unmapped;
         Ok(out)
+    }
+
+    /// [`Self::flush`] split for concurrent callers: queues `gather`'s invalidations and a
+    /// wait descriptor that writes `seq` to the caller's own status word `status` (a 4-byte
+    /// aligned word in a frame from [`DmaMemory::alloc_frame`] that the caller owns), and
+    /// returns without waiting ([`Submitted::Queued`]), so the unit's lock is held only to
+    /// write descriptors and move the tail. Falls back to [`Self::flush`] (waiting under the
+    /// lock) without queued invalidation or with more invalidations than one submission
+    /// holds. The gather is left intact until [`Self::flush_release`]; on error (and if the
+    /// wait fails) it stays intact and the flush may be retried.
+    pub fn flush_submit<M: DmaMemory>(
+        &mut self,
+        mem: &mut M,
+        gather: &mut Gather,
+        status: PhysAddr,
+        seq: u32,
+    ) -> Result<Submitted, Error> {
+        if gather.unit_id() != self.cfg.id {
+            return Err(Error::WrongDomain);
+        }
+        if gather.is_empty() || !self.enabled || !self.qi_on {
+            return self.flush(mem, gather).map(Submitted::Done);
+        }
+        let did = gather.domain_id();
+        let plan = gather.plan(self.cap.psi(), self.cap.mamv(), self.cfg.max_psi_blocks);
+        let invs: Vec<Invalidation> = match &plan {
+            FlushPlan::Nothing => Vec::new(),
+            FlushPlan::Domain => vec![Invalidation::Iotlb(IotlbGranularity::Domain(did))],
+            FlushPlan::Pages { blocks, ih } => blocks
+                .iter()
+                .map(|b| {
+                    Invalidation::Iotlb(IotlbGranularity::Page {
+                        did,
+                        addr: b.addr,
+                        am: b.am,
+                        ih: *ih,
+                    })
+                })
+                .collect(),
+        };
+        if invs.is_empty() || invs.len() > QUEUE_ENTRIES - 2 {
+            return self.flush(mem, gather).map(Submitted::Done);
+        }
+        if gather.has_new_mappings() && !self.cap.caching_mode() {
+            self.write_buffer_flush()?;
+        }
+        let Some(q) = self.queue.as_mut() else {
+            return Err(Error::InvalidState(
+                "queued invalidation on without a queue",
+            ));
+        };
+        let wait_idx = q.submit(
+            &mut self.regs,
+            mem,
+            &self.clock,
+            self.cfg.timeout_ns,
+            &invs,
+            status,
+            seq,
+            &mut self.inv_stats,
+        )?;
+        Ok(Submitted::Queued(Queued {
+            status,
+            seq,
+            wait_idx,
+            flush_status: !q.coherent(),
+            timeout_ns: self.cfg.timeout_ns,
+            invalidations: invs.len(),
+            domain_selective: matches!(plan, FlushPlan::Domain),
+        }))
+    }
+
+    /// For a waiter of [`Submitted::Queued`] whose status word is not written yet: checks
+    /// (and recovers) the queue's errors; `Err` when its own wait descriptor was refused.
+    pub fn queue_check<M: DmaMemory>(&mut self, mem: &mut M, q: &Queued) -> Result<(), Error> {
+        match self.queue.as_mut() {
+            Some(queue) if self.qi_on => {
+                queue.check_errors(&mut self.regs, mem, q.wait_idx, &mut self.inv_stats)
+            }
+            _ => Err(Error::InvalidState("no invalidation queue")),
+        }
+    }
+
+    /// A waiter of [`Submitted::Queued`] gave up (its status word was not written in time):
+    /// counted as a timeout.
+    pub fn queue_timed_out(&mut self, q: &Queued) {
+        self.inv_stats.timeouts += 1;
+        log::error!(
+            "vt-d: invalidation wait {} (descriptor {}) timed out",
+            q.seq,
+            q.wait_idx
+        );
+    }
+
+    /// Completes a flush whose status word was written: releases what `gather` held (its
+    /// table pages back to [`DmaMemory::free_frame`], its unmapped ranges returned). Needs
+    /// no access to the unit: call it outside the unit's lock.
+    pub fn flush_release<M: DmaMemory>(mem: &mut M, gather: &mut Gather, q: &Queued) -> Flushed {
+        let (unmapped, tables) = gather.take();
+        let tables_freed = tables.len();
+        for t in tables {
+            mem.free_frame(t);
+        }
+        Flushed {
+            unmapped,
+            tables_freed,
+            invalidations: q.invalidations,
+            domain_selective: q.domain_selective,
+        }
     }
 
     /// Invalidates every IOTLB entry of domain `did` and waits (e.g. when a deferred flush

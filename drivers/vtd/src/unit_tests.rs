@@ -7,12 +7,13 @@ use crate::entry::{PagingLevels, SourceId};
 use crate::error::{Error, Operation};
 use crate::fake_unit::{Event, FakeUnit, QEMU_CAP, QEMU_ECAP};
 use crate::fault::{FaultAccess, FaultReason, FaultRecord};
+use crate::hw::DmaMemory;
 use crate::paging::Access;
 use crate::regs::{
     ccmd, iotlb_reg, ContextGranularity, GlobalCommand, GlobalStatus, IotlbGranularity,
 };
 use crate::testing::{FakeClock, FakeMemory};
-use crate::unit::{Unit, UnitConfig};
+use crate::unit::{Submitted, Unit, UnitConfig};
 
 type TestUnit = Unit<FakeUnit, FakeClock>;
 
@@ -134,21 +135,14 @@ fn dead_unit_times_out_instead_of_hanging() {
 fn mapped_dma_translates_and_unmap_needs_the_flush() {
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
     assert_ne!(dom.id(), 0);
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mut mem, 0x10_0000, 0x5000_0000, 0x2000, RW, &mut g)
+    dom.map(&mem, 0x10_0000, 0x5000_0000, 0x2000, RW, &mut g)
         .unwrap();
-    dom.map(
-        &mut mem,
-        0x20_0000,
-        0x6000_0000,
-        0x1000,
-        Access::READ,
-        &mut g,
-    )
-    .unwrap();
+    dom.map(&mem, 0x20_0000, 0x6000_0000, 0x1000, Access::READ, &mut g)
+        .unwrap();
     let f = unit.flush(&mut mem, &mut g).unwrap();
     assert_eq!(
         f.invalidations, 0,
@@ -167,7 +161,7 @@ fn mapped_dma_translates_and_unmap_needs_the_flush() {
     assert_eq!(recs[0].reason, FaultReason::WriteDenied);
     assert_eq!(recs[0].domain, Some(dom.id()));
 
-    dom.unmap(&mut mem, 0x10_0000, 0x1000, &mut g).unwrap();
+    dom.unmap(&mem, 0x10_0000, 0x1000, &mut g).unwrap();
     // Stale IOTLB entry: still translates until the flush.
     assert_eq!(hw.dma(EDU.0, 0x10_0000, false), Ok(0x5000_0000));
     let f = unit.flush(&mut mem, &mut g).unwrap();
@@ -204,11 +198,10 @@ fn mapped_dma_translates_and_unmap_needs_the_flush() {
 fn unattached_devices_and_other_memory_are_blocked() {
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mut mem, 0x1000, 0x8000, 0x1000, RW, &mut g)
-        .unwrap();
+    dom.map(&mem, 0x1000, 0x8000, 0x1000, RW, &mut g).unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert_eq!(hw.dma(SourceId::new(0, 4, 0).0, 0x1000, false), Err(2));
     drain(&mut unit);
@@ -225,16 +218,16 @@ fn unattached_devices_and_other_memory_are_blocked() {
 fn table_pages_released_only_after_completed_invalidation() {
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
     // 2 MiB of 4 KiB pages (the physical address rules out a superpage): one leaf table.
-    dom.map(&mut mem, 0x4000_0000, 0x9000_1000, 0x20_0000, RW, &mut g)
+    dom.map(&mem, 0x4000_0000, 0x9000_1000, 0x20_0000, RW, &mut g)
         .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x4000_0000, true).is_ok());
     let live = mem.live_frames();
-    dom.unmap(&mut mem, 0x4000_0000, 0x20_0000, &mut g).unwrap();
+    dom.unmap(&mem, 0x4000_0000, 0x20_0000, &mut g).unwrap();
     assert_eq!(g.pending_tables(), 1);
     // A hung queue: the flush fails and nothing is released.
     hw.state().ignore_waits = true;
@@ -252,13 +245,13 @@ fn table_pages_released_only_after_completed_invalidation() {
 fn table_pages_freed_after_flush() {
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mut mem, 0x4000_0000, 0x9000_1000, 0x20_0000, RW, &mut g)
+    dom.map(&mem, 0x4000_0000, 0x9000_1000, 0x20_0000, RW, &mut g)
         .unwrap();
     let live = mem.live_frames();
-    dom.unmap(&mut mem, 0x4000_0000, 0x20_0000, &mut g).unwrap();
+    dom.unmap(&mem, 0x4000_0000, 0x20_0000, &mut g).unwrap();
     let f = unit.flush(&mut mem, &mut g).unwrap();
     assert_eq!(f.tables_freed, 1);
     assert_eq!(mem.live_frames(), live - 1);
@@ -276,18 +269,17 @@ fn table_pages_freed_after_flush() {
 fn gather_batches_many_unmaps_into_one_flush() {
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mut mem, 0, 0x100_0000, 0x10_0000, RW, &mut g)
-        .unwrap();
+    dom.map(&mem, 0, 0x100_0000, 0x10_0000, RW, &mut g).unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     for p in 0..64u64 {
         assert!(hw.dma(EDU.0, p * 4096, false).is_ok());
     }
     let before = hw.state().events.len();
     for p in (0..64u64).rev() {
-        dom.unmap(&mut mem, p * 4096, 4096, &mut g).unwrap();
+        dom.unmap(&mem, p * 4096, 4096, &mut g).unwrap();
     }
     let f = unit.flush(&mut mem, &mut g).unwrap();
     assert_eq!(f.invalidations, 1);
@@ -322,15 +314,15 @@ fn register_based_invalidation_without_qi() {
     unit.enable(&mut mem).unwrap();
     assert!(!unit.queued_invalidation());
     assert!(!hw.state().events.iter().any(|e| matches!(e, Event::Iqa(_))));
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mut mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
+    dom.map(&mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
         .unwrap();
     assert_eq!(dom.translate(&mem, 0x20_0000).unwrap().page_size, 0x20_0000);
     unit.flush(&mut mem, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x21_0000, true).is_ok());
-    dom.unmap(&mut mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
+    dom.unmap(&mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     let page = IotlbGranularity::Page {
         did: dom.id(),
@@ -351,8 +343,8 @@ fn register_based_invalidation_without_qi() {
 fn caching_mode_invalidates_new_mappings_and_attach() {
     let (mut mem, hw, mut unit) = setup_with(QEMU_CAP | (1 << 7), QEMU_ECAP);
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let dev0 = crate::inval::Descriptor::context_cache(ContextGranularity::Device {
         did: 0,
         sid: EDU.0,
@@ -363,8 +355,7 @@ fn caching_mode_invalidates_new_mappings_and_attach() {
     assert!(hw.dma(EDU.0, 0x3000, false).is_err());
     drain(&mut unit);
     let mut g = dom.gather();
-    dom.map(&mut mem, 0x3000, 0x7000, 0x1000, RW, &mut g)
-        .unwrap();
+    dom.map(&mem, 0x3000, 0x7000, 0x1000, RW, &mut g).unwrap();
     assert!(
         hw.dma(EDU.0, 0x3000, false).is_err(),
         "not-present entry still cached"
@@ -380,14 +371,13 @@ fn caching_mode_invalidates_new_mappings_and_attach() {
 fn invalidation_queue_error_is_recovered() {
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mut mem, 0x5000, 0x7000, 0x1000, RW, &mut g)
-        .unwrap();
+    dom.map(&mem, 0x5000, 0x7000, 0x1000, RW, &mut g).unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x5000, false).is_ok());
-    dom.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+    dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
     hw.state().reject_type = Some(2);
     unit.flush(&mut mem, &mut g).unwrap();
     assert_eq!(unit.invalidation_stats().iqe_recovered, 1);
@@ -405,9 +395,8 @@ fn invalidation_queue_error_is_recovered() {
         unit.flush(&mut mem, &mut dom.gather()).is_ok(),
         "empty gather does nothing"
     );
-    dom.map(&mut mem, 0x5000, 0x7000, 0x1000, RW, &mut g)
-        .unwrap();
-    dom.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+    dom.map(&mem, 0x5000, 0x7000, 0x1000, RW, &mut g).unwrap();
+    dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
     assert!(matches!(
         unit.flush(&mut mem, &mut g),
         Err(Error::InvalidationQueue { .. })
@@ -423,11 +412,10 @@ fn invalidation_queue_error_is_recovered() {
 fn gcmd_writes_keep_translation_and_qi_on_with_rwbf() {
     let (mut mem, hw, mut unit) = setup_with(QEMU_CAP | (1 << 4), QEMU_ECAP);
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mut mem, 0x5000, 0x7000, 0x1000, RW, &mut g)
-        .unwrap();
+    dom.map(&mem, 0x5000, 0x7000, 0x1000, RW, &mut g).unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     let s = hw.state();
     let wbf = (GlobalCommand::WBF | GlobalCommand::TE | GlobalCommand::QIE).bits();
@@ -442,10 +430,10 @@ fn four_level_tables_with_48_bit_width() {
     let (mut mem, hw, mut unit) = setup_with(cap48, QEMU_ECAP);
     assert_eq!(unit.levels(), PagingLevels::Four);
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mut mem, 0x80_0000_0000, 0x1000, 0x1000, RW, &mut g)
+    dom.map(&mem, 0x80_0000_0000, 0x1000, 0x1000, RW, &mut g)
         .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert_eq!(hw.dma(EDU.0, 0x80_0000_0010, true), Ok(0x1010));
@@ -469,29 +457,27 @@ fn detach_blocks_and_destroy_frees_everything() {
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
     let base = mem.live_frames();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    let mut other = unit.create_domain(&mut mem).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    let other = unit.create_domain(&mut mem).unwrap();
     assert_ne!(dom.id(), other.id());
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     assert_eq!(
-        unit.attach(&mut mem, &mut other, EDU),
+        unit.attach(&mut mem, &other, EDU),
         Err(Error::AlreadyAttached(EDU))
     );
     assert_eq!(
-        unit.detach(&mut mem, &mut other, EDU),
+        unit.detach(&mut mem, &other, EDU),
         Err(Error::NotAttached(EDU))
     );
     let mut g = dom.gather();
-    dom.map(&mut mem, 0, 0x10_0000, 0x40_0000, RW, &mut g)
-        .unwrap();
+    dom.map(&mem, 0, 0x10_0000, 0x40_0000, RW, &mut g).unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x1000, true).is_ok());
     let dom = match unit.destroy_domain(&mut mem, dom) {
         Err((d, Error::DomainInUse { devices: 1 })) => d,
         r => panic!("{r:?}"),
     };
-    let mut dom = dom;
-    unit.detach(&mut mem, &mut dom, EDU).unwrap();
+    unit.detach(&mut mem, &dom, EDU).unwrap();
     assert_eq!(hw.dma(EDU.0, 0x1000, true), Err(2));
     assert_eq!(unit.attached_domain(EDU), None);
     unit.destroy_domain(&mut mem, dom).unwrap();
@@ -503,21 +489,18 @@ fn detach_blocks_and_destroy_frees_everything() {
     let mut cfg = UnitConfig::new(7);
     cfg.timeout_ns = 1_000_000;
     let mut foreign = Unit::new(FakeUnit::qemu(&mem2), FakeClock::new(1), cfg).unwrap();
-    let mut fd = foreign.create_domain(&mut mem2).unwrap();
-    assert_eq!(
-        unit2.attach(&mut mem2, &mut fd, EDU),
-        Err(Error::WrongDomain)
-    );
+    let fd = foreign.create_domain(&mut mem2).unwrap();
+    assert_eq!(unit2.attach(&mut mem2, &fd, EDU), Err(Error::WrongDomain));
 }
 
 #[test]
 fn fault_storm_is_bounded_and_counted() {
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
     let devs: Vec<SourceId> = (3..6).map(|d| SourceId::new(0, d, 0)).collect();
     for d in &devs {
-        unit.attach(&mut mem, &mut dom, *d).unwrap();
+        unit.attach(&mut mem, &dom, *d).unwrap();
     }
     let mut seen = 0;
     for round in 0..200u64 {
@@ -648,8 +631,8 @@ mod model {
             let mut unit = Unit::new(hw.clone(), FakeClock::new(1000), cfg).unwrap();
             let mut mem = mem;
             unit.enable(&mut mem).unwrap();
-            let mut dom = unit.create_domain(&mut mem).unwrap();
-            unit.attach(&mut mem, &mut dom, EDU).unwrap();
+            let dom = unit.create_domain(&mut mem).unwrap();
+            unit.attach(&mut mem, &dom, EDU).unwrap();
             let mut g = dom.gather();
             let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
             let mut outstanding: Vec<std::ops::Range<u64>> = Vec::new();
@@ -669,7 +652,7 @@ mod model {
                     Op::UnmapNth(_) => unreachable!(),
                     Op::Map { page, pages, phys, write } => {
                         let access = if write { RW } else { Access::READ };
-                        let r = dom.map(&mut mem, page << 12, phys << 12, pages << 12, access, &mut g);
+                        let r = dom.map(&mem, page << 12, phys << 12, pages << 12, access, &mut g);
                         let range = (page << 12)..((page + pages) << 12);
                         if r.is_ok() {
                             for i in 0..pages {
@@ -693,7 +676,7 @@ mod model {
                         }
                     }
                     Op::Unmap { page, pages } => {
-                        if dom.unmap(&mut mem, page << 12, pages << 12, &mut g).is_ok() {
+                        if dom.unmap(&mem, page << 12, pages << 12, &mut g).is_ok() {
                             for p in page..page + pages {
                                 prop_assert!(model.remove(&p).is_some());
                             }
@@ -732,15 +715,14 @@ mod model {
 fn explicit_domain_and_global_invalidation_drop_stale_entries() {
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mut mem, 0x5000, 0x7000, 0x2000, RW, &mut g)
-        .unwrap();
+    dom.map(&mem, 0x5000, 0x7000, 0x2000, RW, &mut g).unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x5000, false).is_ok());
     assert!(hw.dma(EDU.0, 0x6000, false).is_ok());
-    dom.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+    dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x5000, false).is_ok(), "stale");
     unit.invalidate_domain(&mut mem, dom.id()).unwrap();
     assert_eq!(hw.dma(EDU.0, 0x5000, false), Err(6));
@@ -748,7 +730,7 @@ fn explicit_domain_and_global_invalidation_drop_stale_entries() {
     // The gather still owns the IOVA until it is flushed.
     assert_eq!(g.unmapped().len(), 1);
     assert!(hw.dma(EDU.0, 0x6000, false).is_ok(), "cached again");
-    dom.unmap(&mut mem, 0x6000, 0x1000, &mut g).unwrap();
+    dom.unmap(&mem, 0x6000, 0x1000, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x6000, false).is_ok(), "stale");
     unit.invalidate_all(&mut mem).unwrap();
     assert_eq!(hw.dma(EDU.0, 0x6000, false), Err(6));
@@ -759,12 +741,11 @@ fn explicit_domain_and_global_invalidation_drop_stale_entries() {
 fn stalled_queue_is_never_overwritten() {
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mut mem, 0x5000, 0x7000, 0x1000, RW, &mut g)
-        .unwrap();
-    dom.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+    dom.map(&mem, 0x5000, 0x7000, 0x1000, RW, &mut g).unwrap();
+    dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
     hw.state().ignore_waits = true;
     assert!(unit.flush(&mut mem, &mut g).is_err());
     let (iqa, head) = {
@@ -819,19 +800,19 @@ fn iotlb_descs(hw: &FakeUnit, from: usize) -> Vec<(u64, u64)> {
 fn map_into_emptied_table_before_flush_translates_through_cached_directories() {
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mut mem, 0x1000, 0x5000_0000, 0x1000, RW, &mut g)
+    dom.map(&mem, 0x1000, 0x5000_0000, 0x1000, RW, &mut g)
         .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     // The device uses it: the unit caches the leaf and the directory entries of the walk.
     assert_eq!(hw.dma(EDU.0, 0x1000, true), Ok(0x5000_0000));
     assert!(!hw.state().dir_cache.is_empty());
     let tables = dom.tables().table_pages();
-    dom.unmap(&mut mem, 0x1000, 0x1000, &mut g).unwrap();
+    dom.unmap(&mem, 0x1000, 0x1000, &mut g).unwrap();
     // Before the flush (deferred), a new IOVA of the same span is mapped and used.
-    dom.map(&mut mem, 0x5000, 0x6000_0000, 0x1000, RW, &mut g)
+    dom.map(&mem, 0x5000, 0x6000_0000, 0x1000, RW, &mut g)
         .unwrap();
     let hits = hw.state().dir_cache_hits;
     assert_eq!(hw.dma(EDU.0, 0x5008, true), Ok(0x6000_0008));
@@ -866,19 +847,19 @@ fn map_into_emptied_table_before_flush_translates_through_cached_directories() {
 fn table_unlinked_by_a_whole_span_unmap_is_invalidated_with_ih0_before_it_is_freed() {
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
     // 2 MiB of 4 KiB pages (the physical address rules out a superpage).
-    dom.map(&mut mem, 0x20_0000, 0x9000_1000, 0x20_0000, RW, &mut g)
+    dom.map(&mem, 0x20_0000, 0x9000_1000, 0x20_0000, RW, &mut g)
         .unwrap();
     // And a neighbour in the same 1 GiB, so the level-2 table stays.
-    dom.map(&mut mem, 0x40_0000, 0x7000_0000, 0x1000, RW, &mut g)
+    dom.map(&mem, 0x40_0000, 0x7000_0000, 0x1000, RW, &mut g)
         .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x20_0000, true).is_ok());
     assert!(hw.dma(EDU.0, 0x3f_f000, true).is_ok());
-    dom.unmap(&mut mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
+    dom.unmap(&mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
     assert_eq!(g.pending_tables(), 1);
     let from = hw.state().events.len();
     let f = unit.flush(&mut mem, &mut g).unwrap();
@@ -893,7 +874,7 @@ fn table_unlinked_by_a_whole_span_unmap_is_invalidated_with_ih0_before_it_is_fre
     }
     assert_eq!(hw.dma(EDU.0, 0x40_0000, true), Ok(0x7000_0000));
     // The span can be mapped again (a fresh table).
-    dom.map(&mut mem, 0x20_0000, 0x9000_1000, 0x1000, RW, &mut g)
+    dom.map(&mem, 0x20_0000, 0x9000_1000, 0x1000, RW, &mut g)
         .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert_eq!(hw.dma(EDU.0, 0x20_0000, true), Ok(0x9000_1000));
@@ -910,11 +891,11 @@ fn table_unlinked_by_a_whole_span_unmap_is_invalidated_with_ih0_before_it_is_fre
 fn failed_map_rollback_keeps_tables_and_records_a_leaf_invalidation() {
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
     // A mapping elsewhere in the first 1 GiB, so the level-2 table exists.
-    dom.map(&mut mem, 0x40_0000, 0x7000_0000, 0x1000, RW, &mut g)
+    dom.map(&mem, 0x40_0000, 0x7000_0000, 0x1000, RW, &mut g)
         .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     let tables = dom.tables().table_pages();
@@ -931,7 +912,7 @@ fn failed_map_rollback_keeps_tables_and_records_a_leaf_invalidation() {
         }
         false
     });
-    let r = dom.map(&mut mem, 0x1f_e000, 0x8000_0000, 0x3000, RW, &mut g);
+    let r = dom.map(&mem, 0x1f_e000, 0x8000_0000, 0x3000, RW, &mut g);
     mem.0.borrow_mut().alloc_hook = None;
     assert_eq!(r, Err(Error::NoMemory));
     assert_eq!(seen.get(), Some(Ok(0x8000_0000)), "the device saw the leaf");
@@ -942,7 +923,7 @@ fn failed_map_rollback_keeps_tables_and_records_a_leaf_invalidation() {
         "the rolled-back leaves still need an invalidation"
     );
     // Before any flush, another IOVA of the same span is mapped and used.
-    dom.map(&mut mem, 0x10_0000, 0x6000_0000, 0x1000, RW, &mut g)
+    dom.map(&mem, 0x10_0000, 0x6000_0000, 0x1000, RW, &mut g)
         .unwrap();
     assert_eq!(hw.dma(EDU.0, 0x10_0000, true), Ok(0x6000_0000));
     assert_eq!(g.pending_tables(), 0, "no table page handed to the gather");
@@ -964,7 +945,7 @@ fn failed_map_rollback_keeps_tables_and_records_a_leaf_invalidation() {
     assert_eq!(hw.dma(EDU.0, 0x10_0000, true), Ok(0x6000_0000));
     assert!(hw.state().errors.is_empty(), "{:?}", hw.state().errors);
     // Nothing leaked: teardown frees every page, the kept ones included.
-    unit.detach(&mut mem, &mut dom, EDU).unwrap();
+    unit.detach(&mut mem, &dom, EDU).unwrap();
     let live = mem.live_frames();
     let n = dom.tables().table_pages();
     unit.destroy_domain(&mut mem, dom).unwrap();
@@ -977,14 +958,14 @@ fn failed_map_rollback_keeps_tables_and_records_a_leaf_invalidation() {
 fn release_empty_tables_at_teardown() {
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let baseline = dom.tables().table_pages();
     let live = mem.live_frames();
     let mut g = dom.gather();
     for i in 0..8u64 {
         dom.map(
-            &mut mem,
+            &mem,
             i * 0x3_3000,
             0x5000_0000 + i * 0x1000,
             0x1000,
@@ -998,15 +979,15 @@ fn release_empty_tables_at_teardown() {
         assert!(hw.dma(EDU.0, i * 0x3_3000, true).is_ok());
     }
     for i in 0..8u64 {
-        dom.unmap(&mut mem, i * 0x3_3000, 0x1000, &mut g).unwrap();
+        dom.unmap(&mem, i * 0x3_3000, 0x1000, &mut g).unwrap();
     }
     assert!(dom.tables().table_pages() > baseline);
     let mut wrong = crate::gather::Gather::new(0, dom.id() + 1);
     assert_eq!(
-        dom.release_empty_tables(&mut mem, &mut wrong),
+        dom.release_empty_tables(&mem, &mut wrong),
         Err(Error::WrongDomain)
     );
-    let n = dom.release_empty_tables(&mut mem, &mut g).unwrap();
+    let n = dom.release_empty_tables(&mem, &mut g).unwrap();
     assert_eq!(n, 2);
     assert_eq!(dom.tables().table_pages(), baseline);
     let f = unit.flush(&mut mem, &mut g).unwrap();
@@ -1027,13 +1008,12 @@ fn release_empty_tables_at_teardown() {
 fn disable_waits_for_the_queue_to_drain() {
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &mut dom, EDU).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mut mem, 0x5000, 0x7000, 0x1000, RW, &mut g)
-        .unwrap();
+    dom.map(&mem, 0x5000, 0x7000, 0x1000, RW, &mut g).unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
-    dom.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+    dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
     // A slow unit: one descriptor per 700 register reads; the flush polls ~1000 times.
     hw.state().queue_delay = 700;
     assert_eq!(
@@ -1054,11 +1034,10 @@ fn disable_waits_for_the_queue_to_drain() {
     // A hung queue never drains: disable reports it and leaves QI on (translation is off).
     let (mut mem, hw, mut unit) = setup();
     unit.enable(&mut mem).unwrap();
-    let mut dom = unit.create_domain(&mut mem).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
     let mut g = dom.gather();
-    dom.map(&mut mem, 0x5000, 0x7000, 0x1000, RW, &mut g)
-        .unwrap();
-    dom.unmap(&mut mem, 0x5000, 0x1000, &mut g).unwrap();
+    dom.map(&mem, 0x5000, 0x7000, 0x1000, RW, &mut g).unwrap();
+    dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
     hw.state().ignore_waits = true;
     assert!(unit.flush(&mut mem, &mut g).is_err());
     assert_eq!(
@@ -1070,4 +1049,83 @@ fn disable_waits_for_the_queue_to_drain() {
     let s = hw.state();
     assert!(s.errors.is_empty(), "{:?}", s.errors);
     assert_eq!(s.gsts & GlobalStatus::TES.bits(), 0);
+}
+
+/// The split flush of concurrent callers: two submissions outstanding at once, each with its
+/// own status word, written only when the queue reached it (the fake runs descriptors some
+/// register reads after the IQT write); nothing is released before `flush_release`, the
+/// stale translations stay usable until the status is written, and a refused wait
+/// descriptor is reported to its waiter by `queue_check`.
+#[test]
+fn split_flush_per_waiter_status_words() {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable(&mut mem).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
+    let (mut ga, mut gb) = (dom.gather(), dom.gather());
+    // A whole 2 MiB leaf table for A (4 KiB pages: the physical range is not 2 MiB
+    // aligned; unlinked by its unmap), one page for B.
+    dom.map(&mem, 0x40_0000, 0x5000_1000, 0x20_0000, RW, &mut ga)
+        .unwrap();
+    dom.map(&mem, 0x10_0000, 0x6000_0000, 0x1000, RW, &mut gb)
+        .unwrap();
+    unit.flush(&mut mem, &mut ga).unwrap();
+    unit.flush(&mut mem, &mut gb).unwrap();
+    assert_eq!(hw.dma(EDU.0, 0x40_0000, false), Ok(0x5000_1000));
+    assert_eq!(hw.dma(EDU.0, 0x10_0000, false), Ok(0x6000_0000));
+    dom.unmap(&mem, 0x40_0000, 0x20_0000, &mut ga).unwrap();
+    dom.unmap(&mem, 0x10_0000, 0x1000, &mut gb).unwrap();
+    assert_eq!(ga.pending_tables(), 1);
+    let status = mem.alloc_frame().unwrap();
+    let (sa, sb) = (status, status + 64);
+    hw.state().queue_delay = 3;
+    let waits = unit.invalidation_stats().waits;
+    let Submitted::Queued(qa) = unit.flush_submit(&mut mem, &mut ga, sa, 5).unwrap() else {
+        panic!("queued invalidation: the flush is queued")
+    };
+    let Submitted::Queued(qb) = unit.flush_submit(&mut mem, &mut gb, sb, 9).unwrap() else {
+        panic!("queued invalidation: the flush is queued")
+    };
+    assert_eq!((qa.invalidations, qb.invalidations), (1, 1));
+    // Not yet run: the stale translations still work, nothing was released.
+    assert_ne!(mem.read_u32(sa), 5);
+    assert_eq!(hw.dma(EDU.0, 0x10_0000, false), Ok(0x6000_0000));
+    assert_eq!(ga.pending_tables(), 1);
+    // Each waiter polls its own word (register reads let the fake's queue advance).
+    let mut polls = 0;
+    while mem.read_u32(sb) != 9 {
+        unit.queue_check(&mut mem, &qb).unwrap();
+        polls += 1;
+        assert!(polls < 100, "B's status word never written");
+    }
+    // The queue runs in order: A's wait came first.
+    assert_eq!(mem.read_u32(sa), 5);
+    unit.queue_check(&mut mem, &qa).unwrap();
+    assert_eq!(hw.dma(EDU.0, 0x10_0000, false), Err(6));
+    assert_eq!(hw.dma(EDU.0, 0x40_0000, false), Err(6));
+    let fa = Unit::<FakeUnit, FakeClock>::flush_release(&mut mem, &mut ga, &qa);
+    let fb = Unit::<FakeUnit, FakeClock>::flush_release(&mut mem, &mut gb, &qb);
+    assert_eq!(fa.unmapped, vec![0x40_0000..0x60_0000]);
+    assert_eq!((fa.tables_freed, fb.tables_freed), (1, 0));
+    assert_eq!(fb.unmapped, vec![0x10_0000..0x10_1000]);
+    assert!(ga.is_empty() && gb.is_empty());
+    assert_eq!(unit.invalidation_stats().waits, waits + 2);
+
+    // A refused wait descriptor: its waiter learns it from queue_check, the gather stays.
+    hw.state().queue_delay = 0;
+    dom.map(&mem, 0x10_0000, 0x6000_0000, 0x1000, RW, &mut gb)
+        .unwrap();
+    unit.flush(&mut mem, &mut gb).unwrap();
+    dom.unmap(&mem, 0x10_0000, 0x1000, &mut gb).unwrap();
+    hw.state().reject_type = Some(crate::inval::desc_type::WAIT);
+    let Submitted::Queued(q) = unit.flush_submit(&mut mem, &mut gb, sb, 10).unwrap() else {
+        panic!("queued")
+    };
+    assert_ne!(mem.read_u32(sb), 10);
+    assert!(matches!(
+        unit.queue_check(&mut mem, &q),
+        Err(Error::InvalidationQueue { .. })
+    ));
+    assert!(!gb.is_empty(), "nothing released after a failed wait");
+    assert!(hw.state().errors.is_empty(), "{:?}", hw.state().errors);
 }

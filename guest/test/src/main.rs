@@ -98,6 +98,27 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             }
             abi::exit(0);
         }
+        if let Some(rounds) = line
+            .split_ascii_whitespace()
+            .find_map(|w| w.strip_prefix("dma-concurrent="))
+            .and_then(parse_number)
+        {
+            match dma::concurrent_worker(&info, vcpu as usize, rounds) {
+                Ok(()) => println!("vcpu {vcpu}: dma-concurrent worker done"),
+                Err(e) => println!("vcpu {vcpu}: dma-concurrent worker FAILED: {e}"),
+            }
+            abi::exit(0);
+        }
+        if let Some(ops) = line
+            .split_ascii_whitespace()
+            .find_map(|w| w.strip_prefix("dma-bench="))
+            .and_then(parse_number)
+        {
+            if let Err(e) = dma::bench_worker(&info, vcpu as usize, ops) {
+                println!("vcpu {vcpu}: dma-bench worker FAILED: {e}");
+            }
+            abi::exit(0);
+        }
         if vcpu == 1
             && line
                 .split_ascii_whitespace()
@@ -169,6 +190,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "dma-hold" => dma::hold(&info, arg.unwrap_or(3000)),
             "dma-foreign" => dma::foreign(&info, arg.unwrap_or(1000)),
             "dma-smp" => dma::smp(&info, arg.unwrap_or(100)),
+            "dma-concurrent" => dma::concurrent(&info, arg.unwrap_or(64)),
             "dma-faults" => dma::faults(),
             "dma-race" => dma::race(&info),
             "dma-capacity" => capacity::run(&info),

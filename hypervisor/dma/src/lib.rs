@@ -27,6 +27,16 @@
 //! confirm took effect and returns [`Unmapped::Unsynced`], not an error (the ABI's BUSY for a
 //! single UNMAP, the `unsynced` bit inside a MULTICALL).
 //!
+//! **Shards**: a guest with several vCPUs runs one [`DmaState`] per vCPU
+//! ([`DmaState::with_shared`]): the records of the mappings that vCPU made, its pending set and
+//! flush queue (its own deferred queue, bounds per vCPU), its counters. The shards share only
+//! [`Shared`], kept with atomics: the quotas (live mappings, mapped pages, reserved before a
+//! map and given back by its failure or unmap) and one bit per guest page in a live mapping
+//! (claimed in ascending order, so two MAPs of overlapping pages never both succeed and never
+//! both fail spuriously). An UNMAP on another vCPU than the MAP first moves the record
+//! ([`DmaState::take_mapping`], [`DmaState::adopt`]). Every rule above holds per shard; the
+//! checks that span the guest (quotas, a guest page mapped twice) hold through [`Shared`].
+//!
 //! The hardware is behind two traits the kernel implements: [`Iommu`] (one VT-d domain:
 //! map, unmap into a pending set, flush = invalidate + wait) and [`IovaSource`] (the per-CPU
 //! magazine allocator). Guest memory is the guest's contiguous partition ([`GuestRam`]).
@@ -37,8 +47,11 @@ extern crate alloc;
 
 mod backend;
 mod error;
+mod shared;
 mod state;
+mod sync;
 
 pub use backend::{Access, Clock, GuestRam, Iommu, IovaSource, NoClock};
 pub use error::Error;
+pub use shared::Shared;
 pub use state::{Counts, DmaState, Limits, Mapping, Phase, Policy, Stats, Unmapped, PAGE_SIZE};

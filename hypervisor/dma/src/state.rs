@@ -1,9 +1,11 @@
 //! [`DmaState`]: one guest's DMA mappings and the rules that govern them.
 
 use alloc::collections::BTreeMap;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::backend::{Access, Clock, GuestRam, Iommu, IovaSource};
+use crate::shared::Shared;
 use crate::Error;
 
 /// The page size of every mapping: the ABI's granule.
@@ -173,12 +175,20 @@ struct Waiting {
     unmap: bool,
 }
 
-/// One guest's DMA state.
+/// One guest's DMA state, or one vCPU's shard of it.
+///
+/// A guest with several vCPUs gives each vCPU its own shard ([`DmaState::with_shared`]): the
+/// mappings that vCPU made, its pending set and its flush queue (its unmaps and its
+/// deferred queue, as Linux's per-CPU flush queues), its counters; the shards share only
+/// [`Shared`] (the quotas and the guest pages in live mappings, kept with atomics), so vCPUs
+/// do not serialize. A mapping moves between shards with [`DmaState::take_mapping`] and
+/// [`DmaState::adopt`] (an UNMAP on another vCPU than the MAP).
 pub struct DmaState<P> {
     policy: Policy,
     limits: Limits,
     live: BTreeMap<u64, Mapping>,
-    by_gpa: BTreeMap<u64, u64>,
+    shared: Arc<Shared>,
+    /// Pages of this shard's live mappings.
     mapped_pages: u64,
     pending: P,
     /// In the order they started waiting (so the first is the oldest).
@@ -191,15 +201,29 @@ pub struct DmaState<P> {
 }
 
 impl<P: Default> DmaState<P> {
-    /// An empty state.
+    /// Guest RAM a state made by [`Self::new`] can map: 4 GiB.
+    pub const DEFAULT_RAM: u64 = 1 << 32;
+
+    /// An empty state for a whole guest (one shard) of at most [`Self::DEFAULT_RAM`] of RAM.
     pub fn new(policy: Policy, limits: Limits) -> Self {
+        Self::with_shared(
+            policy,
+            limits,
+            Arc::new(Shared::new(Self::DEFAULT_RAM)),
+            P::default(),
+        )
+    }
+
+    /// An empty shard of a guest whose shards share `shared`, with its own (empty) pending
+    /// set `pending` (e.g. one that knows the shard's invalidation status word).
+    pub fn with_shared(policy: Policy, limits: Limits, shared: Arc<Shared>, pending: P) -> Self {
         Self {
             policy,
             limits,
             live: BTreeMap::new(),
-            by_gpa: BTreeMap::new(),
+            shared,
             mapped_pages: 0,
-            pending: P::default(),
+            pending,
             waiting: Vec::new(),
             map_unflushed: false,
             in_batch: false,
@@ -234,18 +258,43 @@ impl<P: Default> DmaState<P> {
         self.stats.errors += 1;
     }
 
-    /// Whether any page of guest-physical `[gpa, end)` is in a live mapping.
+    /// The back end's pending set, for its own bookkeeping (e.g. what it releases once the
+    /// guest is gone); what waits in it is the service's business.
+    pub fn pending_mut(&mut self) -> &mut P {
+        &mut self.pending
+    }
+
+    /// What the guest's shards share.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Whether any page of guest-physical `[gpa, end)` is in a live mapping (of any shard).
     pub fn gpa_mapped(&self, gpa: u64, end: u64) -> bool {
-        match self.by_gpa.range(..end).next_back() {
-            Some((_, iova)) => self.live[iova].gpa_end() > gpa,
-            None => false,
-        }
+        self.shared.gpa_mapped(gpa, end)
+    }
+
+    /// Takes the live mapping that starts at `iova` out of this shard, unchanged (still
+    /// mapped, still counted in [`Shared`]), for [`Self::adopt`] by another shard: an UNMAP
+    /// on another vCPU than the MAP. `None` when this shard has no mapping there.
+    pub fn take_mapping(&mut self, iova: u64) -> Option<Mapping> {
+        let m = self.live.remove(&iova)?;
+        self.mapped_pages -= m.pages;
+        Some(m)
+    }
+
+    /// Takes over a mapping another shard of the same guest gave up with
+    /// [`Self::take_mapping`].
+    pub fn adopt(&mut self, m: Mapping) {
+        self.mapped_pages += m.pages;
+        self.live.insert(m.iova, m);
     }
 
     /// Whether a device may still reach any page of guest-physical `[gpa, end)`: a live
-    /// mapping, an unmap whose invalidation has not completed (deferred, or unconfirmed), or a
-    /// failed map's rolled-back entries waiting for theirs. Registrations of guest pages
-    /// (batch area, fault ring) must refuse such pages.
+    /// mapping (of any shard), an unmap of this shard whose invalidation has not completed
+    /// (deferred, or unconfirmed), or a failed map's rolled-back entries waiting for theirs.
+    /// Registrations of guest pages (batch area, fault ring) must refuse such pages (asking
+    /// every shard, with every shard held).
     pub fn gpa_busy(&self, gpa: u64, end: u64) -> bool {
         self.gpa_mapped(gpa, end)
             || self
@@ -378,17 +427,48 @@ impl<P: Default> DmaState<P> {
             self.stats.maps += 1;
             return Ok(gpa);
         }
-        if self.live.len() >= self.limits.max_mappings
-            || self.mapped_pages + pages > self.limits.max_mapped_pages
-            // Worst case for new table pages: one per level below the root plus one leaf
-            // table per 512 pages.
-            || dom.table_pages() + 3 + pages.div_ceil(512) as usize > self.limits.max_table_pages
+        // Worst case for new table pages: one per level below the root plus one leaf table
+        // per 512 pages. (Shards racing near the quota may each pass this check; the
+        // kernel's quota covers every table the IOVA window can need.)
+        if dom.table_pages() + 3 + pages.div_ceil(512) as usize > self.limits.max_table_pages
+            || !self.shared.reserve(pages, &self.limits)
         {
             return self.fail(Error::Nomem);
         }
-        if self.gpa_mapped(gpa, gpa + len) {
+        if !self.shared.claim(gpa, pages) {
+            self.shared.unreserve(pages);
             return self.fail(Error::Exist);
         }
+        match self.map_claimed(dom, iovas, ram, clock, gpa, pages, access) {
+            Ok(iova) => Ok(iova),
+            Err(e) => {
+                self.shared.unclaim(gpa, pages);
+                self.shared.unreserve(pages);
+                self.fail(e)
+            }
+        }
+    }
+
+    /// The rest of MAP once the quota and the guest pages are held: `Err` is counted (and
+    /// the holds given back) by the caller.
+    #[allow(clippy::too_many_arguments)]
+    fn map_claimed<D, I, R, C>(
+        &mut self,
+        dom: &mut D,
+        iovas: &mut I,
+        ram: &R,
+        clock: &C,
+        gpa: u64,
+        pages: u64,
+        access: Access,
+    ) -> Result<u64, Error>
+    where
+        D: Iommu<Pending = P>,
+        I: IovaSource,
+        R: GuestRam,
+        C: Clock,
+    {
+        let len = pages * PAGE_SIZE;
         let t0 = clock.cycles();
         let mut iova = iovas.alloc(pages);
         self.account(Phase::IovaAlloc, t0, clock);
@@ -401,7 +481,7 @@ impl<P: Default> DmaState<P> {
             }
         }
         let Some(iova) = iova else {
-            return self.fail(Error::Nomem);
+            return Err(Error::Nomem);
         };
         let m = Mapping {
             iova,
@@ -421,7 +501,7 @@ impl<P: Default> DmaState<P> {
             } else {
                 self.deferred_entry_bound(dom, iovas, clock);
             }
-            return self.fail(e);
+            return Err(e);
         }
         if dom.map_needs_flush() && self.flush(dom, iovas, clock, true).is_err() {
             // The device may not be able to use the new entries: undo them, under the
@@ -431,14 +511,13 @@ impl<P: Default> DmaState<P> {
             self.account(Phase::PteWrite, t0, clock);
             if r.is_ok() {
                 self.hold(m, false, clock);
-                return self.fail(Error::Busy);
+                return Err(Error::Busy);
             }
             // Cannot undo (the domain refused to clear what it just wrote): the map took
             // effect; it becomes usable with the next flush, which must run.
             self.map_unflushed = true;
         }
         self.live.insert(iova, m);
-        self.by_gpa.insert(gpa, iova);
         self.mapped_pages += pages;
         self.stats.maps += 1;
         Ok(iova)
@@ -489,8 +568,9 @@ impl<P: Default> DmaState<P> {
             return self.fail(e);
         }
         self.live.remove(&iova);
-        self.by_gpa.remove(&m.gpa);
         self.mapped_pages -= m.pages;
+        self.shared.unclaim(m.gpa, m.pages);
+        self.shared.unreserve(m.pages);
         self.hold(m, true, clock);
         self.stats.unmaps += 1;
         if self.owes_flush() {
@@ -653,8 +733,9 @@ impl<P: Default> DmaState<P> {
                 return Err(e);
             }
             self.live.remove(&m.iova);
-            self.by_gpa.remove(&m.gpa);
             self.mapped_pages -= m.pages;
+            self.shared.unclaim(m.gpa, m.pages);
+            self.shared.unreserve(m.pages);
             self.hold(m, true, clock);
         }
         // The guest makes no more calls: the tables kept for reuse go with this flush.

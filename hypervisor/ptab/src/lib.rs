@@ -727,13 +727,10 @@ impl<F: Format> PageTable<F> {
 
     /// Unlinks every table page without a present entry (a child's release may empty its
     /// parent) into `sink`, with its whole span as an invalidation. The root stays. Returns
-    /// the number of pages unlinked. For teardown or a quiesced table: no map may run until
-    /// the sink's invalidation completed.
-    pub fn release_empty_tables<M: TableMemory, S: Sink>(
-        &mut self,
-        mem: &M,
-        sink: &mut S,
-    ) -> usize {
+    /// the number of pages unlinked. For teardown or a quiesced table: no map or unmap may
+    /// run concurrently, and no map until the sink's invalidation completed (the caller
+    /// guarantees it; a violation can mislink a table, never cause undefined behaviour).
+    pub fn release_empty_tables<M: TableMemory, S: Sink>(&self, mem: &M, sink: &mut S) -> usize {
         fn release<F: Format, M: TableMemory, S: Sink>(
             pt: &PageTable<F>,
             mem: &M,

@@ -150,7 +150,6 @@ fn superpage_not_over_a_kept_table() {
     // two emptied tables above it.
     pt.unmap(&mem, 0, 0x20_0000, &mut s).unwrap();
     assert_eq!(s.tables.len(), 1);
-    let mut pt = pt;
     assert_eq!(pt.release_empty_tables(&mem, &mut s), 2);
     assert_eq!(s.inval.len(), 2);
     assert_eq!(pt.table_pages(), 1);
@@ -254,7 +253,7 @@ fn run_model<F: TestFormat>(
     coherent: bool,
 ) -> Result<(), TestCaseError> {
     let mem = ArenaMemory::with_dirty_tracking(4096, !coherent);
-    let mut pt = PageTable::<F>::new(&mem, cfg(levels, superpages, coherent)).unwrap();
+    let pt = PageTable::<F>::new(&mem, cfg(levels, superpages, coherent)).unwrap();
     let mut s = Pending::default();
     let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
     let mut maps: Vec<(u64, u64)> = Vec::new();

@@ -13,6 +13,7 @@ use crate::{pci, println, Outcome};
 mod bad;
 mod batch;
 mod bench;
+mod concurrent;
 mod demo;
 mod edu;
 mod faults;
@@ -23,6 +24,8 @@ mod smp;
 pub use bad::bad;
 pub use batch::batch;
 pub use bench::bench;
+pub use bench::bench_worker;
+pub use concurrent::{concurrent, concurrent_worker};
 pub use demo::demo;
 pub use edu::edu;
 pub use faults::faults;
@@ -191,6 +194,10 @@ pub(crate) fn raw(call: Call, a: [u64; 6]) -> (Option<Status>, [u64; 3]) {
 
 #[repr(C, align(4096))]
 struct BatchPages([[u8; PAGE]; 8]);
+
+/// `N` page-aligned pages (batch areas, scratch pages of the multi-vCPU tests).
+#[repr(C, align(4096))]
+pub(crate) struct PageArray<const N: usize>(pub(crate) [[u8; PAGE]; N]);
 
 pub(crate) fn delay_ms(boot: &BootInfo, ms: u64) {
     let t0 = crate::abi::rdtsc();

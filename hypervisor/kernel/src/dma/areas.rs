@@ -1,13 +1,16 @@
 //! Guest pages registered with the hypervisor (batch areas, the fault ring): the checks every
-//! registration makes under the guest's lock, and BATCH_REGISTER.
+//! registration makes with every vCPU shard held, and BATCH_REGISTER.
 
 use super::*;
 
 impl GuestDma {
-    /// Guest pages registered with the hypervisor (batch areas, the fault ring): never DMA
-    /// targets.
-    pub(super) fn areas(&self) -> Vec<(u64, u64)> {
-        self.registered(None, true)
+    /// Publishes the registered areas (batch areas, the fault ring: never DMA targets) to
+    /// every shard's copy. The caller holds every shard (`shards`).
+    pub(super) fn publish_areas(&self, shards: &mut [MutexGuard<'_, Shard>]) {
+        let areas = self.registered(None, true);
+        for s in shards.iter_mut() {
+            s.areas.clone_from(&areas);
+        }
     }
 
     /// The registered areas as `(gpa, pages)`: every vCPU's batch area but `skip_batch`'s,
@@ -28,11 +31,11 @@ impl GuestDma {
     /// overlap with the `others` registered areas (EXIST), no page mapped for DMA or still
     /// waiting for the invalidation of its unmap (BUSY).
     ///
-    /// The caller holds the guest's lock (`inner`) from these checks until it has published
+    /// The caller holds every shard (`shards`) from these checks until it has published
     /// the area, so no MAP and no other registration can slip in between.
     pub(super) fn check_area(
         &self,
-        inner: &Inner,
+        shards: &[MutexGuard<'_, Shard>],
         gpa: u64,
         pages: u64,
         max_pages: u64,
@@ -56,7 +59,7 @@ impl GuestDma {
         {
             return Err(Status::Exist);
         }
-        if inner.st.gpa_busy(gpa, end) {
+        if shards.iter().any(|s| s.st.gpa_busy(gpa, end)) {
             return Err(Status::Busy);
         }
         Ok(())
@@ -66,21 +69,24 @@ impl GuestDma {
         let (gpa, pages) = (a.0[0], a.0[1]);
         let slot = &self.batch[vcpu % self.batch.len()];
         if pages == 0 {
-            let _inner = self.inner.lock();
-            return match slot.lock().take() {
+            let mut shards = self.all_shards();
+            let r = match slot.lock().take() {
                 Some(_) => Return::ok(0),
                 None => Return::err(Status::Noent),
             };
+            self.publish_areas(&mut shards);
+            return r;
         }
         let me = vcpu % self.batch.len();
-        // Checks and publication under the guest's lock (see `check_area`).
-        let inner = self.inner.lock();
+        // Checks and publication with every shard held (see `check_area`).
+        let mut shards = self.all_shards();
         let others = self.registered(Some(me), true);
-        if let Err(st) = self.check_area(&inner, gpa, pages, wire::MAX_BATCH_PAGES, &others) {
+        if let Err(st) = self.check_area(&shards, gpa, pages, wire::MAX_BATCH_PAGES, &others) {
             return Return::err(st);
         }
         *slot.lock() = Some((gpa, pages));
-        drop(inner);
+        self.publish_areas(&mut shards);
+        drop(shards);
         Return::ok(wire::batch_capacity(pages, self.limits.max_batch) as u64)
     }
 }

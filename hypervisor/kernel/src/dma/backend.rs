@@ -3,12 +3,15 @@
 
 use moat_dma::{Access, Clock, Error, GuestRam, Iommu, IovaSource};
 use moat_iova::{order_for_pages, Iova, PerCpu};
-use moat_vtd::{Domain, Gather};
+use moat_vtd::{DmaMemory, Domain, Gather, Submitted};
 
 use crate::arch::{tsc, x86};
-use crate::iommu::with_unit;
+use crate::iommu::hw::KernelMemory;
+use crate::iommu::{with_unit, KernelUnit};
 
-/// One guest's VT-d domain on the unit at `unit`.
+/// One guest's VT-d domain on the unit at `unit`, shared by the guest's vCPUs: map and unmap
+/// change the page tables with atomic entry writes (new tables linked by compare-and-swap),
+/// each vCPU with its own pending set, without a lock; only a flush takes the unit's lock.
 pub struct VtdDomain {
     /// Register base of the unit.
     pub unit: u64,
@@ -20,9 +23,40 @@ pub struct VtdDomain {
     pub map_needs_flush: bool,
 }
 
-/// Unmaps waiting for the flush: the driver's gather, created on first use.
+/// Unmaps waiting for the flush (the driver's gather, created on first use), and the
+/// shard's own invalidation status word: its flushes queue a wait descriptor that writes
+/// it, and poll it outside the unit's lock.
 #[derive(Default)]
-pub struct VtdPending(Option<Gather>);
+pub struct VtdPending {
+    gather: Option<Gather>,
+    /// The status word (0: none; the flush then waits under the unit's lock).
+    status: u64,
+    /// The last value asked of the status word.
+    seq: u32,
+    /// A wait on the status word timed out: the hardware may still write it later, so its
+    /// frame is never freed.
+    pub poisoned: bool,
+}
+
+impl VtdPending {
+    /// Stops using the status word (teardown): whether the unit can still write it (a wait
+    /// on it timed out), in which case its frame must never be freed.
+    pub fn take_status(&mut self) -> (u64, bool) {
+        (core::mem::take(&mut self.status), self.poisoned)
+    }
+
+    /// An empty pending set whose flushes wait on the status word at `status` (4-byte
+    /// aligned, in a VT-d frame the caller owns and keeps while the unit may write it).
+    pub fn with_status(status: u64) -> Self {
+        Self {
+            status,
+            ..Self::default()
+        }
+    }
+}
+
+/// Polls between two looks at the queue's error state (under the unit's lock).
+const QUEUE_CHECK_EVERY: u32 = 1024;
 
 fn vtd_error(e: moat_vtd::Error) -> Error {
     use moat_vtd::Error as V;
@@ -48,7 +82,7 @@ fn access(a: Access) -> moat_vtd::Access {
     v
 }
 
-impl Iommu for VtdDomain {
+impl Iommu for &VtdDomain {
     type Pending = VtdPending;
 
     fn map(
@@ -62,10 +96,11 @@ impl Iommu for VtdDomain {
         // The map records in the gather what a flush must do for it (caching mode:
         // invalidate the range; RWBF: flush the write buffer) and, when it fails, what its
         // rollback cleared; `moat-dma` flushes when `map_needs_flush` says so.
-        let dom = &mut self.domain;
-        let g = pending.0.get_or_insert_with(|| dom.gather());
-        with_unit(self.unit, |_, m| dom.map(m, iova, hpa, len, access(a), g))
-            .ok_or(Error::Busy)?
+        // The caller's IOVA range is its own (allocated to it, not yet handed to anyone):
+        // its leaves are written without a lock.
+        let dom = &self.domain;
+        let g = pending.gather.get_or_insert_with(|| dom.gather());
+        dom.map(&KernelMemory, iova, hpa, len, access(a), g)
             .map_err(vtd_error)
     }
 
@@ -74,21 +109,60 @@ impl Iommu for VtdDomain {
     }
 
     fn unmap(&mut self, iova: u64, len: u64, pending: &mut VtdPending) -> Result<(), Error> {
-        let dom = &mut self.domain;
-        let g = pending.0.get_or_insert_with(|| dom.gather());
-        with_unit(self.unit, |_, m| dom.unmap(m, iova, len, g))
-            .ok_or(Error::Busy)?
-            .map_err(vtd_error)
+        // A live mapping of the caller's shard: nobody else writes its entries.
+        let dom = &self.domain;
+        let g = pending.gather.get_or_insert_with(|| dom.gather());
+        dom.unmap(&KernelMemory, iova, len, g).map_err(vtd_error)
     }
 
     fn flush(&mut self, pending: &mut VtdPending) -> Result<u32, Error> {
-        let Some(g) = pending.0.as_mut() else {
+        let Some(g) = pending.gather.as_mut() else {
             return Ok(0);
         };
-        with_unit(self.unit, |u, m| u.flush(m, g))
+        if pending.status == 0 {
+            return with_unit(self.unit, |u, m| u.flush(m, g))
+                .ok_or(Error::Busy)?
+                .map(|f| f.invalidations as u32)
+                .map_err(vtd_error);
+        }
+        // The unit's lock only to write the descriptors and move the tail.
+        pending.seq = pending.seq.wrapping_add(1).max(1);
+        let (status, seq) = (pending.status, pending.seq);
+        let submitted = with_unit(self.unit, |u, m| u.flush_submit(m, g, status, seq))
             .ok_or(Error::Busy)?
-            .map(|f| f.invalidations as u32)
-            .map_err(vtd_error)
+            .map_err(vtd_error)?;
+        let q = match submitted {
+            Submitted::Done(f) => return Ok(f.invalidations as u32),
+            Submitted::Queued(q) => q,
+        };
+        // Our own status word, polled outside every lock; the queue's error state under
+        // the unit's lock now and then.
+        let mut m = KernelMemory;
+        let t0 = tsc::cycles_to_ns(x86::rdtsc());
+        let mut polls = 0u32;
+        loop {
+            if q.flush_status {
+                m.flush_cache(q.status, 4);
+            }
+            if m.read_u32(q.status) == q.seq {
+                break;
+            }
+            polls = polls.wrapping_add(1);
+            if polls.is_multiple_of(QUEUE_CHECK_EVERY) {
+                let r = with_unit(self.unit, |u, m| u.queue_check(m, &q)).ok_or(Error::Busy)?;
+                if let Err(e) = r {
+                    // Our wait descriptor was refused: nothing will write the word.
+                    return Err(vtd_error(e));
+                }
+                if tsc::cycles_to_ns(x86::rdtsc()).saturating_sub(t0) > q.timeout_ns {
+                    with_unit(self.unit, |u, _| u.queue_timed_out(&q));
+                    pending.poisoned = true;
+                    return Err(Error::Busy);
+                }
+            }
+            core::hint::spin_loop();
+        }
+        Ok(KernelUnit::flush_release(&mut m, g, &q).invalidations as u32)
     }
 
     fn table_pages(&self) -> usize {
@@ -96,11 +170,10 @@ impl Iommu for VtdDomain {
     }
 
     fn release_empty_tables(&mut self, pending: &mut VtdPending) -> usize {
-        let dom = &mut self.domain;
-        let g = pending.0.get_or_insert_with(|| dom.gather());
-        with_unit(self.unit, |_, m| dom.release_empty_tables(m, g))
-            .and_then(|r| r.ok())
-            .unwrap_or(0)
+        // Teardown only: the guest has stopped and every shard is held by the caller.
+        let dom = &self.domain;
+        let g = pending.gather.get_or_insert_with(|| dom.gather());
+        dom.release_empty_tables(&KernelMemory, g).unwrap_or(0)
     }
 }
 
@@ -110,9 +183,9 @@ pub struct IovaHandle<'a> {
     pub cpu: &'a mut PerCpu<'static>,
     /// Exclusive end of the window the guest's devices can address, in pages.
     pub limit_pfn: u64,
-    /// Every vCPU's handle (this one's is locked by the caller): an exhausted allocation
+    /// Every vCPU's shard (this one's is held by the caller): an exhausted allocation
     /// empties the magazines of the vCPUs that are not in a DMA call right now.
-    pub all: &'a [spin::Mutex<PerCpu<'static>>],
+    pub all: &'a [spin::Mutex<super::Shard>],
 }
 
 impl IovaSource for IovaHandle<'_> {
@@ -127,8 +200,8 @@ impl IovaSource for IovaHandle<'_> {
         let mut reclaimed = 0;
         for other in self.all {
             if let Some(mut c) = other.try_lock() {
-                reclaimed += c.cached();
-                c.flush();
+                reclaimed += c.iova.cached();
+                c.iova.flush();
             }
         }
         if reclaimed == 0 {

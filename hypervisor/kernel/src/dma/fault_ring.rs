@@ -19,10 +19,19 @@ impl GuestDma {
     /// queue had to drop (it was full) count as the ring's drops. Called on the guest's exits
     /// and DMA calls (which also runs a fault drain an interrupt left pending).
     pub fn deliver_faults(&self) {
+        // Nothing was queued for anyone since this guest's queue was last found empty: skip
+        // the fault log's lock (shared by every guest) on the common path.
+        crate::iommu::follow_up();
+        let generation = crate::iommu::fault_generation();
+        if self.fault_gen.load(Ordering::Acquire) == generation {
+            return;
+        }
         let Some(taken) = crate::iommu::take_domain_faults(self.unit, self.did) else {
             return;
         };
         if taken.records.is_empty() && taken.dropped == 0 {
+            // Records queued since `generation` bump it again: the next call looks.
+            self.fault_gen.store(generation, Ordering::Release);
             return;
         }
         self.faults.fetch_add(
@@ -90,16 +99,18 @@ impl GuestDma {
             });
         }
         if pages == 0 {
-            let _inner = self.inner.lock();
-            return match self.ring.lock().take() {
+            let mut shards = self.all_shards();
+            let r = match self.ring.lock().take() {
                 Some(_) => Return::ok(0),
                 None => Return::err(Status::Noent),
             };
+            self.publish_areas(&mut shards);
+            return r;
         }
-        // Checks and publication under the guest's lock (see `check_area`).
-        let inner = self.inner.lock();
+        // Checks and publication with every shard held (see `check_area`).
+        let mut shards = self.all_shards();
         let others = self.registered(None, false);
-        if let Err(st) = self.check_area(&inner, gpa, pages, wire::MAX_FAULT_RING_PAGES, &others) {
+        if let Err(st) = self.check_area(&shards, gpa, pages, wire::MAX_FAULT_RING_PAGES, &others) {
             return Return::err(st);
         }
         let capacity = wire::fault_ring_capacity(pages);
@@ -118,7 +129,8 @@ impl GuestDma {
             seq: 0,
             dropped: 0,
         });
-        drop(inner);
+        self.publish_areas(&mut shards);
+        drop(shards);
         Return::ok(capacity as u64)
     }
 

@@ -87,27 +87,29 @@ impl GuestDma {
         // so the fault event cannot be taken: drain the fault records here (polling path).
         crate::iommu::poll_faults(64);
         self.deliver_faults();
-        let mut inner = self.inner.lock();
-        let s = inner.st.stats();
-        let c = inner.st.counts(&inner.dom);
-        let faults_total = with_unit(inner.dom.unit, |u, _| {
-            u.fault_counters().domain(inner.dom.domain.id())
+        let mut shards = self.all_shards();
+        let s = sum_stats(shards.iter().map(|sh| sh.st.stats()));
+        let dom = &self.dom;
+        let c = sum_counts(shards.iter().map(|sh| sh.st.counts(&dom)));
+        let faults_total = with_unit(self.dom.unit, |u, _| {
+            u.fault_counters().domain(self.dom.domain.id())
         })
         .unwrap_or(0);
-        let faults = faults_total.saturating_sub(self.calls.faults_base.load(Ordering::Relaxed));
+        let faults = faults_total.saturating_sub(self.faults_base.load(Ordering::Relaxed));
+        let (cycles_exit, multicalls, exits, cycles_validate) = sum_calls(&self.calls);
         let out = wire::Stats {
             size: (wire::STATS_SIZE as u32).into(),
             reserved: 0.into(),
             maps: s.maps.into(),
             unmaps: s.unmaps.into(),
             errors: s.errors.into(),
-            multicalls: self.calls.multicalls.load(Ordering::Relaxed).into(),
+            multicalls: multicalls.into(),
             invalidations: s.invalidations.into(),
             waits: s.waits.into(),
             faults: faults.into(),
-            exits: self.calls.exits.load(Ordering::Relaxed).into(),
-            cycles_exit: self.calls.cycles_exit.load(Ordering::Relaxed).into(),
-            cycles_validate: self.calls.cycles_validate.load(Ordering::Relaxed).into(),
+            exits: exits.into(),
+            cycles_exit: cycles_exit.into(),
+            cycles_validate: cycles_validate.into(),
             cycles_iova_alloc: s.cycles[moat_dma::Phase::IovaAlloc as usize].into(),
             cycles_pte_write: s.cycles[moat_dma::Phase::PteWrite as usize].into(),
             cycles_invalidate: s.cycles[moat_dma::Phase::InvalidateWait as usize].into(),
@@ -121,12 +123,17 @@ impl GuestDma {
             return Return::err(s);
         }
         if flags & wire::StatsFlags::RESET != 0 {
-            // The counters, not the gauges, atomically with the read (under the guest's
-            // lock, which every DMA call that counts holds).
-            inner.st.reset_stats();
-            self.calls.reset(faults_total);
+            // The counters, not the gauges, atomically with the read (every shard held,
+            // and every DMA call that counts holds its shard).
+            for sh in shards.iter_mut() {
+                sh.st.reset_stats();
+            }
+            for c in &self.calls {
+                c.reset();
+            }
+            self.faults_base.store(faults_total, Ordering::Relaxed);
         }
-        drop(inner);
+        drop(shards);
         Return::ok(wire::STATS_SIZE as u64)
     }
 }

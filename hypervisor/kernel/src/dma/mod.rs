@@ -2,6 +2,22 @@
 //! devices, the guest's mapping state (`moat-dma`), its IOVA allocator (`moat-iova`, one
 //! per-CPU handle per vCPU) and the hypercall handlers.
 //!
+//! **No shared lock on the common path.** Each vCPU has a [`Shard`]: its IOVA magazines, the
+//! records of the mappings it made, its pending set and flush queue, its counters and its
+//! copy of the registered areas. A MAP or UNMAP of the vCPU's own mappings takes only its
+//! own shard's lock, which nobody else takes on the common path (it is there for the rare
+//! cross-vCPU paths below), writes the page tables without a lock (the domain's tables
+//! take atomic entry writes and link new tables by compare-and-swap), and accounts quotas
+//! and guest pages in [`moat_dma::Shared`] with atomics. Only a flush takes the VT-d
+//! unit's lock. The cross-vCPU paths, each taking another vCPU's shard lock:
+//! - an UNMAP of a mapping another vCPU made moves its record into the caller's shard
+//!   first ([`DmaState::take_mapping`], [`DmaState::adopt`]);
+//! - an exhausted IOVA allocation empties the magazines of vCPUs not in a DMA call;
+//! - the deferred time bound: a vCPU's timer check also flushes another vCPU's overdue
+//!   queue (that vCPU may be halted);
+//! - registrations of guest pages, STATS, SYNC and shutdown hold every shard (in index
+//!   order, never while holding one).
+//!
 //! Every guest-supplied value is copied into hypervisor memory once and checked there
 //! (`moat_abi::dma::validate_entry` for the ABI's rules, then `moat_dma` for the guest- and
 //! hardware-dependent ones); guest memory is only read and written through [`Partition`]'s
@@ -17,6 +33,7 @@ mod multicall;
 use fault_ring::FaultRing;
 use guest_mem::CallRam;
 
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -25,15 +42,28 @@ use moat_abi::dma::{
     QueryHeader, Request,
 };
 use moat_abi::{Args, Call, FromZeros, IntoBytes, Return, Status};
-use moat_dma::{Access, DmaState, Limits, Policy, Unmapped};
+use moat_dma::{Access, DmaState, Limits, Policy, Shared, Unmapped};
 use moat_iova::{IovaAllocator, PerCpu};
 use moat_pci::Bdf;
 use moat_vtd::{Access as VtdAccess, SourceId};
-use spin::Mutex;
+use spin::{Mutex, MutexGuard};
 
 use crate::arch::{tsc, x86};
 use crate::iommu::with_unit;
 use backend::{IovaHandle, Partition, Tsc, VtdDomain, VtdPending};
+
+/// One vCPU's part of a guest's DMA service. Its lock is taken by its own vCPU on every DMA
+/// call and by other vCPUs only on the cross-vCPU paths (see the module docs).
+pub struct Shard {
+    /// The records of the mappings this vCPU made (or took over), its pending set and flush
+    /// queue, its counters.
+    st: DmaState<VtdPending>,
+    /// This vCPU's IOVA magazines.
+    iova: PerCpu<'static>,
+    /// The registered areas (batch areas, fault ring), never DMA targets: a copy kept
+    /// current by every registration, which holds every shard.
+    areas: Vec<(u64, u64)>,
+}
 
 /// Vector of the periodic timer that bounds the deferred flush queue in time.
 pub const TIMER_VECTOR: u8 = 0x41;
@@ -62,6 +92,10 @@ const MAX_MAPPINGS: usize = 16384;
 const IOVA_CACHE_RANGES_PER_VCPU: usize = 4096;
 /// IOVAs start at 1 MiB (page 0 and the low MiB are never handed out).
 const IOVA_BASE_PFN: u64 = 0x100;
+/// Bytes between two shards' invalidation status words (a cache line each).
+const STATUS_STRIDE: usize = 64;
+/// Shards whose status words fit in one frame.
+const STATUS_SLOTS: usize = 4096 / STATUS_STRIDE;
 
 /// Why DMA could not be set up for a guest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,25 +123,20 @@ impl core::fmt::Display for SetupError {
     }
 }
 
-struct Inner {
-    st: DmaState<VtdPending>,
-    dom: VtdDomain,
-}
-
-/// Counters the hypercall layer keeps (the service keeps the rest).
+/// Counters the hypercall layer keeps (the service keeps the rest), one set per vCPU (its
+/// own cache line: vCPUs do not share a counter on the hot path); STATS sums them.
 #[derive(Default)]
+#[repr(align(64))]
 struct CallCounters {
     cycles_exit: AtomicU64,
     multicalls: AtomicU64,
     exits: AtomicU64,
     cycles_validate: AtomicU64,
-    /// The unit's fault count for the domain at the last STATS RESET.
-    faults_base: AtomicU64,
 }
 
 impl CallCounters {
-    /// STATS RESET: zero the counters; `faults_now` becomes the new fault baseline.
-    fn reset(&self, faults_now: u64) {
+    /// STATS RESET: zero the counters.
+    fn reset(&self) {
         for c in [
             &self.cycles_exit,
             &self.multicalls,
@@ -116,8 +145,20 @@ impl CallCounters {
         ] {
             c.store(0, Ordering::Relaxed);
         }
-        self.faults_base.store(faults_now, Ordering::Relaxed);
     }
+}
+
+/// The sums of every vCPU's [`CallCounters`]: (cycles_exit, multicalls, exits,
+/// cycles_validate).
+fn sum_calls(calls: &[CallCounters]) -> (u64, u64, u64, u64) {
+    calls.iter().fold((0, 0, 0, 0), |a, c| {
+        (
+            a.0 + c.cycles_exit.load(Ordering::Relaxed),
+            a.1 + c.multicalls.load(Ordering::Relaxed),
+            a.2 + c.exits.load(Ordering::Relaxed),
+            a.3 + c.cycles_validate.load(Ordering::Relaxed),
+        )
+    })
 }
 
 /// One guest's DMA service.
@@ -125,25 +166,32 @@ pub struct GuestDma {
     policy: Policy,
     limits: wire::Limits,
     svc: Limits,
-    inner: Mutex<Inner>,
+    /// The guest's domain: shared, map and unmap need no lock.
+    dom: VtdDomain,
+    /// One per vCPU.
+    shards: Vec<Mutex<Shard>>,
+    /// Per shard: when its oldest deferred unmap must have been flushed (ns; `u64::MAX`:
+    /// nothing waits), as its last DMA call left it (read by every vCPU's timer check).
+    deadlines: Vec<AtomicU64>,
     iova: &'static IovaAllocator,
-    cpus: Vec<Mutex<PerCpu<'static>>>,
     limit_pfn: u64,
     /// The reserved IOVA regions QUERY reports (the MSI window when the IOVA window reaches
     /// it, the devices' RMRRs): never handed out by MAP, UNMAP there is PERM.
     regions: Vec<wire::ReservedRegion>,
     part: Partition,
     batch: Vec<Mutex<Option<(u64, u64)>>>,
-    calls: CallCounters,
+    /// Per vCPU.
+    calls: Vec<CallCounters>,
+    /// The unit's fault count for the domain at the last STATS RESET.
+    faults_base: AtomicU64,
     sources: Vec<SourceId>,
     baseline_tables: usize,
     unit: u64,
     did: u16,
     ring: Mutex<Option<FaultRing>>,
     faults: AtomicU64,
-    /// When the oldest deferred unmap must have been flushed (ns; `u64::MAX`: nothing
-    /// waits), as the last DMA call left it.
-    deadline_ns: AtomicU64,
+    /// The fault log's generation when this guest's queue was last found empty.
+    fault_gen: AtomicU64,
 }
 
 /// DMA address bits of a device: QEMU's edu masks DMA addresses to 28 bits; anything else
@@ -222,8 +270,14 @@ impl GuestDma {
         }
         // The allocator tracks every range it hands out or caches (about 100 bytes each, from
         // the heap): room for every mapping the quota allows plus what the magazines may
-        // cache. Strict misuse checking, as the allocator's documentation asks of the
-        // hypervisor (a double or foreign free is refused, never absorbed).
+        // cache. Strict misuse checking (every range's owner recorded, a double or foreign
+        // free refused, never absorbed) in the scenario build only: it records each magazine
+        // hit and free under the allocator's global lock, which would serialize the vCPUs
+        // on every MAP and UNMAP. The service frees only what its own records hold (a range
+        // goes back once, after the invalidation of its unmap or rolled-back map: the model
+        // tests, the shard test and the scenarios check it, the latter with strict checking
+        // on); the release build keeps the allocator's cheap checks (order, alignment,
+        // window, the magazine's top).
         let svc = Limits {
             max_mappings: MAX_MAPPINGS,
             // Deferred unmaps are flushed once half the bound has passed: the other half
@@ -236,7 +290,7 @@ impl GuestDma {
         let mut iova = IovaAllocator::new(
             moat_iova::Config::new(IOVA_BASE_PFN, limit_pfn, vcpus.max(1))
                 .with_max_ranges(MAX_MAPPINGS + IOVA_CACHE_RANGES_PER_VCPU * vcpus.max(1))
-                .with_strict(true),
+                .with_strict(cfg!(feature = "selftest")),
         )
         .map_err(SetupError::Iova)?;
         // Reserved regions inside the window (the MSI window, RMRRs) are never handed out.
@@ -248,14 +302,14 @@ impl GuestDma {
         let iova: &'static IovaAllocator = alloc::boxed::Box::leak(alloc::boxed::Box::new(iova));
         let mut cpus = Vec::new();
         for i in 0..vcpus.max(1) {
-            cpus.push(Mutex::new(iova.claim(i).map_err(SetupError::Iova)?));
+            cpus.push(iova.claim(i).map_err(SetupError::Iova)?);
         }
         let sources: Vec<SourceId> = devices
             .iter()
             .map(|&(b, _, _)| SourceId::new(b.bus(), b.device(), b.function()))
             .collect();
         let domain = with_unit(unit, |u, m| -> Result<moat_vtd::Domain, moat_vtd::Error> {
-            let mut dom = u.create_domain(m)?;
+            let dom = u.create_domain(m)?;
             let built = (|| {
                 let mut g = dom.gather();
                 for &(b, _, _) in devices {
@@ -273,7 +327,7 @@ impl GuestDma {
                     dom.map(m, 0, hpa, mem, VtdAccess::READ | VtdAccess::WRITE, &mut g)?;
                 }
                 for &s in &sources {
-                    u.attach(m, &mut dom, s)?;
+                    u.attach(m, &dom, s)?;
                 }
                 u.flush(m, &mut g).map(|_| ())
             })();
@@ -281,7 +335,7 @@ impl GuestDma {
                 Ok(()) => Ok(dom),
                 Err(e) => {
                     for &s in &sources {
-                        let _ = u.detach(m, &mut dom, s);
+                        let _ = u.detach(m, &dom, s);
                     }
                     let _ = u.destroy_domain(m, dom);
                     Err(e)
@@ -308,6 +362,30 @@ impl GuestDma {
         })
         .unwrap_or(true);
         let did = domain.id();
+        let shared = Arc::new(Shared::new(mem));
+        // The shards' invalidation status words: one cache line each in a VT-d frame (no
+        // frame: every flush waits under the unit's lock, as before).
+        let status_frame = if cpus.len() <= STATUS_SLOTS {
+            moat_vtd::DmaMemory::alloc_frame(&mut crate::iommu::hw::KernelMemory).unwrap_or(0)
+        } else {
+            0
+        };
+        let shards: Vec<Mutex<Shard>> = cpus
+            .into_iter()
+            .enumerate()
+            .map(|(i, iova)| {
+                let pending = if status_frame != 0 {
+                    VtdPending::with_status(status_frame + (i * STATUS_STRIDE) as u64)
+                } else {
+                    VtdPending::default()
+                };
+                Mutex::new(Shard {
+                    st: DmaState::with_shared(policy, svc, shared.clone(), pending),
+                    iova,
+                    areas: Vec::new(),
+                })
+            })
+            .collect();
         Ok(Some(GuestDma {
             policy,
             limits: wire::Limits {
@@ -316,16 +394,14 @@ impl GuestDma {
                 max_map_pages: svc.max_pages_per_map as u32,
             },
             svc,
-            inner: Mutex::new(Inner {
-                st: DmaState::new(policy, svc),
-                dom: VtdDomain {
-                    unit,
-                    domain,
-                    map_needs_flush,
-                },
-            }),
+            dom: VtdDomain {
+                unit,
+                domain,
+                map_needs_flush,
+            },
+            deadlines: shards.iter().map(|_| AtomicU64::new(u64::MAX)).collect(),
+            shards,
             iova,
-            cpus,
             limit_pfn,
             regions,
             part: Partition {
@@ -333,46 +409,123 @@ impl GuestDma {
                 size: mem,
             },
             batch: (0..vcpus.max(1)).map(|_| Mutex::new(None)).collect(),
-            calls: CallCounters::default(),
+            calls: (0..vcpus.max(1)).map(|_| CallCounters::default()).collect(),
+            faults_base: AtomicU64::new(0),
             sources,
             baseline_tables,
             unit,
             did,
             ring: Mutex::new(None),
             faults: AtomicU64::new(0),
-            deadline_ns: AtomicU64::new(u64::MAX),
+            fault_gen: AtomicU64::new(u64::MAX),
         }))
     }
 
     /// One line for the boot log.
     pub fn describe(&self) -> alloc::string::String {
-        let inner = self.inner.lock();
         alloc::format!(
-            "policy {:?}, VT-d domain {} on unit {:#x}, IOVA window [{:#x}, {:#x}), {} device(s)",
+            "policy {:?}, VT-d domain {} on unit {:#x}, IOVA window [{:#x}, {:#x}), {} device(s), {} vCPU shard(s)",
             self.policy,
-            inner.dom.domain.id(),
-            inner.dom.unit,
+            self.dom.domain.id(),
+            self.dom.unit,
             IOVA_BASE_PFN * PAGE,
             self.limit_pfn * PAGE,
-            self.sources.len()
+            self.sources.len(),
+            self.shards.len()
         )
+    }
+
+    /// The index of vCPU `vcpu`'s shard.
+    fn me(&self, vcpu: usize) -> usize {
+        vcpu % self.shards.len()
+    }
+
+    /// Every shard, held in index order: excludes every DMA call of the guest (registrations,
+    /// STATS, SYNC, shutdown). Never called while holding a shard.
+    fn all_shards(&self) -> Vec<MutexGuard<'_, Shard>> {
+        self.shards.iter().map(|s| s.lock()).collect()
+    }
+
+    /// Runs `f` on shard `i` (held) with its IOVA magazines as the allocator handle.
+    fn on<R>(
+        &self,
+        shard: &mut Shard,
+        f: impl FnOnce(&mut DmaState<VtdPending>, &mut &VtdDomain, &mut IovaHandle<'_>) -> R,
+    ) -> R {
+        let Shard { st, iova, .. } = shard;
+        // Answer another vCPU's drain request, if any (one load otherwise).
+        iova.poll();
+        f(
+            st,
+            &mut &self.dom,
+            &mut IovaHandle {
+                cpu: iova,
+                limit_pfn: self.limit_pfn,
+                all: &self.shards,
+            },
+        )
+    }
+
+    /// Moves the live mapping at `iova` into shard `me` when another shard holds it (an
+    /// UNMAP on another vCPU than its MAP). Called without holding any shard; takes the
+    /// others one at a time. Returns whether one was moved.
+    fn adopt_from_others(&self, me: usize, iova: u64) -> bool {
+        for (i, other) in self.shards.iter().enumerate() {
+            if i == me {
+                continue;
+            }
+            let taken = other.lock().st.take_mapping(iova);
+            if let Some(m) = taken {
+                self.shards[me].lock().st.adopt(m);
+                return true;
+            }
+        }
+        false
     }
 
     /// Runs one validated request on the calling vCPU (`single`: a DMA_MAP/DMA_UNMAP call,
     /// else a MULTICALL entry).
-    fn run(
+    fn run(&self, vcpu: usize, req: Request, single: bool) -> Result<EntryOutcome, Status> {
+        let me = self.me(vcpu);
+        let mut shard = self.shards[me].lock();
+        if let Request::Unmap { iova, .. } = req {
+            // The common case: the caller's own mapping. Otherwise its record moves here
+            // first (the cross-vCPU path); a mapping nobody holds is NOENT below.
+            if self.policy != Policy::Passthrough && shard.st.mapping(iova).is_none() {
+                drop(shard);
+                self.adopt_from_others(me, iova);
+                shard = self.shards[me].lock();
+            }
+        }
+        let r = self.run_on(&mut shard, req, single);
+        self.publish_deadline(me, &shard.st);
+        r
+    }
+
+    /// [`Self::run`] with the caller's shard held.
+    fn run_on(
         &self,
-        inner: &mut Inner,
-        vcpu: usize,
-        areas: &[(u64, u64)],
+        shard: &mut Shard,
         req: Request,
         single: bool,
     ) -> Result<EntryOutcome, Status> {
+        let areas = core::mem::take(&mut shard.areas);
         let ram = CallRam {
             part: &self.part,
-            areas,
+            areas: &areas,
         };
-        let Inner { st, dom } = inner;
+        let r = self.run_req(shard, &ram, req, single);
+        shard.areas = areas;
+        r
+    }
+
+    fn run_req(
+        &self,
+        shard: &mut Shard,
+        ram: &CallRam<'_>,
+        req: Request,
+        single: bool,
+    ) -> Result<EntryOutcome, Status> {
         match req {
             Request::Map { gpa, length, flags } => {
                 let a = Access {
@@ -380,7 +533,9 @@ impl GuestDma {
                     write: flags.bits() & DmaFlags::WRITE.bits() != 0,
                 };
                 let iova = self
-                    .with_iovas(vcpu, |ivs| st.map(dom, ivs, &ram, &Tsc, gpa, length, a))
+                    .on(shard, |st, dom, ivs| {
+                        st.map(dom, ivs, ram, &Tsc, gpa, length, a)
+                    })
                     .map_err(Status::from)?;
                 Ok(EntryOutcome {
                     status: Status::Ok,
@@ -391,11 +546,13 @@ impl GuestDma {
             Request::Unmap { iova, length } => {
                 // U1: reserved IOVA regions (the MSI window, RMRRs), as QUERY reports them.
                 if self.regions.iter().any(|r| r.intersects(iova, length)) {
-                    st.note_error();
+                    shard.st.note_error();
                     return Err(Status::Perm);
                 }
                 let u = self
-                    .with_iovas(vcpu, |ivs| st.unmap(dom, ivs, &ram, &Tsc, iova, length))
+                    .on(shard, |st, dom, ivs| {
+                        st.unmap(dom, ivs, ram, &Tsc, iova, length)
+                    })
                     .map_err(Status::from)?;
                 // Took effect but the invalidation was not confirmed (U4): BUSY for a single
                 // UNMAP; inside a MULTICALL the entry is OK and `end_batch` reports the call
@@ -414,7 +571,8 @@ impl GuestDma {
 
     /// Handles DMA call `call` from vCPU `vcpu`.
     pub fn hypercall(&self, vcpu: usize, call: Call, a: &Args) -> Return {
-        self.calls.exits.fetch_add(1, Ordering::Relaxed);
+        let calls = &self.calls[self.me(vcpu)];
+        calls.exits.fetch_add(1, Ordering::Relaxed);
         self.deliver_faults();
         match call {
             Call::DmaQuery => self.query(a),
@@ -425,7 +583,7 @@ impl GuestDma {
                 } else {
                     wire::decode_unmap_regs(a, &self.limits)
                 };
-                self.calls
+                calls
                     .cycles_validate
                     .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
                 let req = match req {
@@ -433,17 +591,15 @@ impl GuestDma {
                     Err(s) => {
                         // A failed MAP/UNMAP is an error whether the ABI layer or the
                         // service found it.
-                        self.inner.lock().st.note_error();
+                        self.shards[self.me(vcpu)].lock().st.note_error();
                         return Return::err(s);
                     }
                 };
-                // The registered areas are read under the guest's lock, which every
-                // registration holds from its checks to its publication: a page cannot be
-                // registered and mapped for the device at once.
-                let mut inner = self.inner.lock();
-                let areas = self.areas();
-                let r = self.run(&mut inner, vcpu, &areas, req, true);
-                self.publish_deadline(&inner.st);
+                // The registered areas are the shard's copy, read with the shard held;
+                // every registration holds every shard from its checks to its
+                // publication: a page cannot be registered and mapped for the device at
+                // once.
+                let r = self.run(vcpu, req, true);
                 match r {
                     Ok(o) => Return::ok(o.iova.unwrap_or(o.done)),
                     Err(s) => Return::err(s),
@@ -455,13 +611,21 @@ impl GuestDma {
                 if a.0[0] != 0 {
                     return Return::err(Status::Inval);
                 }
-                let mut inner = self.inner.lock();
-                let before = inner.st.stats().invalidations;
-                let Inner { st, dom } = &mut *inner;
-                let r = self.with_iovas(vcpu, |ivs| st.sync(dom, ivs, &Tsc));
-                self.publish_deadline(st);
-                match r {
-                    Ok(()) => Return::ok(st.stats().invalidations - before),
+                // Every vCPU's queue, one shard at a time (the caller's pending unmaps and
+                // those of vCPUs that have not flushed theirs yet).
+                let mut invalidations = 0;
+                let mut result = Ok(());
+                for i in 0..self.shards.len() {
+                    let mut shard = self.shards[i].lock();
+                    let before = shard.st.stats().invalidations;
+                    let r = self.on(&mut shard, |st, dom, ivs| st.sync(dom, ivs, &Tsc));
+                    invalidations += shard.st.stats().invalidations - before;
+                    self.publish_deadline(i, &shard.st);
+                    result = result.and(r);
+                }
+                let _ = vcpu;
+                match result {
+                    Ok(()) => Return::ok(invalidations),
                     Err(e) => Return::err(e.into()),
                 }
             }
@@ -471,28 +635,15 @@ impl GuestDma {
         }
     }
 
-    /// Runs `f` with vCPU `vcpu`'s IOVA magazines (its own handle; uncontended).
-    fn with_iovas<R>(&self, vcpu: usize, f: impl FnOnce(&mut IovaHandle<'_>) -> R) -> R {
-        let mut cpu = self.cpus[vcpu % self.cpus.len()].lock();
-        // Answer another vCPU's drain request, if any (one load otherwise).
-        cpu.poll();
-        f(&mut IovaHandle {
-            cpu: &mut cpu,
-            limit_pfn: self.limit_pfn,
-            all: &self.cpus,
-        })
-    }
-
     /// Called when the guest has stopped: reports what it still held, removes every mapping
     /// (flushing), and reports again: the leak check of every guest scenario.
     pub fn shutdown(&self, guest: &str) {
-        let mut inner = self.inner.lock();
+        let mut shards = self.all_shards();
         // First of all the devices: detached from the domain (context entries cleared, the
         // context cache and the domain's IOTLB entries invalidated), so nothing they still
         // have in flight reaches the stopped guest's memory, whatever its policy.
-        let Inner { st, dom } = &mut *inner;
-        let (unit, domain) = (dom.unit, &mut dom.domain);
-        let blocked = with_unit(unit, |u, m| {
+        let domain = &self.dom.domain;
+        let blocked = with_unit(self.dom.unit, |u, m| {
             self.sources
                 .iter()
                 .map(|&s| (s, u.detach(m, domain, s)))
@@ -508,12 +659,34 @@ impl GuestDma {
                 Err(e) => log::error!("guest {guest}: device {s} could NOT be detached: {e}"),
             }
         }
-        let before = st.counts(dom);
-        let torn = self.with_iovas(0, |ivs| st.teardown(dom, ivs, &Tsc));
-        let after = st.counts(dom);
+        let dom = &self.dom;
+        let before = sum_counts(shards.iter().map(|s| s.st.counts(&dom)));
+        // Every shard's mappings, then (with the last) the tables kept for reuse.
+        let mut torn = Ok(());
+        for shard in shards.iter_mut() {
+            torn = torn.and(self.on(shard, |st, dom, ivs| st.teardown(dom, ivs, &Tsc)));
+        }
+        let after = sum_counts(shards.iter().map(|s| s.st.counts(&dom)));
         // Every vCPU's magazines go back, so "live" counts only what is really held.
-        for c in &self.cpus {
-            c.lock().flush();
+        let mut status_frame = None;
+        let mut poisoned = false;
+        for shard in shards.iter_mut() {
+            shard.iova.flush();
+            let (status, p) = shard.st.pending_mut().take_status();
+            if status != 0 {
+                status_frame = Some(status & !(PAGE - 1));
+            }
+            poisoned |= p;
+        }
+        // The status words' frame, unless the unit may still write one (a wait timed out).
+        if let Some(f) = status_frame {
+            if poisoned {
+                log::warn!(
+                    "guest {guest}: invalidation status frame {f:#x} kept (a wait on it timed out)"
+                );
+            } else {
+                moat_vtd::DmaMemory::free_frame(&mut crate::iommu::hw::KernelMemory, f);
+            }
         }
         let live = self.iova.stats().live_pages;
         log::info!(
@@ -529,19 +702,25 @@ impl GuestDma {
             after.table_pages,
             self.baseline_tables
         );
-        let s = st.stats();
+        let s = sum_stats(shards.iter().map(|s| s.st.stats()));
+        let (_, multicalls, exits, _) = sum_calls(&self.calls);
+        let shared = shards[0].st.shared().clone();
         log::info!(
-            "guest {guest}: dma stats: {} maps, {} unmaps, {} errors, {} multicalls, {} flushes with {} invalidations ({} deferred, oldest unmap at most {} us old when its flush completed), {} DMA hypercalls",
+            "guest {guest}: dma stats: {} maps, {} unmaps, {} errors, {} multicalls, {} flushes with {} invalidations ({} deferred, oldest unmap at most {} us old when its flush completed), {} DMA hypercalls; {} shard(s), guest-wide accounting after teardown: {} mapping(s), {} page(s)",
             s.maps,
             s.unmaps,
             s.errors,
-            self.calls.multicalls.load(Ordering::Relaxed),
+            multicalls,
             s.flushes,
             s.invalidations,
             s.deferred_flushes,
             s.deferred_max_age_ns / 1000,
-            self.calls.exits.load(Ordering::Relaxed)
+            exits,
+            shards.len(),
+            shared.mappings(),
+            shared.mapped_pages()
         );
+        drop(shards);
         // Records of the domain nobody will deliver any more.
         let (n, dropped) = crate::iommu::discard_domain_faults(self.unit, self.did);
         if n > 0 || dropped > 0 {
@@ -555,8 +734,10 @@ impl GuestDma {
     /// Adds the hypervisor's exit/entry cycles of one DMA hypercall (from #VMEXIT to the
     /// handler and from the handler back to VMRUN; the hardware world switch itself is not
     /// visible from the hypervisor).
-    pub fn add_exit_cycles(&self, c: u64) {
-        self.calls.cycles_exit.fetch_add(c, Ordering::Relaxed);
+    pub fn add_exit_cycles(&self, vcpu: usize, c: u64) {
+        self.calls[self.me(vcpu)]
+            .cycles_exit
+            .fetch_add(c, Ordering::Relaxed);
     }
 
     /// Whether the vCPUs need the periodic timer (the deferred time bound must hold even when
@@ -565,45 +746,79 @@ impl GuestDma {
         self.policy == Policy::Deferred
     }
 
-    /// The deferred time bound, checked on the guest's exits.
+    /// The deferred time bound, checked on the guest's exits: vCPU `vcpu`'s own flush queue,
+    /// and any other vCPU's that is due (that vCPU may be halted, or stuck in a long call:
+    /// then this waits for its shard, which is never held longer than a MULTICALL's budget).
     pub fn tick(&self, vcpu: usize) {
         self.deliver_faults();
-        // Answer another vCPU's IOVA drain request (one load when there is none).
-        if let Some(mut c) = self.cpus[vcpu % self.cpus.len()].try_lock() {
-            c.poll();
-        }
+        let me = self.me(vcpu);
         if self.policy != Policy::Deferred {
+            // Answer another vCPU's IOVA drain request (one load when there is none).
+            if let Some(mut c) = self.shards[me].try_lock() {
+                c.iova.poll();
+            }
             return;
         }
-        // Uncontended: check here. Contended: the holder is another vCPU's DMA call, which
-        // checks the bound itself on every entry; but a call may have started just before
-        // the flush became due, so once it is due (by the deadline the last call
-        // published) wait for the lock rather than skip the check. This runs in the vCPU
-        // loop, never in an interrupt handler, so waiting cannot deadlock.
-        let mut inner = match self.inner.try_lock() {
-            Some(g) => g,
-            None => {
-                let due = self
-                    .deadline_ns
-                    .load(Ordering::Relaxed)
-                    .saturating_sub(self.svc.slack_ns);
-                if tsc::cycles_to_ns(x86::rdtsc()) < due {
-                    return;
+        let now = tsc::cycles_to_ns(x86::rdtsc());
+        for i in 0..self.shards.len() {
+            let due = self.deadlines[i]
+                .load(Ordering::Acquire)
+                .saturating_sub(self.svc.slack_ns);
+            // Our own queue is checked whenever it is free (cheap); another's only once due.
+            let mut shard = if i == me {
+                match self.shards[i].try_lock() {
+                    Some(g) => g,
+                    None if now < due => continue,
+                    None => self.shards[i].lock(),
                 }
-                self.inner.lock()
-            }
-        };
-        let Inner { st, dom } = &mut *inner;
-        self.with_iovas(vcpu, |ivs| st.tick(dom, ivs, &Tsc));
-        self.publish_deadline(st);
+            } else {
+                if now < due {
+                    continue;
+                }
+                self.shards[i].lock()
+            };
+            self.on(&mut shard, |st, dom, ivs| st.tick(dom, ivs, &Tsc));
+            self.publish_deadline(i, &shard.st);
+        }
     }
 
-    /// Publishes when the oldest deferred unmap's flush is due (read by `tick` without the
-    /// lock). Called with the guest's lock held, after every call that may change it.
-    fn publish_deadline(&self, st: &DmaState<VtdPending>) {
-        self.deadline_ns.store(
-            st.deferred_deadline().unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
+    /// Publishes when shard `i`'s oldest deferred unmap's flush is due (read by every vCPU's
+    /// `tick` without the lock). Called with the shard held, after every call that may
+    /// change it.
+    fn publish_deadline(&self, i: usize, st: &DmaState<VtdPending>) {
+        if self.policy == Policy::Deferred {
+            self.deadlines[i].store(
+                st.deferred_deadline().unwrap_or(u64::MAX),
+                Ordering::Release,
+            );
+        }
     }
+}
+
+/// The guest-wide gauges: the shards' sums (the domain's table pages are the same in each).
+fn sum_counts(it: impl Iterator<Item = moat_dma::Counts>) -> moat_dma::Counts {
+    it.fold(moat_dma::Counts::default(), |a, c| moat_dma::Counts {
+        mappings: a.mappings + c.mappings,
+        pending: a.pending + c.pending,
+        rolled_back: a.rolled_back + c.rolled_back,
+        pinned_pages: a.pinned_pages + c.pinned_pages,
+        iova_pages: a.iova_pages + c.iova_pages,
+        table_pages: c.table_pages,
+    })
+}
+
+/// The guest-wide counters: the shards' sums (the deferred age bound: their maximum).
+fn sum_stats(it: impl Iterator<Item = moat_dma::Stats>) -> moat_dma::Stats {
+    it.fold(moat_dma::Stats::default(), |a, s| moat_dma::Stats {
+        maps: a.maps + s.maps,
+        unmaps: a.unmaps + s.unmaps,
+        errors: a.errors + s.errors,
+        flushes: a.flushes + s.flushes,
+        waits: a.waits + s.waits,
+        flush_failures: a.flush_failures + s.flush_failures,
+        invalidations: a.invalidations + s.invalidations,
+        deferred_flushes: a.deferred_flushes + s.deferred_flushes,
+        deferred_max_age_ns: a.deferred_max_age_ns.max(s.deferred_max_age_ns),
+        cycles: core::array::from_fn(|k| a.cycles[k] + s.cycles[k]),
+    })
 }

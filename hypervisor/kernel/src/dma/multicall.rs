@@ -14,7 +14,8 @@ impl GuestDma {
         if rsi != 0 {
             return reject(Status::Inval);
         }
-        self.calls.multicalls.fetch_add(1, Ordering::Relaxed);
+        let calls = &self.calls[self.me(vcpu)];
+        calls.multicalls.fetch_add(1, Ordering::Relaxed);
         let t0 = x86::rdtsc();
         // Copied once into the hypervisor's memory; only the copy is checked and used.
         let mut header = BatchHeader::new_zeroed();
@@ -26,7 +27,7 @@ impl GuestDma {
             Ok(i) => i,
             Err(s) => return reject(s),
         };
-        self.calls
+        calls
             .cycles_validate
             .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
         // The budget; a deferred guest's MULTICALL also keeps within the deferred slack, so
@@ -38,10 +39,11 @@ impl GuestDma {
             MULTICALL_BUDGET_US
         };
         let deadline = tsc::deadline_us(budget);
-        let mut inner = self.inner.lock();
-        // Under the guest's lock, like every registration (see DMA_MAP).
-        let areas = self.areas();
-        inner.st.begin_batch();
+        // The caller's shard, held for the batch but for the cross-vCPU path of an UNMAP of
+        // another vCPU's mapping (see `GuestDma::run`).
+        let me = self.me(vcpu);
+        let mut shard = self.shards[me].lock();
+        shard.st.begin_batch();
         let mut i = info.cursor;
         let mut stop = MulticallStop::Done;
         let mut result = Status::Ok;
@@ -59,13 +61,23 @@ impl GuestDma {
                 Err(s) => Err(s),
                 Ok(()) => {
                     let v = wire::validate_entry(&e, &self.limits);
-                    self.calls
+                    calls
                         .cycles_validate
                         .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
                     match v {
-                        Ok(req) => self.run(&mut inner, vcpu, &areas, req, false),
+                        Ok(req) => {
+                            if let Request::Unmap { iova, .. } = req
+                                && self.policy != Policy::Passthrough
+                                && shard.st.mapping(iova).is_none()
+                            {
+                                drop(shard);
+                                self.adopt_from_others(me, iova);
+                                shard = self.shards[me].lock();
+                            }
+                            self.run_on(&mut shard, req, false)
+                        }
                         Err(s) => {
-                            inner.st.note_error();
+                            shard.st.note_error();
                             Err(s)
                         }
                     }
@@ -100,14 +112,11 @@ impl GuestDma {
             }
             i += 1;
         }
-        let Inner { st, dom } = &mut *inner;
         let unsynced = self
-            .with_iovas(vcpu, |ivs| {
-                let r = st.end_batch(dom, ivs, &Tsc);
-                self.publish_deadline(st);
-                r
-            })
+            .on(&mut shard, |st, dom, ivs| st.end_batch(dom, ivs, &Tsc))
             .is_err();
+        self.publish_deadline(me, &shard.st);
+        drop(shard);
         MulticallReturn {
             status: result,
             cursor: i,

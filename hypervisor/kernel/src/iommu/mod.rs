@@ -54,6 +54,10 @@ static FAULTS: IrqMutex<FaultQueues<FaultRecord>> =
 /// releasing them ([`follow_up`]), so a record cannot be stranded behind a held lock.
 static DRAIN_PENDING: AtomicBool = AtomicBool::new(false);
 static FAULT_IRQS: AtomicU64 = AtomicU64::new(0);
+/// Bumped after every drain that queued a record (or a drop): a consumer that found its
+/// queue empty at generation `g` need not look again (nor take the queue lock) while the
+/// generation is still `g`.
+static FAULT_GEN: AtomicU64 = AtomicU64::new(0);
 static DRAINED_IN_IRQ: AtomicU64 = AtomicU64::new(0);
 static DRAINED_POLLING: AtomicU64 = AtomicU64::new(0);
 static DRAINED_FOLLOW_UP: AtomicU64 = AtomicU64::new(0);
@@ -119,6 +123,9 @@ fn drain_units(
                     }
                 queues.push(base, r.domain, *r);
             });
+            if p.drained > 0 {
+                FAULT_GEN.fetch_add(1, Ordering::Release);
+            }
             n += p.drained as u64;
             left -= p.drained.min(left);
             if p.drained == 0 {
@@ -171,6 +178,12 @@ fn drain_pending(path: Path) {
             return;
         }
     }
+}
+
+/// The fault log's generation (see [`FAULT_GEN`]): read it before taking a queue; if the
+/// queue was empty, nothing was queued for it until the generation changes.
+pub fn fault_generation() -> u64 {
+    FAULT_GEN.load(Ordering::Acquire)
 }
 
 /// The follow-up drain: runs a drain an interrupt had to leave pending. Called after

@@ -228,10 +228,10 @@ fn suite(base: u64, edus: &[Edu], t: &mut Tally) {
     // The unit creates a bus's context table on the first attach there and keeps it for its
     // lifetime: attach and detach a throwaway domain first so the leak check below counts
     // only what this suite allocates.
-    if let Some(mut w) = create_domain(base) {
+    if let Some(w) = create_domain(base) {
         let _ = with_unit(base, |u, m| {
-            u.attach(m, &mut w, s0)?;
-            u.detach(m, &mut w, s0)?;
+            u.attach(m, &w, s0)?;
+            u.detach(m, &w, s0)?;
             u.destroy_domain(m, w).map_err(|(_, e)| e)
         });
     }
@@ -252,7 +252,7 @@ fn suite(base: u64, edus: &[Edu], t: &mut Tally) {
         dom.map(m, IOVA_A, a.phys(), PAGE, Access::READ, &mut g)?;
         dom.map(m, IOVA_B, b.phys(), PAGE, Access::WRITE, &mut g)?;
         dom.map(m, IOVA_RO, a.phys(), PAGE, Access::READ, &mut g)?;
-        u.attach(m, &mut dom, s0)?;
+        u.attach(m, &dom, s0)?;
         u.flush(m, &mut g)
     });
     t.check(
@@ -439,7 +439,7 @@ fn suite(base: u64, edus: &[Edu], t: &mut Tally) {
         dom.unmap(m, IOVA_A, PAGE, &mut g)?;
         dom.unmap(m, IOVA_RO, PAGE, &mut g)?;
         u.flush(m, &mut g)?;
-        u.detach(m, &mut dom, s0)?;
+        u.detach(m, &dom, s0)?;
         u.destroy_domain(m, dom).map_err(|(_, e)| e)
     });
     if matches!(r, Some(Ok(()))) {
@@ -552,7 +552,7 @@ fn second_device(base: u64, e1: &Edu, canary: Page<'_>, a: Page<'_>, t: &mut Tal
     };
     let e = fe.page(0);
     fill(e, 99);
-    let Some(mut dom2) = create_domain(base) else {
+    let Some(dom2) = create_domain(base) else {
         return;
     };
     let r = with_unit(base, |u, m| {
@@ -565,7 +565,7 @@ fn second_device(base: u64, e1: &Edu, canary: Page<'_>, a: Page<'_>, t: &mut Tal
             Access::READ | Access::WRITE,
             &mut g,
         )?;
-        u.attach(m, &mut dom2, s1)?;
+        u.attach(m, &dom2, s1)?;
         u.flush(m, &mut g).map(|_| ())
     });
     let sum = checksum(e);
@@ -604,7 +604,7 @@ fn second_device(base: u64, e1: &Edu, canary: Page<'_>, a: Page<'_>, t: &mut Tal
         let mut g = dom2.gather();
         dom2.unmap(m, IOVA_E, PAGE, &mut g)?;
         u.flush(m, &mut g)?;
-        u.detach(m, &mut dom2, s1)?;
+        u.detach(m, &dom2, s1)?;
         u.destroy_domain(m, dom2).map_err(|(_, e)| e)
     });
     if matches!(r, Some(Ok(()))) {
@@ -624,11 +624,11 @@ const STORM_DMAS: u64 = 200;
 /// bit, so the counts of overflows are observations (each means at least one lost fault), and
 /// the faults lost are the bad DMAs minus the records drained (one fault per bad DMA).
 fn fault_storm(base: u64, edus: &[Edu], t: &mut Tally) {
-    let Some(mut dom) = create_domain(base) else {
+    let Some(dom) = create_domain(base) else {
         return;
     };
     let attached = with_unit(base, |u, m| {
-        edus.iter().try_for_each(|e| u.attach(m, &mut dom, sid(e)))
+        edus.iter().try_for_each(|e| u.attach(m, &dom, sid(e)))
     });
     t.check(
         "storm-attach",

@@ -563,7 +563,7 @@ impl Guest {
             }
             let entered = crate::arch::x86::rdtsc();
             if let (Some((pre, done)), Some(d)) = (dma_exit.take(), &self.dma) {
-                d.add_exit_cycles(pre + entered.wrapping_sub(done));
+                d.add_exit_cycles(index, pre + entered.wrapping_sub(done));
             }
             let exit = vcpu.run();
             let exited = crate::arch::x86::rdtsc();

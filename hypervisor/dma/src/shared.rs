@@ -1,0 +1,221 @@
+//! [`Shared`]: what the per-vCPU [`crate::DmaState`] shards of one guest share, kept with
+//! atomics so that no vCPU waits for another on the common path: the guest-wide quota
+//! counters (live mappings, mapped pages) and one bit per guest page in a live mapping.
+//!
+//! Claims are made in ascending page order (word by word), so two MAPs of overlapping guest
+//! ranges racing on two vCPUs never both fail: the lower contested word decides, as lock
+//! ordering would. A claim that loses gives back exactly the bits it set.
+
+use alloc::vec::Vec;
+
+use crate::state::{Limits, PAGE_SIZE};
+use crate::sync::{AtomicU64, AtomicUsize, Ordering};
+
+/// Guest-wide DMA accounting shared by a guest's shards.
+#[derive(Debug)]
+pub struct Shared {
+    mappings: AtomicUsize,
+    mapped_pages: AtomicU64,
+    /// Bit `p` set: guest page `p` is in a live mapping.
+    gpa: Vec<AtomicU64>,
+}
+
+/// Bit masks of the words covering pages `[first, end)`: `(word index, mask)` pairs.
+fn words(first: u64, end: u64) -> impl Iterator<Item = (usize, u64)> {
+    let (w0, w1) = (first / 64, end.div_ceil(64));
+    (w0..w1).map(move |w| {
+        let lo = first.max(w * 64) - w * 64;
+        let hi = end.min(w * 64 + 64) - w * 64;
+        let mask = if hi - lo == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        (w as usize, mask)
+    })
+}
+
+impl Shared {
+    /// Accounting for a guest of `ram_bytes` of RAM (its pages are the ones that can be
+    /// mapped).
+    pub fn new(ram_bytes: u64) -> Self {
+        let pages = ram_bytes.div_ceil(PAGE_SIZE);
+        Self {
+            mappings: AtomicUsize::new(0),
+            mapped_pages: AtomicU64::new(0),
+            gpa: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    /// Live mappings of the guest (every shard).
+    pub fn mappings(&self) -> usize {
+        self.mappings.load(Ordering::Acquire)
+    }
+
+    /// Pages in live mappings of the guest (every shard).
+    pub fn mapped_pages(&self) -> u64 {
+        self.mapped_pages.load(Ordering::Acquire)
+    }
+
+    /// Reserves one mapping of `pages` pages against the quotas; false (and nothing
+    /// reserved) when it does not fit.
+    pub(crate) fn reserve(&self, pages: u64, limits: &Limits) -> bool {
+        let n = self.mappings.fetch_add(1, Ordering::AcqRel);
+        let p = self.mapped_pages.fetch_add(pages, Ordering::AcqRel);
+        if n >= limits.max_mappings || p + pages > limits.max_mapped_pages {
+            self.unreserve(pages);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back what [`Self::reserve`] took.
+    pub(crate) fn unreserve(&self, pages: u64) {
+        self.mappings.fetch_sub(1, Ordering::AcqRel);
+        self.mapped_pages.fetch_sub(pages, Ordering::AcqRel);
+    }
+
+    /// Marks guest pages `[gpa, gpa + pages)` as mapped; false (nothing changed) when one of
+    /// them already is, or lies beyond the guest's RAM.
+    pub(crate) fn claim(&self, gpa: u64, pages: u64) -> bool {
+        let first = gpa / PAGE_SIZE;
+        let end = first + pages;
+        if end.div_ceil(64) > self.gpa.len() as u64 {
+            return false;
+        }
+        for (w, mask) in words(first, end) {
+            let old = self.gpa[w].fetch_or(mask, Ordering::AcqRel);
+            if old & mask != 0 {
+                // Lost: give back the bits this claim set, in this word and the ones below.
+                self.gpa[w].fetch_and(!(mask & !old), Ordering::AcqRel);
+                for (v, m) in words(first, end).take_while(|&(v, _)| v < w) {
+                    self.gpa[v].fetch_and(!m, Ordering::AcqRel);
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Clears what a successful [`Self::claim`] of the same range set.
+    pub(crate) fn unclaim(&self, gpa: u64, pages: u64) {
+        let first = gpa / PAGE_SIZE;
+        for (w, mask) in words(first, first + pages) {
+            let old = self.gpa[w].fetch_and(!mask, Ordering::AcqRel);
+            debug_assert_eq!(old & mask, mask, "unclaim of pages that were not claimed");
+        }
+    }
+
+    /// Whether any page of guest-physical `[gpa, end)` is in a live mapping.
+    pub fn gpa_mapped(&self, gpa: u64, end: u64) -> bool {
+        if end <= gpa {
+            return false;
+        }
+        let (first, last) = (gpa / PAGE_SIZE, end.div_ceil(PAGE_SIZE));
+        words(first, last).any(|(w, mask)| {
+            self.gpa
+                .get(w)
+                .is_some_and(|x| x.load(Ordering::Acquire) & mask != 0)
+        })
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_cover_exactly_the_range() {
+        let v: Vec<_> = words(3, 5).collect();
+        assert_eq!(v, [(0, 0b11000)]);
+        let v: Vec<_> = words(60, 130).collect();
+        assert_eq!(v, [(0, 0xF << 60), (1, u64::MAX), (2, 0b11)]);
+        let v: Vec<_> = words(64, 128).collect();
+        assert_eq!(v, [(1, u64::MAX)]);
+    }
+
+    #[test]
+    fn claims_are_exclusive_and_given_back() {
+        let s = Shared::new(1 << 20);
+        assert!(s.claim(0x3000, 100));
+        assert!(!s.claim(0x1000, 3), "overlaps page 3");
+        assert!(s.claim(0x1000, 2), "the failed claim gave its pages back");
+        assert!(
+            !s.claim(0x66000, 2),
+            "page 0x67 is the last of the first claim"
+        );
+        assert!(s.gpa_mapped(0x66000, 0x67000));
+        assert!(!s.gpa_mapped(0x67000, 0x68000));
+        s.unclaim(0x3000, 100);
+        assert!(!s.gpa_mapped(0x3000, 0x67000));
+        assert!(s.claim(0x3000, 100));
+        assert!(!s.claim((1 << 20) - 0x1000, 2), "beyond RAM");
+    }
+
+    #[test]
+    fn quota_reservations_are_exact() {
+        let l = Limits {
+            max_mappings: 2,
+            max_mapped_pages: 10,
+            ..Limits::DEFAULT
+        };
+        let s = Shared::new(1 << 20);
+        assert!(s.reserve(4, &l));
+        assert!(!s.reserve(7, &l));
+        assert!(s.reserve(6, &l));
+        assert!(!s.reserve(0, &l));
+        assert_eq!((s.mappings(), s.mapped_pages()), (2, 10));
+        s.unreserve(4);
+        assert_eq!((s.mappings(), s.mapped_pages()), (1, 6));
+    }
+}
+
+/// Loom models of the claim protocol: `RUSTFLAGS="--cfg loom" cargo test -p moat-dma --lib
+/// --release loom`.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use alloc::sync::Arc;
+
+    /// Two vCPUs claim overlapping ranges (pages 62..66 and 64..70, across a word boundary):
+    /// never both win, never both lose, and afterwards exactly the winner's bits are set.
+    #[test]
+    fn overlapping_claims() {
+        loom::model(|| {
+            let s = Arc::new(Shared::new(256 * PAGE_SIZE));
+            let s2 = s.clone();
+            let t = loom::thread::spawn(move || s2.claim(64 * PAGE_SIZE, 6));
+            let a = s.claim(62 * PAGE_SIZE, 4);
+            let b = t.join().unwrap();
+            assert!(a ^ b, "exactly one claim wins (a {a}, b {b})");
+            let w0 = s.gpa[0].load(Ordering::Relaxed);
+            let w1 = s.gpa[1].load(Ordering::Relaxed);
+            if a {
+                assert_eq!((w0, w1), (0b11 << 62, 0b11));
+            } else {
+                assert_eq!((w0, w1), (0, 0b11_1111));
+            }
+        });
+    }
+
+    /// A quota of one mapping: two racing reservations never both succeed, and the
+    /// counters are exact afterwards.
+    #[test]
+    fn racing_reservations() {
+        loom::model(|| {
+            let l = Limits {
+                max_mappings: 1,
+                ..Limits::DEFAULT
+            };
+            let s = Arc::new(Shared::new(PAGE_SIZE));
+            let s2 = s.clone();
+            let t = loom::thread::spawn(move || s2.reserve(1, &l));
+            let a = s.reserve(1, &l);
+            let b = t.join().unwrap();
+            assert!(!(a && b));
+            let n = a as usize + b as usize;
+            assert_eq!(s.mappings(), n);
+            assert_eq!(s.mapped_pages(), n as u64);
+        });
+    }
+}
