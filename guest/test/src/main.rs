@@ -9,7 +9,7 @@
 //! Tests: `hello`, `spin=N`, `probe-pci`, `edu-bar`, `escape-read[=GPA]`,
 //! `escape-write[=GPA]` (default: the first byte past the guest's memory), `msr`,
 //! `triple-fault`, `bad-hypercall`, `vmmcall-bench=N`, and the PV DMA tests `dma-*` (`dma.rs`,
-//! `dma_bounds.rs`). Numbers are decimal or `0x` hex.
+//! `dma_bounds.rs`), the interrupt tests `irq-*` (`irq.rs`). Numbers are decimal or `0x` hex.
 #![no_std]
 #![no_main]
 
@@ -18,6 +18,7 @@ mod capacity;
 mod dma;
 mod dma_bounds;
 mod idt;
+mod irq;
 mod pci;
 mod race;
 
@@ -164,6 +165,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "dma-msi" => dma_bounds::msi(),
             "dma-stale" => dma_bounds::stale(&info, arg.unwrap_or(12)),
             "dma-stop" => dma_bounds::stop(),
+            "irq-host-vectors" => irq::host_vectors(arg.unwrap_or(2)),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {

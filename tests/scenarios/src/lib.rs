@@ -10,6 +10,7 @@
 pub mod checks;
 pub mod dma;
 pub mod guests;
+pub mod irq;
 pub mod machine;
 pub mod vtd;
 
@@ -372,6 +373,7 @@ pub fn all(real_dmar: &[u8]) -> Vec<Scenario> {
     v.extend(guests::all(Variant::Default));
     v.extend(vtd::scenarios(Variant::Default));
     v.extend(dma::scenarios(Variant::Default));
+    v.extend(irq::scenarios(Variant::Default));
     v.push(scenario(
         "panic",
         "a panic prints where and why and fails the run",
@@ -418,12 +420,13 @@ pub fn all(real_dmar: &[u8]) -> Vec<Scenario> {
     v
 }
 
-/// The scenarios of `cargo xtask test --matrix` beyond [`all`]: the guest, VT-d and DMA
+/// The scenarios of `cargo xtask test --matrix` beyond [`all`]: the guest, VT-d, DMA and interrupt
 /// scenarios again on the second machine ([`Variant::Matrix`]).
 pub fn matrix() -> Vec<Scenario> {
     let mut v = guests::all(Variant::Matrix);
     v.extend(vtd::scenarios(Variant::Matrix));
     v.extend(dma::scenarios(Variant::Matrix));
+    v.extend(irq::scenarios(Variant::Matrix));
     v
 }
 
@@ -464,7 +467,7 @@ mod tests {
         for s in &m {
             assert!(s.name.ends_with("@matrix"), "{}", s.name);
             assert!(
-                ["guest-", "vtd-", "dma-"]
+                ["guest-", "vtd-", "dma-", "irq-", "msi-"]
                     .iter()
                     .any(|p| s.name.starts_with(p)),
                 "{}",
@@ -479,7 +482,11 @@ mod tests {
         }
         let base: Vec<String> = all(&[0u8; 80])
             .into_iter()
-            .filter(|s| ["guest-", "dma-"].iter().any(|p| s.name.starts_with(p)))
+            .filter(|s| {
+                ["guest-", "dma-", "irq-", "msi-"]
+                    .iter()
+                    .any(|p| s.name.starts_with(p))
+            })
             .map(|s| format!("{}@matrix", s.name))
             .collect();
         for n in base {

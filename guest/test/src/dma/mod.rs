@@ -115,6 +115,24 @@ impl Edu {
         }
     }
 
+    /// One DMA of `count` bytes between edu's buffer at 0x40000 and `addr` (any bus address,
+    /// e.g. the interrupt window 0xFEEx_xxxx), waited for; false if it never finishes.
+    pub(crate) fn dma_raw(&self, addr: u64, count: u64, to_ram: bool) -> bool {
+        // SAFETY: as in `start`; `count` stays far below the end of edu's buffer.
+        unsafe {
+            let (src, dst) = if to_ram {
+                (0x40000, addr)
+            } else {
+                (addr, 0x40000)
+            };
+            core::ptr::write_volatile(self.reg(0x80), src);
+            core::ptr::write_volatile(self.reg(0x88), dst);
+            core::ptr::write_volatile(self.reg(0x90), count.min(LEN));
+            core::ptr::write_volatile(self.reg(0x98), 1 | if to_ram { 2 } else { 0 });
+        }
+        self.wait()
+    }
+
     /// Whether the DMA started last is still running.
     pub(crate) fn busy(&self) -> bool {
         // SAFETY: as in `start`: edu's DMA command register.

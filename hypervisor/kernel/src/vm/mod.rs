@@ -218,4 +218,5 @@ pub fn run(boot: &BootInfo, config: &Config, platform: &Platform) {
             None => log::info!("vm: guest {}: no vCPU ran", g.name()),
         }
     }
+    crate::arch::idt::report_unowned();
 }
