@@ -34,6 +34,7 @@ fn unowned(log: &str, vector: u32) -> u64 {
 /// exception-range ones as ignored external interrupts, never as exceptions.
 fn host_vectors_check(log: &str, rounds: u64) -> Result<(), String> {
     boot_complete(log)?;
+    remapping_on(log)?;
     for v in ["0x8", "0xe", "0x11", "0x12", "0x40", "0x99"] {
         need_line(
             log,
@@ -60,9 +61,66 @@ fn host_vectors_check(log: &str, rounds: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// The hypervisor turned interrupt remapping on for the (only) unit.
+fn remapping_on(log: &str) -> Result<(), String> {
+    need_line(
+        log,
+        &[
+            "vtd: unit 0: interrupt remapping enabled (xAPIC destinations",
+            "CFI clear",
+        ],
+    )
+}
+
 /// The interrupt scenarios on `on`'s machine.
 pub fn scenarios(on: Variant) -> Vec<Scenario> {
     let mut v = Vec::new();
+    let no_ir = || Machine {
+        iommu: Some("intel-iommu,intremap=off".into()),
+        ..Machine::default()
+    };
+    let mut s = on.scenario(
+        "irq-no-remapping-refused",
+        "a guest assigned a device whose IOMMU unit does not remap interrupts (intremap=off) is refused with a clear line; the other guest runs",
+        no_ir(),
+        "guest=name=g0,mem=8M,dev=00:05.0 guest=name=g1,mem=8M",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(log, &["vtd: unit 0: no interrupt remapping (ECAP.IR clear)"])?;
+            need_line(log, &["guest g0: not started: device 00:05.0: its IOMMU unit does not remap interrupts", "refused"])?;
+            forbid_line(log, &["g0> "])?;
+            need_line(log, &["g1> PASS hello"])?;
+            need_line(log, &["vm: all guests stopped (1 started of 2 configured)"])
+        }),
+    );
+    s.modules = vec![
+        BootModule {
+            file: TEST_GUEST,
+            cmdline: "g0 hello edu-bar".into(),
+        },
+        BootModule {
+            file: TEST_GUEST,
+            cmdline: "g1 hello".into(),
+        },
+    ];
+    v.push(s);
+    let mut s = on.scenario(
+        "irq-unsafe-interrupts",
+        "with `unsafe-interrupts` the same guest starts, and the risk is logged at boot and at assignment",
+        no_ir(),
+        "unsafe-interrupts guest=name=g0,mem=8M,dev=00:05.0",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(log, &["vtd: RISK: unsafe-interrupts on the command line"])?;
+            need_line(log, &["guest g0: RISK: device 00:05.0 assigned although its IOMMU unit does not remap interrupts"])?;
+            need_line(log, &["g0> PASS edu-bar"])?;
+            need_line(log, &["guest g0 vcpu0: exited with code 0"])
+        }),
+    );
+    s.modules = module("g0 edu-bar");
+    v.push(s);
     let rounds = 3;
     let mut s = on.scenario(
         "irq-host-vectors",

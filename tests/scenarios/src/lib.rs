@@ -250,7 +250,7 @@ pub fn all(real_dmar: &[u8]) -> Vec<Scenario> {
         "dmar-aw48",
         "aw-bits=48: the DMAR reports a 48-bit host address width",
         Machine {
-            iommu: Some("intel-iommu,intremap=off,aw-bits=48,caching-mode=on".into()),
+            iommu: Some("intel-iommu,intremap=on,eim=off,aw-bits=48,caching-mode=on".into()),
             ..Machine::default()
         },
         "",

@@ -65,6 +65,9 @@ pub enum GuestError {
     Device(Bdf, pci::AssignError),
     /// The DMA service (VT-d domain, IOVA allocator) could not be set up.
     Dma(crate::dma::SetupError),
+    /// An assigned device's IOMMU unit does not remap interrupts (and the command line does
+    /// not say `unsafe-interrupts`).
+    NoInterruptRemapping(Bdf),
 }
 
 impl fmt::Display for GuestError {
@@ -76,6 +79,10 @@ impl fmt::Display for GuestError {
             Self::Vcpu(e) => write!(f, "{e}"),
             Self::Device(b, e) => write!(f, "device {b}: {e}"),
             Self::Dma(e) => write!(f, "DMA: {e}"),
+            Self::NoInterruptRemapping(b) => write!(
+                f,
+                "device {b}: its IOMMU unit does not remap interrupts, so the device could raise any interrupt on the host; refused (`unsafe-interrupts` on the command line assigns it anyway)"
+            ),
         }
     }
 }
@@ -250,12 +257,15 @@ pub struct Guest {
 
 impl Guest {
     /// Builds a guest from its configuration and its ELF image; returns it with its vCPUs.
+    /// A device whose IOMMU unit does not remap interrupts is refused unless
+    /// `unsafe_interrupts`.
     pub fn create(
         backend: &Backend,
         config: &GuestConfig,
         image: &[u8],
         cmdline: &str,
         ecams: Ecams,
+        unsafe_interrupts: bool,
     ) -> Result<(&'static Guest, Vec<Vcpu>), GuestError> {
         let mem = config.mem;
         let vcpus = usize::from(config.cpus.max(1));
@@ -269,6 +279,18 @@ impl Guest {
         for &bdf in config.devices() {
             devices
                 .push(AssignedDevice::probe(&ecams, bdf).map_err(|e| GuestError::Device(bdf, e))?);
+            // Without a unit at all the DMA setup below refuses the device.
+            if let Some(unit) = crate::iommu::unit_for(bdf) {
+                if !crate::iommu::remaps_interrupts(unit) {
+                    if !unsafe_interrupts {
+                        return Err(GuestError::NoInterruptRemapping(bdf));
+                    }
+                    log::warn!(
+                        "guest {}: RISK: device {bdf} assigned although its IOMMU unit does not remap interrupts (unsafe-interrupts): it can raise any interrupt on the host",
+                        config.name
+                    );
+                }
+            }
         }
 
         let hpa = frames::alloc_contiguous(mem / PAGE_SIZE, PARTITION_ALIGN)

@@ -159,7 +159,7 @@ pub fn run(boot: &BootInfo, config: &Config, platform: &Platform) {
                 module.end.saturating_sub(module.start) as usize,
             )
         };
-        match Guest::create(&backend, c, image, args, ecams) {
+        match Guest::create(&backend, c, image, args, ecams, config.unsafe_interrupts) {
             Ok((g, vcpus)) => {
                 guests.push(g);
                 for (i, v) in vcpus.into_iter().enumerate() {
