@@ -115,6 +115,14 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             capacity::worker();
             abi::exit(0);
         }
+        if vcpu == 1
+            && line
+                .split_ascii_whitespace()
+                .any(|w| w.starts_with("msi-edu-vcpu1"))
+        {
+            irq::worker();
+            abi::exit(0);
+        }
         if vcpu == 1 && line.split_ascii_whitespace().any(|w| w == "dma-race") {
             dma::race_scribbler();
             abi::exit(0);
@@ -166,6 +174,11 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "dma-stale" => dma_bounds::stale(&info, arg.unwrap_or(12)),
             "dma-stop" => dma_bounds::stop(),
             "irq-host-vectors" => irq::host_vectors(arg.unwrap_or(2)),
+            "msi-edu" => irq::msi_edu(&info, arg.unwrap_or(4), 0),
+            "msi-edu-vcpu1" => irq::msi_edu(&info, arg.unwrap_or(4), 1),
+            "msi-attacks" => irq::msi_attacks(&info),
+            "dma-fault-irq" => irq::fault_irq(&info),
+            "msi-storm" => irq::msi_storm(&info, arg.unwrap_or(5000)),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {

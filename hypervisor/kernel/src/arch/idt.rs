@@ -33,6 +33,27 @@ pub fn register(vector: u8, handler: fn()) {
     HANDLERS[vector as usize].store(handler as usize, core::sync::atomic::Ordering::SeqCst);
 }
 
+/// Handlers that take their vector (`fn(u8)` addresses, 0 = none): one handler shared by a
+/// range of vectors (device MSIs).
+static VECTORED: [core::sync::atomic::AtomicUsize; 256] =
+    [const { core::sync::atomic::AtomicUsize::new(0) }; 256];
+
+/// Installs `handler` for `vector` (>= 32), called with the vector; same rules as
+/// [`register`].
+pub fn register_vectored(vector: u8, handler: fn(u8)) {
+    assert!(
+        vector >= 32 && vector != SPURIOUS_VECTOR,
+        "vector {vector} is reserved"
+    );
+    VECTORED[vector as usize].store(handler as usize, core::sync::atomic::Ordering::SeqCst);
+}
+
+/// Removes the handler of `vector` (an interrupt on it is then counted as unowned).
+pub fn unregister(vector: u8) {
+    HANDLERS[vector as usize].store(0, core::sync::atomic::Ordering::SeqCst);
+    VECTORED[vector as usize].store(0, core::sync::atomic::Ordering::SeqCst);
+}
+
 /// Registers saved on entry, in stack order (lowest address first).
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -344,6 +365,15 @@ extern "C" fn moat_trap_dispatch(f: &mut TrapFrame) {
         // SAFETY: only `register` stores into HANDLERS, and it stores `fn()` addresses.
         let handler: fn() = unsafe { core::mem::transmute::<usize, fn()>(h) };
         handler();
+        super::apic::eoi();
+        return;
+    }
+    let h = VECTORED[v].load(core::sync::atomic::Ordering::SeqCst);
+    if h != 0 {
+        // SAFETY: only `register_vectored` stores into VECTORED, and it stores `fn(u8)`
+        // addresses.
+        let handler: fn(u8) = unsafe { core::mem::transmute::<usize, fn(u8)>(h) };
+        handler(v as u8);
         super::apic::eoi();
         return;
     }

@@ -140,6 +140,8 @@ pub struct GuestDma {
     unit: u64,
     did: u16,
     ring: Mutex<Option<FaultRing>>,
+    /// A FAULT_IRQ due: `1 << 63 | vcpu << 8 | vector` (0: none), taken by the vCPU loop.
+    fault_irq: AtomicU64,
     faults: AtomicU64,
     /// When the oldest deferred unmap must have been flushed (ns; `u64::MAX`: nothing
     /// waits), as the last DMA call left it.
@@ -339,6 +341,7 @@ impl GuestDma {
             unit,
             did,
             ring: Mutex::new(None),
+            fault_irq: AtomicU64::new(0),
             faults: AtomicU64::new(0),
             deadline_ns: AtomicU64::new(u64::MAX),
         }))
@@ -466,7 +469,7 @@ impl GuestDma {
                 }
             }
             Call::DmaStats => self.stats(a),
-            Call::DmaFaultRingRegister => self.fault_ring_register(a),
+            Call::DmaFaultRingRegister => self.fault_ring_register(vcpu, a),
             _ => Return::err(Status::Unsupp),
         }
     }

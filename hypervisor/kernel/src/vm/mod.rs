@@ -14,9 +14,11 @@
 
 pub mod guest;
 pub mod hypercall;
+pub mod msi;
 pub mod pci;
 pub mod svm;
 pub mod vcpu;
+pub mod virq;
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -219,4 +221,8 @@ pub fn run(boot: &BootInfo, config: &Config, platform: &Platform) {
         }
     }
     crate::arch::idt::report_unowned();
+    log::info!(
+        "interrupts: VT-d fault event interrupts taken: {}",
+        crate::iommu::fault_path_stats().interrupts
+    );
 }
