@@ -6,9 +6,12 @@
 //! and programs the device with the remappable-format address of that IRTE. The host
 //! handler raises the guest's vector on that vCPU ([`super::virq::VirtualInterrupts`]).
 //!
-//! A route that takes more than [`STORM_LIMIT`] interrupts within [`STORM_WINDOW_US`] is an
-//! interrupt storm: the handler turns the device's MSI off (configuration space, no lock) and
-//! logs it; the guest's next MSI programming turns it on again.
+//! A route whose interrupts keep arriving while the guest has not taken the previous one
+//! (more than [`STORM_LIMIT`] in a row merged into a vector still pending) is an interrupt
+//! storm: the device raises them faster than the guest consumes them, so each is host work
+//! for nothing. The handler turns the device's MSI off (configuration space, no lock) and
+//! logs it; the guest's next MSI programming turns it on again. (Counting merges rather than
+//! a rate keeps the verdict independent of how fast the machine runs.)
 
 use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, Ordering};
 
@@ -24,10 +27,8 @@ use crate::sync::IrqMutex;
 pub const HOST_VECTOR_BASE: u8 = 0x50;
 /// Host vectors for device MSIs (`0x50..0x70`).
 const HOST_VECTORS: usize = 32;
-/// Interrupts one route may take within [`STORM_WINDOW_US`] before it is masked.
+/// Interrupts in a row a route may merge into its still-pending vector before it is masked.
 pub const STORM_LIMIT: u64 = 200;
-/// The storm window.
-pub const STORM_WINDOW_US: u64 = 10_000;
 
 /// One host vector's route to a vCPU.
 struct Route {
@@ -37,9 +38,8 @@ struct Route {
     vector: AtomicU8,
     /// Interrupts taken.
     taken: AtomicU64,
-    /// Start (TSC) and count of the current storm window.
-    window_start: AtomicU64,
-    window_count: AtomicU64,
+    /// Interrupts in a row that found the guest's vector still pending.
+    merged_in_a_row: AtomicU64,
     /// Masked as a storm (until the guest programs its MSI again).
     stormed: AtomicBool,
     /// Storms seen.
@@ -54,8 +54,7 @@ impl Route {
             target: AtomicPtr::new(core::ptr::null_mut()),
             vector: AtomicU8::new(0),
             taken: AtomicU64::new(0),
-            window_start: AtomicU64::new(0),
-            window_count: AtomicU64::new(0),
+            merged_in_a_row: AtomicU64::new(0),
             stormed: AtomicBool::new(false),
             storms: AtomicU64::new(0),
             device: IrqMutex::new(None),
@@ -74,35 +73,30 @@ fn handler(vector: u8) {
         return;
     };
     r.taken.fetch_add(1, Ordering::Relaxed);
-    let window = STORM_WINDOW_US * crate::arch::tsc::khz() / 1000;
-    let start = r.window_start.load(Ordering::Relaxed);
-    let n = if now.wrapping_sub(start) > window {
-        r.window_start.store(now, Ordering::Relaxed);
-        r.window_count.store(1, Ordering::Relaxed);
-        1
-    } else {
-        r.window_count.fetch_add(1, Ordering::Relaxed) + 1
-    };
-    if n > STORM_LIMIT && !r.stormed.swap(true, Ordering::AcqRel) {
-        r.storms.fetch_add(1, Ordering::Relaxed);
-        if let Some(dev) = r.device.try_lock() {
-            if let Some((ecams, bdf, cap)) = *dev {
-                cap.disable(&ecams, bdf);
-                log::warn!(
-                    "irq: interrupt storm from {bdf} (host vector {vector:#x}): more than {STORM_LIMIT} in {STORM_WINDOW_US} us, its MSI masked until the guest programs it again"
-                );
-            }
-        }
-        return;
-    }
     if r.stormed.load(Ordering::Acquire) {
         return;
     }
     let p = r.target.load(Ordering::Acquire);
     // SAFETY: `target` is null or points into a guest's `virqs`, which live as long as the
     // leaked guest; only `DeviceMsi::program` stores it (and `release` clears it).
-    if let Some(t) = unsafe { p.as_ref() } {
-        t.raise(r.vector.load(Ordering::Relaxed), now);
+    let Some(t) = (unsafe { p.as_ref() }) else {
+        return;
+    };
+    if t.raise(r.vector.load(Ordering::Relaxed), now) {
+        r.merged_in_a_row.store(0, Ordering::Relaxed);
+        return;
+    }
+    let n = r.merged_in_a_row.fetch_add(1, Ordering::Relaxed) + 1;
+    if n > STORM_LIMIT && !r.stormed.swap(true, Ordering::AcqRel) {
+        r.storms.fetch_add(1, Ordering::Relaxed);
+        if let Some(dev) = r.device.try_lock() {
+            if let Some((ecams, bdf, cap)) = *dev {
+                cap.disable(&ecams, bdf);
+                log::warn!(
+                    "irq: interrupt storm from {bdf} (host vector {vector:#x}): {n} interrupts in a row while the guest had not taken the previous one; its MSI masked until the guest programs it again"
+                );
+            }
+        }
     }
 }
 
@@ -247,7 +241,7 @@ impl DeviceMsi {
             Ordering::Release,
         );
         *r.device.lock() = Some((*ecams, self.bdf, self.cap));
-        r.window_count.store(0, Ordering::Relaxed);
+        r.merged_in_a_row.store(0, Ordering::Relaxed);
         r.stormed.store(false, Ordering::Release);
         if !u.state.masked {
             let m = remappable_msi(self.irte);

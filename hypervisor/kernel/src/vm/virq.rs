@@ -32,11 +32,12 @@ impl VirtualInterrupts {
     }
 
     /// Raises `vector` (from any CPU, interrupt handlers included). Raising a vector that is
-    /// already pending merges with it, as on a local APIC's IRR.
-    pub fn raise(&self, vector: u8, tsc: u64) {
+    /// already pending merges with it, as on a local APIC's IRR: returns `false` then.
+    pub fn raise(&self, vector: u8, tsc: u64) -> bool {
         self.raised_tsc.store(tsc, Ordering::Relaxed);
         self.raised.fetch_add(1, Ordering::Relaxed);
-        self.pending[usize::from(vector / 64)].fetch_or(1 << (vector % 64), Ordering::AcqRel);
+        let bit = 1 << (vector % 64);
+        self.pending[usize::from(vector / 64)].fetch_or(bit, Ordering::AcqRel) & bit == 0
     }
 
     /// Whether any vector is pending.
