@@ -103,12 +103,20 @@ impl Default for Machine {
 impl Machine {
     /// The same machine moved to the second configuration of `cargo xtask test --matrix`:
     /// OVMF, at least [`MATRIX_SMP`] CPUs, an EPYC CPU model, and (if the machine has an
-    /// IOMMU) intel-iommu with `aw-bits=48,caching-mode=on`. Devices stay where they are.
+    /// IOMMU) intel-iommu with `aw-bits=48,caching-mode=on` (interrupt remapping as the
+    /// machine has it). Devices stay where they are.
     pub fn matrix(&self) -> Machine {
         Machine {
             firmware: Firmware::Uefi,
             smp: self.smp.max(MATRIX_SMP),
-            iommu: self.iommu.as_ref().map(|_| MATRIX_IOMMU.to_string()),
+            // A machine whose unit has no interrupt remapping keeps it so.
+            iommu: self.iommu.as_ref().map(|i| {
+                if i.contains("intremap=off") {
+                    MATRIX_IOMMU.replace("intremap=on,eim=off", "intremap=off")
+                } else {
+                    MATRIX_IOMMU.to_string()
+                }
+            }),
             cpu: MATRIX_CPU,
             ..self.clone()
         }
