@@ -87,6 +87,12 @@ impl AssignedDevice {
             // Nothing the firmware or a previous owner left enabled survives assignment.
             m.disable(cfg, bdf);
         }
+        // MSI-X is not offered (its capability stays hidden, its table unemulated): off, so
+        // whatever the guest writes into the table in its BAR is never sent.
+        if let Some(x) = crate::find_capability(cfg, bdf, crate::cap_id::MSIX) {
+            let header = cfg.read32(bdf, u16::from(x));
+            cfg.write32(bdf, u16::from(x), header & !(1 << 31));
+        }
         Ok(AssignedDevice {
             bdf,
             bars,

@@ -191,6 +191,19 @@ fn msi_writes_stay_virtual_and_are_reported() {
 }
 
 #[test]
+fn msix_is_turned_off_at_assignment() {
+    let at = bdf(0, 2, 0);
+    let f = nic().cap(0x50, 0x11, 0).writable_dwords(0x50, 1);
+    let cfg = q35_with_edu().with(at, f);
+    // Firmware left MSI-X enabled (message control bit 15).
+    let h = cfg.function(at).reg(0x50);
+    cfg.write32(at, 0x50, h | 1 << 31);
+    assert_ne!(cfg.function(at).reg(0x50) & 1 << 31, 0);
+    let _ = AssignedDevice::probe(&cfg, at).unwrap();
+    assert_eq!(cfg.function(at).reg(0x50) & 1 << 31, 0);
+}
+
+#[test]
 fn the_hypervisor_programs_the_device() {
     let cfg = q35_with_edu();
     // Make edu's MSI registers writable in the model, as they are in the device.
