@@ -65,6 +65,8 @@ static STRAY: AtomicU64 = AtomicU64::new(0);
 static WORKER_DONE: AtomicBool = AtomicBool::new(false);
 /// Set once vCPU 1 has loaded the IDT and enabled interrupts.
 static WORKER_READY: AtomicBool = AtomicBool::new(false);
+/// Set when vCPU 1 has left its halt loop.
+static WORKER_EXITED: AtomicBool = AtomicBool::new(false);
 
 fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
@@ -219,6 +221,7 @@ pub fn worker() {
         halt();
     }
     cli();
+    WORKER_EXITED.store(true, Ordering::SeqCst);
     println!(
         "msi worker: vcpu 1 took {} interrupt(s) on vector {MSI_VECTOR:#x}",
         TAKEN_ON[1].load(Ordering::SeqCst)
@@ -329,12 +332,26 @@ pub fn msi_edu(boot: &BootInfo, n: u64, dest: u8) -> Outcome {
     );
     program_msi(dest, MSI_VECTOR, false)?;
     if dest == 1 {
-        // Wake the worker once more (edu's interrupt-raise register) so it sees DONE.
+        // Wake the worker once more (edu's interrupt-raise register) so it sees DONE; again
+        // every 200 ms until it has left (a wake that does not arrive shows in the count).
         WORKER_DONE.store(true, Ordering::SeqCst);
         program_msi(dest, MSI_VECTOR, true)?;
-        edu.raise_irq(1);
-        crate::dma::delay_ms(boot, 100);
+        let mut wakes = 0;
+        while !WORKER_EXITED.load(Ordering::SeqCst) && wakes < 20 {
+            edu.raise_irq(1);
+            edu.ack_irq(1);
+            wakes += 1;
+            crate::dma::delay_ms(boot, 200);
+        }
         program_msi(dest, MSI_VECTOR, false)?;
+        println!(
+            "msi-edu: worker woken to stop after {wakes} interrupt-raise(s): {}",
+            if WORKER_EXITED.load(Ordering::SeqCst) {
+                "left"
+            } else {
+                "still halted"
+            }
+        );
     }
     d.unmap(src, PAGE as u64).map_err(|_| "UNMAP failed")?;
     if taken != n || on_dest != n || stray != 0 || missed != 0 {

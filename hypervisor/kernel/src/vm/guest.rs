@@ -766,7 +766,9 @@ impl Guest {
         const SVME: u64 = 1 << 12;
         let msr = vcpu.reg(Reg::Rcx) as u32 as u64;
         if write {
-            let value = (vcpu.reg(Reg::Rdx) << 32) | (vcpu.reg(Reg::Rax) & 0xffff_ffff);
+            // WRMSR takes EDX:EAX; the upper halves of RDX and RAX are ignored.
+            let value =
+                (vcpu.reg(Reg::Rdx) & 0xffff_ffff) << 32 | (vcpu.reg(Reg::Rax) & 0xffff_ffff);
             if vapic.write_msr(msr as u32, value) {
                 vcpu.complete_instruction();
                 return;

@@ -21,6 +21,7 @@ use moat_vtd::SourceId;
 
 use super::pci::Ecams;
 use super::virq::VirtualInterrupts;
+use crate::ratelimit::{RateLimit, Verdict};
 use crate::sync::IrqMutex;
 
 /// First host vector for device MSIs.
@@ -63,6 +64,8 @@ impl Route {
 }
 
 static ROUTES: [Route; HOST_VECTORS] = [const { Route::new() }; HOST_VECTORS];
+/// Rate limit of the storm lines.
+static STORM_LOG: RateLimit = RateLimit::new();
 /// Host vectors in use (bit i: `HOST_VECTOR_BASE + i`).
 static USED: AtomicU32 = AtomicU32::new(0);
 
@@ -92,9 +95,12 @@ fn handler(vector: u8) {
         if let Some(dev) = r.device.try_lock() {
             if let Some((ecams, bdf, cap)) = *dev {
                 cap.disable(&ecams, bdf);
-                log::warn!(
-                    "irq: interrupt storm from {bdf} (host vector {vector:#x}): {n} interrupts in a row while the guest had not taken the previous one; its MSI masked until the guest programs it again"
-                );
+                // A guest can re-arm its device and storm again: rate-limited.
+                if let Verdict::Log { nth, suppressed } = STORM_LOG.event() {
+                    log::warn!(
+                        "irq: interrupt storm from {bdf} (host vector {vector:#x}): {n} interrupts in a row while the guest had not taken the previous one; its MSI masked until the guest programs it again (storm #{nth}, {suppressed} not logged)"
+                    );
+                }
             }
         }
     }
