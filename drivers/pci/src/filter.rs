@@ -6,10 +6,14 @@
 //! header: identity, class, header type and interrupt pin pass through; the command register
 //! accepts I/O, memory, bus-master and INTx-disable ([`GUEST_COMMAND`]); BARs read back their
 //! real address and answer the all-ones sizing protocol without the device ever being
-//! re-programmed (the BAR is mapped at that address by the second stage); the capability list,
-//! expansion ROM and everything past 0x40 read as zero. Other functions read as all ones and
-//! ignore writes.
+//! re-programmed (the BAR is mapped at that address by the second stage); the expansion ROM
+//! and everything past 0x40 read as zero, except the function's MSI capability, which the
+//! guest sees as the only capability (MSI-X and the others stay hidden): it reads and writes
+//! a virtual copy ([`VirtualMsi`]) and never the device's registers; each change is returned
+//! to the hypervisor ([`MsiUpdate`]), which programs the device itself. Other functions read
+//! as all ones and ignore writes.
 
+use crate::msi::{MsiCapability, MsiRegister, VirtualMsi};
 use crate::{probe_bars, regs, Bar, BarKind, Bars, Bdf, ConfigAccess};
 
 /// Configuration address port.
@@ -49,7 +53,23 @@ pub struct AssignedDevice {
     pub bdf: Bdf,
     /// Its BARs as probed at assignment.
     pub bars: Bars,
+    /// Its MSI capability, if it has one (the only capability the guest sees).
+    pub msi: Option<MsiCapability>,
+    /// The guest's MSI state.
+    pub vmsi: VirtualMsi,
     sizing: [bool; 6],
+}
+
+/// A guest's write changed the virtual MSI state of a function: the hypervisor must program
+/// the device (or turn its MSI off) accordingly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsiUpdate {
+    /// The function.
+    pub bdf: Bdf,
+    /// Its capability.
+    pub cap: MsiCapability,
+    /// What the guest programmed now.
+    pub state: VirtualMsi,
 }
 
 impl AssignedDevice {
@@ -62,9 +82,22 @@ impl AssignedDevice {
             return Err(AssignError::NotEndpoint);
         }
         let bars = probe_bars(cfg, bdf).ok_or(AssignError::Absent)?;
+        let msi = MsiCapability::find(cfg, bdf);
+        if let Some(m) = &msi {
+            // Nothing the firmware or a previous owner left enabled survives assignment.
+            m.disable(cfg, bdf);
+        }
+        // MSI-X is not offered (its capability stays hidden, its table unemulated): off, so
+        // whatever the guest writes into the table in its BAR is never sent.
+        if let Some(x) = crate::find_capability(cfg, bdf, crate::cap_id::MSIX) {
+            let header = cfg.read32(bdf, u16::from(x));
+            cfg.write32(bdf, u16::from(x), header & !(1 << 31));
+        }
         Ok(AssignedDevice {
             bdf,
             bars,
+            msi,
+            vmsi: VirtualMsi::default(),
             sizing: [false; 6],
         })
     }
@@ -84,9 +117,18 @@ impl AssignedDevice {
     /// What the guest reads from the dword at `offset` (dword-aligned).
     pub fn read<C: ConfigAccess + ?Sized>(&self, cfg: &C, offset: u16) -> u32 {
         let real = || cfg.read32(self.bdf, offset);
+        if let Some(m) = &self.msi
+            && let Some(r) = m.register(offset)
+        {
+            let pending = if r == MsiRegister::Pending { real() } else { 0 };
+            return self.vmsi.read(r, cfg.read32(self.bdf, m.offset), pending);
+        }
         match offset {
             0x00 | 0x08 | 0x0c | 0x2c => real(),
+            0x04 if self.msi.is_some() => real() | STATUS_CAP_LIST,
             0x04 => real() & !STATUS_CAP_LIST,
+            // The capability pointer names the MSI capability alone.
+            0x34 => self.msi.map_or(0, |m| u32::from(m.offset)),
             0x10..=0x24 => {
                 let reg = usize::from((offset - 0x10) / 4);
                 let Some((bar, upper)) = self.bar_at(reg) else {
@@ -112,8 +154,24 @@ impl AssignedDevice {
     }
 
     /// The guest writes `value` under byte mask `mask` to the dword at `offset` (dword-aligned):
-    /// only the [`GUEST_COMMAND`] bits reach the device; BAR writes only start or end sizing.
-    pub fn write<C: ConfigAccess + ?Sized>(&mut self, cfg: &C, offset: u16, value: u32, mask: u32) {
+    /// only the [`GUEST_COMMAND`] bits reach the device; BAR writes only start or end sizing;
+    /// MSI writes change the virtual MSI state only, returned when it changed.
+    pub fn write<C: ConfigAccess + ?Sized>(
+        &mut self,
+        cfg: &C,
+        offset: u16,
+        value: u32,
+        mask: u32,
+    ) -> Option<MsiUpdate> {
+        if let Some(m) = self.msi
+            && let Some(r) = m.register(offset)
+        {
+            return self.vmsi.write(r, value, mask).then_some(MsiUpdate {
+                bdf: self.bdf,
+                cap: m,
+                state: self.vmsi,
+            });
+        }
         match offset {
             0x04 if mask & 0xffff != 0 => {
                 let real = cfg.read32(self.bdf, 0x04) as u16;
@@ -124,9 +182,7 @@ impl AssignedDevice {
             }
             0x10..=0x24 => {
                 let reg = usize::from((offset - 0x10) / 4);
-                if self.bar_at(reg).is_none() {
-                    return;
-                }
+                self.bar_at(reg)?;
                 let current = self.read(cfg, offset);
                 let merged = (current & !mask) | (value & mask);
                 // All address bits written as ones starts sizing; anything else ends it (the
@@ -135,6 +191,7 @@ impl AssignedDevice {
             }
             _ => {}
         }
+        None
     }
 }
 
@@ -211,27 +268,26 @@ impl Target {
     }
 
     /// The guest writes the low `size` bytes of `value`; ignored for a function not in
-    /// `devices`.
+    /// `devices`. Returns the function's new MSI state when the write changed it.
     pub fn write<C: ConfigAccess + ?Sized>(
         &self,
         cfg: &C,
         devices: &mut [AssignedDevice],
         size: u8,
         value: u32,
-    ) {
+    ) -> Option<MsiUpdate> {
         let size_mask: u32 = match size {
             1 => 0xff,
             2 => 0xffff,
             _ => u32::MAX,
         };
         let mask = size_mask.checked_shl(self.shift).unwrap_or(0);
-        if let Some(d) = devices.iter_mut().find(|d| d.bdf == self.bdf) {
-            d.write(
-                cfg,
-                self.offset,
-                value.checked_shl(self.shift).unwrap_or(0),
-                mask,
-            );
-        }
+        let d = devices.iter_mut().find(|d| d.bdf == self.bdf)?;
+        d.write(
+            cfg,
+            self.offset,
+            value.checked_shl(self.shift).unwrap_or(0),
+            mask,
+        )
     }
 }

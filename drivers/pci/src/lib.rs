@@ -27,6 +27,7 @@ mod caps;
 mod config;
 mod enumerate;
 mod filter;
+mod msi;
 
 pub use bar::{probe_bars, Bar, BarKind, Bars, MAX_BARS};
 pub use bdf::{ecam_offset, Bdf, Ecam, CONFIG_SPACE_SIZE, MAX_DEVICE, MAX_FUNCTION};
@@ -41,6 +42,7 @@ pub use config::{
 };
 pub use enumerate::{enumerate, enumerate_ecam, enumerate_into, Functions, PciFunction};
 pub use filter::{
-    decode_address, AssignError, AssignedDevice, ConfigPort, Target, GUEST_COMMAND, PORT_ADDRESS,
-    PORT_DATA, PORT_DATA_LAST,
+    decode_address, AssignError, AssignedDevice, ConfigPort, MsiUpdate, Target, GUEST_COMMAND,
+    PORT_ADDRESS, PORT_DATA, PORT_DATA_LAST,
 };
+pub use msi::{GuestMsiTarget, MsiCapability, MsiRegister, VirtualMsi};

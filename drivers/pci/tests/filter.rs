@@ -97,7 +97,8 @@ fn nic() -> FakeFunction {
         .mem64_bar(0, 0x8_0000_0000, 1 << 17, true)
         .io_bar(2, 0xc000, 0x20)
         .cap_pointer(0x40)
-        .cap(0x40, 0x05, 0)
+        .cap(0x40, 0x05, 0x50)
+        .cap(0x50, 0x10, 0)
         .command(CMD_MEM | CMD_IO)
         .status(0x8000 | 0x0010)
 }
@@ -125,24 +126,127 @@ fn the_assigned_function_reads_through_its_header() {
     );
     // BAR0: its real address and flags.
     assert_eq!(p.read(edu(), 0x10), 0xfea0_0000);
-    // Unimplemented BARs, the expansion ROM, the capability pointer and the rest read zero.
-    for offset in [
-        0x14, 0x18, 0x1c, 0x20, 0x24, 0x28, 0x30, 0x34, 0x38, 0x40, 0xfc,
-    ] {
+    // Unimplemented BARs, the expansion ROM and the rest read zero.
+    for offset in [0x14, 0x18, 0x1c, 0x20, 0x24, 0x28, 0x30, 0x38, 0xfc] {
         assert_eq!(p.read(edu(), offset), 0, "{offset:#x}");
+    }
+    // edu's MSI capability (64-bit, at 0x40) is the one capability shown, disabled.
+    assert_eq!(p.read(edu(), 0x34), 0x40);
+    assert_eq!(p.read(edu(), 0x40), (1 << 7) << 16 | 0x05);
+}
+
+#[test]
+fn msi_writes_stay_virtual_and_are_reported() {
+    let cfg = q35_with_edu();
+    let mut d = AssignedDevice::probe(&cfg, edu()).unwrap();
+    let cap = d.msi.expect("edu has MSI");
+    assert_eq!(
+        (cap.offset, cap.is_64bit, cap.maskable),
+        (0x40, true, false)
+    );
+    let before = cfg.function(edu());
+    // Address, data, then enable: each change reported, none reaching the device.
+    let u = d.write(&cfg, 0x44, 0xfee0_1000, u32::MAX).unwrap();
+    assert_eq!(u.state.address, 0xfee0_1000);
+    assert!(
+        d.write(&cfg, 0x44, 0xfee0_1000, u32::MAX).is_none(),
+        "no change, no update"
+    );
+    d.write(&cfg, 0x48, 0, u32::MAX).unwrap_or(u);
+    let u = d.write(&cfg, 0x4c, 0x0051, 0xffff).unwrap();
+    assert_eq!(u.state.data, 0x51);
+    let u = d.write(&cfg, 0x40, 1 << 16, 0x00ff_0000).unwrap();
+    assert!(u.state.enabled);
+    assert_eq!(
+        u.state.target(),
+        Some(GuestMsiTarget {
+            apic_id: 1,
+            vector: 0x51
+        })
+    );
+    assert_eq!(
+        cfg.function(edu()),
+        before,
+        "the device's registers were never written"
+    );
+    assert_eq!(d.read(&cfg, 0x44), 0xfee0_1000);
+    assert_eq!(d.read(&cfg, 0x4c), 0x51);
+    assert_eq!(d.read(&cfg, 0x40) >> 16 & 1, 1);
+    // Vectors below 32, level-triggered, remappable format or outside the window: no target.
+    for (address, data) in [
+        (0xfee0_0000u64, 0x0008u16),
+        (0xfee0_0000, 0x8051),
+        (0xfee0_0010, 0x0051),
+        (0xfed0_0000, 0x0051),
+        (0x1_fee0_0000, 0x0051),
+    ] {
+        let v = VirtualMsi {
+            enabled: true,
+            address,
+            data,
+            masked: false,
+        };
+        assert_eq!(v.target(), None, "{address:#x} {data:#x}");
     }
 }
 
 #[test]
-fn the_capability_list_is_hidden() {
+fn msix_is_turned_off_at_assignment() {
+    let at = bdf(0, 2, 0);
+    let f = nic().cap(0x50, 0x11, 0).writable_dwords(0x50, 1);
+    let cfg = q35_with_edu().with(at, f);
+    // Firmware left MSI-X enabled (message control bit 15).
+    let h = cfg.function(at).reg(0x50);
+    cfg.write32(at, 0x50, h | 1 << 31);
+    assert_ne!(cfg.function(at).reg(0x50) & 1 << 31, 0);
+    let _ = AssignedDevice::probe(&cfg, at).unwrap();
+    assert_eq!(cfg.function(at).reg(0x50) & 1 << 31, 0);
+}
+
+#[test]
+fn the_hypervisor_programs_the_device() {
+    let cfg = q35_with_edu();
+    // Make edu's MSI registers writable in the model, as they are in the device.
+    let f = cfg.function(edu()).writable_dwords(0x40, 4);
+    let cfg = cfg.with(edu(), f);
+    let d = AssignedDevice::probe(&cfg, edu()).unwrap();
+    let cap = d.msi.unwrap();
+    cap.program(&cfg, edu(), 0xfee0_0210, 0, true);
+    let real = cfg.function(edu());
+    assert_eq!(real.reg(0x44), 0xfee0_0210);
+    assert_eq!(real.reg(0x48), 0);
+    assert_eq!(real.reg(0x4c) & 0xffff, 0);
+    assert!(cap.enabled(&cfg, edu()));
+    // The guest still sees its own (empty, disabled) state.
+    assert_eq!(d.read(&cfg, 0x44), 0);
+    assert_eq!(d.read(&cfg, 0x40) >> 16 & 1, 0);
+    cap.disable(&cfg, edu());
+    assert!(!cap.enabled(&cfg, edu()));
+}
+
+#[test]
+fn only_the_msi_capability_is_visible() {
     let cfg = nic_space();
     let nic = bdf(0, 2, 0);
     let mut p = Ports::new(&cfg, &[nic]);
     let real = cfg.function(nic).reg(0x04);
     assert_ne!(real & (1 << 20), 0);
-    assert_eq!(p.read(nic, 0x04), real & !(1 << 20));
+    assert_eq!(p.read(nic, 0x04), real);
+    assert_eq!(p.read(nic, 0x34), 0x40);
+    // MSI (32-bit) with its next pointer cut: the PCI Express capability behind it is hidden.
+    assert_eq!(p.read(nic, 0x40), 0x05);
+    assert_eq!(p.read(nic, 0x50), 0);
+    // Without an MSI capability the list is hidden altogether.
+    let plain = FakeFunction::endpoint(0x8086, 0x10d3, 0x02, 0x00, 0x00)
+        .mem64_bar(0, 0x8_0000_0000, 1 << 17, true)
+        .cap_pointer(0x50)
+        .cap(0x50, 0x10, 0)
+        .status(0x0010);
+    let cfg = q35_with_edu().with(nic, plain);
+    let mut p = Ports::new(&cfg, &[nic]);
+    assert_eq!(p.read(nic, 0x04) & (1 << 20), 0);
     assert_eq!(p.read(nic, 0x34), 0);
-    assert_eq!(p.read(nic, 0x40), 0);
+    assert_eq!(p.read(nic, 0x50), 0);
 }
 
 #[test]

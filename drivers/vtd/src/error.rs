@@ -28,6 +28,12 @@ pub enum Operation {
     InvalidationQueueDrain,
     /// PMEN.PRS clear.
     ProtectedMemoryDisable,
+    /// GCMD.SIRTP -> GSTS.IRTPS.
+    SetInterruptRemapTablePointer,
+    /// GCMD.IRE -> GSTS.IRES (enable or disable).
+    InterruptRemappingEnable,
+    /// GCMD.CFI -> GSTS.CFIS (enable or disable).
+    CompatibilityFormatInterrupts,
 }
 
 /// Errors of the VT-d driver. No operation panics on bad input; each failure is one of these.

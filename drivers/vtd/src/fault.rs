@@ -46,7 +46,23 @@ pub enum FaultReason {
     PagingEntryReserved,
     /// 0xD: the request type is blocked by the context entry's TT.
     TranslationTypeBlocked,
-    /// Any other code (interrupt remapping or scalable-mode reasons).
+    /// 0x20: reserved fields set in a remappable interrupt request.
+    IrRequestReserved,
+    /// 0x21: the interrupt index is past the table size IRTA.S configures.
+    IrIndexOutOfRange,
+    /// 0x22: the IRTE the index names is not present.
+    IrEntryNotPresent,
+    /// 0x23: the interrupt remapping table could not be accessed.
+    IrTableInvalid,
+    /// 0x24: reserved fields (or invalid mode values) in a present IRTE.
+    IrEntryReserved,
+    /// 0x25: a compatibility-format interrupt blocked (CFIS clear, or EIME set).
+    IrCompatibilityBlocked,
+    /// 0x26: the requester failed the IRTE's source-id validation (SVT/SQ/SID).
+    IrSourceIdInvalid,
+    /// 0x27: a posted-interrupt descriptor could not be accessed.
+    IrPostedDescriptorInvalid,
+    /// Any other code (scalable-mode reasons).
     Other(u8),
 }
 
@@ -67,6 +83,14 @@ impl FaultReason {
             0xb => Self::ContextEntryReserved,
             0xc => Self::PagingEntryReserved,
             0xd => Self::TranslationTypeBlocked,
+            0x20 => Self::IrRequestReserved,
+            0x21 => Self::IrIndexOutOfRange,
+            0x22 => Self::IrEntryNotPresent,
+            0x23 => Self::IrTableInvalid,
+            0x24 => Self::IrEntryReserved,
+            0x25 => Self::IrCompatibilityBlocked,
+            0x26 => Self::IrSourceIdInvalid,
+            0x27 => Self::IrPostedDescriptorInvalid,
             c => Self::Other(c),
         }
     }
@@ -87,8 +111,21 @@ impl FaultReason {
             Self::ContextEntryReserved => 0xb,
             Self::PagingEntryReserved => 0xc,
             Self::TranslationTypeBlocked => 0xd,
+            Self::IrRequestReserved => 0x20,
+            Self::IrIndexOutOfRange => 0x21,
+            Self::IrEntryNotPresent => 0x22,
+            Self::IrTableInvalid => 0x23,
+            Self::IrEntryReserved => 0x24,
+            Self::IrCompatibilityBlocked => 0x25,
+            Self::IrSourceIdInvalid => 0x26,
+            Self::IrPostedDescriptorInvalid => 0x27,
             Self::Other(c) => c,
         }
+    }
+
+    /// An interrupt-remapping fault (codes 0x20-0x27) rather than a DMA one.
+    pub const fn is_interrupt_remapping(self) -> bool {
+        matches!(self.code(), 0x20..=0x27)
     }
 }
 
@@ -101,7 +138,7 @@ pub struct FaultRecord {
     pub source: SourceId,
     /// Page address of the faulting request (bits 11:0 are not reported).
     pub address: u64,
-    /// Read or write.
+    /// Read or write (meaningless for interrupt-remapping faults).
     pub access: FaultAccess,
     /// Why it faulted.
     pub reason: FaultReason,
@@ -110,6 +147,16 @@ pub struct FaultRecord {
 }
 
 impl FaultRecord {
+    /// For an interrupt-remapping fault, the interrupt index of the request (fault info
+    /// bits 63:48); `None` for DMA faults.
+    pub const fn interrupt_index(&self) -> Option<u16> {
+        if self.reason.is_interrupt_remapping() {
+            Some((self.address >> 48) as u16)
+        } else {
+            None
+        }
+    }
+
     /// Decodes a record from its low qword and its SID and high dwords (the F bit is not
     /// checked here).
     pub const fn decode(index: usize, lo: u64, sid_dword: u32, high_dword: u32) -> Self {
@@ -138,8 +185,11 @@ pub struct FaultCounters {
     pub dropped: u64,
     /// Records whose source was not attached to any domain.
     pub unattached: u64,
+    /// Interrupt-remapping faults (reasons 0x20-0x27) among `recorded`.
+    pub interrupt_remapping: u64,
     per_domain: BTreeMap<u16, u64>,
     per_source: BTreeMap<SourceId, u64>,
+    ir_per_source: BTreeMap<SourceId, u64>,
 }
 
 impl FaultCounters {
@@ -151,6 +201,10 @@ impl FaultCounters {
     pub fn source(&self, sid: SourceId) -> u64 {
         self.per_source.get(&sid).copied().unwrap_or(0)
     }
+    /// Interrupt-remapping faults recorded for source `sid`.
+    pub fn interrupt_source(&self, sid: SourceId) -> u64 {
+        self.ir_per_source.get(&sid).copied().unwrap_or(0)
+    }
     /// Iterator over `(source, count)`.
     pub fn sources(&self) -> impl Iterator<Item = (SourceId, u64)> + '_ {
         self.per_source.iter().map(|(s, c)| (*s, *c))
@@ -158,6 +212,10 @@ impl FaultCounters {
     pub(crate) fn count(&mut self, r: &FaultRecord) {
         self.recorded += 1;
         *self.per_source.entry(r.source).or_insert(0) += 1;
+        if r.reason.is_interrupt_remapping() {
+            self.interrupt_remapping += 1;
+            *self.ir_per_source.entry(r.source).or_insert(0) += 1;
+        }
         match r.domain {
             Some(d) => *self.per_domain.entry(d).or_insert(0) += 1,
             None => self.unattached += 1,

@@ -4,12 +4,15 @@
 //! Descriptor formats (VT-d 6.5.2, 128-bit legacy descriptors), all reserved bits zero:
 //! - context-cache (type 1): G (5:4), DID (31:16), SID (47:32), FM (49:48);
 //! - IOTLB (type 2): G (5:4), DW (6), DR (7), DID (31:16); high: AM (5:0), IH (6), ADDR (63:12);
+//! - interrupt entry cache (type 4): G (4: 0 global, 1 index-selective), IM (31:27), IIDX
+//!   (47:32); queued invalidation only;
 //! - invalidation wait (type 5): SW (5), status data (63:32); high: status address (63:2).
 //!   The driver only ever uses SW alone: QEMU 7.2 asserts on SW together with IF, and a
 //!   fence-only wait stalls its queue.
 
 use crate::error::{Error, Operation};
 use crate::hw::{poll_until, Clock, DmaMemory, PhysAddr, RegisterWindow, PAGE_SIZE};
+use crate::intremap::IecGranularity;
 use crate::regs::{
     ccmd, iotlb_reg, queue_index, queue_pointer, ContextGranularity, FaultStatus, IotlbGranularity,
     IotlbRegs, CCMD, FSTS, IQH, IQT,
@@ -22,6 +25,8 @@ pub enum Invalidation {
     Context(ContextGranularity),
     /// IOTLB invalidation (and the paging-structure caches unless `ih` is set).
     Iotlb(IotlbGranularity),
+    /// Interrupt entry cache invalidation (queued invalidation only).
+    InterruptEntry(IecGranularity),
 }
 
 /// A 128-bit queued-invalidation descriptor.
@@ -44,7 +49,7 @@ pub mod desc_type {
     pub const IOTLB: u8 = 2;
     /// Device-TLB invalidate (not used by this driver).
     pub const DEVICE_TLB: u8 = 3;
-    /// Interrupt entry cache invalidate (not used by this driver).
+    /// Interrupt entry cache invalidate.
     pub const INTERRUPT_ENTRY_CACHE: u8 = 4;
     /// Invalidation wait.
     pub const WAIT: u8 = 5;
@@ -86,6 +91,14 @@ impl Descriptor {
         }
     }
 
+    /// An interrupt entry cache invalidation descriptor.
+    pub const fn interrupt_entry(g: IecGranularity) -> Self {
+        Self {
+            lo: desc_type::INTERRUPT_ENTRY_CACHE as u64 | g.descriptor_bits(),
+            hi: 0,
+        }
+    }
+
     /// An invalidation wait descriptor that writes `data` to `status` (4-byte aligned) once
     /// every earlier descriptor completed.
     pub const fn wait(status: PhysAddr, data: u32) -> Self {
@@ -104,6 +117,7 @@ impl Descriptor {
         match inv {
             Invalidation::Context(g) => Self::context_cache(g),
             Invalidation::Iotlb(g) => Self::iotlb(g, drain_reads, drain_writes),
+            Invalidation::InterruptEntry(g) => Self::interrupt_entry(g),
         }
     }
 
@@ -465,6 +479,9 @@ pub fn register_invalidate<R: RegisterWindow, C: Clock>(
             }
             Ok(())
         }
+        Invalidation::InterruptEntry(_) => Err(Error::Unsupported(
+            "interrupt entry cache invalidation needs queued invalidation",
+        )),
     }
 }
 

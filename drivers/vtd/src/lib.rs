@@ -8,7 +8,9 @@
 //! - [`paging`]: second-level page tables (map, unmap, translate);
 //! - [`gather`]: batching unmaps into the fewest invalidations;
 //! - [`inval`]: invalidation descriptors, the queue, register-based invalidation;
-//! - [`fault`]: fault record decoding and counters;
+//! - [`intremap`]: interrupt remapping: IRTEs with source-id validation, MSI formats, the
+//!   IRTA value, interrupt entry cache invalidation;
+//! - [`fault`]: fault record decoding and counters (DMA and interrupt remapping reasons);
 //! - [`fault_queue`]: drained records per consumer (domain), bounded, with drop counts;
 //! - [`domain`]: domain ids and [`Domain`];
 //! - [`mod@unit`]: [`Unit`], one remapping unit: bring-up, attach/detach, flush, faults;
@@ -61,6 +63,7 @@ pub mod fault;
 pub mod fault_queue;
 pub mod gather;
 pub mod hw;
+pub mod intremap;
 pub mod inval;
 pub mod paging;
 pub mod regs;
@@ -76,6 +79,8 @@ pub use unit::{Flushed, Queued, Submitted, Unit, UnitConfig};
 
 #[cfg(test)]
 mod fake_unit;
+#[cfg(test)]
+mod intremap_tests;
 #[cfg(test)]
 mod testing;
 #[cfg(test)]

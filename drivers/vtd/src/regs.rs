@@ -102,6 +102,8 @@ pub mod offset {
     pub const ICS: usize = 0x9c;
     /// Invalidation queue error record register (64-bit).
     pub const IQERCD: usize = 0xb0;
+    /// Interrupt remapping table address register (64-bit).
+    pub const IRTA: usize = 0xb8;
     /// Offset of the IVA register inside the IOTLB register block (at `ECAP.IRO`).
     pub const IVA_IN_IOTLB_BLOCK: usize = 0x0;
     /// Offset of the IOTLB invalidate register inside the IOTLB register block.
@@ -228,6 +230,9 @@ pub const IQA: Reg<u64, ReadWrite> = Reg::at(offset::IQA);
 pub const ICS: Reg<u32, ReadWrite> = Reg::at(offset::ICS);
 /// Invalidation queue error record register (`IQERCD_REG`).
 pub const IQERCD: Reg<u64, ReadOnly> = Reg::at(offset::IQERCD);
+/// Interrupt remapping table address register (`IRTA_REG`, see
+/// [`crate::intremap::irta_value`]).
+pub const IRTA: Reg<u64, ReadWrite> = Reg::at(offset::IRTA);
 
 /// The IOTLB registers of a unit, at the offset `ECAP.IRO` reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

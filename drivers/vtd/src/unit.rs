@@ -12,6 +12,9 @@ use crate::error::{Error, Operation};
 use crate::fault::{FaultCounters, FaultPoll, FaultRecord};
 use crate::gather::{FlushPlan, Gather};
 use crate::hw::{poll_until, Clock, DmaMemory, PhysAddr, RegisterWindow, PAGE_SIZE};
+use crate::intremap::{
+    irta_value, IecGranularity, Irte, IRTE_SIZE, TABLE_ENTRIES, TABLE_SIZE_FIELD,
+};
 use crate::inval::{
     register_invalidate, Invalidation, InvalidationQueue, InvalidationStats, QUEUE_ENTRIES,
 };
@@ -20,7 +23,7 @@ use crate::regs::{
     frcd, gcmd_value, iqa_value, queue_index, queue_pointer, rtaddr_legacy, Capability,
     ContextGranularity, ExtCapability, FaultEventControl, FaultRecordRegs, FaultStatus,
     GlobalCommand, GlobalStatus, IotlbGranularity, IotlbRegs, ProtectedMemoryEnable, Version, CAP,
-    ECAP, FEADDR, FECTL, FEDATA, FEUADDR, FSTS, GCMD, GSTS, IQA, IQH, IQT, PMEN, RTADDR, VER,
+    ECAP, FEADDR, FECTL, FEDATA, FEUADDR, FSTS, GCMD, GSTS, IQA, IQH, IQT, IRTA, PMEN, RTADDR, VER,
 };
 
 /// Driver policy for one unit.
@@ -40,6 +43,10 @@ pub struct UnitConfig {
     /// Most page-selective IOTLB invalidations per flush before one domain-selective
     /// invalidation is used instead.
     pub max_psi_blocks: usize,
+    /// The CPUs' local APICs run in x2APIC mode: interrupt remapping then uses extended
+    /// interrupt mode (IRTA.EIME, 32-bit destinations) when the unit offers it (`ECAP.EIM`).
+    /// In xAPIC mode EIME stays clear (8-bit destinations).
+    pub x2apic: bool,
 }
 
 impl UnitConfig {
@@ -53,6 +60,7 @@ impl UnitConfig {
             levels: None,
             snoop: true,
             max_psi_blocks: 16,
+            x2apic: false,
         }
     }
 }
@@ -123,6 +131,18 @@ pub struct Unit<R: RegisterWindow, C: Clock> {
     attached: BTreeMap<SourceId, u16>,
     faults: FaultCounters,
     inv_stats: InvalidationStats,
+    ir: Option<IrTable>,
+}
+
+/// The unit's interrupt remapping table: one page of [`TABLE_ENTRIES`] IRTEs and which of
+/// them are handed out.
+#[derive(Debug)]
+struct IrTable {
+    base: PhysAddr,
+    eime: bool,
+    /// GSTS.IRES is set (cleared by [`Unit::disable`]; the table stays for a re-enable).
+    on: bool,
+    used: [u64; TABLE_ENTRIES / 64],
 }
 
 impl<R: RegisterWindow, C: Clock> Unit<R, C> {
@@ -155,6 +175,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
             attached: BTreeMap::new(),
             faults: FaultCounters::default(),
             inv_stats: InvalidationStats::default(),
+            ir: None,
         })
     }
 
@@ -236,6 +257,21 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
             ),
             GlobalCommand::SRTP => (GlobalStatus::RTPS, true, Operation::SetRootTablePointer),
             GlobalCommand::WBF => (GlobalStatus::WBFS, false, Operation::WriteBufferFlush),
+            GlobalCommand::SIRTP => (
+                GlobalStatus::IRTPS,
+                true,
+                Operation::SetInterruptRemapTablePointer,
+            ),
+            GlobalCommand::IRE => (
+                GlobalStatus::IRES,
+                enable,
+                Operation::InterruptRemappingEnable,
+            ),
+            GlobalCommand::CFI => (
+                GlobalStatus::CFIS,
+                enable,
+                Operation::CompatibilityFormatInterrupts,
+            ),
             _ => return Err(Error::Unsupported("global command not used by this driver")),
         };
         let gsts = self.regs.read32(GSTS);
@@ -446,6 +482,12 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
             self.global_command(GlobalCommand::TE, false)?;
         }
         self.enabled = false;
+        if self.gsts().contains(GlobalStatus::IRES) {
+            self.global_command(GlobalCommand::IRE, false)?;
+        }
+        if let Some(t) = self.ir.as_mut() {
+            t.on = false;
+        }
         if self.qi_on || self.gsts().contains(GlobalStatus::QIES) {
             self.wait_queue_drained()?;
             self.global_command(GlobalCommand::QIE, false)?;
@@ -477,7 +519,180 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         if let Some(q) = self.queue.take() {
             q.free(mem);
         }
+        if let Some(t) = self.ir.take() {
+            mem.free_frame(t.base);
+        }
         Ok(())
+    }
+
+    /// Whether interrupt remapping is on (GSTS.IRES, set by
+    /// [`Unit::enable_interrupt_remapping`]).
+    pub fn interrupt_remapping(&self) -> bool {
+        self.ir.as_ref().is_some_and(|t| t.on)
+    }
+
+    /// Whether the table uses extended interrupt mode (x2APIC destinations).
+    pub fn extended_interrupt_mode(&self) -> bool {
+        self.ir.as_ref().is_some_and(|t| t.eime)
+    }
+
+    /// Turns interrupt remapping on, in the order VT-d 6.5.2 / 10.4.4 gives: a zeroed table
+    /// of [`TABLE_ENTRIES`] entries (every entry not present) in IRTA with its size (and
+    /// EIME when [`UnitConfig::x2apic`] and `ECAP.EIM`), SIRTP until IRTPS, a global
+    /// interrupt entry cache invalidation through the queue, compatibility format
+    /// interrupts off (CFI clear), then IRE until IRES. Every GCMD write carries the
+    /// persistent GSTS bits. Needs `ECAP.IR` and queued invalidation on (after
+    /// [`Unit::enable`]).
+    pub fn enable_interrupt_remapping<M: DmaMemory>(&mut self, mem: &mut M) -> Result<(), Error> {
+        if !self.ecap.interrupt_remapping() {
+            return Err(Error::Unsupported("no interrupt remapping (ECAP.IR clear)"));
+        }
+        if !self.qi_on {
+            return Err(Error::Unsupported(
+                "interrupt remapping needs queued invalidation",
+            ));
+        }
+        if self.interrupt_remapping() {
+            return Err(Error::InvalidState("interrupt remapping already on"));
+        }
+        if self.gsts().contains(GlobalStatus::IRES) {
+            log::warn!(
+                "vt-d unit {}: interrupt remapping left on by firmware, turning it off",
+                self.cfg.id
+            );
+            self.global_command(GlobalCommand::IRE, false)?;
+        }
+        let eime = self.cfg.x2apic && self.ecap.eim();
+        // A table kept from an earlier enable keeps its entries (and their owners).
+        let (base, fresh) = match self.ir.as_ref() {
+            Some(t) => (t.base, false),
+            None => (mem.alloc_frame().ok_or(Error::NoMemory)?, true),
+        };
+        self.flush_lines(mem, base, PAGE_SIZE as usize);
+        let result = (|| {
+            self.regs
+                .write64(IRTA, irta_value(base, eime, TABLE_SIZE_FIELD));
+            self.global_command(GlobalCommand::SIRTP, true)?;
+            self.invalidate(mem, &[Invalidation::InterruptEntry(IecGranularity::Global)])?;
+            if self.gsts().contains(GlobalStatus::CFIS) {
+                self.global_command(GlobalCommand::CFI, false)?;
+            }
+            self.global_command(GlobalCommand::IRE, true)
+        })();
+        if let Err(e) = result {
+            if fresh {
+                mem.free_frame(base);
+            }
+            return Err(e);
+        }
+        match self.ir.as_mut() {
+            Some(t) => {
+                t.on = true;
+                t.eime = eime;
+            }
+            None => {
+                self.ir = Some(IrTable {
+                    base,
+                    eime,
+                    on: true,
+                    used: [0; TABLE_ENTRIES / 64],
+                })
+            }
+        }
+        log::info!(
+            "vt-d unit {}: interrupt remapping on, {} entries, {} destinations, CFI clear",
+            self.cfg.id,
+            TABLE_ENTRIES,
+            if eime { "x2APIC" } else { "xAPIC" }
+        );
+        Ok(())
+    }
+
+    /// Hands out a free IRTE index (the entry stays not present until
+    /// [`Unit::set_irte`]).
+    pub fn alloc_irte(&mut self) -> Result<u16, Error> {
+        let t = self
+            .ir
+            .as_mut()
+            .filter(|t| t.on)
+            .ok_or(Error::InvalidState("interrupt remapping is off"))?;
+        for (w, word) in t.used.iter_mut().enumerate() {
+            if *word != u64::MAX {
+                let bit = (!*word).trailing_zeros() as usize;
+                *word |= 1 << bit;
+                return Ok((w * 64 + bit) as u16);
+            }
+        }
+        Err(Error::Unsupported("every IRTE is in use"))
+    }
+
+    fn irte_in_use(&self, index: u16) -> Result<&IrTable, Error> {
+        let t = self
+            .ir
+            .as_ref()
+            .filter(|t| t.on)
+            .ok_or(Error::InvalidState("interrupt remapping is off"))?;
+        let i = index as usize;
+        if i >= TABLE_ENTRIES || t.used[i / 64] & (1 << (i % 64)) == 0 {
+            return Err(Error::InvalidState("IRTE index not allocated"));
+        }
+        Ok(t)
+    }
+
+    /// Writes IRTE `index` (allocated by [`Unit::alloc_irte`]) and invalidates the interrupt
+    /// entry cache for it (waited for). The present bit is written last when making an entry
+    /// present and first when changing or clearing one, so the hardware never reads a
+    /// present entry with half its fields.
+    pub fn set_irte<M: DmaMemory>(
+        &mut self,
+        mem: &mut M,
+        index: u16,
+        irte: Irte,
+    ) -> Result<(), Error> {
+        let t = self.irte_in_use(index)?;
+        if irte.present() && irte.reserved_bits_set(t.eime) {
+            return Err(Error::InvalidState("IRTE with reserved bits set"));
+        }
+        let at = t.base + index as u64 * IRTE_SIZE as u64;
+        if mem.read_u64(at) & 1 != 0 {
+            mem.write_u64(at, 0);
+            self.flush_lines(mem, at, IRTE_SIZE);
+            self.invalidate_irte(mem, index)?;
+        }
+        mem.write_u64(at + 8, irte.hi);
+        mem.write_u64(at, irte.lo);
+        self.flush_lines(mem, at, IRTE_SIZE);
+        self.invalidate_irte(mem, index)
+    }
+
+    /// Reads IRTE `index` back (allocated entries only).
+    pub fn irte<M: DmaMemory>(&self, mem: &M, index: u16) -> Result<Irte, Error> {
+        let t = self.irte_in_use(index)?;
+        let at = t.base + index as u64 * IRTE_SIZE as u64;
+        Ok(Irte {
+            lo: mem.read_u64(at),
+            hi: mem.read_u64(at + 8),
+        })
+    }
+
+    /// Clears IRTE `index` (not present, invalidated) and returns it to the free set.
+    pub fn free_irte<M: DmaMemory>(&mut self, mem: &mut M, index: u16) -> Result<(), Error> {
+        self.set_irte(mem, index, Irte::NOT_PRESENT)?;
+        if let Some(t) = self.ir.as_mut() {
+            let i = index as usize;
+            t.used[i / 64] &= !(1 << (i % 64));
+        }
+        Ok(())
+    }
+
+    fn invalidate_irte<M: DmaMemory>(&mut self, mem: &mut M, index: u16) -> Result<(), Error> {
+        self.invalidate(
+            mem,
+            &[Invalidation::InterruptEntry(IecGranularity::Index {
+                index,
+                mask: 0,
+            })],
+        )
     }
 
     /// Creates a domain: allocates a domain id and an empty root page table.

@@ -9,9 +9,10 @@
 //! Tests: `hello`, `spin=N`, `probe-pci`, `edu-bar`, `escape-read[=GPA]`,
 //! `escape-write[=GPA]` (default: the first byte past the guest's memory), `msr`,
 //! `triple-fault`, `bad-hypercall`, `vmmcall-bench=N`, the PV DMA tests `dma-*` (`dma/`,
-//! `dma_bounds.rs`; `dma-demo` is `cargo xtask run`'s) and the NVMe tests `nvme-pattern`,
-//! `nvme-faults`, `nvme-errors`, `nvme-bench=N` (`nvme/`, with `moat-nvme`; the other vCPUs
-//! run their queue pairs). Numbers are decimal or `0x` hex.
+//! `dma_bounds.rs`; `dma-demo` is `cargo xtask run`'s), the interrupt tests `irq-*`/`msi-*`
+//! (`irq.rs`) and the NVMe tests `nvme-pattern`, `nvme-faults`, `nvme-errors`, `nvme-bench=N`
+//! (`nvme/`, with `moat-nvme`; the other vCPUs run their queue pairs). Numbers are decimal or
+//! `0x` hex.
 #![no_std]
 #![no_main]
 
@@ -20,6 +21,7 @@ mod capacity;
 mod dma;
 mod dma_bounds;
 mod idt;
+mod irq;
 mod nvme;
 mod paging;
 mod pci;
@@ -139,6 +141,14 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             capacity::worker();
             abi::exit(0);
         }
+        if vcpu == 1
+            && line
+                .split_ascii_whitespace()
+                .any(|w| w.starts_with("msi-edu-vcpu1"))
+        {
+            irq::worker();
+            abi::exit(0);
+        }
         if vcpu == 1 && line.split_ascii_whitespace().any(|w| w == "dma-race") {
             dma::race_scribbler();
             abi::exit(0);
@@ -202,6 +212,12 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "nvme-bench" => nvme::bench(&info, arg.unwrap_or(2000)),
             "nvme-faults" => nvme::faults(&info),
             "nvme-errors" => nvme::errors(&info),
+            "irq-host-vectors" => irq::host_vectors(arg.unwrap_or(2)),
+            "msi-edu" => irq::msi_edu(&info, arg.unwrap_or(4), 0),
+            "msi-edu-vcpu1" => irq::msi_edu(&info, arg.unwrap_or(4), 1),
+            "msi-attacks" => irq::msi_attacks(&info),
+            "dma-fault-irq" => irq::fault_irq(&info),
+            "msi-storm" => irq::msi_storm(&info, arg.unwrap_or(5000)),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {

@@ -35,6 +35,15 @@ pub fn write16(bus: u8, dev: u8, func: u8, offset: u8, value: u16) {
     }
 }
 
+/// Writes one byte of configuration space.
+pub fn write8(bus: u8, dev: u8, func: u8, offset: u8, value: u8) {
+    // SAFETY: as in read32.
+    unsafe {
+        asm!("out dx, eax", in("dx") 0xcf8u16, in("eax") address(bus, dev, func, offset), options(nomem, nostack));
+        asm!("out dx, al", in("dx") 0xcfcu16 + (offset as u16 & 3), in("al") value, options(nomem, nostack));
+    }
+}
+
 /// A function that answered.
 #[derive(Clone, Copy)]
 pub struct Function {

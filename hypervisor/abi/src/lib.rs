@@ -115,7 +115,8 @@
 //! previous one), initialises its header ([`dma::FaultRingHeader::new`]) and returns the
 //! capacity [`dma::fault_ring_capacity`]. `pages = 0` unregisters (NOENT if none). RDX = 0:
 //! polled only; 32..=255: that vector is injected into the registering vCPU whenever the ring
-//! goes from empty to non-empty. Errors: as BATCH_REGISTER, plus vector 1..=31 or > 255 →
+//! goes from empty to non-empty (once per batch of records the hypervisor publishes into an
+//! empty ring; the guest EOIs it through its virtual local APIC, x2APIC MSR 0x80B). Errors: as BATCH_REGISTER, plus vector 1..=31 or > 255 →
 //! INVAL, a vector without [`dma::Features::FAULT_IRQ`] or no [`dma::Features::FAULT_RING`] →
 //! UNSUPP.
 //!

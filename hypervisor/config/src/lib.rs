@@ -234,6 +234,9 @@ pub struct Config {
     pub smp: Option<u16>,
     /// Whether to use the IOMMU (`iommu=`).
     pub iommu: bool,
+    /// Assign devices to guests even when their unit does not remap interrupts
+    /// (`unsafe-interrupts`): such a device can then raise any interrupt on the host.
+    pub unsafe_interrupts: bool,
     /// What to do when the work is done (`exit=`).
     pub exit: ExitAction,
     /// Deliberate fault for the test build (`selftest=`).
@@ -256,6 +259,7 @@ impl Config {
         log: LogLevel::Info,
         smp: None,
         iommu: true,
+        unsafe_interrupts: false,
         exit: ExitAction::Halt,
         selftest: SelfTest::None,
         dump: Dump::None,
@@ -344,6 +348,9 @@ impl Config {
                 None => SettingValue::Word("all"),
             },
             Key::Iommu => SettingValue::Word(if self.iommu { "on" } else { "off" }),
+            Key::UnsafeInterrupts => {
+                SettingValue::Word(if self.unsafe_interrupts { "on" } else { "off" })
+            }
             Key::Exit => SettingValue::Word(self.exit.as_str()),
             Key::SelfTest => SettingValue::Word(self.selftest.as_str()),
             Key::Dump => SettingValue::Word(self.dump.as_str()),
@@ -392,6 +399,7 @@ impl Config {
             (Key::Log, Value::Choice(i)) => self.log = LogLevel::from_index(i).unwrap_or(self.log),
             (Key::Smp, Value::Int(n)) => self.smp = n.and_then(|n| u16::try_from(n).ok()),
             (Key::Iommu, Value::Bool(b)) => self.iommu = b,
+            (Key::UnsafeInterrupts, Value::Bool(b)) => self.unsafe_interrupts = b,
             (Key::Exit, Value::Choice(i)) => {
                 self.exit = ExitAction::from_index(i).unwrap_or(self.exit)
             }

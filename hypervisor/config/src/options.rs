@@ -147,6 +147,8 @@ pub(crate) enum Key {
     Log,
     Smp,
     Iommu,
+    /// `unsafe-interrupts=`.
+    UnsafeInterrupts,
     Exit,
     SelfTest,
     Dump,
@@ -265,6 +267,14 @@ pub static OPTIONS: &[OptionSpec] = &[
         help: "use the VT-d IOMMU",
         repeatable: false,
         key: Key::Iommu,
+    },
+    OptionSpec {
+        name: "unsafe-interrupts",
+        kind: ValueKind::Bool,
+        default: "off",
+        help: "assign devices even when their IOMMU unit does not remap interrupts (a guest's device can then raise any host interrupt)",
+        repeatable: false,
+        key: Key::UnsafeInterrupts,
     },
     OptionSpec {
         name: "exit",

@@ -174,7 +174,7 @@ fn unknown_option_lists_the_valid_names() {
     );
     assert_eq!(
         d[0].to_string(),
-        "unknown option `frobnicate` ignored; valid options: log, smp, iommu, exit, selftest, dump, guest"
+        "unknown option `frobnicate` ignored; valid options: log, smp, iommu, unsafe-interrupts, exit, selftest, dump, guest"
     );
     let (_, d) = parse("=x");
     assert_eq!(d, [Diagnostic::UnknownOption { name: "" }]);
@@ -453,6 +453,7 @@ fn settings_describe_the_effective_configuration() {
             "log=info",
             "smp=all",
             "iommu=on",
+            "unsafe-interrupts=off",
             "exit=halt",
             "selftest=none",
             "dump=none"
@@ -461,7 +462,7 @@ fn settings_describe_the_effective_configuration() {
     assert!(c.settings().all(|s| s.is_default()));
     assert_eq!(
         c.to_string(),
-        "log=info smp=all iommu=on exit=halt selftest=none dump=none"
+        "log=info smp=all iommu=on unsafe-interrupts=off exit=halt selftest=none dump=none"
     );
 
     let c = parse_clean("smp=2 log=warn guest=dev=00:05.0+00:06.0,mem=0x100000 guest=name=x");
@@ -506,7 +507,19 @@ fn the_table_is_consistent() {
             assert!(table[i + 1..].iter().all(|b| b.name != a.name));
         }
     }
-    assert!(matches!(OPTIONS[6].kind, ValueKind::Record(_)));
+    assert!(matches!(OPTIONS[7].kind, ValueKind::Record(_)));
+}
+
+#[test]
+fn unsafe_interrupts_is_a_flag_off_by_default() {
+    assert!(!Config::default().unsafe_interrupts);
+    let (c, d) = Config::parse("unsafe-interrupts");
+    assert!(c.unsafe_interrupts && d.is_empty());
+    let (c, _) = Config::parse("unsafe-interrupts=off");
+    assert!(!c.unsafe_interrupts);
+    let (c, d) = Config::parse("unsafe-interrupts=maybe");
+    assert!(!c.unsafe_interrupts);
+    assert_eq!(d.len(), 1);
 }
 
 #[test]

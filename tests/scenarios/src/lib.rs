@@ -10,6 +10,7 @@
 pub mod checks;
 pub mod dma;
 pub mod guests;
+pub mod irq;
 pub mod machine;
 pub mod nvme;
 pub mod vtd;
@@ -254,7 +255,7 @@ pub fn all(real_dmar: &[u8]) -> Vec<Scenario> {
         "dmar-aw48",
         "aw-bits=48: the DMAR reports a 48-bit host address width",
         Machine {
-            iommu: Some("intel-iommu,intremap=off,aw-bits=48,caching-mode=on".into()),
+            iommu: Some("intel-iommu,intremap=on,eim=off,aw-bits=48,caching-mode=on".into()),
             ..Machine::default()
         },
         "",
@@ -378,6 +379,7 @@ pub fn all(real_dmar: &[u8]) -> Vec<Scenario> {
     v.extend(vtd::scenarios(Variant::Default));
     v.extend(dma::scenarios(Variant::Default));
     v.extend(nvme::scenarios(Variant::Default));
+    v.extend(irq::scenarios(Variant::Default));
     v.push(scenario(
         "panic",
         "a panic prints where and why and fails the run",
@@ -424,13 +426,14 @@ pub fn all(real_dmar: &[u8]) -> Vec<Scenario> {
     v
 }
 
-/// The scenarios of `cargo xtask test --matrix` beyond [`all`]: the guest, VT-d and DMA
-/// scenarios and the NVMe scenarios again on the second machine ([`Variant::Matrix`]).
+/// The scenarios of `cargo xtask test --matrix` beyond [`all`]: the guest, VT-d, DMA, interrupt
+/// and NVMe scenarios again on the second machine ([`Variant::Matrix`]).
 pub fn matrix() -> Vec<Scenario> {
     let mut v = guests::all(Variant::Matrix);
     v.extend(vtd::scenarios(Variant::Matrix));
     v.extend(dma::scenarios(Variant::Matrix));
     v.extend(nvme::scenarios(Variant::Matrix));
+    v.extend(irq::scenarios(Variant::Matrix));
     v
 }
 
@@ -471,7 +474,7 @@ mod tests {
         for s in &m {
             assert!(s.name.ends_with("@matrix"), "{}", s.name);
             assert!(
-                ["guest-", "vtd-", "dma-", "nvme-"]
+                ["guest-", "vtd-", "dma-", "nvme-", "irq-", "msi-"]
                     .iter()
                     .any(|p| s.name.starts_with(p)),
                 "{}",
@@ -480,14 +483,18 @@ mod tests {
             assert_eq!(s.machine.firmware, Firmware::Uefi, "{}", s.name);
             assert!(s.machine.smp >= machine::MATRIX_SMP, "{}", s.name);
             assert_eq!(s.machine.cpu, machine::MATRIX_CPU, "{}", s.name);
-            if s.machine.iommu.is_some() {
-                assert_eq!(s.machine.iommu.as_deref(), Some(machine::MATRIX_IOMMU));
+            if let Some(i) = s.machine.iommu.as_deref() {
+                if i.contains("intremap=off") {
+                    assert_eq!(i, "intel-iommu,intremap=off,aw-bits=48,caching-mode=on");
+                } else {
+                    assert_eq!(i, machine::MATRIX_IOMMU);
+                }
             }
         }
         let base: Vec<String> = all(&[0u8; 80])
             .into_iter()
             .filter(|s| {
-                ["guest-", "dma-", "nvme-"]
+                ["guest-", "dma-", "nvme-", "irq-", "msi-"]
                     .iter()
                     .any(|p| s.name.starts_with(p))
             })

@@ -66,7 +66,7 @@ pub struct Machine {
     pub smp: u32,
     /// RAM in MiB.
     pub memory_mib: u32,
-    /// The IOMMU device (`-device` argument), e.g. `intel-iommu,intremap=off`; put before the
+    /// The IOMMU device (`-device` argument), e.g. `intel-iommu,intremap=on,eim=off`; put before the
     /// devices it translates.
     pub iommu: Option<String>,
     /// Further `-device` arguments (e.g. `edu,addr=0x6`).
@@ -82,7 +82,7 @@ pub const DEFAULT_CPU: &str = "qemu64,+svm,+npt";
 /// The second machine's CPU model (`cargo xtask test --matrix`): an AMD EPYC with SVM.
 pub const MATRIX_CPU: &str = "EPYC,+svm,+npt";
 /// The second machine's IOMMU: 4-level tables and caching mode.
-pub const MATRIX_IOMMU: &str = "intel-iommu,intremap=off,aw-bits=48,caching-mode=on";
+pub const MATRIX_IOMMU: &str = "intel-iommu,intremap=on,eim=off,aw-bits=48,caching-mode=on";
 /// The second machine's CPU count.
 pub const MATRIX_SMP: u32 = 4;
 
@@ -92,7 +92,7 @@ impl Default for Machine {
             firmware: Firmware::Bios,
             smp: 2,
             memory_mib: 256,
-            iommu: Some("intel-iommu,intremap=off".into()),
+            iommu: Some("intel-iommu,intremap=on,eim=off".into()),
             devices: vec!["edu,addr=0x5".into()],
             extra: vec![],
             cpu: DEFAULT_CPU,
@@ -103,12 +103,20 @@ impl Default for Machine {
 impl Machine {
     /// The same machine moved to the second configuration of `cargo xtask test --matrix`:
     /// OVMF, at least [`MATRIX_SMP`] CPUs, an EPYC CPU model, and (if the machine has an
-    /// IOMMU) intel-iommu with `aw-bits=48,caching-mode=on`. Devices stay where they are.
+    /// IOMMU) intel-iommu with `aw-bits=48,caching-mode=on` (interrupt remapping as the
+    /// machine has it). Devices stay where they are.
     pub fn matrix(&self) -> Machine {
         Machine {
             firmware: Firmware::Uefi,
             smp: self.smp.max(MATRIX_SMP),
-            iommu: self.iommu.as_ref().map(|_| MATRIX_IOMMU.to_string()),
+            // A machine whose unit has no interrupt remapping keeps it so.
+            iommu: self.iommu.as_ref().map(|i| {
+                if i.contains("intremap=off") {
+                    MATRIX_IOMMU.replace("intremap=on,eim=off", "intremap=off")
+                } else {
+                    MATRIX_IOMMU.to_string()
+                }
+            }),
             cpu: MATRIX_CPU,
             ..self.clone()
         }

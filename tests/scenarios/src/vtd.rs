@@ -61,7 +61,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
         v.push(on.scenario(
             "vtd-dma",
             "the VT-d suite on the second machine: 4-level tables, caching mode on, OVMF, EPYC",
-            two_edus("intel-iommu,intremap=off"),
+            two_edus("intel-iommu,intremap=on,eim=off"),
             "selftest=vtd",
             Exit::Success,
             suite_check(4, "on"),
@@ -71,7 +71,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
             on.scenario(
                 "vtd-dma",
                 "edu DMA through VT-d (3-level, CM off): data both ways, faults decoded, stale IOTLB until flush, superpage, isolation, no leak",
-                two_edus("intel-iommu,intremap=off"),
+                two_edus("intel-iommu,intremap=on,eim=off"),
                 "selftest=vtd",
                 Exit::Success,
                 suite_check(3, "off"),
@@ -79,7 +79,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
             on.scenario(
                 "vtd-aw48",
                 "the same suite with aw-bits=48: 4-level tables",
-                two_edus("intel-iommu,intremap=off,aw-bits=48"),
+                two_edus("intel-iommu,intremap=on,eim=off,aw-bits=48"),
                 "selftest=vtd",
                 Exit::Success,
                 suite_check(4, "off"),
@@ -87,7 +87,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
             on.scenario(
                 "vtd-caching-mode",
                 "the same suite with caching-mode=on (flush on not-present -> present)",
-                two_edus("intel-iommu,intremap=off,caching-mode=on"),
+                two_edus("intel-iommu,intremap=on,eim=off,caching-mode=on"),
                 "selftest=vtd",
                 Exit::Success,
                 suite_check(3, "on"),

@@ -143,6 +143,17 @@ impl FakeFunction {
         self
     }
 
+    /// Makes `count` dwords from `offset` fully writable (e.g. an MSI capability's
+    /// control, address and data registers).
+    #[allow(dead_code)]
+    pub fn writable_dwords(mut self, offset: u16, count: usize) -> Self {
+        let r = usize::from(offset) / 4;
+        for w in &mut self.writable[r..r + count] {
+            *w = u32::MAX;
+        }
+        self
+    }
+
     /// An extended capability header at `offset`.
     pub fn ext_cap(mut self, offset: u16, id: u16, version: u8, next: u16) -> Self {
         self.regs[usize::from(offset) / 4] =

@@ -120,6 +120,49 @@ impl Edu {
         }
     }
 
+    /// One DMA of `count` bytes between edu's buffer at 0x40000 and `addr` (any bus address,
+    /// e.g. the interrupt window 0xFEEx_xxxx), waited for; false if it never finishes.
+    pub(crate) fn dma_raw(&self, addr: u64, count: u64, to_ram: bool) -> bool {
+        // SAFETY: as in `start`; `count` stays far below the end of edu's buffer.
+        unsafe {
+            let (src, dst) = if to_ram {
+                (0x40000, addr)
+            } else {
+                (addr, 0x40000)
+            };
+            core::ptr::write_volatile(self.reg(0x80), src);
+            core::ptr::write_volatile(self.reg(0x88), dst);
+            core::ptr::write_volatile(self.reg(0x90), count.min(LEN));
+            core::ptr::write_volatile(self.reg(0x98), 1 | if to_ram { 2 } else { 0 });
+        }
+        self.wait()
+    }
+
+    /// One DMA of LEN bytes from `iova` into the device, with edu's completion interrupt
+    /// (command bit 2) requested; waited for.
+    pub(crate) fn dma_irq(&self, iova: u64) -> bool {
+        // SAFETY: as in `start`.
+        unsafe {
+            core::ptr::write_volatile(self.reg(0x80), iova);
+            core::ptr::write_volatile(self.reg(0x88), 0x40000);
+            core::ptr::write_volatile(self.reg(0x90), LEN);
+            core::ptr::write_volatile(self.reg(0x98), 1 | 4);
+        }
+        self.wait()
+    }
+
+    /// Writes edu's interrupt-raise register: one interrupt with status `bits`.
+    pub(crate) fn raise_irq(&self, bits: u32) {
+        // SAFETY: edu's 32-bit interrupt-raise register (0x60) in its mapped BAR.
+        unsafe { core::ptr::write_volatile((self.0 + 0x60) as *mut u32, bits) };
+    }
+
+    /// Writes edu's interrupt-acknowledge register.
+    pub(crate) fn ack_irq(&self, bits: u32) {
+        // SAFETY: edu's 32-bit interrupt-acknowledge register (0x64).
+        unsafe { core::ptr::write_volatile((self.0 + 0x64) as *mut u32, bits) };
+    }
+
     /// Whether the DMA started last is still running.
     pub(crate) fn busy(&self) -> bool {
         // SAFETY: as in `start`: edu's DMA command register.

@@ -60,6 +60,16 @@ pub fn id() -> u32 {
     read(REG_ID) >> 24
 }
 
+/// First in-service register (ISR bits 0-31); the next ones follow every 16 bytes.
+const REG_ISR: usize = 0x100;
+
+/// Whether `vector` is in service on this CPU: the local APIC delivered it and it has had no
+/// EOI yet. An exception the CPU raises never sets it.
+pub fn in_service(vector: u8) -> bool {
+    let reg = REG_ISR + 0x10 * (vector as usize / 32);
+    read(reg) & (1 << (vector % 32)) != 0
+}
+
 /// Signals end of interrupt.
 pub fn eoi() {
     write(REG_EOI, 0);

@@ -1,7 +1,10 @@
 //! The interrupt descriptor table: one asm entry stub per vector (pushing a dummy error code
 //! where the CPU pushes none), a common stub that saves every general-purpose register into a
 //! [`TrapFrame`] and calls [`moat_trap_dispatch`]. Exceptions in the hypervisor are fatal: the
-//! handler prints a register dump and ends the run with [`ExitCode::Exception`].
+//! handler prints a register dump and ends the run with [`ExitCode::Exception`]. An interrupt
+//! the local APIC delivers on an exception vector (a device's MSI or a DMA write to
+//! 0xFEEx_xxxx can name any vector) is told apart by its in-service bit and, like one on a
+//! vector without a handler, counted, logged rate-limited and acknowledged: never fatal.
 
 use x86_64::instructions::tables::lidt;
 use x86_64::registers::control::{Cr0, Cr2, Cr3, Cr4};
@@ -28,6 +31,27 @@ pub fn register(vector: u8, handler: fn()) {
         "vector {vector} is reserved"
     );
     HANDLERS[vector as usize].store(handler as usize, core::sync::atomic::Ordering::SeqCst);
+}
+
+/// Handlers that take their vector (`fn(u8)` addresses, 0 = none): one handler shared by a
+/// range of vectors (device MSIs).
+static VECTORED: [core::sync::atomic::AtomicUsize; 256] =
+    [const { core::sync::atomic::AtomicUsize::new(0) }; 256];
+
+/// Installs `handler` for `vector` (>= 32), called with the vector; same rules as
+/// [`register`].
+pub fn register_vectored(vector: u8, handler: fn(u8)) {
+    assert!(
+        vector >= 32 && vector != SPURIOUS_VECTOR,
+        "vector {vector} is reserved"
+    );
+    VECTORED[vector as usize].store(handler as usize, core::sync::atomic::Ordering::SeqCst);
+}
+
+/// Removes the handler of `vector` (an interrupt on it is then counted as unowned).
+pub fn unregister(vector: u8) {
+    HANDLERS[vector as usize].store(0, core::sync::atomic::Ordering::SeqCst);
+    VECTORED[vector as usize].store(0, core::sync::atomic::Ordering::SeqCst);
 }
 
 /// Registers saved on entry, in stack order (lowest address first).
@@ -101,7 +125,10 @@ moat_isr_common:
     pop rcx
     pop rbx
     pop rax
-    add rsp, 16
+    // The dispatcher left in the vector slot how many bytes to drop before IRETQ: 16
+    // (vector + error code) or 8 (an external interrupt on a vector whose exception pushes
+    // an error code: the CPU pushed none, only the stub's vector is there).
+    add rsp, qword ptr [rsp]
     iretq
 
     .balign 16
@@ -250,10 +277,76 @@ pub fn dump(f: &TrapFrame) {
     let _ = writeln!(w, "  cr0={:#x} cr4={:#x}", Cr0::read_raw(), Cr4::read_raw());
 }
 
+/// Whether the CPU pushes an error code when it raises exception `v` (the stubs above push a
+/// dummy one for every other vector).
+const fn exception_pushes_error(v: usize) -> bool {
+    matches!(v, 8 | 10..=14 | 17 | 21 | 29 | 30)
+}
+
+/// Bytes the common stub drops after the registers: the vector and the error code.
+const DROP_VECTOR_AND_ERROR: u64 = 16;
+/// Bytes to drop when only the stub's vector is on the stack (no error code was pushed).
+const DROP_VECTOR_ONLY: u64 = 8;
+
+/// Interrupts taken on a vector the hypervisor has no handler for (below 32: delivered by the
+/// local APIC, not raised by the CPU), per vector.
+static UNOWNED: [core::sync::atomic::AtomicU64; 256] =
+    [const { core::sync::atomic::AtomicU64::new(0) }; 256];
+/// Rate limit of the "unowned interrupt" log line (all vectors together: a device or a guest
+/// can repeat them at will).
+static UNOWNED_LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::new();
+
+/// Logs one line per vector that took interrupts without a handler (an exception-range
+/// vector counts only when the local APIC delivered it), or that there were none.
+pub fn report_unowned() {
+    let mut any = false;
+    for (v, n) in UNOWNED.iter().enumerate() {
+        let n = n.load(core::sync::atomic::Ordering::Relaxed);
+        if n != 0 {
+            log::info!("interrupts: vector {v}: {n} taken without a handler (ignored)");
+            any = true;
+        }
+    }
+    if !any {
+        log::info!("interrupts: none taken without a handler");
+    }
+}
+
+/// Counts an interrupt on a vector nobody owns, logs it rate-limited, and acknowledges it.
+fn unowned(v: usize, rip: u64) {
+    let n = UNOWNED[v].fetch_add(1, core::sync::atomic::Ordering::Relaxed) + 1;
+    super::apic::eoi();
+    if let crate::ratelimit::Verdict::Log { nth, suppressed } = UNOWNED_LOG.event() {
+        let kind = if v < 32 {
+            "external interrupt on exception vector"
+        } else {
+            "interrupt on unowned vector"
+        };
+        log::warn!(
+            "{kind} {v} on cpu{} at rip {rip:#x}: ignored ({n} on this vector, {nth} unowned in all, {suppressed} not logged)",
+            super::cpu::current_index()
+        );
+    }
+}
+
 /// Called by the common stub with interrupts off.
 #[unsafe(no_mangle)]
 extern "C" fn moat_trap_dispatch(f: &mut TrapFrame) {
     let v = f.vector as usize;
+    f.vector = DROP_VECTOR_AND_ERROR;
+    // A vector below 32 is either an exception the CPU raised or an interrupt the local APIC
+    // delivered (an MSI or a DMA write to 0xFEEx_xxxx naming that vector). Only the latter
+    // sets the vector's in-service bit; NMI (2) never does and stays fatal.
+    if v < 32 && v != 2 && super::apic::in_service(v as u8) {
+        if exception_pushes_error(v) {
+            // No error code on the stack: what the frame calls `error` is the RIP.
+            f.vector = DROP_VECTOR_ONLY;
+            unowned(v, f.error);
+        } else {
+            unowned(v, f.rip);
+        }
+        return;
+    }
     if v < 32 {
         crate::console::print_emergency(format_args!(
             "\nmoat: FATAL exception {} (vector {}) on cpu{}\n",
@@ -275,6 +368,14 @@ extern "C" fn moat_trap_dispatch(f: &mut TrapFrame) {
         super::apic::eoi();
         return;
     }
-    super::apic::eoi();
-    log::warn!("unexpected interrupt vector {v}");
+    let h = VECTORED[v].load(core::sync::atomic::Ordering::SeqCst);
+    if h != 0 {
+        // SAFETY: only `register_vectored` stores into VECTORED, and it stores `fn(u8)`
+        // addresses.
+        let handler: fn(u8) = unsafe { core::mem::transmute::<usize, fn(u8)>(h) };
+        handler(v as u8);
+        super::apic::eoi();
+        return;
+    }
+    unowned(v, f.rip);
 }

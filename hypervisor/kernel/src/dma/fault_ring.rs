@@ -1,5 +1,7 @@
 //! The guest's fault ring: FAULT_RING_REGISTER, moving the VT-d faults of the guest's domain into
-//! it, and reporting what the devices of a stopped guest still tried.
+//! it (with FAULT_IRQ: the registered vector raised on the registering vCPU when a batch of
+//! records lands in an empty ring), and reporting what the devices of a stopped guest still
+//! tried.
 
 use super::*;
 
@@ -11,6 +13,8 @@ pub(super) struct FaultRing {
     pub(super) producer: u32,
     pub(super) seq: u64,
     pub(super) dropped: u64,
+    /// FAULT_IRQ: (vCPU, vector), when registered with a vector.
+    pub(super) irq: Option<(usize, u8)>,
 }
 
 impl GuestDma {
@@ -53,6 +57,8 @@ impl GuestDma {
             return;
         }
         let consumer = u32::from_le_bytes(cb);
+        let was_empty = r.producer == consumer;
+        let before = r.producer;
         for rec in taken.records {
             if r.producer.wrapping_sub(consumer) >= r.capacity {
                 r.dropped += 1;
@@ -86,18 +92,28 @@ impl GuestDma {
             r.gpa + wire::FaultRingHeader::PRODUCER_OFFSET as u64,
             &r.producer.to_le_bytes(),
         );
+        // One interrupt per batch that makes the ring non-empty.
+        if let (Some((vcpu, vector)), true) = (r.irq, was_empty && r.producer != before) {
+            self.fault_irq.store(
+                1 << 63 | (vcpu as u64) << 8 | u64::from(vector),
+                Ordering::Release,
+            );
+        }
     }
 
-    pub(super) fn fault_ring_register(&self, a: &Args) -> Return {
+    /// The FAULT_IRQ due, if any: (vCPU, vector), cleared by this call. The vCPU loop raises
+    /// it as a virtual interrupt.
+    pub fn take_fault_irq(&self) -> Option<(usize, u8)> {
+        let v = self.fault_irq.swap(0, Ordering::AcqRel);
+        (v != 0).then_some(((v >> 8 & 0xffff) as usize, v as u8))
+    }
+
+    pub(super) fn fault_ring_register(&self, vcpu: usize, a: &Args) -> Return {
         let (gpa, pages, vector) = (a.0[0], a.0[1], a.0[2]);
-        if vector != 0 {
-            // Only the polled ring is offered (no FAULT_IRQ feature yet).
-            return Return::err(if (1..32).contains(&vector) || vector > 255 {
-                Status::Inval
-            } else {
-                Status::Unsupp
-            });
+        if (1..32).contains(&vector) || vector > 255 {
+            return Return::err(Status::Inval);
         }
+        let irq = (vector != 0).then_some((vcpu, vector as u8));
         if pages == 0 {
             let mut shards = self.all_shards();
             let r = match self.ring.lock().take() {
@@ -128,6 +144,7 @@ impl GuestDma {
             producer: 0,
             seq: 0,
             dropped: 0,
+            irq,
         });
         self.publish_areas(&mut shards);
         drop(shards);

@@ -15,6 +15,7 @@ impl GuestDma {
             max_batch: self.limits.max_batch.into(),
             features: (wire::Features::STATS
                 | wire::Features::FAULT_RING
+                | wire::Features::FAULT_IRQ
                 | if self.policy == Policy::Passthrough {
                     wire::Features::IOVA_IS_GPA
                 } else {

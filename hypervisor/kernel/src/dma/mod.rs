@@ -189,6 +189,8 @@ pub struct GuestDma {
     unit: u64,
     did: u16,
     ring: Mutex<Option<FaultRing>>,
+    /// A FAULT_IRQ due: `1 << 63 | vcpu << 8 | vector` (0: none), taken by the vCPU loop.
+    fault_irq: AtomicU64,
     faults: AtomicU64,
     /// The fault log's generation when this guest's queue was last found empty.
     fault_gen: AtomicU64,
@@ -416,6 +418,7 @@ impl GuestDma {
             unit,
             did,
             ring: Mutex::new(None),
+            fault_irq: AtomicU64::new(0),
             faults: AtomicU64::new(0),
             fault_gen: AtomicU64::new(u64::MAX),
         }))
@@ -630,7 +633,7 @@ impl GuestDma {
                 }
             }
             Call::DmaStats => self.stats(a),
-            Call::DmaFaultRingRegister => self.fault_ring_register(a),
+            Call::DmaFaultRingRegister => self.fault_ring_register(vcpu, a),
             _ => Return::err(Status::Unsupp),
         }
     }

@@ -277,6 +277,9 @@ pub fn discard_domain_faults(unit: u64, did: u16) -> (usize, u64) {
 pub fn init(dmar: Option<&Dmar<'static>>, config: &Config) -> usize {
     crate::arch::idt::register(FAULT_VECTOR, fault_interrupt);
     let bsp_apic = crate::arch::apic::id() as u64;
+    if config.unsafe_interrupts {
+        log::warn!("vtd: RISK: unsafe-interrupts on the command line: devices on units without interrupt remapping are assigned to guests anyway, and can then raise any interrupt on the host");
+    }
     if !config.iommu {
         log::warn!("vtd: iommu=off on the command line: DMA remapping NOT enabled");
         return 0;
@@ -342,6 +345,7 @@ pub fn init(dmar: Option<&Dmar<'static>>, config: &Config) -> usize {
                 log::info!(
                     "vtd: unit {i}: fault events -> MSI vector {FAULT_VECTOR:#x} on APIC {bsp_apic}, polling as fallback"
                 );
+                enable_interrupt_remapping(i, &mut unit);
                 units.push(UnitSlot { base, unit });
             }
             Err(e) => log::error!(
@@ -350,6 +354,36 @@ pub fn init(dmar: Option<&Dmar<'static>>, config: &Config) -> usize {
         }
     }
     units.len()
+}
+
+/// Turns interrupt remapping on when the unit offers it (ECAP.IR), with its table in the
+/// hypervisor's frames; says plainly when it is not on (devices behind the unit can then
+/// raise any interrupt, and are not assigned to guests without `unsafe-interrupts`).
+fn enable_interrupt_remapping(i: usize, unit: &mut KernelUnit) {
+    if !unit.ext_capability().interrupt_remapping() {
+        log::warn!("vtd: unit {i}: no interrupt remapping (ECAP.IR clear): its devices' MSIs reach the CPUs unchecked");
+        return;
+    }
+    match unit.enable_interrupt_remapping(&mut KernelMemory) {
+        Ok(()) => log::info!(
+            "vtd: unit {i}: interrupt remapping enabled ({} destinations, EIM {}, compatibility format interrupts off (CFI clear))",
+            if unit.extended_interrupt_mode() { "x2APIC" } else { "xAPIC" },
+            if unit.ext_capability().eim() { "offered" } else { "not offered" }
+        ),
+        Err(e) => log::error!(
+            "vtd: unit {i}: interrupt remapping failed to enable: {e}; its devices' MSIs reach the CPUs unchecked"
+        ),
+    }
+}
+
+/// Whether the enabled unit at `base` remaps interrupts.
+pub fn remaps_interrupts(base: u64) -> bool {
+    let on = UNITS
+        .lock()
+        .iter()
+        .any(|s| s.base == base && s.unit.interrupt_remapping());
+    follow_up();
+    on
 }
 
 /// Runs `f` with the unit whose register base is `base`.

@@ -25,10 +25,12 @@ use moat_pci::Bdf;
 use spin::Mutex;
 
 use super::hypercall::{self, Outcome};
+use super::msi::DeviceMsi;
 use super::pci::{self, AssignedDevice, Ecams};
 use super::vcpu::{
     Access, Backend, EntryState, Event, Exit, IoAccess, MemKind, Reg, Stage2, Vcpu, VcpuError,
 };
+use super::virq::{VirtualApic, VirtualInterrupts};
 use crate::mm::{frames, PAGE_SIZE};
 
 /// Guest-physical address of [`BootInfo`].
@@ -65,6 +67,9 @@ pub enum GuestError {
     Device(Bdf, pci::AssignError),
     /// The DMA service (VT-d domain, IOVA allocator) could not be set up.
     Dma(crate::dma::SetupError),
+    /// An assigned device's IOMMU unit does not remap interrupts (and the command line does
+    /// not say `unsafe-interrupts`).
+    NoInterruptRemapping(Bdf),
 }
 
 impl fmt::Display for GuestError {
@@ -76,6 +81,10 @@ impl fmt::Display for GuestError {
             Self::Vcpu(e) => write!(f, "{e}"),
             Self::Device(b, e) => write!(f, "device {b}: {e}"),
             Self::Dma(e) => write!(f, "DMA: {e}"),
+            Self::NoInterruptRemapping(b) => write!(
+                f,
+                "device {b}: its IOMMU unit does not remap interrupts, so the device could raise any interrupt on the host; refused (`unsafe-interrupts` on the command line assigns it anyway)"
+            ),
         }
     }
 }
@@ -231,6 +240,9 @@ struct Line {
     len: usize,
 }
 
+/// Rate limit of the MSI programming lines (guests choose how often they reprogram).
+static MSI_LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::new();
+
 /// One guest.
 pub struct Guest {
     name: moat_config::GuestName,
@@ -246,16 +258,26 @@ pub struct Guest {
     lines: Vec<Mutex<Line>>,
     outcome: Mutex<Option<StopReason>>,
     dma: Option<crate::dma::GuestDma>,
+    /// Each vCPU's pending virtual interrupts (raised by host handlers on any CPU).
+    virqs: Vec<VirtualInterrupts>,
+    /// The APIC id of the CPU each vCPU runs on (device MSIs for it are sent there).
+    vcpu_apic: Vec<AtomicU32>,
+    /// The assigned functions' MSIs (functions with an MSI capability on a unit that
+    /// remaps interrupts).
+    msis: Vec<DeviceMsi>,
 }
 
 impl Guest {
     /// Builds a guest from its configuration and its ELF image; returns it with its vCPUs.
+    /// A device whose IOMMU unit does not remap interrupts is refused unless
+    /// `unsafe_interrupts`.
     pub fn create(
         backend: &Backend,
         config: &GuestConfig,
         image: &[u8],
         cmdline: &str,
         ecams: Ecams,
+        unsafe_interrupts: bool,
     ) -> Result<(&'static Guest, Vec<Vcpu>), GuestError> {
         let mem = config.mem;
         let vcpus = usize::from(config.cpus.max(1));
@@ -269,6 +291,18 @@ impl Guest {
         for &bdf in config.devices() {
             devices
                 .push(AssignedDevice::probe(&ecams, bdf).map_err(|e| GuestError::Device(bdf, e))?);
+            // Without a unit at all the DMA setup below refuses the device.
+            if let Some(unit) = crate::iommu::unit_for(bdf)
+                && !crate::iommu::remaps_interrupts(unit)
+            {
+                if !unsafe_interrupts {
+                    return Err(GuestError::NoInterruptRemapping(bdf));
+                }
+                log::warn!(
+                        "guest {}: RISK: device {bdf} assigned although its IOMMU unit does not remap interrupts (unsafe-interrupts): it can raise any interrupt on the host",
+                        config.name
+                    );
+            }
         }
 
         let hpa = frames::alloc_contiguous(mem / PAGE_SIZE, PARTITION_ALIGN)
@@ -398,6 +432,39 @@ impl Guest {
             };
             cpus.push(backend.new_vcpu(&space, &entry)?);
         }
+        // Last: nothing after this can fail, so no IRTE or host vector is left behind.
+        let mut msis = Vec::new();
+        for d in &devices {
+            let (Some(cap), Some(unit)) = (d.msi, crate::iommu::unit_for(d.bdf)) else {
+                continue;
+            };
+            if !crate::iommu::remaps_interrupts(unit) {
+                log::warn!(
+                    "guest {}: {}: MSI not offered (its IOMMU unit does not remap interrupts)",
+                    config.name,
+                    d.bdf
+                );
+                continue;
+            }
+            match DeviceMsi::new(d.bdf, cap, unit) {
+                Some(m) => {
+                    log::info!(
+                        "guest {}: {}: MSI virtualized (host vector {:#x}, IRTE {})",
+                        config.name,
+                        d.bdf,
+                        m.host_vector(),
+                        m.irte()
+                    );
+                    msis.push(m);
+                }
+                None => log::warn!(
+                    "guest {}: {}: MSI not offered (no host vector or IRTE left)",
+                    config.name,
+                    d.bdf
+                ),
+            }
+        }
+        let bsp_apic = crate::arch::apic::id();
         let guest = alloc::boxed::Box::leak(alloc::boxed::Box::new(Guest {
             name: config.name,
             mem_hpa: hpa,
@@ -419,6 +486,9 @@ impl Guest {
                 .collect(),
             outcome: Mutex::new(None),
             dma,
+            virqs: (0..vcpus).map(|_| VirtualInterrupts::new()).collect(),
+            vcpu_apic: (0..vcpus).map(|_| AtomicU32::new(bsp_apic)).collect(),
+            msis,
         }));
         if let Some(d) = &guest.dma {
             log::info!("guest {}: DMA: {}", guest.name, d.describe());
@@ -521,6 +591,15 @@ impl Guest {
                 self.vcpus,
                 self.outcome().map_or(StopReason::WithGuest, |r| r)
             );
+            for m in &self.msis {
+                let (taken, storms) = m.counts();
+                log::info!(
+                    "guest {}: MSI host vector {:#x}: {taken} interrupt(s) taken, {storms} storm(s) masked",
+                    self.name,
+                    m.host_vector()
+                );
+                m.release(&self.ecams);
+            }
             if let Some(d) = &self.dma {
                 d.shutdown(self.name.as_str());
             }
@@ -542,6 +621,11 @@ impl Guest {
             return;
         }
         log::info!("guest {} vcpu{index}: running", self.name);
+        if let Some(a) = self.vcpu_apic.get(index) {
+            a.store(crate::arch::apic::id(), Ordering::Relaxed);
+        }
+        let mut vapic = VirtualApic::new(index);
+        let irqs = &self.virqs[index];
         let timer = self.dma.as_ref().is_some_and(|d| d.needs_timer());
         if timer {
             crate::arch::apic::start_periodic_timer(
@@ -565,8 +649,19 @@ impl Guest {
             if let (Some((pre, done)), Some(d)) = (dma_exit.take(), &self.dma) {
                 d.add_exit_cycles(index, pre + entered.wrapping_sub(done));
             }
+            // FAULT_IRQ: the DMA service published a batch of fault records (on an exit of
+            // any vCPU); raise the vector on the vCPU that registered the ring.
+            if let Some((target, vector)) = self.dma.as_ref().and_then(|d| d.take_fault_irq())
+                && let Some(t) = self.virqs.get(target)
+            {
+                t.raise(vector, crate::arch::x86::rdtsc());
+            }
+            if let Some(v) = vapic.next(irqs) {
+                vcpu.request_interrupt(v);
+            }
             let exit = vcpu.run();
             let exited = crate::arch::x86::rdtsc();
+            vapic.after_exit(vcpu.requested_interrupt());
             stats.count(&exit, exited.wrapping_sub(entered));
             handled_since = Some(exited);
             let rip = vcpu.reg(Reg::Rip);
@@ -599,7 +694,7 @@ impl Guest {
                     hypercall::cpuid(self, &mut vcpu);
                     vcpu.complete_instruction();
                 }
-                Exit::Msr { write } => self.msr(&mut vcpu, write),
+                Exit::Msr { write } => self.msr(&mut vcpu, write, index, &mut vapic),
                 Exit::Io(a) => {
                     if a.string {
                         break StopReason::Unsupported {
@@ -613,9 +708,16 @@ impl Guest {
                 }
                 Exit::Halt => {
                     vcpu.complete_instruction();
-                    break StopReason::Halted {
-                        rip: vcpu.reg(Reg::Rip),
-                    };
+                    // HLT with interrupts enabled and an interrupt source waits for one;
+                    // with interrupts off (or nothing that could wake it) it ends the vCPU.
+                    if !(vcpu.interrupts_enabled()
+                        && (!self.msis.is_empty() || vapic.has_work(irqs)))
+                    {
+                        break StopReason::Halted {
+                            rip: vcpu.reg(Reg::Rip),
+                        };
+                    }
+                    self.wait_for_interrupt(&vapic, irqs);
                 }
                 Exit::NestedPageFault { gpa, access } => {
                     break StopReason::NestedPageFault { gpa, access, rip }
@@ -635,18 +737,47 @@ impl Guest {
         if timer {
             crate::arch::apic::stop_timer();
         }
+        if irqs.raised() != 0 || vapic.delivered != 0 {
+            log::info!(
+                "guest {} vcpu{index}: interrupts: {} raised, {} delivered, {} EOI(s)",
+                self.name,
+                irqs.raised(),
+                vapic.delivered,
+                vapic.eois
+            );
+        }
         log::info!("guest {} vcpu{index}: {stats}", self.name);
         self.stop(index, reason);
     }
 
-    fn msr(&self, vcpu: &mut Vcpu, write: bool) {
+    /// A halted vCPU (interrupts on) waits until an interrupt is pending for it or the guest
+    /// stops; the physical CPU takes its interrupts meanwhile (the device's MSI for this
+    /// vCPU is sent to this CPU).
+    fn wait_for_interrupt(&self, vapic: &VirtualApic, irqs: &VirtualInterrupts) {
+        while !vapic.has_work(irqs) && self.state.load(Ordering::SeqCst) != STATE_STOPPED {
+            crate::arch::x86::take_pending_interrupts();
+            crate::arch::x86::pause();
+        }
+    }
+
+    fn msr(&self, vcpu: &mut Vcpu, write: bool, index: usize, vapic: &mut VirtualApic) {
         const EFER: u64 = 0xc000_0080;
         const TSC: u64 = 0x10;
         const SVME: u64 = 1 << 12;
         let msr = vcpu.reg(Reg::Rcx) as u32 as u64;
+        if write {
+            // WRMSR takes EDX:EAX; the upper halves of RDX and RAX are ignored.
+            let value =
+                (vcpu.reg(Reg::Rdx) & 0xffff_ffff) << 32 | (vcpu.reg(Reg::Rax) & 0xffff_ffff);
+            if vapic.write_msr(msr as u32, value) {
+                vcpu.complete_instruction();
+                return;
+            }
+        }
         let value = match (write, msr) {
             (false, EFER) => Some(vcpu.reg(Reg::Efer) & !SVME),
             (false, TSC) => Some(crate::arch::x86::rdtsc()),
+            (false, m) => vapic.read_msr(m as u32, index == 0, &self.virqs[index]),
             _ => None,
         };
         match value {
@@ -695,11 +826,59 @@ impl Guest {
     }
 
     fn port_write(&self, port: u16, size: u8, value: u32) {
-        if !pci::port_write(&self.ecams, &self.devices, &self.cf8, port, size, value) {
-            log::debug!(
+        match pci::port_write(&self.ecams, &self.devices, &self.cf8, port, size, value) {
+            pci::PortWrite::NotConfig => log::debug!(
                 "guest {}: write {value:#x} to port {port:#x} ignored",
                 self.name
+            ),
+            pci::PortWrite::Done => {}
+            pci::PortWrite::Msi(u) => self.program_msi(&u),
+        }
+    }
+
+    /// The guest changed its virtual MSI capability: route it (or turn the device's MSI off).
+    fn program_msi(&self, u: &moat_pci::MsiUpdate) {
+        let Some(m) = self.msis.iter().find(|m| m.bdf() == u.bdf) else {
+            log::debug!(
+                "guest {}: {}: MSI programming ignored (MSI not offered)",
+                self.name,
+                u.bdf
             );
+            return;
+        };
+        let apic_of = |v: usize| {
+            self.vcpu_apic
+                .get(v)
+                .map_or(0, |a| a.load(Ordering::Relaxed))
+        };
+        let result = m.program(&self.ecams, u, &self.virqs, apic_of);
+        // The guest can reprogram its MSI at will: its log lines are rate-limited.
+        let crate::ratelimit::Verdict::Log { suppressed, .. } = MSI_LOG.event() else {
+            return;
+        };
+        if suppressed != 0 {
+            log::info!(
+                "guest {}: {suppressed} MSI programming line(s) not logged",
+                self.name
+            );
+        }
+        match result {
+            Ok(Some((vcpu, vector))) => log::info!(
+                "guest {}: {}: MSI vector {vector:#x} -> vcpu{vcpu} (host vector {:#x} on APIC {}, IRTE {})",
+                self.name,
+                u.bdf,
+                m.host_vector(),
+                apic_of(vcpu),
+                m.irte()
+            ),
+            Ok(None) => log::info!("guest {}: {}: MSI off", self.name, u.bdf),
+            Err(e) => log::warn!(
+                "guest {}: {}: MSI address {:#x} data {:#x} refused ({e:?}): the device's MSI stays off",
+                self.name,
+                u.bdf,
+                u.state.address,
+                u.state.data
+            ),
         }
     }
 }

@@ -14,9 +14,11 @@
 
 pub mod guest;
 pub mod hypercall;
+pub mod msi;
 pub mod pci;
 pub mod svm;
 pub mod vcpu;
+pub mod virq;
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -159,7 +161,7 @@ pub fn run(boot: &BootInfo, config: &Config, platform: &Platform) {
                 module.end.saturating_sub(module.start) as usize,
             )
         };
-        match Guest::create(&backend, c, image, args, ecams) {
+        match Guest::create(&backend, c, image, args, ecams, config.unsafe_interrupts) {
             Ok((g, vcpus)) => {
                 guests.push(g);
                 for (i, v) in vcpus.into_iter().enumerate() {
@@ -218,4 +220,9 @@ pub fn run(boot: &BootInfo, config: &Config, platform: &Platform) {
             None => log::info!("vm: guest {}: no vCPU ran", g.name()),
         }
     }
+    crate::arch::idt::report_unowned();
+    log::info!(
+        "interrupts: VT-d fault event interrupts taken: {}",
+        crate::iommu::fault_path_stats().interrupts
+    );
 }

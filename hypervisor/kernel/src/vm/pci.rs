@@ -6,7 +6,7 @@
 use core::sync::atomic::{AtomicU32, Ordering};
 
 pub use moat_pci::{AssignError, AssignedDevice};
-use moat_pci::{ConfigPort, Target};
+use moat_pci::{ConfigPort, MsiUpdate, Target};
 use spin::Mutex;
 
 /// Configuration access over the ECAM windows ACPI reported (the PCI discovery accessor).
@@ -30,7 +30,17 @@ pub fn port_read(
     })
 }
 
-/// A guest's `OUT` of `size` bytes to `port`: `false` when `port` is not a configuration port.
+/// What a guest's `OUT` to a port did.
+pub enum PortWrite {
+    /// Not a configuration port.
+    NotConfig,
+    /// Handled.
+    Done,
+    /// Handled, and the function's virtual MSI changed: the hypervisor must follow it.
+    Msi(MsiUpdate),
+}
+
+/// A guest's `OUT` of `size` bytes to `port`.
 pub fn port_write(
     ecams: &Ecams,
     devices: &Mutex<alloc::vec::Vec<AssignedDevice>>,
@@ -38,15 +48,17 @@ pub fn port_write(
     port: u16,
     size: u8,
     value: u32,
-) -> bool {
+) -> PortWrite {
     match ConfigPort::decode(port, size) {
         Some(ConfigPort::Address) => cf8.store(value, Ordering::SeqCst),
         Some(ConfigPort::Data { byte }) => {
-            if let Some(t) = Target::decode(cf8.load(Ordering::SeqCst), byte) {
-                t.write(ecams, &mut devices.lock(), size, value);
+            if let Some(t) = Target::decode(cf8.load(Ordering::SeqCst), byte)
+                && let Some(u) = t.write(ecams, &mut devices.lock(), size, value)
+            {
+                return PortWrite::Msi(u);
             }
         }
-        None => return false,
+        None => return PortWrite::NotConfig,
     }
-    true
+    PortWrite::Done
 }

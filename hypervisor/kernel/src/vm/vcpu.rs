@@ -236,8 +236,9 @@ pub enum Reg {
     Efer,
 }
 
-/// An event to deliver to the guest at its next entry. Interrupts and NMIs have no source
-/// yet (no virtual interrupt controller); the exit handlers inject exceptions.
+/// An event to deliver to the guest at its next entry (the exit handlers inject exceptions;
+/// device interrupts go through [`Vcpu::request_interrupt`], which waits for the guest's
+/// interrupt window).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[allow(dead_code)]
 pub enum Event {
@@ -389,6 +390,29 @@ impl Vcpu {
         match &mut self.inner {
             VcpuInner::Svm(v) => v.inject(e),
         }
+    }
+
+    /// Asks the backend to deliver external interrupt `vector` as soon as the guest can take
+    /// it (RFLAGS.IF set, no interrupt shadow), without an exit in between when it can: SVM
+    /// sets V_IRQ (the hardware waits for the window); a VMX backend uses interrupt-window
+    /// exiting. `false` when one request is already outstanding.
+    pub fn request_interrupt(&mut self, vector: u8) -> bool {
+        match &mut self.inner {
+            VcpuInner::Svm(v) => v.request_interrupt(vector),
+        }
+    }
+
+    /// The vector of the outstanding [`Vcpu::request_interrupt`], if the guest has not taken
+    /// it yet (read after an exit: a request no longer outstanding was delivered).
+    pub fn requested_interrupt(&self) -> Option<u8> {
+        match &self.inner {
+            VcpuInner::Svm(v) => v.requested_interrupt(),
+        }
+    }
+
+    /// Whether the guest has interrupts enabled (RFLAGS.IF).
+    pub fn interrupts_enabled(&self) -> bool {
+        self.reg(Reg::Rflags) & (1 << 9) != 0
     }
 
     /// The backend's raw exit record, for log lines.

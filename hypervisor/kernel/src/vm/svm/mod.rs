@@ -552,6 +552,28 @@ impl SvmVcpu {
         self.vmcb.control.event_inj = ev.0;
     }
 
+    /// Requests virtual interrupt `vector` through V_IRQ (priority 15, TPR ignored): the
+    /// processor delivers it when the guest's RFLAGS.IF allows and clears V_IRQ when it is
+    /// taken. `false` while an earlier request is still outstanding.
+    pub fn request_interrupt(&mut self, vector: u8) -> bool {
+        let c = &mut self.vmcb.control;
+        if c.int_ctl & vmcb::V_IRQ != 0 {
+            return false;
+        }
+        c.int_ctl = (c.int_ctl & !(vmcb::V_INTR_PRIO_MASK | vmcb::V_INTR_VECTOR_MASK))
+            | vmcb::V_IRQ
+            | vmcb::V_IGN_TPR
+            | (0xf << vmcb::V_INTR_PRIO_SHIFT)
+            | (u64::from(vector) << vmcb::V_INTR_VECTOR_SHIFT);
+        true
+    }
+
+    /// The vector of an outstanding V_IRQ request.
+    pub fn requested_interrupt(&self) -> Option<u8> {
+        let i = self.vmcb.control.int_ctl;
+        (i & vmcb::V_IRQ != 0).then_some((i >> vmcb::V_INTR_VECTOR_SHIFT) as u8)
+    }
+
     /// The raw exit code and information of the last exit (for diagnostics).
     pub fn raw_exit(&self) -> (u64, u64, u64) {
         let c = &self.vmcb.control;

@@ -112,6 +112,18 @@ pub mod tlb_control {
 /// `V_INTR_MASKING` in `int_ctl`: the guest's RFLAGS.IF masks only virtual interrupts; physical
 /// ones stay masked by the host's RFLAGS.IF (always 0 in Moat for now).
 pub const V_INTR_MASKING: u64 = 1 << 24;
+/// `V_IRQ` in `int_ctl`: a virtual interrupt is pending (cleared when the guest takes it).
+pub const V_IRQ: u64 = 1 << 8;
+/// `V_INTR_PRIO` in `int_ctl` (bits 19:16).
+pub const V_INTR_PRIO_SHIFT: u32 = 16;
+/// Mask of `V_INTR_PRIO`.
+pub const V_INTR_PRIO_MASK: u64 = 0xf << V_INTR_PRIO_SHIFT;
+/// `V_IGN_TPR` in `int_ctl`: the virtual interrupt ignores the guest's TPR.
+pub const V_IGN_TPR: u64 = 1 << 20;
+/// `V_INTR_VECTOR` (offset 0x64, bits 39:32 of the `int_ctl` qword).
+pub const V_INTR_VECTOR_SHIFT: u32 = 32;
+/// Mask of `V_INTR_VECTOR`.
+pub const V_INTR_VECTOR_MASK: u64 = 0xff << V_INTR_VECTOR_SHIFT;
 
 /// `EVENTINJ` / `EXITINTINFO` layout: vector, type, error-code-valid, valid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
