@@ -1,0 +1,151 @@
+//! Bochs machines: an emulated Intel CPU with VMX (Skylake-X model, EPT, VPID, unrestricted
+//! guest) on Bochs's i440fx board, with no IOMMU, no MCFG and no `isa-debug-exit`. The same
+//! GRUB ISO boots there; the run's result comes from the hypervisor's final serial line
+//! ([`Exit::from_serial`]) and the runner stops Bochs when it appears or at the time limit.
+//!
+//! Scenario names start with `bochs-`; they run in `cargo xtask test` beside the QEMU ones.
+
+use crate::checks::{boot_complete, forbid_line, need_line, smp};
+use crate::{scenario_on, Exit, Scenario};
+
+/// The CPU model Bochs emulates (Debian's bochs 2.7: VMX level 2 with EPT and VPID).
+pub const BOCHS_CPU: &str = "corei7_skylake_x";
+/// Instructions per emulated second Bochs is told (only scales its emulated clocks).
+pub const BOCHS_IPS: u64 = 200_000_000;
+/// BIOS image from the `bochsbios` package.
+pub const BOCHS_BIOS: &str = "/usr/share/bochs/BIOS-bochs-latest";
+/// VGA BIOS image from the `vgabios` package.
+pub const BOCHS_VGABIOS: &str = "/usr/share/vgabios/vgabios.bin";
+
+/// A Bochs machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BochsMachine {
+    /// CPUs.
+    pub cpus: u32,
+    /// RAM in MiB.
+    pub memory_mib: u32,
+}
+
+impl Default for BochsMachine {
+    fn default() -> Self {
+        BochsMachine {
+            cpus: 1,
+            memory_mib: 256,
+        }
+    }
+}
+
+impl BochsMachine {
+    /// The bochsrc booting `iso` from CD, COM1 into the file `serial`, Bochs's own log into
+    /// `log` (where it reports a CPU reset), the `term` display (Bochs has no headless one
+    /// here; the runner sends the screen to a file).
+    pub fn bochsrc(&self, iso: &str, serial: &str, log: &str) -> String {
+        format!(
+            "megs: {mem}\n\
+             cpu: model={BOCHS_CPU}, count={cpus}, ips={BOCHS_IPS}\n\
+             boot: cdrom\n\
+             ata0-master: type=cdrom, path={iso}, status=inserted\n\
+             com1: enabled=1, mode=file, dev={serial}\n\
+             display_library: term\n\
+             romimage: file={BOCHS_BIOS}\n\
+             vgaromimage: file={BOCHS_VGABIOS}\n\
+             log: {log}\n\
+             panic: action=fatal\n\
+             error: action=report\n",
+            mem = self.memory_mib,
+            cpus = self.cpus,
+        )
+    }
+}
+
+/// The line Bochs writes into its log when a CPU triple-faults and it resets the machine.
+pub const BOCHS_RESET_LINE: &str = "exception with no resolution";
+
+/// Bochs scenarios take this long at most (a 2-CPU boot takes ~40 s of wall time on a
+/// 2-core machine running other emulators beside it).
+pub const BOCHS_TIMEOUT_SECS: u64 = 240;
+
+/// The scenario `cargo xtask run --bochs` boots: `cpus` CPUs, every AP reporting in.
+pub fn demo(cpus: u32) -> Scenario {
+    scenario_on(
+        "bochs-demo",
+        "the demo run under Bochs",
+        BochsMachine {
+            cpus,
+            ..BochsMachine::default()
+        },
+        "",
+        Exit::Success,
+        Box::new(move |log| {
+            boot_complete(log)?;
+            smp(log, cpus as usize)
+        }),
+    )
+}
+
+/// Every Bochs scenario.
+pub fn scenarios() -> Vec<Scenario> {
+    let mut v = vec![];
+    v.push(scenario_on(
+        "bochs-boot-1",
+        "Bochs (Intel Skylake-X, i440fx, no MCFG, no IOMMU): one CPU boots to the end",
+        BochsMachine::default(),
+        "",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            smp(log, 1)?;
+            need_line(log, &["dmar: no DMAR table"])
+        }),
+    ));
+    v.push(scenario_on(
+        "bochs-smp-2",
+        "Bochs, 2 CPUs: the AP leaves its trampoline for long mode without faulting and reports in",
+        BochsMachine {
+            cpus: 2,
+            ..BochsMachine::default()
+        },
+        "",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            smp(log, 2)?;
+            forbid_line(log, &["did not start"])
+        }),
+    ));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bochsrc_names_the_iso_serial_cpus_and_firmware() {
+        let rc = BochsMachine {
+            cpus: 2,
+            memory_mib: 128,
+        }
+        .bochsrc("/x.iso", "/s.log", "/b.log");
+        for want in [
+            "megs: 128\n",
+            "cpu: model=corei7_skylake_x, count=2,",
+            "path=/x.iso, status=inserted",
+            "com1: enabled=1, mode=file, dev=/s.log\n",
+            "display_library: term\n",
+            "log: /b.log\n",
+            BOCHS_BIOS,
+            BOCHS_VGABIOS,
+        ] {
+            assert!(rc.contains(want), "{want:?} missing from\n{rc}");
+        }
+    }
+
+    #[test]
+    fn bochs_scenarios_are_named_and_machined_as_such() {
+        for s in scenarios() {
+            assert!(s.name.starts_with("bochs-"), "{}", s.name);
+            assert!(s.bochs.is_some(), "{}", s.name);
+        }
+    }
+}
