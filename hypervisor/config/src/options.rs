@@ -105,6 +105,10 @@ choice! {
         Vtd = "vtd",
         /// VT-d fault storm: every edu device DMAs to unmapped IOVAs; faults recorded or counted.
         VtdStorm = "vtd-storm",
+        /// Puts the BSP's local APIC in x2APIC mode before the hypervisor first uses it, as
+        /// firmware that hands over with `IA32_APIC_BASE.EXTD` set does; boot (APs included)
+        /// must then go through the x2APIC MSRs.
+        X2apic = "x2apic",
     }
 }
 

@@ -95,7 +95,39 @@ pub fn scenarios() -> Vec<Scenario> {
         Box::new(|log| {
             boot_complete(log)?;
             smp(log, 1)?;
-            need_line(log, &["dmar: no DMAR table"])
+            need_line(log, &["dmar: no DMAR table"])?;
+            // No MCFG: the i440FX host bridge and the PIIX3 are found through port I/O.
+            need_line(
+                log,
+                &["pci: no ECAM window (MCFG): enumerating segment 0 through ports 0xcf8/0xcfc"],
+            )?;
+            need_line(log, &["pci: 00:00.0 8086:1237"])?;
+            need_line(log, &["pci: 00:01.0 8086:7000"])?;
+            need_line(log, &["functions (port I/O)"])?;
+            need_line(log, &["apic: xAPIC mode"])?;
+            // Bochs's Skylake-X states a base frequency (CPUID 0x16) its emulated TSC does
+            // not run at: the PIT measurement must win, and say so.
+            need_line(
+                log,
+                &["tsc: CPUID states", "MHz, more than 10% off the PIT"],
+            )?;
+            need_line(log, &["TSC", "MHz from PIT calibration"])
+        }),
+    ));
+    v.push(scenario_on(
+        "bochs-x2apic-2",
+        "Bochs, 2 CPUs, the APIC handed over in x2APIC mode (EXTD set): driven through MSRs, the AP started by the x2APIC ICR",
+        BochsMachine {
+            cpus: 2,
+            ..BochsMachine::default()
+        },
+        "selftest=x2apic",
+        Exit::Success,
+        Box::new(|log| {
+            need_line(log, &["selftest: local APIC put in x2APIC mode"])?;
+            need_line(log, &["apic: x2APIC mode (registers through MSRs"])?;
+            boot_complete(log)?;
+            smp(log, 2)
         }),
     ));
     v.push(scenario_on(
