@@ -145,7 +145,34 @@ pub fn scenarios() -> Vec<Scenario> {
             forbid_line(log, &["did not start"])
         }),
     ));
+    let mut s = scenario_on(
+        "bochs-guest-hello",
+        "VMX: a guest enters 64-bit mode directly, finds Moat and VMCALL in CPUID, prints through the console hypercall; the VMCALL round trip is measured (emulated)",
+        BochsMachine::default(),
+        "guest=name=g0,mem=8M",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(log, &["vm: Intel VMX", "with EPT and VPID"])?;
+            need_line(log, &["g0> moat-test-guest on g0 vcpu 0 of 1: 8 MiB"])?;
+            need_line(log, &["g0> hello: cpuid 0x40000000 signature `MoatMoatMoat`", "hypervisor bit true"])?;
+            need_line(log, &["g0> hello: VERSION hypercall returned status 0"])?;
+            need_line(log, &["g0> PASS hello"])?;
+            need_line(log, &["g0> vmmcall-bench:", "ns/call (VMCALL, emulated by Bochs"])?;
+            need_line(log, &["guest g0 vcpu0: exited with code 0"])?;
+            need_line(log, &["vm: all guests stopped"])
+        }),
+    );
+    s.modules = vec![guest_module("g0 hello vmmcall-bench=200")];
+    v.push(s);
     v
+}
+
+fn guest_module(cmdline: &str) -> crate::BootModule {
+    crate::BootModule {
+        file: crate::TEST_GUEST,
+        cmdline: cmdline.to_string(),
+    }
 }
 
 #[cfg(test)]

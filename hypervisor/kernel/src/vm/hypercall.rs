@@ -5,7 +5,7 @@
 //! negative code) and values in RDX (and R8, R9 for the DMA calls). CPUID leaf `0x4000_0000`
 //! returns `"MoatMoatMoat"`; `0x4000_0001` the ABI version in EAX, the bitmap of calls this
 //! guest has in EBX (the DMA calls only for a guest with devices) and the hypercall
-//! instruction in ECX (1 = VMMCALL).
+//! instruction in ECX (1 = VMMCALL on SVM, 2 = VMCALL on VMX).
 
 use moat_abi::{Args, Call, Status, CALLS_ALL, CALLS_BASE, CONSOLE_MAX, CPUID_MAX_LEAF, SIGNATURE};
 
@@ -135,7 +135,12 @@ pub fn cpuid(guest: &Guest, vcpu: &mut Vcpu) {
     };
     let (a, b, c, d) = match leaf {
         0x4000_0000 => (CPUID_MAX_LEAF, word(0), word(4), word(8)),
-        0x4000_0001 => (moat_abi::ABI_VERSION, calls(guest), 1, 0),
+        0x4000_0001 => (
+            moat_abi::ABI_VERSION,
+            calls(guest),
+            super::hypercall_instruction(),
+            0,
+        ),
         0x4000_0002..=0x4000_00ff => (0, 0, 0, 0),
         _ => {
             let r = crate::arch::x86::cpuid(leaf, sub);
