@@ -109,6 +109,10 @@ choice! {
         /// firmware that hands over with `IA32_APIC_BASE.EXTD` set does; boot (APs included)
         /// must then go through the x2APIC MSRs.
         X2apic = "x2apic",
+        /// Intel VMX: the first vCPU entered gets an invalid guest state (RFLAGS.VM in 64-bit
+        /// mode), the second a reserved pin-based control bit; both entries must fail with a
+        /// decoded line and stop only their guest (selftest builds only).
+        VmxEntry = "vmx-entry",
     }
 }
 

@@ -357,6 +357,13 @@ fn run_selftest(
     if matches!(t, SelfTest::None | SelfTest::X2apic) {
         return;
     }
+    if t == SelfTest::VmxEntry {
+        #[cfg(feature = "selftest")]
+        crate::vm::vmx::selftest_break_entries();
+        #[cfg(not(feature = "selftest"))]
+        log::warn!("selftest=vmx-entry ignored: it exists only in selftest builds");
+        return;
+    }
     if matches!(t, SelfTest::Vtd | SelfTest::VtdStorm) {
         // SAFETY: the MCFG's windows, mapped by `report_pci` during discovery.
         let cfg = unsafe { crate::discovery::EcamAccess::new(platform.ecam()) };
@@ -417,7 +424,11 @@ fn selftest_fault(t: SelfTest) {
                     Err(e) => log::error!("selftest: cannot remap {mid:#x}: {e:?}"),
                 }
             }
-            SelfTest::None | SelfTest::Vtd | SelfTest::VtdStorm | SelfTest::X2apic => {}
+            SelfTest::None
+            | SelfTest::Vtd
+            | SelfTest::VtdStorm
+            | SelfTest::X2apic
+            | SelfTest::VmxEntry => {}
         }
     }
 }

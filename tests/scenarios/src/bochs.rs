@@ -259,6 +259,27 @@ pub fn scenarios() -> Vec<Scenario> {
         guest_module("g1 bad-hypercall msr"),
     ];
     v.push(s);
+
+    let mut s = scenario_on(
+        "bochs-vmx-entry",
+        "VMX: an entry with an invalid guest state and one with a reserved control bit fail with the exit reason / VM-instruction error decoded; each stops only its guest",
+        BochsMachine {
+            cpus: 2,
+            ..BochsMachine::default()
+        },
+        "guest=name=g0,mem=8M guest=name=g1,mem=8M selftest=vmx-entry",
+        Exit::Success,
+        Box::new(|log| {
+            guests_done(log)?;
+            need_line(log, &["vmx: VM entry failed: exit reason 33 (VM-entry failure: invalid guest state), exit qualification"])?;
+            need_line(log, &["vmx: VMLAUNCH failed: VM-instruction error 7 (VM entry with invalid control field(s))"])?;
+            need_line(log, &["invalid guest state", "guest stopped"])?;
+            need_line(log, &["could not run: VM entry with invalid control field(s); guest stopped"])?;
+            forbid_line(log, &["PASS hello"])
+        }),
+    );
+    s.modules = vec![guest_module("g0 hello"), guest_module("g1 hello")];
+    v.push(s);
     v
 }
 

@@ -280,6 +280,22 @@ fn tss_base(gdt: u64, selector: u16) -> u64 {
     ((lo >> 16) & 0xff_ffff) | ((lo >> 32) & 0xff00_0000) | ((hi & 0xffff_ffff) << 32)
 }
 
+/// `selftest=vmx-entry`: how many of the next vCPU set-ups are broken on purpose (2: bad guest
+/// state, then 1: bad control).
+#[cfg(feature = "selftest")]
+static BREAK_ENTRIES: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
+
+/// Makes the next two vCPU entries fail on purpose: the first with an invalid guest state
+/// (RFLAGS.VM set in 64-bit mode: a VM-entry failure, exit reason 33), the second with a
+/// reserved pin-based control bit (VMfailValid, VM-instruction error 7).
+#[cfg(feature = "selftest")]
+pub fn selftest_break_entries() {
+    log::info!(
+        "selftest: the next two VMX entries are broken on purpose (guest state, then controls)"
+    );
+    BREAK_ENTRIES.store(2, Ordering::SeqCst);
+}
+
 /// VPIDs: bit n set = VPID n in use (0 is the host's); at most 64 tracked.
 static VPIDS: AtomicU64 = AtomicU64::new(1);
 
@@ -631,6 +647,23 @@ impl VmxVcpu {
         w(field::GUEST_SYSENTER_CS, 0)?;
         w(field::GUEST_SYSENTER_ESP, 0)?;
         w(field::GUEST_SYSENTER_EIP, 0)?;
+        #[cfg(feature = "selftest")]
+        {
+            let left = BREAK_ENTRIES.load(Ordering::SeqCst);
+            if left > 0
+                && BREAK_ENTRIES
+                    .compare_exchange(left, left - 1, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                if left == 2 {
+                    log::info!("selftest: this vCPU enters with RFLAGS.VM set in 64-bit mode");
+                    w(field::GUEST_RFLAGS, 0x2 | 1 << 17)?;
+                } else {
+                    log::info!("selftest: this vCPU enters with reserved pin-based control bit 31");
+                    w(field::PIN_CONTROLS, u64::from(i.pin) | 1 << 31)?;
+                }
+            }
+        }
         Ok(())
     }
 
