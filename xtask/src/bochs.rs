@@ -88,7 +88,7 @@ pub fn run(
     std::fs::write(log, &serial).map_err(|e| format!("{}: {e}", log.display()))?;
     // What Bochs said about the CPUs (a reset's register dump, errors) stands in for QEMU's
     // stderr in the reports.
-    let stderr = read(&bochs_log)
+    let mut stderr = read(&bochs_log)
         .lines()
         .filter(|l| {
             l.contains("e[")
@@ -100,6 +100,14 @@ pub fn run(
         })
         .collect::<Vec<_>>()
         .join("\n");
+    if matches!(exit, Exit::Other(_)) {
+        // Bochs ended by itself (a bad bochsrc, a missing plugin or ROM): it says why on its
+        // terminal, which went to the screen file.
+        let screen = read(&dir.join("screen.txt"));
+        let tail: Vec<&str> = screen.lines().rev().take(15).collect();
+        stderr.push_str("\n--- Bochs terminal ---\n");
+        stderr.push_str(&tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+    }
     Ok(RunResult {
         exit,
         serial,
