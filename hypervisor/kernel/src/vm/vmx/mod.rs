@@ -443,6 +443,38 @@ extern "C" {
     fn moat_vmx_run(gprs: *mut Gprs, launched: u64) -> u64;
 }
 
+impl Drop for VmxVcpu {
+    /// Clears the VMCS (writing back whatever the CPU cached of it) and frees its page; a
+    /// VMCS still active on another CPU (never the case: a vCPU stops where it ran) is kept
+    /// rather than cleared from the wrong CPU.
+    fn drop(&mut self) {
+        if self.loaded {
+            let cpu = crate::arch::cpu::current_index();
+            if cpu != self.cpu {
+                log::warn!(
+                    "vmx: a VMCS active on cpu{} dropped on cpu{cpu}: its page is kept",
+                    self.cpu
+                );
+                return;
+            }
+            // SAFETY: this CPU is in VMX operation and the VMCS is this vCPU's, active here.
+            if unsafe { vmcs::vmclear(self.vmcs_pa) }.is_err() {
+                log::warn!("vmx: VMCLEAR at vCPU teardown failed: its page is kept");
+                return;
+            }
+            if let Some(state) = CPUS.get(cpu).and_then(|c| c.get()) {
+                let _ = state.current.compare_exchange(
+                    self.vmcs_pa,
+                    0,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
+            }
+        }
+        frames::free(self.vmcs_pa);
+    }
+}
+
 /// Access rights of a flat 64-bit code segment (type 0xb, S, P, L, G).
 const AR_CODE64: u64 = 0xa09b;
 /// Access rights of a flat data segment (type 3, S, P, D/B, G).
@@ -464,6 +496,8 @@ pub struct VmxVcpu {
     launched: bool,
     /// The VMCS was set up on the CPU that runs it.
     loaded: bool,
+    /// That CPU.
+    cpu: usize,
     /// The guest's CR2 (VMX does not switch it).
     cr2: u64,
     /// RIP after the instruction that caused the last exit, when known.
@@ -496,6 +530,7 @@ impl VmxVcpu {
             },
             launched: false,
             loaded: false,
+            cpu: 0,
             cr2: 0,
             next_rip: None,
             last: (0, 0, 0),
@@ -534,6 +569,9 @@ impl VmxVcpu {
                 let _ = unsafe { vmcs::invvpid_single(self.vpid) };
             }
             self.loaded = true;
+            self.cpu = cpu;
+        } else if cpu != self.cpu {
+            return Err("the vCPU moved to another CPU (its VMCS is active on the first one)");
         } else if state.current.load(Ordering::Relaxed) != self.vmcs_pa {
             // SAFETY: the VMCS is this vCPU's and only ever runs on this CPU.
             unsafe { vmcs::vmptrld(self.vmcs_pa).map_err(|e| e.describe())? };
