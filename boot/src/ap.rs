@@ -110,12 +110,22 @@ moat_ap_entry64:
 );
 
 /// GDT used by the trampoline until the AP loads its own: null, 32-bit code, data, 64-bit code.
+///
+/// Every descriptor has its Accessed bit (bit 40) already set. The CPU sets that bit in the
+/// GDT when it loads a descriptor that lacks it, and the far return into the 64-bit code
+/// segment happens after paging is on, where the trampoline page is mapped read-only (R+X,
+/// W^X) and CR0.WP is set: that write is a #PF with no IDT yet (the AP still has the real-mode
+/// IDTR), so #DF, then a triple fault. Bochs performs the write (and resets the machine, as a
+/// real CPU would); QEMU's TCG skips it, which hid the bug.
 const TRAMPOLINE_GDT: [u64; 4] = [
     0,
-    0x00cf_9a00_0000_ffff,
-    0x00cf_9200_0000_ffff,
-    0x00af_9a00_0000_ffff,
+    0x00cf_9b00_0000_ffff,
+    0x00cf_9300_0000_ffff,
+    0x00af_9b00_0000_ffff,
 ];
+
+/// The descriptor Accessed bit: set in every trampoline descriptor (see [`TRAMPOLINE_GDT`]).
+pub const DESCRIPTOR_ACCESSED: u64 = 1 << 40;
 
 /// Errors installing the trampoline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,7 +218,7 @@ mod tests {
         );
         assert_eq!(
             u64::from_le_bytes(page[0xF18..0xF20].try_into().unwrap()),
-            0x00cf_9a00_0000_ffff
+            0x00cf_9b00_0000_ffff
         );
         assert_eq!(
             u64::from_le_bytes(page[0xFC0..0xFC8].try_into().unwrap()),
@@ -219,6 +229,15 @@ mod tests {
             0x20_1000
         );
         assert_eq!(sipi_vector(0x8000), 8);
+    }
+
+    #[test]
+    fn every_descriptor_is_already_accessed() {
+        // The AP loads the 64-bit code segment with paging on and the trampoline page
+        // read-only: a clear Accessed bit would make the CPU write the GDT there (a #PF).
+        for d in TRAMPOLINE_GDT.iter().skip(1) {
+            assert_ne!(d & DESCRIPTOR_ACCESSED, 0, "{d:#x}");
+        }
     }
 
     #[test]

@@ -71,8 +71,11 @@ pub enum Cmd {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Boot with OVMF (UEFI) instead of SeaBIOS
-    #[arg(long)]
+    #[arg(long, conflicts_with = "bochs")]
     pub uefi: bool,
+    /// Boot under Bochs instead (an Intel CPU with VMX; no IOMMU, no edu device)
+    #[arg(long, conflicts_with = "gdb")]
+    pub bochs: bool,
     /// Number of CPUs
     #[arg(long, value_name = "N", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(1..=64))]
@@ -166,6 +169,13 @@ mod tests {
             panic!()
         };
         assert_eq!((r.uefi, r.smp, r.gdb, r.timeout), (false, 2, false, 120));
+        assert!(!r.bochs);
+        let Ok(Cmd::Run(r)) = parse("run --bochs --smp 1") else {
+            panic!()
+        };
+        assert!(r.bochs && r.smp == 1);
+        assert!(parse("run --bochs --uefi").is_err());
+        assert!(parse("run --bochs --gdb").is_err());
         assert!(r.cmdline.is_empty());
         let Ok(Cmd::Run(r)) = parse("run --uefi --smp 4 --gdb --timeout 9 -- log=debug x=1") else {
             panic!()

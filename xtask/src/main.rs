@@ -3,8 +3,9 @@
 //! ```text
 //! cargo xtask build [--selftest]                 build the kernel (x86_64-unknown-none)
 //! cargo xtask iso [--selftest] [-- CMDLINE]      build and make a GRUB ISO (BIOS + UEFI)
-//! cargo xtask run [--uefi] [--smp N] [--gdb] [--timeout SECS] [-- CMDLINE]
-//!                                                boot Moat in QEMU (q35 + intel-iommu + edu)
+//! cargo xtask run [--uefi|--bochs] [--smp N] [--gdb] [--timeout SECS] [-- CMDLINE]
+//!                                                boot Moat in QEMU (q35 + intel-iommu + edu),
+//!                                                or in Bochs (Intel CPU with VMX)
 //! cargo xtask test [PATTERN] [--matrix] [--no-host] [--no-qemu] [-j N]
 //!                                                host tests, fmt + clippy, QEMU scenarios;
 //!                                                ends "N passed, N failed"
@@ -21,6 +22,7 @@
 
 mod bench_dma;
 mod bench_nvme;
+mod bochs;
 mod cli;
 mod fuzz;
 mod plots;
@@ -248,6 +250,7 @@ fn cmd_iso(selftest: bool, cmdline: &[String]) -> Result<()> {
 fn cmd_run(a: RunArgs) -> Result<()> {
     let RunArgs {
         uefi,
+        bochs,
         smp,
         gdb,
         timeout,
@@ -256,12 +259,47 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     let user_cmdline = cmdline.join(" ");
     setup::ensure()?;
     let kernel = build_kernel(Flavour::Release)?;
-    let mut demo = moat_scenarios::demo(if uefi { Firmware::Uefi } else { Firmware::Bios }, smp);
+    let mut demo = if bochs {
+        moat_scenarios::bochs::demo(smp)
+    } else {
+        moat_scenarios::demo(if uefi { Firmware::Uefi } else { Firmware::Bios }, smp)
+    };
     if !user_cmdline.is_empty() {
         demo.cmdline = format!("{} {user_cmdline}", demo.cmdline);
     }
     let modules = module_files(&demo.modules)?;
     let iso = make_iso_with_modules(&kernel, &demo.cmdline, &modules, "run")?;
+    if let Some(machine) = &demo.bochs {
+        let dir = root().join("target/xtask/bochs-run");
+        let log = root().join("target/xtask/run.log");
+        eprintln!(
+            "xtask: bochs -q -f {}/bochsrc (files in {})",
+            dir.display(),
+            dir.display()
+        );
+        let r = bochs::run(
+            machine,
+            &iso,
+            &dir,
+            &log,
+            true,
+            Duration::from_secs(timeout),
+        )?;
+        eprintln!(
+            "xtask: Bochs ended: {} after {:.1}s (serial log: {})",
+            r.exit,
+            r.elapsed.as_secs_f64(),
+            log.display()
+        );
+        if r.exit != Exit::Success {
+            if !r.stderr.trim().is_empty() {
+                eprintln!("xtask: Bochs log:\n{}", r.stderr.trim_end());
+            }
+            return Err(format!("the run did not succeed: {}", r.exit).into());
+        }
+        return (demo.check)(&r.serial)
+            .map_err(|e| format!("the demo did not show what it should: {e}").into());
+    }
     let mut args = demo
         .machine
         .qemu_args(&iso.to_string_lossy(), setup::OVMF_CODE);

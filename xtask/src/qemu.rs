@@ -11,8 +11,8 @@ use moat_scenarios::Exit;
 
 use crate::Result;
 
-/// Kills the child when dropped (a runner that panics or times out leaves no QEMU behind).
-struct KillOnDrop(Child);
+/// Kills the child when dropped (a runner that panics or times out leaves no emulator behind).
+pub struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {

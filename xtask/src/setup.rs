@@ -24,6 +24,9 @@ fn on_path(cmd: &str) -> bool {
 /// OVMF firmware image used for UEFI boots.
 pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 
+/// The plugin of Bochs's `term` display library (package `bochs-term`).
+const BOCHS_TERM_PLUGIN: &str = "/usr/lib/x86_64-linux-gnu/bochs/plugins/libbx_term_gui.so";
+
 const NEEDS: &[Need] = &[
     Need {
         what: "qemu-system-x86_64",
@@ -59,6 +62,26 @@ const NEEDS: &[Need] = &[
         what: "OVMF firmware",
         present: || Path::new(OVMF_CODE).exists(),
         package: "ovmf",
+    },
+    Need {
+        what: "bochs (an emulated Intel CPU with VMX, for the bochs-* scenarios)",
+        present: || on_path("bochs"),
+        package: "bochs",
+    },
+    Need {
+        what: "the Bochs BIOS",
+        present: || Path::new(moat_scenarios::bochs::BOCHS_BIOS).exists(),
+        package: "bochsbios",
+    },
+    Need {
+        what: "the Bochs VGA BIOS",
+        present: || Path::new(moat_scenarios::bochs::BOCHS_VGABIOS).exists(),
+        package: "vgabios",
+    },
+    Need {
+        what: "Bochs's term display (it has no headless one)",
+        present: || Path::new(BOCHS_TERM_PLUGIN).exists(),
+        package: "bochs-term",
     },
     Need {
         // libFuzzer (C++) is built by the fuzz workspaces, whose regression replays

@@ -14,7 +14,8 @@ use moat_scenarios::Scenario;
 
 use crate::cli::TestArgs;
 use crate::{
-    build_kernel, build_test_guest, make_iso_with_modules, qemu, root, setup, Flavour, Result,
+    bochs, build_kernel, build_test_guest, make_iso_with_modules, qemu, root, setup, Flavour,
+    Result,
 };
 
 #[derive(Default)]
@@ -289,12 +290,18 @@ fn run_scenario(
         &format!("scenario-{}", s.name),
     )
     .map_err(|e| e.to_string())?;
-    let args = machine.qemu_args(&iso.to_string_lossy(), setup::OVMF_CODE);
     let log = root()
         .join("target/xtask/logs")
         .join(format!("{}.log", s.name));
-    let r = qemu::run(&args, &log, false, Duration::from_secs(s.timeout_secs))
-        .map_err(|e| e.to_string())?;
+    let limit = Duration::from_secs(s.timeout_secs);
+    let r = match &s.bochs {
+        Some(bochs_machine) => bochs::run(bochs_machine, &iso, &dir, &log, false, limit),
+        None => {
+            let args = machine.qemu_args(&iso.to_string_lossy(), setup::OVMF_CODE);
+            qemu::run(&args, &log, false, limit)
+        }
+    }
+    .map_err(|e| e.to_string())?;
     let verdict = if r.exit != s.expect {
         Err(format!("expected {:?}, got {}", s.expect, r.exit))
     } else {
@@ -308,7 +315,12 @@ fn run_scenario(
         );
         if r.exit != s.expect && !r.stderr.trim().is_empty() {
             msg.push_str(&format!(
-                "\n  --- QEMU stderr tail ---\n{}",
+                "\n  --- {} stderr tail ---\n{}",
+                if s.bochs.is_some() {
+                    "Bochs log"
+                } else {
+                    "QEMU"
+                },
                 indent(&tail(&r.stderr, 10))
             ));
         }
@@ -350,7 +362,13 @@ fn scenarios(pattern: Option<&str>, matrix: bool, jobs: usize, tally: &mut Tally
         None
     };
     std::fs::create_dir_all(root().join("target/xtask/logs"))?;
-    eprintln!("xtask: {} QEMU scenarios, {} at a time", all.len(), jobs);
+    let on_bochs = all.iter().filter(|s| s.bochs.is_some()).count();
+    eprintln!(
+        "xtask: {} scenarios ({} QEMU, {on_bochs} Bochs), {} at a time",
+        all.len(),
+        all.len() - on_bochs,
+        jobs
+    );
     let queue = Mutex::new(all.into_iter().collect::<VecDeque<_>>());
     let results = Mutex::new(Vec::new());
     std::thread::scope(|sc| {

@@ -94,6 +94,28 @@ pub const fn ecam_offset(bdf: Bdf, offset: u16) -> u64 {
         | (offset & (CONFIG_SPACE_SIZE - 1)) as u64
 }
 
+/// The legacy configuration mechanism #1 (I/O ports `0xCF8` address, `0xCFC` data), used when
+/// the firmware describes no ECAM (no MCFG, e.g. Bochs's i440fx): the value to write to port
+/// `0xCF8` to reach the dword holding `offset` of `bdf`: enable bit 31, bus, device, function,
+/// register. It reaches segment 0 and the first 256 bytes only: `None` otherwise.
+pub const fn port_io_address(bdf: Bdf, offset: u16) -> Option<u32> {
+    if bdf.segment != 0 || offset >= 256 {
+        return None;
+    }
+    Some(
+        1 << 31
+            | (bdf.bus as u32) << 16
+            | (bdf.device as u32) << 11
+            | (bdf.function as u32) << 8
+            | (offset as u32 & 0xfc),
+    )
+}
+
+/// I/O port of [`port_io_address`]'s address register.
+pub const PORT_IO_ADDRESS: u16 = 0xcf8;
+/// I/O port of the configuration mechanism #1 data register.
+pub const PORT_IO_DATA: u16 = 0xcfc;
+
 /// One ECAM region, as an MCFG entry describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ecam {

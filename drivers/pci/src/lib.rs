@@ -30,7 +30,10 @@ mod filter;
 mod msi;
 
 pub use bar::{probe_bars, Bar, BarKind, Bars, MAX_BARS};
-pub use bdf::{ecam_offset, Bdf, Ecam, CONFIG_SPACE_SIZE, MAX_DEVICE, MAX_FUNCTION};
+pub use bdf::{
+    ecam_offset, port_io_address, Bdf, Ecam, CONFIG_SPACE_SIZE, MAX_DEVICE, MAX_FUNCTION,
+    PORT_IO_ADDRESS, PORT_IO_DATA,
+};
 pub use caps::{
     cap_id, capabilities, ext_cap_id, extended_capabilities, find_capability, Capabilities,
     Capability, ExtendedCapabilities, ExtendedCapability, MAX_CAPABILITIES,

@@ -69,3 +69,24 @@ fn ecam_addresses() {
     );
     assert_eq!(partial.size(), 16 << 20);
 }
+
+#[test]
+fn port_io_address_encodes_mechanism_one() {
+    use moat_pci::port_io_address;
+    let f = Bdf::new(0x12, 0x1f, 7).unwrap();
+    // enable | bus 0x12 | device 0x1f | function 7 | register 0x40
+    assert_eq!(port_io_address(f, 0x40), Some(0x8012_ff40));
+    // The low two bits select bytes in the data port, not the address.
+    assert_eq!(port_io_address(f, 0x43), Some(0x8012_ff40));
+    assert_eq!(
+        port_io_address(Bdf::new(0, 0, 0).unwrap(), 0),
+        Some(0x8000_0000)
+    );
+    assert_eq!(port_io_address(f, 0xfc), Some(0x8012_fffc));
+    // Extended configuration space and other segments need ECAM.
+    assert_eq!(port_io_address(f, 0x100), None);
+    assert_eq!(
+        port_io_address(Bdf::with_segment(1, 0, 0, 0).unwrap(), 0),
+        None
+    );
+}

@@ -34,6 +34,11 @@ pub fn select_instruction(ecx: u32) {
     USE_VMCALL.store(ecx == 2, Ordering::Relaxed);
 }
 
+/// Whether hypercalls use VMCALL (Intel VMX) rather than VMMCALL (AMD SVM).
+pub fn uses_vmcall() -> bool {
+    USE_VMCALL.load(Ordering::Relaxed)
+}
+
 /// Makes hypercall `nr` with up to three arguments; returns (status, value).
 #[inline(always)]
 pub fn hypercall(nr: u64, a: u64, b: u64, c: u64) -> (i64, u64) {

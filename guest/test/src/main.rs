@@ -478,8 +478,14 @@ fn vmmcall_bench(info: &BootInfo, n: u64) -> Outcome {
     }
     let cycles = (abi::rdtsc() - t0) / n;
     let ns = cycles * 1_000_000 / info.tsc_khz.get().max(1);
+    // Scenarios run SVM guests under QEMU TCG and VMX guests under Bochs: both emulated.
+    let how = if abi::uses_vmcall() {
+        "VMCALL, emulated by Bochs in the scenarios"
+    } else {
+        "QEMU TCG"
+    };
     println!(
-        "vmmcall-bench: {n} round trips: {cycles} cycles/call, {ns} ns/call (QEMU TCG, TSC {} MHz)",
+        "vmmcall-bench: {n} round trips: {cycles} cycles/call, {ns} ns/call ({how}, TSC {} MHz)",
         info.tsc_khz.get() / 1000
     );
     if bad != 0 {

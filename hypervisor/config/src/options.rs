@@ -105,6 +105,14 @@ choice! {
         Vtd = "vtd",
         /// VT-d fault storm: every edu device DMAs to unmapped IOVAs; faults recorded or counted.
         VtdStorm = "vtd-storm",
+        /// Puts the BSP's local APIC in x2APIC mode before the hypervisor first uses it, as
+        /// firmware that hands over with `IA32_APIC_BASE.EXTD` set does; boot (APs included)
+        /// must then go through the x2APIC MSRs.
+        X2apic = "x2apic",
+        /// Intel VMX: the first vCPU entered gets an invalid guest state (RFLAGS.VM in 64-bit
+        /// mode), the second a reserved pin-based control bit; both entries must fail with a
+        /// decoded line and stop only their guest (selftest builds only).
+        VmxEntry = "vmx-entry",
     }
 }
 

@@ -90,7 +90,9 @@ fn every_value_of_every_choice_option() {
             "overflow",
             "wx",
             "vtd",
-            "vtd-storm"
+            "vtd-storm",
+            "x2apic",
+            "vmx-entry"
         ]
     );
 }
@@ -191,7 +193,7 @@ fn bad_value_lists_the_valid_values_and_keeps_the_previous_one() {
             "log given more than once; the last valid value wins",
             "bad value `loud` for log ignored; expected one of off, error, warn, info, debug, trace",
             "bad value `reboot` for exit ignored; expected one of halt, qemu",
-            "bad value `xx` for selftest ignored; expected one of none, ud, pf, gp, de, bp, panic, overflow, wx, vtd, vtd-storm",
+            "bad value `xx` for selftest ignored; expected one of none, ud, pf, gp, de, bp, panic, overflow, wx, vtd, vtd-storm, x2apic, vmx-entry",
             "bad value `acpi` for dump ignored; expected one of none, dmar",
         ]
     );

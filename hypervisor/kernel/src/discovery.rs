@@ -7,6 +7,8 @@ use moat_config::{Config, Dump};
 use moat_dmar::Dmar;
 use moat_pci::{probe_bars, ConfigAccess, Ecam};
 
+use x86_64::instructions::port::Port;
+
 use crate::acpi::Platform;
 use crate::mm::mmio::Mmio;
 use crate::mm::space;
@@ -162,12 +164,73 @@ impl ConfigAccess for EcamAccess<'_> {
     }
 }
 
+/// PCI configuration space through the legacy ports `0xCF8`/`0xCFC` (configuration mechanism
+/// #1): segment 0, the first 256 bytes of each function. For platforms whose firmware gives no
+/// MCFG (Bochs's i440fx; old chipsets). The address/data pair is one critical section.
+pub struct PortIoAccess(());
+
+static PORT_IO_LOCK: spin::Mutex<()> = spin::Mutex::new(());
+
+impl PortIoAccess {
+    /// The access.
+    ///
+    /// # Safety
+    ///
+    /// Ports `0xCF8`/`0xCFC` are the platform's configuration mechanism (no MCFG describes
+    /// ECAM instead) and the hypervisor owns PCI configuration space.
+    pub unsafe fn new() -> Self {
+        Self(())
+    }
+
+    fn with<T>(
+        &self,
+        bdf: moat_pci::Bdf,
+        offset: u16,
+        f: impl FnOnce(&mut Port<u32>) -> T,
+    ) -> Option<T> {
+        let address = moat_pci::port_io_address(bdf, offset)?;
+        let _held = PORT_IO_LOCK.lock();
+        let mut a = Port::<u32>::new(moat_pci::PORT_IO_ADDRESS);
+        let mut d = Port::<u32>::new(moat_pci::PORT_IO_DATA);
+        // SAFETY: by `new`'s contract these are the configuration ports and ours; the lock
+        // keeps the address and the data access together.
+        unsafe { a.write(address) };
+        Some(f(&mut d))
+    }
+}
+
+impl ConfigAccess for PortIoAccess {
+    fn read32(&self, bdf: moat_pci::Bdf, offset: u16) -> u32 {
+        // SAFETY: the data port after the address was set (see `with`).
+        self.with(bdf, offset, |d| unsafe { d.read() })
+            .unwrap_or(u32::MAX)
+    }
+
+    fn write32(&self, bdf: moat_pci::Bdf, offset: u16, value: u32) {
+        // SAFETY: as in `read32`.
+        let _ = self.with(bdf, offset, |d| unsafe { d.write(value) });
+    }
+}
+
 /// Maps the ECAM windows and lists every PCI function with its BARs and, when there is a DMAR,
-/// the remapping unit responsible for it. Returns the functions found.
+/// the remapping unit responsible for it. Without ECAM (no MCFG) segment 0 is enumerated
+/// through the legacy ports instead. Returns the functions found.
 pub fn report_pci(platform: &Platform, dmar: Option<&Dmar<'_>>) -> Vec<PciDevice> {
     let mut found = Vec::new();
     if platform.ecam().is_empty() {
-        log::warn!("pci: no ECAM window (MCFG): PCI devices not enumerated");
+        log::warn!(
+            "pci: no ECAM window (MCFG): enumerating segment 0 through ports 0xcf8/0xcfc (256-byte configuration space)"
+        );
+        // SAFETY: no MCFG describes ECAM, so mechanism #1 is the platform's way; the
+        // hypervisor owns configuration space.
+        let cfg = unsafe { PortIoAccess::new() };
+        let count = report_functions(
+            &cfg,
+            moat_pci::enumerate(&cfg, 0, 0..=255),
+            dmar,
+            &mut found,
+        );
+        log::info!("pci: {count} functions (port I/O)");
         return found;
     }
     for w in platform.ecam() {
@@ -191,26 +254,43 @@ pub fn report_pci(platform: &Platform, dmar: Option<&Dmar<'_>>) -> Vec<PciDevice
     };
     let mut count = 0;
     for w in platform.ecam() {
-        for f in moat_pci::enumerate_ecam(&cfg, &to_pci(w)) {
-            count += 1;
-            log::info!("pci: {f}");
-            let bars = probe_bars(&cfg, f.bdf).unwrap_or_default();
-            for b in bars.iter() {
-                log::info!("pci:   {} {b}", f.bdf);
-            }
-            found.push(PciDevice {
-                bdf: f.bdf,
-                vendor: f.header.vendor_id,
-                device: f.header.device_id,
-                bars,
-            });
-            if let Some(d) = dmar {
-                report_unit(d, f.bdf);
-            }
-        }
+        count += report_functions(
+            &cfg,
+            moat_pci::enumerate_ecam(&cfg, &to_pci(w)),
+            dmar,
+            &mut found,
+        );
     }
     log::info!("pci: {count} functions");
     found
+}
+
+/// Logs and records every function `functions` yields, with its BARs; returns how many.
+fn report_functions<C: ConfigAccess>(
+    cfg: &C,
+    functions: moat_pci::Functions<'_, C>,
+    dmar: Option<&Dmar<'_>>,
+    found: &mut Vec<PciDevice>,
+) -> usize {
+    let mut count = 0;
+    for f in functions {
+        count += 1;
+        log::info!("pci: {f}");
+        let bars = probe_bars(cfg, f.bdf).unwrap_or_default();
+        for b in bars.iter() {
+            log::info!("pci:   {} {b}", f.bdf);
+        }
+        found.push(PciDevice {
+            bdf: f.bdf,
+            vendor: f.header.vendor_id,
+            device: f.header.device_id,
+            bars,
+        });
+        if let Some(d) = dmar {
+            report_unit(d, f.bdf);
+        }
+    }
+    count
 }
 
 fn report_unit(dmar: &Dmar<'_>, bdf: moat_pci::Bdf) {

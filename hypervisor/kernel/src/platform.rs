@@ -35,7 +35,7 @@ fn kind_name(k: MemoryKind) -> &'static str {
 pub fn boot(magic: u32, mbi: u32) -> ! {
     tsc::mark_boot();
     crate::console::init();
-    let tsc_khz = tsc::calibrate();
+    let tsc = tsc::calibrate();
     // SAFETY: GRUB handed us the multiboot2 information; its frames are reserved below and
     // never written.
     let boot = match unsafe { BootInfo::from_multiboot2(magic, mbi as usize) } {
@@ -58,10 +58,17 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
         }
     );
     log::info!(
-        "boot loader: {:?}, TSC {} MHz",
+        "boot loader: {:?}, TSC {} MHz from {}",
         boot.bootloader,
-        tsc_khz / 1000
+        tsc.khz / 1000,
+        tsc.source.name()
     );
+    if tsc.disagree {
+        log::warn!(
+            "tsc: CPUID states {} MHz, more than 10% off the PIT's measurement: using the measurement (an emulator?)",
+            tsc.stated_khz / 1000
+        );
+    }
     log::info!("command line: {:?}", boot.cmdline);
     for d in diags.iter() {
         log::warn!("command line: {d}; using the default");
@@ -176,8 +183,29 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
     for io in platform.ioapics() {
         let _ = space::map_mmio(io.address as u64, PAGE_SIZE);
     }
+    if config.selftest == SelfTest::X2apic {
+        if apic::enter_x2apic_as_firmware() {
+            log::info!(
+                "selftest: local APIC put in x2APIC mode, as firmware with EXTD set hands it over"
+            );
+        } else {
+            log::warn!("selftest: this CPU offers no x2APIC (CPUID.1:ECX bit 21)");
+        }
+    }
     apic::mask_legacy_pic();
     apic::init_this_cpu();
+    if apic::x2apic() {
+        log::info!(
+            "apic: x2APIC mode (registers through MSRs 0x800-0x8ff), BSP id {}",
+            apic::id()
+        );
+    } else {
+        log::info!(
+            "apic: xAPIC mode at {:#x}, BSP id {}",
+            apic::base(),
+            apic::id()
+        );
+    }
     let timer = apic::calibrate_timer();
     log::info!("apic: timer {} ticks/ms (bus clock / 16)", timer);
     log::info!(
@@ -325,7 +353,15 @@ fn run_selftest(
     platform: &crate::acpi::Platform,
     devices: &[crate::discovery::PciDevice],
 ) {
-    if t == SelfTest::None {
+    // x2apic acted at boot, before the APIC was first used.
+    if matches!(t, SelfTest::None | SelfTest::X2apic) {
+        return;
+    }
+    if t == SelfTest::VmxEntry {
+        #[cfg(feature = "selftest")]
+        crate::vm::vmx::selftest_break_entries();
+        #[cfg(not(feature = "selftest"))]
+        log::warn!("selftest=vmx-entry ignored: it exists only in selftest builds");
         return;
     }
     if matches!(t, SelfTest::Vtd | SelfTest::VtdStorm) {
@@ -388,7 +424,11 @@ fn selftest_fault(t: SelfTest) {
                     Err(e) => log::error!("selftest: cannot remap {mid:#x}: {e:?}"),
                 }
             }
-            SelfTest::None | SelfTest::Vtd | SelfTest::VtdStorm => {}
+            SelfTest::None
+            | SelfTest::Vtd
+            | SelfTest::VtdStorm
+            | SelfTest::X2apic
+            | SelfTest::VmxEntry => {}
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Moat's QEMU scenarios: each is a machine configuration, a kernel command line, the expected
+//! Moat's QEMU and Bochs scenarios: each is a machine configuration, a kernel command line, the expected
 //! way the run ends and a check of what the hypervisor reported on its serial console.
 //!
 //! The checks look for specific report lines the hypervisor prints from what it really found
@@ -7,6 +7,7 @@
 //! them all in parallel.
 #![forbid(unsafe_code)]
 
+pub mod bochs;
 pub mod checks;
 pub mod dma;
 pub mod guests;
@@ -15,6 +16,7 @@ pub mod machine;
 pub mod nvme;
 pub mod vtd;
 
+pub use bochs::BochsMachine;
 pub use machine::{Exit, Firmware, Machine};
 
 /// A check of a serial log: `Err` says what is missing.
@@ -104,6 +106,9 @@ pub struct Scenario {
     pub modules: Vec<BootModule>,
     /// When set, the modules come from a first boot instead (see [`Prepare`]).
     pub prepare: Option<Prepare>,
+    /// When set, the scenario runs under Bochs on this machine (an Intel CPU with VMX) and
+    /// `machine` is not used; see [`bochs`].
+    pub bochs: Option<BochsMachine>,
 }
 
 /// The test guest's ELF (`guest/test`), built by the harness when a scenario uses it.
@@ -146,7 +151,30 @@ fn scenario(
         disks: vec![],
         modules: vec![],
         prepare: None,
+        bochs: None,
     }
+}
+
+/// A scenario that runs under Bochs on `machine` (see [`bochs`]).
+pub fn scenario_on(
+    name: impl Into<String>,
+    about: &'static str,
+    machine: BochsMachine,
+    extra_cmdline: &str,
+    expect: Exit,
+    check: Check,
+) -> Scenario {
+    let mut s = scenario(
+        name,
+        about,
+        Machine::default(),
+        extra_cmdline,
+        expect,
+        check,
+    );
+    s.bochs = Some(machine);
+    s.timeout_secs = bochs::BOCHS_TIMEOUT_SECS;
+    s
 }
 
 /// The scenario `cargo xtask run` boots: q35 + intel-iommu + edu, everything reported.
@@ -380,6 +408,7 @@ pub fn all(real_dmar: &[u8]) -> Vec<Scenario> {
     v.extend(dma::scenarios(Variant::Default));
     v.extend(nvme::scenarios(Variant::Default));
     v.extend(irq::scenarios(Variant::Default));
+    v.extend(bochs::scenarios());
     v.push(scenario(
         "panic",
         "a panic prints where and why and fails the run",

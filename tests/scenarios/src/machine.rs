@@ -25,6 +25,9 @@ pub enum Exit {
     Other(Option<i32>),
     /// The run exceeded its time limit and was killed.
     Timeout,
+    /// The emulator reset the machine (a triple fault) before the hypervisor said how the run
+    /// ended (Bochs, which has no `-no-reboot`).
+    Reset,
 }
 
 impl Exit {
@@ -37,6 +40,18 @@ impl Exit {
             Some(39) => Exit::Exception,
             other => Exit::Other(other),
         }
+    }
+
+    /// The result the hypervisor printed as its final line, `moat: exit <Name> (code 0x..)`
+    /// (for emulators without `isa-debug-exit`, e.g. Bochs), decoded by the code; `None`
+    /// while there is no such line yet.
+    pub fn from_serial(serial: &str) -> Option<Exit> {
+        serial.lines().find_map(|l| {
+            let rest = l.trim().strip_prefix("moat: exit ")?;
+            let code = rest.split("(code ").nth(1)?.strip_suffix(')')?;
+            let code = u32::from_str_radix(code.trim().strip_prefix("0x")?, 16).ok()?;
+            Some(Exit::from_status(Some(((code << 1) | 1) as i32)))
+        })
     }
 }
 
@@ -53,6 +68,9 @@ impl std::fmt::Display for Exit {
             ),
             Exit::Other(None) => f.write_str("QEMU was killed by a signal"),
             Exit::Timeout => f.write_str("timed out"),
+            Exit::Reset => f.write_str(
+                "the emulator reset the machine (triple fault) without a result from the hypervisor",
+            ),
         }
     }
 }
@@ -179,6 +197,33 @@ mod tests {
         assert_eq!(Exit::from_status(Some(39)), Exit::Exception);
         assert_eq!(Exit::from_status(Some(0)), Exit::Other(Some(0)));
         assert_eq!(Exit::from_status(None), Exit::Other(None));
+    }
+
+    #[test]
+    fn exit_from_the_final_serial_line() {
+        assert_eq!(Exit::from_serial("boot\nmoat: halted\n"), None);
+        assert_eq!(
+            Exit::from_serial("x\nmoat: exit Success (code 0x10)\nmoat: halted\n"),
+            Some(Exit::Success)
+        );
+        assert_eq!(
+            Exit::from_serial("moat: exit Panic (code 0x12)\r\n"),
+            Some(Exit::Panic)
+        );
+        assert_eq!(
+            Exit::from_serial("moat: exit Exception (code 0x13)"),
+            Some(Exit::Exception)
+        );
+        assert_eq!(
+            Exit::from_serial("moat: exit Failure (code 0x11)"),
+            Some(Exit::Failure)
+        );
+        // A guest echoing something like it mid-line does not count.
+        assert_eq!(
+            Exit::from_serial("g0> moat: exit Success (code 0x10)"),
+            None
+        );
+        assert_eq!(Exit::from_serial("moat: exit Success (code 0x1"), None);
     }
 
     #[test]

@@ -1,7 +1,10 @@
-//! The local APIC in xAPIC mode (MMIO at the address in `IA32_APIC_BASE`): enable, id, EOI and
-//! the INIT / start-up IPIs used to bring up application processors.
+//! The local APIC: enable, id, EOI, timer and the INIT / start-up IPIs used to bring up
+//! application processors. In xAPIC mode through MMIO at the address in `IA32_APIC_BASE`; in
+//! x2APIC mode (the firmware handed over with `IA32_APIC_BASE.EXTD` set, as real machines with
+//! many CPUs or interrupt remapping do) through the MSRs `0x800 + offset / 16`, where the
+//! MMIO page no longer answers.
 
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::{tsc, x86};
 use crate::mm::mmio::Mmio;
@@ -22,6 +25,26 @@ const REG_ICR_HI: usize = 0x310;
 const ICR_DELIVERY_PENDING: u32 = 1 << 12;
 
 static BASE: AtomicU64 = AtomicU64::new(0xFEE0_0000);
+/// Set when the BSP found its APIC in x2APIC mode: every CPU then runs in x2APIC mode.
+static X2APIC: AtomicBool = AtomicBool::new(false);
+
+/// `IA32_APIC_BASE` bits: x2APIC mode enable (EXTD) and global enable (EN).
+const APIC_BASE_EXTD: u64 = 1 << 10;
+const APIC_BASE_EN: u64 = 1 << 11;
+/// First x2APIC MSR: register at xAPIC offset `o` is MSR `X2APIC_MSR_BASE + o / 16`.
+const X2APIC_MSR_BASE: u32 = 0x800;
+/// The x2APIC ICR: one 64-bit MSR, destination in bits 63:32.
+const X2APIC_ICR: u32 = 0x830;
+
+/// Whether the local APICs run in x2APIC mode.
+pub fn x2apic() -> bool {
+    X2APIC.load(Ordering::Relaxed)
+}
+
+/// The MSR of the x2APIC register at xAPIC offset `reg`.
+const fn x2apic_msr(reg: usize) -> u32 {
+    X2APIC_MSR_BASE + (reg >> 4) as u32
+}
 
 /// The xAPIC MMIO base from `IA32_APIC_BASE`.
 pub fn base() -> u64 {
@@ -37,27 +60,73 @@ fn regs() -> Mmio {
 }
 
 fn read(reg: usize) -> u32 {
-    regs().read32(reg)
+    if x2apic() {
+        // SAFETY: in x2APIC mode the APIC registers are these MSRs; only this module drives
+        // the APIC and only readable registers are read.
+        unsafe { x86::rdmsr(x2apic_msr(reg)) as u32 }
+    } else {
+        regs().read32(reg)
+    }
 }
 
 fn write(reg: usize, v: u32) {
-    regs().write32(reg, v)
+    if x2apic() {
+        // SAFETY: as in `read`; only writable registers are written.
+        unsafe { x86::wrmsr(x2apic_msr(reg), u64::from(v)) }
+    } else {
+        regs().write32(reg, v)
+    }
 }
 
-/// Enables this CPU's local APIC (xAPIC mode, spurious vector 0xFF).
+/// Enables this CPU's local APIC (spurious vector 0xFF). The BSP (first caller) keeps the
+/// mode the firmware handed over: x2APIC if `IA32_APIC_BASE.EXTD` is set, else xAPIC; every
+/// AP is put in the BSP's mode.
 pub fn init_this_cpu() {
     // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU with an APIC; setting the global
-    // enable bit (11) keeps the base unchanged.
+    // enable bit keeps the base unchanged.
     let msr = unsafe { x86::rdmsr(x86::msr::APIC_BASE) };
     BASE.store(msr & 0x000F_FFFF_FFFF_F000, Ordering::Relaxed);
-    // SAFETY: as above.
-    unsafe { x86::wrmsr(x86::msr::APIC_BASE, msr | (1 << 11)) };
+    static DECIDED: AtomicBool = AtomicBool::new(false);
+    if !DECIDED.swap(true, Ordering::SeqCst) {
+        X2APIC.store(msr & APIC_BASE_EXTD != 0, Ordering::SeqCst);
+    }
+    let mut want = msr | APIC_BASE_EN;
+    if x2apic() {
+        // xAPIC -> x2APIC is a legal transition from the enabled state (EN first).
+        // SAFETY: as above.
+        unsafe { x86::wrmsr(x86::msr::APIC_BASE, want) };
+        want |= APIC_BASE_EXTD;
+    }
+    // SAFETY: as above; EXTD is only set when the BSP runs in x2APIC mode, which implies
+    // the CPU model supports it.
+    unsafe { x86::wrmsr(x86::msr::APIC_BASE, want) };
     write(REG_SVR, (1 << 8) | super::idt::SPURIOUS_VECTOR as u32);
 }
 
-/// This CPU's APIC id.
+/// Puts this CPU's APIC in x2APIC mode the way firmware does before it hands over (for the
+/// `selftest=x2apic` scenario; call before [`init_this_cpu`]). Returns false when the CPU has
+/// no x2APIC (CPUID.1:ECX bit 21).
+pub fn enter_x2apic_as_firmware() -> bool {
+    if x86::cpuid(1, 0).ecx & (1 << 21) == 0 {
+        return false;
+    }
+    // SAFETY: the CPU offers x2APIC; EN then EN|EXTD is the architectural way in, and the
+    // hypervisor has not used the APIC yet.
+    unsafe {
+        let msr = x86::rdmsr(x86::msr::APIC_BASE);
+        x86::wrmsr(x86::msr::APIC_BASE, msr | APIC_BASE_EN);
+        x86::wrmsr(x86::msr::APIC_BASE, msr | APIC_BASE_EN | APIC_BASE_EXTD);
+    }
+    true
+}
+
+/// This CPU's APIC id (32 bits in x2APIC mode, 8 in xAPIC mode).
 pub fn id() -> u32 {
-    read(REG_ID) >> 24
+    if x2apic() {
+        read(REG_ID)
+    } else {
+        read(REG_ID) >> 24
+    }
 }
 
 /// First in-service register (ISR bits 0-31); the next ones follow every 16 bytes.
@@ -76,6 +145,10 @@ pub fn eoi() {
 }
 
 fn wait_icr_idle() -> bool {
+    if x2apic() {
+        // The x2APIC ICR has no delivery-status bit: the write is the send.
+        return true;
+    }
     let deadline = tsc::deadline_us(100_000);
     while read(REG_ICR_LO) & ICR_DELIVERY_PENDING != 0 {
         if tsc::expired(deadline) {
@@ -87,6 +160,12 @@ fn wait_icr_idle() -> bool {
 }
 
 fn send_ipi(apic_id: u32, icr: u32) -> bool {
+    if x2apic() {
+        // SAFETY: the x2APIC ICR; INIT and start-up IPIs to one APIC id are what the caller
+        // sends.
+        unsafe { x86::wrmsr(X2APIC_ICR, (u64::from(apic_id) << 32) | u64::from(icr)) };
+        return true;
+    }
     write(REG_ICR_HI, apic_id << 24);
     write(REG_ICR_LO, icr);
     wait_icr_idle()

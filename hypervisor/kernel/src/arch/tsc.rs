@@ -1,5 +1,6 @@
-//! The time-stamp counter: calibrated once against the PIT, then used for timestamps, delays
-//! and timeouts.
+//! The time-stamp counter: its frequency from CPUID 0x15/0x16 when the CPU states it (checked
+//! against the PIT when there is one), else measured against the PIT; then used for
+//! timestamps, delays and timeouts.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,8 +16,21 @@ pub fn mark_boot() {
     BOOT_TSC.store(x86::rdtsc(), Ordering::Relaxed);
 }
 
-/// Calibrates the TSC against PIT channel 2 over 10 ms. Returns kHz.
-pub fn calibrate() -> u64 {
+/// Sets the TSC frequency: from CPUID leaves 0x15/0x16 when stated, else (or when they
+/// contradict the PIT) measured against the PIT. Returns the decision.
+pub fn calibrate() -> moat_x86arch::tsc::Choice {
+    let max_leaf = x86::cpuid(0, 0).eax;
+    let l15 = x86::cpuid(0x15, 0);
+    let l16 = x86::cpuid(0x16, 0);
+    let stated = moat_x86arch::tsc::khz_from_cpuid(max_leaf, (l15.eax, l15.ebx, l15.ecx), l16.eax);
+    let c = moat_x86arch::tsc::choose(stated, measure_pit());
+    TSC_KHZ.store(c.khz, Ordering::Relaxed);
+    c
+}
+
+/// Measures the TSC against PIT channel 2 over 10 ms. Returns kHz, or `None` when the PIT
+/// channel never finished counting (no PIT).
+fn measure_pit() -> Option<u64> {
     const PIT_HZ: u64 = 1_193_182;
     const MS: u64 = 10;
     let count = (PIT_HZ * MS / 1000) as u16;
@@ -39,19 +53,19 @@ pub fn calibrate() -> u64 {
         gate_port.write(g | 0x01);
         let t0 = x86::rdtsc();
         let mut spins = 0u64;
+        let mut counted = true;
         while gate_port.read() & 0x20 == 0 {
             spins += 1;
             if spins > 100_000_000 {
+                counted = false;
                 break;
             }
         }
         let t1 = x86::rdtsc();
         gate_port.write(gate);
-        (t0, t1)
+        (t0, if counted { Some(t1) } else { None })
     };
-    let khz = ((t1 - t0) / MS).max(1);
-    TSC_KHZ.store(khz, Ordering::Relaxed);
-    khz
+    t1.map(|t1| (t1.wrapping_sub(t0) / MS).max(1))
 }
 
 /// TSC frequency in kHz (0 before calibration).

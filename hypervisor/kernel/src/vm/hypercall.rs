@@ -5,10 +5,10 @@
 //! negative code) and values in RDX (and R8, R9 for the DMA calls). CPUID leaf `0x4000_0000`
 //! returns `"MoatMoatMoat"`; `0x4000_0001` the ABI version in EAX, the bitmap of calls this
 //! guest has in EBX (the DMA calls only for a guest with devices) and the hypercall
-//! instruction in ECX (1 = VMMCALL).
+//! instruction in ECX (1 = VMMCALL on SVM, 2 = VMCALL on VMX).
 
 use moat_abi::cpuid::{CpuidRegs, GuestCpu};
-use moat_abi::{Args, Call, Instruction, Status, CALLS_ALL, CALLS_BASE, CONSOLE_MAX};
+use moat_abi::{Args, Call, Status, CALLS_ALL, CALLS_BASE, CONSOLE_MAX};
 
 use super::guest::{Guest, StopReason};
 use super::vcpu::{Reg, Vcpu};
@@ -128,7 +128,7 @@ pub fn cpuid(guest: &Guest, vcpu: &mut Vcpu) {
     let sub = vcpu.reg(Reg::Rcx) as u32;
     let view = GuestCpu {
         calls: calls(guest),
-        instruction: Instruction::Vmmcall,
+        instruction: super::hypercall_instruction(),
     };
     let r = view.leaf(leaf, || {
         let h = crate::arch::x86::cpuid(leaf, sub);

@@ -2,7 +2,8 @@
 //! behind a backend-neutral vCPU layer, one vCPU per physical CPU.
 //!
 //! * [`vcpu`]: the boundary the rest of the hypervisor uses ([`vcpu::Backend`],
-//!   [`vcpu::Stage2`], [`vcpu::Vcpu`], [`vcpu::Exit`]); [`svm`] is the AMD backend behind it.
+//!   [`vcpu::Stage2`], [`vcpu::Vcpu`], [`vcpu::Exit`]); [`svm`] (AMD) and [`vmx`] (Intel) are
+//!   the backends behind it.
 //! * [`guest`]: partition, ELF loading, boot page tables, the exit loop.
 //! * [`hypercall`]: VMMCALL dispatch and the hypervisor CPUID leaves.
 //! * [`pci`]: the guests' filtered view of PCI configuration space.
@@ -19,6 +20,7 @@ pub mod pci;
 pub mod svm;
 pub mod vcpu;
 pub mod virq;
+pub mod vmx;
 
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -83,6 +85,14 @@ pub fn ap_wait(index: usize) -> ! {
         }
         x86::pause();
     }
+}
+
+/// The hypercall instruction of this machine's backend, as CPUID `0x4000_0001` ECX reports
+/// it (1 VMMCALL, 2 VMCALL).
+pub fn hypercall_instruction() -> moat_abi::Instruction {
+    BACKEND.get().map_or(moat_abi::Instruction::Vmmcall, |b| {
+        b.hypercall_instruction()
+    })
 }
 
 fn release_aps() {

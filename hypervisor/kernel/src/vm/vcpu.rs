@@ -1,22 +1,21 @@
 //! The backend-neutral vCPU layer: what the rest of the hypervisor sees of hardware
 //! virtualisation. [`Backend`] says which extension the CPU has; [`Stage2`] is a guest's
 //! second-stage address space; [`Vcpu`] is created in 64-bit long mode, runs until an [`Exit`],
-//! and exposes registers, instruction completion and event injection. SVM is the only backend
-//! today; VMX reports [`Unsupported::VmxNotYet`] until its backend exists. No SVM type leaves
-//! this module.
+//! and exposes registers, instruction completion and event injection. The backends are AMD
+//! SVM ([`svm`]) and Intel VMX ([`vmx`]); no SVM or VMX type leaves this module.
 
 use alloc::boxed::Box;
 use core::fmt;
 
-use super::svm;
+use super::{svm, vmx};
 
 /// Why guests cannot run on this CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unsupported {
     /// Neither SVM nor VMX.
     NoVirtualization,
-    /// Intel VMX is present but its backend is not written yet.
-    VmxNotYet,
+    /// Intel VMX is present but cannot run guests here (why).
+    Vmx(&'static str),
     /// No AMD SVM.
     NoSvm,
     /// SVM is disabled by firmware (VM_CR.SVMDIS).
@@ -31,9 +30,7 @@ impl fmt::Display for Unsupported {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::NoVirtualization => "the CPU has neither AMD SVM nor Intel VMX",
-            Self::VmxNotYet => {
-                "Intel VMX is unsupported on this CPU for now (its backend is not written yet)"
-            }
+            Self::Vmx(why) => why,
             Self::NoSvm => "the CPU has no AMD SVM",
             Self::SvmDisabled => "AMD SVM is disabled by firmware (VM_CR.SVMDIS)",
             Self::NoNestedPaging => "AMD SVM without nested paging",
@@ -68,6 +65,8 @@ impl fmt::Display for VcpuError {
 pub enum Backend {
     /// AMD SVM with nested paging.
     Svm(svm::SvmInfo),
+    /// Intel VMX with EPT and VPID.
+    Vmx(vmx::VmxInfo),
 }
 
 impl fmt::Display for Backend {
@@ -80,24 +79,30 @@ impl fmt::Display for Backend {
                 i.asids,
                 if i.nrips { "yes" } else { "no" }
             ),
+            Backend::Vmx(i) => write!(
+                f,
+                "Intel VMX (VMCS revision {}) with EPT and VPID, controls pin {:#x} proc {:#x} proc2 {:#x} exit {:#x} entry {:#x}",
+                i.revision, i.pin, i.proc1, i.proc2, i.exit, i.entry
+            ),
         }
     }
 }
 
 impl Backend {
-    /// Detects the backend: SVM when present; a VMX CPU is recognised and refused for now.
+    /// Detects the backend: SVM when present, else VMX.
     pub fn detect() -> Result<Backend, Unsupported> {
         match svm::detect() {
             Ok(i) => Ok(Backend::Svm(i)),
-            Err(e) => {
-                if crate::arch::x86::cpuid(1, 0).ecx & (1 << 5) != 0 {
-                    Err(Unsupported::VmxNotYet)
-                } else if e == Unsupported::NoSvm {
-                    Err(Unsupported::NoVirtualization)
-                } else {
-                    Err(e)
-                }
-            }
+            Err(Unsupported::NoSvm) => vmx::detect().map(Backend::Vmx),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The hypercall instruction guests must use (CPUID `0x4000_0001` ECX).
+    pub fn hypercall_instruction(&self) -> moat_abi::Instruction {
+        match self {
+            Backend::Svm(_) => moat_abi::Instruction::Vmmcall,
+            Backend::Vmx(_) => moat_abi::Instruction::Vmcall,
         }
     }
 
@@ -105,6 +110,7 @@ impl Backend {
     pub fn enable_this_cpu(&self) -> Result<(), VcpuError> {
         match self {
             Backend::Svm(_) => svm::enable_this_cpu(),
+            Backend::Vmx(i) => vmx::enable_this_cpu(i),
         }
     }
 
@@ -118,6 +124,13 @@ impl Backend {
                     inner: Stage2Inner::Npt { npt, asid },
                 })
             }
+            Backend::Vmx(_) => {
+                let ept = vmx::ept::Ept::new()?;
+                let vpid = vmx::alloc_vpid().ok_or(VcpuError::NoAsid)?;
+                Ok(Stage2 {
+                    inner: Stage2Inner::Ept { ept, vpid },
+                })
+            }
         }
     }
 
@@ -127,12 +140,17 @@ impl Backend {
             (Backend::Svm(i), Stage2Inner::Npt { npt, asid }) => Ok(Vcpu {
                 inner: VcpuInner::Svm(Box::new(svm::SvmVcpu::new(i, npt.root(), *asid, entry)?)),
             }),
+            (Backend::Vmx(i), Stage2Inner::Ept { ept, vpid }) => Ok(Vcpu {
+                inner: VcpuInner::Vmx(Box::new(vmx::VmxVcpu::new(i, ept.root(), *vpid, entry)?)),
+            }),
+            _ => Err(VcpuError::BadMapping),
         }
     }
 }
 
 enum Stage2Inner {
     Npt { npt: svm::npt::Npt, asid: u32 },
+    Ept { ept: vmx::ept::Ept, vpid: u16 },
 }
 
 /// A guest's second-stage address space (guest-physical to host-physical).
@@ -163,6 +181,7 @@ impl Stage2 {
                     _ => VcpuError::BadMapping,
                 })
             }
+            Stage2Inner::Ept { ept, .. } => ept.map(gpa, hpa, len, kind),
         }
     }
 
@@ -170,6 +189,7 @@ impl Stage2 {
     pub fn translate(&self, gpa: u64) -> Option<u64> {
         match &self.inner {
             Stage2Inner::Npt { npt, .. } => npt.translate(gpa),
+            Stage2Inner::Ept { ept, .. } => ept.translate(gpa),
         }
     }
 }
@@ -178,6 +198,7 @@ impl Drop for Stage2 {
     fn drop(&mut self) {
         match &self.inner {
             Stage2Inner::Npt { asid, .. } => svm::free_asid(*asid),
+            Stage2Inner::Ept { vpid, .. } => vmx::free_vpid(*vpid),
         }
     }
 }
@@ -348,6 +369,7 @@ pub enum Exit {
 
 enum VcpuInner {
     Svm(Box<svm::SvmVcpu>),
+    Vmx(Box<vmx::VmxVcpu>),
 }
 
 /// A virtual CPU.
@@ -360,6 +382,7 @@ impl Vcpu {
     pub fn run(&mut self) -> Exit {
         match &mut self.inner {
             VcpuInner::Svm(v) => v.run(),
+            VcpuInner::Vmx(v) => v.run(),
         }
     }
 
@@ -368,6 +391,7 @@ impl Vcpu {
     pub fn complete_instruction(&mut self) -> bool {
         match &mut self.inner {
             VcpuInner::Svm(v) => v.complete_instruction(),
+            VcpuInner::Vmx(v) => v.complete_instruction(),
         }
     }
 
@@ -375,6 +399,7 @@ impl Vcpu {
     pub fn reg(&self, r: Reg) -> u64 {
         match &self.inner {
             VcpuInner::Svm(v) => v.reg(r),
+            VcpuInner::Vmx(v) => v.reg(r),
         }
     }
 
@@ -382,6 +407,7 @@ impl Vcpu {
     pub fn set_reg(&mut self, r: Reg, value: u64) {
         match &mut self.inner {
             VcpuInner::Svm(v) => v.set_reg(r, value),
+            VcpuInner::Vmx(v) => v.set_reg(r, value),
         }
     }
 
@@ -389,6 +415,7 @@ impl Vcpu {
     pub fn inject(&mut self, e: Event) {
         match &mut self.inner {
             VcpuInner::Svm(v) => v.inject(e),
+            VcpuInner::Vmx(v) => v.inject(e),
         }
     }
 
@@ -399,6 +426,7 @@ impl Vcpu {
     pub fn request_interrupt(&mut self, vector: u8) -> bool {
         match &mut self.inner {
             VcpuInner::Svm(v) => v.request_interrupt(vector),
+            VcpuInner::Vmx(v) => v.request_interrupt(vector),
         }
     }
 
@@ -407,6 +435,7 @@ impl Vcpu {
     pub fn requested_interrupt(&self) -> Option<u8> {
         match &self.inner {
             VcpuInner::Svm(v) => v.requested_interrupt(),
+            VcpuInner::Vmx(v) => v.requested_interrupt(),
         }
     }
 
@@ -419,6 +448,7 @@ impl Vcpu {
     pub fn raw_exit(&self) -> (u64, u64, u64) {
         match &self.inner {
             VcpuInner::Svm(v) => v.raw_exit(),
+            VcpuInner::Vmx(v) => v.raw_exit(),
         }
     }
 }
