@@ -33,8 +33,11 @@ pub const MAX_VCPUS: usize = 4;
 struct Pages<const N: usize>([[u8; 4096]; N]);
 
 static mut ADMIN: Pages<{ ADMIN_PAGES as usize }> = Pages([[0; 4096]; ADMIN_PAGES as usize]);
-static mut QUEUES: Pages<{ QUEUE_PAGES as usize * MAX_VCPUS }> =
-    Pages([[0; 4096]; QUEUE_PAGES as usize * MAX_VCPUS]);
+/// I/O queue memory (each vCPU's QUEUE_PAGES from here; the driver zeroes them): guest RAM
+/// past the image, like the data buffers, so the image stays below 2 MiB (`dma-bad` needs
+/// that).
+const QUEUE_BASE: u64 = 12 << 20;
+const _: () = assert!(QUEUE_BASE + QUEUE_PAGES * PAGE * MAX_VCPUS as u64 <= DATA_BASE);
 /// Per vCPU: a scratch page and a 2-page batch area.
 static mut PVDMA: Pages<{ 3 * MAX_VCPUS }> = Pages([[0; 4096]; 3 * MAX_VCPUS]);
 
@@ -265,7 +268,7 @@ pub(crate) fn setup(info: &BootInfo) -> Result<Setup, &'static str> {
     let mut queues = [const { None }; MAX_VCPUS];
     for (v, q) in queues.iter_mut().enumerate().take(vcpus) {
         let mem = QueueMemory {
-            gpa: pages_gpa(core::ptr::addr_of!(QUEUES), v * QUEUE_PAGES as usize),
+            gpa: QUEUE_BASE + v as u64 * QUEUE_PAGES * PAGE,
         };
         match ctrl.create_io_queue(&mut p, &mut m, v as u16 + 1, mem) {
             Ok(io) => *q = Some(io),
