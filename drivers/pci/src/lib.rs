@@ -28,6 +28,7 @@ mod config;
 mod enumerate;
 mod filter;
 mod msi;
+mod msix;
 
 pub use bar::{probe_bars, Bar, BarKind, Bars, MAX_BARS};
 pub use bdf::{
@@ -48,4 +49,8 @@ pub use filter::{
     decode_address, AssignError, AssignedDevice, ConfigPort, MsiUpdate, Target, GUEST_COMMAND,
     PORT_ADDRESS, PORT_DATA, PORT_DATA_LAST,
 };
-pub use msi::{GuestMsiTarget, MsiCapability, MsiRegister, VirtualMsi};
+pub use msi::{msi_target, GuestMsiTarget, MsiCapability, MsiRegister, VirtualMsi};
+pub use msix::{
+    MsixAccess, MsixCapability, MsixEntry, MsixRegion, MsixRegister, TableAccessError,
+    TrappedRange, VirtualMsixControl, VirtualMsixTable, ENTRY_SIZE, MAX_VECTORS,
+};

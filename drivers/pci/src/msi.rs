@@ -179,24 +179,31 @@ pub struct GuestMsiTarget {
     pub vector: u8,
 }
 
+/// The interrupt target of an MSI or MSI-X message, if it is a fixed or lowest-priority,
+/// edge-triggered, physical-destination message to a vector >= 32 in the interrupt window
+/// (compatibility format, data bits 31:16 zero).
+pub const fn msi_target(address: u64, data: u32) -> Option<GuestMsiTarget> {
+    let a = address;
+    if a >> 32 != 0 || (a >> 20) & 0xfff != 0xfee || a & (1 << 4) != 0 || data >> 16 != 0 {
+        return None;
+    }
+    let delivery = (data >> 8) & 7;
+    let level = data & (1 << 15) != 0;
+    let vector = data as u8;
+    if delivery > 1 || level || a & (1 << 2) != 0 || vector < 32 {
+        return None;
+    }
+    Some(GuestMsiTarget {
+        apic_id: (a >> 12) as u8,
+        vector,
+    })
+}
+
 impl VirtualMsi {
     /// The guest's interrupt target, if its message is a fixed or lowest-priority,
     /// edge-triggered, physical-destination MSI to a vector >= 32 in the interrupt window.
     pub const fn target(&self) -> Option<GuestMsiTarget> {
-        let a = self.address;
-        if a >> 32 != 0 || (a >> 20) & 0xfff != 0xfee || a & (1 << 4) != 0 {
-            return None;
-        }
-        let delivery = (self.data >> 8) & 7;
-        let level = self.data & (1 << 15) != 0;
-        let vector = self.data as u8;
-        if delivery > 1 || level || a & (1 << 2) != 0 || vector < 32 {
-            return None;
-        }
-        Some(GuestMsiTarget {
-            apic_id: (a >> 12) as u8,
-            vector,
-        })
+        msi_target(self.address, self.data as u32)
     }
 
     /// What the guest reads from register `r`, given the device's real control word (its

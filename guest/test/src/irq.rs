@@ -217,10 +217,16 @@ pub fn worker() {
     load_idt();
     sti();
     WORKER_READY.store(true, Ordering::SeqCst);
-    while !WORKER_DONE.load(Ordering::SeqCst) {
+    // The flag is checked with interrupts off and `sti; hlt` waits atomically: a wake-up
+    // that arrived between the check and the HLT would otherwise be taken there and the HLT
+    // would sleep through it (a lost wake-up in the guest).
+    loop {
+        cli();
+        if WORKER_DONE.load(Ordering::SeqCst) {
+            break;
+        }
         halt();
     }
-    cli();
     WORKER_EXITED.store(true, Ordering::SeqCst);
     println!(
         "msi worker: vcpu 1 took {} interrupt(s) on vector {MSI_VECTOR:#x}",
@@ -266,8 +272,19 @@ fn program_msi(dest: u8, vector: u8, enable: bool) -> Result<(), &'static str> {
 
 fn wait_taken(boot: &BootInfo, on: usize, want: u64, ms: u64, use_hlt: bool) -> bool {
     let end = crate::abi::rdtsc() + ms * boot.tsc_khz.get();
-    while TAKEN_ON[on].load(Ordering::SeqCst) < want {
+    loop {
+        // With HLT, the count is checked with interrupts off and `sti; hlt` waits atomically
+        // (an interrupt between the check and the HLT would be taken there and the HLT would
+        // sleep through it); interrupts are on again when this returns.
+        if use_hlt {
+            cli();
+        }
+        if TAKEN_ON[on].load(Ordering::SeqCst) >= want {
+            sti();
+            return true;
+        }
         if crate::abi::rdtsc() > end {
+            sti();
             return false;
         }
         if use_hlt {
@@ -276,7 +293,6 @@ fn wait_taken(boot: &BootInfo, on: usize, want: u64, ms: u64, use_hlt: bool) -> 
             core::hint::spin_loop();
         }
     }
-    true
 }
 
 /// `msi-edu=N` (`dest` = the vCPU the guest routes the MSI to): the guest programs its edu's
@@ -332,26 +348,25 @@ pub fn msi_edu(boot: &BootInfo, n: u64, dest: u8) -> Outcome {
     );
     program_msi(dest, MSI_VECTOR, false)?;
     if dest == 1 {
-        // Wake the worker once more (edu's interrupt-raise register) so it sees DONE; again
-        // every 200 ms until it has left (a wake that does not arrive shows in the count).
+        // Wake the worker once more (edu's interrupt-raise register) so it sees DONE:
+        // exactly one interrupt, which must arrive (a lost one leaves it halted).
         WORKER_DONE.store(true, Ordering::SeqCst);
         program_msi(dest, MSI_VECTOR, true)?;
-        let mut wakes = 0;
-        while !WORKER_EXITED.load(Ordering::SeqCst) && wakes < 20 {
-            edu.raise_irq(1);
-            edu.ack_irq(1);
-            wakes += 1;
-            crate::dma::delay_ms(boot, 200);
+        edu.raise_irq(1);
+        edu.ack_irq(1);
+        let end = crate::abi::rdtsc() + 2000 * boot.tsc_khz.get();
+        while !WORKER_EXITED.load(Ordering::SeqCst) && crate::abi::rdtsc() < end {
+            core::hint::spin_loop();
         }
         program_msi(dest, MSI_VECTOR, false)?;
+        let left = WORKER_EXITED.load(Ordering::SeqCst);
         println!(
-            "msi-edu: worker woken to stop after {wakes} interrupt-raise(s): {}",
-            if WORKER_EXITED.load(Ordering::SeqCst) {
-                "left"
-            } else {
-                "still halted"
-            }
+            "msi-edu: worker woken to stop by one interrupt-raise: {}",
+            if left { "left" } else { "still halted" }
         );
+        if !left {
+            return Err("the wake-up interrupt did not reach the halted vCPU 1");
+        }
     }
     d.unmap(src, PAGE as u64).map_err(|_| "UNMAP failed")?;
     if taken != n || on_dest != n || stray != 0 || missed != 0 {

@@ -98,6 +98,12 @@ impl FakeFunction {
         self
     }
 
+    /// Sets the dword at `offset` (read only to the guest unless made writable).
+    pub fn dword(mut self, offset: u16, value: u32) -> Self {
+        self.regs[usize::from(offset) / 4] = value;
+        self
+    }
+
     fn bar_reg(index: usize) -> usize {
         4 + index
     }

@@ -400,6 +400,7 @@ impl SvmVcpu {
     }
 
     fn decode(&mut self) -> Exit {
+        self.redeliver_interrupted();
         let c = &self.vmcb.control;
         let (code, info1, info2) = (c.exit_code, c.exit_info1, c.exit_info2);
         match code {
@@ -466,6 +467,32 @@ impl SvmVcpu {
                 what: unsupported_name(other),
                 code: other,
             },
+        }
+    }
+
+    /// An event whose delivery this exit interrupted (`EXITINTINFO`: e.g. a nested page
+    /// fault on the guest's stack or IDT while the processor delivered it) is delivered
+    /// again, so it is not lost: an external interrupt (V_IRQ is already clear: the processor
+    /// had taken it) is requested again through V_IRQ, so it still counts as not delivered
+    /// (QEMU records a hardware interrupt as an "exception" with its vector >= 32, which is
+    /// no exception: treated the same); an exception or NMI is injected again at the next
+    /// entry. A software interrupt is not: its INT instruction runs again.
+    fn redeliver_interrupted(&mut self) {
+        let info = EventInj(self.vmcb.control.exit_int_info);
+        if !info.valid() {
+            return;
+        }
+        match info.kind() {
+            EventInj::TYPE_INTR => {
+                self.request_interrupt(info.vector());
+            }
+            EventInj::TYPE_EXCEPTION if info.vector() >= 32 => {
+                self.request_interrupt(info.vector());
+            }
+            EventInj::TYPE_EXCEPTION | EventInj::TYPE_NMI => {
+                self.vmcb.control.event_inj = info.0;
+            }
+            _ => {}
         }
     }
 

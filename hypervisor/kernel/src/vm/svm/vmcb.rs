@@ -139,6 +139,22 @@ impl EventInj {
     const EV: u64 = 1 << 11;
     const VALID: u64 = 1 << 31;
 
+    /// Whether the event is valid (for `EXITINTINFO`: an event whose delivery the exit
+    /// interrupted).
+    pub const fn valid(self) -> bool {
+        self.0 & Self::VALID != 0
+    }
+
+    /// The event's type (`TYPE_*`).
+    pub const fn kind(self) -> u64 {
+        (self.0 >> 8) & 7
+    }
+
+    /// The event's vector.
+    pub const fn vector(self) -> u8 {
+        self.0 as u8
+    }
+
     /// An event of `kind` with `vector` and an optional error code.
     pub const fn new(kind: u64, vector: u8, error: Option<u32>) -> Self {
         let mut v = vector as u64 | (kind & 7) << 8 | Self::VALID;
