@@ -22,6 +22,7 @@
 
 mod bench_dma;
 mod bench_nvme;
+mod bench_row;
 mod bochs;
 mod cli;
 mod fuzz;
