@@ -107,34 +107,14 @@ fn host_tests(tally: &mut Tally) {
     ]);
     run_libtest("host tests", t, tally);
     if root().join("hypervisor/iova/tests/loom.rs").exists() {
-        let mut l = cargo();
-        l.args([
-            "test",
-            "--no-fail-fast",
-            "-p",
-            "moat-iova",
-            "--release",
-            "--test",
-            "loom",
-        ])
-        .env("RUSTFLAGS", "--cfg loom")
-        .env("CARGO_TARGET_DIR", root().join("target/loom"));
-        run_libtest("loom models", l, tally);
+        run_libtest("loom models", loom("moat-iova", &["--test", "loom"]), tally);
     }
     // moat-dma's: the shards' shared accounting (guest-page claims, quota reservations).
-    let mut l = cargo();
-    l.args([
-        "test",
-        "--no-fail-fast",
-        "-p",
-        "moat-dma",
-        "--release",
-        "--lib",
-        "loom",
-    ])
-    .env("RUSTFLAGS", "--cfg loom")
-    .env("CARGO_TARGET_DIR", root().join("target/loom"));
-    run_libtest("moat-dma loom models", l, tally);
+    run_libtest(
+        "moat-dma loom models",
+        loom("moat-dma", &["--lib", "loom"]),
+        tally,
+    );
     // The fuzz targets' regression inputs (every crash a fuzz campaign found), replayed on
     // stable; the fuzz workspaces are not members of the main workspace (cargo fuzz needs
     // nightly to fuzz, not to replay).
@@ -146,6 +126,17 @@ fn host_tests(tally: &mut Tally) {
             run_libtest(&format!("fuzz regressions ({ws})"), f, tally);
         }
     }
+}
+
+/// `cargo test` of `package`'s loom models `which` (release, `--cfg loom`, in their own
+/// target directory so that the normal builds are not redone).
+fn loom(package: &str, which: &[&str]) -> Command {
+    let mut l = cargo();
+    l.args(["test", "--no-fail-fast", "-p", package, "--release"])
+        .args(which)
+        .env("RUSTFLAGS", "--cfg loom")
+        .env("CARGO_TARGET_DIR", root().join("target/loom"));
+    l
 }
 
 /// Runs a check that passes or fails as a whole (one test in the tally); on failure, the
