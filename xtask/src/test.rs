@@ -94,17 +94,19 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The crates that build only for x86_64-unknown-none: left out of the host's tests and
+/// host clippy, linted for their own target.
+const BARE_METAL: [&str; 2] = ["moat-kernel", "moat-test-guest"];
+
+/// `flag crate` for each of [`BARE_METAL`] (`--exclude` or `-p`).
+fn each_bare_metal(flag: &'static str) -> impl Iterator<Item = &'static str> {
+    BARE_METAL.into_iter().flat_map(move |c| [flag, c])
+}
+
 fn host_tests(tally: &mut Tally) {
     let mut t = cargo();
-    t.args([
-        "test",
-        "--no-fail-fast",
-        "--workspace",
-        "--exclude",
-        "moat-kernel",
-        "--exclude",
-        "moat-test-guest",
-    ]);
+    t.args(["test", "--no-fail-fast", "--workspace"])
+        .args(each_bare_metal("--exclude"));
     run_libtest("host tests", t, tally);
     if root().join("hypervisor/iova/tests/loom.rs").exists() {
         run_libtest("loom models", loom("moat-iova", &["--test", "loom"]), tally);
@@ -177,35 +179,21 @@ fn lint_checks(tally: &mut Tally) {
     fmt.args(["fmt", "--all", "--check"]);
     run_check("cargo fmt", fmt, tally);
     let mut host = cargo();
-    host.args([
-        "clippy",
-        "--quiet",
-        "--workspace",
-        "--exclude",
-        "moat-kernel",
-        "--exclude",
-        "moat-test-guest",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]);
+    host.args(["clippy", "--quiet", "--workspace"])
+        .args(each_bare_metal("--exclude"))
+        .args(["--all-targets", "--", "-D", "warnings"]);
     run_check("cargo clippy (host crates)", host, tally);
     let mut bare = cargo();
-    bare.args([
-        "clippy",
-        "--quiet",
-        "-p",
-        "moat-kernel",
-        "-p",
-        "moat-test-guest",
-        "--target",
-        "x86_64-unknown-none",
-        "--release",
-        "--",
-        "-D",
-        "warnings",
-    ]);
+    bare.args(["clippy", "--quiet"])
+        .args(each_bare_metal("-p"))
+        .args([
+            "--target",
+            "x86_64-unknown-none",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ]);
     run_check("cargo clippy (kernel, test guest)", bare, tally);
 }
 
