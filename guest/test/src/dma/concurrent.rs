@@ -122,22 +122,40 @@ fn released(iova: u64, owner: usize, page: usize) {
     IN_USE[owner][page].store(false, SeqCst);
 }
 
+/// UNMAPs the one-page mappings at `iovas`, in this order, in one MULTICALL: `call_failed`
+/// if the call fails, `entry_failed` if one of its UNMAPs does.
+fn unmap_in_one_multicall(
+    d: &mut Drv,
+    iovas: impl Iterator<Item = u64>,
+    call_failed: &'static str,
+    entry_failed: &'static str,
+) -> Outcome {
+    let mut bad = false;
+    for iova in iovas {
+        d.queue_unmap(iova, PAGE as u64, &mut |_| bad = true)
+            .map_err(|_| "queue UNMAP failed")?;
+    }
+    d.flush(&mut |c| bad |= c.result.is_err())
+        .map_err(|_| call_failed)?;
+    if bad {
+        return Err(entry_failed);
+    }
+    Ok(())
+}
+
 /// Unmaps `list` (`(iova, owner, page)`): one UNMAP each, or one MULTICALL.
 fn unmap_all(d: &mut Drv, list: &[(u64, usize, usize)], batch: bool) -> Outcome {
     for &(iova, _, _) in list {
         unmapping(iova);
     }
     if batch {
-        let mut bad = false;
-        for &(iova, _, _) in list {
-            d.queue_unmap(iova, PAGE as u64, &mut |_| bad = true)
-                .map_err(|_| "queue UNMAP failed")?;
-        }
-        d.flush(&mut |c| bad |= c.result.is_err())
-            .map_err(|_| "MULTICALL (unmaps) failed")?;
-        if bad {
-            return Err("an UNMAP in a MULTICALL failed");
-        }
+        let iovas = list.iter().map(|&(iova, _, _)| iova);
+        unmap_in_one_multicall(
+            d,
+            iovas,
+            "MULTICALL (unmaps) failed",
+            "an UNMAP in a MULTICALL failed",
+        )?;
     } else {
         for &(iova, _, _) in list {
             d.unmap(iova, PAGE as u64).map_err(|_| "UNMAP failed")?;
@@ -319,24 +337,19 @@ fn probe(d: &mut Drv, khz: u64, edu: &Edu, n: u64) -> Outcome {
         for &(i, _, _) in &got[..m] {
             unmapping(i);
         }
-        let mut bad = false;
         // The probe's UNMAP between the others (when its pages were free to map).
         let (before, after) = got[..m].split_at(m.min(1));
-        for &(i, _, _) in before {
-            d.queue_unmap(i, PAGE as u64, &mut |_| bad = true)
-                .map_err(|_| "queue UNMAP failed")?;
-        }
-        d.queue_unmap(iova, PAGE as u64, &mut |_| bad = true)
-            .map_err(|_| "queue UNMAP failed")?;
-        for &(i, _, _) in after {
-            d.queue_unmap(i, PAGE as u64, &mut |_| bad = true)
-                .map_err(|_| "queue UNMAP failed")?;
-        }
-        d.flush(&mut |c| bad |= c.result.is_err())
-            .map_err(|_| "MULTICALL (probe unmaps) failed")?;
-        if bad {
-            return Err("a probe UNMAP in a MULTICALL failed");
-        }
+        let iovas = before
+            .iter()
+            .map(|&(i, _, _)| i)
+            .chain([iova])
+            .chain(after.iter().map(|&(i, _, _)| i));
+        unmap_in_one_multicall(
+            d,
+            iovas,
+            "MULTICALL (probe unmaps) failed",
+            "a probe UNMAP in a MULTICALL failed",
+        )?;
         for &(i, o, p) in &got[..m] {
             released(i, o, p);
         }

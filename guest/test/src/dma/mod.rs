@@ -25,6 +25,7 @@ pub use bad::bad;
 pub use batch::batch;
 pub use bench::bench;
 pub use bench::bench_worker;
+pub(crate) use bench::PhaseCycles;
 pub use concurrent::{concurrent, concurrent_worker};
 pub use demo::demo;
 pub use edu::edu;
@@ -105,37 +106,33 @@ impl Edu {
     /// Starts one DMA of LEN bytes and returns at once: `to_ram` = device buffer -> `iova`,
     /// else `iova` -> device buffer. edu runs it on a timer about 100 ms later.
     pub(crate) fn start(&self, iova: u64, to_ram: bool) {
-        // SAFETY: edu's BAR is mapped into this guest (identity, uncached); these are its
-        // 64-bit DMA registers; the device-side range [0x40000, 0x40800) is inside its buffer.
-        unsafe {
-            let (src, dst) = if to_ram {
-                (0x40000, iova)
-            } else {
-                (iova, 0x40000)
-            };
-            core::ptr::write_volatile(self.reg(0x80), src);
-            core::ptr::write_volatile(self.reg(0x88), dst);
-            core::ptr::write_volatile(self.reg(0x90), LEN);
-            core::ptr::write_volatile(self.reg(0x98), 1 | if to_ram { 2 } else { 0 });
-        }
+        self.program(iova, LEN, to_ram);
     }
 
     /// One DMA of `count` bytes between edu's buffer at 0x40000 and `addr` (any bus address,
     /// e.g. the interrupt window 0xFEEx_xxxx), waited for; false if it never finishes.
     pub(crate) fn dma_raw(&self, addr: u64, count: u64, to_ram: bool) -> bool {
-        // SAFETY: as in `start`; `count` stays far below the end of edu's buffer.
+        self.program(addr, count, to_ram);
+        self.wait()
+    }
+
+    /// Starts one DMA of `count` bytes (at most LEN) between edu's buffer at 0x40000 and
+    /// `addr`: to `addr` when `to_ram`, from it otherwise.
+    fn program(&self, addr: u64, count: u64, to_ram: bool) {
+        let (src, dst) = if to_ram {
+            (0x40000, addr)
+        } else {
+            (addr, 0x40000)
+        };
+        // SAFETY: edu's BAR is mapped into this guest (identity, uncached); these are its
+        // 64-bit DMA registers; the device-side range [0x40000, 0x40000 + LEN) is inside its
+        // buffer, and `count` is clamped to LEN.
         unsafe {
-            let (src, dst) = if to_ram {
-                (0x40000, addr)
-            } else {
-                (addr, 0x40000)
-            };
             core::ptr::write_volatile(self.reg(0x80), src);
             core::ptr::write_volatile(self.reg(0x88), dst);
             core::ptr::write_volatile(self.reg(0x90), count.min(LEN));
             core::ptr::write_volatile(self.reg(0x98), 1 | if to_ram { 2 } else { 0 });
         }
-        self.wait()
     }
 
     /// One DMA of LEN bytes from `iova` into the device, with edu's completion interrupt
@@ -186,6 +183,23 @@ impl Edu {
         self.start(iova, to_ram);
         self.wait()
     }
+}
+
+/// Page 3 filled with `seed`'s pattern and mapped for the device to read, page 4 zeroed and
+/// mapped for it to write: their IOVAs (source, destination).
+pub(crate) fn map_source_and_destination(
+    d: &mut PvDma<Native>,
+    seed: u8,
+) -> Result<(u64, u64), &'static str> {
+    fill(3, seed);
+    page(4).fill(0);
+    let src = d
+        .map(gpa(3), PAGE as u64, DmaFlags::READ)
+        .map_err(|_| "MAP of the source failed")?;
+    let dst = d
+        .map(gpa(4), PAGE as u64, DmaFlags::WRITE)
+        .map_err(|_| "MAP of the destination failed")?;
+    Ok((src, dst))
 }
 
 pub(crate) fn driver() -> Result<PvDma<Native>, &'static str> {
