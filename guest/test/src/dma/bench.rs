@@ -1,7 +1,7 @@
 //! `dma-bench`: map/unmap cost per policy and batch size (read by `cargo xtask bench dma`),
 //! on every vCPU of the guest at once (`cargo xtask bench dma --vcpus 1,2`).
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
 
 use moat_abi::dma::Stats;
 
@@ -20,10 +20,8 @@ static mut BENCH_SCRATCH: [PageArray<1>; MAX_VCPUS] =
 
 /// The cell barrier: vCPUs arrived at the current phase.
 static ARRIVED: AtomicU64 = AtomicU64::new(0);
-/// Set when a worker failed: the others stop waiting.
-static FAILED: AtomicBool = AtomicBool::new(false);
-/// Workers that finished (ok or not).
-static DONE: AtomicU64 = AtomicU64::new(0);
+/// The benchmark's workers.
+static CREW: Crew = Crew::new();
 /// The last cell vCPU 0 ended (cells count from 1): the others stop at their next round.
 static STOP: AtomicU64 = AtomicU64::new(0);
 /// Operations of the current cell, all vCPUs.
@@ -33,7 +31,7 @@ static CELL_OPS: AtomicU64 = AtomicU64::new(0);
 fn barrier(n: u64, k: u64) -> Outcome {
     ARRIVED.fetch_add(1, SeqCst);
     while ARRIVED.load(SeqCst) < n * k {
-        if FAILED.load(SeqCst) {
+        if CREW.failed() {
             return Err("another dma-bench worker failed");
         }
         core::hint::spin_loop();
@@ -59,18 +57,10 @@ fn buffers(v: usize) -> u64 {
 /// Emulated time (QEMU TCG).
 pub fn bench(info: &BootInfo, ops_per_cell: u64) -> Outcome {
     let n = (info.vcpus.get() as usize).clamp(1, MAX_VCPUS);
+    // `bench_worker` does not count vCPU 0: it counts itself here, after its last cell.
     let mine = bench_worker(info, 0, ops_per_cell);
-    if mine.is_err() {
-        FAILED.store(true, SeqCst);
-    }
-    DONE.fetch_add(1, SeqCst);
-    while DONE.load(SeqCst) < n as u64 {
-        core::hint::spin_loop();
-    }
-    mine?;
-    if FAILED.load(SeqCst) {
-        return Err("a dma-bench worker failed");
-    }
+    CREW.finish();
+    CREW.join(mine, n as u64, None, "a dma-bench worker failed")?;
     let mut d = driver()?;
     let s = d.stats(false).map_err(|_| "STATS failed")?;
     if s.live_mappings != 0 {
@@ -85,29 +75,17 @@ pub fn bench_worker(info: &BootInfo, v: usize, ops_per_cell: u64) -> Outcome {
         // Not taking part (the barrier counts the first MAX_VCPUS).
         return Ok(());
     }
-    let r = bench_cells(info, v, ops_per_cell);
-    if r.is_err() {
-        FAILED.store(true, SeqCst);
-    }
+    let r = CREW.note(bench_cells(info, v, ops_per_cell));
     if v != 0 {
-        DONE.fetch_add(1, SeqCst);
+        CREW.finish();
     }
     r
 }
 
 fn bench_cells(info: &BootInfo, v: usize, ops_per_cell: u64) -> Outcome {
     let n = (info.vcpus.get() as u64).clamp(1, MAX_VCPUS as u64);
-    // SAFETY: as in `driver`; each vCPU has its own scratch page.
-    let hv = unsafe { Native::new() };
-    let scratch = core::ptr::addr_of!(BENCH_SCRATCH) as u64 + (v * PAGE) as u64;
-    let mut d = PvDma::probe(
-        hv,
-        GuestBuffer {
-            gpa: scratch,
-            len: PAGE as u64,
-        },
-    )
-    .map_err(|_| "PV DMA discovery failed")?;
+    // Each vCPU has its own scratch page.
+    let mut d = driver_at(core::ptr::addr_of!(BENCH_SCRATCH) as u64 + (v * PAGE) as u64)?;
     let policy = d.info().policy;
     let area =
         core::ptr::addr_of!(BENCH_BATCH) as u64 + (v * core::mem::size_of::<PageArray<4>>()) as u64;

@@ -43,8 +43,7 @@ static CHECKS: AtomicU64 = AtomicU64::new(0);
 static MISMATCH: AtomicU64 = AtomicU64::new(0);
 static PROBES: AtomicU64 = AtomicU64::new(0);
 static REACHABLE: AtomicU64 = AtomicU64::new(0);
-static FAILED: AtomicBool = AtomicBool::new(false);
-static DONE: AtomicU64 = AtomicU64::new(0);
+static CREW: Crew = Crew::new();
 /// Sync points: reached (own work done, filling), arrived (quiescent), checked (by vCPU 0).
 static REACHED: [AtomicU64; VCPUS] = [const { AtomicU64::new(0) }; VCPUS];
 static ARRIVED: [AtomicU64; VCPUS] = [const { AtomicU64::new(0) }; VCPUS];
@@ -68,18 +67,8 @@ fn slot(iova: u64) -> Option<&'static AtomicU8> {
 }
 
 /// Waits for `cond` (about 60 s at most, or until a worker failed).
-fn wait(khz: u64, mut cond: impl FnMut() -> bool) -> Outcome {
-    let t0 = crate::abi::rdtsc();
-    while !cond() {
-        if FAILED.load(SeqCst) {
-            return Err("another dma-concurrent worker failed");
-        }
-        if crate::abi::rdtsc() - t0 > 60_000 * khz {
-            return Err("timed out waiting for the other vCPU");
-        }
-        core::hint::spin_loop();
-    }
-    Ok(())
+fn wait(khz: u64, cond: impl FnMut() -> bool) -> Outcome {
+    CREW.wait_until(khz, cond, "another dma-concurrent worker failed")
 }
 
 /// MAP returned `iova`: claim it. A page whose UNMAP is still in progress on the other vCPU
@@ -277,7 +266,7 @@ fn sync_point(d: &mut Drv, khz: u64, v: usize, k: u64) -> Outcome {
     REACHED[v].store(k, SeqCst);
     let mut r = 0;
     while REACHED.iter().any(|x| x.load(SeqCst) < k) {
-        if FAILED.load(SeqCst) {
+        if CREW.failed() {
             return Err("another dma-concurrent worker failed");
         }
         let mut got = [(0u64, 0usize, 0usize); 16];
@@ -375,27 +364,16 @@ pub fn concurrent_worker(info: &BootInfo, v: usize, rounds: u64) -> Outcome {
     if v >= VCPUS {
         return Ok(());
     }
-    let r = work(info, v, rounds);
-    if r.is_err() {
-        FAILED.store(true, SeqCst);
-    }
-    DONE.fetch_add(1, SeqCst);
+    let r = CREW.note(work(info, v, rounds));
+    CREW.finish();
     r
 }
 
 fn work(info: &BootInfo, v: usize, rounds: u64) -> Outcome {
     let khz = info.tsc_khz.get().max(1);
     let size = core::mem::size_of::<PageArray<2>>();
-    // SAFETY: as in `driver`; each vCPU has its own scratch page and batch area.
-    let hv = unsafe { Native::new() };
-    let mut d = PvDma::probe(
-        hv,
-        GuestBuffer {
-            gpa: core::ptr::addr_of!(SCRATCH) as u64 + (v * PAGE) as u64,
-            len: PAGE as u64,
-        },
-    )
-    .map_err(|_| "PV DMA discovery failed")?;
+    // Each vCPU has its own scratch page and batch area.
+    let mut d = driver_at(core::ptr::addr_of!(SCRATCH) as u64 + (v * PAGE) as u64)?;
     d.attach_batch(BatchArea {
         gpa: core::ptr::addr_of!(AREAS) as u64 + (v * size) as u64,
         pages: 2,
@@ -435,7 +413,7 @@ pub fn concurrent(info: &BootInfo, rounds: u64) -> Outcome {
     }
     let mine = concurrent_worker(info, 0, rounds);
     let khz = info.tsc_khz.get().max(1);
-    wait(khz, || DONE.load(SeqCst) >= VCPUS as u64).or_else(|e| {
+    wait(khz, || CREW.done() >= VCPUS as u64).or_else(|e| {
         if mine.is_err() {
             Ok(())
         } else {
@@ -443,7 +421,7 @@ pub fn concurrent(info: &BootInfo, rounds: u64) -> Outcome {
         }
     })?;
     mine?;
-    if FAILED.load(SeqCst) {
+    if CREW.failed() {
         return Err("a dma-concurrent worker failed");
     }
     let mut d = driver()?;

@@ -185,6 +185,93 @@ impl Edu {
     }
 }
 
+/// The workers of a test that runs on several vCPUs at once: how many finished, and whether
+/// one failed (the others then stop waiting for it).
+pub(crate) struct Crew {
+    done: core::sync::atomic::AtomicU64,
+    failed: core::sync::atomic::AtomicBool,
+}
+
+impl Crew {
+    pub(crate) const fn new() -> Self {
+        Crew {
+            done: core::sync::atomic::AtomicU64::new(0),
+            failed: core::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Passes a worker's result on; a failure tells the others.
+    pub(crate) fn note<T>(&self, r: Result<T, &'static str>) -> Result<T, &'static str> {
+        if r.is_err() {
+            self.failed
+                .store(true, core::sync::atomic::Ordering::SeqCst);
+        }
+        r
+    }
+
+    /// Counts one more worker finished (ok or not).
+    pub(crate) fn finish(&self) {
+        self.done.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Workers finished so far.
+    pub(crate) fn done(&self) -> u64 {
+        self.done.load(core::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether a worker failed.
+    pub(crate) fn failed(&self) -> bool {
+        self.failed.load(core::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until `cond` holds: `another_failed` if a worker failed first, an error if about
+    /// 60 s (at `tsc_khz`) passed.
+    pub(crate) fn wait_until(
+        &self,
+        tsc_khz: u64,
+        mut cond: impl FnMut() -> bool,
+        another_failed: &'static str,
+    ) -> Result<(), &'static str> {
+        let t0 = crate::abi::rdtsc();
+        while !cond() {
+            if self.failed() {
+                return Err(another_failed);
+            }
+            if crate::abi::rdtsc() - t0 > 60_000 * tsc_khz {
+                return Err("timed out waiting for another vCPU");
+            }
+            core::hint::spin_loop();
+        }
+        Ok(())
+    }
+
+    /// vCPU 0's end of the test, its own worker (already counted) having returned `mine`:
+    /// waits until `n` workers finished (for at most `limit_ms` ms at `tsc_khz`, when given),
+    /// then returns its own error, else `another_failed` if another worker failed.
+    pub(crate) fn join<T>(
+        &self,
+        mine: Result<T, &'static str>,
+        n: u64,
+        limit: Option<(u64, u64)>,
+        another_failed: &'static str,
+    ) -> Result<T, &'static str> {
+        let t0 = crate::abi::rdtsc();
+        while self.done() < n {
+            if let Some((tsc_khz, limit_ms)) = limit
+                && crate::abi::rdtsc() - t0 > limit_ms * tsc_khz
+            {
+                return Err("the other vCPUs did not finish");
+            }
+            core::hint::spin_loop();
+        }
+        let mine = mine?;
+        if self.failed() {
+            return Err(another_failed);
+        }
+        Ok(mine)
+    }
+}
+
 /// Page 3 filled with `seed`'s pattern and mapped for the device to read, page 4 zeroed and
 /// mapped for it to write: their IOVAs (source, destination).
 pub(crate) fn map_source_and_destination(
@@ -203,13 +290,19 @@ pub(crate) fn map_source_and_destination(
 }
 
 pub(crate) fn driver() -> Result<PvDma<Native>, &'static str> {
+    driver_at(gpa(0))
+}
+
+/// The PV DMA driver with its discovery scratch page at `scratch` (a page only it uses: one
+/// per vCPU where several vCPUs drive it at once).
+pub(crate) fn driver_at(scratch: u64) -> Result<PvDma<Native>, &'static str> {
     // SAFETY: a Moat guest at CPL 0 with all memory identity mapped; the scratch page is
     // only used by the driver.
     let hv = unsafe { Native::new() };
     PvDma::probe(
         hv,
         GuestBuffer {
-            gpa: gpa(0),
+            gpa: scratch,
             len: PAGE as u64,
         },
     )
