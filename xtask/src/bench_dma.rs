@@ -8,15 +8,11 @@
 //! with multi-threaded TCG, every vCPU mapping and unmapping its own buffers); each row says
 //! how many vCPUs ran it and the guest's throughput (`ops_per_s`, all vCPUs together).
 
-use std::time::Duration;
-
-use moat_scenarios::{BootModule, Exit, Machine, TEST_GUEST};
+use moat_scenarios::Machine;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
-use crate::{
-    build_kernel, make_iso_with_modules, module_files, qemu, root, setup, Flavour, Result,
-};
+use crate::bench_row::{emulated, parse_fields, run_guest, write_json, Phases};
+use crate::{build_kernel, root, setup, Flavour, Result};
 
 /// One measured cell: a row of the printed table and an element of `target/bench/dma.json`.
 /// Read from the guest's `dma-bench key=value ...` line by field name (see [`parse`]).
@@ -44,45 +40,15 @@ struct Row {
     emulated: String,
 }
 
-/// The hypervisor's cycles per operation, by phase.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub(crate) struct Phases {
-    pub(crate) exit: f64,
-    pub(crate) validate: f64,
-    pub(crate) iova_alloc: f64,
-    pub(crate) pte_write: f64,
-    pub(crate) invalidate: f64,
-    pub(crate) iova_free: f64,
-}
-
-fn emulated() -> String {
-    "QEMU TCG".into()
-}
-
 fn one() -> u64 {
     1
 }
 
 /// A guest line `... dma-bench policy=strict batch=8 bytes=4096 ops=.. ns_per_op=.. ...` as a
-/// [`Row`]: the `key=value` pairs become a JSON object (numbers where they parse), which
-/// fills the row and its phases by name (keys neither wants, such as `ops`, are ignored).
+/// [`Row`], filled with its phases by field name (see [`parse_fields`]).
 fn parse(line: &str) -> Option<Row> {
-    let rest = &line[line.find("dma-bench policy=")? + "dma-bench ".len()..];
-    let mut fields = Map::new();
-    for kv in rest.split_whitespace() {
-        let (k, v) = kv.split_once('=')?;
-        let v = if let Ok(n) = v.parse::<u64>() {
-            Value::from(n)
-        } else if let Ok(x) = v.parse::<f64>() {
-            Value::from(x)
-        } else {
-            Value::from(v)
-        };
-        fields.insert(k.to_string(), v);
-    }
-    let fields = Value::Object(fields);
-    let mut row: Row = serde_json::from_value(fields.clone()).ok()?;
-    row.phases = serde_json::from_value(fields).ok()?;
+    let (mut row, phases): (Row, Phases) = parse_fields(line, "dma-bench")?;
+    row.phases = phases;
     if row.ops_per_s == 0.0 && row.ns_per_op > 0.0 {
         row.ops_per_s = 1e9 / row.ns_per_op;
     }
@@ -118,36 +84,25 @@ pub fn run(quick: bool, vcpus: &[u32]) -> Result<()> {
             let cmdline = format!(
                 "exit=qemu log=info guest=name=g0,mem={mem}M,cpus={n},dev=00:05.0,policy={policy}"
             );
-            let modules = module_files(&[BootModule {
-                file: TEST_GUEST,
-                cmdline: format!("g0 dma-bench={ops}"),
-            }])?;
             let name = format!("bench-dma-{policy}-{n}vcpu");
-            let iso = make_iso_with_modules(&kernel, &cmdline, &modules, &name)?;
-            let args = machine_args(&iso.to_string_lossy(), n);
-            let log = root().join(format!("target/xtask/{name}.log"));
             eprintln!(
                 "xtask: bench dma: policy {policy}, {n} vCPU(s) ({ops} operations per cell and vCPU)"
             );
-            let r = qemu::run(&args, &log, false, Duration::from_secs(900))?;
-            let found: Vec<Row> = r.serial.lines().filter_map(parse).collect();
-            if r.exit != Exit::Success
-                || found.len() != 8
-                || found.iter().any(|f| f.vcpus != n as u64)
-            {
-                return Err(format!(
-                    "bench dma: policy {policy}, {n} vCPU(s): {} with {} result lines (log: {})",
-                    r.exit,
-                    found.len(),
-                    log.display()
-                )
-                .into());
-            }
+            let found = run_guest(
+                &kernel,
+                &cmdline,
+                format!("g0 dma-bench={ops}"),
+                &name,
+                |iso| machine_args(iso, n),
+                parse,
+                |found| found.len() == 8 && found.iter().all(|f| f.vcpus == n as u64),
+            )
+            .map_err(|e| format!("bench dma: policy {policy}, {n} vCPU(s): {e}"))?;
             rows.extend(found);
         }
     }
     print_table(&rows);
-    write_json(&rows)?;
+    write_json(&rows, &root().join("target/bench/dma.json"))?;
     crate::plots::dma(&root().join("target/bench/dma.json"))?;
     check_targets(&rows);
     Ok(())
@@ -167,9 +122,9 @@ fn print_table(rows: &[Row]) {
         "policy", "vcpus", "batch", "bytes", "ops/s", "ns/op", "cycles/op", "inv/op", "waits/op", "exits/op", "exit", "validate", "iova_alloc", "pte", "inval", "iova_free", "vs pass", "vs strict1"
     );
     for r in rows {
-        let p = &r.phases;
+        let [exit, validate, iova_alloc, pte, inval, iova_free] = r.phases.values();
         println!(
-            "{:<12} {:>5} {:>5} {:>6} {:>10.0} {:>10.0} {:>11.0} {:>8.3} {:>8.3} {:>8.3} {:>8.0} {:>9.0} {:>9.0} {:>8.0} {:>8.0} {:>9.0} {:>7.2}x {:>9.3}x",
+            "{:<12} {:>5} {:>5} {:>6} {:>10.0} {:>10.0} {:>11.0} {:>8.3} {:>8.3} {:>8.3} {exit:>8.0} {validate:>9.0} {iova_alloc:>9.0} {pte:>8.0} {inval:>8.0} {iova_free:>9.0} {:>7.2}x {:>9.3}x",
             r.policy,
             r.vcpus,
             r.batch,
@@ -180,29 +135,10 @@ fn print_table(rows: &[Row]) {
             r.invalidations_per_op,
             r.waits_per_op,
             r.exits_per_op,
-            p.exit,
-            p.validate,
-            p.iova_alloc,
-            p.pte_write,
-            p.invalidate,
-            p.iova_free,
             r.cycles_per_op / cycles(r.vcpus, "passthrough", r.bytes, r.batch),
             r.cycles_per_op / cycles(r.vcpus, "strict", r.bytes, 1),
         );
     }
-}
-
-/// `target/bench/dma.json`: an array of [`Row`]s, one per line.
-fn write_json(rows: &[Row]) -> Result<()> {
-    let lines = rows
-        .iter()
-        .map(|r| serde_json::to_string(r).map(|s| format!("  {s}")))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let path = root().join("target/bench/dma.json");
-    std::fs::create_dir_all(path.parent().unwrap())?;
-    std::fs::write(&path, format!("[\n{}\n]\n", lines.join(",\n")))?;
-    eprintln!("xtask: wrote {}", path.display());
-    Ok(())
 }
 
 fn check_targets(rows: &[Row]) {

@@ -5,16 +5,11 @@
 //! I/O through the PV DMA hypercalls (passthrough: IOVA = GPA, no calls). One QEMU run per
 //! policy and vCPU count (1, 2). Emulated (QEMU TCG) figures: the ratios are the result.
 
-use std::time::Duration;
-
-use moat_scenarios::{BootModule, Exit, Machine, TEST_GUEST};
+use moat_scenarios::Machine;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
 
-use crate::bench_dma::Phases;
-use crate::{
-    build_kernel, make_iso_with_modules, module_files, qemu, root, setup, Flavour, Result,
-};
+use crate::bench_row::{emulated, parse_fields, run_guest, write_json, Phases};
+use crate::{build_kernel, root, setup, Flavour, Result};
 
 /// One measured cell: a row of the printed table and an element of `target/bench/nvme.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,29 +36,11 @@ pub(crate) struct Row {
     pub(crate) emulated: String,
 }
 
-fn emulated() -> String {
-    "QEMU TCG".into()
-}
-
 /// A guest line `... nvme-bench policy=.. workload=.. qd=.. vcpus=.. ios=.. iops=.. ...` as a
 /// [`Row`] (keys neither the row nor its phases want, such as `ios`, are ignored).
 fn parse(line: &str) -> Option<Row> {
-    let rest = &line[line.find("nvme-bench policy=")? + "nvme-bench ".len()..];
-    let mut fields = Map::new();
-    for kv in rest.split_whitespace() {
-        let (k, v) = kv.split_once('=')?;
-        let v = if let Ok(n) = v.parse::<u64>() {
-            Value::from(n)
-        } else if let Ok(x) = v.parse::<f64>() {
-            Value::from(x)
-        } else {
-            Value::from(v)
-        };
-        fields.insert(k.to_string(), v);
-    }
-    let fields = Value::Object(fields);
-    let mut row: Row = serde_json::from_value(fields.clone()).ok()?;
-    row.phases = serde_json::from_value(fields).ok()?;
+    let (mut row, phases): (Row, Phases) = parse_fields(line, "nvme-bench")?;
+    row.phases = phases;
     Some(row)
 }
 
@@ -91,32 +68,24 @@ pub fn run(quick: bool) -> Result<()> {
                     "exit=qemu log=info guest=name=g0,mem=64M,cpus={vcpus},dev={},policy={policy}",
                     moat_scenarios::nvme::NVME_BDF
                 );
-                let modules = module_files(&[BootModule {
-                    file: TEST_GUEST,
-                    cmdline: format!("g0 nvme-bench={ios}"),
-                }])?;
                 let name = format!("bench-nvme-{policy}-{vcpus}");
-                let iso = make_iso_with_modules(&kernel, &cmdline, &modules, &name)?;
                 let (dev, extra) = moat_scenarios::nvme::nvme_device(&image.to_string_lossy());
                 let machine = Machine {
                     devices: vec![dev],
                     extra,
                     ..Machine::default()
                 };
-                let args = machine.qemu_args(&iso.to_string_lossy(), setup::OVMF_CODE);
-                let log = root().join(format!("target/xtask/{name}.log"));
                 eprintln!("xtask: bench nvme: round {round}/{rounds}: policy {policy}, {vcpus} vCPU(s) ({ios} reads per vCPU per workload)");
-                let r = qemu::run(&args, &log, false, Duration::from_secs(900))?;
-                let found: Vec<Row> = r.serial.lines().filter_map(parse).collect();
-                if r.exit != Exit::Success || found.len() != WORKLOADS {
-                    return Err(format!(
-                    "bench nvme: policy {policy}, {vcpus} vCPU(s): {} with {} result lines (log: {})",
-                    r.exit,
-                    found.len(),
-                    log.display()
+                let found = run_guest(
+                    &kernel,
+                    &cmdline,
+                    format!("g0 nvme-bench={ios}"),
+                    &name,
+                    |iso| machine.qemu_args(iso, setup::OVMF_CODE),
+                    parse,
+                    |found| found.len() == WORKLOADS,
                 )
-                .into());
-                }
+                .map_err(|e| format!("bench nvme: policy {policy}, {vcpus} vCPU(s): {e}"))?;
                 rows.extend(found);
             }
         }
@@ -176,9 +145,9 @@ fn print_table(rows: &[Row]) {
         "policy", "workload", "qd", "vcpus", "IOPS", "ratio", "us/io", "inv/io", "waits/io", "exits/io", "exit", "validate", "iova_alloc", "pte", "inval", "iova_free"
     );
     for r in rows {
-        let p = &r.phases;
+        let [exit, validate, iova_alloc, pte, inval, iova_free] = r.phases.values();
         println!(
-            "{:<12} {:<8} {:>3} {:>5} {:>8.0} {:>5.2}x {:>8.1} {:>8.3} {:>8.3} {:>8.3} {:>7.0} {:>8.0} {:>10.0} {:>7.0} {:>7.0} {:>9.0}  {}",
+            "{:<12} {:<8} {:>3} {:>5} {:>8.0} {:>5.2}x {:>8.1} {:>8.3} {:>8.3} {:>8.3} {exit:>7.0} {validate:>8.0} {iova_alloc:>10.0} {pte:>7.0} {inval:>7.0} {iova_free:>9.0}  {}",
             r.policy,
             r.workload,
             r.qd,
@@ -189,12 +158,6 @@ fn print_table(rows: &[Row]) {
             r.invalidations_per_io,
             r.waits_per_io,
             r.exits_per_io,
-            p.exit,
-            p.validate,
-            p.iova_alloc,
-            p.pte_write,
-            p.invalidate,
-            p.iova_free,
             r.iops_runs
                 .iter()
                 .map(|x| format!("{x:.0}"))
@@ -202,17 +165,6 @@ fn print_table(rows: &[Row]) {
                 .join("/"),
         );
     }
-}
-
-/// `target/bench/nvme.json`: an array of [`Row`]s, one per line.
-fn write_json(rows: &[Row], path: &std::path::Path) -> Result<()> {
-    let lines = rows
-        .iter()
-        .map(|r| serde_json::to_string(r).map(|s| format!("  {s}")))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    std::fs::write(path, format!("[\n{}\n]\n", lines.join(",\n")))?;
-    eprintln!("xtask: wrote {}", path.display());
-    Ok(())
 }
 
 fn check_targets(rows: &[Row]) {

@@ -22,6 +22,7 @@
 
 mod bench_dma;
 mod bench_nvme;
+mod bench_row;
 mod bochs;
 mod cli;
 mod fuzz;
@@ -285,20 +286,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
             true,
             Duration::from_secs(timeout),
         )?;
-        eprintln!(
-            "xtask: Bochs ended: {} after {:.1}s (serial log: {})",
-            r.exit,
-            r.elapsed.as_secs_f64(),
-            log.display()
-        );
-        if r.exit != Exit::Success {
-            if !r.stderr.trim().is_empty() {
-                eprintln!("xtask: Bochs log:\n{}", r.stderr.trim_end());
-            }
-            return Err(format!("the run did not succeed: {}", r.exit).into());
-        }
-        return (demo.check)(&r.serial)
-            .map_err(|e| format!("the demo did not show what it should: {e}").into());
+        return demo_outcome("Bochs", "Bochs log", &r, &log, &demo);
     }
     let mut args = demo
         .machine
@@ -316,15 +304,28 @@ fn cmd_run(a: RunArgs) -> Result<()> {
     eprintln!("xtask: qemu-system-x86_64 {}", args.join(" "));
     let log = root().join("target/xtask/run.log");
     let r = qemu::run(&args, &log, true, limit)?;
+    demo_outcome("QEMU", "QEMU stderr", &r, &log, &demo)
+}
+
+/// Says how the demo's run on `emulator` ended and checks what it printed: an error if it
+/// did not succeed (with the emulator's own output, `stderr_name`) or did not show what the
+/// demo must.
+fn demo_outcome(
+    emulator: &str,
+    stderr_name: &str,
+    r: &qemu::RunResult,
+    log: &Path,
+    demo: &moat_scenarios::Scenario,
+) -> Result<()> {
     eprintln!(
-        "xtask: QEMU ended: {} after {:.1}s (serial log: {})",
+        "xtask: {emulator} ended: {} after {:.1}s (serial log: {})",
         r.exit,
         r.elapsed.as_secs_f64(),
         log.display()
     );
     if r.exit != Exit::Success {
         if !r.stderr.trim().is_empty() {
-            eprintln!("xtask: QEMU stderr:\n{}", r.stderr.trim_end());
+            eprintln!("xtask: {stderr_name}:\n{}", r.stderr.trim_end());
         }
         return Err(format!("the run did not succeed: {}", r.exit).into());
     }

@@ -4,9 +4,11 @@
 
 use std::path::Path;
 
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::bench_dma::Phases;
+use crate::bench_row::Phases;
 use crate::Result;
 
 /// Colours of the four policies (passthrough, strict, batched, deferred).
@@ -26,17 +28,6 @@ const PHASES: [(&str, RGBColor); 6] = [
     ("invalidate + wait", RGBColor(0x81, 0x72, 0xb3)),
     ("IOVA free", RGBColor(0xcc, 0xb9, 0x74)),
 ];
-
-fn phase_values(p: &Phases) -> [f64; 6] {
-    [
-        p.exit,
-        p.validate,
-        p.iova_alloc,
-        p.pte_write,
-        p.invalidate,
-        p.iova_free,
-    ]
-}
 
 /// One bar of a stacked phase chart.
 pub(crate) struct PhaseBar<'a> {
@@ -62,7 +53,7 @@ pub(crate) fn phase_bars(
     for ((name, bars), area) in panels.iter().zip(areas.iter()) {
         let top = bars
             .iter()
-            .map(|b| phase_values(b.phases).iter().sum::<f64>())
+            .map(|b| b.phases.values().iter().sum::<f64>())
             .fold(1.0, f64::max)
             * 1.1;
         let n = bars.len().max(1);
@@ -83,7 +74,7 @@ pub(crate) fn phase_bars(
             .draw()?;
         for (k, (pname, colour)) in PHASES.iter().enumerate() {
             let rects = bars.iter().enumerate().map(|(i, b)| {
-                let v = phase_values(b.phases);
+                let v = b.phases.values();
                 let low: f64 = v[..k].iter().sum();
                 Rectangle::new(
                     [(i as f64 + 0.15, low), (i as f64 + 0.85, low + v[k])],
@@ -97,16 +88,9 @@ pub(crate) fn phase_bars(
                     Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled())
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()?;
+        legend(&mut chart)?;
     }
-    root.present()?;
-    eprintln!("xtask: wrote {}", path.display());
-    Ok(())
+    written(&root, path)
 }
 
 /// The label of the category whose centre is at `x` (ticks elsewhere stay blank).
@@ -165,12 +149,25 @@ pub(crate) fn grouped_bars(
             .label(*name)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled()));
     }
+    legend(&mut chart)?;
+    written(&root, path)
+}
+
+/// Draws the legend of `chart`'s labelled series in its upper right corner.
+fn legend<'a>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+) -> Result<()> {
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
+    Ok(())
+}
+
+/// Writes the SVG of `root` out to `path`.
+fn written(root: &DrawingArea<SVGBackend<'_>, Shift>, path: &Path) -> Result<()> {
     root.present()?;
     eprintln!("xtask: wrote {}", path.display());
     Ok(())

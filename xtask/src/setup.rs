@@ -8,11 +8,37 @@ use std::process::{Command, Stdio};
 
 use crate::{run_status, Result};
 
-/// Something the build or the runner needs, and the Debian package that provides it.
+/// Something the build or the runner needs, how to tell it is there, and the Debian package
+/// that provides it.
 struct Need {
     what: &'static str,
-    present: fn() -> bool,
+    found: Found,
     package: &'static str,
+}
+
+/// How [`ensure`] tells a [`Need`] is there.
+enum Found {
+    /// One of these commands is on `PATH`.
+    Command(&'static [&'static str]),
+    /// This file exists.
+    File(&'static str),
+}
+
+impl Need {
+    const fn new(what: &'static str, found: Found, package: &'static str) -> Self {
+        Need {
+            what,
+            found,
+            package,
+        }
+    }
+
+    fn present(&self) -> bool {
+        match self.found {
+            Found::Command(cmds) => cmds.iter().any(|c| on_path(c)),
+            Found::File(path) => Path::new(path).exists(),
+        }
+    }
 }
 
 fn on_path(cmd: &str) -> bool {
@@ -28,68 +54,56 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 const BOCHS_TERM_PLUGIN: &str = "/usr/lib/x86_64-linux-gnu/bochs/plugins/libbx_term_gui.so";
 
 const NEEDS: &[Need] = &[
-    Need {
-        what: "qemu-system-x86_64",
-        present: || on_path("qemu-system-x86_64"),
-        package: "qemu-system-x86",
-    },
-    Need {
-        what: "grub-mkrescue",
-        present: || on_path("grub-mkrescue"),
-        package: "grub-common",
-    },
-    Need {
-        what: "GRUB BIOS modules",
-        present: || Path::new("/usr/lib/grub/i386-pc/multiboot2.mod").exists(),
-        package: "grub-pc-bin",
-    },
-    Need {
-        what: "GRUB UEFI modules",
-        present: || Path::new("/usr/lib/grub/x86_64-efi/multiboot2.mod").exists(),
-        package: "grub-efi-amd64-bin",
-    },
-    Need {
-        what: "xorriso",
-        present: || on_path("xorriso"),
-        package: "xorriso",
-    },
-    Need {
-        what: "mformat (mtools)",
-        present: || on_path("mformat"),
-        package: "mtools",
-    },
-    Need {
-        what: "OVMF firmware",
-        present: || Path::new(OVMF_CODE).exists(),
-        package: "ovmf",
-    },
-    Need {
-        what: "bochs (an emulated Intel CPU with VMX, for the bochs-* scenarios)",
-        present: || on_path("bochs"),
-        package: "bochs",
-    },
-    Need {
-        what: "the Bochs BIOS",
-        present: || Path::new(moat_scenarios::bochs::BOCHS_BIOS).exists(),
-        package: "bochsbios",
-    },
-    Need {
-        what: "the Bochs VGA BIOS",
-        present: || Path::new(moat_scenarios::bochs::BOCHS_VGABIOS).exists(),
-        package: "vgabios",
-    },
-    Need {
-        what: "Bochs's term display (it has no headless one)",
-        present: || Path::new(BOCHS_TERM_PLUGIN).exists(),
-        package: "bochs-term",
-    },
-    Need {
-        // libFuzzer (C++) is built by the fuzz workspaces, whose regression replays
-        // `cargo xtask test` runs on stable.
-        what: "a C++ compiler (g++)",
-        present: || on_path("g++") || on_path("c++"),
-        package: "g++",
-    },
+    Need::new(
+        "qemu-system-x86_64",
+        Found::Command(&["qemu-system-x86_64"]),
+        "qemu-system-x86",
+    ),
+    Need::new(
+        "grub-mkrescue",
+        Found::Command(&["grub-mkrescue"]),
+        "grub-common",
+    ),
+    Need::new(
+        "GRUB BIOS modules",
+        Found::File("/usr/lib/grub/i386-pc/multiboot2.mod"),
+        "grub-pc-bin",
+    ),
+    Need::new(
+        "GRUB UEFI modules",
+        Found::File("/usr/lib/grub/x86_64-efi/multiboot2.mod"),
+        "grub-efi-amd64-bin",
+    ),
+    Need::new("xorriso", Found::Command(&["xorriso"]), "xorriso"),
+    Need::new("mformat (mtools)", Found::Command(&["mformat"]), "mtools"),
+    Need::new("OVMF firmware", Found::File(OVMF_CODE), "ovmf"),
+    Need::new(
+        "bochs (an emulated Intel CPU with VMX, for the bochs-* scenarios)",
+        Found::Command(&["bochs"]),
+        "bochs",
+    ),
+    Need::new(
+        "the Bochs BIOS",
+        Found::File(moat_scenarios::bochs::BOCHS_BIOS),
+        "bochsbios",
+    ),
+    Need::new(
+        "the Bochs VGA BIOS",
+        Found::File(moat_scenarios::bochs::BOCHS_VGABIOS),
+        "vgabios",
+    ),
+    Need::new(
+        "Bochs's term display (it has no headless one)",
+        Found::File(BOCHS_TERM_PLUGIN),
+        "bochs-term",
+    ),
+    // libFuzzer (C++) is built by the fuzz workspaces, whose regression replays
+    // `cargo xtask test` runs on stable.
+    Need::new(
+        "a C++ compiler (g++)",
+        Found::Command(&["g++", "c++"]),
+        "g++",
+    ),
 ];
 
 fn is_root() -> bool {
@@ -102,7 +116,7 @@ fn is_root() -> bool {
 
 /// Makes sure every Debian package and the Rust target are there.
 pub fn ensure() -> Result<()> {
-    let missing: Vec<&Need> = NEEDS.iter().filter(|n| !(n.present)()).collect();
+    let missing: Vec<&Need> = NEEDS.iter().filter(|n| !n.present()).collect();
     if !missing.is_empty() {
         let mut pkgs: Vec<&str> = missing.iter().map(|n| n.package).collect();
         pkgs.dedup();
@@ -139,7 +153,7 @@ pub fn ensure() -> Result<()> {
         .map_err(|e| format!("apt-get install failed ({e}); run by hand: {cmd}"))?;
         let still: Vec<&str> = NEEDS
             .iter()
-            .filter(|n| !(n.present)())
+            .filter(|n| !n.present())
             .map(|n| n.what)
             .collect();
         if !still.is_empty() {

@@ -94,47 +94,29 @@ fn tail(s: &str, n: usize) -> String {
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
+/// The crates that build only for x86_64-unknown-none: left out of the host's tests and
+/// host clippy, linted for their own target.
+const BARE_METAL: [&str; 2] = ["moat-kernel", "moat-test-guest"];
+
+/// `flag crate` for each of [`BARE_METAL`] (`--exclude` or `-p`).
+fn each_bare_metal(flag: &'static str) -> impl Iterator<Item = &'static str> {
+    BARE_METAL.into_iter().flat_map(move |c| [flag, c])
+}
+
 fn host_tests(tally: &mut Tally) {
     let mut t = cargo();
-    t.args([
-        "test",
-        "--no-fail-fast",
-        "--workspace",
-        "--exclude",
-        "moat-kernel",
-        "--exclude",
-        "moat-test-guest",
-    ]);
+    t.args(["test", "--no-fail-fast", "--workspace"])
+        .args(each_bare_metal("--exclude"));
     run_libtest("host tests", t, tally);
     if root().join("hypervisor/iova/tests/loom.rs").exists() {
-        let mut l = cargo();
-        l.args([
-            "test",
-            "--no-fail-fast",
-            "-p",
-            "moat-iova",
-            "--release",
-            "--test",
-            "loom",
-        ])
-        .env("RUSTFLAGS", "--cfg loom")
-        .env("CARGO_TARGET_DIR", root().join("target/loom"));
-        run_libtest("loom models", l, tally);
+        run_libtest("loom models", loom("moat-iova", &["--test", "loom"]), tally);
     }
     // moat-dma's: the shards' shared accounting (guest-page claims, quota reservations).
-    let mut l = cargo();
-    l.args([
-        "test",
-        "--no-fail-fast",
-        "-p",
-        "moat-dma",
-        "--release",
-        "--lib",
-        "loom",
-    ])
-    .env("RUSTFLAGS", "--cfg loom")
-    .env("CARGO_TARGET_DIR", root().join("target/loom"));
-    run_libtest("moat-dma loom models", l, tally);
+    run_libtest(
+        "moat-dma loom models",
+        loom("moat-dma", &["--lib", "loom"]),
+        tally,
+    );
     // The fuzz targets' regression inputs (every crash a fuzz campaign found), replayed on
     // stable; the fuzz workspaces are not members of the main workspace (cargo fuzz needs
     // nightly to fuzz, not to replay).
@@ -146,6 +128,17 @@ fn host_tests(tally: &mut Tally) {
             run_libtest(&format!("fuzz regressions ({ws})"), f, tally);
         }
     }
+}
+
+/// `cargo test` of `package`'s loom models `which` (release, `--cfg loom`, in their own
+/// target directory so that the normal builds are not redone).
+fn loom(package: &str, which: &[&str]) -> Command {
+    let mut l = cargo();
+    l.args(["test", "--no-fail-fast", "-p", package, "--release"])
+        .args(which)
+        .env("RUSTFLAGS", "--cfg loom")
+        .env("CARGO_TARGET_DIR", root().join("target/loom"));
+    l
 }
 
 /// Runs a check that passes or fails as a whole (one test in the tally); on failure, the
@@ -186,35 +179,21 @@ fn lint_checks(tally: &mut Tally) {
     fmt.args(["fmt", "--all", "--check"]);
     run_check("cargo fmt", fmt, tally);
     let mut host = cargo();
-    host.args([
-        "clippy",
-        "--quiet",
-        "--workspace",
-        "--exclude",
-        "moat-kernel",
-        "--exclude",
-        "moat-test-guest",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]);
+    host.args(["clippy", "--quiet", "--workspace"])
+        .args(each_bare_metal("--exclude"))
+        .args(["--all-targets", "--", "-D", "warnings"]);
     run_check("cargo clippy (host crates)", host, tally);
     let mut bare = cargo();
-    bare.args([
-        "clippy",
-        "--quiet",
-        "-p",
-        "moat-kernel",
-        "-p",
-        "moat-test-guest",
-        "--target",
-        "x86_64-unknown-none",
-        "--release",
-        "--",
-        "-D",
-        "warnings",
-    ]);
+    bare.args(["clippy", "--quiet"])
+        .args(each_bare_metal("-p"))
+        .args([
+            "--target",
+            "x86_64-unknown-none",
+            "--release",
+            "--",
+            "-D",
+            "warnings",
+        ]);
     run_check("cargo clippy (kernel, test guest)", bare, tally);
 }
 

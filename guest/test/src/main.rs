@@ -84,11 +84,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
     let line = cmdline(&info);
     if vcpu != 0 {
         println!("vcpu {vcpu} of {} up", info.vcpus.get());
-        if let Some(rounds) = line
-            .split_ascii_whitespace()
-            .find_map(|w| w.strip_prefix("dma-smp="))
-            .and_then(parse_number)
-        {
+        if let Some(rounds) = number_arg(line, "dma-smp=") {
             match dma::smp_worker(
                 vcpu as usize,
                 info.vcpus.get() as usize,
@@ -100,22 +96,14 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             }
             abi::exit(0);
         }
-        if let Some(rounds) = line
-            .split_ascii_whitespace()
-            .find_map(|w| w.strip_prefix("dma-concurrent="))
-            .and_then(parse_number)
-        {
+        if let Some(rounds) = number_arg(line, "dma-concurrent=") {
             match dma::concurrent_worker(&info, vcpu as usize, rounds) {
                 Ok(()) => println!("vcpu {vcpu}: dma-concurrent worker done"),
                 Err(e) => println!("vcpu {vcpu}: dma-concurrent worker FAILED: {e}"),
             }
             abi::exit(0);
         }
-        if let Some(ops) = line
-            .split_ascii_whitespace()
-            .find_map(|w| w.strip_prefix("dma-bench="))
-            .and_then(parse_number)
-        {
+        if let Some(ops) = number_arg(line, "dma-bench=") {
             if let Err(e) = dma::bench_worker(&info, vcpu as usize, ops) {
                 println!("vcpu {vcpu}: dma-bench worker FAILED: {e}");
             }
@@ -243,6 +231,13 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
 }
 
 type Outcome = Result<(), &'static str>;
+
+/// The number after `key` (e.g. `dma-smp=`) in the first word of `line` that starts with it.
+fn number_arg(line: &str, key: &str) -> Option<u64> {
+    line.split_ascii_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(parse_number)
+}
 
 fn parse_number(s: &str) -> Option<u64> {
     match s.strip_prefix("0x") {

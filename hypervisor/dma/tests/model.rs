@@ -2,14 +2,15 @@
 //! translation it has cached until the flush that covers it, so a missing or late
 //! invalidation is visible here as a stale device access.
 
-use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
 
 use moat_dma::{
-    Access, Clock, DmaState, Error, GuestRam, Iommu, IovaSource, Limits, Mapping, Policy, Unmapped,
-    PAGE_SIZE,
+    Access, DmaState, Error, Iommu, IovaSource, Limits, Mapping, Policy, Unmapped, PAGE_SIZE,
 };
 use proptest::prelude::*;
+
+mod support;
+use support::{FlatRam, SetClock};
 
 #[derive(Default)]
 struct FakeIommu {
@@ -161,34 +162,18 @@ impl IovaSource for FakeIovas {
     }
 }
 
-struct Ram;
-impl GuestRam for Ram {
-    fn size(&self) -> u64 {
-        16 << 20
-    }
-    fn host_base(&self) -> u64 {
-        0x1000_0000
-    }
-    fn forbidden(&self, gpa: std::ops::Range<u64>) -> bool {
-        gpa.start < 0xF000 + PAGE_SIZE && gpa.end > 0xF000
-    }
-}
-
-struct FakeClock(Cell<u64>);
-impl Clock for FakeClock {
-    fn cycles(&self) -> u64 {
-        self.0.get()
-    }
-    fn now_ns(&self) -> u64 {
-        self.0.get()
-    }
-}
+/// 16 MiB at host 0x1000_0000; page 0xF000 is the forbidden window.
+const RAM: FlatRam = FlatRam {
+    size: 16 << 20,
+    host_base: 0x1000_0000,
+    forbidden_page: Some(0xF000),
+};
 
 struct World {
     st: DmaState<Vec<(u64, u64)>>,
     dom: FakeIommu,
     iovas: FakeIovas,
-    clock: FakeClock,
+    clock: SetClock,
 }
 
 impl World {
@@ -197,14 +182,14 @@ impl World {
             st: DmaState::new(policy, limits),
             dom: FakeIommu::default(),
             iovas: FakeIovas::default(),
-            clock: FakeClock(Cell::new(0)),
+            clock: SetClock::default(),
         }
     }
     fn map(&mut self, gpa: u64, len: u64, a: Access) -> Result<u64, Error> {
         self.st.map(
             &mut self.dom,
             &mut self.iovas,
-            &Ram,
+            &RAM,
             &self.clock,
             gpa,
             len,
@@ -213,7 +198,7 @@ impl World {
     }
     fn unmap(&mut self, iova: u64, len: u64) -> Result<Unmapped, Error> {
         self.st
-            .unmap(&mut self.dom, &mut self.iovas, &Ram, &self.clock, iova, len)
+            .unmap(&mut self.dom, &mut self.iovas, &RAM, &self.clock, iova, len)
     }
     fn end_batch(&mut self) -> Result<(), Error> {
         self.st
@@ -233,7 +218,7 @@ impl World {
         self.clock.0.get()
     }
     fn advance(&mut self, ns: u64) {
-        self.clock.0.set(self.clock.0.get() + ns);
+        self.clock.advance(ns);
     }
 
     /// The invariants that hold after every call, whatever happened:

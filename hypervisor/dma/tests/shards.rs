@@ -10,9 +10,11 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use moat_dma::{
-    Access, DmaState, Error, GuestRam, Iommu, IovaSource, Limits, NoClock, Policy, Shared,
-    PAGE_SIZE,
+    Access, DmaState, Error, Iommu, IovaSource, Limits, NoClock, Policy, Shared, PAGE_SIZE,
 };
+
+mod support;
+use support::FlatRam;
 
 const RAM_PAGES: u64 = 512;
 const HPA: u64 = 0x1000_0000;
@@ -104,15 +106,11 @@ impl IovaSource for Iovas {
     }
 }
 
-struct Ram;
-impl GuestRam for Ram {
-    fn size(&self) -> u64 {
-        RAM_PAGES * PAGE_SIZE
-    }
-    fn host_base(&self) -> u64 {
-        HPA
-    }
-}
+const RAM: FlatRam = FlatRam {
+    size: RAM_PAGES * PAGE_SIZE,
+    host_base: HPA,
+    forbidden_page: None,
+};
 
 /// Per guest page: 0 free, 1 live (the test saw MAP return), 2 its UNMAP is in progress.
 static GPA: [AtomicU8; RAM_PAGES as usize] = [const { AtomicU8::new(0) }; RAM_PAGES as usize];
@@ -149,7 +147,7 @@ fn unmap(shards: &[Shard], me: usize, dom: &Dom, iovas: &Iovas, m: (u64, u64, u6
     let r = shards[me].lock().unwrap().unmap(
         &mut dom.clone(),
         &mut iovas.clone(),
-        &Ram,
+        &RAM,
         &NoClock,
         iova,
         pages * PAGE_SIZE,
@@ -207,7 +205,7 @@ fn two_vcpus_share_nothing_but_the_accounting() {
                     let r = shards[me].lock().unwrap().map(
                         &mut dom.clone(),
                         &mut iovas.clone(),
-                        &Ram,
+                        &RAM,
                         &NoClock,
                         gpa,
                         pages * PAGE_SIZE,

@@ -16,6 +16,27 @@ fn alloc(base: u64, limit: u64, cpus: usize, strict: bool) -> IovaAllocator {
     .unwrap()
 }
 
+/// Allocates `n` single pages on `h`, then frees them all in the same order.
+fn alloc_then_free(h: &mut PerCpu<'_>, n: usize) {
+    let v: Vec<_> = (0..n).map(|_| h.alloc(0, u64::MAX).unwrap()).collect();
+    for i in v {
+        h.free(i).unwrap();
+    }
+}
+
+/// `x` freed with one order less is WrongSize (naming its order); freed at its size it goes;
+/// freed again it is NotAllocated.
+fn frees_once_at_its_size(mut free: impl FnMut(Iova) -> Result<(), Error>, x: Iova) {
+    assert_eq!(
+        free(Iova::new(x.pfn(), x.order() - 1)),
+        Err(Error::WrongSize {
+            allocated_order: x.order()
+        })
+    );
+    free(x).unwrap();
+    assert_eq!(free(x), Err(Error::NotAllocated));
+}
+
 #[test]
 fn config_is_validated() {
     assert_eq!(
@@ -193,14 +214,7 @@ fn misuse_in_release_mode_is_caught_cheaply_or_late() {
     // Large orders always go to the backing allocator and are always checked.
     let mut h = a.claim(0).unwrap();
     let big = h.alloc(12, u64::MAX).unwrap();
-    assert_eq!(
-        h.free(Iova::new(big.pfn(), 11)),
-        Err(Error::WrongSize {
-            allocated_order: 12
-        })
-    );
-    h.free(big).unwrap();
-    assert_eq!(h.free(big), Err(Error::NotAllocated));
+    frees_once_at_its_size(|i| h.free(i), big);
 }
 
 #[test]
@@ -208,10 +222,7 @@ fn magazines_overflow_into_the_depot_and_come_back() {
     let a = alloc(1, 1 << 20, 1, true);
     let mut h = a.claim(0).unwrap();
     let n = MAG_SIZE * 5;
-    let v: Vec<_> = (0..n).map(|_| h.alloc(0, u64::MAX).unwrap()).collect();
-    for &i in &v {
-        h.free(i).unwrap();
-    }
+    alloc_then_free(&mut h, n);
     let s = a.stats();
     // Three magazines' worth went to the depot (two stay loaded/previous on the CPU).
     assert_eq!(s.depot_full[0], 3, "{:?}", s.depot_full);
@@ -281,14 +292,7 @@ fn uncached_path_and_large_orders() {
     let a = alloc(1, 1 << 30, 2, true);
     let x = a.alloc_uncached(20, u64::MAX).unwrap();
     assert_eq!(x.pfn() % (1 << 20), 0);
-    assert_eq!(
-        a.free_uncached(Iova::new(x.pfn(), 19)),
-        Err(Error::WrongSize {
-            allocated_order: 20
-        })
-    );
-    a.free_uncached(x).unwrap();
-    assert_eq!(a.free_uncached(x), Err(Error::NotAllocated));
+    frees_once_at_its_size(|i| a.free_uncached(i), x);
     assert_eq!(a.alloc_uncached(30, u64::MAX), Err(Error::NoSpace));
     assert_eq!(a.alloc_uncached(3, 8), Err(Error::NoSpace));
     assert_eq!(a.alloc_uncached(3, 16), Ok(Iova::new(8, 3)));
@@ -345,10 +349,7 @@ fn depot_pool_exhaustion_falls_back_to_the_backing_allocator() {
     .unwrap();
     let mut h = a.claim(0).unwrap();
     let n = MAG_SIZE * 14;
-    let v: Vec<_> = (0..n).map(|_| h.alloc(0, u64::MAX).unwrap()).collect();
-    for &i in &v {
-        h.free(i).unwrap();
-    }
+    alloc_then_free(&mut h, n);
     let s = a.stats();
     assert!(s.depot_full[0] <= 10);
     assert_eq!(
@@ -367,12 +368,7 @@ fn depot_pool_exhaustion_falls_back_to_the_backing_allocator() {
 fn dropping_a_handle_returns_everything() {
     let a = alloc(1, 1 << 20, 2, true);
     let mut h = a.claim(1).unwrap();
-    let v: Vec<_> = (0..3 * MAG_SIZE)
-        .map(|_| h.alloc(0, u64::MAX).unwrap())
-        .collect();
-    for i in v {
-        h.free(i).unwrap();
-    }
+    alloc_then_free(&mut h, 3 * MAG_SIZE);
     drop(h);
     a.drain_depot();
     let s = a.stats();

@@ -37,16 +37,22 @@ impl Owned {
     }
 }
 
+/// A stack over `items.len()` links with `items` pushed in that order (the last one on top),
+/// and an ownership tracker of as many elements, none owned.
+fn stack_holding(items: &[u32]) -> (Arc<LinkArray>, Arc<TaggedStack>, Arc<Owned>) {
+    let links = Arc::new(LinkArray::new(items.len()));
+    let stack = Arc::new(TaggedStack::new());
+    for &i in items {
+        assert!(stack.push(&*links, i));
+    }
+    (links, stack, Arc::new(Owned::new(items.len())))
+}
+
 /// Two threads pop and push back concurrently: no element is ever owned twice and all come back.
 #[test]
 fn stack_push_pop_race() {
     model(3, || {
-        let links = Arc::new(LinkArray::new(2));
-        let stack = Arc::new(TaggedStack::new());
-        let owned = Arc::new(Owned::new(2));
-        for i in 0..2 {
-            assert!(stack.push(&*links, i));
-        }
+        let (links, stack, owned) = stack_holding(&[0, 1]);
         let th: Vec<_> = (0..2)
             .map(|_| {
                 let (links, stack, owned) = (links.clone(), stack.clone(), owned.clone());
@@ -76,12 +82,7 @@ fn stack_push_pop_race() {
 #[test]
 fn stack_aba() {
     model(3, || {
-        let links = Arc::new(LinkArray::new(3));
-        let stack = Arc::new(TaggedStack::new());
-        let owned = Arc::new(Owned::new(3));
-        for i in (0..3).rev() {
-            stack.push(&*links, i);
-        }
+        let (links, stack, owned) = stack_holding(&[2, 1, 0]);
         let t1 = {
             let (links, stack, owned) = (links.clone(), stack.clone(), owned.clone());
             thread::spawn(move || {
@@ -131,6 +132,27 @@ fn small(window: u64, strict: bool) -> IovaAllocator {
     .unwrap()
 }
 
+/// CPU 0 allocates two IOVAs while `other` runs, then, once it has joined, frees them and
+/// drains the depot: all 16 pages are back in one free range and nothing was misused.
+fn alloc_two_while(a: &IovaAllocator, owned: &Owned, other: thread::JoinHandle<()>) {
+    let mut h0 = a.claim(0).unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let i = h0.alloc(0, u64::MAX).unwrap();
+        owned.take(i.pfn() as usize);
+        got.push(i);
+    }
+    other.join().unwrap();
+    for i in got {
+        owned.give(i.pfn() as usize);
+        h0.free(i).unwrap();
+    }
+    drop(h0);
+    a.drain_depot();
+    let s = a.stats();
+    assert_eq!((s.free_pages, s.free_ranges, s.late_misuse), (16, 1, 0));
+}
+
 /// CPU 1 frees enough IOVAs to push a full magazine into the depot while CPU 0 allocates and
 /// may take that magazine: every page has one owner at a time and everything adds up.
 #[test]
@@ -155,22 +177,7 @@ fn cross_cpu_alloc_here_free_there() {
                 }
             })
         };
-        let mut h0 = a.claim(0).unwrap();
-        let mut got = Vec::new();
-        for _ in 0..2 {
-            let i = h0.alloc(0, u64::MAX).unwrap();
-            owned.take(i.pfn() as usize);
-            got.push(i);
-        }
-        freer.join().unwrap();
-        for i in got {
-            owned.give(i.pfn() as usize);
-            h0.free(i).unwrap();
-        }
-        drop(h0);
-        a.drain_depot();
-        let s = a.stats();
-        assert_eq!((s.free_pages, s.free_ranges, s.late_misuse), (16, 1, 0));
+        alloc_two_while(&a, &owned, freer);
     });
 }
 
@@ -245,22 +252,7 @@ fn depot_trim_races_with_refill() {
                 a.drain_depot();
             })
         };
-        let mut h0 = a.claim(0).unwrap();
-        let mut got = Vec::new();
-        for _ in 0..2 {
-            let i = h0.alloc(0, u64::MAX).unwrap();
-            owned.take(i.pfn() as usize);
-            got.push(i);
-        }
-        trimmer.join().unwrap();
-        for i in got {
-            owned.give(i.pfn() as usize);
-            h0.free(i).unwrap();
-        }
-        drop(h0);
-        a.drain_depot();
-        let s = a.stats();
-        assert_eq!((s.free_pages, s.free_ranges, s.late_misuse), (16, 1, 0));
+        alloc_two_while(&a, &owned, trimmer);
         a.verify().unwrap();
     });
 }

@@ -201,29 +201,22 @@ mod tests {
 
     #[test]
     fn exit_from_the_final_serial_line() {
-        assert_eq!(Exit::from_serial("boot\nmoat: halted\n"), None);
-        assert_eq!(
-            Exit::from_serial("x\nmoat: exit Success (code 0x10)\nmoat: halted\n"),
-            Some(Exit::Success)
-        );
-        assert_eq!(
-            Exit::from_serial("moat: exit Panic (code 0x12)\r\n"),
-            Some(Exit::Panic)
-        );
-        assert_eq!(
-            Exit::from_serial("moat: exit Exception (code 0x13)"),
-            Some(Exit::Exception)
-        );
-        assert_eq!(
-            Exit::from_serial("moat: exit Failure (code 0x11)"),
-            Some(Exit::Failure)
-        );
-        // A guest echoing something like it mid-line does not count.
-        assert_eq!(
-            Exit::from_serial("g0> moat: exit Success (code 0x10)"),
-            None
-        );
-        assert_eq!(Exit::from_serial("moat: exit Success (code 0x1"), None);
+        let cases = [
+            ("boot\nmoat: halted\n", None),
+            (
+                "x\nmoat: exit Success (code 0x10)\nmoat: halted\n",
+                Some(Exit::Success),
+            ),
+            ("moat: exit Panic (code 0x12)\r\n", Some(Exit::Panic)),
+            ("moat: exit Exception (code 0x13)", Some(Exit::Exception)),
+            ("moat: exit Failure (code 0x11)", Some(Exit::Failure)),
+            // A guest echoing something like it mid-line does not count.
+            ("g0> moat: exit Success (code 0x10)", None),
+            ("moat: exit Success (code 0x1", None),
+        ];
+        for (serial, want) in cases {
+            assert_eq!(Exit::from_serial(serial), want, "{serial:?}");
+        }
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! `dma-bench`: map/unmap cost per policy and batch size (read by `cargo xtask bench dma`),
 //! on every vCPU of the guest at once (`cargo xtask bench dma --vcpus 1,2`).
 
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+
+use moat_abi::dma::Stats;
 
 use super::*;
 
@@ -18,10 +20,8 @@ static mut BENCH_SCRATCH: [PageArray<1>; MAX_VCPUS] =
 
 /// The cell barrier: vCPUs arrived at the current phase.
 static ARRIVED: AtomicU64 = AtomicU64::new(0);
-/// Set when a worker failed: the others stop waiting.
-static FAILED: AtomicBool = AtomicBool::new(false);
-/// Workers that finished (ok or not).
-static DONE: AtomicU64 = AtomicU64::new(0);
+/// The benchmark's workers.
+static CREW: Crew = Crew::new();
 /// The last cell vCPU 0 ended (cells count from 1): the others stop at their next round.
 static STOP: AtomicU64 = AtomicU64::new(0);
 /// Operations of the current cell, all vCPUs.
@@ -31,7 +31,7 @@ static CELL_OPS: AtomicU64 = AtomicU64::new(0);
 fn barrier(n: u64, k: u64) -> Outcome {
     ARRIVED.fetch_add(1, SeqCst);
     while ARRIVED.load(SeqCst) < n * k {
-        if FAILED.load(SeqCst) {
+        if CREW.failed() {
             return Err("another dma-bench worker failed");
         }
         core::hint::spin_loop();
@@ -57,18 +57,10 @@ fn buffers(v: usize) -> u64 {
 /// Emulated time (QEMU TCG).
 pub fn bench(info: &BootInfo, ops_per_cell: u64) -> Outcome {
     let n = (info.vcpus.get() as usize).clamp(1, MAX_VCPUS);
+    // `bench_worker` does not count vCPU 0: it counts itself here, after its last cell.
     let mine = bench_worker(info, 0, ops_per_cell);
-    if mine.is_err() {
-        FAILED.store(true, SeqCst);
-    }
-    DONE.fetch_add(1, SeqCst);
-    while DONE.load(SeqCst) < n as u64 {
-        core::hint::spin_loop();
-    }
-    mine?;
-    if FAILED.load(SeqCst) {
-        return Err("a dma-bench worker failed");
-    }
+    CREW.finish();
+    CREW.join(mine, n as u64, None, "a dma-bench worker failed")?;
     let mut d = driver()?;
     let s = d.stats(false).map_err(|_| "STATS failed")?;
     if s.live_mappings != 0 {
@@ -83,29 +75,17 @@ pub fn bench_worker(info: &BootInfo, v: usize, ops_per_cell: u64) -> Outcome {
         // Not taking part (the barrier counts the first MAX_VCPUS).
         return Ok(());
     }
-    let r = bench_cells(info, v, ops_per_cell);
-    if r.is_err() {
-        FAILED.store(true, SeqCst);
-    }
+    let r = CREW.note(bench_cells(info, v, ops_per_cell));
     if v != 0 {
-        DONE.fetch_add(1, SeqCst);
+        CREW.finish();
     }
     r
 }
 
 fn bench_cells(info: &BootInfo, v: usize, ops_per_cell: u64) -> Outcome {
     let n = (info.vcpus.get() as u64).clamp(1, MAX_VCPUS as u64);
-    // SAFETY: as in `driver`; each vCPU has its own scratch page.
-    let hv = unsafe { Native::new() };
-    let scratch = core::ptr::addr_of!(BENCH_SCRATCH) as u64 + (v * PAGE) as u64;
-    let mut d = PvDma::probe(
-        hv,
-        GuestBuffer {
-            gpa: scratch,
-            len: PAGE as u64,
-        },
-    )
-    .map_err(|_| "PV DMA discovery failed")?;
+    // Each vCPU has its own scratch page.
+    let mut d = driver_at(core::ptr::addr_of!(BENCH_SCRATCH) as u64 + (v * PAGE) as u64)?;
     let policy = d.info().policy;
     let area =
         core::ptr::addr_of!(BENCH_BATCH) as u64 + (v * core::mem::size_of::<PageArray<4>>()) as u64;
@@ -208,7 +188,7 @@ fn bench_cells(info: &BootInfo, v: usize, ops_per_cell: u64) -> Outcome {
             let cycles = (t1 - t0) as f64 / all as f64;
             let ns = cycles * 1_000_000.0 / khz as f64;
             println!(
-                "dma-bench policy={} vcpus={n} batch={batch} bytes={bytes} ops={all} ops_per_s={:.0} ns_per_op={:.0} cycles_per_op={:.0} invalidations_per_op={:.4} waits_per_op={:.4} exits_per_op={:.4} exit={:.0} validate={:.0} iova_alloc={:.0} pte_write={:.0} invalidate={:.0} iova_free={:.0}",
+                "dma-bench policy={} vcpus={n} batch={batch} bytes={bytes} ops={all} ops_per_s={:.0} ns_per_op={:.0} cycles_per_op={:.0} invalidations_per_op={:.4} waits_per_op={:.4} exits_per_op={:.4} {}",
                 policy_name(policy),
                 1e9 / ns,
                 ns,
@@ -217,16 +197,42 @@ fn bench_cells(info: &BootInfo, v: usize, ops_per_cell: u64) -> Outcome {
                 per(s0.waits, s1.waits),
                 // The closing STATS call counts itself.
                 (s1.exits.get() - s0.exits.get() - 1) as f64 / all as f64,
-                per(s0.cycles_exit, s1.cycles_exit),
-                per(s0.cycles_validate, s1.cycles_validate),
-                per(s0.cycles_iova_alloc, s1.cycles_iova_alloc),
-                per(s0.cycles_pte_write, s1.cycles_pte_write),
-                per(s0.cycles_invalidate, s1.cycles_invalidate),
-                per(s0.cycles_iova_free, s1.cycles_iova_free),
+                PhaseCycles(&s0, &s1, all as f64),
             );
         }
     }
     let _ = d.sync_iotlb();
     d.detach_batch().map_err(|_| "unregister failed")?;
     Ok(())
+}
+
+/// The hypervisor's cycles per operation by phase between two STATS readings, over `ops`
+/// operations, as the benchmark lines print them (`exit=.. validate=.. iova_alloc=..
+/// pte_write=.. invalidate=.. iova_free=..`, which `cargo xtask bench` reads).
+pub(crate) struct PhaseCycles<'a>(pub &'a Stats, pub &'a Stats, pub f64);
+
+impl core::fmt::Display for PhaseCycles<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        let (s0, s1) = (self.0, self.1);
+        let per = |a: U64, b: U64| (b.get() - a.get()) as f64 / self.2;
+        let phases = [
+            ("exit", per(s0.cycles_exit, s1.cycles_exit)),
+            ("validate", per(s0.cycles_validate, s1.cycles_validate)),
+            (
+                "iova_alloc",
+                per(s0.cycles_iova_alloc, s1.cycles_iova_alloc),
+            ),
+            ("pte_write", per(s0.cycles_pte_write, s1.cycles_pte_write)),
+            (
+                "invalidate",
+                per(s0.cycles_invalidate, s1.cycles_invalidate),
+            ),
+            ("iova_free", per(s0.cycles_iova_free, s1.cycles_iova_free)),
+        ];
+        for (i, (name, v)) in phases.iter().enumerate() {
+            let sep = if i == 0 { "" } else { " " };
+            write!(f, "{sep}{name}={v:.0}")?;
+        }
+        Ok(())
+    }
 }

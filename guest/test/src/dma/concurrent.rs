@@ -43,8 +43,7 @@ static CHECKS: AtomicU64 = AtomicU64::new(0);
 static MISMATCH: AtomicU64 = AtomicU64::new(0);
 static PROBES: AtomicU64 = AtomicU64::new(0);
 static REACHABLE: AtomicU64 = AtomicU64::new(0);
-static FAILED: AtomicBool = AtomicBool::new(false);
-static DONE: AtomicU64 = AtomicU64::new(0);
+static CREW: Crew = Crew::new();
 /// Sync points: reached (own work done, filling), arrived (quiescent), checked (by vCPU 0).
 static REACHED: [AtomicU64; VCPUS] = [const { AtomicU64::new(0) }; VCPUS];
 static ARRIVED: [AtomicU64; VCPUS] = [const { AtomicU64::new(0) }; VCPUS];
@@ -68,18 +67,8 @@ fn slot(iova: u64) -> Option<&'static AtomicU8> {
 }
 
 /// Waits for `cond` (about 60 s at most, or until a worker failed).
-fn wait(khz: u64, mut cond: impl FnMut() -> bool) -> Outcome {
-    let t0 = crate::abi::rdtsc();
-    while !cond() {
-        if FAILED.load(SeqCst) {
-            return Err("another dma-concurrent worker failed");
-        }
-        if crate::abi::rdtsc() - t0 > 60_000 * khz {
-            return Err("timed out waiting for the other vCPU");
-        }
-        core::hint::spin_loop();
-    }
-    Ok(())
+fn wait(khz: u64, cond: impl FnMut() -> bool) -> Outcome {
+    CREW.wait_until(khz, cond, "another dma-concurrent worker failed")
 }
 
 /// MAP returned `iova`: claim it. A page whose UNMAP is still in progress on the other vCPU
@@ -122,22 +111,40 @@ fn released(iova: u64, owner: usize, page: usize) {
     IN_USE[owner][page].store(false, SeqCst);
 }
 
+/// UNMAPs the one-page mappings at `iovas`, in this order, in one MULTICALL: `call_failed`
+/// if the call fails, `entry_failed` if one of its UNMAPs does.
+fn unmap_in_one_multicall(
+    d: &mut Drv,
+    iovas: impl Iterator<Item = u64>,
+    call_failed: &'static str,
+    entry_failed: &'static str,
+) -> Outcome {
+    let mut bad = false;
+    for iova in iovas {
+        d.queue_unmap(iova, PAGE as u64, &mut |_| bad = true)
+            .map_err(|_| "queue UNMAP failed")?;
+    }
+    d.flush(&mut |c| bad |= c.result.is_err())
+        .map_err(|_| call_failed)?;
+    if bad {
+        return Err(entry_failed);
+    }
+    Ok(())
+}
+
 /// Unmaps `list` (`(iova, owner, page)`): one UNMAP each, or one MULTICALL.
 fn unmap_all(d: &mut Drv, list: &[(u64, usize, usize)], batch: bool) -> Outcome {
     for &(iova, _, _) in list {
         unmapping(iova);
     }
     if batch {
-        let mut bad = false;
-        for &(iova, _, _) in list {
-            d.queue_unmap(iova, PAGE as u64, &mut |_| bad = true)
-                .map_err(|_| "queue UNMAP failed")?;
-        }
-        d.flush(&mut |c| bad |= c.result.is_err())
-            .map_err(|_| "MULTICALL (unmaps) failed")?;
-        if bad {
-            return Err("an UNMAP in a MULTICALL failed");
-        }
+        let iovas = list.iter().map(|&(iova, _, _)| iova);
+        unmap_in_one_multicall(
+            d,
+            iovas,
+            "MULTICALL (unmaps) failed",
+            "an UNMAP in a MULTICALL failed",
+        )?;
     } else {
         for &(iova, _, _) in list {
             d.unmap(iova, PAGE as u64).map_err(|_| "UNMAP failed")?;
@@ -259,7 +266,7 @@ fn sync_point(d: &mut Drv, khz: u64, v: usize, k: u64) -> Outcome {
     REACHED[v].store(k, SeqCst);
     let mut r = 0;
     while REACHED.iter().any(|x| x.load(SeqCst) < k) {
-        if FAILED.load(SeqCst) {
+        if CREW.failed() {
             return Err("another dma-concurrent worker failed");
         }
         let mut got = [(0u64, 0usize, 0usize); 16];
@@ -319,24 +326,19 @@ fn probe(d: &mut Drv, khz: u64, edu: &Edu, n: u64) -> Outcome {
         for &(i, _, _) in &got[..m] {
             unmapping(i);
         }
-        let mut bad = false;
         // The probe's UNMAP between the others (when its pages were free to map).
         let (before, after) = got[..m].split_at(m.min(1));
-        for &(i, _, _) in before {
-            d.queue_unmap(i, PAGE as u64, &mut |_| bad = true)
-                .map_err(|_| "queue UNMAP failed")?;
-        }
-        d.queue_unmap(iova, PAGE as u64, &mut |_| bad = true)
-            .map_err(|_| "queue UNMAP failed")?;
-        for &(i, _, _) in after {
-            d.queue_unmap(i, PAGE as u64, &mut |_| bad = true)
-                .map_err(|_| "queue UNMAP failed")?;
-        }
-        d.flush(&mut |c| bad |= c.result.is_err())
-            .map_err(|_| "MULTICALL (probe unmaps) failed")?;
-        if bad {
-            return Err("a probe UNMAP in a MULTICALL failed");
-        }
+        let iovas = before
+            .iter()
+            .map(|&(i, _, _)| i)
+            .chain([iova])
+            .chain(after.iter().map(|&(i, _, _)| i));
+        unmap_in_one_multicall(
+            d,
+            iovas,
+            "MULTICALL (probe unmaps) failed",
+            "a probe UNMAP in a MULTICALL failed",
+        )?;
         for &(i, o, p) in &got[..m] {
             released(i, o, p);
         }
@@ -362,27 +364,16 @@ pub fn concurrent_worker(info: &BootInfo, v: usize, rounds: u64) -> Outcome {
     if v >= VCPUS {
         return Ok(());
     }
-    let r = work(info, v, rounds);
-    if r.is_err() {
-        FAILED.store(true, SeqCst);
-    }
-    DONE.fetch_add(1, SeqCst);
+    let r = CREW.note(work(info, v, rounds));
+    CREW.finish();
     r
 }
 
 fn work(info: &BootInfo, v: usize, rounds: u64) -> Outcome {
     let khz = info.tsc_khz.get().max(1);
     let size = core::mem::size_of::<PageArray<2>>();
-    // SAFETY: as in `driver`; each vCPU has its own scratch page and batch area.
-    let hv = unsafe { Native::new() };
-    let mut d = PvDma::probe(
-        hv,
-        GuestBuffer {
-            gpa: core::ptr::addr_of!(SCRATCH) as u64 + (v * PAGE) as u64,
-            len: PAGE as u64,
-        },
-    )
-    .map_err(|_| "PV DMA discovery failed")?;
+    // Each vCPU has its own scratch page and batch area.
+    let mut d = driver_at(core::ptr::addr_of!(SCRATCH) as u64 + (v * PAGE) as u64)?;
     d.attach_batch(BatchArea {
         gpa: core::ptr::addr_of!(AREAS) as u64 + (v * size) as u64,
         pages: 2,
@@ -422,7 +413,7 @@ pub fn concurrent(info: &BootInfo, rounds: u64) -> Outcome {
     }
     let mine = concurrent_worker(info, 0, rounds);
     let khz = info.tsc_khz.get().max(1);
-    wait(khz, || DONE.load(SeqCst) >= VCPUS as u64).or_else(|e| {
+    wait(khz, || CREW.done() >= VCPUS as u64).or_else(|e| {
         if mine.is_err() {
             Ok(())
         } else {
@@ -430,7 +421,7 @@ pub fn concurrent(info: &BootInfo, rounds: u64) -> Outcome {
         }
     })?;
     mine?;
-    if FAILED.load(SeqCst) {
+    if CREW.failed() {
         return Err("a dma-concurrent worker failed");
     }
     let mut d = driver()?;

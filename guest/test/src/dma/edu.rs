@@ -15,14 +15,7 @@ pub fn edu(boot: &BootInfo) -> Outcome {
         info.features.0
     );
     let edu = Edu::find().ok_or("no edu device")?;
-    fill(3, 7);
-    page(4).fill(0);
-    let ia = d
-        .map(gpa(3), PAGE as u64, DmaFlags::READ)
-        .map_err(|_| "MAP of the source failed")?;
-    let ib = d
-        .map(gpa(4), PAGE as u64, DmaFlags::WRITE)
-        .map_err(|_| "MAP of the destination failed")?;
+    let (ia, ib) = map_source_and_destination(&mut d, 7)?;
     let ok = edu.dma(ia, false) && edu.dma(ib, true);
     println!(
         "dma-edu: source {:#x} -> IOVA {ia:#x}, destination {:#x} -> IOVA {ib:#x}; round trip {}",

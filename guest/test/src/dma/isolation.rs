@@ -61,14 +61,7 @@ pub fn foreign(boot: &BootInfo, ms: u64) -> Outcome {
     let mut d = driver()?;
     let edu = Edu::find().ok_or("no edu device")?;
     delay_ms(boot, ms);
-    fill(3, 0x5A);
-    page(4).fill(0);
-    let src = d
-        .map(gpa(3), PAGE as u64, DmaFlags::READ)
-        .map_err(|_| "MAP failed")?;
-    let own = d
-        .map(gpa(4), PAGE as u64, DmaFlags::WRITE)
-        .map_err(|_| "MAP failed")?;
+    let (src, own) = map_source_and_destination(&mut d, 0x5A)?;
     let loaded = edu.dma(src, false);
     // Its own mapping at the same IOVA values the other guest uses reaches its own page only.
     let mine = edu.dma(own, true) && holds(4, 0x5A);

@@ -25,6 +25,7 @@ pub use bad::bad;
 pub use batch::batch;
 pub use bench::bench;
 pub use bench::bench_worker;
+pub(crate) use bench::PhaseCycles;
 pub use concurrent::{concurrent, concurrent_worker};
 pub use demo::demo;
 pub use edu::edu;
@@ -105,37 +106,33 @@ impl Edu {
     /// Starts one DMA of LEN bytes and returns at once: `to_ram` = device buffer -> `iova`,
     /// else `iova` -> device buffer. edu runs it on a timer about 100 ms later.
     pub(crate) fn start(&self, iova: u64, to_ram: bool) {
-        // SAFETY: edu's BAR is mapped into this guest (identity, uncached); these are its
-        // 64-bit DMA registers; the device-side range [0x40000, 0x40800) is inside its buffer.
-        unsafe {
-            let (src, dst) = if to_ram {
-                (0x40000, iova)
-            } else {
-                (iova, 0x40000)
-            };
-            core::ptr::write_volatile(self.reg(0x80), src);
-            core::ptr::write_volatile(self.reg(0x88), dst);
-            core::ptr::write_volatile(self.reg(0x90), LEN);
-            core::ptr::write_volatile(self.reg(0x98), 1 | if to_ram { 2 } else { 0 });
-        }
+        self.program(iova, LEN, to_ram);
     }
 
     /// One DMA of `count` bytes between edu's buffer at 0x40000 and `addr` (any bus address,
     /// e.g. the interrupt window 0xFEEx_xxxx), waited for; false if it never finishes.
     pub(crate) fn dma_raw(&self, addr: u64, count: u64, to_ram: bool) -> bool {
-        // SAFETY: as in `start`; `count` stays far below the end of edu's buffer.
+        self.program(addr, count, to_ram);
+        self.wait()
+    }
+
+    /// Starts one DMA of `count` bytes (at most LEN) between edu's buffer at 0x40000 and
+    /// `addr`: to `addr` when `to_ram`, from it otherwise.
+    fn program(&self, addr: u64, count: u64, to_ram: bool) {
+        let (src, dst) = if to_ram {
+            (0x40000, addr)
+        } else {
+            (addr, 0x40000)
+        };
+        // SAFETY: edu's BAR is mapped into this guest (identity, uncached); these are its
+        // 64-bit DMA registers; the device-side range [0x40000, 0x40000 + LEN) is inside its
+        // buffer, and `count` is clamped to LEN.
         unsafe {
-            let (src, dst) = if to_ram {
-                (0x40000, addr)
-            } else {
-                (addr, 0x40000)
-            };
             core::ptr::write_volatile(self.reg(0x80), src);
             core::ptr::write_volatile(self.reg(0x88), dst);
             core::ptr::write_volatile(self.reg(0x90), count.min(LEN));
             core::ptr::write_volatile(self.reg(0x98), 1 | if to_ram { 2 } else { 0 });
         }
-        self.wait()
     }
 
     /// One DMA of LEN bytes from `iova` into the device, with edu's completion interrupt
@@ -188,14 +185,124 @@ impl Edu {
     }
 }
 
+/// The workers of a test that runs on several vCPUs at once: how many finished, and whether
+/// one failed (the others then stop waiting for it).
+pub(crate) struct Crew {
+    done: core::sync::atomic::AtomicU64,
+    failed: core::sync::atomic::AtomicBool,
+}
+
+impl Crew {
+    pub(crate) const fn new() -> Self {
+        Crew {
+            done: core::sync::atomic::AtomicU64::new(0),
+            failed: core::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Passes a worker's result on; a failure tells the others.
+    pub(crate) fn note<T>(&self, r: Result<T, &'static str>) -> Result<T, &'static str> {
+        if r.is_err() {
+            self.failed
+                .store(true, core::sync::atomic::Ordering::SeqCst);
+        }
+        r
+    }
+
+    /// Counts one more worker finished (ok or not).
+    pub(crate) fn finish(&self) {
+        self.done.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Workers finished so far.
+    pub(crate) fn done(&self) -> u64 {
+        self.done.load(core::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether a worker failed.
+    pub(crate) fn failed(&self) -> bool {
+        self.failed.load(core::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until `cond` holds: `another_failed` if a worker failed first, an error if about
+    /// 60 s (at `tsc_khz`) passed.
+    pub(crate) fn wait_until(
+        &self,
+        tsc_khz: u64,
+        mut cond: impl FnMut() -> bool,
+        another_failed: &'static str,
+    ) -> Result<(), &'static str> {
+        let t0 = crate::abi::rdtsc();
+        while !cond() {
+            if self.failed() {
+                return Err(another_failed);
+            }
+            if crate::abi::rdtsc() - t0 > 60_000 * tsc_khz {
+                return Err("timed out waiting for another vCPU");
+            }
+            core::hint::spin_loop();
+        }
+        Ok(())
+    }
+
+    /// vCPU 0's end of the test, its own worker (already counted) having returned `mine`:
+    /// waits until `n` workers finished (for at most `limit_ms` ms at `tsc_khz`, when given),
+    /// then returns its own error, else `another_failed` if another worker failed.
+    pub(crate) fn join<T>(
+        &self,
+        mine: Result<T, &'static str>,
+        n: u64,
+        limit: Option<(u64, u64)>,
+        another_failed: &'static str,
+    ) -> Result<T, &'static str> {
+        let t0 = crate::abi::rdtsc();
+        while self.done() < n {
+            if let Some((tsc_khz, limit_ms)) = limit
+                && crate::abi::rdtsc() - t0 > limit_ms * tsc_khz
+            {
+                return Err("the other vCPUs did not finish");
+            }
+            core::hint::spin_loop();
+        }
+        let mine = mine?;
+        if self.failed() {
+            return Err(another_failed);
+        }
+        Ok(mine)
+    }
+}
+
+/// Page 3 filled with `seed`'s pattern and mapped for the device to read, page 4 zeroed and
+/// mapped for it to write: their IOVAs (source, destination).
+pub(crate) fn map_source_and_destination(
+    d: &mut PvDma<Native>,
+    seed: u8,
+) -> Result<(u64, u64), &'static str> {
+    fill(3, seed);
+    page(4).fill(0);
+    let src = d
+        .map(gpa(3), PAGE as u64, DmaFlags::READ)
+        .map_err(|_| "MAP of the source failed")?;
+    let dst = d
+        .map(gpa(4), PAGE as u64, DmaFlags::WRITE)
+        .map_err(|_| "MAP of the destination failed")?;
+    Ok((src, dst))
+}
+
 pub(crate) fn driver() -> Result<PvDma<Native>, &'static str> {
+    driver_at(gpa(0))
+}
+
+/// The PV DMA driver with its discovery scratch page at `scratch` (a page only it uses: one
+/// per vCPU where several vCPUs drive it at once).
+pub(crate) fn driver_at(scratch: u64) -> Result<PvDma<Native>, &'static str> {
     // SAFETY: a Moat guest at CPL 0 with all memory identity mapped; the scratch page is
     // only used by the driver.
     let hv = unsafe { Native::new() };
     PvDma::probe(
         hv,
         GuestBuffer {
-            gpa: gpa(0),
+            gpa: scratch,
             len: PAGE as u64,
         },
     )

@@ -12,30 +12,20 @@ static SMP_SLOTS: [[core::sync::atomic::AtomicU64; 4]; 4] =
 static SMP_LAST: [core::sync::atomic::AtomicU8; 4096] =
     [const { core::sync::atomic::AtomicU8::new(0) }; 4096];
 const SMP_UNMAPPING: u64 = 1;
-static SMP_DONE: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
+/// The test's workers.
+static SMP_CREW: Crew = Crew::new();
 static SMP_DUPS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 static SMP_OPS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 /// MAPs that returned an IOVA another vCPU was handed before (reuse across vCPUs).
 static SMP_CROSS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
-static SMP_FAILED: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
 #[repr(C, align(4096))]
 struct Scratch([[u8; PAGE]; 4]);
 static mut SMP_SCRATCH: Scratch = Scratch([[0; PAGE]; 4]);
 
 /// Waits until `cond` holds, another worker failed, or about 60 s passed.
-fn smp_wait(tsc_khz: u64, mut cond: impl FnMut() -> bool) -> Result<(), &'static str> {
-    let t0 = crate::abi::rdtsc();
-    while !cond() {
-        if SMP_FAILED.load(core::sync::atomic::Ordering::SeqCst) {
-            return Err("another dma-smp worker failed");
-        }
-        if crate::abi::rdtsc() - t0 > 60_000 * tsc_khz {
-            return Err("timed out waiting for another vCPU");
-        }
-        core::hint::spin_loop();
-    }
-    Ok(())
+fn smp_wait(tsc_khz: u64, cond: impl FnMut() -> bool) -> Result<(), &'static str> {
+    SMP_CREW.wait_until(tsc_khz, cond, "another dma-smp worker failed")
 }
 
 /// One vCPU's part of `dma-smp=N` on `vcpus` vCPUs: N rounds of mapping 4 pages and handing
@@ -49,11 +39,8 @@ pub fn smp_worker(
     rounds: u64,
     tsc_khz: u64,
 ) -> Result<u64, &'static str> {
-    let r = smp_work(vcpu, vcpus, rounds, tsc_khz);
-    if r.is_err() {
-        SMP_FAILED.store(true, core::sync::atomic::Ordering::SeqCst);
-    }
-    SMP_DONE.fetch_add(1, core::sync::atomic::Ordering::SeqCst);
+    let r = SMP_CREW.note(smp_work(vcpu, vcpus, rounds, tsc_khz));
+    SMP_CREW.finish();
     r
 }
 
@@ -63,16 +50,8 @@ fn smp_work(vcpu: usize, vcpus: usize, rounds: u64, tsc_khz: u64) -> Result<u64,
     let v = vcpu % n;
     let prev = (v + n - 1) % n;
     let scratch = core::ptr::addr_of!(SMP_SCRATCH) as u64 + (v * PAGE) as u64;
-    // SAFETY: as in `driver`; each vCPU has its own scratch page.
-    let hv = unsafe { Native::new() };
-    let mut d = PvDma::probe(
-        hv,
-        GuestBuffer {
-            gpa: scratch,
-            len: PAGE as u64,
-        },
-    )
-    .map_err(|_| "discovery failed")?;
+    // Each vCPU has its own scratch page.
+    let mut d = driver_at(scratch)?;
     // 8 pages per vCPU: the 4 it maps now and the 4 still waiting to be unmapped.
     let base = (48u64 << 20) + (v as u64) * (64 << 10);
     let mut dups = 0;
@@ -128,17 +107,8 @@ pub fn smp(boot: &BootInfo, rounds: u64) -> Outcome {
     use core::sync::atomic::Ordering::SeqCst;
     let vcpus = u64::from(boot.vcpus.get()).min(4);
     let mine = smp_worker(0, vcpus as usize, rounds, boot.tsc_khz.get());
-    let t0 = crate::abi::rdtsc();
-    while SMP_DONE.load(SeqCst) < vcpus {
-        if crate::abi::rdtsc() - t0 > 120_000 * boot.tsc_khz.get() {
-            return Err("the other vCPUs did not finish");
-        }
-        core::hint::spin_loop();
-    }
-    mine?;
-    if SMP_FAILED.load(SeqCst) {
-        return Err("a dma-smp worker failed");
-    }
+    let limit = Some((boot.tsc_khz.get(), 120_000));
+    SMP_CREW.join(mine, vcpus, limit, "a dma-smp worker failed")?;
     let mut d = driver()?;
     let s = d.stats(false).map_err(|_| "STATS failed")?;
     let held = SMP_SLOTS

@@ -4,10 +4,11 @@
 //! xtask bench nvme`. Emulated time (QEMU TCG).
 
 use moat_abi::zerocopy::little_endian::U64;
-use moat_nvme::{Done, IoQueue, Mapper, Native, Request, MAX_DEPTH};
+use moat_nvme::{Done, Request, MAX_DEPTH};
 
-use super::{data, setup};
+use super::{data, setup, Worker};
 use crate::abi::BootInfo;
+use crate::dma::PhaseCycles;
 use crate::{println, Outcome};
 
 /// The workloads: (name, bytes per read, queue depth, sequential).
@@ -23,14 +24,8 @@ fn arg(ios: u64, bytes: u64, qd: u64, seq: bool) -> u64 {
 
 /// The per-vCPU job: keeps `qd` reads outstanding until `ios` completed; `out` = [reads
 /// completed, reads failed].
-pub(crate) fn job(
-    v: usize,
-    p: &mut Native,
-    m: &mut Mapper<moat_pvdma::Native>,
-    q: &mut IoQueue,
-    arg: u64,
-    out: &mut [u64; 4],
-) -> Outcome {
+pub(crate) fn job(w: Worker<'_>, arg: u64, out: &mut [u64; 4]) -> Outcome {
+    let Worker { v, p, m, q } = w;
     let ios = arg >> 32;
     let bytes = ((arg >> 16) & 0xffff) * 4096;
     let seq = (arg >> 8) & 1 != 0;
@@ -128,7 +123,7 @@ fn measure(info: &BootInfo, s: &mut super::Setup, ios: u64) -> Outcome {
         let per = |a: U64, b: U64| (b.get() - a.get()) as f64 / n;
         let secs = cycles as f64 / (khz as f64 * 1000.0);
         println!(
-            "nvme-bench policy={policy} workload={name} qd={qd} vcpus={} ios={done} iops={:.0} ns_per_io={:.0} invalidations_per_io={:.4} waits_per_io={:.4} exits_per_io={:.4} exit={:.0} validate={:.0} iova_alloc={:.0} pte_write={:.0} invalidate={:.0} iova_free={:.0}",
+            "nvme-bench policy={policy} workload={name} qd={qd} vcpus={} ios={done} iops={:.0} ns_per_io={:.0} invalidations_per_io={:.4} waits_per_io={:.4} exits_per_io={:.4} {}",
             s.vcpus,
             n / secs,
             secs * 1e9 / n,
@@ -136,12 +131,7 @@ fn measure(info: &BootInfo, s: &mut super::Setup, ios: u64) -> Outcome {
             per(s0.waits, s1.waits),
             // The closing STATS call counts itself.
             (s1.exits.get() - s0.exits.get() - 1) as f64 / n,
-            per(s0.cycles_exit, s1.cycles_exit),
-            per(s0.cycles_validate, s1.cycles_validate),
-            per(s0.cycles_iova_alloc, s1.cycles_iova_alloc),
-            per(s0.cycles_pte_write, s1.cycles_pte_write),
-            per(s0.cycles_invalidate, s1.cycles_invalidate),
-            per(s0.cycles_iova_free, s1.cycles_iova_free),
+            PhaseCycles(&s0, &s1, n),
         );
     }
     Ok(())

@@ -36,6 +36,43 @@ fn one(s: &mut Setup, cmd: Option<Command>, req: Option<Request>) -> Result<(), 
     result
 }
 
+/// The DMA faults the hypervisor has counted for this guest so far.
+fn faults_counted(s: &mut Setup) -> Result<u64, &'static str> {
+    let stats = s.m.pvdma().stats(false).map_err(|_| "STATS failed")?;
+    Ok(stats.faults.get())
+}
+
+/// The controller's status kind when `r` is a controller error.
+fn controller_status(r: &Result<(), Error>) -> Option<StatusKind> {
+    match r {
+        Err(Error::Controller(st)) => Some(st.kind()),
+        _ => None,
+    }
+}
+
+/// Maps `[gpa, gpa + len)` for the controller (written by it when `device_writes`): its IOVA.
+fn map_one(s: &mut Setup, gpa: u64, len: u64, device_writes: bool) -> Result<u64, ()> {
+    let mut iova = [0u64];
+    let buf = Buffer {
+        gpa,
+        len,
+        device_writes,
+    };
+    s.m.map_burst(&[buf], &mut iova).map_err(|_| ())?;
+    Ok(iova[0])
+}
+
+/// A one-page read of `lba` into `gpa`, tagged `tag`.
+fn read_page(lba: u64, gpa: u64, tag: u64) -> Request {
+    Request {
+        write: false,
+        lba,
+        gpa,
+        len: PAGE,
+        tag,
+    }
+}
+
 /// `nvme-faults`: a READ the driver builds by hand, first into a buffer mapped for it (the
 /// control: the disk's bytes arrive), then, after the driver unmapped that buffer, into the
 /// same IOVA: the command must fail, the IOMMU must record the fault, the buffer must keep
@@ -87,14 +124,7 @@ fn crafted(s: &mut Setup) -> Outcome {
     };
     // Control: the crafted READ into a mapped buffer delivers the disk's bytes.
     bytes(x, PAGE).fill(0x5a);
-    let buf = Buffer {
-        gpa: x,
-        len: PAGE,
-        device_writes: true,
-    };
-    let mut iova = [0u64];
-    s.m.map_burst(&[buf], &mut iova).map_err(|_| "MAP failed")?;
-    let iova = iova[0];
+    let iova = map_one(s, x, PAGE, true).map_err(|_| "MAP failed")?;
     let read = Command::rw(false, ns.nsid, lba, blocks).with_prps(iova, 0);
     let control = one(s, Some(read), None);
     let delivered = disk_bytes(bytes(x, PAGE));
@@ -108,20 +138,10 @@ fn crafted(s: &mut Setup) -> Outcome {
     }
     // The same command after the driver unmapped the buffer.
     bytes(x, PAGE).fill(0x5a);
-    let f0 =
-        s.m.pvdma()
-            .stats(false)
-            .map_err(|_| "STATS failed")?
-            .faults
-            .get();
+    let f0 = faults_counted(s)?;
     let stale = one(s, Some(read), None);
     let untouched = bytes(x, PAGE).iter().all(|&b| b == 0x5a);
-    let f1 =
-        s.m.pvdma()
-            .stats(false)
-            .map_err(|_| "STATS failed")?
-            .faults
-            .get();
+    let f1 = faults_counted(s)?;
     let mut record = None;
     let mut records = 0;
     s.m.pvdma()
@@ -133,10 +153,7 @@ fn crafted(s: &mut Setup) -> Outcome {
         })
         .map_err(|_| "fault ring poll failed")?;
     let _ = s.m.pvdma().detach_fault_ring();
-    let status = match stale {
-        Err(Error::Controller(st)) => Some(st.kind()),
-        _ => None,
-    };
+    let status = controller_status(&stale);
     let (direction, reason) = record.map_or((0, 0), |r| (r.direction, r.reason));
     println!(
         "nvme-faults: policy {policy}: the same READ after UNMAP: {stale:?} ({status:?}); buffer untouched: {untouched}; faults counted {}; fault ring: {records} record(s), for IOVA {iova:#x}: {} (direction {direction} reason {reason})",
@@ -165,57 +182,26 @@ fn list_page(s: &mut Setup, policy: &str, lba: u64, x: u64) -> Outcome {
     for (k, b) in bytes(list, 16).chunks_exact_mut(8).enumerate() {
         b.copy_from_slice(&(datab + (k as u64 + 1) * PAGE).to_le_bytes());
     }
-    let mut l = [0u64];
-    s.m.map_burst(
-        &[Buffer {
-            gpa: list,
-            len: PAGE,
-            device_writes: false,
-        }],
-        &mut l,
-    )
-    .map_err(|_| "MAP of the list page failed")?;
-    s.m.unmap_burst(&[(l[0], PAGE)])
+    let l = map_one(s, list, PAGE, false).map_err(|_| "MAP of the list page failed")?;
+    s.m.unmap_burst(&[(l, PAGE)])
         .map_err(|_| "UNMAP of the list page failed")?;
     bytes(datab, 3 * PAGE).fill(0x5a);
-    let mut d = [0u64];
-    s.m.map_burst(
-        &[Buffer {
-            gpa: datab,
-            len: 3 * PAGE,
-            device_writes: true,
-        }],
-        &mut d,
-    )
-    .map_err(|_| "MAP of the data buffer failed")?;
+    let d = map_one(s, datab, 3 * PAGE, true).map_err(|_| "MAP of the data buffer failed")?;
     let blocks = (3 * PAGE / u64::from(ns.block_size)) as u32;
-    let f0 =
-        s.m.pvdma()
-            .stats(false)
-            .map_err(|_| "STATS failed")?
-            .faults
-            .get();
+    let f0 = faults_counted(s)?;
     let r = one(
         s,
-        Some(Command::rw(false, ns.nsid, lba, blocks).with_prps(d[0], l[0])),
+        Some(Command::rw(false, ns.nsid, lba, blocks).with_prps(d, l)),
         None,
     );
-    let f1 =
-        s.m.pvdma()
-            .stats(false)
-            .map_err(|_| "STATS failed")?
-            .faults
-            .get();
+    let f1 = faults_counted(s)?;
     let untouched = bytes(datab, 3 * PAGE).iter().all(|&b| b == 0x5a);
-    s.m.unmap_burst(&[(d[0], 3 * PAGE)])
+    s.m.unmap_burst(&[(d, 3 * PAGE)])
         .map_err(|_| "UNMAP of the data buffer failed")?;
-    let kind = match r {
-        Err(Error::Controller(st)) => Some(st.kind()),
-        _ => None,
-    };
+    let kind = controller_status(&r);
     println!(
         "nvme-faults: policy {policy}: a READ whose PRP list page (IOVA {:#x}) the driver unmapped: {r:?} = {kind:?}; faults counted {}; data buffer untouched: {untouched}",
-        l[0],
+        l,
         f1 - f0
     );
     if kind != Some(StatusKind::DataTransferError) || f1 == f0 || !untouched {
@@ -242,19 +228,10 @@ fn error_cases(info: &BootInfo, s: &mut Setup) -> Outcome {
     let live = |s: &mut Setup| s.m.pvdma().stats(false).map(|x| x.live_mappings.get());
     let l0 = live(s).map_err(|_| "STATS failed")?;
     // 1. A read past the end of the namespace.
-    let past = Request {
-        write: false,
-        lba: ns.blocks,
-        gpa: buf,
-        len: PAGE,
-        tag: 1,
-    };
+    let past = read_page(ns.blocks, buf, 1);
     let r = one(s, None, Some(past));
     let l1 = live(s).map_err(|_| "STATS failed")?;
-    let kind = match r {
-        Err(Error::Controller(st)) => Some(st.kind()),
-        _ => None,
-    };
+    let kind = controller_status(&r);
     println!("nvme-errors: read at LBA {} (the namespace has {}): {r:?} = {kind:?}; live mappings before {l0}, after {l1}", ns.blocks, ns.blocks);
     if kind != Some(StatusKind::LbaOutOfRange) || l1 != l0 {
         return Err(
@@ -271,10 +248,7 @@ fn error_cases(info: &BootInfo, s: &mut Setup) -> Outcome {
         }),
         None,
     );
-    let kind = match r {
-        Err(Error::Controller(st)) => Some(st.kind()),
-        _ => None,
-    };
+    let kind = controller_status(&r);
     println!("nvme-errors: opcode 0x7e: {r:?} = {kind:?}");
     if kind != Some(StatusKind::InvalidOpcode) {
         return Err("an unknown opcode was not reported as Invalid Command Opcode");
@@ -285,17 +259,7 @@ fn error_cases(info: &BootInfo, s: &mut Setup) -> Outcome {
         .ctrl
         .admin_within(&mut s.p, Command::new(admin::ASYNC_EVENT), 200_000);
     let ms = (crate::abi::rdtsc() - t0) / info.tsc_khz.get().max(1);
-    let after = one(
-        s,
-        None,
-        Some(Request {
-            write: false,
-            lba: 0,
-            gpa: buf,
-            len: PAGE,
-            tag: 2,
-        }),
-    );
+    let after = one(s, None, Some(read_page(0, buf, 2)));
     println!("nvme-errors: Asynchronous Event Request with a 200 ms limit: {r:?} after {ms} ms; a read afterwards: {after:?}");
     if r != Err(Error::Timeout(Wait::Admin)) || after.is_err() {
         return Err(
@@ -313,17 +277,7 @@ fn error_cases(info: &BootInfo, s: &mut Setup) -> Outcome {
     q.timeout_us = 300_000;
     let t0 = crate::abi::rdtsc();
     let r = q
-        .submit(
-            &mut s.p,
-            &mut s.m,
-            &[Request {
-                write: false,
-                lba: 0,
-                gpa: buf,
-                len: PAGE,
-                tag: 3,
-            }],
-        )
+        .submit(&mut s.p, &mut s.m, &[read_page(0, buf, 3)])
         .and_then(|()| q.wait(&mut s.p, &mut s.m, &mut |_| {}));
     let ms = (crate::abi::rdtsc() - t0) / info.tsc_khz.get().max(1);
     let held = live(s).map_err(|_| "STATS failed")?;

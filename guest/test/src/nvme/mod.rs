@@ -138,15 +138,17 @@ static OUT: [[AtomicU64; 4]; MAX_VCPUS] = [const { [const { AtomicU64::new(0) };
 static GO: AtomicU32 = AtomicU32::new(0);
 const QUIT: u32 = u32::MAX;
 
-/// A job: what each vCPU runs on its queue.
-pub(crate) type Job = fn(
-    v: usize,
-    p: &mut Native,
-    m: &mut Mapper<moat_pvdma::Native>,
-    q: &mut IoQueue,
-    arg: u64,
-    out: &mut [u64; 4],
-) -> Outcome;
+/// What a job runs with on vCPU `v`: the controller's registers, the vCPU's mapper and its
+/// queue pair.
+pub(crate) struct Worker<'a> {
+    pub v: usize,
+    pub p: &'a mut Native,
+    pub m: &'a mut Mapper<moat_pvdma::Native>,
+    pub q: &'a mut IoQueue,
+}
+
+/// A job: what each vCPU runs on its queue, given the job's parameter; fills `out`.
+pub(crate) type Job = fn(w: Worker<'_>, arg: u64, out: &mut [u64; 4]) -> Outcome;
 
 pub(crate) const JOBS: [Job; 2] = [pattern::job, bench::job];
 
@@ -188,7 +190,13 @@ fn run_job(v: usize, info: &BootInfo, job: u32) -> Outcome {
     let mut out = [0u64; 4];
     let f = JOBS[(job - 1) as usize];
     let s0 = m.stats();
-    let r = f(v, &mut p, &mut m, &mut q, ARG[v].load(SeqCst), &mut out);
+    let w = Worker {
+        v,
+        p: &mut p,
+        m: &mut m,
+        q: &mut q,
+    };
+    let r = f(w, ARG[v].load(SeqCst), &mut out);
     out[2] = m.stats().map_calls - s0.map_calls;
     out[3] = m.stats().unmap_calls - s0.unmap_calls;
     for (o, x) in OUT[v].iter().zip(out) {
@@ -320,7 +328,13 @@ impl Setup {
         let t0 = crate::abi::rdtsc();
         GO.store(1, SeqCst);
         let s0 = self.m.stats();
-        let mine = JOBS[(job - 1) as usize](0, &mut self.p, &mut self.m, q0, arg, &mut out0);
+        let w = Worker {
+            v: 0,
+            p: &mut self.p,
+            m: &mut self.m,
+            q: q0,
+        };
+        let mine = JOBS[(job - 1) as usize](w, arg, &mut out0);
         out0[2] = self.m.stats().map_calls - s0.map_calls;
         out0[3] = self.m.stats().unmap_calls - s0.unmap_calls;
         let mut failed = mine.is_err();

@@ -4,7 +4,7 @@
 
 use moat_nvme::{Done, IoQueue, Mapper, Native, Request};
 
-use super::{bytes, data, setup};
+use super::{bytes, data, setup, Worker};
 use crate::abi::BootInfo;
 use crate::{println, Outcome};
 
@@ -62,14 +62,8 @@ pub(crate) fn complete(
 }
 
 /// The per-vCPU job: `out` = [bytes compared, bytes wrong].
-pub(crate) fn job(
-    v: usize,
-    p: &mut Native,
-    m: &mut Mapper<moat_pvdma::Native>,
-    q: &mut IoQueue,
-    _arg: u64,
-    out: &mut [u64; 4],
-) -> Outcome {
+pub(crate) fn job(w: Worker<'_>, _arg: u64, out: &mut [u64; 4]) -> Outcome {
+    let Worker { v, p, m, q } = w;
     let bs = u64::from(q.namespace().block_size);
     let disk0 = v as u64 * DISK_PER_VCPU;
     let mem0 = data(v);

@@ -52,14 +52,17 @@
 //! - at the end, with failures switched off, TEARDOWN succeeds and everything is returned;
 //! - no panic inside `moat-dma` for any input.
 
-use std::cell::{Cell, RefCell};
-use std::ops::Range;
+use std::cell::RefCell;
 
 use arbitrary::{Arbitrary, Unstructured};
 use moat_dma::{
-    Access, Clock, Counts, DmaState, Error, GuestRam, Iommu, IovaSource, Limits, Mapping, Policy,
+    Access, Counts, DmaState, Error, GuestRam, Iommu, IovaSource, Limits, Mapping, Policy,
     Unmapped, PAGE_SIZE,
 };
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+use support::{FlatRam, SetClock};
 
 /// First IOVA of the window the allocator hands out.
 pub const WINDOW_BASE: u64 = 0x10_0000;
@@ -494,31 +497,12 @@ impl IovaSource for Handle<'_> {
     }
 }
 
-struct Ram;
-
-impl GuestRam for Ram {
-    fn size(&self) -> u64 {
-        RAM_PAGES * PAGE_SIZE
-    }
-    fn host_base(&self) -> u64 {
-        HOST_BASE
-    }
-    fn forbidden(&self, gpa: Range<u64>) -> bool {
-        let f = FORBIDDEN_PAGE * PAGE_SIZE;
-        gpa.start < f + PAGE_SIZE && gpa.end > f
-    }
-}
-
-struct Clk(Cell<u64>);
-
-impl Clock for Clk {
-    fn cycles(&self) -> u64 {
-        self.0.get()
-    }
-    fn now_ns(&self) -> u64 {
-        self.0.get()
-    }
-}
+/// The guest's RAM: [`RAM_PAGES`] pages at [`HOST_BASE`], [`FORBIDDEN_PAGE`] never mappable.
+const RAM: FlatRam = FlatRam {
+    size: RAM_PAGES * PAGE_SIZE,
+    host_base: HOST_BASE,
+    forbidden_page: Some(FORBIDDEN_PAGE * PAGE_SIZE),
+};
 
 /// The policy, limits and IOMMU of a run.
 #[derive(Arbitrary, Debug, Clone, Copy, Default)]
@@ -649,7 +633,7 @@ struct World<'a> {
     hw: &'a RefCell<Hw>,
     dom: Dom<'a>,
     cpus: [Handle<'a>; VCPUS],
-    clk: Clk,
+    clk: SetClock,
     live: Vec<Live>,
     seen: Seen,
     in_batch: bool,
@@ -680,7 +664,7 @@ fn range_error(gpa: u64, len: u64) -> Option<Error> {
     if end > RAM_PAGES * PAGE_SIZE {
         return Some(Error::Fault);
     }
-    if Ram.forbidden(gpa..end) {
+    if RAM.forbidden(gpa..end) {
         return Some(Error::Perm);
     }
     None
@@ -726,7 +710,7 @@ impl<'a> World<'a> {
         let r = self.st.map(
             &mut self.dom,
             &mut self.cpus[vcpu],
-            &Ram,
+            &RAM,
             &self.clk,
             gpa,
             len,
@@ -849,7 +833,7 @@ impl<'a> World<'a> {
         let r = self.st.unmap(
             &mut self.dom,
             &mut self.cpus[vcpu],
-            &Ram,
+            &RAM,
             &self.clk,
             iova,
             len,
@@ -1049,7 +1033,7 @@ impl<'a> World<'a> {
                 }
             }
             Op::Tick { vcpu, ns } => {
-                self.clk.0.set(self.clk.0.get() + u64::from(ns));
+                self.clk.advance(u64::from(ns));
                 self.hw.borrow_mut().now = self.clk.0.get();
                 self.st
                     .tick(&mut self.dom, &mut self.cpus[v(vcpu)], &self.clk);
@@ -1505,7 +1489,7 @@ pub fn run_with(data: &[u8], excuse_failed_teardown: bool) {
         hw: &hw,
         dom: Dom(&hw),
         cpus: [0, 1, 2].map(|cpu| Handle { hw: &hw, cpu }),
-        clk: Clk(Cell::new(0)),
+        clk: SetClock::default(),
         live: Vec::with_capacity(WINDOW_PAGES),
         seen: Seen::default(),
         in_batch: false,
