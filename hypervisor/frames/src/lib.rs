@@ -47,7 +47,7 @@ mod addr;
 mod alloc;
 mod map;
 
-pub use addr::{Bytes, Frame, PhysAddr, PhysRange, FRAME_SHIFT, FRAME_SIZE};
+pub use addr::{Bytes, Frame, PhysAddr, PhysRange, PAGE_SHIFT, PAGE_SIZE};
 pub use alloc::{FrameAllocator, FrameError};
 pub use map::{
     MapError, MemoryMap, Region, RegionKind, Reservation, MAX_REGIONS, MAX_RESERVATIONS, MAX_USABLE,
