@@ -72,6 +72,16 @@ impl PhysAddr {
     }
 }
 
+/// `addr + offset`, for a field or an entry inside a table, queue or frame (overflow is a bug
+/// in the caller, as for integer addition).
+impl core::ops::Add<u64> for PhysAddr {
+    type Output = PhysAddr;
+
+    fn add(self, offset: u64) -> PhysAddr {
+        PhysAddr(self.0 + offset)
+    }
+}
+
 impl fmt::Debug for PhysAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "PhysAddr({:#x})", self.0)

@@ -41,7 +41,10 @@ fn page_offsets_and_entries() {
     assert_eq!(PhysAddr::new(0x7fff).page_offset(), 0xfff);
     assert_eq!(PhysAddr::new(0x7000).entry(0), PhysAddr::new(0x7000));
     assert_eq!(PhysAddr::new(0x7000).entry(511), PhysAddr::new(0x7ff8));
-    assert_eq!(PhysAddr::new(0x7000).checked_add(0x1000), Some(PhysAddr::new(0x8000)));
+    assert_eq!(
+        PhysAddr::new(0x7000).checked_add(0x1000),
+        Some(PhysAddr::new(0x8000))
+    );
 }
 
 #[test]
