@@ -8,6 +8,7 @@ use alloc::boxed::Box;
 use core::fmt;
 
 use super::{svm, vmx};
+use crate::mm::PhysAddr;
 
 /// Why guests cannot run on this CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,10 +139,20 @@ impl Backend {
     pub fn new_vcpu(&self, space: &Stage2, entry: &EntryState) -> Result<Vcpu, VcpuError> {
         match (self, &space.inner) {
             (Backend::Svm(i), Stage2Inner::Npt { npt, asid }) => Ok(Vcpu {
-                inner: VcpuInner::Svm(Box::new(svm::SvmVcpu::new(i, npt.root(), *asid, entry)?)),
+                inner: VcpuInner::Svm(Box::new(svm::SvmVcpu::new(
+                    i,
+                    npt.root().as_u64(),
+                    *asid,
+                    entry,
+                )?)),
             }),
             (Backend::Vmx(i), Stage2Inner::Ept { ept, vpid }) => Ok(Vcpu {
-                inner: VcpuInner::Vmx(Box::new(vmx::VmxVcpu::new(i, ept.root(), *vpid, entry)?)),
+                inner: VcpuInner::Vmx(Box::new(vmx::VmxVcpu::new(
+                    i,
+                    ept.root().as_u64(),
+                    *vpid,
+                    entry,
+                )?)),
             }),
             _ => Err(VcpuError::BadMapping),
         }
@@ -169,7 +180,13 @@ pub enum MemKind {
 
 impl Stage2 {
     /// Maps guest-physical `[gpa, gpa + len)` to host-physical `[hpa, hpa + len)`.
-    pub fn map(&mut self, gpa: u64, hpa: u64, len: u64, kind: MemKind) -> Result<(), VcpuError> {
+    pub fn map(
+        &mut self,
+        gpa: u64,
+        hpa: PhysAddr,
+        len: u64,
+        kind: MemKind,
+    ) -> Result<(), VcpuError> {
         match &mut self.inner {
             Stage2Inner::Npt { npt, .. } => {
                 let flags = match kind {
@@ -186,7 +203,7 @@ impl Stage2 {
     }
 
     /// The host-physical address of `gpa`, if mapped.
-    pub fn translate(&self, gpa: u64) -> Option<u64> {
+    pub fn translate(&self, gpa: u64) -> Option<PhysAddr> {
         match &self.inner {
             Stage2Inner::Npt { npt, .. } => npt.translate(gpa),
             Stage2Inner::Ept { ept, .. } => ept.translate(gpa),

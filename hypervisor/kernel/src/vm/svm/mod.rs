@@ -80,8 +80,12 @@ pub fn enable_this_cpu() -> Result<(), VcpuError> {
     if slot.is_completed() {
         return Ok(());
     }
-    let hsave = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
-    let host_vmsave = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
+    let hsave = frames::alloc_zeroed()
+        .ok_or(VcpuError::OutOfMemory)?
+        .as_u64();
+    let host_vmsave = frames::alloc_zeroed()
+        .ok_or(VcpuError::OutOfMemory)?
+        .as_u64();
     // SAFETY: SVM was detected (see `detect`); setting EFER.SVME only enables the SVM
     // instructions, and the host save area is a zeroed page owned by this CPU forever.
     unsafe {
@@ -103,8 +107,8 @@ static MAPS: Once<Option<PermissionMaps>> = Once::new();
 
 fn permission_maps() -> Option<&'static PermissionMaps> {
     MAPS.call_once(|| {
-        let iopm = frames::alloc_contiguous(3, PAGE_SIZE)?;
-        let msrpm = frames::alloc_contiguous(2, PAGE_SIZE)?;
+        let iopm = frames::alloc_contiguous(3, PAGE_SIZE)?.as_u64();
+        let msrpm = frames::alloc_contiguous(2, PAGE_SIZE)?.as_u64();
         // SAFETY: freshly allocated, identity-mapped frames owned by these maps forever.
         unsafe {
             core::ptr::write_bytes(iopm as *mut u8, 0xff, 3 * PAGE_SIZE as usize);
@@ -276,7 +280,9 @@ impl SvmVcpu {
         entry: &EntryState,
     ) -> Result<Self, VcpuError> {
         let maps = permission_maps().ok_or(VcpuError::OutOfMemory)?;
-        let vmcb_pa = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
+        let vmcb_pa = frames::alloc_zeroed()
+            .ok_or(VcpuError::OutOfMemory)?
+            .as_u64();
         // SAFETY: a zeroed, page-aligned frame owned by this vCPU alone; all-zero bytes are a
         // valid `Vmcb` (plain integers).
         let vmcb = unsafe { &mut *(vmcb_pa as *mut Vmcb) };
