@@ -205,7 +205,10 @@ fn extended_interrupt_mode_only_when_offered_and_wanted() {
     unit.enable_interrupt_remapping(&mut mem).unwrap();
     assert!(unit.extended_interrupt_mode());
     let irta = hw.state().latched_irta.unwrap();
-    assert_eq!(irta & 0xfff, irta_value(0, true, TABLE_SIZE_FIELD));
+    assert_eq!(
+        irta & 0xfff,
+        irta_value(PhysAddr::new(0), true, TABLE_SIZE_FIELD)
+    );
     let i = unit.alloc_irte().unwrap();
     let e = Irte::remapped(
         0x60,

@@ -383,7 +383,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         self.qi_on = false;
 
         let root = self.ensure_root(mem)?;
-        self.regs.write64(RTADDR, rtaddr_legacy(root.as_u64()));
+        self.regs.write64(RTADDR, rtaddr_legacy(root));
         self.global_command(GlobalCommand::SRTP, true)?;
         self.invalidate(
             mem,
@@ -410,7 +410,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
                 None => return Err(Error::NoMemory),
             };
             self.regs.write64(IQT, queue_pointer(0));
-            self.regs.write64(IQA, iqa_value(base.as_u64(), 0));
+            self.regs.write64(IQA, iqa_value(base, 0));
             self.global_command(GlobalCommand::QIE, true)?;
             self.qi_on = true;
             // Prove the queue works (a wait round-trip) before translation depends on it.
@@ -571,7 +571,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         self.flush_lines(mem, base, PAGE_SIZE as usize);
         let result = (|| {
             self.regs
-                .write64(IRTA, irta_value(base.as_u64(), eime, TABLE_SIZE_FIELD));
+                .write64(IRTA, irta_value(base, eime, TABLE_SIZE_FIELD));
             self.global_command(GlobalCommand::SIRTP, true)?;
             self.invalidate(mem, &[Invalidation::InterruptEntry(IecGranularity::Global)])?;
             if self.gsts().contains(GlobalStatus::CFIS) {
@@ -750,7 +750,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
             None => {
                 let t = mem.alloc_frame().ok_or(Error::NoMemory)?;
                 self.flush_lines(mem, t, PAGE_SIZE as usize);
-                let re = RootEntry::new(t.as_u64());
+                let re = RootEntry::new(t);
                 let at = root + bus as u64 * 16;
                 mem.write_u64(at + 8, re.hi);
                 mem.write_u64(at, re.lo);
@@ -785,7 +785,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
             return Err(Error::AlreadyAttached(sid));
         }
         let ce = ContextEntry::new(
-            domain.tables.root().as_u64(),
+            domain.tables.root(),
             self.levels,
             domain.did,
             TranslationType::Untranslated,
