@@ -6,6 +6,9 @@
 //! The table pages live in a [`TableMemory`]; what an unmap or a release unlinks goes to a
 //! [`Sink`] (for VT-d the domain's gather), to be freed only after the hardware's caches were
 //! invalidated.
+//! Table pages and leaf targets are host-physical addresses, [`PhysAddr`] (defined in
+//! `moat-frames`, re-exported here with [`PAGE_SIZE`]); input addresses (IOVA, guest-physical,
+//! virtual) stay `u64`.
 //!
 //! Invariants kept by the engine:
 //! - a table page is unlinked only by an unmap whose range covers the table's whole span (then
