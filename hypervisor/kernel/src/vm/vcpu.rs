@@ -139,20 +139,10 @@ impl Backend {
     pub fn new_vcpu(&self, space: &Stage2, entry: &EntryState) -> Result<Vcpu, VcpuError> {
         match (self, &space.inner) {
             (Backend::Svm(i), Stage2Inner::Npt { npt, asid }) => Ok(Vcpu {
-                inner: VcpuInner::Svm(Box::new(svm::SvmVcpu::new(
-                    i,
-                    npt.root().as_u64(),
-                    *asid,
-                    entry,
-                )?)),
+                inner: VcpuInner::Svm(Box::new(svm::SvmVcpu::new(i, npt.root(), *asid, entry)?)),
             }),
             (Backend::Vmx(i), Stage2Inner::Ept { ept, vpid }) => Ok(Vcpu {
-                inner: VcpuInner::Vmx(Box::new(vmx::VmxVcpu::new(
-                    i,
-                    ept.root().as_u64(),
-                    *vpid,
-                    entry,
-                )?)),
+                inner: VcpuInner::Vmx(Box::new(vmx::VmxVcpu::new(i, ept.root(), *vpid, entry)?)),
             }),
             _ => Err(VcpuError::BadMapping),
         }

@@ -13,7 +13,7 @@ use raw_cpuid::CpuId;
 use spin::Once;
 
 use crate::arch::x86;
-use crate::mm::{frames, PAGE_SIZE};
+use crate::mm::{frames, PhysAddr, PAGE_SIZE};
 use crate::vm::vcpu::{Access, EntryState, Event, Exit, IoAccess, Reg, Unsupported, VcpuError};
 use vmcb::{exit_code, EventInj, Intercept3, Intercept4, Segment, Vmcb};
 
@@ -275,7 +275,7 @@ impl SvmVcpu {
     /// A vCPU in 64-bit long mode at `entry`, in the address space `npt_root` tagged `asid`.
     pub fn new(
         info: &SvmInfo,
-        npt_root: u64,
+        npt_root: PhysAddr,
         asid: u32,
         entry: &EntryState,
     ) -> Result<Self, VcpuError> {
@@ -321,7 +321,7 @@ impl SvmVcpu {
         c.tlb_control = vmcb::tlb_control::FLUSH_ASID;
         c.int_ctl = vmcb::V_INTR_MASKING;
         c.np_enable = 1;
-        c.n_cr3 = npt_root;
+        c.n_cr3 = npt_root.as_u64();
 
         let s = &mut vmcb.save;
         let code = Segment::flat(entry.code_selector, vmcb::ATTR_CODE64);

@@ -522,7 +522,7 @@ impl VmxVcpu {
     /// A vCPU in 64-bit long mode at `entry`, in the EPT at `ept_root` tagged `vpid`.
     pub fn new(
         info: &VmxInfo,
-        ept_root: u64,
+        ept_root: PhysAddr,
         vpid: u16,
         entry: &EntryState,
     ) -> Result<Self, VcpuError> {
@@ -534,7 +534,7 @@ impl VmxVcpu {
         Ok(VmxVcpu {
             info: *info,
             vmcs_pa,
-            eptp: vmx::eptp(ept_root),
+            eptp: vmx::eptp(ept_root.as_u64()),
             vpid,
             entry: *entry,
             gprs: Gprs {
