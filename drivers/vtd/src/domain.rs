@@ -6,7 +6,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::Error;
 use crate::gather::Gather;
-use crate::hw::DmaMemory;
+use crate::hw::{DmaMemory, PhysAddr};
 use crate::paging::{Access, PageTable, Translation};
 
 /// Allocates domain ids of one unit: `1..2^bits`, never 0 (QEMU and caching-mode hardware
@@ -135,7 +135,7 @@ impl Domain {
         &self,
         mem: &M,
         iova: u64,
-        phys: u64,
+        phys: PhysAddr,
         len: u64,
         access: Access,
         gather: &mut Gather,
@@ -153,7 +153,7 @@ impl Domain {
         access: Access,
         gather: &mut Gather,
     ) -> Result<(), Error> {
-        self.map(mem, base, base, len, access, gather)
+        self.map(mem, base, PhysAddr::new(base), len, access, gather)
     }
 
     /// Unmaps `[iova, iova + len)`. See [`PageTable::unmap`].

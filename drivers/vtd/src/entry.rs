@@ -2,6 +2,7 @@
 
 use core::fmt;
 
+use crate::hw::PhysAddr;
 use crate::regs::Capability;
 
 /// A PCI requester / source id: bus (15:8), device (7:3), function (2:0).
@@ -108,9 +109,9 @@ const _: () = assert!(core::mem::size_of::<ContextEntry>() == 16);
 
 impl RootEntry {
     /// A present root entry pointing at the context table at `context_table`.
-    pub const fn new(context_table: u64) -> Self {
+    pub const fn new(context_table: PhysAddr) -> Self {
         Self {
-            lo: (context_table & !0xfff) | 1,
+            lo: (context_table.as_u64() & !0xfff) | 1,
             hi: 0,
         }
     }
@@ -152,9 +153,14 @@ impl ContextEntry {
 
     /// A present entry translating through the second-level table at `slptptr` with the
     /// given depth, tagged with domain id `did`.
-    pub const fn new(slptptr: u64, levels: PagingLevels, did: u16, tt: TranslationType) -> Self {
+    pub const fn new(
+        slptptr: PhysAddr,
+        levels: PagingLevels,
+        did: u16,
+        tt: TranslationType,
+    ) -> Self {
         Self {
-            lo: (slptptr & !0xfff) | ((tt as u64) << 2) | 1,
+            lo: (slptptr.as_u64() & !0xfff) | ((tt as u64) << 2) | 1,
             hi: ((did as u64) << 8) | levels.aw_encoding() as u64,
         }
     }
@@ -210,7 +216,7 @@ mod tests {
 
     #[test]
     fn root_entry_encoding() {
-        let r = RootEntry::new(0x1234_5000);
+        let r = RootEntry::new(PhysAddr::new(0x1234_5000));
         assert_eq!(r.lo, 0x1234_5001);
         assert_eq!(r.hi, 0);
         assert!(r.present());
@@ -221,7 +227,7 @@ mod tests {
     #[test]
     fn context_entry_encoding() {
         let c = ContextEntry::new(
-            0xabc_d000,
+            PhysAddr::new(0xabc_d000),
             PagingLevels::Three,
             0x1234,
             TranslationType::Untranslated,
@@ -230,8 +236,13 @@ mod tests {
         assert_eq!(c.hi, (0x1234 << 8) | 1);
         assert_eq!(c.domain_id(), 0x1234);
         assert_eq!(c.address_width(), 1);
-        let c = ContextEntry::new(0x1000, PagingLevels::Four, 1, TranslationType::PassThrough)
-            .with_fault_processing_disabled(true);
+        let c = ContextEntry::new(
+            PhysAddr::new(0x1000),
+            PagingLevels::Four,
+            1,
+            TranslationType::PassThrough,
+        )
+        .with_fault_processing_disabled(true);
         assert_eq!(c.lo, 0x1000 | (2 << 2) | 2 | 1);
         assert_eq!(c.hi, (1 << 8) | 2);
         assert!(c.fault_processing_disabled());

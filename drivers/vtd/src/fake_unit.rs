@@ -815,7 +815,7 @@ mod tests {
             hw.state().queue_delay = delay;
             let q = mem.alloc_frame().unwrap();
             let status = mem.alloc_frame().unwrap();
-            hw.write64(IQA, q);
+            hw.write64(IQA, q.as_u64());
             hw.write32(GCMD, GlobalCommand::QIE.bits());
             let wait = crate::inval::Descriptor::wait(status, 7);
             mem.write_u64(q, wait.lo);
@@ -842,6 +842,6 @@ mod tests {
         // Not reused at once (quarantine).
         let g = mem.alloc_frame().unwrap();
         assert_ne!(f, g);
-        mem.hw_read_u64(f);
+        mem.hw_read_u64(f.as_u64());
     }
 }

@@ -414,7 +414,7 @@ mod tests {
     fn hint_cleared_when_tables_freed_or_caching_mode_maps() {
         let mut g = Gather::new(0, 1);
         g.add_unmapped(0..0x1000);
-        g.add_freed_table(0x9000);
+        g.add_freed_table(PhysAddr::new(0x9000));
         assert!(matches!(
             g.plan(true, 18, 8),
             FlushPlan::Pages { ih: false, .. }

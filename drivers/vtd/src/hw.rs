@@ -7,8 +7,9 @@
 
 use crate::regs::{Readable, Reg, Writable};
 
-/// A physical address, and the size of a page-table page, queue page and translation
-/// granule: the page-table engine's.
+/// The host-physical address type and the size of a page-table page, queue page and
+/// translation granule: Moat's one of each (defined in `moat-frames`, re-exported by the
+/// page-table engine).
 pub use moat_ptab::{PhysAddr, PAGE_SIZE};
 
 /// The MMIO register page(s) of one remapping unit.

@@ -9,6 +9,7 @@
 //! [`crate::fault::FaultReason`]) instead of reaching a CPU.
 
 use crate::entry::SourceId;
+use crate::hw::PhysAddr;
 
 /// Bytes per IRTE.
 pub const IRTE_SIZE: usize = 16;
@@ -25,8 +26,8 @@ pub const IRTA_EIME: u64 = 1 << 11;
 
 /// The IRTA register value: table base (4 KiB aligned), EIME, size field `s`
 /// (`2^(s + 1)` entries).
-pub const fn irta_value(base: u64, eime: bool, s: u8) -> u64 {
-    (base & !0xfff) | if eime { IRTA_EIME } else { 0 } | (s as u64 & 0xf)
+pub const fn irta_value(base: PhysAddr, eime: bool, s: u8) -> u64 {
+    (base.as_u64() & !0xfff) | if eime { IRTA_EIME } else { 0 } | (s as u64 & 0xf)
 }
 
 /// The number of entries an IRTA value's size field names.
@@ -453,10 +454,13 @@ mod tests {
         };
         assert_eq!(outside.format(), MsiFormat::Malformed);
         assert_eq!(
-            irta_value(0x1234_5000, true, 7),
+            irta_value(PhysAddr::new(0x1234_5000), true, 7),
             0x1234_5000 | (1 << 11) | 7
         );
-        assert_eq!(irta_entries(irta_value(0, false, TABLE_SIZE_FIELD)), 256);
+        assert_eq!(
+            irta_entries(irta_value(PhysAddr::new(0), false, TABLE_SIZE_FIELD)),
+            256
+        );
         assert_eq!(
             IecGranularity::Index { index: 9, mask: 0 }.descriptor_bits(),
             (1 << 4) | (9 << 32)

@@ -8,6 +8,7 @@ use crate::entry::SourceId;
 use crate::error::Error;
 use crate::fake_unit::{Delivered, Event, FakeUnit, QEMU_CAP, QEMU_ECAP};
 use crate::fault::{FaultReason, FaultRecord};
+use crate::hw::PhysAddr;
 use crate::intremap::{
     compatibility_msi, irta_value, remappable_msi, DeliveryMode, Irte, MsiMessage, SourceQualifier,
     SourceValidation, TABLE_ENTRIES, TABLE_SIZE_FIELD,
@@ -194,7 +195,7 @@ fn a_stale_cached_entry_survives_without_invalidation() {
     let irta = hw.state().latched_irta.unwrap();
     let at = (irta & !0xfff) + i as u64 * 16;
     use crate::hw::DmaMemory;
-    mem.write_u64(at, 0);
+    mem.write_u64(PhysAddr::new(at), 0);
     assert_eq!(hw.msi(EDU.0, msg.address, 0).map(|d| d.vector), Ok(0x51));
 }
 
@@ -204,7 +205,10 @@ fn extended_interrupt_mode_only_when_offered_and_wanted() {
     unit.enable_interrupt_remapping(&mut mem).unwrap();
     assert!(unit.extended_interrupt_mode());
     let irta = hw.state().latched_irta.unwrap();
-    assert_eq!(irta & 0xfff, irta_value(0, true, TABLE_SIZE_FIELD));
+    assert_eq!(
+        irta & 0xfff,
+        irta_value(PhysAddr::new(0), true, TABLE_SIZE_FIELD)
+    );
     let i = unit.alloc_irte().unwrap();
     let e = Irte::remapped(
         0x60,

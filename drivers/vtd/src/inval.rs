@@ -104,7 +104,7 @@ impl Descriptor {
     pub const fn wait(status: PhysAddr, data: u32) -> Self {
         Self {
             lo: desc_type::WAIT as u64 | WAIT_SW | ((data as u64) << 32),
-            hi: status & !3,
+            hi: status.as_u64() & !3,
         }
     }
 
@@ -581,13 +581,13 @@ mod tests {
 
     #[test]
     fn wait_descriptor_has_status_write_only() {
-        let d = Descriptor::wait(0x1234_5678, 0xdead_beef);
+        let d = Descriptor::wait(PhysAddr::new(0x1234_5678), 0xdead_beef);
         assert_eq!(d.lo, 0xdead_beef_0000_0025);
         assert_eq!(d.hi, 0x1234_5678);
         assert_eq!(d.lo & WAIT_IF, 0);
         // QEMU 7.2 reserved bits: lo 31:7, hi 1:0.
         assert_eq!(d.lo & 0xffff_ff80, 0);
-        assert_eq!(Descriptor::wait(0x1003, 1).hi & 3, 0);
+        assert_eq!(Descriptor::wait(PhysAddr::new(0x1003), 1).hi & 3, 0);
         assert_eq!(d.kind(), desc_type::WAIT);
     }
 }

@@ -24,9 +24,7 @@ use moat_ptab::format::{VtdAttr, VtdSecondLevel};
 use crate::entry::PagingLevels;
 use crate::error::Error;
 use crate::gather::Gather;
-use crate::hw::DmaMemory;
-#[cfg(test)]
-use crate::hw::PhysAddr;
+use crate::hw::{DmaMemory, PhysAddr};
 
 bitflags! {
     /// Access rights of a DMA mapping.
@@ -91,7 +89,7 @@ impl TableConfig {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Translation {
     /// Physical address the IOVA translates to.
-    pub phys: u64,
+    pub phys: PhysAddr,
     /// Access rights of the leaf.
     pub access: Access,
     /// Size of the page holding the IOVA (4 KiB, 2 MiB or 1 GiB).
@@ -151,7 +149,7 @@ impl PageTable {
     }
 
     /// Physical address of the root table (the context entry's SLPTPTR).
-    pub fn root(&self) -> u64 {
+    pub fn root(&self) -> PhysAddr {
         self.inner.root()
     }
 
@@ -186,7 +184,7 @@ impl PageTable {
         &self,
         mem: &M,
         iova: u64,
-        phys: u64,
+        phys: PhysAddr,
         len: u64,
         access: Access,
         gather: &mut Gather,
@@ -285,22 +283,32 @@ mod tests {
         let mut mem = FakeMemory::new(64);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mem, 0x1000, 0x5000_0000, 0x2000, Access::READ, &mut g)
-            .unwrap();
+        pt.map(
+            &mem,
+            0x1000,
+            PhysAddr::new(0x5000_0000),
+            0x2000,
+            Access::READ,
+            &mut g,
+        )
+        .unwrap();
         assert_eq!(pt.table_pages(), 3);
         let t = pt.translate(&mem, 0x1234).unwrap();
         assert_eq!(
             t,
             Translation {
-                phys: 0x5000_0234,
+                phys: PhysAddr::new(0x5000_0234),
                 access: Access::READ,
                 page_size: 4096
             }
         );
-        assert_eq!(pt.translate(&mem, 0x2fff).unwrap().phys, 0x5000_1fff);
+        assert_eq!(
+            pt.translate(&mem, 0x2fff).unwrap().phys,
+            PhysAddr::new(0x5000_1fff)
+        );
         assert!(pt.translate(&mem, 0x3000).is_none());
         assert_eq!(
-            pt.map(&mem, 0x2000, 0, 0x1000, RW, &mut g),
+            pt.map(&mem, 0x2000, PhysAddr::new(0), 0x1000, RW, &mut g),
             Err(Error::AlreadyMapped { iova: 0x2000 })
         );
         pt.unmap(&mem, 0x1000, 0x2000, &mut g).unwrap();
@@ -311,7 +319,7 @@ mod tests {
         assert_eq!(pt.table_pages(), 3);
         assert_eq!(mem.live_frames(), 3);
         // A later map reuses them.
-        pt.map(&mem, 0x5000, 0x6000_0000, 0x1000, RW, &mut g)
+        pt.map(&mem, 0x5000, PhysAddr::new(0x6000_0000), 0x1000, RW, &mut g)
             .unwrap();
         assert_eq!((pt.table_pages(), mem.live_frames()), (3, 3));
     }
@@ -321,21 +329,27 @@ mod tests {
         let mut mem = FakeMemory::new(64);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mem, 0x5000, 0x5000, 0x1000, RW, &mut g).unwrap();
+        pt.map(&mem, 0x5000, PhysAddr::new(0x5000), 0x1000, RW, &mut g)
+            .unwrap();
         pt.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
         let tables = pt.walk_tables(&mem);
         assert_eq!(tables.len(), 3, "the emptied leaf table stays linked");
         // 2 MiB aligned both sides: a superpage, except that a table is linked there.
-        pt.map(&mem, 0, 0x4000_0000, 0x40_0000, RW, &mut g).unwrap();
+        pt.map(&mem, 0, PhysAddr::new(0x4000_0000), 0x40_0000, RW, &mut g)
+            .unwrap();
         assert_eq!(pt.translate(&mem, 0x1000).unwrap().page_size, 4096);
-        assert_eq!(pt.translate(&mem, 0x1000).unwrap().phys, 0x4000_1000);
+        assert_eq!(
+            pt.translate(&mem, 0x1000).unwrap().phys,
+            PhysAddr::new(0x4000_1000)
+        );
         assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 0x20_0000);
         assert_eq!(pt.walk_tables(&mem), tables, "no table replaced");
         // A clash inside the kept table is found at its page.
         pt.unmap(&mem, 0, 0x20_0000, &mut g).unwrap();
-        pt.map(&mem, 0x7000, 0x7000, 0x1000, RW, &mut g).unwrap();
+        pt.map(&mem, 0x7000, PhysAddr::new(0x7000), 0x1000, RW, &mut g)
+            .unwrap();
         assert_eq!(
-            pt.map(&mem, 0, 0, 0x20_0000, RW, &mut g),
+            pt.map(&mem, 0, PhysAddr::new(0), 0x20_0000, RW, &mut g),
             Err(Error::AlreadyMapped { iova: 0x7000 })
         );
         assert!(pt.translate(&mem, 0).is_none());
@@ -347,7 +361,8 @@ mod tests {
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
         let mut g = Gather::new(0, 1);
         // Two leaf tables (spans [0, 2M) and [2M, 4M)) under one level-2 table.
-        pt.map(&mem, 0, 0x4000_0000, 0x40_0000, RW, &mut g).unwrap();
+        pt.map(&mem, 0, PhysAddr::new(0x4000_0000), 0x40_0000, RW, &mut g)
+            .unwrap();
         assert_eq!(pt.table_pages(), 4);
         let leaf0 = pt.walk_tables(&mem)[2];
         // Half of the first span: nothing unlinked.
@@ -388,19 +403,43 @@ mod tests {
         let mut mem = FakeMemory::new(64);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Four, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mem, 0x4000_0000, 0x8000_0000, 0x4020_0000, RW, &mut g)
-            .unwrap();
+        pt.map(
+            &mem,
+            0x4000_0000,
+            PhysAddr::new(0x8000_0000),
+            0x4020_0000,
+            RW,
+            &mut g,
+        )
+        .unwrap();
         assert_eq!(pt.translate(&mem, 0x4000_1000).unwrap().page_size, 1 << 30);
         assert_eq!(pt.translate(&mem, 0x8010_0000).unwrap().page_size, 2 << 20);
-        assert_eq!(pt.translate(&mem, 0x8010_0000).unwrap().phys, 0xc010_0000);
+        assert_eq!(
+            pt.translate(&mem, 0x8010_0000).unwrap().phys,
+            PhysAddr::new(0xc010_0000)
+        );
         // Unaligned physical address: only 4 KiB pages.
-        pt.map(&mem, 0x20_0000, 0x1000, 0x20_0000, RW, &mut g)
-            .unwrap();
+        pt.map(
+            &mem,
+            0x20_0000,
+            PhysAddr::new(0x1000),
+            0x20_0000,
+            RW,
+            &mut g,
+        )
+        .unwrap();
         assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 4096);
         // Superpages disabled.
         let pt2 = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
-        pt2.map(&mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
-            .unwrap();
+        pt2.map(
+            &mem,
+            0x20_0000,
+            PhysAddr::new(0x20_0000),
+            0x20_0000,
+            RW,
+            &mut g,
+        )
+        .unwrap();
         assert_eq!(pt2.translate(&mem, 0x20_0000).unwrap().page_size, 4096);
     }
 
@@ -409,8 +448,15 @@ mod tests {
         let mut mem = FakeMemory::new(64);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
-            .unwrap();
+        pt.map(
+            &mem,
+            0x20_0000,
+            PhysAddr::new(0x20_0000),
+            0x20_0000,
+            RW,
+            &mut g,
+        )
+        .unwrap();
         assert_eq!(
             pt.unmap(&mem, 0x20_0000, 0x1000, &mut g),
             Err(Error::PartialSuperpage {
@@ -434,31 +480,31 @@ mod tests {
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
         let mut g = Gather::new(0, 1);
         assert_eq!(
-            pt.map(&mem, 0x1001, 0, 0x1000, RW, &mut g),
+            pt.map(&mem, 0x1001, PhysAddr::new(0), 0x1000, RW, &mut g),
             Err(Error::Misaligned)
         );
         assert_eq!(
-            pt.map(&mem, 0x1000, 0x10, 0x1000, RW, &mut g),
+            pt.map(&mem, 0x1000, PhysAddr::new(0x10), 0x1000, RW, &mut g),
             Err(Error::Misaligned)
         );
         assert_eq!(
-            pt.map(&mem, 0x1000, 0, 0, RW, &mut g),
+            pt.map(&mem, 0x1000, PhysAddr::new(0), 0, RW, &mut g),
             Err(Error::Misaligned)
         );
         assert_eq!(
-            pt.map(&mem, 1 << 39, 0, 0x1000, RW, &mut g),
+            pt.map(&mem, 1 << 39, PhysAddr::new(0), 0x1000, RW, &mut g),
             Err(Error::OutOfRange)
         );
         assert_eq!(
-            pt.map(&mem, !0xfff, 0, 0x1000, RW, &mut g),
+            pt.map(&mem, !0xfff, PhysAddr::new(0), 0x1000, RW, &mut g),
             Err(Error::OutOfRange)
         );
         assert_eq!(
-            pt.map(&mem, 0, 1 << 52, 0x1000, RW, &mut g),
+            pt.map(&mem, 0, PhysAddr::new(1 << 52), 0x1000, RW, &mut g),
             Err(Error::OutOfRange)
         );
         assert_eq!(
-            pt.map(&mem, 0, 0, 0x1000, Access::empty(), &mut g),
+            pt.map(&mem, 0, PhysAddr::new(0), 0x1000, Access::empty(), &mut g),
             Err(Error::NoAccess)
         );
         assert_eq!(
@@ -474,7 +520,7 @@ mod tests {
         let mut mem = FakeMemory::new(4);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        let r = pt.map(&mem, 0x3fff_f000, 0x1000, 0x2000, RW, &mut g);
+        let r = pt.map(&mem, 0x3fff_f000, PhysAddr::new(0x1000), 0x2000, RW, &mut g);
         assert_eq!(r, Err(Error::NoMemory));
         assert!(pt.translate(&mem, 0x3fff_f000).is_none());
         // Region 0's two tables and region 1's level-2 table stay linked (empty): nothing is
@@ -495,7 +541,7 @@ mod tests {
             }
         );
         // The kept tables are reused: this map needs no new frame.
-        pt.map(&mem, 0x3fff_e000, 0x1000, 0x2000, RW, &mut g)
+        pt.map(&mem, 0x3fff_e000, PhysAddr::new(0x1000), 0x2000, RW, &mut g)
             .unwrap();
         assert_eq!(pt.table_pages(), 4);
     }
@@ -505,11 +551,12 @@ mod tests {
         let mut mem = FakeMemory::new(64);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mem, 0x20_0000, 0x1000, 0x1000, RW, &mut g).unwrap();
+        pt.map(&mem, 0x20_0000, PhysAddr::new(0x1000), 0x1000, RW, &mut g)
+            .unwrap();
         let tables = pt.table_pages();
         // Fills the leaf table of [0, 2M) completely, then clashes at 2M.
         assert_eq!(
-            pt.map(&mem, 0, 0x10_0000, 0x20_1000, RW, &mut g),
+            pt.map(&mem, 0, PhysAddr::new(0x10_0000), 0x20_1000, RW, &mut g),
             Err(Error::AlreadyMapped { iova: 0x20_0000 })
         );
         assert!(pt.translate(&mem, 0x1f_f000).is_none());
@@ -530,7 +577,8 @@ mod tests {
         let mut mem = FakeMemory::new(16);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, false)).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mem, 0, 0x10000, 0x3000, RW, &mut g).unwrap();
+        pt.map(&mem, 0, PhysAddr::new(0x10000), 0x3000, RW, &mut g)
+            .unwrap();
         // Every written entry's line was flushed after the write.
         assert!(
             mem.unflushed_writes().is_empty(),
@@ -542,7 +590,8 @@ mod tests {
         // The coherent configuration does not pay for flushes.
         let mut mem = FakeMemory::new(16);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
-        pt.map(&mem, 0, 0x10000, 0x3000, RW, &mut g).unwrap();
+        pt.map(&mem, 0, PhysAddr::new(0x10000), 0x3000, RW, &mut g)
+            .unwrap();
         assert_eq!(mem.flush_calls(), 0);
     }
 
@@ -552,11 +601,13 @@ mod tests {
         let mut c = cfg(PagingLevels::Three, false, true);
         let pt = PageTable::new(&mut mem, c).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mem, 0, 0x10000, 0x1000, RW, &mut g).unwrap();
+        pt.map(&mem, 0, PhysAddr::new(0x10000), 0x1000, RW, &mut g)
+            .unwrap();
         assert_eq!(leaf_entry(&mem, &pt, 0) & pte::SNP, 0);
         c.snoop = true;
         let pt = PageTable::new(&mut mem, c).unwrap();
-        pt.map(&mem, 0, 0x10000, 0x1000, RW, &mut g).unwrap();
+        pt.map(&mem, 0, PhysAddr::new(0x10000), 0x1000, RW, &mut g)
+            .unwrap();
         assert_eq!(
             leaf_entry(&mem, &pt, 0),
             0x10000 | pte::SNP | pte::R | pte::W
@@ -594,7 +645,7 @@ mod tests {
                     if is_present(e) && !is_leaf(e, level) {
                         rec(
                             mem,
-                            e & pte::ADDR_MASK,
+                            PhysAddr::new(e & pte::ADDR_MASK),
                             level - 1,
                             base + i * level_size(level),
                             out,
@@ -713,7 +764,7 @@ mod tests {
                     }
                     Op::Map { page, pages, phys_page, write } => {
                         let access = if write { RW } else { Access::READ };
-                        let r = pt.map(&mem, page * 4096, phys_page * 4096, pages * 4096, access, &mut g);
+                        let r = pt.map(&mem, page * 4096, PhysAddr::new(phys_page * 4096), pages * 4096, access, &mut g);
                         let clash = (page..page + pages).any(|p| model.contains_key(&p));
                         prop_assert_eq!(r.is_ok(), !clash, "{:?}", r);
                         // A map, failed or not, never unlinks a table.
@@ -764,7 +815,7 @@ mod tests {
                 // accounting is exact.
                 let linked = pt.linked_tables(&mem);
                 for &(t, ..) in &linked {
-                    prop_assert!(mem.is_live(t) && !mem.is_poisoned(t), "linked table {:#x} freed", t);
+                    prop_assert!(mem.is_live(t.as_u64()) && !mem.is_poisoned(t.as_u64()), "linked table {:#x} freed", t);
                     prop_assert!(!g.pending_table_list().contains(&t));
                 }
                 prop_assert_eq!(linked.len(), pt.table_pages());
@@ -776,7 +827,7 @@ mod tests {
                     None => prop_assert!(t.is_none()),
                     Some(&(phys, write)) => {
                         let t = t.unwrap();
-                        prop_assert_eq!(t.phys, phys * 4096 + 8);
+                        prop_assert_eq!(t.phys.as_u64(), phys * 4096 + 8);
                         prop_assert_eq!(t.access.contains(Access::WRITE), write);
                     }
                 }
@@ -785,7 +836,7 @@ mod tests {
             // Frame accounting: linked + pending == live.
             prop_assert_eq!(pt.table_pages() + g.pending_tables(), mem.live_frames());
             let (_, tables) = g.take();
-            let mut seen: Vec<u64> = tables.clone();
+            let mut seen: Vec<PhysAddr> = tables.clone();
             seen.sort_unstable();
             seen.dedup();
             prop_assert_eq!(seen.len(), tables.len());

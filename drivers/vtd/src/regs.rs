@@ -64,6 +64,8 @@ use core::marker::PhantomData;
 
 use bitflags::bitflags;
 
+use crate::hw::PhysAddr;
+
 /// Byte offsets of the fixed registers (the raw layout behind the typed descriptors).
 pub mod offset {
     /// Version register (32-bit).
@@ -544,8 +546,8 @@ pub const fn gcmd_value(gsts: u32, cmd: GlobalCommand, enable: bool) -> u32 {
 }
 
 /// Root table address register value (legacy translation table mode).
-pub const fn rtaddr_legacy(root_table: u64) -> u64 {
-    root_table & !0xfff
+pub const fn rtaddr_legacy(root_table: PhysAddr) -> u64 {
+    root_table.as_u64() & !0xfff
 }
 
 /// Granularity of a context-cache invalidation (register or descriptor encoding).
@@ -744,8 +746,8 @@ bitflags! {
 
 /// Invalidation queue address register value: base (4 KiB aligned), 128-bit descriptors,
 /// queue size `2^qs` pages (`2^(qs + 8)` descriptors).
-pub const fn iqa_value(base: u64, qs: u8) -> u64 {
-    (base & !0xfff) | (qs as u64 & 7)
+pub const fn iqa_value(base: PhysAddr, qs: u8) -> u64 {
+    (base.as_u64() & !0xfff) | (qs as u64 & 7)
 }
 
 /// IQH/IQT register value for descriptor index `index` (128-bit descriptors).
@@ -897,7 +899,7 @@ mod tests {
         assert_eq!(f.fault_record_index(), 3);
         assert_eq!(queue_pointer(255), 0xff0);
         assert_eq!(queue_index(0xff0), 255);
-        assert_eq!(iqa_value(0x1234_5000, 0), 0x1234_5000);
+        assert_eq!(iqa_value(PhysAddr::new(0x1234_5000), 0), 0x1234_5000);
         assert_eq!(Version(0x10).major(), 1);
     }
 }

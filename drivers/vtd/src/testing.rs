@@ -140,9 +140,10 @@ impl FakeMemory {
         };
         inner.frames.insert(pa, vec![0; 4096]);
         inner.allocs += 1;
-        Some(pa)
+        Some(PhysAddr::new(pa))
     }
     fn free(&self, frame: PhysAddr) {
+        let frame = frame.as_u64();
         let mut inner = self.0.borrow_mut();
         assert!(
             inner.frames.remove(&frame).is_some(),
@@ -153,10 +154,12 @@ impl FakeMemory {
         inner.poisoned.insert(frame);
     }
     fn store(&self, addr: PhysAddr, value: u64) {
+        let addr = addr.as_u64();
         self.with_bytes(addr, 8, |b| b.copy_from_slice(&value.to_le_bytes()));
         self.0.borrow_mut().dirty_lines.insert(addr & !63);
     }
     fn flush(&self, addr: PhysAddr, len: usize) {
+        let addr = addr.as_u64();
         let mut inner = self.0.borrow_mut();
         inner.flush_calls += 1;
         let mut line = addr & !63;
@@ -177,13 +180,13 @@ impl moat_ptab::TableMemory for FakeMemory {
         self.free(table)
     }
     fn load_entry(&self, entry: PhysAddr) -> u64 {
-        self.peek_u64(entry)
+        self.peek_u64(entry.as_u64())
     }
     fn store_entry(&self, entry: PhysAddr, value: u64) {
         self.store(entry, value)
     }
     fn cas_entry(&self, entry: PhysAddr, current: u64, new: u64) -> Result<u64, u64> {
-        let v = self.peek_u64(entry);
+        let v = self.peek_u64(entry.as_u64());
         if v != current {
             return Err(v);
         }
@@ -203,15 +206,18 @@ impl DmaMemory for FakeMemory {
         self.free(frame)
     }
     fn read_u64(&self, addr: PhysAddr) -> u64 {
-        self.peek_u64(addr)
+        self.peek_u64(addr.as_u64())
     }
     fn write_u64(&mut self, addr: PhysAddr, value: u64) {
         self.store(addr, value)
     }
     fn read_u32(&self, addr: PhysAddr) -> u32 {
-        self.with_bytes(addr, 4, |b| u32::from_le_bytes(b.try_into().unwrap()))
+        self.with_bytes(addr.as_u64(), 4, |b| {
+            u32::from_le_bytes(b.try_into().unwrap())
+        })
     }
     fn write_u32(&mut self, addr: PhysAddr, value: u32) {
+        let addr = addr.as_u64();
         self.with_bytes(addr, 4, |b| b.copy_from_slice(&value.to_le_bytes()));
         self.0.borrow_mut().dirty_lines.insert(addr & !63);
     }

@@ -7,7 +7,7 @@ use crate::entry::{PagingLevels, SourceId};
 use crate::error::{Error, Operation};
 use crate::fake_unit::{Event, FakeUnit, QEMU_CAP, QEMU_ECAP};
 use crate::fault::{FaultAccess, FaultReason, FaultRecord};
-use crate::hw::DmaMemory;
+use crate::hw::{DmaMemory, PhysAddr};
 use crate::paging::Access;
 use crate::regs::{
     ccmd, iotlb_reg, ContextGranularity, GlobalCommand, GlobalStatus, IotlbGranularity,
@@ -67,7 +67,7 @@ fn bring_up_sequence_and_disable() {
     );
     // The order of the whole sequence.
     let pos = |pred: &dyn Fn(&Event) -> bool| s.events.iter().position(pred).unwrap();
-    let rtaddr = pos(&|e| *e == Event::RtAddr(root));
+    let rtaddr = pos(&|e| *e == Event::RtAddr(root.as_u64()));
     let srtp = pos(&|e| *e == Event::Gcmd(GlobalCommand::SRTP.bits()));
     let cc = pos(&|e| *e == Event::Ccmd(ccmd::encode(ContextGranularity::Global)));
     let tlb = pos(&|e| *e == Event::Iotlb(iotlb_reg::encode(IotlbGranularity::Global, true, true)));
@@ -139,10 +139,24 @@ fn mapped_dma_translates_and_unmap_needs_the_flush() {
     assert_ne!(dom.id(), 0);
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mem, 0x10_0000, 0x5000_0000, 0x2000, RW, &mut g)
-        .unwrap();
-    dom.map(&mem, 0x20_0000, 0x6000_0000, 0x1000, Access::READ, &mut g)
-        .unwrap();
+    dom.map(
+        &mem,
+        0x10_0000,
+        PhysAddr::new(0x5000_0000),
+        0x2000,
+        RW,
+        &mut g,
+    )
+    .unwrap();
+    dom.map(
+        &mem,
+        0x20_0000,
+        PhysAddr::new(0x6000_0000),
+        0x1000,
+        Access::READ,
+        &mut g,
+    )
+    .unwrap();
     let f = unit.flush(&mut mem, &mut g).unwrap();
     assert_eq!(
         f.invalidations, 0,
@@ -201,7 +215,8 @@ fn unattached_devices_and_other_memory_are_blocked() {
     let dom = unit.create_domain(&mut mem).unwrap();
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mem, 0x1000, 0x8000, 0x1000, RW, &mut g).unwrap();
+    dom.map(&mem, 0x1000, PhysAddr::new(0x8000), 0x1000, RW, &mut g)
+        .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert_eq!(hw.dma(SourceId::new(0, 4, 0).0, 0x1000, false), Err(2));
     drain(&mut unit);
@@ -222,8 +237,15 @@ fn table_pages_released_only_after_completed_invalidation() {
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
     // 2 MiB of 4 KiB pages (the physical address rules out a superpage): one leaf table.
-    dom.map(&mem, 0x4000_0000, 0x9000_1000, 0x20_0000, RW, &mut g)
-        .unwrap();
+    dom.map(
+        &mem,
+        0x4000_0000,
+        PhysAddr::new(0x9000_1000),
+        0x20_0000,
+        RW,
+        &mut g,
+    )
+    .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x4000_0000, true).is_ok());
     let live = mem.live_frames();
@@ -248,8 +270,15 @@ fn table_pages_freed_after_flush() {
     let dom = unit.create_domain(&mut mem).unwrap();
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mem, 0x4000_0000, 0x9000_1000, 0x20_0000, RW, &mut g)
-        .unwrap();
+    dom.map(
+        &mem,
+        0x4000_0000,
+        PhysAddr::new(0x9000_1000),
+        0x20_0000,
+        RW,
+        &mut g,
+    )
+    .unwrap();
     let live = mem.live_frames();
     dom.unmap(&mem, 0x4000_0000, 0x20_0000, &mut g).unwrap();
     let f = unit.flush(&mut mem, &mut g).unwrap();
@@ -272,7 +301,8 @@ fn gather_batches_many_unmaps_into_one_flush() {
     let dom = unit.create_domain(&mut mem).unwrap();
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mem, 0, 0x100_0000, 0x10_0000, RW, &mut g).unwrap();
+    dom.map(&mem, 0, PhysAddr::new(0x100_0000), 0x10_0000, RW, &mut g)
+        .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     for p in 0..64u64 {
         assert!(hw.dma(EDU.0, p * 4096, false).is_ok());
@@ -317,8 +347,15 @@ fn register_based_invalidation_without_qi() {
     let dom = unit.create_domain(&mut mem).unwrap();
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mem, 0x20_0000, 0x20_0000, 0x20_0000, RW, &mut g)
-        .unwrap();
+    dom.map(
+        &mem,
+        0x20_0000,
+        PhysAddr::new(0x20_0000),
+        0x20_0000,
+        RW,
+        &mut g,
+    )
+    .unwrap();
     assert_eq!(dom.translate(&mem, 0x20_0000).unwrap().page_size, 0x20_0000);
     unit.flush(&mut mem, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x21_0000, true).is_ok());
@@ -355,7 +392,8 @@ fn caching_mode_invalidates_new_mappings_and_attach() {
     assert!(hw.dma(EDU.0, 0x3000, false).is_err());
     drain(&mut unit);
     let mut g = dom.gather();
-    dom.map(&mem, 0x3000, 0x7000, 0x1000, RW, &mut g).unwrap();
+    dom.map(&mem, 0x3000, PhysAddr::new(0x7000), 0x1000, RW, &mut g)
+        .unwrap();
     assert!(
         hw.dma(EDU.0, 0x3000, false).is_err(),
         "not-present entry still cached"
@@ -374,7 +412,8 @@ fn invalidation_queue_error_is_recovered() {
     let dom = unit.create_domain(&mut mem).unwrap();
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mem, 0x5000, 0x7000, 0x1000, RW, &mut g).unwrap();
+    dom.map(&mem, 0x5000, PhysAddr::new(0x7000), 0x1000, RW, &mut g)
+        .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x5000, false).is_ok());
     dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
@@ -395,7 +434,8 @@ fn invalidation_queue_error_is_recovered() {
         unit.flush(&mut mem, &mut dom.gather()).is_ok(),
         "empty gather does nothing"
     );
-    dom.map(&mem, 0x5000, 0x7000, 0x1000, RW, &mut g).unwrap();
+    dom.map(&mem, 0x5000, PhysAddr::new(0x7000), 0x1000, RW, &mut g)
+        .unwrap();
     dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
     assert!(matches!(
         unit.flush(&mut mem, &mut g),
@@ -415,7 +455,8 @@ fn gcmd_writes_keep_translation_and_qi_on_with_rwbf() {
     let dom = unit.create_domain(&mut mem).unwrap();
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mem, 0x5000, 0x7000, 0x1000, RW, &mut g).unwrap();
+    dom.map(&mem, 0x5000, PhysAddr::new(0x7000), 0x1000, RW, &mut g)
+        .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     let s = hw.state();
     let wbf = (GlobalCommand::WBF | GlobalCommand::TE | GlobalCommand::QIE).bits();
@@ -433,8 +474,15 @@ fn four_level_tables_with_48_bit_width() {
     let dom = unit.create_domain(&mut mem).unwrap();
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mem, 0x80_0000_0000, 0x1000, 0x1000, RW, &mut g)
-        .unwrap();
+    dom.map(
+        &mem,
+        0x80_0000_0000,
+        PhysAddr::new(0x1000),
+        0x1000,
+        RW,
+        &mut g,
+    )
+    .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert_eq!(hw.dma(EDU.0, 0x80_0000_0010, true), Ok(0x1010));
     // A 3-level choice can be forced when SAGAW has it.
@@ -470,7 +518,8 @@ fn detach_blocks_and_destroy_frees_everything() {
         Err(Error::NotAttached(EDU))
     );
     let mut g = dom.gather();
-    dom.map(&mem, 0, 0x10_0000, 0x40_0000, RW, &mut g).unwrap();
+    dom.map(&mem, 0, PhysAddr::new(0x10_0000), 0x40_0000, RW, &mut g)
+        .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x1000, true).is_ok());
     let dom = match unit.destroy_domain(&mut mem, dom) {
@@ -652,7 +701,7 @@ mod model {
                     Op::UnmapNth(_) => unreachable!(),
                     Op::Map { page, pages, phys, write } => {
                         let access = if write { RW } else { Access::READ };
-                        let r = dom.map(&mem, page << 12, phys << 12, pages << 12, access, &mut g);
+                        let r = dom.map(&mem, page << 12, PhysAddr::new(phys << 12), pages << 12, access, &mut g);
                         let range = (page << 12)..((page + pages) << 12);
                         if r.is_ok() {
                             for i in 0..pages {
@@ -718,7 +767,8 @@ fn explicit_domain_and_global_invalidation_drop_stale_entries() {
     let dom = unit.create_domain(&mut mem).unwrap();
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mem, 0x5000, 0x7000, 0x2000, RW, &mut g).unwrap();
+    dom.map(&mem, 0x5000, PhysAddr::new(0x7000), 0x2000, RW, &mut g)
+        .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x5000, false).is_ok());
     assert!(hw.dma(EDU.0, 0x6000, false).is_ok());
@@ -744,7 +794,8 @@ fn stalled_queue_is_never_overwritten() {
     let dom = unit.create_domain(&mut mem).unwrap();
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mem, 0x5000, 0x7000, 0x1000, RW, &mut g).unwrap();
+    dom.map(&mem, 0x5000, PhysAddr::new(0x7000), 0x1000, RW, &mut g)
+        .unwrap();
     dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
     hw.state().ignore_waits = true;
     assert!(unit.flush(&mut mem, &mut g).is_err());
@@ -803,7 +854,7 @@ fn map_into_emptied_table_before_flush_translates_through_cached_directories() {
     let dom = unit.create_domain(&mut mem).unwrap();
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mem, 0x1000, 0x5000_0000, 0x1000, RW, &mut g)
+    dom.map(&mem, 0x1000, PhysAddr::new(0x5000_0000), 0x1000, RW, &mut g)
         .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     // The device uses it: the unit caches the leaf and the directory entries of the walk.
@@ -812,7 +863,7 @@ fn map_into_emptied_table_before_flush_translates_through_cached_directories() {
     let tables = dom.tables().table_pages();
     dom.unmap(&mem, 0x1000, 0x1000, &mut g).unwrap();
     // Before the flush (deferred), a new IOVA of the same span is mapped and used.
-    dom.map(&mem, 0x5000, 0x6000_0000, 0x1000, RW, &mut g)
+    dom.map(&mem, 0x5000, PhysAddr::new(0x6000_0000), 0x1000, RW, &mut g)
         .unwrap();
     let hits = hw.state().dir_cache_hits;
     assert_eq!(hw.dma(EDU.0, 0x5008, true), Ok(0x6000_0008));
@@ -851,11 +902,25 @@ fn table_unlinked_by_a_whole_span_unmap_is_invalidated_with_ih0_before_it_is_fre
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
     // 2 MiB of 4 KiB pages (the physical address rules out a superpage).
-    dom.map(&mem, 0x20_0000, 0x9000_1000, 0x20_0000, RW, &mut g)
-        .unwrap();
+    dom.map(
+        &mem,
+        0x20_0000,
+        PhysAddr::new(0x9000_1000),
+        0x20_0000,
+        RW,
+        &mut g,
+    )
+    .unwrap();
     // And a neighbour in the same 1 GiB, so the level-2 table stays.
-    dom.map(&mem, 0x40_0000, 0x7000_0000, 0x1000, RW, &mut g)
-        .unwrap();
+    dom.map(
+        &mem,
+        0x40_0000,
+        PhysAddr::new(0x7000_0000),
+        0x1000,
+        RW,
+        &mut g,
+    )
+    .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x20_0000, true).is_ok());
     assert!(hw.dma(EDU.0, 0x3f_f000, true).is_ok());
@@ -874,8 +939,15 @@ fn table_unlinked_by_a_whole_span_unmap_is_invalidated_with_ih0_before_it_is_fre
     }
     assert_eq!(hw.dma(EDU.0, 0x40_0000, true), Ok(0x7000_0000));
     // The span can be mapped again (a fresh table).
-    dom.map(&mem, 0x20_0000, 0x9000_1000, 0x1000, RW, &mut g)
-        .unwrap();
+    dom.map(
+        &mem,
+        0x20_0000,
+        PhysAddr::new(0x9000_1000),
+        0x1000,
+        RW,
+        &mut g,
+    )
+    .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     assert_eq!(hw.dma(EDU.0, 0x20_0000, true), Ok(0x9000_1000));
 }
@@ -895,8 +967,15 @@ fn failed_map_rollback_keeps_tables_and_records_a_leaf_invalidation() {
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
     // A mapping elsewhere in the first 1 GiB, so the level-2 table exists.
-    dom.map(&mem, 0x40_0000, 0x7000_0000, 0x1000, RW, &mut g)
-        .unwrap();
+    dom.map(
+        &mem,
+        0x40_0000,
+        PhysAddr::new(0x7000_0000),
+        0x1000,
+        RW,
+        &mut g,
+    )
+    .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     let tables = dom.tables().table_pages();
     // The map of [0x1fe000, 0x201000) allocates the leaf table of [0, 2M), writes two
@@ -912,7 +991,14 @@ fn failed_map_rollback_keeps_tables_and_records_a_leaf_invalidation() {
         }
         false
     });
-    let r = dom.map(&mem, 0x1f_e000, 0x8000_0000, 0x3000, RW, &mut g);
+    let r = dom.map(
+        &mem,
+        0x1f_e000,
+        PhysAddr::new(0x8000_0000),
+        0x3000,
+        RW,
+        &mut g,
+    );
     mem.0.borrow_mut().alloc_hook = None;
     assert_eq!(r, Err(Error::NoMemory));
     assert_eq!(seen.get(), Some(Ok(0x8000_0000)), "the device saw the leaf");
@@ -923,8 +1009,15 @@ fn failed_map_rollback_keeps_tables_and_records_a_leaf_invalidation() {
         "the rolled-back leaves still need an invalidation"
     );
     // Before any flush, another IOVA of the same span is mapped and used.
-    dom.map(&mem, 0x10_0000, 0x6000_0000, 0x1000, RW, &mut g)
-        .unwrap();
+    dom.map(
+        &mem,
+        0x10_0000,
+        PhysAddr::new(0x6000_0000),
+        0x1000,
+        RW,
+        &mut g,
+    )
+    .unwrap();
     assert_eq!(hw.dma(EDU.0, 0x10_0000, true), Ok(0x6000_0000));
     assert_eq!(g.pending_tables(), 0, "no table page handed to the gather");
     assert_eq!(
@@ -967,7 +1060,7 @@ fn release_empty_tables_at_teardown() {
         dom.map(
             &mem,
             i * 0x3_3000,
-            0x5000_0000 + i * 0x1000,
+            PhysAddr::new(0x5000_0000 + i * 0x1000),
             0x1000,
             RW,
             &mut g,
@@ -1011,7 +1104,8 @@ fn disable_waits_for_the_queue_to_drain() {
     let dom = unit.create_domain(&mut mem).unwrap();
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(&mem, 0x5000, 0x7000, 0x1000, RW, &mut g).unwrap();
+    dom.map(&mem, 0x5000, PhysAddr::new(0x7000), 0x1000, RW, &mut g)
+        .unwrap();
     unit.flush(&mut mem, &mut g).unwrap();
     dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
     // A slow unit: one descriptor per 700 register reads; the flush polls ~1000 times.
@@ -1036,7 +1130,8 @@ fn disable_waits_for_the_queue_to_drain() {
     unit.enable(&mut mem).unwrap();
     let dom = unit.create_domain(&mut mem).unwrap();
     let mut g = dom.gather();
-    dom.map(&mem, 0x5000, 0x7000, 0x1000, RW, &mut g).unwrap();
+    dom.map(&mem, 0x5000, PhysAddr::new(0x7000), 0x1000, RW, &mut g)
+        .unwrap();
     dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
     hw.state().ignore_waits = true;
     assert!(unit.flush(&mut mem, &mut g).is_err());
@@ -1065,10 +1160,24 @@ fn split_flush_per_waiter_status_words() {
     let (mut ga, mut gb) = (dom.gather(), dom.gather());
     // A whole 2 MiB leaf table for A (4 KiB pages: the physical range is not 2 MiB
     // aligned; unlinked by its unmap), one page for B.
-    dom.map(&mem, 0x40_0000, 0x5000_1000, 0x20_0000, RW, &mut ga)
-        .unwrap();
-    dom.map(&mem, 0x10_0000, 0x6000_0000, 0x1000, RW, &mut gb)
-        .unwrap();
+    dom.map(
+        &mem,
+        0x40_0000,
+        PhysAddr::new(0x5000_1000),
+        0x20_0000,
+        RW,
+        &mut ga,
+    )
+    .unwrap();
+    dom.map(
+        &mem,
+        0x10_0000,
+        PhysAddr::new(0x6000_0000),
+        0x1000,
+        RW,
+        &mut gb,
+    )
+    .unwrap();
     unit.flush(&mut mem, &mut ga).unwrap();
     unit.flush(&mut mem, &mut gb).unwrap();
     assert_eq!(hw.dma(EDU.0, 0x40_0000, false), Ok(0x5000_1000));
@@ -1113,8 +1222,15 @@ fn split_flush_per_waiter_status_words() {
 
     // A refused wait descriptor: its waiter learns it from queue_check, the gather stays.
     hw.state().queue_delay = 0;
-    dom.map(&mem, 0x10_0000, 0x6000_0000, 0x1000, RW, &mut gb)
-        .unwrap();
+    dom.map(
+        &mem,
+        0x10_0000,
+        PhysAddr::new(0x6000_0000),
+        0x1000,
+        RW,
+        &mut gb,
+    )
+    .unwrap();
     unit.flush(&mut mem, &mut gb).unwrap();
     dom.unmap(&mem, 0x10_0000, 0x1000, &mut gb).unwrap();
     hw.state().reject_type = Some(crate::inval::desc_type::WAIT);

@@ -1,13 +1,18 @@
 //! Physical addresses, 4 KiB frames and half-open physical ranges.
+//!
+//! [`PhysAddr`] is Moat's one host-physical address type and [`PAGE_SIZE`] its one hardware
+//! page size: the page-table engine (`moat-ptab`), the VT-d driver and the kernel re-export
+//! or use these. Guest-physical addresses and IOVAs are not host-physical and stay `u64`.
 
 use core::fmt;
 
-/// Size of a frame (a base page) in bytes.
-pub const FRAME_SIZE: u64 = 4096;
-/// `log2(FRAME_SIZE)`.
-pub const FRAME_SHIFT: u32 = 12;
+/// Size of a hardware base page (a frame) in bytes: 4 KiB, the one page size of Moat.
+pub const PAGE_SIZE: u64 = 4096;
+/// `log2(PAGE_SIZE)`.
+pub const PAGE_SHIFT: u32 = 12;
 
-/// A physical address.
+/// A host-physical address (what a CPU or a device behind the IOMMU's translation puts on
+/// the bus). Guest-physical addresses and IOVAs are not host-physical: they stay integers.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 #[repr(transparent)]
 pub struct PhysAddr(u64);
@@ -48,6 +53,33 @@ impl PhysAddr {
             None => None,
         }
     }
+
+    /// The offset of the address within its 4 KiB page.
+    pub const fn page_offset(self) -> u64 {
+        self.0 & (PAGE_SIZE - 1)
+    }
+
+    /// Whether the address is the first byte of a 4 KiB page.
+    pub const fn is_page_aligned(self) -> bool {
+        self.page_offset() == 0
+    }
+
+    /// The address of 64-bit entry `index` of the table (or array) starting at `self`:
+    /// `self + index * 8`. Table addresses come from the frame allocator and indices are
+    /// below 512, so this never overflows for a real table; it wraps rather than panics.
+    pub const fn entry(self, index: u64) -> Self {
+        PhysAddr(self.0.wrapping_add(index.wrapping_mul(8)))
+    }
+}
+
+/// `addr + offset`, for a field or an entry inside a table, queue or frame (overflow is a bug
+/// in the caller, as for integer addition).
+impl core::ops::Add<u64> for PhysAddr {
+    type Output = PhysAddr;
+
+    fn add(self, offset: u64) -> PhysAddr {
+        PhysAddr(self.0 + offset)
+    }
 }
 
 impl fmt::Debug for PhysAddr {
@@ -76,13 +108,13 @@ pub struct Frame(u64);
 impl Frame {
     /// The frame containing `addr`.
     pub const fn containing(addr: PhysAddr) -> Self {
-        Frame(addr.0 >> FRAME_SHIFT)
+        Frame(addr.0 >> PAGE_SHIFT)
     }
 
     /// The frame starting at `addr`; `None` when `addr` is not 4 KiB aligned.
     pub const fn from_start(addr: PhysAddr) -> Option<Self> {
-        if addr.is_aligned(FRAME_SIZE) {
-            Some(Frame(addr.0 >> FRAME_SHIFT))
+        if addr.is_aligned(PAGE_SIZE) {
+            Some(Frame(addr.0 >> PAGE_SHIFT))
         } else {
             None
         }
@@ -90,7 +122,7 @@ impl Frame {
 
     /// The frame with number `number`; `None` when its address would not fit in 64 bits.
     pub const fn from_number(number: u64) -> Option<Self> {
-        if number <= u64::MAX >> FRAME_SHIFT {
+        if number <= u64::MAX >> PAGE_SHIFT {
             Some(Frame(number))
         } else {
             None
@@ -104,12 +136,12 @@ impl Frame {
 
     /// The first byte of the frame.
     pub const fn start(self) -> PhysAddr {
-        PhysAddr(self.0 << FRAME_SHIFT)
+        PhysAddr(self.0 << PAGE_SHIFT)
     }
 
     /// The bytes of the frame (ends at `u64::MAX` for the very last frame).
     pub const fn range(self) -> PhysRange {
-        PhysRange::from_start_len(self.start(), FRAME_SIZE)
+        PhysRange::from_start_len(self.start(), PAGE_SIZE)
     }
 }
 
@@ -230,8 +262,8 @@ impl PhysRange {
 
     /// The frames wholly inside the range, as frame numbers `first..end`.
     pub const fn whole_frames(self) -> core::ops::Range<u64> {
-        let r = self.align_inward(FRAME_SIZE);
-        (r.start >> FRAME_SHIFT)..(r.end >> FRAME_SHIFT)
+        let r = self.align_inward(PAGE_SIZE);
+        (r.start >> PAGE_SHIFT)..(r.end >> PAGE_SHIFT)
     }
 }
 

@@ -2,7 +2,7 @@
 
 use core::fmt;
 
-use crate::addr::{Frame, PhysAddr, PhysRange, FRAME_SHIFT, FRAME_SIZE};
+use crate::addr::{Frame, PhysAddr, PhysRange, PAGE_SHIFT, PAGE_SIZE};
 use crate::map::{MapError, MemoryMap, MAX_USABLE};
 
 /// Errors of [`FrameAllocator`].
@@ -153,7 +153,7 @@ impl<'b> FrameAllocator<'b> {
     /// Reserving more memory in the map afterwards (including the bitmap's own memory) never
     /// raises this number, so the bitmap may be carved from the map after asking.
     pub fn bitmap_words(map: &MemoryMap) -> usize {
-        let frames: u64 = map.usable().iter().map(|r| r.len() >> FRAME_SHIFT).sum();
+        let frames: u64 = map.usable().iter().map(|r| r.len() >> PAGE_SHIFT).sum();
         usize::try_from(frames.div_ceil(64)).unwrap_or(usize::MAX)
     }
 
@@ -223,7 +223,7 @@ impl<'b> FrameAllocator<'b> {
             return FrameAllocator::new(map, &mut []);
         }
         let bytes = (words as u64).saturating_mul(8);
-        let block = map.carve(bytes, FRAME_SIZE, within, "frame allocator bitmap")?;
+        let block = map.carve(bytes, PAGE_SIZE, within, "frame allocator bitmap")?;
         let ptr = phys_to_virt(block.start()).cast::<u64>();
         if ptr.is_null() || !ptr.is_aligned() {
             return Err(FrameError::BadMapping {
@@ -260,8 +260,8 @@ impl<'b> FrameAllocator<'b> {
     pub fn ranges(&self) -> impl Iterator<Item = PhysRange> + '_ {
         self.zones[..self.zone_count].iter().map(|z| {
             PhysRange::from_start_len(
-                PhysAddr::new(z.first_frame << FRAME_SHIFT),
-                z.frames << FRAME_SHIFT,
+                PhysAddr::new(z.first_frame << PAGE_SHIFT),
+                z.frames << PAGE_SHIFT,
             )
         })
     }
@@ -320,7 +320,7 @@ impl<'b> FrameAllocator<'b> {
         if !align.is_power_of_two() {
             return Err(FrameError::BadAlignment { align });
         }
-        let align_frames = (align >> FRAME_SHIFT).max(1);
+        let align_frames = (align >> PAGE_SHIFT).max(1);
         let limit = within.whole_frames();
         for i in 0..self.zone_count {
             let zone = self.zones[i];

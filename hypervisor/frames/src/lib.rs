@@ -12,6 +12,10 @@
 //!    ([`FrameAllocator::bitmap_words`] words), handing out single frames and aligned
 //!    contiguous runs, and catching double frees and frees of frames it never owned.
 //!
+//! [`PhysAddr`] is Moat's one host-physical address type and [`PAGE_SIZE`] its one hardware
+//! page size: `moat-ptab` re-exports both (and `moat-vtd` and the kernel use them from there or
+//! from here). Guest-physical addresses and IOVAs are not host-physical and stay `u64`.
+//!
 //! # Example
 //!
 //! ```
@@ -47,7 +51,7 @@ mod addr;
 mod alloc;
 mod map;
 
-pub use addr::{Bytes, Frame, PhysAddr, PhysRange, FRAME_SHIFT, FRAME_SIZE};
+pub use addr::{Bytes, Frame, PhysAddr, PhysRange, PAGE_SHIFT, PAGE_SIZE};
 pub use alloc::{FrameAllocator, FrameError};
 pub use map::{
     MapError, MemoryMap, Region, RegionKind, Reservation, MAX_REGIONS, MAX_RESERVATIONS, MAX_USABLE,

@@ -2,7 +2,7 @@
 
 use core::fmt;
 
-use crate::addr::{Bytes, PhysAddr, PhysRange, FRAME_SIZE};
+use crate::addr::{Bytes, PhysAddr, PhysRange, PAGE_SIZE};
 
 /// Maximum number of firmware regions a [`MemoryMap`] holds.
 pub const MAX_REGIONS: usize = 128;
@@ -260,9 +260,9 @@ impl MemoryMap {
         if !align.is_power_of_two() {
             return Err(MapError::BadAlignment { align });
         }
-        let align = align.max(FRAME_SIZE);
+        let align = align.max(PAGE_SIZE);
         let size = PhysAddr::new(size.max(1))
-            .checked_align_up(FRAME_SIZE)
+            .checked_align_up(PAGE_SIZE)
             .ok_or(MapError::NoSpace { size, align })?
             .as_u64();
         let found = self.usable().iter().rev().find_map(|piece| {
@@ -356,7 +356,7 @@ impl MemoryMap {
     }
 
     fn push_usable(&mut self, piece: PhysRange) {
-        let piece = piece.align_inward(FRAME_SIZE);
+        let piece = piece.align_inward(PAGE_SIZE);
         if piece.is_empty() {
             return;
         }

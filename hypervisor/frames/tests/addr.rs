@@ -33,6 +33,21 @@ fn addresses_and_frames() {
 }
 
 #[test]
+fn page_offsets_and_entries() {
+    let a = PhysAddr::new(0x12345);
+    assert_eq!(a.page_offset(), 0x345);
+    assert!(!a.is_page_aligned());
+    assert!(PhysAddr::new(0x7000).is_page_aligned());
+    assert_eq!(PhysAddr::new(0x7fff).page_offset(), 0xfff);
+    assert_eq!(PhysAddr::new(0x7000).entry(0), PhysAddr::new(0x7000));
+    assert_eq!(PhysAddr::new(0x7000).entry(511), PhysAddr::new(0x7ff8));
+    assert_eq!(
+        PhysAddr::new(0x7000).checked_add(0x1000),
+        Some(PhysAddr::new(0x8000))
+    );
+}
+
+#[test]
 fn ranges() {
     assert_eq!(PhysRange::new(PhysAddr::new(2), PhysAddr::new(1)), None);
     let r = span(0x1800, 0x5800);

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use common::*;
 use moat_frames::{
-    Frame, FrameAllocator, FrameError, MemoryMap, PhysAddr, PhysRange, RegionKind, FRAME_SIZE,
+    Frame, FrameAllocator, FrameError, MemoryMap, PhysAddr, PhysRange, RegionKind, PAGE_SIZE,
 };
 
 /// An allocator for `map` over a bitmap of its own (leaked: a test's allocator lives as long
@@ -24,7 +24,7 @@ fn frame(addr: u64) -> Frame {
 fn q35_counts_and_single_frames_never_touch_reserved_memory() {
     let (map, trampoline) = q35_booted();
     let mut fa = allocator_for(&map);
-    let expected = (0x200000 - 0x100000 + 0x1000 + 0x7fe0000 - 0x342000) / FRAME_SIZE;
+    let expected = (0x200000 - 0x100000 + 0x1000 + 0x7fe0000 - 0x342000) / PAGE_SIZE;
     assert_eq!(fa.total_frames(), expected);
     assert_eq!(fa.free_frames(), expected);
     assert_eq!(
@@ -79,7 +79,7 @@ fn contiguous_runs_are_contiguous_aligned_and_disjoint() {
     ] {
         let f = fa.allocate_contiguous(count, align).unwrap();
         assert!(f.start().is_aligned(align), "{f:?} align {align:#x}");
-        let range = PhysRange::from_start_len(f.start(), count * FRAME_SIZE);
+        let range = PhysRange::from_start_len(f.start(), count * PAGE_SIZE);
         assert!(map.is_usable(range), "{range:?} not wholly usable");
         for n in f.number()..f.number() + count {
             assert_eq!(fa.is_free(Frame::from_number(n).unwrap()), Some(false));
@@ -94,7 +94,7 @@ fn contiguous_runs_are_contiguous_aligned_and_disjoint() {
     assert_eq!(fa.free_frames() + fa.used_frames(), fa.total_frames());
 
     // The first 2 MiB-aligned address with 8 MiB free after the kernel is 4 MiB.
-    assert_eq!(taken[3].0 * FRAME_SIZE, 4 * MIB);
+    assert_eq!(taken[3].0 * PAGE_SIZE, 4 * MIB);
 
     // Too big, bad arguments.
     assert_eq!(
@@ -126,7 +126,7 @@ fn contiguous_runs_are_contiguous_aligned_and_disjoint() {
     let low = fa
         .allocate_contiguous_within(4, 4096, span(0, 0x200000))
         .unwrap();
-    assert!(low.start().as_u64() + 4 * FRAME_SIZE <= 0x200000);
+    assert!(low.start().as_u64() + 4 * PAGE_SIZE <= 0x200000);
     assert_eq!(
         fa.allocate_contiguous_within(1, 4096, span(0x200000, 0x340000)),
         Err(FrameError::NoContiguousRange {
@@ -293,7 +293,7 @@ fn from_map_carves_its_bitmap_out_of_the_map() {
     assert_eq!(bitmap_block.why, "frame allocator bitmap");
     assert_eq!(bitmap_block.range, span(8 * MIB - 4096, 8 * MIB));
     assert!(words_before >= FrameAllocator::bitmap_words(&map));
-    assert_eq!(fa.total_frames(), (7 * MIB - 4096) / FRAME_SIZE);
+    assert_eq!(fa.total_frames(), (7 * MIB - 4096) / PAGE_SIZE);
     let mut n = 0;
     while let Ok(f) = fa.allocate() {
         assert!(!bitmap_block.range.overlaps(f.range()));

@@ -6,12 +6,12 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::r;
-use moat_frames::{Frame, FrameAllocator, FrameError, MemoryMap, RegionKind, FRAME_SIZE};
+use moat_frames::{Frame, FrameAllocator, FrameError, MemoryMap, RegionKind, PAGE_SIZE};
 use proptest::prelude::*;
 
 /// Address space of the random maps: 2 MiB (512 frames), small enough to check every frame.
 const SPACE: u64 = 2 << 20;
-const FRAMES: u64 = SPACE / FRAME_SIZE;
+const FRAMES: u64 = SPACE / PAGE_SIZE;
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -76,7 +76,7 @@ fn model_usable(
     let end = |(s, l): (u64, u64)| (s, s.saturating_add(l));
     (0..FRAMES + 1024)
         .filter(|&f| {
-            let (lo, hi) = (f * FRAME_SIZE, (f + 1) * FRAME_SIZE);
+            let (lo, hi) = (f * PAGE_SIZE, (f + 1) * PAGE_SIZE);
             let in_usable = covered(
                 lo,
                 hi,
@@ -142,7 +142,7 @@ proptest! {
                 },
                 Op::AllocRun { count, align_shift } => {
                     let align = 1u64 << align_shift;
-                    let af = align / FRAME_SIZE;
+                    let af = align / PAGE_SIZE;
                     // The lowest fitting aligned run in the model.
                     let expected = usable.iter().copied().filter(|s| s % af == 0).find(|&s| {
                         (s..s + count).all(|n| usable.contains(&n) && !live.contains(&n))

@@ -176,7 +176,7 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
         exit::exit(ExitCode::Failure)
     };
     // SAFETY: the frames were just allocated for the heap alone and are mapped RW.
-    unsafe { mm::heap::init(heap, HEAP_SIZE as usize) };
+    unsafe { mm::heap::init(heap.as_u64(), HEAP_SIZE as usize) };
     log::info!("heap: {} MiB at {:#x}", HEAP_SIZE >> 20, heap);
 
     let _ = space::map_mmio(platform.lapic_address, PAGE_SIZE);

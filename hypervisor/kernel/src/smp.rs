@@ -42,7 +42,7 @@ pub fn start_aps(platform: &Platform, limit: Option<u16>, trampoline: u64) -> Sm
             log::error!("no memory for the stack of cpu{index}: not started");
             break;
         };
-        moat_boot::ap::publish(index as u64, stack + AP_STACK_PAGES * PAGE_SIZE);
+        moat_boot::ap::publish(index as u64, (stack + AP_STACK_PAGES * PAGE_SIZE).as_u64());
         let before = STARTED.load(Ordering::SeqCst);
         let ok = apic::send_init(c.apic_id) && {
             tsc::delay_us(10_000);

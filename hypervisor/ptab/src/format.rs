@@ -9,6 +9,8 @@ use core::fmt::Debug;
 
 use bitflags::bitflags;
 
+use crate::PhysAddr;
+
 /// Address bits 51:12 of an entry (every format here).
 pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
 
@@ -27,7 +29,7 @@ pub trait Format {
     fn is_present(e: u64) -> bool;
     /// The entry linking a next-level table at `table` (the leaf decides the access rights,
     /// so a table entry grants everything the format lets a leaf restrict).
-    fn table_entry(table: u64) -> u64;
+    fn table_entry(table: PhysAddr) -> u64;
     /// The attribute bits of a leaf with `attr` (must make the entry present; neither address
     /// nor page-size bit).
     fn leaf_bits(attr: Self::Attr) -> u64;
@@ -70,8 +72,8 @@ impl Format for VtdSecondLevel {
     fn is_present(e: u64) -> bool {
         e & (VtdAttr::READ.bits() | VtdAttr::WRITE.bits()) != 0
     }
-    fn table_entry(table: u64) -> u64 {
-        table | VtdAttr::READ.bits() | VtdAttr::WRITE.bits()
+    fn table_entry(table: PhysAddr) -> u64 {
+        table.as_u64() | VtdAttr::READ.bits() | VtdAttr::WRITE.bits()
     }
     fn leaf_bits(attr: VtdAttr) -> u64 {
         attr.bits()
@@ -142,8 +144,8 @@ impl Format for X86 {
     fn is_present(e: u64) -> bool {
         e & X86Flags::PRESENT.bits() != 0
     }
-    fn table_entry(table: u64) -> u64 {
-        table | (X86Flags::PRESENT | X86Flags::WRITABLE).bits()
+    fn table_entry(table: PhysAddr) -> u64 {
+        table.as_u64() | (X86Flags::PRESENT | X86Flags::WRITABLE).bits()
     }
     fn leaf_bits(attr: X86Flags) -> u64 {
         attr.bits() & X86_ATTR_MASK
@@ -199,8 +201,8 @@ impl Format for Npt {
     fn is_present(e: u64) -> bool {
         e & NptFlags::PRESENT.bits() != 0
     }
-    fn table_entry(table: u64) -> u64 {
-        table | NptFlags::RAM.bits()
+    fn table_entry(table: PhysAddr) -> u64 {
+        table.as_u64() | NptFlags::RAM.bits()
     }
     fn leaf_bits(attr: NptFlags) -> u64 {
         attr.bits() & X86_ATTR_MASK
@@ -283,8 +285,8 @@ impl Format for Ept {
     fn is_present(e: u64) -> bool {
         e & EptAccess::all().bits() != 0
     }
-    fn table_entry(table: u64) -> u64 {
-        table | EptAccess::all().bits()
+    fn table_entry(table: PhysAddr) -> u64 {
+        table.as_u64() | EptAccess::all().bits()
     }
     fn leaf_bits(attr: EptAttr) -> u64 {
         attr.access.bits()
@@ -322,14 +324,14 @@ mod tests {
             access: EptAccess::WRITE,
             ..a
         }));
-        assert_eq!(Ept::table_entry(0x5000), 0x5007);
+        assert_eq!(Ept::table_entry(PhysAddr::new(0x5000)), 0x5007);
         assert!(Ept::is_present(EptAccess::EXECUTE.bits()));
     }
 
     #[test]
     fn x86_and_npt_bits() {
-        assert_eq!(X86::table_entry(0x5000), 0x5003);
-        assert_eq!(Npt::table_entry(0x5000), 0x5007);
+        assert_eq!(X86::table_entry(PhysAddr::new(0x5000)), 0x5003);
+        assert_eq!(Npt::table_entry(PhysAddr::new(0x5000)), 0x5007);
         // Accessed/dirty and PS are not attributes.
         let e = 0x20_0000 | X86Flags::RW.bits() | 0x60 | PS;
         assert_eq!(X86::leaf_attr(e), X86Flags::RW);
@@ -344,7 +346,7 @@ mod tests {
     fn vtd_bits() {
         assert!(!VtdSecondLevel::is_present(VtdAttr::SNOOP.bits()));
         assert!(VtdSecondLevel::is_present(VtdAttr::WRITE.bits()));
-        assert_eq!(VtdSecondLevel::table_entry(0x5000), 0x5003);
+        assert_eq!(VtdSecondLevel::table_entry(PhysAddr::new(0x5000)), 0x5003);
         assert!(!VtdSecondLevel::valid_attr(VtdAttr::SNOOP));
     }
 }

@@ -6,6 +6,9 @@
 //! The table pages live in a [`TableMemory`]; what an unmap or a release unlinks goes to a
 //! [`Sink`] (for VT-d the domain's gather), to be freed only after the hardware's caches were
 //! invalidated.
+//! Table pages and leaf targets are host-physical addresses, [`PhysAddr`] (defined in
+//! `moat-frames`, re-exported here with [`PAGE_SIZE`]); input addresses (IOVA, guest-physical,
+//! virtual) stay `u64`.
 //!
 //! Invariants kept by the engine:
 //! - a table page is unlinked only by an unmap whose range covers the table's whole span (then
@@ -48,11 +51,16 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 pub use format::Format;
 use format::{is_leaf, ADDR_MASK, PS};
 
-/// A physical address.
-pub type PhysAddr = u64;
+/// The host-physical address type (defined in `moat-frames`, the one for all of Moat): table
+/// pages, and what leaves translate to.
+pub use moat_frames::PhysAddr;
+/// Size of a table page and of the smallest page: the one hardware page size of `moat-frames`.
+pub use moat_frames::PAGE_SIZE;
 
-/// Size of a table page and of the smallest page.
-pub const PAGE_SIZE: u64 = 4096;
+/// The table an entry that is present and not a leaf points to.
+const fn next_table(e: u64) -> PhysAddr {
+    PhysAddr::new(e & ADDR_MASK)
+}
 
 /// Memory holding page-table pages.
 ///
@@ -171,7 +179,7 @@ pub struct Config {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Translation<A> {
     /// The physical address the input address translates to.
-    pub phys: u64,
+    pub phys: PhysAddr,
     /// The leaf's attributes.
     pub attr: A,
     /// Size of the page holding the address.
@@ -340,11 +348,12 @@ impl<F: Format> PageTable<F> {
         &self,
         mem: &M,
         va: u64,
-        phys: u64,
+        phys: PhysAddr,
         len: u64,
         attr: F::Attr,
         sink: &mut S,
     ) -> Result<(), Error> {
+        let phys = phys.as_u64();
         let end = self.check_range(va, len)?;
         self.check_phys(phys, len)?;
         if !F::valid_attr(attr) {
@@ -358,7 +367,7 @@ impl<F: Format> PageTable<F> {
             let want = self.leaf_level(cur, p, end - cur);
             let r = match last {
                 Some((t, lvl, base)) if lvl == want && in_span(cur, lvl, base) => {
-                    let slot = t + index(cur, lvl) * 8;
+                    let slot = t.entry(index(cur, lvl));
                     if F::is_present(mem.load_entry(slot)) {
                         // Mapped, or a kept table: the full walk decides.
                         self.map_one(mem, cur, p, want, attr)
@@ -400,7 +409,7 @@ impl<F: Format> PageTable<F> {
         let mut table = self.root;
         let mut level = self.cfg.levels;
         loop {
-            let slot = table + index(va, level) * 8;
+            let slot = table.entry(index(va, level));
             let mut e = mem.load_entry(slot);
             if level == leaf_level {
                 if level > 1 && F::is_present(e) && !is_leaf(e, level) {
@@ -416,10 +425,10 @@ impl<F: Format> PageTable<F> {
                 let s = level_size(level);
                 return Err(Error::AlreadyMapped { va: va & !(s - 1) });
             }
-            table = e & ADDR_MASK;
+            table = next_table(e);
             level -= 1;
         }
-        let slot = table + index(va, level) * 8;
+        let slot = table.entry(index(va, level));
         if F::is_present(mem.load_entry(slot)) {
             return Err(Error::AlreadyMapped { va });
         }
@@ -436,10 +445,11 @@ impl<F: Format> PageTable<F> {
         &self,
         mem: &M,
         va: u64,
-        phys: u64,
+        phys: PhysAddr,
         len: u64,
         attr: Option<F::Attr>,
     ) -> Result<(), Error> {
+        let phys = phys.as_u64();
         let end = self.check_range(va, len)?;
         if let Some(a) = attr {
             self.check_phys(phys, len)?;
@@ -472,7 +482,7 @@ impl<F: Format> PageTable<F> {
         let mut table = self.root;
         let mut level = self.cfg.levels;
         loop {
-            let slot = table + index(va, level) * 8;
+            let slot = table.entry(index(va, level));
             let mut e = mem.load_entry(slot);
             let size = level_size(level);
             let base = va & !(size - 1);
@@ -498,10 +508,10 @@ impl<F: Format> PageTable<F> {
             } else if is_leaf(e, level) {
                 e = self.split(mem, slot, e, level)?;
             }
-            table = e & ADDR_MASK;
+            table = next_table(e);
             level -= 1;
         }
-        let slot = table + index(va, level) * 8;
+        let slot = table.entry(index(va, level));
         if let Some(a) = attr {
             self.write(mem, slot, Self::leaf_entry(phys, a, level));
         }
@@ -523,7 +533,10 @@ impl<F: Format> PageTable<F> {
         let attr = F::leaf_attr(e);
         let sub = level_size(level - 1);
         for i in 0..512u64 {
-            mem.store_entry(t + i * 8, Self::leaf_entry(base + i * sub, attr, level - 1));
+            mem.store_entry(
+                t.entry(i),
+                Self::leaf_entry(base + i * sub, attr, level - 1),
+            );
         }
         if !self.cfg.coherent {
             mem.flush_entries(t, PAGE_SIZE as usize);
@@ -560,7 +573,7 @@ impl<F: Format> PageTable<F> {
         while cur < end {
             let (e, level, table) = match last {
                 Some((t, lvl, base)) if in_span(cur, lvl, base) => {
-                    let e = mem.load_entry(t + index(cur, lvl) * 8);
+                    let e = mem.load_entry(t.entry(index(cur, lvl)));
                     if F::is_present(e) && !is_leaf(e, lvl) {
                         self.walk_table(mem, cur)
                     } else {
@@ -596,11 +609,11 @@ impl<F: Format> PageTable<F> {
         let mut table = self.root;
         let mut level = self.cfg.levels;
         loop {
-            let e = mem.load_entry(table + index(va, level) * 8);
+            let e = mem.load_entry(table.entry(index(va, level)));
             if !F::is_present(e) || is_leaf(e, level) {
                 return (e, level, table);
             }
-            table = e & ADDR_MASK;
+            table = next_table(e);
             level -= 1;
         }
     }
@@ -615,12 +628,12 @@ impl<F: Format> PageTable<F> {
         let mut table = self.root;
         let mut level = self.cfg.levels;
         loop {
-            let e = mem.load_entry(table + index(va, level) * 8);
+            let e = mem.load_entry(table.entry(index(va, level)));
             f(level, e);
             if !F::is_present(e) || is_leaf(e, level) {
                 return (e, level);
             }
-            table = e & ADDR_MASK;
+            table = next_table(e);
             level -= 1;
         }
     }
@@ -636,7 +649,7 @@ impl<F: Format> PageTable<F> {
         }
         let s = level_size(level);
         Some(Translation {
-            phys: (e & ADDR_MASK & !(s - 1)) | (va & (s - 1)),
+            phys: PhysAddr::new((e & ADDR_MASK & !(s - 1)) | (va & (s - 1))),
             attr: F::leaf_attr(e),
             page_size: s,
         })
@@ -653,14 +666,14 @@ impl<F: Format> PageTable<F> {
             f: &mut impl FnMut(u64, u8, u64),
         ) {
             for i in 0..512u64 {
-                let e = mem.load_entry(table + i * 8);
+                let e = mem.load_entry(table.entry(i));
                 if !F::is_present(e) {
                     continue;
                 }
                 let va = base + i * level_size(level);
                 f(va, level, e);
                 if !is_leaf(e, level) {
-                    rec::<F, M>(mem, e & ADDR_MASK, level - 1, va, f);
+                    rec::<F, M>(mem, next_table(e), level - 1, va, f);
                 }
             }
         }
@@ -688,7 +701,7 @@ impl<F: Format> PageTable<F> {
         let mut last_written = 0;
         while cur < end {
             let idx = index(cur, level);
-            let slot = table + idx * 8;
+            let slot = table.entry(idx);
             let entry_base = cur & !(size - 1);
             let entry_end = entry_base.saturating_add(size);
             let sub_end = end.min(entry_end);
@@ -697,7 +710,7 @@ impl<F: Format> PageTable<F> {
                 let clear = if is_leaf(e, level) {
                     true
                 } else {
-                    let child = e & ADDR_MASK;
+                    let child = next_table(e);
                     self.clear_range(mem, child, level - 1, cur, sub_end, unlink, sink);
                     let whole = unlink && cur == entry_base && sub_end == entry_end;
                     if whole {
@@ -717,12 +730,15 @@ impl<F: Format> PageTable<F> {
         if let Some(first) = first_written
             && !self.cfg.coherent
         {
-            mem.flush_entries(table + first * 8, ((last_written - first + 1) * 8) as usize);
+            mem.flush_entries(
+                table.entry(first),
+                ((last_written - first + 1) * 8) as usize,
+            );
         }
     }
 
     fn table_empty<M: TableMemory>(mem: &M, table: PhysAddr) -> bool {
-        (0..512).all(|i| !F::is_present(mem.load_entry(table + i * 8)))
+        (0..512).all(|i| !F::is_present(mem.load_entry(table.entry(i))))
     }
 
     /// Unlinks every table page without a present entry (a child's release may empty its
@@ -745,12 +761,12 @@ impl<F: Format> PageTable<F> {
             let mut released = 0;
             let size = level_size(level);
             for i in 0..512u64 {
-                let slot = table + i * 8;
+                let slot = table.entry(i);
                 let e = mem.load_entry(slot);
                 if !F::is_present(e) || is_leaf(e, level) {
                     continue;
                 }
-                let child = e & ADDR_MASK;
+                let child = next_table(e);
                 let start = base + i * size;
                 released += release(pt, mem, child, level - 1, start, sink);
                 if PageTable::<F>::table_empty(mem, child) {
@@ -772,9 +788,9 @@ impl<F: Format> PageTable<F> {
         fn free_level<F: Format, M: TableMemory>(mem: &M, table: PhysAddr, level: u8) {
             if level > 1 {
                 for i in 0..512 {
-                    let e = mem.load_entry(table + i * 8);
+                    let e = mem.load_entry(table.entry(i));
                     if F::is_present(e) && !is_leaf(e, level) {
-                        free_level::<F, M>(mem, e & ADDR_MASK, level - 1);
+                        free_level::<F, M>(mem, next_table(e), level - 1);
                     }
                 }
             }

@@ -81,12 +81,12 @@ impl ArenaMemory {
     }
 
     fn frame_index(&self, addr: PhysAddr) -> Option<usize> {
-        let i = addr.checked_sub(ARENA_BASE)? / PAGE_SIZE;
+        let i = addr.as_u64().checked_sub(ARENA_BASE)? / PAGE_SIZE;
         (i < self.frames.len() as u64).then_some(i as usize)
     }
 
     fn entry(&self, addr: PhysAddr) -> &AtomicU64 {
-        assert_eq!(addr % 8, 0, "unaligned entry access at {addr:#x}");
+        assert_eq!(addr.as_u64() % 8, 0, "unaligned entry access at {addr:#x}");
         let i = self
             .frame_index(addr)
             .unwrap_or_else(|| panic!("access to {addr:#x} outside the arena"));
@@ -96,12 +96,12 @@ impl ArenaMemory {
             "access to {addr:#x} in a free frame (freed before: {})",
             f.ever_freed.load(Ordering::SeqCst)
         );
-        &f.entries[((addr % PAGE_SIZE) / 8) as usize]
+        &f.entries[(addr.page_offset() / 8) as usize]
     }
 
     fn dirty(&self, addr: PhysAddr) {
         if self.track_dirty {
-            self.dirty.lock().unwrap().insert(addr & !63);
+            self.dirty.lock().unwrap().insert(addr.as_u64() & !63);
         }
     }
 }
@@ -126,11 +126,11 @@ impl TableMemory for ArenaMemory {
         assert!(!f.live.swap(true, Ordering::SeqCst));
         self.live.fetch_add(1, Ordering::SeqCst);
         self.allocs.fetch_add(1, Ordering::SeqCst);
-        Some(ARENA_BASE + i as u64 * PAGE_SIZE)
+        Some(PhysAddr::new(ARENA_BASE + i as u64 * PAGE_SIZE))
     }
 
     fn free_table(&self, table: PhysAddr) {
-        assert_eq!(table % PAGE_SIZE, 0);
+        assert!(table.is_page_aligned());
         let i = self.frame_index(table).expect("free outside the arena");
         let f = &self.frames[i];
         assert!(
@@ -140,7 +140,10 @@ impl TableMemory for ArenaMemory {
         f.ever_freed.store(true, Ordering::SeqCst);
         self.live.fetch_sub(1, Ordering::SeqCst);
         if self.track_dirty {
-            self.dirty.lock().unwrap().retain(|l| l & !0xfff != table);
+            self.dirty
+                .lock()
+                .unwrap()
+                .retain(|l| l & !0xfff != table.as_u64());
         }
         self.free.lock().unwrap().1.push_back(i);
     }
@@ -167,8 +170,8 @@ impl TableMemory for ArenaMemory {
     fn flush_entries(&self, addr: PhysAddr, len: usize) {
         if self.track_dirty {
             let mut d = self.dirty.lock().unwrap();
-            let mut line = addr & !63;
-            while line < addr + len as u64 {
+            let mut line = addr.as_u64() & !63;
+            while line < addr.as_u64() + len as u64 {
                 d.remove(&line);
                 line += 64;
             }

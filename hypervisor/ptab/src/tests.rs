@@ -89,7 +89,7 @@ fn linked<F: Format>(pt: &PageTable<F>, mem: &ArenaMemory) -> Vec<(PhysAddr, u8,
     out.push((pt.root(), pt.config().levels, 0));
     pt.visit(mem, |va, level, e| {
         if !is_leaf(e, level) {
-            out.push((e & ADDR_MASK, level - 1, va));
+            out.push((PhysAddr::new(e & ADDR_MASK), level - 1, va));
         }
     });
     out
@@ -105,12 +105,19 @@ fn map_translate_unmap_and_superpages() {
     let pt = PageTable::<VtdSecondLevel>::new(&mem, cfg(3, true, true)).unwrap();
     let mut s = Pending::default();
     let rw = VtdAttr::READ | VtdAttr::WRITE;
-    pt.map(&mem, 0x20_0000, 0x4000_0000, 0x40_0000, rw, &mut s)
-        .unwrap();
+    pt.map(
+        &mem,
+        0x20_0000,
+        PhysAddr::new(0x4000_0000),
+        0x40_0000,
+        rw,
+        &mut s,
+    )
+    .unwrap();
     // Two 2 MiB leaves in one level-2 table: root + 1.
     assert_eq!(pt.table_pages(), 2);
     let t = pt.translate(&mem, 0x30_1234).unwrap();
-    assert_eq!(t.phys, 0x4010_1234);
+    assert_eq!(t.phys.as_u64(), 0x4010_1234);
     assert_eq!(t.page_size, 2 << 20);
     assert_eq!(
         pt.unmap(&mem, 0x20_0000, 0x1000, &mut s),
@@ -120,11 +127,11 @@ fn map_translate_unmap_and_superpages() {
         })
     );
     assert_eq!(
-        pt.map(&mem, 0x40_0000, 0, 0x1000, rw, &mut s),
+        pt.map(&mem, 0x40_0000, PhysAddr::new(0), 0x1000, rw, &mut s),
         Err(Error::AlreadyMapped { va: 0x40_0000 })
     );
     assert_eq!(
-        pt.map(&mem, 0, 0, 0x1000, VtdAttr::SNOOP, &mut s),
+        pt.map(&mem, 0, PhysAddr::new(0), 0x1000, VtdAttr::SNOOP, &mut s),
         Err(Error::NoAccess)
     );
     pt.unmap(&mem, 0x20_0000, 0x40_0000, &mut s).unwrap();
@@ -138,12 +145,26 @@ fn superpage_not_over_a_kept_table() {
     let mem = ArenaMemory::new(64);
     let pt = PageTable::<Npt>::new(&mem, cfg(4, true, true)).unwrap();
     let mut s = Pending::default();
-    pt.map(&mem, 0x1000, 0x1000, 0x1000, NptFlags::RAM, &mut s)
-        .unwrap();
+    pt.map(
+        &mem,
+        0x1000,
+        PhysAddr::new(0x1000),
+        0x1000,
+        NptFlags::RAM,
+        &mut s,
+    )
+    .unwrap();
     pt.unmap(&mem, 0x1000, 0x1000, &mut s).unwrap();
     // The emptied level-1 table stays linked; a 2 MiB map there goes into it as 4 KiB pages.
-    pt.map(&mem, 0, 0x20_0000, 0x20_0000, NptFlags::RAM, &mut s)
-        .unwrap();
+    pt.map(
+        &mem,
+        0,
+        PhysAddr::new(0x20_0000),
+        0x20_0000,
+        NptFlags::RAM,
+        &mut s,
+    )
+    .unwrap();
     assert_eq!(pt.translate(&mem, 0x1000).unwrap().page_size, 4096);
     assert_eq!(pt.table_pages(), 4);
     // An unmap covering the level-1 table's span unlinks it; a release then unlinks the
@@ -164,18 +185,26 @@ fn superpage_not_over_a_kept_table() {
 fn remap_splits_and_clears() {
     let mem = ArenaMemory::new(64);
     let pt = PageTable::<X86>::new(&mem, cfg(4, true, true)).unwrap();
-    pt.remap(&mem, 0, 0, 0x40_0000, Some(X86Flags::RW)).unwrap();
+    pt.remap(&mem, 0, PhysAddr::new(0), 0x40_0000, Some(X86Flags::RW))
+        .unwrap();
     assert_eq!(pt.translate(&mem, 0x1000).unwrap().page_size, 2 << 20);
     // Code page inside the first 2 MiB page: split, attributes kept around it.
-    pt.remap(&mem, 0x5000, 0x5000, 0x1000, Some(X86Flags::RX))
-        .unwrap();
+    pt.remap(
+        &mem,
+        0x5000,
+        PhysAddr::new(0x5000),
+        0x1000,
+        Some(X86Flags::RX),
+    )
+    .unwrap();
     let t = pt.translate(&mem, 0x5000).unwrap();
     assert_eq!((t.attr, t.page_size), (X86Flags::RX, 4096));
     assert_eq!(pt.translate(&mem, 0x6000).unwrap().attr, X86Flags::RW);
-    assert_eq!(pt.translate(&mem, 0x6000).unwrap().phys, 0x6000);
+    assert_eq!(pt.translate(&mem, 0x6000).unwrap().phys.as_u64(), 0x6000);
     // Clearing page 0, and a range not mapped at all.
-    pt.remap(&mem, 0, 0, 0x1000, None).unwrap();
-    pt.remap(&mem, 1 << 40, 0, 0x40_0000, None).unwrap();
+    pt.remap(&mem, 0, PhysAddr::new(0), 0x1000, None).unwrap();
+    pt.remap(&mem, 1 << 40, PhysAddr::new(0), 0x40_0000, None)
+        .unwrap();
     assert!(pt.translate(&mem, 0).is_none());
     assert!(pt.translate(&mem, 0x1000).is_some());
     // The second 2 MiB page is untouched.
@@ -189,12 +218,19 @@ fn non_coherent_flushes_every_write() {
     let mem = ArenaMemory::with_dirty_tracking(64, true);
     let pt = PageTable::<VtdSecondLevel>::new(&mem, cfg(3, true, false)).unwrap();
     let mut s = Pending::default();
-    pt.map(&mem, 0, 0x1_0000, 0x3000, VtdAttr::READ, &mut s)
-        .unwrap();
+    pt.map(
+        &mem,
+        0,
+        PhysAddr::new(0x1_0000),
+        0x3000,
+        VtdAttr::READ,
+        &mut s,
+    )
+    .unwrap();
     assert!(mem.unflushed().is_empty(), "{:x?}", mem.unflushed());
     pt.unmap(&mem, 0x1000, 0x1000, &mut s).unwrap();
     assert!(mem.unflushed().is_empty());
-    pt.remap(&mem, 0, 0, 0x20_0000, Some(VtdAttr::WRITE))
+    pt.remap(&mem, 0, PhysAddr::new(0), 0x20_0000, Some(VtdAttr::WRITE))
         .unwrap();
     assert!(mem.unflushed().is_empty());
 }
@@ -285,7 +321,7 @@ fn run_model<F: TestFormat>(
                 let r = pt.map(
                     &mem,
                     page * 4096,
-                    phys_page * 4096,
+                    PhysAddr::new(phys_page * 4096),
                     pages * 4096,
                     F::attr(write),
                     &mut s,
@@ -339,7 +375,7 @@ fn run_model<F: TestFormat>(
             None => prop_assert!(t.is_none()),
             Some(&(phys, write)) => {
                 let t = t.unwrap();
-                prop_assert_eq!(t.phys, phys * 4096 + 8);
+                prop_assert_eq!(t.phys.as_u64(), phys * 4096 + 8);
                 prop_assert_eq!(t.attr, F::attr(write));
                 if !superpages {
                     prop_assert_eq!(t.page_size, 4096);
@@ -390,7 +426,7 @@ proptest! {
             let page = if page % 3 == 0 { page & !511 } else { page };
             let phys_page = if page % 512 == 0 { phys_page & !511 } else { phys_page };
             let attr = match kind { 0 => None, k => Some(X86::attr(k == 2)) };
-            pt.remap(&mem, page * 4096, phys_page * 4096, pages * 4096, attr).unwrap();
+            pt.remap(&mem, page * 4096, PhysAddr::new(phys_page * 4096), pages * 4096, attr).unwrap();
             for i in 0..pages {
                 match kind {
                     0 => { model.remove(&(page + i)); }
@@ -405,7 +441,7 @@ proptest! {
                 None => prop_assert!(t.is_none()),
                 Some(&(phys, w)) => {
                     let t = t.unwrap();
-                    prop_assert_eq!(t.phys, phys * 4096);
+                    prop_assert_eq!(t.phys.as_u64(), phys * 4096);
                     prop_assert_eq!(t.attr, X86::attr(w));
                 }
             }
@@ -439,8 +475,15 @@ fn concurrent_table_installation() {
                         let page = i * THREADS + t;
                         // Spread over four 1 GiB regions so level-3 tables race too.
                         let va = (page % 4) << 30 | page << 12;
-                        pt.map(mem, va, page << 12, 4096, Ept::attr(true), &mut s)
-                            .unwrap();
+                        pt.map(
+                            mem,
+                            va,
+                            PhysAddr::new(page << 12),
+                            4096,
+                            Ept::attr(true),
+                            &mut s,
+                        )
+                        .unwrap();
                     }
                     assert!(s.tables.is_empty() && s.inval.is_empty());
                 });
@@ -448,7 +491,7 @@ fn concurrent_table_installation() {
         });
         for page in 0..THREADS * PAGES {
             let va = (page % 4) << 30 | page << 12;
-            assert_eq!(pt.translate(&mem, va).unwrap().phys, page << 12);
+            assert_eq!(pt.translate(&mem, va).unwrap().phys.as_u64(), page << 12);
         }
         assert_eq!(pt.table_pages(), linked(&pt, &mem).len());
         assert_eq!(pt.table_pages(), mem.live_frames());

@@ -3,7 +3,7 @@
 
 use moat_dma::{Access, Clock, Error, GuestRam, Iommu, IovaSource};
 use moat_iova::{order_for_pages, Iova, PerCpu};
-use moat_vtd::{DmaMemory, Domain, Gather, Submitted};
+use moat_vtd::{DmaMemory, Domain, Gather, PhysAddr, Submitted};
 
 use crate::arch::{tsc, x86};
 use crate::iommu::hw::KernelMemory;
@@ -100,7 +100,7 @@ impl Iommu for &VtdDomain {
         // its leaves are written without a lock.
         let dom = &self.domain;
         let g = pending.gather.get_or_insert_with(|| dom.gather());
-        dom.map(&KernelMemory, iova, hpa, len, access(a), g)
+        dom.map(&KernelMemory, iova, PhysAddr::new(hpa), len, access(a), g)
             .map_err(vtd_error)
     }
 
@@ -128,9 +128,11 @@ impl Iommu for &VtdDomain {
         // The unit's lock only to write the descriptors and move the tail.
         pending.seq = pending.seq.wrapping_add(1).max(1);
         let (status, seq) = (pending.status, pending.seq);
-        let submitted = with_unit(self.unit, |u, m| u.flush_submit(m, g, status, seq))
-            .ok_or(Error::Busy)?
-            .map_err(vtd_error)?;
+        let submitted = with_unit(self.unit, |u, m| {
+            u.flush_submit(m, g, PhysAddr::new(status), seq)
+        })
+        .ok_or(Error::Busy)?
+        .map_err(vtd_error)?;
         let q = match submitted {
             Submitted::Done(f) => return Ok(f.invalidations as u32),
             Submitted::Queued(q) => q,

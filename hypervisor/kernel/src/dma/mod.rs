@@ -45,7 +45,7 @@ use moat_abi::{Args, Call, FromZeros, IntoBytes, Return, Status};
 use moat_dma::{Access, DmaState, Limits, Policy, Shared, Unmapped};
 use moat_iova::{IovaAllocator, PerCpu};
 use moat_pci::Bdf;
-use moat_vtd::{Access as VtdAccess, SourceId};
+use moat_vtd::{Access as VtdAccess, PhysAddr, SourceId};
 use spin::{Mutex, MutexGuard};
 
 use crate::arch::{tsc, x86};
@@ -326,7 +326,14 @@ impl GuestDma {
                     }
                 }
                 if policy == Policy::Passthrough {
-                    dom.map(m, 0, hpa, mem, VtdAccess::READ | VtdAccess::WRITE, &mut g)?;
+                    dom.map(
+                        m,
+                        0,
+                        PhysAddr::new(hpa),
+                        mem,
+                        VtdAccess::READ | VtdAccess::WRITE,
+                        &mut g,
+                    )?;
                 }
                 for &s in &sources {
                     u.attach(m, &dom, s)?;
@@ -368,7 +375,8 @@ impl GuestDma {
         // The shards' invalidation status words: one cache line each in a VT-d frame (no
         // frame: every flush waits under the unit's lock, as before).
         let status_frame = if cpus.len() <= STATUS_SLOTS {
-            moat_vtd::DmaMemory::alloc_frame(&mut crate::iommu::hw::KernelMemory).unwrap_or(0)
+            moat_vtd::DmaMemory::alloc_frame(&mut crate::iommu::hw::KernelMemory)
+                .map_or(0, PhysAddr::as_u64)
         } else {
             0
         };
@@ -688,7 +696,10 @@ impl GuestDma {
                     "guest {guest}: invalidation status frame {f:#x} kept (a wait on it timed out)"
                 );
             } else {
-                moat_vtd::DmaMemory::free_frame(&mut crate::iommu::hw::KernelMemory, f);
+                moat_vtd::DmaMemory::free_frame(
+                    &mut crate::iommu::hw::KernelMemory,
+                    PhysAddr::new(f),
+                );
             }
         }
         let live = self.iova.stats().live_pages;

@@ -52,12 +52,12 @@ impl DmaMemory for KernelMemory {
         DMA_FRAMES.check(addr, 4);
         // SAFETY: checked: 4-byte aligned inside a VT-d frame (identity-mapped RAM no Rust
         // reference points to); the hardware writes status words there, hence volatile.
-        unsafe { core::ptr::read_volatile(addr as *const u32) }
+        unsafe { core::ptr::read_volatile(addr.as_u64() as *const u32) }
     }
     fn write_u32(&mut self, addr: PhysAddr, value: u32) {
         DMA_FRAMES.check(addr, 4);
         // SAFETY: as read_u32.
-        unsafe { core::ptr::write_volatile(addr as *mut u32, value) }
+        unsafe { core::ptr::write_volatile(addr.as_u64() as *mut u32, value) }
     }
     fn flush_cache(&mut self, addr: PhysAddr, len: usize) {
         DMA_FRAMES.flush(addr, len)

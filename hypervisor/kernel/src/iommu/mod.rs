@@ -338,7 +338,7 @@ pub fn init(dmar: Option<&Dmar<'static>>, config: &Config) -> usize {
                     } else {
                         "register-based"
                     },
-                    unit.root_table().unwrap_or(0)
+                    unit.root_table().unwrap_or_default()
                 );
                 // Fault events: MSI (fixed delivery, physical destination) to the BSP.
                 unit.configure_fault_interrupt(0xFEE0_0000 | (bsp_apic << 12), FAULT_VECTOR as u32);

@@ -409,8 +409,8 @@ fn suite(base: u64, edus: &[Edu], t: &mut Tally) {
     superpage(base, e0, &mut dom, a, t);
 
     // 5. Memory outside the domain: the identity address of a canary page is not mapped.
-    let _ = e0.dma(Direction::ToRam, c.phys(), 0, LEN);
-    let fo = has_fault(&drain(base), s0, c.phys(), FaultAccess::Write);
+    let _ = e0.dma(Direction::ToRam, c.phys().as_u64(), 0, LEN);
+    let fo = has_fault(&drain(base), s0, c.phys().as_u64(), FaultAccess::Write);
     t.check(
         "outside-domain-blocked",
         fo.is_some() && all_bytes(c, 0xA5),
@@ -533,8 +533,8 @@ fn superpage(base: u64, e0: &Edu, dom: &mut Domain, pattern: Page<'_>, t: &mut T
 
 fn second_device(base: u64, e1: &Edu, canary: Page<'_>, a: Page<'_>, t: &mut Tally) {
     let s1 = sid(e1);
-    let _ = e1.dma(Direction::ToRam, canary.phys(), 0, LEN);
-    let fu = has_fault(&drain(base), s1, canary.phys(), FaultAccess::Write);
+    let _ = e1.dma(Direction::ToRam, canary.phys().as_u64(), 0, LEN);
+    let fu = has_fault(&drain(base), s1, canary.phys().as_u64(), FaultAccess::Write);
     t.check(
         "unattached-device-blocked",
         fu.is_some_and(|r| r.reason == FaultReason::ContextEntryNotPresent)

@@ -4,12 +4,12 @@
 
 use core::marker::PhantomData;
 
-use crate::mm::{frames, PAGE_SIZE};
+use crate::mm::{frames, PhysAddr, PAGE_SIZE};
 
 /// `count` physically contiguous frames owned by the holder (identity mapped RW, as every frame
 /// the allocator hands out).
 pub struct Frames {
-    phys: u64,
+    phys: PhysAddr,
     count: u64,
 }
 
@@ -25,7 +25,7 @@ impl Frames {
     }
 
     /// The physical (and identity-mapped virtual) address of the first frame.
-    pub fn phys(&self) -> u64 {
+    pub fn phys(&self) -> PhysAddr {
         self.phys
     }
 
@@ -51,19 +51,19 @@ impl Drop for Frames {
 /// One 4 KiB frame of a [`Frames`] allocation, borrowed from it.
 #[derive(Clone, Copy)]
 pub struct Page<'a> {
-    phys: u64,
+    phys: PhysAddr,
     _owner: PhantomData<&'a Frames>,
 }
 
 impl Page<'_> {
     /// The frame's physical address.
-    pub fn phys(self) -> u64 {
+    pub fn phys(self) -> PhysAddr {
         self.phys
     }
 
     /// The byte at `offset` (taken modulo the page size).
     pub fn byte(self, offset: u64) -> u8 {
-        let p = (self.phys + offset % PAGE_SIZE) as *const u8;
+        let p = (self.phys + offset % PAGE_SIZE).as_u64() as *const u8;
         // SAFETY: `p` lies in a frame the borrowed `Frames` owns, identity mapped RW; a
         // volatile read of a byte a device may be writing is defined.
         unsafe { p.read_volatile() }
@@ -71,7 +71,7 @@ impl Page<'_> {
 
     /// Writes `v` at `offset` (taken modulo the page size).
     pub fn set(self, offset: u64, v: u8) {
-        let p = (self.phys + offset % PAGE_SIZE) as *mut u8;
+        let p = (self.phys + offset % PAGE_SIZE).as_u64() as *mut u8;
         // SAFETY: as in `byte`; no reference to the frame exists, so nothing aliases the write.
         unsafe { p.write_volatile(v) }
     }

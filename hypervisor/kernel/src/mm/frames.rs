@@ -107,41 +107,36 @@ pub fn log_reservations() {
 }
 
 /// Allocates one frame.
-pub fn alloc() -> Option<u64> {
-    FRAMES
-        .lock()
-        .as_mut()?
-        .allocate()
-        .ok()
-        .map(|f| f.start().as_u64())
+pub fn alloc() -> Option<PhysAddr> {
+    FRAMES.lock().as_mut()?.allocate().ok().map(|f| f.start())
 }
 
 /// Allocates one zeroed frame.
-pub fn alloc_zeroed() -> Option<u64> {
+pub fn alloc_zeroed() -> Option<PhysAddr> {
     let p = alloc()?;
     // SAFETY: the frame is identity-mapped RAM now owned by the caller.
-    unsafe { core::ptr::write_bytes(p as *mut u8, 0, PAGE_SIZE as usize) };
+    unsafe { core::ptr::write_bytes(p.as_u64() as *mut u8, 0, PAGE_SIZE as usize) };
     Some(p)
 }
 
 /// Allocates `count` contiguous frames aligned to `align` bytes.
-pub fn alloc_contiguous(count: u64, align: u64) -> Option<u64> {
+pub fn alloc_contiguous(count: u64, align: u64) -> Option<PhysAddr> {
     FRAMES
         .lock()
         .as_mut()?
         .allocate_contiguous(count, align.max(PAGE_SIZE))
         .ok()
-        .map(|f| f.start().as_u64())
+        .map(|f| f.start())
 }
 
 /// Frees one frame. A double free or a frame the allocator never owned is refused and logged.
-pub fn free(phys: u64) {
+pub fn free(phys: PhysAddr) {
     free_contiguous(phys, 1)
 }
 
 /// Frees `count` contiguous frames starting at `phys` (all or nothing).
-pub fn free_contiguous(phys: u64, count: u64) {
-    let Some(frame) = Frame::from_start(PhysAddr::new(phys)) else {
+pub fn free_contiguous(phys: PhysAddr, count: u64) {
+    let Some(frame) = Frame::from_start(phys) else {
         log::error!("frames: free of unaligned address {phys:#x} refused");
         return;
     };

@@ -7,8 +7,9 @@ pub mod paging;
 pub mod space;
 pub mod tables;
 
-/// Page size (the page-table engine's; the PV DMA ABI's mapping granule is the same).
-pub use moat_ptab::PAGE_SIZE;
+/// Page size and the host-physical address type: Moat's one of each (`moat-frames`; the PV
+/// DMA ABI's mapping granule is asserted equal).
+pub use moat_frames::{PhysAddr, PAGE_SIZE};
 const _: () = assert!(PAGE_SIZE == moat_abi::dma::PAGE_SIZE);
 
 unsafe extern "C" {

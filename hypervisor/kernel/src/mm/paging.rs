@@ -8,7 +8,7 @@ use moat_ptab::format::{is_leaf, X86};
 use moat_ptab::{level_size, Config, PageTable};
 
 use super::tables::HostTables;
-use super::PAGE_SIZE;
+use super::{PhysAddr, PAGE_SIZE};
 
 /// x86_64 page-table entry flags.
 pub use moat_ptab::format::X86Flags as Pte;
@@ -75,7 +75,7 @@ impl AddressSpace {
     }
 
     /// Physical address of the PML4 (the CR3 value).
-    pub fn root(&self) -> u64 {
+    pub fn root(&self) -> PhysAddr {
         self.tables.root()
     }
 
@@ -91,12 +91,14 @@ impl AddressSpace {
         }
         Ok(self
             .tables
-            .remap(&HostTables, phys, phys, len, Some(flags))?)
+            .remap(&HostTables, phys, PhysAddr::new(phys), len, Some(flags))?)
     }
 
     /// Removes the 4 KiB mapping of `phys` (splitting a 2 MiB page if needed).
     pub fn unmap_page(&mut self, phys: u64) -> Result<(), MapError> {
-        Ok(self.tables.remap(&HostTables, phys, 0, PAGE_SIZE, None)?)
+        Ok(self
+            .tables
+            .remap(&HostTables, phys, PhysAddr::new(0), PAGE_SIZE, None)?)
     }
 
     /// Looks up the address and flags of the page at `virt` (for self-checks).
@@ -145,6 +147,6 @@ impl AddressSpace {
     /// The address space must map the running code, stack and all data in use.
     pub unsafe fn activate(&self) {
         // SAFETY: contract above.
-        unsafe { crate::arch::x86::write_cr3(self.tables.root()) };
+        unsafe { crate::arch::x86::write_cr3(self.tables.root().as_u64()) };
     }
 }

@@ -32,7 +32,7 @@ pub fn build(boot: &BootInfo, exec_page: u64) -> Result<u64, MapError> {
     s.map(k.rodata.0, k.rodata.1 - k.rodata.0, Pte::RO)?;
     s.map(k.data.0, align_up(k.data.1, PAGE_SIZE) - k.data.0, Pte::RW)?;
     s.map(exec_page, PAGE_SIZE, Pte::RX)?;
-    let root = s.root();
+    let root = s.root().as_u64();
     // SAFETY: the new space maps the kernel image (code, stacks in .bss, statics), all RAM
     // (frames, heap, boot information) and the first 1 MiB, identically to the boot map.
     unsafe { s.activate() };

@@ -32,7 +32,7 @@ impl FrameSet {
     }
 
     fn bit(pa: PhysAddr) -> Option<(usize, u64)> {
-        let f = pa / PAGE_SIZE;
+        let f = pa.as_u64() / PAGE_SIZE;
         (f < FRAMES).then(|| ((f / 64) as usize, 1u64 << (f % 64)))
     }
 
@@ -50,7 +50,7 @@ impl FrameSet {
     /// Removes the frame at `frame`; false when it was not in the set.
     fn remove(&self, frame: PhysAddr) -> bool {
         match Self::bit(frame) {
-            Some((w, b)) if frame.is_multiple_of(PAGE_SIZE) => {
+            Some((w, b)) if frame.is_page_aligned() => {
                 self.words[w].fetch_and(!b, Ordering::AcqRel) & b != 0
             }
             _ => false,
@@ -80,8 +80,8 @@ impl FrameSet {
     /// the set.
     #[inline(always)]
     pub fn check(&self, addr: PhysAddr, width: u64) {
-        let f = addr >> 12;
-        let ok = addr & (width - 1) == 0
+        let f = addr.as_u64() >> 12;
+        let ok = addr.is_aligned(width)
             && self
                 .words
                 .get((f >> 6) as usize)
@@ -104,7 +104,7 @@ impl FrameSet {
         // SAFETY: `addr` is 8-byte aligned inside a frame of this set: identity-mapped RAM
         // handed out by the allocator for hardware tables only, which no Rust reference points
         // to and which is only accessed atomically or volatilely through these sets.
-        unsafe { AtomicU64::from_ptr(addr as *mut u64) }
+        unsafe { AtomicU64::from_ptr(addr.as_u64() as *mut u64) }
     }
 
     /// Writes back and invalidates the cache lines of `[addr, addr + len)` (checked).
@@ -114,6 +114,7 @@ impl FrameSet {
         }
         // No check: a cache-line flush changes no memory contents (an unmapped address
         // faults, which panics).
+        let addr = addr.as_u64();
         let mut line = addr & !63;
         while line < addr + len as u64 {
             // SAFETY: clflush only writes the line back (and faults if unmapped).

@@ -31,7 +31,7 @@ use super::vcpu::{
     Access, Backend, EntryState, Event, Exit, IoAccess, MemKind, Reg, Stage2, Vcpu, VcpuError,
 };
 use super::virq::{VirtualApic, VirtualInterrupts};
-use crate::mm::{frames, PAGE_SIZE};
+use crate::mm::{frames, PhysAddr, PAGE_SIZE};
 
 /// Guest-physical address of [`BootInfo`].
 pub const BOOT_INFO_GPA: u64 = 0x1000;
@@ -309,8 +309,8 @@ impl Guest {
             .ok_or(GuestError::NoMemory)?;
         // SAFETY: the frames were just allocated for this partition alone and are identity
         // mapped RW; zeroing them keeps hypervisor data from leaking into the guest.
-        unsafe { core::ptr::write_bytes(hpa as *mut u8, 0, mem as usize) };
-        let built = Self::populate(backend, config, &elf, devices, cmdline, ecams, hpa);
+        unsafe { core::ptr::write_bytes(hpa.as_u64() as *mut u8, 0, mem as usize) };
+        let built = Self::populate(backend, config, &elf, devices, cmdline, ecams, hpa.as_u64());
         if built.is_err() {
             frames::free_contiguous(hpa, mem / PAGE_SIZE);
         }
@@ -343,7 +343,7 @@ impl Guest {
         let dma = crate::dma::GuestDma::create(config.policy, vcpus, &ids, hpa, mem)
             .map_err(GuestError::Dma)?;
         let mut space = backend.new_stage2()?;
-        space.map(0, hpa, mem, MemKind::Ram)?;
+        space.map(0, PhysAddr::new(hpa), mem, MemKind::Ram)?;
         for d in &devices {
             for bar in d.bars.iter().filter(|b| b.is_memory()) {
                 if bar.address == 0 || bar.size < PAGE_SIZE || bar.address % PAGE_SIZE != 0 {
@@ -357,7 +357,12 @@ impl Guest {
                     );
                     continue;
                 }
-                space.map(bar.address, bar.address, bar.size, MemKind::Mmio)?;
+                space.map(
+                    bar.address,
+                    PhysAddr::new(bar.address),
+                    bar.size,
+                    MemKind::Mmio,
+                )?;
                 log::info!(
                     "guest {}: {} BAR{} [{:#x}-{:#x}) mapped at the same guest-physical address",
                     config.name,
@@ -526,7 +531,10 @@ impl Guest {
         if end > self.mem_size {
             return Err(());
         }
-        debug_assert_eq!(self.space.translate(gpa), Some(self.mem_hpa + gpa));
+        debug_assert_eq!(
+            self.space.translate(gpa),
+            Some(PhysAddr::new(self.mem_hpa + gpa))
+        );
         for (i, b) in buf.iter_mut().enumerate() {
             // SAFETY: inside the guest's partition (checked above), identity mapped in the
             // hypervisor; volatile because the guest's other vCPUs may be writing it.

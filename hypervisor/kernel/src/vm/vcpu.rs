@@ -8,6 +8,7 @@ use alloc::boxed::Box;
 use core::fmt;
 
 use super::{svm, vmx};
+use crate::mm::PhysAddr;
 
 /// Why guests cannot run on this CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,7 +170,13 @@ pub enum MemKind {
 
 impl Stage2 {
     /// Maps guest-physical `[gpa, gpa + len)` to host-physical `[hpa, hpa + len)`.
-    pub fn map(&mut self, gpa: u64, hpa: u64, len: u64, kind: MemKind) -> Result<(), VcpuError> {
+    pub fn map(
+        &mut self,
+        gpa: u64,
+        hpa: PhysAddr,
+        len: u64,
+        kind: MemKind,
+    ) -> Result<(), VcpuError> {
         match &mut self.inner {
             Stage2Inner::Npt { npt, .. } => {
                 let flags = match kind {
@@ -186,7 +193,7 @@ impl Stage2 {
     }
 
     /// The host-physical address of `gpa`, if mapped.
-    pub fn translate(&self, gpa: u64) -> Option<u64> {
+    pub fn translate(&self, gpa: u64) -> Option<PhysAddr> {
         match &self.inner {
             Stage2Inner::Npt { npt, .. } => npt.translate(gpa),
             Stage2Inner::Ept { ept, .. } => ept.translate(gpa),

@@ -13,7 +13,7 @@ use raw_cpuid::CpuId;
 use spin::Once;
 
 use crate::arch::x86;
-use crate::mm::{frames, PAGE_SIZE};
+use crate::mm::{frames, PhysAddr, PAGE_SIZE};
 use crate::vm::vcpu::{Access, EntryState, Event, Exit, IoAccess, Reg, Unsupported, VcpuError};
 use vmcb::{exit_code, EventInj, Intercept3, Intercept4, Segment, Vmcb};
 
@@ -80,8 +80,12 @@ pub fn enable_this_cpu() -> Result<(), VcpuError> {
     if slot.is_completed() {
         return Ok(());
     }
-    let hsave = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
-    let host_vmsave = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
+    let hsave = frames::alloc_zeroed()
+        .ok_or(VcpuError::OutOfMemory)?
+        .as_u64();
+    let host_vmsave = frames::alloc_zeroed()
+        .ok_or(VcpuError::OutOfMemory)?
+        .as_u64();
     // SAFETY: SVM was detected (see `detect`); setting EFER.SVME only enables the SVM
     // instructions, and the host save area is a zeroed page owned by this CPU forever.
     unsafe {
@@ -103,8 +107,8 @@ static MAPS: Once<Option<PermissionMaps>> = Once::new();
 
 fn permission_maps() -> Option<&'static PermissionMaps> {
     MAPS.call_once(|| {
-        let iopm = frames::alloc_contiguous(3, PAGE_SIZE)?;
-        let msrpm = frames::alloc_contiguous(2, PAGE_SIZE)?;
+        let iopm = frames::alloc_contiguous(3, PAGE_SIZE)?.as_u64();
+        let msrpm = frames::alloc_contiguous(2, PAGE_SIZE)?.as_u64();
         // SAFETY: freshly allocated, identity-mapped frames owned by these maps forever.
         unsafe {
             core::ptr::write_bytes(iopm as *mut u8, 0xff, 3 * PAGE_SIZE as usize);
@@ -271,12 +275,14 @@ impl SvmVcpu {
     /// A vCPU in 64-bit long mode at `entry`, in the address space `npt_root` tagged `asid`.
     pub fn new(
         info: &SvmInfo,
-        npt_root: u64,
+        npt_root: PhysAddr,
         asid: u32,
         entry: &EntryState,
     ) -> Result<Self, VcpuError> {
         let maps = permission_maps().ok_or(VcpuError::OutOfMemory)?;
-        let vmcb_pa = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
+        let vmcb_pa = frames::alloc_zeroed()
+            .ok_or(VcpuError::OutOfMemory)?
+            .as_u64();
         // SAFETY: a zeroed, page-aligned frame owned by this vCPU alone; all-zero bytes are a
         // valid `Vmcb` (plain integers).
         let vmcb = unsafe { &mut *(vmcb_pa as *mut Vmcb) };
@@ -315,7 +321,7 @@ impl SvmVcpu {
         c.tlb_control = vmcb::tlb_control::FLUSH_ASID;
         c.int_ctl = vmcb::V_INTR_MASKING;
         c.np_enable = 1;
-        c.n_cr3 = npt_root;
+        c.n_cr3 = npt_root.as_u64();
 
         let s = &mut vmcb.save;
         let code = Segment::flat(entry.code_selector, vmcb::ATTR_CODE64);

@@ -6,6 +6,7 @@
 use moat_ptab::{Config, NoSink, PageTable};
 
 use crate::mm::tables::HostTables;
+use crate::mm::PhysAddr;
 
 /// Nested page-table entry flags.
 pub use moat_ptab::format::NptFlags;
@@ -47,15 +48,22 @@ impl Npt {
     }
 
     /// Physical address of the PML4 (the VMCB's `N_CR3`).
-    pub fn root(&self) -> u64 {
+    pub fn root(&self) -> PhysAddr {
         self.tables.root()
     }
 
     /// Maps guest-physical `[gpa, gpa + len)` to host-physical `[hpa, hpa + len)` with
     /// `flags`, using 2 MiB pages where both sides are aligned. Refuses to replace a mapping
     /// (and then leaves the tables as they were).
-    pub fn map(&mut self, gpa: u64, hpa: u64, len: u64, flags: NptFlags) -> Result<(), NptError> {
-        if len == 0 && (gpa | hpa).is_multiple_of(crate::mm::PAGE_SIZE) && gpa <= GPA_LIMIT {
+    pub fn map(
+        &mut self,
+        gpa: u64,
+        hpa: PhysAddr,
+        len: u64,
+        flags: NptFlags,
+    ) -> Result<(), NptError> {
+        if len == 0 && (gpa | hpa.as_u64()).is_multiple_of(crate::mm::PAGE_SIZE) && gpa <= GPA_LIMIT
+        {
             return Ok(());
         }
         self.tables
@@ -68,7 +76,7 @@ impl Npt {
     }
 
     /// The host-physical address `gpa` maps to, if any (for checks and diagnostics).
-    pub fn translate(&self, gpa: u64) -> Option<u64> {
+    pub fn translate(&self, gpa: u64) -> Option<PhysAddr> {
         self.tables.translate(&HostTables, gpa).map(|t| t.phys)
     }
 }

@@ -6,6 +6,7 @@ use moat_ptab::format::{EptAccess, EptAttr, MemType};
 use moat_ptab::{Config, NoSink, PageTable};
 
 use crate::mm::tables::HostTables;
+use crate::mm::PhysAddr;
 use crate::vm::vcpu::{MemKind, VcpuError};
 
 /// 4 levels, 48-bit guest-physical addresses, 2 MiB pages.
@@ -31,14 +32,20 @@ impl Ept {
     }
 
     /// Physical address of the PML4 (in the EPT pointer).
-    pub fn root(&self) -> u64 {
+    pub fn root(&self) -> PhysAddr {
         self.tables.root()
     }
 
     /// Maps guest-physical `[gpa, gpa + len)` to `[hpa, hpa + len)`: RAM read/write/execute
     /// write-back, MMIO read/write uncacheable (guest PAT ignored). Refuses to replace a
     /// mapping.
-    pub fn map(&mut self, gpa: u64, hpa: u64, len: u64, kind: MemKind) -> Result<(), VcpuError> {
+    pub fn map(
+        &mut self,
+        gpa: u64,
+        hpa: PhysAddr,
+        len: u64,
+        kind: MemKind,
+    ) -> Result<(), VcpuError> {
         if len == 0 {
             return Ok(());
         }
@@ -63,7 +70,7 @@ impl Ept {
     }
 
     /// The host-physical address `gpa` maps to, if any.
-    pub fn translate(&self, gpa: u64) -> Option<u64> {
+    pub fn translate(&self, gpa: u64) -> Option<PhysAddr> {
         self.tables.translate(&HostTables, gpa).map(|t| t.phys)
     }
 }

@@ -19,7 +19,7 @@ use moat_x86arch::vmx::{
 use spin::Once;
 
 use crate::arch::x86;
-use crate::mm::frames;
+use crate::mm::{frames, PhysAddr};
 use crate::vm::vcpu::{Access, EntryState, Event, Exit, IoAccess, Reg, Unsupported, VcpuError};
 
 const CR4_VMXE: u64 = 1 << 13;
@@ -179,7 +179,9 @@ pub fn enable_this_cpu(info: &VmxInfo) -> Result<(), VcpuError> {
     if slot.is_completed() {
         return Ok(());
     }
-    let region = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
+    let region = frames::alloc_zeroed()
+        .ok_or(VcpuError::OutOfMemory)?
+        .as_u64();
     // SAFETY: the region is a zeroed, identity-mapped frame owned by this CPU forever; the
     // revision identifier goes in its first dword.
     unsafe { core::ptr::write_volatile(region as *mut u32, info.revision) };
@@ -479,7 +481,7 @@ impl Drop for VmxVcpu {
                 );
             }
         }
-        frames::free(self.vmcs_pa);
+        frames::free(PhysAddr::new(self.vmcs_pa));
     }
 }
 
@@ -520,17 +522,19 @@ impl VmxVcpu {
     /// A vCPU in 64-bit long mode at `entry`, in the EPT at `ept_root` tagged `vpid`.
     pub fn new(
         info: &VmxInfo,
-        ept_root: u64,
+        ept_root: PhysAddr,
         vpid: u16,
         entry: &EntryState,
     ) -> Result<Self, VcpuError> {
-        let vmcs_pa = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
+        let vmcs_pa = frames::alloc_zeroed()
+            .ok_or(VcpuError::OutOfMemory)?
+            .as_u64();
         // SAFETY: a zeroed frame owned by this vCPU; the revision goes in its first dword.
         unsafe { core::ptr::write_volatile(vmcs_pa as *mut u32, info.revision) };
         Ok(VmxVcpu {
             info: *info,
             vmcs_pa,
-            eptp: vmx::eptp(ept_root),
+            eptp: vmx::eptp(ept_root.as_u64()),
             vpid,
             entry: *entry,
             gprs: Gprs {
