@@ -66,7 +66,7 @@ impl Format {
 
 /// An 8-bit channel on a byte boundary of a 32-bit pixel.
 const fn byte_channel(c: (u8, u8)) -> bool {
-    c.1 == 8 && c.0 % 8 == 0 && c.0 <= 24
+    c.1 == 8 && c.0.is_multiple_of(8) && c.0 <= 24
 }
 
 /// Where pixels are written: a `width` x `height` grid of 32-bit pixels.
@@ -180,11 +180,8 @@ impl<S: Surface> TextGrid<S> {
         for (dy, bits) in g.iter().enumerate() {
             for dx in 0..8 {
                 let on = bits >> dx & 1 != 0;
-                self.surface.put(
-                    x0 + dx,
-                    y0 + dy as u32,
-                    if on { self.fg } else { self.bg },
-                );
+                self.surface
+                    .put(x0 + dx, y0 + dy as u32, if on { self.fg } else { self.bg });
             }
         }
         self.col += 1;

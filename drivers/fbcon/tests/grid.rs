@@ -31,7 +31,10 @@ impl Surface for Mem {
         self.h
     }
     fn put(&mut self, x: u32, y: u32, pixel: u32) {
-        assert!(x < self.w && y < self.h, "write outside the surface at ({x}, {y})");
+        assert!(
+            x < self.w && y < self.h,
+            "write outside the surface at ({x}, {y})"
+        );
         self.px[(y * self.w + x) as usize] = pixel;
     }
 }
@@ -60,8 +63,14 @@ fn formats() {
     assert_eq!(f.pack(0x12, 0x34, 0x56), 0x0012_3456);
     let bgr = Format::new(32, (0, 8), (8, 8), (16, 8)).unwrap();
     assert_eq!(bgr.pack(0x12, 0x34, 0x56), 0x0056_3412);
-    assert_eq!(Format::new(24, (16, 8), (8, 8), (0, 8)), Err(FormatError::Depth(24)));
-    assert_eq!(Format::new(32, (11, 5), (5, 6), (0, 5)), Err(FormatError::Channel));
+    assert_eq!(
+        Format::new(24, (16, 8), (8, 8), (0, 8)),
+        Err(FormatError::Depth(24))
+    );
+    assert_eq!(
+        Format::new(32, (11, 5), (5, 6), (0, 5)),
+        Err(FormatError::Channel)
+    );
 }
 
 #[test]
