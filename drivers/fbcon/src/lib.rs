@@ -90,6 +90,20 @@ pub fn glyph(byte: u8) -> [u8; 8] {
     font8x8::legacy::BASIC_LEGACY[b as usize]
 }
 
+/// The character drawn in cell `(col, row)` in foreground `fg`, read back through `pixel(x,
+/// y)`: the printable ASCII byte whose glyph matches exactly, or `None`.
+pub fn read_cell(pixel: impl Fn(u32, u32) -> u32, col: u32, row: u32, fg: u32) -> Option<u8> {
+    let mut rows = [0u8; 8];
+    for (dy, bits) in rows.iter_mut().enumerate() {
+        for dx in 0..8 {
+            if pixel(col * CELL_W + dx, row * CELL_H + dy as u32) == fg {
+                *bits |= 1 << dx;
+            }
+        }
+    }
+    (0x20u8..0x7f).find(|&b| glyph(b) == rows)
+}
+
 /// A text grid over a [`Surface`].
 pub struct TextGrid<S: Surface> {
     surface: S,

@@ -101,6 +101,18 @@ fn text_lands_in_its_cells_and_wraps() {
 }
 
 #[test]
+fn text_reads_back() {
+    let mut t = TextGrid::new(Mem::new(40 * CELL_W, 3 * CELL_H), FG, BG).unwrap();
+    write!(t, "x\nmoat: exit Success (code 0x10)").unwrap();
+    let m = t.surface();
+    let line: String = (0..40)
+        .map_while(|c| moat_fbcon::read_cell(|x, y| m.at(x, y), c, 1, FG))
+        .map(char::from)
+        .collect();
+    assert_eq!(line.trim_end(), "moat: exit Success (code 0x10)");
+}
+
+#[test]
 fn too_small_is_refused() {
     assert!(TextGrid::new(Mem::new(7, 100), FG, BG).is_err());
     assert!(TextGrid::new(Mem::new(100, CELL_H - 1), FG, BG).is_err());
