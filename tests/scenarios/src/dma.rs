@@ -169,7 +169,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
         "dma-no-iommu-refused",
         "iommu=off: a guest asking strict for its device is refused (the policy needs an IOMMU), one asking passthrough without unsafe-interrupts too; a guest without devices runs",
         Machine {
-            devices: vec!["edu,addr=0x6".into()],
+            devices: vec!["edu,addr=0x5".into(), "edu,addr=0x6".into()],
             ..Machine::default()
         },
         "iommu=off guest=name=g0,mem=8M,dev=00:05.0,policy=strict guest=name=g1,mem=8M,dev=00:06.0,policy=passthrough guest=name=g2,mem=8M",

@@ -296,6 +296,8 @@ impl Guest {
         // Devices first: nothing is allocated if one cannot be assigned.
         let mut devices = Vec::new();
         for &bdf in config.devices() {
+            devices
+                .push(AssignedDevice::probe(&ecams, bdf).map_err(|e| GuestError::Device(bdf, e))?);
             match crate::iommu::unit_for(bdf) {
                 Some(unit) if !crate::iommu::remaps_interrupts(unit) => {
                     if !unsafe_interrupts {
@@ -325,8 +327,6 @@ impl Guest {
                     );
                 }
             }
-            devices
-                .push(AssignedDevice::probe(&ecams, bdf).map_err(|e| GuestError::Device(bdf, e))?);
         }
 
         let hpa = frames::alloc_contiguous(mem / PAGE_SIZE, PARTITION_ALIGN)
