@@ -66,6 +66,28 @@ pub enum AcpiRoot {
     },
 }
 
+/// A linear framebuffer from the multiboot2 framebuffer tag (type 8), when the loader set a
+/// direct-colour (RGB) graphics mode. Indexed-colour and EGA text modes are not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Framebuffer {
+    /// Physical address of the first pixel.
+    pub address: u64,
+    /// Bytes per scan line.
+    pub pitch: u32,
+    /// Pixels per line.
+    pub width: u32,
+    /// Lines.
+    pub height: u32,
+    /// Bits per pixel.
+    pub bpp: u8,
+    /// Bit position and size of red, green, blue in a pixel.
+    pub red: (u8, u8),
+    /// Green (position, size).
+    pub green: (u8, u8),
+    /// Blue (position, size).
+    pub blue: (u8, u8),
+}
+
 /// Errors building [`BootInfo`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BootInfoError {
@@ -108,6 +130,8 @@ pub struct BootInfo {
     pub mbi: (u64, u64),
     /// Whether the memory map came from the EFI memory map tag.
     pub efi_memory_map: bool,
+    /// The loader's direct-colour framebuffer, if it set one up.
+    pub framebuffer: Option<Framebuffer>,
 }
 
 const EMPTY_REGION: MemoryRegion = MemoryRegion {
@@ -160,6 +184,7 @@ impl BootInfo {
             acpi: None,
             mbi: (info.start_address() as u64, info.end_address() as u64),
             efi_memory_map: false,
+            framebuffer: None,
         };
         if let Some(mmap) = info.memory_map_tag() {
             for area in mmap.memory_areas() {
@@ -209,6 +234,20 @@ impl BootInfo {
         }
         if let Some(b) = info.boot_loader_name_tag() {
             bi.bootloader = tag_str(b.name().unwrap_or(""));
+        }
+        if let Some(Ok(fb)) = info.framebuffer_tag()
+            && let Ok(multiboot2::FramebufferType::RGB { red, green, blue }) = fb.buffer_type()
+        {
+            bi.framebuffer = Some(Framebuffer {
+                address: fb.address(),
+                pitch: fb.pitch(),
+                width: fb.width(),
+                height: fb.height(),
+                bpp: fb.bpp(),
+                red: (red.position, red.size),
+                green: (green.position, green.size),
+                blue: (blue.position, blue.size),
+            });
         }
         bi.acpi = if let Some(v2) = info.rsdp_v2_tag() {
             Some(AcpiRoot::Xsdt {
@@ -295,6 +334,67 @@ mod tests {
         assert_eq!(bi.modules()[0].cmdline, "guest0 mem=64M");
         assert_eq!(bi.acpi, Some(AcpiRoot::Rsdt(0x7fe_2345)));
         assert!(bi.mbi.1 > bi.mbi.0);
+    }
+
+    fn with_framebuffer(t: multiboot2::FramebufferType<'_>) -> BootInformation<'static> {
+        let b = Builder::new()
+            .mmap(MemoryMapTag::new(&[MemoryArea::new(
+                0x10_0000,
+                0x100_0000,
+                MemoryAreaType::Available,
+            )]))
+            .framebuffer(multiboot2::FramebufferTag::new(
+                0xfd00_0000,
+                4096,
+                1024,
+                768,
+                32,
+                t,
+            ));
+        let built = std::boxed::Box::leak(b.build());
+        let ptr = built as *const _ as *const u8 as *const BootInformationHeader;
+        // SAFETY: the structure is leaked (lives forever) and was produced by the builder.
+        unsafe { BootInformation::load(ptr).unwrap() }
+    }
+
+    #[test]
+    fn parses_an_rgb_framebuffer() {
+        use multiboot2::{FramebufferField as F, FramebufferType};
+        let info = with_framebuffer(FramebufferType::RGB {
+            red: F {
+                position: 16,
+                size: 8,
+            },
+            green: F {
+                position: 8,
+                size: 8,
+            },
+            blue: F {
+                position: 0,
+                size: 8,
+            },
+        });
+        let fb = BootInfo::from_info(&info).unwrap().framebuffer.unwrap();
+        assert_eq!(
+            fb,
+            Framebuffer {
+                address: 0xfd00_0000,
+                pitch: 4096,
+                width: 1024,
+                height: 768,
+                bpp: 32,
+                red: (16, 8),
+                green: (8, 8),
+                blue: (0, 8),
+            }
+        );
+    }
+
+    #[test]
+    fn text_mode_and_no_tag_give_no_framebuffer() {
+        let info = with_framebuffer(multiboot2::FramebufferType::Text);
+        assert_eq!(BootInfo::from_info(&info).unwrap().framebuffer, None);
+        assert_eq!(BootInfo::from_info(&build(true)).unwrap().framebuffer, None);
     }
 
     #[test]

@@ -13,4 +13,4 @@ pub mod ap;
 pub mod entry;
 pub mod info;
 
-pub use info::{BootInfo, BootInfoError, MemoryKind, MemoryRegion, Module};
+pub use info::{BootInfo, BootInfoError, Framebuffer, MemoryKind, MemoryRegion, Module};

@@ -182,7 +182,7 @@ pub fn make_iso_with_modules(
     std::fs::write(
         grub.join("grub.cfg"),
         format!(
-            "set timeout=0\nset default=0\nserial --unit=0 --speed=115200\n\
+            "set timeout=0\nset default=0\ninsmod all_video\nset gfxpayload=1024x768x32,800x600x32,auto\nserial --unit=0 --speed=115200\n\
              terminal_input serial console\nterminal_output serial console\n\
              menuentry \"Moat\" {{\n  multiboot2 /boot/moat.elf {cmdline}\n{module_lines}  boot\n}}\n"
         ),

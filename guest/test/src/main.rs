@@ -181,6 +181,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "bad-hypercall" => bad_hypercall(),
             "vmmcall-bench" => vmmcall_bench(&info, arg.unwrap_or(10_000)),
             "dma-edu" => dma::edu(&info),
+            "dma-calls" => dma::calls(&info),
             "dma-demo" => dma::demo(),
             "dma-batch" => dma::batch(arg.unwrap_or(64)),
             "dma-bad" => dma::bad(&info),

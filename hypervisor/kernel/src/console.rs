@@ -85,6 +85,13 @@ impl log::Log for Logger {
             target,
             r.args()
         ));
+        // Warnings and errors on screen too (machines without a serial port).
+        if r.level() <= log::Level::Warn {
+            crate::fbcon::line(
+                r.level() == log::Level::Warn,
+                format_args!("{:<5} {}: {}", r.level(), target, r.args()),
+            );
+        }
     }
 
     fn flush(&self) {}

@@ -119,7 +119,8 @@ impl<'a> EcamAccess<'a> {
     ///
     /// `windows` are the platform's ECAM windows (from the ACPI MCFG), already mapped
     /// uncached by [`report_pci`]; the hypervisor owns PCI configuration space (guests reach
-    /// it only through the filtered accessors of `vm::pci`).
+    /// it only through the filtered accessors of `vm::pci`). No window (no MCFG): the legacy
+    /// ports are the platform's configuration mechanism (as [`PortIoAccess::new`] requires).
     pub unsafe fn new(windows: &'a [crate::acpi::Ecam]) -> Self {
         Self { windows }
     }
@@ -149,8 +150,15 @@ fn to_pci(w: &crate::acpi::Ecam) -> Ecam {
     }
 }
 
+/// Without any ECAM window (no MCFG) configuration space is reached through the legacy
+/// ports, as [`report_pci`] enumerated it: segment 0, the first 256 bytes of each function.
+const NO_ECAM: PortIoAccess = PortIoAccess(());
+
 impl ConfigAccess for EcamAccess<'_> {
     fn read32(&self, bdf: moat_pci::Bdf, offset: u16) -> u32 {
+        if self.windows.is_empty() {
+            return NO_ECAM.read32(bdf, offset);
+        }
         match self.locate(bdf, offset) {
             Some((window, at)) => window.read32(at),
             None => u32::MAX,
@@ -158,6 +166,9 @@ impl ConfigAccess for EcamAccess<'_> {
     }
 
     fn write32(&self, bdf: moat_pci::Bdf, offset: u16, value: u32) {
+        if self.windows.is_empty() {
+            return NO_ECAM.write32(bdf, offset, value);
+        }
         if let Some((window, at)) = self.locate(bdf, offset) {
             window.write32(at, value)
         }

@@ -28,6 +28,13 @@ pub fn set_qemu_exit(on: bool) {
 
 /// Ends the run. Never returns.
 pub fn exit(code: ExitCode) -> ! {
+    let read_back = crate::fbcon::result_line(format_args!(
+        "moat: exit {:?} (code {:#x})",
+        code, code as u32
+    ));
+    if let Some(text) = read_back {
+        crate::println!("fbcon: result line read back from the framebuffer: `{text}`");
+    }
     crate::println!("moat: exit {:?} (code {:#x})", code, code as u32);
     if QEMU_EXIT.load(Ordering::SeqCst) {
         // SAFETY: port 0xf4 is QEMU's isa-debug-exit, configured by the runner; exit=qemu is

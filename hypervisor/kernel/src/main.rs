@@ -16,6 +16,7 @@ mod discovery;
 mod dma;
 mod edu;
 mod exit;
+mod fbcon;
 mod iommu;
 mod mm;
 mod panic;

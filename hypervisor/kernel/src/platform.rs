@@ -179,6 +179,7 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
     unsafe { mm::heap::init(heap.as_u64(), HEAP_SIZE as usize) };
     log::info!("heap: {} MiB at {:#x}", HEAP_SIZE >> 20, heap);
 
+    crate::fbcon::init(boot.framebuffer);
     let _ = space::map_mmio(platform.lapic_address, PAGE_SIZE);
     for io in platform.ioapics() {
         let _ = space::map_mmio(io.address as u64, PAGE_SIZE);

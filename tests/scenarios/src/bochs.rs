@@ -280,6 +280,38 @@ pub fn scenarios() -> Vec<Scenario> {
     );
     s.modules = vec![guest_module("g0 hello"), guest_module("g1 hello")];
     v.push(s);
+
+    let mut s = scenario_on(
+        "bochs-pvdma-no-iommu",
+        "no IOMMU (Bochs): a guest given the PIIX3 IDE function under passthrough gets the PV DMA calls, MAP returning the host-physical address as the IOVA (the guest does not drive the IDE's DMA: the calls are checked); strict, batched and deferred are refused with a clear line",
+        BochsMachine::default(),
+        // One CPU: the refused guests come first (a refused guest takes no CPU).
+        "unsafe-interrupts guest=name=g1,mem=8M,dev=00:01.0,policy=strict guest=name=g2,mem=8M,dev=00:00.0,policy=batched guest=name=g3,mem=8M,dev=00:01.3,policy=deferred guest=name=g0,mem=8M,dev=00:01.1,policy=passthrough",
+        Exit::Success,
+        Box::new(|log| {
+            guests_done(log)?;
+            need_line(log, &["guest g0: RISK: device 00:01.1 assigned with no IOMMU"])?;
+            need_line(log, &["guest g0: DMA: policy Passthrough WITHOUT an IOMMU"])?;
+            need_line(log, &["g0> dma-calls: policy passthrough", "(IOVA is GPA: false)"])?;
+            crate::dma::iova_is_host_address(log, "g0", "dma-calls: MAP", "GPA", "returned IOVA")?;
+            need_line(log, &["g0> dma-calls: UNMAP of IOVA", ": OK"])?;
+            need_line(log, &["g0> dma-calls: MAP past the guest's memory: Some(Fault); UNMAP of IOVA 0x1000: Some(Range)"])?;
+            need_line(log, &["g0> dma-calls: stats: 1 maps, 1 unmaps, 2 errors"])?;
+            need_line(log, &["g0> PASS dma-calls"])?;
+            for (g, policy, bdf) in [("g1", "strict", "00:01.0"), ("g2", "batched", "00:00.0"), ("g3", "deferred", "00:01.3")] {
+                need_line(log, &[&format!("guest {g}: not started: DMA: policy {policy} needs an IOMMU"), &format!("{bdf} is not behind an enabled VT-d unit")])?;
+                forbid_line(log, &[&format!("{g}> ")])?;
+            }
+            need_line(log, &["vm: all guests stopped (1 started of 4 configured)"])
+        }),
+    );
+    s.modules = vec![
+        guest_module("g0 dma-calls"),
+        guest_module("g1 hello"),
+        guest_module("g2 hello"),
+        guest_module("g3 hello"),
+    ];
+    v.push(s);
     v
 }
 

@@ -3,7 +3,7 @@
 //! checks name what the guest measured in its memory (bytes delivered, bytes not delivered
 //! after UNMAP), the statuses the hypervisor returned, and the hypervisor's leak check.
 
-use crate::checks::{boot_complete, need_line};
+use crate::checks::{boot_complete, forbid_line, need_line};
 use crate::guests::{find_line, number_after};
 use crate::{BootModule, Exit, Machine, Scenario, Variant, TEST_GUEST};
 
@@ -46,6 +46,30 @@ pub(crate) fn no_leak(log: &str) -> Result<(), String> {
             "table pages not back to the baseline: {other:?} in {line:?}"
         )),
     }
+}
+
+/// Without an IOMMU, MAP returns the host-physical address of the guest's pages: the IOVA on
+/// the guest's line (`{guest}> {prefix}` ... `{gpa_key}` GPA ... `{iova_key}` IOVA) equals the
+/// partition's host base (the hypervisor's `guest {guest}: N MiB at host 0x...` line) plus
+/// the GPA, and differs from the GPA.
+pub(crate) fn iova_is_host_address(
+    log: &str,
+    guest: &str,
+    prefix: &str,
+    gpa_key: &str,
+    iova_key: &str,
+) -> Result<(), String> {
+    let host_line = find_line(log, &[&format!("guest {guest}: "), "MiB at host"])?;
+    let host = number_after(host_line, "MiB at host").ok_or("no host address")?;
+    let line = find_line(log, &[&format!("{guest}> {prefix}"), iova_key])?;
+    let gpa = number_after(line, gpa_key).ok_or("no GPA on the MAP line")?;
+    let iova = number_after(line, iova_key).ok_or("no IOVA on the MAP line")?;
+    if host == 0 || iova != host + gpa {
+        return Err(format!(
+            "MAP returned IOVA {iova:#x} for GPA {gpa:#x}, the partition is at host {host:#x}: not the host-physical address"
+        ));
+    }
+    Ok(())
 }
 
 /// The PV DMA scenarios on `on`'s machine.
@@ -118,6 +142,55 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
         file: TEST_GUEST,
         cmdline: "g0 dma-race".into(),
     }];
+    v.push(s);
+    let mut s = on.scenario(
+        "dma-passthrough-no-iommu",
+        "iommu=off: passthrough still works, MAP returns the host-physical address and edu DMA through it delivers the bytes both ways; the assignment needs unsafe-interrupts and logs the risk",
+        Machine::default(),
+        "iommu=off unsafe-interrupts guest=name=g0,mem=64M,dev=00:05.0,policy=passthrough",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(log, &["vtd: iommu=off on the command line"])?;
+            need_line(log, &["guest g0: RISK: device 00:05.0 assigned with no IOMMU"])?;
+            need_line(log, &["guest g0: DMA: policy Passthrough WITHOUT an IOMMU"])?;
+            need_line(log, &["g0> dma-edu: source", "round trip delivered the bytes"])?;
+            iova_is_host_address(log, "g0", "dma-edu: source", "source", "-> IOVA")?;
+            need_line(log, &["g0> PASS dma-edu"])?;
+            need_line(log, &["guest g0: no IOMMU: its device(s) cannot be blocked at stop"])
+        }),
+    );
+    s.modules = vec![BootModule {
+        file: TEST_GUEST,
+        cmdline: "g0 dma-edu".into(),
+    }];
+    v.push(s);
+    let mut s = on.scenario(
+        "dma-no-iommu-refused",
+        "iommu=off: a guest asking strict for its device is refused (the policy needs an IOMMU), one asking passthrough without unsafe-interrupts too; a guest without devices runs",
+        Machine {
+            devices: vec!["edu,addr=0x5".into(), "edu,addr=0x6".into()],
+            ..Machine::default()
+        },
+        "iommu=off guest=name=g0,mem=8M,dev=00:05.0,policy=strict guest=name=g1,mem=8M,dev=00:06.0,policy=passthrough guest=name=g2,mem=8M",
+        Exit::Success,
+        Box::new(|log| {
+            boot_complete(log)?;
+            need_line(log, &["guest g0: not started: DMA: policy strict needs an IOMMU", "00:05.0 is not behind an enabled VT-d unit"])?;
+            need_line(log, &["guest g1: not started: device 00:06.0: no IOMMU translates it", "refused"])?;
+            forbid_line(log, &["g0> "])?;
+            forbid_line(log, &["g1> "])?;
+            need_line(log, &["g2> PASS hello"])?;
+            need_line(log, &["vm: all guests stopped (1 started of 3 configured)"])
+        }),
+    );
+    s.modules = ["g0 hello", "g1 hello", "g2 hello"]
+        .into_iter()
+        .map(|c| BootModule {
+            file: TEST_GUEST,
+            cmdline: c.into(),
+        })
+        .collect();
     v.push(s);
     let (cmd, modules) = guest("strict", "dma-bad");
     let mut s = on.scenario(

@@ -331,6 +331,24 @@ pub fn all(on: Variant) -> Vec<Scenario> {
     v.push(s);
 
     let mut s = on.scenario(
+        "fbcon-uefi",
+        "under OVMF GRUB hands over a GOP framebuffer: the hypervisor draws its warnings, errors and result line there, and the result line decodes back from video memory",
+        Machine {
+            firmware: Firmware::Uefi,
+            ..Machine::default()
+        },
+        "guest=name=g0,mem=8M",
+        Exit::Success,
+        Box::new(|log| {
+            guests_done(log)?;
+            need_line(log, &["fbcon: ", "framebuffer at", "characters): warnings, errors and the result are shown there"])?;
+            need_line(log, &["fbcon: result line read back from the framebuffer: `moat: exit Success (code 0x10)`"])
+        }),
+    );
+    s.modules = vec![module("g0 hello")];
+    v.push(s);
+
+    let mut s = on.scenario(
         "guest-bad-hypercall",
         "an unknown hypercall returns UNSUPP (-9) (a flood of them is logged rate-limited) and a console write from outside memory FAULT (-8)",
         Machine::default(),

@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl GuestDma {
+impl VtdDma {
     /// Publishes the registered areas (batch areas, the fault ring: never DMA targets) to
     /// every shard's copy. The caller holds every shard (`shards`).
     pub(super) fn publish_areas(&self, shards: &mut [MutexGuard<'_, Shard>]) {

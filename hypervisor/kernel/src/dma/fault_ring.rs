@@ -17,7 +17,7 @@ pub(super) struct FaultRing {
     pub(super) irq: Option<(usize, u8)>,
 }
 
-impl GuestDma {
+impl VtdDma {
     /// Moves the VT-d faults of this guest's domain from its queue in the hypervisor's fault
     /// log into the guest's fault ring (or only counts them when it has none); records the
     /// queue had to drop (it was full) count as the ring's drops. Called on the guest's exits

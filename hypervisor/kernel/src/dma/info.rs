@@ -2,7 +2,7 @@
 
 use super::*;
 
-impl GuestDma {
+impl VtdDma {
     pub(super) fn query(&self, a: &Args) -> Return {
         let (gpa, len) = (a.0[0], a.0[1]);
         let header = QueryHeader {
@@ -84,7 +84,7 @@ impl GuestDma {
         if len < wire::STATS_SIZE as u64 {
             return Return::err(Status::Range);
         }
-        // While a guest runs the hypervisor's interrupts are masked (host IF = 0 at VMRUN),
+        // While a guest runs the hypervisor's interrupts are masked (host IF = 0 at VM entry),
         // so the fault event cannot be taken: drain the fault records here (polling path).
         crate::iommu::poll_faults(64);
         self.deliver_faults();

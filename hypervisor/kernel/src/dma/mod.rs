@@ -25,6 +25,7 @@
 
 mod areas;
 pub mod backend;
+mod direct;
 mod fault_ring;
 mod guest_mem;
 mod info;
@@ -51,6 +52,7 @@ use spin::{Mutex, MutexGuard};
 use crate::arch::{tsc, x86};
 use crate::iommu::with_unit;
 use backend::{IovaHandle, Partition, Tsc, VtdDomain, VtdPending};
+pub use direct::DirectDma;
 
 /// One vCPU's part of a guest's DMA service. Its lock is taken by its own vCPU on every DMA
 /// call and by other vCPUs only on the cross-vCPU paths (see the module docs).
@@ -108,6 +110,10 @@ pub enum SetupError {
     Vtd(moat_vtd::Error),
     /// The IOVA allocator could not be built.
     Iova(moat_iova::Error),
+    /// A remapping policy (strict, batched, deferred) for a device no IOMMU translates.
+    NoIommu(Bdf, Policy),
+    /// Devices behind a VT-d unit and devices behind none in one guest.
+    Mixed,
 }
 
 impl core::fmt::Display for SetupError {
@@ -119,6 +125,14 @@ impl core::fmt::Display for SetupError {
             }
             Self::Vtd(e) => write!(f, "VT-d: {e}"),
             Self::Iova(e) => write!(f, "IOVA allocator: {e:?}"),
+            Self::NoIommu(b, p) => write!(
+                f,
+                "policy {} needs an IOMMU to translate the device's DMA, and {b} is not behind an enabled VT-d unit (no IOMMU, or `iommu=off`); only `policy=passthrough` works without one",
+                wire_policy(*p).name()
+            ),
+            Self::Mixed => f.write_str(
+                "devices behind a VT-d unit and devices behind none in one guest are not supported",
+            ),
         }
     }
 }
@@ -161,8 +175,120 @@ fn sum_calls(calls: &[CallCounters]) -> (u64, u64, u64, u64) {
     })
 }
 
-/// One guest's DMA service.
-pub struct GuestDma {
+/// One guest's DMA service: through its VT-d domain, or (passthrough only) straight to
+/// host-physical addresses when no IOMMU translates its devices.
+// One per guest, built once inside the guest (never moved afterwards): the size difference
+// costs nothing, a box would cost an indirection on every DMA call.
+#[allow(clippy::large_enum_variant)]
+pub enum GuestDma {
+    /// Behind a VT-d unit.
+    Vtd(VtdDma),
+    /// Behind no IOMMU (passthrough only).
+    Direct(DirectDma),
+}
+
+impl GuestDma {
+    /// Sets up DMA for a guest with `devices` ((bdf, vendor, device) each): behind a VT-d
+    /// unit see [`VtdDma::create`]; behind none only passthrough, refused otherwise
+    /// ([`SetupError::NoIommu`]). All or nothing.
+    pub fn create(
+        policy: moat_config::DmaPolicy,
+        vcpus: usize,
+        devices: &[(Bdf, u16, u16)],
+        hpa: u64,
+        mem: u64,
+    ) -> Result<Option<GuestDma>, SetupError> {
+        let untranslated: Vec<Bdf> = devices
+            .iter()
+            .map(|d| d.0)
+            .filter(|&b| crate::iommu::unit_for(b).is_none())
+            .collect();
+        let Some(&first) = untranslated.first() else {
+            return Ok(VtdDma::create(policy, vcpus, devices, hpa, mem)?.map(GuestDma::Vtd));
+        };
+        if untranslated.len() != devices.len() {
+            return Err(SetupError::Mixed);
+        }
+        let policy = to_policy(policy);
+        if policy != Policy::Passthrough {
+            return Err(SetupError::NoIommu(first, policy));
+        }
+        let bits = devices
+            .iter()
+            .map(|&(_, v, d)| dma_bits(v, d))
+            .min()
+            .unwrap_or(32);
+        Ok(Some(GuestDma::Direct(DirectDma::new(
+            hpa,
+            mem,
+            devices.len(),
+            bits,
+        ))))
+    }
+
+    /// One line for the boot log.
+    pub fn describe(&self) -> alloc::string::String {
+        match self {
+            Self::Vtd(d) => d.describe(),
+            Self::Direct(d) => d.describe(),
+        }
+    }
+
+    /// Handles DMA call `call` from vCPU `vcpu`.
+    pub fn hypercall(&self, vcpu: usize, call: Call, a: &Args) -> Return {
+        match self {
+            Self::Vtd(d) => d.hypercall(vcpu, call, a),
+            Self::Direct(d) => d.hypercall(call, a),
+        }
+    }
+
+    /// Called when the guest has stopped (see [`VtdDma::shutdown`]).
+    pub fn shutdown(&self, guest: &str) {
+        match self {
+            Self::Vtd(d) => d.shutdown(guest),
+            Self::Direct(d) => d.shutdown(guest),
+        }
+    }
+
+    /// Adds the hypervisor's exit/entry cycles of one DMA hypercall.
+    pub fn add_exit_cycles(&self, vcpu: usize, c: u64) {
+        match self {
+            Self::Vtd(d) => d.add_exit_cycles(vcpu, c),
+            Self::Direct(d) => d.add_exit_cycles(c),
+        }
+    }
+
+    /// Whether the vCPUs need the periodic timer (deferred only).
+    pub fn needs_timer(&self) -> bool {
+        matches!(self, Self::Vtd(d) if d.needs_timer())
+    }
+
+    /// The deferred time bound, checked on the guest's exits (see [`VtdDma::tick`]).
+    pub fn tick(&self, vcpu: usize) {
+        if let Self::Vtd(d) = self {
+            d.tick(vcpu);
+        }
+    }
+
+    /// A FAULT_IRQ due: (vCPU, vector). None without an IOMMU (nothing records faults).
+    pub fn take_fault_irq(&self) -> Option<(usize, u8)> {
+        match self {
+            Self::Vtd(d) => d.take_fault_irq(),
+            Self::Direct(_) => None,
+        }
+    }
+
+    /// After every guest stopped: the faults the IOMMU recorded for the stopped devices.
+    pub fn report_faults_after_stop(&self, guest: &str) -> usize {
+        match self {
+            Self::Vtd(d) => d.report_faults_after_stop(guest),
+            Self::Direct(_) => 0,
+        }
+    }
+}
+
+/// One guest's DMA service behind a VT-d unit.
+pub struct VtdDma {
     policy: Policy,
     limits: wire::Limits,
     svc: Limits,
@@ -206,7 +332,7 @@ fn dma_bits(vendor: u16, device: u16) -> u8 {
     }
 }
 
-fn to_policy(p: moat_config::DmaPolicy) -> Policy {
+pub(crate) fn to_policy(p: moat_config::DmaPolicy) -> Policy {
     match p {
         moat_config::DmaPolicy::Passthrough => Policy::Passthrough,
         moat_config::DmaPolicy::Strict => Policy::Strict,
@@ -224,7 +350,7 @@ fn wire_policy(p: Policy) -> wire::Policy {
     }
 }
 
-impl GuestDma {
+impl VtdDma {
     /// Sets up DMA for a guest with `devices` ((bdf, vendor, device) each): a VT-d domain with
     /// the devices' RMRRs identity-mapped (and, under passthrough, all guest RAM at IOVA =
     /// GPA), the devices attached, an IOVA allocator with one handle per vCPU. All or nothing.
@@ -234,7 +360,7 @@ impl GuestDma {
         devices: &[(Bdf, u16, u16)],
         hpa: u64,
         mem: u64,
-    ) -> Result<Option<GuestDma>, SetupError> {
+    ) -> Result<Option<VtdDma>, SetupError> {
         let Some(&(first, _, _)) = devices.first() else {
             return Ok(None);
         };
@@ -396,7 +522,7 @@ impl GuestDma {
                 })
             })
             .collect();
-        Ok(Some(GuestDma {
+        Ok(Some(VtdDma {
             policy,
             limits: wire::Limits {
                 iova_width: bits,
@@ -745,8 +871,8 @@ impl GuestDma {
         }
     }
 
-    /// Adds the hypervisor's exit/entry cycles of one DMA hypercall (from #VMEXIT to the
-    /// handler and from the handler back to VMRUN; the hardware world switch itself is not
+    /// Adds the hypervisor's exit/entry cycles of one DMA hypercall (from the VM exit to the
+    /// handler and from the handler back to the VM entry; the hardware world switch itself is not
     /// visible from the hypervisor).
     pub fn add_exit_cycles(&self, vcpu: usize, c: u64) {
         self.calls[self.me(vcpu)]

@@ -3,7 +3,7 @@
 
 use super::*;
 
-impl GuestDma {
+impl VtdDma {
     pub(super) fn multicall(&self, vcpu: usize, a: &Args) -> Return {
         let (cursor, rsi) = (a.0[0], a.0[1]);
         // Refused before any entry ran: RDX is the cursor passed in, all 64 bits of it.

@@ -70,6 +70,9 @@ pub enum GuestError {
     /// An assigned device's IOMMU unit does not remap interrupts (and the command line does
     /// not say `unsafe-interrupts`).
     NoInterruptRemapping(Bdf),
+    /// An assigned device is behind no IOMMU at all (and the command line does not say
+    /// `unsafe-interrupts`).
+    NoIommu(Bdf),
 }
 
 impl fmt::Display for GuestError {
@@ -84,6 +87,10 @@ impl fmt::Display for GuestError {
             Self::NoInterruptRemapping(b) => write!(
                 f,
                 "device {b}: its IOMMU unit does not remap interrupts, so the device could raise any interrupt on the host; refused (`unsafe-interrupts` on the command line assigns it anyway)"
+            ),
+            Self::NoIommu(b) => write!(
+                f,
+                "device {b}: no IOMMU translates it (no VT-d unit, or `iommu=off`), so the device could write any host memory and raise any interrupt; refused (`unsafe-interrupts` on the command line assigns it anyway, with `policy=passthrough` only)"
             ),
         }
     }
@@ -162,7 +169,7 @@ impl fmt::Display for StopReason {
             Self::Exception { vector, rip } => {
                 write!(f, "exception vector {vector} rip={rip:#x}")
             }
-            Self::InvalidState => f.write_str("invalid guest state refused by VMRUN"),
+            Self::InvalidState => f.write_str("invalid guest state refused by the VM entry"),
             Self::Failed(why) => write!(f, "could not run: {why}"),
             Self::WithGuest => f.write_str("stopped with its guest"),
         }
@@ -185,9 +192,9 @@ struct ExitStats {
     io: u64,
     msr: u64,
     other: u64,
-    /// TSC cycles from VMRUN to the #VMEXIT coming back (guest time + world switch).
+    /// TSC cycles from the VM entry to the VM exit coming back (guest time + world switch).
     run_cycles: u64,
-    /// TSC cycles from an exit to the next VMRUN (the hypervisor's exit handling).
+    /// TSC cycles from an exit to the next VM entry (the hypervisor's exit handling).
     handler_cycles: u64,
 }
 
@@ -212,7 +219,7 @@ impl fmt::Display for ExitStats {
         let ns = crate::arch::tsc::cycles_to_ns;
         write!(
             f,
-            "{} exits (hypercall {}, cpuid {}, io {}, msr {}, other {}); per exit: {} cycles ({} ns) from VMRUN to #VMEXIT, {} cycles ({} ns) handling in the hypervisor",
+            "{} exits (hypercall {}, cpuid {}, io {}, msr {}, other {}); per exit: {} cycles ({} ns) from VM entry to VM exit, {} cycles ({} ns) handling in the hypervisor",
             self.exits,
             self.hypercalls,
             self.cpuid,
@@ -291,17 +298,34 @@ impl Guest {
         for &bdf in config.devices() {
             devices
                 .push(AssignedDevice::probe(&ecams, bdf).map_err(|e| GuestError::Device(bdf, e))?);
-            // Without a unit at all the DMA setup below refuses the device.
-            if let Some(unit) = crate::iommu::unit_for(bdf)
-                && !crate::iommu::remaps_interrupts(unit)
-            {
-                if !unsafe_interrupts {
-                    return Err(GuestError::NoInterruptRemapping(bdf));
-                }
-                log::warn!(
+            match crate::iommu::unit_for(bdf) {
+                Some(unit) if !crate::iommu::remaps_interrupts(unit) => {
+                    if !unsafe_interrupts {
+                        return Err(GuestError::NoInterruptRemapping(bdf));
+                    }
+                    log::warn!(
                         "guest {}: RISK: device {bdf} assigned although its IOMMU unit does not remap interrupts (unsafe-interrupts): it can raise any interrupt on the host",
                         config.name
                     );
+                }
+                Some(_) => {}
+                // No IOMMU: only passthrough can work (nothing translates IOVAs), and only
+                // with the command line's consent: nothing confines the device at all.
+                None => {
+                    if config.policy != moat_config::DmaPolicy::Passthrough {
+                        return Err(GuestError::Dma(crate::dma::SetupError::NoIommu(
+                            bdf,
+                            crate::dma::to_policy(config.policy),
+                        )));
+                    }
+                    if !unsafe_interrupts {
+                        return Err(GuestError::NoIommu(bdf));
+                    }
+                    log::warn!(
+                        "guest {}: RISK: device {bdf} assigned with no IOMMU (unsafe-interrupts, policy passthrough): it can write any host memory and raise any interrupt on the host",
+                        config.name
+                    );
+                }
             }
         }
 
@@ -643,8 +667,8 @@ impl Guest {
         }
         let mut stats = ExitStats::default();
         let mut handled_since = None;
-        // A DMA hypercall's exit/entry cycles: (#VMEXIT -> handler without `tick`, handler
-        // end) until VMRUN.
+        // A DMA hypercall's exit/entry cycles: (VM exit -> handler without `tick`, handler
+        // end) until the next VM entry.
         let mut dma_exit: Option<(u64, u64)> = None;
         let reason = loop {
             if self.state.load(Ordering::SeqCst) == STATE_STOPPED {
@@ -675,7 +699,7 @@ impl Guest {
             let rip = vcpu.reg(Reg::Rip);
             // `tick` (fault delivery, the deferred flush) is work of its own, measured in its
             // own phases (a deferred flush in the invalidation phase): kept out of the exit
-            // phase, which is only the way from #VMEXIT to the handler and back.
+            // phase, which is only the way from the VM exit to the handler and back.
             let mut tick_cycles = 0u64;
             if let Some(d) = &self.dma {
                 let t = crate::arch::x86::rdtsc();
