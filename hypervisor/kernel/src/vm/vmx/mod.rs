@@ -17,6 +17,7 @@ use moat_x86arch::vmx::{
     Basic, EptViolation, ExitReason, IoQualification,
 };
 use spin::Once;
+use x86_64::registers::control::{Cr0, Cr2, Cr3, Cr4};
 
 use crate::arch::x86;
 use crate::mm::{frames, PhysAddr};
@@ -197,9 +198,13 @@ pub fn enable_this_cpu(info: &VmxInfo) -> Result<(), VcpuError> {
                 fc | feature_control::LOCK | feature_control::VMX_OUTSIDE_SMX,
             );
         }
-        let cr0 = vmx::fix_cr(read_cr0(), info.cr0_fixed.0, info.cr0_fixed.1);
+        let cr0 = vmx::fix_cr(Cr0::read_raw(), info.cr0_fixed.0, info.cr0_fixed.1);
         asm_write_cr0(cr0);
-        let cr4 = vmx::fix_cr(read_cr4() | CR4_VMXE, info.cr4_fixed.0, info.cr4_fixed.1);
+        let cr4 = vmx::fix_cr(
+            Cr4::read_raw() | CR4_VMXE,
+            info.cr4_fixed.0,
+            info.cr4_fixed.1,
+        );
         asm_write_cr4(cr4);
         vmcs::vmxon(region)
     };
@@ -213,32 +218,10 @@ pub fn enable_this_cpu(info: &VmxInfo) -> Result<(), VcpuError> {
     Ok(())
 }
 
-fn read_cr0() -> u64 {
-    let v: u64;
-    // SAFETY: reading CR0 has no side effects.
-    unsafe { core::arch::asm!("mov {}, cr0", out(reg) v, options(nomem, nostack)) };
-    v
-}
-
+/// The whole host CR3 (table address and the PCD/PWT bits).
 fn read_cr3() -> u64 {
-    let v: u64;
-    // SAFETY: reading CR3 has no side effects.
-    unsafe { core::arch::asm!("mov {}, cr3", out(reg) v, options(nomem, nostack)) };
-    v
-}
-
-fn read_cr4() -> u64 {
-    let v: u64;
-    // SAFETY: reading CR4 has no side effects.
-    unsafe { core::arch::asm!("mov {}, cr4", out(reg) v, options(nomem, nostack)) };
-    v
-}
-
-fn read_cr2() -> u64 {
-    let v: u64;
-    // SAFETY: reading CR2 has no side effects.
-    unsafe { core::arch::asm!("mov {}, cr2", out(reg) v, options(nomem, nostack)) };
-    v
+    let (frame, low) = Cr3::read_raw();
+    frame.start_address().as_u64() | u64::from(low)
 }
 
 /// # Safety
@@ -629,9 +612,9 @@ impl VmxVcpu {
         let tr: u16;
         // SAFETY: STR only reads the task register.
         unsafe { core::arch::asm!("str {0:x}", out(reg) tr, options(nomem, nostack)) };
-        w(field::HOST_CR0, read_cr0())?;
+        w(field::HOST_CR0, Cr0::read_raw())?;
         w(field::HOST_CR3, read_cr3())?;
-        w(field::HOST_CR4, read_cr4())?;
+        w(field::HOST_CR4, Cr4::read_raw())?;
         w(
             field::HOST_CS_SELECTOR,
             u64::from(crate::arch::cpu::KERNEL_CS),
@@ -729,7 +712,7 @@ impl VmxVcpu {
             return Exit::Failed(e.describe());
         }
         self.next_rip = None;
-        let cr2_host = read_cr2();
+        let cr2_host = Cr2::read_raw();
         // The guest's CR2 is live in the register while it runs.
         // SAFETY: CR2 only holds the last page-fault address; the hypervisor does not fault.
         unsafe { core::arch::asm!("mov cr2, {}", in(reg) self.cr2, options(nostack)) };
@@ -738,7 +721,7 @@ impl VmxVcpu {
         // and NMIs exiting; host state is this CPU's. The routine saves and restores every
         // callee-saved register; interrupts are disabled in the hypervisor.
         let failed = unsafe { moat_vmx_run(&mut self.gprs, u64::from(self.launched)) };
-        self.cr2 = read_cr2();
+        self.cr2 = Cr2::read_raw();
         // SAFETY: as above, restoring the host's value.
         unsafe { core::arch::asm!("mov cr2, {}", in(reg) cr2_host, options(nostack)) };
         if failed != 0 {
