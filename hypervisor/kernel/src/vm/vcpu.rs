@@ -6,6 +6,7 @@
 
 use alloc::boxed::Box;
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use moat_ptab::format::Format;
 use moat_ptab::{NoSink, PageTable};
@@ -244,6 +245,40 @@ impl<F: Format> Stage2Tables<F> {
     /// The host-physical address `gpa` maps to, if any.
     pub fn translate(&self, gpa: u64) -> Option<PhysAddr> {
         self.tables.translate(&HostTables, gpa).map(|t| t.phys)
+    }
+}
+
+/// Address-space tags (SVM ASIDs, VMX VPIDs) as a bitmap: bit n set = tag n in use. Tag 0 is
+/// the host's and never handed out; at most 64 tags are tracked.
+pub struct TagBitmap(AtomicU64);
+
+impl TagBitmap {
+    /// Only the host's tag in use.
+    pub const fn new() -> Self {
+        TagBitmap(AtomicU64::new(1))
+    }
+
+    /// Takes the lowest free tag below `limit` (and below 64).
+    pub fn alloc(&self, limit: u32) -> Option<u32> {
+        let limit = limit.min(64);
+        let mut cur = self.0.load(Ordering::Relaxed);
+        loop {
+            let free = (1..limit).find(|&a| cur & (1 << a) == 0)?;
+            match self
+                .0
+                .compare_exchange(cur, cur | 1 << free, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(free),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Returns `tag` (ignores the host's tag and tags out of range).
+    pub fn free(&self, tag: u32) {
+        if (1..64).contains(&tag) {
+            self.0.fetch_and(!(1 << tag), Ordering::AcqRel);
+        }
     }
 }
 

@@ -7,14 +7,14 @@
 pub mod npt;
 pub mod vmcb;
 
-use core::sync::atomic::{AtomicU32, Ordering};
-
 use raw_cpuid::CpuId;
 use spin::Once;
 
 use crate::arch::x86;
 use crate::mm::{frames, PhysAddr, PAGE_SIZE};
-use crate::vm::vcpu::{Access, EntryState, Event, Exit, IoAccess, Reg, Unsupported, VcpuError};
+use crate::vm::vcpu::{
+    Access, EntryState, Event, Exit, IoAccess, Reg, TagBitmap, Unsupported, VcpuError,
+};
 use vmcb::{exit_code, EventInj, Intercept3, Intercept4, Segment, Vmcb};
 
 const MSR_VM_CR: u32 = 0xc001_0114;
@@ -119,27 +119,17 @@ fn permission_maps() -> Option<&'static PermissionMaps> {
     .as_ref()
 }
 
-/// ASID allocator: bit n set = ASID n in use. ASID 0 is the host's; at most 32 tracked.
-static ASIDS: AtomicU32 = AtomicU32::new(1);
+/// ASID allocator (ASID 0 is the host's).
+static ASIDS: TagBitmap = TagBitmap::new();
 
 /// Allocates an ASID below `limit` (from [`SvmInfo::asids`]).
 pub fn alloc_asid(limit: u32) -> Option<u32> {
-    let limit = limit.min(32);
-    let mut cur = ASIDS.load(Ordering::Relaxed);
-    loop {
-        let free = (1..limit).find(|&a| cur & (1 << a) == 0)?;
-        match ASIDS.compare_exchange(cur, cur | 1 << free, Ordering::AcqRel, Ordering::Relaxed) {
-            Ok(_) => return Some(free),
-            Err(now) => cur = now,
-        }
-    }
+    ASIDS.alloc(limit)
 }
 
 /// Returns an ASID to the allocator.
 pub fn free_asid(asid: u32) {
-    if (1..32).contains(&asid) {
-        ASIDS.fetch_and(!(1 << asid), Ordering::AcqRel);
-    }
+    ASIDS.free(asid);
 }
 
 /// Guest general-purpose registers VMRUN does not keep in the VMCB (RAX and RSP live there).

@@ -21,7 +21,9 @@ use x86_64::registers::control::{Cr0, Cr2, Cr3, Cr4};
 
 use crate::arch::x86;
 use crate::mm::{frames, PhysAddr};
-use crate::vm::vcpu::{Access, EntryState, Event, Exit, IoAccess, Reg, Unsupported, VcpuError};
+use crate::vm::vcpu::{
+    Access, EntryState, Event, Exit, IoAccess, Reg, TagBitmap, Unsupported, VcpuError,
+};
 
 const CR4_VMXE: u64 = 1 << 13;
 const EFER_LME: u64 = 1 << 8;
@@ -289,26 +291,17 @@ pub fn selftest_break_entries() {
     BREAK_ENTRIES.store(2, Ordering::SeqCst);
 }
 
-/// VPIDs: bit n set = VPID n in use (0 is the host's); at most 64 tracked.
-static VPIDS: AtomicU64 = AtomicU64::new(1);
+/// VPID allocator (VPID 0 is the host's).
+static VPIDS: TagBitmap = TagBitmap::new();
 
 /// Allocates a VPID.
 pub fn alloc_vpid() -> Option<u16> {
-    let mut cur = VPIDS.load(Ordering::Relaxed);
-    loop {
-        let free = (1..64).find(|&a| cur & (1 << a) == 0)?;
-        match VPIDS.compare_exchange(cur, cur | 1 << free, Ordering::AcqRel, Ordering::Relaxed) {
-            Ok(_) => return Some(free as u16),
-            Err(now) => cur = now,
-        }
-    }
+    VPIDS.alloc(64).map(|v| v as u16)
 }
 
 /// Returns a VPID.
 pub fn free_vpid(vpid: u16) {
-    if (1..64).contains(&vpid) {
-        VPIDS.fetch_and(!(1 << vpid), Ordering::AcqRel);
-    }
+    VPIDS.free(u32::from(vpid));
 }
 
 /// Guest general-purpose registers (VMX keeps only RSP and RIP in the VMCS).
