@@ -368,15 +368,8 @@ moat_vmx_run:
     vmresume
 3:
     // VMfail: the guest never ran; RSP is ours, the GPRs hold guest values.
-    pop rdi
-    pop r15
-    pop r14
-    pop r13
-    pop r12
-    pop rbx
-    pop rbp
     mov eax, 1
-    ret
+    jmp 4f
 2:
     // VM exit: RSP as written to HOST_RSP (the saved gprs pointer on top).
     push rdi
@@ -396,6 +389,9 @@ moat_vmx_run:
     mov [rdi + {r14}], r14
     mov [rdi + {r15}], r15
     pop qword ptr [rdi + {rdi}]
+    xor eax, eax
+4:
+    // Both ways out: drop the gprs pointer and restore the callee-saved registers.
     pop rdi
     pop r15
     pop r14
@@ -403,7 +399,6 @@ moat_vmx_run:
     pop r12
     pop rbx
     pop rbp
-    xor eax, eax
     ret
     "#,
     host_rsp = const field::HOST_RSP.0,
