@@ -15,8 +15,9 @@ pub use moat_ptab::format::X86Flags as Pte;
 
 const ADDR_MASK: u64 = moat_ptab::format::ADDR_MASK;
 
-/// 4 levels, 48-bit addresses, 2 MiB pages (no 1 GiB pages, as before the engine).
-const CONFIG: Config = Config {
+/// 4 levels, 48-bit addresses, 2 MiB pages (no 1 GiB pages, as before the engine): the
+/// configuration of the hypervisor's own tables and of the guests' NPT and EPT.
+pub(crate) const CONFIG: Config = Config {
     levels: 4,
     va_bits: 48,
     pa_bits: 52,

@@ -6,8 +6,14 @@
 
 use alloc::boxed::Box;
 use core::fmt;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use moat_ptab::format::Format;
+use moat_ptab::{NoSink, PageTable};
 
 use super::{svm, vmx};
+use crate::mm::paging::CONFIG;
+use crate::mm::tables::HostTables;
 use crate::mm::PhysAddr;
 
 /// Why guests cannot run on this CPU.
@@ -119,7 +125,7 @@ impl Backend {
     pub fn new_stage2(&self) -> Result<Stage2, VcpuError> {
         match self {
             Backend::Svm(i) => {
-                let npt = svm::npt::Npt::new().map_err(|_| VcpuError::OutOfMemory)?;
+                let npt = svm::npt::Npt::new()?;
                 let asid = svm::alloc_asid(i.asids).ok_or(VcpuError::NoAsid)?;
                 Ok(Stage2 {
                     inner: Stage2Inner::Npt { npt, asid },
@@ -178,17 +184,8 @@ impl Stage2 {
         kind: MemKind,
     ) -> Result<(), VcpuError> {
         match &mut self.inner {
-            Stage2Inner::Npt { npt, .. } => {
-                let flags = match kind {
-                    MemKind::Ram => svm::npt::NptFlags::RAM,
-                    MemKind::Mmio => svm::npt::NptFlags::MMIO,
-                };
-                npt.map(gpa, hpa, len, flags).map_err(|e| match e {
-                    svm::npt::NptError::OutOfFrames => VcpuError::OutOfMemory,
-                    _ => VcpuError::BadMapping,
-                })
-            }
-            Stage2Inner::Ept { ept, .. } => ept.map(gpa, hpa, len, kind),
+            Stage2Inner::Npt { npt, .. } => npt.map(gpa, hpa, len, svm::npt::flags(kind)),
+            Stage2Inner::Ept { ept, .. } => ept.map(gpa, hpa, len, vmx::ept::attr(kind)),
         }
     }
 
@@ -197,6 +194,90 @@ impl Stage2 {
         match &self.inner {
             Stage2Inner::Npt { npt, .. } => npt.translate(gpa),
             Stage2Inner::Ept { ept, .. } => ept.translate(gpa),
+        }
+    }
+}
+
+/// A guest's second-stage tables in the `moat_ptab` format `F` (NPT or EPT) over the host
+/// table memory: what the two backends' stage-2 wrappers share.
+pub struct Stage2Tables<F: Format> {
+    tables: PageTable<F>,
+}
+
+impl<F: Format> Stage2Tables<F> {
+    /// Empty tables (4 levels, 48-bit guest-physical addresses, 2 MiB pages).
+    pub fn new() -> Result<Self, VcpuError> {
+        Ok(Stage2Tables {
+            tables: PageTable::new(&HostTables, CONFIG).map_err(|_| VcpuError::OutOfMemory)?,
+        })
+    }
+
+    /// Physical address of the root table.
+    pub fn root(&self) -> PhysAddr {
+        self.tables.root()
+    }
+
+    /// Maps guest-physical `[gpa, gpa + len)` to host-physical `[hpa, hpa + len)` with
+    /// `attr`, using 2 MiB pages where both sides are aligned. Refuses to replace a mapping
+    /// (and then leaves the tables as they were). An empty range at valid addresses is a
+    /// no-op.
+    pub fn map(
+        &mut self,
+        gpa: u64,
+        hpa: PhysAddr,
+        len: u64,
+        attr: F::Attr,
+    ) -> Result<(), VcpuError> {
+        if len == 0
+            && (gpa | hpa.as_u64()).is_multiple_of(crate::mm::PAGE_SIZE)
+            && gpa <= 1 << CONFIG.va_bits
+        {
+            return Ok(());
+        }
+        self.tables
+            .map(&HostTables, gpa, hpa, len, attr, &mut NoSink)
+            .map_err(|e| match e {
+                moat_ptab::Error::NoMemory => VcpuError::OutOfMemory,
+                _ => VcpuError::BadMapping,
+            })
+    }
+
+    /// The host-physical address `gpa` maps to, if any.
+    pub fn translate(&self, gpa: u64) -> Option<PhysAddr> {
+        self.tables.translate(&HostTables, gpa).map(|t| t.phys)
+    }
+}
+
+/// Address-space tags (SVM ASIDs, VMX VPIDs) as a bitmap: bit n set = tag n in use. Tag 0 is
+/// the host's and never handed out; at most 64 tags are tracked.
+pub struct TagBitmap(AtomicU64);
+
+impl TagBitmap {
+    /// Only the host's tag in use.
+    pub const fn new() -> Self {
+        TagBitmap(AtomicU64::new(1))
+    }
+
+    /// Takes the lowest free tag below `limit` (and below 64).
+    pub fn alloc(&self, limit: u32) -> Option<u32> {
+        let limit = limit.min(64);
+        let mut cur = self.0.load(Ordering::Relaxed);
+        loop {
+            let free = (1..limit).find(|&a| cur & (1 << a) == 0)?;
+            match self
+                .0
+                .compare_exchange(cur, cur | 1 << free, Ordering::AcqRel, Ordering::Relaxed)
+            {
+                Ok(_) => return Some(free),
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// Returns `tag` (ignores the host's tag and tags out of range).
+    pub fn free(&self, tag: u32) {
+        if (1..64).contains(&tag) {
+            self.0.fetch_and(!(1 << tag), Ordering::AcqRel);
         }
     }
 }

@@ -7,14 +7,14 @@
 pub mod npt;
 pub mod vmcb;
 
-use core::sync::atomic::{AtomicU32, Ordering};
-
 use raw_cpuid::CpuId;
 use spin::Once;
 
 use crate::arch::x86;
 use crate::mm::{frames, PhysAddr, PAGE_SIZE};
-use crate::vm::vcpu::{Access, EntryState, Event, Exit, IoAccess, Reg, Unsupported, VcpuError};
+use crate::vm::vcpu::{
+    Access, EntryState, Event, Exit, IoAccess, Reg, TagBitmap, Unsupported, VcpuError,
+};
 use vmcb::{exit_code, EventInj, Intercept3, Intercept4, Segment, Vmcb};
 
 const MSR_VM_CR: u32 = 0xc001_0114;
@@ -119,27 +119,17 @@ fn permission_maps() -> Option<&'static PermissionMaps> {
     .as_ref()
 }
 
-/// ASID allocator: bit n set = ASID n in use. ASID 0 is the host's; at most 32 tracked.
-static ASIDS: AtomicU32 = AtomicU32::new(1);
+/// ASID allocator (ASID 0 is the host's).
+static ASIDS: TagBitmap = TagBitmap::new();
 
 /// Allocates an ASID below `limit` (from [`SvmInfo::asids`]).
 pub fn alloc_asid(limit: u32) -> Option<u32> {
-    let limit = limit.min(32);
-    let mut cur = ASIDS.load(Ordering::Relaxed);
-    loop {
-        let free = (1..limit).find(|&a| cur & (1 << a) == 0)?;
-        match ASIDS.compare_exchange(cur, cur | 1 << free, Ordering::AcqRel, Ordering::Relaxed) {
-            Ok(_) => return Some(free),
-            Err(now) => cur = now,
-        }
-    }
+    ASIDS.alloc(limit)
 }
 
 /// Returns an ASID to the allocator.
 pub fn free_asid(asid: u32) {
-    if (1..32).contains(&asid) {
-        ASIDS.fetch_and(!(1 << asid), Ordering::AcqRel);
-    }
+    ASIDS.free(asid);
 }
 
 /// Guest general-purpose registers VMRUN does not keep in the VMCB (RAX and RSP live there).
@@ -269,6 +259,48 @@ pub struct SvmVcpu {
     /// RIP after the instruction that caused the last exit, when known.
     next_rip: Option<u64>,
     first_run: bool,
+}
+
+/// Where each guest register lives (the general registers the VMCB does not hold are in
+/// `gprs`): evaluates `$e` with `$p` a reference (`mut`: a mutable one) to `$r`'s place. The
+/// one table [`SvmVcpu::reg`] and [`SvmVcpu::set_reg`] share.
+macro_rules! reg_place {
+    ($s:ident, $r:expr, mut $p:ident => $e:expr) => {
+        reg_place!(@place $s, $r, [mut] $p => $e)
+    };
+    ($s:ident, $r:expr, $p:ident => $e:expr) => {
+        reg_place!(@place $s, $r, [] $p => $e)
+    };
+    (@place $s:ident, $r:expr, [$($m:tt)?] $p:ident => $e:expr) => {{
+        let g = & $($m)? $s.gprs;
+        let save = & $($m)? $s.vmcb.save;
+        let $p = match $r {
+            Reg::Rax => & $($m)? save.rax,
+            Reg::Rbx => & $($m)? g.rbx,
+            Reg::Rcx => & $($m)? g.rcx,
+            Reg::Rdx => & $($m)? g.rdx,
+            Reg::Rsi => & $($m)? g.rsi,
+            Reg::Rdi => & $($m)? g.rdi,
+            Reg::Rbp => & $($m)? g.rbp,
+            Reg::Rsp => & $($m)? save.rsp,
+            Reg::R8 => & $($m)? g.r8,
+            Reg::R9 => & $($m)? g.r9,
+            Reg::R10 => & $($m)? g.r10,
+            Reg::R11 => & $($m)? g.r11,
+            Reg::R12 => & $($m)? g.r12,
+            Reg::R13 => & $($m)? g.r13,
+            Reg::R14 => & $($m)? g.r14,
+            Reg::R15 => & $($m)? g.r15,
+            Reg::Rip => & $($m)? save.rip,
+            Reg::Rflags => & $($m)? save.rflags,
+            Reg::Cr0 => & $($m)? save.cr0,
+            Reg::Cr2 => & $($m)? save.cr2,
+            Reg::Cr3 => & $($m)? save.cr3,
+            Reg::Cr4 => & $($m)? save.cr4,
+            Reg::Efer => & $($m)? save.efer,
+        };
+        $e
+    }};
 }
 
 impl SvmVcpu {
@@ -515,62 +547,18 @@ impl SvmVcpu {
 
     /// Reads a guest register.
     pub fn reg(&self, r: Reg) -> u64 {
-        let g = &self.gprs;
-        match r {
-            Reg::Rax => self.vmcb.save.rax,
-            Reg::Rbx => g.rbx,
-            Reg::Rcx => g.rcx,
-            Reg::Rdx => g.rdx,
-            Reg::Rsi => g.rsi,
-            Reg::Rdi => g.rdi,
-            Reg::Rbp => g.rbp,
-            Reg::Rsp => self.vmcb.save.rsp,
-            Reg::R8 => g.r8,
-            Reg::R9 => g.r9,
-            Reg::R10 => g.r10,
-            Reg::R11 => g.r11,
-            Reg::R12 => g.r12,
-            Reg::R13 => g.r13,
-            Reg::R14 => g.r14,
-            Reg::R15 => g.r15,
-            Reg::Rip => self.vmcb.save.rip,
-            Reg::Rflags => self.vmcb.save.rflags,
-            Reg::Cr0 => self.vmcb.save.cr0,
-            Reg::Cr2 => self.vmcb.save.cr2,
-            Reg::Cr3 => self.vmcb.save.cr3,
-            Reg::Cr4 => self.vmcb.save.cr4,
-            Reg::Efer => self.vmcb.save.efer,
-        }
+        reg_place!(self, r, p => *p)
     }
 
-    /// Writes a guest register (EFER keeps SVME, which VMRUN requires).
+    /// Writes a guest register (RFLAGS keeps its reserved bit 1; EFER keeps SVME, which VMRUN
+    /// requires).
     pub fn set_reg(&mut self, r: Reg, v: u64) {
-        let g = &mut self.gprs;
-        match r {
-            Reg::Rax => self.vmcb.save.rax = v,
-            Reg::Rbx => g.rbx = v,
-            Reg::Rcx => g.rcx = v,
-            Reg::Rdx => g.rdx = v,
-            Reg::Rsi => g.rsi = v,
-            Reg::Rdi => g.rdi = v,
-            Reg::Rbp => g.rbp = v,
-            Reg::Rsp => self.vmcb.save.rsp = v,
-            Reg::R8 => g.r8 = v,
-            Reg::R9 => g.r9 = v,
-            Reg::R10 => g.r10 = v,
-            Reg::R11 => g.r11 = v,
-            Reg::R12 => g.r12 = v,
-            Reg::R13 => g.r13 = v,
-            Reg::R14 => g.r14 = v,
-            Reg::R15 => g.r15 = v,
-            Reg::Rip => self.vmcb.save.rip = v,
-            Reg::Rflags => self.vmcb.save.rflags = v | 0x2,
-            Reg::Cr0 => self.vmcb.save.cr0 = v,
-            Reg::Cr2 => self.vmcb.save.cr2 = v,
-            Reg::Cr3 => self.vmcb.save.cr3 = v,
-            Reg::Cr4 => self.vmcb.save.cr4 = v,
-            Reg::Efer => self.vmcb.save.efer = v | EFER_SVME,
-        }
+        let v = match r {
+            Reg::Rflags => v | 0x2,
+            Reg::Efer => v | EFER_SVME,
+            _ => v,
+        };
+        reg_place!(self, r, mut p => *p = v)
     }
 
     /// Queues an event for delivery at the next entry.

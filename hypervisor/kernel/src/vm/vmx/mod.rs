@@ -17,10 +17,13 @@ use moat_x86arch::vmx::{
     Basic, EptViolation, ExitReason, IoQualification,
 };
 use spin::Once;
+use x86_64::registers::control::{Cr0, Cr2, Cr3, Cr4};
 
 use crate::arch::x86;
 use crate::mm::{frames, PhysAddr};
-use crate::vm::vcpu::{Access, EntryState, Event, Exit, IoAccess, Reg, Unsupported, VcpuError};
+use crate::vm::vcpu::{
+    Access, EntryState, Event, Exit, IoAccess, Reg, TagBitmap, Unsupported, VcpuError,
+};
 
 const CR4_VMXE: u64 = 1 << 13;
 const EFER_LME: u64 = 1 << 8;
@@ -197,9 +200,13 @@ pub fn enable_this_cpu(info: &VmxInfo) -> Result<(), VcpuError> {
                 fc | feature_control::LOCK | feature_control::VMX_OUTSIDE_SMX,
             );
         }
-        let cr0 = vmx::fix_cr(read_cr0(), info.cr0_fixed.0, info.cr0_fixed.1);
+        let cr0 = vmx::fix_cr(Cr0::read_raw(), info.cr0_fixed.0, info.cr0_fixed.1);
         asm_write_cr0(cr0);
-        let cr4 = vmx::fix_cr(read_cr4() | CR4_VMXE, info.cr4_fixed.0, info.cr4_fixed.1);
+        let cr4 = vmx::fix_cr(
+            Cr4::read_raw() | CR4_VMXE,
+            info.cr4_fixed.0,
+            info.cr4_fixed.1,
+        );
         asm_write_cr4(cr4);
         vmcs::vmxon(region)
     };
@@ -213,32 +220,10 @@ pub fn enable_this_cpu(info: &VmxInfo) -> Result<(), VcpuError> {
     Ok(())
 }
 
-fn read_cr0() -> u64 {
-    let v: u64;
-    // SAFETY: reading CR0 has no side effects.
-    unsafe { core::arch::asm!("mov {}, cr0", out(reg) v, options(nomem, nostack)) };
-    v
-}
-
+/// The whole host CR3 (table address and the PCD/PWT bits).
 fn read_cr3() -> u64 {
-    let v: u64;
-    // SAFETY: reading CR3 has no side effects.
-    unsafe { core::arch::asm!("mov {}, cr3", out(reg) v, options(nomem, nostack)) };
-    v
-}
-
-fn read_cr4() -> u64 {
-    let v: u64;
-    // SAFETY: reading CR4 has no side effects.
-    unsafe { core::arch::asm!("mov {}, cr4", out(reg) v, options(nomem, nostack)) };
-    v
-}
-
-fn read_cr2() -> u64 {
-    let v: u64;
-    // SAFETY: reading CR2 has no side effects.
-    unsafe { core::arch::asm!("mov {}, cr2", out(reg) v, options(nomem, nostack)) };
-    v
+    let (frame, low) = Cr3::read_raw();
+    frame.start_address().as_u64() | u64::from(low)
 }
 
 /// # Safety
@@ -306,26 +291,17 @@ pub fn selftest_break_entries() {
     BREAK_ENTRIES.store(2, Ordering::SeqCst);
 }
 
-/// VPIDs: bit n set = VPID n in use (0 is the host's); at most 64 tracked.
-static VPIDS: AtomicU64 = AtomicU64::new(1);
+/// VPID allocator (VPID 0 is the host's).
+static VPIDS: TagBitmap = TagBitmap::new();
 
 /// Allocates a VPID.
 pub fn alloc_vpid() -> Option<u16> {
-    let mut cur = VPIDS.load(Ordering::Relaxed);
-    loop {
-        let free = (1..64).find(|&a| cur & (1 << a) == 0)?;
-        match VPIDS.compare_exchange(cur, cur | 1 << free, Ordering::AcqRel, Ordering::Relaxed) {
-            Ok(_) => return Some(free as u16),
-            Err(now) => cur = now,
-        }
-    }
+    VPIDS.alloc(64).map(|v| v as u16)
 }
 
 /// Returns a VPID.
 pub fn free_vpid(vpid: u16) {
-    if (1..64).contains(&vpid) {
-        VPIDS.fetch_and(!(1 << vpid), Ordering::AcqRel);
-    }
+    VPIDS.free(u32::from(vpid));
 }
 
 /// Guest general-purpose registers (VMX keeps only RSP and RIP in the VMCS).
@@ -392,15 +368,8 @@ moat_vmx_run:
     vmresume
 3:
     // VMfail: the guest never ran; RSP is ours, the GPRs hold guest values.
-    pop rdi
-    pop r15
-    pop r14
-    pop r13
-    pop r12
-    pop rbx
-    pop rbp
     mov eax, 1
-    ret
+    jmp 4f
 2:
     // VM exit: RSP as written to HOST_RSP (the saved gprs pointer on top).
     push rdi
@@ -420,6 +389,9 @@ moat_vmx_run:
     mov [rdi + {r14}], r14
     mov [rdi + {r15}], r15
     pop qword ptr [rdi + {rdi}]
+    xor eax, eax
+4:
+    // Both ways out: drop the gprs pointer and restore the callee-saved registers.
     pop rdi
     pop r15
     pop r14
@@ -427,7 +399,6 @@ moat_vmx_run:
     pop r12
     pop rbx
     pop rbp
-    xor eax, eax
     ret
     "#,
     host_rsp = const field::HOST_RSP.0,
@@ -629,9 +600,9 @@ impl VmxVcpu {
         let tr: u16;
         // SAFETY: STR only reads the task register.
         unsafe { core::arch::asm!("str {0:x}", out(reg) tr, options(nomem, nostack)) };
-        w(field::HOST_CR0, read_cr0())?;
+        w(field::HOST_CR0, Cr0::read_raw())?;
         w(field::HOST_CR3, read_cr3())?;
-        w(field::HOST_CR4, read_cr4())?;
+        w(field::HOST_CR4, Cr4::read_raw())?;
         w(
             field::HOST_CS_SELECTOR,
             u64::from(crate::arch::cpu::KERNEL_CS),
@@ -729,7 +700,7 @@ impl VmxVcpu {
             return Exit::Failed(e.describe());
         }
         self.next_rip = None;
-        let cr2_host = read_cr2();
+        let cr2_host = Cr2::read_raw();
         // The guest's CR2 is live in the register while it runs.
         // SAFETY: CR2 only holds the last page-fault address; the hypervisor does not fault.
         unsafe { core::arch::asm!("mov cr2, {}", in(reg) self.cr2, options(nostack)) };
@@ -738,7 +709,7 @@ impl VmxVcpu {
         // and NMIs exiting; host state is this CPU's. The routine saves and restores every
         // callee-saved register; interrupts are disabled in the hypervisor.
         let failed = unsafe { moat_vmx_run(&mut self.gprs, u64::from(self.launched)) };
-        self.cr2 = read_cr2();
+        self.cr2 = Cr2::read_raw();
         // SAFETY: as above, restoring the host's value.
         unsafe { core::arch::asm!("mov cr2, {}", in(reg) cr2_host, options(nostack)) };
         if failed != 0 {
