@@ -331,7 +331,7 @@ pub fn all(on: Variant) -> Vec<Scenario> {
     v.push(s);
 
     let mut s = on.scenario(
-        "fbcon-uefi",
+        "guest-fbcon-uefi",
         "under OVMF GRUB hands over a GOP framebuffer: the hypervisor draws its warnings, errors and result line there, and the result line decodes back from video memory",
         Machine {
             firmware: Firmware::Uefi,
