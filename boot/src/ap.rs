@@ -91,13 +91,9 @@ moat_ap_trampoline_end:
     .section .text.ap_entry64, "ax"
     .global moat_ap_entry64
 moat_ap_entry64:
-    mov ax, 0x10
-    mov ds, ax
-    mov es, ax
-    mov ss, ax
-    xor eax, eax
-    mov fs, ax
-    mov gs, ax
+"#,
+    load_flat_data_segments!(),
+    r#"
     mov rsp, qword ptr [rip + MOAT_AP_STACK_TOP]
     mov rdi, qword ptr [rip + MOAT_AP_CPU_INDEX]
     xor ebp, ebp

@@ -120,13 +120,9 @@ _start:
 
     .code64
 moat_boot_long_mode:
-    mov ax, 0x10
-    mov ds, ax
-    mov es, ax
-    mov ss, ax
-    xor eax, eax
-    mov fs, ax
-    mov gs, ax
+"#,
+    load_flat_data_segments!(),
+    r#"
     mov edi, edi
     mov esi, esi
     lea rsp, [rip + moat_boot_stack_top]

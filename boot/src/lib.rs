@@ -9,6 +9,23 @@
 //!   rest of the hypervisor uses (memory map, RSDP, modules, command line).
 #![no_std]
 
+/// Assembly (64-bit) that loads the flat data selector 0x10 into DS/ES/SS and a null selector
+/// into FS/GS: the first thing both the BSP (`entry`) and every AP (`ap`) do in long mode.
+#[cfg(target_os = "none")]
+macro_rules! load_flat_data_segments {
+    () => {
+        r#"
+    mov ax, 0x10
+    mov ds, ax
+    mov es, ax
+    mov ss, ax
+    xor eax, eax
+    mov fs, ax
+    mov gs, ax
+"#
+    };
+}
+
 pub mod ap;
 pub mod entry;
 pub mod info;

@@ -262,6 +262,7 @@ mod tests {
     use crate::testing::FakeMemory;
     use alloc::collections::BTreeMap;
     use alloc::vec::Vec;
+    use moat_ptab::ops::{op, Op};
     use proptest::prelude::*;
 
     fn cfg(levels: PagingLevels, sp: bool, coherent: bool) -> TableConfig {
@@ -663,60 +664,6 @@ mod tests {
         pt.walk(mem, iova).0
     }
 
-    #[derive(Clone, Debug)]
-    enum Op {
-        Map {
-            page: u64,
-            pages: u64,
-            phys_page: u64,
-            write: bool,
-        },
-        Unmap {
-            page: u64,
-            pages: u64,
-        },
-        /// Unmaps exactly the range of the n-th successful map (modulo their number), as a
-        /// DMA client unmapping its own mappings does.
-        UnmapNth(usize),
-        /// The gather's flush: its table pages are freed (poisoned in the fake memory).
-        Flush,
-        /// Teardown-style release of the empty tables, then a flush.
-        Release,
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        // IOVAs within 8 MiB so 2 MiB superpages and table sharing happen often.
-        prop_oneof![
-            4 => (0u64..2048, 1u64..600, 0u64..4096, any::<bool>()).prop_map(
-                |(page, pages, phys_page, write)| {
-                    let page = if page % 3 == 0 { page & !511 } else { page };
-                    let phys_page = if page % 512 == 0 {
-                        phys_page & !511
-                    } else {
-                        phys_page
-                    };
-                    Op::Map {
-                        page,
-                        pages,
-                        phys_page,
-                        write,
-                    }
-                }
-            ),
-            4 => (0u64..2048, 1u64..1100).prop_map(|(page, pages)| {
-                // Often a whole number of 2 MiB spans, so tables get unlinked.
-                if page % 3 == 0 {
-                    Op::Unmap { page: page & !511, pages: (pages + 511) & !511 }
-                } else {
-                    Op::Unmap { page, pages: pages % 600 + 1 }
-                }
-            }),
-            3 => any::<usize>().prop_map(Op::UnmapNth),
-            1 => Just(Op::Flush),
-            1 => Just(Op::Release),
-        ]
-    }
-
     /// Frees what the gather holds, as a completed flush would.
     fn flush(mem: &mut FakeMemory, g: &mut Gather) {
         let (_, tables) = g.take();
@@ -741,14 +688,7 @@ mod tests {
             let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
             let mut maps: Vec<(u64, u64)> = Vec::new();
             for op in ops {
-                let op = match op {
-                    Op::UnmapNth(n) if !maps.is_empty() => {
-                        let (page, pages) = maps[n % maps.len()];
-                        Op::Unmap { page, pages }
-                    }
-                    Op::UnmapNth(_) => Op::Flush,
-                    op => op,
-                };
+                let op = op.resolve(&maps);
                 let before = pt.linked_tables(&mem);
                 let pending_before = g.pending_tables();
                 match op {

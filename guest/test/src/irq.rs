@@ -381,6 +381,18 @@ fn all_taken() -> u64 {
     TAKEN.load(Ordering::SeqCst) + STRAY.load(Ordering::SeqCst)
 }
 
+/// Has edu raise its interrupt once with this vCPU's interrupts on for 100 ms and returns how
+/// many interrupts (of any vector) the vCPU took meanwhile. Interrupts are off when it returns.
+fn raise_and_count(boot: &BootInfo, edu: &Edu) -> u64 {
+    let before = all_taken();
+    sti();
+    edu.raise_irq(1);
+    crate::dma::delay_ms(boot, 100);
+    cli();
+    edu.ack_irq(1);
+    all_taken() - before
+}
+
 /// `msi-attacks`: the guest tries to make its device raise host vectors through the MSI
 /// capability: data naming vectors 8 and 18 (refused: the device's MSI stays off, nothing
 /// arrives anywhere), vector 0x40 (the host's VT-d fault vector: it is the guest's own vector
@@ -392,15 +404,9 @@ pub fn msi_attacks(boot: &BootInfo) -> Outcome {
     load_idt();
     let mut failures = 0;
     for vector in [8u8, 18, 0x40] {
-        let before = all_taken();
         // Ignore the read-back check: refused messages still read back as written.
         let _ = program_msi(0, vector, true);
-        sti();
-        edu.raise_irq(1);
-        crate::dma::delay_ms(boot, 100);
-        cli();
-        edu.ack_irq(1);
-        let got = all_taken() - before;
+        let got = raise_and_count(boot, &edu);
         let want = u64::from(vector >= 32);
         println!(
             "msi-attacks: MSI data vector {vector:#x}: {got} interrupt(s) in the guest (want {want}) {}",
@@ -411,7 +417,6 @@ pub fn msi_attacks(boot: &BootInfo) -> Outcome {
     }
     // Byte-wise writes of a compatibility-format address and data, and writes around and past
     // the capability: the guest's view changes, the device never sees them.
-    let before = all_taken();
     for (off, byte) in [
         (4u8, 0x00u8),
         (5, 0x00),
@@ -426,12 +431,7 @@ pub fn msi_attacks(boot: &BootInfo) -> Outcome {
     for off in (cap + 16..=0xfc).step_by(4) {
         crate::pci::write32(b, d, f, off, 0xfee0_0012);
     }
-    sti();
-    edu.raise_irq(1);
-    crate::dma::delay_ms(boot, 100);
-    cli();
-    edu.ack_irq(1);
-    let got = all_taken() - before;
+    let got = raise_and_count(boot, &edu);
     println!(
         "msi-attacks: byte-wise compatibility-format MSI (vector 0x12) and writes past the capability: {got} interrupt(s) in the guest (want 0) {}",
         if got == 0 { "ok" } else { "WRONG" }

@@ -41,6 +41,8 @@
 extern crate std;
 
 pub mod format;
+#[cfg(any(test, feature = "proptest"))]
+pub mod ops;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 

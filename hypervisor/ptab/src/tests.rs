@@ -6,6 +6,7 @@ use std::vec::Vec;
 use proptest::prelude::*;
 
 use super::format::*;
+use super::ops::{op, Op};
 use super::testing::ArenaMemory;
 use super::*;
 
@@ -235,45 +236,6 @@ fn non_coherent_flushes_every_write() {
     assert!(mem.unflushed().is_empty());
 }
 
-#[derive(Clone, Debug)]
-enum Op {
-    Map {
-        page: u64,
-        pages: u64,
-        phys_page: u64,
-        write: bool,
-    },
-    Unmap {
-        page: u64,
-        pages: u64,
-    },
-    UnmapNth(usize),
-    Flush,
-    Release,
-}
-
-fn op() -> impl Strategy<Value = Op> {
-    prop_oneof![
-        4 => (0u64..2048, 1u64..600, 0u64..4096, any::<bool>()).prop_map(
-            |(page, pages, phys_page, write)| {
-                let page = if page % 3 == 0 { page & !511 } else { page };
-                let phys_page = if page % 512 == 0 { phys_page & !511 } else { phys_page };
-                Op::Map { page, pages, phys_page, write }
-            }
-        ),
-        4 => (0u64..2048, 1u64..1100).prop_map(|(page, pages)| {
-            if page % 3 == 0 {
-                Op::Unmap { page: page & !511, pages: (pages + 511) & !511 }
-            } else {
-                Op::Unmap { page, pages: pages % 600 + 1 }
-            }
-        }),
-        3 => any::<usize>().prop_map(Op::UnmapNth),
-        1 => Just(Op::Flush),
-        1 => Just(Op::Release),
-    ]
-}
-
 fn flush(mem: &ArenaMemory, s: &mut Pending) {
     for t in s.tables.drain(..) {
         mem.free_table(t);
@@ -294,14 +256,7 @@ fn run_model<F: TestFormat>(
     let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
     let mut maps: Vec<(u64, u64)> = Vec::new();
     for op in ops {
-        let op = match op {
-            Op::UnmapNth(n) if !maps.is_empty() => {
-                let (page, pages) = maps[n % maps.len()];
-                Op::Unmap { page, pages }
-            }
-            Op::UnmapNth(_) => Op::Flush,
-            op => op,
-        };
+        let op = op.resolve(&maps);
         let before = linked(&pt, &mem);
         let pending_before = s.tables.len();
         match op {
