@@ -245,15 +245,9 @@ impl InvalidationQueue {
         loop {
             let (now, later) = rest.split_at(rest.len().min(round));
             self.wait_for_space(regs, clock, timeout_ns, now.len() + 1)?;
-            for inv in now {
-                let d = Descriptor::from_invalidation(*inv, self.drain_reads, self.drain_writes);
-                self.write_desc(mem, d);
-            }
             self.seq = self.seq.wrapping_add(1).max(1);
             let seq = self.seq;
-            let wait_idx = self.write_desc(mem, Descriptor::wait(self.status, seq));
-            stats.descriptors += now.len() as u64 + 1;
-            regs.write64(IQT, queue_pointer(self.tail));
+            let wait_idx = self.queue(regs, mem, now, Descriptor::wait(self.status, seq), stats);
             self.wait_status(regs, mem, clock, timeout_ns, seq, wait_idx, stats)?;
             stats.waits += 1;
             if later.is_empty() {
@@ -290,15 +284,29 @@ impl InvalidationQueue {
             ));
         }
         self.wait_for_space(regs, clock, timeout_ns, invs.len() + 1)?;
+        let wait_idx = self.queue(regs, mem, invs, Descriptor::wait(status, seq), stats);
+        stats.waits += 1;
+        Ok(wait_idx)
+    }
+
+    /// Writes `invs` and then `wait` (the caller made room for all of them), counts them and
+    /// moves the tail. Returns the wait descriptor's index.
+    fn queue<R: RegisterWindow, M: DmaMemory>(
+        &mut self,
+        regs: &mut R,
+        mem: &mut M,
+        invs: &[Invalidation],
+        wait: Descriptor,
+        stats: &mut InvalidationStats,
+    ) -> usize {
         for inv in invs {
             let d = Descriptor::from_invalidation(*inv, self.drain_reads, self.drain_writes);
             self.write_desc(mem, d);
         }
-        let wait_idx = self.write_desc(mem, Descriptor::wait(status, seq));
+        let wait_idx = self.write_desc(mem, wait);
         stats.descriptors += invs.len() as u64 + 1;
-        stats.waits += 1;
         regs.write64(IQT, queue_pointer(self.tail));
-        Ok(wait_idx)
+        wait_idx
     }
 
     /// Whether the queue's status writes bypass the CPU caches (then a waiter drops its
