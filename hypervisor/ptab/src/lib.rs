@@ -398,6 +398,17 @@ impl<F: Format> PageTable<F> {
         Ok(())
     }
 
+    /// At `leaf_level`: whether the leaf goes in the slot holding `e`. Where a table is
+    /// linked there instead, the leaf moves one level lower and the walk goes on.
+    fn leaf_goes_here(e: u64, level: u8, leaf_level: &mut u8) -> bool {
+        if level > 1 && F::is_present(e) && !is_leaf(e, level) {
+            *leaf_level -= 1;
+            false
+        } else {
+            true
+        }
+    }
+
     /// Maps one page of `leaf_level` (or smaller where a table is linked in its slot) at
     /// `va`; returns the level of the leaf written and the table holding it.
     fn map_one<M: TableMemory>(
@@ -413,12 +424,8 @@ impl<F: Format> PageTable<F> {
         loop {
             let slot = table.entry(index(va, level));
             let mut e = mem.load_entry(slot);
-            if level == leaf_level {
-                if level > 1 && F::is_present(e) && !is_leaf(e, level) {
-                    leaf_level -= 1;
-                } else {
-                    break;
-                }
+            if level == leaf_level && Self::leaf_goes_here(e, level, &mut leaf_level) {
+                break;
             }
             if !F::is_present(e) {
                 e = self.install(mem, slot, e)?;
@@ -498,12 +505,8 @@ impl<F: Format> PageTable<F> {
                     self.write(mem, slot, 0);
                     return Ok(base + size);
                 }
-            } else if level == leaf_level {
-                if level > 1 && F::is_present(e) && !is_leaf(e, level) {
-                    leaf_level -= 1;
-                } else {
-                    break;
-                }
+            } else if level == leaf_level && Self::leaf_goes_here(e, level, &mut leaf_level) {
+                break;
             }
             if !F::is_present(e) {
                 e = self.install(mem, slot, e)?;
