@@ -8,7 +8,7 @@ use crate::error::Wait;
 use crate::io::IoQueue;
 use crate::platform::Platform;
 use crate::prp::PAGE;
-use crate::queue::{Cids, CqCursor, SqRing};
+use crate::queue::{claim, Cids, CqCursor, SqRing};
 use crate::regs::{self, Cap, Cc, Csts};
 use crate::Error;
 
@@ -285,11 +285,7 @@ impl Controller {
         cmd: Command,
         timeout_us: u64,
     ) -> Result<u32, Error> {
-        let cid = self.cids.alloc().ok_or(Error::QueueFull)?;
-        let Some(slot) = self.sq.push() else {
-            self.cids.free(cid);
-            return Err(Error::QueueFull);
-        };
+        let (cid, slot) = claim(&mut self.cids, &mut self.sq).ok_or(Error::QueueFull)?;
         p.mem_write(
             self.mem.gpa + u64::from(slot) * 64,
             &cmd.with_cid(cid).to_bytes(),

@@ -9,7 +9,7 @@ use crate::dma::{Buffer, Mapper};
 use crate::error::Wait;
 use crate::platform::Platform;
 use crate::prp::{self, LIST_ENTRIES, PAGE};
-use crate::queue::{Cids, CqCursor, SqRing};
+use crate::queue::{claim, Cids, CqCursor, SqRing};
 use crate::{regs, Error};
 
 /// Entries of each I/O submission and completion queue.
@@ -265,11 +265,7 @@ impl IoQueue {
         cmd: Command,
         tag: u64,
     ) -> Result<u16, Error> {
-        let cid = self.cids.alloc().ok_or(Error::QueueFull)?;
-        let Some(slot) = self.sq.push() else {
-            self.cids.free(cid);
-            return Err(Error::QueueFull);
-        };
+        let (cid, slot) = claim(&mut self.cids, &mut self.sq).ok_or(Error::QueueFull)?;
         self.slots[cid as usize] = Slot {
             tag,
             ..Slot::default()

@@ -137,6 +137,17 @@ impl Cids {
     }
 }
 
+/// A free command identifier and the submission slot for its command, both now taken; none
+/// (and nothing taken) if either has run out.
+pub fn claim(cids: &mut Cids, sq: &mut SqRing) -> Option<(u16, u16)> {
+    let cid = cids.alloc()?;
+    let Some(slot) = sq.push() else {
+        cids.free(cid);
+        return None;
+    };
+    Some((cid, slot))
+}
+
 const fn mask(limit: u16) -> u64 {
     if limit >= 64 {
         u64::MAX
