@@ -12,50 +12,49 @@ use super::*;
 
 /// Per-format test attributes: a read-only and a writable leaf.
 trait TestFormat: Format {
-    fn attr(write: bool) -> Self::Attr;
+    /// The (read-only, writable) leaf attributes.
+    fn attrs() -> (Self::Attr, Self::Attr);
+    fn attr(write: bool) -> Self::Attr {
+        let (ro, rw) = Self::attrs();
+        if write {
+            rw
+        } else {
+            ro
+        }
+    }
 }
 impl TestFormat for VtdSecondLevel {
-    fn attr(write: bool) -> VtdAttr {
-        if write {
-            VtdAttr::READ | VtdAttr::WRITE
-        } else {
-            VtdAttr::READ
-        }
+    fn attrs() -> (VtdAttr, VtdAttr) {
+        (VtdAttr::READ, VtdAttr::READ | VtdAttr::WRITE)
     }
 }
 impl TestFormat for X86 {
-    fn attr(write: bool) -> X86Flags {
-        if write {
-            X86Flags::RW
-        } else {
-            X86Flags::RO
-        }
+    fn attrs() -> (X86Flags, X86Flags) {
+        (X86Flags::RO, X86Flags::RW)
     }
 }
 impl TestFormat for Npt {
-    fn attr(write: bool) -> NptFlags {
-        if write {
-            NptFlags::RAM
-        } else {
-            NptFlags::PRESENT | NptFlags::USER | NptFlags::NO_EXECUTE
-        }
+    fn attrs() -> (NptFlags, NptFlags) {
+        (
+            NptFlags::PRESENT | NptFlags::USER | NptFlags::NO_EXECUTE,
+            NptFlags::RAM,
+        )
     }
 }
 impl TestFormat for Ept {
-    fn attr(write: bool) -> EptAttr {
-        EptAttr {
-            access: if write {
-                EptAccess::all()
-            } else {
-                EptAccess::READ
+    fn attrs() -> (EptAttr, EptAttr) {
+        (
+            EptAttr {
+                access: EptAccess::READ,
+                mem_type: MemType::Uncacheable,
+                ignore_pat: false,
             },
-            mem_type: if write {
-                MemType::WriteBack
-            } else {
-                MemType::Uncacheable
+            EptAttr {
+                access: EptAccess::all(),
+                mem_type: MemType::WriteBack,
+                ignore_pat: true,
             },
-            ignore_pat: write,
-        }
+        )
     }
 }
 
