@@ -40,6 +40,15 @@ fn setup() -> (FakeMemory, FakeUnit, TestUnit) {
     setup_with(QEMU_ECAP, false)
 }
 
+/// [`setup`] with interrupt remapping on and one table entry allocated: that entry's index
+/// and the remappable MSI naming it.
+fn setup_one_entry() -> (FakeMemory, FakeUnit, TestUnit, u16, MsiMessage) {
+    let (mut mem, hw, mut unit) = setup();
+    unit.enable_interrupt_remapping(&mut mem).unwrap();
+    let i = unit.alloc_irte().unwrap();
+    (mem, hw, unit, i, remappable_msi(i))
+}
+
 fn edu_entry(vector: u8) -> Irte {
     Irte::remapped(
         vector,
@@ -110,10 +119,7 @@ fn bring_up_order_carries_persistent_bits_and_blocks_compatibility_format() {
 
 #[test]
 fn remapped_entry_delivers_only_for_its_source() {
-    let (mut mem, hw, mut unit) = setup();
-    unit.enable_interrupt_remapping(&mut mem).unwrap();
-    let i = unit.alloc_irte().unwrap();
-    let msg = remappable_msi(i);
+    let (mut mem, hw, mut unit, i, msg) = setup_one_entry();
     // Not present yet.
     assert_eq!(hw.msi(EDU.0, msg.address, msg.data), Err(0x22));
     assert_eq!(drain(&mut unit)[0].interrupt_index(), Some(i));
@@ -148,10 +154,7 @@ fn remapped_entry_delivers_only_for_its_source() {
 
 #[test]
 fn entry_changes_are_invalidated_and_never_seen_torn() {
-    let (mut mem, hw, mut unit) = setup();
-    unit.enable_interrupt_remapping(&mut mem).unwrap();
-    let i = unit.alloc_irte().unwrap();
-    let msg = remappable_msi(i);
+    let (mut mem, hw, mut unit, i, msg) = setup_one_entry();
     unit.set_irte(&mut mem, i, edu_entry(0x51)).unwrap();
     assert_eq!(hw.msi(EDU.0, msg.address, 0).map(|d| d.vector), Ok(0x51));
     assert!(hw.state().irte_cache.contains_key(&(i as u32)), "cached");
