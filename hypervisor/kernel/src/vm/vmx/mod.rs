@@ -487,6 +487,8 @@ pub struct VmxVcpu {
     last: (u64, u64, u64),
     /// An external interrupt requested and not yet delivered.
     irq: Option<u8>,
+    /// Interrupt-window exiting is on in the VMCS (written only when it changes).
+    window: bool,
 }
 
 impl VmxVcpu {
@@ -520,6 +522,7 @@ impl VmxVcpu {
             next_rip: None,
             last: (0, 0, 0),
             irq: None,
+            window: false,
         })
     }
 
@@ -545,6 +548,8 @@ impl VmxVcpu {
                 );
                 return Err("the VMCS could not be written");
             }
+            // `setup` wrote the primary controls without interrupt-window exiting.
+            self.window = false;
             if self.info.invept {
                 // SAFETY: single-context INVEPT is supported (detect); drops translations a
                 // previous owner of the same tables may have left.
@@ -760,6 +765,9 @@ impl VmxVcpu {
                 window = self.info.interrupt_window;
             }
         }
+        if window == self.window {
+            return Ok(());
+        }
         let proc1 = self.info.proc1
             | if window {
                 proc1::INTERRUPT_WINDOW_EXITING
@@ -768,7 +776,9 @@ impl VmxVcpu {
             };
         // SAFETY: the primary controls the capability MSRs allowed, plus interrupt-window
         // exiting only when they allow it.
-        unsafe { vmcs::write(field::PROC_CONTROLS, u64::from(proc1)) }
+        unsafe { vmcs::write(field::PROC_CONTROLS, u64::from(proc1))? };
+        self.window = window;
+        Ok(())
     }
 
     /// Asks for external interrupt `vector` as soon as the guest can take it; `false` when a
