@@ -1,0 +1,548 @@
+//! Decoding the instruction behind an emulated MMIO access (a nested page fault or EPT
+//! violation on a page the hypervisor keeps unmapped, such as an assigned device's MSI-X
+//! table): the `MOV` forms drivers use on device registers, in 64-bit mode.
+//!
+//! The faulting guest-physical address comes from the exit, so the decoder never computes an
+//! effective address: it only needs the instruction's length (prefixes, ModRM, SIB,
+//! displacement, immediate), the direction, the access width and the register or immediate.
+//! Supported: `88`/`89` (store a register), `8A`/`8B` (load a register), `C6 /0`/`C7 /0`
+//! (store an immediate), `0F B6`/`0F B7` (`MOVZX` loads), with the operand-size (`66`),
+//! address-size (`67`) and segment prefixes and a REX prefix. Anything else (another opcode,
+//! a register operand, `LOCK`/`REP`, more than 15 bytes, too few bytes) is a
+//! [`DecodeError`]: the caller refuses the access.
+
+/// Longest x86 instruction.
+pub const MAX_LEN: usize = 15;
+
+/// A general-purpose register operand: `index` 0..16 in encoding order (RAX, RCX, RDX, RBX,
+/// RSP, RBP, RSI, RDI, R8..R15); `high_byte` for AH, CH, DH, BH (byte operands 4..8 without
+/// a REX prefix), which are bits 15:8 of RAX, RCX, RDX, RBX (then `index` is 0..4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gpr {
+    /// Register number (0..16).
+    pub index: u8,
+    /// Bits 15:8 of register `index` (AH, CH, DH, BH).
+    pub high_byte: bool,
+}
+
+impl Gpr {
+    fn byte(reg: u8, rex: bool) -> Gpr {
+        if !rex && (4..8).contains(&reg) {
+            Gpr {
+                index: reg - 4,
+                high_byte: true,
+            }
+        } else {
+            Gpr {
+                index: reg,
+                high_byte: false,
+            }
+        }
+    }
+
+    fn full(reg: u8) -> Gpr {
+        Gpr {
+            index: reg,
+            high_byte: false,
+        }
+    }
+
+    /// The `size`-byte value this operand holds when the register is `reg`.
+    pub const fn read(&self, reg: u64, size: u8) -> u64 {
+        if self.high_byte {
+            (reg >> 8) & 0xff
+        } else {
+            reg & mask(size)
+        }
+    }
+
+    /// The register's new value after a load of `value` into this `size`-byte operand, the
+    /// register being `old`: a 4-byte destination is zero-extended to 64 bits, 1- and
+    /// 2-byte destinations keep the other bits (x86 semantics).
+    pub const fn merge(&self, old: u64, value: u64, size: u8) -> u64 {
+        if self.high_byte {
+            return old & !0xff00 | (value & 0xff) << 8;
+        }
+        match size {
+            4 => value & 0xffff_ffff,
+            8 => value,
+            _ => old & !mask(size) | value & mask(size),
+        }
+    }
+}
+
+/// The low `size` bytes.
+pub const fn mask(size: u8) -> u64 {
+    if size >= 8 {
+        u64::MAX
+    } else {
+        (1u64 << (8 * size as u32)) - 1
+    }
+}
+
+/// What is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A register (its low `size` bytes, or AH..BH).
+    Reg(Gpr),
+    /// An immediate, already sign-extended to the access width.
+    Imm(u64),
+}
+
+/// One decoded MMIO access.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MmioOp {
+    /// A store of `size` bytes of `src` to memory.
+    Store {
+        /// Bytes written (1, 2, 4, 8).
+        size: u8,
+        /// What is written.
+        src: Source,
+    },
+    /// A load of `size` bytes from memory into `dst`, as a `dst_size`-byte operand
+    /// (zero-extended when larger: `MOVZX`).
+    Load {
+        /// Bytes read (1, 2, 4, 8).
+        size: u8,
+        /// The destination register.
+        dst: Gpr,
+        /// Bytes of the destination operand (>= `size`).
+        dst_size: u8,
+    },
+}
+
+/// A decoded instruction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decoded {
+    /// Bytes of the instruction (RIP advances by this much).
+    pub len: u8,
+    /// The access.
+    pub op: MmioOp,
+}
+
+/// Why an instruction was not decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The bytes end before the instruction does (a fetch stopped at an unmapped page).
+    Truncated,
+    /// Longer than 15 bytes (prefixes only).
+    TooLong,
+    /// An opcode this decoder does not emulate (the first opcode byte; `0F xx` as `0x0Fxx`).
+    Unsupported(u16),
+    /// A register operand where memory was expected (it could not have faulted on MMIO).
+    NotMemory,
+    /// A `LOCK`, `REP`/`REPNE` prefix, or a `C6`/`C7` with a ModRM reg field other than 0.
+    Invalid,
+}
+
+impl core::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Truncated => f.write_str("instruction bytes end early"),
+            Self::TooLong => f.write_str("longer than 15 bytes"),
+            Self::Unsupported(op) => write!(f, "opcode {op:#x} not emulated"),
+            Self::NotMemory => f.write_str("register operand (no memory access)"),
+            Self::Invalid => f.write_str("LOCK/REP prefix or invalid ModRM.reg"),
+        }
+    }
+}
+
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn next(&mut self) -> Result<u8, DecodeError> {
+        if self.at >= MAX_LEN {
+            return Err(DecodeError::TooLong);
+        }
+        let b = *self.bytes.get(self.at).ok_or(DecodeError::Truncated)?;
+        self.at += 1;
+        Ok(b)
+    }
+
+    fn skip(&mut self, n: usize) -> Result<(), DecodeError> {
+        for _ in 0..n {
+            self.next()?;
+        }
+        Ok(())
+    }
+
+    fn imm(&mut self, n: usize) -> Result<u64, DecodeError> {
+        let mut v = 0u64;
+        for i in 0..n {
+            v |= u64::from(self.next()?) << (8 * i);
+        }
+        Ok(v)
+    }
+}
+
+/// Decodes the 64-bit-mode instruction at the start of `bytes` (at most [`MAX_LEN`] are
+/// looked at).
+pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
+    let mut c = Cursor { bytes, at: 0 };
+    let mut opsize16 = false;
+    let mut rex = 0u8;
+    let mut b = c.next()?;
+    loop {
+        match b {
+            0x66 => opsize16 = true,
+            0x67 | 0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 => {}
+            0xf0 | 0xf2 | 0xf3 => return Err(DecodeError::Invalid),
+            // A REX prefix counts only right before the opcode.
+            0x40..=0x4f => {
+                rex = b;
+                b = c.next()?;
+                if (0x40..=0x4f).contains(&b) || is_legacy_prefix(b) {
+                    rex = 0;
+                    continue;
+                }
+                break;
+            }
+            _ => break,
+        }
+        rex = 0;
+        b = c.next()?;
+    }
+    let has_rex = rex != 0;
+    let w = rex & 8 != 0;
+    let r = (rex >> 2) & 1;
+    let size = if w {
+        8
+    } else if opsize16 {
+        2
+    } else {
+        4
+    };
+    let opcode: u16 = if b == 0x0f {
+        0x0f00 | u16::from(c.next()?)
+    } else {
+        u16::from(b)
+    };
+    if !matches!(opcode, 0x88 | 0x89 | 0x8a | 0x8b | 0xc6 | 0xc7 | 0x0fb6 | 0x0fb7) {
+        return Err(DecodeError::Unsupported(opcode));
+    }
+    let modrm = c.next()?;
+    let (md, reg, rm) = (modrm >> 6, ((modrm >> 3) & 7) | r << 3, modrm & 7);
+    if md == 3 {
+        return Err(DecodeError::NotMemory);
+    }
+    let mut disp = match md {
+        1 => 1,
+        2 => 4,
+        _ => 0,
+    };
+    if rm == 4 {
+        let sib = c.next()?;
+        if md == 0 && sib & 7 == 5 {
+            disp = 4;
+        }
+    } else if md == 0 && rm == 5 {
+        // RIP-relative (64-bit mode).
+        disp = 4;
+    }
+    c.skip(disp)?;
+    let op = match opcode {
+        0x88 => MmioOp::Store {
+            size: 1,
+            src: Source::Reg(Gpr::byte(reg, has_rex)),
+        },
+        0x89 => MmioOp::Store {
+            size,
+            src: Source::Reg(Gpr::full(reg)),
+        },
+        0x8a => MmioOp::Load {
+            size: 1,
+            dst: Gpr::byte(reg, has_rex),
+            dst_size: 1,
+        },
+        0x8b => MmioOp::Load {
+            size,
+            dst: Gpr::full(reg),
+            dst_size: size,
+        },
+        0x0fb6 | 0x0fb7 => MmioOp::Load {
+            size: if opcode == 0x0fb6 { 1 } else { 2 },
+            dst: Gpr::full(reg),
+            dst_size: size,
+        },
+        0xc6 | 0xc7 => {
+            if reg & 7 != 0 {
+                return Err(DecodeError::Invalid);
+            }
+            if opcode == 0xc6 {
+                MmioOp::Store {
+                    size: 1,
+                    src: Source::Imm(c.imm(1)?),
+                }
+            } else if size == 2 {
+                MmioOp::Store {
+                    size,
+                    src: Source::Imm(c.imm(2)?),
+                }
+            } else {
+                let v = c.imm(4)?;
+                // imm32 sign-extended to 64 bits under REX.W.
+                let v = if size == 8 { v as u32 as i32 as i64 as u64 } else { v };
+                MmioOp::Store {
+                    size,
+                    src: Source::Imm(v),
+                }
+            }
+        }
+        _ => return Err(DecodeError::Unsupported(opcode)),
+    };
+    Ok(Decoded {
+        len: c.at as u8,
+        op,
+    })
+}
+
+const fn is_legacy_prefix(b: u8) -> bool {
+    matches!(
+        b,
+        0x66 | 0x67 | 0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0xf0 | 0xf2 | 0xf3
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use proptest::prelude::*;
+    use std::vec;
+    use std::vec::Vec;
+
+    /// One instruction for the encoder: what the decoder must give back.
+    #[derive(Debug, Clone)]
+    struct Insn {
+        prefixes: Vec<u8>,
+        rex: Option<u8>,
+        opcode: u16,
+        modrm_mod: u8,
+        reg: u8,
+        rm: u8,
+        sib: u8,
+        imm: u32,
+    }
+
+    fn encode(i: &Insn) -> Vec<u8> {
+        let mut b = i.prefixes.clone();
+        if let Some(r) = i.rex {
+            b.push(0x40 | r);
+        }
+        if i.opcode > 0xff {
+            b.push(0x0f);
+        }
+        b.push(i.opcode as u8);
+        let reg = if matches!(i.opcode, 0xc6 | 0xc7) { 0 } else { i.reg & 7 };
+        b.push(i.modrm_mod << 6 | reg << 3 | i.rm);
+        let mut disp = match i.modrm_mod {
+            1 => 1,
+            2 => 4,
+            _ => 0,
+        };
+        if i.rm == 4 {
+            b.push(i.sib);
+            if i.modrm_mod == 0 && i.sib & 7 == 5 {
+                disp = 4;
+            }
+        } else if i.modrm_mod == 0 && i.rm == 5 {
+            disp = 4;
+        }
+        b.extend(core::iter::repeat_n(0xa5, disp));
+        let w = i.rex.is_some_and(|r| r & 8 != 0);
+        let o16 = i.prefixes.contains(&0x66);
+        match i.opcode {
+            0xc6 => b.push(i.imm as u8),
+            0xc7 if o16 && !w => b.extend_from_slice(&(i.imm as u16).to_le_bytes()),
+            0xc7 => b.extend_from_slice(&i.imm.to_le_bytes()),
+            _ => {}
+        }
+        b
+    }
+
+    fn expected(i: &Insn) -> MmioOp {
+        let rex = i.rex.unwrap_or(0);
+        let w = rex & 8 != 0;
+        let size = if w {
+            8
+        } else if i.prefixes.contains(&0x66) {
+            2
+        } else {
+            4
+        };
+        let reg = (i.reg & 7) | ((rex >> 2) & 1) << 3;
+        let byte = if i.rex.is_none() && (4..8).contains(&reg) {
+            Gpr {
+                index: reg - 4,
+                high_byte: true,
+            }
+        } else {
+            Gpr {
+                index: reg,
+                high_byte: false,
+            }
+        };
+        let full = Gpr {
+            index: reg,
+            high_byte: false,
+        };
+        match i.opcode {
+            0x88 => MmioOp::Store {
+                size: 1,
+                src: Source::Reg(byte),
+            },
+            0x89 => MmioOp::Store {
+                size,
+                src: Source::Reg(full),
+            },
+            0x8a => MmioOp::Load {
+                size: 1,
+                dst: byte,
+                dst_size: 1,
+            },
+            0x8b => MmioOp::Load {
+                size,
+                dst: full,
+                dst_size: size,
+            },
+            0x0fb6 => MmioOp::Load {
+                size: 1,
+                dst: full,
+                dst_size: size,
+            },
+            0x0fb7 => MmioOp::Load {
+                size: 2,
+                dst: full,
+                dst_size: size,
+            },
+            0xc6 => MmioOp::Store {
+                size: 1,
+                src: Source::Imm(u64::from(i.imm as u8)),
+            },
+            _ => MmioOp::Store {
+                size,
+                src: Source::Imm(match size {
+                    2 => u64::from(i.imm as u16),
+                    4 => u64::from(i.imm),
+                    _ => i.imm as i32 as i64 as u64,
+                }),
+            },
+        }
+    }
+
+    fn insn() -> impl Strategy<Value = Insn> {
+        (
+            proptest::collection::vec(
+                prop::sample::select(vec![0x66u8, 0x67, 0x2e, 0x3e, 0x26, 0x64, 0x65, 0x36]),
+                0..4,
+            ),
+            proptest::option::of(0u8..16),
+            prop::sample::select(vec![0x88u16, 0x89, 0x8a, 0x8b, 0xc6, 0xc7, 0x0fb6, 0x0fb7]),
+            0u8..3,
+            0u8..8,
+            0u8..8,
+            any::<u8>(),
+            any::<u32>(),
+        )
+            .prop_map(
+                |(prefixes, rex, opcode, modrm_mod, reg, rm, sib, imm)| Insn {
+                    prefixes,
+                    rex,
+                    opcode,
+                    modrm_mod,
+                    reg,
+                    rm,
+                    sib,
+                    imm,
+                },
+            )
+    }
+
+    proptest! {
+        /// Every encoding of a supported form decodes to its length and operands, whatever
+        /// bytes follow it.
+        #[test]
+        fn round_trip(i in insn(), tail in proptest::collection::vec(any::<u8>(), 0..8)) {
+            let mut bytes = encode(&i);
+            let len = bytes.len();
+            bytes.extend(tail);
+            let d = decode(&bytes).unwrap();
+            prop_assert_eq!(usize::from(d.len), len);
+            prop_assert_eq!(d.op, expected(&i));
+        }
+
+        /// Any prefix of an encoding is truncated, never a wrong decode or a panic.
+        #[test]
+        fn cut_short(i in insn(), cut in 0usize..15) {
+            let bytes = encode(&i);
+            let cut = cut % bytes.len();
+            prop_assert_eq!(decode(&bytes[..cut]), Err(DecodeError::Truncated));
+        }
+
+        /// Arbitrary bytes never panic, and a decode never claims more than 15 bytes or more
+        /// than it was given.
+        #[test]
+        fn arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..20)) {
+            if let Ok(d) = decode(&bytes) {
+                prop_assert!(usize::from(d.len) <= MAX_LEN.min(bytes.len()));
+            }
+        }
+
+        /// Loads: 4-byte destinations zero-extend, narrower ones keep the other bits.
+        #[test]
+        fn merge_semantics(old in any::<u64>(), v in any::<u64>(), index in 0u8..16) {
+            let g = Gpr { index, high_byte: false };
+            prop_assert_eq!(g.merge(old, v, 4), v & 0xffff_ffff);
+            prop_assert_eq!(g.merge(old, v, 8), v);
+            prop_assert_eq!(g.merge(old, v, 2), old & !0xffff | v & 0xffff);
+            prop_assert_eq!(g.merge(old, v, 1), old & !0xff | v & 0xff);
+            let h = Gpr { index: index & 3, high_byte: true };
+            prop_assert_eq!(h.merge(old, v, 1), old & !0xff00 | (v & 0xff) << 8);
+            prop_assert_eq!(h.read(old, 1), (old >> 8) & 0xff);
+        }
+    }
+
+    #[test]
+    fn refused_forms() {
+        // Register operand: mov eax, ecx.
+        assert_eq!(decode(&[0x8b, 0xc1]), Err(DecodeError::NotMemory));
+        // LOCK, REP.
+        assert_eq!(decode(&[0xf0, 0x89, 0x01]), Err(DecodeError::Invalid));
+        assert_eq!(decode(&[0xf3, 0x89, 0x01]), Err(DecodeError::Invalid));
+        // C7 /1 is not MOV.
+        assert_eq!(
+            decode(&[0xc7, 0x08, 0, 0, 0, 0]),
+            Err(DecodeError::Invalid)
+        );
+        // Other opcodes: add [rcx], eax; movs; or [rax], imm.
+        assert_eq!(decode(&[0x01, 0x01]), Err(DecodeError::Unsupported(0x01)));
+        assert_eq!(decode(&[0xa5]), Err(DecodeError::Unsupported(0xa5)));
+        assert_eq!(
+            decode(&[0x0f, 0xbe, 0x01]),
+            Err(DecodeError::Unsupported(0x0fbe))
+        );
+        // Sixteen prefixes.
+        assert_eq!(decode(&[0x66; 16]), Err(DecodeError::TooLong));
+        assert_eq!(decode(&[]), Err(DecodeError::Truncated));
+    }
+
+    #[test]
+    fn rex_counts_only_right_before_the_opcode() {
+        // REX.W then 66: the REX is ignored, a 16-bit store.
+        let d = decode(&[0x48, 0x66, 0x89, 0x01]).unwrap();
+        assert_eq!(
+            d.op,
+            MmioOp::Store {
+                size: 2,
+                src: Source::Reg(Gpr {
+                    index: 0,
+                    high_byte: false
+                })
+            }
+        );
+        assert_eq!(d.len, 4);
+    }
+}
