@@ -7,13 +7,16 @@
 //! accepts I/O, memory, bus-master and INTx-disable ([`GUEST_COMMAND`]); BARs read back their
 //! real address and answer the all-ones sizing protocol without the device ever being
 //! re-programmed (the BAR is mapped at that address by the second stage); the expansion ROM
-//! and everything past 0x40 read as zero, except the function's MSI capability, which the
-//! guest sees as the only capability (MSI-X and the others stay hidden): it reads and writes
-//! a virtual copy ([`VirtualMsi`]) and never the device's registers; each change is returned
-//! to the hypervisor ([`MsiUpdate`]), which programs the device itself. Other functions read
-//! as all ones and ignore writes.
+//! and everything past 0x40 read as zero, except the function's MSI and MSI-X capabilities,
+//! the only ones the guest sees (MSI first, then MSI-X, linked to each other; the others stay
+//! hidden). MSI is a virtual copy ([`VirtualMsi`]); of MSI-X the guest reads the device's
+//! table size (clamped), table and PBA locations, while Enable and Function Mask are virtual
+//! ([`VirtualMsixControl`]). The guest never writes the device's registers: each change is
+//! returned to the hypervisor ([`ConfigUpdate`]), which programs the device itself. Other
+//! functions read as all ones and ignore writes.
 
 use crate::msi::{MsiCapability, MsiRegister, VirtualMsi};
+use crate::msix::{MsixCapability, VirtualMsixControl};
 use crate::{probe_bars, regs, Bar, BarKind, Bars, Bdf, ConfigAccess};
 
 /// Configuration address port.
@@ -57,7 +60,29 @@ pub struct AssignedDevice {
     pub msi: Option<MsiCapability>,
     /// The guest's MSI state.
     pub vmsi: VirtualMsi,
+    /// Its MSI-X capability, if it has one whose table and PBA lie in its memory BARs.
+    pub msix: Option<MsixCapability>,
+    /// The guest's MSI-X message control.
+    pub vmsix: VirtualMsixControl,
     sizing: [bool; 6],
+}
+
+/// A guest's write changed the virtual MSI or MSI-X state of a function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigUpdate {
+    /// MSI: program the device (or turn its MSI off).
+    Msi(MsiUpdate),
+    /// MSI-X's Enable or Function Mask: re-evaluate every table entry.
+    Msix(MsixUpdate),
+}
+
+/// A guest's write changed a function's virtual MSI-X message control.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsixUpdate {
+    /// The function.
+    pub bdf: Bdf,
+    /// The guest's control now.
+    pub control: VirtualMsixControl,
 }
 
 /// A guest's write changed the virtual MSI state of a function: the hypervisor must program
@@ -87,17 +112,20 @@ impl AssignedDevice {
             // Nothing the firmware or a previous owner left enabled survives assignment.
             m.disable(cfg, bdf);
         }
-        // MSI-X is not offered (its capability stays hidden, its table unemulated): off, so
-        // whatever the guest writes into the table in its BAR is never sent.
-        if let Some(x) = crate::find_capability(cfg, bdf, crate::cap_id::MSIX) {
-            let header = cfg.read32(bdf, u16::from(x));
-            cfg.write32(bdf, u16::from(x), header & !(1 << 31));
+        // MSI-X off until the hypervisor programs it (it then runs the device's table).
+        let msix = MsixCapability::find(cfg, bdf);
+        if let Some(x) = &msix {
+            x.disable(cfg, bdf);
         }
+        // A table or PBA outside the memory BARs cannot be trapped: not offered.
+        let msix = msix.filter(|x| x.trapped(&bars).is_some());
         Ok(AssignedDevice {
             bdf,
             bars,
             msi,
             vmsi: VirtualMsi::default(),
+            msix,
+            vmsix: VirtualMsixControl::default(),
             sizing: [false; 6],
         })
     }
@@ -117,18 +145,33 @@ impl AssignedDevice {
     /// What the guest reads from the dword at `offset` (dword-aligned).
     pub fn read<C: ConfigAccess + ?Sized>(&self, cfg: &C, offset: u16) -> u32 {
         let real = || cfg.read32(self.bdf, offset);
+        let msix_at = self.msix.map_or(0, |x| x.offset as u8);
         if let Some(m) = &self.msi
             && let Some(r) = m.register(offset)
         {
             let pending = if r == MsiRegister::Pending { real() } else { 0 };
-            return self.vmsi.read(r, cfg.read32(self.bdf, m.offset), pending);
+            let v = self.vmsi.read(r, cfg.read32(self.bdf, m.offset), pending);
+            // MSI links to MSI-X (if offered), the only other capability shown.
+            return if r == MsiRegister::Control {
+                v | u32::from(msix_at) << 8
+            } else {
+                v
+            };
         }
+        if let Some(x) = &self.msix
+            && let Some(r) = x.register(offset)
+        {
+            return self.vmsix.read(x, r, 0, real());
+        }
+        let listed = self.msi.is_some() || self.msix.is_some();
         match offset {
             0x00 | 0x08 | 0x0c | 0x2c => real(),
-            0x04 if self.msi.is_some() => real() | STATUS_CAP_LIST,
+            0x04 if listed => real() | STATUS_CAP_LIST,
             0x04 => real() & !STATUS_CAP_LIST,
-            // The capability pointer names the MSI capability alone.
-            0x34 => self.msi.map_or(0, |m| u32::from(m.offset)),
+            // The capability pointer names MSI, else MSI-X (the only ones shown).
+            0x34 => self
+                .msi
+                .map_or(u32::from(msix_at), |m| u32::from(m.offset)),
             0x10..=0x24 => {
                 let reg = usize::from((offset - 0x10) / 4);
                 let Some((bar, upper)) = self.bar_at(reg) else {
@@ -155,22 +198,30 @@ impl AssignedDevice {
 
     /// The guest writes `value` under byte mask `mask` to the dword at `offset` (dword-aligned):
     /// only the [`GUEST_COMMAND`] bits reach the device; BAR writes only start or end sizing;
-    /// MSI writes change the virtual MSI state only, returned when it changed.
+    /// MSI and MSI-X writes change the virtual state only, returned when it changed.
     pub fn write<C: ConfigAccess + ?Sized>(
         &mut self,
         cfg: &C,
         offset: u16,
         value: u32,
         mask: u32,
-    ) -> Option<MsiUpdate> {
+    ) -> Option<ConfigUpdate> {
         if let Some(m) = self.msi
             && let Some(r) = m.register(offset)
         {
-            return self.vmsi.write(r, value, mask).then_some(MsiUpdate {
+            return self.vmsi.write(r, value, mask).then_some(ConfigUpdate::Msi(MsiUpdate {
                 bdf: self.bdf,
                 cap: m,
                 state: self.vmsi,
-            });
+            }));
+        }
+        if let Some(x) = self.msix
+            && let Some(r) = x.register(offset)
+        {
+            return self.vmsix.write(r, value, mask).then_some(ConfigUpdate::Msix(MsixUpdate {
+                bdf: self.bdf,
+                control: self.vmsix,
+            }));
         }
         match offset {
             0x04 if mask & 0xffff != 0 => {
@@ -268,14 +319,14 @@ impl Target {
     }
 
     /// The guest writes the low `size` bytes of `value`; ignored for a function not in
-    /// `devices`. Returns the function's new MSI state when the write changed it.
+    /// `devices`. Returns the function's new MSI or MSI-X state when the write changed it.
     pub fn write<C: ConfigAccess + ?Sized>(
         &self,
         cfg: &C,
         devices: &mut [AssignedDevice],
         size: u8,
         value: u32,
-    ) -> Option<MsiUpdate> {
+    ) -> Option<ConfigUpdate> {
         let size_mask: u32 = match size {
             1 => 0xff,
             2 => 0xffff,

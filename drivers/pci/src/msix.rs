@@ -300,6 +300,18 @@ pub enum TableAccessError {
     OutOfRange,
 }
 
+/// The dwords a guest access of `size` bytes at byte `offset` of the table or PBA covers:
+/// `(first dword's offset, dwords)` for a naturally aligned dword or qword, the accesses the
+/// PCI specification allows there; `None` for anything else (misaligned, 1 or 2 bytes,
+/// wider), which the hypervisor ignores, as Xen does: writes are dropped, reads return all
+/// ones.
+pub const fn dwords(offset: u32, size: u8) -> Option<(u32, u32)> {
+    match size {
+        4 | 8 if offset.is_multiple_of(size as u32) => Some((offset, size as u32 / 4)),
+        _ => None,
+    }
+}
+
 /// The guest's virtual MSI-X table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VirtualMsixTable {

@@ -145,17 +145,21 @@ fn msi_writes_stay_virtual_and_are_reported() {
         (0x40, true, false)
     );
     let before = cfg.function(edu());
+    let msi = |u: Option<ConfigUpdate>| match u {
+        Some(ConfigUpdate::Msi(u)) => u,
+        other => panic!("not an MSI update: {other:?}"),
+    };
     // Address, data, then enable: each change reported, none reaching the device.
-    let u = d.write(&cfg, 0x44, 0xfee0_1000, u32::MAX).unwrap();
+    let u = msi(d.write(&cfg, 0x44, 0xfee0_1000, u32::MAX));
     assert_eq!(u.state.address, 0xfee0_1000);
     assert!(
         d.write(&cfg, 0x44, 0xfee0_1000, u32::MAX).is_none(),
         "no change, no update"
     );
-    d.write(&cfg, 0x48, 0, u32::MAX).unwrap_or(u);
-    let u = d.write(&cfg, 0x4c, 0x0051, 0xffff).unwrap();
+    assert!(d.write(&cfg, 0x48, 0, u32::MAX).is_none());
+    let u = msi(d.write(&cfg, 0x4c, 0x0051, 0xffff));
     assert_eq!(u.state.data, 0x51);
-    let u = d.write(&cfg, 0x40, 1 << 16, 0x00ff_0000).unwrap();
+    let u = msi(d.write(&cfg, 0x40, 1 << 16, 0x00ff_0000));
     assert!(u.state.enabled);
     assert_eq!(
         u.state.target(),
@@ -201,6 +205,81 @@ fn msix_is_turned_off_at_assignment() {
     assert_ne!(cfg.function(at).reg(0x50) & 1 << 31, 0);
     let _ = AssignedDevice::probe(&cfg, at).unwrap();
     assert_eq!(cfg.function(at).reg(0x50) & 1 << 31, 0);
+}
+
+/// An NVMe-like function: MSI (64-bit) at 0x40 linked to MSI-X at 0x70 (65 entries, table
+/// at BAR0 + 0x2000, PBA at BAR0 + 0x3000), then a PCI Express capability at 0x80.
+fn msi_and_msix(table_bir: u32) -> FakeFunction {
+    FakeFunction::endpoint(0x1b36, 0x0010, 0x01, 0x08, 0x02)
+        .mem64_bar(0, 0xfebf_0000, 0x4000, false)
+        .status(0x0010)
+        .cap_pointer(0x40)
+        .cap(0x40, 0x05, 0x70)
+        .dword(0x40, (1 << 7) << 16 | 0x7005)
+        .cap(0x70, 0x11, 0x80)
+        .dword(0x70, 64 << 16 | 0x8011)
+        .dword(0x74, 0x2000 | table_bir)
+        .dword(0x78, 0x3000)
+        .writable_dwords(0x70, 1)
+        .cap(0x80, 0x10, 0)
+}
+
+#[test]
+fn msix_is_offered_with_a_virtual_enable_and_function_mask() {
+    let at = bdf(0, 4, 0);
+    let cfg = q35_with_edu().with(at, msi_and_msix(0));
+    let mut p = Ports::new(&cfg, &[at]);
+    let real = cfg.function(at);
+    // MSI first, linked to MSI-X, whose next pointer ends the list (PCIe hidden).
+    assert_eq!(p.read(at, 0x34), 0x40);
+    assert_eq!(p.read(at, 0x40) >> 8 & 0xff, 0x70);
+    let header = p.read(at, 0x70);
+    assert_eq!(header & 0xffff, 0x0011, "id MSI-X, next 0");
+    assert_eq!(
+        header >> 16,
+        63,
+        "65 entries clamped to 64 (field = size - 1), disabled, unmasked"
+    );
+    assert_eq!(p.read(at, 0x74), 0x2000);
+    assert_eq!(p.read(at, 0x78), 0x3000);
+    assert_eq!(p.read(at, 0x80), 0, "capabilities past MSI-X stay hidden");
+    // Enable and Function Mask change the guest's view and are reported, never written.
+    let d = &mut p.devices[0];
+    let u = d.write(&cfg, 0x70, (1 << 31) | (1 << 30), 0xff00_0000);
+    assert_eq!(
+        u,
+        Some(ConfigUpdate::Msix(MsixUpdate {
+            bdf: at,
+            control: VirtualMsixControl {
+                enabled: true,
+                function_masked: true
+            }
+        }))
+    );
+    assert_eq!(d.write(&cfg, 0x70, (1 << 31) | (1 << 30), 0xff00_0000), None);
+    // The table size and locations are read only.
+    assert_eq!(d.write(&cfg, 0x70, 0x0003_0000, 0x00ff_0000), None);
+    assert_eq!(d.write(&cfg, 0x74, 0x5003, u32::MAX), None);
+    assert_eq!(p.read(at, 0x70) >> 16, 0xc000 | 63);
+    assert_eq!(p.read(at, 0x74), 0x2000);
+    assert_eq!(cfg.function(at), real, "the device was never written");
+}
+
+#[test]
+fn msix_alone_heads_the_list_and_a_bad_table_is_not_offered() {
+    let at = bdf(0, 4, 0);
+    let f = msi_and_msix(0).cap_pointer(0x70);
+    let cfg = q35_with_edu().with(at, f);
+    let mut p = Ports::new(&cfg, &[at]);
+    assert!(p.devices[0].msi.is_none());
+    assert_eq!(p.read(at, 0x34), 0x70);
+    assert_ne!(p.read(at, 0x04) & (1 << 20), 0);
+    // The table in BAR1 (the upper half of the 64-bit BAR0: no memory BAR of its own).
+    let cfg = q35_with_edu().with(at, msi_and_msix(1).cap_pointer(0x70));
+    let mut p = Ports::new(&cfg, &[at]);
+    assert!(p.devices[0].msix.is_none());
+    assert_eq!(p.read(at, 0x34), 0);
+    assert_eq!(p.read(at, 0x70), 0);
 }
 
 #[test]

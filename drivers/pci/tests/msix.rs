@@ -239,3 +239,19 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Only naturally aligned dwords and qwords reach the table or PBA, as whole dwords
+    /// inside the access; everything else is refused.
+    #[test]
+    fn only_aligned_dwords_and_qwords_are_emulated(offset in 0u32..0x1000, size in 0u8..17) {
+        match msix_dwords(offset, size) {
+            Some((first, n)) => {
+                prop_assert!(size == 4 || size == 8);
+                prop_assert_eq!(offset % u32::from(size), 0);
+                prop_assert_eq!((first, n), (offset, u32::from(size) / 4));
+            }
+            None => prop_assert!(!matches!(size, 4 | 8) || offset % u32::from(size) != 0),
+        }
+    }
+}

@@ -26,6 +26,7 @@ use spin::Mutex;
 
 use super::hypercall::{self, Outcome};
 use super::msi::DeviceMsi;
+use super::msix::{self, DeviceMsix};
 use super::pci::{self, AssignedDevice, Ecams};
 use super::vcpu::{
     Access, Backend, EntryState, Event, Exit, IoAccess, MemKind, Reg, Stage2, Vcpu, VcpuError,
@@ -107,6 +108,16 @@ impl From<VcpuError> for GuestError {
 pub enum StopReason {
     /// The exit hypercall, with the guest's code.
     Exited(u64),
+    /// An access to a trapped MMIO page (an MSI-X table or PBA) whose instruction the
+    /// hypervisor could not emulate.
+    MmioRefused {
+        /// Guest-physical address.
+        gpa: u64,
+        /// Where.
+        rip: u64,
+        /// Why.
+        why: MmioError,
+    },
     /// An access outside the guest's memory and devices.
     NestedPageFault {
         /// Guest-physical address.
@@ -158,6 +169,10 @@ impl fmt::Display for StopReason {
                 f,
                 "nested page fault at GPA {gpa:#x} ({access}) rip={rip:#x}: outside its memory and devices"
             ),
+            Self::MmioRefused { gpa, rip, why } => write!(
+                f,
+                "access to the trapped MSI-X page at GPA {gpa:#x} rip={rip:#x} not emulated: {why}"
+            ),
             Self::TripleFault { rip } => write!(f, "triple fault (shutdown) rip={rip:#x}"),
             Self::Halted { rip } => write!(
                 f,
@@ -180,6 +195,30 @@ impl StopReason {
     /// Whether this is the guest's own orderly exit.
     pub fn is_exit(&self) -> bool {
         matches!(self, Self::Exited(_))
+    }
+}
+
+/// Why an access to a trapped MMIO page was not emulated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MmioError {
+    /// The vCPU is not in 64-bit mode with paging (the decoder knows 64-bit code only).
+    NotLongMode,
+    /// The instruction bytes could not be read through the guest's page tables.
+    Fetch(moat_x86arch::walk::WalkError),
+    /// The instruction is not one of the emulated `MOV` forms.
+    Decode(moat_x86arch::insn::DecodeError),
+    /// The instruction's direction is not the fault's (a read decoded for a write fault).
+    Direction,
+}
+
+impl fmt::Display for MmioError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotLongMode => f.write_str("the vCPU is not in 64-bit mode with paging"),
+            Self::Fetch(e) => write!(f, "instruction fetch through the guest's page tables failed: {e}"),
+            Self::Decode(e) => write!(f, "instruction not emulated: {e}"),
+            Self::Direction => f.write_str("the instruction's direction does not match the fault's"),
+        }
     }
 }
 
@@ -234,6 +273,27 @@ impl fmt::Display for ExitStats {
     }
 }
 
+/// The general-purpose registers in instruction-encoding order (RAX, RCX, RDX, RBX, RSP,
+/// RBP, RSI, RDI, R8..R15).
+const GPRS: [Reg; 16] = [
+    Reg::Rax,
+    Reg::Rcx,
+    Reg::Rdx,
+    Reg::Rbx,
+    Reg::Rsp,
+    Reg::Rbp,
+    Reg::Rsi,
+    Reg::Rdi,
+    Reg::R8,
+    Reg::R9,
+    Reg::R10,
+    Reg::R11,
+    Reg::R12,
+    Reg::R13,
+    Reg::R14,
+    Reg::R15,
+];
+
 /// Longest guest console line printed as one log line.
 const LINE_MAX: usize = 512;
 
@@ -272,6 +332,9 @@ pub struct Guest {
     /// The assigned functions' MSIs (functions with an MSI capability on a unit that
     /// remaps interrupts).
     msis: Vec<DeviceMsi>,
+    /// The assigned functions' MSI-X (functions with an MSI-X capability on a unit that
+    /// remaps interrupts): their table and PBA pages are trapped.
+    msix: Vec<DeviceMsix>,
 }
 
 impl Guest {
@@ -329,6 +392,14 @@ impl Guest {
             }
         }
 
+        // MSI-X is offered (its table emulated) only behind a unit that remaps interrupts;
+        // otherwise its capability stays hidden and the device's MSI-X off.
+        for d in devices.iter_mut() {
+            if !crate::iommu::unit_for(d.bdf).is_some_and(crate::iommu::remaps_interrupts) {
+                d.msix = None;
+            }
+        }
+
         let hpa = frames::alloc_contiguous(mem / PAGE_SIZE, PARTITION_ALIGN)
             .ok_or(GuestError::NoMemory)?;
         // SAFETY: the frames were just allocated for this partition alone and are identity
@@ -381,12 +452,34 @@ impl Guest {
                     );
                     continue;
                 }
-                space.map(
-                    bar.address,
-                    PhysAddr::new(bar.address),
-                    bar.size,
-                    MemKind::Mmio,
-                )?;
+                // The MSI-X table and PBA pages stay unmapped (emulated); the rest of the BAR
+                // is mapped for speed.
+                let end = bar.address + bar.size;
+                let mut holes: Vec<_> = d
+                    .msix
+                    .and_then(|x| x.trapped(&d.bars))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|h| h.start >= bar.address && h.start < end)
+                    .collect();
+                holes.sort_by_key(|h| h.start);
+                let mut at = bar.address;
+                for h in holes.iter().map(|h| Some(*h)).chain([None]) {
+                    let stop = h.map_or(end, |h| h.start);
+                    space.map(at, PhysAddr::new(at), stop - at, MemKind::Mmio)?;
+                    if let Some(h) = h {
+                        log::info!(
+                            "guest {}: {} BAR{} [{:#x}-{:#x}) left unmapped: MSI-X table/PBA, emulated",
+                            config.name,
+                            d.bdf,
+                            bar.index,
+                            h.start,
+                            h.start + h.len
+                        );
+                        at = (h.start + h.len).min(end);
+                    }
+                }
                 log::info!(
                     "guest {}: {} BAR{} [{:#x}-{:#x}) mapped at the same guest-physical address",
                     config.name,
@@ -493,6 +586,33 @@ impl Guest {
                 ),
             }
         }
+        let mut msix = Vec::new();
+        for d in &devices {
+            let (Some(cap), Some(unit)) = (d.msix, crate::iommu::unit_for(d.bdf)) else {
+                continue;
+            };
+            match DeviceMsix::new(config.name, d.bdf, cap, &d.bars, unit, ecams) {
+                Some(x) => {
+                    log::info!(
+                        "guest {}: {}: MSI-X virtualized: {} entries ({} offered), table BAR{} +{:#x}, PBA BAR{} +{:#x}; table/PBA pages trapped",
+                        config.name,
+                        d.bdf,
+                        cap.entries,
+                        cap.guest_entries(),
+                        cap.table.bir,
+                        cap.table.offset,
+                        cap.pba.bir,
+                        cap.pba.offset
+                    );
+                    msix.push(x);
+                }
+                None => log::warn!(
+                    "guest {}: {}: MSI-X table could not be taken over: its accesses stop the guest",
+                    config.name,
+                    d.bdf
+                ),
+            }
+        }
         let bsp_apic = crate::arch::apic::id();
         let guest = alloc::boxed::Box::leak(alloc::boxed::Box::new(Guest {
             name: config.name,
@@ -518,6 +638,7 @@ impl Guest {
             virqs: (0..vcpus).map(|_| VirtualInterrupts::new()).collect(),
             vcpu_apic: (0..vcpus).map(|_| AtomicU32::new(bsp_apic)).collect(),
             msis,
+            msix,
         }));
         if let Some(d) = &guest.dma {
             log::info!("guest {}: DMA: {}", guest.name, d.describe());
@@ -632,6 +753,15 @@ impl Guest {
                 );
                 m.release(&self.ecams);
             }
+            for x in &self.msix {
+                let (taken, storms, routes) = x.counts();
+                log::info!(
+                    "guest {}: {}: MSI-X: {taken} interrupt(s) taken over {routes} host vector(s), {storms} storm(s) masked; IRTEs and host vectors freed",
+                    self.name,
+                    x.bdf()
+                );
+                x.release();
+            }
             if let Some(d) = &self.dma {
                 d.shutdown(self.name.as_str());
             }
@@ -743,7 +873,9 @@ impl Guest {
                     // HLT with interrupts enabled and an interrupt source waits for one;
                     // with interrupts off (or nothing that could wake it) it ends the vCPU.
                     if !(vcpu.interrupts_enabled()
-                        && (!self.msis.is_empty() || vapic.has_work(irqs)))
+                        && (!self.msis.is_empty()
+                            || !self.msix.is_empty()
+                            || vapic.has_work(irqs)))
                     {
                         break StopReason::Halted {
                             rip: vcpu.reg(Reg::Rip),
@@ -752,7 +884,11 @@ impl Guest {
                     self.wait_for_interrupt(&vapic, irqs);
                 }
                 Exit::NestedPageFault { gpa, access } => {
-                    break StopReason::NestedPageFault { gpa, access, rip }
+                    match self.emulate_mmio(&mut vcpu, gpa, access) {
+                        Some(Ok(())) => {}
+                        Some(Err(why)) => break StopReason::MmioRefused { gpa, rip, why },
+                        None => break StopReason::NestedPageFault { gpa, access, rip },
+                    }
                 }
                 Exit::TripleFault => break StopReason::TripleFault { rip },
                 Exit::Exception { vector, .. } => break StopReason::Exception { vector, rip },
@@ -865,7 +1001,125 @@ impl Guest {
             ),
             pci::PortWrite::Done => {}
             pci::PortWrite::Msi(u) => self.program_msi(&u),
+            pci::PortWrite::Msix(u) => {
+                if let Some(x) = self.msix.iter().find(|x| x.bdf() == u.bdf) {
+                    let apic_of = |v: usize| self.apic_of(v);
+                    x.set_control(
+                        u.control,
+                        &msix::Targets {
+                            virqs: &self.virqs,
+                            apic_of: &apic_of,
+                        },
+                    );
+                }
+            }
         }
+    }
+
+    /// The APIC id of the CPU running vCPU `v`.
+    fn apic_of(&self, v: usize) -> u32 {
+        self.vcpu_apic
+            .get(v)
+            .map_or(0, |a| a.load(Ordering::Relaxed))
+    }
+
+    /// A nested page fault at `gpa`: if it lies in a trapped MSI-X page, decodes the
+    /// instruction at RIP (from the hardware's bytes or through the guest's page tables),
+    /// emulates it against the device's virtual table and moves RIP past it. `None` when
+    /// `gpa` is not trapped (a real fault).
+    fn emulate_mmio(
+        &self,
+        vcpu: &mut Vcpu,
+        gpa: u64,
+        access: Access,
+    ) -> Option<Result<(), MmioError>> {
+        use moat_x86arch::insn::{self, MmioOp, Source};
+        let dev = self.msix.iter().find(|x| x.contains(gpa))?;
+        let mut buf = [0u8; insn::MAX_LEN];
+        let n = match vcpu.instruction_bytes() {
+            Some(b) => {
+                buf[..b.len()].copy_from_slice(b);
+                b.len()
+            }
+            None => match self.fetch_instruction(vcpu, &mut buf) {
+                Ok(n) => n,
+                Err(e) => return Some(Err(e)),
+            },
+        };
+        let d = match insn::decode(&buf[..n]) {
+            Ok(d) => d,
+            Err(e) => return Some(Err(MmioError::Decode(e))),
+        };
+        let apic_of = |v: usize| self.apic_of(v);
+        let t = msix::Targets {
+            virqs: &self.virqs,
+            apic_of: &apic_of,
+        };
+        match d.op {
+            MmioOp::Store { size, src } => {
+                if !access.write {
+                    return Some(Err(MmioError::Direction));
+                }
+                let value = match src {
+                    Source::Reg(g) => g.read(vcpu.reg(GPRS[usize::from(g.index)]), size),
+                    Source::Imm(v) => v & insn::mask(size),
+                };
+                dev.access(gpa, size, Some(value), &t);
+            }
+            MmioOp::Load {
+                size,
+                dst,
+                dst_size,
+            } => {
+                if access.write {
+                    return Some(Err(MmioError::Direction));
+                }
+                let value = match dev.access(gpa, size, None, &t) {
+                    msix::Access::Read(v) => v & insn::mask(size),
+                    _ => insn::mask(size),
+                };
+                let r = GPRS[usize::from(dst.index)];
+                let new = dst.merge(vcpu.reg(r), value, dst_size);
+                vcpu.set_reg(r, new);
+            }
+        }
+        let rip = vcpu.reg(Reg::Rip);
+        vcpu.set_reg(Reg::Rip, rip.wrapping_add(u64::from(d.len)));
+        Some(Ok(()))
+    }
+
+    /// Reads the instruction bytes at RIP through the guest's own page tables (64-bit mode
+    /// with paging only), every table and byte checked against the partition.
+    fn fetch_instruction(
+        &self,
+        vcpu: &Vcpu,
+        buf: &mut [u8; moat_x86arch::insn::MAX_LEN],
+    ) -> Result<usize, MmioError> {
+        const CR0_PG: u64 = 1 << 31;
+        const EFER_LMA: u64 = 1 << 10;
+        const CR4_LA57: u64 = 1 << 12;
+        if vcpu.reg(Reg::Cr0) & CR0_PG == 0
+            || vcpu.reg(Reg::Efer) & EFER_LMA == 0
+            || vcpu.reg(Reg::Cr4) & CR4_LA57 != 0
+        {
+            return Err(MmioError::NotLongMode);
+        }
+        let mut qword = |gpa: u64| {
+            let mut b = [0u8; 8];
+            self.read(gpa, &mut b).ok().map(|_| u64::from_le_bytes(b))
+        };
+        let mut byte = |gpa: u64| {
+            let mut b = [0u8; 1];
+            self.read(gpa, &mut b).ok().map(|_| b[0])
+        };
+        moat_x86arch::walk::fetch(
+            vcpu.reg(Reg::Cr3),
+            vcpu.reg(Reg::Rip),
+            buf,
+            &mut qword,
+            &mut byte,
+        )
+        .map_err(MmioError::Fetch)
     }
 
     /// The guest changed its virtual MSI capability: route it (or turn the device's MSI off).
@@ -878,12 +1132,8 @@ impl Guest {
             );
             return;
         };
-        let apic_of = |v: usize| {
-            self.vcpu_apic
-                .get(v)
-                .map_or(0, |a| a.load(Ordering::Relaxed))
-        };
-        let result = m.program(&self.ecams, u, &self.virqs, apic_of);
+        let apic_of = |v: usize| self.apic_of(v);
+        let result = m.program(&self.ecams, u, &self.virqs, &apic_of);
         // The guest can reprogram its MSI at will: its log lines are rate-limited.
         let crate::ratelimit::Verdict::Log { suppressed, .. } = MSI_LOG.event() else {
             return;

@@ -16,7 +16,9 @@
 pub mod guest;
 pub mod hypercall;
 pub mod msi;
+pub mod msix;
 pub mod pci;
+pub mod route;
 pub mod svm;
 pub mod vcpu;
 pub mod virq;

@@ -6,7 +6,7 @@
 use core::sync::atomic::{AtomicU32, Ordering};
 
 pub use moat_pci::{AssignError, AssignedDevice};
-use moat_pci::{ConfigPort, MsiUpdate, Target};
+use moat_pci::{ConfigPort, ConfigUpdate, MsiUpdate, MsixUpdate, Target};
 use spin::Mutex;
 
 /// Configuration access over the ECAM windows ACPI reported (the PCI discovery accessor).
@@ -38,6 +38,9 @@ pub enum PortWrite {
     Done,
     /// Handled, and the function's virtual MSI changed: the hypervisor must follow it.
     Msi(MsiUpdate),
+    /// Handled, and the function's virtual MSI-X control changed: the hypervisor must
+    /// follow it.
+    Msix(MsixUpdate),
 }
 
 /// A guest's `OUT` of `size` bytes to `port`.
@@ -55,7 +58,10 @@ pub fn port_write(
             if let Some(t) = Target::decode(cf8.load(Ordering::SeqCst), byte)
                 && let Some(u) = t.write(ecams, &mut devices.lock(), size, value)
             {
-                return PortWrite::Msi(u);
+                return match u {
+                    ConfigUpdate::Msi(u) => PortWrite::Msi(u),
+                    ConfigUpdate::Msix(u) => PortWrite::Msix(u),
+                };
             }
         }
         None => return PortWrite::NotConfig,

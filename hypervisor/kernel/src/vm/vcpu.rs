@@ -81,10 +81,11 @@ impl fmt::Display for Backend {
         match self {
             Backend::Svm(i) => write!(
                 f,
-                "AMD SVM rev {} with nested paging, {} ASIDs, NRIPS {}",
+                "AMD SVM rev {} with nested paging, {} ASIDs, NRIPS {}, decode assists {}",
                 i.revision,
                 i.asids,
-                if i.nrips { "yes" } else { "no" }
+                if i.nrips { "yes" } else { "no" },
+                if i.decode_assists { "yes" } else { "no" }
             ),
             Backend::Vmx(i) => write!(
                 f,
@@ -524,6 +525,16 @@ impl Vcpu {
         match &self.inner {
             VcpuInner::Svm(v) => v.requested_interrupt(),
             VcpuInner::Vmx(v) => v.requested_interrupt(),
+        }
+    }
+
+    /// The bytes of the instruction behind the last exit when the hardware provides them
+    /// (SVM decode assists on a nested page fault); `None` otherwise: the caller fetches
+    /// them through the guest's page tables.
+    pub fn instruction_bytes(&self) -> Option<&[u8]> {
+        match &self.inner {
+            VcpuInner::Svm(v) => v.instruction_bytes(),
+            VcpuInner::Vmx(_) => None,
         }
     }
 

@@ -36,6 +36,9 @@ pub struct SvmInfo {
     pub npt: bool,
     /// The VMCB's next-RIP field is filled on exits (NRIPS).
     pub nrips: bool,
+    /// Decode assists (CPUID 0x8000_000A EDX bit 7): the VMCB holds the bytes of the
+    /// instruction behind a nested page fault.
+    pub decode_assists: bool,
 }
 
 /// Detects SVM with nested paging.
@@ -54,6 +57,7 @@ pub fn detect() -> Result<SvmInfo, Unsupported> {
         asids: svm.supported_asids(),
         npt: svm.has_nested_paging(),
         nrips: svm.has_nrip(),
+        decode_assists: svm.has_decode_assists(),
     };
     if !info.npt {
         return Err(Unsupported::NoNestedPaging);
@@ -256,6 +260,7 @@ pub struct SvmVcpu {
     vmcb_pa: u64,
     gprs: Gprs,
     nrips: bool,
+    decode_assists: bool,
     /// RIP after the instruction that caused the last exit, when known.
     next_rip: Option<u64>,
     first_run: bool,
@@ -401,6 +406,7 @@ impl SvmVcpu {
             vmcb_pa,
             gprs,
             nrips: info.nrips,
+            decode_assists: info.decode_assists,
             next_rip: None,
             first_run: true,
         })
@@ -532,6 +538,15 @@ impl SvmVcpu {
             }
             _ => {}
         }
+    }
+
+    /// The bytes of the instruction behind the last exit, when the hardware fetched them
+    /// (decode assists, nested page faults only).
+    pub fn instruction_bytes(&self) -> Option<&[u8]> {
+        let c = &self.vmcb.control;
+        let n = usize::from(c.insn_len).min(c.insn_bytes.len());
+        (self.decode_assists && c.exit_code == exit_code::NPF && n > 0)
+            .then(|| &c.insn_bytes[..n])
     }
 
     /// Advances RIP past the instruction that caused the last exit.
