@@ -169,9 +169,7 @@ impl AssignedDevice {
             0x04 if listed => real() | STATUS_CAP_LIST,
             0x04 => real() & !STATUS_CAP_LIST,
             // The capability pointer names MSI, else MSI-X (the only ones shown).
-            0x34 => self
-                .msi
-                .map_or(u32::from(msix_at), |m| u32::from(m.offset)),
+            0x34 => self.msi.map_or(u32::from(msix_at), |m| u32::from(m.offset)),
             0x10..=0x24 => {
                 let reg = usize::from((offset - 0x10) / 4);
                 let Some((bar, upper)) = self.bar_at(reg) else {
@@ -209,19 +207,25 @@ impl AssignedDevice {
         if let Some(m) = self.msi
             && let Some(r) = m.register(offset)
         {
-            return self.vmsi.write(r, value, mask).then_some(ConfigUpdate::Msi(MsiUpdate {
-                bdf: self.bdf,
-                cap: m,
-                state: self.vmsi,
-            }));
+            return self
+                .vmsi
+                .write(r, value, mask)
+                .then_some(ConfigUpdate::Msi(MsiUpdate {
+                    bdf: self.bdf,
+                    cap: m,
+                    state: self.vmsi,
+                }));
         }
         if let Some(x) = self.msix
             && let Some(r) = x.register(offset)
         {
-            return self.vmsix.write(r, value, mask).then_some(ConfigUpdate::Msix(MsixUpdate {
-                bdf: self.bdf,
-                control: self.vmsix,
-            }));
+            return self
+                .vmsix
+                .write(r, value, mask)
+                .then_some(ConfigUpdate::Msix(MsixUpdate {
+                    bdf: self.bdf,
+                    control: self.vmsix,
+                }));
         }
         match offset {
             0x04 if mask & 0xffff != 0 => {

@@ -47,12 +47,10 @@ pub use config::{
 pub use enumerate::{enumerate, enumerate_ecam, enumerate_into, Functions, PciFunction};
 pub use filter::{
     decode_address, AssignError, AssignedDevice, ConfigPort, ConfigUpdate, MsiUpdate, MsixUpdate,
-    Target, GUEST_COMMAND,
-    PORT_ADDRESS, PORT_DATA, PORT_DATA_LAST,
+    Target, GUEST_COMMAND, PORT_ADDRESS, PORT_DATA, PORT_DATA_LAST,
 };
 pub use msi::{msi_target, GuestMsiTarget, MsiCapability, MsiRegister, VirtualMsi};
 pub use msix::{
-    dwords as msix_dwords,
-    MsixAccess, MsixCapability, MsixEntry, MsixRegion, MsixRegister, TableAccessError,
-    TrappedRange, VirtualMsixControl, VirtualMsixTable, ENTRY_SIZE, MAX_VECTORS,
+    dwords as msix_dwords, MsixAccess, MsixCapability, MsixEntry, MsixRegion, MsixRegister,
+    TableAccessError, TrappedRange, VirtualMsixControl, VirtualMsixTable, ENTRY_SIZE, MAX_VECTORS,
 };

@@ -256,7 +256,10 @@ fn msix_is_offered_with_a_virtual_enable_and_function_mask() {
             }
         }))
     );
-    assert_eq!(d.write(&cfg, 0x70, (1 << 31) | (1 << 30), 0xff00_0000), None);
+    assert_eq!(
+        d.write(&cfg, 0x70, (1 << 31) | (1 << 30), 0xff00_0000),
+        None
+    );
     // The table size and locations are read only.
     assert_eq!(d.write(&cfg, 0x70, 0x0003_0000, 0x00ff_0000), None);
     assert_eq!(d.write(&cfg, 0x74, 0x5003, u32::MAX), None);

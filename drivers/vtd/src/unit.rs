@@ -626,6 +626,13 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         Err(Error::Unsupported("every IRTE is in use"))
     }
 
+    /// IRTEs handed out and not freed (0 when interrupt remapping is off).
+    pub fn irtes_in_use(&self) -> usize {
+        self.ir
+            .as_ref()
+            .map_or(0, |t| t.used.iter().map(|w| w.count_ones() as usize).sum())
+    }
+
     fn irte_in_use(&self, index: u16) -> Result<&IrTable, Error> {
         let t = self
             .ir

@@ -115,12 +115,17 @@ impl Command {
         c
     }
 
-    /// Create I/O Completion Queue `qid` of `entries` at `iova` (contiguous, interrupts off).
-    pub const fn create_cq(qid: u16, entries: u16, iova: u64) -> Command {
+    /// Create I/O Completion Queue `qid` of `entries` at `iova` (contiguous), with
+    /// interrupts off, or on (IEN) at MSI-X table entry `interrupt`.
+    pub const fn create_cq(qid: u16, entries: u16, iova: u64, interrupt: Option<u16>) -> Command {
         let mut c = Command::new(admin::CREATE_CQ);
         c.prp1 = iova;
         c.cdw10[0] = ((entries as u32 - 1) << 16) | qid as u32;
-        c.cdw10[1] = 1;
+        // Physically contiguous (bit 0); IEN (bit 1) with the vector in bits 31:16.
+        c.cdw10[1] = match interrupt {
+            Some(iv) => (iv as u32) << 16 | 2 | 1,
+            None => 1,
+        };
         c
     }
 
@@ -245,11 +250,14 @@ mod tests {
 
     #[test]
     fn admin_commands() {
-        let cq = Command::create_cq(3, 64, 0xabc000);
+        let cq = Command::create_cq(3, 64, 0xabc000, None);
         assert_eq!(cq.opcode(), admin::CREATE_CQ);
         assert_eq!(cq.cdw10[0], (63 << 16) | 3);
         assert_eq!(cq.cdw10[1], 1);
         assert_eq!(cq.prp1, 0xabc000);
+        // Interrupts on (IEN) at MSI-X entry 5.
+        let cq = Command::create_cq(3, 64, 0xabc000, Some(5));
+        assert_eq!(cq.cdw10[1], 5 << 16 | 3);
         let sq = Command::create_sq(3, 64, 0xdef000, 3);
         assert_eq!(sq.cdw10[1], (3 << 16) | 1);
         let id = Command::identify(cns::NAMESPACE, 1, 0x5000);

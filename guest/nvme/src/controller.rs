@@ -321,19 +321,21 @@ impl Controller {
     }
 
     /// Creates I/O queue pair `qid` (1..=[`Controller::io_queues`]) in `mem` (mapped through
-    /// `m` for the queue's lifetime).
+    /// `m` for the queue's lifetime); its completions raise MSI-X table entry `interrupt`
+    /// (`None`: no interrupts, completions are polled).
     pub fn create_io_queue<P: Platform, H: Hypervisor>(
         &mut self,
         p: &mut P,
         m: &mut Mapper<H>,
         qid: u16,
         mem: crate::io::QueueMemory,
+        interrupt: Option<u16>,
     ) -> Result<IoQueue, Error> {
         if qid == 0 || qid > self.io_queues {
             return Err(Error::TooManyQueues);
         }
         let mut q = IoQueue::map(p, m, qid, mem, self.stride, self.namespace)?;
-        let cq = Command::create_cq(qid, crate::io::IO_ENTRIES, q.cq_iova());
+        let cq = Command::create_cq(qid, crate::io::IO_ENTRIES, q.cq_iova(), interrupt);
         let r = self.admin(p, cq).and_then(|_| {
             let sq = Command::create_sq(qid, crate::io::IO_ENTRIES, q.sq_iova(), qid);
             self.admin(p, sq).inspect_err(|_| {

@@ -52,21 +52,26 @@ const MSR_X2APIC_EOI: u32 = 0x80b;
 /// Moat's MSR: TSC of the host handler that raised this vCPU's latest interrupt.
 const MSR_MOAT_IRQ_TSC: u32 = 0x4d4f_0001;
 
+/// A second vector with its own count (the MSI-X tests' admin-queue entry).
+pub const AUX_VECTOR: u8 = 0x53;
+
 /// Interrupts taken on [`MSI_VECTOR`].
-static TAKEN: AtomicU64 = AtomicU64::new(0);
+pub(crate) static TAKEN: AtomicU64 = AtomicU64::new(0);
 /// Interrupts taken per vCPU (index = x2APIC id read in the handler).
-static TAKEN_ON: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+pub(crate) static TAKEN_ON: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
+/// Interrupts taken on [`AUX_VECTOR`].
+pub(crate) static AUX_TAKEN: AtomicU64 = AtomicU64::new(0);
 /// Cycles from the host handler to this handler: sum and minimum.
 static COST_SUM: AtomicU64 = AtomicU64::new(0);
 static COST_MIN: AtomicU64 = AtomicU64::new(u64::MAX);
 /// Interrupts on any other vector of the interrupt IDT.
-static STRAY: AtomicU64 = AtomicU64::new(0);
+pub(crate) static STRAY: AtomicU64 = AtomicU64::new(0);
 /// Set when vCPU 1 should leave its halt loop.
-static WORKER_DONE: AtomicBool = AtomicBool::new(false);
+pub(crate) static WORKER_DONE: AtomicBool = AtomicBool::new(false);
 /// Set once vCPU 1 has loaded the IDT and enabled interrupts.
-static WORKER_READY: AtomicBool = AtomicBool::new(false);
+pub(crate) static WORKER_READY: AtomicBool = AtomicBool::new(false);
 /// Set when vCPU 1 has left its halt loop.
-static WORKER_EXITED: AtomicBool = AtomicBool::new(false);
+pub(crate) static WORKER_EXITED: AtomicBool = AtomicBool::new(false);
 
 fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
@@ -102,6 +107,13 @@ extern "C" fn guest_msi_handler() {
     wrmsr(MSR_X2APIC_EOI, 0);
 }
 
+/// [`AUX_VECTOR`]: counted, EOIed.
+#[unsafe(no_mangle)]
+extern "C" fn guest_aux_handler() {
+    AUX_TAKEN.fetch_add(1, Ordering::SeqCst);
+    wrmsr(MSR_X2APIC_EOI, 0);
+}
+
 /// Any other vector: counted, EOIed.
 #[unsafe(no_mangle)]
 extern "C" fn guest_stray_handler() {
@@ -114,6 +126,11 @@ core::arch::global_asm!(
     .section .text
     .global guest_msi_entry
     .global guest_stray_entry
+    .global guest_aux_entry
+guest_aux_entry:
+    push rax
+    lea rax, [rip + guest_aux_handler]
+    jmp 2f
 guest_msi_entry:
     push rax
     lea rax, [rip + guest_msi_handler]
@@ -155,6 +172,7 @@ guest_stray_entry:
 unsafe extern "C" {
     fn guest_msi_entry();
     fn guest_stray_entry();
+    fn guest_aux_entry();
 }
 
 #[repr(C, align(16))]
@@ -171,7 +189,7 @@ fn gate(handler: u64) -> (u64, u64) {
 
 /// Loads the interrupt IDT on this vCPU: [`MSI_VECTOR`] counted by its handler, every other
 /// vector from 32 up counted as stray (exceptions stay absent: a fault still triple-faults).
-fn load_idt() {
+pub(crate) fn load_idt() {
     // SAFETY: written before any vCPU loads it (vCPU 0 fills it once, first); a static that
     // lives forever.
     unsafe {
@@ -180,6 +198,8 @@ fn load_idt() {
             for v in 32..256usize {
                 let h = if v == MSI_VECTOR as usize {
                     guest_msi_entry as *const () as u64
+                } else if v == AUX_VECTOR as usize {
+                    guest_aux_entry as *const () as u64
                 } else {
                     guest_stray_entry as *const () as u64
                 };
@@ -196,12 +216,12 @@ fn load_idt() {
     }
 }
 
-fn sti() {
+pub(crate) fn sti() {
     // SAFETY: the interrupt IDT is loaded.
     unsafe { core::arch::asm!("sti", options(nomem, nostack)) };
 }
 
-fn cli() {
+pub(crate) fn cli() {
     // SAFETY: masks interrupts; always allowed at CPL 0.
     unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
 }
@@ -270,7 +290,7 @@ fn program_msi(dest: u8, vector: u8, enable: bool) -> Result<(), &'static str> {
     Ok(())
 }
 
-fn wait_taken(boot: &BootInfo, on: usize, want: u64, ms: u64, use_hlt: bool) -> bool {
+pub(crate) fn wait_taken(boot: &BootInfo, on: usize, want: u64, ms: u64, use_hlt: bool) -> bool {
     let end = crate::abi::rdtsc() + ms * boot.tsc_khz.get();
     loop {
         // With HLT, the count is checked with interrupts off and `sti; hlt` waits atomically

@@ -22,6 +22,7 @@ mod dma;
 mod dma_bounds;
 mod idt;
 mod irq;
+mod msix;
 mod nvme;
 mod paging;
 mod pci;
@@ -132,7 +133,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
         if vcpu == 1
             && line
                 .split_ascii_whitespace()
-                .any(|w| w.starts_with("msi-edu-vcpu1"))
+                .any(|w| w.starts_with("msi-edu-vcpu1") || w.starts_with("msi-x-nvme-vcpu1"))
         {
             irq::worker();
             abi::exit(0);
@@ -207,6 +208,10 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "msi-attacks" => irq::msi_attacks(&info),
             "dma-fault-irq" => irq::fault_irq(&info),
             "msi-storm" => irq::msi_storm(&info, arg.unwrap_or(5000)),
+            "msi-x-nvme" => msix::nvme_irq(&info, arg.unwrap_or(8), 0),
+            "msi-x-nvme-vcpu1" => msix::nvme_irq(&info, arg.unwrap_or(8), 1),
+            "msi-x-attacks" => msix::attacks(&info),
+            "msi-x-unemulated" => msix::unemulated(),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {

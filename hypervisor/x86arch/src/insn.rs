@@ -220,7 +220,10 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     } else {
         u16::from(b)
     };
-    if !matches!(opcode, 0x88 | 0x89 | 0x8a | 0x8b | 0xc6 | 0xc7 | 0x0fb6 | 0x0fb7) {
+    if !matches!(
+        opcode,
+        0x88 | 0x89 | 0x8a | 0x8b | 0xc6 | 0xc7 | 0x0fb6 | 0x0fb7
+    ) {
         return Err(DecodeError::Unsupported(opcode));
     }
     let modrm = c.next()?;
@@ -284,7 +287,11 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             } else {
                 let v = c.imm(4)?;
                 // imm32 sign-extended to 64 bits under REX.W.
-                let v = if size == 8 { v as u32 as i32 as i64 as u64 } else { v };
+                let v = if size == 8 {
+                    v as u32 as i32 as i64 as u64
+                } else {
+                    v
+                };
                 MmioOp::Store {
                     size,
                     src: Source::Imm(v),
@@ -336,7 +343,11 @@ mod tests {
             b.push(0x0f);
         }
         b.push(i.opcode as u8);
-        let reg = if matches!(i.opcode, 0xc6 | 0xc7) { 0 } else { i.reg & 7 };
+        let reg = if matches!(i.opcode, 0xc6 | 0xc7) {
+            0
+        } else {
+            i.reg & 7
+        };
         b.push(i.modrm_mod << 6 | reg << 3 | i.rm);
         let mut disp = match i.modrm_mod {
             1 => 1,
@@ -513,10 +524,7 @@ mod tests {
         assert_eq!(decode(&[0xf0, 0x89, 0x01]), Err(DecodeError::Invalid));
         assert_eq!(decode(&[0xf3, 0x89, 0x01]), Err(DecodeError::Invalid));
         // C7 /1 is not MOV.
-        assert_eq!(
-            decode(&[0xc7, 0x08, 0, 0, 0, 0]),
-            Err(DecodeError::Invalid)
-        );
+        assert_eq!(decode(&[0xc7, 0x08, 0, 0, 0, 0]), Err(DecodeError::Invalid));
         // Other opcodes: add [rcx], eax; movs; or [rax], imm.
         assert_eq!(decode(&[0x01, 0x01]), Err(DecodeError::Unsupported(0x01)));
         assert_eq!(decode(&[0xa5]), Err(DecodeError::Unsupported(0xa5)));

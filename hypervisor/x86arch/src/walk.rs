@@ -166,7 +166,10 @@ mod tests {
         m.put64(0x3000, 0x20_0000 | 3 | LARGE);
         m.put64(0x2000 + 8 * 2, 0x4000_0000 | 3 | LARGE);
         let mut rd = |a: u64| m.get64(a);
-        assert_eq!(translate(0x1000, (1 << 30) + 0x1234, &mut rd), Ok(0x20_1234));
+        assert_eq!(
+            translate(0x1000, (1 << 30) + 0x1234, &mut rd),
+            Ok(0x20_1234)
+        );
         assert_eq!(
             translate(0x1000, (2 << 30) + 0x12_3456, &mut rd),
             Ok(0x4012_3456)
@@ -200,34 +203,21 @@ mod tests {
             m.bytes.insert(0x7000 + i, 0x20 + i as u8);
         }
         let mut buf = [0u8; MAX_LEN];
-        let n = fetch(
-            0x1000,
-            0x10_0ffc,
-            &mut buf,
-            &mut |a| m.get64(a),
-            &mut |a| m.get(a),
-        );
+        let n = fetch(0x1000, 0x10_0ffc, &mut buf, &mut |a| m.get64(a), &mut |a| {
+            m.get(a)
+        });
         assert_eq!(n, Ok(15));
         assert_eq!(&buf[..5], &[0x10, 0x11, 0x12, 0x13, 0x20]);
         // The second page unmapped: 4 bytes.
         m.put64(0x4000 + 8 * 0x101, 0);
-        let n = fetch(
-            0x1000,
-            0x10_0ffc,
-            &mut buf,
-            &mut |a| m.get64(a),
-            &mut |a| m.get(a),
-        );
+        let n = fetch(0x1000, 0x10_0ffc, &mut buf, &mut |a| m.get64(a), &mut |a| {
+            m.get(a)
+        });
         assert_eq!(n, Ok(4));
         // RIP itself unmapped: the walk's error.
         assert_eq!(
-            fetch(
-                0x1000,
-                0x10_1000,
-                &mut buf,
-                &mut |a| m.get64(a),
-                &mut |a| m.get(a)
-            ),
+            fetch(0x1000, 0x10_1000, &mut buf, &mut |a| m.get64(a), &mut |a| m
+                .get(a)),
             Err(WalkError::NotPresent(1))
         );
     }

@@ -72,9 +72,209 @@ fn remapping_on(log: &str) -> Result<(), String> {
     )
 }
 
+/// Every host vector and IRTE was given back once the guests stopped.
+fn routes_freed(log: &str) -> Result<(), String> {
+    need_line(
+        log,
+        &["interrupts: after every guest stopped: 0 device host vector(s) and 0 IRTE(s) in use"],
+    )
+}
+
+/// What both `msi-x-nvme` scenarios must show: MSI-X offered with its table trapped, the
+/// guest's interrupts exactly one per completion on `dest`, the pending bits delivered on
+/// unmask, and every route freed at stop.
+fn msix_nvme_check(log: &str, dest: u32, vcpus: u32) -> Result<(), String> {
+    let bdf = crate::nvme::NVME_BDF;
+    boot_complete(log)?;
+    remapping_on(log)?;
+    need_line(
+        log,
+        &[
+            &format!("guest g0: {bdf}: MSI-X virtualized: "),
+            "table/PBA pages trapped",
+        ],
+    )?;
+    need_line(
+        log,
+        &[
+            &format!("guest g0: {bdf} BAR0 ["),
+            "left unmapped: MSI-X table/PBA, emulated",
+        ],
+    )?;
+    need_line(log, &["g0> msi-x: capability at", "table BAR", "PBA BAR"])?;
+    need_line(
+        log,
+        &[&format!(
+            "guest g0: {bdf}: MSI-X entry 1: vector 0x51 -> vcpu{dest} (host vector"
+        )],
+    )?;
+    let n = 16;
+    need_line(log, &[&format!("g0> msi-x-nvme: {n} I/O(s) with completion interrupt to vcpu {dest}: {n} interrupt(s) on vector 0x51 on vcpu {dest}, {n} with exactly one completion, 0 stray, 0 on 0x53, 0 missed; 0 byte(s) differ")])?;
+    need_line(log, &["g0> msi-x-nvme: entry 1 masked: I/O completed, 0 interrupt(s), PBA bit 1; unmasked: 1 interrupt(s) in all, PBA bit 0 ok"])?;
+    need_line(log, &["g0> msi-x-nvme: admin completion with entry 0 masked: PBA bit 1, 0 interrupt(s) on 0x53; unmasked: 1, PBA bit 0 ok"])?;
+    let test = if dest == 1 {
+        "msi-x-nvme-vcpu1"
+    } else {
+        "msi-x-nvme"
+    };
+    need_line(log, &[&format!("g0> PASS {test}")])?;
+    // Host side: entry 1's interrupts (plus the wake-up of vCPU 1) and entry 0's one, over
+    // two host vectors; each raised on its vCPU was delivered.
+    let wakes = u64::from(dest == 1);
+    let on_dest = n + 1 + wakes;
+    let total = on_dest + 1;
+    need_line(log, &[&format!("guest g0: {bdf}: MSI-X: {total} interrupt(s) taken over 2 host vector(s), 0 storm(s) masked")])?;
+    if vcpus == 1 {
+        need_line(
+            log,
+            &[&format!(
+                "guest g0 vcpu0: interrupts: {total} raised, {total} delivered, {total} EOI(s)"
+            )],
+        )?;
+    } else {
+        need_line(
+            log,
+            &["g0> msi-x-nvme: worker woken to stop by one more completion: left"],
+        )?;
+        need_line(log, &[&format!("guest g0 vcpu1: interrupts: {on_dest} raised, {on_dest} delivered, {on_dest} EOI(s)")])?;
+        need_line(
+            log,
+            &["guest g0 vcpu0: interrupts: 1 raised, 1 delivered, 1 EOI(s)"],
+        )?;
+    }
+    need_line(log, &["guest g0 vcpu0: exited with code 0"])?;
+    routes_freed(log)?;
+    crate::dma::no_leak(log)
+}
+
+/// What `msi-x-attacks` must show.
+fn msix_attacks_check(log: &str) -> Result<(), String> {
+    let bdf = crate::nvme::NVME_BDF;
+    boot_complete(log)?;
+    remapping_on(log)?;
+    if let Some(l) = log
+        .lines()
+        .find(|l| l.contains("g0> msi-x-attacks:") && l.contains("WRONG"))
+    {
+        return Err(format!("wrong answer: {l}"));
+    }
+    need_line(
+        log,
+        &["g0> msi-x-attacks: PBA written with all ones:", "ok"],
+    )?;
+    need_line(
+        log,
+        &[
+            &format!("guest g0: {bdf}: MSI-X page access of 4 byte(s) at"),
+            "(write) ignored: a write to the pending-bit array (read only)",
+        ],
+    )?;
+    for (v, want) in [("0x8", 0), ("0x12", 0), ("0x40", 1)] {
+        need_line(log, &[&format!("g0> msi-x-attacks: entry 1 data {v}: table reads back {v}, {want} interrupt(s) in the guest (want {want}) ok")])?;
+    }
+    for data in ["0x8", "0x12"] {
+        need_line(log, &[&format!("guest g0: {bdf}: MSI-X entry 1 address 0xfee00000 data {data} refused (BadMessage)")])?;
+    }
+    need_line(
+        log,
+        &[&format!(
+            "guest g0: {bdf}: MSI-X entry 1 address 0xfee00010 data 0x51 refused (BadMessage)"
+        )],
+    )?;
+    need_line(log, &["g0> msi-x-attacks: entry 1 with a remappable-format address: 0 interrupt(s) in the guest (want 0) ok"])?;
+    for what in ["2 byte(s)", "1 byte(s)"] {
+        need_line(
+            log,
+            &[
+                &format!("guest g0: {bdf}: MSI-X page access of {what} at"),
+                "ignored: not an aligned dword or qword",
+            ],
+        )?;
+    }
+    need_line(
+        log,
+        &[
+            "g0> msi-x-attacks: 2-byte write, misaligned dword write:",
+            "ok",
+        ],
+    )?;
+    need_line(log, &["g0> msi-x-attacks: qword write made entry 1 live: true; 64 mask/unmask writes under 16 I/Os: all completed", "the next I/O's interrupt arrived ok"])?;
+    need_line(log, &["g0> PASS msi-x-attacks"])?;
+    // The instruction the hypervisor does not emulate stops the guest, not the hypervisor.
+    need_line(
+        log,
+        &[
+            "guest g0 vcpu0: access to the trapped MSI-X page at GPA",
+            "not emulated: instruction not emulated: opcode 0x83 not emulated; guest stopped",
+        ],
+    )?;
+    forbid_line(log, &["FATAL exception"])?;
+    // Nothing reached the host on 8 or 18.
+    for v in [8, 18] {
+        if unowned(log, v) != 0 {
+            return Err(format!("the host took vector {v}"));
+        }
+    }
+    need_line(log, &["g1> PASS spin"])?;
+    need_line(log, &["vm: all guests stopped (2 started of 2 configured)"])?;
+    routes_freed(log)
+}
+
+/// The MSI-X scenarios (NVMe: its MSI-X table is in BAR0).
+fn msix_scenarios(on: Variant) -> Vec<Scenario> {
+    let bdf = crate::nvme::NVME_BDF;
+    let mut v = Vec::new();
+    for (name, vcpus, dest, about) in [
+        (
+            "msi-x-nvme",
+            1u32,
+            0u32,
+            "the guest enables MSI-X on its NVMe controller through the trapped table and waits for each of 16 I/Os by interrupt (HLT): exactly one interrupt per completion on its vector, data read back equal; a masked entry's completion shows in the PBA and is delivered on unmask; IRTEs and host vectors freed at stop",
+        ),
+        (
+            "msi-x-nvme-2vcpu",
+            2,
+            1,
+            "the same with 2 vCPUs, the I/O queue's entry routed to vCPU 1 (halted until each interrupt arrives)",
+        ),
+    ] {
+        let mut s = on.scenario(
+            name,
+            about,
+            crate::nvme::machine(),
+            &format!("guest=name=g0,mem=64M,cpus={vcpus},dev={bdf},policy=strict"),
+            Exit::Success,
+            Box::new(move |log| msix_nvme_check(log, dest, vcpus)),
+        );
+        let test = if dest == 1 { "msi-x-nvme-vcpu1" } else { "msi-x-nvme" };
+        s.modules = module(&format!("g0 {test}=8"));
+        v.push(crate::nvme::with_disk(s));
+    }
+    let mut s = on.scenario(
+        "msi-x-attacks",
+        "through the trapped MSI-X table the guest writes host vectors 8 and 18 (refused, nothing reaches the host; the table reads back what was written), 0x40 (its own vector), a remappable-format address (refused), the PBA (ignored), odd-sized and misaligned accesses (ignored), mask/unmask under traffic; an ADD to the table stops only that guest; the other guest is unaffected",
+        crate::nvme::machine(),
+        &format!("guest=name=g0,mem=64M,dev={bdf},policy=strict guest=name=g1,mem=8M"),
+        Exit::Success,
+        Box::new(msix_attacks_check),
+    );
+    s.modules = vec![
+        BootModule {
+            file: TEST_GUEST,
+            cmdline: "g0 msi-x-attacks msi-x-unemulated".into(),
+        },
+        BootModule {
+            file: TEST_GUEST,
+            cmdline: "g1 spin=20".into(),
+        },
+    ];
+    v.push(crate::nvme::with_disk(s));
+    v
+}
+
 /// The interrupt scenarios on `on`'s machine.
 pub fn scenarios(on: Variant) -> Vec<Scenario> {
-    let mut v = Vec::new();
+    let mut v = msix_scenarios(on);
     let no_ir = || Machine {
         iommu: Some("intel-iommu,intremap=off".into()),
         ..Machine::default()

@@ -57,6 +57,11 @@ fn scenario(
         file: TEST_GUEST,
         cmdline: format!("g0 {tests}"),
     }];
+    with_disk(s)
+}
+
+/// `s` with the NVMe disk image and the NVMe scenarios' time limit.
+pub fn with_disk(mut s: Scenario) -> Scenario {
     s.disks.push((DISK_FILE, DISK_BYTES));
     s.timeout_secs = s.timeout_secs.max(180);
     s

@@ -23,6 +23,7 @@ mod pattern;
 
 pub use bench::bench;
 pub use faults::{errors, faults};
+pub(crate) use pattern::complete;
 pub use pattern::pattern;
 
 const PAGE: u64 = 4096;
@@ -234,8 +235,15 @@ pub(crate) struct Setup {
     pub vcpus: usize,
 }
 
-/// Brings the controller up with one queue pair per vCPU (at most [`MAX_VCPUS`]).
+/// Brings the controller up with one queue pair per vCPU (at most [`MAX_VCPUS`]), completions
+/// polled.
 pub(crate) fn setup(info: &BootInfo) -> Result<Setup, &'static str> {
+    setup_with(info, false)
+}
+
+/// [`setup`], with each queue pair's completions raising an interrupt when `interrupts`:
+/// queue `q` (vCPU `q - 1`'s) at MSI-X table entry `q` (entry 0 is the admin queue's).
+pub(crate) fn setup_with(info: &BootInfo, interrupts: bool) -> Result<Setup, &'static str> {
     let vcpus = (info.vcpus.get() as usize).clamp(1, MAX_VCPUS);
     let (bar, _) = find()?;
     // SAFETY: `find` mapped the BAR uncached; the admin and queue memory are statics of this
@@ -278,7 +286,8 @@ pub(crate) fn setup(info: &BootInfo) -> Result<Setup, &'static str> {
         let mem = QueueMemory {
             gpa: QUEUE_BASE + v as u64 * QUEUE_PAGES * PAGE,
         };
-        match ctrl.create_io_queue(&mut p, &mut m, v as u16 + 1, mem) {
+        let qid = v as u16 + 1;
+        match ctrl.create_io_queue(&mut p, &mut m, qid, mem, interrupts.then_some(qid)) {
             Ok(io) => *q = Some(io),
             Err(e) => {
                 println!("nvme: creating I/O queue {} failed: {e}", v + 1);

@@ -376,6 +376,13 @@ fn enable_interrupt_remapping(i: usize, unit: &mut KernelUnit) {
     }
 }
 
+/// IRTEs handed out and not freed, over every unit.
+pub fn irtes_in_use() -> usize {
+    let n = UNITS.lock().iter().map(|s| s.unit.irtes_in_use()).sum();
+    follow_up();
+    n
+}
+
 /// Whether the enabled unit at `base` remaps interrupts.
 pub fn remaps_interrupts(base: u64) -> bool {
     let on = UNITS

@@ -215,9 +215,14 @@ impl fmt::Display for MmioError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NotLongMode => f.write_str("the vCPU is not in 64-bit mode with paging"),
-            Self::Fetch(e) => write!(f, "instruction fetch through the guest's page tables failed: {e}"),
+            Self::Fetch(e) => write!(
+                f,
+                "instruction fetch through the guest's page tables failed: {e}"
+            ),
             Self::Decode(e) => write!(f, "instruction not emulated: {e}"),
-            Self::Direction => f.write_str("the instruction's direction does not match the fault's"),
+            Self::Direction => {
+                f.write_str("the instruction's direction does not match the fault's")
+            }
         }
     }
 }
@@ -872,11 +877,8 @@ impl Guest {
                     vcpu.complete_instruction();
                     // HLT with interrupts enabled and an interrupt source waits for one;
                     // with interrupts off (or nothing that could wake it) it ends the vCPU.
-                    if !(vcpu.interrupts_enabled()
-                        && (!self.msis.is_empty()
-                            || !self.msix.is_empty()
-                            || vapic.has_work(irqs)))
-                    {
+                    let source = !self.msis.is_empty() || !self.msix.is_empty();
+                    if !(vcpu.interrupts_enabled() && (source || vapic.has_work(irqs))) {
                         break StopReason::Halted {
                             rip: vcpu.reg(Reg::Rip),
                         };

@@ -234,6 +234,11 @@ pub fn run(boot: &BootInfo, config: &Config, platform: &Platform) {
     }
     crate::arch::idt::report_unowned();
     log::info!(
+        "interrupts: after every guest stopped: {} device host vector(s) and {} IRTE(s) in use",
+        route::host_vectors_in_use(),
+        crate::iommu::irtes_in_use()
+    );
+    log::info!(
         "interrupts: VT-d fault event interrupts taken: {}",
         crate::iommu::fault_path_stats().interrupts
     );

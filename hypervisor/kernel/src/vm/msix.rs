@@ -279,7 +279,9 @@ impl DeviceMsix {
                 }
                 (None, None) => "not an aligned dword or qword",
             },
-            Some(MsixAccess::Other(_)) if matches!(size, 4 | 8) && gpa % u64::from(size) == 0 => {
+            Some(MsixAccess::Other(_))
+                if matches!(size, 4 | 8) && gpa.is_multiple_of(u64::from(size)) =>
+            {
                 return self.forward(gpa, size, write);
             }
             Some(MsixAccess::Other(_)) => "not an aligned dword or qword (device register)",
@@ -318,13 +320,10 @@ impl DeviceMsix {
     /// Interrupts taken and storms seen over all entries' routes, and routes allocated.
     pub fn counts(&self) -> (u64, u64, usize) {
         let st = self.state.lock();
-        st.routes
-            .iter()
-            .flatten()
-            .fold((0, 0, 0), |(t, s, n), r| {
-                let (a, b) = r.counts();
-                (t + a, s + b, n + 1)
-            })
+        st.routes.iter().flatten().fold((0, 0, 0), |(t, s, n), r| {
+            let (a, b) = r.counts();
+            (t + a, s + b, n + 1)
+        })
     }
 
     /// Masks every device entry, turns MSI-X off, frees every IRTE and host vector (the

@@ -545,8 +545,7 @@ impl SvmVcpu {
     pub fn instruction_bytes(&self) -> Option<&[u8]> {
         let c = &self.vmcb.control;
         let n = usize::from(c.insn_len).min(c.insn_bytes.len());
-        (self.decode_assists && c.exit_code == exit_code::NPF && n > 0)
-            .then(|| &c.insn_bytes[..n])
+        (self.decode_assists && c.exit_code == exit_code::NPF && n > 0).then(|| &c.insn_bytes[..n])
     }
 
     /// Advances RIP past the instruction that caused the last exit.
