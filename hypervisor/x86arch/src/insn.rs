@@ -6,10 +6,14 @@
 //! effective address: it only needs the instruction's length (prefixes, ModRM, SIB,
 //! displacement, immediate), the direction, the access width and the register or immediate.
 //! Supported: `88`/`89` (store a register), `8A`/`8B` (load a register), `C6 /0`/`C7 /0`
-//! (store an immediate), `0F B6`/`0F B7` (`MOVZX` loads), with the operand-size (`66`),
-//! address-size (`67`) and segment prefixes and a REX prefix. Anything else (another opcode,
-//! a register operand, `LOCK`/`REP`, more than 15 bytes, too few bytes) is a
-//! [`DecodeError`]: the caller refuses the access.
+//! (store an immediate), `0F B6`/`0F B7` (`MOVZX` loads), and the compares a compiler folds a
+//! volatile load into (`38`/`39`/`3A`/`3B` `CMP` with a register, `80`/`81`/`83 /7` `CMP`
+//! with an immediate, `84`/`85` `TEST` with a register, `F6`/`F7 /0` `TEST` with an
+//! immediate: a load that only sets the arithmetic flags, [`compare_flags`]), with the
+//! operand-size (`66`), address-size (`67`) and segment prefixes and a REX prefix. Anything
+//! else (another opcode, a read-modify-write such as `ADD` to memory, a register operand,
+//! `LOCK`/`REP`, more than 15 bytes, too few bytes) is a [`DecodeError`]: the caller refuses
+//! the access.
 
 /// Longest x86 instruction.
 pub const MAX_LEN: usize = 15;
@@ -109,6 +113,58 @@ pub enum MmioOp {
         /// Bytes of the destination operand (>= `size`).
         dst_size: u8,
     },
+    /// A load of `size` bytes that only sets the arithmetic flags: `CMP mem, src` (or
+    /// `CMP src, mem` when `!mem_left`), or `TEST mem, src`.
+    Compare {
+        /// Bytes read and compared (1, 2, 4, 8).
+        size: u8,
+        /// The other operand.
+        src: Source,
+        /// Memory is the left operand (`mem - src`); else `src - mem`.
+        mem_left: bool,
+        /// `TEST` (`mem & src`) rather than `CMP`.
+        test: bool,
+    },
+}
+
+/// RFLAGS bits a compare sets: CF, PF, AF, ZF, SF, OF.
+pub const ARITH_FLAGS: u64 = 0x8d5;
+const CF: u64 = 1;
+const PF: u64 = 1 << 2;
+const AF: u64 = 1 << 4;
+const ZF: u64 = 1 << 6;
+const SF: u64 = 1 << 7;
+const OF: u64 = 1 << 11;
+
+/// The arithmetic flags (within [`ARITH_FLAGS`]) of `CMP a, b` (`a - b`), or of `TEST a, b`
+/// (`a & b`: CF and OF clear; AF, undefined there, clear) on `size`-byte operands.
+pub const fn compare_flags(a: u64, b: u64, size: u8, test: bool) -> u64 {
+    let m = mask(size);
+    let (a, b) = (a & m, b & m);
+    let sign = 1u64 << (8 * size as u32 - 1);
+    let r = if test { a & b } else { a.wrapping_sub(b) & m };
+    let mut f = 0;
+    if !test {
+        if a < b {
+            f |= CF;
+        }
+        if (a ^ b ^ r) & 0x10 != 0 {
+            f |= AF;
+        }
+        if (a ^ b) & (a ^ r) & sign != 0 {
+            f |= OF;
+        }
+    }
+    if r == 0 {
+        f |= ZF;
+    }
+    if r & sign != 0 {
+        f |= SF;
+    }
+    if (r as u8).count_ones().is_multiple_of(2) {
+        f |= PF;
+    }
+    f
 }
 
 /// A decoded instruction.
@@ -222,7 +278,24 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     };
     if !matches!(
         opcode,
-        0x88 | 0x89 | 0x8a | 0x8b | 0xc6 | 0xc7 | 0x0fb6 | 0x0fb7
+        0x88 | 0x89
+            | 0x8a
+            | 0x8b
+            | 0xc6
+            | 0xc7
+            | 0x0fb6
+            | 0x0fb7
+            | 0x38
+            | 0x39
+            | 0x3a
+            | 0x3b
+            | 0x80
+            | 0x81
+            | 0x83
+            | 0x84
+            | 0x85
+            | 0xf6
+            | 0xf7
     ) {
         return Err(DecodeError::Unsupported(opcode));
     }
@@ -246,7 +319,52 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
         disp = 4;
     }
     c.skip(disp)?;
+    // Group opcodes: only CMP (/7) and TEST (/0) read without writing.
+    let group = (reg & 7) as u16;
+    match opcode {
+        0x80 | 0x81 | 0x83 if group != 7 => return Err(DecodeError::Unsupported(opcode)),
+        0xf6 | 0xf7 if group != 0 => return Err(DecodeError::Unsupported(opcode)),
+        _ => {}
+    }
+    // An immediate of `n` bytes sign-extended to `size` bytes.
+    let simm = |c: &mut Cursor<'_>, n: usize, size: u8| -> Result<u64, DecodeError> {
+        let v = c.imm(n)?;
+        let shift = 64 - 8 * n as u32;
+        Ok(((v << shift) as i64 >> shift) as u64 & mask(size))
+    };
+    // The full-size immediate of 81/F7: 2 bytes with 66, else 4 (sign-extended to 8).
+    let iz = if size == 2 { 2 } else { 4 };
     let op = match opcode {
+        0x38 | 0x3a | 0x84 => MmioOp::Compare {
+            size: 1,
+            src: Source::Reg(Gpr::byte(reg, has_rex)),
+            mem_left: opcode != 0x3a,
+            test: opcode == 0x84,
+        },
+        0x39 | 0x3b | 0x85 => MmioOp::Compare {
+            size,
+            src: Source::Reg(Gpr::full(reg)),
+            mem_left: opcode != 0x3b,
+            test: opcode == 0x85,
+        },
+        0x80 | 0xf6 => MmioOp::Compare {
+            size: 1,
+            src: Source::Imm(c.imm(1)?),
+            mem_left: true,
+            test: opcode == 0xf6,
+        },
+        0x83 => MmioOp::Compare {
+            size,
+            src: Source::Imm(simm(&mut c, 1, size)?),
+            mem_left: true,
+            test: false,
+        },
+        0x81 | 0xf7 => MmioOp::Compare {
+            size,
+            src: Source::Imm(simm(&mut c, iz, size)?),
+            mem_left: true,
+            test: opcode == 0xf7,
+        },
         0x88 => MmioOp::Store {
             size: 1,
             src: Source::Reg(Gpr::byte(reg, has_rex)),
@@ -343,10 +461,10 @@ mod tests {
             b.push(0x0f);
         }
         b.push(i.opcode as u8);
-        let reg = if matches!(i.opcode, 0xc6 | 0xc7) {
-            0
-        } else {
-            i.reg & 7
+        let reg = match i.opcode {
+            0xc6 | 0xc7 | 0xf6 | 0xf7 => 0,
+            0x80 | 0x81 | 0x83 => 7,
+            _ => i.reg & 7,
         };
         b.push(i.modrm_mod << 6 | reg << 3 | i.rm);
         let mut disp = match i.modrm_mod {
@@ -366,12 +484,18 @@ mod tests {
         let w = i.rex.is_some_and(|r| r & 8 != 0);
         let o16 = i.prefixes.contains(&0x66);
         match i.opcode {
-            0xc6 => b.push(i.imm as u8),
-            0xc7 if o16 && !w => b.extend_from_slice(&(i.imm as u16).to_le_bytes()),
-            0xc7 => b.extend_from_slice(&i.imm.to_le_bytes()),
+            0xc6 | 0x80 | 0x83 | 0xf6 => b.push(i.imm as u8),
+            0xc7 | 0x81 | 0xf7 if o16 && !w => b.extend_from_slice(&(i.imm as u16).to_le_bytes()),
+            0xc7 | 0x81 | 0xf7 => b.extend_from_slice(&i.imm.to_le_bytes()),
             _ => {}
         }
         b
+    }
+
+    /// `v`'s low `n` bytes sign-extended, cut to `size` bytes.
+    fn sext(v: u32, n: u32, size: u8) -> u64 {
+        let shift = 64 - 8 * n;
+        ((u64::from(v) << shift) as i64 >> shift) as u64 & mask(size)
     }
 
     fn expected(i: &Insn) -> MmioOp {
@@ -400,7 +524,25 @@ mod tests {
             index: reg,
             high_byte: false,
         };
+        let iz = if size == 2 { 2 } else { 4 };
+        let cmp = |size: u8, src: Source, mem_left: bool, test: bool| MmioOp::Compare {
+            size,
+            src,
+            mem_left,
+            test,
+        };
         match i.opcode {
+            0x38 => cmp(1, Source::Reg(byte), true, false),
+            0x3a => cmp(1, Source::Reg(byte), false, false),
+            0x84 => cmp(1, Source::Reg(byte), true, true),
+            0x39 => cmp(size, Source::Reg(full), true, false),
+            0x3b => cmp(size, Source::Reg(full), false, false),
+            0x85 => cmp(size, Source::Reg(full), true, true),
+            0x80 => cmp(1, Source::Imm(u64::from(i.imm as u8)), true, false),
+            0xf6 => cmp(1, Source::Imm(u64::from(i.imm as u8)), true, true),
+            0x83 => cmp(size, Source::Imm(sext(i.imm, 1, size)), true, false),
+            0x81 => cmp(size, Source::Imm(sext(i.imm, iz, size)), true, false),
+            0xf7 => cmp(size, Source::Imm(sext(i.imm, iz, size)), true, true),
             0x88 => MmioOp::Store {
                 size: 1,
                 src: Source::Reg(byte),
@@ -451,7 +593,10 @@ mod tests {
                 0..4,
             ),
             proptest::option::of(0u8..16),
-            prop::sample::select(vec![0x88u16, 0x89, 0x8a, 0x8b, 0xc6, 0xc7, 0x0fb6, 0x0fb7]),
+            prop::sample::select(vec![
+                0x88u16, 0x89, 0x8a, 0x8b, 0xc6, 0xc7, 0x0fb6, 0x0fb7, 0x38, 0x39, 0x3a, 0x3b,
+                0x80, 0x81, 0x83, 0x84, 0x85, 0xf6, 0xf7,
+            ]),
             0u8..3,
             0u8..8,
             0u8..8,
@@ -516,8 +661,128 @@ mod tests {
         }
     }
 
+    /// The compare flags equal what this (x86-64) host's own CMP and TEST produce.
+    #[cfg(target_arch = "x86_64")]
+    fn host_flags(a: u64, b: u64, size: u8, test: bool) -> u64 {
+        let f: u64;
+        macro_rules! run {
+            ($op:literal, $ra:ident, $rb:ident, $ta:ty) => {
+                // SAFETY: a register-only CMP/TEST and a PUSHF/POP on this thread's stack.
+                unsafe {
+                    core::arch::asm!(
+                        concat!($op, " {a:", stringify!($ra), "}, {b:", stringify!($rb), "}"),
+                        "pushfq",
+                        "pop {f}",
+                        a = in(reg) a as $ta,
+                        b = in(reg) b as $ta,
+                        f = out(reg) f,
+                    )
+                }
+            };
+        }
+        match (size, test) {
+            (1, false) => run!("cmp", l, l, u16),
+            (2, false) => run!("cmp", x, x, u16),
+            (4, false) => run!("cmp", e, e, u32),
+            (8, false) => run!("cmp", r, r, u64),
+            (1, true) => run!("test", l, l, u16),
+            (2, true) => run!("test", x, x, u16),
+            (4, true) => run!("test", e, e, u32),
+            _ => run!("test", r, r, u64),
+        }
+        f & ARITH_FLAGS & if test { !AF } else { u64::MAX }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    proptest! {
+        #[test]
+        fn compare_flags_match_the_cpu(
+            a in any::<u64>(),
+            b in any::<u64>(),
+            size in prop::sample::select(vec![1u8, 2, 4, 8]),
+            test in any::<bool>(),
+            equal in any::<bool>(),
+        ) {
+            let b = if equal { a } else { b };
+            prop_assert_eq!(compare_flags(a, b, size, test), host_flags(a, b, size, test));
+        }
+    }
+
+    /// Encodings the test guest's compiler emitted for its MSI-X table accesses (from
+    /// `objdump -d` of the release build).
+    #[test]
+    fn fixed_encodings_from_the_guest() {
+        let r = |index: u8| Gpr {
+            index,
+            high_byte: false,
+        };
+        let load = |size, dst, dst_size| MmioOp::Load {
+            size,
+            dst: r(dst),
+            dst_size,
+        };
+        let store = |size, src| MmioOp::Store { size, src };
+        let cases: &[(&[u8], MmioOp)] = &[
+            // mov eax, dword [r13+0x10]; mov eax, dword [r12] (SIB, no displacement).
+            (&[0x41, 0x8b, 0x45, 0x10], load(4, 0, 4)),
+            (&[0x41, 0x8b, 0x04, 0x24], load(4, 0, 4)),
+            // mov dword [r13+0x18], 0x51; mov dword [r12+2], 0xdeadbeef (misaligned).
+            (
+                &[0x41, 0xc7, 0x45, 0x18, 0x51, 0, 0, 0],
+                store(4, Source::Imm(0x51)),
+            ),
+            (
+                &[0x41, 0xc7, 0x44, 0x24, 0x02, 0xef, 0xbe, 0xad, 0xde],
+                store(4, Source::Imm(0xdead_beef)),
+            ),
+            // mov word [r12+8], 0x1234.
+            (
+                &[0x66, 0x41, 0xc7, 0x44, 0x24, 0x08, 0x34, 0x12],
+                store(2, Source::Imm(0x1234)),
+            ),
+            // mov dword [r13+0x10], eax; mov byte [rcx], sil (REX: SIL, not DH).
+            (&[0x41, 0x89, 0x45, 0x10], store(4, Source::Reg(r(0)))),
+            (&[0x40, 0x88, 0x31], store(1, Source::Reg(r(6)))),
+            // movzx eax, byte [rdi+4]; movzx rax, byte [r12+8]; mov rcx, qword [r12+4].
+            (&[0x0f, 0xb6, 0x47, 0x04], load(1, 0, 4)),
+            (&[0x49, 0x0f, 0xb6, 0x44, 0x24, 0x08], load(1, 0, 8)),
+            (&[0x49, 0x8b, 0x4c, 0x24, 0x04], load(8, 1, 8)),
+            // cmp dword [r14+0x1c], 0: `read_volatile(..) == 0` folded into a compare.
+            (
+                &[0x41, 0x83, 0x7e, 0x1c, 0x00],
+                MmioOp::Compare {
+                    size: 4,
+                    src: Source::Imm(0),
+                    mem_left: true,
+                    test: false,
+                },
+            ),
+            // cmp dword [rdi+0xc], ebx.
+            (
+                &[0x39, 0x5f, 0x0c],
+                MmioOp::Compare {
+                    size: 4,
+                    src: Source::Reg(r(3)),
+                    mem_left: true,
+                    test: false,
+                },
+            ),
+        ];
+        for (bytes, op) in cases {
+            let d = decode(bytes).unwrap();
+            assert_eq!(usize::from(d.len), bytes.len(), "{bytes:x?}");
+            assert_eq!(d.op, *op, "{bytes:x?}");
+        }
+    }
+
     #[test]
     fn refused_forms() {
+        // Read-modify-write: add dword [rax], 1; not dword [rax].
+        assert_eq!(
+            decode(&[0x83, 0x00, 0x01]),
+            Err(DecodeError::Unsupported(0x83))
+        );
+        assert_eq!(decode(&[0xf7, 0x10]), Err(DecodeError::Unsupported(0xf7)));
         // Register operand: mov eax, ecx.
         assert_eq!(decode(&[0x8b, 0xc1]), Err(DecodeError::NotMemory));
         // LOCK, REP.

@@ -205,7 +205,7 @@ pub enum MmioError {
     NotLongMode,
     /// The instruction bytes could not be read through the guest's page tables.
     Fetch(moat_x86arch::walk::WalkError),
-    /// The instruction is not one of the emulated `MOV` forms.
+    /// The instruction is not one of the emulated forms (`MOV`, `MOVZX`, `CMP`, `TEST`).
     Decode(moat_x86arch::insn::DecodeError),
     /// The instruction's direction is not the fault's (a read decoded for a write fault).
     Direction,
@@ -1057,15 +1057,21 @@ impl Guest {
             virqs: &self.virqs,
             apic_of: &apic_of,
         };
+        let operand = |vcpu: &Vcpu, src: Source, size: u8| match src {
+            Source::Reg(g) => g.read(vcpu.reg(GPRS[usize::from(g.index)]), size),
+            Source::Imm(v) => v & insn::mask(size),
+        };
+        // An ignored read returns all ones.
+        let load = |size: u8| match dev.access(gpa, size, None, &t) {
+            msix::Access::Read(v) => v & insn::mask(size),
+            _ => insn::mask(size),
+        };
         match d.op {
             MmioOp::Store { size, src } => {
                 if !access.write {
                     return Some(Err(MmioError::Direction));
                 }
-                let value = match src {
-                    Source::Reg(g) => g.read(vcpu.reg(GPRS[usize::from(g.index)]), size),
-                    Source::Imm(v) => v & insn::mask(size),
-                };
+                let value = operand(vcpu, src, size);
                 dev.access(gpa, size, Some(value), &t);
             }
             MmioOp::Load {
@@ -1076,13 +1082,26 @@ impl Guest {
                 if access.write {
                     return Some(Err(MmioError::Direction));
                 }
-                let value = match dev.access(gpa, size, None, &t) {
-                    msix::Access::Read(v) => v & insn::mask(size),
-                    _ => insn::mask(size),
-                };
+                let value = load(size);
                 let r = GPRS[usize::from(dst.index)];
                 let new = dst.merge(vcpu.reg(r), value, dst_size);
                 vcpu.set_reg(r, new);
+            }
+            // A volatile load the compiler folded into CMP/TEST: only RFLAGS changes.
+            MmioOp::Compare {
+                size,
+                src,
+                mem_left,
+                test,
+            } => {
+                if access.write {
+                    return Some(Err(MmioError::Direction));
+                }
+                let (mem, other) = (load(size), operand(vcpu, src, size));
+                let (a, b) = if mem_left { (mem, other) } else { (other, mem) };
+                let flags = insn::compare_flags(a, b, size, test);
+                let rflags = vcpu.reg(Reg::Rflags) & !insn::ARITH_FLAGS | flags;
+                vcpu.set_reg(Reg::Rflags, rflags);
             }
         }
         let rip = vcpu.reg(Reg::Rip);
