@@ -158,10 +158,9 @@ impl AssignedDevice {
                 v
             };
         }
-        if let Some(x) = &self.msix
-            && let Some(r) = x.register(offset)
-        {
-            return self.vmsix.read(x, r, 0, real());
+        // MSI-X ends the list the guest sees (next pointer 0).
+        if let Some((x, r)) = self.msix.and_then(|x| Some((x, x.register(offset)?))) {
+            return self.vmsix.read(&x, r, 0, real());
         }
         let listed = self.msi.is_some() || self.msix.is_some();
         match offset {
@@ -216,16 +215,13 @@ impl AssignedDevice {
                     state: self.vmsi,
                 }));
         }
-        if let Some(x) = self.msix
-            && let Some(r) = x.register(offset)
-        {
-            return self
-                .vmsix
-                .write(r, value, mask)
-                .then_some(ConfigUpdate::Msix(MsixUpdate {
-                    bdf: self.bdf,
-                    control: self.vmsix,
-                }));
+        if let Some(r) = self.msix.and_then(|x| x.register(offset)) {
+            let changed = self.vmsix.write(r, value, mask);
+            let control = self.vmsix;
+            return changed.then_some(ConfigUpdate::Msix(MsixUpdate {
+                bdf: self.bdf,
+                control,
+            }));
         }
         match offset {
             0x04 if mask & 0xffff != 0 => {

@@ -62,8 +62,8 @@ pub(crate) static TAKEN_ON: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 /// Interrupts taken on [`AUX_VECTOR`].
 pub(crate) static AUX_TAKEN: AtomicU64 = AtomicU64::new(0);
 /// Cycles from the host handler to this handler: sum and minimum.
-static COST_SUM: AtomicU64 = AtomicU64::new(0);
-static COST_MIN: AtomicU64 = AtomicU64::new(u64::MAX);
+pub(crate) static COST_SUM: AtomicU64 = AtomicU64::new(0);
+pub(crate) static COST_MIN: AtomicU64 = AtomicU64::new(u64::MAX);
 /// Interrupts on any other vector of the interrupt IDT.
 pub(crate) static STRAY: AtomicU64 = AtomicU64::new(0);
 /// Set when vCPU 1 should leave its halt loop.

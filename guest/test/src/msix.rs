@@ -255,6 +255,12 @@ pub fn nvme_irq(info: &BootInfo, n: u64, dest: u8) -> Outcome {
         "msi-x-nvme: {} I/O(s) with completion interrupt to vcpu {dest}: {taken} interrupt(s) on vector {MSI_VECTOR:#x} on vcpu {dest}, {batches} with exactly one completion, {stray} stray, {aux} on {AUX_VECTOR:#x}, {missed} missed; {differ} byte(s) differ",
         2 * n
     );
+    println!(
+        "msi-x-nvme: host handler -> guest handler: min {} cycles, mean {} cycles (TSC {} MHz)",
+        irq::COST_MIN.load(SeqCst),
+        irq::COST_SUM.load(SeqCst) / TAKEN.load(SeqCst).max(1),
+        info.tsc_khz.get() / 1000
+    );
     let mut failures = u32::from(
         taken != 2 * n || batches != 2 * n || stray != 0 || aux != 0 || missed != 0 || differ != 0,
     );
@@ -272,13 +278,14 @@ pub fn nvme_irq(info: &BootInfo, n: u64, dest: u8) -> Outcome {
     crate::dma::delay_ms(info, 100);
     let (after, pend_after) = (TAKEN_ON[on].load(SeqCst) - before, m.pending(1));
     let ok = during == 0 && pend && after == 1 && !pend_after;
-    println!(
-        "msi-x-nvme: entry 1 masked: I/O completed, {during} interrupt(s), PBA bit {}; unmasked: {after} interrupt(s) in all, PBA bit {} {}",
-        u8::from(pend),
-        u8::from(pend_after),
-        if ok { "ok" } else { "WRONG" }
+    failures += report(
+        ok,
+        format_args!(
+            "msi-x-nvme: entry 1 masked: I/O completed, {during} interrupt(s), PBA bit {}; unmasked: {after} interrupt(s) in all, PBA bit {}",
+            u8::from(pend),
+            u8::from(pend_after),
+        ),
     );
-    failures += u32::from(!ok);
 
     // Entry 0 (the admin queue's, masked from the start): its completions (the set-up's and
     // one more admin command's) leave its pending bit; the unmask delivers AUX_VECTOR once.
@@ -288,14 +295,11 @@ pub fn nvme_irq(info: &BootInfo, n: u64, dest: u8) -> Outcome {
     m.mask(0, false);
     crate::dma::delay_ms(info, 100);
     let (aux1, pend0_after) = (AUX_TAKEN.load(SeqCst), m.pending(0));
-    let ok = pend0 && aux0 == 0 && aux1 == 1 && !pend0_after;
-    println!(
-        "msi-x-nvme: admin completion with entry 0 masked: PBA bit {}, {aux0} interrupt(s) on {AUX_VECTOR:#x}; unmasked: {aux1}, PBA bit {} {}",
-        u8::from(pend0),
-        u8::from(pend0_after),
-        if ok { "ok" } else { "WRONG" }
+    let (bit, bit_after) = (u8::from(pend0), u8::from(pend0_after));
+    failures += report(
+        bit == 1 && aux0 == 0 && aux1 == 1 && bit_after == 0,
+        format_args!("msi-x-nvme: admin completion with entry 0 masked: PBA bit {bit}, {aux0} interrupt(s) on {AUX_VECTOR:#x}; unmasked: {aux1}, PBA bit {bit_after}"),
     );
-    failures += u32::from(!ok);
 
     if dest == 1 {
         // One more completion wakes the halted worker so it sees DONE.
@@ -320,6 +324,12 @@ pub fn nvme_irq(info: &BootInfo, n: u64, dest: u8) -> Outcome {
         return Err("MSI-X interrupts were not exactly one per completion");
     }
     Ok(())
+}
+
+/// Prints `what` with its verdict; 1 when it is wrong.
+fn report(ok: bool, what: core::fmt::Arguments<'_>) -> u32 {
+    println!("{what} {}", if ok { "ok" } else { "WRONG" });
+    u32::from(!ok)
 }
 
 /// Interrupts of every vector the guest took.
@@ -358,23 +368,24 @@ pub fn attacks(info: &BootInfo) -> Outcome {
     // SAFETY: the PBA's first dword, identity-mapped uncached (`Msix::find`).
     unsafe { core::ptr::write_volatile(m.pba as *mut u32, u32::MAX) };
     let after = m.pba_dword(0);
-    println!(
-        "msi-x-attacks: PBA written with all ones: reads {before:#x} before, {after:#x} after {}",
-        if before == after { "ok" } else { "WRONG" }
+    failures += report(
+        before == after,
+        format_args!(
+            "msi-x-attacks: PBA written with all ones: reads {before:#x} before, {after:#x} after",
+        ),
     );
-    failures += u32::from(before != after);
 
     for vector in [8u8, 18, 0x40] {
         m.program(1, 0, vector, false);
         let back = m.read(1, 2);
         let got = io_and_count(info, &mut s)?;
         let want = u64::from(vector >= 32);
-        let ok = got == want && back == u32::from(vector);
-        println!(
-            "msi-x-attacks: entry 1 data {vector:#x}: table reads back {back:#x}, {got} interrupt(s) in the guest (want {want}) {}",
-            if ok { "ok" } else { "WRONG" }
+        failures += report(
+            got == want && back == u32::from(vector),
+            format_args!(
+                "msi-x-attacks: entry 1 data {vector:#x}: table reads back {back:#x}, {got} interrupt(s) in the guest (want {want})"
+            ),
         );
-        failures += u32::from(!ok);
         m.mask(1, true);
     }
     // A remappable-format address (bit 4): naming an IRTE is the hypervisor's privilege.
@@ -382,11 +393,12 @@ pub fn attacks(info: &BootInfo) -> Outcome {
     m.write(1, 2, u32::from(MSI_VECTOR));
     m.mask(1, false);
     let got = io_and_count(info, &mut s)?;
-    println!(
-        "msi-x-attacks: entry 1 with a remappable-format address: {got} interrupt(s) in the guest (want 0) {}",
-        if got == 0 { "ok" } else { "WRONG" }
+    failures += report(
+        got == 0,
+        format_args!(
+            "msi-x-attacks: entry 1 with a remappable-format address: {got} interrupt(s) in the guest (want 0)",
+        ),
     );
-    failures += u32::from(got != 0);
     m.mask(1, true);
 
     // Odd-sized and misaligned accesses to entry 1 (masked, MSI_VECTOR to vCPU 0).
@@ -415,11 +427,12 @@ pub fn attacks(info: &BootInfo) -> Outcome {
         && misaligned == u64::MAX
         && qword == u64::from(address(0))
         && entry == [address(0), 0, u32::from(MSI_VECTOR), 1];
-    println!(
-        "msi-x-attacks: 2-byte write, misaligned dword write: entry reads {entry:x?}; byte read {byte:#x}, misaligned qword read {misaligned:#x}, aligned qword read {qword:#x} {}",
-        if ok { "ok" } else { "WRONG" }
+    failures += report(
+        ok,
+        format_args!(
+            "msi-x-attacks: 2-byte write, misaligned dword write: entry reads {entry:x?}; byte read {byte:#x}, misaligned qword read {misaligned:#x}, aligned qword read {qword:#x}",
+        ),
     );
-    failures += u32::from(!ok);
     // An aligned qword write (data and vector control at once): emulated.
     // SAFETY: as above, an aligned qword of entry 1.
     unsafe { core::ptr::write_volatile((e1 + 8) as *mut u64, u64::from(MSI_VECTOR)) };
@@ -451,12 +464,13 @@ pub fn attacks(info: &BootInfo) -> Outcome {
     let arrived = irq::wait_taken(info, 0, before + 1, 2000, true);
     poll(&mut s, 1)?;
     let ok = live && arrived && under >= 1;
-    println!(
-        "msi-x-attacks: qword write made entry 1 live: {live}; 64 mask/unmask writes under 16 I/Os: all completed, {under} interrupt(s); the next I/O's interrupt {} {}",
-        if arrived { "arrived" } else { "did NOT arrive" },
-        if ok { "ok" } else { "WRONG" }
+    failures += report(
+        ok,
+        format_args!(
+            "msi-x-attacks: qword write made entry 1 live: {live}; 64 mask/unmask writes under 16 I/Os: all completed, {under} interrupt(s); the next I/O's interrupt {}",
+            if arrived { "arrived" } else { "did NOT arrive" },
+        ),
     );
-    failures += u32::from(!ok);
     irq::cli();
     m.control(false, false);
     s.teardown()?;

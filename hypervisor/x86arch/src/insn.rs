@@ -129,12 +129,29 @@ pub enum MmioOp {
 
 /// RFLAGS bits a compare sets: CF, PF, AF, ZF, SF, OF.
 pub const ARITH_FLAGS: u64 = 0x8d5;
-const CF: u64 = 1;
-const PF: u64 = 1 << 2;
-const AF: u64 = 1 << 4;
-const ZF: u64 = 1 << 6;
-const SF: u64 = 1 << 7;
-const OF: u64 = 1 << 11;
+const CF: u64 = Flag::Carry as u64;
+const PF: u64 = Flag::Parity as u64;
+const AF: u64 = Flag::Adjust as u64;
+const ZF: u64 = Flag::Zero as u64;
+const SF: u64 = Flag::Sign as u64;
+const OF: u64 = Flag::Overflow as u64;
+
+/// The arithmetic flags, by their RFLAGS bit.
+#[repr(u64)]
+enum Flag {
+    /// Carry (borrow of a subtraction).
+    Carry = 1,
+    /// Even parity of the result's low byte.
+    Parity = 1 << 2,
+    /// Carry out of bit 3.
+    Adjust = 1 << 4,
+    /// Zero result.
+    Zero = 1 << 6,
+    /// Sign bit of the result.
+    Sign = 1 << 7,
+    /// Signed overflow.
+    Overflow = 1 << 11,
+}
 
 /// The arithmetic flags (within [`ARITH_FLAGS`]) of `CMP a, b` (`a - b`), or of `TEST a, b`
 /// (`a & b`: CF and OF clear; AF, undefined there, clear) on `size`-byte operands.
@@ -509,16 +526,11 @@ mod tests {
             4
         };
         let reg = (i.reg & 7) | ((rex >> 2) & 1) << 3;
-        let byte = if i.rex.is_none() && (4..8).contains(&reg) {
-            Gpr {
-                index: reg - 4,
-                high_byte: true,
-            }
-        } else {
-            Gpr {
-                index: reg,
-                high_byte: false,
-            }
+        // Byte registers 4..8 are AH, CH, DH, BH without a REX prefix.
+        let high = i.rex.is_none() && (4..8).contains(&reg);
+        let byte = Gpr {
+            index: reg - 4 * u8::from(high),
+            high_byte: high,
         };
         let full = Gpr {
             index: reg,

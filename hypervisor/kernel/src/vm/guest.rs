@@ -1066,11 +1066,11 @@ impl Guest {
             msix::Access::Read(v) => v & insn::mask(size),
             _ => insn::mask(size),
         };
+        if matches!(d.op, MmioOp::Store { .. }) != access.write {
+            return Some(Err(MmioError::Direction));
+        }
         match d.op {
             MmioOp::Store { size, src } => {
-                if !access.write {
-                    return Some(Err(MmioError::Direction));
-                }
                 let value = operand(vcpu, src, size);
                 dev.access(gpa, size, Some(value), &t);
             }
@@ -1079,9 +1079,6 @@ impl Guest {
                 dst,
                 dst_size,
             } => {
-                if access.write {
-                    return Some(Err(MmioError::Direction));
-                }
                 let value = load(size);
                 let r = GPRS[usize::from(dst.index)];
                 let new = dst.merge(vcpu.reg(r), value, dst_size);
@@ -1094,9 +1091,6 @@ impl Guest {
                 mem_left,
                 test,
             } => {
-                if access.write {
-                    return Some(Err(MmioError::Direction));
-                }
                 let (mem, other) = (load(size), operand(vcpu, src, size));
                 let (a, b) = if mem_left { (mem, other) } else { (other, mem) };
                 let flags = insn::compare_flags(a, b, size, test);
