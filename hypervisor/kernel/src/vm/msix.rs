@@ -8,7 +8,7 @@
 //! The device's own table belongs to the hypervisor. Every entry is masked unless the guest's
 //! entry is live (MSI-X enabled, function not masked, entry not masked) with a valid message:
 //! then the entry gets a [`HostRoute`] of its own (a host vector and an IRTE, allocated the
-//! first time and kept until the guest stops), aimed at the vCPU the guest's address names,
+//! first time and kept until the guest stops; at most [`MAX_ROUTES`] per function), aimed at the vCPU the guest's address names,
 //! and the device's entry is programmed with the IRTE's remappable-format address and
 //! unmasked. While the guest's entry is masked the device's is too, so the device records a
 //! pending bit in its own PBA, which the guest reads through (its unmask then lets the
@@ -38,6 +38,9 @@ static IGNORED_LOG: RateLimit = RateLimit::new();
 
 /// Vector control: the entry's mask bit.
 const MASKED: u32 = 1;
+/// Entries of one function that may hold a host vector at once: the host's 32 device
+/// vectors are shared by every guest, so one function cannot take them all.
+pub const MAX_ROUTES: usize = 8;
 
 /// Where a guest's access went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,8 +178,9 @@ impl DeviceMsix {
         if !c.enabled || c.function_masked || e.masked {
             return;
         }
+        let held = st.routes.iter().flatten().count();
         let slot = &mut st.routes[usize::from(i)];
-        if slot.is_none() {
+        if slot.is_none() && held < MAX_ROUTES {
             *slot = HostRoute::new(self.bdf, self.unit);
         }
         let result = match slot {
