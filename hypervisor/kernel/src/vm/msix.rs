@@ -178,24 +178,28 @@ impl DeviceMsix {
         if !c.enabled || c.function_masked || e.masked {
             return;
         }
+        // A message that cannot be followed takes no host vector.
+        let target = st.table.target(i, &c);
         let held = st.routes.iter().flatten().count();
         let slot = &mut st.routes[usize::from(i)];
-        if slot.is_none() && held < MAX_ROUTES {
+        if slot.is_none() && target.is_some() && held < MAX_ROUTES {
             *slot = HostRoute::new(self.bdf, self.unit);
         }
-        let result = match slot {
-            Some(route) => {
+        let result = match (slot, target) {
+            (route, None) => {
+                // The entry's earlier route, if any, stops delivering.
+                if let Some(r) = route {
+                    r.clear();
+                }
+                Err(Refused::BadMessage)
+            }
+            (Some(route), msg) => {
                 let vc = self.table + u64::from(i) * u64::from(ENTRY_SIZE) + 12;
                 route
-                    .aim(
-                        st.table.target(i, &c),
-                        t.virqs,
-                        t.apic_of,
-                        Masker::MsixEntry(self.bdf, vc),
-                    )
+                    .aim(msg, t.virqs, t.apic_of, Masker::MsixEntry(self.bdf, vc))
                     .map(|(vcpu, vector)| (vcpu, vector, route.host_vector(), route.irte()))
             }
-            None => Err(Refused::Exhausted),
+            (None, Some(_)) => Err(Refused::Exhausted),
         };
         if let Ok((_, _, _, irte)) = result {
             let m = remappable_msi(irte);
