@@ -6,9 +6,11 @@
 //! effective address: it only needs the instruction's length (prefixes, ModRM, SIB,
 //! displacement, immediate), the direction, the access width and the register or immediate.
 //! Supported: `88`/`89` (store a register), `8A`/`8B` (load a register), `C6 /0`/`C7 /0`
-//! (store an immediate), `0F B6`/`0F B7` (`MOVZX` loads), and the compares a compiler folds a
-//! volatile load into (`38`/`39`/`3A`/`3B` `CMP` with a register, `80`/`81`/`83 /7` `CMP`
-//! with an immediate, `84`/`85` `TEST` with a register, `F6`/`F7 /0` `TEST` with an
+//! (store an immediate), `0F B6`/`0F B7` (`MOVZX` loads), and what a compiler folds a
+//! volatile load into: the register-destination ALU forms (`02`/`03` `ADD`, `0A`/`0B` `OR`,
+//! `12`/`13` `ADC`, `1A`/`1B` `SBB`, `22`/`23` `AND`, `2A`/`2B` `SUB`, `32`/`33` `XOR`:
+//! [`alu`]) and the compares (`38`/`39`/`3A`/`3B` `CMP` with a register, `80`/`81`/`83 /7`
+//! `CMP` with an immediate, `84`/`85` `TEST` with a register, `F6`/`F7 /0` `TEST` with an
 //! immediate: a load that only sets the arithmetic flags, [`compare_flags`]), with the
 //! operand-size (`66`), address-size (`67`) and segment prefixes and a REX prefix. Anything
 //! else (another opcode, a read-modify-write such as `ADD` to memory, a register operand,
@@ -113,6 +115,16 @@ pub enum MmioOp {
         /// Bytes of the destination operand (>= `size`).
         dst_size: u8,
     },
+    /// A load of `size` bytes into an ALU operation on a register: `dst = dst op mem`
+    /// (`02`/`03`, `0A`/`0B`, ... `32`/`33`), with the flags set.
+    Alu {
+        /// Bytes read (1, 2, 4, 8), also the operand size.
+        size: u8,
+        /// The operation (never `Cmp`: that is [`MmioOp::Compare`]).
+        op: AluOp,
+        /// The destination register (also the left operand).
+        dst: Gpr,
+    },
     /// A load of `size` bytes that only sets the arithmetic flags: `CMP mem, src` (or
     /// `CMP src, mem` when `!mem_left`), or `TEST mem, src`.
     Compare {
@@ -153,24 +165,81 @@ enum Flag {
     Overflow = 1 << 11,
 }
 
-/// The arithmetic flags (within [`ARITH_FLAGS`]) of `CMP a, b` (`a - b`), or of `TEST a, b`
-/// (`a & b`: CF and OF clear; AF, undefined there, clear) on `size`-byte operands.
-pub const fn compare_flags(a: u64, b: u64, size: u8, test: bool) -> u64 {
+/// The eight classic ALU operations, in their encoding order (bits 5:3 of `00`..`3F`, or the
+/// ModRM reg field of `80`/`81`/`83`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AluOp {
+    /// `a + b`.
+    Add,
+    /// `a | b`.
+    Or,
+    /// `a + b + CF`.
+    Adc,
+    /// `a - b - CF`.
+    Sbb,
+    /// `a & b` (also `TEST`).
+    And,
+    /// `a - b`.
+    Sub,
+    /// `a ^ b`.
+    Xor,
+    /// `a - b`, flags only.
+    Cmp,
+}
+
+impl AluOp {
+    const ALL: [AluOp; 8] = [
+        AluOp::Add,
+        AluOp::Or,
+        AluOp::Adc,
+        AluOp::Sbb,
+        AluOp::And,
+        AluOp::Sub,
+        AluOp::Xor,
+        AluOp::Cmp,
+    ];
+
+    /// Whether the result is written back (all but `CMP`).
+    pub const fn writes(self) -> bool {
+        !matches!(self, AluOp::Cmp)
+    }
+}
+
+/// `a op b` on `size`-byte operands with carry in `carry` (ADC, SBB): the result (cut to
+/// `size` bytes) and its arithmetic flags (within [`ARITH_FLAGS`]; the logic operations clear
+/// CF and OF, and AF, which they leave undefined).
+pub const fn alu(op: AluOp, a: u64, b: u64, carry: bool, size: u8) -> (u64, u64) {
     let m = mask(size);
     let (a, b) = (a & m, b & m);
     let sign = 1u64 << (8 * size as u32 - 1);
-    let r = if test { a & b } else { a.wrapping_sub(b) & m };
+    let c = carry as u64;
+    // Wide arithmetic: the carry or borrow out of the top bit is bit 8 * size (or the u128's).
+    let (r, cf, of, arith) = match op {
+        AluOp::Add | AluOp::Adc => {
+            let cin = if matches!(op, AluOp::Adc) { c } else { 0 };
+            let wide = a as u128 + b as u128 + cin as u128;
+            let r = wide as u64 & m;
+            (r, wide > m as u128, !(a ^ b) & (a ^ r) & sign != 0, true)
+        }
+        AluOp::Sub | AluOp::Sbb | AluOp::Cmp => {
+            let bin = if matches!(op, AluOp::Sbb) { c } else { 0 };
+            let r = a.wrapping_sub(b).wrapping_sub(bin) & m;
+            let borrow = (a as u128) < b as u128 + bin as u128;
+            (r, borrow, (a ^ b) & (a ^ r) & sign != 0, true)
+        }
+        AluOp::Or => (a | b, false, false, false),
+        AluOp::And => (a & b, false, false, false),
+        AluOp::Xor => (a ^ b, false, false, false),
+    };
     let mut f = 0;
-    if !test {
-        if a < b {
-            f |= CF;
-        }
-        if (a ^ b ^ r) & 0x10 != 0 {
-            f |= AF;
-        }
-        if (a ^ b) & (a ^ r) & sign != 0 {
-            f |= OF;
-        }
+    if cf {
+        f |= CF;
+    }
+    if of {
+        f |= OF;
+    }
+    if arith && (a ^ b ^ r) & 0x10 != 0 {
+        f |= AF;
     }
     if r == 0 {
         f |= ZF;
@@ -181,7 +250,14 @@ pub const fn compare_flags(a: u64, b: u64, size: u8, test: bool) -> u64 {
     if (r as u8).count_ones().is_multiple_of(2) {
         f |= PF;
     }
-    f
+    (r, f)
+}
+
+/// The arithmetic flags of `CMP a, b` (`a - b`), or of `TEST a, b` (`a & b`), on `size`-byte
+/// operands (see [`alu`]).
+pub const fn compare_flags(a: u64, b: u64, size: u8, test: bool) -> u64 {
+    let op = if test { AluOp::And } else { AluOp::Cmp };
+    alu(op, a, b, false, size).1
 }
 
 /// A decoded instruction.
@@ -302,6 +378,20 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
             | 0xc7
             | 0x0fb6
             | 0x0fb7
+            | 0x02
+            | 0x03
+            | 0x0a
+            | 0x0b
+            | 0x12
+            | 0x13
+            | 0x1a
+            | 0x1b
+            | 0x22
+            | 0x23
+            | 0x2a
+            | 0x2b
+            | 0x32
+            | 0x33
             | 0x38
             | 0x39
             | 0x3a
@@ -352,6 +442,23 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     // The full-size immediate of 81/F7: 2 bytes with 66, else 4 (sign-extended to 8).
     let iz = if size == 2 { 2 } else { 4 };
     let op = match opcode {
+        // op r8, r/m8 and op r, r/m: the register is the destination.
+        0x02..=0x33 => {
+            let alu = AluOp::ALL[usize::from(opcode >> 3)];
+            if opcode & 1 == 0 {
+                MmioOp::Alu {
+                    size: 1,
+                    op: alu,
+                    dst: Gpr::byte(reg, has_rex),
+                }
+            } else {
+                MmioOp::Alu {
+                    size,
+                    op: alu,
+                    dst: Gpr::full(reg),
+                }
+            }
+        }
         0x38 | 0x3a | 0x84 => MmioOp::Compare {
             size: 1,
             src: Source::Reg(Gpr::byte(reg, has_rex)),
@@ -543,7 +650,18 @@ mod tests {
             mem_left,
             test,
         };
+        let alu = AluOp::ALL[usize::from(i.opcode >> 3) & 7];
         match i.opcode {
+            0x02 | 0x0a | 0x12 | 0x1a | 0x22 | 0x2a | 0x32 => MmioOp::Alu {
+                size: 1,
+                op: alu,
+                dst: byte,
+            },
+            0x03 | 0x0b | 0x13 | 0x1b | 0x23 | 0x2b | 0x33 => MmioOp::Alu {
+                size,
+                op: alu,
+                dst: full,
+            },
             0x38 => cmp(1, Source::Reg(byte), true, false),
             0x3a => cmp(1, Source::Reg(byte), false, false),
             0x84 => cmp(1, Source::Reg(byte), true, true),
@@ -607,7 +725,8 @@ mod tests {
             proptest::option::of(0u8..16),
             prop::sample::select(vec![
                 0x88u16, 0x89, 0x8a, 0x8b, 0xc6, 0xc7, 0x0fb6, 0x0fb7, 0x38, 0x39, 0x3a, 0x3b,
-                0x80, 0x81, 0x83, 0x84, 0x85, 0xf6, 0xf7,
+                0x80, 0x81, 0x83, 0x84, 0x85, 0xf6, 0xf7, 0x02, 0x03, 0x0a, 0x0b, 0x12, 0x13, 0x1a,
+                0x1b, 0x22, 0x23, 0x2a, 0x2b, 0x32, 0x33,
             ]),
             0u8..3,
             0u8..8,
@@ -673,50 +792,75 @@ mod tests {
         }
     }
 
-    /// The compare flags equal what this (x86-64) host's own CMP and TEST produce.
+    /// What this (x86-64) host's own instruction gives for `a op b` with carry in `carry`:
+    /// the result and the arithmetic flags (AF masked for the logic operations, where it is
+    /// undefined).
     #[cfg(target_arch = "x86_64")]
-    fn host_flags(a: u64, b: u64, size: u8, test: bool) -> u64 {
-        let f: u64;
+    fn host_alu(op: AluOp, a: u64, b: u64, carry: bool, size: u8) -> (u64, u64) {
+        let (mut r, f): (u64, u64);
         macro_rules! run {
-            ($op:literal, $ra:ident, $rb:ident, $ta:ty) => {
-                // SAFETY: a register-only CMP/TEST and a PUSHF/POP on this thread's stack.
+            ($op:literal, $reg:ident) => {
+                // SAFETY: register-only arithmetic and a PUSHF/POP on this thread's stack.
                 unsafe {
                     core::arch::asm!(
-                        concat!($op, " {a:", stringify!($ra), "}, {b:", stringify!($rb), "}"),
+                        "bt {c}, 0",
+                        concat!($op, " {a:", stringify!($reg), "}, {b:", stringify!($reg), "}"),
                         "pushfq",
                         "pop {f}",
-                        a = in(reg) a as $ta,
-                        b = in(reg) b as $ta,
+                        c = in(reg) u64::from(carry),
+                        a = inout(reg) a => r,
+                        b = in(reg) b,
                         f = out(reg) f,
                     )
                 }
             };
         }
-        match (size, test) {
-            (1, false) => run!("cmp", l, l, u16),
-            (2, false) => run!("cmp", x, x, u16),
-            (4, false) => run!("cmp", e, e, u32),
-            (8, false) => run!("cmp", r, r, u64),
-            (1, true) => run!("test", l, l, u16),
-            (2, true) => run!("test", x, x, u16),
-            (4, true) => run!("test", e, e, u32),
-            _ => run!("test", r, r, u64),
+        macro_rules! sized {
+            ($op:literal) => {
+                match size {
+                    1 => run!($op, l),
+                    2 => run!($op, x),
+                    4 => run!($op, e),
+                    _ => run!($op, r),
+                }
+            };
         }
-        f & ARITH_FLAGS & if test { !AF } else { u64::MAX }
+        match op {
+            AluOp::Add => sized!("add"),
+            AluOp::Or => sized!("or"),
+            AluOp::Adc => sized!("adc"),
+            AluOp::Sbb => sized!("sbb"),
+            AluOp::And => sized!("and"),
+            AluOp::Sub => sized!("sub"),
+            AluOp::Xor => sized!("xor"),
+            AluOp::Cmp => sized!("cmp"),
+        }
+        if !op.writes() {
+            r = a;
+        }
+        let logic = matches!(op, AluOp::Or | AluOp::And | AluOp::Xor);
+        (
+            r & mask(size),
+            f & ARITH_FLAGS & if logic { !AF } else { u64::MAX },
+        )
     }
 
     #[cfg(target_arch = "x86_64")]
     proptest! {
         #[test]
-        fn compare_flags_match_the_cpu(
+        fn alu_results_and_flags_match_the_cpu(
+            op in prop::sample::select(AluOp::ALL.to_vec()),
             a in any::<u64>(),
             b in any::<u64>(),
+            carry in any::<bool>(),
             size in prop::sample::select(vec![1u8, 2, 4, 8]),
-            test in any::<bool>(),
             equal in any::<bool>(),
         ) {
             let b = if equal { a } else { b };
-            prop_assert_eq!(compare_flags(a, b, size, test), host_flags(a, b, size, test));
+            let (r, f) = alu(op, a, b, carry, size);
+            let (hr, hf) = host_alu(op, a, b, carry, size);
+            prop_assert_eq!(if op.writes() { r } else { a & mask(size) }, hr);
+            prop_assert_eq!(f, hf);
         }
     }
 
@@ -767,6 +911,15 @@ mod tests {
                     src: Source::Imm(0),
                     mem_left: true,
                     test: false,
+                },
+            ),
+            // add eax, dword [rdx+0x18]: `sum.wrapping_add(read_volatile(..))` folded.
+            (
+                &[0x03, 0x42, 0x18],
+                MmioOp::Alu {
+                    size: 4,
+                    op: AluOp::Add,
+                    dst: r(0),
                 },
             ),
             // cmp dword [rdi+0xc], ebx.

@@ -205,7 +205,8 @@ pub enum MmioError {
     NotLongMode,
     /// The instruction bytes could not be read through the guest's page tables.
     Fetch(moat_x86arch::walk::WalkError),
-    /// The instruction is not one of the emulated forms (`MOV`, `MOVZX`, `CMP`, `TEST`).
+    /// The instruction is not one of the emulated forms (`MOV`, `MOVZX`, an ALU operation
+    /// into a register, `CMP`, `TEST`).
     Decode(moat_x86arch::insn::DecodeError),
     /// The instruction's direction is not the fault's (a read decoded for a write fault).
     Direction,
@@ -1083,6 +1084,17 @@ impl Guest {
                 let r = GPRS[usize::from(dst.index)];
                 let new = dst.merge(vcpu.reg(r), value, dst_size);
                 vcpu.set_reg(r, new);
+            }
+            // A volatile load the compiler folded into an ALU operation on a register.
+            MmioOp::Alu { size, op, dst } => {
+                let r = GPRS[usize::from(dst.index)];
+                let carry = vcpu.reg(Reg::Rflags) & 1 != 0;
+                let (value, flags) =
+                    insn::alu(op, dst.read(vcpu.reg(r), size), load(size), carry, size);
+                let new = dst.merge(vcpu.reg(r), value, size);
+                vcpu.set_reg(r, new);
+                let rflags = vcpu.reg(Reg::Rflags) & !insn::ARITH_FLAGS | flags;
+                vcpu.set_reg(Reg::Rflags, rflags);
             }
             // A volatile load the compiler folded into CMP/TEST: only RFLAGS changes.
             MmioOp::Compare {
