@@ -3,8 +3,10 @@
 //! instructions.
 //!
 //! - [`tsc`]: the TSC frequency from CPUID leaves 0x15 / 0x16;
-//! - [`vmx`]: Intel VMX capability MSRs, control adjustment, VMCS fields, exit decoding.
+//! - [`vmx`]: Intel VMX capability MSRs, control adjustment, VMCS fields, exit decoding;
+//! - [`lapic`]: the virtual local APIC guests get (x2APIC MSRs, priorities, timer).
 #![no_std]
 
+pub mod lapic;
 pub mod tsc;
 pub mod vmx;
