@@ -31,7 +31,7 @@ static mut IDT: Idt = Idt([0; 64]);
 
 /// Installs the IDT with the #GP handler (code selector 0x08 of the hypervisor-built GDT).
 pub fn install() {
-    let handler = guest_gp_entry as *const () as u64;
+    let handler = gp_entry();
     let low = (handler & 0xffff) | 0x08 << 16 | 0x8e00 << 32 | (handler >> 16 & 0xffff) << 48;
     let high = handler >> 32;
     // SAFETY: only vCPU 0 runs tests, once at a time; the IDT is a static that lives forever.
@@ -46,6 +46,11 @@ pub fn install() {
         desc[2..].copy_from_slice(&base.to_le_bytes());
         core::arch::asm!("lidt [{}]", in(reg) desc.as_ptr(), options(nostack));
     }
+}
+
+/// The address of the #GP handler (for other test IDTs).
+pub fn gp_entry() -> u64 {
+    guest_gp_entry as *const () as u64
 }
 
 /// Drops the IDT again (limit 0).

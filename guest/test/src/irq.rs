@@ -68,22 +68,7 @@ static WORKER_READY: AtomicBool = AtomicBool::new(false);
 /// Set when vCPU 1 has left its halt loop.
 static WORKER_EXITED: AtomicBool = AtomicBool::new(false);
 
-fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: RDMSR of an MSR the hypervisor's virtual local APIC answers.
-    unsafe {
-        core::arch::asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack))
-    };
-    u64::from(hi) << 32 | u64::from(lo)
-}
-
-fn wrmsr(msr: u32, value: u64) {
-    // SAFETY: WRMSR of the virtual local APIC's EOI register.
-    unsafe {
-        core::arch::asm!("wrmsr", in("ecx") msr, in("eax") value as u32,
-                         in("edx") (value >> 32) as u32, options(nomem, nostack))
-    };
-}
+use crate::vapic::{rdmsr, wrmsr};
 
 /// The handler of [`MSI_VECTOR`] (called from the asm stub with interrupts off).
 #[unsafe(no_mangle)]
@@ -170,8 +155,11 @@ fn gate(handler: u64) -> (u64, u64) {
 }
 
 /// Loads the interrupt IDT on this vCPU: [`MSI_VECTOR`] counted by its handler, every other
-/// vector from 32 up counted as stray (exceptions stay absent: a fault still triple-faults).
+/// vector from 32 up counted as stray (exceptions stay absent: a fault still triple-faults);
+/// puts the vCPU's local APIC in x2APIC mode and software-enables it (it delivers nothing
+/// before).
 fn load_idt() {
+    crate::vapic::apic_enable();
     // SAFETY: written before any vCPU loads it (vCPU 0 fills it once, first); a static that
     // lives forever.
     unsafe {

@@ -10,7 +10,7 @@
 //! `escape-write[=GPA]` (default: the first byte past the guest's memory), `msr`,
 //! `triple-fault`, `bad-hypercall`, `vmmcall-bench=N`, the PV DMA tests `dma-*` (`dma/`,
 //! `dma_bounds.rs`; `dma-demo` is `cargo xtask run`'s), the interrupt tests `irq-*`/`msi-*`
-//! (`irq.rs`) and the NVMe tests `nvme-pattern`, `nvme-faults`, `nvme-errors`, `nvme-bench=N`
+//! (`irq.rs`), `vapic-timer` (`vapic.rs`) and the NVMe tests `nvme-pattern`, `nvme-faults`, `nvme-errors`, `nvme-bench=N`
 //! (`nvme/`, with `moat-nvme`; the other vCPUs run their queue pairs). Numbers are decimal or
 //! `0x` hex.
 #![no_std]
@@ -26,6 +26,7 @@ mod nvme;
 mod paging;
 mod pci;
 mod race;
+mod vapic;
 
 use abi::{call, hypercall, BootInfo};
 
@@ -207,6 +208,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "msi-attacks" => irq::msi_attacks(&info),
             "dma-fault-irq" => irq::fault_irq(&info),
             "msi-storm" => irq::msi_storm(&info, arg.unwrap_or(5000)),
+            "vapic-timer" => vapic::run(&info),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {

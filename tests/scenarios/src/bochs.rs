@@ -282,6 +282,20 @@ pub fn scenarios() -> Vec<Scenario> {
     v.push(s);
 
     let mut s = scenario_on(
+        "bochs-vapic-timer",
+        "VMX interrupt injection with the guest's virtual x2APIC as the source: self-IPIs by priority, the TPR, one-shot and periodic timers (the host timer makes a spinning guest exit), and an interrupt pending while interrupts are off delivered through the interrupt window right after `sti; nop` / `sti; hlt`",
+        BochsMachine::default(),
+        "guest=name=g0,mem=8M",
+        Exit::Success,
+        Box::new(|log| {
+            need_line(log, &["vm: Intel VMX", "with EPT and VPID"])?;
+            crate::irq::vapic_timer_check(log)
+        }),
+    );
+    s.modules = vec![guest_module("g0 vapic-timer")];
+    v.push(s);
+
+    let mut s = scenario_on(
         "bochs-pvdma-no-iommu",
         "no IOMMU (Bochs): a guest given the PIIX3 IDE function under passthrough gets the PV DMA calls, MAP returning the host-physical address as the IOVA (the guest does not drive the IDE's DMA: the calls are checked); strict, batched and deferred are refused with a clear line",
         BochsMachine::default(),

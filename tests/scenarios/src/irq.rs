@@ -72,6 +72,47 @@ fn remapping_on(log: &str) -> Result<(), String> {
     )
 }
 
+/// What `irq-vapic-timer` and `bochs-vapic-timer` must show of guest `g0` running
+/// `vapic-timer`: every check the guest made of its virtual APIC passed, and the hypervisor
+/// delivered exactly the interrupts the guest's handlers counted, each one EOIed.
+pub fn vapic_timer_check(log: &str) -> Result<(), String> {
+    boot_complete(log)?;
+    if let Some(l) = log
+        .lines()
+        .find(|l| l.contains("g0> vapic-timer:") && l.contains("WRONG"))
+    {
+        return Err(format!("wrong answer: {l}"));
+    }
+    for want in [
+        "CPUID.1:ECX x2APIC: true ok",
+        "5 refused accesses: 5 #GP",
+        "taken in order [81, 61, 41] ok",
+        "taken once after TPR 0x40: 1 ok",
+        "on 0x71 while spinning without exits: taken 1 time(s)",
+        "none after stopping",
+        "masked timer: 0 interrupt(s), count 0 ok",
+        "after `sti; nop` taken 1 time(s)",
+        "after `sti; hlt` taken 1 time(s)",
+        "host timer handler -> guest handler: min",
+    ] {
+        need_line(log, &["g0> vapic-timer:", want])?;
+    }
+    need_line(log, &["g0> PASS vapic-timer"])?;
+    let taken: u64 = log
+        .lines()
+        .find_map(|l| l.split("g0> vapic-timer: ").nth(1)?.strip_suffix(" interrupt(s) taken in all"))
+        .and_then(|n| n.parse().ok())
+        .ok_or("no total of interrupts taken")?;
+    need_line(
+        log,
+        &[&format!(
+            "guest g0 vcpu0: interrupts: 0 raised, {taken} delivered, {taken} EOI(s); APIC timer"
+        )],
+    )?;
+    need_line(log, &["guest g0 vcpu0: exited with code 0"])?;
+    forbid_line(log, &["moat: exit Failure"])
+}
+
 /// The interrupt scenarios on `on`'s machine.
 pub fn scenarios(on: Variant) -> Vec<Scenario> {
     let mut v = Vec::new();
@@ -262,6 +303,16 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
         }),
     );
     s.modules = module("g0 dma-fault-irq");
+    v.push(s);
+    let mut s = on.scenario(
+        "irq-vapic-timer",
+        "the guest's virtual x2APIC as its only interrupt source: #GP for refused accesses, self-IPIs highest priority first, the TPR holding a class back, one-shot and periodic timers (spinning without exits: the host timer makes it exit; halted: the wait ends at expiry), a masked timer silent, an interrupt pending with interrupts off taken right after `sti; nop` / `sti; hlt`",
+        Machine::default(),
+        "guest=name=g0,mem=8M",
+        Exit::Success,
+        Box::new(vapic_timer_check),
+    );
+    s.modules = module("g0 vapic-timer");
     v.push(s);
     let rounds = 3;
     let mut s = on.scenario(

@@ -122,13 +122,16 @@ fn console_write(guest: &Guest, vcpu_index: usize, vcpu: &mut Vcpu) -> Result<u6
 }
 
 /// Emulates CPUID: the guest's view from [`moat_abi::cpuid::GuestCpu`] (host values with the
-/// hypervisor bit set and virtualization hidden, plus the hypervisor leaves).
+/// hypervisor bit set, virtualization hidden and x2APIC shown, the TSC / APIC timer leaves,
+/// plus the hypervisor leaves).
 pub fn cpuid(guest: &Guest, vcpu: &mut Vcpu) {
     let leaf = vcpu.reg(Reg::Rax) as u32;
     let sub = vcpu.reg(Reg::Rcx) as u32;
     let view = GuestCpu {
         calls: calls(guest),
         instruction: super::hypercall_instruction(),
+        tsc_khz: crate::arch::tsc::khz(),
+        timer_tsc_ratio: moat_x86arch::lapic::TSC_PER_TICK as u32,
     };
     let r = view.leaf(leaf, || {
         let h = crate::arch::x86::cpuid(leaf, sub);

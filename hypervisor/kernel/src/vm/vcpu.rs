@@ -474,8 +474,9 @@ impl Vcpu {
         }
     }
 
-    /// Moves RIP past the instruction that caused the last exit (false when that exit has no
-    /// instruction to complete).
+    /// Moves RIP past the instruction that caused the last exit and ends an STI / MOV-SS
+    /// interrupt shadow that instruction was in (false when that exit has no instruction to
+    /// complete).
     pub fn complete_instruction(&mut self) -> bool {
         match &mut self.inner {
             VcpuInner::Svm(v) => v.complete_instruction(),
@@ -507,11 +508,12 @@ impl Vcpu {
         }
     }
 
-    /// Asks the backend to deliver external interrupt `vector` as soon as the guest can take
-    /// it (RFLAGS.IF set, no interrupt shadow), without an exit in between when it can: SVM
-    /// sets V_IRQ (the hardware waits for the window); a VMX backend uses interrupt-window
-    /// exiting. `false` when one request is already outstanding.
-    pub fn request_interrupt(&mut self, vector: u8) -> bool {
+    /// Sets the external interrupt the backend delivers as soon as the guest can take it
+    /// (RFLAGS.IF set, no interrupt shadow), replacing any request still outstanding (`None`
+    /// withdraws it): SVM sets V_IRQ (the hardware waits for the window); VMX injects at
+    /// the entry when it can, else turns on interrupt-window exiting. Called before every
+    /// entry with the virtual APIC's current choice.
+    pub fn request_interrupt(&mut self, vector: Option<u8>) {
         match &mut self.inner {
             VcpuInner::Svm(v) => v.request_interrupt(vector),
             VcpuInner::Vmx(v) => v.request_interrupt(vector),

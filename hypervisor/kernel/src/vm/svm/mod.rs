@@ -522,10 +522,10 @@ impl SvmVcpu {
         }
         match info.kind() {
             EventInj::TYPE_INTR => {
-                self.request_interrupt(info.vector());
+                self.request_interrupt(Some(info.vector()));
             }
             EventInj::TYPE_EXCEPTION if info.vector() >= 32 => {
-                self.request_interrupt(info.vector());
+                self.request_interrupt(Some(info.vector()));
             }
             EventInj::TYPE_EXCEPTION | EventInj::TYPE_NMI => {
                 self.vmcb.control.event_inj = info.0;
@@ -534,11 +534,13 @@ impl SvmVcpu {
         }
     }
 
-    /// Advances RIP past the instruction that caused the last exit.
+    /// Advances RIP past the instruction that caused the last exit; an interrupt shadow that
+    /// instruction was in (`sti; hlt`) ends with it.
     pub fn complete_instruction(&mut self) -> bool {
         match self.next_rip.take() {
             Some(r) => {
                 self.vmcb.save.rip = r;
+                self.vmcb.control.interrupt_shadow &= !1;
                 true
             }
             None => false,
@@ -573,20 +575,22 @@ impl SvmVcpu {
         self.vmcb.control.event_inj = ev.0;
     }
 
-    /// Requests virtual interrupt `vector` through V_IRQ (priority 15, TPR ignored): the
-    /// processor delivers it when the guest's RFLAGS.IF allows and clears V_IRQ when it is
-    /// taken. `false` while an earlier request is still outstanding.
-    pub fn request_interrupt(&mut self, vector: u8) -> bool {
+    /// Requests virtual interrupt `vector` through V_IRQ (priority 15, the TPR ignored: the
+    /// virtual APIC already applied the guest's priorities), replacing an outstanding
+    /// request; `None` withdraws it. The processor delivers it when the guest's RFLAGS.IF
+    /// allows and clears V_IRQ when it is taken.
+    pub fn request_interrupt(&mut self, vector: Option<u8>) {
         let c = &mut self.vmcb.control;
-        if c.int_ctl & vmcb::V_IRQ != 0 {
-            return false;
-        }
-        c.int_ctl = (c.int_ctl & !(vmcb::V_INTR_PRIO_MASK | vmcb::V_INTR_VECTOR_MASK))
-            | vmcb::V_IRQ
-            | vmcb::V_IGN_TPR
-            | (0xf << vmcb::V_INTR_PRIO_SHIFT)
-            | (u64::from(vector) << vmcb::V_INTR_VECTOR_SHIFT);
-        true
+        let rest = c.int_ctl & !(vmcb::V_IRQ | vmcb::V_INTR_PRIO_MASK | vmcb::V_INTR_VECTOR_MASK);
+        c.int_ctl = match vector {
+            Some(v) => {
+                rest | vmcb::V_IRQ
+                    | vmcb::V_IGN_TPR
+                    | (0xf << vmcb::V_INTR_PRIO_SHIFT)
+                    | (u64::from(v) << vmcb::V_INTR_VECTOR_SHIFT)
+            }
+            None => rest,
+        };
     }
 
     /// The vector of an outstanding V_IRQ request.

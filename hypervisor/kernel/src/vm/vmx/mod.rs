@@ -781,14 +781,10 @@ impl VmxVcpu {
         Ok(())
     }
 
-    /// Asks for external interrupt `vector` as soon as the guest can take it; `false` when a
-    /// request is still outstanding.
-    pub fn request_interrupt(&mut self, vector: u8) -> bool {
-        if self.irq.is_some() {
-            return false;
-        }
-        self.irq = Some(vector);
-        true
+    /// Asks for external interrupt `vector` as soon as the guest can take it, replacing an
+    /// outstanding request (`None` withdraws it).
+    pub fn request_interrupt(&mut self, vector: Option<u8>) {
+        self.irq = vector;
     }
 
     /// The vector of the outstanding request, if not delivered yet.
@@ -888,11 +884,20 @@ impl VmxVcpu {
         }
     }
 
-    /// Advances RIP past the instruction that caused the last exit.
+    /// Advances RIP past the instruction that caused the last exit; an STI or MOV-SS
+    /// shadow that instruction was in (`sti; hlt`) ends with it, as it would have on the
+    /// processor (left in place, an interrupt waiting for the window would come one
+    /// instruction late, or never when that instruction is a CLI).
     pub fn complete_instruction(&mut self) -> bool {
         match self.next_rip.take() {
             Some(r) => {
                 self.set_reg(Reg::Rip, r);
+                let state = vmcs::read(field::GUEST_INTERRUPTIBILITY);
+                if state & 0b11 != 0 {
+                    // SAFETY: this vCPU's VMCS is current (an exit was just handled on this
+                    // CPU); clearing the STI/MOV-SS blocking bits is always a valid state.
+                    let _ = unsafe { vmcs::write(field::GUEST_INTERRUPTIBILITY, state & !0b11) };
+                }
                 true
             }
             None => false,
