@@ -130,20 +130,28 @@ impl HostTimer {
     }
 
     /// Arms the CPU's timer for TSC `deadline` (or stops it for `None`) when that differs
-    /// from what is armed or the armed one already fired.
+    /// from what is armed or the armed one already fired. An armed timer that has not fired
+    /// when the deadline changes (the guest reprogrammed its timer, or an exit noticed the
+    /// expiry first) is cancelled and its interrupt taken if it is already pending, so it
+    /// makes no later exit for nothing: an emulator may hold a physical interrupt while the
+    /// guest has its interrupts off (Bochs does), and it would then arrive exactly where the
+    /// guest opens its interrupt window.
     pub fn set(&mut self, deadline: Option<u64>) {
         let taken = self.slot().map_or(0, |s| s.0.load(Ordering::Relaxed));
-        if let Some((d, n)) = self.armed
-            && (n != taken || Some(d) != deadline)
-        {
-            self.armed = None;
-            if deadline.is_none() {
-                crate::arch::apic::stop_timer();
+        if let Some((d, n)) = self.armed {
+            let fired = n != taken;
+            if fired || Some(d) != deadline {
+                self.armed = None;
+                if !fired {
+                    crate::arch::apic::stop_timer();
+                    crate::arch::x86::take_pending_interrupts();
+                }
             }
         }
         if self.armed.is_none()
             && let Some(d) = deadline
         {
+            let taken = self.slot().map_or(0, |s| s.0.load(Ordering::Relaxed));
             crate::arch::apic::arm_oneshot_at(HOST_TIMER_VECTOR, d);
             self.armed = Some((d, taken));
         }
