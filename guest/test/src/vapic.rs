@@ -366,16 +366,23 @@ pub fn run(boot: &BootInfo) -> crate::Outcome {
         format_args!("one-shot {ticks} ticks on {V_ONESHOT:#x} while spinning without exits: taken {} time(s), {} TSC cycles after arming (at least {}), counts {c1} >= {c2}, then {after}", taken(V_ONESHOT), fired_at.wrapping_sub(t0), ticks * tsc_per_tick),
     );
 
-    // Periodic timer, 1 ms: 20 ms of spinning, then 5 more periods halted.
-    let period = crystal_hz / 1000;
-    arm(LVT_PERIODIC | u64::from(V_PERIODIC), period);
+    // Periodic timer, 2 ms: spinning (no exit) until it has fired 5 times, never more often
+    // than the time allows (ticks the hypervisor noticed late merge, as in an IRR, so a slow
+    // machine sees fewer); then 5 more periods halted.
+    let period = crystal_hz / 500;
+    let t0 = arm(LVT_PERIODIC | u64::from(V_PERIODIC), period);
     sti();
-    spin_ms(boot, 20);
+    let got = spin_until(boot, V_PERIODIC, 5, 3000);
+    let elapsed = rdtsc() - t0;
+    cli();
     let spun = taken(V_PERIODIC);
+    let most = elapsed / (period * tsc_per_tick) + 1;
+    sti();
     let mut halted_ok = true;
     for _ in 0..5 {
         let before = taken(V_PERIODIC);
-        // SAFETY: the test's IDT is loaded; `sti; hlt` waits for the next tick.
+        // SAFETY: the test's IDT is loaded; `cli; sti; hlt` waits for the next tick with
+        // interrupts on (and takes one that is already pending).
         unsafe { core::arch::asm!("cli", "sti", "hlt", options(nomem, nostack)) };
         halted_ok &= taken(V_PERIODIC) > before;
     }
@@ -383,12 +390,12 @@ pub fn run(boot: &BootInfo) -> crate::Outcome {
     wrmsr(msr::TIMER_INITIAL, 0);
     let stopped = taken(V_PERIODIC);
     sti();
-    spin_ms(boot, 5);
+    spin_ms(boot, 10);
     cli();
     check(
         &mut failures,
-        (3..=21).contains(&spun) && halted_ok && taken(V_PERIODIC) == stopped,
-        format_args!("periodic 1 ms on {V_PERIODIC:#x}: {spun} tick(s) in 20 ms spinning (3..=21), each of 5 halts woken {halted_ok}, none after stopping ({stopped} -> {})", taken(V_PERIODIC)),
+        got && spun <= most && halted_ok && taken(V_PERIODIC) == stopped,
+        format_args!("periodic 2 ms on {V_PERIODIC:#x}: {spun} tick(s) spinning, at most {most} in the {elapsed} cycles waited; each of 5 halts woken {halted_ok}, none after stopping ({stopped} -> {})", taken(V_PERIODIC)),
     );
 
     // Masked: the count runs down, nothing is raised.
