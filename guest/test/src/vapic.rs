@@ -12,6 +12,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::abi::{rdtsc, BootInfo};
+use crate::idt::{cli, sti, Cost};
 use crate::println;
 
 /// x2APIC MSRs.
@@ -48,20 +49,28 @@ const V_PERIODIC: u8 = 0x72;
 const V_MASKED: u8 = 0x73;
 const V_SHADOW: u8 = 0x74;
 
-/// Interrupts taken per vector.
-static TAKEN: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
-/// The order vectors were taken in (the first 16).
-static ORDER: [AtomicU64; 16] = [const { AtomicU64::new(0) }; 16];
-static ORDER_LEN: AtomicU64 = AtomicU64::new(0);
-/// The interrupted RIP and the TSC of the latest interrupt.
-static LAST_RIP: AtomicU64 = AtomicU64::new(0);
-static LAST_TSC: AtomicU64 = AtomicU64::new(0);
-/// Interrupts whose vector was not in service (ISR) in their own handler.
-static NOT_IN_SERVICE: AtomicU64 = AtomicU64::new(0);
-/// Host timer handler -> guest handler, timer vectors only: count, sum, minimum (cycles).
-static COST_N: AtomicU64 = AtomicU64::new(0);
-static COST_SUM: AtomicU64 = AtomicU64::new(0);
-static COST_MIN: AtomicU64 = AtomicU64::new(u64::MAX);
+/// What the handler saw.
+struct Seen {
+    /// Interrupts taken per vector.
+    taken: [AtomicU64; 256],
+    /// The order vectors were taken in (the first 16), and how many were taken in all.
+    order: [AtomicU64; 16],
+    all: AtomicU64,
+    /// The interrupted RIP and the TSC of the latest interrupt.
+    last: (AtomicU64, AtomicU64),
+    /// Interrupts whose vector was not in service (ISR) in their own handler.
+    not_in_service: AtomicU64,
+}
+
+static SEEN: Seen = Seen {
+    taken: [const { AtomicU64::new(0) }; 256],
+    order: [const { AtomicU64::new(0) }; 16],
+    all: AtomicU64::new(0),
+    last: (AtomicU64::new(0), AtomicU64::new(0)),
+    not_in_service: AtomicU64::new(0),
+};
+/// Host timer handler -> guest handler, timer vectors only.
+static COST: Cost = Cost::new();
 
 /// Reads an MSR (a #GP is skipped by the IDT's handler and counted).
 pub fn rdmsr(m: u32) -> u64 {
@@ -91,130 +100,34 @@ pub fn apic_enable() {
     wrmsr(msr::SVR, 0x1ff);
 }
 
-#[unsafe(no_mangle)]
-extern "C" fn guest_vapic_handler(vector: u64, rip: u64) {
+/// Every interrupt of the test (with interrupts off, from the IDT's stubs).
+fn on_interrupt(v: u8, rip: u64) {
     let now = rdtsc();
-    let v = vector as u8;
     let isr = rdmsr(msr::ISR0 + u32::from(v / 32));
     if isr & 1 << (v % 32) == 0 {
-        NOT_IN_SERVICE.fetch_add(1, Ordering::SeqCst);
+        SEEN.not_in_service.fetch_add(1, Ordering::SeqCst);
     }
     // The shadow test's interrupts wait on purpose: not a delivery cost.
     if matches!(v, V_ONESHOT | V_PERIODIC) {
-        let host = rdmsr(msr::MOAT_IRQ_TSC);
-        if host != 0 && now > host {
-            COST_N.fetch_add(1, Ordering::Relaxed);
-            COST_SUM.fetch_add(now - host, Ordering::Relaxed);
-            COST_MIN.fetch_min(now - host, Ordering::Relaxed);
-        }
+        COST.record(now, rdmsr(msr::MOAT_IRQ_TSC));
     }
-    LAST_RIP.store(rip, Ordering::SeqCst);
-    LAST_TSC.store(now, Ordering::SeqCst);
-    let i = ORDER_LEN.fetch_add(1, Ordering::SeqCst) as usize;
-    if let Some(o) = ORDER.get(i) {
-        o.store(vector, Ordering::SeqCst);
+    SEEN.last.0.store(rip, Ordering::SeqCst);
+    SEEN.last.1.store(now, Ordering::SeqCst);
+    let i = SEEN.all.fetch_add(1, Ordering::SeqCst) as usize;
+    if let Some(o) = SEEN.order.get(i) {
+        o.store(u64::from(v), Ordering::SeqCst);
     }
-    TAKEN[usize::from(v)].fetch_add(1, Ordering::SeqCst);
+    SEEN.taken[usize::from(v)].fetch_add(1, Ordering::SeqCst);
     wrmsr(msr::EOI, 0);
 }
 
-// One 16-byte stub per vector 32..=255 (`push rdi; mov edi, vector; jmp`), then the common
-// part: saves the caller-saved registers, calls the handler with (vector, interrupted RIP).
-core::arch::global_asm!(
-    r#"
-    .section .text
-    .balign 16
-    .global guest_vapic_stubs
-guest_vapic_stubs:
-    .set vapic_vector, 32
-    .rept 224
-    .balign 16
-    push rdi
-    mov edi, vapic_vector
-    jmp guest_vapic_common
-    .set vapic_vector, vapic_vector + 1
-    .endr
-guest_vapic_common:
-    // [rsp] = the stub's RDI, [rsp + 8] = the interrupted RIP.
-    push rsi
-    mov rsi, [rsp + 16]
-    push rax
-    push rcx
-    push rdx
-    push r8
-    push r9
-    push r10
-    push r11
-    mov rax, rsp
-    and rsp, -16
-    push rax
-    sub rsp, 8
-    call guest_vapic_handler
-    add rsp, 8
-    pop rsp
-    pop r11
-    pop r10
-    pop r9
-    pop r8
-    pop rdx
-    pop rcx
-    pop rax
-    pop rsi
-    pop rdi
-    iretq
-    "#
-);
-
-unsafe extern "C" {
-    fn guest_vapic_stubs();
-}
-
-#[repr(C, align(16))]
-struct Idt([u64; 2 * 256]);
-
-static mut VAPIC_IDT: Idt = Idt([0; 512]);
-
-/// Loads the test's IDT: every vector from 32 to its stub, #GP (13) to the counting handler
-/// that skips the RDMSR/WRMSR.
+/// Loads the interrupt IDT with this test's handler and the #GP handler.
 fn load_idt() {
-    let gate = |h: u64| {
-        (
-            (h & 0xffff) | 0x08 << 16 | 0x8e00 << 32 | (h >> 16 & 0xffff) << 48,
-            h >> 32,
-        )
-    };
-    // SAFETY: only vCPU 0 runs this test; a static that lives forever.
-    unsafe {
-        let idt = &mut *core::ptr::addr_of_mut!(VAPIC_IDT);
-        let stubs = guest_vapic_stubs as *const () as u64;
-        for v in 32..256u64 {
-            let (lo, hi) = gate(stubs + 16 * (v - 32));
-            idt.0[2 * v as usize] = lo;
-            idt.0[2 * v as usize + 1] = hi;
-        }
-        let (lo, hi) = gate(crate::idt::gp_entry());
-        idt.0[26] = lo;
-        idt.0[27] = hi;
-        let limit = (core::mem::size_of::<Idt>() - 1) as u16;
-        let mut desc = [0u8; 10];
-        desc[..2].copy_from_slice(&limit.to_le_bytes());
-        desc[2..].copy_from_slice(&(idt.0.as_ptr() as u64).to_le_bytes());
-        core::arch::asm!("lidt [{}]", in(reg) desc.as_ptr(), options(nostack));
-    }
-}
-
-fn sti() {
-    // SAFETY: the test's IDT is loaded.
-    unsafe { core::arch::asm!("sti", options(nomem, nostack)) };
-}
-
-fn cli() {
-    // SAFETY: masks interrupts; always allowed at CPL 0.
-    unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
+    crate::idt::load_interrupts(on_interrupt, true);
 }
 
 fn taken(v: u8) -> u64 {
-    TAKEN[usize::from(v)].load(Ordering::SeqCst)
+    SEEN.taken[usize::from(v)].load(Ordering::SeqCst)
 }
 
 /// Spins (no exit: RDTSC is not intercepted) with interrupts as they are until `v` was taken
@@ -320,7 +233,7 @@ pub fn run(boot: &BootInfo) -> crate::Outcome {
     sti();
     let got = spin_until(boot, V_LOW, 1, 500);
     cli();
-    let order: [u64; 3] = core::array::from_fn(|i| ORDER[i].load(Ordering::SeqCst));
+    let order: [u64; 3] = core::array::from_fn(|i| SEEN.order[i].load(Ordering::SeqCst));
     check(
         &mut failures,
         got && all_pending && order == [V_HIGH.into(), V_MID.into(), V_LOW.into()],
@@ -355,7 +268,7 @@ pub fn run(boot: &BootInfo) -> crate::Outcome {
     let c2 = rdmsr(msr::TIMER_CURRENT);
     sti();
     let got = spin_until(boot, V_ONESHOT, 1, 1000);
-    let fired_at = LAST_TSC.load(Ordering::SeqCst);
+    let fired_at = SEEN.last.1.load(Ordering::SeqCst);
     spin_ms(boot, 10);
     cli();
     let after = rdmsr(msr::TIMER_CURRENT);
@@ -407,7 +320,10 @@ pub fn run(boot: &BootInfo) -> crate::Outcome {
     check(
         &mut failures,
         taken(V_MASKED) == 0 && count == 0 && !pending(V_MASKED),
-        format_args!("masked timer: {} interrupt(s), count {count}", taken(V_MASKED)),
+        format_args!(
+            "masked timer: {} interrupt(s), count {count}",
+            taken(V_MASKED)
+        ),
     );
 
     // A timer that expires while interrupts are off, with exits meanwhile (CPUID), is taken
@@ -431,7 +347,7 @@ pub fn run(boot: &BootInfo) -> crate::Outcome {
                 core::arch::asm!("sti", "nop", "2:", "cli", "lea {}, [rip + 2b]", out(reg) after, options(nomem, nostack));
             }
         }
-        let rip = LAST_RIP.load(Ordering::SeqCst);
+        let rip = SEEN.last.0.load(Ordering::SeqCst);
         let n = taken(V_SHADOW) - before;
         check(
             &mut failures,
@@ -439,7 +355,7 @@ pub fn run(boot: &BootInfo) -> crate::Outcome {
             format_args!("timer pending with interrupts off through 3 exits: held {held}; after `{name}` taken {n} time(s) at RIP {rip:#x} (want {after:#x})"),
         );
     }
-    let not_in_service = NOT_IN_SERVICE.load(Ordering::SeqCst);
+    let not_in_service = SEEN.not_in_service.load(Ordering::SeqCst);
     check(
         &mut failures,
         not_in_service == 0,
@@ -448,13 +364,11 @@ pub fn run(boot: &BootInfo) -> crate::Outcome {
     wrmsr(msr::LVT_TIMER, LVT_MASKED);
     println!(
         "vapic-timer: {} interrupt(s) taken in all",
-        ORDER_LEN.load(Ordering::SeqCst)
+        SEEN.all.load(Ordering::SeqCst)
     );
-    let n = COST_N.load(Ordering::SeqCst);
+    let (n, min, mean) = COST.summary();
     println!(
-        "vapic-timer: host timer handler -> guest handler: min {} cycles, mean {} cycles over {n} timer interrupt(s) (TSC {} MHz)",
-        COST_MIN.load(Ordering::SeqCst),
-        COST_SUM.load(Ordering::SeqCst) / n.max(1),
+        "vapic-timer: host timer handler -> guest handler: min {min} cycles, mean {mean} cycles over {n} timer interrupt(s) (TSC {} MHz)",
         boot.tsc_khz.get() / 1000
     );
     crate::idt::remove();

@@ -67,9 +67,7 @@ impl GuestCpu {
         match leaf {
             // The basic leaves reach at least the frequency leaf.
             0 => r.eax = r.eax.max(FREQUENCY_LEAF),
-            1 => {
-                r.ecx = (r.ecx | LEAF1_ECX_HYPERVISOR | LEAF1_ECX_X2APIC) & !LEAF1_ECX_HIDDEN
-            }
+            1 => r.ecx = (r.ecx | LEAF1_ECX_HYPERVISOR | LEAF1_ECX_X2APIC) & !LEAF1_ECX_HIDDEN,
             0x8000_0001 => r.ecx &= !EXT1_ECX_HIDDEN,
             SVM_LEAF => r = CpuidRegs::default(),
             _ => {}
@@ -180,10 +178,7 @@ mod tests {
             "only the hidden bits are cleared"
         );
         assert_eq!((l1.eax, l1.ebx, l1.edx), (HOST.eax, HOST.ebx, HOST.edx));
-        let no_x2apic = CpuidRegs {
-            ecx: 0,
-            ..HOST
-        };
+        let no_x2apic = CpuidRegs { ecx: 0, ..HOST };
         assert_eq!(
             g.leaf(1, || no_x2apic).ecx,
             LEAF1_ECX_HYPERVISOR | LEAF1_ECX_X2APIC,

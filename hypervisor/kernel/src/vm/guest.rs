@@ -832,9 +832,8 @@ impl Guest {
         const SVME: u64 = 1 << 12;
         let msr = vcpu.reg(Reg::Rcx) as u32 as u64;
         // WRMSR takes EDX:EAX; the upper halves of RDX and RAX are ignored.
-        let written = write.then(|| {
-            (vcpu.reg(Reg::Rdx) & 0xffff_ffff) << 32 | (vcpu.reg(Reg::Rax) & 0xffff_ffff)
-        });
+        let written = write
+            .then(|| (vcpu.reg(Reg::Rdx) & 0xffff_ffff) << 32 | (vcpu.reg(Reg::Rax) & 0xffff_ffff));
         let now = crate::arch::x86::rdtsc();
         let value = match vapic.msr(msr as u32, written, &self.virqs[index], now) {
             Some(r) => r.ok(),
