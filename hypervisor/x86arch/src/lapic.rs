@@ -308,6 +308,21 @@ impl LocalApic {
         self.tpr
     }
 
+    /// CR8 as the guest reads it (TPR bits 7:4).
+    pub fn cr8(&self) -> u64 {
+        u64::from(self.tpr >> 4)
+    }
+
+    /// A MOV to CR8 (in any APIC mode): TPR bits 7:4 = `value`, bits 3:0 cleared; a value
+    /// above 15 sets reserved bits (#GP).
+    pub fn set_cr8(&mut self, value: u64) -> Result<(), Gp> {
+        if value > 15 {
+            return Err(Gp);
+        }
+        self.tpr = (value as u8) << 4;
+        Ok(())
+    }
+
     /// The processor priority: the task priority, or the class of the highest in-service
     /// vector when that is higher.
     pub fn ppr(&self) -> u8 {

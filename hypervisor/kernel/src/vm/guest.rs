@@ -694,12 +694,18 @@ impl Guest {
             }
             self.update_apic(&mut vapic, irqs, &host_timer);
             vcpu.request_interrupt(vapic.offer());
+            vcpu.set_guest_cr8(vapic.cr8());
             if !timer {
                 host_timer.set(vapic.deadline());
             }
             let exit = vcpu.run();
             let exited = crate::arch::x86::rdtsc();
             vapic.after_exit(vcpu.requested_interrupt(), irqs);
+            if let Some(cr8) = vcpu.guest_cr8()
+                && cr8 != vapic.cr8()
+            {
+                let _ = vapic.set_cr8(cr8);
+            }
             stats.count(&exit, exited.wrapping_sub(entered));
             handled_since = Some(exited);
             let rip = vcpu.reg(Reg::Rip);
@@ -733,6 +739,23 @@ impl Guest {
                     vcpu.complete_instruction();
                 }
                 Exit::Msr { write } => self.msr(&mut vcpu, write, index, &mut vapic),
+                Exit::Cr8 { write, gpr } => {
+                    let r = Reg::from_gpr(gpr);
+                    let done = if write {
+                        vapic.set_cr8(vcpu.reg(r)).is_ok()
+                    } else {
+                        vcpu.set_reg(r, vapic.cr8());
+                        true
+                    };
+                    if done {
+                        vcpu.complete_instruction();
+                    } else {
+                        vcpu.inject(Event::Exception {
+                            vector: 13,
+                            error: Some(0),
+                        });
+                    }
+                }
                 Exit::Io(a) => {
                     if a.string {
                         break StopReason::Unsupported {

@@ -345,6 +345,32 @@ pub enum Reg {
     Efer,
 }
 
+impl Reg {
+    /// The general-purpose register with instruction encoding `n` (0 RAX, 1 RCX, 2 RDX,
+    /// 3 RBX, 4 RSP, 5 RBP, 6 RSI, 7 RDI, 8-15 R8-R15; only the low 4 bits count).
+    pub fn from_gpr(n: u8) -> Reg {
+        const ORDER: [Reg; 16] = [
+            Reg::Rax,
+            Reg::Rcx,
+            Reg::Rdx,
+            Reg::Rbx,
+            Reg::Rsp,
+            Reg::Rbp,
+            Reg::Rsi,
+            Reg::Rdi,
+            Reg::R8,
+            Reg::R9,
+            Reg::R10,
+            Reg::R11,
+            Reg::R12,
+            Reg::R13,
+            Reg::R14,
+            Reg::R15,
+        ];
+        ORDER[usize::from(n & 0xf)]
+    }
+}
+
 /// An event to deliver to the guest at its next entry (the exit handlers inject exceptions;
 /// device interrupts go through [`Vcpu::request_interrupt`], which waits for the guest's
 /// interrupt window).
@@ -424,6 +450,15 @@ pub enum Exit {
     Io(IoAccess),
     /// HLT.
     Halt,
+    /// MOV to or from CR8 (the task priority), with the general-purpose register's
+    /// encoding ([`Reg::from_gpr`]); VMX only (SVM keeps CR8 in V_TPR, see
+    /// [`Vcpu::guest_cr8`]).
+    Cr8 {
+        /// MOV to CR8.
+        write: bool,
+        /// The register.
+        gpr: u8,
+    },
     /// A guest-physical access the second stage does not allow.
     NestedPageFault {
         /// Faulting guest-physical address.
@@ -526,6 +561,24 @@ impl Vcpu {
         match &self.inner {
             VcpuInner::Svm(v) => v.requested_interrupt(),
             VcpuInner::Vmx(v) => v.requested_interrupt(),
+        }
+    }
+
+    /// Gives the guest's CR8 (its task priority, bits 7:4) before an entry where the
+    /// hardware keeps it (SVM's V_TPR, which also holds back a requested interrupt of no
+    /// higher priority); VMX traps every CR8 access instead ([`Exit::Cr8`]).
+    pub fn set_guest_cr8(&mut self, cr8: u64) {
+        if let VcpuInner::Svm(v) = &mut self.inner {
+            v.set_tpr(cr8);
+        }
+    }
+
+    /// The guest's CR8 after an exit, where the hardware kept it (SVM: the guest may have
+    /// written it without an exit); `None` where every access exits (VMX).
+    pub fn guest_cr8(&self) -> Option<u64> {
+        match &self.inner {
+            VcpuInner::Svm(v) => Some(v.tpr()),
+            VcpuInner::Vmx(_) => None,
         }
     }
 

@@ -234,6 +234,16 @@ impl VcpuApic {
         self.apic.deliverable().is_some()
     }
 
+    /// The guest's CR8 (TPR bits 7:4).
+    pub fn cr8(&self) -> u64 {
+        self.apic.cr8()
+    }
+
+    /// A MOV to CR8.
+    pub fn set_cr8(&mut self, value: u64) -> MsrResult<()> {
+        self.apic.set_cr8(value)
+    }
+
     /// The TSC at which the timer next needs the host's attention.
     pub fn deadline(&self) -> Option<u64> {
         self.apic.deadline()

@@ -169,6 +169,23 @@ fn tpr_blocks_a_class_until_lowered_and_ppr_follows_the_isr() {
 }
 
 #[test]
+fn cr8_is_the_tpr_class() {
+    let mut a = LocalApic::new(0, true);
+    a.set_cr8(6).unwrap();
+    assert_eq!(a.tpr(), 0x60, "in xAPIC mode too");
+    let mut a = on();
+    a.write_msr(msr::TPR, 0x5f, 0).unwrap();
+    assert_eq!(a.cr8(), 5);
+    a.set_cr8(7).unwrap();
+    assert_eq!(a.read_msr(msr::TPR, 0), Ok(0x70));
+    assert_eq!(a.set_cr8(16), Err(Gp));
+    a.raise(0x71);
+    assert_eq!(a.deliverable(), None);
+    a.set_cr8(6).unwrap();
+    assert_eq!(a.deliverable(), Some(0x71));
+}
+
+#[test]
 fn a_higher_class_nests_and_eoi_retires_the_highest_in_service() {
     let mut a = on();
     a.raise(0x40);

@@ -575,22 +575,34 @@ impl SvmVcpu {
         self.vmcb.control.event_inj = ev.0;
     }
 
-    /// Requests virtual interrupt `vector` through V_IRQ (priority 15, the TPR ignored: the
-    /// virtual APIC already applied the guest's priorities), replacing an outstanding
-    /// request; `None` withdraws it. The processor delivers it when the guest's RFLAGS.IF
-    /// allows and clears V_IRQ when it is taken.
+    /// Requests virtual interrupt `vector` through V_IRQ with its priority class (the
+    /// virtual APIC already chose it above the guest's priorities; V_TPR holds it back if
+    /// the guest raises CR8 before taking it), replacing an outstanding request; `None`
+    /// withdraws it. The processor delivers it when the guest's RFLAGS.IF allows and clears
+    /// V_IRQ when it is taken.
     pub fn request_interrupt(&mut self, vector: Option<u8>) {
         let c = &mut self.vmcb.control;
-        let rest = c.int_ctl & !(vmcb::V_IRQ | vmcb::V_INTR_PRIO_MASK | vmcb::V_INTR_VECTOR_MASK);
+        let rest = c.int_ctl
+            & !(vmcb::V_IRQ | vmcb::V_IGN_TPR | vmcb::V_INTR_PRIO_MASK | vmcb::V_INTR_VECTOR_MASK);
         c.int_ctl = match vector {
             Some(v) => {
                 rest | vmcb::V_IRQ
-                    | vmcb::V_IGN_TPR
-                    | (0xf << vmcb::V_INTR_PRIO_SHIFT)
+                    | (u64::from(v >> 4) << vmcb::V_INTR_PRIO_SHIFT)
                     | (u64::from(v) << vmcb::V_INTR_VECTOR_SHIFT)
             }
             None => rest,
         };
+    }
+
+    /// Sets V_TPR (the guest's CR8).
+    pub fn set_tpr(&mut self, cr8: u64) {
+        let c = &mut self.vmcb.control;
+        c.int_ctl = (c.int_ctl & !vmcb::V_TPR_MASK) | (cr8 & vmcb::V_TPR_MASK);
+    }
+
+    /// V_TPR (the guest's CR8).
+    pub fn tpr(&self) -> u64 {
+        self.vmcb.control.int_ctl & vmcb::V_TPR_MASK
     }
 
     /// The vector of an outstanding V_IRQ request.

@@ -14,7 +14,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use moat_x86arch::vmx::{
     self, entry_ctl, exit_ctl, feature_control, field, msr, pin, proc1, proc2, reason, Allowed,
-    Basic, EptViolation, ExitReason, IoQualification,
+    Basic, CrAccess, EptViolation, ExitReason, IoQualification,
 };
 use spin::Once;
 use x86_64::registers::control::{Cr0, Cr2, Cr3, Cr4};
@@ -121,7 +121,14 @@ pub fn detect() -> Result<VmxInfo, Unsupported> {
         .adjust(pin::EXTERNAL_INTERRUPT_EXITING | pin::NMI_EXITING)
         .map_err(bad)?;
     let proc1 = p1
-        .adjust(proc1::HLT_EXITING | proc1::UNCONDITIONAL_IO_EXITING | proc1::SECONDARY_CONTROLS)
+        .adjust(
+            proc1::HLT_EXITING
+                | proc1::UNCONDITIONAL_IO_EXITING
+                | proc1::SECONDARY_CONTROLS
+                // Without these a guest's MOV to CR8 would set this CPU's own TPR.
+                | proc1::CR8_LOAD_EXITING
+                | proc1::CR8_STORE_EXITING,
+        )
         .map_err(bad)?;
     // Instructions the host has and a guest may use: allowed through when the CPU can.
     let optional = [
@@ -855,6 +862,21 @@ impl VmxVcpu {
                         write: v.write,
                         fetch: v.fetch,
                     },
+                }
+            }
+            reason::CR_ACCESS => {
+                let a = CrAccess::decode(qual);
+                if a.cr == 8 && (a.kind == CrAccess::MOV_TO || a.kind == CrAccess::MOV_FROM) {
+                    self.rip_plus_length();
+                    Exit::Cr8 {
+                        write: a.kind == CrAccess::MOV_TO,
+                        gpr: a.gpr,
+                    }
+                } else {
+                    Exit::Unsupported {
+                        what: "control-register access",
+                        code: qual,
+                    }
                 }
             }
             reason::EPT_MISCONFIG => Exit::Unsupported {
