@@ -24,99 +24,69 @@
 //! APIC timer. A count of `n` at divide `d` expires `n * d * TSC_PER_TICK` TSC cycles after
 //! the initial-count write.
 
+/// Declares documented constants of one type, one line each (`NAME = value, "doc";`).
+macro_rules! consts {
+    ($t:ty: $($name:ident = $v:expr, $doc:literal;)*) => {
+        $(#[doc = $doc] pub const $name: $t = $v;)*
+    };
+}
+
 /// TSC cycles per tick of the timer's input clock (before the divide configuration).
 pub const TSC_PER_TICK: u64 = 64;
-
 /// Vectors below this are illegal for fixed interrupts (an error is recorded instead).
 pub const FIRST_LEGAL_VECTOR: u8 = 16;
 
 /// The x2APIC MSRs (and `IA32_APIC_BASE`).
 pub mod msr {
-    /// `IA32_APIC_BASE`.
-    pub const APIC_BASE: u32 = 0x1b;
-    /// First MSR of the x2APIC range.
-    pub const X2APIC_FIRST: u32 = 0x800;
-    /// Last MSR of the x2APIC range.
-    pub const X2APIC_LAST: u32 = 0x8ff;
-    /// Local APIC ID (read only).
-    pub const ID: u32 = 0x802;
-    /// Version (read only).
-    pub const VERSION: u32 = 0x803;
-    /// Task priority.
-    pub const TPR: u32 = 0x808;
-    /// Processor priority (read only).
-    pub const PPR: u32 = 0x80a;
-    /// End of interrupt (write only, value 0).
-    pub const EOI: u32 = 0x80b;
-    /// Logical destination (read only in x2APIC mode).
-    pub const LDR: u32 = 0x80d;
-    /// Spurious-interrupt vector register (bit 8: APIC software enable).
-    pub const SVR: u32 = 0x80f;
-    /// In-service register, bits 0-31 (8 MSRs, read only).
-    pub const ISR0: u32 = 0x810;
-    /// Trigger-mode register, bits 0-31 (8 MSRs, read only).
-    pub const TMR0: u32 = 0x818;
-    /// Interrupt request register, bits 0-31 (8 MSRs, read only).
-    pub const IRR0: u32 = 0x820;
-    /// Error status (write 0 to latch the errors seen since the last write).
-    pub const ESR: u32 = 0x828;
-    /// Interrupt command register (64 bits).
-    pub const ICR: u32 = 0x830;
-    /// LVT timer.
-    pub const LVT_TIMER: u32 = 0x832;
-    /// LVT thermal sensor.
-    pub const LVT_THERMAL: u32 = 0x833;
-    /// LVT performance-monitoring counters.
-    pub const LVT_PMI: u32 = 0x834;
-    /// LVT LINT0.
-    pub const LVT_LINT0: u32 = 0x835;
-    /// LVT LINT1.
-    pub const LVT_LINT1: u32 = 0x836;
-    /// LVT error.
-    pub const LVT_ERROR: u32 = 0x837;
-    /// Timer initial count.
-    pub const TIMER_INITIAL: u32 = 0x838;
-    /// Timer current count (read only).
-    pub const TIMER_CURRENT: u32 = 0x839;
-    /// Timer divide configuration.
-    pub const TIMER_DIVIDE: u32 = 0x83e;
-    /// Self IPI (write only): bits 7:0 are the vector.
-    pub const SELF_IPI: u32 = 0x83f;
+    consts! { u32:
+        APIC_BASE = 0x1b, "`IA32_APIC_BASE`.";
+        X2APIC_FIRST = 0x800, "First MSR of the x2APIC range.";
+        X2APIC_LAST = 0x8ff, "Last MSR of the x2APIC range.";
+        ID = 0x802, "Local APIC ID (read only).";
+        VERSION = 0x803, "Version (read only).";
+        TPR = 0x808, "Task priority.";
+        PPR = 0x80a, "Processor priority (read only).";
+        EOI = 0x80b, "End of interrupt (write only, value 0).";
+        LDR = 0x80d, "Logical destination (read only in x2APIC mode).";
+        SVR = 0x80f, "Spurious-interrupt vector register (bit 8: APIC software enable).";
+        ISR0 = 0x810, "In-service register, bits 0-31 (8 MSRs, read only).";
+        TMR0 = 0x818, "Trigger-mode register, bits 0-31 (8 MSRs, read only).";
+        IRR0 = 0x820, "Interrupt request register, bits 0-31 (8 MSRs, read only).";
+        ESR = 0x828, "Error status (write 0 to latch the errors seen since the last write).";
+        ICR = 0x830, "Interrupt command register (64 bits).";
+        LVT_TIMER = 0x832, "LVT timer.";
+        LVT_THERMAL = 0x833, "LVT thermal sensor.";
+        LVT_PMI = 0x834, "LVT performance-monitoring counters.";
+        LVT_LINT0 = 0x835, "LVT LINT0.";
+        LVT_LINT1 = 0x836, "LVT LINT1.";
+        LVT_ERROR = 0x837, "LVT error.";
+        TIMER_INITIAL = 0x838, "Timer initial count.";
+        TIMER_CURRENT = 0x839, "Timer current count (read only).";
+        TIMER_DIVIDE = 0x83e, "Timer divide configuration.";
+        SELF_IPI = 0x83f, "Self IPI (write only): bits 7:0 are the vector.";
+    }
 }
 
 /// `IA32_APIC_BASE` fields.
 pub mod base {
-    /// The APIC's xAPIC MMIO base (not relocatable here).
-    pub const ADDRESS: u64 = 0xfee0_0000;
-    /// This is the bootstrap processor (read only).
-    pub const BSP: u64 = 1 << 8;
-    /// x2APIC mode.
-    pub const EXTD: u64 = 1 << 10;
-    /// APIC global enable.
-    pub const EN: u64 = 1 << 11;
+    consts! { u64:
+        ADDRESS = 0xfee0_0000, "The APIC's xAPIC MMIO base (not relocatable here).";
+        BSP = 1 << 8, "This is the bootstrap processor (read only).";
+        EXTD = 1 << 10, "x2APIC mode.";
+        EN = 1 << 11, "APIC global enable.";
+    }
 }
 
-/// LVT bits.
-pub mod lvt {
-    /// Vector.
-    pub const VECTOR: u32 = 0xff;
-    /// Delivery status (read only; ignored when written).
-    pub const PENDING: u32 = 1 << 12;
-    /// Masked.
-    pub const MASKED: u32 = 1 << 16;
-    /// Timer mode periodic (bits 18:17 = 01; 10 = TSC deadline is not offered).
-    pub const PERIODIC: u32 = 1 << 17;
+consts! { u32:
+    LVT_VECTOR = 0xff, "LVT: the vector.";
+    LVT_PENDING = 1 << 12, "LVT: delivery status (read only; ignored when written).";
+    LVT_MASKED = 1 << 16, "LVT: masked.";
+    LVT_PERIODIC = 1 << 17, "LVT timer: periodic (bits 18:17 = 01; TSC deadline is not offered).";
+    SVR_ENABLE = 1 << 8, "SVR bit 8: APIC software enable.";
+    ESR_SEND_ILLEGAL = 1 << 5, "ESR bit 5: a self-IPI / ICR named an illegal vector.";
+    ESR_RECEIVE_ILLEGAL = 1 << 6, "ESR bit 6: an illegal vector arrived (an LVT or a raise).";
+    VERSION = 0x0005_0014, "Version 0x14, six LVT entries, no EOI-broadcast suppression.";
 }
-
-/// SVR bit 8: APIC software enable.
-pub const SVR_ENABLE: u32 = 1 << 8;
-/// ESR bit 5: a self-IPI / ICR named an illegal vector.
-pub const ESR_SEND_ILLEGAL: u32 = 1 << 5;
-/// ESR bit 6: an interrupt with an illegal vector arrived (an LVT or a raise).
-pub const ESR_RECEIVE_ILLEGAL: u32 = 1 << 6;
-/// Version register: version 0x14, six LVT entries (max LVT index 5), no EOI-broadcast
-/// suppression.
-pub const VERSION: u32 = 0x0005_0014;
 
 /// The access is refused as the hardware refuses it: inject #GP(0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,15 +202,15 @@ pub struct LocalApic {
 const LVTS: [(u32, u32); 6] = [
     (
         msr::LVT_TIMER,
-        0xff | lvt::PENDING | lvt::MASKED | lvt::PERIODIC,
+        0xff | LVT_PENDING | LVT_MASKED | LVT_PERIODIC,
     ),
     // Vector, delivery mode, mask.
-    (msr::LVT_THERMAL, 0x7ff | lvt::PENDING | lvt::MASKED),
-    (msr::LVT_PMI, 0x7ff | lvt::PENDING | lvt::MASKED),
+    (msr::LVT_THERMAL, 0x7ff | LVT_PENDING | LVT_MASKED),
+    (msr::LVT_PMI, 0x7ff | LVT_PENDING | LVT_MASKED),
     // Vector, delivery mode, polarity, remote IRR, trigger mode, mask.
-    (msr::LVT_LINT0, 0x7ff | lvt::PENDING | 0xe000 | lvt::MASKED),
-    (msr::LVT_LINT1, 0x7ff | lvt::PENDING | 0xe000 | lvt::MASKED),
-    (msr::LVT_ERROR, 0xff | lvt::PENDING | lvt::MASKED),
+    (msr::LVT_LINT0, 0x7ff | LVT_PENDING | 0xe000 | LVT_MASKED),
+    (msr::LVT_LINT1, 0x7ff | LVT_PENDING | 0xe000 | LVT_MASKED),
+    (msr::LVT_ERROR, 0xff | LVT_PENDING | LVT_MASKED),
 ];
 
 /// Writable bits of the ICR: vector, delivery mode, destination mode, level, trigger,
@@ -262,7 +232,7 @@ impl LocalApic {
             esr: 0,
             esr_pending: 0,
             icr: 0,
-            lvt: [lvt::MASKED; 6],
+            lvt: [LVT_MASKED; 6],
             divide: 0,
             initial: 0,
             timer: None,
@@ -401,7 +371,7 @@ impl LocalApic {
     }
 
     fn periodic(&self) -> bool {
-        self.lvt[0] & lvt::PERIODIC != 0
+        self.lvt[0] & LVT_PERIODIC != 0
     }
 
     /// The timer's period in TSC cycles (periodic mode).
@@ -429,7 +399,7 @@ impl LocalApic {
     /// expiry, if it runs unmasked.
     pub fn deadline(&self) -> Option<u64> {
         let t = self.timer?;
-        (self.lvt[0] & lvt::MASKED == 0).then_some(t.next)
+        (self.lvt[0] & LVT_MASKED == 0).then_some(t.next)
     }
 
     /// Advances the timer to TSC `now`: an expiry at or before `now` sets the LVT timer's
@@ -453,8 +423,8 @@ impl LocalApic {
         } else {
             self.timer = None;
         }
-        if self.lvt[0] & lvt::MASKED == 0 {
-            self.assert_local((self.lvt[0] & lvt::VECTOR) as u8, ESR_RECEIVE_ILLEGAL);
+        if self.lvt[0] & LVT_MASKED == 0 {
+            self.assert_local((self.lvt[0] & LVT_VECTOR) as u8, ESR_RECEIVE_ILLEGAL);
         }
         true
     }
@@ -535,7 +505,7 @@ impl LocalApic {
                 self.svr = allowed(0x3ff)?;
                 if self.svr & SVR_ENABLE == 0 {
                     for l in &mut self.lvt {
-                        *l |= lvt::MASKED;
+                        *l |= LVT_MASKED;
                     }
                 }
             }
@@ -545,9 +515,9 @@ impl LocalApic {
             }
             m if (msr::LVT_TIMER..=msr::LVT_ERROR).contains(&m) => {
                 let i = (m - msr::LVT_TIMER) as usize;
-                let mut new = allowed(LVTS[i].1)? & !lvt::PENDING;
+                let mut new = allowed(LVTS[i].1)? & !LVT_PENDING;
                 if self.svr & SVR_ENABLE == 0 {
-                    new |= lvt::MASKED;
+                    new |= LVT_MASKED;
                 }
                 self.lvt[i] = new;
             }

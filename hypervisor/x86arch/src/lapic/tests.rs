@@ -139,10 +139,10 @@ fn read_only_write_only_reserved_registers_and_bits_fault() {
     }
     // Nothing of the refused writes took effect.
     assert_eq!(a.read_msr(msr::TPR, 0), Ok(0));
-    assert_eq!(a.read_msr(msr::LVT_TIMER, 0), Ok(u64::from(lvt::MASKED)));
+    assert_eq!(a.read_msr(msr::LVT_TIMER, 0), Ok(u64::from(LVT_MASKED)));
     assert_eq!(a.read_msr(msr::TIMER_DIVIDE, 0), Ok(0));
     // The delivery-status bit is read only: ignored when written.
-    a.write_msr(msr::LVT_TIMER, u64::from(lvt::PENDING | 0x40), 0)
+    a.write_msr(msr::LVT_TIMER, u64::from(LVT_PENDING | 0x40), 0)
         .unwrap();
     assert_eq!(a.read_msr(msr::LVT_TIMER, 0), Ok(0x40));
 }
@@ -261,7 +261,7 @@ fn one_shot_timer_expires_at_its_count_times_divide_times_the_tick() {
 #[test]
 fn periodic_timer_rearms_and_merges_missed_periods() {
     let mut a = on();
-    arm(&mut a, 0x44 | lvt::PERIODIC, 0xb, 10, T0);
+    arm(&mut a, 0x44 | LVT_PERIODIC, 0xb, 10, T0);
     let p = 10 * TSC_PER_TICK;
     assert!(a.poll_timer(T0 + p));
     assert_eq!(a.deadline(), Some(T0 + 2 * p));
@@ -275,7 +275,7 @@ fn periodic_timer_rearms_and_merges_missed_periods() {
 #[test]
 fn masked_or_software_disabled_timer_counts_but_raises_nothing() {
     let mut a = on();
-    arm(&mut a, 0x44 | lvt::MASKED, 0xb, 10, T0);
+    arm(&mut a, 0x44 | LVT_MASKED, 0xb, 10, T0);
     assert_eq!(a.deadline(), None, "no wake-up needed");
     assert_eq!(a.read_msr(msr::TIMER_CURRENT, T0 + 5 * TSC_PER_TICK), Ok(5));
     assert!(a.poll_timer(T0 + 10 * TSC_PER_TICK));
@@ -288,7 +288,7 @@ fn masked_or_software_disabled_timer_counts_but_raises_nothing() {
     a.write_msr(msr::LVT_TIMER, 0x44, T0).unwrap();
     assert_eq!(
         a.read_msr(msr::LVT_TIMER, T0),
-        Ok(u64::from(0x44 | lvt::MASKED))
+        Ok(u64::from(0x44 | LVT_MASKED))
     );
 }
 
@@ -362,7 +362,7 @@ proptest! {
         masked in any::<bool>(),
     ) {
         let mut a = on();
-        let lvt_value = 0x44 | if masked { lvt::MASKED } else { 0 };
+        let lvt_value = 0x44 | if masked { LVT_MASKED } else { 0 };
         arm(&mut a, lvt_value, div, count, T0);
         let expiry = T0 + u64::from(count) * a.scale();
         let mut now = T0;
@@ -392,7 +392,7 @@ proptest! {
         steps in proptest::collection::vec(0u64..100_000, 1..60),
     ) {
         let mut a = on();
-        arm(&mut a, 0x44 | lvt::PERIODIC, 0xb, count, T0);
+        arm(&mut a, 0x44 | LVT_PERIODIC, 0xb, count, T0);
         let period = u64::from(count) * TSC_PER_TICK;
         let mut now = T0;
         for s in steps {
