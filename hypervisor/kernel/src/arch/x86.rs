@@ -55,11 +55,17 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// CPUID leaf/subleaf, raw (for passing leaves through to guests). Feature bits are read
-/// through `raw_cpuid`'s named accessors instead.
+/// CPUID leaf/subleaf, raw (for passing leaves through to guests), in the ABI's register
+/// type. Feature bits are read through `raw_cpuid`'s named accessors instead.
 #[inline]
-pub fn cpuid(leaf: u32, sub: u32) -> core::arch::x86_64::CpuidResult {
-    core::arch::x86_64::__cpuid_count(leaf, sub)
+pub fn cpuid(leaf: u32, sub: u32) -> moat_abi::cpuid::CpuidRegs {
+    let r = core::arch::x86_64::__cpuid_count(leaf, sub);
+    moat_abi::cpuid::CpuidRegs {
+        eax: r.eax,
+        ebx: r.ebx,
+        ecx: r.ecx,
+        edx: r.edx,
+    }
 }
 
 /// This CPU's initial local APIC id (CPUID leaf 1).
