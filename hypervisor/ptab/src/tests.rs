@@ -1,12 +1,11 @@
 //! Engine tests: each format against a page-granular model, and the table lifecycle.
 
-use std::collections::BTreeMap;
 use std::vec::Vec;
 
 use proptest::prelude::*;
 
 use super::format::*;
-use super::ops::{op, Op};
+use super::ops::{op, translations_match, Model, Op};
 use super::testing::ArenaMemory;
 use super::*;
 
@@ -252,7 +251,7 @@ fn run_model<F: TestFormat>(
     let mem = ArenaMemory::with_dirty_tracking(4096, !coherent);
     let pt = PageTable::<F>::new(&mem, cfg(levels, superpages, coherent)).unwrap();
     let mut s = Pending::default();
-    let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
+    let mut model = Model::new();
     let mut maps: Vec<(u64, u64)> = Vec::new();
     for op in ops {
         let op = op.resolve(&maps);
@@ -323,20 +322,15 @@ fn run_model<F: TestFormat>(
         prop_assert_eq!(now.len(), pt.table_pages());
         prop_assert_eq!(pt.table_pages() + s.tables.len(), mem.live_frames());
     }
-    for p in 0..2048 + 600 {
-        let t = pt.translate(&mem, p * 4096 + 8);
-        match model.get(&p) {
-            None => prop_assert!(t.is_none()),
-            Some(&(phys, write)) => {
-                let t = t.unwrap();
-                prop_assert_eq!(t.phys.as_u64(), phys * 4096 + 8);
-                prop_assert_eq!(t.attr, F::attr(write));
-                if !superpages {
-                    prop_assert_eq!(t.page_size, 4096);
-                }
-            }
+    let translate = |va| pt.translate(&mem, va);
+    translations_match(&model, 2048 + 600, 8, translate, |t, phys, write| {
+        prop_assert_eq!(t.phys.as_u64(), phys);
+        prop_assert_eq!(t.attr, F::attr(write));
+        if !superpages {
+            prop_assert_eq!(t.page_size, 4096);
         }
-    }
+        Ok(())
+    })?;
     prop_assert_eq!(pt.mapped_bytes(), model.len() as u64 * 4096);
     let mut seen = s.tables.clone();
     seen.sort_unstable();
@@ -375,7 +369,7 @@ proptest! {
         (0u64..2048, 1u64..700, 0u64..4096, 0u8..3), 1..30)) {
         let mem = ArenaMemory::new(4096);
         let pt = PageTable::<X86>::new(&mem, cfg(4, true, true)).unwrap();
-        let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
+        let mut model = Model::new();
         for (page, pages, phys_page, kind) in ops {
             let page = if page % 3 == 0 { page & !511 } else { page };
             let phys_page = if page % 512 == 0 { phys_page & !511 } else { phys_page };
@@ -389,17 +383,11 @@ proptest! {
             }
             prop_assert_eq!(linked(&pt, &mem).len(), mem.live_frames());
         }
-        for p in 0..2048 + 700 {
-            let t = pt.translate(&mem, p * 4096);
-            match model.get(&p) {
-                None => prop_assert!(t.is_none()),
-                Some(&(phys, w)) => {
-                    let t = t.unwrap();
-                    prop_assert_eq!(t.phys.as_u64(), phys * 4096);
-                    prop_assert_eq!(t.attr, X86::attr(w));
-                }
-            }
-        }
+        translations_match(&model, 2048 + 700, 0, |va| pt.translate(&mem, va), |t, phys, w| {
+            prop_assert_eq!(t.phys.as_u64(), phys);
+            prop_assert_eq!(t.attr, X86::attr(w));
+            Ok(())
+        })?;
         pt.free_all(&mem);
         prop_assert_eq!(mem.live_frames(), 0);
     }
