@@ -6,8 +6,8 @@ use std::vec::Vec;
 use crate::domain::Domain;
 use crate::entry::{PagingLevels, SourceId};
 use crate::error::{Error, Operation};
-use crate::fake_unit::{Event, FakeUnit, QEMU_CAP, QEMU_ECAP};
-use crate::fault::{FaultAccess, FaultReason, FaultRecord};
+use crate::fake_unit::{drain, test_unit, Event, FakeUnit, TestUnit, QEMU_CAP, QEMU_ECAP};
+use crate::fault::{FaultAccess, FaultReason};
 use crate::gather::Gather;
 use crate::hw::{DmaMemory, PhysAddr};
 use crate::paging::Access;
@@ -17,18 +17,11 @@ use crate::regs::{
 use crate::testing::{FakeClock, FakeMemory};
 use crate::unit::{Flushed, Submitted, Unit, UnitConfig};
 
-type TestUnit = Unit<FakeUnit, FakeClock>;
-
 const RW: Access = Access::READ.union(Access::WRITE);
 const EDU: SourceId = SourceId::new(0, 3, 0);
 
 fn setup_with(cap: u64, ecap: u64) -> (FakeMemory, FakeUnit, TestUnit) {
-    let mem = FakeMemory::new(4096);
-    let hw = FakeUnit::new(&mem, cap, ecap);
-    let mut cfg = UnitConfig::new(0);
-    cfg.timeout_ns = 1_000_000;
-    let unit = Unit::new(hw.clone(), FakeClock::new(1_000), cfg).unwrap();
-    (mem, hw, unit)
+    test_unit(cap, ecap, |_| {})
 }
 
 fn setup() -> (FakeMemory, FakeUnit, TestUnit) {
@@ -74,12 +67,6 @@ fn map_flushed(
 /// Maps `[iova, iova + len)` to `phys` read-write in `dom`.
 fn map_rw(dom: &Domain, mem: &FakeMemory, g: &mut Gather, iova: u64, phys: u64, len: u64) {
     dom.map(mem, iova, PhysAddr::new(phys), len, RW, g).unwrap();
-}
-
-fn drain(unit: &mut TestUnit) -> Vec<FaultRecord> {
-    let mut v = Vec::new();
-    unit.poll_faults(64, |r| v.push(*r));
-    v
 }
 
 #[test]
