@@ -94,14 +94,26 @@ fn linked<F: Format>(pt: &PageTable<F>, mem: &ArenaMemory) -> Vec<(PhysAddr, u8,
     out
 }
 
+/// Tables of `levels` levels in format `F` (superpages on, coherent) over 64 frames.
+fn tables<F: Format>(levels: u8) -> (ArenaMemory, PageTable<F>) {
+    let mem = ArenaMemory::new(64);
+    let pt = PageTable::new(&mem, cfg(levels, true, true)).unwrap();
+    (mem, pt)
+}
+
+/// Frees the tables: nothing of the arena stays allocated.
+fn free_all<F: Format>(pt: PageTable<F>, mem: &ArenaMemory) {
+    pt.free_all(mem);
+    assert_eq!(mem.live_frames(), 0);
+}
+
 fn alloc_vec<T>() -> Vec<T> {
     Vec::new()
 }
 
 #[test]
 fn map_translate_unmap_and_superpages() {
-    let mem = ArenaMemory::new(64);
-    let pt = PageTable::<VtdSecondLevel>::new(&mem, cfg(3, true, true)).unwrap();
+    let (mem, pt) = tables::<VtdSecondLevel>(3);
     let mut s = Pending::default();
     let rw = VtdAttr::READ | VtdAttr::WRITE;
     pt.map(
@@ -135,14 +147,12 @@ fn map_translate_unmap_and_superpages() {
     );
     pt.unmap(&mem, 0x20_0000, 0x40_0000, &mut s).unwrap();
     assert!(s.tables.is_empty());
-    pt.free_all(&mem);
-    assert_eq!(mem.live_frames(), 0);
+    free_all(pt, &mem);
 }
 
 #[test]
 fn superpage_not_over_a_kept_table() {
-    let mem = ArenaMemory::new(64);
-    let pt = PageTable::<Npt>::new(&mem, cfg(4, true, true)).unwrap();
+    let (mem, pt) = tables::<Npt>(4);
     let mut s = Pending::default();
     pt.map(
         &mem,
@@ -176,14 +186,12 @@ fn superpage_not_over_a_kept_table() {
     for t in s.tables {
         mem.free_table(t);
     }
-    pt.free_all(&mem);
-    assert_eq!(mem.live_frames(), 0);
+    free_all(pt, &mem);
 }
 
 #[test]
 fn remap_splits_and_clears() {
-    let mem = ArenaMemory::new(64);
-    let pt = PageTable::<X86>::new(&mem, cfg(4, true, true)).unwrap();
+    let (mem, pt) = tables::<X86>(4);
     pt.remap(&mem, 0, PhysAddr::new(0), 0x40_0000, Some(X86Flags::RW))
         .unwrap();
     assert_eq!(pt.translate(&mem, 0x1000).unwrap().page_size, 2 << 20);
@@ -208,8 +216,7 @@ fn remap_splits_and_clears() {
     assert!(pt.translate(&mem, 0x1000).is_some());
     // The second 2 MiB page is untouched.
     assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 2 << 20);
-    pt.free_all(&mem);
-    assert_eq!(mem.live_frames(), 0);
+    free_all(pt, &mem);
 }
 
 #[test]
