@@ -277,20 +277,14 @@ fn suite(base: u64, edus: &[Edu], t: &mut Tally) {
     );
 
     // 2. Unmapped IOVA: blocked and recorded, both directions; write to a read-only page.
-    let _ = e0.dma(Direction::ToRam, IOVA_HOLE, 0, LEN);
-    let fw = has_fault(&drain(base), s0, IOVA_HOLE, FaultAccess::Write);
-    t.check(
-        "fault-unmapped-write",
-        fw.is_some(),
-        format_args!("{}", fault_text(fw)),
-    );
-    let _ = e0.dma(Direction::FromRam, IOVA_HOLE, 0, LEN);
-    let fr = has_fault(&drain(base), s0, IOVA_HOLE, FaultAccess::Read);
-    t.check(
-        "fault-unmapped-read",
-        fr.is_some(),
-        format_args!("{}", fault_text(fr)),
-    );
+    for (name, direction, access) in [
+        ("fault-unmapped-write", Direction::ToRam, FaultAccess::Write),
+        ("fault-unmapped-read", Direction::FromRam, FaultAccess::Read),
+    ] {
+        let _ = e0.dma(direction, IOVA_HOLE, 0, LEN);
+        let f = has_fault(&drain(base), s0, IOVA_HOLE, access);
+        t.check(name, f.is_some(), format_args!("{}", fault_text(f)));
+    }
     // (A fresh IOVA: QEMU checks permissions on a table walk, not on an IOTLB hit, where
     // the write is dropped silently.)
 
