@@ -75,15 +75,16 @@ pub fn initial_apic_id() -> u32 {
         .map_or(0, |f| u32::from(f.initial_local_apic_id()))
 }
 
-/// Loads CR3 (switches address space).
+/// Loads CR3 (switches address space) with the PML4 at `pml4` (a page offset, normally 0,
+/// goes into the PCD/PWT bits unchanged).
 ///
 /// # Safety
 /// `pml4` must be a valid PML4 that maps the running code, stack and all live data.
 #[inline]
-pub unsafe fn write_cr3(pml4: u64) {
-    let frame = PhysFrame::containing_address(PhysAddr::new_truncate(pml4));
+pub unsafe fn write_cr3(pml4: crate::mm::PhysAddr) {
+    let frame = PhysFrame::containing_address(PhysAddr::new_truncate(pml4.as_u64()));
     // SAFETY: contract above; the low 12 bits (PCD/PWT) are passed through unchanged.
-    unsafe { Cr3::write_raw(frame, (pml4 & 0xfff) as u16) }
+    unsafe { Cr3::write_raw(frame, pml4.page_offset() as u16) }
 }
 
 /// Disables interrupts and halts forever.

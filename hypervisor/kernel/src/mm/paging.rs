@@ -150,6 +150,6 @@ impl AddressSpace {
     /// The address space must map the running code, stack and all data in use.
     pub unsafe fn activate(&self) {
         // SAFETY: contract above.
-        unsafe { crate::arch::x86::write_cr3(self.tables.root().as_u64()) };
+        unsafe { crate::arch::x86::write_cr3(self.tables.root()) };
     }
 }
