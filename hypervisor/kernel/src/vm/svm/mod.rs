@@ -257,6 +257,16 @@ pub struct SvmVcpu {
     first_run: bool,
 }
 
+impl Drop for SvmVcpu {
+    /// Frees the VMCB page. Nothing refers to it once the vCPU stops: VMRUN is not running
+    /// on it (the vCPU is dropped on the CPU that ran it, after its last exit), and a page
+    /// reused as another vCPU's VMCB starts zeroed, so its clean bits make the CPU reload
+    /// every field it might have cached for this address.
+    fn drop(&mut self) {
+        frames::free(self.vmcb_pa);
+    }
+}
+
 /// Where each guest register lives (the general registers the VMCB does not hold are in
 /// `gprs`): evaluates `$e` with `$p` a reference (`mut`: a mutable one) to `$r`'s place. The
 /// one table [`SvmVcpu::reg`] and [`SvmVcpu::set_reg`] share.
