@@ -6,6 +6,7 @@
 //! - [`vmx`]: Intel VMX capability MSRs, control adjustment, VMCS fields, exit decoding;
 //! - [`lapic`]: the virtual local APIC guests get (x2APIC MSRs, priorities, timer).
 #![no_std]
+#![forbid(unsafe_code)]
 
 pub mod lapic;
 pub mod tsc;
