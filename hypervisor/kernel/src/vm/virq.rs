@@ -219,7 +219,10 @@ impl VcpuApic {
     }
 
     /// After an exit: `still_requested` is the vector the backend still holds. An offered
-    /// vector it no longer holds was taken by the guest: now in service.
+    /// vector it no longer holds was taken by the guest: now in service, and a new raise of
+    /// it is a new interrupt. (A raise from another CPU between the guest taking the vector
+    /// and this call merges into the one taken; raises from this vCPU's own CPU, where its
+    /// devices' MSIs are routed, cannot fall there: they are taken after this call.)
     pub fn after_exit(&mut self, still_requested: Option<u8>, irqs: &VirtualInterrupts) {
         if let Some(v) = self.offered.take()
             && still_requested != Some(v)
