@@ -6,6 +6,8 @@ use moat_abi::dma::DmaFlags;
 
 use crate::abi::BootInfo;
 use crate::dma::{driver, gpa, page, Edu, PAGE};
+use crate::idt::{cli, sti, Cost};
+use crate::vapic::{rdmsr, wrmsr};
 use crate::{println, Outcome};
 
 /// The interrupt address window's base: a 4-byte write there is an MSI to APIC 0
@@ -61,9 +63,8 @@ pub(crate) static TAKEN: AtomicU64 = AtomicU64::new(0);
 pub(crate) static TAKEN_ON: [AtomicU64; 4] = [const { AtomicU64::new(0) }; 4];
 /// Interrupts taken on [`AUX_VECTOR`].
 pub(crate) static AUX_TAKEN: AtomicU64 = AtomicU64::new(0);
-/// Cycles from the host handler to this handler: sum and minimum.
-pub(crate) static COST_SUM: AtomicU64 = AtomicU64::new(0);
-pub(crate) static COST_MIN: AtomicU64 = AtomicU64::new(u64::MAX);
+/// Cycles from the host handler to this handler.
+pub(crate) static COST: Cost = Cost::new();
 /// Interrupts on any other vector of the interrupt IDT.
 pub(crate) static STRAY: AtomicU64 = AtomicU64::new(0);
 /// Set when vCPU 1 should leave its halt loop.
@@ -73,157 +74,31 @@ pub(crate) static WORKER_READY: AtomicBool = AtomicBool::new(false);
 /// Set when vCPU 1 has left its halt loop.
 pub(crate) static WORKER_EXITED: AtomicBool = AtomicBool::new(false);
 
-fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: RDMSR of an MSR the hypervisor's virtual local APIC answers.
-    unsafe {
-        core::arch::asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack))
-    };
-    u64::from(hi) << 32 | u64::from(lo)
-}
-
-fn wrmsr(msr: u32, value: u64) {
-    // SAFETY: WRMSR of the virtual local APIC's EOI register.
-    unsafe {
-        core::arch::asm!("wrmsr", in("ecx") msr, in("eax") value as u32,
-                         in("edx") (value >> 32) as u32, options(nomem, nostack))
-    };
-}
-
-/// The handler of [`MSI_VECTOR`] (called from the asm stub with interrupts off).
-#[unsafe(no_mangle)]
-extern "C" fn guest_msi_handler() {
-    let now = crate::abi::rdtsc();
-    let host = rdmsr(MSR_MOAT_IRQ_TSC);
-    if host != 0 && now > host {
-        COST_SUM.fetch_add(now - host, Ordering::Relaxed);
-        COST_MIN.fetch_min(now - host, Ordering::Relaxed);
-    }
-    let id = rdmsr(MSR_X2APIC_ID) as usize;
-    if let Some(c) = TAKEN_ON.get(id) {
-        c.fetch_add(1, Ordering::SeqCst);
-    }
-    TAKEN.fetch_add(1, Ordering::SeqCst);
-    wrmsr(MSR_X2APIC_EOI, 0);
-}
-
-/// [`AUX_VECTOR`]: counted, EOIed.
-#[unsafe(no_mangle)]
-extern "C" fn guest_aux_handler() {
-    AUX_TAKEN.fetch_add(1, Ordering::SeqCst);
-    wrmsr(MSR_X2APIC_EOI, 0);
-}
-
-/// Any other vector: counted, EOIed.
-#[unsafe(no_mangle)]
-extern "C" fn guest_stray_handler() {
-    STRAY.fetch_add(1, Ordering::SeqCst);
-    wrmsr(MSR_X2APIC_EOI, 0);
-}
-
-core::arch::global_asm!(
-    r#"
-    .section .text
-    .global guest_msi_entry
-    .global guest_stray_entry
-    .global guest_aux_entry
-guest_aux_entry:
-    push rax
-    lea rax, [rip + guest_aux_handler]
-    jmp 2f
-guest_msi_entry:
-    push rax
-    lea rax, [rip + guest_msi_handler]
-    jmp 2f
-guest_stray_entry:
-    push rax
-    lea rax, [rip + guest_stray_handler]
-2:
-    push rcx
-    push rdx
-    push rsi
-    push rdi
-    push r8
-    push r9
-    push r10
-    push r11
-    // 10 pushes + the 5-qword interrupt frame keep the stack 16-byte aligned only if it was
-    // 8 mod 16 on entry; align explicitly.
-    mov rsi, rsp
-    and rsp, -16
-    push rsi
-    sub rsp, 8
-    call rax
-    add rsp, 8
-    pop rsp
-    pop r11
-    pop r10
-    pop r9
-    pop r8
-    pop rdi
-    pop rsi
-    pop rdx
-    pop rcx
-    pop rax
-    iretq
-    "#
-);
-
-unsafe extern "C" {
-    fn guest_msi_entry();
-    fn guest_stray_entry();
-    fn guest_aux_entry();
-}
-
-#[repr(C, align(16))]
-struct Idt([u64; 2 * 256]);
-
-static mut IRQ_IDT: Idt = Idt([0; 512]);
-
-fn gate(handler: u64) -> (u64, u64) {
-    (
-        (handler & 0xffff) | 0x08 << 16 | 0x8e00 << 32 | (handler >> 16 & 0xffff) << 48,
-        handler >> 32,
-    )
-}
-
-/// Loads the interrupt IDT on this vCPU: [`MSI_VECTOR`] counted by its handler, every other
-/// vector from 32 up counted as stray (exceptions stay absent: a fault still triple-faults).
-pub(crate) fn load_idt() {
-    // SAFETY: written before any vCPU loads it (vCPU 0 fills it once, first); a static that
-    // lives forever.
-    unsafe {
-        let idt = &mut *core::ptr::addr_of_mut!(IRQ_IDT);
-        if idt.0[2 * MSI_VECTOR as usize] == 0 {
-            for v in 32..256usize {
-                let h = if v == MSI_VECTOR as usize {
-                    guest_msi_entry as *const () as u64
-                } else if v == AUX_VECTOR as usize {
-                    guest_aux_entry as *const () as u64
-                } else {
-                    guest_stray_entry as *const () as u64
-                };
-                let (lo, hi) = gate(h);
-                idt.0[2 * v] = lo;
-                idt.0[2 * v + 1] = hi;
-            }
+/// Every interrupt: [`MSI_VECTOR`] counted per vCPU with its delivery cost, [`AUX_VECTOR`]
+/// counted apart, any other vector counted as stray; EOIed.
+fn on_interrupt(vector: u8, _rip: u64) {
+    if vector == MSI_VECTOR {
+        let now = crate::abi::rdtsc();
+        COST.record(now, rdmsr(MSR_MOAT_IRQ_TSC));
+        let id = rdmsr(MSR_X2APIC_ID) as usize;
+        if let Some(c) = TAKEN_ON.get(id) {
+            c.fetch_add(1, Ordering::SeqCst);
         }
-        let limit = (core::mem::size_of::<Idt>() - 1) as u16;
-        let mut desc = [0u8; 10];
-        desc[..2].copy_from_slice(&limit.to_le_bytes());
-        desc[2..].copy_from_slice(&(idt.0.as_ptr() as u64).to_le_bytes());
-        core::arch::asm!("lidt [{}]", in(reg) desc.as_ptr(), options(nostack));
+        TAKEN.fetch_add(1, Ordering::SeqCst);
+    } else if vector == AUX_VECTOR {
+        AUX_TAKEN.fetch_add(1, Ordering::SeqCst);
+    } else {
+        STRAY.fetch_add(1, Ordering::SeqCst);
     }
+    wrmsr(MSR_X2APIC_EOI, 0);
 }
 
-pub(crate) fn sti() {
-    // SAFETY: the interrupt IDT is loaded.
-    unsafe { core::arch::asm!("sti", options(nomem, nostack)) };
-}
-
-pub(crate) fn cli() {
-    // SAFETY: masks interrupts; always allowed at CPL 0.
-    unsafe { core::arch::asm!("cli", options(nomem, nostack)) };
+/// Loads the interrupt IDT on this vCPU ([`on_interrupt`] for every vector from 32;
+/// exceptions stay absent: a fault still triple-faults); puts the vCPU's local APIC in x2APIC
+/// mode and software-enables it (it delivers nothing before).
+pub(crate) fn load_idt() {
+    crate::vapic::apic_enable();
+    crate::idt::load_interrupts(on_interrupt, false);
 }
 
 /// `sti; hlt`: waits for an interrupt (atomically with enabling them).
@@ -357,8 +232,7 @@ pub fn msi_edu(boot: &BootInfo, n: u64, dest: u8) -> Outcome {
     let taken = TAKEN.load(Ordering::SeqCst);
     let on_dest = TAKEN_ON[on].load(Ordering::SeqCst);
     let stray = STRAY.load(Ordering::SeqCst);
-    let cost_min = COST_MIN.load(Ordering::SeqCst);
-    let cost_avg = COST_SUM.load(Ordering::SeqCst) / taken.max(1);
+    let (_, cost_min, cost_avg) = COST.summary();
     println!(
         "msi-edu: {n} DMA(s) with completion interrupt to vcpu {dest}: {taken} interrupt(s) on vector {MSI_VECTOR:#x}, {on_dest} on vcpu {dest}, {stray} stray, {missed} missed"
     );

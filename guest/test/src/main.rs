@@ -10,7 +10,7 @@
 //! `escape-write[=GPA]` (default: the first byte past the guest's memory), `msr`,
 //! `triple-fault`, `bad-hypercall`, `vmmcall-bench=N`, the PV DMA tests `dma-*` (`dma/`,
 //! `dma_bounds.rs`; `dma-demo` is `cargo xtask run`'s), the interrupt tests `irq-*`/`msi-*`
-//! (`irq.rs`) and the NVMe tests `nvme-pattern`, `nvme-faults`, `nvme-errors`, `nvme-bench=N`
+//! (`irq.rs`), `vapic-timer` (`vapic.rs`) and the NVMe tests `nvme-pattern`, `nvme-faults`, `nvme-errors`, `nvme-bench=N`
 //! (`nvme/`, with `moat-nvme`; the other vCPUs run their queue pairs). Numbers are decimal or
 //! `0x` hex.
 #![no_std]
@@ -27,6 +27,7 @@ mod nvme;
 mod paging;
 mod pci;
 mod race;
+mod vapic;
 
 use abi::{call, hypercall, BootInfo};
 
@@ -212,6 +213,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "msi-x-nvme-vcpu1" => msix::nvme_irq(&info, arg.unwrap_or(8), 1),
             "msi-x-attacks" => msix::attacks(&info),
             "msi-x-unemulated" => msix::unemulated(),
+            "vapic-timer" => vapic::run(&info),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {

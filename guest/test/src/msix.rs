@@ -211,7 +211,7 @@ pub fn nvme_irq(info: &BootInfo, n: u64, dest: u8) -> Outcome {
         println!("msi-x-nvme: entry 1 reads back {back:x?}");
         return Err("the MSI-X entry did not read back");
     }
-    irq::sti();
+    crate::idt::sti();
     let on = usize::from(dest);
     let mut missed = 0u64;
     let mut batches = 0u64;
@@ -255,10 +255,9 @@ pub fn nvme_irq(info: &BootInfo, n: u64, dest: u8) -> Outcome {
         "msi-x-nvme: {} I/O(s) with completion interrupt to vcpu {dest}: {taken} interrupt(s) on vector {MSI_VECTOR:#x} on vcpu {dest}, {batches} with exactly one completion, {stray} stray, {aux} on {AUX_VECTOR:#x}, {missed} missed; {differ} byte(s) differ",
         2 * n
     );
+    let (_, cost_min, cost_mean) = irq::COST.summary();
     println!(
-        "msi-x-nvme: host handler -> guest handler: min {} cycles, mean {} cycles (TSC {} MHz)",
-        irq::COST_MIN.load(SeqCst),
-        irq::COST_SUM.load(SeqCst) / TAKEN.load(SeqCst).max(1),
+        "msi-x-nvme: host handler -> guest handler: min {cost_min} cycles, mean {cost_mean} cycles (TSC {} MHz)",
         info.tsc_khz.get() / 1000
     );
     let mut failures = u32::from(
@@ -329,7 +328,7 @@ pub fn nvme_irq(info: &BootInfo, n: u64, dest: u8) -> Outcome {
         );
         failures += u32::from(!left);
     }
-    irq::cli();
+    crate::idt::cli();
     m.control(false, false);
     s.teardown()?;
     if failures != 0 {
@@ -372,7 +371,7 @@ pub fn attacks(info: &BootInfo) -> Outcome {
     m.program(1, 0, MSI_VECTOR, true);
     m.control(true, false);
     let mut s = nvme::setup_with(info, true)?;
-    irq::sti();
+    crate::idt::sti();
     let mut failures = 0;
 
     // The PBA is read only.
@@ -483,7 +482,7 @@ pub fn attacks(info: &BootInfo) -> Outcome {
             if arrived { "arrived" } else { "did NOT arrive" },
         ),
     );
-    irq::cli();
+    crate::idt::cli();
     m.control(false, false);
     s.teardown()?;
     if failures == 0 {

@@ -1,6 +1,11 @@
 //! The CPUID a guest sees: Moat's hypervisor leaves (the discovery part of the ABI) and the host
 //! leaves with the features a guest must not use hidden. The hypervisor answers every CPUID exit
 //! with [`GuestCpu::leaf`]; the guest side reads the same leaves.
+//!
+//! Guests get a virtual local APIC in x2APIC mode (its MSRs are emulated): leaf 1 says x2APIC,
+//! and leaves 0x15 / 0x16 state the TSC frequency and the APIC timer's input clock (the
+//! "crystal": TSC / [`GuestCpu::timer_tsc_ratio`]), as Intel parts do. The xAPIC MMIO page and
+//! TSC-deadline timer mode are not emulated: TSC-deadline is hidden.
 
 use crate::hypercall::{signature_regs, Instruction, ABI_VERSION, CPUID_MAX_LEAF};
 use crate::{CPUID_FEATURES_LEAF, CPUID_SIGNATURE_LEAF};
@@ -20,8 +25,14 @@ pub struct CpuidRegs {
 
 /// Leaf 1 ECX: a hypervisor is present.
 pub const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-/// Leaf 1 ECX bits a guest does not get: MONITOR/MWAIT (3), VMX (5), x2APIC (21).
-pub const LEAF1_ECX_HIDDEN: u32 = 1 << 3 | 1 << 5 | 1 << 21;
+/// Leaf 1 ECX bits a guest does not get: MONITOR/MWAIT (3), VMX (5), TSC-deadline timer (24).
+pub const LEAF1_ECX_HIDDEN: u32 = 1 << 3 | 1 << 5 | 1 << 24;
+/// Leaf 1 ECX: x2APIC, which every guest's virtual local APIC offers.
+pub const LEAF1_ECX_X2APIC: u32 = 1 << 21;
+/// The TSC / crystal leaf.
+pub const TSC_LEAF: u32 = 0x15;
+/// The frequency leaf (base, maximum, bus MHz).
+pub const FREQUENCY_LEAF: u32 = 0x16;
 /// Leaf 0x8000_0001 ECX bits a guest does not get: SVM (2).
 pub const EXT1_ECX_HIDDEN: u32 = 1 << 2;
 /// The SVM feature leaf, all zero for a guest.
@@ -36,6 +47,10 @@ pub struct GuestCpu {
     pub calls: u32,
     /// The instruction this guest makes hypercalls with (the one its vCPUs trap).
     pub instruction: Instruction,
+    /// The TSC frequency the guest sees, kHz (0: unknown, leaves 0x15/0x16 then say nothing).
+    pub tsc_khz: u64,
+    /// TSC cycles per tick of the virtual APIC timer's input clock.
+    pub timer_tsc_ratio: u32,
 }
 
 impl GuestCpu {
@@ -45,14 +60,47 @@ impl GuestCpu {
         if HYPERVISOR_LEAVES.contains(&leaf) {
             return self.hypervisor_leaf(leaf);
         }
+        if leaf == TSC_LEAF || leaf == FREQUENCY_LEAF {
+            return self.frequency_leaf(leaf);
+        }
         let mut r = host();
         match leaf {
-            1 => r.ecx = (r.ecx | LEAF1_ECX_HYPERVISOR) & !LEAF1_ECX_HIDDEN,
+            // The basic leaves reach at least the frequency leaf.
+            0 => r.eax = r.eax.max(FREQUENCY_LEAF),
+            1 => r.ecx = (r.ecx | LEAF1_ECX_HYPERVISOR | LEAF1_ECX_X2APIC) & !LEAF1_ECX_HIDDEN,
             0x8000_0001 => r.ecx &= !EXT1_ECX_HIDDEN,
             SVM_LEAF => r = CpuidRegs::default(),
             _ => {}
         }
         r
+    }
+
+    /// Leaf 0x15 (EAX denominator 1, EBX numerator = the ratio, ECX the crystal in Hz) or
+    /// 0x16 (EAX base and EBX maximum MHz = the TSC's, ECX bus MHz = the crystal's); all zero
+    /// when the TSC frequency is unknown.
+    fn frequency_leaf(&self, leaf: u32) -> CpuidRegs {
+        let ratio = u64::from(self.timer_tsc_ratio);
+        if self.tsc_khz == 0 || ratio == 0 {
+            return CpuidRegs::default();
+        }
+        let crystal_hz = self.tsc_khz.saturating_mul(1000) / ratio;
+        let sat = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        if leaf == TSC_LEAF {
+            CpuidRegs {
+                eax: 1,
+                ebx: self.timer_tsc_ratio,
+                ecx: sat(crystal_hz),
+                edx: 0,
+            }
+        } else {
+            let mhz = sat(self.tsc_khz / 1000);
+            CpuidRegs {
+                eax: mhz,
+                ebx: mhz,
+                ecx: sat(crystal_hz / 1_000_000),
+                edx: 0,
+            }
+        }
     }
 
     /// A leaf in [`HYPERVISOR_LEAVES`].
@@ -91,7 +139,12 @@ mod tests {
     };
 
     fn cpu(calls: u32, instruction: Instruction) -> GuestCpu {
-        GuestCpu { calls, instruction }
+        GuestCpu {
+            calls,
+            instruction,
+            tsc_khz: 2_500_000,
+            timer_tsc_ratio: 64,
+        }
     }
 
     #[test]
@@ -114,7 +167,7 @@ mod tests {
     }
 
     #[test]
-    fn host_leaves_hide_virtualization_monitor_and_x2apic_and_say_hypervisor() {
+    fn host_leaves_hide_virtualization_monitor_and_tsc_deadline_and_say_hypervisor_and_x2apic() {
         let g = cpu(CALLS_BASE, Instruction::Vmmcall);
         let l1 = g.leaf(1, || HOST);
         assert_eq!(l1.ecx & LEAF1_ECX_HIDDEN, 0);
@@ -125,14 +178,38 @@ mod tests {
             "only the hidden bits are cleared"
         );
         assert_eq!((l1.eax, l1.ebx, l1.edx), (HOST.eax, HOST.ebx, HOST.edx));
+        let no_x2apic = CpuidRegs { ecx: 0, ..HOST };
+        assert_eq!(
+            g.leaf(1, || no_x2apic).ecx,
+            LEAF1_ECX_HYPERVISOR | LEAF1_ECX_X2APIC,
+            "x2APIC whatever the host has"
+        );
         let e1 = g.leaf(0x8000_0001, || HOST);
         assert_eq!(e1.ecx, HOST.ecx & !EXT1_ECX_HIDDEN);
         assert_eq!(g.leaf(SVM_LEAF, || HOST), CpuidRegs::default());
         assert_eq!(g.leaf(0, || HOST), HOST);
+        let old = CpuidRegs { eax: 0xd, ..HOST };
+        assert_eq!(g.leaf(0, || old).eax, FREQUENCY_LEAF, "reaches leaf 0x16");
         assert_eq!(
             g.leaf(0x4000_0100, || HOST),
             HOST,
             "past the hypervisor range"
         );
+    }
+
+    #[test]
+    fn frequency_leaves_state_the_tsc_and_the_timer_crystal() {
+        let g = cpu(CALLS_BASE, Instruction::Vmcall);
+        let never = || panic!("the frequency leaves are the hypervisor's");
+        let l15 = g.leaf(TSC_LEAF, never);
+        assert_eq!((l15.eax, l15.ebx, l15.ecx), (1, 64, 39_062_500));
+        assert_eq!(
+            u64::from(l15.ecx) * u64::from(l15.ebx) / u64::from(l15.eax),
+            2_500_000_000
+        );
+        let l16 = g.leaf(FREQUENCY_LEAF, never);
+        assert_eq!((l16.eax, l16.ebx, l16.ecx), (2500, 2500, 39));
+        let unknown = GuestCpu { tsc_khz: 0, ..g };
+        assert_eq!(unknown.leaf(TSC_LEAF, never), CpuidRegs::default());
     }
 }

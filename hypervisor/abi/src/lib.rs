@@ -116,7 +116,9 @@
 //! capacity [`dma::fault_ring_capacity`]. `pages = 0` unregisters (NOENT if none). RDX = 0:
 //! polled only; 32..=255: that vector is injected into the registering vCPU whenever the ring
 //! goes from empty to non-empty (once per batch of records the hypervisor publishes into an
-//! empty ring; the guest EOIs it through its virtual local APIC, x2APIC MSR 0x80B). Errors: as BATCH_REGISTER, plus vector 1..=31 or > 255 →
+//! empty ring; the guest takes it once its virtual local APIC is in x2APIC mode
+//! (`IA32_APIC_BASE` EN|EXTD) and software-enabled (SVR bit 8), with the usual priorities, and
+//! EOIs it through x2APIC MSR 0x80B). Errors: as BATCH_REGISTER, plus vector 1..=31 or > 255 →
 //! INVAL, a vector without [`dma::Features::FAULT_IRQ`] or no [`dma::Features::FAULT_RING`] →
 //! UNSUPP.
 //!

@@ -4,12 +4,15 @@
 //!
 //! - [`tsc`]: the TSC frequency from CPUID leaves 0x15 / 0x16;
 //! - [`vmx`]: Intel VMX capability MSRs, control adjustment, VMCS fields, exit decoding;
-//! - [`insn`]: the `MOV` forms of an emulated MMIO access (instruction length, direction,
-//!   width, register or immediate);
-//! - [`walk`]: a guest's own page tables, to fetch the instruction at its RIP.
+//! - [`insn`]: the instruction forms of an emulated MMIO access (length, direction, width,
+//!   register or immediate, ALU and compare results);
+//! - [`walk`]: a guest's own page tables, to fetch the instruction at its RIP;
+//! - [`lapic`]: the virtual local APIC guests get (x2APIC MSRs, priorities, timer).
 #![no_std]
+#![forbid(unsafe_code)]
 
 pub mod insn;
+pub mod lapic;
 pub mod tsc;
 pub mod vmx;
 pub mod walk;

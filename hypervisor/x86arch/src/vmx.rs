@@ -154,6 +154,10 @@ pub mod proc1 {
     pub const INTERRUPT_WINDOW_EXITING: u32 = 1 << 2;
     /// HLT exits.
     pub const HLT_EXITING: u32 = 1 << 7;
+    /// MOV to CR8 exits (else it writes the processor's own TPR).
+    pub const CR8_LOAD_EXITING: u32 = 1 << 19;
+    /// MOV from CR8 exits.
+    pub const CR8_STORE_EXITING: u32 = 1 << 20;
     /// Unconditional I/O exiting (every IN/OUT exits).
     pub const UNCONDITIONAL_IO_EXITING: u32 = 1 << 24;
     /// MSR bitmaps (without: every RDMSR/WRMSR exits).
@@ -542,6 +546,34 @@ impl IoQualification {
     }
 }
 
+/// The exit qualification of a control-register access, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrAccess {
+    /// The control register.
+    pub cr: u8,
+    /// MOV to CR (0), MOV from CR (1), CLTS (2), LMSW (3).
+    pub kind: u8,
+    /// The general-purpose register of a MOV (0 RAX, 1 RCX, 2 RDX, 3 RBX, 4 RSP, 5 RBP,
+    /// 6 RSI, 7 RDI, 8-15 R8-R15).
+    pub gpr: u8,
+}
+
+impl CrAccess {
+    /// MOV to CR.
+    pub const MOV_TO: u8 = 0;
+    /// MOV from CR.
+    pub const MOV_FROM: u8 = 1;
+
+    /// Decodes the qualification.
+    pub const fn decode(q: u64) -> CrAccess {
+        CrAccess {
+            cr: (q & 0xf) as u8,
+            kind: ((q >> 4) & 3) as u8,
+            gpr: ((q >> 8) & 0xf) as u8,
+        }
+    }
+}
+
 /// The exit qualification of an EPT violation, decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EptViolation {
@@ -667,6 +699,28 @@ mod tests {
         assert_eq!(
             field::guest_segment(7),
             (Field(0x80e), Field(0x480e), Field(0x4822), Field(0x6814))
+        );
+    }
+
+    #[test]
+    fn cr_access_qualification_decodes() {
+        // MOV CR8, R9: CR 8, type 0, register 9.
+        assert_eq!(
+            CrAccess::decode(0x908),
+            CrAccess {
+                cr: 8,
+                kind: CrAccess::MOV_TO,
+                gpr: 9
+            }
+        );
+        // MOV RAX, CR8.
+        assert_eq!(
+            CrAccess::decode(0x18),
+            CrAccess {
+                cr: 8,
+                kind: CrAccess::MOV_FROM,
+                gpr: 0
+            }
         );
     }
 

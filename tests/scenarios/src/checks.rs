@@ -17,6 +17,17 @@ pub fn forbid_line(log: &str, parts: &[&str]) -> Result<(), String> {
     }
 }
 
+/// No line of `test`'s own checks (the guest's lines that start with `test`) says `WRONG`.
+pub fn no_wrong(log: &str, test: &str) -> Result<(), String> {
+    match log
+        .lines()
+        .find(|l| l.contains(test) && l.contains("WRONG"))
+    {
+        Some(l) => Err(format!("wrong answer: {l}")),
+        None => Ok(()),
+    }
+}
+
 /// The boot ran to the end: W^X paging checked, no error lines, "boot complete".
 pub fn boot_complete(log: &str) -> Result<(), String> {
     need_line(log, &["paging: W^X enforced"])?;

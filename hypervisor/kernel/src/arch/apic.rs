@@ -218,6 +218,22 @@ pub fn start_periodic_timer(vector: u8, period_us: u32) {
     write(REG_TIMER_INIT, count);
 }
 
+/// Arms this CPU's APIC timer once: `vector` at TSC `deadline` (at the next tick when it has
+/// passed), rounded up to whole timer ticks so it never fires before the deadline by more
+/// than the calibration error.
+pub fn arm_oneshot_at(vector: u8, deadline: u64) {
+    let per_ms = u64::from(TIMER_TICKS_PER_MS.load(Ordering::Relaxed).max(1));
+    let khz = tsc::khz().max(1);
+    let cycles = deadline.saturating_sub(x86::rdtsc());
+    let count = cycles
+        .saturating_mul(per_ms)
+        .div_ceil(khz)
+        .clamp(1, u64::from(u32::MAX)) as u32;
+    write(REG_TIMER_DIVIDE, DIVIDE_BY_16);
+    write(REG_LVT_TIMER, vector as u32);
+    write(REG_TIMER_INIT, count);
+}
+
 /// Stops this CPU's APIC timer.
 pub fn stop_timer() {
     write(REG_LVT_TIMER, LVT_MASKED);

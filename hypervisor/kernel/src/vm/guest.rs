@@ -31,7 +31,7 @@ use super::pci::{self, AssignedDevice, Ecams};
 use super::vcpu::{
     Access, Backend, EntryState, Event, Exit, IoAccess, MemKind, Reg, Stage2, Vcpu, VcpuError,
 };
-use super::virq::{VirtualApic, VirtualInterrupts};
+use super::virq::{HostTimer, VcpuApic, VirtualInterrupts};
 use crate::mm::{frames, PhysAddr, PAGE_SIZE};
 
 /// Guest-physical address of [`BootInfo`].
@@ -792,9 +792,13 @@ impl Guest {
         if let Some(a) = self.vcpu_apic.get(index) {
             a.store(crate::arch::apic::id(), Ordering::Relaxed);
         }
-        let mut vapic = VirtualApic::new(index);
+        let mut vapic = VcpuApic::new(index);
         let irqs = &self.virqs[index];
         let timer = self.dma.as_ref().is_some_and(|d| d.needs_timer());
+        // The CPU's local APIC timer serves one of two: the deferred DMA policy's periodic
+        // tick, which also bounds how late the guest's APIC timer is noticed (1 ms), or else
+        // a one-shot at the guest's APIC timer deadline.
+        let mut host_timer = HostTimer::new();
         if timer {
             crate::arch::apic::start_periodic_timer(
                 crate::dma::TIMER_VECTOR,
@@ -824,12 +828,20 @@ impl Guest {
             {
                 t.raise(vector, crate::arch::x86::rdtsc());
             }
-            if let Some(v) = vapic.next(irqs) {
-                vcpu.request_interrupt(v);
+            self.update_apic(&mut vapic, irqs, &host_timer);
+            vcpu.request_interrupt(vapic.offer());
+            vcpu.set_guest_cr8(vapic.cr8());
+            if !timer {
+                host_timer.set(vapic.deadline());
             }
             let exit = vcpu.run();
             let exited = crate::arch::x86::rdtsc();
-            vapic.after_exit(vcpu.requested_interrupt());
+            vapic.after_exit(vcpu.requested_interrupt(), irqs);
+            if let Some(cr8) = vcpu.guest_cr8()
+                && cr8 != vapic.cr8()
+            {
+                let _ = vapic.set_cr8(cr8);
+            }
             stats.count(&exit, exited.wrapping_sub(entered));
             handled_since = Some(exited);
             let rip = vcpu.reg(Reg::Rip);
@@ -863,6 +875,23 @@ impl Guest {
                     vcpu.complete_instruction();
                 }
                 Exit::Msr { write } => self.msr(&mut vcpu, write, index, &mut vapic),
+                Exit::Cr8 { write, gpr } => {
+                    let r = Reg::from_gpr(gpr);
+                    let done = if write {
+                        vapic.set_cr8(vcpu.reg(r)).is_ok()
+                    } else {
+                        vcpu.set_reg(r, vapic.cr8());
+                        true
+                    };
+                    if done {
+                        vcpu.complete_instruction();
+                    } else {
+                        vcpu.inject(Event::Exception {
+                            vector: 13,
+                            error: Some(0),
+                        });
+                    }
+                }
                 Exit::Io(a) => {
                     if a.string {
                         break StopReason::Unsupported {
@@ -879,12 +908,14 @@ impl Guest {
                     // HLT with interrupts enabled and an interrupt source waits for one;
                     // with interrupts off (or nothing that could wake it) it ends the vCPU.
                     let source = !self.msis.is_empty() || !self.msix.is_empty();
-                    if !(vcpu.interrupts_enabled() && (source || vapic.has_work(irqs))) {
+                    if !(vcpu.interrupts_enabled()
+                        && (source || vapic.has_work() || vapic.deadline().is_some()))
+                    {
                         break StopReason::Halted {
                             rip: vcpu.reg(Reg::Rip),
                         };
                     }
-                    self.wait_for_interrupt(&vapic, irqs);
+                    self.wait_for_interrupt(&mut vapic, irqs, &host_timer);
                 }
                 Exit::NestedPageFault { gpa, access } => {
                     match self.emulate_mmio(&mut vcpu, gpa, access) {
@@ -908,53 +939,78 @@ impl Guest {
         if timer {
             crate::arch::apic::stop_timer();
         }
-        if irqs.raised() != 0 || vapic.delivered != 0 {
+        host_timer.stop();
+        let c = vapic.counts();
+        if irqs.raised() != 0 || c.delivered != 0 {
             log::info!(
-                "guest {} vcpu{index}: interrupts: {} raised, {} delivered, {} EOI(s)",
+                "guest {} vcpu{index}: interrupts: {} raised, {} delivered, {} EOI(s); APIC timer {} expiries ({} merged), {} self-IPI(s), {} dropped",
                 self.name,
                 irqs.raised(),
-                vapic.delivered,
-                vapic.eois
+                c.delivered,
+                c.eois,
+                c.timer_expiries,
+                c.timer_merged,
+                c.self_ipis,
+                c.dropped
             );
         }
         log::info!("guest {} vcpu{index}: {stats}", self.name);
         self.stop(index, reason);
     }
 
-    /// A halted vCPU (interrupts on) waits until an interrupt is pending for it or the guest
-    /// stops; the physical CPU takes its interrupts meanwhile (the device's MSI for this
-    /// vCPU is sent to this CPU).
-    fn wait_for_interrupt(&self, vapic: &VirtualApic, irqs: &VirtualInterrupts) {
-        while !vapic.has_work(irqs) && self.state.load(Ordering::SeqCst) != STATE_STOPPED {
+    /// Brings the vCPU's APIC up to now; an APIC timer expiry is stamped with the host
+    /// timer interrupt that announced it when there was one (else with now), for the
+    /// delivery cost the guest can read.
+    fn update_apic(&self, vapic: &mut VcpuApic, irqs: &VirtualInterrupts, host: &HostTimer) {
+        let now = crate::arch::x86::rdtsc();
+        let deadline = vapic.deadline();
+        if vapic.update(irqs, now) {
+            let fired = host.last_fired();
+            let at = match deadline {
+                Some(d) if fired >= d && fired <= now => fired,
+                _ => now,
+            };
+            irqs.stamp(at);
+        }
+    }
+
+    /// A halted vCPU (interrupts on) waits until an interrupt can be delivered to it (raised
+    /// by a device, or its APIC timer expired) or the guest stops; the physical CPU takes its
+    /// interrupts meanwhile (the device's MSI for this vCPU is sent to this CPU).
+    fn wait_for_interrupt(&self, vapic: &mut VcpuApic, irqs: &VirtualInterrupts, host: &HostTimer) {
+        loop {
+            self.update_apic(vapic, irqs, host);
+            if vapic.has_work() || self.state.load(Ordering::SeqCst) == STATE_STOPPED {
+                break;
+            }
             crate::arch::x86::take_pending_interrupts();
             crate::arch::x86::pause();
         }
     }
 
-    fn msr(&self, vcpu: &mut Vcpu, write: bool, index: usize, vapic: &mut VirtualApic) {
+    fn msr(&self, vcpu: &mut Vcpu, write: bool, index: usize, vapic: &mut VcpuApic) {
         const EFER: u64 = 0xc000_0080;
         const TSC: u64 = 0x10;
         const SVME: u64 = 1 << 12;
         let msr = vcpu.reg(Reg::Rcx) as u32 as u64;
-        if write {
-            // WRMSR takes EDX:EAX; the upper halves of RDX and RAX are ignored.
-            let value =
-                (vcpu.reg(Reg::Rdx) & 0xffff_ffff) << 32 | (vcpu.reg(Reg::Rax) & 0xffff_ffff);
-            if vapic.write_msr(msr as u32, value) {
-                vcpu.complete_instruction();
-                return;
-            }
-        }
-        let value = match (write, msr) {
-            (false, EFER) => Some(vcpu.reg(Reg::Efer) & !SVME),
-            (false, TSC) => Some(crate::arch::x86::rdtsc()),
-            (false, m) => vapic.read_msr(m as u32, index == 0, &self.virqs[index]),
-            _ => None,
+        // WRMSR takes EDX:EAX; the upper halves of RDX and RAX are ignored.
+        let written = write
+            .then(|| (vcpu.reg(Reg::Rdx) & 0xffff_ffff) << 32 | (vcpu.reg(Reg::Rax) & 0xffff_ffff));
+        let now = crate::arch::x86::rdtsc();
+        let value = match vapic.msr(msr as u32, written, &self.virqs[index], now) {
+            Some(r) => r.ok(),
+            None => match (write, msr) {
+                (false, EFER) => Some(vcpu.reg(Reg::Efer) & !SVME),
+                (false, TSC) => Some(now),
+                _ => None,
+            },
         };
         match value {
             Some(v) => {
-                vcpu.set_reg(Reg::Rax, v & 0xffff_ffff);
-                vcpu.set_reg(Reg::Rdx, v >> 32);
+                if !write {
+                    vcpu.set_reg(Reg::Rax, v & 0xffff_ffff);
+                    vcpu.set_reg(Reg::Rdx, v >> 32);
+                }
                 vcpu.complete_instruction();
             }
             None => {

@@ -7,7 +7,7 @@
 //! guest has in EBX (the DMA calls only for a guest with devices) and the hypercall
 //! instruction in ECX (1 = VMMCALL on SVM, 2 = VMCALL on VMX).
 
-use moat_abi::cpuid::{CpuidRegs, GuestCpu};
+use moat_abi::cpuid::GuestCpu;
 use moat_abi::{Args, Call, Status, CALLS_ALL, CALLS_BASE, CONSOLE_MAX};
 
 use super::guest::{Guest, StopReason};
@@ -122,23 +122,18 @@ fn console_write(guest: &Guest, vcpu_index: usize, vcpu: &mut Vcpu) -> Result<u6
 }
 
 /// Emulates CPUID: the guest's view from [`moat_abi::cpuid::GuestCpu`] (host values with the
-/// hypervisor bit set and virtualization hidden, plus the hypervisor leaves).
+/// hypervisor bit set, virtualization hidden and x2APIC shown, the TSC / APIC timer leaves,
+/// plus the hypervisor leaves).
 pub fn cpuid(guest: &Guest, vcpu: &mut Vcpu) {
     let leaf = vcpu.reg(Reg::Rax) as u32;
     let sub = vcpu.reg(Reg::Rcx) as u32;
     let view = GuestCpu {
         calls: calls(guest),
         instruction: super::hypercall_instruction(),
+        tsc_khz: crate::arch::tsc::khz(),
+        timer_tsc_ratio: moat_x86arch::lapic::TSC_PER_TICK as u32,
     };
-    let r = view.leaf(leaf, || {
-        let h = crate::arch::x86::cpuid(leaf, sub);
-        CpuidRegs {
-            eax: h.eax,
-            ebx: h.ebx,
-            ecx: h.ecx,
-            edx: h.edx,
-        }
-    });
+    let r = view.leaf(leaf, || crate::arch::x86::cpuid(leaf, sub));
     vcpu.set_reg(Reg::Rax, r.eax as u64);
     vcpu.set_reg(Reg::Rbx, r.ebx as u64);
     vcpu.set_reg(Reg::Rcx, r.ecx as u64);

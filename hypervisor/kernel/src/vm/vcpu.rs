@@ -346,6 +346,32 @@ pub enum Reg {
     Efer,
 }
 
+impl Reg {
+    /// The general-purpose register with instruction encoding `n` (0 RAX, 1 RCX, 2 RDX,
+    /// 3 RBX, 4 RSP, 5 RBP, 6 RSI, 7 RDI, 8-15 R8-R15; only the low 4 bits count).
+    pub fn from_gpr(n: u8) -> Reg {
+        const ORDER: [Reg; 16] = [
+            Reg::Rax,
+            Reg::Rcx,
+            Reg::Rdx,
+            Reg::Rbx,
+            Reg::Rsp,
+            Reg::Rbp,
+            Reg::Rsi,
+            Reg::Rdi,
+            Reg::R8,
+            Reg::R9,
+            Reg::R10,
+            Reg::R11,
+            Reg::R12,
+            Reg::R13,
+            Reg::R14,
+            Reg::R15,
+        ];
+        ORDER[usize::from(n & 0xf)]
+    }
+}
+
 /// An event to deliver to the guest at its next entry (the exit handlers inject exceptions;
 /// device interrupts go through [`Vcpu::request_interrupt`], which waits for the guest's
 /// interrupt window).
@@ -425,6 +451,15 @@ pub enum Exit {
     Io(IoAccess),
     /// HLT.
     Halt,
+    /// MOV to or from CR8 (the task priority), with the general-purpose register's
+    /// encoding ([`Reg::from_gpr`]); VMX only (SVM keeps CR8 in V_TPR, see
+    /// [`Vcpu::guest_cr8`]).
+    Cr8 {
+        /// MOV to CR8.
+        write: bool,
+        /// The register.
+        gpr: u8,
+    },
     /// A guest-physical access the second stage does not allow.
     NestedPageFault {
         /// Faulting guest-physical address.
@@ -475,8 +510,9 @@ impl Vcpu {
         }
     }
 
-    /// Moves RIP past the instruction that caused the last exit (false when that exit has no
-    /// instruction to complete).
+    /// Moves RIP past the instruction that caused the last exit and ends an STI / MOV-SS
+    /// interrupt shadow that instruction was in (false when that exit has no instruction to
+    /// complete).
     pub fn complete_instruction(&mut self) -> bool {
         match &mut self.inner {
             VcpuInner::Svm(v) => v.complete_instruction(),
@@ -508,11 +544,12 @@ impl Vcpu {
         }
     }
 
-    /// Asks the backend to deliver external interrupt `vector` as soon as the guest can take
-    /// it (RFLAGS.IF set, no interrupt shadow), without an exit in between when it can: SVM
-    /// sets V_IRQ (the hardware waits for the window); a VMX backend uses interrupt-window
-    /// exiting. `false` when one request is already outstanding.
-    pub fn request_interrupt(&mut self, vector: u8) -> bool {
+    /// Sets the external interrupt the backend delivers as soon as the guest can take it
+    /// (RFLAGS.IF set, no interrupt shadow), replacing any request still outstanding (`None`
+    /// withdraws it): SVM sets V_IRQ (the hardware waits for the window); VMX injects at
+    /// the entry when it can, else turns on interrupt-window exiting. Called before every
+    /// entry with the virtual APIC's current choice.
+    pub fn request_interrupt(&mut self, vector: Option<u8>) {
         match &mut self.inner {
             VcpuInner::Svm(v) => v.request_interrupt(vector),
             VcpuInner::Vmx(v) => v.request_interrupt(vector),
@@ -534,6 +571,24 @@ impl Vcpu {
     pub fn instruction_bytes(&self) -> Option<&[u8]> {
         match &self.inner {
             VcpuInner::Svm(v) => v.instruction_bytes(),
+            VcpuInner::Vmx(_) => None,
+        }
+    }
+
+    /// Gives the guest's CR8 (its task priority, bits 7:4) before an entry where the
+    /// hardware keeps it (SVM's V_TPR, which also holds back a requested interrupt of no
+    /// higher priority); VMX traps every CR8 access instead ([`Exit::Cr8`]).
+    pub fn set_guest_cr8(&mut self, cr8: u64) {
+        if let VcpuInner::Svm(v) = &mut self.inner {
+            v.set_tpr(cr8);
+        }
+    }
+
+    /// The guest's CR8 after an exit, where the hardware kept it (SVM: the guest may have
+    /// written it without an exit); `None` where every access exits (VMX).
+    pub fn guest_cr8(&self) -> Option<u64> {
+        match &self.inner {
+            VcpuInner::Svm(v) => Some(v.tpr()),
             VcpuInner::Vmx(_) => None,
         }
     }

@@ -71,7 +71,7 @@ pub fn detect() -> Result<SvmInfo, Unsupported> {
 /// Per-CPU SVM pages: the host save area (`VM_HSAVE_PA`) and the page VMSAVE/VMLOAD keep the
 /// host's FS/GS/TR/LDTR/syscall state in across a guest run.
 struct CpuPages {
-    host_vmsave: u64,
+    host_vmsave: PhysAddr,
 }
 
 static CPU_PAGES: [Once<CpuPages>; crate::arch::cpu::MAX_CPUS] =
@@ -84,17 +84,13 @@ pub fn enable_this_cpu() -> Result<(), VcpuError> {
     if slot.is_completed() {
         return Ok(());
     }
-    let hsave = frames::alloc_zeroed()
-        .ok_or(VcpuError::OutOfMemory)?
-        .as_u64();
-    let host_vmsave = frames::alloc_zeroed()
-        .ok_or(VcpuError::OutOfMemory)?
-        .as_u64();
+    let hsave = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
+    let host_vmsave = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
     // SAFETY: SVM was detected (see `detect`); setting EFER.SVME only enables the SVM
     // instructions, and the host save area is a zeroed page owned by this CPU forever.
     unsafe {
         x86::wrmsr(x86::msr::EFER, x86::rdmsr(x86::msr::EFER) | EFER_SVME);
-        x86::wrmsr(MSR_VM_HSAVE_PA, hsave);
+        x86::wrmsr(MSR_VM_HSAVE_PA, hsave.as_u64());
     }
     slot.call_once(|| CpuPages { host_vmsave });
     Ok(())
@@ -103,20 +99,20 @@ pub fn enable_this_cpu() -> Result<(), VcpuError> {
 /// The I/O and MSR permission maps, shared by every guest: all ones, so every port access and
 /// every MSR access exits.
 struct PermissionMaps {
-    iopm: u64,
-    msrpm: u64,
+    iopm: PhysAddr,
+    msrpm: PhysAddr,
 }
 
 static MAPS: Once<Option<PermissionMaps>> = Once::new();
 
 fn permission_maps() -> Option<&'static PermissionMaps> {
     MAPS.call_once(|| {
-        let iopm = frames::alloc_contiguous(3, PAGE_SIZE)?.as_u64();
-        let msrpm = frames::alloc_contiguous(2, PAGE_SIZE)?.as_u64();
+        let iopm = frames::alloc_contiguous(3, PAGE_SIZE)?;
+        let msrpm = frames::alloc_contiguous(2, PAGE_SIZE)?;
         // SAFETY: freshly allocated, identity-mapped frames owned by these maps forever.
         unsafe {
-            core::ptr::write_bytes(iopm as *mut u8, 0xff, 3 * PAGE_SIZE as usize);
-            core::ptr::write_bytes(msrpm as *mut u8, 0xff, 2 * PAGE_SIZE as usize);
+            core::ptr::write_bytes(iopm.as_u64() as *mut u8, 0xff, 3 * PAGE_SIZE as usize);
+            core::ptr::write_bytes(msrpm.as_u64() as *mut u8, 0xff, 2 * PAGE_SIZE as usize);
         }
         Some(PermissionMaps { iopm, msrpm })
     })
@@ -244,7 +240,7 @@ moat_svm_run:
 );
 
 unsafe extern "C" {
-    fn moat_svm_run(gprs: *mut Gprs, vmcb_pa: u64, host_vmsave_pa: u64);
+    fn moat_svm_run(gprs: *mut Gprs, vmcb_pa: PhysAddr, host_vmsave_pa: PhysAddr);
 }
 
 /// Instruction lengths of the intercepted instructions the backend completes (without NRIPS,
@@ -257,13 +253,23 @@ const LEN_HLT: u64 = 1;
 /// One SVM virtual CPU.
 pub struct SvmVcpu {
     vmcb: &'static mut Vmcb,
-    vmcb_pa: u64,
+    vmcb_pa: PhysAddr,
     gprs: Gprs,
     nrips: bool,
     decode_assists: bool,
     /// RIP after the instruction that caused the last exit, when known.
     next_rip: Option<u64>,
     first_run: bool,
+}
+
+impl Drop for SvmVcpu {
+    /// Frees the VMCB page. Nothing refers to it once the vCPU stops: VMRUN is not running
+    /// on it (the vCPU is dropped on the CPU that ran it, after its last exit), and a page
+    /// reused as another vCPU's VMCB starts zeroed, so its clean bits make the CPU reload
+    /// every field it might have cached for this address.
+    fn drop(&mut self) {
+        frames::free(self.vmcb_pa);
+    }
 }
 
 /// Where each guest register lives (the general registers the VMCB does not hold are in
@@ -317,12 +323,10 @@ impl SvmVcpu {
         entry: &EntryState,
     ) -> Result<Self, VcpuError> {
         let maps = permission_maps().ok_or(VcpuError::OutOfMemory)?;
-        let vmcb_pa = frames::alloc_zeroed()
-            .ok_or(VcpuError::OutOfMemory)?
-            .as_u64();
+        let vmcb_pa = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
         // SAFETY: a zeroed, page-aligned frame owned by this vCPU alone; all-zero bytes are a
         // valid `Vmcb` (plain integers).
-        let vmcb = unsafe { &mut *(vmcb_pa as *mut Vmcb) };
+        let vmcb = unsafe { &mut *(vmcb_pa.as_u64() as *mut Vmcb) };
         let c = &mut vmcb.control;
         c.intercept3 = (Intercept3::INTR
             | Intercept3::NMI
@@ -352,8 +356,8 @@ impl SvmVcpu {
             .bits();
         // #MC always comes to the hypervisor.
         c.intercept_exceptions = 1 << 18;
-        c.iopm_base_pa = maps.iopm;
-        c.msrpm_base_pa = maps.msrpm;
+        c.iopm_base_pa = maps.iopm.as_u64();
+        c.msrpm_base_pa = maps.msrpm.as_u64();
         c.guest_asid = asid;
         c.tlb_control = vmcb::tlb_control::FLUSH_ASID;
         c.int_ctl = vmcb::V_INTR_MASKING;
@@ -528,10 +532,10 @@ impl SvmVcpu {
         }
         match info.kind() {
             EventInj::TYPE_INTR => {
-                self.request_interrupt(info.vector());
+                self.request_interrupt(Some(info.vector()));
             }
             EventInj::TYPE_EXCEPTION if info.vector() >= 32 => {
-                self.request_interrupt(info.vector());
+                self.request_interrupt(Some(info.vector()));
             }
             EventInj::TYPE_EXCEPTION | EventInj::TYPE_NMI => {
                 self.vmcb.control.event_inj = info.0;
@@ -548,11 +552,13 @@ impl SvmVcpu {
         (self.decode_assists && c.exit_code == exit_code::NPF && n > 0).then(|| &c.insn_bytes[..n])
     }
 
-    /// Advances RIP past the instruction that caused the last exit.
+    /// Advances RIP past the instruction that caused the last exit; an interrupt shadow that
+    /// instruction was in (`sti; hlt`) ends with it.
     pub fn complete_instruction(&mut self) -> bool {
         match self.next_rip.take() {
             Some(r) => {
                 self.vmcb.save.rip = r;
+                self.vmcb.control.interrupt_shadow &= !1;
                 true
             }
             None => false,
@@ -587,20 +593,34 @@ impl SvmVcpu {
         self.vmcb.control.event_inj = ev.0;
     }
 
-    /// Requests virtual interrupt `vector` through V_IRQ (priority 15, TPR ignored): the
-    /// processor delivers it when the guest's RFLAGS.IF allows and clears V_IRQ when it is
-    /// taken. `false` while an earlier request is still outstanding.
-    pub fn request_interrupt(&mut self, vector: u8) -> bool {
+    /// Requests virtual interrupt `vector` through V_IRQ with its priority class (the
+    /// virtual APIC already chose it above the guest's priorities; V_TPR holds it back if
+    /// the guest raises CR8 before taking it), replacing an outstanding request; `None`
+    /// withdraws it. The processor delivers it when the guest's RFLAGS.IF allows and clears
+    /// V_IRQ when it is taken.
+    pub fn request_interrupt(&mut self, vector: Option<u8>) {
         let c = &mut self.vmcb.control;
-        if c.int_ctl & vmcb::V_IRQ != 0 {
-            return false;
-        }
-        c.int_ctl = (c.int_ctl & !(vmcb::V_INTR_PRIO_MASK | vmcb::V_INTR_VECTOR_MASK))
-            | vmcb::V_IRQ
-            | vmcb::V_IGN_TPR
-            | (0xf << vmcb::V_INTR_PRIO_SHIFT)
-            | (u64::from(vector) << vmcb::V_INTR_VECTOR_SHIFT);
-        true
+        let rest = c.int_ctl
+            & !(vmcb::V_IRQ | vmcb::V_IGN_TPR | vmcb::V_INTR_PRIO_MASK | vmcb::V_INTR_VECTOR_MASK);
+        c.int_ctl = match vector {
+            Some(v) => {
+                rest | vmcb::V_IRQ
+                    | (u64::from(v >> 4) << vmcb::V_INTR_PRIO_SHIFT)
+                    | (u64::from(v) << vmcb::V_INTR_VECTOR_SHIFT)
+            }
+            None => rest,
+        };
+    }
+
+    /// Sets V_TPR (the guest's CR8).
+    pub fn set_tpr(&mut self, cr8: u64) {
+        let c = &mut self.vmcb.control;
+        c.int_ctl = (c.int_ctl & !vmcb::V_TPR_MASK) | (cr8 & vmcb::V_TPR_MASK);
+    }
+
+    /// V_TPR (the guest's CR8).
+    pub fn tpr(&self) -> u64 {
+        self.vmcb.control.int_ctl & vmcb::V_TPR_MASK
     }
 
     /// The vector of an outstanding V_IRQ request.

@@ -112,6 +112,8 @@ pub mod tlb_control {
 /// `V_INTR_MASKING` in `int_ctl`: the guest's RFLAGS.IF masks only virtual interrupts; physical
 /// ones stay masked by the host's RFLAGS.IF (always 0 in Moat for now).
 pub const V_INTR_MASKING: u64 = 1 << 24;
+/// `V_TPR` in `int_ctl`: the guest's CR8 (with V_INTR_MASKING, MOV CR8 reaches only this).
+pub const V_TPR_MASK: u64 = 0xf;
 /// `V_IRQ` in `int_ctl`: a virtual interrupt is pending (cleared when the guest takes it).
 pub const V_IRQ: u64 = 1 << 8;
 /// `V_INTR_PRIO` in `int_ctl` (bits 19:16).

@@ -14,7 +14,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use moat_x86arch::vmx::{
     self, entry_ctl, exit_ctl, feature_control, field, msr, pin, proc1, proc2, reason, Allowed,
-    Basic, EptViolation, ExitReason, IoQualification,
+    Basic, CrAccess, EptViolation, ExitReason, IoQualification,
 };
 use spin::Once;
 use x86_64::registers::control::{Cr0, Cr2, Cr3, Cr4};
@@ -121,7 +121,14 @@ pub fn detect() -> Result<VmxInfo, Unsupported> {
         .adjust(pin::EXTERNAL_INTERRUPT_EXITING | pin::NMI_EXITING)
         .map_err(bad)?;
     let proc1 = p1
-        .adjust(proc1::HLT_EXITING | proc1::UNCONDITIONAL_IO_EXITING | proc1::SECONDARY_CONTROLS)
+        .adjust(
+            proc1::HLT_EXITING
+                | proc1::UNCONDITIONAL_IO_EXITING
+                | proc1::SECONDARY_CONTROLS
+                // Without these a guest's MOV to CR8 would set this CPU's own TPR.
+                | proc1::CR8_LOAD_EXITING
+                | proc1::CR8_STORE_EXITING,
+        )
         .map_err(bad)?;
     // Instructions the host has and a guest may use: allowed through when the CPU can.
     let optional = [
@@ -182,12 +189,10 @@ pub fn enable_this_cpu(info: &VmxInfo) -> Result<(), VcpuError> {
     if slot.is_completed() {
         return Ok(());
     }
-    let region = frames::alloc_zeroed()
-        .ok_or(VcpuError::OutOfMemory)?
-        .as_u64();
+    let region = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
     // SAFETY: the region is a zeroed, identity-mapped frame owned by this CPU forever; the
     // revision identifier goes in its first dword.
-    unsafe { core::ptr::write_volatile(region as *mut u32, info.revision) };
+    unsafe { core::ptr::write_volatile(region.as_u64() as *mut u32, info.revision) };
     let fc = rdmsr(msr::FEATURE_CONTROL);
     // SAFETY: VMX was detected; the MSR is unlocked (else `detect` checked VMX outside SMX
     // is on), and locking it with VMX enabled is what firmware would do. CR0/CR4 get the
@@ -445,14 +450,14 @@ impl Drop for VmxVcpu {
             }
             if let Some(state) = CPUS.get(cpu).and_then(|c| c.get()) {
                 let _ = state.current.compare_exchange(
-                    self.vmcs_pa,
+                    self.vmcs_pa.as_u64(),
                     0,
                     Ordering::Relaxed,
                     Ordering::Relaxed,
                 );
             }
         }
-        frames::free(PhysAddr::new(self.vmcs_pa));
+        frames::free(self.vmcs_pa);
     }
 }
 
@@ -468,7 +473,7 @@ const AR_UNUSABLE: u64 = 1 << 16;
 /// One VMX virtual CPU.
 pub struct VmxVcpu {
     info: VmxInfo,
-    vmcs_pa: u64,
+    vmcs_pa: PhysAddr,
     eptp: u64,
     vpid: u16,
     entry: EntryState,
@@ -499,11 +504,9 @@ impl VmxVcpu {
         vpid: u16,
         entry: &EntryState,
     ) -> Result<Self, VcpuError> {
-        let vmcs_pa = frames::alloc_zeroed()
-            .ok_or(VcpuError::OutOfMemory)?
-            .as_u64();
+        let vmcs_pa = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
         // SAFETY: a zeroed frame owned by this vCPU; the revision goes in its first dword.
-        unsafe { core::ptr::write_volatile(vmcs_pa as *mut u32, info.revision) };
+        unsafe { core::ptr::write_volatile(vmcs_pa.as_u64() as *mut u32, info.revision) };
         Ok(VmxVcpu {
             info: *info,
             vmcs_pa,
@@ -539,7 +542,9 @@ impl VmxVcpu {
                 vmcs::vmclear(self.vmcs_pa).map_err(|e| e.describe())?;
                 vmcs::vmptrld(self.vmcs_pa).map_err(|e| e.describe())?;
             }
-            state.current.store(self.vmcs_pa, Ordering::Relaxed);
+            state
+                .current
+                .store(self.vmcs_pa.as_u64(), Ordering::Relaxed);
             if let Err((f, e)) = self.setup() {
                 log::error!(
                     "vmx: VMWRITE of field {:#06x} failed: {}",
@@ -563,10 +568,12 @@ impl VmxVcpu {
             self.cpu = cpu;
         } else if cpu != self.cpu {
             return Err("the vCPU moved to another CPU (its VMCS is active on the first one)");
-        } else if state.current.load(Ordering::Relaxed) != self.vmcs_pa {
+        } else if state.current.load(Ordering::Relaxed) != self.vmcs_pa.as_u64() {
             // SAFETY: the VMCS is this vCPU's and only ever runs on this CPU.
             unsafe { vmcs::vmptrld(self.vmcs_pa).map_err(|e| e.describe())? };
-            state.current.store(self.vmcs_pa, Ordering::Relaxed);
+            state
+                .current
+                .store(self.vmcs_pa.as_u64(), Ordering::Relaxed);
         }
         Ok(())
     }
@@ -781,14 +788,10 @@ impl VmxVcpu {
         Ok(())
     }
 
-    /// Asks for external interrupt `vector` as soon as the guest can take it; `false` when a
-    /// request is still outstanding.
-    pub fn request_interrupt(&mut self, vector: u8) -> bool {
-        if self.irq.is_some() {
-            return false;
-        }
-        self.irq = Some(vector);
-        true
+    /// Asks for external interrupt `vector` as soon as the guest can take it, replacing an
+    /// outstanding request (`None` withdraws it).
+    pub fn request_interrupt(&mut self, vector: Option<u8>) {
+        self.irq = vector;
     }
 
     /// The vector of the outstanding request, if not delivered yet.
@@ -861,6 +864,21 @@ impl VmxVcpu {
                     },
                 }
             }
+            reason::CR_ACCESS => {
+                let a = CrAccess::decode(qual);
+                if a.cr == 8 && (a.kind == CrAccess::MOV_TO || a.kind == CrAccess::MOV_FROM) {
+                    self.rip_plus_length();
+                    Exit::Cr8 {
+                        write: a.kind == CrAccess::MOV_TO,
+                        gpr: a.gpr,
+                    }
+                } else {
+                    Exit::Unsupported {
+                        what: "control-register access",
+                        code: qual,
+                    }
+                }
+            }
             reason::EPT_MISCONFIG => Exit::Unsupported {
                 what: "EPT misconfiguration",
                 code: gpa,
@@ -888,11 +906,20 @@ impl VmxVcpu {
         }
     }
 
-    /// Advances RIP past the instruction that caused the last exit.
+    /// Advances RIP past the instruction that caused the last exit; an STI or MOV-SS
+    /// shadow that instruction was in (`sti; hlt`) ends with it, as it would have on the
+    /// processor (left in place, an interrupt waiting for the window would come one
+    /// instruction late, or never when that instruction is a CLI).
     pub fn complete_instruction(&mut self) -> bool {
         match self.next_rip.take() {
             Some(r) => {
                 self.set_reg(Reg::Rip, r);
+                let state = vmcs::read(field::GUEST_INTERRUPTIBILITY);
+                if state & 0b11 != 0 {
+                    // SAFETY: this vCPU's VMCS is current (an exit was just handled on this
+                    // CPU); clearing the STI/MOV-SS blocking bits is always a valid state.
+                    let _ = unsafe { vmcs::write(field::GUEST_INTERRUPTIBILITY, state & !0b11) };
+                }
                 true
             }
             None => false,
