@@ -279,27 +279,6 @@ impl fmt::Display for ExitStats {
     }
 }
 
-/// The general-purpose registers in instruction-encoding order (RAX, RCX, RDX, RBX, RSP,
-/// RBP, RSI, RDI, R8..R15).
-const GPRS: [Reg; 16] = [
-    Reg::Rax,
-    Reg::Rcx,
-    Reg::Rdx,
-    Reg::Rbx,
-    Reg::Rsp,
-    Reg::Rbp,
-    Reg::Rsi,
-    Reg::Rdi,
-    Reg::R8,
-    Reg::R9,
-    Reg::R10,
-    Reg::R11,
-    Reg::R12,
-    Reg::R13,
-    Reg::R14,
-    Reg::R15,
-];
-
 /// Longest guest console line printed as one log line.
 const LINE_MAX: usize = 512;
 
@@ -1115,7 +1094,7 @@ impl Guest {
             apic_of: &apic_of,
         };
         let operand = |vcpu: &Vcpu, src: Source, size: u8| match src {
-            Source::Reg(g) => g.read(vcpu.reg(GPRS[usize::from(g.index)]), size),
+            Source::Reg(g) => g.read(vcpu.reg(Reg::from_gpr(g.index)), size),
             Source::Imm(v) => v & insn::mask(size),
         };
         // An ignored read returns all ones.
@@ -1137,13 +1116,13 @@ impl Guest {
                 dst_size,
             } => {
                 let value = load(size);
-                let r = GPRS[usize::from(dst.index)];
+                let r = Reg::from_gpr(dst.index);
                 let new = dst.merge(vcpu.reg(r), value, dst_size);
                 vcpu.set_reg(r, new);
             }
             // A volatile load the compiler folded into an ALU operation on a register.
             MmioOp::Alu { size, op, dst } => {
-                let r = GPRS[usize::from(dst.index)];
+                let r = Reg::from_gpr(dst.index);
                 let carry = vcpu.reg(Reg::Rflags) & 1 != 0;
                 let (value, flags) =
                     insn::alu(op, dst.read(vcpu.reg(r), size), load(size), carry, size);
