@@ -14,8 +14,10 @@ static RACE_IN: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::n
 static RACE_OUT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 /// Entries in the race batch.
 const RACE_N: usize = 32;
-/// Most MULTICALL rounds `dma-race` runs to see rewrites during a call, OK and FAULT entries.
-const RACE_ROUNDS: usize = 6;
+/// Most MULTICALL rounds `dma-race` runs to see rewrites during a call, OK and FAULT entries
+/// (it stops at the first round that saw all three; on a loaded host, vCPU 1's thread may
+/// not run at all during several short calls, so a handful of rounds was not always enough).
+const RACE_ROUNDS: usize = 24;
 static mut RACE_BATCH: BatchPages = BatchPages([[0; PAGE]; 8]);
 
 fn race_entry(i: usize) -> *mut u8 {
