@@ -28,9 +28,9 @@ pub mod regs;
 pub use controller::{
     AdminMemory, Controller, Identity, Namespace, ADMIN_ENTRIES, ADMIN_PAGES, MAX_IO_QUEUES,
 };
-pub use dma::{Buffer, Mapper, MapperStats, Mode};
+pub use dma::{Buffer, Exchange, Mapper, MapperStats, Mode};
 pub use error::{Error, Status, StatusKind, Wait};
-pub use io::{Done, IoQueue, QueueMemory, Request, IO_ENTRIES, MAX_DEPTH, QUEUE_PAGES};
+pub use io::{Cycle, Done, IoQueue, QueueMemory, Request, IO_ENTRIES, MAX_DEPTH, QUEUE_PAGES};
 #[cfg(target_arch = "x86_64")]
 pub use platform::Native;
 pub use platform::Platform;

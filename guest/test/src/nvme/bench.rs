@@ -3,6 +3,8 @@
 //! hypervisor's counters and phase cycles per I/O. One line per workload, read by `cargo
 //! xtask bench nvme`. Emulated time (QEMU TCG).
 
+use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
 use moat_abi::zerocopy::little_endian::U64;
 use moat_nvme::{Done, Request, MAX_DEPTH};
 
@@ -18,8 +20,39 @@ const WORKLOADS: [(&str, u64, u64, bool); 3] = [
     ("seq64k", 65536, 32, true),
 ];
 
+/// A cycle's burst: it waits for `MIN` completions (fewer only while the queue drains) and
+/// takes at most `MAX` of them, packed as `MIN | MAX << 8` (see [`set_burst`]).
+static BURST: AtomicU64 = AtomicU64::new(DEFAULT_BURST.0 | DEFAULT_BURST.1 << 8);
+/// The default (min, max) of [`BURST`].
+const DEFAULT_BURST: (u64, u64) = (1, 32);
+
+/// `nvme-burst=MAX` / `nvme-burst-min=MIN`: later `nvme-bench` cycles take at most MAX
+/// completions (1..=32) and wait for MIN of them; without a number, the default.
+pub fn set_burst(max: Option<u64>, min: Option<u64>) -> Outcome {
+    let b = BURST.load(Relaxed);
+    let (mut lo, mut hi) = (b & 0xff, b >> 8);
+    if let Some(k) = max {
+        hi = k;
+    }
+    if let Some(k) = min {
+        lo = k;
+    }
+    if max.is_none() && min.is_none() {
+        (lo, hi) = DEFAULT_BURST;
+    }
+    let range = 1..=MAX_DEPTH as u64;
+    if !range.contains(&lo) || !range.contains(&hi) {
+        return Err("nvme-burst: sizes must be 1..=32");
+    }
+    BURST.store(lo | hi << 8, Relaxed);
+    println!("nvme-burst: wait for {lo}, take at most {hi}");
+    Ok(())
+}
+
+/// A job's parameter: reads per vCPU, bytes per read, depth, sequential, and the burst.
 fn arg(ios: u64, bytes: u64, qd: u64, seq: bool) -> u64 {
-    ios << 32 | (bytes / 4096) << 16 | (seq as u64) << 8 | qd
+    let b = BURST.load(Relaxed);
+    ios << 32 | (b >> 8) << 24 | (b & 0xff) << 16 | (bytes / 4096) << 8 | (seq as u64) << 7 | qd
 }
 
 /// The per-vCPU job: keeps `qd` reads outstanding until `ios` completed; `out` = [reads
@@ -27,9 +60,10 @@ fn arg(ios: u64, bytes: u64, qd: u64, seq: bool) -> u64 {
 pub(crate) fn job(w: Worker<'_>, arg: u64, out: &mut [u64; 4]) -> Outcome {
     let Worker { v, p, m, q } = w;
     let ios = arg >> 32;
-    let bytes = ((arg >> 16) & 0xffff) * 4096;
-    let seq = (arg >> 8) & 1 != 0;
-    let qd = ((arg & 0xff) as usize).clamp(1, MAX_DEPTH);
+    let bytes = ((arg >> 8) & 0xff) * 4096;
+    let seq = (arg >> 7) & 1 != 0;
+    let qd = ((arg & 0x3f) as usize).clamp(1, MAX_DEPTH);
+    let (min, max) = (((arg >> 16) & 0xff) as usize, ((arg >> 24) & 0xff) as usize);
     let ns = q.namespace();
     let bs = u64::from(ns.block_size);
     let span = bytes / bs;
@@ -53,45 +87,50 @@ pub(crate) fn job(w: Worker<'_>, arg: u64, out: &mut [u64; 4]) -> Outcome {
         }
     };
     let buf = |k: u64| data(v) + k * 65536;
-    let mut reqs = [Request {
-        write: false,
-        lba: 0,
-        gpa: 0,
-        len: bytes,
-        tag: 0,
-    }; MAX_DEPTH];
-    let first = (qd as u64).min(ios);
-    for (k, r) in reqs.iter_mut().enumerate().take(first as usize) {
-        r.lba = lba();
-        r.gpa = buf(k as u64);
-        r.tag = k as u64;
+    // Buffers (by index; a request's tag is its buffer's index) not in use.
+    let mut free = [0u64; MAX_DEPTH];
+    let mut nfree = qd;
+    for (k, f) in free.iter_mut().enumerate().take(qd) {
+        *f = k as u64;
     }
     let fail = |e: moat_nvme::Error| {
         println!("nvme-bench: vcpu {v}: {e}");
         "NVMe I/O failed"
     };
-    q.submit(p, m, &reqs[..first as usize]).map_err(fail)?;
-    let (mut submitted, mut completed, mut failed) = (first, 0u64, 0u64);
+    let (mut submitted, mut completed, mut failed) = (0u64, 0u64, 0u64);
+    // Every cycle: wait for `min` completions (fewer only while the queue drains), take at
+    // most `max`, and make one call that unmaps them and maps the next burst, which refills
+    // the queue to `qd`.
     while completed < ios {
-        let mut free = [0u64; MAX_DEPTH];
-        let mut n = 0;
-        q.wait(p, m, &mut |d: Done| {
-            failed += d.result.is_err() as u64;
-            free[n] = d.tag;
-            n += 1;
+        let mut refill = |tags: &[u64], reqs: &mut [Request]| {
+            for &t in tags {
+                free[nfree] = t;
+                nfree += 1;
+            }
+            completed += tags.len() as u64;
+            let k = nfree.min(reqs.len()).min((ios - submitted) as usize);
+            for r in reqs.iter_mut().take(k) {
+                nfree -= 1;
+                *r = Request {
+                    write: false,
+                    lba: lba(),
+                    gpa: buf(free[nfree]),
+                    len: bytes,
+                    tag: free[nfree],
+                };
+            }
+            submitted += k as u64;
+            k
+        };
+        q.wait_cycle(p, m, min, max, &mut refill, &mut |d: Done| {
+            if let Err(e) = d.result {
+                if failed == 0 {
+                    println!("nvme-bench: vcpu {v}: read {} failed: {e}", d.tag);
+                }
+                failed += 1;
+            }
         })
         .map_err(fail)?;
-        completed += n as u64;
-        let more = (n as u64).min(ios - submitted) as usize;
-        for (r, &tag) in reqs.iter_mut().zip(free.iter()).take(more) {
-            r.lba = lba();
-            r.gpa = buf(tag);
-            r.tag = tag;
-        }
-        if more != 0 {
-            q.submit(p, m, &reqs[..more]).map_err(fail)?;
-            submitted += more as u64;
-        }
     }
     out[0] = completed;
     out[1] = failed;

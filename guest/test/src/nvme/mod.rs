@@ -21,7 +21,7 @@ mod bench;
 mod faults;
 mod pattern;
 
-pub use bench::bench;
+pub use bench::{bench, set_burst};
 pub use faults::{errors, faults};
 pub use pattern::pattern;
 
