@@ -64,7 +64,8 @@ pub fn run(quick: bool) -> Result<()> {
     setup::ensure()?;
     let kernel = build_kernel(Flavour::Release)?;
     let (ios, rounds) = if quick { (256, 1) } else { (2000, 3) };
-    let knobs = Knobs::from_env(rounds)?;
+    let knobs = Knobs::from_env(rounds, ios)?;
+    let ios = knobs.ios;
     let image = root().join("target/bench/nvme.img");
     std::fs::create_dir_all(image.parent().unwrap())?;
     let mut rows = Vec::new();
@@ -123,17 +124,19 @@ pub fn run(quick: bool) -> Result<()> {
 /// Development knobs for A/B runs of a few cells, from the environment (the defaults are
 /// the full benchmark): `MOAT_BENCH_ROUNDS` (rounds), `MOAT_BENCH_POLICIES` (e.g.
 /// `passthrough,batched`; passthrough is needed for the ratios), `MOAT_BENCH_VCPUS` (e.g.
-/// `1`), `MOAT_BENCH_NVME_BURST` (`MAX` or `MIN,MAX`: the guest's `nvme-burst-min=MIN
+/// `1`), `MOAT_BENCH_NVME_IOS` (reads per vCPU per workload; more for longer, steadier
+/// windows on a loaded host), `MOAT_BENCH_NVME_BURST` (`MAX` or `MIN,MAX`: the guest's `nvme-burst-min=MIN
 /// nvme-burst=MAX`, completions a cycle waits for and takes at most).
 struct Knobs {
     rounds: u32,
+    ios: u64,
     policies: Vec<String>,
     vcpus: Vec<u64>,
     burst: Option<String>,
 }
 
 impl Knobs {
-    fn from_env(rounds: u32) -> Result<Knobs> {
+    fn from_env(rounds: u32, ios: u64) -> Result<Knobs> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let list =
             |v: String| -> Vec<String> { v.split(',').map(|s| s.trim().to_string()).collect() };
@@ -157,6 +160,10 @@ impl Knobs {
             Some(v) => num("MOAT_BENCH_ROUNDS", &v)?.max(1) as u32,
             None => rounds,
         };
+        let ios = match var("MOAT_BENCH_NVME_IOS") {
+            Some(v) => num("MOAT_BENCH_NVME_IOS", &v)?.clamp(32, u64::from(u32::MAX)),
+            None => ios,
+        };
         let burst = match var("MOAT_BENCH_NVME_BURST") {
             None => None,
             Some(v) => {
@@ -173,6 +180,7 @@ impl Knobs {
         };
         Ok(Knobs {
             rounds,
+            ios,
             policies,
             vcpus,
             burst,
@@ -313,7 +321,7 @@ fn check_targets(rows: &[Row]) {
 mod tests {
     use super::*;
 
-    const LINE: &str = "[g0] nvme-bench policy=batched workload=rand4k qd=32 vcpus=2 ios=4000 \
+    const LINE: &str = "[g0] nvme-bench policy=batched workload=rand4k qd=32 vcpus=2 burst=16..32 ios=4000 \
         iops=25000 ns_per_io=40000 invalidations_per_io=0.0400 waits_per_io=0.0400 \
         exits_per_io=0.0800 exit=20 validate=300 iova_alloc=100 pte_write=900 invalidate=400 iova_free=80";
 

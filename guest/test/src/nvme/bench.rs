@@ -21,31 +21,49 @@ const WORKLOADS: [(&str, u64, u64, bool); 3] = [
 ];
 
 /// A cycle's burst: it waits for `MIN` completions (fewer only while the queue drains) and
-/// takes at most `MAX` of them, packed as `MIN | MAX << 8` (see [`set_burst`]).
-static BURST: AtomicU64 = AtomicU64::new(DEFAULT_BURST.0 | DEFAULT_BURST.1 << 8);
-/// The default (min, max) of [`BURST`].
-const DEFAULT_BURST: (u64, u64) = (1, 32);
+/// takes at most `MAX` of them, packed as `MIN | MAX << 8`; 0 for either: the default.
+static BURST: AtomicU64 = AtomicU64::new(0);
+
+/// The default burst at depth `qd`: wait for half the queue, take what has completed. Each
+/// cycle then amortizes its one exit and one invalidation wait over at least `qd / 2` I/Os,
+/// while the other half keeps the controller busy during the call (waiting for the whole
+/// queue would leave the controller idle for the call; reaping whatever has completed makes
+/// many small cycles when the controller is fast).
+fn default_burst(qd: usize) -> (usize, usize) {
+    ((qd / 2).max(1), qd)
+}
+
+/// The (min, max) burst of a job's parameter at depth `qd`.
+fn burst_of(arg: u64, qd: usize) -> (usize, usize) {
+    match (((arg >> 16) & 0xff) as usize, ((arg >> 24) & 0xff) as usize) {
+        (0, 0) => default_burst(qd),
+        (0, max) => (default_burst(qd).0.min(max), max),
+        (min, 0) => (min, default_burst(qd).1),
+        b => b,
+    }
+}
 
 /// `nvme-burst=MAX` / `nvme-burst-min=MIN`: later `nvme-bench` cycles take at most MAX
 /// completions (1..=32) and wait for MIN of them; without a number, the default.
 pub fn set_burst(max: Option<u64>, min: Option<u64>) -> Outcome {
     let b = BURST.load(Relaxed);
     let (mut lo, mut hi) = (b & 0xff, b >> 8);
+    if max.is_none() && min.is_none() {
+        (lo, hi) = (0, 0);
+    }
     if let Some(k) = max {
         hi = k;
     }
     if let Some(k) = min {
         lo = k;
     }
-    if max.is_none() && min.is_none() {
-        (lo, hi) = DEFAULT_BURST;
-    }
-    let range = 1..=MAX_DEPTH as u64;
-    if !range.contains(&lo) || !range.contains(&hi) {
-        return Err("nvme-burst: sizes must be 1..=32");
+    if lo > MAX_DEPTH as u64 || hi > MAX_DEPTH as u64 {
+        return Err("nvme-burst: sizes must be 1..=32 (0: the default)");
     }
     BURST.store(lo | hi << 8, Relaxed);
-    println!("nvme-burst: wait for {lo}, take at most {hi}");
+    println!(
+        "nvme-burst: wait for {lo}, take at most {hi} (0: the default, half and all of the depth)"
+    );
     Ok(())
 }
 
@@ -63,7 +81,7 @@ pub(crate) fn job(w: Worker<'_>, arg: u64, out: &mut [u64; 4]) -> Outcome {
     let bytes = ((arg >> 8) & 0xff) * 4096;
     let seq = (arg >> 7) & 1 != 0;
     let qd = ((arg & 0x3f) as usize).clamp(1, MAX_DEPTH);
-    let (min, max) = (((arg >> 16) & 0xff) as usize, ((arg >> 24) & 0xff) as usize);
+    let (min, max) = burst_of(arg, qd);
     let ns = q.namespace();
     let bs = u64::from(ns.block_size);
     let span = bytes / bs;
@@ -155,15 +173,18 @@ fn measure(info: &BootInfo, s: &mut super::Setup, ios: u64) -> Outcome {
     for (name, bytes, qd, seq) in WORKLOADS {
         s.run(info, 2, arg(ios.min(64), bytes, qd, seq))?;
         let s0 = s.m.pvdma().stats(false).map_err(|_| "STATS failed")?;
-        let (outs, cycles) = s.run(info, 2, arg(ios, bytes, qd, seq))?;
+        let a = arg(ios, bytes, qd, seq);
+        let (outs, cycles) = s.run(info, 2, a)?;
         let s1 = s.m.pvdma().stats(false).map_err(|_| "STATS failed")?;
         let done: u64 = outs.iter().take(s.vcpus).map(|o| o[0]).sum();
         let n = done.max(1) as f64;
         let per = |a: U64, b: U64| (b.get() - a.get()) as f64 / n;
         let secs = cycles as f64 / (khz as f64 * 1000.0);
         println!(
-            "nvme-bench policy={policy} workload={name} qd={qd} vcpus={} ios={done} iops={:.0} ns_per_io={:.0} invalidations_per_io={:.4} waits_per_io={:.4} exits_per_io={:.4} {}",
+            "nvme-bench policy={policy} workload={name} qd={qd} vcpus={} burst={}..{} ios={done} iops={:.0} ns_per_io={:.0} invalidations_per_io={:.4} waits_per_io={:.4} exits_per_io={:.4} {}",
             s.vcpus,
+            burst_of(a, qd as usize).0.min(qd as usize),
+            burst_of(a, qd as usize).1,
             n / secs,
             secs * 1e9 / n,
             per(s0.invalidations, s1.invalidations),
