@@ -88,7 +88,7 @@ pub fn run(quick: bool) -> Result<()> {
                     extra,
                     ..Machine::default()
                 };
-                eprintln!("xtask: bench nvme: round {round}/{rounds}: policy {policy}, {vcpus} vCPU(s) ({ios} reads per vCPU per workload)");
+                eprintln!("xtask: bench nvme: round {round}/{rounds}: policy {policy}, {vcpus} vCPU(s) ({ios} reads per vCPU at qd 1, {} at qd 32)", ios * 8);
                 let found = run_guest(
                     &kernel,
                     &cmdline,
@@ -124,7 +124,7 @@ pub fn run(quick: bool) -> Result<()> {
 /// Development knobs for A/B runs of a few cells, from the environment (the defaults are
 /// the full benchmark): `MOAT_BENCH_ROUNDS` (rounds), `MOAT_BENCH_POLICIES` (e.g.
 /// `passthrough,batched`; passthrough is needed for the ratios), `MOAT_BENCH_VCPUS` (e.g.
-/// `1`), `MOAT_BENCH_NVME_IOS` (reads per vCPU per workload; more for longer, steadier
+/// `1`), `MOAT_BENCH_NVME_IOS` (reads per vCPU at qd 1, 8x that at qd 32; more for longer, steadier
 /// windows on a loaded host), `MOAT_BENCH_NVME_BURST` (`MAX` or `MIN,MAX`: the guest's `nvme-burst-min=MIN
 /// nvme-burst=MAX`, completions a cycle waits for and takes at most).
 struct Knobs {
@@ -161,7 +161,7 @@ impl Knobs {
             None => rounds,
         };
         let ios = match var("MOAT_BENCH_NVME_IOS") {
-            Some(v) => num("MOAT_BENCH_NVME_IOS", &v)?.clamp(32, u64::from(u32::MAX)),
+            Some(v) => num("MOAT_BENCH_NVME_IOS", &v)?.clamp(32, u64::from(u32::MAX) / 8),
             None => ios,
         };
         let burst = match var("MOAT_BENCH_NVME_BURST") {

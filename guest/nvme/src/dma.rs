@@ -5,8 +5,9 @@
 //! mapped per I/O before submission and unmapped after completion, a burst at a time
 //! ([`Mapper::map_burst`], [`Mapper::unmap_burst`]), in the way the guest's policy calls for:
 //!
-//! * `batched`: the maps of a burst in one MULTICALL, the unmaps of a burst in another (one
-//!   invalidation for the whole burst);
+//! * `batched`: the unmaps of a completion burst and the maps of the next submission burst
+//!   in one MULTICALL ([`Mapper::exchange`], the unmaps first; one exit and one invalidation
+//!   wait for the whole cycle);
 //! * `strict` and `deferred`: one DMA_MAP and one DMA_UNMAP hypercall per buffer (as Linux's
 //!   block layer does per request);
 //! * `passthrough` (the hypervisor reports IOVA = GPA): data buffers are used at their GPA
