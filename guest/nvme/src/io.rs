@@ -360,6 +360,8 @@ impl IoQueue {
     ///
     /// The burst is all or nothing: on an error (a bad request, a failed map) nothing of it
     /// was submitted and nothing of it stays mapped; the completions are still reported.
+    /// `refill` is not asked after a completion for an identifier that was not outstanding
+    /// (the cycle then fails with [`Error::BadCompletion`]).
     pub fn cycle<P: Platform, H: Hypervisor>(
         &mut self,
         p: &mut P,
@@ -410,7 +412,13 @@ impl IoQueue {
             tag: 0,
         }; MAX_DEPTH];
         let room = self.room();
-        let k = refill(&tags[..n], &mut reqs[..room]).min(room);
+        // After a stray completion (an identifier not outstanding) nothing more is submitted:
+        // the cycle fails with BadCompletion once the completions are reported.
+        let k = if stray {
+            0
+        } else {
+            refill(&tags[..n], &mut reqs[..room]).min(room)
+        };
         let reqs = &reqs[..k];
         let mut iovas = [0u64; MAX_DEPTH];
         let (unmapped, submitted) = match self.prepare(reqs) {
