@@ -95,6 +95,10 @@ pub struct IoQueue {
     seen: u16,
     /// Time a command may take before [`IoQueue::wait`] gives up, microseconds.
     pub timeout_us: u64,
+    /// How long [`IoQueue::wait_cycle`] waits for its `min` completions when fewer (but at
+    /// least one) are posted, microseconds from the start of the wait: a slow controller
+    /// is not held to the burst size.
+    pub patience_us: u64,
 }
 
 impl IoQueue {
@@ -152,6 +156,7 @@ impl IoQueue {
             slots: [Slot::default(); MAX_DEPTH],
             seen: 0,
             timeout_us: 5_000_000,
+            patience_us: 1000,
         })
     }
 
@@ -462,9 +467,10 @@ impl IoQueue {
     }
 
     /// Waits until `min` completions are posted (at most the commands outstanding; at
-    /// least one), then runs one [`IoQueue::cycle`] that takes at most `max` of them. Once [`IoQueue::timeout_us`] has passed
-    /// with fewer than `min` posted, runs the cycle with those; with none, fails with a
-    /// timeout (the commands then stay outstanding, their buffers mapped: the controller may
+    /// least one), then runs one [`IoQueue::cycle`] that takes at most `max` of them. Once
+    /// [`IoQueue::patience_us`] has passed with fewer than `min` but at least one posted,
+    /// runs the cycle with those; once [`IoQueue::timeout_us`] has passed with none, fails
+    /// with a timeout (the commands then stay outstanding, their buffers mapped: the controller may
     /// still use them). Fails at once on a fatal controller status. With nothing
     /// outstanding, runs the cycle at once (it only submits).
     pub fn wait_cycle<P: Platform, H: Hypervisor>(
@@ -494,11 +500,12 @@ impl IoQueue {
                             return Err(Error::Fatal);
                         }
                     }
-                    if now.wrapping_sub(t0) > self.timeout_us {
-                        if self.seen == 0 {
-                            return Err(Error::Timeout(Wait::Io));
-                        }
+                    let waited = now.wrapping_sub(t0);
+                    if self.seen != 0 && waited > self.patience_us {
                         break;
+                    }
+                    if waited > self.timeout_us {
+                        return Err(Error::Timeout(Wait::Io));
                     }
                 }
                 core::hint::spin_loop();
