@@ -26,6 +26,13 @@ pub(crate) struct Row {
     pub(crate) exits_per_io: f64,
     pub(crate) waits_per_io: f64,
     pub(crate) ns_per_io: f64,
+    /// I/Os per poll cycle (one call per cycle; none under passthrough).
+    #[serde(default)]
+    pub(crate) ios_per_cycle: f64,
+    /// Share of the vCPUs' time from reaping to the end of a cycle (the call, the
+    /// submission, the reports); the rest is waiting for completions.
+    #[serde(default)]
+    pub(crate) call_share: f64,
     /// IOPS of every run of this cell (the row is the run with the median IOPS).
     #[serde(default)]
     pub(crate) iops_runs: Vec<f64>,
@@ -268,15 +275,15 @@ fn fill_ratios(rows: &mut [Row]) {
 }
 
 fn print_table(rows: &[Row]) {
-    println!("NVMe reads per policy (QEMU TCG, emulated; IOPS over all vCPUs, median run; ratio = IOPS / passthrough IOPS at the same workload, depth and vCPUs; paired = median over rounds of IOPS / passthrough IOPS of the same round; hypervisor phases in cycles per I/O; runs = every run's IOPS)");
+    println!("NVMe reads per policy (QEMU TCG, emulated; IOPS over all vCPUs, median run; ratio = IOPS / passthrough IOPS at the same workload, depth and vCPUs; paired = median over rounds of IOPS / passthrough IOPS of the same round; io/cyc = I/Os per poll cycle (one call each); call = share of the vCPUs' time from reaping to the cycle's end, the rest waits for completions; hypervisor phases in cycles per I/O; runs = every run's IOPS)");
     println!(
-        "{:<12} {:<8} {:>3} {:>5} {:>8} {:>6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10} {:>7} {:>7} {:>9}  runs",
-        "policy", "workload", "qd", "vcpus", "IOPS", "ratio", "paired", "us/io", "inv/io", "waits/io", "exits/io", "exit", "validate", "iova_alloc", "pte", "inval", "iova_free"
+        "{:<12} {:<8} {:>3} {:>5} {:>8} {:>6} {:>6} {:>8} {:>6} {:>5} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10} {:>7} {:>7} {:>9}  runs",
+        "policy", "workload", "qd", "vcpus", "IOPS", "ratio", "paired", "us/io", "io/cyc", "call", "inv/io", "waits/io", "exits/io", "exit", "validate", "iova_alloc", "pte", "inval", "iova_free"
     );
     for r in rows {
         let [exit, validate, iova_alloc, pte, inval, iova_free] = r.phases.values();
         println!(
-            "{:<12} {:<8} {:>3} {:>5} {:>8.0} {:>5.2}x {:>5.2}x {:>8.1} {:>8.3} {:>8.3} {:>8.3} {exit:>7.0} {validate:>8.0} {iova_alloc:>10.0} {pte:>7.0} {inval:>7.0} {iova_free:>9.0}  {}",
+            "{:<12} {:<8} {:>3} {:>5} {:>8.0} {:>5.2}x {:>5.2}x {:>8.1} {:>6.1} {:>5.2} {:>8.3} {:>8.3} {:>8.3} {exit:>7.0} {validate:>8.0} {iova_alloc:>10.0} {pte:>7.0} {inval:>7.0} {iova_free:>9.0}  {}",
             r.policy,
             r.workload,
             r.qd,
@@ -285,6 +292,8 @@ fn print_table(rows: &[Row]) {
             r.ratio,
             r.paired_ratio,
             r.ns_per_io / 1000.0,
+            r.ios_per_cycle,
+            r.call_share,
             r.invalidations_per_io,
             r.waits_per_io,
             r.exits_per_io,
@@ -321,7 +330,7 @@ fn check_targets(rows: &[Row]) {
 mod tests {
     use super::*;
 
-    const LINE: &str = "[g0] nvme-bench policy=batched workload=rand4k qd=32 vcpus=2 burst=16..32 ios=4000 \
+    const LINE: &str = "[g0] nvme-bench policy=batched workload=rand4k qd=32 vcpus=2 burst=16..32 ios=4000 ios_per_cycle=16.00 call_share=0.250 \
         iops=25000 ns_per_io=40000 invalidations_per_io=0.0400 waits_per_io=0.0400 \
         exits_per_io=0.0800 exit=20 validate=300 iova_alloc=100 pte_write=900 invalidate=400 iova_free=80";
 

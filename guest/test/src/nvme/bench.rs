@@ -10,7 +10,7 @@ use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use moat_abi::zerocopy::little_endian::U64;
 use moat_nvme::{Done, Request, MAX_DEPTH};
 
-use super::{data, setup, Worker};
+use super::{data, setup, Worker, OUTS};
 use crate::abi::BootInfo;
 use crate::dma::PhaseCycles;
 use crate::{println, Outcome};
@@ -77,7 +77,7 @@ fn arg(ios: u64, bytes: u64, qd: u64, seq: bool) -> u64 {
 
 /// The per-vCPU job: keeps `qd` reads outstanding until `ios` completed; `out` = [reads
 /// completed, reads failed].
-pub(crate) fn job(w: Worker<'_>, arg: u64, out: &mut [u64; 4]) -> Outcome {
+pub(crate) fn job(w: Worker<'_>, arg: u64, out: &mut [u64; OUTS]) -> Outcome {
     let Worker { v, p, m, q } = w;
     let ios = arg >> 32;
     let bytes = ((arg >> 8) & 0xff) * 4096;
@@ -121,8 +121,13 @@ pub(crate) fn job(w: Worker<'_>, arg: u64, out: &mut [u64; 4]) -> Outcome {
     // Every cycle: wait for `min` completions (fewer only while the queue drains), take at
     // most `max`, and make one call that unmaps them and maps the next burst, which refills
     // the queue to `qd`.
+    // Where the vCPU's time goes: TSC from `refill` (the completions are reaped, the call
+    // comes next) to the cycle's end, summed: the call, the submission and the reports.
+    let (mut cycles, mut in_call) = (0u64, 0u64);
     while completed < ios {
+        let mut reaped_at = 0;
         let mut refill = |tags: &[u64], reqs: &mut [Request]| {
+            reaped_at = crate::abi::rdtsc();
             for &t in tags {
                 free[nfree] = t;
                 nfree += 1;
@@ -151,9 +156,13 @@ pub(crate) fn job(w: Worker<'_>, arg: u64, out: &mut [u64; 4]) -> Outcome {
             }
         })
         .map_err(fail)?;
+        in_call += crate::abi::rdtsc().saturating_sub(reaped_at);
+        cycles += 1;
     }
     out[0] = completed;
     out[1] = failed;
+    out[4] = cycles;
+    out[5] = in_call;
     if failed != 0 {
         return Err("an NVMe read failed");
     }
@@ -182,14 +191,19 @@ fn measure(info: &BootInfo, s: &mut super::Setup, ios: u64) -> Outcome {
         let (outs, cycles) = s.run(info, 2, a)?;
         let s1 = s.m.pvdma().stats(false).map_err(|_| "STATS failed")?;
         let done: u64 = outs.iter().take(s.vcpus).map(|o| o[0]).sum();
+        let polls: u64 = outs.iter().take(s.vcpus).map(|o| o[4]).sum();
+        let in_call: u64 = outs.iter().take(s.vcpus).map(|o| o[5]).sum();
         let n = done.max(1) as f64;
         let per = |a: U64, b: U64| (b.get() - a.get()) as f64 / n;
         let secs = cycles as f64 / (khz as f64 * 1000.0);
         println!(
-            "nvme-bench policy={policy} workload={name} qd={qd} vcpus={} burst={}..{} ios={done} iops={:.0} ns_per_io={:.0} invalidations_per_io={:.4} waits_per_io={:.4} exits_per_io={:.4} {}",
+            "nvme-bench policy={policy} workload={name} qd={qd} vcpus={} burst={}..{} ios={done} ios_per_cycle={:.2} call_share={:.3} iops={:.0} ns_per_io={:.0} invalidations_per_io={:.4} waits_per_io={:.4} exits_per_io={:.4} {}",
             s.vcpus,
             burst_of(a, qd as usize).0.min(qd as usize),
             burst_of(a, qd as usize).1,
+            done as f64 / polls.max(1) as f64,
+            // Of every vCPU's time in the job (the run's cycles on each vCPU).
+            in_call as f64 / (cycles as f64 * s.vcpus as f64),
             n / secs,
             secs * 1e9 / n,
             per(s0.invalidations, s1.invalidations),
