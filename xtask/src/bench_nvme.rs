@@ -26,9 +26,26 @@ pub(crate) struct Row {
     pub(crate) exits_per_io: f64,
     pub(crate) waits_per_io: f64,
     pub(crate) ns_per_io: f64,
+    /// I/Os per poll cycle (one call per cycle; none under passthrough).
+    #[serde(default)]
+    pub(crate) ios_per_cycle: f64,
+    /// Share of the vCPUs' time from reaping to the end of a cycle (the call, the
+    /// submission, the reports); the rest is waiting for completions.
+    #[serde(default)]
+    pub(crate) call_share: f64,
     /// IOPS of every run of this cell (the row is the run with the median IOPS).
     #[serde(default)]
     pub(crate) iops_runs: Vec<f64>,
+    /// Per round, this cell's IOPS over passthrough's in the same round (runs next to each
+    /// other, so a busy spell of the host hits both): steadier than `ratio` on a loaded host.
+    #[serde(default)]
+    pub(crate) paired_ratios: Vec<f64>,
+    /// The median of `paired_ratios`.
+    #[serde(default)]
+    pub(crate) paired_ratio: f64,
+    /// The round the run belongs to (1-based).
+    #[serde(default)]
+    pub(crate) round: u32,
     /// The hypervisor's cycles per I/O by phase (from the same flat line, nested in JSON).
     #[serde(skip_deserializing)]
     pub(crate) phases: Phases,
@@ -54,14 +71,17 @@ pub fn run(quick: bool) -> Result<()> {
     setup::ensure()?;
     let kernel = build_kernel(Flavour::Release)?;
     let (ios, rounds) = if quick { (256, 1) } else { (2000, 3) };
+    let knobs = Knobs::from_env(rounds, ios)?;
+    let ios = knobs.ios;
     let image = root().join("target/bench/nvme.img");
     std::fs::create_dir_all(image.parent().unwrap())?;
     let mut rows = Vec::new();
     // Rounds interleave the policies, so that a busy spell of the host hits them alike; each
     // cell reports its median run.
+    let rounds = knobs.rounds;
     for round in 1..=rounds {
-        for vcpus in [1u64, 2] {
-            for policy in POLICIES {
+        for &vcpus in &knobs.vcpus {
+            for policy in knobs.policies.iter().map(String::as_str) {
                 // A fresh sparse image (reads as zeros): the data does not matter, the DMA does.
                 std::fs::File::create(&image)?.set_len(64 << 20)?;
                 let cmdline = format!(
@@ -75,24 +95,31 @@ pub fn run(quick: bool) -> Result<()> {
                     extra,
                     ..Machine::default()
                 };
-                eprintln!("xtask: bench nvme: round {round}/{rounds}: policy {policy}, {vcpus} vCPU(s) ({ios} reads per vCPU per workload)");
+                eprintln!("xtask: bench nvme: round {round}/{rounds}: policy {policy}, {vcpus} vCPU(s) ({ios} reads per vCPU at qd 1, {} at qd 32)", ios * 8);
                 let found = run_guest(
                     &kernel,
                     &cmdline,
-                    format!("g0 nvme-bench={ios}"),
+                    format!("g0 {}nvme-bench={ios}", knobs.burst_word()),
                     &name,
                     |iso| machine.qemu_args(iso, setup::OVMF_CODE),
                     parse,
                     |found| found.len() == WORKLOADS,
                 )
                 .map_err(|e| format!("bench nvme: policy {policy}, {vcpus} vCPU(s): {e}"))?;
-                rows.extend(found);
+                rows.extend(found.into_iter().map(|r| Row { round, ..r }));
             }
         }
     }
     let _ = std::fs::remove_file(&image);
+    let paired = paired_ratios(&rows);
     let mut rows = medians(rows);
     fill_ratios(&mut rows);
+    for r in &mut rows {
+        if let Some((_, v)) = paired.iter().find(|(k, _)| *k == key(r)) {
+            r.paired_ratios = v.clone();
+            r.paired_ratio = median(v);
+        }
+    }
     print_table(&rows);
     let json = root().join("target/bench/nvme.json");
     write_json(&rows, &json)?;
@@ -101,10 +128,119 @@ pub fn run(quick: bool) -> Result<()> {
     Ok(())
 }
 
+/// Development knobs for A/B runs of a few cells, from the environment (the defaults are
+/// the full benchmark): `MOAT_BENCH_ROUNDS` (rounds), `MOAT_BENCH_POLICIES` (e.g.
+/// `passthrough,batched`; passthrough is needed for the ratios), `MOAT_BENCH_VCPUS` (e.g.
+/// `1`), `MOAT_BENCH_NVME_IOS` (reads per vCPU at qd 1, 8x that at qd 32; more for longer, steadier
+/// windows on a loaded host), `MOAT_BENCH_NVME_BURST` (`MAX` or `MIN,MAX`: the guest's `nvme-burst-min=MIN
+/// nvme-burst=MAX`, completions a cycle waits for and takes at most).
+struct Knobs {
+    rounds: u32,
+    ios: u64,
+    policies: Vec<String>,
+    vcpus: Vec<u64>,
+    burst: Option<String>,
+}
+
+impl Knobs {
+    fn from_env(rounds: u32, ios: u64) -> Result<Knobs> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let list =
+            |v: String| -> Vec<String> { v.split(',').map(|s| s.trim().to_string()).collect() };
+        let num = |k: &str, v: &str| -> Result<u64> {
+            v.parse::<u64>()
+                .map_err(|_| format!("{k}: `{v}` is not a number").into())
+        };
+        let policies = var("MOAT_BENCH_POLICIES")
+            .map_or_else(|| POLICIES.iter().map(|p| p.to_string()).collect(), list);
+        if let Some(p) = policies.iter().find(|p| !POLICIES.contains(&p.as_str())) {
+            return Err(format!("MOAT_BENCH_POLICIES: unknown policy `{p}`").into());
+        }
+        let vcpus = match var("MOAT_BENCH_VCPUS") {
+            Some(v) => list(v)
+                .iter()
+                .map(|x| num("MOAT_BENCH_VCPUS", x))
+                .collect::<Result<Vec<_>>>()?,
+            None => vec![1, 2],
+        };
+        let rounds = match var("MOAT_BENCH_ROUNDS") {
+            Some(v) => num("MOAT_BENCH_ROUNDS", &v)?.max(1) as u32,
+            None => rounds,
+        };
+        let ios = match var("MOAT_BENCH_NVME_IOS") {
+            Some(v) => num("MOAT_BENCH_NVME_IOS", &v)?.clamp(32, u64::from(u32::MAX) / 8),
+            None => ios,
+        };
+        let burst = match var("MOAT_BENCH_NVME_BURST") {
+            None => None,
+            Some(v) => {
+                let k: Vec<u64> = list(v)
+                    .iter()
+                    .map(|x| num("MOAT_BENCH_NVME_BURST", x))
+                    .collect::<Result<_>>()?;
+                Some(match k[..] {
+                    [max] => format!("nvme-burst={max} "),
+                    [min, max] => format!("nvme-burst-min={min} nvme-burst={max} "),
+                    _ => return Err("MOAT_BENCH_NVME_BURST: MAX or MIN,MAX".into()),
+                })
+            }
+        };
+        Ok(Knobs {
+            rounds,
+            ios,
+            policies,
+            vcpus,
+            burst,
+        })
+    }
+
+    /// The guest's `nvme-burst...` words when a burst was asked for.
+    fn burst_word(&self) -> String {
+        self.burst.clone().unwrap_or_default()
+    }
+}
+
+type Key = (String, String, u64, u64);
+
+/// A row's cell: (policy, workload, depth, vCPUs).
+fn key(r: &Row) -> Key {
+    (r.policy.clone(), r.workload.clone(), r.qd, r.vcpus)
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Per cell, its IOPS over passthrough's of the same round, workload, depth and vCPUs, one
+/// per round.
+fn paired_ratios(rows: &[Row]) -> Vec<(Key, Vec<f64>)> {
+    let mut out: Vec<(Key, Vec<f64>)> = Vec::new();
+    for r in rows {
+        let Some(base) = rows.iter().find(|b| {
+            b.policy == "passthrough"
+                && b.round == r.round
+                && (&b.workload, b.qd, b.vcpus) == (&r.workload, r.qd, r.vcpus)
+        }) else {
+            continue;
+        };
+        let x = r.iops / base.iops;
+        match out.iter_mut().find(|(k, _)| *k == key(r)) {
+            Some((_, v)) => v.push(x),
+            None => out.push((key(r), vec![x])),
+        }
+    }
+    out
+}
+
 /// One row per cell (policy, workload, depth, vCPUs), in first-seen order: the run with the
 /// median IOPS, with every run's IOPS in `iops_runs`.
 fn medians(rows: Vec<Row>) -> Vec<Row> {
-    let key = |r: &Row| (r.policy.clone(), r.workload.clone(), r.qd, r.vcpus);
     let mut keys = Vec::new();
     for r in &rows {
         if !keys.contains(&key(r)) {
@@ -139,32 +275,39 @@ fn fill_ratios(rows: &mut [Row]) {
 }
 
 fn print_table(rows: &[Row]) {
-    println!("NVMe reads per policy (QEMU TCG, emulated; IOPS over all vCPUs, median run; ratio = IOPS / passthrough IOPS at the same workload, depth and vCPUs; hypervisor phases in cycles per I/O; runs = every run's IOPS)");
+    println!("NVMe reads per policy (QEMU TCG, emulated; IOPS over all vCPUs, median run; ratio = IOPS / passthrough IOPS at the same workload, depth and vCPUs; paired = median over rounds of IOPS / passthrough IOPS of the same round; io/cyc = I/Os per poll cycle (one call each); call = share of the vCPUs' time from reaping to the cycle's end, the rest waits for completions; hypervisor phases in cycles per I/O; runs = every run's IOPS)");
     println!(
-        "{:<12} {:<8} {:>3} {:>5} {:>8} {:>6} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10} {:>7} {:>7} {:>9}  runs",
-        "policy", "workload", "qd", "vcpus", "IOPS", "ratio", "us/io", "inv/io", "waits/io", "exits/io", "exit", "validate", "iova_alloc", "pte", "inval", "iova_free"
+        "{:<12} {:<8} {:>3} {:>5} {:>8} {:>6} {:>6} {:>8} {:>6} {:>5} {:>8} {:>8} {:>8} {:>7} {:>8} {:>10} {:>7} {:>7} {:>9}  runs",
+        "policy", "workload", "qd", "vcpus", "IOPS", "ratio", "paired", "us/io", "io/cyc", "call", "inv/io", "waits/io", "exits/io", "exit", "validate", "iova_alloc", "pte", "inval", "iova_free"
     );
     for r in rows {
         let [exit, validate, iova_alloc, pte, inval, iova_free] = r.phases.values();
         println!(
-            "{:<12} {:<8} {:>3} {:>5} {:>8.0} {:>5.2}x {:>8.1} {:>8.3} {:>8.3} {:>8.3} {exit:>7.0} {validate:>8.0} {iova_alloc:>10.0} {pte:>7.0} {inval:>7.0} {iova_free:>9.0}  {}",
+            "{:<12} {:<8} {:>3} {:>5} {:>8.0} {:>5.2}x {:>5.2}x {:>8.1} {:>6.1} {:>5.2} {:>8.3} {:>8.3} {:>8.3} {exit:>7.0} {validate:>8.0} {iova_alloc:>10.0} {pte:>7.0} {inval:>7.0} {iova_free:>9.0}  {}",
             r.policy,
             r.workload,
             r.qd,
             r.vcpus,
             r.iops,
             r.ratio,
+            r.paired_ratio,
             r.ns_per_io / 1000.0,
+            r.ios_per_cycle,
+            r.call_share,
             r.invalidations_per_io,
             r.waits_per_io,
             r.exits_per_io,
-            r.iops_runs
-                .iter()
-                .map(|x| format!("{x:.0}"))
-                .collect::<Vec<_>>()
-                .join("/"),
+            joined(&r.iops_runs, 0),
         );
     }
+}
+
+/// `v` as `a/b/c` with `digits` decimals.
+fn joined(v: &[f64], digits: usize) -> String {
+    v.iter()
+        .map(|x| format!("{x:.digits$}"))
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 fn check_targets(rows: &[Row]) {
@@ -173,9 +316,11 @@ fn check_targets(rows: &[Row]) {
         .filter(|r| r.policy == "batched" && r.workload == "rand4k" && r.qd == 32)
     {
         println!(
-            "target: batched / passthrough IOPS, 4 KiB random reads at qd 32, {} vCPU(s) = {:.3} (target >= 0.9: {})",
+            "target: batched / passthrough IOPS, 4 KiB random reads at qd 32, {} vCPU(s) = {:.3} of the medians, {:.3} paired (per round: {}) (target >= 0.9: {})",
             r.vcpus,
             r.ratio,
+            r.paired_ratio,
+            joined(&r.paired_ratios, 2),
             if r.ratio >= 0.9 { "met" } else { "MISSED" }
         );
     }
@@ -185,7 +330,7 @@ fn check_targets(rows: &[Row]) {
 mod tests {
     use super::*;
 
-    const LINE: &str = "[g0] nvme-bench policy=batched workload=rand4k qd=32 vcpus=2 ios=4000 \
+    const LINE: &str = "[g0] nvme-bench policy=batched workload=rand4k qd=32 vcpus=2 burst=16..32 ios=4000 ios_per_cycle=16.00 call_share=0.250 \
         iops=25000 ns_per_io=40000 invalidations_per_io=0.0400 waits_per_io=0.0400 \
         exits_per_io=0.0800 exit=20 validate=300 iova_alloc=100 pte_write=900 invalidate=400 iova_free=80";
 
@@ -231,6 +376,25 @@ mod tests {
             assert!(v.get(k).is_some(), "{k} missing");
         }
         assert_eq!(v["emulated"], "QEMU TCG");
+    }
+
+    #[test]
+    fn paired_ratios_compare_runs_of_the_same_round() {
+        let row = |policy: &str, iops: &str, round: u32| Row {
+            round,
+            ..parse(&LINE.replace("batched", policy).replace("25000", iops)).unwrap()
+        };
+        let rows = vec![
+            row("passthrough", "100", 1),
+            row("batched", "90", 1),
+            row("passthrough", "400", 2),
+            row("batched", "200", 2),
+        ];
+        let p = paired_ratios(&rows);
+        let b = p.iter().find(|(k, _)| k.0 == "batched").unwrap();
+        assert_eq!(b.1, vec![0.9, 0.5]);
+        assert_eq!(median(&b.1), 0.7);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
     }
 
     #[test]

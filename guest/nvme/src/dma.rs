@@ -5,8 +5,9 @@
 //! mapped per I/O before submission and unmapped after completion, a burst at a time
 //! ([`Mapper::map_burst`], [`Mapper::unmap_burst`]), in the way the guest's policy calls for:
 //!
-//! * `batched`: the maps of a burst in one MULTICALL, the unmaps of a burst in another (one
-//!   invalidation for the whole burst);
+//! * `batched`: the unmaps of a completion burst and the maps of the next submission burst
+//!   in one MULTICALL ([`Mapper::exchange`], the unmaps first; one exit and one invalidation
+//!   wait for the whole cycle);
 //! * `strict` and `deferred`: one DMA_MAP and one DMA_UNMAP hypercall per buffer (as Linux's
 //!   block layer does per request);
 //! * `passthrough` (the hypervisor reports IOVA = GPA): data buffers are used at their GPA
@@ -137,12 +138,41 @@ impl<H: Hypervisor> Mapper<H> {
     /// Maps every buffer of `bufs`, writing their IOVAs into `iovas`: all or nothing (on an
     /// error the buffers already mapped are unmapped again).
     pub fn map_burst(&mut self, bufs: &[Buffer], iovas: &mut [u64]) -> Result<(), Error> {
+        self.exchange(&[], bufs, iovas).map
+    }
+
+    /// Unmaps every `(iova, len)` of `maps` (each a whole mapping from
+    /// [`Mapper::map_burst`]). Tries all of them; returns the first error.
+    pub fn unmap_burst(&mut self, maps: &[(u64, u64)]) -> Result<(), Error> {
+        self.exchange(maps, &[], &mut []).unmap
+    }
+
+    /// Unmaps every `(iova, len)` of `unmaps` (each a whole mapping), then maps every buffer
+    /// of `bufs` (their IOVAs into `iovas`): under `batched` in ONE MULTICALL, the unmaps
+    /// first. The hypervisor runs a MULTICALL's entries in order and invalidates its unmaps
+    /// before the call returns, so when this returns every unmapped IOVA is unreachable for
+    /// the device (under `strict` and `batched`), as with [`Mapper::unmap_burst`]; an IOVA
+    /// unmapped here is not handed out again before that invalidation (the hypervisor frees
+    /// IOVAs only after it), so the new maps never alias a stale translation.
+    ///
+    /// The unmaps are all tried (their outcome is [`Exchange::unmap`], the first error); the
+    /// maps are all or nothing ([`Exchange::map`]; on an error none stays mapped).
+    pub fn exchange(
+        &mut self,
+        unmaps: &[(u64, u64)],
+        bufs: &[Buffer],
+        iovas: &mut [u64],
+    ) -> Exchange {
         if iovas.len() < bufs.len() {
-            return Err(Error::BadTransfer);
+            let unmap = self.exchange(unmaps, &[], &mut []).unmap;
+            return Exchange {
+                unmap,
+                map: Err(Error::BadTransfer),
+            };
         }
         let iovas = &mut iovas[..bufs.len()];
         iovas.fill(u64::MAX);
-        let mut first_err: Option<Error> = None;
+        let (mut unmap_err, mut map_err) = (None, None);
         match self.mode {
             Mode::Direct => {
                 for (b, i) in bufs.iter().zip(iovas.iter_mut()) {
@@ -150,112 +180,134 @@ impl<H: Hypervisor> Mapper<H> {
                 }
             }
             Mode::Single => {
+                for &(iova, len) in unmaps {
+                    self.stats.unmap_calls += 1;
+                    if let Err(e) = self.pv.unmap(iova, len) {
+                        unmap_err.get_or_insert(e.into());
+                    }
+                }
                 for (b, i) in bufs.iter().zip(iovas.iter_mut()) {
                     self.stats.map_calls += 1;
                     match self.pv.map(b.gpa, b.len, b.flags()) {
                         Ok(iova) => *i = iova,
                         Err(e) => {
-                            first_err = Some(e.into());
+                            map_err = Some(e.into());
                             break;
                         }
                     }
                 }
             }
             Mode::Multicall => {
-                if self.pv.pending() != 0 {
-                    return Err(Error::Dma(moat_pvdma::Error::BatchNotEmpty));
-                }
-                let first_ticket = core::cell::Cell::new(None::<u64>);
-                let mut entry_err = None;
-                let mut call_err = None;
-                let mut sink = |c: Completion| {
-                    let Some(f) = first_ticket.get() else { return };
-                    let k = (c.ticket.0 - f) as usize;
-                    match (c.request, c.result) {
-                        (Request::Map { .. }, Ok(iova)) if k < iovas.len() => iovas[k] = iova,
-                        (_, Err(e)) => {
-                            entry_err.get_or_insert(Error::Dma(e));
-                        }
-                        _ => {}
-                    }
-                };
-                for b in bufs {
-                    // A burst larger than the batch is flushed in parts by queue_map.
-                    match self.pv.queue_map(b.gpa, b.len, b.flags(), &mut sink) {
-                        Ok(t) => {
-                            if first_ticket.get().is_none() {
-                                first_ticket.set(Some(t.0));
-                            }
-                        }
-                        Err(e) => {
-                            call_err = Some(Error::Dma(e));
-                            break;
-                        }
-                    }
-                }
-                let flushed = self.pv.flush(&mut sink);
-                self.stats.multicalls += 1;
-                match flushed {
-                    Ok(rep) => self.stats.map_calls += u64::from(rep.multicalls),
-                    Err(e) => {
-                        call_err.get_or_insert(Error::Dma(e));
-                    }
-                }
-                first_err = entry_err.or(call_err);
+                (unmap_err, map_err) = self.multicall(unmaps, bufs, iovas);
             }
         }
-        let Some(err) = first_err else {
-            self.stats.maps += bufs.len() as u64;
-            return Ok(());
+        self.stats.unmaps += unmaps.len() as u64;
+        let map = match map_err {
+            None => {
+                self.stats.maps += bufs.len() as u64;
+                Ok(())
+            }
+            Some(err) => {
+                for (b, i) in bufs.iter().zip(iovas.iter_mut()) {
+                    if *i != u64::MAX && self.mode != Mode::Direct {
+                        let _ = self.pv.unmap(*i, b.len);
+                    }
+                    *i = u64::MAX;
+                }
+                Err(err)
+            }
         };
-        for (b, i) in bufs.iter().zip(iovas.iter_mut()) {
-            if *i != u64::MAX && self.mode != Mode::Direct {
-                let _ = self.pv.unmap(*i, b.len);
-            }
-            *i = u64::MAX;
+        Exchange {
+            unmap: unmap_err.map_or(Ok(()), Err),
+            map,
         }
-        Err(err)
     }
 
-    /// Unmaps every `(iova, len)` of `maps` (each a whole mapping from
-    /// [`Mapper::map_burst`]). Tries all of them; returns the first error.
-    pub fn unmap_burst(&mut self, maps: &[(u64, u64)]) -> Result<(), Error> {
-        let mut first_err: Option<Error> = None;
-        match self.mode {
-            Mode::Direct => {}
-            Mode::Single => {
-                for &(iova, len) in maps {
-                    self.stats.unmap_calls += 1;
-                    if let Err(e) = self.pv.unmap(iova, len) {
-                        first_err.get_or_insert(e.into());
-                    }
+    /// The MULTICALL of [`Mapper::exchange`]: the unmaps, then the maps, in one call (more
+    /// only if they do not fit the batch area or the hypervisor preempted the call). The
+    /// first unmap error and the first map error.
+    fn multicall(
+        &mut self,
+        unmaps: &[(u64, u64)],
+        bufs: &[Buffer],
+        iovas: &mut [u64],
+    ) -> (Option<Error>, Option<Error>) {
+        if unmaps.is_empty() && bufs.is_empty() {
+            return (None, None);
+        }
+        if self.pv.pending() != 0 {
+            let e = Some(Error::Dma(moat_pvdma::Error::BatchNotEmpty));
+            return (
+                e.filter(|_| !unmaps.is_empty()),
+                e.filter(|_| !bufs.is_empty()),
+            );
+        }
+        let (mut unmap_err, mut map_err) = (None, None);
+        let first_map = core::cell::Cell::new(None::<u64>);
+        let mut sink = |c: Completion| match (c.request, c.result) {
+            (Request::Map { .. }, Ok(iova)) => {
+                if let Some(k) = first_map.get().map(|f| (c.ticket.0 - f) as usize)
+                    && k < iovas.len()
+                {
+                    iovas[k] = iova;
                 }
             }
-            Mode::Multicall => {
-                let mut sink = |c: Completion| {
-                    if let Err(e) = c.result {
-                        first_err.get_or_insert(Error::Dma(e));
-                    }
-                };
-                let mut call_err = None;
-                for &(iova, len) in maps {
-                    if let Err(e) = self.pv.queue_unmap(iova, len, &mut sink) {
-                        call_err.get_or_insert(Error::Dma(e));
+            (Request::Map { .. }, Err(e)) => {
+                map_err.get_or_insert(Error::Dma(e));
+            }
+            (Request::Unmap { .. }, Err(e)) => {
+                unmap_err.get_or_insert(Error::Dma(e));
+            }
+            (Request::Unmap { .. }, Ok(_)) => {}
+        };
+        let (mut unmap_call_err, mut map_call_err) = (None, None);
+        for &(iova, len) in unmaps {
+            // A burst larger than the batch is flushed in parts by queue_unmap/queue_map.
+            if let Err(e) = self.pv.queue_unmap(iova, len, &mut sink) {
+                unmap_call_err.get_or_insert(Error::Dma(e));
+            }
+        }
+        for b in bufs {
+            match self.pv.queue_map(b.gpa, b.len, b.flags(), &mut sink) {
+                Ok(t) => {
+                    if first_map.get().is_none() {
+                        first_map.set(Some(t.0));
                     }
                 }
-                match self.pv.flush(&mut sink) {
-                    Ok(rep) => self.stats.unmap_calls += u64::from(rep.multicalls),
-                    Err(e) => {
-                        call_err.get_or_insert(Error::Dma(e));
-                    }
-                }
-                self.stats.multicalls += 1;
-                if let Some(e) = call_err {
-                    first_err.get_or_insert(e);
+                Err(e) => {
+                    map_call_err = Some(Error::Dma(e));
+                    break;
                 }
             }
         }
-        self.stats.unmaps += maps.len() as u64;
-        first_err.map_or(Ok(()), Err)
+        let flushed = self.pv.flush(&mut sink);
+        self.stats.multicalls += 1;
+        match flushed {
+            Ok(rep) => {
+                let calls = u64::from(rep.multicalls);
+                if !unmaps.is_empty() {
+                    self.stats.unmap_calls += calls;
+                }
+                if !bufs.is_empty() {
+                    self.stats.map_calls += calls;
+                }
+            }
+            Err(e) => {
+                let e = Some(Error::Dma(e));
+                unmap_call_err = unmap_call_err.or(e.filter(|_| !unmaps.is_empty()));
+                map_call_err = map_call_err.or(e.filter(|_| !bufs.is_empty()));
+            }
+        }
+        (unmap_err.or(unmap_call_err), map_err.or(map_call_err))
     }
+}
+
+/// What [`Mapper::exchange`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub struct Exchange {
+    /// The unmaps: the first error (each was tried).
+    pub unmap: Result<(), Error>,
+    /// The maps: all done, or the first error (and none stays mapped).
+    pub map: Result<(), Error>,
 }

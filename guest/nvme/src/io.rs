@@ -42,11 +42,28 @@ pub struct Request {
     pub tag: u64,
 }
 
+/// What one [`IoQueue::cycle`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Cycle {
+    /// Commands completed (reported to `done`).
+    pub completed: usize,
+    /// Commands submitted.
+    pub submitted: usize,
+}
+
+/// The buffers of a burst of requests and their block counts.
+struct Burst {
+    bufs: [Buffer; MAX_DEPTH],
+    blocks: [u32; MAX_DEPTH],
+}
+
 /// A finished command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Done {
     /// The request's tag.
     pub tag: u64,
+    /// The IOVA its buffer had (unmapped by now; 0 for a command submitted raw).
+    pub iova: u64,
     /// The controller's verdict (and, if the buffer's unmap failed, that error).
     pub result: Result<(), Error>,
 }
@@ -74,8 +91,14 @@ pub struct IoQueue {
     cq: CqCursor,
     cids: Cids,
     slots: [Slot; MAX_DEPTH],
+    /// Completions past the head known to be posted (see [`IoQueue::ready`]).
+    seen: u16,
     /// Time a command may take before [`IoQueue::wait`] gives up, microseconds.
     pub timeout_us: u64,
+    /// How long [`IoQueue::wait_cycle`] waits for its `min` completions when fewer (but at
+    /// least one) are posted, microseconds from the start of the wait: a slow controller
+    /// is not held to the burst size.
+    pub patience_us: u64,
 }
 
 impl IoQueue {
@@ -131,7 +154,9 @@ impl IoQueue {
             cq: CqCursor::new(IO_ENTRIES),
             cids: Cids::new(MAX_DEPTH as u16),
             slots: [Slot::default(); MAX_DEPTH],
+            seen: 0,
             timeout_us: 5_000_000,
+            patience_us: 1000,
         })
     }
 
@@ -195,42 +220,62 @@ impl IoQueue {
         if reqs.len() > self.room() {
             return Err(Error::QueueFull);
         }
-        let mut bufs = [Buffer {
-            gpa: 0,
-            len: 0,
-            device_writes: false,
-        }; MAX_DEPTH];
-        let mut blocks = [0u32; MAX_DEPTH];
+        let burst = self.prepare(reqs)?;
+        let mut iovas = [0u64; MAX_DEPTH];
+        m.map_burst(&burst.bufs[..reqs.len()], &mut iovas[..reqs.len()])?;
+        self.post(p, reqs, &burst, &iovas)
+    }
+
+    /// Checks every request of `reqs` and describes its buffer.
+    fn prepare(&self, reqs: &[Request]) -> Result<Burst, Error> {
+        let mut b = Burst {
+            bufs: [Buffer {
+                gpa: 0,
+                len: 0,
+                device_writes: false,
+            }; MAX_DEPTH],
+            blocks: [0u32; MAX_DEPTH],
+        };
         for (k, r) in reqs.iter().enumerate() {
-            blocks[k] = self.check(r)?;
-            bufs[k] = Buffer {
+            b.blocks[k] = self.check(r)?;
+            b.bufs[k] = Buffer {
                 gpa: r.gpa,
                 len: r.len.div_ceil(PAGE) * PAGE,
                 device_writes: !r.write,
             };
         }
-        let n = reqs.len();
-        let mut iovas = [0u64; MAX_DEPTH];
-        m.map_burst(&bufs[..n], &mut iovas[..n])?;
+        Ok(b)
+    }
+
+    /// Writes the commands of `reqs` (their buffers mapped at `iovas`) and rings the
+    /// submission doorbell once.
+    fn post<P: Platform>(
+        &mut self,
+        p: &mut P,
+        reqs: &[Request],
+        burst: &Burst,
+        iovas: &[u64],
+    ) -> Result<(), Error> {
         for (k, r) in reqs.iter().enumerate() {
-            let cmd = Command::rw(r.write, self.ns.nsid, r.lba, blocks[k]);
+            let cmd = Command::rw(r.write, self.ns.nsid, r.lba, burst.blocks[k]);
             // Room was checked: a slot and a ring entry are free.
             let cid = self.cids.alloc().ok_or(Error::QueueFull)?;
             self.slots[cid as usize] = Slot {
                 tag: r.tag,
                 iova: iovas[k],
-                len: bufs[k].len,
+                len: burst.bufs[k].len,
                 mapped: true,
             };
-            self.push(p, cid, cmd, iovas[k], bufs[k].len)?;
+            self.push(p, cid, cmd, iovas[k], burst.bufs[k].len)?;
         }
-        p.write32(
-            regs::sq_doorbell(self.qid, self.stride),
-            u32::from(self.sq.tail()),
-        );
+        if !reqs.is_empty() {
+            p.write32(
+                regs::sq_doorbell(self.qid, self.stride),
+                u32::from(self.sq.tail()),
+            );
+        }
         Ok(())
     }
-
     /// Builds the PRPs of command slot `cid` for `len` bytes at `iova` and writes the command
     /// at the submission tail (without ringing the doorbell).
     fn push<P: Platform>(
@@ -281,6 +326,23 @@ impl IoQueue {
         Ok(cid)
     }
 
+    /// Completions the controller has posted and [`IoQueue::reap`] has not taken yet (the
+    /// ring is only read, nothing consumed).
+    pub fn ready<P: Platform>(&mut self, p: &mut P) -> usize {
+        let outstanding = self.outstanding() as usize;
+        let mut c = self.cq;
+        for _ in 0..self.seen {
+            c.advance();
+        }
+        while (self.seen as usize) < outstanding
+            && read_completion(p, self.mem.gpa + PAGE, c.head(), &c).is_some()
+        {
+            c.advance();
+            self.seen += 1;
+        }
+        self.seen as usize
+    }
+
     /// Takes every completion the controller has posted, unmaps their buffers as one burst,
     /// and reports each to `done`. Returns how many completed.
     pub fn reap<P: Platform, H: Hypervisor>(
@@ -289,15 +351,41 @@ impl IoQueue {
         m: &mut Mapper<H>,
         done: &mut dyn FnMut(Done),
     ) -> Result<usize, Error> {
-        let mut got = [(0u64, Ok(())); MAX_DEPTH];
+        Ok(self.cycle(p, m, MAX_DEPTH, &mut |_, _| 0, done)?.completed)
+    }
+
+    /// One poll cycle with one hypercall: takes the completions the controller has posted
+    /// (at most `max`, oldest first; the rest stay for the next cycle), asks `refill` for the next burst (given the completed requests' tags and room for as
+    /// many requests as the queue then holds; it returns how many it wrote), unmaps the
+    /// completed buffers and maps the burst's buffers in one [`Mapper::exchange`] (one
+    /// MULTICALL under `batched`, the unmaps first), submits the burst (one doorbell), and
+    /// only then reports each completion to `done`: when `done` sees a completion, its
+    /// buffer's unmap has returned (under `strict` and `batched`: invalidated), so the
+    /// device cannot reach it any more.
+    ///
+    /// The burst is all or nothing: on an error (a bad request, a failed map) nothing of it
+    /// was submitted and nothing of it stays mapped; the completions are still reported.
+    /// `refill` is not asked after a completion for an identifier that was not outstanding
+    /// (the cycle then fails with [`Error::BadCompletion`]).
+    pub fn cycle<P: Platform, H: Hypervisor>(
+        &mut self,
+        p: &mut P,
+        m: &mut Mapper<H>,
+        max: usize,
+        refill: &mut dyn FnMut(&[u64], &mut [Request]) -> usize,
+        done: &mut dyn FnMut(Done),
+    ) -> Result<Cycle, Error> {
+        let max = max.clamp(1, MAX_DEPTH);
+        let mut got = [(0u64, 0u64, Ok(())); MAX_DEPTH];
         let mut unmaps = [(0u64, 0u64); MAX_DEPTH];
         let (mut n, mut u) = (0, 0);
         let mut stray = false;
-        while n < MAX_DEPTH {
+        while n < max {
             let Some(c) = read_completion(p, self.mem.gpa + PAGE, self.cq.head(), &self.cq) else {
                 break;
             };
             self.cq.advance();
+            self.seen = self.seen.saturating_sub(1);
             self.sq.set_head(c.sq_head);
             if !self.cids.free(c.cid) {
                 stray = true;
@@ -308,27 +396,59 @@ impl IoQueue {
                 unmaps[u] = (s.iova, s.len);
                 u += 1;
             }
-            got[n] = (s.tag, c.result().map_err(Error::Controller));
+            got[n] = (s.tag, s.iova, c.result().map_err(Error::Controller));
             n += 1;
         }
-        if n == 0 && !stray {
-            return Ok(0);
+        if n != 0 || stray {
+            p.write32(
+                regs::cq_doorbell(self.qid, self.stride),
+                u32::from(self.cq.head()),
+            );
         }
-        p.write32(
-            regs::cq_doorbell(self.qid, self.stride),
-            u32::from(self.cq.head()),
-        );
-        let unmapped = m.unmap_burst(&unmaps[..u]);
-        for &(tag, result) in &got[..n] {
+        let mut tags = [0u64; MAX_DEPTH];
+        for (t, g) in tags.iter_mut().zip(&got[..n]) {
+            *t = g.0;
+        }
+        let mut reqs = [Request {
+            write: false,
+            lba: 0,
+            gpa: 0,
+            len: 0,
+            tag: 0,
+        }; MAX_DEPTH];
+        let room = self.room();
+        // After a stray completion (an identifier not outstanding) nothing more is submitted:
+        // the cycle fails with BadCompletion once the completions are reported.
+        let k = if stray {
+            0
+        } else {
+            refill(&tags[..n], &mut reqs[..room]).min(room)
+        };
+        let reqs = &reqs[..k];
+        let mut iovas = [0u64; MAX_DEPTH];
+        let (unmapped, submitted) = match self.prepare(reqs) {
+            Ok(burst) => {
+                let x = m.exchange(&unmaps[..u], &burst.bufs[..k], &mut iovas[..k]);
+                let posted = x.map.and_then(|()| self.post(p, reqs, &burst, &iovas));
+                (x.unmap, posted)
+            }
+            Err(e) => (m.unmap_burst(&unmaps[..u]), Err(e)),
+        };
+        for &(tag, iova, result) in &got[..n] {
             done(Done {
                 tag,
+                iova,
                 result: result.and(unmapped),
             });
         }
         if stray {
             return Err(Error::BadCompletion);
         }
-        Ok(n)
+        submitted?;
+        Ok(Cycle {
+            completed: n,
+            submitted: k,
+        })
     }
 
     /// Reaps until at least one command completed, or fails with a timeout after
@@ -341,35 +461,57 @@ impl IoQueue {
         m: &mut Mapper<H>,
         done: &mut dyn FnMut(Done),
     ) -> Result<usize, Error> {
-        if self.outstanding() == 0 {
-            return Ok(0);
-        }
-        let t0 = p.now_us();
-        let mut checked = t0;
-        let mut polls = 0u32;
-        loop {
-            let n = self.reap(p, m, done)?;
-            if n != 0 {
-                return Ok(n);
-            }
-            polls = polls.wrapping_add(1);
-            if polls.is_multiple_of(64) {
-                let now = p.now_us();
-                // CSTS is an MMIO read (slow on hardware, a device-lock round trip under
-                // emulation): once a millisecond is enough to notice a fatal controller.
-                if now.wrapping_sub(checked) >= 1000 {
-                    checked = now;
-                    let csts = regs::Csts(p.read32(regs::CSTS));
-                    if csts.fatal() || csts.absent() {
-                        return Err(Error::Fatal);
+        Ok(self
+            .wait_cycle(p, m, 1, MAX_DEPTH, &mut |_, _| 0, done)?
+            .completed)
+    }
+
+    /// Waits until `min` completions are posted (at most the commands outstanding; at
+    /// least one), then runs one [`IoQueue::cycle`] that takes at most `max` of them. Once
+    /// [`IoQueue::patience_us`] has passed with fewer than `min` but at least one posted,
+    /// runs the cycle with those; once [`IoQueue::timeout_us`] has passed with none, fails
+    /// with a timeout (the commands then stay outstanding, their buffers mapped: the controller may
+    /// still use them). Fails at once on a fatal controller status. With nothing
+    /// outstanding, runs the cycle at once (it only submits).
+    pub fn wait_cycle<P: Platform, H: Hypervisor>(
+        &mut self,
+        p: &mut P,
+        m: &mut Mapper<H>,
+        min: usize,
+        max: usize,
+        refill: &mut dyn FnMut(&[u64], &mut [Request]) -> usize,
+        done: &mut dyn FnMut(Done),
+    ) -> Result<Cycle, Error> {
+        let want = min.clamp(1, (self.outstanding() as usize).max(1));
+        if self.outstanding() != 0 {
+            let t0 = p.now_us();
+            let mut checked = t0;
+            let mut polls = 0u32;
+            while self.ready(p) < want {
+                polls = polls.wrapping_add(1);
+                if polls.is_multiple_of(64) {
+                    let now = p.now_us();
+                    // CSTS is an MMIO read (slow on hardware, a device-lock round trip under
+                    // emulation): once a millisecond is enough to notice a fatal controller.
+                    if now.wrapping_sub(checked) >= 1000 {
+                        checked = now;
+                        let csts = regs::Csts(p.read32(regs::CSTS));
+                        if csts.fatal() || csts.absent() {
+                            return Err(Error::Fatal);
+                        }
+                    }
+                    let waited = now.wrapping_sub(t0);
+                    if self.seen != 0 && waited > self.patience_us {
+                        break;
+                    }
+                    if waited > self.timeout_us {
+                        return Err(Error::Timeout(Wait::Io));
                     }
                 }
-                if now.wrapping_sub(t0) > self.timeout_us {
-                    return Err(Error::Timeout(Wait::Io));
-                }
+                core::hint::spin_loop();
             }
-            core::hint::spin_loop();
         }
+        self.cycle(p, m, max, refill, done)
     }
 
     /// After the controller was disabled (it no longer touches memory), forgets every

@@ -10,7 +10,7 @@
 //! `escape-write[=GPA]` (default: the first byte past the guest's memory), `msr`,
 //! `triple-fault`, `bad-hypercall`, `vmmcall-bench=N`, the PV DMA tests `dma-*` (`dma/`,
 //! `dma_bounds.rs`; `dma-demo` is `cargo xtask run`'s), the interrupt tests `irq-*`/`msi-*`
-//! (`irq.rs`), `vapic-timer` (`vapic.rs`) and the NVMe tests `nvme-pattern`, `nvme-faults`, `nvme-errors`, `nvme-bench=N`
+//! (`irq.rs`), `vapic-timer` (`vapic.rs`) and the NVMe tests `nvme-pattern`, `nvme-faults`, `nvme-errors`, `nvme-bench=N` (`nvme-burst=MAX`, `nvme-burst-min=MIN` before it: its bursts)
 //! (`nvme/`, with `moat-nvme`; the other vCPUs run their queue pairs). Numbers are decimal or
 //! `0x` hex.
 #![no_std]
@@ -201,6 +201,8 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "dma-stop" => dma_bounds::stop(),
             "nvme-pattern" => nvme::pattern(&info),
             "nvme-bench" => nvme::bench(&info, arg.unwrap_or(2000)),
+            "nvme-burst" => nvme::set_burst(arg, None),
+            "nvme-burst-min" => nvme::set_burst(None, arg),
             "nvme-faults" => nvme::faults(&info),
             "nvme-errors" => nvme::errors(&info),
             "irq-host-vectors" => irq::host_vectors(arg.unwrap_or(2)),

@@ -97,7 +97,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
         v.push(scenario(
             on,
             &format!("nvme-fault-{policy}"),
-            "crafted READs at buffers the driver unmapped: the IOMMU records the fault and the buffer keeps its bytes (the same command into the mapped buffer delivered the disk's bytes); through an unmapped PRP list page the command fails with Data Transfer Error",
+            "crafted READs at buffers the driver unmapped: the IOMMU records the fault and the buffer keeps its bytes (the same command into the mapped buffer delivered the disk's bytes); through an unmapped PRP list page the command fails with Data Transfer Error; a completion unmapped in the same call that maps the next read is unreachable when the call returns",
             policy,
             1,
             "nvme-faults",
@@ -109,6 +109,15 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
                 // effect; a PRP list page the controller cannot fetch fails the command.
                 need_line(log, &[&format!("g0> nvme-faults: policy {policy}: the same READ after UNMAP:"), "buffer untouched: true", "for IOVA", ": true (direction 2 reason"])?;
                 need_line(log, &[&format!("g0> nvme-faults: policy {policy}: a READ whose PRP list page"), "= Some(DataTransferError); faults counted", "data buffer untouched: true"])?;
+                // A completion's unmap and the next burst's map in one cycle: the device no
+                // longer reaches the completed buffer when the call returned (under batched:
+                // one MULTICALL, a fault at the old IOVA; under strict the IOVA may already
+                // be the next buffer's).
+                let reuse = [&format!("g0> nvme-faults: policy {policy}: completion reused in one cycle (Ok(Cycle {{ completed: 1, submitted: 1 }})"), "A's bytes arrived: true", "A untouched: true", "B's bytes arrived: true"];
+                need_line(log, &reuse)?;
+                if policy == "batched" {
+                    need_line(log, &[reuse[0], "1 MULTICALL(s)", "IOVA given to B: false; fault recorded: true"])?;
+                }
                 forbid_line(log, &["nvme-faults:", "faults counted 0"])?;
                 need_line(log, &["g0> PASS nvme-faults"])?;
                 need_line(log, &["g0> nvme: after teardown:", "live mappings 0, live pages 0"])?;

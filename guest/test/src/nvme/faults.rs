@@ -169,7 +169,8 @@ fn crafted(s: &mut Setup) -> Outcome {
     if f1 == f0 || record.is_none() {
         return Err("no DMA fault was recorded for the unmapped IOVA");
     }
-    list_page(s, policy, lba, x)
+    list_page(s, policy, lba, x)?;
+    reuse(s, policy, lba, &disk_bytes)
 }
 
 /// A 3-page READ whose PRP list page is a page the driver mapped and unmapped: the
@@ -206,6 +207,99 @@ fn list_page(s: &mut Setup, policy: &str, lba: u64, x: u64) -> Outcome {
     );
     if kind != Some(StatusKind::DataTransferError) || f1 == f0 || !untouched {
         return Err("the READ through an unmapped PRP list page did not fail with a DMA fault");
+    }
+    Ok(())
+}
+
+/// A completion's buffer reused in the cycle that reaps it: a READ into buffer A completes;
+/// one [`moat_nvme::IoQueue::cycle`] takes it and submits the next READ (into buffer B) with
+/// ONE call that unmaps A's IOVA and maps B (under `batched` one MULTICALL, the unmap
+/// first); right after that call a crafted READ at A's old IOVA must fault and leave A
+/// untouched, although the controller translated that IOVA a moment before (an IOTLB entry
+/// the unmap must have invalidated before the call returned), while B gets the disk's bytes.
+fn reuse(s: &mut Setup, policy: &str, lba: u64, disk_bytes: &dyn Fn(&[u8]) -> bool) -> Outcome {
+    let ns = s.ctrl.namespace();
+    let blocks = (PAGE / u64::from(ns.block_size)) as u32;
+    let (a, b) = (data(0) + (2 << 20) - 2 * PAGE, data(0) + (2 << 20) - PAGE);
+    bytes(b, PAGE).fill(0x5a);
+    let q = s.queues[0].as_mut().ok_or("no queue")?;
+    q.submit(&mut s.p, &mut s.m, &[read_page(lba, a, 1)])
+        .map_err(|_| "submitting the READ into A failed")?;
+    let t0 = s.p.now_us();
+    while q.ready(&mut s.p) == 0 {
+        if s.p.now_us() - t0 > 5_000_000 {
+            return Err("the READ into A did not complete");
+        }
+        core::hint::spin_loop();
+    }
+    let a_bytes = disk_bytes(bytes(a, PAGE));
+    let m0 = s.m.stats();
+    let mut done_a = None;
+    let cycle = q.cycle(
+        &mut s.p,
+        &mut s.m,
+        moat_nvme::MAX_DEPTH,
+        &mut |tags: &[u64], reqs: &mut [Request]| {
+            if tags != [1] || reqs.is_empty() {
+                return 0;
+            }
+            reqs[0] = read_page(lba, b, 2);
+            1
+        },
+        &mut |d: Done| done_a = Some(d),
+    );
+    let m1 = s.m.stats();
+    let Some(done_a) = done_a.filter(|d| d.result.is_ok() && d.tag == 1) else {
+        println!("nvme-faults: policy {policy}: the cycle: {cycle:?}, A's completion {done_a:?}");
+        return Err("the cycle did not report A's READ as done");
+    };
+    // At once (B may still be running): the crafted READ at A's old IOVA.
+    bytes(a, PAGE).fill(0x5a);
+    let f0 = faults_counted(s)?;
+    let q = s.queues[0].as_mut().ok_or("no queue")?;
+    let read = Command::rw(false, ns.nsid, lba, blocks).with_prps(done_a.iova, 0);
+    q.submit_raw(&mut s.p, read, 3)
+        .map_err(|_| "submitting the crafted READ failed")?;
+    // Both posted before anything is reaped: no later unmap (and its invalidation) runs
+    // before the controller translated the crafted READ's IOVA.
+    let t0 = s.p.now_us();
+    while q.ready(&mut s.p) < 2 {
+        if s.p.now_us() - t0 > 5_000_000 {
+            return Err("B and the crafted READ did not complete");
+        }
+        core::hint::spin_loop();
+    }
+    let (mut got, mut crafted, mut b_iova) = (0, None, None);
+    while got < 2 {
+        got += q
+            .wait(&mut s.p, &mut s.m, &mut |d: Done| match d.tag {
+                3 => crafted = Some(d.result),
+                2 => b_iova = Some(d.iova),
+                _ => {}
+            })
+            .map_err(|_| "waiting for B and the crafted READ failed")?;
+    }
+    let f1 = faults_counted(s)?;
+    let untouched = bytes(a, PAGE).iter().all(|&x| x == 0x5a);
+    let b_bytes = disk_bytes(bytes(b, PAGE));
+    // Under strict the hypervisor frees A's IOVA at once (its invalidation done) and may
+    // hand it to B in the same call: then the READ at it lands in B, legitimately.
+    let reused = b_iova == Some(done_a.iova);
+    let faulted = f1 > f0;
+    let multicalls = m1.multicalls - m0.multicalls;
+    println!(
+        "nvme-faults: policy {policy}: completion reused in one cycle ({cycle:?}; {} map and {} unmap hypercall(s), {multicalls} MULTICALL(s)): A's bytes arrived: {a_bytes}; a READ at A's old IOVA {:#x} right after the cycle: {crafted:?}; IOVA given to B: {reused}; fault recorded: {faulted}; A untouched: {untouched}; B's bytes arrived: {b_bytes}",
+        m1.map_calls - m0.map_calls,
+        m1.unmap_calls - m0.unmap_calls,
+        done_a.iova,
+    );
+    let one_call = multicalls == 1 || policy != "batched";
+    if !a_bytes || !b_bytes || !one_call || cycle.map(|c| (c.completed, c.submitted)) != Ok((1, 1))
+    {
+        return Err("the cycle did not unmap A and submit B in one call");
+    }
+    if !untouched || !(faulted || reused) {
+        return Err("the device reached a buffer whose unmap had returned in the cycle's call");
     }
     Ok(())
 }

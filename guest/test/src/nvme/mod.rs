@@ -21,7 +21,7 @@ mod bench;
 mod faults;
 mod pattern;
 
-pub use bench::bench;
+pub use bench::{bench, set_burst};
 pub use faults::{errors, faults};
 pub(crate) use pattern::complete;
 pub use pattern::pattern;
@@ -133,8 +133,11 @@ static JOB: [AtomicU32; MAX_VCPUS] = [const { AtomicU32::new(0) }; MAX_VCPUS];
 static ARG: [AtomicU64; MAX_VCPUS] = [const { AtomicU64::new(0) }; MAX_VCPUS];
 /// Result of vCPU v's last job: 0 running, 1 ok, 2 failed.
 static DONE: [AtomicU32; MAX_VCPUS] = [const { AtomicU32::new(0) }; MAX_VCPUS];
+/// Numbers a job reports: 0-1 and 4-5 the job's own, 2-3 its map and unmap hypercalls.
+pub(crate) const OUTS: usize = 6;
 /// A job's numeric result (operations done, cycles).
-static OUT: [[AtomicU64; 4]; MAX_VCPUS] = [const { [const { AtomicU64::new(0) }; 4] }; MAX_VCPUS];
+static OUT: [[AtomicU64; OUTS]; MAX_VCPUS] =
+    [const { [const { AtomicU64::new(0) }; OUTS] }; MAX_VCPUS];
 /// Start barrier of a timed job.
 static GO: AtomicU32 = AtomicU32::new(0);
 const QUIT: u32 = u32::MAX;
@@ -149,7 +152,7 @@ pub(crate) struct Worker<'a> {
 }
 
 /// A job: what each vCPU runs on its queue, given the job's parameter; fills `out`.
-pub(crate) type Job = fn(w: Worker<'_>, arg: u64, out: &mut [u64; 4]) -> Outcome;
+pub(crate) type Job = fn(w: Worker<'_>, arg: u64, out: &mut [u64; OUTS]) -> Outcome;
 
 pub(crate) const JOBS: [Job; 2] = [pattern::job, bench::job];
 
@@ -188,7 +191,7 @@ fn run_job(v: usize, info: &BootInfo, job: u32) -> Outcome {
     let mut m = mapper(v)?;
     // SAFETY: see `Slot`.
     let mut q = unsafe { (*SLOTS[v].0.get()).take() }.ok_or("no queue for this vCPU")?;
-    let mut out = [0u64; 4];
+    let mut out = [0u64; OUTS];
     let f = JOBS[(job - 1) as usize];
     let s0 = m.stats();
     let w = Worker {
@@ -322,7 +325,7 @@ impl Setup {
         info: &BootInfo,
         job: u32,
         arg: u64,
-    ) -> Result<([[u64; 4]; MAX_VCPUS], u64), &'static str> {
+    ) -> Result<([[u64; OUTS]; MAX_VCPUS], u64), &'static str> {
         GO.store(0, SeqCst);
         for v in 1..self.vcpus {
             // SAFETY: see `Slot`: the worker is idle (JOB is 0) and takes it after the store
@@ -333,7 +336,7 @@ impl Setup {
             JOB[v].store(job, SeqCst);
         }
         let q0 = self.queues[0].as_mut().ok_or("no queue 0")?;
-        let mut out0 = [0u64; 4];
+        let mut out0 = [0u64; OUTS];
         let t0 = crate::abi::rdtsc();
         GO.store(1, SeqCst);
         let s0 = self.m.stats();
@@ -363,7 +366,7 @@ impl Setup {
             self.queues[v] = unsafe { (*SLOTS[v].0.get()).take() };
         }
         let cycles = crate::abi::rdtsc() - t0;
-        let mut outs = [[0u64; 4]; MAX_VCPUS];
+        let mut outs = [[0u64; OUTS]; MAX_VCPUS];
         outs[0] = out0;
         for v in 1..self.vcpus {
             for (o, x) in outs[v].iter_mut().zip(OUT[v].iter()) {

@@ -4,7 +4,7 @@
 
 use moat_nvme::{Done, IoQueue, Mapper, Native, Request};
 
-use super::{bytes, data, setup, Worker};
+use super::{bytes, data, setup, Worker, OUTS};
 use crate::abi::BootInfo;
 use crate::{println, Outcome};
 
@@ -62,7 +62,7 @@ pub(crate) fn complete(
 }
 
 /// The per-vCPU job: `out` = [bytes compared, bytes wrong].
-pub(crate) fn job(w: Worker<'_>, _arg: u64, out: &mut [u64; 4]) -> Outcome {
+pub(crate) fn job(w: Worker<'_>, _arg: u64, out: &mut [u64; OUTS]) -> Outcome {
     let Worker { v, p, m, q } = w;
     let bs = u64::from(q.namespace().block_size);
     let disk0 = v as u64 * DISK_PER_VCPU;
