@@ -47,6 +47,7 @@ extern crate alloc;
 
 mod backend;
 mod error;
+mod live;
 mod shared;
 mod state;
 mod sync;

@@ -1,10 +1,10 @@
 //! [`DmaState`]: one guest's DMA mappings and the rules that govern them.
 
-use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::backend::{Access, Clock, GuestRam, Iommu, IovaSource};
+use crate::live::LiveMap;
 use crate::shared::Shared;
 use crate::Error;
 
@@ -186,7 +186,7 @@ struct Waiting {
 pub struct DmaState<P> {
     policy: Policy,
     limits: Limits,
-    live: BTreeMap<u64, Mapping>,
+    live: LiveMap,
     shared: Arc<Shared>,
     /// Pages of this shard's live mappings.
     mapped_pages: u64,
@@ -220,7 +220,7 @@ impl<P: Default> DmaState<P> {
         Self {
             policy,
             limits,
-            live: BTreeMap::new(),
+            live: LiveMap::default(),
             shared,
             mapped_pages: 0,
             pending,
@@ -278,7 +278,7 @@ impl<P: Default> DmaState<P> {
     /// mapped, still counted in [`Shared`]), for [`Self::adopt`] by another shard: an UNMAP
     /// on another vCPU than the MAP. `None` when this shard has no mapping there.
     pub fn take_mapping(&mut self, iova: u64) -> Option<Mapping> {
-        let m = self.live.remove(&iova)?;
+        let m = self.live.remove(iova)?;
         self.mapped_pages -= m.pages;
         Some(m)
     }
@@ -287,7 +287,7 @@ impl<P: Default> DmaState<P> {
     /// [`Self::take_mapping`].
     pub fn adopt(&mut self, m: Mapping) {
         self.mapped_pages += m.pages;
-        self.live.insert(m.iova, m);
+        self.live.insert(m);
     }
 
     /// Whether a device may still reach any page of guest-physical `[gpa, end)`: a live
@@ -305,12 +305,15 @@ impl<P: Default> DmaState<P> {
 
     /// The live mapping starting at `iova`.
     pub fn mapping(&self, iova: u64) -> Option<Mapping> {
-        self.live.get(&iova).copied()
+        self.live.get(iova).copied()
     }
 
-    /// The live mappings, by IOVA.
+    /// The live mappings, by IOVA (sorted on each call: for tests and reports, not the hot
+    /// path).
     pub fn mappings(&self) -> impl Iterator<Item = Mapping> + '_ {
-        self.live.values().copied()
+        let mut all: Vec<Mapping> = self.live.values().copied().collect();
+        all.sort_unstable_by_key(|m| m.iova);
+        all.into_iter()
     }
 
     /// The ranges whose IOVA is held until the pending invalidation completes (pending unmaps
@@ -366,11 +369,13 @@ impl<P: Default> DmaState<P> {
     }
 
     fn hold(&mut self, m: Mapping, unmap: bool, clock: &impl Clock) {
-        self.waiting.push(Waiting {
-            m,
-            since: clock.now_ns(),
-            unmap,
-        });
+        // Only the deferred time bound reads `since` (the clock costs a division per read).
+        let since = if self.policy == Policy::Deferred {
+            clock.now_ns()
+        } else {
+            0
+        };
+        self.waiting.push(Waiting { m, since, unmap });
     }
 
     fn check_range(&self, gpa: u64, len: u64, ram: &impl GuestRam) -> Result<u64, Error> {
@@ -517,7 +522,7 @@ impl<P: Default> DmaState<P> {
             // effect; it becomes usable with the next flush, which must run.
             self.map_unflushed = true;
         }
-        self.live.insert(iova, m);
+        self.live.insert(m);
         self.mapped_pages += pages;
         self.stats.maps += 1;
         Ok(iova)
@@ -555,7 +560,7 @@ impl<P: Default> DmaState<P> {
             self.stats.unmaps += 1;
             return Ok(Unmapped::Done);
         }
-        let Some(m) = self.live.get(&iova).copied() else {
+        let Some(m) = self.live.get(iova).copied() else {
             return self.fail(Error::Noent);
         };
         if m.pages * PAGE_SIZE != len {
@@ -567,7 +572,7 @@ impl<P: Default> DmaState<P> {
         if let Err(e) = r {
             return self.fail(e);
         }
-        self.live.remove(&iova);
+        self.live.remove(iova);
         self.mapped_pages -= m.pages;
         self.shared.unclaim(m.gpa, m.pages);
         self.shared.unreserve(m.pages);
@@ -707,7 +712,8 @@ impl<P: Default> DmaState<P> {
         }
         self.stats.invalidations += n as u64;
         let t0 = clock.cycles();
-        for w in core::mem::take(&mut self.waiting) {
+        // Drained in place: the list keeps its capacity for the next batch.
+        for w in self.waiting.drain(..) {
             iovas.free(w.m.iova, w.m.pages);
         }
         self.account(Phase::IovaFree, t0, clock);
@@ -723,7 +729,7 @@ impl<P: Default> DmaState<P> {
         C: Clock,
     {
         self.in_batch = false;
-        let all: Vec<Mapping> = self.live.values().copied().collect();
+        let all: Vec<Mapping> = self.mappings().collect();
         for m in all {
             if let Err(e) = dom.unmap(m.iova, m.pages * PAGE_SIZE, &mut self.pending) {
                 // What this teardown unmapped so far waits like any unmap: flush it now, so
@@ -732,7 +738,7 @@ impl<P: Default> DmaState<P> {
                 let _ = self.flush(dom, iovas, clock, false);
                 return Err(e);
             }
-            self.live.remove(&m.iova);
+            self.live.remove(m.iova);
             self.mapped_pages -= m.pages;
             self.shared.unclaim(m.gpa, m.pages);
             self.shared.unreserve(m.pages);

@@ -27,6 +27,27 @@
 //! - with non-coherent walks (`coherent == false`) every written entry's cache line is flushed
 //!   after the write, and every new table page before it is linked.
 //!
+//! # Walkers: one walk per batch
+//!
+//! A caller whose [`Sink`] carries a [`Walker`] keeps the table its last map or unmap wrote a
+//! leaf in across calls: the next map or unmap in that table's span writes (or checks and
+//! clears) its leaves there without walking from the root. The tree counts its unlinks (a
+//! generation, bumped before every unlinking store); a walker's table is used only while the
+//! generation is the one read before the walk that found it. That is sound under the
+//! engine's contract that concurrent callers map and unmap disjoint ranges they own (for
+//! VT-d, IOVA ranges from the allocator, which hands each range to one owner at a time):
+//! - a table is unlinked only by an unmap covering its whole span (or a quiesced
+//!   [`PageTable::release_empty_tables`]), so while a caller owns an address of the span
+//!   nobody unlinks it;
+//! - an unlink that happened before the caller came to own the address it maps or unmaps now
+//!   happened before that ownership was handed over (the unlinker owned the address when it
+//!   unlinked), so the caller's load of the generation sees its bump: the cached table is
+//!   dropped and the tree walked again.
+//!
+//! The walker also keeps the bytes its maps and unmaps changed, added to the tree's shared
+//! count ([`PageTable::mapped_bytes`]) when it walks again or on [`PageTable::settle`]
+//! instead of on every call (one shared atomic less per operation).
+//!
 //! # Soundness
 //!
 //! The crate has no `unsafe`: every entry access goes through [`TableMemory`], whose
@@ -121,6 +142,30 @@ pub trait Sink {
     /// Translations of `range` changed without being reported as unmapped (a failed map's
     /// cleared leaves, the span of a released table): invalidate them.
     fn invalidate(&mut self, range: Range<u64>);
+    /// The caller's [`Walker`], if it keeps one (see the crate docs); none by default.
+    fn walker(&mut self) -> Option<&mut Walker> {
+        None
+    }
+}
+
+/// One caller's cache of the leaf table its last map or unmap used, and of the bytes it
+/// mapped and unmapped since it last settled them (see "Walkers" in the crate docs). Use one
+/// walker per caller and tree.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Walker {
+    /// The table of the last leaf written or checked: (table, level, span base).
+    last: Option<(PhysAddr, u8, u64)>,
+    /// The tree's unlink generation read before the walk that found `last`.
+    generation: u64,
+    /// Bytes mapped minus bytes unmapped, not yet added to the tree's count.
+    mapped: i64,
+}
+
+impl Walker {
+    /// Forgets the cached table (it is found again by the next walk).
+    pub fn forget(&mut self) {
+        self.last = None;
+    }
 }
 
 /// A sink that only collects unlinked tables, for users that invalidate everything anyway.
@@ -224,6 +269,8 @@ pub struct PageTable<F: Format> {
     cfg: Config,
     table_pages: AtomicUsize,
     mapped_bytes: AtomicU64,
+    /// Bumped before every store that unlinks a table (see "Walkers" in the crate docs).
+    unlinks: AtomicU64,
     _format: PhantomData<fn() -> F>,
 }
 
@@ -239,6 +286,7 @@ impl<F: Format> PageTable<F> {
             cfg,
             table_pages: AtomicUsize::new(1),
             mapped_bytes: AtomicU64::new(0),
+            unlinks: AtomicU64::new(0),
             _format: PhantomData,
         })
     }
@@ -253,9 +301,57 @@ impl<F: Format> PageTable<F> {
         &self.cfg
     }
 
-    /// Bytes mapped by [`Self::map`] and not unmapped since.
+    /// Bytes mapped by [`Self::map`] and not unmapped since, but for what walkers hold
+    /// unsettled ([`Self::settle`]).
     pub fn mapped_bytes(&self) -> u64 {
         self.mapped_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Adds what `walker` counted to [`Self::mapped_bytes`].
+    pub fn settle(&self, walker: &mut Walker) {
+        let d = core::mem::take(&mut walker.mapped);
+        if d != 0 {
+            self.mapped_bytes.fetch_add(d as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The sink's walker's table if it is still valid (the generation it was found at is
+    /// `generation`, read before this call walks); a walker about to walk again settles its
+    /// count.
+    fn cached<S: Sink>(&self, sink: &mut S, generation: u64) -> Option<(PhysAddr, u8, u64)> {
+        let w = sink.walker()?;
+        if w.generation == generation && w.last.is_some() {
+            return w.last;
+        }
+        self.settle(w);
+        None
+    }
+
+    /// After a successful map (`delta` > 0) or unmap: keeps `last`, found with the tree at
+    /// `generation`, in the sink's walker, with the bytes; without a walker the bytes go to
+    /// the shared count at once.
+    fn keep<S: Sink>(
+        &self,
+        sink: &mut S,
+        last: Option<(PhysAddr, u8, u64)>,
+        generation: u64,
+        delta: i64,
+    ) {
+        match sink.walker() {
+            Some(w) => {
+                w.last = last;
+                w.generation = generation;
+                w.mapped += delta;
+            }
+            None => {
+                self.mapped_bytes.fetch_add(delta as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Marks the unlink of a table (before the store that unlinks it).
+    fn unlinking(&self) {
+        self.unlinks.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Table pages linked into the tree (root included).
@@ -362,8 +458,10 @@ impl<F: Format> PageTable<F> {
             return Err(Error::NoAccess);
         }
         let mut cur = va;
-        // The table that received the last leaf: consecutive pages in its span skip the walk.
-        let mut last: Option<(PhysAddr, u8, u64)> = None;
+        // The table that received the last leaf: consecutive pages in its span skip the walk
+        // (and with a walker, the next call's pages too).
+        let generation = self.unlinks.load(Ordering::Acquire);
+        let mut last = self.cached(sink, generation);
         while cur < end {
             let p = phys + (cur - va);
             let want = self.leaf_level(cur, p, end - cur);
@@ -390,11 +488,14 @@ impl<F: Format> PageTable<F> {
                         self.clear_range(mem, self.root, self.cfg.levels, va, cur, false, sink);
                         sink.invalidate(va..cur);
                     }
+                    if let Some(w) = sink.walker() {
+                        w.forget();
+                    }
                     return Err(e);
                 }
             }
         }
-        self.mapped_bytes.fetch_add(len, Ordering::Relaxed);
+        self.keep(sink, last, generation, len as i64);
         Ok(())
     }
 
@@ -574,7 +675,11 @@ impl<F: Format> PageTable<F> {
     ) -> Result<(), Error> {
         let end = self.check_range(va, len)?;
         let mut cur = va;
-        let mut last: Option<(PhysAddr, u8, u64)> = None;
+        let generation = self.unlinks.load(Ordering::Acquire);
+        let mut last = self.cached(sink, generation);
+        // Whether every leaf of the range lies in one level-1 table (then cleared there).
+        let mut one_table: Option<PhysAddr> = None;
+        let mut single = true;
         while cur < end {
             let (e, level, table) = match last {
                 Some((t, lvl, base)) if in_span(cur, lvl, base) => {
@@ -596,10 +701,25 @@ impl<F: Format> PageTable<F> {
             if base < va || base + s > end {
                 return Err(Error::PartialSuperpage { va: base, size: s });
             }
+            single &= level == 1 && *one_table.get_or_insert(table) == table;
             cur = base + s;
         }
-        self.clear_range(mem, self.root, self.cfg.levels, va, end, true, sink);
-        self.mapped_bytes.fetch_sub(len, Ordering::Relaxed);
+        let span = level_size(2);
+        match one_table {
+            // Pages of one leaf table, not its whole span (which would unlink it): cleared
+            // there, without walking from the root again.
+            Some(t) if single && !(va.is_multiple_of(span) && len == span) => {
+                let (first, last_idx) = (index(va, 1), index(end - 1, 1));
+                for i in first..=last_idx {
+                    mem.store_entry(t.entry(i), 0);
+                }
+                if !self.cfg.coherent {
+                    mem.flush_entries(t.entry(first), ((last_idx - first + 1) * 8) as usize);
+                }
+            }
+            _ => self.clear_range(mem, self.root, self.cfg.levels, va, end, true, sink),
+        }
+        self.keep(sink, last, generation, -(len as i64));
         Ok(())
     }
 
@@ -719,6 +839,7 @@ impl<F: Format> PageTable<F> {
                     self.clear_range(mem, child, level - 1, cur, sub_end, unlink, sink);
                     let whole = unlink && cur == entry_base && sub_end == entry_end;
                     if whole {
+                        self.unlinking();
                         sink.table_unlinked(child);
                         self.table_pages.fetch_sub(1, Ordering::Relaxed);
                     }
@@ -775,6 +896,7 @@ impl<F: Format> PageTable<F> {
                 let start = base + i * size;
                 released += release(pt, mem, child, level - 1, start, sink);
                 if PageTable::<F>::table_empty(mem, child) {
+                    pt.unlinking();
                     pt.write(mem, slot, 0);
                     sink.table_unlinked(child);
                     sink.invalidate(start..start + size);

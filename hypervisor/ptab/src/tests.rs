@@ -58,11 +58,14 @@ impl TestFormat for Ept {
     }
 }
 
-/// Collects what the engine hands over, as a VT-d gather does.
+/// Collects what the engine hands over, as a VT-d gather does; with walkers, two callers'
+/// walk caches, `turn` choosing whose the next call uses.
 #[derive(Default, Debug)]
 struct Pending {
     tables: Vec<PhysAddr>,
     inval: Vec<Range<u64>>,
+    walkers: Option<[Walker; 2]>,
+    turn: usize,
 }
 impl Sink for Pending {
     fn table_unlinked(&mut self, t: PhysAddr) {
@@ -70,6 +73,10 @@ impl Sink for Pending {
     }
     fn invalidate(&mut self, r: Range<u64>) {
         self.inval.push(r);
+    }
+    fn walker(&mut self) -> Option<&mut Walker> {
+        let turn = self.turn;
+        self.walkers.as_mut().map(|w| &mut w[turn])
     }
 }
 
@@ -242,19 +249,36 @@ fn flush(mem: &ArenaMemory, s: &mut Pending) {
     s.inval.clear();
 }
 
-/// Map/unmap/release of format `F` against a page-granular model.
+/// Map/unmap/release of format `F` against a page-granular model; with `walkers`, the calls
+/// alternate (in runs of three) between two callers' walk caches, so cached tables outlive
+/// the other caller's unlinks, releases and the flushes that free them (a stale one would
+/// be written in a freed frame, which the arena refuses, or miss the model).
 fn run_model<F: TestFormat>(
     ops: Vec<Op>,
     levels: u8,
     superpages: bool,
     coherent: bool,
 ) -> Result<(), TestCaseError> {
+    run_model_with::<F>(ops, levels, superpages, coherent, false)
+}
+
+fn run_model_with<F: TestFormat>(
+    ops: Vec<Op>,
+    levels: u8,
+    superpages: bool,
+    coherent: bool,
+    walkers: bool,
+) -> Result<(), TestCaseError> {
     let mem = ArenaMemory::with_dirty_tracking(4096, !coherent);
     let pt = PageTable::<F>::new(&mem, cfg(levels, superpages, coherent)).unwrap();
-    let mut s = Pending::default();
+    let mut s = Pending {
+        walkers: walkers.then(Default::default),
+        ..Pending::default()
+    };
     let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
     let mut maps: Vec<(u64, u64)> = Vec::new();
-    for op in ops {
+    for (i, op) in ops.into_iter().enumerate() {
+        s.turn = i / 3 % 2;
         let op = op.resolve(&maps);
         let before = linked(&pt, &mem);
         let pending_before = s.tables.len();
@@ -337,6 +361,11 @@ fn run_model<F: TestFormat>(
             }
         }
     }
+    if let Some(w) = s.walkers.as_mut() {
+        for w in w {
+            pt.settle(w);
+        }
+    }
     prop_assert_eq!(pt.mapped_bytes(), model.len() as u64 * 4096);
     let mut seen = s.tables.clone();
     seen.sort_unstable();
@@ -354,6 +383,11 @@ proptest! {
     fn vtd_matches_model(ops in proptest::collection::vec(op(), 1..40), four in any::<bool>(),
                          sp in any::<bool>(), coherent in any::<bool>()) {
         run_model::<VtdSecondLevel>(ops, if four { 4 } else { 3 }, sp, coherent)?;
+    }
+    #[test]
+    fn vtd_with_walkers_matches_model(ops in proptest::collection::vec(op(), 1..60), four in any::<bool>(),
+                         sp in any::<bool>(), coherent in any::<bool>()) {
+        run_model_with::<VtdSecondLevel>(ops, if four { 4 } else { 3 }, sp, coherent, true)?;
     }
     #[test]
     fn npt_matches_model(ops in proptest::collection::vec(op(), 1..40), sp in any::<bool>()) {

@@ -99,7 +99,9 @@ impl Iommu for &VtdDomain {
         // The caller's IOVA range is its own (allocated to it, not yet handed to anyone):
         // its leaves are written without a lock.
         let dom = &self.domain;
-        let g = pending.gather.get_or_insert_with(|| dom.gather());
+        let g = pending
+            .gather
+            .get_or_insert_with(|| dom.gather().without_range_list().with_walk_cache());
         dom.map(&KernelMemory, iova, PhysAddr::new(hpa), len, access(a), g)
             .map_err(vtd_error)
     }
@@ -111,7 +113,9 @@ impl Iommu for &VtdDomain {
     fn unmap(&mut self, iova: u64, len: u64, pending: &mut VtdPending) -> Result<(), Error> {
         // A live mapping of the caller's shard: nobody else writes its entries.
         let dom = &self.domain;
-        let g = pending.gather.get_or_insert_with(|| dom.gather());
+        let g = pending
+            .gather
+            .get_or_insert_with(|| dom.gather().without_range_list().with_walk_cache());
         dom.unmap(&KernelMemory, iova, len, g).map_err(vtd_error)
     }
 
@@ -174,7 +178,9 @@ impl Iommu for &VtdDomain {
     fn release_empty_tables(&mut self, pending: &mut VtdPending) -> usize {
         // Teardown only: the guest has stopped and every shard is held by the caller.
         let dom = &self.domain;
-        let g = pending.gather.get_or_insert_with(|| dom.gather());
+        let g = pending
+            .gather
+            .get_or_insert_with(|| dom.gather().without_range_list().with_walk_cache());
         dom.release_empty_tables(&KernelMemory, g).unwrap_or(0)
     }
 }
