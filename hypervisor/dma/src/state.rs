@@ -197,8 +197,16 @@ pub struct DmaState<P> {
     /// the next flush must run even with nothing waiting.
     map_unflushed: bool,
     in_batch: bool,
+    /// Quota this shard holds in [`Shared`] beyond its live mappings: (mappings, pages). Only
+    /// inside a batch (see [`Self::reserve`]); returned at its end.
+    credit: (usize, u64),
     stats: Stats,
 }
+
+/// Maps one quota reservation covers inside a batch (the first map of a batch, or one that
+/// finds the credit spent, reserves for itself and the next `BATCH_CREDIT - 1` maps of its
+/// size).
+const BATCH_CREDIT: usize = 32;
 
 impl<P: Default> DmaState<P> {
     /// Guest RAM a state made by [`Self::new`] can map: 4 GiB.
@@ -227,6 +235,7 @@ impl<P: Default> DmaState<P> {
             waiting: Vec::new(),
             map_unflushed: false,
             in_batch: false,
+            credit: (0, 0),
             stats: Stats::default(),
         }
     }
@@ -378,6 +387,52 @@ impl<P: Default> DmaState<P> {
         self.waiting.push(Waiting { m, since, unmap });
     }
 
+    /// Takes one mapping of `pages` pages from the guest-wide quotas: from this shard's
+    /// credit when it covers it; else, inside a batch, a reservation for this map and the next
+    /// `BATCH_CREDIT - 1` like it (one pair of shared atomics per batch, not per map); else,
+    /// or when that does not fit, exactly this map, after giving the credit back (so this
+    /// shard's own credit never makes it refuse a map that fits the quota). While a batch
+    /// holds credit, another vCPU's map may find the quota full up to `BATCH_CREDIT` maps
+    /// early; once every batch ended the counters are exact again.
+    fn reserve(&mut self, pages: u64) -> bool {
+        let (n, p) = self.credit;
+        if n >= 1 && p >= pages {
+            self.credit = (n - 1, p - pages);
+            return true;
+        }
+        if self.in_batch {
+            let more = BATCH_CREDIT - 1;
+            let extra = pages.saturating_mul(more as u64);
+            if self
+                .shared
+                .reserve(1 + more, pages.saturating_add(extra), &self.limits)
+            {
+                self.credit = (n + more, p + extra);
+                return true;
+            }
+        }
+        self.return_credit();
+        self.shared.reserve(1, pages, &self.limits)
+    }
+
+    /// Gives back one mapping of `pages` pages: into the credit inside a batch (later maps of
+    /// the batch use it), to [`Shared`] otherwise.
+    fn unreserve(&mut self, pages: u64) {
+        if self.in_batch {
+            self.credit = (self.credit.0 + 1, self.credit.1 + pages);
+        } else {
+            self.shared.unreserve(1, pages);
+        }
+    }
+
+    /// Returns the credit to [`Shared`] (end of a batch).
+    fn return_credit(&mut self) {
+        let (n, p) = core::mem::take(&mut self.credit);
+        if n != 0 || p != 0 {
+            self.shared.unreserve(n, p);
+        }
+    }
+
     fn check_range(&self, gpa: u64, len: u64, ram: &impl GuestRam) -> Result<u64, Error> {
         if len == 0 || !len.is_multiple_of(PAGE_SIZE) || !gpa.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Inval);
@@ -436,19 +491,19 @@ impl<P: Default> DmaState<P> {
         // per 512 pages. (Shards racing near the quota may each pass this check; the
         // kernel's quota covers every table the IOVA window can need.)
         if dom.table_pages() + 3 + pages.div_ceil(512) as usize > self.limits.max_table_pages
-            || !self.shared.reserve(pages, &self.limits)
+            || !self.reserve(pages)
         {
             return self.fail(Error::Nomem);
         }
         if !self.shared.claim(gpa, pages) {
-            self.shared.unreserve(pages);
+            self.unreserve(pages);
             return self.fail(Error::Exist);
         }
         match self.map_claimed(dom, iovas, ram, clock, gpa, pages, access) {
             Ok(iova) => Ok(iova),
             Err(e) => {
                 self.shared.unclaim(gpa, pages);
-                self.shared.unreserve(pages);
+                self.unreserve(pages);
                 self.fail(e)
             }
         }
@@ -575,7 +630,7 @@ impl<P: Default> DmaState<P> {
         self.live.remove(iova);
         self.mapped_pages -= m.pages;
         self.shared.unclaim(m.gpa, m.pages);
-        self.shared.unreserve(m.pages);
+        self.unreserve(m.pages);
         self.hold(m, true, clock);
         self.stats.unmaps += 1;
         if self.owes_flush() {
@@ -619,6 +674,7 @@ impl<P: Default> DmaState<P> {
         C: Clock,
     {
         self.in_batch = false;
+        self.return_credit();
         match self.policy {
             Policy::Strict | Policy::Batched => self
                 .flush(dom, iovas, clock, false)
@@ -729,6 +785,7 @@ impl<P: Default> DmaState<P> {
         C: Clock,
     {
         self.in_batch = false;
+        self.return_credit();
         let all: Vec<Mapping> = self.mappings().collect();
         for m in all {
             if let Err(e) = dom.unmap(m.iova, m.pages * PAGE_SIZE, &mut self.pending) {
@@ -741,7 +798,7 @@ impl<P: Default> DmaState<P> {
             self.live.remove(m.iova);
             self.mapped_pages -= m.pages;
             self.shared.unclaim(m.gpa, m.pages);
-            self.shared.unreserve(m.pages);
+            self.shared.unreserve(1, m.pages);
             self.hold(m, true, clock);
         }
         // The guest makes no more calls: the tables kept for reuse go with this flush.

@@ -262,6 +262,34 @@ const fn index(va: u64, level: u8) -> u64 {
     (va >> level_shift(level)) & 0x1ff
 }
 
+/// Consecutive entries written and not yet flushed (non-coherent walks): flushed as one
+/// range when the next write does not extend it, and by [`Run::flush`].
+#[derive(Default)]
+struct Run {
+    /// First and last entry.
+    slots: Option<(PhysAddr, PhysAddr)>,
+}
+
+impl Run {
+    fn add<M: TableMemory>(&mut self, mem: &M, slot: PhysAddr) {
+        if let Some((first, last)) = self.slots.as_mut()
+            && slot.as_u64() == last.as_u64() + 8
+            && slot.as_u64() & !(PAGE_SIZE - 1) == first.as_u64() & !(PAGE_SIZE - 1)
+        {
+            *last = slot;
+            return;
+        }
+        self.flush(mem);
+        self.slots = Some((slot, slot));
+    }
+
+    fn flush<M: TableMemory>(&mut self, mem: &M) {
+        if let Some((first, last)) = self.slots.take() {
+            mem.flush_entries(first, (last.as_u64() - first.as_u64() + 8) as usize);
+        }
+    }
+}
+
 /// One tree of page tables in format `F`.
 #[derive(Debug)]
 pub struct PageTable<F: Format> {
@@ -462,6 +490,9 @@ impl<F: Format> PageTable<F> {
         // (and with a walker, the next call's pages too).
         let generation = self.unlinks.load(Ordering::Acquire);
         let mut last = self.cached(sink, generation);
+        // Leaves written there and not flushed yet (non-coherent walks): one run of
+        // consecutive slots, flushed when the run breaks and before returning.
+        let mut run = Run::default();
         while cur < end {
             let p = phys + (cur - va);
             let want = self.leaf_level(cur, p, end - cur);
@@ -472,7 +503,10 @@ impl<F: Format> PageTable<F> {
                         // Mapped, or a kept table: the full walk decides.
                         self.map_one(mem, cur, p, want, attr)
                     } else {
-                        self.write(mem, slot, Self::leaf_entry(p, attr, lvl));
+                        mem.store_entry(slot, Self::leaf_entry(p, attr, lvl));
+                        if !self.cfg.coherent {
+                            run.add(mem, slot);
+                        }
                         Ok((lvl, t))
                     }
                 }
@@ -484,6 +518,7 @@ impl<F: Format> PageTable<F> {
                     cur += level_size(level);
                 }
                 Err(e) => {
+                    run.flush(mem);
                     if cur > va {
                         self.clear_range(mem, self.root, self.cfg.levels, va, cur, false, sink);
                         sink.invalidate(va..cur);
@@ -495,6 +530,7 @@ impl<F: Format> PageTable<F> {
                 }
             }
         }
+        run.flush(mem);
         self.keep(sink, last, generation, len as i64);
         Ok(())
     }
