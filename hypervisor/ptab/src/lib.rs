@@ -494,6 +494,29 @@ impl<F: Format> PageTable<F> {
         // consecutive slots, flushed when the run breaks and before returning.
         let mut run = Run::default();
         while cur < end {
+            // Past the first page of a level-1 table's span only 4 KiB leaves fit: the pages
+            // up to the span's end go straight into that table while their slots are free (a
+            // taken slot goes through the general step below).
+            if let Some((t, 1, base)) = last
+                && cur != base
+                && in_span(cur, 1, base)
+            {
+                let stop = end.min(base + level_size(2));
+                while cur < stop {
+                    let slot = t.entry(index(cur, 1));
+                    if F::is_present(mem.load_entry(slot)) {
+                        break;
+                    }
+                    mem.store_entry(slot, Self::leaf_entry(phys + (cur - va), attr, 1));
+                    if !self.cfg.coherent {
+                        run.add(mem, slot);
+                    }
+                    cur += PAGE_SIZE;
+                }
+                if cur >= end {
+                    break;
+                }
+            }
             let p = phys + (cur - va);
             let want = self.leaf_level(cur, p, end - cur);
             let r = match last {
