@@ -740,6 +740,20 @@ impl<F: Format> PageTable<F> {
         let mut one_table: Option<PhysAddr> = None;
         let mut single = true;
         while cur < end {
+            // Pages in a level-1 table's span: checked there, page after page.
+            if let Some((t, 1, base)) = last
+                && in_span(cur, 1, base)
+            {
+                single &= *one_table.get_or_insert(t) == t;
+                let stop = end.min(base + level_size(2));
+                while cur < stop {
+                    if !F::is_present(mem.load_entry(t.entry(index(cur, 1)))) {
+                        return Err(Error::NotMapped { va: cur });
+                    }
+                    cur += PAGE_SIZE;
+                }
+                continue;
+            }
             let (e, level, table) = match last {
                 Some((t, lvl, base)) if in_span(cur, lvl, base) => {
                     let e = mem.load_entry(t.entry(index(cur, lvl)));
