@@ -112,6 +112,14 @@ pub trait TableMemory {
     /// Writes back the cache lines of `[addr, addr + len)` so a non-snooping walker sees the
     /// writes (only called when the table is configured non-coherent).
     fn flush_entries(&self, addr: PhysAddr, len: usize);
+    /// The 512 entries of the table page at `table`, lent for a run of accesses checked once
+    /// (a batch's leaves in one table), under the same contract as the single-entry methods
+    /// (only a page from `alloc_table` not given back; checked, panicking otherwise).
+    /// `None` (the default): the engine uses the single-entry methods.
+    fn table(&self, table: PhysAddr) -> Option<&[AtomicU64; 512]> {
+        let _ = table;
+        None
+    }
 }
 
 impl<M: TableMemory + ?Sized> TableMemory for &M {
@@ -132,6 +140,41 @@ impl<M: TableMemory + ?Sized> TableMemory for &M {
     }
     fn flush_entries(&self, addr: PhysAddr, len: usize) {
         (**self).flush_entries(addr, len)
+    }
+    fn table(&self, table: PhysAddr) -> Option<&[AtomicU64; 512]> {
+        (**self).table(table)
+    }
+}
+
+/// The entries of one table page, through [`TableMemory::table`] when the memory lends them
+/// (checked once), else entry by entry.
+struct Entries<'a, M: TableMemory> {
+    mem: &'a M,
+    table: PhysAddr,
+    lent: Option<&'a [AtomicU64; 512]>,
+}
+
+impl<'a, M: TableMemory> Entries<'a, M> {
+    fn new(mem: &'a M, table: PhysAddr) -> Self {
+        Self {
+            mem,
+            table,
+            lent: mem.table(table),
+        }
+    }
+
+    fn load(&self, i: u64) -> u64 {
+        match self.lent {
+            Some(e) => e[(i & 511) as usize].load(Ordering::Acquire),
+            None => self.mem.load_entry(self.table.entry(i)),
+        }
+    }
+
+    fn store(&self, i: u64, value: u64) {
+        match self.lent {
+            Some(e) => e[(i & 511) as usize].store(value, Ordering::Release),
+            None => self.mem.store_entry(self.table.entry(i), value),
+        }
     }
 }
 
@@ -502,14 +545,15 @@ impl<F: Format> PageTable<F> {
                 && in_span(cur, 1, base)
             {
                 let stop = end.min(base + level_size(2));
+                let leaves = Entries::new(mem, t);
                 while cur < stop {
-                    let slot = t.entry(index(cur, 1));
-                    if F::is_present(mem.load_entry(slot)) {
+                    let i = index(cur, 1);
+                    if F::is_present(leaves.load(i)) {
                         break;
                     }
-                    mem.store_entry(slot, Self::leaf_entry(phys + (cur - va), attr, 1));
+                    leaves.store(i, Self::leaf_entry(phys + (cur - va), attr, 1));
                     if !self.cfg.coherent {
-                        run.add(mem, slot);
+                        run.add(mem, t.entry(i));
                     }
                     cur += PAGE_SIZE;
                 }
@@ -746,8 +790,9 @@ impl<F: Format> PageTable<F> {
             {
                 single &= *one_table.get_or_insert(t) == t;
                 let stop = end.min(base + level_size(2));
+                let leaves = Entries::new(mem, t);
                 while cur < stop {
-                    if !F::is_present(mem.load_entry(t.entry(index(cur, 1)))) {
+                    if !F::is_present(leaves.load(index(cur, 1))) {
                         return Err(Error::NotMapped { va: cur });
                     }
                     cur += PAGE_SIZE;
@@ -783,8 +828,9 @@ impl<F: Format> PageTable<F> {
             // there, without walking from the root again.
             Some(t) if single && !(va.is_multiple_of(span) && len == span) => {
                 let (first, last_idx) = (index(va, 1), index(end - 1, 1));
+                let leaves = Entries::new(mem, t);
                 for i in first..=last_idx {
-                    mem.store_entry(t.entry(i), 0);
+                    leaves.store(i, 0);
                 }
                 if !self.cfg.coherent {
                     mem.flush_entries(t.entry(first), ((last_idx - first + 1) * 8) as usize);

@@ -87,6 +87,9 @@ impl TableMemory for KernelMemory {
     fn flush_entries(&self, addr: PhysAddr, len: usize) {
         DMA_FRAMES.flush(addr, len)
     }
+    fn table(&self, table: PhysAddr) -> Option<&[core::sync::atomic::AtomicU64; 512]> {
+        Some(DMA_FRAMES.table(table))
+    }
 }
 
 /// Nanoseconds from the calibrated TSC.
