@@ -207,23 +207,15 @@ mod tests {
         let code = [0x90u8; 200];
         build_image(&mut page, &code, 0x8000, 0x1234_5000, 0x20_1000).unwrap();
         assert_eq!(&page[..200], &code[..]);
+        let u64_at = |at: usize| u64::from_le_bytes(page[at..at + 8].try_into().unwrap());
         assert_eq!(u16::from_le_bytes([page[0xF00], page[0xF01]]), 31);
         assert_eq!(
             u32::from_le_bytes(page[0xF02..0xF06].try_into().unwrap()),
             0x8F10
         );
-        assert_eq!(
-            u64::from_le_bytes(page[0xF18..0xF20].try_into().unwrap()),
-            0x00cf_9b00_0000_ffff
-        );
-        assert_eq!(
-            u64::from_le_bytes(page[0xFC0..0xFC8].try_into().unwrap()),
-            0x1234_5000
-        );
-        assert_eq!(
-            u64::from_le_bytes(page[0xFC8..0xFD0].try_into().unwrap()),
-            0x20_1000
-        );
+        assert_eq!(u64_at(0xF18), 0x00cf_9b00_0000_ffff);
+        assert_eq!(u64_at(0xFC0), 0x1234_5000);
+        assert_eq!(u64_at(0xFC8), 0x20_1000);
         assert_eq!(sipi_vector(0x8000), 8);
     }
 

@@ -226,7 +226,8 @@ impl Handle for &Eiovar {
 
 pub struct VmAllocator(Mutex<AddressAllocator>);
 
-const PAGE: u64 = 4096;
+/// Bytes per IOVA page (vm-allocator works in bytes).
+const PAGE: u64 = 1 << moat_iova::PAGE_SHIFT;
 
 impl Subject for VmAllocator {
     const NAME: &'static str = "vm-allocator";

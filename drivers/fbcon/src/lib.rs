@@ -11,6 +11,7 @@
 //!   before it is written, so the newest lines are always readable; there is no scrolling,
 //!   which would read back the framebuffer, slow on real video memory).
 #![no_std]
+#![forbid(unsafe_code)]
 
 /// Glyph cell width in pixels.
 pub const CELL_W: u32 = 8;

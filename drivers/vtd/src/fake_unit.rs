@@ -762,6 +762,33 @@ impl FakeUnit {
     }
 }
 
+/// The driver over the model, timed by a fake clock.
+pub type TestUnit = crate::unit::Unit<FakeUnit, crate::testing::FakeClock>;
+
+/// A model unit with `cap` and `ecap` over a fresh 4096-frame memory and the driver for it
+/// (1 ms timeouts, the clock advancing 1 us per read), configured further by `configure`.
+pub fn test_unit(
+    cap: u64,
+    ecap: u64,
+    configure: impl FnOnce(&mut crate::unit::UnitConfig),
+) -> (FakeMemory, FakeUnit, TestUnit) {
+    let mem = FakeMemory::new(4096);
+    let hw = FakeUnit::new(&mem, cap, ecap);
+    let mut cfg = crate::unit::UnitConfig::new(0);
+    cfg.timeout_ns = 1_000_000;
+    configure(&mut cfg);
+    let clock = crate::testing::FakeClock::new(1_000);
+    let unit = crate::unit::Unit::new(hw.clone(), clock, cfg).unwrap();
+    (mem, hw, unit)
+}
+
+/// Drains up to 64 fault records from the unit.
+pub fn drain(unit: &mut TestUnit) -> Vec<crate::fault::FaultRecord> {
+    let mut v = Vec::new();
+    unit.poll_faults(64, |r| v.push(*r));
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,15 +49,24 @@ pub trait RegisterWindow {
 /// supertrait) follow the same contract on the same frames, since the unit frees unlinked
 /// table pages with [`DmaMemory::free_frame`].
 pub trait DmaMemory: moat_ptab::TableMemory {
-    /// Allocates one zero-filled, 4 KiB-aligned 4 KiB frame; `None` when out of memory.
-    fn alloc_frame(&mut self) -> Option<PhysAddr>;
+    /// Allocates one zero-filled, 4 KiB-aligned 4 KiB frame; `None` when out of memory
+    /// (a table page of the engine's memory by default).
+    fn alloc_frame(&mut self) -> Option<PhysAddr> {
+        self.alloc_table()
+    }
     /// Returns a frame obtained from `alloc_frame`. The driver calls this only after the
     /// remapping hardware can no longer reach the frame (the covering invalidation completed).
-    fn free_frame(&mut self, frame: PhysAddr);
+    fn free_frame(&mut self, frame: PhysAddr) {
+        self.free_table(frame)
+    }
     /// Volatile 64-bit load from `addr` (8-byte aligned, inside an allocated frame).
-    fn read_u64(&self, addr: PhysAddr) -> u64;
+    fn read_u64(&self, addr: PhysAddr) -> u64 {
+        self.load_entry(addr)
+    }
     /// Volatile 64-bit store to `addr` (8-byte aligned, inside an allocated frame).
-    fn write_u64(&mut self, addr: PhysAddr, value: u64);
+    fn write_u64(&mut self, addr: PhysAddr, value: u64) {
+        self.store_entry(addr, value)
+    }
     /// Volatile 32-bit load from `addr` (4-byte aligned, inside an allocated frame); used to
     /// poll invalidation-wait status words.
     fn read_u32(&self, addr: PhysAddr) -> u32;
@@ -67,7 +76,9 @@ pub trait DmaMemory: moat_ptab::TableMemory {
     /// (`clflush` per 64-byte line, then `mfence`). Called only for units whose `ECAP.C` is 0
     /// (page walks do not snoop the CPU caches): after table and descriptor writes, and
     /// before each read of the wait status word so a non-snooped hardware write is seen.
-    fn flush_cache(&mut self, addr: PhysAddr, len: usize);
+    fn flush_cache(&mut self, addr: PhysAddr, len: usize) {
+        self.flush_entries(addr, len)
+    }
 }
 
 /// A monotonic time source for bounded polls.

@@ -6,18 +6,17 @@ use std::vec::Vec;
 
 use crate::entry::SourceId;
 use crate::error::Error;
-use crate::fake_unit::{Delivered, Event, FakeUnit, QEMU_CAP, QEMU_ECAP};
-use crate::fault::{FaultReason, FaultRecord};
+use crate::fake_unit::{
+    drain, test_unit, Delivered, Event, FakeUnit, TestUnit, QEMU_CAP, QEMU_ECAP,
+};
+use crate::fault::FaultReason;
 use crate::hw::PhysAddr;
 use crate::intremap::{
     compatibility_msi, irta_value, remappable_msi, DeliveryMode, Irte, MsiMessage, SourceQualifier,
     SourceValidation, TABLE_ENTRIES, TABLE_SIZE_FIELD,
 };
 use crate::regs::{GlobalCommand, GlobalStatus, GSTS_PERSISTENT_MASK};
-use crate::testing::{FakeClock, FakeMemory};
-use crate::unit::{Unit, UnitConfig};
-
-type TestUnit = Unit<FakeUnit, FakeClock>;
+use crate::testing::FakeMemory;
 
 const EDU: SourceId = SourceId::new(0, 5, 0);
 const OTHER: SourceId = SourceId::new(0, 6, 0);
@@ -25,12 +24,7 @@ const OTHER: SourceId = SourceId::new(0, 6, 0);
 const EIM: u64 = 1 << 4;
 
 fn setup_with(ecap: u64, x2apic: bool) -> (FakeMemory, FakeUnit, TestUnit) {
-    let mem = FakeMemory::new(4096);
-    let hw = FakeUnit::new(&mem, QEMU_CAP, ecap);
-    let mut cfg = UnitConfig::new(0);
-    cfg.timeout_ns = 1_000_000;
-    cfg.x2apic = x2apic;
-    let mut unit = Unit::new(hw.clone(), FakeClock::new(1_000), cfg).unwrap();
+    let (mem, hw, mut unit) = test_unit(QEMU_CAP, ecap, |cfg| cfg.x2apic = x2apic);
     let mut m = mem.clone();
     unit.enable(&mut m).unwrap();
     (mem, hw, unit)
@@ -60,12 +54,6 @@ fn edu_entry(vector: u8) -> Irte {
             qualifier: SourceQualifier::Exact,
         },
     )
-}
-
-fn drain(unit: &mut TestUnit) -> Vec<FaultRecord> {
-    let mut v = Vec::new();
-    unit.poll_faults(64, |r| v.push(*r));
-    v
 }
 
 #[test]

@@ -260,9 +260,8 @@ impl PageTable {
 mod tests {
     use super::*;
     use crate::testing::FakeMemory;
-    use alloc::collections::BTreeMap;
     use alloc::vec::Vec;
-    use moat_ptab::ops::{op, Op};
+    use moat_ptab::ops::{op, translations_match, Model, Op};
     use proptest::prelude::*;
 
     fn cfg(levels: PagingLevels, sp: bool, coherent: bool) -> TableConfig {
@@ -279,11 +278,21 @@ mod tests {
 
     const RW: Access = Access::READ.union(Access::WRITE);
 
+    /// Tables in `cfg` over a memory of `frames` frames, with a gather for their unmaps.
+    fn table(frames: usize, cfg: TableConfig) -> (FakeMemory, PageTable, Gather) {
+        let mut mem = FakeMemory::new(frames);
+        let pt = PageTable::new(&mut mem, cfg).unwrap();
+        (mem, pt, Gather::new(0, 1))
+    }
+
+    /// Maps `[iova, iova + len)` to `phys` read-write.
+    fn map_rw(pt: &PageTable, mem: &FakeMemory, g: &mut Gather, iova: u64, phys: u64, len: u64) {
+        pt.map(mem, iova, PhysAddr::new(phys), len, RW, g).unwrap();
+    }
+
     #[test]
     fn map_translate_unmap_4k() {
-        let mut mem = FakeMemory::new(64);
-        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
-        let mut g = Gather::new(0, 1);
+        let (mem, pt, mut g) = table(64, cfg(PagingLevels::Three, true, true));
         pt.map(
             &mem,
             0x1000,
@@ -320,24 +329,19 @@ mod tests {
         assert_eq!(pt.table_pages(), 3);
         assert_eq!(mem.live_frames(), 3);
         // A later map reuses them.
-        pt.map(&mem, 0x5000, PhysAddr::new(0x6000_0000), 0x1000, RW, &mut g)
-            .unwrap();
+        map_rw(&pt, &mem, &mut g, 0x5000, 0x6000_0000, 0x1000);
         assert_eq!((pt.table_pages(), mem.live_frames()), (3, 3));
     }
 
     #[test]
     fn superpage_range_over_a_kept_table_maps_small_pages_inside_it() {
-        let mut mem = FakeMemory::new(64);
-        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
-        let mut g = Gather::new(0, 1);
-        pt.map(&mem, 0x5000, PhysAddr::new(0x5000), 0x1000, RW, &mut g)
-            .unwrap();
+        let (mem, pt, mut g) = table(64, cfg(PagingLevels::Three, true, true));
+        map_rw(&pt, &mem, &mut g, 0x5000, 0x5000, 0x1000);
         pt.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
         let tables = pt.walk_tables(&mem);
         assert_eq!(tables.len(), 3, "the emptied leaf table stays linked");
         // 2 MiB aligned both sides: a superpage, except that a table is linked there.
-        pt.map(&mem, 0, PhysAddr::new(0x4000_0000), 0x40_0000, RW, &mut g)
-            .unwrap();
+        map_rw(&pt, &mem, &mut g, 0, 0x4000_0000, 0x40_0000);
         assert_eq!(pt.translate(&mem, 0x1000).unwrap().page_size, 4096);
         assert_eq!(
             pt.translate(&mem, 0x1000).unwrap().phys,
@@ -347,8 +351,7 @@ mod tests {
         assert_eq!(pt.walk_tables(&mem), tables, "no table replaced");
         // A clash inside the kept table is found at its page.
         pt.unmap(&mem, 0, 0x20_0000, &mut g).unwrap();
-        pt.map(&mem, 0x7000, PhysAddr::new(0x7000), 0x1000, RW, &mut g)
-            .unwrap();
+        map_rw(&pt, &mem, &mut g, 0x7000, 0x7000, 0x1000);
         assert_eq!(
             pt.map(&mem, 0, PhysAddr::new(0), 0x20_0000, RW, &mut g),
             Err(Error::AlreadyMapped { iova: 0x7000 })
@@ -358,12 +361,9 @@ mod tests {
 
     #[test]
     fn unmap_unlinks_only_tables_whose_span_it_covers() {
-        let mut mem = FakeMemory::new(64);
-        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
-        let mut g = Gather::new(0, 1);
+        let (mem, pt, mut g) = table(64, cfg(PagingLevels::Three, false, true));
         // Two leaf tables (spans [0, 2M) and [2M, 4M)) under one level-2 table.
-        pt.map(&mem, 0, PhysAddr::new(0x4000_0000), 0x40_0000, RW, &mut g)
-            .unwrap();
+        map_rw(&pt, &mem, &mut g, 0, 0x4000_0000, 0x40_0000);
         assert_eq!(pt.table_pages(), 4);
         let leaf0 = pt.walk_tables(&mem)[2];
         // Half of the first span: nothing unlinked.
@@ -401,18 +401,8 @@ mod tests {
 
     #[test]
     fn superpages_used_when_aligned_and_allowed() {
-        let mut mem = FakeMemory::new(64);
-        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Four, true, true)).unwrap();
-        let mut g = Gather::new(0, 1);
-        pt.map(
-            &mem,
-            0x4000_0000,
-            PhysAddr::new(0x8000_0000),
-            0x4020_0000,
-            RW,
-            &mut g,
-        )
-        .unwrap();
+        let (mut mem, pt, mut g) = table(64, cfg(PagingLevels::Four, true, true));
+        map_rw(&pt, &mem, &mut g, 0x4000_0000, 0x8000_0000, 0x4020_0000);
         assert_eq!(pt.translate(&mem, 0x4000_1000).unwrap().page_size, 1 << 30);
         assert_eq!(pt.translate(&mem, 0x8010_0000).unwrap().page_size, 2 << 20);
         assert_eq!(
@@ -420,44 +410,18 @@ mod tests {
             PhysAddr::new(0xc010_0000)
         );
         // Unaligned physical address: only 4 KiB pages.
-        pt.map(
-            &mem,
-            0x20_0000,
-            PhysAddr::new(0x1000),
-            0x20_0000,
-            RW,
-            &mut g,
-        )
-        .unwrap();
+        map_rw(&pt, &mem, &mut g, 0x20_0000, 0x1000, 0x20_0000);
         assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 4096);
         // Superpages disabled.
         let pt2 = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
-        pt2.map(
-            &mem,
-            0x20_0000,
-            PhysAddr::new(0x20_0000),
-            0x20_0000,
-            RW,
-            &mut g,
-        )
-        .unwrap();
+        map_rw(&pt2, &mem, &mut g, 0x20_0000, 0x20_0000, 0x20_0000);
         assert_eq!(pt2.translate(&mem, 0x20_0000).unwrap().page_size, 4096);
     }
 
     #[test]
     fn partial_superpage_unmap_rejected_without_change() {
-        let mut mem = FakeMemory::new(64);
-        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
-        let mut g = Gather::new(0, 1);
-        pt.map(
-            &mem,
-            0x20_0000,
-            PhysAddr::new(0x20_0000),
-            0x20_0000,
-            RW,
-            &mut g,
-        )
-        .unwrap();
+        let (mem, pt, mut g) = table(64, cfg(PagingLevels::Three, true, true));
+        map_rw(&pt, &mem, &mut g, 0x20_0000, 0x20_0000, 0x20_0000);
         assert_eq!(
             pt.unmap(&mem, 0x20_0000, 0x1000, &mut g),
             Err(Error::PartialSuperpage {
@@ -477,9 +441,7 @@ mod tests {
 
     #[test]
     fn bad_arguments_rejected() {
-        let mut mem = FakeMemory::new(8);
-        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, true, true)).unwrap();
-        let mut g = Gather::new(0, 1);
+        let (mem, pt, mut g) = table(8, cfg(PagingLevels::Three, true, true));
         assert_eq!(
             pt.map(&mem, 0x1001, PhysAddr::new(0), 0x1000, RW, &mut g),
             Err(Error::Misaligned)
@@ -518,9 +480,7 @@ mod tests {
     #[test]
     fn out_of_memory_map_rolls_back() {
         // Root + 2 tables fit; the second 1 GiB region needs 2 more tables.
-        let mut mem = FakeMemory::new(4);
-        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
-        let mut g = Gather::new(0, 1);
+        let (mem, pt, mut g) = table(4, cfg(PagingLevels::Three, false, true));
         let r = pt.map(&mem, 0x3fff_f000, PhysAddr::new(0x1000), 0x2000, RW, &mut g);
         assert_eq!(r, Err(Error::NoMemory));
         assert!(pt.translate(&mem, 0x3fff_f000).is_none());
@@ -542,18 +502,14 @@ mod tests {
             }
         );
         // The kept tables are reused: this map needs no new frame.
-        pt.map(&mem, 0x3fff_e000, PhysAddr::new(0x1000), 0x2000, RW, &mut g)
-            .unwrap();
+        map_rw(&pt, &mem, &mut g, 0x3fff_e000, 0x1000, 0x2000);
         assert_eq!(pt.table_pages(), 4);
     }
 
     #[test]
     fn rollback_keeps_a_table_even_when_it_cleared_its_whole_span() {
-        let mut mem = FakeMemory::new(64);
-        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
-        let mut g = Gather::new(0, 1);
-        pt.map(&mem, 0x20_0000, PhysAddr::new(0x1000), 0x1000, RW, &mut g)
-            .unwrap();
+        let (mem, pt, mut g) = table(64, cfg(PagingLevels::Three, false, true));
+        map_rw(&pt, &mem, &mut g, 0x20_0000, 0x1000, 0x1000);
         let tables = pt.table_pages();
         // Fills the leaf table of [0, 2M) completely, then clashes at 2M.
         assert_eq!(
@@ -575,11 +531,8 @@ mod tests {
 
     #[test]
     fn non_coherent_flushes_every_table_write() {
-        let mut mem = FakeMemory::new(16);
-        let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, false)).unwrap();
-        let mut g = Gather::new(0, 1);
-        pt.map(&mem, 0, PhysAddr::new(0x10000), 0x3000, RW, &mut g)
-            .unwrap();
+        let (mem, pt, mut g) = table(16, cfg(PagingLevels::Three, false, false));
+        map_rw(&pt, &mem, &mut g, 0, 0x10000, 0x3000);
         // Every written entry's line was flushed after the write.
         assert!(
             mem.unflushed_writes().is_empty(),
@@ -591,8 +544,7 @@ mod tests {
         // The coherent configuration does not pay for flushes.
         let mut mem = FakeMemory::new(16);
         let pt = PageTable::new(&mut mem, cfg(PagingLevels::Three, false, true)).unwrap();
-        pt.map(&mem, 0, PhysAddr::new(0x10000), 0x3000, RW, &mut g)
-            .unwrap();
+        map_rw(&pt, &mem, &mut g, 0, 0x10000, 0x3000);
         assert_eq!(mem.flush_calls(), 0);
     }
 
@@ -602,13 +554,11 @@ mod tests {
         let mut c = cfg(PagingLevels::Three, false, true);
         let pt = PageTable::new(&mut mem, c).unwrap();
         let mut g = Gather::new(0, 1);
-        pt.map(&mem, 0, PhysAddr::new(0x10000), 0x1000, RW, &mut g)
-            .unwrap();
+        map_rw(&pt, &mem, &mut g, 0, 0x10000, 0x1000);
         assert_eq!(leaf_entry(&mem, &pt, 0) & pte::SNP, 0);
         c.snoop = true;
         let pt = PageTable::new(&mut mem, c).unwrap();
-        pt.map(&mem, 0, PhysAddr::new(0x10000), 0x1000, RW, &mut g)
-            .unwrap();
+        map_rw(&pt, &mem, &mut g, 0, 0x10000, 0x1000);
         assert_eq!(
             leaf_entry(&mem, &pt, 0),
             0x10000 | pte::SNP | pte::R | pte::W
@@ -681,11 +631,8 @@ mod tests {
         fn matches_model(ops in proptest::collection::vec(op(), 1..40), four in any::<bool>(),
                          coherent in any::<bool>()) {
             let levels = if four { PagingLevels::Four } else { PagingLevels::Three };
-            let mut mem = FakeMemory::new(4096);
-            let pt = PageTable::new(&mut mem, cfg(levels, true, coherent)).unwrap();
-            let mut g = Gather::new(0, 1);
-            // page -> (phys page, write, superpage base page, superpage pages)
-            let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
+            let (mut mem, pt, mut g) = table(4096, cfg(levels, true, coherent));
+            let mut model = Model::new();
             let mut maps: Vec<(u64, u64)> = Vec::new();
             for op in ops {
                 let op = op.resolve(&maps);
@@ -761,17 +708,11 @@ mod tests {
                 prop_assert_eq!(linked.len(), pt.table_pages());
                 prop_assert_eq!(pt.table_pages() + g.pending_tables(), mem.live_frames());
             }
-            for p in 0..2048 + 600 {
-                let t = pt.translate(&mem, p * 4096 + 8);
-                match model.get(&p) {
-                    None => prop_assert!(t.is_none()),
-                    Some(&(phys, write)) => {
-                        let t = t.unwrap();
-                        prop_assert_eq!(t.phys.as_u64(), phys * 4096 + 8);
-                        prop_assert_eq!(t.access.contains(Access::WRITE), write);
-                    }
-                }
-            }
+            translations_match(&model, 2048 + 600, 8, |va| pt.translate(&mem, va), |t, phys, write| {
+                prop_assert_eq!(t.phys.as_u64(), phys);
+                prop_assert_eq!(t.access.contains(Access::WRITE), write);
+                Ok(())
+            })?;
             prop_assert_eq!(pt.mapped_bytes(), model.len() as u64 * 4096);
             // Frame accounting: linked + pending == live.
             prop_assert_eq!(pt.table_pages() + g.pending_tables(), mem.live_frames());

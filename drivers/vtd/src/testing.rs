@@ -198,19 +198,8 @@ impl moat_ptab::TableMemory for FakeMemory {
     }
 }
 
+/// Frames, 64-bit words and cache flushes are the engine's ([`moat_ptab::TableMemory`]).
 impl DmaMemory for FakeMemory {
-    fn alloc_frame(&mut self) -> Option<PhysAddr> {
-        self.alloc()
-    }
-    fn free_frame(&mut self, frame: PhysAddr) {
-        self.free(frame)
-    }
-    fn read_u64(&self, addr: PhysAddr) -> u64 {
-        self.peek_u64(addr.as_u64())
-    }
-    fn write_u64(&mut self, addr: PhysAddr, value: u64) {
-        self.store(addr, value)
-    }
     fn read_u32(&self, addr: PhysAddr) -> u32 {
         self.with_bytes(addr.as_u64(), 4, |b| {
             u32::from_le_bytes(b.try_into().unwrap())
@@ -220,9 +209,6 @@ impl DmaMemory for FakeMemory {
         let addr = addr.as_u64();
         self.with_bytes(addr, 4, |b| b.copy_from_slice(&value.to_le_bytes()));
         self.0.borrow_mut().dirty_lines.insert(addr & !63);
-    }
-    fn flush_cache(&mut self, addr: PhysAddr, len: usize) {
-        self.flush(addr, len)
     }
 }
 

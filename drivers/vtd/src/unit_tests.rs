@@ -3,40 +3,70 @@
 use std::vec;
 use std::vec::Vec;
 
+use crate::domain::Domain;
 use crate::entry::{PagingLevels, SourceId};
 use crate::error::{Error, Operation};
-use crate::fake_unit::{Event, FakeUnit, QEMU_CAP, QEMU_ECAP};
-use crate::fault::{FaultAccess, FaultReason, FaultRecord};
+use crate::fake_unit::{drain, test_unit, Event, FakeUnit, TestUnit, QEMU_CAP, QEMU_ECAP};
+use crate::fault::{FaultAccess, FaultReason};
+use crate::gather::Gather;
 use crate::hw::{DmaMemory, PhysAddr};
 use crate::paging::Access;
 use crate::regs::{
     ccmd, iotlb_reg, ContextGranularity, GlobalCommand, GlobalStatus, IotlbGranularity,
 };
 use crate::testing::{FakeClock, FakeMemory};
-use crate::unit::{Submitted, Unit, UnitConfig};
-
-type TestUnit = Unit<FakeUnit, FakeClock>;
+use crate::unit::{Flushed, Submitted, Unit, UnitConfig};
 
 const RW: Access = Access::READ.union(Access::WRITE);
 const EDU: SourceId = SourceId::new(0, 3, 0);
 
 fn setup_with(cap: u64, ecap: u64) -> (FakeMemory, FakeUnit, TestUnit) {
-    let mem = FakeMemory::new(4096);
-    let hw = FakeUnit::new(&mem, cap, ecap);
-    let mut cfg = UnitConfig::new(0);
-    cfg.timeout_ns = 1_000_000;
-    let unit = Unit::new(hw.clone(), FakeClock::new(1_000), cfg).unwrap();
-    (mem, hw, unit)
+    test_unit(cap, ecap, |_| {})
 }
 
 fn setup() -> (FakeMemory, FakeUnit, TestUnit) {
     setup_with(QEMU_CAP, QEMU_ECAP)
 }
 
-fn drain(unit: &mut TestUnit) -> Vec<FaultRecord> {
-    let mut v = Vec::new();
-    unit.poll_faults(64, |r| v.push(*r));
-    v
+/// A unit brought up with one domain and the edu device attached to it, with a gather for
+/// the domain's unmaps: (memory, unit model, driver, domain, gather), the set-up most tests
+/// start from.
+fn attached_with(cap: u64, ecap: u64) -> (FakeMemory, FakeUnit, TestUnit, Domain, Gather) {
+    let (mut mem, hw, mut unit) = setup_with(cap, ecap);
+    unit.enable(&mut mem).unwrap();
+    let dom = unit.create_domain(&mut mem).unwrap();
+    unit.attach(&mut mem, &dom, EDU).unwrap();
+    let g = dom.gather();
+    (mem, hw, unit, dom, g)
+}
+
+fn attached() -> (FakeMemory, FakeUnit, TestUnit, Domain, Gather) {
+    attached_with(QEMU_CAP, QEMU_ECAP)
+}
+
+/// The unit model saw no programming error.
+fn no_errors(hw: &FakeUnit) {
+    let s = hw.state();
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+}
+
+/// Maps `[iova, iova + len)` to `phys` read-write in `dom` and flushes: the device reaches it.
+fn map_flushed(
+    unit: &mut TestUnit,
+    mem: &mut FakeMemory,
+    dom: &Domain,
+    g: &mut Gather,
+    iova: u64,
+    phys: u64,
+    len: u64,
+) {
+    map_rw(dom, mem, g, iova, phys, len);
+    unit.flush(mem, g).unwrap();
+}
+
+/// Maps `[iova, iova + len)` to `phys` read-write in `dom`.
+fn map_rw(dom: &Domain, mem: &FakeMemory, g: &mut Gather, iova: u64, phys: u64, len: u64) {
+    dom.map(mem, iova, PhysAddr::new(phys), len, RW, g).unwrap();
 }
 
 #[test]
@@ -139,15 +169,7 @@ fn mapped_dma_translates_and_unmap_needs_the_flush() {
     assert_ne!(dom.id(), 0);
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(
-        &mem,
-        0x10_0000,
-        PhysAddr::new(0x5000_0000),
-        0x2000,
-        RW,
-        &mut g,
-    )
-    .unwrap();
+    map_rw(&dom, &mem, &mut g, 0x10_0000, 0x5000_0000, 0x2000);
     dom.map(
         &mem,
         0x20_0000,
@@ -203,21 +225,15 @@ fn mapped_dma_translates_and_unmap_needs_the_flush() {
     );
     assert_eq!(unit.fault_counters().domain(dom.id()), 2);
     assert_eq!(unit.fault_counters().source(EDU), 2);
-    assert!(hw.state().errors.is_empty(), "{:?}", hw.state().errors);
+    no_errors(&hw);
     // Non-coherent unit (ECAP.C = 0): every CPU write to a table or the queue was flushed.
     assert!(mem.unflushed_writes().is_empty());
 }
 
 #[test]
 fn unattached_devices_and_other_memory_are_blocked() {
-    let (mut mem, hw, mut unit) = setup();
-    unit.enable(&mut mem).unwrap();
-    let dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &dom, EDU).unwrap();
-    let mut g = dom.gather();
-    dom.map(&mem, 0x1000, PhysAddr::new(0x8000), 0x1000, RW, &mut g)
-        .unwrap();
-    unit.flush(&mut mem, &mut g).unwrap();
+    let (mut mem, hw, mut unit, dom, mut g) = attached();
+    map_flushed(&mut unit, &mut mem, &dom, &mut g, 0x1000, 0x8000, 0x1000);
     assert_eq!(hw.dma(SourceId::new(0, 4, 0).0, 0x1000, false), Err(2));
     drain(&mut unit);
     assert_eq!(hw.dma(SourceId::new(1, 0, 0).0, 0x1000, false), Err(1));
@@ -231,21 +247,9 @@ fn unattached_devices_and_other_memory_are_blocked() {
 
 #[test]
 fn table_pages_released_only_after_completed_invalidation() {
-    let (mut mem, hw, mut unit) = setup();
-    unit.enable(&mut mem).unwrap();
-    let dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &dom, EDU).unwrap();
-    let mut g = dom.gather();
+    let (mut mem, hw, mut unit, dom, mut g) = attached();
     // 2 MiB of 4 KiB pages (the physical address rules out a superpage): one leaf table.
-    dom.map(
-        &mem,
-        0x4000_0000,
-        PhysAddr::new(0x9000_1000),
-        0x20_0000,
-        RW,
-        &mut g,
-    )
-    .unwrap();
+    map_rw(&dom, &mem, &mut g, 0x4000_0000, 0x9000_1000, 0x20_0000);
     unit.flush(&mut mem, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x4000_0000, true).is_ok());
     let live = mem.live_frames();
@@ -265,20 +269,8 @@ fn table_pages_released_only_after_completed_invalidation() {
 
 #[test]
 fn table_pages_freed_after_flush() {
-    let (mut mem, hw, mut unit) = setup();
-    unit.enable(&mut mem).unwrap();
-    let dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &dom, EDU).unwrap();
-    let mut g = dom.gather();
-    dom.map(
-        &mem,
-        0x4000_0000,
-        PhysAddr::new(0x9000_1000),
-        0x20_0000,
-        RW,
-        &mut g,
-    )
-    .unwrap();
+    let (mut mem, hw, mut unit, dom, mut g) = attached();
+    map_rw(&dom, &mem, &mut g, 0x4000_0000, 0x9000_1000, 0x20_0000);
     let live = mem.live_frames();
     dom.unmap(&mem, 0x4000_0000, 0x20_0000, &mut g).unwrap();
     let f = unit.flush(&mut mem, &mut g).unwrap();
@@ -296,14 +288,8 @@ fn table_pages_freed_after_flush() {
 
 #[test]
 fn gather_batches_many_unmaps_into_one_flush() {
-    let (mut mem, hw, mut unit) = setup();
-    unit.enable(&mut mem).unwrap();
-    let dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &dom, EDU).unwrap();
-    let mut g = dom.gather();
-    dom.map(&mem, 0, PhysAddr::new(0x100_0000), 0x10_0000, RW, &mut g)
-        .unwrap();
-    unit.flush(&mut mem, &mut g).unwrap();
+    let (mut mem, hw, mut unit, dom, mut g) = attached();
+    map_flushed(&mut unit, &mut mem, &dom, &mut g, 0, 0x100_0000, 0x10_0000);
     for p in 0..64u64 {
         assert!(hw.dma(EDU.0, p * 4096, false).is_ok());
     }
@@ -347,15 +333,7 @@ fn register_based_invalidation_without_qi() {
     let dom = unit.create_domain(&mut mem).unwrap();
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(
-        &mem,
-        0x20_0000,
-        PhysAddr::new(0x20_0000),
-        0x20_0000,
-        RW,
-        &mut g,
-    )
-    .unwrap();
+    map_rw(&dom, &mem, &mut g, 0x20_0000, 0x20_0000, 0x20_0000);
     assert_eq!(dom.translate(&mem, 0x20_0000).unwrap().page_size, 0x20_0000);
     unit.flush(&mut mem, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x21_0000, true).is_ok());
@@ -373,15 +351,12 @@ fn register_based_invalidation_without_qi() {
         .contains(&Event::Iotlb(iotlb_reg::encode(page, true, true))));
     assert_eq!(hw.dma(EDU.0, 0x21_0000, true), Err(5));
     assert!(unit.invalidation_stats().register_invalidations >= 3);
-    assert!(hw.state().errors.is_empty(), "{:?}", hw.state().errors);
+    no_errors(&hw);
 }
 
 #[test]
 fn caching_mode_invalidates_new_mappings_and_attach() {
-    let (mut mem, hw, mut unit) = setup_with(QEMU_CAP | (1 << 7), QEMU_ECAP);
-    unit.enable(&mut mem).unwrap();
-    let dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &dom, EDU).unwrap();
+    let (mut mem, hw, mut unit, dom, _) = attached_with(QEMU_CAP | (1 << 7), QEMU_ECAP);
     let dev0 = crate::inval::Descriptor::context_cache(ContextGranularity::Device {
         did: 0,
         sid: EDU.0,
@@ -392,8 +367,7 @@ fn caching_mode_invalidates_new_mappings_and_attach() {
     assert!(hw.dma(EDU.0, 0x3000, false).is_err());
     drain(&mut unit);
     let mut g = dom.gather();
-    dom.map(&mem, 0x3000, PhysAddr::new(0x7000), 0x1000, RW, &mut g)
-        .unwrap();
+    map_rw(&dom, &mem, &mut g, 0x3000, 0x7000, 0x1000);
     assert!(
         hw.dma(EDU.0, 0x3000, false).is_err(),
         "not-present entry still cached"
@@ -407,14 +381,8 @@ fn caching_mode_invalidates_new_mappings_and_attach() {
 
 #[test]
 fn invalidation_queue_error_is_recovered() {
-    let (mut mem, hw, mut unit) = setup();
-    unit.enable(&mut mem).unwrap();
-    let dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &dom, EDU).unwrap();
-    let mut g = dom.gather();
-    dom.map(&mem, 0x5000, PhysAddr::new(0x7000), 0x1000, RW, &mut g)
-        .unwrap();
-    unit.flush(&mut mem, &mut g).unwrap();
+    let (mut mem, hw, mut unit, dom, mut g) = attached();
+    map_flushed(&mut unit, &mut mem, &dom, &mut g, 0x5000, 0x7000, 0x1000);
     assert!(hw.dma(EDU.0, 0x5000, false).is_ok());
     dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
     hw.state().reject_type = Some(2);
@@ -434,8 +402,7 @@ fn invalidation_queue_error_is_recovered() {
         unit.flush(&mut mem, &mut dom.gather()).is_ok(),
         "empty gather does nothing"
     );
-    dom.map(&mem, 0x5000, PhysAddr::new(0x7000), 0x1000, RW, &mut g)
-        .unwrap();
+    map_rw(&dom, &mem, &mut g, 0x5000, 0x7000, 0x1000);
     dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
     assert!(matches!(
         unit.flush(&mut mem, &mut g),
@@ -450,14 +417,8 @@ fn invalidation_queue_error_is_recovered() {
 
 #[test]
 fn gcmd_writes_keep_translation_and_qi_on_with_rwbf() {
-    let (mut mem, hw, mut unit) = setup_with(QEMU_CAP | (1 << 4), QEMU_ECAP);
-    unit.enable(&mut mem).unwrap();
-    let dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &dom, EDU).unwrap();
-    let mut g = dom.gather();
-    dom.map(&mem, 0x5000, PhysAddr::new(0x7000), 0x1000, RW, &mut g)
-        .unwrap();
-    unit.flush(&mut mem, &mut g).unwrap();
+    let (mut mem, hw, mut unit, dom, mut g) = attached_with(QEMU_CAP | (1 << 4), QEMU_ECAP);
+    map_flushed(&mut unit, &mut mem, &dom, &mut g, 0x5000, 0x7000, 0x1000);
     let s = hw.state();
     let wbf = (GlobalCommand::WBF | GlobalCommand::TE | GlobalCommand::QIE).bits();
     assert!(s.events.iter().filter(|e| **e == Event::Gcmd(wbf)).count() >= 2);
@@ -474,15 +435,7 @@ fn four_level_tables_with_48_bit_width() {
     let dom = unit.create_domain(&mut mem).unwrap();
     unit.attach(&mut mem, &dom, EDU).unwrap();
     let mut g = dom.gather();
-    dom.map(
-        &mem,
-        0x80_0000_0000,
-        PhysAddr::new(0x1000),
-        0x1000,
-        RW,
-        &mut g,
-    )
-    .unwrap();
+    map_rw(&dom, &mem, &mut g, 0x80_0000_0000, 0x1000, 0x1000);
     unit.flush(&mut mem, &mut g).unwrap();
     assert_eq!(hw.dma(EDU.0, 0x80_0000_0010, true), Ok(0x1010));
     // A 3-level choice can be forced when SAGAW has it.
@@ -518,9 +471,7 @@ fn detach_blocks_and_destroy_frees_everything() {
         Err(Error::NotAttached(EDU))
     );
     let mut g = dom.gather();
-    dom.map(&mem, 0, PhysAddr::new(0x10_0000), 0x40_0000, RW, &mut g)
-        .unwrap();
-    unit.flush(&mut mem, &mut g).unwrap();
+    map_flushed(&mut unit, &mut mem, &dom, &mut g, 0, 0x10_0000, 0x40_0000);
     assert!(hw.dma(EDU.0, 0x1000, true).is_ok());
     let dom = match unit.destroy_domain(&mut mem, dom) {
         Err((d, Error::DomainInUse { devices: 1 })) => d,
@@ -762,14 +713,8 @@ mod model {
 
 #[test]
 fn explicit_domain_and_global_invalidation_drop_stale_entries() {
-    let (mut mem, hw, mut unit) = setup();
-    unit.enable(&mut mem).unwrap();
-    let dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &dom, EDU).unwrap();
-    let mut g = dom.gather();
-    dom.map(&mem, 0x5000, PhysAddr::new(0x7000), 0x2000, RW, &mut g)
-        .unwrap();
-    unit.flush(&mut mem, &mut g).unwrap();
+    let (mut mem, hw, mut unit, dom, mut g) = attached();
+    map_flushed(&mut unit, &mut mem, &dom, &mut g, 0x5000, 0x7000, 0x2000);
     assert!(hw.dma(EDU.0, 0x5000, false).is_ok());
     assert!(hw.dma(EDU.0, 0x6000, false).is_ok());
     dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
@@ -789,13 +734,8 @@ fn explicit_domain_and_global_invalidation_drop_stale_entries() {
 
 #[test]
 fn stalled_queue_is_never_overwritten() {
-    let (mut mem, hw, mut unit) = setup();
-    unit.enable(&mut mem).unwrap();
-    let dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &dom, EDU).unwrap();
-    let mut g = dom.gather();
-    dom.map(&mem, 0x5000, PhysAddr::new(0x7000), 0x1000, RW, &mut g)
-        .unwrap();
+    let (mut mem, hw, mut unit, dom, mut g) = attached();
+    map_rw(&dom, &mem, &mut g, 0x5000, 0x7000, 0x1000);
     dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
     hw.state().ignore_waits = true;
     assert!(unit.flush(&mut mem, &mut g).is_err());
@@ -830,15 +770,32 @@ fn stalled_queue_is_never_overwritten() {
     assert_eq!(g.unmapped().to_vec(), vec![0x5000..0x6000]);
 }
 
-/// The IOTLB invalidation descriptors (lo, hi) executed after event `from`.
-fn iotlb_descs(hw: &FakeUnit, from: usize) -> Vec<(u64, u64)> {
-    hw.state().events[from..]
+/// Exactly one IOTLB descriptor, invalidating leaves only (IH = 1).
+fn assert_one_leaf_only(d: &[(u64, u64)]) {
+    let one_leaf_only = matches!(d, [(_, hi)] if hi & (1 << 6) != 0);
+    assert!(
+        one_leaf_only,
+        "want one leaf-only (IH = 1) invalidation: {d:x?}"
+    );
+}
+
+/// Flushes `g`: what the flush did and the IOTLB invalidation descriptors (lo, hi) it issued.
+fn flush_iotlb(
+    unit: &mut TestUnit,
+    mem: &mut FakeMemory,
+    hw: &FakeUnit,
+    g: &mut Gather,
+) -> (Flushed, Vec<(u64, u64)>) {
+    let from = hw.state().events.len();
+    let f = unit.flush(mem, g).unwrap();
+    let d = hw.state().events[from..]
         .iter()
         .filter_map(|e| match e {
             Event::Desc(lo, hi) if lo & 0xf == 2 => Some((*lo, *hi)),
             _ => None,
         })
-        .collect()
+        .collect();
+    (f, d)
 }
 
 /// Issue 9, defect 2. The only mapping of a leaf table is unmapped while other IOVAs of its
@@ -849,13 +806,8 @@ fn iotlb_descs(hw: &FakeUnit, from: usize) -> Vec<(u64, u64)> {
 /// emptied tables stay linked and the new mapping goes into them.
 #[test]
 fn map_into_emptied_table_before_flush_translates_through_cached_directories() {
-    let (mut mem, hw, mut unit) = setup();
-    unit.enable(&mut mem).unwrap();
-    let dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &dom, EDU).unwrap();
-    let mut g = dom.gather();
-    dom.map(&mem, 0x1000, PhysAddr::new(0x5000_0000), 0x1000, RW, &mut g)
-        .unwrap();
+    let (mut mem, hw, mut unit, dom, mut g) = attached();
+    map_rw(&dom, &mem, &mut g, 0x1000, 0x5000_0000, 0x1000);
     unit.flush(&mut mem, &mut g).unwrap();
     // The device uses it: the unit caches the leaf and the directory entries of the walk.
     assert_eq!(hw.dma(EDU.0, 0x1000, true), Ok(0x5000_0000));
@@ -863,8 +815,7 @@ fn map_into_emptied_table_before_flush_translates_through_cached_directories() {
     let tables = dom.tables().table_pages();
     dom.unmap(&mem, 0x1000, 0x1000, &mut g).unwrap();
     // Before the flush (deferred), a new IOVA of the same span is mapped and used.
-    dom.map(&mem, 0x5000, PhysAddr::new(0x6000_0000), 0x1000, RW, &mut g)
-        .unwrap();
+    map_rw(&dom, &mem, &mut g, 0x5000, 0x6000_0000, 0x1000);
     let hits = hw.state().dir_cache_hits;
     assert_eq!(hw.dma(EDU.0, 0x5008, true), Ok(0x6000_0008));
     assert!(
@@ -877,18 +828,15 @@ fn map_into_emptied_table_before_flush_translates_through_cached_directories() {
         "the unmap did not cover a table's span"
     );
     assert_eq!(dom.tables().table_pages(), tables);
-    let from = hw.state().events.len();
-    let f = unit.flush(&mut mem, &mut g).unwrap();
+    let (f, d) = flush_iotlb(&mut unit, &mut mem, &hw, &mut g);
     assert_eq!(f.unmapped, vec![0x1000..0x2000]);
     assert_eq!(f.tables_freed, 0);
     // Only a leaf went away: leaf-only invalidation (IH = 1).
-    let d = iotlb_descs(&hw, from);
-    assert_eq!(d.len(), 1);
-    assert_ne!(d[0].1 & (1 << 6), 0, "IH = 1");
+    assert_one_leaf_only(&d);
     assert_eq!(hw.dma(EDU.0, 0x1000, true), Err(5));
     drain(&mut unit);
     assert_eq!(hw.dma(EDU.0, 0x5000, true), Ok(0x6000_0000));
-    assert!(hw.state().errors.is_empty(), "{:?}", hw.state().errors);
+    no_errors(&hw);
 }
 
 /// An unmap covering a leaf table's whole span unlinks it; the flush must then drop the
@@ -896,40 +844,18 @@ fn map_into_emptied_table_before_flush_translates_through_cached_directories() {
 /// walk would read the freed (poisoned) frame and the fake memory would panic.
 #[test]
 fn table_unlinked_by_a_whole_span_unmap_is_invalidated_with_ih0_before_it_is_freed() {
-    let (mut mem, hw, mut unit) = setup();
-    unit.enable(&mut mem).unwrap();
-    let dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &dom, EDU).unwrap();
-    let mut g = dom.gather();
+    let (mut mem, hw, mut unit, dom, mut g) = attached();
     // 2 MiB of 4 KiB pages (the physical address rules out a superpage).
-    dom.map(
-        &mem,
-        0x20_0000,
-        PhysAddr::new(0x9000_1000),
-        0x20_0000,
-        RW,
-        &mut g,
-    )
-    .unwrap();
+    map_rw(&dom, &mem, &mut g, 0x20_0000, 0x9000_1000, 0x20_0000);
     // And a neighbour in the same 1 GiB, so the level-2 table stays.
-    dom.map(
-        &mem,
-        0x40_0000,
-        PhysAddr::new(0x7000_0000),
-        0x1000,
-        RW,
-        &mut g,
-    )
-    .unwrap();
+    map_rw(&dom, &mem, &mut g, 0x40_0000, 0x7000_0000, 0x1000);
     unit.flush(&mut mem, &mut g).unwrap();
     assert!(hw.dma(EDU.0, 0x20_0000, true).is_ok());
     assert!(hw.dma(EDU.0, 0x3f_f000, true).is_ok());
     dom.unmap(&mem, 0x20_0000, 0x20_0000, &mut g).unwrap();
     assert_eq!(g.pending_tables(), 1);
-    let from = hw.state().events.len();
-    let f = unit.flush(&mut mem, &mut g).unwrap();
+    let (f, d) = flush_iotlb(&mut unit, &mut mem, &hw, &mut g);
     assert_eq!(f.tables_freed, 1);
-    let d = iotlb_descs(&hw, from);
     assert!(!d.is_empty());
     assert!(d.iter().all(|(_, hi)| hi & (1 << 6) == 0), "IH = 0: {d:x?}");
     // The freed table is poisoned; these walks must not reach it.
@@ -939,15 +865,7 @@ fn table_unlinked_by_a_whole_span_unmap_is_invalidated_with_ih0_before_it_is_fre
     }
     assert_eq!(hw.dma(EDU.0, 0x40_0000, true), Ok(0x7000_0000));
     // The span can be mapped again (a fresh table).
-    dom.map(
-        &mem,
-        0x20_0000,
-        PhysAddr::new(0x9000_1000),
-        0x1000,
-        RW,
-        &mut g,
-    )
-    .unwrap();
+    map_rw(&dom, &mem, &mut g, 0x20_0000, 0x9000_1000, 0x1000);
     unit.flush(&mut mem, &mut g).unwrap();
     assert_eq!(hw.dma(EDU.0, 0x20_0000, true), Ok(0x9000_1000));
 }
@@ -961,21 +879,9 @@ fn table_unlinked_by_a_whole_span_unmap_is_invalidated_with_ih0_before_it_is_fre
 /// records only a leaf invalidation of the rolled-back range.
 #[test]
 fn failed_map_rollback_keeps_tables_and_records_a_leaf_invalidation() {
-    let (mut mem, hw, mut unit) = setup();
-    unit.enable(&mut mem).unwrap();
-    let dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &dom, EDU).unwrap();
-    let mut g = dom.gather();
+    let (mut mem, hw, mut unit, dom, mut g) = attached();
     // A mapping elsewhere in the first 1 GiB, so the level-2 table exists.
-    dom.map(
-        &mem,
-        0x40_0000,
-        PhysAddr::new(0x7000_0000),
-        0x1000,
-        RW,
-        &mut g,
-    )
-    .unwrap();
+    map_rw(&dom, &mem, &mut g, 0x40_0000, 0x7000_0000, 0x1000);
     unit.flush(&mut mem, &mut g).unwrap();
     let tables = dom.tables().table_pages();
     // The map of [0x1fe000, 0x201000) allocates the leaf table of [0, 2M), writes two
@@ -1009,15 +915,7 @@ fn failed_map_rollback_keeps_tables_and_records_a_leaf_invalidation() {
         "the rolled-back leaves still need an invalidation"
     );
     // Before any flush, another IOVA of the same span is mapped and used.
-    dom.map(
-        &mem,
-        0x10_0000,
-        PhysAddr::new(0x6000_0000),
-        0x1000,
-        RW,
-        &mut g,
-    )
-    .unwrap();
+    map_rw(&dom, &mem, &mut g, 0x10_0000, 0x6000_0000, 0x1000);
     assert_eq!(hw.dma(EDU.0, 0x10_0000, true), Ok(0x6000_0000));
     assert_eq!(g.pending_tables(), 0, "no table page handed to the gather");
     assert_eq!(
@@ -1027,16 +925,13 @@ fn failed_map_rollback_keeps_tables_and_records_a_leaf_invalidation() {
     );
     // The flush invalidates the rolled-back leaves (the device's cached translation of
     // 0x1fe000 goes away), leaf-only, and frees nothing.
-    let from = hw.state().events.len();
-    let f = unit.flush(&mut mem, &mut g).unwrap();
+    let (f, d) = flush_iotlb(&mut unit, &mut mem, &hw, &mut g);
     assert_eq!((f.tables_freed, f.unmapped.len()), (0, 0));
-    let d = iotlb_descs(&hw, from);
-    assert_eq!(d.len(), 1);
-    assert_ne!(d[0].1 & (1 << 6), 0, "IH = 1");
+    assert_one_leaf_only(&d);
     assert_eq!(hw.dma(EDU.0, 0x1f_e000, false), Err(6));
     drain(&mut unit);
     assert_eq!(hw.dma(EDU.0, 0x10_0000, true), Ok(0x6000_0000));
-    assert!(hw.state().errors.is_empty(), "{:?}", hw.state().errors);
+    no_errors(&hw);
     // Nothing leaked: teardown frees every page, the kept ones included.
     unit.detach(&mut mem, &dom, EDU).unwrap();
     let live = mem.live_frames();
@@ -1049,23 +944,19 @@ fn failed_map_rollback_keeps_tables_and_records_a_leaf_invalidation() {
 /// gather and the flush frees them (table pages back to the empty domain's one root).
 #[test]
 fn release_empty_tables_at_teardown() {
-    let (mut mem, hw, mut unit) = setup();
-    unit.enable(&mut mem).unwrap();
-    let dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &dom, EDU).unwrap();
+    let (mut mem, hw, mut unit, dom, _) = attached();
     let baseline = dom.tables().table_pages();
     let live = mem.live_frames();
     let mut g = dom.gather();
     for i in 0..8u64 {
-        dom.map(
+        map_rw(
+            &dom,
             &mem,
-            i * 0x3_3000,
-            PhysAddr::new(0x5000_0000 + i * 0x1000),
-            0x1000,
-            RW,
             &mut g,
-        )
-        .unwrap();
+            i * 0x3_3000,
+            0x5000_0000 + i * 0x1000,
+            0x1000,
+        );
     }
     unit.flush(&mut mem, &mut g).unwrap();
     for i in 0..8u64 {
@@ -1099,14 +990,8 @@ fn release_empty_tables_at_teardown() {
 /// a QIE clear with a non-empty queue, as the specification forbids it.
 #[test]
 fn disable_waits_for_the_queue_to_drain() {
-    let (mut mem, hw, mut unit) = setup();
-    unit.enable(&mut mem).unwrap();
-    let dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &dom, EDU).unwrap();
-    let mut g = dom.gather();
-    dom.map(&mem, 0x5000, PhysAddr::new(0x7000), 0x1000, RW, &mut g)
-        .unwrap();
-    unit.flush(&mut mem, &mut g).unwrap();
+    let (mut mem, hw, mut unit, dom, mut g) = attached();
+    map_flushed(&mut unit, &mut mem, &dom, &mut g, 0x5000, 0x7000, 0x1000);
     dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
     // A slow unit: one descriptor per 700 register reads; the flush polls ~1000 times.
     hw.state().queue_delay = 700;
@@ -1130,8 +1015,7 @@ fn disable_waits_for_the_queue_to_drain() {
     unit.enable(&mut mem).unwrap();
     let dom = unit.create_domain(&mut mem).unwrap();
     let mut g = dom.gather();
-    dom.map(&mem, 0x5000, PhysAddr::new(0x7000), 0x1000, RW, &mut g)
-        .unwrap();
+    map_rw(&dom, &mem, &mut g, 0x5000, 0x7000, 0x1000);
     dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
     hw.state().ignore_waits = true;
     assert!(unit.flush(&mut mem, &mut g).is_err());
@@ -1153,31 +1037,12 @@ fn disable_waits_for_the_queue_to_drain() {
 /// descriptor is reported to its waiter by `queue_check`.
 #[test]
 fn split_flush_per_waiter_status_words() {
-    let (mut mem, hw, mut unit) = setup();
-    unit.enable(&mut mem).unwrap();
-    let dom = unit.create_domain(&mut mem).unwrap();
-    unit.attach(&mut mem, &dom, EDU).unwrap();
+    let (mut mem, hw, mut unit, dom, _) = attached();
     let (mut ga, mut gb) = (dom.gather(), dom.gather());
     // A whole 2 MiB leaf table for A (4 KiB pages: the physical range is not 2 MiB
     // aligned; unlinked by its unmap), one page for B.
-    dom.map(
-        &mem,
-        0x40_0000,
-        PhysAddr::new(0x5000_1000),
-        0x20_0000,
-        RW,
-        &mut ga,
-    )
-    .unwrap();
-    dom.map(
-        &mem,
-        0x10_0000,
-        PhysAddr::new(0x6000_0000),
-        0x1000,
-        RW,
-        &mut gb,
-    )
-    .unwrap();
+    map_rw(&dom, &mem, &mut ga, 0x40_0000, 0x5000_1000, 0x20_0000);
+    map_rw(&dom, &mem, &mut gb, 0x10_0000, 0x6000_0000, 0x1000);
     unit.flush(&mut mem, &mut ga).unwrap();
     unit.flush(&mut mem, &mut gb).unwrap();
     assert_eq!(hw.dma(EDU.0, 0x40_0000, false), Ok(0x5000_1000));
@@ -1222,15 +1087,7 @@ fn split_flush_per_waiter_status_words() {
 
     // A refused wait descriptor: its waiter learns it from queue_check, the gather stays.
     hw.state().queue_delay = 0;
-    dom.map(
-        &mem,
-        0x10_0000,
-        PhysAddr::new(0x6000_0000),
-        0x1000,
-        RW,
-        &mut gb,
-    )
-    .unwrap();
+    map_rw(&dom, &mem, &mut gb, 0x10_0000, 0x6000_0000, 0x1000);
     unit.flush(&mut mem, &mut gb).unwrap();
     dom.unmap(&mem, 0x10_0000, 0x1000, &mut gb).unwrap();
     hw.state().reject_type = Some(crate::inval::desc_type::WAIT);
@@ -1243,5 +1100,5 @@ fn split_flush_per_waiter_status_words() {
         Err(Error::InvalidationQueue { .. })
     ));
     assert!(!gb.is_empty(), "nothing released after a failed wait");
-    assert!(hw.state().errors.is_empty(), "{:?}", hw.state().errors);
+    no_errors(&hw);
 }

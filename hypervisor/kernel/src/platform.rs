@@ -241,8 +241,8 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
 
     // APs: install the trampoline (the page is R+X in the kernel map; write it through the
     // boot-time view is gone, so map it RW briefly).
-    install_trampoline(tramp, cr3);
-    let smp = crate::smp::start_aps(&platform, config.smp, tramp);
+    install_trampoline(tramp.as_u64(), cr3.as_u64());
+    let smp = crate::smp::start_aps(&platform, config.smp, tramp.as_u64());
     log::info!(
         "smp: {} of {} CPUs online ({} listed by ACPI)",
         smp.online,

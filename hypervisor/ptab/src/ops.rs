@@ -1,6 +1,9 @@
 //! Random map/unmap/flush/release sequences for model tests of page tables built on the
 //! engine (this crate's own and the VT-d driver's), as proptest strategies.
 
+use std::collections::BTreeMap;
+use std::format;
+
 use proptest::prelude::*;
 
 /// One step of a model test, in 4 KiB pages.
@@ -70,4 +73,32 @@ pub fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Flush),
         1 => Just(Op::Release),
     ]
+}
+
+/// The page-granular model of a model test: page -> (physical page, writable).
+pub type Model = BTreeMap<u64, (u64, bool)>;
+
+/// Checks byte `offset` of every page below `pages` against `model`: a page the model lacks
+/// does not translate (`translate(address)` is `None`), a mapped one translates and
+/// `check(translation, expected physical address, writable)` holds.
+pub fn translations_match<T>(
+    model: &Model,
+    pages: u64,
+    offset: u64,
+    translate: impl Fn(u64) -> Option<T>,
+    check: impl Fn(T, u64, bool) -> Result<(), TestCaseError>,
+) -> Result<(), TestCaseError> {
+    for p in 0..pages {
+        let t = translate(p * 4096 + offset);
+        match model.get(&p) {
+            None => prop_assert!(t.is_none(), "page {:#x} translates, not mapped", p),
+            Some(&(phys, write)) => {
+                let t = t.ok_or_else(|| {
+                    TestCaseError::fail(format!("page {p:#x} mapped, does not translate"))
+                })?;
+                check(t, phys * 4096 + offset, write)?;
+            }
+        }
+    }
+    Ok(())
 }

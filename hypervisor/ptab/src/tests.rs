@@ -1,12 +1,11 @@
 //! Engine tests: each format against a page-granular model, and the table lifecycle.
 
-use std::collections::BTreeMap;
 use std::vec::Vec;
 
 use proptest::prelude::*;
 
 use super::format::*;
-use super::ops::{op, Op};
+use super::ops::{op, translations_match, Model, Op};
 use super::testing::ArenaMemory;
 use super::*;
 
@@ -102,14 +101,26 @@ fn linked<F: Format>(pt: &PageTable<F>, mem: &ArenaMemory) -> Vec<(PhysAddr, u8,
     out
 }
 
+/// Tables of `levels` levels in format `F` (superpages on, coherent) over 64 frames.
+fn tables<F: Format>(levels: u8) -> (ArenaMemory, PageTable<F>) {
+    let mem = ArenaMemory::new(64);
+    let pt = PageTable::new(&mem, cfg(levels, true, true)).unwrap();
+    (mem, pt)
+}
+
+/// Frees the tables: nothing of the arena stays allocated.
+fn free_all<F: Format>(pt: PageTable<F>, mem: &ArenaMemory) {
+    pt.free_all(mem);
+    assert_eq!(mem.live_frames(), 0);
+}
+
 fn alloc_vec<T>() -> Vec<T> {
     Vec::new()
 }
 
 #[test]
 fn map_translate_unmap_and_superpages() {
-    let mem = ArenaMemory::new(64);
-    let pt = PageTable::<VtdSecondLevel>::new(&mem, cfg(3, true, true)).unwrap();
+    let (mem, pt) = tables::<VtdSecondLevel>(3);
     let mut s = Pending::default();
     let rw = VtdAttr::READ | VtdAttr::WRITE;
     pt.map(
@@ -143,14 +154,12 @@ fn map_translate_unmap_and_superpages() {
     );
     pt.unmap(&mem, 0x20_0000, 0x40_0000, &mut s).unwrap();
     assert!(s.tables.is_empty());
-    pt.free_all(&mem);
-    assert_eq!(mem.live_frames(), 0);
+    free_all(pt, &mem);
 }
 
 #[test]
 fn superpage_not_over_a_kept_table() {
-    let mem = ArenaMemory::new(64);
-    let pt = PageTable::<Npt>::new(&mem, cfg(4, true, true)).unwrap();
+    let (mem, pt) = tables::<Npt>(4);
     let mut s = Pending::default();
     pt.map(
         &mem,
@@ -184,14 +193,12 @@ fn superpage_not_over_a_kept_table() {
     for t in s.tables {
         mem.free_table(t);
     }
-    pt.free_all(&mem);
-    assert_eq!(mem.live_frames(), 0);
+    free_all(pt, &mem);
 }
 
 #[test]
 fn remap_splits_and_clears() {
-    let mem = ArenaMemory::new(64);
-    let pt = PageTable::<X86>::new(&mem, cfg(4, true, true)).unwrap();
+    let (mem, pt) = tables::<X86>(4);
     pt.remap(&mem, 0, PhysAddr::new(0), 0x40_0000, Some(X86Flags::RW))
         .unwrap();
     assert_eq!(pt.translate(&mem, 0x1000).unwrap().page_size, 2 << 20);
@@ -216,8 +223,7 @@ fn remap_splits_and_clears() {
     assert!(pt.translate(&mem, 0x1000).is_some());
     // The second 2 MiB page is untouched.
     assert_eq!(pt.translate(&mem, 0x20_0000).unwrap().page_size, 2 << 20);
-    pt.free_all(&mem);
-    assert_eq!(mem.live_frames(), 0);
+    free_all(pt, &mem);
 }
 
 #[test]
@@ -275,7 +281,7 @@ fn run_model_with<F: TestFormat>(
         walkers: walkers.then(Default::default),
         ..Pending::default()
     };
-    let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
+    let mut model = Model::new();
     let mut maps: Vec<(u64, u64)> = Vec::new();
     for (i, op) in ops.into_iter().enumerate() {
         s.turn = i / 3 % 2;
@@ -347,20 +353,15 @@ fn run_model_with<F: TestFormat>(
         prop_assert_eq!(now.len(), pt.table_pages());
         prop_assert_eq!(pt.table_pages() + s.tables.len(), mem.live_frames());
     }
-    for p in 0..2048 + 600 {
-        let t = pt.translate(&mem, p * 4096 + 8);
-        match model.get(&p) {
-            None => prop_assert!(t.is_none()),
-            Some(&(phys, write)) => {
-                let t = t.unwrap();
-                prop_assert_eq!(t.phys.as_u64(), phys * 4096 + 8);
-                prop_assert_eq!(t.attr, F::attr(write));
-                if !superpages {
-                    prop_assert_eq!(t.page_size, 4096);
-                }
-            }
+    let translate = |va| pt.translate(&mem, va);
+    translations_match(&model, 2048 + 600, 8, translate, |t, phys, write| {
+        prop_assert_eq!(t.phys.as_u64(), phys);
+        prop_assert_eq!(t.attr, F::attr(write));
+        if !superpages {
+            prop_assert_eq!(t.page_size, 4096);
         }
-    }
+        Ok(())
+    })?;
     if let Some(w) = s.walkers.as_mut() {
         for w in w {
             pt.settle(w);
@@ -409,7 +410,7 @@ proptest! {
         (0u64..2048, 1u64..700, 0u64..4096, 0u8..3), 1..30)) {
         let mem = ArenaMemory::new(4096);
         let pt = PageTable::<X86>::new(&mem, cfg(4, true, true)).unwrap();
-        let mut model: BTreeMap<u64, (u64, bool)> = BTreeMap::new();
+        let mut model = Model::new();
         for (page, pages, phys_page, kind) in ops {
             let page = if page % 3 == 0 { page & !511 } else { page };
             let phys_page = if page % 512 == 0 { phys_page & !511 } else { phys_page };
@@ -423,17 +424,11 @@ proptest! {
             }
             prop_assert_eq!(linked(&pt, &mem).len(), mem.live_frames());
         }
-        for p in 0..2048 + 700 {
-            let t = pt.translate(&mem, p * 4096);
-            match model.get(&p) {
-                None => prop_assert!(t.is_none()),
-                Some(&(phys, w)) => {
-                    let t = t.unwrap();
-                    prop_assert_eq!(t.phys.as_u64(), phys * 4096);
-                    prop_assert_eq!(t.attr, X86::attr(w));
-                }
-            }
-        }
+        translations_match(&model, 2048 + 700, 0, |va| pt.translate(&mem, va), |t, phys, w| {
+            prop_assert_eq!(t.phys.as_u64(), phys);
+            prop_assert_eq!(t.attr, X86::attr(w));
+            Ok(())
+        })?;
         pt.free_all(&mem);
         prop_assert_eq!(mem.live_frames(), 0);
     }

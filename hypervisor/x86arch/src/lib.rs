@@ -5,6 +5,7 @@
 //! - [`tsc`]: the TSC frequency from CPUID leaves 0x15 / 0x16;
 //! - [`vmx`]: Intel VMX capability MSRs, control adjustment, VMCS fields, exit decoding.
 #![no_std]
+#![forbid(unsafe_code)]
 
 pub mod tsc;
 pub mod vmx;

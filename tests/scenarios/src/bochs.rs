@@ -6,7 +6,7 @@
 //! Scenario names start with `bochs-`; they run in `cargo xtask test` beside the QEMU ones.
 
 use crate::checks::{boot_complete, forbid_line, need_line, smp};
-use crate::{scenario_on, Exit, Scenario};
+use crate::{Scenario, Spec, Variant};
 
 /// The CPU model Bochs emulates (Debian's bochs 2.7: VMX level 2 with EPT and VPID).
 pub const BOCHS_CPU: &str = "corei7_skylake_x";
@@ -72,247 +72,198 @@ pub const BOCHS_TIMEOUT_SECS: u64 = 300;
 /// The scenario `cargo xtask run --bochs` boots: `cpus` CPUs, every AP reporting in, and a
 /// VMX guest that says hello and measures the VMCALL round trip (emulated).
 pub fn demo(cpus: u32) -> Scenario {
-    let mut s = scenario_on(
-        "bochs-demo",
-        "the demo run under Bochs",
-        BochsMachine {
+    Spec {
+        name: "bochs-demo".into(),
+        about: "the demo run under Bochs",
+        bochs: Some(BochsMachine {
             cpus,
             ..BochsMachine::default()
-        },
-        "guest=name=g0,mem=8M",
-        Exit::Success,
-        Box::new(move |log| {
-            boot_complete(log)?;
+        }),
+        cmdline: "guest=name=g0,mem=8M".into(),
+        modules: &["g0 hello vmmcall-bench=200"],
+        then: Some(Box::new(move |log| {
             smp(log, cpus as usize)?;
             need_line(log, &["g0> PASS hello"])?;
             need_line(log, &["g0> vmmcall-bench:", "ns/call"])?;
             need_line(log, &["guest g0 vcpu0: exited with code 0"])
-        }),
-    );
-    s.modules = vec![guest_module("g0 hello vmmcall-bench=200")];
-    s
+        })),
+        ..Spec::default()
+    }
+    .on(Variant::Default, boot_complete)
 }
+
+/// Bochs with 1 or 2 CPUs.
+fn one() -> Option<BochsMachine> {
+    Some(BochsMachine::default())
+}
+
+fn two() -> Option<BochsMachine> {
+    Some(BochsMachine {
+        cpus: 2,
+        ..BochsMachine::default()
+    })
+}
+
+/// Two guests with 8 MiB each.
+const TWO: &str = "guest=name=g0,mem=8M guest=name=g1,mem=8M";
 
 /// Every Bochs scenario.
 pub fn scenarios() -> Vec<Scenario> {
-    let mut v = vec![];
-    v.push(scenario_on(
-        "bochs-boot-1",
-        "Bochs (Intel Skylake-X, i440fx, no MCFG, no IOMMU): one CPU boots to the end",
-        BochsMachine::default(),
-        "",
-        Exit::Success,
-        Box::new(|log| {
-            boot_complete(log)?;
-            smp(log, 1)?;
-            need_line(log, &["dmar: no DMAR table"])?;
-            // No MCFG: the i440FX host bridge and the PIIX3 are found through port I/O.
-            need_line(
-                log,
+    let booted = |spec: Spec| spec.on(Variant::Default, boot_complete);
+    let vmx = |spec: Spec| spec.on(Variant::Default, guests_done);
+    vec![
+        booted(Spec {
+            name: "bochs-boot-1".into(),
+            about: "Bochs (Intel Skylake-X, i440fx, no MCFG, no IOMMU): one CPU boots to the end",
+            bochs: one(),
+            need: &[
+                &["dmar: no DMAR table"],
+                // No MCFG: the i440FX host bridge and the PIIX3 are found through port I/O.
                 &["pci: no ECAM window (MCFG): enumerating segment 0 through ports 0xcf8/0xcfc"],
-            )?;
-            need_line(log, &["pci: 00:00.0 8086:1237"])?;
-            need_line(log, &["pci: 00:01.0 8086:7000"])?;
-            need_line(log, &["functions (port I/O)"])?;
-            need_line(log, &["apic: xAPIC mode"])?;
-            // Bochs's Skylake-X states a base frequency (CPUID 0x16) its emulated TSC does
-            // not run at: the PIT measurement must win, and say so.
-            need_line(
-                log,
+                &["pci: 00:00.0 8086:1237"],
+                &["pci: 00:01.0 8086:7000"],
+                &["functions (port I/O)"],
+                &["apic: xAPIC mode"],
+                // Bochs's Skylake-X states a base frequency (CPUID 0x16) its emulated TSC does
+                // not run at: the PIT measurement must win, and say so.
                 &["tsc: CPUID states", "MHz, more than 10% off the PIT"],
-            )?;
-            need_line(log, &["TSC", "MHz from PIT calibration"])
+                &["TSC", "MHz from PIT calibration"],
+            ],
+            then: Some(Box::new(|log| smp(log, 1))),
+            ..Spec::default()
         }),
-    ));
-    v.push(scenario_on(
-        "bochs-x2apic-2",
-        "Bochs, 2 CPUs, the APIC handed over in x2APIC mode (EXTD set): driven through MSRs, the AP started by the x2APIC ICR",
-        BochsMachine {
-            cpus: 2,
-            ..BochsMachine::default()
-        },
-        "selftest=x2apic",
-        Exit::Success,
-        Box::new(|log| {
-            need_line(log, &["selftest: local APIC put in x2APIC mode"])?;
-            need_line(log, &["apic: x2APIC mode (registers through MSRs"])?;
-            boot_complete(log)?;
-            smp(log, 2)
+        booted(Spec {
+            name: "bochs-x2apic-2".into(),
+            about: "Bochs, 2 CPUs, the APIC handed over in x2APIC mode (EXTD set): driven through MSRs, the AP started by the x2APIC ICR",
+            bochs: two(),
+            cmdline: "selftest=x2apic".into(),
+            need: &[
+                &["selftest: local APIC put in x2APIC mode"],
+                &["apic: x2APIC mode (registers through MSRs"],
+            ],
+            then: Some(Box::new(|log| smp(log, 2))),
+            ..Spec::default()
         }),
-    ));
-    v.push(scenario_on(
-        "bochs-smp-2",
-        "Bochs, 2 CPUs: the AP leaves its trampoline for long mode without faulting and reports in",
-        BochsMachine {
-            cpus: 2,
-            ..BochsMachine::default()
-        },
-        "",
-        Exit::Success,
-        Box::new(|log| {
-            boot_complete(log)?;
-            smp(log, 2)?;
-            forbid_line(log, &["did not start"])
+        booted(Spec {
+            name: "bochs-smp-2".into(),
+            about: "Bochs, 2 CPUs: the AP leaves its trampoline for long mode without faulting and reports in",
+            bochs: two(),
+            forbid: &[&["did not start"]],
+            then: Some(Box::new(|log| smp(log, 2))),
+            ..Spec::default()
         }),
-    ));
-    let mut s = scenario_on(
-        "bochs-guest-hello",
-        "VMX: a guest enters 64-bit mode directly, finds Moat and VMCALL in CPUID, prints through the console hypercall; the VMCALL round trip is measured (emulated)",
-        BochsMachine::default(),
-        "guest=name=g0,mem=8M",
-        Exit::Success,
-        Box::new(|log| {
-            boot_complete(log)?;
-            need_line(log, &["vm: Intel VMX", "with EPT and VPID"])?;
-            need_line(log, &["g0> moat-test-guest on g0 vcpu 0 of 1: 8 MiB"])?;
-            need_line(log, &["g0> hello: cpuid 0x40000000 signature `MoatMoatMoat`", "hypervisor bit true"])?;
-            need_line(log, &["g0> hello: VERSION hypercall returned status 0"])?;
-            need_line(log, &["g0> PASS hello"])?;
-            need_line(log, &["g0> vmmcall-bench:", "ns/call (VMCALL, emulated by Bochs"])?;
-            need_line(log, &["guest g0 vcpu0: exited with code 0"])?;
-            need_line(log, &["vm: all guests stopped"])
+        vmx(Spec {
+            name: "bochs-guest-hello".into(),
+            about: "VMX: a guest enters 64-bit mode directly, finds Moat and VMCALL in CPUID, prints through the console hypercall; the VMCALL round trip is measured (emulated)",
+            bochs: one(),
+            cmdline: "guest=name=g0,mem=8M".into(),
+            modules: &["g0 hello vmmcall-bench=200"],
+            need: &[
+                &["g0> moat-test-guest on g0 vcpu 0 of 1: 8 MiB"],
+                &["g0> hello: cpuid 0x40000000 signature `MoatMoatMoat`", "hypervisor bit true"],
+                &["g0> hello: VERSION hypercall returned status 0"],
+                &["g0> PASS hello"],
+                &["g0> vmmcall-bench:", "ns/call (VMCALL, emulated by Bochs"],
+                &["guest g0 vcpu0: exited with code 0"],
+            ],
+            ..Spec::default()
         }),
-    );
-    s.modules = vec![guest_module("g0 hello vmmcall-bench=200")];
-    v.push(s);
-
-    let mut s = scenario_on(
-        "bochs-guest-two",
-        "VMX: two guests side by side, one per CPU, each with its own EPT and VPID",
-        BochsMachine {
-            cpus: 2,
-            ..BochsMachine::default()
-        },
-        "guest=name=g0,mem=8M guest=name=g1,mem=8M",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            crate::guests::side_by_side(log)?;
-            need_line(log, &["g0> PASS spin"])?;
-            need_line(log, &["g1> PASS spin"])?;
-            need_line(log, &["guest g0 vcpu0: exited with code 0"])?;
-            need_line(log, &["guest g1 vcpu0: exited with code 0"])
+        vmx(Spec {
+            name: "bochs-guest-two".into(),
+            about: "VMX: two guests side by side, one per CPU, each with its own EPT and VPID",
+            bochs: two(),
+            cmdline: TWO.into(),
+            modules: &["g0 spin=8", "g1 spin=8"],
+            need: &[
+                &["g0> PASS spin"],
+                &["g1> PASS spin"],
+                &["guest g0 vcpu0: exited with code 0"],
+                &["guest g1 vcpu0: exited with code 0"],
+            ],
+            then: Some(Box::new(crate::guests::side_by_side)),
+            ..Spec::default()
         }),
-    );
-    s.modules = vec![guest_module("g0 spin=8"), guest_module("g1 spin=8")];
-    v.push(s);
-
-    let mut s = scenario_on(
-        "bochs-guest-escape",
-        "VMX: a read and a write outside the guest's partition are EPT violations at exactly that GPA and stop the guest",
-        BochsMachine {
-            cpus: 2,
-            ..BochsMachine::default()
-        },
-        "guest=name=g0,mem=8M guest=name=g1,mem=8M",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            for (g, verb, kind) in [("g0", "reading", "read"), ("g1", "writing", "write")] {
-                need_line(log, &[&format!("{g}> escape: {verb} GPA 0x800000")])?;
-                need_line(
-                    log,
-                    &[
-                        &format!("guest {g} vcpu0: nested page fault at GPA 0x800000 ({kind}, not mapped)"),
-                        "guest stopped",
-                    ],
-                )?;
-                forbid_line(log, &[&format!("{g}> FAIL escape")])?;
-            }
-            forbid_line(log, &["g0> escape: read 0x"])
+        vmx(Spec {
+            name: "bochs-guest-escape".into(),
+            about: "VMX: a read and a write outside the guest's partition are EPT violations at exactly that GPA and stop the guest",
+            bochs: two(),
+            cmdline: TWO.into(),
+            modules: &["g0 escape-read", "g1 escape-write"],
+            forbid: &[&["g0> escape: read 0x"]],
+            then: Some(Box::new(|log| {
+                for (g, verb, kind) in [("g0", "reading", "read"), ("g1", "writing", "write")] {
+                    need_line(log, &[&format!("{g}> escape: {verb} GPA 0x800000")])?;
+                    let fault = format!("guest {g} vcpu0: nested page fault at GPA 0x800000 ({kind}, not mapped)");
+                    need_line(log, &[&fault, "guest stopped"])?;
+                    forbid_line(log, &[&format!("{g}> FAIL escape")])?;
+                }
+                Ok(())
+            })),
+            ..Spec::default()
         }),
-    );
-    s.modules = vec![
-        guest_module("g0 escape-read"),
-        guest_module("g1 escape-write"),
-    ];
-    v.push(s);
-
-    let mut s = scenario_on(
-        "bochs-guest-faults",
-        "VMX: a guest that triple-faults is stopped; beside it unknown hypercalls return UNSUPP (rate-limited), a console write from outside memory FAULT, and MSRs other than EFER get #GP injected",
-        BochsMachine {
-            cpus: 2,
-            ..BochsMachine::default()
-        },
-        "guest=name=g0,mem=8M guest=name=g1,mem=8M",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            need_line(log, &["g0> triple-fault: ud2 with no IDT"])?;
-            need_line(log, &["guest g0 vcpu0: triple fault (shutdown)", "guest stopped"])?;
-            forbid_line(log, &["g0> FAIL triple-fault"])?;
-            need_line(log, &["guest g1 vcpu0: unknown hypercall 0x7fffdead: returned UNSUPP (-9)"])?;
-            need_line(log, &["g1> bad-hypercall: 1000 more unknown calls, 1000 returned UNSUPP"])?;
-            need_line(log, &["g1> bad-hypercall: console write from GPA 0xfffff0000000 returned status -8"])?;
-            need_line(log, &["g1> PASS bad-hypercall"])?;
-            need_line(
-                log,
+        vmx(Spec {
+            name: "bochs-guest-faults".into(),
+            about: "VMX: a guest that triple-faults is stopped; beside it unknown hypercalls return UNSUPP (rate-limited), a console write from outside memory FAULT, and MSRs other than EFER get #GP injected",
+            bochs: two(),
+            cmdline: TWO.into(),
+            modules: &["g0 triple-fault", "g1 bad-hypercall msr"],
+            need: &[
+                &["g0> triple-fault: ud2 with no IDT"],
+                &["guest g0 vcpu0: triple fault (shutdown)", "guest stopped"],
+                &["guest g1 vcpu0: unknown hypercall 0x7fffdead: returned UNSUPP (-9)"],
+                &["g1> bad-hypercall: 1000 more unknown calls, 1000 returned UNSUPP"],
+                &["g1> bad-hypercall: console write from GPA 0xfffff0000000 returned status -8"],
+                &["g1> PASS bad-hypercall"],
                 &["g1> msr: EFER 0xd00; #GP after RDMSR EFER 0, after RDMSR 0xc0010117 1, after WRMSR EFER 2"],
-            )?;
-            need_line(log, &["g1> PASS msr"])?;
-            need_line(log, &["guest g1 vcpu0: exited with code 0"])
+                &["g1> PASS msr"],
+                &["guest g1 vcpu0: exited with code 0"],
+            ],
+            forbid: &[&["g0> FAIL triple-fault"]],
+            ..Spec::default()
         }),
-    );
-    s.modules = vec![
-        guest_module("g0 triple-fault"),
-        guest_module("g1 bad-hypercall msr"),
-    ];
-    v.push(s);
-
-    let mut s = scenario_on(
-        "bochs-vmx-entry",
-        "VMX: an entry with an invalid guest state and one with a reserved control bit fail with the exit reason / VM-instruction error decoded; each stops only its guest",
-        BochsMachine {
-            cpus: 2,
-            ..BochsMachine::default()
-        },
-        "guest=name=g0,mem=8M guest=name=g1,mem=8M selftest=vmx-entry",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            need_line(log, &["vmx: VM entry failed: exit reason 33 (VM-entry failure: invalid guest state), exit qualification"])?;
-            need_line(log, &["vmx: VMLAUNCH failed: VM-instruction error 7 (VM entry with invalid control field(s))"])?;
-            need_line(log, &["invalid guest state", "guest stopped"])?;
-            need_line(log, &["could not run: VM entry with invalid control field(s); guest stopped"])?;
-            forbid_line(log, &["PASS hello"])
+        vmx(Spec {
+            name: "bochs-vmx-entry".into(),
+            about: "VMX: an entry with an invalid guest state and one with a reserved control bit fail with the exit reason / VM-instruction error decoded; each stops only its guest",
+            bochs: two(),
+            cmdline: format!("{TWO} selftest=vmx-entry"),
+            modules: &["g0 hello", "g1 hello"],
+            need: &[
+                &["vmx: VM entry failed: exit reason 33 (VM-entry failure: invalid guest state), exit qualification"],
+                &["vmx: VMLAUNCH failed: VM-instruction error 7 (VM entry with invalid control field(s))"],
+                &["invalid guest state", "guest stopped"],
+                &["could not run: VM entry with invalid control field(s); guest stopped"],
+            ],
+            forbid: &[&["PASS hello"]],
+            ..Spec::default()
         }),
-    );
-    s.modules = vec![guest_module("g0 hello"), guest_module("g1 hello")];
-    v.push(s);
-
-    let mut s = scenario_on(
-        "bochs-pvdma-no-iommu",
-        "no IOMMU (Bochs): a guest given the PIIX3 IDE function under passthrough gets the PV DMA calls, MAP returning the host-physical address as the IOVA (the guest does not drive the IDE's DMA: the calls are checked); strict, batched and deferred are refused with a clear line",
-        BochsMachine::default(),
-        // One CPU: the refused guests come first (a refused guest takes no CPU).
-        "unsafe-interrupts guest=name=g1,mem=8M,dev=00:01.0,policy=strict guest=name=g2,mem=8M,dev=00:00.0,policy=batched guest=name=g3,mem=8M,dev=00:01.3,policy=deferred guest=name=g0,mem=8M,dev=00:01.1,policy=passthrough",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            need_line(log, &["guest g0: RISK: device 00:01.1 assigned with no IOMMU"])?;
-            need_line(log, &["guest g0: DMA: policy Passthrough WITHOUT an IOMMU"])?;
-            need_line(log, &["g0> dma-calls: policy passthrough", "(IOVA is GPA: false)"])?;
-            crate::dma::iova_is_host_address(log, "g0", "dma-calls: MAP", "GPA", "returned IOVA")?;
-            need_line(log, &["g0> dma-calls: UNMAP of IOVA", ": OK"])?;
-            need_line(log, &["g0> dma-calls: MAP past the guest's memory: Some(Fault); UNMAP of IOVA 0x1000: Some(Range)"])?;
-            need_line(log, &["g0> dma-calls: stats: 1 maps, 1 unmaps, 2 errors"])?;
-            need_line(log, &["g0> PASS dma-calls"])?;
-            for (g, policy, bdf) in [("g1", "strict", "00:01.0"), ("g2", "batched", "00:00.0"), ("g3", "deferred", "00:01.3")] {
-                need_line(log, &[&format!("guest {g}: not started: DMA: policy {policy} needs an IOMMU"), &format!("{bdf} is not behind an enabled VT-d unit")])?;
-                forbid_line(log, &[&format!("{g}> ")])?;
-            }
-            need_line(log, &["vm: all guests stopped (1 started of 4 configured)"])
+        vmx(Spec {
+            name: "bochs-pvdma-no-iommu".into(),
+            about: "no IOMMU (Bochs): a guest given the PIIX3 IDE function under passthrough gets the PV DMA calls, MAP returning the host-physical address as the IOVA (the guest does not drive the IDE's DMA: the calls are checked); strict, batched and deferred are refused with a clear line",
+            bochs: one(),
+            // One CPU: the refused guests come first (a refused guest takes no CPU).
+            cmdline: "unsafe-interrupts guest=name=g1,mem=8M,dev=00:01.0,policy=strict guest=name=g2,mem=8M,dev=00:00.0,policy=batched guest=name=g3,mem=8M,dev=00:01.3,policy=deferred guest=name=g0,mem=8M,dev=00:01.1,policy=passthrough".into(),
+            modules: &["g0 dma-calls", "g1 hello", "g2 hello", "g3 hello"],
+            need: &[
+                &["guest g0: RISK: device 00:01.1 assigned with no IOMMU"],
+                &["guest g0: DMA: policy Passthrough WITHOUT an IOMMU"],
+                &["g0> dma-calls: policy passthrough", "(IOVA is GPA: false)"],
+                &["g0> dma-calls: UNMAP of IOVA", ": OK"],
+                &["g0> dma-calls: MAP past the guest's memory: Some(Fault); UNMAP of IOVA 0x1000: Some(Range)"],
+                &["g0> dma-calls: stats: 1 maps, 1 unmaps, 2 errors"],
+                &["g0> PASS dma-calls"],
+                &["vm: all guests stopped (1 started of 4 configured)"],
+            ],
+            then: Some(Box::new(|log| {
+                crate::dma::iova_is_host_address(log, "g0", "dma-calls: MAP", "GPA", "returned IOVA")?;
+                for (g, policy, bdf) in [("g1", "strict", "00:01.0"), ("g2", "batched", "00:00.0"), ("g3", "deferred", "00:01.3")] {
+                    need_line(log, &[&format!("guest {g}: not started: DMA: policy {policy} needs an IOMMU"), &format!("{bdf} is not behind an enabled VT-d unit")])?;
+                    forbid_line(log, &[&format!("{g}> ")])?;
+                }
+                Ok(())
+            })),
+            ..Spec::default()
         }),
-    );
-    s.modules = vec![
-        guest_module("g0 dma-calls"),
-        guest_module("g1 hello"),
-        guest_module("g2 hello"),
-        guest_module("g3 hello"),
-    ];
-    v.push(s);
-    v
+    ]
 }
 
 /// The run ended with every guest stopped and the hypervisor alive.
@@ -321,13 +272,6 @@ fn guests_done(log: &str) -> Result<(), String> {
     need_line(log, &["vm: Intel VMX", "with EPT and VPID"])?;
     need_line(log, &["vm: all guests stopped"])?;
     forbid_line(log, &["moat: exit Failure"])
-}
-
-fn guest_module(cmdline: &str) -> crate::BootModule {
-    crate::BootModule {
-        file: crate::TEST_GUEST,
-        cmdline: cmdline.to_string(),
-    }
 }
 
 #[cfg(test)]

@@ -3,18 +3,13 @@
 //! checks name what the guest measured in its memory (bytes delivered, bytes not delivered
 //! after UNMAP), the statuses the hypervisor returned, and the hypervisor's leak check.
 
-use crate::checks::{boot_complete, forbid_line, need_line};
-use crate::guests::{find_line, number_after};
-use crate::{BootModule, Exit, Machine, Scenario, Variant, TEST_GUEST};
+use crate::checks::{boot_complete, need_line};
+use crate::guests::{find_line, number_after, two_edus};
+use crate::{Machine, Scenario, Spec, Variant};
 
-fn guest(policy: &str, tests: &str) -> (String, Vec<BootModule>) {
-    (
-        format!("guest=name=g0,mem=64M,dev=00:05.0,policy={policy}"),
-        vec![BootModule {
-            file: TEST_GUEST,
-            cmdline: format!("g0 {tests}"),
-        }],
-    )
+/// One guest with 64 MiB and the edu at 00:05.0 under `policy`.
+fn g0(policy: &str) -> String {
+    format!("guest=name=g0,mem=64M,dev=00:05.0,policy={policy}")
 }
 
 /// The hypervisor's leak check after the guest stopped: nothing held, table pages back to
@@ -72,24 +67,21 @@ pub(crate) fn iova_is_host_address(
     Ok(())
 }
 
-/// The PV DMA scenarios on `on`'s machine.
+/// The PV DMA scenarios on `on`'s machine: each checks first that the boot ran to the end.
 pub fn scenarios(on: Variant) -> Vec<Scenario> {
-    let mut v = Vec::new();
+    let mut v: Vec<Spec> = Vec::new();
     for (policy, after_unmap) in [
         ("strict", "blocked"),
         ("batched", "blocked"),
         ("deferred", ""),
         ("passthrough", "landed"),
     ] {
-        let (cmd, modules) = guest(policy, "dma-edu dma-batch=64");
-        let mut s = on.scenario(
-            &format!("dma-{policy}"),
-            "edu DMA through PV mappings both ways; what the device reaches after UNMAP; invalidations per batch; no leak",
-            Machine::default(),
-            &cmd,
-            Exit::Success,
-            Box::new(move |log| {
-                boot_complete(log)?;
+        v.push(Spec {
+            name: format!("dma-{policy}"),
+            about: "edu DMA through PV mappings both ways; what the device reaches after UNMAP; invalidations per batch; no leak",
+            cmdline: g0(policy),
+            modules: &["g0 dma-edu dma-batch=64"],
+            then: Some(Box::new(move |log| {
                 need_line(log, &[&format!("guest g0: DMA: policy {}", capitalise(policy))])?;
                 need_line(log, &[&format!("g0> dma-edu: policy {policy}")])?;
                 need_line(log, &["g0> dma-edu: source", "round trip delivered the bytes"])?;
@@ -103,258 +95,193 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
                 need_line(log, &["g0> PASS dma-batch"])?;
                 need_line(log, &["g0> moat-test-guest: 2 passed, 0 failed"])?;
                 no_leak(log)
-            }),
-        );
-        s.modules = modules;
-        v.push(s);
+            })),
+            ..Spec::default()
+        });
     }
-    let (cmd, modules) = guest("strict", "dma-faults");
-    let mut s = on.scenario(
-        "dma-fault-ring",
-        "a DMA the IOMMU blocks is delivered to the guest's fault ring: IOVA, source id, direction, reason",
-        Machine::default(),
-        &cmd,
-        Exit::Success,
-        Box::new(|log| {
-            boot_complete(log)?;
-            need_line(log, &["g0> dma-faults: ring of 126 records:", "source 0x0028 (edu 0x0028) direction 2 reason 5 seq 0; dropped 0; MAP of the ring page: Some(Perm)"])?;
-            need_line(log, &["g0> dma-faults: batch area over the fault ring: Some(Exist)"])?;
-            need_line(log, &["g0> PASS dma-faults"])?;
-            no_leak(log)
-        }),
-    );
-    s.modules = modules;
-    v.push(s);
-    let mut s = on.scenario(
-        "dma-batch-race",
-        "another vCPU flips MAP entries' GPA in and out of the guest during the MULTICALL: every OK entry maps its in-guest page (DMA lands there), every other is FAULT and creates nothing",
-        Machine::default(),
-        "guest=name=g0,mem=64M,cpus=2,dev=00:05.0,policy=batched",
-        Exit::Success,
-        Box::new(|log| {
-            boot_complete(log)?;
-            race_check(log)?;
-            need_line(log, &["g0> PASS dma-race"])?;
-            no_leak(log)
-        }),
-    );
-    s.modules = vec![BootModule {
-        file: TEST_GUEST,
-        cmdline: "g0 dma-race".into(),
-    }];
-    v.push(s);
-    let mut s = on.scenario(
-        "dma-passthrough-no-iommu",
-        "iommu=off: passthrough still works, MAP returns the host-physical address and edu DMA through it delivers the bytes both ways; the assignment needs unsafe-interrupts and logs the risk",
-        Machine::default(),
-        "iommu=off unsafe-interrupts guest=name=g0,mem=64M,dev=00:05.0,policy=passthrough",
-        Exit::Success,
-        Box::new(|log| {
-            boot_complete(log)?;
-            need_line(log, &["vtd: iommu=off on the command line"])?;
-            need_line(log, &["guest g0: RISK: device 00:05.0 assigned with no IOMMU"])?;
-            need_line(log, &["guest g0: DMA: policy Passthrough WITHOUT an IOMMU"])?;
-            need_line(log, &["g0> dma-edu: source", "round trip delivered the bytes"])?;
-            iova_is_host_address(log, "g0", "dma-edu: source", "source", "-> IOVA")?;
-            need_line(log, &["g0> PASS dma-edu"])?;
-            need_line(log, &["guest g0: no IOMMU: its device(s) cannot be blocked at stop"])
-        }),
-    );
-    s.modules = vec![BootModule {
-        file: TEST_GUEST,
-        cmdline: "g0 dma-edu".into(),
-    }];
-    v.push(s);
-    let mut s = on.scenario(
-        "dma-no-iommu-refused",
-        "iommu=off: a guest asking strict for its device is refused (the policy needs an IOMMU), one asking passthrough without unsafe-interrupts too; a guest without devices runs",
-        Machine {
-            devices: vec!["edu,addr=0x5".into(), "edu,addr=0x6".into()],
-            ..Machine::default()
+    v.extend([
+        Spec {
+            name: "dma-fault-ring".into(),
+            about: "a DMA the IOMMU blocks is delivered to the guest's fault ring: IOVA, source id, direction, reason",
+            cmdline: g0("strict"),
+            modules: &["g0 dma-faults"],
+            need: &[
+                &["g0> dma-faults: ring of 126 records:", "source 0x0028 (edu 0x0028) direction 2 reason 5 seq 0; dropped 0; MAP of the ring page: Some(Perm)"],
+                &["g0> dma-faults: batch area over the fault ring: Some(Exist)"],
+                &["g0> PASS dma-faults"],
+            ],
+            then: Some(Box::new(no_leak)),
+            ..Spec::default()
         },
-        "iommu=off guest=name=g0,mem=8M,dev=00:05.0,policy=strict guest=name=g1,mem=8M,dev=00:06.0,policy=passthrough guest=name=g2,mem=8M",
-        Exit::Success,
-        Box::new(|log| {
-            boot_complete(log)?;
-            need_line(log, &["guest g0: not started: DMA: policy strict needs an IOMMU", "00:05.0 is not behind an enabled VT-d unit"])?;
-            need_line(log, &["guest g1: not started: device 00:06.0: no IOMMU translates it", "refused"])?;
-            forbid_line(log, &["g0> "])?;
-            forbid_line(log, &["g1> "])?;
-            need_line(log, &["g2> PASS hello"])?;
-            need_line(log, &["vm: all guests stopped (1 started of 3 configured)"])
-        }),
-    );
-    s.modules = ["g0 hello", "g1 hello", "g2 hello"]
-        .into_iter()
-        .map(|c| BootModule {
-            file: TEST_GUEST,
-            cmdline: c.into(),
-        })
-        .collect();
-    v.push(s);
-    let (cmd, modules) = guest("strict", "dma-bad");
-    let mut s = on.scenario(
-        "dma-bad-input",
-        "every bad PV DMA input gets its exact status and changes nothing",
-        Machine::default(),
-        &cmd,
-        Exit::Success,
-        Box::new(|log| {
-            boot_complete(log)?;
-            if let Some(l) = log
-                .lines()
-                .find(|l| l.contains("g0> dma-bad:") && l.contains("WRONG"))
-            {
-                return Err(format!("wrong status: {l}"));
-            }
-            for row in [
-                "unknown flag: Some(Inval)",
-                "zero length: Some(Inval)",
-                "overflowing length: Some(Range)",
-                "gpa outside the guest: Some(Fault)",
-                "GPA 0x200000 (the hypervisor's host-physical load address): MAP Ok, a DMA through it read the guest's own page: true ok",
-                "unmap at 0xfee00000 (past a 28-bit IOVA width): Some(Range)",
-                "overlap with a live mapping: Some(Exist)",
-                "unmap never mapped: Some(Noent)",
-                "partial unmap: Some(Inval)",
-                "batch area outside the guest: Some(Fault)",
-                "batch count",
-                "entry with a reserved field set: Some(Inval)",
-                "entry with an unknown op",
-                "map of the batch area: Some(Perm)",
-                "batch area whose end overflows: Some(Fault)",
-                "fault ring whose end overflows: Some(Fault)",
-                "errors counted for the",
-                "refused MULTICALL with cursor 0x100000005: Some(Noent) RDX 0x100000005 stop 3 ok",
-                "STATS RESET:",
-                "double unmap: NOENT ok",
-            ] {
-                need_line(log, &[&format!("g0> dma-bad: {row}")])?;
-            }
-            need_line(log, &["g0> PASS dma-bad"])?;
-            no_leak(log)
-        }),
-    );
-    s.modules = modules;
-    v.push(s);
-
-    let mut s = on.scenario(
-        "dma-two-guests",
-        "two guests with their own edu: neither can map the other's memory nor reach any IOVA the other holds with its device",
-        Machine { devices: vec!["edu,addr=0x5".into(), "edu,addr=0x6".into()], ..Machine::default() },
-        "guest=name=g0,mem=16M,dev=00:05.0,policy=strict guest=name=g1,mem=16M,dev=00:06.0,policy=strict",
-        Exit::Success,
-        Box::new(|log| {
-            boot_complete(log)?;
-            two_guests_check(log)?;
-            need_line(log, &["g0> dma-foreign: own IOVA", "reached its own page: true", "Some(Fault)"])?;
-            need_line(log, &["g1> dma-hold:", "the pages are intact"])?;
-            need_line(log, &["g0> PASS dma-foreign"])?;
-            need_line(log, &["g1> PASS dma-hold"])?;
-            for g in ["g0", "g1"] {
-                need_line(log, &[&format!("guest {g}: dma leak check: at stop 0 mapping(s), 0 pending, 0 pinned page(s)")])?;
-            }
-            Ok(())
-        }),
-    );
-    s.modules = vec![
-        BootModule {
-            file: TEST_GUEST,
-            cmdline: "g0 dma-foreign=1000".into(),
+        Spec {
+            name: "dma-batch-race".into(),
+            about: "another vCPU flips MAP entries' GPA in and out of the guest during the MULTICALL: every OK entry maps its in-guest page (DMA lands there), every other is FAULT and creates nothing",
+            cmdline: "guest=name=g0,mem=64M,cpus=2,dev=00:05.0,policy=batched".into(),
+            modules: &["g0 dma-race"],
+            need: &[&["g0> PASS dma-race"]],
+            then: Some(Box::new(|log| {
+                race_check(log)?;
+                no_leak(log)
+            })),
+            ..Spec::default()
         },
-        BootModule {
-            file: TEST_GUEST,
-            cmdline: "g1 dma-hold=4000".into(),
+        Spec {
+            name: "dma-passthrough-no-iommu".into(),
+            about: "iommu=off: passthrough still works, MAP returns the host-physical address and edu DMA through it delivers the bytes both ways; the assignment needs unsafe-interrupts and logs the risk",
+            cmdline: "iommu=off unsafe-interrupts guest=name=g0,mem=64M,dev=00:05.0,policy=passthrough".into(),
+            modules: &["g0 dma-edu"],
+            need: &[
+                &["vtd: iommu=off on the command line"],
+                &["guest g0: RISK: device 00:05.0 assigned with no IOMMU"],
+                &["guest g0: DMA: policy Passthrough WITHOUT an IOMMU"],
+                &["g0> dma-edu: source", "round trip delivered the bytes"],
+                &["g0> PASS dma-edu"],
+                &["guest g0: no IOMMU: its device(s) cannot be blocked at stop"],
+            ],
+            then: Some(Box::new(|log| {
+                iova_is_host_address(log, "g0", "dma-edu: source", "source", "-> IOVA")
+            })),
+            ..Spec::default()
         },
-    ];
-    v.push(s);
-
-    let mut s = on.scenario(
-        "dma-smp",
-        "4 vCPUs of one guest map IOVAs and the next vCPU unmaps them: IOVAs move between vCPUs, none held twice, no leak",
-        Machine { smp: 4, ..Machine::default() },
-        "guest=name=g0,mem=64M,cpus=4,dev=00:05.0,policy=batched",
-        Exit::Success,
-        Box::new(|log| {
-            boot_complete(log)?;
-            smp_check(log)?;
-            for k in 1..4 {
-                need_line(log, &[&format!("g0> vcpu {k}: dma-smp worker done, 0 duplicate IOVA(s) seen")])?;
-            }
-            need_line(log, &["g0> PASS dma-smp"])?;
-            no_leak(log)
-        }),
-    );
-    s.modules = vec![BootModule {
-        file: TEST_GUEST,
-        cmdline: "g0 dma-smp=100".into(),
-    }];
-    v.push(s);
+        Spec {
+            name: "dma-no-iommu-refused".into(),
+            about: "iommu=off: a guest asking strict for its device is refused (the policy needs an IOMMU), one asking passthrough without unsafe-interrupts too; a guest without devices runs",
+            machine: two_edus(),
+            cmdline: "iommu=off guest=name=g0,mem=8M,dev=00:05.0,policy=strict guest=name=g1,mem=8M,dev=00:06.0,policy=passthrough guest=name=g2,mem=8M".into(),
+            modules: &["g0 hello", "g1 hello", "g2 hello"],
+            need: &[
+                &["guest g0: not started: DMA: policy strict needs an IOMMU", "00:05.0 is not behind an enabled VT-d unit"],
+                &["guest g1: not started: device 00:06.0: no IOMMU translates it", "refused"],
+                &["g2> PASS hello"],
+                &["vm: all guests stopped (1 started of 3 configured)"],
+            ],
+            forbid: &[&["g0> "], &["g1> "]],
+            ..Spec::default()
+        },
+        Spec {
+            name: "dma-bad-input".into(),
+            about: "every bad PV DMA input gets its exact status and changes nothing",
+            cmdline: g0("strict"),
+            modules: &["g0 dma-bad"],
+            need: &[
+                &["g0> dma-bad: unknown flag: Some(Inval)"],
+                &["g0> dma-bad: zero length: Some(Inval)"],
+                &["g0> dma-bad: overflowing length: Some(Range)"],
+                &["g0> dma-bad: gpa outside the guest: Some(Fault)"],
+                &["g0> dma-bad: GPA 0x200000 (the hypervisor's host-physical load address): MAP Ok, a DMA through it read the guest's own page: true ok"],
+                &["g0> dma-bad: unmap at 0xfee00000 (past a 28-bit IOVA width): Some(Range)"],
+                &["g0> dma-bad: overlap with a live mapping: Some(Exist)"],
+                &["g0> dma-bad: unmap never mapped: Some(Noent)"],
+                &["g0> dma-bad: partial unmap: Some(Inval)"],
+                &["g0> dma-bad: batch area outside the guest: Some(Fault)"],
+                &["g0> dma-bad: batch count"],
+                &["g0> dma-bad: entry with a reserved field set: Some(Inval)"],
+                &["g0> dma-bad: entry with an unknown op"],
+                &["g0> dma-bad: map of the batch area: Some(Perm)"],
+                &["g0> dma-bad: batch area whose end overflows: Some(Fault)"],
+                &["g0> dma-bad: fault ring whose end overflows: Some(Fault)"],
+                &["g0> dma-bad: errors counted for the"],
+                &["g0> dma-bad: refused MULTICALL with cursor 0x100000005: Some(Noent) RDX 0x100000005 stop 3 ok"],
+                &["g0> dma-bad: STATS RESET:"],
+                &["g0> dma-bad: double unmap: NOENT ok"],
+                &["g0> PASS dma-bad"],
+            ],
+            then: Some(Box::new(|log| {
+                no_wrong_line(log, "g0> dma-bad:", "wrong status")?;
+                no_leak(log)
+            })),
+            ..Spec::default()
+        },
+        Spec {
+            name: "dma-two-guests".into(),
+            about: "two guests with their own edu: neither can map the other's memory nor reach any IOVA the other holds with its device",
+            machine: two_edus(),
+            cmdline: "guest=name=g0,mem=16M,dev=00:05.0,policy=strict guest=name=g1,mem=16M,dev=00:06.0,policy=strict".into(),
+            modules: &["g0 dma-foreign=1000", "g1 dma-hold=4000"],
+            need: &[
+                &["g0> dma-foreign: own IOVA", "reached its own page: true", "Some(Fault)"],
+                &["g1> dma-hold:", "the pages are intact"],
+                &["g0> PASS dma-foreign"],
+                &["g1> PASS dma-hold"],
+                &["guest g0: dma leak check: at stop 0 mapping(s), 0 pending, 0 pinned page(s)"],
+                &["guest g1: dma leak check: at stop 0 mapping(s), 0 pending, 0 pinned page(s)"],
+            ],
+            then: Some(Box::new(two_guests_check)),
+            ..Spec::default()
+        },
+        Spec {
+            name: "dma-smp".into(),
+            about: "4 vCPUs of one guest map IOVAs and the next vCPU unmaps them: IOVAs move between vCPUs, none held twice, no leak",
+            machine: Machine { smp: 4, ..Machine::default() },
+            cmdline: "guest=name=g0,mem=64M,cpus=4,dev=00:05.0,policy=batched".into(),
+            modules: &["g0 dma-smp=100"],
+            need: &[
+                &["g0> vcpu 1: dma-smp worker done, 0 duplicate IOVA(s) seen"],
+                &["g0> vcpu 2: dma-smp worker done, 0 duplicate IOVA(s) seen"],
+                &["g0> vcpu 3: dma-smp worker done, 0 duplicate IOVA(s) seen"],
+                &["g0> PASS dma-smp"],
+            ],
+            then: Some(Box::new(|log| {
+                smp_check(log)?;
+                no_leak(log)
+            })),
+            ..Spec::default()
+        },
+    ]);
 
     // The hot path without shared locks, under load: 2 vCPUs mapping and unmapping at full
     // speed (half of each vCPU's mappings unmapped on the other vCPU), while vCPU 0 probes
     // with edu that a page is unreachable once its UNMAP returned.
     for policy in ["strict", "batched"] {
-        let name = format!("dma-concurrent-2vcpu-{policy}");
-        let mut s = on.scenario(
-            Box::leak(name.into_boxed_str()),
-            "2 vCPUs map and unmap at full speed (single calls and MULTICALLs, cross-vCPU unmaps): no IOVA live twice, the hypervisor's accounting exact at every sync point, edu cannot reach a page after its UNMAP returned, no leak",
-            Machine { smp: 2, ..Machine::default() },
-            Box::leak(
-                format!("guest=name=g0,mem=64M,cpus=2,dev=00:05.0,policy={policy}")
-                    .into_boxed_str(),
-            ),
-            Exit::Success,
-            Box::new(move |log| {
-                boot_complete(log)?;
+        v.push(Spec {
+            name: format!("dma-concurrent-2vcpu-{policy}"),
+            about: "2 vCPUs map and unmap at full speed (single calls and MULTICALLs, cross-vCPU unmaps): no IOVA live twice, the hypervisor's accounting exact at every sync point, edu cannot reach a page after its UNMAP returned, no leak",
+            machine: Machine { smp: 2, ..Machine::default() },
+            cmdline: format!("guest=name=g0,mem=64M,cpus=2,dev=00:05.0,policy={policy}"),
+            modules: &["g0 dma-concurrent=48"],
+            need: &[&["g0> vcpu 1: dma-concurrent worker done"], &["g0> PASS dma-concurrent"]],
+            then: Some(Box::new(move |log| {
                 concurrent_check(log, policy)?;
-                need_line(log, &["g0> vcpu 1: dma-concurrent worker done"])?;
-                need_line(log, &["g0> PASS dma-concurrent"])?;
                 if let Some(l) = log.lines().find(|l| l.contains("refused by the allocator")) {
                     return Err(format!("the IOVA allocator refused a free: {l:?}"));
                 }
                 no_leak(log)
-            }),
-        );
-        s.modules = vec![BootModule {
-            file: TEST_GUEST,
-            cmdline: "g0 dma-concurrent=48".into(),
-        }];
-        v.push(s);
+            })),
+            ..Spec::default()
+        });
     }
 
     // A 32-bit device (e1000e): the MSI window lies inside its IOVA space.
-    let mut s = on.scenario(
-        "dma-msi-window",
-        "a guest with a 32-bit device (e1000e): QUERY lists the MSI window, UNMAP there is PERM, MAP never hands it out",
-        Machine {
+    v.push(Spec {
+        name: "dma-msi-window".into(),
+        about: "a guest with a 32-bit device (e1000e): QUERY lists the MSI window, UNMAP there is PERM, MAP never hands it out",
+        machine: Machine {
             devices: vec!["e1000e,addr=0x4".into()],
             extra: vec!["-nic".into(), "none".into()],
             ..Machine::default()
         },
-        "guest=name=g0,mem=16M,dev=00:04.0,policy=strict",
-        Exit::Success,
-        Box::new(|log| {
-            boot_complete(log)?;
-            need_line(log, &["pci: 00:04.0 8086:10d3"])?;
-            if let Some(l) = log.lines().find(|l| l.contains("g0> dma-msi:") && l.contains("WRONG")) {
-                return Err(format!("wrong answer: {l}"));
-            }
-            need_line(log, &["g0> dma-msi: policy strict IOVA width 32"])?;
-            need_line(log, &["g0> dma-msi: QUERY lists the MSI window [0xfee00000, 0xfef00000): true ok"])?;
-            for what in ["first page of the MSI window", "last page of the MSI window", "range reaching into the MSI window"] {
-                need_line(log, &[&format!("g0> dma-msi: UNMAP {what}"), "Some(Perm) (want Some(Perm)) ok"])?;
-            }
-            need_line(log, &["g0> dma-msi: MAP returned IOVA", "inside the width: true ok"])?;
-            need_line(log, &["g0> PASS dma-msi"])?;
+        cmdline: "guest=name=g0,mem=16M,dev=00:04.0,policy=strict".into(),
+        modules: &["g0 dma-msi"],
+        need: &[
+            &["pci: 00:04.0 8086:10d3"],
+            &["g0> dma-msi: policy strict IOVA width 32"],
+            &["g0> dma-msi: QUERY lists the MSI window [0xfee00000, 0xfef00000): true ok"],
+            &["g0> dma-msi: UNMAP first page of the MSI window", "Some(Perm) (want Some(Perm)) ok"],
+            &["g0> dma-msi: UNMAP last page of the MSI window", "Some(Perm) (want Some(Perm)) ok"],
+            &["g0> dma-msi: UNMAP range reaching into the MSI window", "Some(Perm) (want Some(Perm)) ok"],
+            &["g0> dma-msi: MAP returned IOVA", "inside the width: true ok"],
+            &["g0> PASS dma-msi"],
+        ],
+        then: Some(Box::new(|log| {
+            no_wrong_line(log, "g0> dma-msi:", "wrong answer")?;
             no_leak(log)
-        }),
-    );
-    s.modules = vec![BootModule {
-        file: TEST_GUEST,
-        cmdline: "g0 dma-msi".into(),
-    }];
-    v.push(s);
+        })),
+        ..Spec::default()
+    });
+    let mut v: Vec<Scenario> = v
+        .into_iter()
+        .map(|spec| spec.on(on, boot_complete))
+        .collect();
 
     for (name, policy, about) in [
         (
@@ -386,14 +313,14 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
             },
             ..Machine::default()
         };
-        let mut s = on.scenario(
-            name,
+        let mut s = Spec {
+            name: name.into(),
             about,
             machine,
-            &format!("guest=name=g0,mem=64M,cpus=2,dev=00:05.0,policy={policy}"),
-            Exit::Success,
-            Box::new(move |log| {
-                boot_complete(log)?;
+            cmdline: format!("guest=name=g0,mem=64M,cpus=2,dev=00:05.0,policy={policy}"),
+            modules: &["g0 dma-stale=12"],
+            need: &[&["g0> PASS dma-stale"]],
+            then: Some(Box::new(move |log| {
                 stale_check(log, policy == "deferred")?;
                 if policy == "deferred" {
                     // The hypervisor's own record: the oldest unmap's age when each
@@ -407,106 +334,89 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
                         ));
                     }
                 }
-                need_line(log, &["g0> PASS dma-stale"])?;
                 no_leak(log)
-            }),
-        );
-        s.modules = vec![BootModule {
-            file: TEST_GUEST,
-            cmdline: "g0 dma-stale=12".into(),
-        }];
+            })),
+            ..Spec::default()
+        }
+        .on(on, boot_complete);
         // Instruction counting runs the vCPUs round-robin on one host thread: slow in wall
         // time (about a minute; two on the 4-CPU matrix machine on a busy host).
         s.timeout_secs = s.timeout_secs.max(360);
         v.push(s);
     }
 
-    let mut s = on.scenario(
-        "dma-stop-blocks-device",
-        "a guest stops with an edu DMA into its memory still pending: the device is blocked at stop and its DMA faults",
-        Machine::default(),
-        "guest=name=g0,mem=16M,dev=00:05.0,policy=passthrough guest=name=g1,mem=8M",
-        Exit::Success,
-        Box::new(|log| {
-            boot_complete(log)?;
-            let started = line_index(log, &["g0> dma-stop: DMA to IOVA", "started"])?;
-            let stopped = line_index(log, &["guest g0 vcpu0: exited with code 0"])?;
-            let fault = line_index(log, &["vtd: fault after guest stop: unit", "source 00:05.0"])?;
-            if !(started < stopped && stopped < fault) {
-                return Err(format!(
-                    "order: DMA started on line {started}, guest stopped on line {stopped}, fault on line {fault}"
-                ));
-            }
-            need_line(log, &["g1> PASS spin"])?;
-            need_line(log, &["vm: all guests stopped"])
-        }),
+    v.extend(
+        [
+            Spec {
+                name: "dma-stop-blocks-device".into(),
+                about: "a guest stops with an edu DMA into its memory still pending: the device is blocked at stop and its DMA faults",
+                cmdline: "guest=name=g0,mem=16M,dev=00:05.0,policy=passthrough guest=name=g1,mem=8M".into(),
+                modules: &["g0 dma-stop", "g1 spin=25"],
+                need: &[&["g1> PASS spin"], &["vm: all guests stopped"]],
+                then: Some(Box::new(|log| {
+                    let started = line_index(log, &["g0> dma-stop: DMA to IOVA", "started"])?;
+                    let stopped = line_index(log, &["guest g0 vcpu0: exited with code 0"])?;
+                    let fault = line_index(log, &["vtd: fault after guest stop: unit", "source 00:05.0"])?;
+                    if !(started < stopped && stopped < fault) {
+                        return Err(format!(
+                            "order: DMA started on line {started}, guest stopped on line {stopped}, fault on line {fault}"
+                        ));
+                    }
+                    Ok(())
+                })),
+                ..Spec::default()
+            },
+            Spec {
+                name: "dma-capacity".into(),
+                about: "the guest holds exactly the mappings QUERY promises (then NOMEM), although its other vCPU's magazines cache IOVAs and it makes no call",
+                cmdline: "guest=name=g0,mem=112M,cpus=2,dev=00:05.0,policy=batched".into(),
+                modules: &["g0 dma-capacity"],
+                need: &[
+                    &["g0> dma-capacity: vCPU 1 mapped and unmapped 2000 pages; now idle"],
+                    &["g0> dma-capacity:", "(1 NOMEM, 0 other error(s)), 0 IOVA(s) twice; unmapped with 0 failure(s); live mappings after: 0"],
+                    &["g0> PASS dma-capacity"],
+                ],
+                then: Some(Box::new(|log| {
+                    let line = find_line(log, &["g0> dma-capacity: QUERY max_mappings"])
+                        .map_err(|_| "no dma-capacity result line")?;
+                    let promised: u64 = number_after(line, "max_mappings ").ok_or("no max_mappings")?;
+                    let mapped: u64 = number_after(line, "mapped ").ok_or("no mapped count")?;
+                    if promised == 0 || mapped != promised {
+                        return Err(format!("mapped {mapped} of the {promised} promised: {line}"));
+                    }
+                    no_leak(log)
+                })),
+                ..Spec::default()
+            },
+            Spec {
+                name: "dma-register-race".into(),
+                about: "two vCPUs race BATCH_REGISTER, FAULT_RING_REGISTER and MAP of the same page: never do both succeed",
+                cmdline: "guest=name=g0,mem=64M,cpus=2,dev=00:05.0,policy=strict".into(),
+                modules: &["g0 dma-register-race"],
+                need: &[
+                    &["g0> dma-register-race: BATCH_REGISTER vs BATCH_REGISTER:", "both succeeded 0 time(s)"],
+                    &["g0> dma-register-race: BATCH_REGISTER vs FAULT_RING_REGISTER:", "both succeeded 0 time(s)"],
+                    &["g0> dma-register-race: BATCH_REGISTER vs MAP:", "both succeeded 0 time(s)"],
+                    &["g0> PASS dma-register-race"],
+                ],
+                then: Some(Box::new(no_leak)),
+                ..Spec::default()
+            },
+        ]
+        .map(|spec| spec.on(on, boot_complete)),
     );
-    s.modules = vec![
-        BootModule {
-            file: TEST_GUEST,
-            cmdline: "g0 dma-stop".into(),
-        },
-        BootModule {
-            file: TEST_GUEST,
-            cmdline: "g1 spin=25".into(),
-        },
-    ];
-    v.push(s);
-
-    let mut s = on.scenario(
-        "dma-capacity",
-        "the guest holds exactly the mappings QUERY promises (then NOMEM), although its other vCPU's magazines cache IOVAs and it makes no call",
-        Machine::default(),
-        "guest=name=g0,mem=112M,cpus=2,dev=00:05.0,policy=batched",
-        Exit::Success,
-        Box::new(|log| {
-            boot_complete(log)?;
-            need_line(log, &["g0> dma-capacity: vCPU 1 mapped and unmapped 2000 pages; now idle"])?;
-            let line = log
-                .lines()
-                .find(|l| l.contains("g0> dma-capacity: QUERY max_mappings"))
-                .ok_or("no dma-capacity result line")?;
-            let promised: u64 = number_after(line, "max_mappings ").ok_or("no max_mappings")?;
-            let mapped: u64 = number_after(line, "mapped ").ok_or("no mapped count")?;
-            if promised == 0 || mapped != promised {
-                return Err(format!("mapped {mapped} of the {promised} promised: {line}"));
-            }
-            need_line(log, &["g0> dma-capacity:", "(1 NOMEM, 0 other error(s)), 0 IOVA(s) twice; unmapped with 0 failure(s); live mappings after: 0"])?;
-            need_line(log, &["g0> PASS dma-capacity"])?;
-            no_leak(log)
-        }),
-    );
-    s.modules = vec![BootModule {
-        file: TEST_GUEST,
-        cmdline: "g0 dma-capacity".into(),
-    }];
-    v.push(s);
-
-    let mut s = on.scenario(
-        "dma-register-race",
-        "two vCPUs race BATCH_REGISTER, FAULT_RING_REGISTER and MAP of the same page: never do both succeed",
-        Machine::default(),
-        "guest=name=g0,mem=64M,cpus=2,dev=00:05.0,policy=strict",
-        Exit::Success,
-        Box::new(|log| {
-            boot_complete(log)?;
-            for what in [
-                "BATCH_REGISTER vs BATCH_REGISTER",
-                "BATCH_REGISTER vs FAULT_RING_REGISTER",
-                "BATCH_REGISTER vs MAP",
-            ] {
-                need_line(log, &[&format!("g0> dma-register-race: {what}:"), "both succeeded 0 time(s)"])?;
-            }
-            need_line(log, &["g0> PASS dma-register-race"])?;
-            no_leak(log)
-        }),
-    );
-    s.modules = vec![BootModule {
-        file: TEST_GUEST,
-        cmdline: "g0 dma-register-race".into(),
-    }];
-    v.push(s);
     v
+}
+
+/// No line starting with `prefix` says WRONG.
+fn no_wrong_line(log: &str, prefix: &str, what: &str) -> Result<(), String> {
+    match log
+        .lines()
+        .find(|l| l.contains(prefix) && l.contains("WRONG"))
+    {
+        Some(l) => Err(format!("{what}: {l}")),
+        None => Ok(()),
+    }
 }
 
 fn line_index(log: &str, parts: &[&str]) -> Result<usize, String> {

@@ -4,14 +4,14 @@
 //! which CPU printed), not only that something printed.
 
 use crate::checks::{boot_complete, forbid_line, need_line};
-use crate::{BootModule, Exit, Firmware, Machine, Scenario, Variant, TEST_GUEST};
+use crate::{test_guest, BootModule, Firmware, Machine, Scenario, Spec, Variant};
 
 /// The guests of `cargo xtask run`: one guest with the edu device at 00:05.0.
 pub const DEMO_CMDLINE: &str = "guest=name=g0,mem=8M,dev=00:05.0,policy=batched";
 
 /// The demo's boot modules.
 pub fn demo_modules() -> Vec<BootModule> {
-    vec![module(
+    vec![test_guest(
         "g0 hello probe-pci edu-bar dma-demo vmmcall-bench=2000",
     )]
 }
@@ -35,13 +35,6 @@ pub fn demo_check(log: &str) -> Result<(), String> {
     need_line(log, &["g0> PASS dma-demo"])?;
     need_line(log, &["g0> moat-test-guest: 5 passed, 0 failed"])?;
     need_line(log, &["guest g0 vcpu0: exited with code 0"])
-}
-
-fn module(cmdline: &str) -> BootModule {
-    BootModule {
-        file: TEST_GUEST,
-        cmdline: cmdline.to_string(),
-    }
 }
 
 /// Index of the first line containing every part.
@@ -97,6 +90,11 @@ fn escape_check(log: &str, verb: &str, kind: &str, expect_gpa: u64) -> Result<()
     let at = line_of(log, &[&fault, "guest stopped"])?;
     forbid_line(log, &["g0> escape: read 0x"])?;
     forbid_line(log, &["g0> FAIL escape"])?;
+    went_on_after(log, at)
+}
+
+/// The other guest (g1, on cpu1) finished after line `at`, where g0 was stopped.
+fn went_on_after(log: &str, at: usize) -> Result<(), String> {
     let other = line_of(log, &["cpu1 vm::guest: g1> PASS spin"])?;
     if other < at {
         return Err("g1 finished before g0 faulted: nothing shows it went on".into());
@@ -170,329 +168,259 @@ fn guest_edu_check(log: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Every guest scenario on `on`'s machine.
-pub fn all(on: Variant) -> Vec<Scenario> {
-    let mut v = Vec::new();
-
-    let mut s = on.scenario(
-        "guest-hello",
-        "a guest boots in 64-bit mode, finds Moat in CPUID and prints through the console hypercall",
-        Machine::default(),
-        "guest=name=g0,mem=8M",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            need_line(log, &["vm: AMD SVM", "nested paging"])?;
-            need_line(log, &["cpu0 vm::guest: g0> moat-test-guest on g0 vcpu 0 of 1: 8 MiB, command line `hello`"])?;
-            need_line(log, &["g0> hello: cpuid 0x40000000 signature `MoatMoatMoat` max leaf 0x40000001", "hypervisor bit true"])?;
-            need_line(log, &["g0> hello: VERSION hypercall returned status 0 value 2"])?;
-            need_line(log, &["g0> PASS hello"])?;
-            need_line(log, &["guest g0 vcpu0: exited with code 0"])
-        }),
-    );
-    s.modules = vec![module("g0 hello")];
-    v.push(s);
-
-    let mut s = on.scenario(
-        "guest-two-smp2",
-        "two guests on -smp 2 run side by side, one per CPU",
-        Machine::default(),
-        "guest=name=g0,mem=8M guest=name=g1,mem=8M",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            side_by_side(log)?;
-            need_line(log, &["g0> PASS spin"])?;
-            need_line(log, &["g1> PASS spin"])?;
-            need_line(log, &["guest g0 vcpu0: exited with code 0"])?;
-            need_line(log, &["guest g1 vcpu0: exited with code 0"])
-        }),
-    );
-    s.modules = vec![module("g0 spin=12"), module("g1 spin=12")];
-    v.push(s);
-
-    for (name, test, verb, kind) in [
-        ("guest-escape-read", "escape-read", "reading", "read"),
-        ("guest-escape-write", "escape-write", "writing", "write"),
-    ] {
-        let mut s = on.scenario(
-            name,
-            "a guest touching memory outside its partition takes a nested page fault and is stopped; the other guest goes on",
-            Machine::default(),
-            "guest=name=g0,mem=8M guest=name=g1,mem=8M",
-            Exit::Success,
-            Box::new(move |log| escape_check(log, verb, kind, 8 << 20)),
-        );
-        s.modules = vec![module(&format!("g0 {test}")), module("g1 spin=25")];
-        v.push(s);
+/// The machine with two edu devices, at 00:05.0 and 00:06.0.
+pub(crate) fn two_edus() -> Machine {
+    Machine {
+        devices: vec!["edu,addr=0x5".into(), "edu,addr=0x6".into()],
+        ..Machine::default()
     }
+}
 
-    let mut s = on.scenario(
-        "guest-edu",
-        "an assigned edu device works through its mapped BAR; an unassigned one and the host bridge are invisible",
-        Machine {
-            devices: vec!["edu,addr=0x5".into(), "edu,addr=0x6".into()],
-            ..Machine::default()
-        },
-        "guest=name=g0,mem=8M,dev=00:05.0",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            need_line(log, &["guest g0: 00:05.0 BAR0", "mapped at the same guest-physical address"])?;
-            need_line(log, &["g0> pci: 00:05.0 1234:11e8"])?;
-            forbid_line(log, &["g0> pci: 00:06.0"])?;
-            forbid_line(log, &["g0> pci: 00:00.0"])?;
-            need_line(log, &["g0> probe-pci: 1 function(s) visible"])?;
-            need_line(log, &["g0> pci: 00:05.0 BAR0", "size 0x100000"])?;
-            guest_edu_check(log)?;
-            // The one capability the guest sees: edu's MSI (64-bit, next pointer 0, off).
-            need_line(log, &["g0> pci: 00:05.0 capability pointer 0x40, dword 0x40 0x800005"])?;
-            need_line(log, &["g0> PASS probe-pci"])?;
-            need_line(log, &["g0> edu-bar: id register 0x010000ed"])?;
-            need_line(log, &["g0> edu-bar: liveness wrote 0x12345678 read 0xedcba987"])?;
-            need_line(log, &["g0> edu-bar: factorial of 10 = 3628800"])?;
-            need_line(log, &["g0> PASS edu-bar"])?;
-            need_line(log, &["guest g0 vcpu0: exited with code 0"])
-        }),
-    );
-    s.modules = vec![module("g0 probe-pci edu-bar")];
-    v.push(s);
+/// A machine booted by OVMF.
+fn uefi() -> Machine {
+    Machine {
+        firmware: Firmware::Uefi,
+        ..Machine::default()
+    }
+}
 
-    let mut s = on.scenario(
-        "guest-unassigned-bar",
-        "the BAR of a device not assigned to the guest is not mapped: touching it stops the guest",
-        Machine {
-            devices: vec!["edu,addr=0x5".into(), "edu,addr=0x6".into()],
-            ..Machine::default()
-        },
-        "guest=name=g0,mem=8M,dev=00:05.0",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            // Wherever firmware put the unassigned edu's BAR0 (the hypervisor reports it), the
-            // guest touched exactly that address and was stopped for it.
-            let bar = discovered_bar(log, "00:06.0", 0)?;
-            need_line(log, &["g0> PASS edu-bar"])?;
-            need_line(log, &[&format!("g0> escape: reading GPA {bar:#x}")])?;
-            need_line(
-                log,
-                &[
-                    &format!(
-                        "guest g0 vcpu0: nested page fault at GPA {bar:#x} (read, not mapped)"
-                    ),
-                    "guest stopped",
-                ],
-            )?;
-            forbid_line(log, &["g0> escape: read 0x"])
-        }),
-    );
-    // The guest is told the address the hypervisor discovers on this machine.
-    s.prepare = Some(Box::new(|log| {
-        let bar = discovered_bar(log, "00:06.0", 0)?;
-        Ok(vec![module(&format!("g0 edu-bar escape-read={bar:#x}"))])
-    }));
-    v.push(s);
+/// One guest with 8 MiB, two guests with 8 MiB each.
+const ONE: &str = "guest=name=g0,mem=8M";
+const TWO: &str = "guest=name=g0,mem=8M guest=name=g1,mem=8M";
 
-    let mut s = on.scenario(
-        "guest-msr-gp",
-        "RDMSR EFER is answered without SVME; other MSR accesses get #GP injected into the guest",
-        Machine::default(),
-        "guest=name=g0,mem=8M",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            need_line(
-                log,
-                &["g0> msr: EFER 0xd00; #GP after RDMSR EFER 0, after RDMSR 0xc0010117 1, after WRMSR EFER 2"],
-            )?;
-            need_line(log, &["g0> PASS msr"])?;
-            need_line(log, &["guest g0 vcpu0: exited with code 0"])
-        }),
-    );
-    s.modules = vec![module("g0 msr")];
-    v.push(s);
-
-    let mut s = on.scenario(
-        "guest-hello-uefi",
-        "under OVMF (UEFI memory map) a guest boots and prints",
-        Machine {
-            firmware: Firmware::Uefi,
-            ..Machine::default()
-        },
-        "guest=name=g0,mem=8M",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            need_line(log, &["g0> PASS hello"])?;
-            need_line(log, &["guest g0 vcpu0: exited with code 0"])
-        }),
-    );
-    s.modules = vec![module("g0 hello")];
-    v.push(s);
-
-    let mut s = on.scenario(
-        "guest-fbcon-uefi",
-        "under OVMF GRUB hands over a GOP framebuffer: the hypervisor draws its warnings, errors and result line there, and the result line decodes back from video memory",
-        Machine {
-            firmware: Firmware::Uefi,
-            ..Machine::default()
-        },
-        "guest=name=g0,mem=8M",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            need_line(log, &["fbcon: ", "framebuffer at", "characters): warnings, errors and the result are shown there"])?;
-            need_line(log, &["fbcon: result line read back from the framebuffer: `moat: exit Success (code 0x10)`"])
-        }),
-    );
-    s.modules = vec![module("g0 hello")];
-    v.push(s);
-
-    let mut s = on.scenario(
-        "guest-bad-hypercall",
-        "an unknown hypercall returns UNSUPP (-9) (a flood of them is logged rate-limited) and a console write from outside memory FAULT (-8)",
-        Machine::default(),
-        "guest=name=g0,mem=8M",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            need_line(log, &["guest g0 vcpu0: unknown hypercall 0x7fffdead: returned UNSUPP (-9)"])?;
-            // 1001 unknown calls: 8 lines, then one per power of two (16 .. 512) with the
-            // count of the lines left out.
-            need_line(log, &["g0> bad-hypercall: 1000 more unknown calls, 1000 returned UNSUPP"])?;
-            let lines = log.lines().filter(|l| l.contains("unknown hypercall 0x")).count();
-            if lines > 8 + 6 {
-                return Err(format!("{lines} WARN lines for 1001 unknown hypercalls: not rate-limited"));
-            }
-            need_line(log, &["unknown hypercall", "#512, 255 not logged since the previous line"])?;
-            need_line(log, &["g0> bad-hypercall: call 0x7fffdead returned status -9 value 0"])?;
-            need_line(log, &["g0> bad-hypercall: console write from GPA 0xfffff0000000 returned status -8"])?;
-            need_line(log, &["g0> PASS bad-hypercall"])?;
-            need_line(log, &["guest g0 vcpu0: exited with code 0"])
-        }),
-    );
-    s.modules = vec![module("g0 bad-hypercall")];
-    v.push(s);
-
-    let mut s = on.scenario(
-        "guest-triple-fault",
-        "a guest that triple-faults is stopped; the other guest goes on",
-        Machine::default(),
-        "guest=name=g0,mem=8M guest=name=g1,mem=8M",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            need_line(log, &["g0> triple-fault: ud2 with no IDT"])?;
-            let at = line_of(
-                log,
-                &["guest g0 vcpu0: triple fault (shutdown)", "guest stopped"],
-            )?;
-            forbid_line(log, &["g0> FAIL triple-fault"])?;
-            let other = line_of(log, &["cpu1 vm::guest: g1> PASS spin"])?;
-            if other < at {
-                return Err("g1 finished before g0 faulted: nothing shows it went on".into());
-            }
-            need_line(log, &["guest g1 vcpu0: exited with code 0"])
-        }),
-    );
-    s.modules = vec![module("g0 triple-fault"), module("g1 spin=25")];
-    v.push(s);
-
+/// Every guest scenario on `on`'s machine: each checks first that every guest stopped with
+/// the hypervisor alive.
+pub fn all(on: Variant) -> Vec<Scenario> {
     // g0 takes every CPU of the machine, so g1 finds none left.
     let cpus = on.machine(Machine::default()).smp;
-    let mut s = on.scenario(
-        "guest-config",
-        "a guest with every CPU gets them all; a guest with no CPU left or no module is refused with a clear line",
-        Machine::default(),
-        &format!("guest=name=g0,mem=8M,cpus={cpus} guest=name=g1,mem=8M guest=name=g2,mem=8M"),
-        Exit::Success,
-        Box::new(move |log| {
-            guests_done(log)?;
-            for k in 1..cpus {
-                need_line(log, &[&format!("cpu{k} vm::guest: g0> vcpu {k} of {cpus} up")])?;
-                need_line(log, &[&format!("guest g0 vcpu{k}: exited with code 0")])?;
-            }
-            need_line(log, &["g0> PASS hello"])?;
-            need_line(log, &[&format!("guest g1: needs 1 CPU(s), 0 of {cpus} left"), "not started"])?;
-            need_line(log, &["guest g2: no boot module", "not started"])?;
-            need_line(log, &["vm: all guests stopped (1 started of 3 configured)"])
-        }),
-    );
-    s.modules = vec![module("g0 hello"), module("g1 hello")];
-    v.push(s);
-
-    let mut s = on.scenario(
-        "guest-refused",
-        "a guest with too little memory or a device that does not exist is refused with a clear line and takes no CPU",
-        Machine::default(),
-        "guest=name=g0,mem=1M guest=name=g1,mem=8M,dev=00:09.0 guest=name=g2,mem=8M",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            need_line(log, &["guest g0: not started: memory too small"])?;
-            need_line(log, &["guest g1: not started: device 00:09.0: no such PCI function"])?;
-            // Neither refused guest kept a CPU: g2 still gets cpu0.
-            need_line(log, &["cpu0 vm::guest: g2> PASS hello"])?;
-            need_line(log, &["vm: all guests stopped (1 started of 3 configured)"])
-        }),
-    );
-    s.modules = vec![module("g0 hello"), module("g1 hello"), module("g2 hello")];
-    v.push(s);
-
-    let mut s = on.scenario(
-        "guest-smp-fault",
-        "when one vCPU of a 2-vCPU guest faults, the guest's other vCPU is stopped too",
-        Machine::default(),
-        "guest=name=g0,mem=8M,cpus=2",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            need_line(log, &["cpu1 vm::guest: g0> vcpu 1 of 2 up"])?;
-            let fault = line_of(
-                log,
-                &[
-                    "cpu0 vm::guest: guest g0 vcpu0: nested page fault at GPA 0x800000 (read, not mapped)",
-                    "guest stopped",
-                ],
-            )?;
-            let stopped = line_of(
-                log,
-                &["cpu1 vm::guest: guest g0 vcpu1: stopped with its guest"],
-            )?;
-            if stopped < fault {
-                return Err("vcpu1 stopped before vcpu0 faulted".into());
-            }
-            need_line(
-                log,
+    vec![
+        Spec {
+            name: "guest-hello".into(),
+            about: "a guest boots in 64-bit mode, finds Moat in CPUID and prints through the console hypercall",
+            cmdline: ONE.into(),
+            modules: &["g0 hello"],
+            need: &[
+                &["vm: AMD SVM", "nested paging"],
+                &["cpu0 vm::guest: g0> moat-test-guest on g0 vcpu 0 of 1: 8 MiB, command line `hello`"],
+                &["g0> hello: cpuid 0x40000000 signature `MoatMoatMoat` max leaf 0x40000001", "hypervisor bit true"],
+                &["g0> hello: VERSION hypercall returned status 0 value 2"],
+                &["g0> PASS hello"],
+                &["guest g0 vcpu0: exited with code 0"],
+            ],
+            ..Spec::default()
+        },
+        Spec {
+            name: "guest-two-smp2".into(),
+            about: "two guests on -smp 2 run side by side, one per CPU",
+            cmdline: TWO.into(),
+            modules: &["g0 spin=12", "g1 spin=12"],
+            need: &[
+                &["g0> PASS spin"],
+                &["g1> PASS spin"],
+                &["guest g0 vcpu0: exited with code 0"],
+                &["guest g1 vcpu0: exited with code 0"],
+            ],
+            then: Some(Box::new(side_by_side)),
+            ..Spec::default()
+        },
+        escape("read", "reading", &["g0 escape-read", "g1 spin=25"]),
+        escape("write", "writing", &["g0 escape-write", "g1 spin=25"]),
+        Spec {
+            name: "guest-edu".into(),
+            about: "an assigned edu device works through its mapped BAR; an unassigned one and the host bridge are invisible",
+            machine: two_edus(),
+            cmdline: "guest=name=g0,mem=8M,dev=00:05.0".into(),
+            modules: &["g0 probe-pci edu-bar"],
+            need: &[
+                &["guest g0: 00:05.0 BAR0", "mapped at the same guest-physical address"],
+                &["g0> pci: 00:05.0 1234:11e8"],
+                &["g0> probe-pci: 1 function(s) visible"],
+                &["g0> pci: 00:05.0 BAR0", "size 0x100000"],
+                // The one capability the guest sees: edu's MSI (64-bit, next pointer 0, off).
+                &["g0> pci: 00:05.0 capability pointer 0x40, dword 0x40 0x800005"],
+                &["g0> PASS probe-pci"],
+                &["g0> edu-bar: id register 0x010000ed"],
+                &["g0> edu-bar: liveness wrote 0x12345678 read 0xedcba987"],
+                &["g0> edu-bar: factorial of 10 = 3628800"],
+                &["g0> PASS edu-bar"],
+                &["guest g0 vcpu0: exited with code 0"],
+            ],
+            forbid: &[&["g0> pci: 00:06.0"], &["g0> pci: 00:00.0"]],
+            then: Some(Box::new(guest_edu_check)),
+            ..Spec::default()
+        },
+        Spec {
+            name: "guest-unassigned-bar".into(),
+            about: "the BAR of a device not assigned to the guest is not mapped: touching it stops the guest",
+            machine: two_edus(),
+            cmdline: "guest=name=g0,mem=8M,dev=00:05.0".into(),
+            need: &[&["g0> PASS edu-bar"]],
+            forbid: &[&["g0> escape: read 0x"]],
+            // Wherever firmware put the unassigned edu's BAR0 (the hypervisor reports it), the
+            // guest touched exactly that address and was stopped for it.
+            then: Some(Box::new(|log| {
+                let bar = discovered_bar(log, "00:06.0", 0)?;
+                need_line(log, &[&format!("g0> escape: reading GPA {bar:#x}")])?;
+                let fault = format!("guest g0 vcpu0: nested page fault at GPA {bar:#x} (read, not mapped)");
+                need_line(log, &[&fault, "guest stopped"])
+            })),
+            // The guest is told the address the hypervisor discovers on this machine.
+            prepare: Some(Box::new(|log| {
+                let bar = discovered_bar(log, "00:06.0", 0)?;
+                Ok(vec![test_guest(&format!("g0 edu-bar escape-read={bar:#x}"))])
+            })),
+            ..Spec::default()
+        },
+        Spec {
+            name: "guest-msr-gp".into(),
+            about: "RDMSR EFER is answered without SVME; other MSR accesses get #GP injected into the guest",
+            cmdline: ONE.into(),
+            modules: &["g0 msr"],
+            need: &[
+                &["g0> msr: EFER 0xd00; #GP after RDMSR EFER 0, after RDMSR 0xc0010117 1, after WRMSR EFER 2"],
+                &["g0> PASS msr"],
+                &["guest g0 vcpu0: exited with code 0"],
+            ],
+            ..Spec::default()
+        },
+        Spec {
+            name: "guest-hello-uefi".into(),
+            about: "under OVMF (UEFI memory map) a guest boots and prints",
+            machine: uefi(),
+            cmdline: ONE.into(),
+            modules: &["g0 hello"],
+            need: &[&["g0> PASS hello"], &["guest g0 vcpu0: exited with code 0"]],
+            ..Spec::default()
+        },
+        Spec {
+            name: "guest-fbcon-uefi".into(),
+            about: "under OVMF GRUB hands over a GOP framebuffer: the hypervisor draws its warnings, errors and result line there, and the result line decodes back from video memory",
+            machine: uefi(),
+            cmdline: ONE.into(),
+            modules: &["g0 hello"],
+            need: &[
+                &["fbcon: ", "framebuffer at", "characters): warnings, errors and the result are shown there"],
+                &["fbcon: result line read back from the framebuffer: `moat: exit Success (code 0x10)`"],
+            ],
+            ..Spec::default()
+        },
+        Spec {
+            name: "guest-bad-hypercall".into(),
+            about: "an unknown hypercall returns UNSUPP (-9) (a flood of them is logged rate-limited) and a console write from outside memory FAULT (-8)",
+            cmdline: ONE.into(),
+            modules: &["g0 bad-hypercall"],
+            need: &[
+                &["guest g0 vcpu0: unknown hypercall 0x7fffdead: returned UNSUPP (-9)"],
+                &["g0> bad-hypercall: 1000 more unknown calls, 1000 returned UNSUPP"],
+                // 1001 unknown calls: 8 lines, then one per power of two (16 .. 512) with the
+                // count of the lines left out.
+                &["unknown hypercall", "#512, 255 not logged since the previous line"],
+                &["g0> bad-hypercall: call 0x7fffdead returned status -9 value 0"],
+                &["g0> bad-hypercall: console write from GPA 0xfffff0000000 returned status -8"],
+                &["g0> PASS bad-hypercall"],
+                &["guest g0 vcpu0: exited with code 0"],
+            ],
+            then: Some(Box::new(|log| {
+                let lines = log.lines().filter(|l| l.contains("unknown hypercall 0x")).count();
+                if lines > 8 + 6 {
+                    return Err(format!("{lines} WARN lines for 1001 unknown hypercalls: not rate-limited"));
+                }
+                Ok(())
+            })),
+            ..Spec::default()
+        },
+        Spec {
+            name: "guest-triple-fault".into(),
+            about: "a guest that triple-faults is stopped; the other guest goes on",
+            cmdline: TWO.into(),
+            modules: &["g0 triple-fault", "g1 spin=25"],
+            need: &[&["g0> triple-fault: ud2 with no IDT"], &["guest g1 vcpu0: exited with code 0"]],
+            forbid: &[&["g0> FAIL triple-fault"]],
+            then: Some(Box::new(|log| {
+                let at = line_of(log, &["guest g0 vcpu0: triple fault (shutdown)", "guest stopped"])?;
+                went_on_after(log, at)
+            })),
+            ..Spec::default()
+        },
+        Spec {
+            name: "guest-config".into(),
+            about: "a guest with every CPU gets them all; a guest with no CPU left or no module is refused with a clear line",
+            cmdline: format!("guest=name=g0,mem=8M,cpus={cpus} guest=name=g1,mem=8M guest=name=g2,mem=8M"),
+            modules: &["g0 hello", "g1 hello"],
+            need: &[
+                &["g0> PASS hello"],
+                &["guest g2: no boot module", "not started"],
+                &["vm: all guests stopped (1 started of 3 configured)"],
+            ],
+            then: Some(Box::new(move |log| {
+                for k in 1..cpus {
+                    need_line(log, &[&format!("cpu{k} vm::guest: g0> vcpu {k} of {cpus} up")])?;
+                    need_line(log, &[&format!("guest g0 vcpu{k}: exited with code 0")])?;
+                }
+                need_line(log, &[&format!("guest g1: needs 1 CPU(s), 0 of {cpus} left"), "not started"])
+            })),
+            ..Spec::default()
+        },
+        Spec {
+            name: "guest-refused".into(),
+            about: "a guest with too little memory or a device that does not exist is refused with a clear line and takes no CPU",
+            cmdline: "guest=name=g0,mem=1M guest=name=g1,mem=8M,dev=00:09.0 guest=name=g2,mem=8M".into(),
+            modules: &["g0 hello", "g1 hello", "g2 hello"],
+            need: &[
+                &["guest g0: not started: memory too small"],
+                &["guest g1: not started: device 00:09.0: no such PCI function"],
+                // Neither refused guest kept a CPU: g2 still gets cpu0.
+                &["cpu0 vm::guest: g2> PASS hello"],
+                &["vm: all guests stopped (1 started of 3 configured)"],
+            ],
+            ..Spec::default()
+        },
+        Spec {
+            name: "guest-smp-fault".into(),
+            about: "when one vCPU of a 2-vCPU guest faults, the guest's other vCPU is stopped too",
+            cmdline: "guest=name=g0,mem=8M,cpus=2".into(),
+            modules: &["g0 vcpu-spin spin=3 escape-read"],
+            need: &[
+                &["cpu1 vm::guest: g0> vcpu 1 of 2 up"],
                 &["guest g0: all 2 vCPU(s) stopped (nested page fault at GPA 0x800000"],
-            )
-        }),
-    );
-    s.modules = vec![module("g0 vcpu-spin spin=3 escape-read")];
-    v.push(s);
+            ],
+            then: Some(Box::new(|log| {
+                let fault = line_of(log, &["cpu0 vm::guest: guest g0 vcpu0: nested page fault at GPA 0x800000 (read, not mapped)", "guest stopped"])?;
+                let stopped = line_of(log, &["cpu1 vm::guest: guest g0 vcpu1: stopped with its guest"])?;
+                if stopped < fault {
+                    return Err("vcpu1 stopped before vcpu0 faulted".into());
+                }
+                Ok(())
+            })),
+            ..Spec::default()
+        },
+        Spec {
+            name: "guest-vmmcall-bench".into(),
+            about: "VMMCALL round trip measured in the guest (QEMU TCG)",
+            cmdline: ONE.into(),
+            modules: &["g0 vmmcall-bench=20000"],
+            need: &[
+                &["g0> vmmcall-bench: 20000 round trips:", "cycles/call", "ns/call (QEMU TCG"],
+                &["g0> PASS vmmcall-bench"],
+            ],
+            ..Spec::default()
+        },
+    ]
+    .into_iter()
+    .map(|spec| spec.on(on, guests_done))
+    .collect()
+}
 
-    let mut s = on.scenario(
-        "guest-vmmcall-bench",
-        "VMMCALL round trip measured in the guest (QEMU TCG)",
-        Machine::default(),
-        "guest=name=g0,mem=8M",
-        Exit::Success,
-        Box::new(|log| {
-            guests_done(log)?;
-            need_line(
-                log,
-                &[
-                    "g0> vmmcall-bench: 20000 round trips:",
-                    "cycles/call",
-                    "ns/call (QEMU TCG",
-                ],
-            )?;
-            need_line(log, &["g0> PASS vmmcall-bench"])
-        }),
-    );
-    s.modules = vec![module("g0 vmmcall-bench=20000")];
-    v.push(s);
-    v
+/// `guest-escape-{kind}`: g0 `verb` outside its partition is stopped; g1 goes on.
+fn escape(kind: &'static str, verb: &'static str, modules: &'static [&'static str]) -> Spec {
+    Spec {
+        name: format!("guest-escape-{kind}"),
+        about: "a guest touching memory outside its partition takes a nested page fault and is stopped; the other guest goes on",
+        cmdline: TWO.into(),
+        modules,
+        then: Some(Box::new(move |log| escape_check(log, verb, kind, 8 << 20))),
+        ..Spec::default()
+    }
 }
 
 #[cfg(test)]

@@ -55,11 +55,17 @@ pub fn rdtsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
-/// CPUID leaf/subleaf, raw (for passing leaves through to guests). Feature bits are read
-/// through `raw_cpuid`'s named accessors instead.
+/// CPUID leaf/subleaf, raw (for passing leaves through to guests), in the ABI's register
+/// type. Feature bits are read through `raw_cpuid`'s named accessors instead.
 #[inline]
-pub fn cpuid(leaf: u32, sub: u32) -> core::arch::x86_64::CpuidResult {
-    core::arch::x86_64::__cpuid_count(leaf, sub)
+pub fn cpuid(leaf: u32, sub: u32) -> moat_abi::cpuid::CpuidRegs {
+    let r = core::arch::x86_64::__cpuid_count(leaf, sub);
+    moat_abi::cpuid::CpuidRegs {
+        eax: r.eax,
+        ebx: r.ebx,
+        ecx: r.ecx,
+        edx: r.edx,
+    }
 }
 
 /// This CPU's initial local APIC id (CPUID leaf 1).
@@ -69,15 +75,16 @@ pub fn initial_apic_id() -> u32 {
         .map_or(0, |f| u32::from(f.initial_local_apic_id()))
 }
 
-/// Loads CR3 (switches address space).
+/// Loads CR3 (switches address space) with the PML4 at `pml4` (a page offset, normally 0,
+/// goes into the PCD/PWT bits unchanged).
 ///
 /// # Safety
 /// `pml4` must be a valid PML4 that maps the running code, stack and all live data.
 #[inline]
-pub unsafe fn write_cr3(pml4: u64) {
-    let frame = PhysFrame::containing_address(PhysAddr::new_truncate(pml4));
+pub unsafe fn write_cr3(pml4: crate::mm::PhysAddr) {
+    let frame = PhysFrame::containing_address(PhysAddr::new_truncate(pml4.as_u64()));
     // SAFETY: contract above; the low 12 bits (PCD/PWT) are passed through unchanged.
-    unsafe { Cr3::write_raw(frame, (pml4 & 0xfff) as u16) }
+    unsafe { Cr3::write_raw(frame, pml4.page_offset() as u16) }
 }
 
 /// Disables interrupts and halts forever.

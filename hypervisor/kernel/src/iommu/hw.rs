@@ -2,9 +2,6 @@
 //! window, table memory from the frame allocator (identity mapped, every access checked against
 //! the VT-d frame set, cache lines flushed for non-coherent walks), and a TSC clock.
 
-use core::sync::atomic::Ordering;
-
-use moat_ptab::TableMemory;
 use moat_vtd::regs::{Readable, Reg, Writable};
 use moat_vtd::{Clock, DmaMemory, PhysAddr, RegisterWindow};
 
@@ -35,19 +32,9 @@ impl RegisterWindow for Mmio {
 /// the safe accessors cannot reach memory the kernel's Rust code owns.
 pub struct KernelMemory;
 
+/// Frames, 64-bit words and cache flushes are the page-table engine's view of the same
+/// frames (the unit frees unlinked table pages with [`DmaMemory::free_frame`]).
 impl DmaMemory for KernelMemory {
-    fn alloc_frame(&mut self) -> Option<PhysAddr> {
-        DMA_FRAMES.alloc()
-    }
-    fn free_frame(&mut self, frame: PhysAddr) {
-        DMA_FRAMES.free(frame)
-    }
-    fn read_u64(&self, addr: PhysAddr) -> u64 {
-        DMA_FRAMES.word(addr).load(Ordering::Acquire)
-    }
-    fn write_u64(&mut self, addr: PhysAddr, value: u64) {
-        DMA_FRAMES.word(addr).store(value, Ordering::Release)
-    }
     fn read_u32(&self, addr: PhysAddr) -> u32 {
         DMA_FRAMES.check(addr, 4);
         // SAFETY: checked: 4-byte aligned inside a VT-d frame (identity-mapped RAM no Rust
@@ -59,38 +46,9 @@ impl DmaMemory for KernelMemory {
         // SAFETY: as read_u32.
         unsafe { core::ptr::write_volatile(addr.as_u64() as *mut u32, value) }
     }
-    fn flush_cache(&mut self, addr: PhysAddr, len: usize) {
-        DMA_FRAMES.flush(addr, len)
-    }
 }
 
-/// The page-table engine's view of the same frames (the unit frees unlinked table pages with
-/// [`DmaMemory::free_frame`]).
-impl TableMemory for KernelMemory {
-    fn alloc_table(&self) -> Option<PhysAddr> {
-        DMA_FRAMES.alloc()
-    }
-    fn free_table(&self, table: PhysAddr) {
-        DMA_FRAMES.free(table)
-    }
-    fn load_entry(&self, entry: PhysAddr) -> u64 {
-        DMA_FRAMES.word(entry).load(Ordering::Acquire)
-    }
-    fn store_entry(&self, entry: PhysAddr, value: u64) {
-        DMA_FRAMES.word(entry).store(value, Ordering::Release)
-    }
-    fn cas_entry(&self, entry: PhysAddr, current: u64, new: u64) -> Result<u64, u64> {
-        DMA_FRAMES
-            .word(entry)
-            .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
-    }
-    fn flush_entries(&self, addr: PhysAddr, len: usize) {
-        DMA_FRAMES.flush(addr, len)
-    }
-    fn table(&self, table: PhysAddr) -> Option<&[core::sync::atomic::AtomicU64; 512]> {
-        Some(DMA_FRAMES.table(table))
-    }
-}
+crate::mm::tables::table_memory_in!(KernelMemory, DMA_FRAMES);
 
 /// Nanoseconds from the calibrated TSC.
 pub struct TscClock;

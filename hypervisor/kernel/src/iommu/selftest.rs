@@ -30,6 +30,7 @@ const IOVA_SUPER: u64 = 0x40_0000;
 const IOVA_E: u64 = 0x50_0000;
 const IOVA_RO: u64 = 0x70_0000;
 const SUPER: u64 = 2 << 20;
+const RW: Access = Access::READ.union(Access::WRITE);
 
 struct Tally {
     passed: usize,
@@ -277,20 +278,14 @@ fn suite(base: u64, edus: &[Edu], t: &mut Tally) {
     );
 
     // 2. Unmapped IOVA: blocked and recorded, both directions; write to a read-only page.
-    let _ = e0.dma(Direction::ToRam, IOVA_HOLE, 0, LEN);
-    let fw = has_fault(&drain(base), s0, IOVA_HOLE, FaultAccess::Write);
-    t.check(
-        "fault-unmapped-write",
-        fw.is_some(),
-        format_args!("{}", fault_text(fw)),
-    );
-    let _ = e0.dma(Direction::FromRam, IOVA_HOLE, 0, LEN);
-    let fr = has_fault(&drain(base), s0, IOVA_HOLE, FaultAccess::Read);
-    t.check(
-        "fault-unmapped-read",
-        fr.is_some(),
-        format_args!("{}", fault_text(fr)),
-    );
+    for (name, direction, access) in [
+        ("fault-unmapped-write", Direction::ToRam, FaultAccess::Write),
+        ("fault-unmapped-read", Direction::FromRam, FaultAccess::Read),
+    ] {
+        let _ = e0.dma(direction, IOVA_HOLE, 0, LEN);
+        let f = has_fault(&drain(base), s0, IOVA_HOLE, access);
+        t.check(name, f.is_some(), format_args!("{}", fault_text(f)));
+    }
     // (A fresh IOVA: QEMU checks permissions on a table walk, not on an IOTLB hit, where
     // the write is dropped silently.)
 
@@ -475,14 +470,7 @@ fn superpage(base: u64, e0: &Edu, dom: &mut Domain, pattern: Page<'_>, t: &mut T
     last_page.fill(0);
     let mapped = with_unit(base, |u, m| {
         let mut g = dom.gather();
-        dom.map(
-            m,
-            IOVA_SUPER,
-            s,
-            SUPER,
-            Access::READ | Access::WRITE,
-            &mut g,
-        )?;
+        dom.map(m, IOVA_SUPER, s, SUPER, RW, &mut g)?;
         u.flush(m, &mut g).map(|_| ())
     });
     let tr = with_unit(base, |_, m| dom.translate(m, IOVA_SUPER + last)).flatten();
@@ -557,14 +545,7 @@ fn second_device(base: u64, e1: &Edu, canary: Page<'_>, a: Page<'_>, t: &mut Tal
     };
     let r = with_unit(base, |u, m| {
         let mut g = dom2.gather();
-        dom2.map(
-            m,
-            IOVA_E,
-            e.phys(),
-            PAGE,
-            Access::READ | Access::WRITE,
-            &mut g,
-        )?;
+        dom2.map(m, IOVA_E, e.phys(), PAGE, RW, &mut g)?;
         u.attach(m, &dom2, s1)?;
         u.flush(m, &mut g).map(|_| ())
     });
@@ -740,14 +721,7 @@ fn fault_storm(base: u64, edus: &[Edu], t: &mut Tally) {
     let sum = checksum(p);
     let r = with_unit(base, |u, m| {
         let mut g = dom.gather();
-        dom.map(
-            m,
-            IOVA_A,
-            p.phys(),
-            PAGE,
-            Access::READ | Access::WRITE,
-            &mut g,
-        )?;
+        dom.map(m, IOVA_A, p.phys(), PAGE, RW, &mut g)?;
         u.flush(m, &mut g).map(|_| ())
     });
     let ok = edus[0].dma(Direction::FromRam, IOVA_A, 0, LEN).is_ok() && {

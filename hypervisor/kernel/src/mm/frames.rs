@@ -25,7 +25,7 @@ static FRAMES: Mutex<Option<FrameAllocator<'static>>> = Mutex::new(None);
 #[derive(Debug, Clone, Copy)]
 pub struct FramesReport {
     /// The page below 640 KiB kept for the AP start-up trampoline.
-    pub trampoline: Option<u64>,
+    pub trampoline: Option<PhysAddr>,
     /// Frames managed.
     pub total: u64,
     /// Frames free.
@@ -77,7 +77,7 @@ pub fn init(boot: &BootInfo, reserved: &[Reservation]) -> Result<FramesReport, &
             "AP trampoline",
         )
         .ok()
-        .map(|r| r.start().as_u64());
+        .map(|r| r.start());
     map.reserve(range(0, 0x10_0000), "first MiB")
         .map_err(|_| "too many reservations")?;
     // SAFETY: the boot page tables identity-map the first 4 GiB read-write, and the kernel's

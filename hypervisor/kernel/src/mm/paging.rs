@@ -83,8 +83,8 @@ impl AddressSpace {
     /// Identity-maps `[phys, phys + len)` with `flags`, using 2 MiB pages where aligned,
     /// replacing whatever was mapped there (a 2 MiB page partly replaced is split into 4 KiB
     /// pages with its flags; where a table is linked the pages go into it).
-    pub fn map(&mut self, phys: u64, len: u64, flags: Pte) -> Result<(), MapError> {
-        if !phys.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+    pub fn map(&mut self, phys: PhysAddr, len: u64, flags: Pte) -> Result<(), MapError> {
+        if !phys.is_page_aligned() || !len.is_multiple_of(PAGE_SIZE) {
             return Err(MapError::Unaligned);
         }
         if len == 0 {
@@ -92,30 +92,32 @@ impl AddressSpace {
         }
         Ok(self
             .tables
-            .remap(&HostTables, phys, PhysAddr::new(phys), len, Some(flags))?)
+            .remap(&HostTables, phys.as_u64(), phys, len, Some(flags))?)
     }
 
     /// Removes the 4 KiB mapping of `phys` (splitting a 2 MiB page if needed).
-    pub fn unmap_page(&mut self, phys: u64) -> Result<(), MapError> {
-        Ok(self
-            .tables
-            .remap(&HostTables, phys, PhysAddr::new(0), PAGE_SIZE, None)?)
+    pub fn unmap_page(&mut self, phys: PhysAddr) -> Result<(), MapError> {
+        Ok(self.tables.remap(
+            &HostTables,
+            phys.as_u64(),
+            PhysAddr::new(0),
+            PAGE_SIZE,
+            None,
+        )?)
     }
 
     /// Looks up the address and flags of the page at `virt` (for self-checks).
-    pub fn lookup(&self, virt: u64) -> Option<(u64, Pte)> {
+    pub fn lookup(&self, virt: u64) -> Option<(PhysAddr, Pte)> {
         let (e, level) = self.tables.walk(&HostTables, virt);
         if e & Pte::PRESENT.bits() == 0 {
             return None;
         }
         if level == 1 {
-            return Some((e & ADDR_MASK, flags(e)));
+            return Some((PhysAddr::new(e & ADDR_MASK), flags(e)));
         }
         let size = level_size(level);
-        Some((
-            (e & ADDR_MASK & !(size - 1)) + (virt & (size - 1)),
-            flags(e),
-        ))
+        let phys = (e & ADDR_MASK & !(size - 1)) + (virt & (size - 1));
+        Some((PhysAddr::new(phys), flags(e)))
     }
 
     /// Flags of the page at `virt` as the CPU applies them: writable only if every level
@@ -148,6 +150,6 @@ impl AddressSpace {
     /// The address space must map the running code, stack and all data in use.
     pub unsafe fn activate(&self) {
         // SAFETY: contract above.
-        unsafe { crate::arch::x86::write_cr3(self.tables.root().as_u64()) };
+        unsafe { crate::arch::x86::write_cr3(self.tables.root()) };
     }
 }

@@ -4,17 +4,17 @@ use moat_boot::{BootInfo, MemoryKind};
 use spin::Mutex;
 
 use super::paging::{AddressSpace, MapError, Pte};
-use super::{align_down, align_up, kernel_image, PAGE_SIZE};
+use super::{align_down, align_up, kernel_image, PhysAddr, PAGE_SIZE};
 
 static KERNEL_SPACE: Mutex<Option<AddressSpace>> = Mutex::new(None);
 
-/// Builds the W^X identity map and switches this CPU to it. Returns the CR3 value.
+/// Builds the W^X identity map and switches this CPU to it. Returns the root table (CR3).
 ///
 /// * every memory-map region: RAM and ACPI regions read-write NX, reserved regions uncached NX;
 /// * the first 1 MiB read-write NX, page 0 unmapped (null pointer accesses fault);
 /// * the kernel image: text RX, rodata R NX, data/bss RW NX;
 /// * `exec_page` (the AP trampoline) R X.
-pub fn build(boot: &BootInfo, exec_page: u64) -> Result<u64, MapError> {
+pub fn build(boot: &BootInfo, exec_page: PhysAddr) -> Result<PhysAddr, MapError> {
     let mut s = AddressSpace::new()?;
     for r in boot.memory_map() {
         let start = align_down(r.start, PAGE_SIZE);
@@ -23,16 +23,17 @@ pub fn build(boot: &BootInfo, exec_page: u64) -> Result<u64, MapError> {
             MemoryKind::Usable | MemoryKind::AcpiReclaimable | MemoryKind::AcpiNvs => Pte::RW,
             MemoryKind::Reserved | MemoryKind::Defective => Pte::MMIO,
         };
-        s.map(start, end - start, flags)?;
+        s.map(PhysAddr::new(start), end - start, flags)?;
     }
-    s.map(0, 0x10_0000, Pte::RW)?;
-    s.unmap_page(0)?;
+    s.map(PhysAddr::new(0), 0x10_0000, Pte::RW)?;
+    s.unmap_page(PhysAddr::new(0))?;
     let k = kernel_image();
-    s.map(k.text.0, k.text.1 - k.text.0, Pte::RX)?;
-    s.map(k.rodata.0, k.rodata.1 - k.rodata.0, Pte::RO)?;
-    s.map(k.data.0, align_up(k.data.1, PAGE_SIZE) - k.data.0, Pte::RW)?;
+    s.map(PhysAddr::new(k.text.0), k.text.1 - k.text.0, Pte::RX)?;
+    s.map(PhysAddr::new(k.rodata.0), k.rodata.1 - k.rodata.0, Pte::RO)?;
+    let data_end = align_up(k.data.1, PAGE_SIZE);
+    s.map(PhysAddr::new(k.data.0), data_end - k.data.0, Pte::RW)?;
     s.map(exec_page, PAGE_SIZE, Pte::RX)?;
-    let root = s.root().as_u64();
+    let root = s.root();
     // SAFETY: the new space maps the kernel image (code, stacks in .bss, statics), all RAM
     // (frames, heap, boot information) and the first 1 MiB, identically to the boot map.
     unsafe { s.activate() };
@@ -45,7 +46,7 @@ pub fn map_mmio(phys: u64, len: u64) -> Result<(), MapError> {
     let start = align_down(phys, PAGE_SIZE);
     let end = align_up(phys + len.max(1), PAGE_SIZE);
     match KERNEL_SPACE.lock().as_mut() {
-        Some(s) => s.map(start, end - start, Pte::MMIO),
+        Some(s) => s.map(PhysAddr::new(start), end - start, Pte::MMIO),
         // Before the kernel space exists the boot map covers the first 4 GiB.
         None => Ok(()),
     }
@@ -83,7 +84,7 @@ pub fn break_wx_for_selftest(page: u64) -> Result<(), MapError> {
 fn remap_page(page: u64, flags: Pte) -> Result<(), MapError> {
     let mut guard = KERNEL_SPACE.lock();
     let s = guard.as_mut().ok_or(MapError::OutOfFrames)?;
-    s.map(page, PAGE_SIZE, flags)?;
+    s.map(PhysAddr::new(page), PAGE_SIZE, flags)?;
     // SAFETY: invlpg only drops this CPU's cached translation of `page`.
     unsafe { core::arch::asm!("invlpg [{}]", in(reg) page, options(nostack, preserves_flags)) };
     Ok(())

@@ -9,7 +9,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use moat_ptab::{PhysAddr, TableMemory};
+use moat_ptab::PhysAddr;
 
 use super::{frames, PAGE_SIZE};
 
@@ -149,25 +149,46 @@ pub static DMA_FRAMES: FrameSet = FrameSet::new("VT-d memory");
 /// Table memory of the CPU's and the guests' translation tables ([`HOST_TABLES`]).
 pub struct HostTables;
 
-impl TableMemory for HostTables {
-    fn alloc_table(&self) -> Option<PhysAddr> {
-        HOST_TABLES.alloc()
-    }
-    fn free_table(&self, table: PhysAddr) {
-        HOST_TABLES.free(table)
-    }
-    fn load_entry(&self, entry: PhysAddr) -> u64 {
-        HOST_TABLES.word(entry).load(Ordering::Acquire)
-    }
-    fn store_entry(&self, entry: PhysAddr, value: u64) {
-        HOST_TABLES.word(entry).store(value, Ordering::Release)
-    }
-    fn cas_entry(&self, entry: PhysAddr, current: u64, new: u64) -> Result<u64, u64> {
-        HOST_TABLES
-            .word(entry)
-            .compare_exchange(current, new, Ordering::AcqRel, Ordering::Acquire)
-    }
-    fn flush_entries(&self, addr: PhysAddr, len: usize) {
-        HOST_TABLES.flush(addr, len)
-    }
+/// Implements [`moat_ptab::TableMemory`] for the unit type `$ty` over the frame set `$set`: tables come
+/// from and go back to the set, entries are atomics in it (every access checked against it).
+macro_rules! table_memory_in {
+    ($ty:ty, $set:path) => {
+        impl moat_ptab::TableMemory for $ty {
+            fn alloc_table(&self) -> Option<moat_ptab::PhysAddr> {
+                $set.alloc()
+            }
+            fn free_table(&self, table: moat_ptab::PhysAddr) {
+                $set.free(table)
+            }
+            fn load_entry(&self, entry: moat_ptab::PhysAddr) -> u64 {
+                $set.word(entry).load(core::sync::atomic::Ordering::Acquire)
+            }
+            fn store_entry(&self, entry: moat_ptab::PhysAddr, value: u64) {
+                $set.word(entry)
+                    .store(value, core::sync::atomic::Ordering::Release)
+            }
+            fn cas_entry(
+                &self,
+                entry: moat_ptab::PhysAddr,
+                current: u64,
+                new: u64,
+            ) -> Result<u64, u64> {
+                use core::sync::atomic::Ordering::{AcqRel, Acquire};
+                $set.word(entry)
+                    .compare_exchange(current, new, AcqRel, Acquire)
+            }
+            fn flush_entries(&self, addr: moat_ptab::PhysAddr, len: usize) {
+                $set.flush(addr, len)
+            }
+            fn table(
+                &self,
+                table: moat_ptab::PhysAddr,
+            ) -> Option<&[core::sync::atomic::AtomicU64; 512]> {
+                Some($set.table(table))
+            }
+        }
+    };
 }
+pub(crate) use table_memory_in;
+
+table_memory_in!(HostTables, HOST_TABLES);

@@ -7,7 +7,7 @@
 //! guest has in EBX (the DMA calls only for a guest with devices) and the hypercall
 //! instruction in ECX (1 = VMMCALL on SVM, 2 = VMCALL on VMX).
 
-use moat_abi::cpuid::{CpuidRegs, GuestCpu};
+use moat_abi::cpuid::GuestCpu;
 use moat_abi::{Args, Call, Status, CALLS_ALL, CALLS_BASE, CONSOLE_MAX};
 
 use super::guest::{Guest, StopReason};
@@ -130,15 +130,7 @@ pub fn cpuid(guest: &Guest, vcpu: &mut Vcpu) {
         calls: calls(guest),
         instruction: super::hypercall_instruction(),
     };
-    let r = view.leaf(leaf, || {
-        let h = crate::arch::x86::cpuid(leaf, sub);
-        CpuidRegs {
-            eax: h.eax,
-            ebx: h.ebx,
-            ecx: h.ecx,
-            edx: h.edx,
-        }
-    });
+    let r = view.leaf(leaf, || crate::arch::x86::cpuid(leaf, sub));
     vcpu.set_reg(Reg::Rax, r.eax as u64);
     vcpu.set_reg(Reg::Rbx, r.ebx as u64);
     vcpu.set_reg(Reg::Rcx, r.ecx as u64);

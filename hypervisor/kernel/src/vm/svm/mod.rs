@@ -67,7 +67,7 @@ pub fn detect() -> Result<SvmInfo, Unsupported> {
 /// Per-CPU SVM pages: the host save area (`VM_HSAVE_PA`) and the page VMSAVE/VMLOAD keep the
 /// host's FS/GS/TR/LDTR/syscall state in across a guest run.
 struct CpuPages {
-    host_vmsave: u64,
+    host_vmsave: PhysAddr,
 }
 
 static CPU_PAGES: [Once<CpuPages>; crate::arch::cpu::MAX_CPUS] =
@@ -80,17 +80,13 @@ pub fn enable_this_cpu() -> Result<(), VcpuError> {
     if slot.is_completed() {
         return Ok(());
     }
-    let hsave = frames::alloc_zeroed()
-        .ok_or(VcpuError::OutOfMemory)?
-        .as_u64();
-    let host_vmsave = frames::alloc_zeroed()
-        .ok_or(VcpuError::OutOfMemory)?
-        .as_u64();
+    let hsave = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
+    let host_vmsave = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
     // SAFETY: SVM was detected (see `detect`); setting EFER.SVME only enables the SVM
     // instructions, and the host save area is a zeroed page owned by this CPU forever.
     unsafe {
         x86::wrmsr(x86::msr::EFER, x86::rdmsr(x86::msr::EFER) | EFER_SVME);
-        x86::wrmsr(MSR_VM_HSAVE_PA, hsave);
+        x86::wrmsr(MSR_VM_HSAVE_PA, hsave.as_u64());
     }
     slot.call_once(|| CpuPages { host_vmsave });
     Ok(())
@@ -99,20 +95,20 @@ pub fn enable_this_cpu() -> Result<(), VcpuError> {
 /// The I/O and MSR permission maps, shared by every guest: all ones, so every port access and
 /// every MSR access exits.
 struct PermissionMaps {
-    iopm: u64,
-    msrpm: u64,
+    iopm: PhysAddr,
+    msrpm: PhysAddr,
 }
 
 static MAPS: Once<Option<PermissionMaps>> = Once::new();
 
 fn permission_maps() -> Option<&'static PermissionMaps> {
     MAPS.call_once(|| {
-        let iopm = frames::alloc_contiguous(3, PAGE_SIZE)?.as_u64();
-        let msrpm = frames::alloc_contiguous(2, PAGE_SIZE)?.as_u64();
+        let iopm = frames::alloc_contiguous(3, PAGE_SIZE)?;
+        let msrpm = frames::alloc_contiguous(2, PAGE_SIZE)?;
         // SAFETY: freshly allocated, identity-mapped frames owned by these maps forever.
         unsafe {
-            core::ptr::write_bytes(iopm as *mut u8, 0xff, 3 * PAGE_SIZE as usize);
-            core::ptr::write_bytes(msrpm as *mut u8, 0xff, 2 * PAGE_SIZE as usize);
+            core::ptr::write_bytes(iopm.as_u64() as *mut u8, 0xff, 3 * PAGE_SIZE as usize);
+            core::ptr::write_bytes(msrpm.as_u64() as *mut u8, 0xff, 2 * PAGE_SIZE as usize);
         }
         Some(PermissionMaps { iopm, msrpm })
     })
@@ -240,7 +236,7 @@ moat_svm_run:
 );
 
 unsafe extern "C" {
-    fn moat_svm_run(gprs: *mut Gprs, vmcb_pa: u64, host_vmsave_pa: u64);
+    fn moat_svm_run(gprs: *mut Gprs, vmcb_pa: PhysAddr, host_vmsave_pa: PhysAddr);
 }
 
 /// Instruction lengths of the intercepted instructions the backend completes (without NRIPS,
@@ -253,12 +249,22 @@ const LEN_HLT: u64 = 1;
 /// One SVM virtual CPU.
 pub struct SvmVcpu {
     vmcb: &'static mut Vmcb,
-    vmcb_pa: u64,
+    vmcb_pa: PhysAddr,
     gprs: Gprs,
     nrips: bool,
     /// RIP after the instruction that caused the last exit, when known.
     next_rip: Option<u64>,
     first_run: bool,
+}
+
+impl Drop for SvmVcpu {
+    /// Frees the VMCB page. Nothing refers to it once the vCPU stops: VMRUN is not running
+    /// on it (the vCPU is dropped on the CPU that ran it, after its last exit), and a page
+    /// reused as another vCPU's VMCB starts zeroed, so its clean bits make the CPU reload
+    /// every field it might have cached for this address.
+    fn drop(&mut self) {
+        frames::free(self.vmcb_pa);
+    }
 }
 
 /// Where each guest register lives (the general registers the VMCB does not hold are in
@@ -312,12 +318,10 @@ impl SvmVcpu {
         entry: &EntryState,
     ) -> Result<Self, VcpuError> {
         let maps = permission_maps().ok_or(VcpuError::OutOfMemory)?;
-        let vmcb_pa = frames::alloc_zeroed()
-            .ok_or(VcpuError::OutOfMemory)?
-            .as_u64();
+        let vmcb_pa = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
         // SAFETY: a zeroed, page-aligned frame owned by this vCPU alone; all-zero bytes are a
         // valid `Vmcb` (plain integers).
-        let vmcb = unsafe { &mut *(vmcb_pa as *mut Vmcb) };
+        let vmcb = unsafe { &mut *(vmcb_pa.as_u64() as *mut Vmcb) };
         let c = &mut vmcb.control;
         c.intercept3 = (Intercept3::INTR
             | Intercept3::NMI
@@ -347,8 +351,8 @@ impl SvmVcpu {
             .bits();
         // #MC always comes to the hypervisor.
         c.intercept_exceptions = 1 << 18;
-        c.iopm_base_pa = maps.iopm;
-        c.msrpm_base_pa = maps.msrpm;
+        c.iopm_base_pa = maps.iopm.as_u64();
+        c.msrpm_base_pa = maps.msrpm.as_u64();
         c.guest_asid = asid;
         c.tlb_control = vmcb::tlb_control::FLUSH_ASID;
         c.int_ctl = vmcb::V_INTR_MASKING;

@@ -182,12 +182,10 @@ pub fn enable_this_cpu(info: &VmxInfo) -> Result<(), VcpuError> {
     if slot.is_completed() {
         return Ok(());
     }
-    let region = frames::alloc_zeroed()
-        .ok_or(VcpuError::OutOfMemory)?
-        .as_u64();
+    let region = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
     // SAFETY: the region is a zeroed, identity-mapped frame owned by this CPU forever; the
     // revision identifier goes in its first dword.
-    unsafe { core::ptr::write_volatile(region as *mut u32, info.revision) };
+    unsafe { core::ptr::write_volatile(region.as_u64() as *mut u32, info.revision) };
     let fc = rdmsr(msr::FEATURE_CONTROL);
     // SAFETY: VMX was detected; the MSR is unlocked (else `detect` checked VMX outside SMX
     // is on), and locking it with VMX enabled is what firmware would do. CR0/CR4 get the
@@ -445,14 +443,14 @@ impl Drop for VmxVcpu {
             }
             if let Some(state) = CPUS.get(cpu).and_then(|c| c.get()) {
                 let _ = state.current.compare_exchange(
-                    self.vmcs_pa,
+                    self.vmcs_pa.as_u64(),
                     0,
                     Ordering::Relaxed,
                     Ordering::Relaxed,
                 );
             }
         }
-        frames::free(PhysAddr::new(self.vmcs_pa));
+        frames::free(self.vmcs_pa);
     }
 }
 
@@ -468,7 +466,7 @@ const AR_UNUSABLE: u64 = 1 << 16;
 /// One VMX virtual CPU.
 pub struct VmxVcpu {
     info: VmxInfo,
-    vmcs_pa: u64,
+    vmcs_pa: PhysAddr,
     eptp: u64,
     vpid: u16,
     entry: EntryState,
@@ -499,11 +497,9 @@ impl VmxVcpu {
         vpid: u16,
         entry: &EntryState,
     ) -> Result<Self, VcpuError> {
-        let vmcs_pa = frames::alloc_zeroed()
-            .ok_or(VcpuError::OutOfMemory)?
-            .as_u64();
+        let vmcs_pa = frames::alloc_zeroed().ok_or(VcpuError::OutOfMemory)?;
         // SAFETY: a zeroed frame owned by this vCPU; the revision goes in its first dword.
-        unsafe { core::ptr::write_volatile(vmcs_pa as *mut u32, info.revision) };
+        unsafe { core::ptr::write_volatile(vmcs_pa.as_u64() as *mut u32, info.revision) };
         Ok(VmxVcpu {
             info: *info,
             vmcs_pa,
@@ -539,7 +535,9 @@ impl VmxVcpu {
                 vmcs::vmclear(self.vmcs_pa).map_err(|e| e.describe())?;
                 vmcs::vmptrld(self.vmcs_pa).map_err(|e| e.describe())?;
             }
-            state.current.store(self.vmcs_pa, Ordering::Relaxed);
+            state
+                .current
+                .store(self.vmcs_pa.as_u64(), Ordering::Relaxed);
             if let Err((f, e)) = self.setup() {
                 log::error!(
                     "vmx: VMWRITE of field {:#06x} failed: {}",
@@ -563,10 +561,12 @@ impl VmxVcpu {
             self.cpu = cpu;
         } else if cpu != self.cpu {
             return Err("the vCPU moved to another CPU (its VMCS is active on the first one)");
-        } else if state.current.load(Ordering::Relaxed) != self.vmcs_pa {
+        } else if state.current.load(Ordering::Relaxed) != self.vmcs_pa.as_u64() {
             // SAFETY: the VMCS is this vCPU's and only ever runs on this CPU.
             unsafe { vmcs::vmptrld(self.vmcs_pa).map_err(|e| e.describe())? };
-            state.current.store(self.vmcs_pa, Ordering::Relaxed);
+            state
+                .current
+                .store(self.vmcs_pa.as_u64(), Ordering::Relaxed);
         }
         Ok(())
     }

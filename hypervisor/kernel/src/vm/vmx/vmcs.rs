@@ -6,6 +6,8 @@ use core::arch::asm;
 
 use moat_x86arch::vmx::{field, Field};
 
+use crate::mm::PhysAddr;
+
 /// A failed VMX instruction: `Some(n)` is VMfailValid with VM-instruction error `n`, `None`
 /// VMfailInvalid (no current VMCS).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,44 +34,44 @@ fn check(rflags: u64) -> Result<(), VmFail> {
     }
 }
 
+/// Runs the VMX instruction `$insn` on the region at physical `$pa` (a 64-bit memory
+/// operand holding the address) and decodes VMfail. Only inside an `unsafe fn` whose contract
+/// makes the instruction sound.
+macro_rules! on_region {
+    ($insn:literal, $pa:expr) => {{
+        let pa: u64 = PhysAddr::as_u64($pa);
+        let flags: u64;
+        // SAFETY: the calling function's contract.
+        unsafe {
+            asm!(concat!($insn, " [{pa}]"), "pushfq", "pop {f}", pa = in(reg) &pa, f = out(reg) flags);
+        }
+        check(flags)
+    }};
+}
+
 /// VMXON with the region at physical `pa`.
 ///
 /// # Safety
 /// CR4.VMXE is set, CR0/CR4 satisfy the fixed bits, `pa` is this CPU's zeroed VMXON region
 /// with the revision identifier written, owned forever.
-pub unsafe fn vmxon(pa: u64) -> Result<(), VmFail> {
-    let flags: u64;
-    // SAFETY: contract above.
-    unsafe {
-        asm!("vmxon [{pa}]", "pushfq", "pop {f}", pa = in(reg) &pa, f = out(reg) flags);
-    }
-    check(flags)
+pub unsafe fn vmxon(pa: PhysAddr) -> Result<(), VmFail> {
+    on_region!("vmxon", pa)
 }
 
 /// VMCLEAR of the VMCS at `pa` (makes it inactive, clear, launch state "clear").
 ///
 /// # Safety
 /// In VMX operation; `pa` is a VMCS region owned by the caller.
-pub unsafe fn vmclear(pa: u64) -> Result<(), VmFail> {
-    let flags: u64;
-    // SAFETY: contract above.
-    unsafe {
-        asm!("vmclear [{pa}]", "pushfq", "pop {f}", pa = in(reg) &pa, f = out(reg) flags);
-    }
-    check(flags)
+pub unsafe fn vmclear(pa: PhysAddr) -> Result<(), VmFail> {
+    on_region!("vmclear", pa)
 }
 
 /// VMPTRLD: makes the VMCS at `pa` current on this CPU.
 ///
 /// # Safety
 /// As [`vmclear`]; the VMCS is not current on another CPU.
-pub unsafe fn vmptrld(pa: u64) -> Result<(), VmFail> {
-    let flags: u64;
-    // SAFETY: contract above.
-    unsafe {
-        asm!("vmptrld [{pa}]", "pushfq", "pop {f}", pa = in(reg) &pa, f = out(reg) flags);
-    }
-    check(flags)
+pub unsafe fn vmptrld(pa: PhysAddr) -> Result<(), VmFail> {
+    on_region!("vmptrld", pa)
 }
 
 /// Reads a field of the current VMCS (0 when it cannot be read).
