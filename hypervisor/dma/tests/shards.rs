@@ -30,11 +30,12 @@ impl Iommu for Dom {
     fn map(
         &mut self,
         iova: u64,
-        hpa: u64,
+        hpa: moat_dma::PhysAddr,
         len: u64,
         _: Access,
         _: &mut Self::Pending,
     ) -> Result<(), Error> {
+        let hpa = hpa.as_u64();
         let mut t = self.0.lock().unwrap();
         for i in 0..len / PAGE_SIZE {
             assert!(

@@ -88,7 +88,7 @@ impl Iommu for &VtdDomain {
     fn map(
         &mut self,
         iova: u64,
-        hpa: u64,
+        hpa: PhysAddr,
         len: u64,
         a: Access,
         pending: &mut VtdPending,
@@ -102,7 +102,7 @@ impl Iommu for &VtdDomain {
         let g = pending
             .gather
             .get_or_insert_with(|| dom.gather().without_range_list().with_walk_cache());
-        dom.map(&KernelMemory, iova, PhysAddr::new(hpa), len, access(a), g)
+        dom.map(&KernelMemory, iova, hpa, len, access(a), g)
             .map_err(vtd_error)
     }
 
@@ -246,8 +246,8 @@ impl GuestRam for Partition {
     fn size(&self) -> u64 {
         self.size
     }
-    fn host_base(&self) -> u64 {
-        self.base
+    fn host_base(&self) -> PhysAddr {
+        PhysAddr::new(self.base)
     }
     fn forbidden(&self, gpa: core::ops::Range<u64>) -> bool {
         gpa.start < MSI_WINDOW.end && gpa.end > MSI_WINDOW.start
