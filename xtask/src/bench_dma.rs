@@ -57,7 +57,8 @@ fn parse(line: &str) -> Option<Row> {
 
 /// QEMU's arguments for `vcpus` vCPUs: `-smp vcpus`, and multi-threaded TCG (one host
 /// thread per vCPU) instead of the default accelerator options.
-fn machine_args(iso: &str, vcpus: u32) -> Vec<String> {
+/// With `icount`, single-threaded TCG with instructions as time (`-icount shift=0`).
+fn machine_args(iso: &str, vcpus: u32, icount: bool) -> Vec<String> {
     let m = Machine {
         smp: vcpus.max(Machine::default().smp),
         ..Machine::default()
@@ -66,13 +67,17 @@ fn machine_args(iso: &str, vcpus: u32) -> Vec<String> {
     if let Some(i) = args.iter().position(|a| a == "-accel")
         && let Some(a) = args.get_mut(i + 1)
     {
-        *a = "tcg,thread=multi".into();
+        *a = if icount { "tcg" } else { "tcg,thread=multi" }.into();
+    }
+    if icount {
+        args.extend(["-icount".into(), "shift=0".into()]);
     }
     args
 }
 
 /// Runs the benchmark on each vCPU count of `vcpus`; `quick` uses fewer operations per cell.
-pub fn run(quick: bool, vcpus: &[u32]) -> Result<()> {
+/// With `icount`, instructions as emulated time (see [`machine_args`]).
+pub fn run(quick: bool, vcpus: &[u32], icount: bool) -> Result<()> {
     setup::ensure()?;
     let kernel = build_kernel(Flavour::Release)?;
     let ops = if quick { 64 } else { 512 };
@@ -93,13 +98,16 @@ pub fn run(quick: bool, vcpus: &[u32]) -> Result<()> {
                 &cmdline,
                 format!("g0 dma-bench={ops}"),
                 &name,
-                |iso| machine_args(iso, n),
+                |iso| machine_args(iso, n, icount),
                 parse,
                 |found| found.len() == 8 && found.iter().all(|f| f.vcpus == n as u64),
             )
             .map_err(|e| format!("bench dma: policy {policy}, {n} vCPU(s): {e}"))?;
             rows.extend(found);
         }
+    }
+    if icount {
+        println!("-icount shift=0: instructions as emulated time (TSC cycles ~ guest and hypervisor instructions), single-threaded TCG: path lengths, independent of host load; the vCPU scaling below means nothing under it");
     }
     print_table(&rows);
     write_json(&rows, &root().join("target/bench/dma.json"))?;

@@ -51,6 +51,11 @@ pub enum Cmd {
         #[arg(long, global = true, value_delimiter = ',', default_value = "1",
               value_parser = clap::value_parser!(u32).range(1..=4))]
         vcpus: Vec<u32>,
+        /// DMA benchmark only: instructions as time (QEMU `-icount shift=0`, single-threaded
+        /// TCG), so the figures are path lengths that host load does not change; the vCPUs of a
+        /// guest then take turns, so its vCPU scaling means nothing
+        #[arg(long, global = true)]
+        icount: bool,
     },
     /// Fuzz every cargo-fuzz target (or one) for SECS seconds each (nightly + cargo-fuzz,
     /// installed when missing)
@@ -219,6 +224,10 @@ mod tests {
         };
         assert_eq!(vcpus, [1]);
         assert!(parse("bench dma --vcpus 0").is_err());
+        let Ok(Cmd::Bench { icount, .. }) = parse("bench dma --icount") else {
+            panic!("--icount")
+        };
+        assert!(icount);
         assert!(parse("bench").is_err());
         assert!(parse("bench gpu").is_err());
         let Ok(Cmd::Fuzz { time, target }) = parse("fuzz") else {

@@ -11,6 +11,7 @@
 //!                                                ends "N passed, N failed"
 //! cargo xtask bench iova|dma|nvme [--quick]      IOVA allocator against peers; PV DMA per policy; NVMe per policy
 //!                  [--vcpus 1,2]                 (dma: on 1 and 2 vCPUs of one guest at once)
+//!                  [--icount]                    (dma: instructions as time, load-independent)
 //! cargo xtask bench plot                          redraw the SVGs from target/bench/*.json
 //! cargo xtask fuzz [--time SECS] [TARGET]        fuzz every target (or one) SECS seconds each
 //!                                                (default 60; nightly + cargo-fuzz installed)
@@ -212,7 +213,12 @@ fn main() -> ExitCode {
         Cmd::Iso { selftest, cmdline } => cmd_iso(selftest, &cmdline),
         Cmd::Run(a) => cmd_run(a),
         Cmd::Test(a) => test::cmd_test(a),
-        Cmd::Bench { what, quick, vcpus } => cmd_bench(what, quick, &vcpus),
+        Cmd::Bench {
+            what,
+            quick,
+            vcpus,
+            icount,
+        } => cmd_bench(what, quick, &vcpus, icount),
         Cmd::Fuzz { time, target } => fuzz::cmd_fuzz(target.as_deref(), time),
         Cmd::Setup => setup::ensure(),
     };
@@ -349,7 +355,10 @@ pub fn module_files(modules: &[moat_scenarios::BootModule]) -> Result<Vec<(PathB
     Ok(out)
 }
 
-fn cmd_bench(what: Bench, quick: bool, vcpus: &[u32]) -> Result<()> {
+fn cmd_bench(what: Bench, quick: bool, vcpus: &[u32], icount: bool) -> Result<()> {
+    if icount && what != Bench::Dma {
+        return Err("--icount is for `bench dma` only".into());
+    }
     eprintln!(
         "xtask: benchmark built with rustc {}",
         setup::rustc_version().unwrap_or_else(|| "(unknown)".into())
@@ -375,7 +384,7 @@ fn cmd_bench(what: Bench, quick: bool, vcpus: &[u32]) -> Result<()> {
             eprintln!("xtask: wrote {}", json.display());
             Ok(())
         }
-        Bench::Dma => bench_dma::run(quick, vcpus),
+        Bench::Dma => bench_dma::run(quick, vcpus, icount),
         Bench::Nvme => bench_nvme::run(quick),
         Bench::Plot => plots::redraw(),
     }

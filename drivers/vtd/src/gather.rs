@@ -79,6 +79,10 @@ pub struct Gather {
     freed_tables: Vec<PhysAddr>,
     new_mappings: bool,
     invalidate_maps: bool,
+    /// Whether `unmapped` lists the unmapped ranges (see [`Gather::without_range_list`]).
+    list_unmapped: bool,
+    /// The owner's cache of its last leaf table (see [`Gather::with_walk_cache`]).
+    walker: Option<moat_ptab::Walker>,
 }
 
 /// Appends `r` to `v`, merging with the last range when they touch or overlap.
@@ -116,7 +120,28 @@ impl Gather {
             freed_tables: Vec::new(),
             new_mappings: false,
             invalidate_maps: false,
+            list_unmapped: true,
+            walker: None,
         }
+    }
+
+    /// This gather with a walk cache (`moat_ptab`'s "Walkers"): the domain's maps and unmaps
+    /// through it keep the leaf table they used, so a batch in one table's span walks the
+    /// tables once, and keep their mapped-bytes count here until they walk again (the
+    /// domain's shared count is then updated once per walk, not per call). One gather per
+    /// owner of IOVA ranges, as always.
+    pub fn with_walk_cache(mut self) -> Self {
+        self.walker = Some(moat_ptab::Walker::default());
+        self
+    }
+
+    /// This gather without the list of unmapped ranges: [`Self::unmapped`] and the flush's
+    /// `unmapped` stay empty. For callers that keep their own records of what they unmapped,
+    /// so that gathering a batch's unmaps allocates nothing once the invalidation list has
+    /// grown (it keeps its capacity across flushes).
+    pub fn without_range_list(mut self) -> Self {
+        self.list_unmapped = false;
+        self
     }
 
     /// Id of the unit whose domain this gather belongs to.
@@ -157,8 +182,10 @@ impl Gather {
     }
 
     pub(crate) fn add_unmapped(&mut self, r: Range<u64>) {
-        push_merged(&mut self.inval, r.clone());
-        self.unmapped.push(r);
+        if self.list_unmapped {
+            self.unmapped.push(r.clone());
+        }
+        push_merged(&mut self.inval, r);
     }
 
     /// Records a range to invalidate that is not released to the caller (rollback of a
@@ -260,6 +287,9 @@ impl moat_ptab::Sink for Gather {
     fn invalidate(&mut self, range: Range<u64>) {
         self.add_invalidation(range);
     }
+    fn walker(&mut self) -> Option<&mut moat_ptab::Walker> {
+        self.walker.as_mut()
+    }
 }
 
 #[cfg(test)]
@@ -303,6 +333,23 @@ mod tests {
                 am: 2
             }
         );
+    }
+
+    #[test]
+    fn without_range_list_plans_the_same_and_lists_nothing() {
+        let mut a = Gather::new(0, 3);
+        let mut b = Gather::new(0, 3).without_range_list();
+        for p in [9u64, 1, 2, 700, 3] {
+            a.add_unmapped(p * 4096..(p + 1) * 4096);
+            b.add_unmapped(p * 4096..(p + 1) * 4096);
+        }
+        assert_eq!(a.plan(true, 18, 16), b.plan(true, 18, 16));
+        assert_eq!(a.unmapped().len(), 5);
+        assert!(b.unmapped().is_empty());
+        assert!(!b.is_empty());
+        let (ranges, _) = b.take();
+        assert!(ranges.is_empty());
+        assert!(b.is_empty());
     }
 
     #[test]

@@ -3,6 +3,8 @@
 
 use core::ops::Range;
 
+use moat_frames::PhysAddr;
+
 /// Device access rights of a mapping.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Access {
@@ -49,7 +51,7 @@ pub trait Iommu {
     fn map(
         &mut self,
         iova: u64,
-        hpa: u64,
+        hpa: PhysAddr,
         len: u64,
         access: Access,
         pending: &mut Self::Pending,
@@ -94,7 +96,7 @@ pub trait GuestRam {
     /// Bytes of RAM.
     fn size(&self) -> u64;
     /// Host-physical address of guest-physical 0.
-    fn host_base(&self) -> u64;
+    fn host_base(&self) -> PhysAddr;
     /// A guest-physical range that may never be mapped for DMA (e.g. the MSI window,
     /// reserved regions), if `[gpa, gpa + len)` touches one.
     fn forbidden(&self, _gpa: Range<u64>) -> bool {

@@ -47,11 +47,15 @@ extern crate alloc;
 
 mod backend;
 mod error;
+mod live;
 mod shared;
 mod state;
 mod sync;
 
 pub use backend::{Access, Clock, GuestRam, Iommu, IovaSource, NoClock};
 pub use error::Error;
+/// Host-physical addresses (`moat-frames`' type, the one for all of Moat): what a mapping's
+/// IOVAs translate to.
+pub use moat_frames::PhysAddr;
 pub use shared::Shared;
 pub use state::{Counts, DmaState, Limits, Mapping, Phase, Policy, Stats, Unmapped, PAGE_SIZE};

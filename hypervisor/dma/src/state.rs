@@ -1,10 +1,10 @@
 //! [`DmaState`]: one guest's DMA mappings and the rules that govern them.
 
-use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use crate::backend::{Access, Clock, GuestRam, Iommu, IovaSource};
+use crate::live::LiveMap;
 use crate::shared::Shared;
 use crate::Error;
 
@@ -186,7 +186,7 @@ struct Waiting {
 pub struct DmaState<P> {
     policy: Policy,
     limits: Limits,
-    live: BTreeMap<u64, Mapping>,
+    live: LiveMap,
     shared: Arc<Shared>,
     /// Pages of this shard's live mappings.
     mapped_pages: u64,
@@ -197,8 +197,16 @@ pub struct DmaState<P> {
     /// the next flush must run even with nothing waiting.
     map_unflushed: bool,
     in_batch: bool,
+    /// Quota this shard holds in [`Shared`] beyond its live mappings: (mappings, pages). Only
+    /// inside a batch (see [`Self::reserve`]); returned at its end.
+    credit: (usize, u64),
     stats: Stats,
 }
+
+/// Maps one quota reservation covers inside a batch (the first map of a batch, or one that
+/// finds the credit spent, reserves for itself and the next `BATCH_CREDIT - 1` maps of its
+/// size).
+const BATCH_CREDIT: usize = 32;
 
 impl<P: Default> DmaState<P> {
     /// Guest RAM a state made by [`Self::new`] can map: 4 GiB.
@@ -220,13 +228,14 @@ impl<P: Default> DmaState<P> {
         Self {
             policy,
             limits,
-            live: BTreeMap::new(),
+            live: LiveMap::default(),
             shared,
             mapped_pages: 0,
             pending,
             waiting: Vec::new(),
             map_unflushed: false,
             in_batch: false,
+            credit: (0, 0),
             stats: Stats::default(),
         }
     }
@@ -278,7 +287,7 @@ impl<P: Default> DmaState<P> {
     /// mapped, still counted in [`Shared`]), for [`Self::adopt`] by another shard: an UNMAP
     /// on another vCPU than the MAP. `None` when this shard has no mapping there.
     pub fn take_mapping(&mut self, iova: u64) -> Option<Mapping> {
-        let m = self.live.remove(&iova)?;
+        let m = self.live.remove(iova)?;
         self.mapped_pages -= m.pages;
         Some(m)
     }
@@ -287,7 +296,7 @@ impl<P: Default> DmaState<P> {
     /// [`Self::take_mapping`].
     pub fn adopt(&mut self, m: Mapping) {
         self.mapped_pages += m.pages;
-        self.live.insert(m.iova, m);
+        self.live.insert(m);
     }
 
     /// Whether a device may still reach any page of guest-physical `[gpa, end)`: a live
@@ -305,12 +314,15 @@ impl<P: Default> DmaState<P> {
 
     /// The live mapping starting at `iova`.
     pub fn mapping(&self, iova: u64) -> Option<Mapping> {
-        self.live.get(&iova).copied()
+        self.live.get(iova).copied()
     }
 
-    /// The live mappings, by IOVA.
+    /// The live mappings, by IOVA (sorted on each call: for tests and reports, not the hot
+    /// path).
     pub fn mappings(&self) -> impl Iterator<Item = Mapping> + '_ {
-        self.live.values().copied()
+        let mut all: Vec<Mapping> = self.live.values().copied().collect();
+        all.sort_unstable_by_key(|m| m.iova);
+        all.into_iter()
     }
 
     /// The ranges whose IOVA is held until the pending invalidation completes (pending unmaps
@@ -366,11 +378,59 @@ impl<P: Default> DmaState<P> {
     }
 
     fn hold(&mut self, m: Mapping, unmap: bool, clock: &impl Clock) {
-        self.waiting.push(Waiting {
-            m,
-            since: clock.now_ns(),
-            unmap,
-        });
+        // Only the deferred time bound reads `since` (the clock costs a division per read).
+        let since = if self.policy == Policy::Deferred {
+            clock.now_ns()
+        } else {
+            0
+        };
+        self.waiting.push(Waiting { m, since, unmap });
+    }
+
+    /// Takes one mapping of `pages` pages from the guest-wide quotas: from this shard's
+    /// credit when it covers it; else, inside a batch, a reservation for this map and the next
+    /// `BATCH_CREDIT - 1` like it (one pair of shared atomics per batch, not per map); else,
+    /// or when that does not fit, exactly this map, after giving the credit back (so this
+    /// shard's own credit never makes it refuse a map that fits the quota). While a batch
+    /// holds credit, another vCPU's map may find the quota full up to `BATCH_CREDIT` maps
+    /// early; once every batch ended the counters are exact again.
+    fn reserve(&mut self, pages: u64) -> bool {
+        let (n, p) = self.credit;
+        if n >= 1 && p >= pages {
+            self.credit = (n - 1, p - pages);
+            return true;
+        }
+        if self.in_batch {
+            let more = BATCH_CREDIT - 1;
+            let extra = pages.saturating_mul(more as u64);
+            if self
+                .shared
+                .reserve(1 + more, pages.saturating_add(extra), &self.limits)
+            {
+                self.credit = (n + more, p + extra);
+                return true;
+            }
+        }
+        self.return_credit();
+        self.shared.reserve(1, pages, &self.limits)
+    }
+
+    /// Gives back one mapping of `pages` pages: into the credit inside a batch (later maps of
+    /// the batch use it), to [`Shared`] otherwise.
+    fn unreserve(&mut self, pages: u64) {
+        if self.in_batch {
+            self.credit = (self.credit.0 + 1, self.credit.1 + pages);
+        } else {
+            self.shared.unreserve(1, pages);
+        }
+    }
+
+    /// Returns the credit to [`Shared`] (end of a batch).
+    fn return_credit(&mut self) {
+        let (n, p) = core::mem::take(&mut self.credit);
+        if n != 0 || p != 0 {
+            self.shared.unreserve(n, p);
+        }
     }
 
     fn check_range(&self, gpa: u64, len: u64, ram: &impl GuestRam) -> Result<u64, Error> {
@@ -431,19 +491,19 @@ impl<P: Default> DmaState<P> {
         // per 512 pages. (Shards racing near the quota may each pass this check; the
         // kernel's quota covers every table the IOVA window can need.)
         if dom.table_pages() + 3 + pages.div_ceil(512) as usize > self.limits.max_table_pages
-            || !self.shared.reserve(pages, &self.limits)
+            || !self.reserve(pages)
         {
             return self.fail(Error::Nomem);
         }
         if !self.shared.claim(gpa, pages) {
-            self.shared.unreserve(pages);
+            self.unreserve(pages);
             return self.fail(Error::Exist);
         }
         match self.map_claimed(dom, iovas, ram, clock, gpa, pages, access) {
             Ok(iova) => Ok(iova),
             Err(e) => {
                 self.shared.unclaim(gpa, pages);
-                self.shared.unreserve(pages);
+                self.unreserve(pages);
                 self.fail(e)
             }
         }
@@ -517,7 +577,7 @@ impl<P: Default> DmaState<P> {
             // effect; it becomes usable with the next flush, which must run.
             self.map_unflushed = true;
         }
-        self.live.insert(iova, m);
+        self.live.insert(m);
         self.mapped_pages += pages;
         self.stats.maps += 1;
         Ok(iova)
@@ -555,7 +615,7 @@ impl<P: Default> DmaState<P> {
             self.stats.unmaps += 1;
             return Ok(Unmapped::Done);
         }
-        let Some(m) = self.live.get(&iova).copied() else {
+        let Some(m) = self.live.get(iova).copied() else {
             return self.fail(Error::Noent);
         };
         if m.pages * PAGE_SIZE != len {
@@ -567,10 +627,10 @@ impl<P: Default> DmaState<P> {
         if let Err(e) = r {
             return self.fail(e);
         }
-        self.live.remove(&iova);
+        self.live.remove(iova);
         self.mapped_pages -= m.pages;
         self.shared.unclaim(m.gpa, m.pages);
-        self.shared.unreserve(m.pages);
+        self.unreserve(m.pages);
         self.hold(m, true, clock);
         self.stats.unmaps += 1;
         if self.owes_flush() {
@@ -614,6 +674,7 @@ impl<P: Default> DmaState<P> {
         C: Clock,
     {
         self.in_batch = false;
+        self.return_credit();
         match self.policy {
             Policy::Strict | Policy::Batched => self
                 .flush(dom, iovas, clock, false)
@@ -707,7 +768,8 @@ impl<P: Default> DmaState<P> {
         }
         self.stats.invalidations += n as u64;
         let t0 = clock.cycles();
-        for w in core::mem::take(&mut self.waiting) {
+        // Drained in place: the list keeps its capacity for the next batch.
+        for w in self.waiting.drain(..) {
             iovas.free(w.m.iova, w.m.pages);
         }
         self.account(Phase::IovaFree, t0, clock);
@@ -723,7 +785,8 @@ impl<P: Default> DmaState<P> {
         C: Clock,
     {
         self.in_batch = false;
-        let all: Vec<Mapping> = self.live.values().copied().collect();
+        self.return_credit();
+        let all: Vec<Mapping> = self.mappings().collect();
         for m in all {
             if let Err(e) = dom.unmap(m.iova, m.pages * PAGE_SIZE, &mut self.pending) {
                 // What this teardown unmapped so far waits like any unmap: flush it now, so
@@ -732,10 +795,10 @@ impl<P: Default> DmaState<P> {
                 let _ = self.flush(dom, iovas, clock, false);
                 return Err(e);
             }
-            self.live.remove(&m.iova);
+            self.live.remove(m.iova);
             self.mapped_pages -= m.pages;
             self.shared.unclaim(m.gpa, m.pages);
-            self.shared.unreserve(m.pages);
+            self.shared.unreserve(1, m.pages);
             self.hold(m, true, clock);
         }
         // The guest makes no more calls: the tables kept for reuse go with this flush.

@@ -60,11 +60,12 @@ impl Iommu for FakeIommu {
     fn map(
         &mut self,
         iova: u64,
-        hpa: u64,
+        hpa: moat_dma::PhysAddr,
         len: u64,
         _a: Access,
         pending: &mut Self::Pending,
     ) -> Result<(), Error> {
+        let hpa = hpa.as_u64();
         let pages = len / PAGE_SIZE;
         if (0..pages).any(|i| self.ptes.contains_key(&(iova + i * PAGE_SIZE))) {
             return Err(Error::Exist);

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::SeqCst};
 use std::sync::{Arc, Mutex};
 
 use moat_dma::{
-    Access, DmaState, Error, Iommu, IovaSource, Limits, NoClock, Policy, Shared, PAGE_SIZE,
+    Access, DmaState, Error, Iommu, IovaSource, Limits, NoClock, Policy, Shared, Unmapped,
+    PAGE_SIZE,
 };
 
 mod support;
@@ -29,11 +30,12 @@ impl Iommu for Dom {
     fn map(
         &mut self,
         iova: u64,
-        hpa: u64,
+        hpa: moat_dma::PhysAddr,
         len: u64,
         _: Access,
         _: &mut Self::Pending,
     ) -> Result<(), Error> {
+        let hpa = hpa.as_u64();
         let mut t = self.0.lock().unwrap();
         for i in 0..len / PAGE_SIZE {
             assert!(
@@ -158,24 +160,28 @@ fn unmap(shards: &[Shard], me: usize, dom: &Dom, iovas: &Iovas, m: (u64, u64, u6
     }
 }
 
-#[test]
-fn two_vcpus_share_nothing_but_the_accounting() {
+/// A guest's accounting with quotas of `maps` mappings and `pages` pages, and a shard of it
+/// under `policy` (call again for each shard).
+fn guest(maps: usize, pages: u64) -> (Arc<Shared>, Limits) {
     let limits = Limits {
-        max_mappings: 48,
-        max_mapped_pages: 96,
+        max_mappings: maps,
+        max_mapped_pages: pages,
         ..Limits::DEFAULT
     };
-    let shared = Arc::new(Shared::new(RAM_PAGES * PAGE_SIZE));
+    (Arc::new(Shared::new(RAM_PAGES * PAGE_SIZE)), limits)
+}
+
+fn shard(policy: Policy, g: &(Arc<Shared>, Limits)) -> DmaState<Vec<(u64, u64)>> {
+    DmaState::with_shared(policy, g.1, g.0.clone(), Vec::new())
+}
+
+#[test]
+fn two_vcpus_share_nothing_but_the_accounting() {
+    let g = guest(48, 96);
+    let shared = g.0.clone();
     let shards: Arc<Vec<Shard>> = Arc::new(
         (0..2)
-            .map(|_| {
-                Mutex::new(DmaState::with_shared(
-                    Policy::Strict,
-                    limits,
-                    shared.clone(),
-                    Vec::new(),
-                ))
-            })
+            .map(|_| Mutex::new(shard(Policy::Strict, &g)))
             .collect(),
     );
     let (dom, iovas) = (Dom::default(), Iovas::default());
@@ -284,4 +290,54 @@ fn two_vcpus_share_nothing_but_the_accounting() {
     assert!(!shared.gpa_mapped(0, RAM_PAGES * PAGE_SIZE));
     assert!(dom.0.lock().unwrap().is_empty());
     assert!(iovas.0.lock().unwrap().1.is_empty(), "every IOVA came back");
+}
+
+/// A batch's quota credit: the first map of a batch reserves for the next ones too, an
+/// unmap's quota goes back into the credit, the credit never makes its own shard refuse a
+/// map that fits, and the end of the batch returns it (the counters exact again).
+#[test]
+fn batch_credit_is_returned_and_never_refuses_its_own_shard() {
+    let g = guest(40, 300);
+    let shared = g.0.clone();
+    let (mut a, mut b) = (shard(Policy::Batched, &g), shard(Policy::Batched, &g));
+    let (mut dom, mut iovas) = (Dom::default(), Iovas::default());
+    let map = |s: &mut DmaState<Vec<(u64, u64)>>, page: u64, pages: u64| {
+        s.map(
+            &mut dom.clone(),
+            &mut iovas.clone(),
+            &RAM,
+            &NoClock,
+            page * PAGE_SIZE,
+            pages * PAGE_SIZE,
+            Access::RW,
+        )
+    };
+    a.begin_batch();
+    let first = map(&mut a, 0, 1).unwrap();
+    assert_eq!(shared.mappings(), 32, "one reservation for 32 maps");
+    for p in 1..8 {
+        map(&mut a, p, 1).unwrap();
+    }
+    assert_eq!(shared.mappings(), 32, "the next maps use the credit");
+    for p in 100..108 {
+        map(&mut b, p, 1).unwrap();
+    }
+    // B outside a batch: 32 + 8 = 40, the quota; A's credit (24) makes B's next map wait.
+    assert_eq!(map(&mut b, 108, 1), Err(Error::Nomem));
+    // A needs more pages than its credit holds: it gives the credit back and reserves
+    // exactly, so its own credit does not refuse it (8 + 8 + 1 mappings, 100 + 16 pages).
+    map(&mut a, 200, 100).unwrap();
+    assert_eq!(shared.mappings(), 17);
+    assert_eq!(shared.mapped_pages(), 116);
+    // An unmap inside the batch keeps its quota for the batch's later maps.
+    let u = a.unmap(&mut dom, &mut iovas, &RAM, &NoClock, first, PAGE_SIZE);
+    assert_eq!(u, Ok(Unmapped::Done));
+    assert_eq!(shared.mappings(), 17);
+    a.end_batch(&mut dom, &mut iovas, &NoClock).unwrap();
+    // Exact again: A holds 8 (7 + the 100-page one), B 8.
+    assert_eq!((shared.mappings(), shared.mapped_pages()), (16, 115));
+    for s in [&mut a, &mut b] {
+        s.teardown(&mut dom, &mut iovas, &NoClock).unwrap();
+    }
+    assert_eq!((shared.mappings(), shared.mapped_pages()), (0, 0));
 }

@@ -27,6 +27,27 @@
 //! - with non-coherent walks (`coherent == false`) every written entry's cache line is flushed
 //!   after the write, and every new table page before it is linked.
 //!
+//! # Walkers: one walk per batch
+//!
+//! A caller whose [`Sink`] carries a [`Walker`] keeps the table its last map or unmap wrote a
+//! leaf in across calls: the next map or unmap in that table's span writes (or checks and
+//! clears) its leaves there without walking from the root. The tree counts its unlinks (a
+//! generation, bumped before every unlinking store); a walker's table is used only while the
+//! generation is the one read before the walk that found it. That is sound under the
+//! engine's contract that concurrent callers map and unmap disjoint ranges they own (for
+//! VT-d, IOVA ranges from the allocator, which hands each range to one owner at a time):
+//! - a table is unlinked only by an unmap covering its whole span (or a quiesced
+//!   [`PageTable::release_empty_tables`]), so while a caller owns an address of the span
+//!   nobody unlinks it;
+//! - an unlink that happened before the caller came to own the address it maps or unmaps now
+//!   happened before that ownership was handed over (the unlinker owned the address when it
+//!   unlinked), so the caller's load of the generation sees its bump: the cached table is
+//!   dropped and the tree walked again.
+//!
+//! The walker also keeps the bytes its maps and unmaps changed, added to the tree's shared
+//! count ([`PageTable::mapped_bytes`]) when it walks again or on [`PageTable::settle`]
+//! instead of on every call (one shared atomic less per operation).
+//!
 //! # Soundness
 //!
 //! The crate has no `unsafe`: every entry access goes through [`TableMemory`], whose
@@ -91,6 +112,14 @@ pub trait TableMemory {
     /// Writes back the cache lines of `[addr, addr + len)` so a non-snooping walker sees the
     /// writes (only called when the table is configured non-coherent).
     fn flush_entries(&self, addr: PhysAddr, len: usize);
+    /// The 512 entries of the table page at `table`, lent for a run of accesses checked once
+    /// (a batch's leaves in one table), under the same contract as the single-entry methods
+    /// (only a page from `alloc_table` not given back; checked, panicking otherwise).
+    /// `None` (the default): the engine uses the single-entry methods.
+    fn table(&self, table: PhysAddr) -> Option<&[AtomicU64; 512]> {
+        let _ = table;
+        None
+    }
 }
 
 impl<M: TableMemory + ?Sized> TableMemory for &M {
@@ -112,6 +141,41 @@ impl<M: TableMemory + ?Sized> TableMemory for &M {
     fn flush_entries(&self, addr: PhysAddr, len: usize) {
         (**self).flush_entries(addr, len)
     }
+    fn table(&self, table: PhysAddr) -> Option<&[AtomicU64; 512]> {
+        (**self).table(table)
+    }
+}
+
+/// The entries of one table page, through [`TableMemory::table`] when the memory lends them
+/// (checked once), else entry by entry.
+struct Entries<'a, M: TableMemory> {
+    mem: &'a M,
+    table: PhysAddr,
+    lent: Option<&'a [AtomicU64; 512]>,
+}
+
+impl<'a, M: TableMemory> Entries<'a, M> {
+    fn new(mem: &'a M, table: PhysAddr) -> Self {
+        Self {
+            mem,
+            table,
+            lent: mem.table(table),
+        }
+    }
+
+    fn load(&self, i: u64) -> u64 {
+        match self.lent {
+            Some(e) => e[(i & 511) as usize].load(Ordering::Acquire),
+            None => self.mem.load_entry(self.table.entry(i)),
+        }
+    }
+
+    fn store(&self, i: u64, value: u64) {
+        match self.lent {
+            Some(e) => e[(i & 511) as usize].store(value, Ordering::Release),
+            None => self.mem.store_entry(self.table.entry(i), value),
+        }
+    }
 }
 
 /// Where unmap and release put what must outlive the next invalidation.
@@ -121,6 +185,30 @@ pub trait Sink {
     /// Translations of `range` changed without being reported as unmapped (a failed map's
     /// cleared leaves, the span of a released table): invalidate them.
     fn invalidate(&mut self, range: Range<u64>);
+    /// The caller's [`Walker`], if it keeps one (see the crate docs); none by default.
+    fn walker(&mut self) -> Option<&mut Walker> {
+        None
+    }
+}
+
+/// One caller's cache of the leaf table its last map or unmap used, and of the bytes it
+/// mapped and unmapped since it last settled them (see "Walkers" in the crate docs). Use one
+/// walker per caller and tree.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Walker {
+    /// The table of the last leaf written or checked: (table, level, span base).
+    last: Option<(PhysAddr, u8, u64)>,
+    /// The tree's unlink generation read before the walk that found `last`.
+    generation: u64,
+    /// Bytes mapped minus bytes unmapped, not yet added to the tree's count.
+    mapped: i64,
+}
+
+impl Walker {
+    /// Forgets the cached table (it is found again by the next walk).
+    pub fn forget(&mut self) {
+        self.last = None;
+    }
 }
 
 /// A sink that only collects unlinked tables, for users that invalidate everything anyway.
@@ -217,6 +305,34 @@ const fn index(va: u64, level: u8) -> u64 {
     (va >> level_shift(level)) & 0x1ff
 }
 
+/// Consecutive entries written and not yet flushed (non-coherent walks): flushed as one
+/// range when the next write does not extend it, and by [`Run::flush`].
+#[derive(Default)]
+struct Run {
+    /// First and last entry.
+    slots: Option<(PhysAddr, PhysAddr)>,
+}
+
+impl Run {
+    fn add<M: TableMemory>(&mut self, mem: &M, slot: PhysAddr) {
+        if let Some((first, last)) = self.slots.as_mut()
+            && slot.as_u64() == last.as_u64() + 8
+            && slot.as_u64() & !(PAGE_SIZE - 1) == first.as_u64() & !(PAGE_SIZE - 1)
+        {
+            *last = slot;
+            return;
+        }
+        self.flush(mem);
+        self.slots = Some((slot, slot));
+    }
+
+    fn flush<M: TableMemory>(&mut self, mem: &M) {
+        if let Some((first, last)) = self.slots.take() {
+            mem.flush_entries(first, (last.as_u64() - first.as_u64() + 8) as usize);
+        }
+    }
+}
+
 /// One tree of page tables in format `F`.
 #[derive(Debug)]
 pub struct PageTable<F: Format> {
@@ -224,6 +340,8 @@ pub struct PageTable<F: Format> {
     cfg: Config,
     table_pages: AtomicUsize,
     mapped_bytes: AtomicU64,
+    /// Bumped before every store that unlinks a table (see "Walkers" in the crate docs).
+    unlinks: AtomicU64,
     _format: PhantomData<fn() -> F>,
 }
 
@@ -239,6 +357,7 @@ impl<F: Format> PageTable<F> {
             cfg,
             table_pages: AtomicUsize::new(1),
             mapped_bytes: AtomicU64::new(0),
+            unlinks: AtomicU64::new(0),
             _format: PhantomData,
         })
     }
@@ -253,9 +372,57 @@ impl<F: Format> PageTable<F> {
         &self.cfg
     }
 
-    /// Bytes mapped by [`Self::map`] and not unmapped since.
+    /// Bytes mapped by [`Self::map`] and not unmapped since, but for what walkers hold
+    /// unsettled ([`Self::settle`]).
     pub fn mapped_bytes(&self) -> u64 {
         self.mapped_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Adds what `walker` counted to [`Self::mapped_bytes`].
+    pub fn settle(&self, walker: &mut Walker) {
+        let d = core::mem::take(&mut walker.mapped);
+        if d != 0 {
+            self.mapped_bytes.fetch_add(d as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The sink's walker's table if it is still valid (the generation it was found at is
+    /// `generation`, read before this call walks); a walker about to walk again settles its
+    /// count.
+    fn cached<S: Sink>(&self, sink: &mut S, generation: u64) -> Option<(PhysAddr, u8, u64)> {
+        let w = sink.walker()?;
+        if w.generation == generation && w.last.is_some() {
+            return w.last;
+        }
+        self.settle(w);
+        None
+    }
+
+    /// After a successful map (`delta` > 0) or unmap: keeps `last`, found with the tree at
+    /// `generation`, in the sink's walker, with the bytes; without a walker the bytes go to
+    /// the shared count at once.
+    fn keep<S: Sink>(
+        &self,
+        sink: &mut S,
+        last: Option<(PhysAddr, u8, u64)>,
+        generation: u64,
+        delta: i64,
+    ) {
+        match sink.walker() {
+            Some(w) => {
+                w.last = last;
+                w.generation = generation;
+                w.mapped += delta;
+            }
+            None => {
+                self.mapped_bytes.fetch_add(delta as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Marks the unlink of a table (before the store that unlinks it).
+    fn unlinking(&self) {
+        self.unlinks.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Table pages linked into the tree (root included).
@@ -362,9 +529,38 @@ impl<F: Format> PageTable<F> {
             return Err(Error::NoAccess);
         }
         let mut cur = va;
-        // The table that received the last leaf: consecutive pages in its span skip the walk.
-        let mut last: Option<(PhysAddr, u8, u64)> = None;
+        // The table that received the last leaf: consecutive pages in its span skip the walk
+        // (and with a walker, the next call's pages too).
+        let generation = self.unlinks.load(Ordering::Acquire);
+        let mut last = self.cached(sink, generation);
+        // Leaves written there and not flushed yet (non-coherent walks): one run of
+        // consecutive slots, flushed when the run breaks and before returning.
+        let mut run = Run::default();
         while cur < end {
+            // Past the first page of a level-1 table's span only 4 KiB leaves fit: the pages
+            // up to the span's end go straight into that table while their slots are free (a
+            // taken slot goes through the general step below).
+            if let Some((t, 1, base)) = last
+                && cur != base
+                && in_span(cur, 1, base)
+            {
+                let stop = end.min(base + level_size(2));
+                let leaves = Entries::new(mem, t);
+                while cur < stop {
+                    let i = index(cur, 1);
+                    if F::is_present(leaves.load(i)) {
+                        break;
+                    }
+                    leaves.store(i, Self::leaf_entry(phys + (cur - va), attr, 1));
+                    if !self.cfg.coherent {
+                        run.add(mem, t.entry(i));
+                    }
+                    cur += PAGE_SIZE;
+                }
+                if cur >= end {
+                    break;
+                }
+            }
             let p = phys + (cur - va);
             let want = self.leaf_level(cur, p, end - cur);
             let r = match last {
@@ -374,7 +570,10 @@ impl<F: Format> PageTable<F> {
                         // Mapped, or a kept table: the full walk decides.
                         self.map_one(mem, cur, p, want, attr)
                     } else {
-                        self.write(mem, slot, Self::leaf_entry(p, attr, lvl));
+                        mem.store_entry(slot, Self::leaf_entry(p, attr, lvl));
+                        if !self.cfg.coherent {
+                            run.add(mem, slot);
+                        }
                         Ok((lvl, t))
                     }
                 }
@@ -386,15 +585,20 @@ impl<F: Format> PageTable<F> {
                     cur += level_size(level);
                 }
                 Err(e) => {
+                    run.flush(mem);
                     if cur > va {
                         self.clear_range(mem, self.root, self.cfg.levels, va, cur, false, sink);
                         sink.invalidate(va..cur);
+                    }
+                    if let Some(w) = sink.walker() {
+                        w.forget();
                     }
                     return Err(e);
                 }
             }
         }
-        self.mapped_bytes.fetch_add(len, Ordering::Relaxed);
+        run.flush(mem);
+        self.keep(sink, last, generation, len as i64);
         Ok(())
     }
 
@@ -574,8 +778,27 @@ impl<F: Format> PageTable<F> {
     ) -> Result<(), Error> {
         let end = self.check_range(va, len)?;
         let mut cur = va;
-        let mut last: Option<(PhysAddr, u8, u64)> = None;
+        let generation = self.unlinks.load(Ordering::Acquire);
+        let mut last = self.cached(sink, generation);
+        // Whether every leaf of the range lies in one level-1 table (then cleared there).
+        let mut one_table: Option<PhysAddr> = None;
+        let mut single = true;
         while cur < end {
+            // Pages in a level-1 table's span: checked there, page after page.
+            if let Some((t, 1, base)) = last
+                && in_span(cur, 1, base)
+            {
+                single &= *one_table.get_or_insert(t) == t;
+                let stop = end.min(base + level_size(2));
+                let leaves = Entries::new(mem, t);
+                while cur < stop {
+                    if !F::is_present(leaves.load(index(cur, 1))) {
+                        return Err(Error::NotMapped { va: cur });
+                    }
+                    cur += PAGE_SIZE;
+                }
+                continue;
+            }
             let (e, level, table) = match last {
                 Some((t, lvl, base)) if in_span(cur, lvl, base) => {
                     let e = mem.load_entry(t.entry(index(cur, lvl)));
@@ -596,10 +819,26 @@ impl<F: Format> PageTable<F> {
             if base < va || base + s > end {
                 return Err(Error::PartialSuperpage { va: base, size: s });
             }
+            single &= level == 1 && *one_table.get_or_insert(table) == table;
             cur = base + s;
         }
-        self.clear_range(mem, self.root, self.cfg.levels, va, end, true, sink);
-        self.mapped_bytes.fetch_sub(len, Ordering::Relaxed);
+        let span = level_size(2);
+        match one_table {
+            // Pages of one leaf table, not its whole span (which would unlink it): cleared
+            // there, without walking from the root again.
+            Some(t) if single && !(va.is_multiple_of(span) && len == span) => {
+                let (first, last_idx) = (index(va, 1), index(end - 1, 1));
+                let leaves = Entries::new(mem, t);
+                for i in first..=last_idx {
+                    leaves.store(i, 0);
+                }
+                if !self.cfg.coherent {
+                    mem.flush_entries(t.entry(first), ((last_idx - first + 1) * 8) as usize);
+                }
+            }
+            _ => self.clear_range(mem, self.root, self.cfg.levels, va, end, true, sink),
+        }
+        self.keep(sink, last, generation, -(len as i64));
         Ok(())
     }
 
@@ -719,6 +958,7 @@ impl<F: Format> PageTable<F> {
                     self.clear_range(mem, child, level - 1, cur, sub_end, unlink, sink);
                     let whole = unlink && cur == entry_base && sub_end == entry_end;
                     if whole {
+                        self.unlinking();
                         sink.table_unlinked(child);
                         self.table_pages.fetch_sub(1, Ordering::Relaxed);
                     }
@@ -775,6 +1015,7 @@ impl<F: Format> PageTable<F> {
                 let start = base + i * size;
                 released += release(pt, mem, child, level - 1, start, sink);
                 if PageTable::<F>::table_empty(mem, child) {
+                    pt.unlinking();
                     pt.write(mem, slot, 0);
                     sink.table_unlinked(child);
                     sink.invalidate(start..start + size);

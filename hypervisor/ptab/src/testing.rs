@@ -167,6 +167,17 @@ impl TableMemory for ArenaMemory {
         r
     }
 
+    fn table(&self, table: PhysAddr) -> Option<&[AtomicU64; 512]> {
+        // Lent only without dirty tracking: stores through the slice would not be tracked
+        // (so the non-coherent tests take the single-entry path, the others this one).
+        if self.track_dirty || !table.is_page_aligned() {
+            return None;
+        }
+        let f = &self.frames[self.frame_index(table)?];
+        self.entry(table);
+        f.entries.as_slice().try_into().ok()
+    }
+
     fn flush_entries(&self, addr: PhysAddr, len: usize) {
         if self.track_dirty {
             let mut d = self.dirty.lock().unwrap();

@@ -57,11 +57,14 @@ impl TestFormat for Ept {
     }
 }
 
-/// Collects what the engine hands over, as a VT-d gather does.
+/// Collects what the engine hands over, as a VT-d gather does; with walkers, two callers'
+/// walk caches, `turn` choosing whose the next call uses.
 #[derive(Default, Debug)]
 struct Pending {
     tables: Vec<PhysAddr>,
     inval: Vec<Range<u64>>,
+    walkers: Option<[Walker; 2]>,
+    turn: usize,
 }
 impl Sink for Pending {
     fn table_unlinked(&mut self, t: PhysAddr) {
@@ -69,6 +72,10 @@ impl Sink for Pending {
     }
     fn invalidate(&mut self, r: Range<u64>) {
         self.inval.push(r);
+    }
+    fn walker(&mut self) -> Option<&mut Walker> {
+        let turn = self.turn;
+        self.walkers.as_mut().map(|w| &mut w[turn])
     }
 }
 
@@ -248,19 +255,36 @@ fn flush(mem: &ArenaMemory, s: &mut Pending) {
     s.inval.clear();
 }
 
-/// Map/unmap/release of format `F` against a page-granular model.
+/// Map/unmap/release of format `F` against a page-granular model; with `walkers`, the calls
+/// alternate (in runs of three) between two callers' walk caches, so cached tables outlive
+/// the other caller's unlinks, releases and the flushes that free them (a stale one would
+/// be written in a freed frame, which the arena refuses, or miss the model).
 fn run_model<F: TestFormat>(
     ops: Vec<Op>,
     levels: u8,
     superpages: bool,
     coherent: bool,
 ) -> Result<(), TestCaseError> {
+    run_model_with::<F>(ops, levels, superpages, coherent, false)
+}
+
+fn run_model_with<F: TestFormat>(
+    ops: Vec<Op>,
+    levels: u8,
+    superpages: bool,
+    coherent: bool,
+    walkers: bool,
+) -> Result<(), TestCaseError> {
     let mem = ArenaMemory::with_dirty_tracking(4096, !coherent);
     let pt = PageTable::<F>::new(&mem, cfg(levels, superpages, coherent)).unwrap();
-    let mut s = Pending::default();
+    let mut s = Pending {
+        walkers: walkers.then(Default::default),
+        ..Pending::default()
+    };
     let mut model = Model::new();
     let mut maps: Vec<(u64, u64)> = Vec::new();
-    for op in ops {
+    for (i, op) in ops.into_iter().enumerate() {
+        s.turn = i / 3 % 2;
         let op = op.resolve(&maps);
         let before = linked(&pt, &mem);
         let pending_before = s.tables.len();
@@ -338,6 +362,11 @@ fn run_model<F: TestFormat>(
         }
         Ok(())
     })?;
+    if let Some(w) = s.walkers.as_mut() {
+        for w in w {
+            pt.settle(w);
+        }
+    }
     prop_assert_eq!(pt.mapped_bytes(), model.len() as u64 * 4096);
     let mut seen = s.tables.clone();
     seen.sort_unstable();
@@ -355,6 +384,11 @@ proptest! {
     fn vtd_matches_model(ops in proptest::collection::vec(op(), 1..40), four in any::<bool>(),
                          sp in any::<bool>(), coherent in any::<bool>()) {
         run_model::<VtdSecondLevel>(ops, if four { 4 } else { 3 }, sp, coherent)?;
+    }
+    #[test]
+    fn vtd_with_walkers_matches_model(ops in proptest::collection::vec(op(), 1..60), four in any::<bool>(),
+                         sp in any::<bool>(), coherent in any::<bool>()) {
+        run_model_with::<VtdSecondLevel>(ops, if four { 4 } else { 3 }, sp, coherent, true)?;
     }
     #[test]
     fn npt_matches_model(ops in proptest::collection::vec(op(), 1..40), sp in any::<bool>()) {
@@ -452,4 +486,111 @@ fn concurrent_table_installation() {
     }
     // The races did happen (yielding inside the allocation makes them near certain).
     assert!(lost > 0, "no installation race was lost in 40 rounds");
+}
+
+/// Walkers on real threads, with ownership handed over as the IOVA allocator does: threads
+/// take 64-page chunks of four 2 MiB spans from a pool, map and unmap pages of them through
+/// their own walker, and now and then take all eight chunks of a span, map and unmap it
+/// whole (unlinking its leaf table, which is freed before the chunks go back). The arena is
+/// small, so freed tables are soon reused: a walker that used a table after its unlink would
+/// write into a freed frame (the arena panics) or into another table (a translation check
+/// fails).
+#[test]
+fn walkers_with_ownership_handover() {
+    const SPANS: u64 = 4;
+    let mem = ArenaMemory::new(16);
+    let pt = PageTable::<VtdSecondLevel>::new(&mem, cfg(3, false, true)).unwrap();
+    let rw = VtdAttr::READ | VtdAttr::WRITE;
+    // Free chunks: (span, chunk).
+    let pool = std::sync::Mutex::new(
+        (0..SPANS)
+            .flat_map(|s| (0..8).map(move |c| (s, c)))
+            .collect::<Vec<_>>(),
+    );
+    let wholes = AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        for t in 0..4u64 {
+            let (pt, mem, pool, wholes) = (&pt, &mem, &pool, &wholes);
+            sc.spawn(move || {
+                let mut s = Pending {
+                    walkers: Some(Default::default()),
+                    ..Pending::default()
+                };
+                let mut seed = 0x2545_F491_4F6C_DD1Du64 ^ (t + 1);
+                let mut next = || {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed
+                };
+                for _ in 0..3000 {
+                    let r = next();
+                    if r % 16 == 0 {
+                        // A whole span, if all of its chunks are free.
+                        let span = next() % SPANS;
+                        let taken = {
+                            let mut p = pool.lock().unwrap();
+                            let mine: Vec<_> = p.iter().filter(|c| c.0 == span).copied().collect();
+                            if mine.len() < 8 {
+                                continue;
+                            }
+                            p.retain(|c| c.0 != span);
+                            mine
+                        };
+                        let va = span << 21;
+                        pt.map(mem, va, PhysAddr::new(va), 1 << 21, rw, &mut s)
+                            .unwrap();
+                        assert_eq!(
+                            pt.translate(mem, va + 0x1234).unwrap().phys.as_u64(),
+                            va + 0x1234
+                        );
+                        pt.unmap(mem, va, 1 << 21, &mut s).unwrap();
+                        assert!(pt.translate(mem, va).is_none());
+                        flush(mem, &mut s);
+                        wholes.fetch_add(1, Ordering::Relaxed);
+                        pool.lock().unwrap().extend(taken);
+                        continue;
+                    }
+                    let Some((span, chunk)) = ({
+                        let mut p = pool.lock().unwrap();
+                        let n = p.len();
+                        (n > 0).then(|| p.swap_remove(r as usize % n))
+                    }) else {
+                        continue;
+                    };
+                    let base = span << 21 | chunk << 18;
+                    // A few pages of the chunk, mapped and unmapped in pieces.
+                    let pages = 1 + next() % 16;
+                    let at = base + (next() % (64 - pages)) * 4096;
+                    let phys = 0x8000_0000 + at;
+                    pt.map(mem, at, PhysAddr::new(phys), pages * 4096, rw, &mut s)
+                        .unwrap();
+                    for i in 0..pages {
+                        let tr = pt.translate(mem, at + i * 4096).unwrap();
+                        assert_eq!(tr.phys.as_u64(), phys + i * 4096);
+                    }
+                    pt.unmap(mem, at, pages * 4096, &mut s).unwrap();
+                    assert!(pt.translate(mem, at).is_none());
+                    flush(mem, &mut s);
+                    pool.lock().unwrap().push((span, chunk));
+                }
+                if let Some(w) = s.walkers.as_mut() {
+                    for w in w {
+                        pt.settle(w);
+                    }
+                }
+            });
+        }
+    });
+    assert!(
+        wholes.load(Ordering::Relaxed) > 0,
+        "no whole-span unmap happened"
+    );
+    assert_eq!(pt.mapped_bytes(), 0);
+    let mut s = Pending::default();
+    pt.release_empty_tables(&mem, &mut s);
+    flush(&mem, &mut s);
+    assert_eq!(pt.table_pages(), 1);
+    pt.free_all(&mem);
+    assert_eq!(mem.live_frames(), 0);
 }

@@ -15,8 +15,9 @@ static RACE_OUT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::
 /// Entries in the race batch.
 const RACE_N: usize = 32;
 /// Most MULTICALL rounds `dma-race` runs to see rewrites during a call, OK and FAULT entries
-/// (it stops at the first round that saw all three; on a loaded host, vCPU 1's thread may
-/// not run at all during several short calls, so a handful of rounds was not always enough).
+/// (it stops at the first round that saw all three). A fast MULTICALL is a short window for
+/// vCPU 1's rewrites, which under a busy host's scheduling of the vCPU threads may miss
+/// several rounds in a row: 6 rounds were not always enough once the hot path got faster.
 const RACE_ROUNDS: usize = 24;
 static mut RACE_BATCH: BatchPages = BatchPages([[0; PAGE]; 8]);
 

@@ -351,11 +351,12 @@ impl Iommu for Dom<'_> {
     fn map(
         &mut self,
         iova: u64,
-        hpa: u64,
+        hpa: moat_dma::PhysAddr,
         len: u64,
         _a: Access,
         pending: &mut Pending,
     ) -> Result<(), Error> {
+        let hpa = hpa.as_u64();
         let mut hw = self.0.borrow_mut();
         assert_eq!(pending.0, hw.inv, "the pending set lost cleared entries");
         let first = page_of(iova).unwrap_or_else(|| panic!("map at {iova:#x}: outside the window"));

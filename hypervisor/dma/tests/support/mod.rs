@@ -8,7 +8,7 @@
 use std::cell::Cell;
 use std::ops::Range;
 
-use moat_dma::{Clock, GuestRam, PAGE_SIZE};
+use moat_dma::{Clock, GuestRam, PhysAddr, PAGE_SIZE};
 
 /// Guest RAM of `size` bytes whose guest-physical 0 is host-physical `host_base`, with the
 /// page at guest-physical `forbidden_page` (if any) never mappable (it stands for the MSI
@@ -23,8 +23,8 @@ impl GuestRam for FlatRam {
     fn size(&self) -> u64 {
         self.size
     }
-    fn host_base(&self) -> u64 {
-        self.host_base
+    fn host_base(&self) -> PhysAddr {
+        PhysAddr::new(self.host_base)
     }
     fn forbidden(&self, gpa: Range<u64>) -> bool {
         self.forbidden_page

@@ -88,7 +88,7 @@ impl Iommu for &VtdDomain {
     fn map(
         &mut self,
         iova: u64,
-        hpa: u64,
+        hpa: PhysAddr,
         len: u64,
         a: Access,
         pending: &mut VtdPending,
@@ -99,8 +99,10 @@ impl Iommu for &VtdDomain {
         // The caller's IOVA range is its own (allocated to it, not yet handed to anyone):
         // its leaves are written without a lock.
         let dom = &self.domain;
-        let g = pending.gather.get_or_insert_with(|| dom.gather());
-        dom.map(&KernelMemory, iova, PhysAddr::new(hpa), len, access(a), g)
+        let g = pending
+            .gather
+            .get_or_insert_with(|| dom.gather().without_range_list().with_walk_cache());
+        dom.map(&KernelMemory, iova, hpa, len, access(a), g)
             .map_err(vtd_error)
     }
 
@@ -111,7 +113,9 @@ impl Iommu for &VtdDomain {
     fn unmap(&mut self, iova: u64, len: u64, pending: &mut VtdPending) -> Result<(), Error> {
         // A live mapping of the caller's shard: nobody else writes its entries.
         let dom = &self.domain;
-        let g = pending.gather.get_or_insert_with(|| dom.gather());
+        let g = pending
+            .gather
+            .get_or_insert_with(|| dom.gather().without_range_list().with_walk_cache());
         dom.unmap(&KernelMemory, iova, len, g).map_err(vtd_error)
     }
 
@@ -174,7 +178,9 @@ impl Iommu for &VtdDomain {
     fn release_empty_tables(&mut self, pending: &mut VtdPending) -> usize {
         // Teardown only: the guest has stopped and every shard is held by the caller.
         let dom = &self.domain;
-        let g = pending.gather.get_or_insert_with(|| dom.gather());
+        let g = pending
+            .gather
+            .get_or_insert_with(|| dom.gather().without_range_list().with_walk_cache());
         dom.release_empty_tables(&KernelMemory, g).unwrap_or(0)
     }
 }
@@ -240,8 +246,8 @@ impl GuestRam for Partition {
     fn size(&self) -> u64 {
         self.size
     }
-    fn host_base(&self) -> u64 {
-        self.base
+    fn host_base(&self) -> PhysAddr {
+        PhysAddr::new(self.base)
     }
     fn forbidden(&self, gpa: core::ops::Range<u64>) -> bool {
         gpa.start < MSI_WINDOW.end && gpa.end > MSI_WINDOW.start

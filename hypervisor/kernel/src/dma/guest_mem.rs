@@ -13,8 +13,8 @@ impl moat_dma::GuestRam for CallRam<'_> {
     fn size(&self) -> u64 {
         self.part.size
     }
-    fn host_base(&self) -> u64 {
-        self.part.base
+    fn host_base(&self) -> moat_dma::PhysAddr {
+        moat_dma::GuestRam::host_base(self.part)
     }
     fn forbidden(&self, gpa: core::ops::Range<u64>) -> bool {
         moat_dma::GuestRam::forbidden(self.part, gpa.clone())

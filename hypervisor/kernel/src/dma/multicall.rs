@@ -27,9 +27,8 @@ impl VtdDma {
             Ok(i) => i,
             Err(s) => return reject(s),
         };
-        calls
-            .cycles_validate
-            .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
+        // Copy-and-validate cycles of the call, added to the vCPU's counter once at its end.
+        let mut validate = x86::rdtsc() - t0;
         // The budget; a deferred guest's MULTICALL also keeps within the deferred slack, so
         // the other vCPUs' timer checks are never held off longer than that (the call
         // checks the bound itself on every entry as well).
@@ -61,9 +60,7 @@ impl VtdDma {
                 Err(s) => Err(s),
                 Ok(()) => {
                     let v = wire::validate_entry(&e, &self.limits);
-                    calls
-                        .cycles_validate
-                        .fetch_add(x86::rdtsc() - t0, Ordering::Relaxed);
+                    validate += x86::rdtsc() - t0;
                     match v {
                         Ok(req) => {
                             if let Request::Unmap { iova, .. } = req
@@ -117,6 +114,7 @@ impl VtdDma {
             .is_err();
         self.publish_deadline(me, &shard.st);
         drop(shard);
+        calls.cycles_validate.fetch_add(validate, Ordering::Relaxed);
         MulticallReturn {
             status: result,
             cursor: i,

@@ -107,6 +107,18 @@ impl FrameSet {
         unsafe { AtomicU64::from_ptr(addr.as_u64() as *mut u64) }
     }
 
+    /// The 512 entries of the table page at `table`, checked once (page aligned, a frame of
+    /// this set): for a run of accesses to one table.
+    #[inline(always)]
+    pub fn table(&self, table: PhysAddr) -> &[AtomicU64; 512] {
+        self.check(table, PAGE_SIZE);
+        // SAFETY: `table` is a page-aligned frame of this set (checked): identity-mapped RAM
+        // handed out by the allocator for hardware tables only, which no Rust reference points
+        // to and which is only accessed atomically or volatilely through these sets (as in
+        // `word`, for all 512 of its 8-byte words at once).
+        unsafe { &*(table.as_u64() as *const [AtomicU64; 512]) }
+    }
+
     /// Writes back and invalidates the cache lines of `[addr, addr + len)` (checked).
     pub fn flush(&self, addr: PhysAddr, len: usize) {
         if len == 0 {
@@ -167,6 +179,12 @@ macro_rules! table_memory_in {
             }
             fn flush_entries(&self, addr: moat_ptab::PhysAddr, len: usize) {
                 $set.flush(addr, len)
+            }
+            fn table(
+                &self,
+                table: moat_ptab::PhysAddr,
+            ) -> Option<&[core::sync::atomic::AtomicU64; 512]> {
+                Some($set.table(table))
             }
         }
     };

@@ -1,0 +1,178 @@
+//! [`LiveMap`]: a shard's live mappings keyed by their first IOVA, an open-addressing hash
+//! table (linear probing, backward-shift deletion, no tombstones).
+//!
+//! It replaces an ordered map on the hot path: a lookup, insert or remove is one hash and a
+//! short probe, and nothing is allocated once the table has grown to the shard's working set
+//! (an ordered map allocates and frees nodes as it splits and merges them, and every kernel
+//! allocation takes the heap's global lock). It grows when half full and never shrinks, so
+//! probes stay short and a steady workload does not reallocate.
+
+use alloc::vec::Vec;
+
+use crate::state::{Mapping, PAGE_SIZE};
+
+/// Smallest table (slots).
+const MIN_SLOTS: usize = 16;
+
+/// Live mappings by first IOVA (page aligned).
+#[derive(Debug, Default)]
+pub(crate) struct LiveMap {
+    slots: Vec<Option<Mapping>>,
+    len: usize,
+}
+
+impl LiveMap {
+    /// Number of mappings.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The home slot of `iova` in a table of `n` slots (a power of two).
+    fn home(iova: u64, n: usize) -> usize {
+        // Fibonacci hashing of the page number: consecutive pages spread over the table.
+        let h = (iova / PAGE_SIZE).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (h >> (64 - n.trailing_zeros())) as usize
+    }
+
+    /// The slot holding `iova`, if any.
+    fn find(&self, iova: u64) -> Option<usize> {
+        let n = self.slots.len();
+        if n == 0 {
+            return None;
+        }
+        let mut i = Self::home(iova, n);
+        loop {
+            match &self.slots[i] {
+                None => return None,
+                Some(m) if m.iova == iova => return Some(i),
+                Some(_) => i = (i + 1) & (n - 1),
+            }
+        }
+    }
+
+    /// The mapping starting at `iova`.
+    pub(crate) fn get(&self, iova: u64) -> Option<&Mapping> {
+        self.find(iova).and_then(|i| self.slots[i].as_ref())
+    }
+
+    /// Adds `m` (no mapping starts at `m.iova` yet: the IOVA allocator hands each range out
+    /// once). Replaces one that does.
+    pub(crate) fn insert(&mut self, m: Mapping) {
+        if (self.len + 1) * 2 > self.slots.len() {
+            self.grow();
+        }
+        let n = self.slots.len();
+        let mut i = Self::home(m.iova, n);
+        loop {
+            match &self.slots[i] {
+                Some(o) if o.iova != m.iova => i = (i + 1) & (n - 1),
+                Some(_) => {
+                    self.slots[i] = Some(m);
+                    return;
+                }
+                None => {
+                    self.slots[i] = Some(m);
+                    self.len += 1;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Removes and returns the mapping starting at `iova`.
+    pub(crate) fn remove(&mut self, iova: u64) -> Option<Mapping> {
+        let mut hole = self.find(iova)?;
+        let out = self.slots[hole].take();
+        self.len -= 1;
+        // Backward shift: move later entries of the probe run into the hole when their home
+        // slot does not lie (cyclically) after the hole.
+        let n = self.slots.len();
+        let mut i = (hole + 1) & (n - 1);
+        while let Some(m) = self.slots[i] {
+            let home = Self::home(m.iova, n);
+            // Distance from home to i versus from home to the hole (cyclic).
+            if (i.wrapping_sub(home) & (n - 1)) >= (i.wrapping_sub(hole) & (n - 1)) {
+                self.slots[hole] = self.slots[i].take();
+                hole = i;
+            }
+            i = (i + 1) & (n - 1);
+        }
+        out
+    }
+
+    /// Every mapping, in no particular order.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &Mapping> + '_ {
+        self.slots.iter().flatten()
+    }
+
+    fn grow(&mut self) {
+        let n = (self.slots.len() * 2).max(MIN_SLOTS);
+        let old = core::mem::replace(&mut self.slots, (0..n).map(|_| None).collect());
+        self.len = 0;
+        for m in old.into_iter().flatten() {
+            self.insert(m);
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::Access;
+    use alloc::collections::BTreeMap;
+    use proptest::prelude::*;
+
+    fn m(iova: u64) -> Mapping {
+        Mapping {
+            iova,
+            pages: 1,
+            gpa: iova ^ 0x1000_0000,
+            access: Access::RW,
+        }
+    }
+
+    #[test]
+    fn insert_get_remove() {
+        let mut t = LiveMap::default();
+        assert!(t.get(0x1000).is_none());
+        assert!(t.remove(0x1000).is_none());
+        for p in 0..100u64 {
+            t.insert(m(p << 12));
+        }
+        assert_eq!(t.len(), 100);
+        for p in (0..100u64).step_by(2) {
+            assert_eq!(t.remove(p << 12), Some(m(p << 12)));
+        }
+        for p in 0..100u64 {
+            assert_eq!(t.get(p << 12).is_some(), p % 2 == 1, "page {p}");
+        }
+        assert_eq!(t.values().count(), 50);
+    }
+
+    proptest! {
+        /// Against an ordered map: any sequence of inserts and removes (keys from a small
+        /// set, so probe runs collide and wrap) leaves the same contents.
+        #[test]
+        fn matches_an_ordered_map(ops in proptest::collection::vec((any::<bool>(), 0u64..64), 1..400)) {
+            let mut t = LiveMap::default();
+            let mut model = BTreeMap::new();
+            for (ins, k) in ops {
+                // Keys that share home slots: multiples of a large power of two.
+                let iova = k << 30;
+                if ins {
+                    t.insert(m(iova));
+                    model.insert(iova, m(iova));
+                } else {
+                    prop_assert_eq!(t.remove(iova), model.remove(&iova));
+                }
+                prop_assert_eq!(t.len(), model.len());
+                for k in 0..64u64 {
+                    prop_assert_eq!(t.get(k << 30), model.get(&(k << 30)));
+                }
+            }
+            let mut all: Vec<u64> = t.values().map(|m| m.iova).collect();
+            all.sort_unstable();
+            prop_assert_eq!(all, model.keys().copied().collect::<Vec<_>>());
+        }
+    }
+}
