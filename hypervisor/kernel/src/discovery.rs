@@ -12,6 +12,7 @@ use x86_64::instructions::port::Port;
 use crate::acpi::Platform;
 use crate::mm::mmio::Mmio;
 use crate::mm::space;
+use crate::mm::PhysAddr;
 
 /// Parses and reports the DMAR table. `None` (with a clear log line) when there is none or it is
 /// malformed: the hypervisor then goes on without DMA remapping.
@@ -132,13 +133,19 @@ impl EcamAccess<'_> {
         self.windows.iter().find_map(|w| {
             let e = to_pci(w);
             let address = e.address(bdf, offset & !3)?;
-            let start = e.base + ((e.start_bus as u64) << 20);
+            let start = window_start(&e);
             // SAFETY: by `new`'s contract (or, in `report_pci`, just mapped) the window
             // `[start, start + size)` is ECAM from the MCFG, mapped uncached, ours.
             let window = unsafe { Mmio::new(start, e.size() as usize) };
-            Some((window, (address - start) as usize))
+            Some((window, (address - start.as_u64()) as usize))
         })
     }
+}
+
+/// The host-physical address of the first mapped bus of the ECAM window `e` (the MCFG's base
+/// names bus 0).
+fn window_start(e: &Ecam) -> PhysAddr {
+    PhysAddr::new(e.base + ((e.start_bus as u64) << 20))
 }
 
 fn to_pci(w: &crate::acpi::Ecam) -> Ecam {
@@ -246,7 +253,7 @@ pub fn report_pci(platform: &Platform, dmar: Option<&Dmar<'_>>) -> Vec<PciDevice
     }
     for w in platform.ecam() {
         let e = to_pci(w);
-        let start = e.base + ((e.start_bus as u64) << 20);
+        let start = window_start(&e);
         if let Err(err) = space::map_mmio(start, e.size()) {
             log::error!("pci: cannot map ECAM {start:#x}: {err:?}");
             return found;

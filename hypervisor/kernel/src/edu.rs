@@ -10,6 +10,7 @@ use moat_pci::{Bdf, ConfigAccess};
 use crate::arch::tsc;
 use crate::mm::mmio::Mmio;
 use crate::mm::space;
+use crate::mm::PhysAddr;
 
 /// PCI vendor and device id of edu.
 pub const ID: (u16, u16) = (0x1234, 0x11e8);
@@ -63,7 +64,7 @@ impl Edu {
     ///
     /// `bar0` is the address assigned to memory BAR0 of the function at `bdf` (as probed from
     /// its configuration space), and the caller owns that function (no guest has it).
-    pub unsafe fn new(cfg: &impl ConfigAccess, bdf: Bdf, bar0: u64) -> Result<Self, EduError> {
+    pub unsafe fn new(cfg: &impl ConfigAccess, bdf: Bdf, bar0: PhysAddr) -> Result<Self, EduError> {
         space::map_mmio(bar0, 0x1000).map_err(|_| EduError::NotEdu(0))?;
         moat_pci::update_command(cfg, bdf, |c| {
             c | moat_pci::Command::MEMORY_SPACE | moat_pci::Command::BUS_MASTER

@@ -71,7 +71,7 @@ pub fn init(fb: Option<moat_boot::Framebuffer>) {
         return;
     }
     let len = u64::from(fb.pitch) * u64::from(fb.height);
-    if let Err(e) = crate::mm::space::map_mmio(fb.address, len) {
+    if let Err(e) = crate::mm::space::map_mmio(crate::mm::PhysAddr::new(fb.address), len) {
         log::warn!(
             "fbcon: cannot map the framebuffer at {:#x}: {e:?}",
             fb.address

@@ -5,7 +5,7 @@ use moat_config::{Config, Dump, ExitAction, LogLevel, SelfTest};
 
 use crate::arch::{apic, cpu, tsc, x86};
 use crate::exit::{self, ExitCode};
-use crate::mm::{self, frames, frames::Reservation, space, PAGE_SIZE};
+use crate::mm::{self, frames, frames::Reservation, space, PhysAddr, PAGE_SIZE};
 
 /// Heap size carved from physical memory at boot.
 const HEAP_SIZE: u64 = 16 << 20;
@@ -180,9 +180,9 @@ pub fn boot(magic: u32, mbi: u32) -> ! {
     log::info!("heap: {} MiB at {:#x}", HEAP_SIZE >> 20, heap);
 
     crate::fbcon::init(boot.framebuffer);
-    let _ = space::map_mmio(platform.lapic_address, PAGE_SIZE);
+    let _ = space::map_mmio(PhysAddr::new(platform.lapic_address), PAGE_SIZE);
     for io in platform.ioapics() {
-        let _ = space::map_mmio(io.address as u64, PAGE_SIZE);
+        let _ = space::map_mmio(PhysAddr::new(u64::from(io.address)), PAGE_SIZE);
     }
     if config.selftest == SelfTest::X2apic {
         if apic::enter_x2apic_as_firmware() {

@@ -2,6 +2,8 @@
 //! encodings, exit reasons and qualifications, and the VM-instruction error numbers.
 //! (Intel SDM vol. 3, appendices A-C and chapter 25-28.)
 
+use moat_frames::PhysAddr;
+
 /// Capability MSRs.
 pub mod msr {
     /// IA32_FEATURE_CONTROL: lock (bit 0), VMX outside SMX (bit 2).
@@ -134,9 +136,9 @@ pub mod ept_cap {
     pub const INVVPID_SINGLE: u64 = 1 << 41;
 }
 
-/// The EPT pointer for a 4-level, write-back table at `root`.
-pub const fn eptp(root: u64) -> u64 {
-    (root & !0xfff) | (3 << 3) | 6
+/// The EPT pointer (the VMCS field's hardware format) for a 4-level, write-back table at `root`.
+pub const fn eptp(root: PhysAddr) -> u64 {
+    (root.as_u64() & !0xfff) | (3 << 3) | 6
 }
 
 /// Pin-based controls.
@@ -772,6 +774,6 @@ mod tests {
 
     #[test]
     fn eptp_is_four_level_write_back() {
-        assert_eq!(eptp(0x1234_5000), 0x1234_501e);
+        assert_eq!(eptp(PhysAddr::new(0x1234_5000)), 0x1234_501e);
     }
 }

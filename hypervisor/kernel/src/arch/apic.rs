@@ -8,6 +8,7 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use super::{tsc, x86};
 use crate::mm::mmio::Mmio;
+use crate::mm::PhysAddr;
 
 const REG_ID: usize = 0x20;
 const REG_EOI: usize = 0xB0;
@@ -56,7 +57,7 @@ fn regs() -> Mmio {
     // SAFETY: the page at IA32_APIC_BASE is the local APIC's MMIO (identity mapped uncached:
     // by the boot map, then by platform setup), it only affects this CPU's APIC, and only
     // this module drives the APIC.
-    unsafe { Mmio::new(base(), 0x1000) }
+    unsafe { Mmio::new(PhysAddr::new(base()), 0x1000) }
 }
 
 fn read(reg: usize) -> u32 {

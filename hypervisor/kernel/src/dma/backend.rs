@@ -29,8 +29,8 @@ pub struct VtdDomain {
 #[derive(Default)]
 pub struct VtdPending {
     gather: Option<Gather>,
-    /// The status word (0: none; the flush then waits under the unit's lock).
-    status: u64,
+    /// The status word (none: the flush then waits under the unit's lock).
+    status: Option<PhysAddr>,
     /// The last value asked of the status word.
     seq: u32,
     /// A wait on the status word timed out: the hardware may still write it later, so its
@@ -41,15 +41,15 @@ pub struct VtdPending {
 impl VtdPending {
     /// Stops using the status word (teardown): whether the unit can still write it (a wait
     /// on it timed out), in which case its frame must never be freed.
-    pub fn take_status(&mut self) -> (u64, bool) {
-        (core::mem::take(&mut self.status), self.poisoned)
+    pub fn take_status(&mut self) -> (Option<PhysAddr>, bool) {
+        (self.status.take(), self.poisoned)
     }
 
     /// An empty pending set whose flushes wait on the status word at `status` (4-byte
     /// aligned, in a VT-d frame the caller owns and keeps while the unit may write it).
-    pub fn with_status(status: u64) -> Self {
+    pub fn with_status(status: PhysAddr) -> Self {
         Self {
-            status,
+            status: Some(status),
             ..Self::default()
         }
     }
@@ -123,20 +123,18 @@ impl Iommu for &VtdDomain {
         let Some(g) = pending.gather.as_mut() else {
             return Ok(0);
         };
-        if pending.status == 0 {
+        let Some(status) = pending.status else {
             return with_unit(self.unit, |u, m| u.flush(m, g))
                 .ok_or(Error::Busy)?
                 .map(|f| f.invalidations as u32)
                 .map_err(vtd_error);
-        }
+        };
         // The unit's lock only to write the descriptors and move the tail.
         pending.seq = pending.seq.wrapping_add(1).max(1);
-        let (status, seq) = (pending.status, pending.seq);
-        let submitted = with_unit(self.unit, |u, m| {
-            u.flush_submit(m, g, PhysAddr::new(status), seq)
-        })
-        .ok_or(Error::Busy)?
-        .map_err(vtd_error)?;
+        let seq = pending.seq;
+        let submitted = with_unit(self.unit, |u, m| u.flush_submit(m, g, status, seq))
+            .ok_or(Error::Busy)?
+            .map_err(vtd_error)?;
         let q = match submitted {
             Submitted::Done(f) => return Ok(f.invalidations as u32),
             Submitted::Queued(q) => q,

@@ -502,18 +502,16 @@ impl VtdDma {
         // frame: every flush waits under the unit's lock, as before).
         let status_frame = if cpus.len() <= STATUS_SLOTS {
             moat_vtd::DmaMemory::alloc_frame(&mut crate::iommu::hw::KernelMemory)
-                .map_or(0, PhysAddr::as_u64)
         } else {
-            0
+            None
         };
         let shards: Vec<Mutex<Shard>> = cpus
             .into_iter()
             .enumerate()
             .map(|(i, iova)| {
-                let pending = if status_frame != 0 {
-                    VtdPending::with_status(status_frame + (i * STATUS_STRIDE) as u64)
-                } else {
-                    VtdPending::default()
+                let pending = match status_frame {
+                    Some(f) => VtdPending::with_status(f + (i * STATUS_STRIDE) as u64),
+                    None => VtdPending::default(),
                 };
                 Mutex::new(Shard {
                     st: DmaState::with_shared(policy, svc, shared.clone(), pending),
@@ -810,8 +808,8 @@ impl VtdDma {
         for shard in shards.iter_mut() {
             shard.iova.flush();
             let (status, p) = shard.st.pending_mut().take_status();
-            if status != 0 {
-                status_frame = Some(status & !(PAGE - 1));
+            if let Some(status) = status {
+                status_frame = Some(status.align_down(PAGE));
             }
             poisoned |= p;
         }
@@ -822,10 +820,7 @@ impl VtdDma {
                     "guest {guest}: invalidation status frame {f:#x} kept (a wait on it timed out)"
                 );
             } else {
-                moat_vtd::DmaMemory::free_frame(
-                    &mut crate::iommu::hw::KernelMemory,
-                    PhysAddr::new(f),
-                );
+                moat_vtd::DmaMemory::free_frame(&mut crate::iommu::hw::KernelMemory, f);
             }
         }
         let live = self.iova.stats().live_pages;

@@ -16,6 +16,7 @@ use moat_vtd::{Unit, UnitConfig};
 
 use crate::mm::mmio::Mmio;
 use crate::mm::space;
+use crate::mm::PhysAddr;
 use crate::ratelimit::{RateLimit, Verdict};
 use crate::sync::IrqMutex;
 use hw::{KernelMemory, TscClock};
@@ -290,13 +291,13 @@ pub fn init(dmar: Option<&Dmar<'static>>, config: &Config) -> usize {
     for (i, d) in dmar.drhds().enumerate() {
         let base = d.register_base();
         let len = d.register_set_size().max(4096);
-        if let Err(e) = space::map_mmio(base, len) {
+        if let Err(e) = space::map_mmio(PhysAddr::new(base), len) {
             log::error!("vtd: unit {i}: cannot map registers at {base:#x}: {e:?}");
             continue;
         }
         // SAFETY: the DRHD's register set (from the firmware's DMAR table) is this unit's
         // MMIO, just mapped uncached, and the hypervisor alone drives the remapping units.
-        let regs = unsafe { Mmio::new(base, len as usize) };
+        let regs = unsafe { Mmio::new(PhysAddr::new(base), len as usize) };
         let mut unit = match Unit::new(regs, TscClock, UnitConfig::new(i as u32)) {
             Ok(u) => u,
             Err(e) => {

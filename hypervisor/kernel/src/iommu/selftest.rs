@@ -16,7 +16,7 @@ use super::test_pages::{Frames, Page};
 use super::with_unit;
 use crate::discovery::{EcamAccess, PciDevice};
 use crate::edu::{self, Direction, Edu};
-use crate::mm::frames;
+use crate::mm::{frames, PhysAddr};
 
 const PAGE: u64 = crate::mm::PAGE_SIZE;
 /// Bytes per edu DMA (edu's buffer is 4 KiB and QEMU refuses a range that ends at its end).
@@ -151,7 +151,7 @@ pub fn run(
             let bar0 = d.bars.get(0).filter(|b| b.is_memory())?;
             // SAFETY: `bar0` is the memory BAR0 of this edu as probed at discovery; the
             // self-test runs before any guest is started, so the hypervisor owns the device.
-            match unsafe { Edu::new(cfg, d.bdf, bar0.address) } {
+            match unsafe { Edu::new(cfg, d.bdf, PhysAddr::new(bar0.address)) } {
                 Ok(e) => Some(e),
                 Err(err) => {
                     log::error!("edu at {}: {err:?}", d.bdf);

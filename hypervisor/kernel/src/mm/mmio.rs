@@ -5,10 +5,12 @@
 //! every access is volatile, of exactly the width asked for, naturally aligned and inside the
 //! window (anything else panics rather than touching a stray address).
 
+use super::PhysAddr;
+
 /// A window of `len` bytes of device registers at physical (identity-mapped) address `base`.
 #[derive(Debug)]
 pub struct Mmio {
-    base: u64,
+    base: PhysAddr,
     len: usize,
 }
 
@@ -26,7 +28,7 @@ impl Mmio {
     /// - the caller owns the device: no other code programs it behind the caller's back,
     ///   and any register access allowed by the bounds checks is one the caller may make
     ///   (programming DMA through it stays the caller's responsibility).
-    pub const unsafe fn new(base: u64, len: usize) -> Self {
+    pub const unsafe fn new(base: PhysAddr, len: usize) -> Self {
         Self { base, len }
     }
 
@@ -34,7 +36,7 @@ impl Mmio {
     /// aligned and inside the window.
     fn at(&self, offset: usize, width: usize) -> u64 {
         let inside = offset.checked_add(width).is_some_and(|end| end <= self.len);
-        let addr = self.base.wrapping_add(offset as u64);
+        let addr = self.base.as_u64().wrapping_add(offset as u64);
         assert!(
             inside && addr.is_multiple_of(width as u64),
             "MMIO access of {width} bytes at {offset:#x}: outside or misaligned in the \

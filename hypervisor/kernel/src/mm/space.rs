@@ -42,11 +42,11 @@ pub fn build(boot: &BootInfo, exec_page: PhysAddr) -> Result<PhysAddr, MapError>
 }
 
 /// Identity-maps an MMIO range uncached (idempotent; widened to whole pages).
-pub fn map_mmio(phys: u64, len: u64) -> Result<(), MapError> {
-    let start = align_down(phys, PAGE_SIZE);
-    let end = align_up(phys + len.max(1), PAGE_SIZE);
+pub fn map_mmio(phys: PhysAddr, len: u64) -> Result<(), MapError> {
+    let start = phys.align_down(PAGE_SIZE);
+    let end = align_up(phys.as_u64() + len.max(1), PAGE_SIZE);
     match KERNEL_SPACE.lock().as_mut() {
-        Some(s) => s.map(PhysAddr::new(start), end - start, Pte::MMIO),
+        Some(s) => s.map(start, end - start.as_u64(), Pte::MMIO),
         // Before the kernel space exists the boot map covers the first 4 GiB.
         None => Ok(()),
     }

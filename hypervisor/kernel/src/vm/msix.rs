@@ -28,6 +28,7 @@ use super::pci::Ecams;
 use super::route::{HostRoute, Masker, Refused};
 use super::virq::VirtualInterrupts;
 use crate::mm::mmio::Mmio;
+use crate::mm::PhysAddr;
 use crate::ratelimit::{RateLimit, Verdict};
 use crate::sync::IrqMutex;
 
@@ -78,8 +79,8 @@ pub struct DeviceMsix {
     bars: Bars,
     trapped: [Option<TrappedRange>; 2],
     /// Physical address of the device's table and PBA (identity-mapped uncached).
-    table: u64,
-    pba: u64,
+    table: PhysAddr,
+    pba: PhysAddr,
     ecams: Ecams,
     state: IrqMutex<State>,
 }
@@ -99,7 +100,7 @@ impl DeviceMsix {
     ) -> Option<DeviceMsix> {
         let trapped = cap.trapped(bars)?;
         for r in trapped.iter().flatten() {
-            crate::mm::space::map_mmio(r.start, r.len).ok()?;
+            crate::mm::space::map_mmio(PhysAddr::new(r.start), r.len).ok()?;
         }
         let base = |bir: u8| bars.get(usize::from(bir)).map(|b| b.address);
         let d = DeviceMsix {
@@ -109,8 +110,8 @@ impl DeviceMsix {
             cap,
             bars: *bars,
             trapped,
-            table: base(cap.table.bir)? + u64::from(cap.table.offset),
-            pba: base(cap.pba.bir)? + u64::from(cap.pba.offset),
+            table: PhysAddr::new(base(cap.table.bir)? + u64::from(cap.table.offset)),
+            pba: PhysAddr::new(base(cap.pba.bir)? + u64::from(cap.pba.offset)),
             ecams,
             state: IrqMutex::new(State {
                 control: VirtualMsixControl::default(),
@@ -314,7 +315,7 @@ impl DeviceMsix {
         // SAFETY: the trapped pages of the device's BAR, mapped uncached by `new`; the guest
         // may access these registers of its own device (they are not the table or PBA);
         // `gpa` is aligned to `size` (checked by the caller).
-        let m = unsafe { Mmio::new(r.start, r.len as usize) };
+        let m = unsafe { Mmio::new(PhysAddr::new(r.start), r.len as usize) };
         let off = (gpa - r.start) as usize;
         match (size, write) {
             (8, Some(v)) => m.write64(off, v),

@@ -22,6 +22,7 @@ use moat_vtd::SourceId;
 
 use super::pci::Ecams;
 use super::virq::VirtualInterrupts;
+use crate::mm::PhysAddr;
 use crate::ratelimit::{RateLimit, Verdict};
 use crate::sync::IrqMutex;
 
@@ -39,7 +40,7 @@ pub enum Masker {
     Msi(Ecams, Bdf, MsiCapability),
     /// One MSI-X table entry: its vector control at this (identity-mapped, uncached)
     /// physical address gets the mask bit.
-    MsixEntry(Bdf, u64),
+    MsixEntry(Bdf, PhysAddr),
 }
 
 impl Masker {

@@ -510,7 +510,7 @@ impl VmxVcpu {
         Ok(VmxVcpu {
             info: *info,
             vmcs_pa,
-            eptp: vmx::eptp(ept_root.as_u64()),
+            eptp: vmx::eptp(ept_root),
             vpid,
             entry: *entry,
             gprs: Gprs {
