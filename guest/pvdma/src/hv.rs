@@ -52,6 +52,25 @@ mod native {
         }
     }
 
+    /// Bytes of the widest access [`Native`] copies shared areas with.
+    const WORD: u64 = 8;
+
+    fn read_bytes(gpa: u64, buf: &mut [u8]) {
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `Native::new`'s contract: the driver's buffers are identity-mapped and
+            // readable; volatile because the hypervisor writes them behind the compiler.
+            *b = unsafe { core::ptr::read_volatile((gpa as usize + i) as *const u8) };
+        }
+    }
+
+    fn write_bytes(gpa: u64, data: &[u8]) {
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: `Native::new`'s contract: the driver's buffers are identity-mapped and
+            // writable; volatile because the hypervisor reads them behind the compiler.
+            unsafe { core::ptr::write_volatile((gpa as usize + i) as *mut u8, *b) };
+        }
+    }
+
     impl Hypervisor for Native {
         fn cpuid(&mut self, leaf: u32) -> [u32; 4] {
             let r = core::arch::x86_64::__cpuid_count(leaf, 0);
@@ -87,20 +106,44 @@ mod native {
             }
         }
 
+        // Shared areas (batch entries, headers, fault records) are 8-byte aligned multiples
+        // of 8 bytes: they are copied a word at a time (one access instead of eight, which
+        // matters on the batched I/O path: two 48-byte entries per I/O); any other span a
+        // byte at a time.
         fn read(&mut self, gpa: u64, buf: &mut [u8]) {
-            for (i, b) in buf.iter_mut().enumerate() {
-                // SAFETY: `new`'s contract: the driver's buffers are identity-mapped and
-                // readable; volatile because the hypervisor writes them behind the compiler.
-                *b = unsafe { core::ptr::read_volatile((gpa as usize + i) as *const u8) };
+            if gpa.is_multiple_of(WORD) {
+                let len = buf.len();
+                let mut words = buf.chunks_exact_mut(WORD as usize);
+                for (i, w) in (&mut words).enumerate() {
+                    let at = gpa as usize + i * WORD as usize;
+                    // SAFETY: `new`'s contract: the driver's buffers are identity-mapped and
+                    // readable; `at` is 8-byte aligned; volatile because the hypervisor
+                    // writes them behind the compiler.
+                    let v = unsafe { core::ptr::read_volatile(at as *const u64) };
+                    w.copy_from_slice(&v.to_le_bytes());
+                }
+                let tail = words.into_remainder();
+                return read_bytes(gpa + (len - tail.len()) as u64, tail);
             }
+            read_bytes(gpa, buf)
         }
 
         fn write(&mut self, gpa: u64, data: &[u8]) {
-            for (i, b) in data.iter().enumerate() {
-                // SAFETY: `new`'s contract: the driver's buffers are identity-mapped and
-                // writable; volatile because the hypervisor reads them behind the compiler.
-                unsafe { core::ptr::write_volatile((gpa as usize + i) as *mut u8, *b) };
+            if gpa.is_multiple_of(WORD) {
+                let words = data.chunks_exact(WORD as usize);
+                let tail = words.remainder();
+                for (i, w) in words.enumerate() {
+                    let at = gpa as usize + i * WORD as usize;
+                    let v = u64::from_le_bytes(w.try_into().unwrap_or_default());
+                    // SAFETY: `new`'s contract: the driver's buffers are identity-mapped and
+                    // writable; `at` is 8-byte aligned; volatile because the hypervisor reads
+                    // them behind the compiler.
+                    unsafe { core::ptr::write_volatile(at as *mut u64, v) };
+                }
+                let done = data.len() - tail.len();
+                return write_bytes(gpa + done as u64, tail);
             }
+            write_bytes(gpa, data)
         }
     }
 }
