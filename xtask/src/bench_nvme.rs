@@ -66,8 +66,11 @@ pub(crate) const POLICIES: [&str; 4] = ["passthrough", "strict", "batched", "def
 /// Rows each run prints (the guest's workloads).
 const WORKLOADS: usize = 3;
 
-/// Runs the benchmark; `quick` reads fewer blocks per cell and runs each cell once.
-pub fn run(quick: bool) -> Result<()> {
+/// Runs the benchmark; `quick` reads fewer blocks per cell and runs each cell once. With
+/// `icount`, QEMU runs single-threaded TCG with instructions as time (`-icount shift=0`): the
+/// figures are then guest and hypervisor path lengths (the device's own latency is emulated
+/// time too), independent of the host's load, and the vCPUs of a guest take turns.
+pub fn run(quick: bool, icount: bool) -> Result<()> {
     setup::ensure()?;
     let kernel = build_kernel(Flavour::Release)?;
     let (ios, rounds) = if quick { (256, 1) } else { (2000, 3) };
@@ -101,7 +104,13 @@ pub fn run(quick: bool) -> Result<()> {
                     &cmdline,
                     format!("g0 {}nvme-bench={ios}", knobs.burst_word()),
                     &name,
-                    |iso| machine.qemu_args(iso, setup::OVMF_CODE),
+                    |iso| {
+                        let mut args = machine.qemu_args(iso, setup::OVMF_CODE);
+                        if icount {
+                            args.extend(["-icount".into(), "shift=0".into()]);
+                        }
+                        args
+                    },
                     parse,
                     |found| found.len() == WORKLOADS,
                 )
@@ -119,6 +128,9 @@ pub fn run(quick: bool) -> Result<()> {
             r.paired_ratios = v.clone();
             r.paired_ratio = median(v);
         }
+    }
+    if icount {
+        println!("-icount shift=0: instructions as emulated time (path lengths, independent of host load; the vCPUs of a guest take turns)");
     }
     print_table(&rows);
     let json = root().join("target/bench/nvme.json");

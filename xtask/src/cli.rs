@@ -51,9 +51,9 @@ pub enum Cmd {
         #[arg(long, global = true, value_delimiter = ',', default_value = "1",
               value_parser = clap::value_parser!(u32).range(1..=4))]
         vcpus: Vec<u32>,
-        /// DMA benchmark only: instructions as time (QEMU `-icount shift=0`, single-threaded
-        /// TCG), so the figures are path lengths that host load does not change; the vCPUs of a
-        /// guest then take turns, so its vCPU scaling means nothing
+        /// DMA and NVMe benchmarks only: instructions as time (QEMU `-icount shift=0`,
+        /// single-threaded TCG), so the figures are path lengths that host load does not change;
+        /// the vCPUs of a guest then take turns, so its vCPU scaling means nothing
         #[arg(long, global = true)]
         icount: bool,
     },

@@ -11,7 +11,7 @@
 //!                                                ends "N passed, N failed"
 //! cargo xtask bench iova|dma|nvme [--quick]      IOVA allocator against peers; PV DMA per policy; NVMe per policy
 //!                  [--vcpus 1,2]                 (dma: on 1 and 2 vCPUs of one guest at once)
-//!                  [--icount]                    (dma: instructions as time, load-independent)
+//!                  [--icount]                    (dma, nvme: instructions as time, load-independent)
 //! cargo xtask bench plot                          redraw the SVGs from target/bench/*.json
 //! cargo xtask fuzz [--time SECS] [TARGET]        fuzz every target (or one) SECS seconds each
 //!                                                (default 60; nightly + cargo-fuzz installed)
@@ -356,8 +356,8 @@ pub fn module_files(modules: &[moat_scenarios::BootModule]) -> Result<Vec<(PathB
 }
 
 fn cmd_bench(what: Bench, quick: bool, vcpus: &[u32], icount: bool) -> Result<()> {
-    if icount && what != Bench::Dma {
-        return Err("--icount is for `bench dma` only".into());
+    if icount && !matches!(what, Bench::Dma | Bench::Nvme) {
+        return Err("--icount is for `bench dma` and `bench nvme` only".into());
     }
     eprintln!(
         "xtask: benchmark built with rustc {}",
@@ -385,7 +385,7 @@ fn cmd_bench(what: Bench, quick: bool, vcpus: &[u32], icount: bool) -> Result<()
             Ok(())
         }
         Bench::Dma => bench_dma::run(quick, vcpus, icount),
-        Bench::Nvme => bench_nvme::run(quick),
+        Bench::Nvme => bench_nvme::run(quick, icount),
         Bench::Plot => plots::redraw(),
     }
 }

@@ -329,7 +329,9 @@ impl<H: Hypervisor> PvDma<H> {
     /// Queues a request (see [`PvDma::queue_map`]).
     pub fn queue(&mut self, req: Request, sink: Sink<'_>) -> Result<Ticket, Error> {
         let b = self.batch.ok_or(Error::NoBatch)?;
-        self.check(&req)?;
+        // Built once: the entry checked is the entry written.
+        let entry = req.to_entry();
+        validate_entry(&entry, &self.info.limits).map_err(err_of)?;
         if b.pending >= b.capacity {
             self.flush(sink)?;
         }
@@ -339,7 +341,7 @@ impl<H: Hypervisor> PvDma<H> {
         b.pending += 1;
         let ticket = Ticket(b.base + u64::from(index));
         self.next_ticket = ticket.0 + 1;
-        self.hv.write(gpa, req.to_entry().as_bytes());
+        self.hv.write(gpa, entry.as_bytes());
         Ok(ticket)
     }
 

@@ -52,6 +52,25 @@ mod native {
         }
     }
 
+    /// Bytes of the widest access [`Native`] copies shared areas with.
+    const WORD: u64 = 8;
+
+    fn read_bytes(gpa: u64, buf: &mut [u8]) {
+        for (i, b) in buf.iter_mut().enumerate() {
+            // SAFETY: `Native::new`'s contract: the driver's buffers are identity-mapped and
+            // readable; volatile because the hypervisor writes them behind the compiler.
+            *b = unsafe { core::ptr::read_volatile((gpa as usize + i) as *const u8) };
+        }
+    }
+
+    fn write_bytes(gpa: u64, data: &[u8]) {
+        for (i, b) in data.iter().enumerate() {
+            // SAFETY: `Native::new`'s contract: the driver's buffers are identity-mapped and
+            // writable; volatile because the hypervisor reads them behind the compiler.
+            unsafe { core::ptr::write_volatile((gpa as usize + i) as *mut u8, *b) };
+        }
+    }
+
     impl Hypervisor for Native {
         fn cpuid(&mut self, leaf: u32) -> [u32; 4] {
             let r = core::arch::x86_64::__cpuid_count(leaf, 0);
@@ -87,19 +106,80 @@ mod native {
             }
         }
 
+        // Shared areas (batch entries, headers, fault records) are 8-byte aligned multiples
+        // of 8 bytes: they are copied a word at a time (one access instead of eight, which
+        // matters on the batched I/O path: two 48-byte entries per I/O); any other span a
+        // byte at a time.
         fn read(&mut self, gpa: u64, buf: &mut [u8]) {
-            for (i, b) in buf.iter_mut().enumerate() {
-                // SAFETY: `new`'s contract: the driver's buffers are identity-mapped and
-                // readable; volatile because the hypervisor writes them behind the compiler.
-                *b = unsafe { core::ptr::read_volatile((gpa as usize + i) as *const u8) };
+            if gpa.is_multiple_of(WORD) {
+                let len = buf.len();
+                let mut words = buf.chunks_exact_mut(WORD as usize);
+                for (i, w) in (&mut words).enumerate() {
+                    let at = gpa as usize + i * WORD as usize;
+                    // SAFETY: `new`'s contract: the driver's buffers are identity-mapped and
+                    // readable; `at` is 8-byte aligned; volatile because the hypervisor
+                    // writes them behind the compiler.
+                    let v = unsafe { core::ptr::read_volatile(at as *const u64) };
+                    w.copy_from_slice(&v.to_le_bytes());
+                }
+                let tail = words.into_remainder();
+                return read_bytes(gpa + (len - tail.len()) as u64, tail);
             }
+            read_bytes(gpa, buf)
         }
 
         fn write(&mut self, gpa: u64, data: &[u8]) {
-            for (i, b) in data.iter().enumerate() {
-                // SAFETY: `new`'s contract: the driver's buffers are identity-mapped and
-                // writable; volatile because the hypervisor reads them behind the compiler.
-                unsafe { core::ptr::write_volatile((gpa as usize + i) as *mut u8, *b) };
+            if gpa.is_multiple_of(WORD) {
+                let words = data.chunks_exact(WORD as usize);
+                let tail = words.remainder();
+                for (i, w) in words.enumerate() {
+                    let at = gpa as usize + i * WORD as usize;
+                    let v = u64::from_le_bytes(w.try_into().unwrap_or_default());
+                    // SAFETY: `new`'s contract: the driver's buffers are identity-mapped and
+                    // writable; `at` is 8-byte aligned; volatile because the hypervisor reads
+                    // them behind the compiler.
+                    unsafe { core::ptr::write_volatile(at as *mut u64, v) };
+                }
+                let done = data.len() - tail.len();
+                return write_bytes(gpa + done as u64, tail);
+            }
+            write_bytes(gpa, data)
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Word and byte copies agree with a plain copy at every alignment and length, and
+        /// touch nothing outside the span.
+        #[test]
+        fn copies_exactly_the_span_at_every_alignment() {
+            let mut hv = Native {
+                insn: Instruction::Vmmcall,
+            };
+            for off in 0..16usize {
+                for len in 0..=48usize {
+                    // 8-byte aligned backing store, so `off` sets the alignment.
+                    let mut mem = [0u64; 10];
+                    let base = mem.as_mut_ptr() as u64;
+                    let data: [u8; 48] = core::array::from_fn(|i| (i as u8).wrapping_mul(7) ^ 0xa5);
+                    hv.write(base + off as u64, &data[..len]);
+                    let bytes: [u8; 80] =
+                        core::array::from_fn(|i| (mem[i / 8] >> (8 * (i % 8))) as u8);
+                    for (i, b) in bytes.iter().enumerate() {
+                        let want = if (off..off + len).contains(&i) {
+                            data[i - off]
+                        } else {
+                            0
+                        };
+                        assert_eq!(*b, want, "write off {off} len {len} byte {i}");
+                    }
+                    let mut back = [0x11u8; 49];
+                    hv.read(base + off as u64, &mut back[..len]);
+                    assert_eq!(&back[..len], &data[..len], "read off {off} len {len}");
+                    assert_eq!(back[len], 0x11, "read past the span: off {off} len {len}");
+                }
             }
         }
     }
