@@ -2,7 +2,9 @@
 //! vectors raised for it from outside and not yet delivered ([`VirtualInterrupts`], set from
 //! interrupt handlers on any CPU), and the glue between the vCPU loop and its virtual local
 //! APIC ([`VcpuApic`] around the pure model [`moat_x86arch::lapic::LocalApic`]: priorities,
-//! TPR, EOI, self-IPI, timer, the x2APIC MSRs).
+//! TPR, EOI, self-IPI, timer, the x2APIC MSRs). An IPI one vCPU's APIC sends to others of
+//! its guest ([`VcpuApic::take_ipi`]) is raised on theirs like a device's MSI, which wakes a
+//! halted one.
 //!
 //! Delivery: before each entry the vCPU loop brings the APIC up to date ([`VcpuApic::update`]:
 //! raised vectors into its IRR, its timer to the current TSC), asks it for the vector to
@@ -19,7 +21,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use moat_x86arch::lapic::{Gp, LocalApic};
+use moat_x86arch::lapic::{Gp, Ipi, LocalApic};
 
 /// Vectors raised for a vCPU from outside (device MSIs, the fault ring) and not yet
 /// delivered to it: a vector stays here while it is pending in the vCPU's IRR, so raising it
@@ -182,10 +184,11 @@ pub struct VcpuApic {
 pub type MsrResult<T> = Result<T, Gp>;
 
 impl VcpuApic {
-    /// The APIC of vCPU `index` (its x2APIC ID; vCPU 0 is the bootstrap processor).
-    pub fn new(index: usize) -> Self {
+    /// The APIC of vCPU `index` (its x2APIC ID; vCPU 0 is the bootstrap processor) of a
+    /// guest of `vcpus` vCPUs (the APICs its IPIs reach).
+    pub fn new(index: usize, vcpus: usize) -> Self {
         VcpuApic {
-            apic: LocalApic::new(index as u32, index == 0),
+            apic: LocalApic::new(index as u32, index == 0).in_group(vcpus as u32),
             offered: None,
         }
     }
@@ -250,6 +253,11 @@ impl VcpuApic {
     /// The TSC at which the timer next needs the host's attention.
     pub fn deadline(&self) -> Option<u64> {
         self.apic.deadline()
+    }
+
+    /// The IPI the latest ICR write sends to other vCPUs (to raise on theirs).
+    pub fn take_ipi(&mut self) -> Option<Ipi> {
+        self.apic.take_ipi()
     }
 
     /// What the APIC has done.
