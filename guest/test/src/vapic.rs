@@ -16,7 +16,7 @@ use crate::idt::{cli, sti, Cost};
 use crate::println;
 
 /// x2APIC MSRs.
-mod msr {
+pub(crate) mod msr {
     pub const APIC_BASE: u32 = 0x1b;
     pub const ID: u32 = 0x802;
     pub const VERSION: u32 = 0x803;
@@ -30,6 +30,8 @@ mod msr {
     pub const TIMER_CURRENT: u32 = 0x839;
     pub const TIMER_DIVIDE: u32 = 0x83e;
     pub const SELF_IPI: u32 = 0x83f;
+    pub const ESR: u32 = 0x828;
+    pub const ICR: u32 = 0x830;
     /// Moat: TSC at which the host raised this vCPU's latest interrupt.
     pub const MOAT_IRQ_TSC: u32 = 0x4d4f_0001;
 }

@@ -326,6 +326,36 @@ pub fn vapic_timer_check(log: &str, vmx: bool) -> Result<(), String> {
     forbid_line(log, &["moat: exit Failure"])
 }
 
+/// What `irq-vapic-ipi` must show with `n` IPIs: the guest's own checks, and the
+/// hypervisor's per-vCPU counts equal to what the guest took and sent (`n` + the stop IPI
+/// each way; vCPU 0's three ignored ICR writes and its illegal vector).
+fn vapic_ipi_check(log: &str, n: u64) -> Result<(), String> {
+    boot_complete(log)?;
+    no_wrong(log, "g0> vapic-ipi:")?;
+    for v in 0..2 {
+        need_line(log, &[&format!("g0> vapic-ipi: vcpu {v}: CPUID.1 APIC ID {v}, CPUID.0xB x2APIC ID {v}, MSR 0x802 {v}: ok")])?;
+    }
+    need_line(log, &[&format!("g0> vapic-ipi: {n} IPI(s) to halted vcpu 1: {n} taken on vector 0x51 there, {n} answer(s) taken on vcpu 0, 0 missed")])?;
+    need_line(log, &["g0> vapic-ipi: to vcpu 7, NMI, INIT, vector 3: 0 taken in all, ESR 0x20 (send illegal vector: true) ok"])?;
+    let all = n + 1;
+    need_line(log, &[&format!("g0> vapic-ipi: all-excluding-self woke vcpu 1 to stop: left, its answer taken; in all {all} taken on vcpu 1, {all} on vcpu 0, {all} answered, 0 stray")])?;
+    need_line(log, &["g0> PASS vapic-ipi"])?;
+    for (v, ignored, dropped) in [(0, 3, 1), (1, 0, 0)] {
+        need_line(
+            log,
+            &[
+                &format!("guest g0 vcpu{v}: interrupts: {all} raised, {all} delivered, {all} EOI(s); APIC timer"),
+                &format!("{dropped} dropped; IPIs: {all} sent, {ignored} ignored"),
+            ],
+        )?;
+    }
+    need_line(log, &["guest g0 vcpu0: ICR 0x700000051 ignored"])?;
+    need_line(log, &["guest g0 vcpu0: ICR 0x100000451 ignored"])?;
+    need_line(log, &["guest g0 vcpu0: exited with code 0"])?;
+    need_line(log, &["guest g0 vcpu1: exited with code 0"])?;
+    forbid_line(log, &["moat: exit Failure"])
+}
+
 /// The interrupt scenarios on `on`'s machine.
 pub fn scenarios(on: Variant) -> Vec<Scenario> {
     let mut v = msix_scenarios(on);
@@ -502,6 +532,17 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
         Box::new(|log| vapic_timer_check(log, false)),
     );
     s.modules = module("g0 vapic-timer");
+    v.push(s);
+    let n = 8;
+    let mut s = on.scenario(
+        "irq-vapic-ipi",
+        "IPIs between the 2 vCPUs of a guest: each vCPU's CPUID APIC IDs are its x2APIC ID register's; vCPU 0 sends N fixed IPIs to halted vCPU 1, which takes exactly N on the vector and answers each with an IPI back; IPIs to a vCPU the guest lacks, NMI / INIT delivery and vector 3 change nothing (ESR send-illegal set); the hypervisor's counts agree with the guest's",
+        Machine::default(),
+        "guest=name=g0,mem=8M,cpus=2",
+        Exit::Success,
+        Box::new(move |log| vapic_ipi_check(log, n)),
+    );
+    s.modules = module(&format!("g0 vapic-ipi={n}"));
     v.push(s);
     let rounds = 3;
     let mut s = on.scenario(

@@ -888,6 +888,9 @@ impl Guest {
                     vcpu.complete_instruction();
                     // HLT with interrupts enabled and an interrupt source waits for one;
                     // with interrupts off (or nothing that could wake it) it ends the vCPU.
+                    // What was raised for it meanwhile (by a vCPU that has stopped since,
+                    // say) is in its IRR first.
+                    self.update_apic(&mut vapic, irqs, &host_timer);
                     if !(vcpu.interrupts_enabled()
                         && (self.can_be_woken() || vapic.has_work() || vapic.deadline().is_some()))
                     {
