@@ -536,7 +536,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
     let n = 8;
     let mut s = on.scenario(
         "irq-vapic-ipi",
-        "IPIs between the 2 vCPUs of a guest: each vCPU's CPUID APIC IDs are its x2APIC ID register's; vCPU 0 sends N fixed IPIs to halted vCPU 1, which takes exactly N on the vector and answers each with an IPI back; IPIs to a vCPU the guest lacks, NMI / INIT delivery and vector 3 change nothing (ESR send-illegal set); the hypervisor's counts agree with the guest's",
+        "IPIs between the 2 vCPUs of a guest: each vCPU's CPUID APIC IDs are its x2APIC ID register's; vCPU 0 sends N fixed IPIs to halted vCPU 1, which takes exactly N on the vector and answers each with an IPI back (taken by vCPU 0 halted, or spinning without exits: its CPU is kicked); IPIs to a vCPU the guest lacks, NMI / INIT delivery and vector 3 change nothing (ESR send-illegal set); the hypervisor's counts agree with the guest's",
         Machine::default(),
         "guest=name=g0,mem=8M,cpus=2",
         Exit::Success,

@@ -1028,8 +1028,9 @@ impl Guest {
     }
 
     /// After an APIC MSR access of vCPU `index`: raises the IPI its ICR write sent on the
-    /// other vCPUs named (which wakes a halted one; a running one takes it at its next
-    /// exit); an ICR write the APIC ignored (`ignored`: its count before) is logged,
+    /// other vCPUs named (which wakes a halted one) and kicks their CPUs with a host
+    /// interrupt ([`super::virq::KICK_VECTOR`]) so that one running guest code exits and
+    /// takes it; an ICR write the APIC ignored (`ignored`: its count before) is logged,
     /// rate-limited.
     fn send_ipi(
         &self,
@@ -1043,6 +1044,10 @@ impl Guest {
             for t in ipi.targets() {
                 if let Some(v) = self.virqs.get(t as usize) {
                     v.raise(ipi.vector, now);
+                    let cpu = self.apic_of(t as usize);
+                    if cpu != crate::arch::apic::id() {
+                        crate::arch::apic::send_fixed(cpu, super::virq::KICK_VECTOR);
+                    }
                 }
             }
         }

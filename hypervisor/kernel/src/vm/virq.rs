@@ -92,6 +92,13 @@ pub mod msr {
 /// deadline.
 pub const HOST_TIMER_VECTOR: u8 = 0x42;
 
+/// The host vector that makes the CPU running a vCPU exit so that the vCPU takes an IPI
+/// another vCPU raised for it (the handler does nothing: the exit is the point).
+pub const KICK_VECTOR: u8 = 0x43;
+
+/// The kick's handler: nothing to do.
+fn kick_interrupt() {}
+
 /// Per CPU: host timer interrupts taken, and the TSC of the latest.
 static HOST_TIMER: [(AtomicU64, AtomicU64); crate::arch::cpu::MAX_CPUS] =
     [const { (AtomicU64::new(0), AtomicU64::new(0)) }; crate::arch::cpu::MAX_CPUS];
@@ -108,6 +115,7 @@ fn host_timer_interrupt() {
 /// Installs the host timer's handler (idempotent).
 pub fn init() {
     crate::arch::idt::register(HOST_TIMER_VECTOR, host_timer_interrupt);
+    crate::arch::idt::register(KICK_VECTOR, kick_interrupt);
 }
 
 /// The host timer of the CPU a vCPU runs on, armed for its APIC timer's deadline.
