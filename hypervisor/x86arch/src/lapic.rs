@@ -209,6 +209,9 @@ pub mod icr {
         DELIVERY_MODE = 7 << 8, "Delivery mode (bits 10:8; 0 = fixed).";
         LOGICAL = 1 << 11, "Destination mode: logical.";
         SHORTHAND = 3 << 18, "Destination shorthand (bits 19:18).";
+    }
+    // The shorthands.
+    consts! { u64:
         SHORTHAND_SELF = 1 << 18, "Shorthand: self.";
         SHORTHAND_ALL = 2 << 18, "Shorthand: all including self.";
         SHORTHAND_OTHERS = 3 << 18, "Shorthand: all excluding self.";

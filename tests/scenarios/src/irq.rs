@@ -326,6 +326,28 @@ pub fn vapic_timer_check(log: &str, vmx: bool) -> Result<(), String> {
     forbid_line(log, &["moat: exit Failure"])
 }
 
+/// Guest g0 alone (`config`, the test guest with `cmdline`) on the default machine, expected
+/// to end in success.
+fn g0_alone(
+    on: Variant,
+    name: &str,
+    about: &'static str,
+    config: &str,
+    cmdline: &str,
+    check: crate::Check,
+) -> Scenario {
+    let mut s = on.scenario(
+        name,
+        about,
+        Machine::default(),
+        config,
+        Exit::Success,
+        check,
+    );
+    s.modules = module(cmdline);
+    s
+}
+
 /// What `irq-vapic-ipi` must show with `n` IPIs: the guest's own checks, and the
 /// hypervisor's per-vCPU counts equal to what the guest took and sent (`n` + the stop IPI
 /// each way; vCPU 0's three ignored ICR writes and its illegal vector).
@@ -523,27 +545,23 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
     );
     s.modules = module("g0 dma-fault-irq");
     v.push(s);
-    let mut s = on.scenario(
+    v.push(g0_alone(
+        on,
         "irq-vapic-timer",
         "the guest's virtual x2APIC as its only interrupt source: #GP for refused accesses, self-IPIs highest priority first, the TPR holding a class back, one-shot and periodic timers (spinning without exits: the host timer makes it exit; halted: the wait ends at expiry), a masked timer silent, an interrupt pending with interrupts off taken right after `sti; nop` / `sti; hlt`",
-        Machine::default(),
         "guest=name=g0,mem=8M",
-        Exit::Success,
+        "g0 vapic-timer",
         Box::new(|log| vapic_timer_check(log, false)),
-    );
-    s.modules = module("g0 vapic-timer");
-    v.push(s);
+    ));
     let n = 8;
-    let mut s = on.scenario(
+    v.push(g0_alone(
+        on,
         "irq-vapic-ipi",
         "IPIs between the 2 vCPUs of a guest: each vCPU's CPUID APIC IDs are its x2APIC ID register's; vCPU 0 sends N fixed IPIs to halted vCPU 1, which takes exactly N on the vector and answers each with an IPI back (taken by vCPU 0 halted, or spinning without exits: its CPU is kicked); IPIs to a vCPU the guest lacks, NMI / INIT delivery and vector 3 change nothing (ESR send-illegal set); the hypervisor's counts agree with the guest's",
-        Machine::default(),
         "guest=name=g0,mem=8M,cpus=2",
-        Exit::Success,
+        &format!("g0 vapic-ipi={n}"),
         Box::new(move |log| vapic_ipi_check(log, n)),
-    );
-    s.modules = module(&format!("g0 vapic-ipi={n}"));
-    v.push(s);
+    ));
     let rounds = 3;
     let mut s = on.scenario(
         "irq-host-vectors",
