@@ -223,6 +223,7 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "msi-x-nvme" => msix::nvme_irq(&info, arg.unwrap_or(8), 0),
             "msi-x-nvme-vcpu1" => msix::nvme_irq(&info, arg.unwrap_or(8), 1),
             "msi-x-attacks" => msix::attacks(&info),
+            "msi-x-storm" => msix::storm(&info, arg.unwrap_or(400)),
             "msi-x-unemulated" => msix::unemulated(),
             "vapic-timer" => vapic::run(&info),
             "vapic-ipi" => ipi::run(&info, arg.unwrap_or(8)),
