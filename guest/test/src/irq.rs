@@ -102,13 +102,23 @@ pub(crate) fn load_idt() {
 }
 
 /// `sti; hlt`: waits for an interrupt (atomically with enabling them).
-fn halt() {
+pub(crate) fn halt() {
     // SAFETY: the interrupt IDT is loaded; HLT returns after the next interrupt.
     unsafe { core::arch::asm!("sti; hlt", options(nomem, nostack)) };
 }
 
 /// vCPU 1's side of `msi-edu=N,1`: interrupts on, halt until told to stop.
 pub fn worker() {
+    halt_until_done(|| {});
+    println!(
+        "msi worker: vcpu 1 took {} interrupt(s) on vector {MSI_VECTOR:#x}",
+        TAKEN_ON[1].load(Ordering::SeqCst)
+    );
+}
+
+/// vCPU 1 with the interrupt IDT and interrupts on halts until [`WORKER_DONE`], running
+/// `on_wake` (interrupts off) after every wake-up and once more before it leaves.
+pub(crate) fn halt_until_done(mut on_wake: impl FnMut()) {
     load_idt();
     sti();
     WORKER_READY.store(true, Ordering::SeqCst);
@@ -117,16 +127,22 @@ pub fn worker() {
     // would sleep through it (a lost wake-up in the guest).
     loop {
         cli();
+        on_wake();
         if WORKER_DONE.load(Ordering::SeqCst) {
             break;
         }
         halt();
     }
     WORKER_EXITED.store(true, Ordering::SeqCst);
-    println!(
-        "msi worker: vcpu 1 took {} interrupt(s) on vector {MSI_VECTOR:#x}",
-        TAKEN_ON[1].load(Ordering::SeqCst)
-    );
+}
+
+/// Waits up to 2 s for `flag` (spinning).
+pub(crate) fn wait_flag(boot: &BootInfo, flag: &AtomicBool) -> bool {
+    let end = crate::abi::rdtsc() + 2000 * boot.tsc_khz.get();
+    while !flag.load(Ordering::SeqCst) && crate::abi::rdtsc() < end {
+        core::hint::spin_loop();
+    }
+    flag.load(Ordering::SeqCst)
 }
 
 /// The assigned edu's MSI capability: (bus, dev, func, capability offset).
@@ -206,10 +222,7 @@ pub fn msi_edu(boot: &BootInfo, n: u64, dest: u8) -> Outcome {
         .map_err(|_| "MAP of the source failed")?;
     load_idt();
     if dest == 1 {
-        let end = crate::abi::rdtsc() + 2000 * boot.tsc_khz.get();
-        while !WORKER_READY.load(Ordering::SeqCst) && crate::abi::rdtsc() < end {
-            core::hint::spin_loop();
-        }
+        wait_flag(boot, &WORKER_READY);
     }
     program_msi(dest, MSI_VECTOR, true)?;
     sti();
@@ -248,12 +261,8 @@ pub fn msi_edu(boot: &BootInfo, n: u64, dest: u8) -> Outcome {
         program_msi(dest, MSI_VECTOR, true)?;
         edu.raise_irq(1);
         edu.ack_irq(1);
-        let end = crate::abi::rdtsc() + 2000 * boot.tsc_khz.get();
-        while !WORKER_EXITED.load(Ordering::SeqCst) && crate::abi::rdtsc() < end {
-            core::hint::spin_loop();
-        }
+        let left = wait_flag(boot, &WORKER_EXITED);
         program_msi(dest, MSI_VECTOR, false)?;
-        let left = WORKER_EXITED.load(Ordering::SeqCst);
         println!(
             "msi-edu: worker woken to stop by one interrupt-raise: {}",
             if left { "left" } else { "still halted" }

@@ -21,6 +21,7 @@ mod capacity;
 mod dma;
 mod dma_bounds;
 mod idt;
+mod ipi;
 mod irq;
 mod msix;
 mod nvme;
@@ -139,6 +140,14 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             irq::worker();
             abi::exit(0);
         }
+        if vcpu == 1
+            && line
+                .split_ascii_whitespace()
+                .any(|w| w.starts_with("vapic-ipi"))
+        {
+            ipi::worker();
+            abi::exit(0);
+        }
         if vcpu == 1 && line.split_ascii_whitespace().any(|w| w == "dma-race") {
             dma::race_scribbler();
             abi::exit(0);
@@ -214,8 +223,10 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "msi-x-nvme" => msix::nvme_irq(&info, arg.unwrap_or(8), 0),
             "msi-x-nvme-vcpu1" => msix::nvme_irq(&info, arg.unwrap_or(8), 1),
             "msi-x-attacks" => msix::attacks(&info),
+            "msi-x-storm" => msix::storm(&info, arg.unwrap_or(400)),
             "msi-x-unemulated" => msix::unemulated(),
             "vapic-timer" => vapic::run(&info),
+            "vapic-ipi" => ipi::run(&info, arg.unwrap_or(8)),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
             other => {

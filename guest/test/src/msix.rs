@@ -358,6 +358,18 @@ fn io_and_count(info: &BootInfo, s: &mut Setup) -> Result<u64, &'static str> {
     Ok(all_taken() - before)
 }
 
+/// The interrupt IDT loaded, MSI-X enabled with entry 0 masked on [`AUX_VECTOR`] and entry 1
+/// on [`MSI_VECTOR`] to vCPU 0 (`masked1`: masked), and the controller set up with its
+/// queues' interrupts on.
+fn enable(info: &BootInfo, masked1: bool) -> Result<(Msix, Setup), &'static str> {
+    let m = Msix::find()?;
+    irq::load_idt();
+    m.program(0, 0, AUX_VECTOR, true);
+    m.program(1, 0, MSI_VECTOR, masked1);
+    m.control(true, false);
+    Ok((m, nvme::setup_with(info, true)?))
+}
+
 /// `msi-x-attacks`: through the emulated table the guest tries to make its NVMe controller
 /// raise host vectors (compatibility-format messages with data 8 and 18: refused, the table
 /// still reads back what was written; 0x40: the guest's own vector 0x40), a remappable-format
@@ -365,12 +377,7 @@ fn io_and_count(info: &BootInfo, s: &mut Setup) -> Result<u64, &'static str> {
 /// odd-sized table accesses (ignored: writes dropped, reads all ones), and masks and
 /// unmasks an entry 64 times under 16 I/Os in flight. The device works afterwards.
 pub fn attacks(info: &BootInfo) -> Outcome {
-    let m = Msix::find()?;
-    irq::load_idt();
-    m.program(0, 0, AUX_VECTOR, true);
-    m.program(1, 0, MSI_VECTOR, true);
-    m.control(true, false);
-    let mut s = nvme::setup_with(info, true)?;
+    let (m, mut s) = enable(info, true)?;
     crate::idt::sti();
     let mut failures = 0;
 
@@ -490,6 +497,44 @@ pub fn attacks(info: &BootInfo) -> Outcome {
     } else {
         Err("an MSI-X attack had an effect")
     }
+}
+
+/// `msi-x-storm=N`: with entry 1 live and interrupts off, N I/Os one at a time, each
+/// completion polled: every completion's MSI-X merges into the vector still pending (the
+/// guest takes none), so the host masks the entry past its storm threshold. With interrupts
+/// on the guest then takes exactly the one pending interrupt; the entry reprogrammed (masked
+/// and unmasked), the next I/O's interrupt arrives again.
+pub fn storm(info: &BootInfo, n: u64) -> Outcome {
+    let (m, mut s) = enable(info, false)?;
+    crate::idt::cli();
+    let before = TAKEN_ON[0].load(SeqCst);
+    for _ in 0..n {
+        submit(&mut s, false, 0)?;
+        poll(&mut s, 1)?;
+    }
+    crate::idt::sti();
+    crate::dma::delay_ms(info, 100);
+    let taken = TAKEN_ON[0].load(SeqCst) - before;
+    println!(
+        "msi-x-storm: {n} I/O(s) polled with interrupts off: all completed, {taken} interrupt(s) taken after sti (want 1)"
+    );
+    m.mask(1, true);
+    m.program(1, 0, MSI_VECTOR, false);
+    let before = TAKEN_ON[0].load(SeqCst);
+    submit(&mut s, false, 0)?;
+    let arrived = irq::wait_taken(info, 0, before + 1, 2000, true);
+    poll(&mut s, 1)?;
+    println!(
+        "msi-x-storm: entry 1 reprogrammed: the next I/O's interrupt {}",
+        if arrived { "arrived" } else { "did NOT arrive" }
+    );
+    crate::idt::cli();
+    m.control(false, false);
+    s.teardown()?;
+    if taken != 1 || !arrived {
+        return Err("not one interrupt after the storm, or none after reprogramming");
+    }
+    Ok(())
 }
 
 /// `msi-x-unemulated`: an instruction the hypervisor does not emulate (`add` to memory) on the

@@ -16,7 +16,7 @@ use crate::idt::{cli, sti, Cost};
 use crate::println;
 
 /// x2APIC MSRs.
-mod msr {
+pub(crate) mod msr {
     pub const APIC_BASE: u32 = 0x1b;
     pub const ID: u32 = 0x802;
     pub const VERSION: u32 = 0x803;
@@ -30,6 +30,8 @@ mod msr {
     pub const TIMER_CURRENT: u32 = 0x839;
     pub const TIMER_DIVIDE: u32 = 0x83e;
     pub const SELF_IPI: u32 = 0x83f;
+    pub const ESR: u32 = 0x828;
+    pub const ICR: u32 = 0x830;
     /// Moat: TSC at which the host raised this vCPU's latest interrupt.
     pub const MOAT_IRQ_TSC: u32 = 0x4d4f_0001;
 }
@@ -346,14 +348,16 @@ pub fn run(boot: &BootInfo) -> crate::Outcome {
     }
     cli();
     wrmsr(msr::TIMER_INITIAL, 0);
-    let stopped = taken(V_PERIODIC);
+    // A period that ended before the stop (on a slow machine, between the last wake-up and
+    // the write) is already in the IRR, and is delivered as on hardware; nothing else may be.
+    let stopped = taken(V_PERIODIC) + u64::from(pending(V_PERIODIC));
     sti();
     spin_ms(boot, 10);
     cli();
     check(
         &mut failures,
         got && spun <= most && halted_ok && taken(V_PERIODIC) == stopped,
-        format_args!("periodic 2 ms on {V_PERIODIC:#x}: {spun} tick(s) spinning, at most {most} in the {elapsed} cycles waited; each of 5 halts woken {halted_ok}, none after stopping ({stopped} -> {})", taken(V_PERIODIC)),
+        format_args!("periodic 2 ms on {V_PERIODIC:#x}: {spun} tick(s) spinning, at most {most} in the {elapsed} cycles waited; each of 5 halts woken {halted_ok}, none after stopping but one already pending ({stopped} -> {})", taken(V_PERIODIC)),
     );
 
     // Masked: the count runs down, nothing is raised.

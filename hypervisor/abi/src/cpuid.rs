@@ -6,6 +6,10 @@
 //! and leaves 0x15 / 0x16 state the TSC frequency and the APIC timer's input clock (the
 //! "crystal": TSC / [`GuestCpu::timer_tsc_ratio`]), as Intel parts do. The xAPIC MMIO page and
 //! TSC-deadline timer mode are not emulated: TSC-deadline is hidden.
+//!
+//! The APIC ID is the vCPU's own ([`GuestCpu::apic_id`], the ID its virtual APIC's ID register
+//! reads): leaf 1 EBX bits 31:24 and the x2APIC ID in EDX of the topology leaves 0xB / 0x1F,
+//! never the host CPU's it happens to run on.
 
 use crate::hypercall::{signature_regs, Instruction, ABI_VERSION, CPUID_MAX_LEAF};
 use crate::{CPUID_FEATURES_LEAF, CPUID_SIGNATURE_LEAF};
@@ -35,6 +39,10 @@ pub const TSC_LEAF: u32 = 0x15;
 pub const FREQUENCY_LEAF: u32 = 0x16;
 /// Leaf 0x8000_0001 ECX bits a guest does not get: SVM (2).
 pub const EXT1_ECX_HIDDEN: u32 = 1 << 2;
+/// The extended topology leaves: EDX is the x2APIC ID (every subleaf).
+pub const TOPOLOGY_LEAVES: [u32; 2] = [0xb, 0x1f];
+/// Leaf 1 EBX: the initial APIC ID in bits 31:24.
+pub const LEAF1_EBX_APIC_ID_SHIFT: u32 = 24;
 /// The SVM feature leaf, all zero for a guest.
 pub const SVM_LEAF: u32 = 0x8000_000a;
 /// The range of hypervisor leaves; those above [`CPUID_MAX_LEAF`] read as zero.
@@ -51,6 +59,8 @@ pub struct GuestCpu {
     pub tsc_khz: u64,
     /// TSC cycles per tick of the virtual APIC timer's input clock.
     pub timer_tsc_ratio: u32,
+    /// The x2APIC ID of the vCPU asking (its index in the guest).
+    pub apic_id: u32,
 }
 
 impl GuestCpu {
@@ -67,7 +77,11 @@ impl GuestCpu {
         match leaf {
             // The basic leaves reach at least the frequency leaf.
             0 => r.eax = r.eax.max(FREQUENCY_LEAF),
-            1 => r.ecx = (r.ecx | LEAF1_ECX_HYPERVISOR | LEAF1_ECX_X2APIC) & !LEAF1_ECX_HIDDEN,
+            1 => {
+                r.ecx = (r.ecx | LEAF1_ECX_HYPERVISOR | LEAF1_ECX_X2APIC) & !LEAF1_ECX_HIDDEN;
+                r.ebx = (r.ebx & 0x00ff_ffff) | (self.apic_id & 0xff) << LEAF1_EBX_APIC_ID_SHIFT;
+            }
+            l if TOPOLOGY_LEAVES.contains(&l) => r.edx = self.apic_id,
             0x8000_0001 => r.ecx &= !EXT1_ECX_HIDDEN,
             SVM_LEAF => r = CpuidRegs::default(),
             _ => {}
@@ -144,6 +158,7 @@ mod tests {
             instruction,
             tsc_khz: 2_500_000,
             timer_tsc_ratio: 64,
+            apic_id: 0,
         }
     }
 
@@ -177,7 +192,11 @@ mod tests {
             u32::MAX,
             "only the hidden bits are cleared"
         );
-        assert_eq!((l1.eax, l1.ebx, l1.edx), (HOST.eax, HOST.ebx, HOST.edx));
+        assert_eq!(
+            (l1.eax, l1.ebx, l1.edx),
+            (HOST.eax, HOST.ebx & 0x00ff_ffff, HOST.edx),
+            "APIC ID 0 in EBX bits 31:24, the rest the host's"
+        );
         let no_x2apic = CpuidRegs { ecx: 0, ..HOST };
         assert_eq!(
             g.leaf(1, || no_x2apic).ecx,
@@ -195,6 +214,30 @@ mod tests {
             HOST,
             "past the hypervisor range"
         );
+    }
+
+    #[test]
+    fn apic_id_is_the_vcpus_own_in_leaf_1_and_the_topology_leaves() {
+        let host = CpuidRegs {
+            ebx: 0x0708_0910,
+            edx: 0x55,
+            ..HOST
+        };
+        for id in [0, 1, 3, 0x1ff] {
+            let g = GuestCpu {
+                apic_id: id,
+                ..cpu(CALLS_BASE, Instruction::Vmmcall)
+            };
+            let l1 = g.leaf(1, || host);
+            assert_eq!(l1.ebx >> 24, id & 0xff, "leaf 1, vCPU {id}");
+            assert_eq!(l1.ebx & 0x00ff_ffff, 0x08_0910, "leaf 1 EBX's other fields");
+            for leaf in TOPOLOGY_LEAVES {
+                let t = g.leaf(leaf, || host);
+                assert_eq!(t.edx, id, "leaf {leaf:#x}, vCPU {id}");
+                assert_eq!((t.eax, t.ebx, t.ecx), (host.eax, host.ebx, host.ecx));
+            }
+            assert_eq!(g.leaf(0xa, || host).edx, host.edx, "other leaves untouched");
+        }
     }
 
     #[test]

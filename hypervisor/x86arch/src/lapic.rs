@@ -11,10 +11,17 @@
 //!
 //! Not modelled: the xAPIC MMIO page (a guest must switch to x2APIC mode to program the
 //! APIC; in xAPIC mode the APIC is enabled but cannot be software-enabled, so it delivers
-//! nothing), TSC-deadline timer mode (not advertised, its mode bit is reserved), IPIs to other
-//! APICs (the ICR delivers fixed interrupts to this APIC itself and counts the rest as
-//! dropped), NMI/SMI/INIT delivery modes, level-triggered interrupts (TMR reads zero), the
-//! thermal / performance / LINT / error LVT sources (their registers hold what is written).
+//! nothing), TSC-deadline timer mode (not advertised, its mode bit is reserved), IPI delivery
+//! modes other than fixed (lowest priority, SMI, NMI, INIT, SIPI: ignored and counted, see
+//! [`LocalApic::destinations`]), level-triggered interrupts (TMR reads zero), the thermal /
+//! performance / LINT / error LVT sources (their registers hold what is written).
+//!
+//! # IPIs
+//!
+//! The APIC knows the IDs of its group (the guest's vCPUs, IDs `0..n`, [`LocalApic::in_group`]).
+//! A fixed ICR write names its destinations by shorthand, physical ID (0xffff_ffff: all) or
+//! logical cluster/bitmap; its own ID among them is a self-IPI into its IRR, and the others
+//! are left as an [`Ipi`] for the caller to raise on those APICs ([`LocalApic::take_ipi`]).
 //!
 //! # The timer's clock
 //!
@@ -172,8 +179,49 @@ pub struct Counts {
     pub timer_merged: u64,
     /// Self-IPIs sent (SELF IPI register or ICR to self).
     pub self_ipis: u64,
-    /// Interrupts dropped: illegal vector, APIC disabled, or an IPI to another APIC.
+    /// Interrupts dropped: illegal vector or APIC disabled.
     pub dropped: u64,
+    /// Fixed IPIs sent to other APICs of the group (one per destination APIC).
+    pub ipis_sent: u64,
+    /// ICR writes ignored: a delivery mode other than fixed, or no APIC of the group named.
+    pub ipis_ignored: u64,
+}
+
+/// A fixed interrupt an ICR write sends to other APICs of the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipi {
+    /// The vector (legal: 16 or above).
+    pub vector: u8,
+    /// The destination APIC IDs (bit `i`: ID `i`), never the sender's own.
+    pub targets: u64,
+}
+
+impl Ipi {
+    /// The destination APIC IDs, lowest first.
+    pub fn targets(&self) -> impl Iterator<Item = u32> + '_ {
+        (0..64).filter(move |i| self.targets & (1 << i) != 0)
+    }
+}
+
+/// ICR fields.
+pub mod icr {
+    consts! { u64:
+        DELIVERY_MODE = 7 << 8, "Delivery mode (bits 10:8; 0 = fixed).";
+        LOGICAL = 1 << 11, "Destination mode: logical.";
+        SHORTHAND = 3 << 18, "Destination shorthand (bits 19:18).";
+    }
+    // The shorthands.
+    consts! { u64:
+        SHORTHAND_SELF = 1 << 18, "Shorthand: self.";
+        SHORTHAND_ALL = 2 << 18, "Shorthand: all including self.";
+        SHORTHAND_OTHERS = 3 << 18, "Shorthand: all excluding self.";
+    }
+    /// The destination field (bits 63:32).
+    pub const fn destination(icr: u64) -> u32 {
+        (icr >> 32) as u32
+    }
+    /// Physical destination naming every APIC (x2APIC broadcast).
+    pub const BROADCAST: u32 = u32::MAX;
 }
 
 /// One virtual local APIC.
@@ -196,6 +244,10 @@ pub struct LocalApic {
     initial: u32,
     timer: Option<Timer>,
     counts: Counts,
+    /// The APIC IDs of the group (bit `i`: ID `i`).
+    group: u64,
+    /// An IPI written to the ICR and not yet taken by the caller.
+    outgoing: Option<Ipi>,
 }
 
 /// Index of each LVT register in [`LocalApic::lvt`] and its writable bits.
@@ -237,15 +289,25 @@ impl LocalApic {
             initial: 0,
             timer: None,
             counts: Counts::default(),
+            group: if id < 64 { 1 << id } else { 0 },
+            outgoing: None,
         }
     }
 
-    /// Back to the reset state (keeping the ID and the counts), with `mode`.
+    /// The same APIC in a group of `n` APICs with IDs `0..n` (at most 64): the APICs its
+    /// IPIs can reach.
+    pub fn in_group(mut self, n: u32) -> Self {
+        self.group = if n >= 64 { u64::MAX } else { (1 << n) - 1 };
+        self
+    }
+
+    /// Back to the reset state (keeping the ID, the group and the counts), with `mode`.
     fn reset(&mut self, mode: Mode) {
-        let counts = self.counts;
+        let (counts, group) = (self.counts, self.group);
         *self = LocalApic::new(self.id, self.bsp);
         self.mode = mode;
         self.counts = counts;
+        self.group = group;
     }
 
     /// The mode `IA32_APIC_BASE` selects.
@@ -579,27 +641,73 @@ impl LocalApic {
         }
     }
 
-    /// The ICR: a fixed interrupt to this APIC (shorthand self or all-including-self, or
-    /// this APIC's ID) is a self-IPI; anything else is dropped (no other APIC is reachable).
+    /// The APIC IDs of the group (this one included when named) that ICR value `value`
+    /// names: by shorthand (self, all including self, all excluding self), by physical ID
+    /// (0xffff_ffff: all), or logically (x2APIC: cluster in bits 31:16 of the destination,
+    /// a bitmap of the cluster's 16 IDs in bits 15:0; this APIC's LDR says the same).
+    pub fn destinations(&self, value: u64) -> u64 {
+        let me = if self.id < 64 { 1 << self.id } else { 0 };
+        let dest = icr::destination(value);
+        match value & icr::SHORTHAND {
+            icr::SHORTHAND_SELF => me,
+            icr::SHORTHAND_ALL => self.group | me,
+            icr::SHORTHAND_OTHERS => self.group & !me,
+            _ if value & icr::LOGICAL != 0 => {
+                (0..64u32)
+                    .filter(|i| i >> 4 == dest >> 16 && dest & (1 << (i & 0xf)) != 0)
+                    .fold(0, |m, i| m | 1 << i)
+                    & (self.group | me)
+            }
+            _ if dest == icr::BROADCAST => self.group | me,
+            _ if dest < 64 => (1 << dest) & (self.group | me),
+            _ => 0,
+        }
+    }
+
+    /// The ICR: a fixed interrupt to the APICs it names ([`LocalApic::destinations`]): this
+    /// one's own ID is a self-IPI, the others are left for [`LocalApic::take_ipi`]. An
+    /// illegal vector (< 16) sends nothing and sets the ESR's send-illegal-vector bit, as the
+    /// hardware does; another delivery mode (lowest priority, SMI, NMI, INIT, SIPI) or a
+    /// destination naming no APIC of the group is ignored and counted.
     fn write_icr(&mut self, value: u64) -> Result<(), Gp> {
         if value & !ICR_WRITABLE != 0 {
             return Err(Gp);
         }
         self.icr = value;
         let vector = value as u8;
-        let fixed = (value >> 8) & 7 == 0;
-        let to_self = match (value >> 18) & 3 {
-            0 => value & (1 << 11) == 0 && (value >> 32) as u32 == self.id,
-            1 | 2 => true,
-            _ => false,
-        };
-        if fixed && to_self {
+        if value & icr::DELIVERY_MODE != 0 {
+            self.counts.ipis_ignored += 1;
+            return Ok(());
+        }
+        let dests = self.destinations(value);
+        if dests == 0 {
+            self.counts.ipis_ignored += 1;
+            return Ok(());
+        }
+        if vector < FIRST_LEGAL_VECTOR {
+            self.error(ESR_SEND_ILLEGAL);
+            return Ok(());
+        }
+        let me = if self.id < 64 { 1 << self.id } else { 0 };
+        if dests & me != 0 {
             self.counts.self_ipis += 1;
-            self.assert_local(vector, ESR_SEND_ILLEGAL);
-        } else {
-            self.counts.dropped += 1;
+            self.irr.insert(vector);
+        }
+        let others = dests & !me;
+        if others != 0 {
+            self.counts.ipis_sent += u64::from(others.count_ones());
+            self.outgoing = Some(Ipi {
+                vector,
+                targets: others,
+            });
         }
         Ok(())
+    }
+
+    /// The IPI the latest ICR write sends to other APICs, for the caller to raise there
+    /// (take it after every write: a later ICR write replaces one not taken).
+    pub fn take_ipi(&mut self) -> Option<Ipi> {
+        self.outgoing.take()
     }
 }
 

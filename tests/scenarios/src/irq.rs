@@ -5,6 +5,10 @@
 use crate::checks::{boot_complete, forbid_line, need_line, no_wrong};
 use crate::{BootModule, Exit, Machine, Scenario, Variant, TEST_GUEST};
 
+/// Interrupts merged in a row past which the host masks a device's MSI / MSI-X entry
+/// (`hypervisor/kernel/src/vm/route.rs`).
+const STORM_LIMIT: u64 = 200;
+
 fn module(cmdline: &str) -> Vec<BootModule> {
     vec![BootModule {
         file: TEST_GUEST,
@@ -238,6 +242,27 @@ fn msix_attacks_check(log: &str) -> Result<(), String> {
     routes_freed(log)
 }
 
+/// Scenario `name` (`about`) on the NVMe machine with its disk, `config` and `modules`,
+/// expected to end in success.
+fn nvme_scenario(
+    on: Variant,
+    (name, about): (&str, &'static str),
+    config: &str,
+    modules: Vec<BootModule>,
+    check: crate::Check,
+) -> Scenario {
+    let mut s = on.scenario(
+        name,
+        about,
+        crate::nvme::machine(),
+        config,
+        Exit::Success,
+        check,
+    );
+    s.modules = modules;
+    crate::nvme::with_disk(s)
+}
+
 /// The MSI-X scenarios (NVMe: its MSI-X table is in BAR0).
 fn msix_scenarios(on: Variant) -> Vec<Scenario> {
     let bdf = crate::nvme::NVME_BDF;
@@ -256,29 +281,69 @@ fn msix_scenarios(on: Variant) -> Vec<Scenario> {
             "the same with 2 vCPUs, the I/O queue's entry routed to vCPU 1 (halted until each interrupt arrives)",
         ),
     ] {
-        let mut s = on.scenario(
-            name,
-            about,
-            crate::nvme::machine(),
-            &format!("guest=name=g0,mem=64M,cpus={vcpus},dev={bdf},policy=strict"),
-            Exit::Success,
-            Box::new(move |log| msix_nvme_check(log, dest, vcpus)),
-        );
         let test = if dest == 1 { "msi-x-nvme-vcpu1" } else { "msi-x-nvme" };
-        s.modules = module(&format!("g0 {test}=8"));
-        v.push(crate::nvme::with_disk(s));
+        v.push(nvme_scenario(
+            on,
+            (name, about),
+            &format!("guest=name=g0,mem=64M,cpus={vcpus},dev={bdf},policy=strict"),
+            module(&format!("g0 {test}=8")),
+            Box::new(move |log| msix_nvme_check(log, dest, vcpus)),
+        ));
     }
-    let mut s = on.scenario(
-        "msi-x-attacks",
-        "through the trapped MSI-X table the guest writes host vectors 8 and 18 (refused, nothing reaches the host; the table reads back what was written), 0x40 (its own vector), a remappable-format address (refused), the PBA (ignored), odd-sized and misaligned accesses (ignored), mask/unmask under traffic; an ADD to the table stops only that guest; the other guest is unaffected",
-        crate::nvme::machine(),
-        &format!("guest=name=g0,mem=64M,dev={bdf},policy=strict guest=name=g1,mem=8M"),
-        Exit::Success,
-        Box::new(msix_attacks_check),
-    );
-    s.modules = beside_spinning_g1("msi-x-attacks msi-x-unemulated");
-    v.push(crate::nvme::with_disk(s));
+    let storm = 400;
+    let besides: [(&str, &'static str, String, crate::Check); 2] = [
+        (
+            "msi-x-attacks",
+            "through the trapped MSI-X table the guest writes host vectors 8 and 18 (refused, nothing reaches the host; the table reads back what was written), 0x40 (its own vector), a remappable-format address (refused), the PBA (ignored), odd-sized and misaligned accesses (ignored), mask/unmask under traffic; an ADD to the table stops only that guest; the other guest is unaffected",
+            "msi-x-attacks msi-x-unemulated".into(),
+            Box::new(msix_attacks_check),
+        ),
+        (
+            "msi-x-storm",
+            "an interrupt storm on an MSI-X entry: the NVMe controller completes hundreds of I/Os while the guest, interrupts off, takes none of their interrupts; the host counts them, masks the entry past its storm threshold (the rest never reach it), stays alive; the guest gets the one pending interrupt, and the entry reprogrammed works again; the other guest is unaffected",
+            format!("msi-x-storm={storm}"),
+            Box::new(move |log| msix_storm_check(log, storm)),
+        ),
+    ];
+    for (name, about, g0, check) in besides {
+        v.push(nvme_scenario(
+            on,
+            (name, about),
+            &format!("guest=name=g0,mem=64M,dev={bdf},policy=strict guest=name=g1,mem=8M"),
+            beside_spinning_g1(&g0),
+            check,
+        ));
+    }
     v
+}
+
+/// What `msi-x-storm` must show with `n` I/Os: the guest's counts, the storm masked once
+/// (the host's count of the device's MSI-X interrupts past the threshold), every route freed.
+fn msix_storm_check(log: &str, n: u64) -> Result<(), String> {
+    boot_complete(log)?;
+    remapping_on(log)?;
+    let polled = format!("g0> msi-x-storm: {n} I/O(s) polled with interrupts off: all completed, 1 interrupt(s) taken after sti (want 1)");
+    for want in [
+        &[polled.as_str()][..],
+        &["g0> msi-x-storm: entry 1 reprogrammed: the next I/O's interrupt arrived"],
+        &["g0> PASS msi-x-storm"],
+        &["irq: interrupt storm from", "its MSI-X entry masked"],
+    ] {
+        need_line(log, want)?;
+    }
+    let taken: u64 = log
+        .lines()
+        .find_map(|l| l.split("MSI-X: ").nth(1)?.split(' ').next()?.parse().ok())
+        .ok_or("no MSI-X count line")?;
+    if taken <= STORM_LIMIT || taken >= n {
+        return Err(format!(
+            "{taken} MSI-X interrupts taken for {n} I/Os: no storm, or the entry was not masked"
+        ));
+    }
+    need_line(log, &["MSI-X: ", "1 storm(s) masked"])?;
+    need_line(log, &["g1> PASS spin"])?;
+    need_line(log, &["vm: all guests stopped (2 started of 2 configured)"])?;
+    routes_freed(log)
 }
 
 /// What `irq-vapic-timer` and `bochs-vapic-timer` must show of guest `g0` running
@@ -323,6 +388,58 @@ pub fn vapic_timer_check(log: &str, vmx: bool) -> Result<(), String> {
         )],
     )?;
     need_line(log, &["guest g0 vcpu0: exited with code 0"])?;
+    forbid_line(log, &["moat: exit Failure"])
+}
+
+/// Guest g0 alone (`config`, the test guest with `cmdline`) on the default machine, expected
+/// to end in success.
+fn g0_alone(
+    on: Variant,
+    name: &str,
+    about: &'static str,
+    config: &str,
+    cmdline: &str,
+    check: crate::Check,
+) -> Scenario {
+    let mut s = on.scenario(
+        name,
+        about,
+        Machine::default(),
+        config,
+        Exit::Success,
+        check,
+    );
+    s.modules = module(cmdline);
+    s
+}
+
+/// What `irq-vapic-ipi` must show with `n` IPIs: the guest's own checks, and the
+/// hypervisor's per-vCPU counts equal to what the guest took and sent (`n` + the stop IPI
+/// each way; vCPU 0's three ignored ICR writes and its illegal vector).
+fn vapic_ipi_check(log: &str, n: u64) -> Result<(), String> {
+    boot_complete(log)?;
+    no_wrong(log, "g0> vapic-ipi:")?;
+    for v in 0..2 {
+        need_line(log, &[&format!("g0> vapic-ipi: vcpu {v}: CPUID.1 APIC ID {v}, CPUID.0xB x2APIC ID {v}, MSR 0x802 {v}: ok")])?;
+    }
+    need_line(log, &[&format!("g0> vapic-ipi: {n} IPI(s) to halted vcpu 1: {n} taken on vector 0x51 there, {n} answer(s) taken on vcpu 0, 0 missed")])?;
+    need_line(log, &["g0> vapic-ipi: to vcpu 7, NMI, INIT, vector 3: 0 taken in all, ESR 0x20 (send illegal vector: true) ok"])?;
+    let all = n + 1;
+    need_line(log, &[&format!("g0> vapic-ipi: all-excluding-self woke vcpu 1 to stop: left, its answer taken; in all {all} taken on vcpu 1, {all} on vcpu 0, {all} answered, 0 stray")])?;
+    need_line(log, &["g0> PASS vapic-ipi"])?;
+    for (v, ignored, dropped) in [(0, 3, 1), (1, 0, 0)] {
+        need_line(
+            log,
+            &[
+                &format!("guest g0 vcpu{v}: interrupts: {all} raised, {all} delivered, {all} EOI(s); APIC timer"),
+                &format!("{dropped} dropped; IPIs: {all} sent, {ignored} ignored"),
+            ],
+        )?;
+    }
+    need_line(log, &["guest g0 vcpu0: ICR 0x700000051 ignored"])?;
+    need_line(log, &["guest g0 vcpu0: ICR 0x100000451 ignored"])?;
+    need_line(log, &["guest g0 vcpu0: exited with code 0"])?;
+    need_line(log, &["guest g0 vcpu1: exited with code 0"])?;
     forbid_line(log, &["moat: exit Failure"])
 }
 
@@ -466,7 +583,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
                 .and_then(|r| r.split(' ').next())
                 .and_then(|n| n.parse().ok())
                 .ok_or("no MSI count line")?;
-            if taken <= 200 {
+            if taken <= STORM_LIMIT {
                 return Err(format!("only {taken} interrupts taken: no storm"));
             }
             need_line(log, &["1 storm(s) masked"])?;
@@ -493,16 +610,23 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
     );
     s.modules = module("g0 dma-fault-irq");
     v.push(s);
-    let mut s = on.scenario(
+    v.push(g0_alone(
+        on,
         "irq-vapic-timer",
         "the guest's virtual x2APIC as its only interrupt source: #GP for refused accesses, self-IPIs highest priority first, the TPR holding a class back, one-shot and periodic timers (spinning without exits: the host timer makes it exit; halted: the wait ends at expiry), a masked timer silent, an interrupt pending with interrupts off taken right after `sti; nop` / `sti; hlt`",
-        Machine::default(),
         "guest=name=g0,mem=8M",
-        Exit::Success,
+        "g0 vapic-timer",
         Box::new(|log| vapic_timer_check(log, false)),
-    );
-    s.modules = module("g0 vapic-timer");
-    v.push(s);
+    ));
+    let n = 8;
+    v.push(g0_alone(
+        on,
+        "irq-vapic-ipi",
+        "IPIs between the 2 vCPUs of a guest: each vCPU's CPUID APIC IDs are its x2APIC ID register's; vCPU 0 sends N fixed IPIs to halted vCPU 1, which takes exactly N on the vector and answers each with an IPI back (taken by vCPU 0 halted, or spinning without exits: its CPU is kicked); IPIs to a vCPU the guest lacks, NMI / INIT delivery and vector 3 change nothing (ESR send-illegal set); the hypervisor's counts agree with the guest's",
+        "guest=name=g0,mem=8M,cpus=2",
+        &format!("g0 vapic-ipi={n}"),
+        Box::new(move |log| vapic_ipi_check(log, n)),
+    ));
     let rounds = 3;
     let mut s = on.scenario(
         "irq-host-vectors",

@@ -162,14 +162,19 @@ fn wait_icr_idle() -> bool {
 
 fn send_ipi(apic_id: u32, icr: u32) -> bool {
     if x2apic() {
-        // SAFETY: the x2APIC ICR; INIT and start-up IPIs to one APIC id are what the caller
-        // sends.
+        // SAFETY: the x2APIC ICR; INIT, start-up and fixed IPIs to one APIC id are what the
+        // callers send.
         unsafe { x86::wrmsr(X2APIC_ICR, (u64::from(apic_id) << 32) | u64::from(icr)) };
         return true;
     }
     write(REG_ICR_HI, apic_id << 24);
     write(REG_ICR_LO, icr);
     wait_icr_idle()
+}
+
+/// Sends a fixed interrupt on `vector` (edge, physical destination) to `apic_id`.
+pub fn send_fixed(apic_id: u32, vector: u8) -> bool {
+    send_ipi(apic_id, u32::from(vector))
 }
 
 /// Sends INIT (assert, level) to `apic_id`.

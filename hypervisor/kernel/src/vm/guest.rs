@@ -294,6 +294,8 @@ struct Line {
 
 /// Rate limit of the MSI programming lines (guests choose how often they reprogram).
 static MSI_LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::new();
+/// Rate limit of the lines for ICR writes the virtual APIC ignored.
+static IPI_IGNORED_LOG: crate::ratelimit::RateLimit = crate::ratelimit::RateLimit::new();
 
 /// One guest.
 pub struct Guest {
@@ -771,7 +773,7 @@ impl Guest {
         if let Some(a) = self.vcpu_apic.get(index) {
             a.store(crate::arch::apic::id(), Ordering::Relaxed);
         }
-        let mut vapic = VcpuApic::new(index);
+        let mut vapic = VcpuApic::new(index, self.vcpus);
         let irqs = &self.virqs[index];
         let timer = self.dma.as_ref().is_some_and(|d| d.needs_timer());
         // The CPU's local APIC timer serves one of two: the deferred DMA policy's periodic
@@ -850,7 +852,7 @@ impl Guest {
                     }
                 }
                 Exit::Cpuid => {
-                    hypercall::cpuid(self, &mut vcpu);
+                    hypercall::cpuid(self, index, &mut vcpu);
                     vcpu.complete_instruction();
                 }
                 Exit::Msr { write } => self.msr(&mut vcpu, write, index, &mut vapic),
@@ -886,9 +888,11 @@ impl Guest {
                     vcpu.complete_instruction();
                     // HLT with interrupts enabled and an interrupt source waits for one;
                     // with interrupts off (or nothing that could wake it) it ends the vCPU.
-                    let source = !self.msis.is_empty() || !self.msix.is_empty();
+                    // What was raised for it meanwhile (by a vCPU that has stopped since,
+                    // say) is in its IRR first.
+                    self.update_apic(&mut vapic, irqs, &host_timer);
                     if !(vcpu.interrupts_enabled()
-                        && (source || vapic.has_work() || vapic.deadline().is_some()))
+                        && (self.can_be_woken() || vapic.has_work() || vapic.deadline().is_some()))
                     {
                         break StopReason::Halted {
                             rip: vcpu.reg(Reg::Rip),
@@ -922,7 +926,7 @@ impl Guest {
         let c = vapic.counts();
         if irqs.raised() != 0 || c.delivered != 0 {
             log::info!(
-                "guest {} vcpu{index}: interrupts: {} raised, {} delivered, {} EOI(s); APIC timer {} expiries ({} merged), {} self-IPI(s), {} dropped",
+                "guest {} vcpu{index}: interrupts: {} raised, {} delivered, {} EOI(s); APIC timer {} expiries ({} merged), {} self-IPI(s), {} dropped; IPIs: {} sent, {} ignored",
                 self.name,
                 irqs.raised(),
                 c.delivered,
@@ -930,7 +934,9 @@ impl Guest {
                 c.timer_expiries,
                 c.timer_merged,
                 c.self_ipis,
-                c.dropped
+                c.dropped,
+                c.ipis_sent,
+                c.ipis_ignored
             );
         }
         log::info!("guest {} vcpu{index}: {stats}", self.name);
@@ -953,13 +959,24 @@ impl Guest {
         }
     }
 
+    /// Whether something other than the vCPU's own APIC can raise an interrupt for it: an
+    /// assigned device's MSI / MSI-X, or another vCPU still running (an IPI).
+    fn can_be_woken(&self) -> bool {
+        !self.msis.is_empty() || !self.msix.is_empty() || self.running.load(Ordering::SeqCst) > 1
+    }
+
     /// A halted vCPU (interrupts on) waits until an interrupt can be delivered to it (raised
-    /// by a device, or its APIC timer expired) or the guest stops; the physical CPU takes its
-    /// interrupts meanwhile (the device's MSI for this vCPU is sent to this CPU).
+    /// by a device or another vCPU, or its APIC timer expired) or the guest stops; the
+    /// physical CPU takes its interrupts meanwhile (the device's MSI for this vCPU is sent to
+    /// this CPU). When nothing is left that could wake it (the other vCPUs stopped, no
+    /// device, no timer) the wait ends and the guest goes on after its HLT.
     fn wait_for_interrupt(&self, vapic: &mut VcpuApic, irqs: &VirtualInterrupts, host: &HostTimer) {
         loop {
             self.update_apic(vapic, irqs, host);
-            if vapic.has_work() || self.state.load(Ordering::SeqCst) == STATE_STOPPED {
+            if vapic.has_work()
+                || self.state.load(Ordering::SeqCst) == STATE_STOPPED
+                || !(self.can_be_woken() || vapic.deadline().is_some())
+            {
                 break;
             }
             crate::arch::x86::take_pending_interrupts();
@@ -976,8 +993,12 @@ impl Guest {
         let written = write
             .then(|| (vcpu.reg(Reg::Rdx) & 0xffff_ffff) << 32 | (vcpu.reg(Reg::Rax) & 0xffff_ffff));
         let now = crate::arch::x86::rdtsc();
+        let ignored = vapic.counts().ipis_ignored;
         let value = match vapic.msr(msr as u32, written, &self.virqs[index], now) {
-            Some(r) => r.ok(),
+            Some(r) => {
+                self.send_ipi(vapic, index, written, ignored, now);
+                r.ok()
+            }
             None => match (write, msr) {
                 (false, EFER) => Some(vcpu.reg(Reg::Efer) & !SVME),
                 (false, TSC) => Some(now),
@@ -1003,6 +1024,41 @@ impl Guest {
                     error: Some(0),
                 });
             }
+        }
+    }
+
+    /// After an APIC MSR access of vCPU `index`: raises the IPI its ICR write sent on the
+    /// other vCPUs named (which wakes a halted one) and kicks their CPUs with a host
+    /// interrupt ([`super::virq::KICK_VECTOR`]) so that one running guest code exits and
+    /// takes it; an ICR write the APIC ignored (`ignored`: its count before) is logged,
+    /// rate-limited.
+    fn send_ipi(
+        &self,
+        vapic: &mut VcpuApic,
+        index: usize,
+        written: Option<u64>,
+        ignored: u64,
+        now: u64,
+    ) {
+        if let Some(ipi) = vapic.take_ipi() {
+            for t in ipi.targets() {
+                if let Some(v) = self.virqs.get(t as usize) {
+                    v.raise(ipi.vector, now);
+                    let cpu = self.apic_of(t as usize);
+                    if cpu != crate::arch::apic::id() {
+                        crate::arch::apic::send_fixed(cpu, super::virq::KICK_VECTOR);
+                    }
+                }
+            }
+        }
+        if vapic.counts().ipis_ignored != ignored
+            && let crate::ratelimit::Verdict::Log { nth, suppressed } = IPI_IGNORED_LOG.event()
+        {
+            log::warn!(
+                "guest {} vcpu{index}: ICR {:#x} ignored (a delivery mode other than fixed, or no vCPU of the guest named) (#{nth}, {suppressed} not logged)",
+                self.name,
+                written.unwrap_or(0)
+            );
         }
     }
 

@@ -123,8 +123,8 @@ fn console_write(guest: &Guest, vcpu_index: usize, vcpu: &mut Vcpu) -> Result<u6
 
 /// Emulates CPUID: the guest's view from [`moat_abi::cpuid::GuestCpu`] (host values with the
 /// hypervisor bit set, virtualization hidden and x2APIC shown, the TSC / APIC timer leaves,
-/// plus the hypervisor leaves).
-pub fn cpuid(guest: &Guest, vcpu: &mut Vcpu) {
+/// plus the hypervisor leaves) for vCPU `index`, whose APIC ID it reports.
+pub fn cpuid(guest: &Guest, index: usize, vcpu: &mut Vcpu) {
     let leaf = vcpu.reg(Reg::Rax) as u32;
     let sub = vcpu.reg(Reg::Rcx) as u32;
     let view = GuestCpu {
@@ -132,6 +132,7 @@ pub fn cpuid(guest: &Guest, vcpu: &mut Vcpu) {
         instruction: super::hypercall_instruction(),
         tsc_khz: crate::arch::tsc::khz(),
         timer_tsc_ratio: moat_x86arch::lapic::TSC_PER_TICK as u32,
+        apic_id: index as u32,
     };
     let r = view.leaf(leaf, || crate::arch::x86::cpuid(leaf, sub));
     vcpu.set_reg(Reg::Rax, r.eax as u64);

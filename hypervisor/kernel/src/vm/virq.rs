@@ -2,7 +2,9 @@
 //! vectors raised for it from outside and not yet delivered ([`VirtualInterrupts`], set from
 //! interrupt handlers on any CPU), and the glue between the vCPU loop and its virtual local
 //! APIC ([`VcpuApic`] around the pure model [`moat_x86arch::lapic::LocalApic`]: priorities,
-//! TPR, EOI, self-IPI, timer, the x2APIC MSRs).
+//! TPR, EOI, self-IPI, timer, the x2APIC MSRs). An IPI one vCPU's APIC sends to others of
+//! its guest ([`VcpuApic::take_ipi`]) is raised on theirs like a device's MSI, which wakes a
+//! halted one.
 //!
 //! Delivery: before each entry the vCPU loop brings the APIC up to date ([`VcpuApic::update`]:
 //! raised vectors into its IRR, its timer to the current TSC), asks it for the vector to
@@ -19,7 +21,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use moat_x86arch::lapic::{Gp, LocalApic};
+use moat_x86arch::lapic::{Gp, Ipi, LocalApic};
 
 /// Vectors raised for a vCPU from outside (device MSIs, the fault ring) and not yet
 /// delivered to it: a vector stays here while it is pending in the vCPU's IRR, so raising it
@@ -90,6 +92,13 @@ pub mod msr {
 /// deadline.
 pub const HOST_TIMER_VECTOR: u8 = 0x42;
 
+/// The host vector that makes the CPU running a vCPU exit so that the vCPU takes an IPI
+/// another vCPU raised for it (the handler does nothing: the exit is the point).
+pub const KICK_VECTOR: u8 = 0x43;
+
+/// The kick's handler: nothing to do.
+fn kick_interrupt() {}
+
 /// Per CPU: host timer interrupts taken, and the TSC of the latest.
 static HOST_TIMER: [(AtomicU64, AtomicU64); crate::arch::cpu::MAX_CPUS] =
     [const { (AtomicU64::new(0), AtomicU64::new(0)) }; crate::arch::cpu::MAX_CPUS];
@@ -106,6 +115,7 @@ fn host_timer_interrupt() {
 /// Installs the host timer's handler (idempotent).
 pub fn init() {
     crate::arch::idt::register(HOST_TIMER_VECTOR, host_timer_interrupt);
+    crate::arch::idt::register(KICK_VECTOR, kick_interrupt);
 }
 
 /// The host timer of the CPU a vCPU runs on, armed for its APIC timer's deadline.
@@ -182,10 +192,11 @@ pub struct VcpuApic {
 pub type MsrResult<T> = Result<T, Gp>;
 
 impl VcpuApic {
-    /// The APIC of vCPU `index` (its x2APIC ID; vCPU 0 is the bootstrap processor).
-    pub fn new(index: usize) -> Self {
+    /// The APIC of vCPU `index` (its x2APIC ID; vCPU 0 is the bootstrap processor) of a
+    /// guest of `vcpus` vCPUs (the APICs its IPIs reach).
+    pub fn new(index: usize, vcpus: usize) -> Self {
         VcpuApic {
-            apic: LocalApic::new(index as u32, index == 0),
+            apic: LocalApic::new(index as u32, index == 0).in_group(vcpus as u32),
             offered: None,
         }
     }
@@ -250,6 +261,11 @@ impl VcpuApic {
     /// The TSC at which the timer next needs the host's attention.
     pub fn deadline(&self) -> Option<u64> {
         self.apic.deadline()
+    }
+
+    /// The IPI the latest ICR write sends to other vCPUs (to raise on theirs).
+    pub fn take_ipi(&mut self) -> Option<Ipi> {
+        self.apic.take_ipi()
     }
 
     /// What the APIC has done.

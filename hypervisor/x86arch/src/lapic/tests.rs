@@ -210,7 +210,9 @@ fn self_ipi_and_icr_to_self_raise_illegal_vectors_are_errors() {
     a.write_msr(msr::ICR, 0x36 | 4 << 32, 0).unwrap();
     assert_eq!(drain_with_eoi(&mut a), [0x35, 0x34, 0x33]);
     assert_eq!(a.counts().self_ipis, 3);
-    assert_eq!(a.counts().dropped, 1, "the IPI to APIC 4 goes nowhere");
+    assert_eq!(a.counts().dropped, 0);
+    assert_eq!(a.counts().ipis_ignored, 1, "APIC 4 is not in the group");
+    assert_eq!(a.take_ipi(), None);
     a.write_msr(msr::SELF_IPI, 5, 0).unwrap();
     assert_eq!(
         a.read_msr(msr::ESR, 0),
@@ -223,6 +225,119 @@ fn self_ipi_and_icr_to_self_raise_illegal_vectors_are_errors() {
     a.write_msr(msr::ESR, 0, 0).unwrap();
     assert_eq!(a.read_msr(msr::ESR, 0), Ok(u64::from(ESR_RECEIVE_ILLEGAL)));
     assert_eq!(a.deliverable(), None);
+}
+
+/// APIC 1 of a group of 4, in x2APIC mode and software-enabled.
+fn member() -> LocalApic {
+    let mut a = LocalApic::new(1, false).in_group(4);
+    a.write_msr(msr::APIC_BASE, base::ADDRESS | base::EN | base::EXTD, 0)
+        .unwrap();
+    a.write_msr(msr::SVR, u64::from(SVR_ENABLE | 0xff), 0)
+        .unwrap();
+    a
+}
+
+/// Writes `icr` and returns the IPI it sends to others.
+fn send(a: &mut LocalApic, icr: u64) -> Option<Ipi> {
+    a.write_msr(msr::ICR, icr, 0).unwrap();
+    a.take_ipi()
+}
+
+#[test]
+fn fixed_ipis_reach_the_named_members_of_the_group() {
+    let mut a = member();
+    let ipi = |vector, targets| Some(Ipi { vector, targets });
+    assert_eq!(
+        send(&mut a, 0x40 | 2 << 32),
+        ipi(0x40, 0b100),
+        "physical ID 2"
+    );
+    assert_eq!(
+        send(&mut a, 0x41 | 0 << 32),
+        ipi(0x41, 0b1),
+        "physical ID 0"
+    );
+    assert_eq!(
+        send(&mut a, 0x42 | icr::SHORTHAND_OTHERS),
+        ipi(0x42, 0b1101)
+    );
+    assert_eq!(send(&mut a, 0x43 | icr::SHORTHAND_ALL), ipi(0x43, 0b1101));
+    assert_eq!(
+        send(&mut a, 0x44 | u64::MAX << 32),
+        ipi(0x44, 0b1101),
+        "broadcast"
+    );
+    // Logical: cluster 0, IDs 0 and 3 (and 1, the sender itself).
+    assert_eq!(
+        send(&mut a, 0x45 | icr::LOGICAL | 0b1011 << 32),
+        ipi(0x45, 0b1001)
+    );
+    assert_eq!(
+        send(&mut a, 0x46 | icr::LOGICAL | 1 << 48 | 1 << 32),
+        None,
+        "cluster 1 is empty"
+    );
+    assert_eq!(send(&mut a, 0x47 | 1 << 32), None, "own ID: a self-IPI");
+    assert_eq!(a.counts().ipis_sent, 2 + 3 * 3 + 2);
+    assert_eq!(
+        a.counts().self_ipis,
+        4,
+        "all-including-self, broadcast, logical with its own bit, own ID"
+    );
+    assert_eq!(a.counts().ipis_ignored, 1);
+    assert_eq!(drain_with_eoi(&mut a), [0x47, 0x45, 0x44, 0x43]);
+    assert_eq!(
+        ipi(0x40, 0b1101).unwrap().targets().collect::<Vec<_>>(),
+        [0, 2, 3]
+    );
+}
+
+#[test]
+fn ipis_outside_the_group_other_modes_and_illegal_vectors_send_nothing() {
+    let mut a = member();
+    for (icr, why) in [
+        (0x50 | 4 << 32, "ID 4 is not in the group"),
+        (0x50 | 64 << 32, "ID 64"),
+        (0x50 | 0xff << 32, "ID 0xff is not the x2APIC broadcast"),
+        (0x50 | 2 << 32 | 4 << 8, "NMI"),
+        (0x50 | 2 << 32 | 5 << 8, "INIT"),
+        (0x50 | 2 << 32 | 6 << 8, "SIPI"),
+        (0x50 | 2 << 32 | 2 << 8, "SMI"),
+        (0x50 | 2 << 32 | 1 << 8, "lowest priority"),
+        (0x50 | icr::SHORTHAND_SELF | 4 << 8, "NMI to self"),
+    ] {
+        assert_eq!(send(&mut a, icr), None, "{why}");
+    }
+    assert_eq!(a.counts().ipis_ignored, 9);
+    assert_eq!(a.read_msr(msr::ESR, 0), Ok(0));
+    for v in [0, 2, 15] {
+        assert_eq!(send(&mut a, v | 2 << 32), None, "vector {v}");
+    }
+    a.write_msr(msr::ESR, 0, 0).unwrap();
+    assert_eq!(a.read_msr(msr::ESR, 0), Ok(u64::from(ESR_SEND_ILLEGAL)));
+    assert_eq!(a.counts().dropped, 3);
+    assert_eq!(
+        send(&mut a, 16 | 2 << 32),
+        Some(Ipi {
+            vector: 16,
+            targets: 0b100
+        })
+    );
+    assert_eq!(a.counts().ipis_sent, 1);
+    assert_eq!(a.deliverable(), None, "nothing came back to the sender");
+    // The group survives a reset through IA32_APIC_BASE.
+    a.write_msr(msr::APIC_BASE, base::ADDRESS, 0).unwrap();
+    a.write_msr(msr::APIC_BASE, base::ADDRESS | base::EN, 0)
+        .unwrap();
+    a.write_msr(msr::APIC_BASE, base::ADDRESS | base::EN | base::EXTD, 0)
+        .unwrap();
+    assert_eq!(
+        send(&mut a, 0x60 | 3 << 32),
+        Some(Ipi {
+            vector: 0x60,
+            targets: 0b1000
+        })
+    );
 }
 
 /// Arms the timer: LVT `lvt_value`, divide code `div`, initial count `count`, at TSC `at`.
