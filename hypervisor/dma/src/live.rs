@@ -79,10 +79,24 @@ impl LiveMap {
         }
     }
 
+    /// The slot of the mapping starting at `iova` and a copy of it, for a later
+    /// [`Self::remove_slot`] (one probe where a lookup and a removal would take two).
+    pub(crate) fn lookup(&self, iova: u64) -> Option<(usize, Mapping)> {
+        let i = self.find(iova)?;
+        self.slots[i].map(|m| (i, m))
+    }
+
     /// Removes and returns the mapping starting at `iova`.
     pub(crate) fn remove(&mut self, iova: u64) -> Option<Mapping> {
-        let mut hole = self.find(iova)?;
-        let out = self.slots[hole].take();
+        let slot = self.find(iova)?;
+        self.remove_slot(slot)
+    }
+
+    /// Removes and returns the mapping in `slot` (from [`Self::lookup`], with no insert or
+    /// removal since).
+    pub(crate) fn remove_slot(&mut self, slot: usize) -> Option<Mapping> {
+        let mut hole = slot;
+        let out = self.slots[hole].take()?;
         self.len -= 1;
         // Backward shift: move later entries of the probe run into the hole when their home
         // slot does not lie (cyclically) after the hole.
@@ -97,7 +111,7 @@ impl LiveMap {
             }
             i = (i + 1) & (n - 1);
         }
-        out
+        Some(out)
     }
 
     /// Every mapping, in no particular order.
@@ -162,8 +176,14 @@ mod tests {
                 if ins {
                     t.insert(m(iova));
                     model.insert(iova, m(iova));
-                } else {
+                } else if k % 2 == 0 {
                     prop_assert_eq!(t.remove(iova), model.remove(&iova));
+                } else {
+                    // The UNMAP path: one probe, then the removal by slot.
+                    let found = t.lookup(iova);
+                    prop_assert_eq!(found.map(|(_, m)| m), model.get(&iova).copied());
+                    let out = found.and_then(|(slot, _)| t.remove_slot(slot));
+                    prop_assert_eq!(out, model.remove(&iova));
                 }
                 prop_assert_eq!(t.len(), model.len());
                 for k in 0..64u64 {

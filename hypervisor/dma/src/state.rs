@@ -615,7 +615,8 @@ impl<P: Default> DmaState<P> {
             self.stats.unmaps += 1;
             return Ok(Unmapped::Done);
         }
-        let Some(m) = self.live.get(iova).copied() else {
+        // One probe: the slot stays valid (nothing touches the table before the removal).
+        let Some((slot, m)) = self.live.lookup(iova) else {
             return self.fail(Error::Noent);
         };
         if m.pages * PAGE_SIZE != len {
@@ -627,7 +628,7 @@ impl<P: Default> DmaState<P> {
         if let Err(e) = r {
             return self.fail(e);
         }
-        self.live.remove(iova);
+        self.live.remove_slot(slot);
         self.mapped_pages -= m.pages;
         self.shared.unclaim(m.gpa, m.pages);
         self.unreserve(m.pages);
