@@ -253,7 +253,7 @@ fn fixed_ipis_reach_the_named_members_of_the_group() {
         "physical ID 2"
     );
     assert_eq!(
-        send(&mut a, 0x41 | 0 << 32),
+        send(&mut a, 0x41), // destination field (bits 63:32) = 0
         ipi(0x41, 0b1),
         "physical ID 0"
     );
