@@ -100,6 +100,8 @@ pub struct State {
     pending_gsts: Option<(u32, u32)>,
     /// Never complete waits (a hung queue).
     pub ignore_waits: bool,
+    /// Reads of IQH so far.
+    pub iqh_reads: u64,
     /// Treat the next descriptor of this type as invalid (IQE).
     pub reject_type: Option<u8>,
     /// Never clear register-command busy bits.
@@ -162,6 +164,7 @@ impl FakeUnit {
             gsts_delay: 0,
             pending_gsts: None,
             ignore_waits: false,
+            iqh_reads: 0,
             reject_type: None,
             dead_registers: false,
             errors: Vec::new(),
@@ -683,7 +686,10 @@ impl FakeUnit {
             offset::ECAP => s.ecap,
             offset::RTADDR => s.rtaddr,
             offset::CCMD => s.ccmd,
-            offset::IQH => (s.iqh as u64) << 4,
+            offset::IQH => {
+                s.iqh_reads += 1;
+                (s.iqh as u64) << 4
+            }
             offset::IQT => (s.iqt as u64) << 4,
             offset::IQA => s.iqa,
             offset::IRTA => s.irta,

@@ -152,6 +152,10 @@ pub struct InvalidationQueue {
     base: PhysAddr,
     status: PhysAddr,
     tail: usize,
+    /// The last head read from IQH: the hardware's head is at or past it (it only moves
+    /// forward, up to the tail), so the slots from the tail up to it are free without
+    /// another register read (see [`Self::wait_for_space`]).
+    head_seen: usize,
     seq: u32,
     coherent: bool,
     drain_reads: bool,
@@ -178,6 +182,7 @@ impl InvalidationQueue {
             base,
             status,
             tail: 0,
+            head_seen: 0,
             seq: 0,
             coherent,
             drain_reads,
@@ -203,6 +208,7 @@ impl InvalidationQueue {
     /// Resets the software tail (the queue is being (re-)enabled with IQT = 0).
     pub fn reset(&mut self) {
         self.tail = 0;
+        self.head_seen = 0;
     }
 
     /// Frees the queue pages (the queue must be disabled).
@@ -388,18 +394,26 @@ impl InvalidationQueue {
     }
 
     /// Waits until `needed` slots are free, so a submission never overwrites descriptors the
-    /// hardware has not fetched (possible only after an earlier wait timed out).
+    /// hardware has not fetched (possible only after an earlier wait timed out). The head
+    /// last read from IQH usually shows enough room already (it lags the hardware's, never
+    /// leads it), so IQH is read only when it does not: about once per lap of the queue
+    /// instead of once per submission (a register read is an exit, or a trip to the
+    /// emulator's device lock, under virtualization).
     fn wait_for_space<R: RegisterWindow, C: Clock>(
-        &self,
+        &mut self,
         regs: &mut R,
         clock: &C,
         timeout_ns: u64,
         needed: usize,
     ) -> Result<(), Error> {
         let tail = self.tail;
+        if Self::free_slots(self.head_seen, tail) >= needed {
+            return Ok(());
+        }
+        let seen = &mut self.head_seen;
         poll_until(clock, timeout_ns, || {
-            let head = queue_index(regs.read64(IQH)) % QUEUE_ENTRIES;
-            (Self::free_slots(head, tail) >= needed).then_some(())
+            *seen = queue_index(regs.read64(IQH)) % QUEUE_ENTRIES;
+            (Self::free_slots(*seen, tail) >= needed).then_some(())
         })
         .ok_or_else(|| {
             log::error!("vt-d: invalidation queue full (hardware stalled?)");

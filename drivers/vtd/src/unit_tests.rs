@@ -770,6 +770,29 @@ fn stalled_queue_is_never_overwritten() {
     assert_eq!(g.unmapped().to_vec(), vec![0x5000..0x6000]);
 }
 
+#[test]
+fn queue_head_is_read_about_once_per_lap() {
+    let (mut mem, hw, mut unit, dom, mut g) = attached();
+    let reads0 = hw.state().iqh_reads;
+    // Each flush queues one invalidation and one wait: 2 of the 256 slots.
+    for i in 0..1000u64 {
+        map_rw(&dom, &mem, &mut g, 0x5000, 0x7000, 0x1000);
+        dom.unmap(&mem, 0x5000, 0x1000, &mut g).unwrap();
+        assert_eq!(
+            unit.flush(&mut mem, &mut g).unwrap().invalidations,
+            1,
+            "flush {i}"
+        );
+    }
+    let reads = hw.state().iqh_reads - reads0;
+    // 2000 descriptors are ~8 laps of the queue.
+    assert!(
+        (1..=16).contains(&reads),
+        "{reads} IQH reads for 1000 flushes"
+    );
+    assert!(hw.state().errors.is_empty(), "{:?}", hw.state().errors);
+}
+
 /// Exactly one IOTLB descriptor, invalidating leaves only (IH = 1).
 fn assert_one_leaf_only(d: &[(u64, u64)]) {
     let one_leaf_only = matches!(d, [(_, hi)] if hi & (1 << 6) != 0);

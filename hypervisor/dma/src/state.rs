@@ -604,6 +604,32 @@ impl<P: Default> DmaState<P> {
         R: GuestRam,
         C: Clock,
     {
+        match self.unmap_own(dom, iovas, ram, clock, iova, len) {
+            Ok(Some(u)) => Ok(u),
+            Ok(None) => self.fail(Error::Noent),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// As [`Self::unmap`], but a mapping this state does not hold (no mapping at `iova`:
+    /// perhaps another shard's) is `Ok(None)`, neither changed nor counted as an error, so
+    /// that a caller can fetch the record from elsewhere ([`Self::adopt`]) and try again
+    /// with one lookup on the common path.
+    pub fn unmap_own<D, I, R, C>(
+        &mut self,
+        dom: &mut D,
+        iovas: &mut I,
+        ram: &R,
+        clock: &C,
+        iova: u64,
+        len: u64,
+    ) -> Result<Option<Unmapped>, Error>
+    where
+        D: Iommu<Pending = P>,
+        I: IovaSource,
+        R: GuestRam,
+        C: Clock,
+    {
         self.expire_deferred(dom, iovas, clock);
         if len == 0 || !len.is_multiple_of(PAGE_SIZE) || !iova.is_multiple_of(PAGE_SIZE) {
             return self.fail(Error::Inval);
@@ -613,11 +639,11 @@ impl<P: Default> DmaState<P> {
                 return self.fail(e);
             }
             self.stats.unmaps += 1;
-            return Ok(Unmapped::Done);
+            return Ok(Some(Unmapped::Done));
         }
         // One probe: the slot stays valid (nothing touches the table before the removal).
         let Some((slot, m)) = self.live.lookup(iova) else {
-            return self.fail(Error::Noent);
+            return Ok(None);
         };
         if m.pages * PAGE_SIZE != len {
             return self.fail(Error::Inval);
@@ -636,12 +662,12 @@ impl<P: Default> DmaState<P> {
         self.stats.unmaps += 1;
         if self.owes_flush() {
             if self.flush(dom, iovas, clock, false).is_err() {
-                return Ok(Unmapped::Unsynced);
+                return Ok(Some(Unmapped::Unsynced));
             }
         } else {
             self.deferred_entry_bound(dom, iovas, clock);
         }
-        Ok(Unmapped::Done)
+        Ok(Some(Unmapped::Done))
     }
 
     /// Under `Deferred`, flushes when `deferred_entries` ranges wait.

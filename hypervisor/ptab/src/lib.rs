@@ -533,6 +533,12 @@ impl<F: Format> PageTable<F> {
         // (and with a walker, the next call's pages too).
         let generation = self.unlinks.load(Ordering::Acquire);
         let mut last = self.cached(sink, generation);
+        if let Some((t, 1, base)) = last
+            && self.fill_leaves(mem, (t, base), va, phys, end, attr, sink)
+        {
+            self.keep(sink, last, generation, len as i64);
+            return Ok(());
+        }
         // Leaves written there and not flushed yet (non-coherent walks): one run of
         // consecutive slots, flushed when the run breaks and before returning.
         let mut run = Run::default();
@@ -600,6 +606,54 @@ impl<F: Format> PageTable<F> {
         run.flush(mem);
         self.keep(sink, last, generation, len as i64);
         Ok(())
+    }
+
+    /// The common case of a map (one walk per batch): `[va, end)` lies in the span `base` of
+    /// the level-1 table `t` (the caller's cached leaf table) and is smaller than that span
+    /// (so no superpage fits). Its 4 KiB leaves are written there in one pass (flushed as one
+    /// run for non-coherent walks) and true is returned. A slot found taken stops the pass:
+    /// the leaves written so far are cleared again (and reported to `sink` for invalidation,
+    /// as the general path does), and false lets the general path decide.
+    #[allow(clippy::too_many_arguments)]
+    fn fill_leaves<M: TableMemory, S: Sink>(
+        &self,
+        mem: &M,
+        (t, base): (PhysAddr, u64),
+        va: u64,
+        phys: u64,
+        end: u64,
+        attr: F::Attr,
+        sink: &mut S,
+    ) -> bool {
+        let span = level_size(2);
+        if !in_span(va, 1, base) || end > base + span || end - va >= span {
+            return false;
+        }
+        let leaves = Entries::new(mem, t);
+        let (first, stop) = (index(va, 1), index(end - 1, 1) + 1);
+        let mut i = first;
+        while i < stop {
+            if F::is_present(leaves.load(i)) {
+                break;
+            }
+            leaves.store(i, Self::leaf_entry(phys + ((i - first) << 12), attr, 1));
+            i += 1;
+        }
+        if i < stop {
+            for j in first..i {
+                leaves.store(j, 0);
+            }
+        }
+        if !self.cfg.coherent && i > first {
+            mem.flush_entries(t.entry(first), ((i - first) * 8) as usize);
+        }
+        if i < stop {
+            if i > first {
+                sink.invalidate(va..va + ((i - first) << 12));
+            }
+            return false;
+        }
+        true
     }
 
     /// At `leaf_level`: whether the leaf goes in the slot holding `e`. Where a table is
@@ -780,6 +834,12 @@ impl<F: Format> PageTable<F> {
         let mut cur = va;
         let generation = self.unlinks.load(Ordering::Acquire);
         let mut last = self.cached(sink, generation);
+        if let Some((t, 1, base)) = last
+            && self.clear_leaves(mem, t, base, va, end)
+        {
+            self.keep(sink, last, generation, -(len as i64));
+            return Ok(());
+        }
         // Whether every leaf of the range lies in one level-1 table (then cleared there).
         let mut one_table: Option<PhysAddr> = None;
         let mut single = true;
@@ -840,6 +900,37 @@ impl<F: Format> PageTable<F> {
         }
         self.keep(sink, last, generation, -(len as i64));
         Ok(())
+    }
+
+    /// The common case of an unmap (one walk per batch): `[va, end)` lies in the span `base`
+    /// of the level-1 table `t` (the caller's cached leaf table) without covering all of it
+    /// (which would unlink the table), and every slot holds a leaf. Then they are cleared in
+    /// one pass (flushed as one run for non-coherent walks) and true is returned; otherwise
+    /// nothing is cleared and the general path decides.
+    fn clear_leaves<M: TableMemory>(
+        &self,
+        mem: &M,
+        t: PhysAddr,
+        base: u64,
+        va: u64,
+        end: u64,
+    ) -> bool {
+        let span = level_size(2);
+        if !in_span(va, 1, base) || end > base + span || end - va >= span {
+            return false;
+        }
+        let leaves = Entries::new(mem, t);
+        let (first, stop) = (index(va, 1), index(end - 1, 1) + 1);
+        if !(first..stop).all(|i| F::is_present(leaves.load(i))) {
+            return false;
+        }
+        for i in first..stop {
+            leaves.store(i, 0);
+        }
+        if !self.cfg.coherent {
+            mem.flush_entries(t.entry(first), ((stop - first) * 8) as usize);
+        }
+        true
     }
 
     /// The entry mapping `va` and its level; a not-present entry comes with the level at

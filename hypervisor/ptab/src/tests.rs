@@ -248,6 +248,49 @@ fn non_coherent_flushes_every_write() {
     assert!(mem.unflushed().is_empty());
 }
 
+/// The walker's one-pass fill of its cached leaf table: a taken slot met half-way undoes the
+/// leaves written before it (reported for invalidation, flushed for a non-coherent walk), and
+/// the call fails with nothing changed; a free run is written and flushed as one range.
+#[test]
+fn cached_fill_undoes_a_partial_run() {
+    let mem = ArenaMemory::with_dirty_tracking(64, true);
+    let pt = PageTable::<VtdSecondLevel>::new(&mem, cfg(3, true, false)).unwrap();
+    let mut s = Pending {
+        walkers: Some([Walker::default(); 2]),
+        ..Pending::default()
+    };
+    let rw = VtdAttr::READ | VtdAttr::WRITE;
+    pt.map(&mem, 0x3000, PhysAddr::new(0x9000), 0x1000, rw, &mut s)
+        .unwrap();
+    s.inval.clear();
+    // Pages 1 and 2 are free, page 3 is taken: the cached table is tried first.
+    let e = pt.map(&mem, 0x1000, PhysAddr::new(0x50_0000), 0x4000, rw, &mut s);
+    assert_eq!(e, Err(Error::AlreadyMapped { va: 0x3000 }));
+    for va in [0x1000, 0x2000, 0x4000] {
+        assert!(pt.translate(&mem, va).is_none(), "{va:#x} left mapped");
+    }
+    assert_eq!(
+        pt.translate(&mem, 0x3000).unwrap().phys,
+        PhysAddr::new(0x9000)
+    );
+    assert!(
+        s.inval.iter().any(|r| r.start <= 0x1000 && r.end >= 0x3000),
+        "{:x?}",
+        s.inval
+    );
+    assert!(mem.unflushed().is_empty(), "{:x?}", mem.unflushed());
+    pt.map(&mem, 0x5000, PhysAddr::new(0x50_0000), 0x4000, rw, &mut s)
+        .unwrap();
+    assert_eq!(
+        pt.translate(&mem, 0x8000).unwrap().phys,
+        PhysAddr::new(0x50_3000)
+    );
+    assert!(mem.unflushed().is_empty(), "{:x?}", mem.unflushed());
+    pt.unmap(&mem, 0x5000, 0x4000, &mut s).unwrap();
+    assert!(pt.translate(&mem, 0x5000).is_none());
+    assert!(mem.unflushed().is_empty(), "{:x?}", mem.unflushed());
+}
+
 fn flush(mem: &ArenaMemory, s: &mut Pending) {
     for t in s.tables.drain(..) {
         mem.free_table(t);

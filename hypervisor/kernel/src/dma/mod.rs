@@ -623,27 +623,53 @@ impl VtdDma {
     fn run(&self, vcpu: usize, req: Request, single: bool) -> Result<EntryOutcome, Status> {
         let me = self.me(vcpu);
         let mut shard = self.shards[me].lock();
-        if let Request::Unmap { iova, .. } = req {
-            // The common case: the caller's own mapping. Otherwise its record moves here
-            // first (the cross-vCPU path); a mapping nobody holds is NOENT below.
-            if self.policy != Policy::Passthrough && shard.st.mapping(iova).is_none() {
-                drop(shard);
-                self.adopt_from_others(me, iova);
-                shard = self.shards[me].lock();
+        let r = match self.run_on(&mut shard, req, single) {
+            Some(r) => r,
+            None => {
+                let (held, r) = self.adopt_and_run(me, shard, req, single);
+                shard = held;
+                r
             }
-        }
-        let r = self.run_on(&mut shard, req, single);
+        };
         self.publish_deadline(me, &shard.st);
         r
     }
 
-    /// [`Self::run`] with the caller's shard held.
+    /// The cross-vCPU path of an UNMAP (`req`) of a mapping shard `me` (held by `shard`,
+    /// released meanwhile and returned held) does not hold: its record moves here from
+    /// another shard, then `req` runs again; a mapping nobody holds is NOENT. The common
+    /// case, the caller's own mapping, costs one lookup ([`Self::run_on`]).
+    #[cold]
+    fn adopt_and_run<'a>(
+        &'a self,
+        me: usize,
+        shard: MutexGuard<'a, Shard>,
+        req: Request,
+        single: bool,
+    ) -> (MutexGuard<'a, Shard>, Result<EntryOutcome, Status>) {
+        drop(shard);
+        if let Request::Unmap { iova, .. } = req {
+            self.adopt_from_others(me, iova);
+        }
+        let mut shard = self.shards[me].lock();
+        let r = match self.run_on(&mut shard, req, single) {
+            Some(r) => r,
+            None => {
+                shard.st.note_error();
+                Err(Status::Noent)
+            }
+        };
+        (shard, r)
+    }
+
+    /// Runs `req` on `shard`; `None`: an UNMAP of a mapping the shard does not hold (nothing
+    /// changed or counted).
     fn run_on(
         &self,
         shard: &mut Shard,
         req: Request,
         single: bool,
-    ) -> Result<EntryOutcome, Status> {
+    ) -> Option<Result<EntryOutcome, Status>> {
         let areas = core::mem::take(&mut shard.areas);
         let ram = CallRam {
             part: &self.part,
@@ -660,18 +686,20 @@ impl VtdDma {
         ram: &CallRam<'_>,
         req: Request,
         single: bool,
-    ) -> Result<EntryOutcome, Status> {
-        match req {
+    ) -> Option<Result<EntryOutcome, Status>> {
+        Some(match req {
             Request::Map { gpa, length, flags } => {
                 let a = Access {
                     read: flags.bits() & DmaFlags::READ.bits() != 0,
                     write: flags.bits() & DmaFlags::WRITE.bits() != 0,
                 };
-                let iova = self
-                    .on(shard, |st, dom, ivs| {
-                        st.map(dom, ivs, ram, &Tsc, gpa, length, a)
-                    })
-                    .map_err(Status::from)?;
+                let r = self.on(shard, |st, dom, ivs| {
+                    st.map(dom, ivs, ram, &Tsc, gpa, length, a)
+                });
+                let iova = match r {
+                    Ok(iova) => iova,
+                    Err(e) => return Some(Err(Status::from(e))),
+                };
                 Ok(EntryOutcome {
                     status: Status::Ok,
                     done: length,
@@ -682,18 +710,21 @@ impl VtdDma {
                 // U1: reserved IOVA regions (the MSI window, RMRRs), as QUERY reports them.
                 if self.regions.iter().any(|r| r.intersects(iova, length)) {
                     shard.st.note_error();
-                    return Err(Status::Perm);
+                    return Some(Err(Status::Perm));
                 }
-                let u = self
-                    .on(shard, |st, dom, ivs| {
-                        st.unmap(dom, ivs, ram, &Tsc, iova, length)
-                    })
-                    .map_err(Status::from)?;
+                let r = self.on(shard, |st, dom, ivs| {
+                    st.unmap_own(dom, ivs, ram, &Tsc, iova, length)
+                });
+                let u = match r {
+                    Ok(Some(u)) => u,
+                    Ok(None) => return None,
+                    Err(e) => return Some(Err(Status::from(e))),
+                };
                 // Took effect but the invalidation was not confirmed (U4): BUSY for a single
                 // UNMAP; inside a MULTICALL the entry is OK and `end_batch` reports the call
                 // unsynced.
                 if single && u == Unmapped::Unsynced {
-                    return Err(Status::Busy);
+                    return Some(Err(Status::Busy));
                 }
                 Ok(EntryOutcome {
                     status: Status::Ok,
@@ -701,7 +732,7 @@ impl VtdDma {
                     iova: None,
                 })
             }
-        }
+        })
     }
 
     /// Handles DMA call `call` from vCPU `vcpu`.

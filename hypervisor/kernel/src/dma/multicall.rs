@@ -62,17 +62,14 @@ impl VtdDma {
                     let v = wire::validate_entry(&e, &self.limits);
                     validate += x86::rdtsc() - t0;
                     match v {
-                        Ok(req) => {
-                            if let Request::Unmap { iova, .. } = req
-                                && self.policy != Policy::Passthrough
-                                && shard.st.mapping(iova).is_none()
-                            {
-                                drop(shard);
-                                self.adopt_from_others(me, iova);
-                                shard = self.shards[me].lock();
+                        Ok(req) => match self.run_on(&mut shard, req, false) {
+                            Some(r) => r,
+                            None => {
+                                let (held, r) = self.adopt_and_run(me, shard, req, false);
+                                shard = held;
+                                r
                             }
-                            self.run_on(&mut shard, req, false)
-                        }
+                        },
                         Err(s) => {
                             shard.st.note_error();
                             Err(s)
