@@ -57,6 +57,105 @@ struct Burst {
     blocks: [u32; MAX_DEPTH],
 }
 
+impl Burst {
+    const fn empty() -> Self {
+        Burst {
+            bufs: [Buffer {
+                gpa: 0,
+                len: 0,
+                device_writes: false,
+            }; MAX_DEPTH],
+            blocks: [0u32; MAX_DEPTH],
+        }
+    }
+}
+
+/// Requests whose buffers are mapped and that wait for room in the queue (see
+/// [`IoQueue::wait_pipelined`]): the first `n` of each array, oldest first.
+struct Staged {
+    reqs: [Request; MAX_DEPTH],
+    iovas: [u64; MAX_DEPTH],
+    n: usize,
+}
+
+impl Staged {
+    const NONE: Request = Request {
+        write: false,
+        lba: 0,
+        gpa: 0,
+        len: 0,
+        tag: 0,
+    };
+
+    const fn empty() -> Self {
+        Staged {
+            reqs: [Self::NONE; MAX_DEPTH],
+            iovas: [0; MAX_DEPTH],
+            n: 0,
+        }
+    }
+
+    /// Drops the first `k` (submitted).
+    fn consume(&mut self, k: usize) {
+        let n = self.n;
+        self.reqs.copy_within(k..n, 0);
+        self.iovas.copy_within(k..n, 0);
+        self.n = n - k;
+    }
+
+    /// Appends `reqs` (their buffers mapped at `iovas`).
+    fn extend(&mut self, reqs: &[Request], iovas: &[u64]) {
+        let (n, k) = (self.n, reqs.len());
+        self.reqs[n..n + k].copy_from_slice(reqs);
+        self.iovas[n..n + k].copy_from_slice(&iovas[..k]);
+        self.n = n + k;
+    }
+}
+
+/// Completions one cycle took: (tag, IOVA, verdict) each, the buffers to unmap, and whether
+/// an identifier that was not outstanding came back.
+struct Taken {
+    got: [(u64, u64, Result<(), Error>); MAX_DEPTH],
+    n: usize,
+    unmaps: [(u64, u64); MAX_DEPTH],
+    u: usize,
+    stray: bool,
+}
+
+/// What [`IoQueue::exchange_for`] did: the new requests (the first `k`), their IOVAs and
+/// buffers, and the outcomes of the unmaps and of the maps.
+struct Exchanged {
+    reqs: [Request; MAX_DEPTH],
+    k: usize,
+    iovas: [u64; MAX_DEPTH],
+    burst: Burst,
+    unmapped: Result<(), Error>,
+    mapped: Result<(), Error>,
+}
+
+impl Taken {
+    /// Reports each completion to `done`, with `unmapped` (the outcome of its buffer's
+    /// unmap) folded into its verdict.
+    fn report(&self, unmapped: Result<(), Error>, done: &mut dyn FnMut(Done)) {
+        for &(tag, iova, result) in &self.got[..self.n] {
+            done(Done {
+                tag,
+                iova,
+                result: result.and(unmapped),
+            });
+        }
+    }
+
+    /// The tags of the completions.
+    fn tags(&self) -> [u64; MAX_DEPTH] {
+        let mut tags = [0u64; MAX_DEPTH];
+        for (t, g) in tags.iter_mut().zip(&self.got[..self.n]) {
+            *t = g.0;
+        }
+        tags
+    }
+}
+
 /// A finished command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Done {
@@ -93,6 +192,8 @@ pub struct IoQueue {
     slots: [Slot; MAX_DEPTH],
     /// Completions past the head known to be posted (see [`IoQueue::ready`]).
     seen: u16,
+    /// Requests mapped ahead by [`IoQueue::wait_pipelined`], not submitted yet.
+    staged: Staged,
     /// Time a command may take before [`IoQueue::wait`] gives up, microseconds.
     pub timeout_us: u64,
     /// How long [`IoQueue::wait_cycle`] waits for its `min` completions when fewer (but at
@@ -155,6 +256,7 @@ impl IoQueue {
             cids: Cids::new(MAX_DEPTH as u16),
             slots: [Slot::default(); MAX_DEPTH],
             seen: 0,
+            staged: Staged::empty(),
             timeout_us: 5_000_000,
             patience_us: 1000,
         })
@@ -196,6 +298,11 @@ impl IoQueue {
         MAX_DEPTH - self.cids.outstanding() as usize
     }
 
+    /// Requests [`IoQueue::wait_pipelined`] mapped ahead and has not submitted yet.
+    pub fn staged(&self) -> usize {
+        self.staged.n
+    }
+
     fn check(&self, r: &Request) -> Result<u32, Error> {
         let bs = u64::from(self.ns.block_size);
         if r.len == 0
@@ -228,14 +335,7 @@ impl IoQueue {
 
     /// Checks every request of `reqs` and describes its buffer.
     fn prepare(&self, reqs: &[Request]) -> Result<Burst, Error> {
-        let mut b = Burst {
-            bufs: [Buffer {
-                gpa: 0,
-                len: 0,
-                device_writes: false,
-            }; MAX_DEPTH],
-            blocks: [0u32; MAX_DEPTH],
-        };
+        let mut b = Burst::empty();
         for (k, r) in reqs.iter().enumerate() {
             b.blocks[k] = self.check(r)?;
             b.bufs[k] = Buffer {
@@ -375,12 +475,38 @@ impl IoQueue {
         refill: &mut dyn FnMut(&[u64], &mut [Request]) -> usize,
         done: &mut dyn FnMut(Done),
     ) -> Result<Cycle, Error> {
+        let t = self.take(p, max);
+        // After a stray completion (an identifier not outstanding) nothing more is submitted:
+        // the cycle fails with BadCompletion once the completions are reported.
+        let x = self.exchange_for(m, &t, self.room(), t.stray, refill);
+        let k = x.k;
+        let submitted = x
+            .mapped
+            .and_then(|()| self.post(p, &x.reqs[..k], &x.burst, &x.iovas));
+        let unmapped = x.unmapped;
+        t.report(unmapped, done);
+        if t.stray {
+            return Err(Error::BadCompletion);
+        }
+        submitted?;
+        Ok(Cycle {
+            completed: t.n,
+            submitted: k,
+        })
+    }
+
+    /// Takes the completions the controller has posted (at most `max`, oldest first) and
+    /// moves the completion doorbell past them.
+    fn take<P: Platform>(&mut self, p: &mut P, max: usize) -> Taken {
         let max = max.clamp(1, MAX_DEPTH);
-        let mut got = [(0u64, 0u64, Ok(())); MAX_DEPTH];
-        let mut unmaps = [(0u64, 0u64); MAX_DEPTH];
-        let (mut n, mut u) = (0, 0);
-        let mut stray = false;
-        while n < max {
+        let mut t = Taken {
+            got: [(0u64, 0u64, Ok(())); MAX_DEPTH],
+            n: 0,
+            unmaps: [(0u64, 0u64); MAX_DEPTH],
+            u: 0,
+            stray: false,
+        };
+        while t.n < max {
             let Some(c) = read_completion(p, self.mem.gpa + PAGE, self.cq.head(), &self.cq) else {
                 break;
             };
@@ -388,66 +514,111 @@ impl IoQueue {
             self.seen = self.seen.saturating_sub(1);
             self.sq.set_head(c.sq_head);
             if !self.cids.free(c.cid) {
-                stray = true;
+                t.stray = true;
                 continue;
             }
             let s = self.slots[c.cid as usize];
             if s.mapped {
-                unmaps[u] = (s.iova, s.len);
-                u += 1;
+                t.unmaps[t.u] = (s.iova, s.len);
+                t.u += 1;
             }
-            got[n] = (s.tag, s.iova, c.result().map_err(Error::Controller));
-            n += 1;
+            t.got[t.n] = (s.tag, s.iova, c.result().map_err(Error::Controller));
+            t.n += 1;
         }
-        if n != 0 || stray {
+        if t.n != 0 || t.stray {
             p.write32(
                 regs::cq_doorbell(self.qid, self.stride),
                 u32::from(self.cq.head()),
             );
         }
-        let mut tags = [0u64; MAX_DEPTH];
-        for (t, g) in tags.iter_mut().zip(&got[..n]) {
-            *t = g.0;
-        }
-        let mut reqs = [Request {
-            write: false,
-            lba: 0,
-            gpa: 0,
-            len: 0,
-            tag: 0,
-        }; MAX_DEPTH];
-        let room = self.room();
-        // After a stray completion (an identifier not outstanding) nothing more is submitted:
-        // the cycle fails with BadCompletion once the completions are reported.
-        let k = if stray {
-            0
-        } else {
-            refill(&tags[..n], &mut reqs[..room]).min(room)
+        t
+    }
+
+    /// Asks `refill` for at most `room` requests after `t`'s completions (none when
+    /// `skip`), then unmaps `t`'s buffers and maps the new requests' in one
+    /// [`Mapper::exchange`] (all or nothing for the maps).
+    fn exchange_for<H: Hypervisor>(
+        &self,
+        m: &mut Mapper<H>,
+        t: &Taken,
+        room: usize,
+        skip: bool,
+        refill: &mut dyn FnMut(&[u64], &mut [Request]) -> usize,
+    ) -> Exchanged {
+        let mut x = Exchanged {
+            reqs: [Staged::NONE; MAX_DEPTH],
+            k: 0,
+            iovas: [0u64; MAX_DEPTH],
+            burst: Burst::empty(),
+            unmapped: Ok(()),
+            mapped: Ok(()),
         };
-        let reqs = &reqs[..k];
-        let mut iovas = [0u64; MAX_DEPTH];
-        let (unmapped, submitted) = match self.prepare(reqs) {
+        if !skip {
+            x.k = refill(&t.tags()[..t.n], &mut x.reqs[..room]).min(room);
+        }
+        let k = x.k;
+        match self.prepare(&x.reqs[..k]) {
             Ok(burst) => {
-                let x = m.exchange(&unmaps[..u], &burst.bufs[..k], &mut iovas[..k]);
-                let posted = x.map.and_then(|()| self.post(p, reqs, &burst, &iovas));
-                (x.unmap, posted)
+                let r = m.exchange(&t.unmaps[..t.u], &burst.bufs[..k], &mut x.iovas[..k]);
+                (x.burst, x.unmapped, x.mapped) = (burst, r.unmap, r.map);
             }
-            Err(e) => (m.unmap_burst(&unmaps[..u]), Err(e)),
-        };
-        for &(tag, iova, result) in &got[..n] {
-            done(Done {
-                tag,
-                iova,
-                result: result.and(unmapped),
-            });
+            Err(e) => (x.unmapped, x.mapped) = (m.unmap_burst(&t.unmaps[..t.u]), Err(e)),
         }
-        if stray {
+        x
+    }
+
+    /// A poll cycle that keeps the protection work off the controller's path: the buffers of
+    /// the next burst are mapped one cycle ahead. It waits for `min` completions as
+    /// [`IoQueue::wait_cycle`] does, takes the completions the controller has posted (at
+    /// most `max`; the pair `(min, max)`), submits the requests mapped by the previous cycle (while the
+    /// queue holds fewer than `depth` commands; the rest stay staged), then asks `refill` for
+    /// the next burst (given the completed tags and room for `depth` staged requests; it
+    /// returns how many it wrote) and, in one [`Mapper::exchange`] (one MULTICALL under
+    /// `batched`), unmaps the completed buffers and maps the new burst's, which stays staged
+    /// until the next cycle; only then it reports each completion to `done` (its buffer's
+    /// unmap has returned, as in [`IoQueue::cycle`]). So the controller works on the burst
+    /// just submitted while the hypervisor unmaps and maps; every buffer is still mapped
+    /// before its command is submitted and unmapped before its completion is reported.
+    ///
+    /// On an error of the new burst (a bad request, a failed map) nothing of it stays
+    /// mapped and the completions are still reported; [`IoQueue::abandon`] also unmaps what is
+    /// staged.
+    pub fn wait_pipelined<P: Platform, H: Hypervisor>(
+        &mut self,
+        p: &mut P,
+        m: &mut Mapper<H>,
+        depth: usize,
+        (min, max): (usize, usize),
+        refill: &mut dyn FnMut(&[u64], &mut [Request]) -> usize,
+        done: &mut dyn FnMut(Done),
+    ) -> Result<Cycle, Error> {
+        let depth = depth.clamp(1, MAX_DEPTH);
+        self.wait_ready(p, min)?;
+        let t = self.take(p, max);
+        let fits = depth.saturating_sub(self.outstanding() as usize);
+        let k = if t.stray { 0 } else { self.staged.n.min(fits) };
+        // The staged requests were checked when they were staged: their burst is rebuilt.
+        let (reqs, iovas) = (self.staged.reqs, self.staged.iovas);
+        let posted = self
+            .prepare(&reqs[..k])
+            .and_then(|b| self.post(p, &reqs[..k], &b, &iovas[..k]));
+        let sent = if posted.is_ok() { k } else { 0 };
+        self.staged.consume(sent);
+        let want = depth - self.staged.n;
+        let x = self.exchange_for(m, &t, want, t.stray || posted.is_err(), refill);
+        if x.mapped.is_ok() {
+            self.staged.extend(&x.reqs[..x.k], &x.iovas);
+        }
+        let (unmapped, mapped) = (x.unmapped, x.mapped);
+        t.report(unmapped, done);
+        if t.stray {
             return Err(Error::BadCompletion);
         }
-        submitted?;
+        posted?;
+        mapped?;
         Ok(Cycle {
-            completed: n,
-            submitted: k,
+            completed: t.n,
+            submitted: sent,
         })
     }
 
@@ -482,43 +653,59 @@ impl IoQueue {
         refill: &mut dyn FnMut(&[u64], &mut [Request]) -> usize,
         done: &mut dyn FnMut(Done),
     ) -> Result<Cycle, Error> {
-        let want = min.clamp(1, (self.outstanding() as usize).max(1));
-        if self.outstanding() != 0 {
-            let t0 = p.now_us();
-            let mut checked = t0;
-            let mut polls = 0u32;
-            while self.ready(p) < want {
-                polls = polls.wrapping_add(1);
-                if polls.is_multiple_of(64) {
-                    let now = p.now_us();
-                    // CSTS is an MMIO read (slow on hardware, a device-lock round trip under
-                    // emulation): once a millisecond is enough to notice a fatal controller.
-                    if now.wrapping_sub(checked) >= 1000 {
-                        checked = now;
-                        let csts = regs::Csts(p.read32(regs::CSTS));
-                        if csts.fatal() || csts.absent() {
-                            return Err(Error::Fatal);
-                        }
-                    }
-                    let waited = now.wrapping_sub(t0);
-                    if self.seen != 0 && waited > self.patience_us {
-                        break;
-                    }
-                    if waited > self.timeout_us {
-                        return Err(Error::Timeout(Wait::Io));
-                    }
-                }
-                core::hint::spin_loop();
-            }
-        }
+        self.wait_ready(p, min)?;
         self.cycle(p, m, max, refill, done)
     }
 
+    /// Waits until `min` completions are posted (see [`IoQueue::wait_cycle`]); at once
+    /// with nothing outstanding.
+    fn wait_ready<P: Platform>(&mut self, p: &mut P, min: usize) -> Result<(), Error> {
+        let want = min.clamp(1, (self.outstanding() as usize).max(1));
+        if self.outstanding() == 0 {
+            return Ok(());
+        }
+        let t0 = p.now_us();
+        let mut checked = t0;
+        let mut polls = 0u32;
+        while self.ready(p) < want {
+            polls = polls.wrapping_add(1);
+            if polls.is_multiple_of(64) {
+                let now = p.now_us();
+                // CSTS is an MMIO read (slow on hardware, a device-lock round trip under
+                // emulation): once a millisecond is enough to notice a fatal controller.
+                if now.wrapping_sub(checked) >= 1000 {
+                    checked = now;
+                    let csts = regs::Csts(p.read32(regs::CSTS));
+                    if csts.fatal() || csts.absent() {
+                        return Err(Error::Fatal);
+                    }
+                }
+                let waited = now.wrapping_sub(t0);
+                if self.seen != 0 && waited > self.patience_us {
+                    break;
+                }
+                if waited > self.timeout_us {
+                    return Err(Error::Timeout(Wait::Io));
+                }
+            }
+            core::hint::spin_loop();
+        }
+        Ok(())
+    }
+
     /// After the controller was disabled (it no longer touches memory), forgets every
-    /// outstanding command and unmaps its buffer.
+    /// outstanding command and unmaps its buffer, and unmaps the buffers of the requests
+    /// staged by [`IoQueue::wait_pipelined`] (dropped unsubmitted). Returns the commands
+    /// forgotten.
     pub fn abandon<H: Hypervisor>(&mut self, m: &mut Mapper<H>) -> Result<u32, Error> {
-        let mut unmaps = [(0u64, 0u64); MAX_DEPTH];
+        let mut unmaps = [(0u64, 0u64); 2 * MAX_DEPTH];
         let mut u = 0;
+        let st = &self.staged;
+        for (r, &iova) in st.reqs.iter().zip(&st.iovas).take(st.n) {
+            unmaps[u] = (iova, r.len.div_ceil(PAGE) * PAGE);
+            u += 1;
+        }
+        self.staged.n = 0;
         let mut n = 0;
         for cid in 0..MAX_DEPTH as u16 {
             if self.cids.free(cid) {

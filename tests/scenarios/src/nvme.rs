@@ -75,7 +75,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
             v.push(scenario(
                 on,
                 &format!("nvme-pattern-{policy}-{cpus}vcpu"),
-                "a pattern written through NVMe (PRP1, PRP2, PRP lists, bursts of 32) on every vCPU's own queue pair and read back equal; unmaps batched per burst under batched; no leak",
+                "a pattern written through NVMe (PRP1, PRP2, PRP lists, bursts of 32) on every vCPU's own queue pair and read back equal, then written and read back again through pipelined cycles (buffers mapped one cycle ahead); unmaps batched per burst under batched; no leak",
                 policy,
                 cpus,
                 "nvme-pattern",
@@ -86,6 +86,7 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
                         need_line(log, &[&format!("g0> nvme-pattern: policy {policy} vcpu {k} of {cpus}:"), "read back 768 KiB in one burst of 12: 0 byte(s) differ"])?;
                     }
                     invalidations_match_policy(log, policy, cpus)?;
+                    pipelined_matches_policy(log, policy, cpus)?;
                     need_line(log, &["g0> PASS nvme-pattern"])?;
                     need_line(log, &["g0> nvme: after teardown:", "live mappings 0, live pages 0"])?;
                     no_leak(log)
@@ -144,6 +145,48 @@ pub fn scenarios(on: Variant) -> Vec<Scenario> {
         }),
     ));
     v
+}
+
+/// The pipelined cycles' run on every vCPU: every byte read back equal, buffers really
+/// mapped ahead (at least one request staged), nothing left staged or outstanding (the job
+/// fails otherwise); 144 buffers per vCPU mapped and unmapped (passthrough: none), with an
+/// invalidation wait per unmap under strict and fewer waits than unmaps (one per cycle with
+/// completions) under batched and deferred (besides the waits for maps in caching mode).
+fn pipelined_matches_policy(log: &str, policy: &str, cpus: u32) -> Result<(), String> {
+    for k in 0..cpus {
+        let l = find_line(
+            log,
+            &[
+                &format!("g0> nvme-pipeline: policy {policy} vcpu {k} of {cpus}:"),
+                "read back 1536 KiB",
+                ": 0 byte(s) differ",
+            ],
+        )?;
+        if !number_after(l, "at most ").is_some_and(|n| n >= 1) {
+            return Err(format!("nothing was mapped ahead: {l:?}"));
+        }
+    }
+    let l = find_line(
+        log,
+        &[&format!("g0> nvme-pipeline: policy {policy}:"), "unmaps"],
+    )?;
+    let n = |key: &str| number_after(l, key).ok_or(format!("no `{key}` in {l:?}"));
+    let (maps, unmaps, waits) = (n(&format!("policy {policy}:"))?, n("maps,")?, n("unmaps,")?);
+    let buffers = 144 * u64::from(cpus);
+    // A unit in caching mode also waits once per map (see `invalidations_match_policy`).
+    let caching_mode = find_line(log, &["vtd: unit 0:", "CM="])?.contains("CM=true");
+    let map_waits = if caching_mode { maps } else { 0 };
+    let ok = match policy {
+        "passthrough" => maps == 0 && unmaps == 0,
+        "strict" => maps == buffers && unmaps == buffers && waits >= unmaps,
+        _ => maps == buffers && unmaps == buffers && waits.saturating_sub(map_waits) < unmaps,
+    };
+    if !ok {
+        return Err(format!(
+            "pipelined counters do not match the {policy} policy: {l:?}"
+        ));
+    }
+    Ok(())
 }
 
 /// The hypervisor's counters over the pattern's I/O: 57 data buffers per vCPU mapped and

@@ -27,10 +27,8 @@ const WORKLOADS: [(&str, u64, u64, bool); 3] = [
 static BURST: AtomicU64 = AtomicU64::new(0);
 
 /// The default burst at depth `qd`: wait for half the queue, take what has completed. Each
-/// cycle then amortizes its one exit and one invalidation wait over at least `qd / 2` I/Os,
-/// while the other half keeps the controller busy during the call (waiting for the whole
-/// queue would leave the controller idle for the call; reaping whatever has completed makes
-/// many small cycles when the controller is fast).
+/// cycle then amortizes its one exit and one invalidation wait over at least `qd / 2` I/Os
+/// (reaping whatever has completed makes many small cycles when the controller is fast).
 fn default_burst(qd: usize) -> (usize, usize) {
     ((qd / 2).max(1), qd)
 }
@@ -107,10 +105,11 @@ pub(crate) fn job(w: Worker<'_>, arg: u64, out: &mut [u64; OUTS]) -> Outcome {
         }
     };
     let buf = |k: u64| data(v) + k * 65536;
-    // Buffers (by index; a request's tag is its buffer's index) not in use.
-    let mut free = [0u64; MAX_DEPTH];
-    let mut nfree = qd;
-    for (k, f) in free.iter_mut().enumerate().take(qd) {
+    // Buffers (by index; a request's tag is its buffer's index) not in use: `qd` for the
+    // commands outstanding and `qd` for the burst mapped ahead.
+    let mut free = [0u64; 2 * MAX_DEPTH];
+    let mut nfree = 2 * qd;
+    for (k, f) in free.iter_mut().enumerate().take(nfree) {
         *f = k as u64;
     }
     let fail = |e: moat_nvme::Error| {
@@ -118,11 +117,12 @@ pub(crate) fn job(w: Worker<'_>, arg: u64, out: &mut [u64; OUTS]) -> Outcome {
         "NVMe I/O failed"
     };
     let (mut submitted, mut completed, mut failed) = (0u64, 0u64, 0u64);
-    // Every cycle: wait for `min` completions (fewer only while the queue drains), take at
-    // most `max`, and make one call that unmaps them and maps the next burst, which refills
-    // the queue to `qd`.
-    // Where the vCPU's time goes: TSC from `refill` (the completions are reaped, the call
-    // comes next) to the cycle's end, summed: the call, the submission and the reports.
+    // Every cycle (`IoQueue::wait_pipelined`): wait for `min` completions (fewer only while
+    // the queue drains), take at most `max`, submit the burst the previous cycle mapped
+    // (refilling the queue to `qd`), and make one call that unmaps the completed buffers and
+    // maps the next burst: the controller works on the new burst during the call.
+    // Where the vCPU's time goes: TSC from `refill` (the completions are reaped, the burst
+    // submitted, the call comes next) to the cycle's end, summed: the call and the reports.
     let (mut cycles, mut in_call) = (0u64, 0u64);
     while completed < ios {
         let mut reaped_at = 0;
@@ -147,7 +147,7 @@ pub(crate) fn job(w: Worker<'_>, arg: u64, out: &mut [u64; OUTS]) -> Outcome {
             submitted += k as u64;
             k
         };
-        q.wait_cycle(p, m, min, max, &mut refill, &mut |d: Done| {
+        q.wait_pipelined(p, m, qd, (min, max), &mut refill, &mut |d: Done| {
             if let Err(e) = d.result {
                 if failed == 0 {
                     println!("nvme-bench: vcpu {v}: read {} failed: {e}", d.tag);

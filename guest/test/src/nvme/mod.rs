@@ -44,8 +44,9 @@ static mut PVDMA: Pages<{ 3 * MAX_VCPUS }> = Pages([[0; 4096]; 3 * MAX_VCPUS]);
 
 /// Data buffers: vCPU v owns [DATA_BASE + v * DATA_PER_VCPU, + DATA_PER_VCPU).
 pub(crate) const DATA_BASE: u64 = 16 << 20;
-/// Bytes of data buffers per vCPU (32 commands of 64 KiB).
-pub(crate) const DATA_PER_VCPU: u64 = 2 << 20;
+/// Bytes of data buffers per vCPU (64 buffers of 64 KiB: 32 commands outstanding and 32
+/// mapped ahead by the benchmark's pipelined cycles).
+pub(crate) const DATA_PER_VCPU: u64 = 4 << 20;
 
 fn pages_gpa<const N: usize>(p: *const Pages<N>, i: usize) -> u64 {
     p as u64 + (i as u64) * PAGE
@@ -154,7 +155,7 @@ pub(crate) struct Worker<'a> {
 /// A job: what each vCPU runs on its queue, given the job's parameter; fills `out`.
 pub(crate) type Job = fn(w: Worker<'_>, arg: u64, out: &mut [u64; OUTS]) -> Outcome;
 
-pub(crate) const JOBS: [Job; 2] = [pattern::job, bench::job];
+pub(crate) const JOBS: [Job; 3] = [pattern::job, bench::job, pattern::pipelined_job];
 
 /// The NVMe worker on vCPUs other than 0: runs posted jobs until told to stop.
 pub fn worker(v: usize, info: &BootInfo) {

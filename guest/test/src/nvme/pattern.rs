@@ -1,6 +1,8 @@
 //! `nvme-pattern`: every vCPU writes a pattern through its own queue pair (single commands of
 //! 1, 2, 3, 16 and 10 pages, a burst of 32 commands, a burst of 64 KiB commands), clears its
-//! buffers, reads the region back in another layout and compares every byte.
+//! buffers, reads the region back in another layout and compares every byte; then writes a
+//! second region and reads both back through pipelined cycles (buffers mapped one cycle
+//! ahead, as the benchmark runs).
 
 use moat_nvme::{Done, IoQueue, Mapper, Native, Request};
 
@@ -139,6 +141,90 @@ pub(crate) fn job(w: Worker<'_>, _arg: u64, out: &mut [u64; OUTS]) -> Outcome {
     Ok(())
 }
 
+/// Runs `reqs` in order through pipelined cycles ([`IoQueue::wait_pipelined`]: at most
+/// `depth` outstanding and as many mapped ahead; each cycle waits for `min` completions).
+/// Returns (cycles, most requests staged at once); fails on any error or failed command.
+fn pipelined(
+    p: &mut Native,
+    m: &mut Mapper<moat_pvdma::Native>,
+    q: &mut IoQueue,
+    reqs: &[Request],
+    depth: usize,
+    min: usize,
+) -> Result<(u64, usize), &'static str> {
+    let (mut next, mut completed, mut cycles, mut most) = (0, 0, 0u64, 0);
+    let mut bad = None;
+    while completed < reqs.len() {
+        let mut refill = |_: &[u64], out: &mut [Request]| {
+            let k = out.len().min(reqs.len() - next);
+            out[..k].copy_from_slice(&reqs[next..next + k]);
+            next += k;
+            k
+        };
+        let r = q.wait_pipelined(p, m, depth, (min, depth), &mut refill, &mut |d: Done| {
+            completed += 1;
+            if let Err(e) = d.result {
+                bad.get_or_insert((d.tag, e));
+            }
+        });
+        if let Err(e) = r {
+            println!("nvme: pipelined cycle: {e}");
+            return Err("a pipelined NVMe cycle failed");
+        }
+        cycles += 1;
+        most = most.max(q.staged());
+    }
+    if let Some((tag, e)) = bad {
+        println!("nvme: pipelined command {tag} failed: {e}");
+        return Err("an NVMe command failed");
+    }
+    Ok((cycles, most))
+}
+
+/// The pipelined job, after [`job`] wrote the pattern to the first [`SPAN`] of the vCPU's
+/// disk area: writes the second `SPAN` (48 writes of 16 KiB, depth 8, waiting for 2 per
+/// cycle), clears both, reads both back (96 reads of 16 KiB, depth 32, waiting for 16) and
+/// compares every byte. `out` = [bytes compared, bytes wrong, -, -, cycles, most staged].
+pub(crate) fn pipelined_job(w: Worker<'_>, _arg: u64, out: &mut [u64; OUTS]) -> Outcome {
+    let Worker { v, p, m, q } = w;
+    let bs = u64::from(q.namespace().block_size);
+    let disk0 = v as u64 * DISK_PER_VCPU;
+    let mem0 = data(v);
+    const CHUNK: u64 = 16 << 10;
+    let req = |write: bool, off: u64, tag: u64| Request {
+        write,
+        lba: (disk0 + off) / bs,
+        gpa: mem0 + off,
+        len: CHUNK,
+        tag,
+    };
+    fill(v, mem0 + SPAN, disk0 + SPAN, SPAN);
+    let mut reqs = [req(true, 0, 0); (2 * SPAN / CHUNK) as usize];
+    let writes = (SPAN / CHUNK) as usize;
+    for (k, r) in reqs.iter_mut().take(writes).enumerate() {
+        *r = req(true, SPAN + k as u64 * CHUNK, k as u64);
+    }
+    let (c1, s1) = pipelined(p, m, q, &reqs[..writes], 8, 2)?;
+    bytes(mem0, 2 * SPAN).fill(0);
+    for (k, r) in reqs.iter_mut().enumerate() {
+        *r = req(false, k as u64 * CHUNK, 1000 + k as u64);
+    }
+    let (c2, s2) = pipelined(p, m, q, &reqs, 32, 16)?;
+    let wrong = bytes(mem0, 2 * SPAN)
+        .iter()
+        .enumerate()
+        .filter(|&(i, &b)| b != pattern_at(v, disk0 + i as u64))
+        .count() as u64;
+    out[0] = 2 * SPAN;
+    out[1] = wrong;
+    out[4] = c1 + c2;
+    out[5] = s1.max(s2) as u64;
+    if wrong != 0 || q.staged() != 0 || q.outstanding() != 0 {
+        return Err("pipelined cycles: data differs or requests were left over");
+    }
+    Ok(())
+}
+
 /// `nvme-pattern`: the pattern job on every vCPU, then teardown and the leak check.
 pub fn pattern(info: &BootInfo) -> Outcome {
     let mut s = setup(info)?;
@@ -146,6 +232,11 @@ pub fn pattern(info: &BootInfo) -> Outcome {
     let before = s.m.pvdma().stats(false).map_err(|_| "STATS failed")?;
     let r = s.run(info, 1, 0);
     let after = s.m.pvdma().stats(false).map_err(|_| "STATS failed")?;
+    let piped = match &r {
+        Ok(_) => Some(s.run(info, 3, 0)),
+        Err(_) => None,
+    };
+    let piped_after = s.m.pvdma().stats(false).map_err(|_| "STATS failed")?;
     let td = s.teardown();
     let (outs, _) = r?;
     let (mut map_calls, mut unmap_calls) = (0, 0);
@@ -168,6 +259,18 @@ pub fn pattern(info: &BootInfo) -> Outcome {
         after.invalidations.get() - before.invalidations.get(),
         after.waits.get() - before.waits.get(),
         after.exits.get() - before.exits.get()
+    );
+    let (outs, _) = piped.ok_or("no pipelined run")??;
+    let n = s.vcpus;
+    outs.iter().take(n).enumerate().for_each(|(v, o)| println!(
+        "nvme-pipeline: policy {policy} vcpu {v} of {n}: wrote 768 KiB (48 writes, depth 8) and read back {} KiB (96 reads, depth 32) in {} pipelined cycles, at most {} request(s) mapped ahead: {} byte(s) differ",
+        o[0] >> 10, o[4], o[5], o[1]
+    ));
+    println!(
+        "nvme-pipeline: policy {policy}: {} maps, {} unmaps, {} invalidation waits during the pipelined I/O (hypervisor counters)",
+        piped_after.maps.get() - after.maps.get(),
+        piped_after.unmaps.get() - after.unmaps.get(),
+        piped_after.waits.get() - after.waits.get()
     );
     td
 }
