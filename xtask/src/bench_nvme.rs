@@ -73,7 +73,7 @@ const WORKLOADS: usize = 3;
 pub fn run(quick: bool, icount: bool) -> Result<()> {
     setup::ensure()?;
     let kernel = build_kernel(Flavour::Release)?;
-    let (ios, rounds) = if quick { (256, 1) } else { (2000, 3) };
+    let (ios, rounds) = if quick { (256, 1) } else { (2000, 5) };
     let knobs = Knobs::from_env(rounds, ios)?;
     let ios = knobs.ios;
     let image = root().join("target/bench/nvme.img");
