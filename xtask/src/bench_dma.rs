@@ -11,7 +11,9 @@
 use moat_scenarios::Machine;
 use serde::{Deserialize, Serialize};
 
-use crate::bench_row::{emulated, parse_fields, run_guest, write_json, Phases};
+use crate::bench_row::{
+    emulated, env_policies, extra_qemu_args, parse_fields, run_guest, write_json, Phases,
+};
 use crate::{build_kernel, root, setup, Flavour, Result};
 
 /// One measured cell: a row of the printed table and an element of `target/bench/dma.json`.
@@ -72,7 +74,55 @@ fn machine_args(iso: &str, vcpus: u32, icount: bool) -> Vec<String> {
     if icount {
         args.extend(["-icount".into(), "shift=0".into()]);
     }
+    args.extend(extra_qemu_args());
     args
+}
+
+/// The guest's cells: buffer sizes and batch sizes.
+const BYTES: [u64; 2] = [4096, 65536];
+const BATCHES: [u64; 4] = [1, 8, 64, 256];
+
+/// The cells a run measures: every one, or those `MOAT_BENCH_BYTES` / `MOAT_BENCH_BATCH`
+/// name (a development knob, e.g. for an instruction profile of one cell).
+struct Cells {
+    bytes: Option<u64>,
+    batch: Option<u64>,
+}
+
+impl Cells {
+    fn from_env() -> Result<Cells> {
+        let pick = |k: &str, all: &[u64]| -> Result<Option<u64>> {
+            match std::env::var(k).ok().filter(|v| !v.is_empty()) {
+                None => Ok(None),
+                Some(v) => match v.parse::<u64>() {
+                    Ok(x) if all.contains(&x) => Ok(Some(x)),
+                    _ => Err(format!("{k}: `{v}` is not one of {all:?}").into()),
+                },
+            }
+        };
+        Ok(Cells {
+            bytes: pick("MOAT_BENCH_BYTES", &BYTES)?,
+            batch: pick("MOAT_BENCH_BATCH", &BATCHES)?,
+        })
+    }
+
+    /// Rows a run prints.
+    fn count(&self) -> usize {
+        let n = |x: Option<u64>, all: usize| if x.is_some() { 1 } else { all };
+        n(self.bytes, BYTES.len()) * n(self.batch, BATCHES.len())
+    }
+
+    /// The guest's words selecting them (none for every cell).
+    fn words(&self) -> String {
+        let mut w = String::new();
+        if let Some(b) = self.bytes {
+            w += &format!("dma-bench-bytes={b} ");
+        }
+        if let Some(n) = self.batch {
+            w += &format!("dma-bench-batch={n} ");
+        }
+        w
+    }
 }
 
 /// Runs the benchmark on each vCPU count of `vcpus`; `quick` uses fewer operations per cell.
@@ -81,9 +131,11 @@ pub fn run(quick: bool, vcpus: &[u32], icount: bool) -> Result<()> {
     setup::ensure()?;
     let kernel = build_kernel(Flavour::Release)?;
     let ops = if quick { 64 } else { 512 };
+    let policies = env_policies(&["passthrough", "strict", "batched", "deferred"])?;
+    let cells = Cells::from_env()?;
     let mut rows = Vec::new();
     for &n in vcpus {
-        for policy in ["passthrough", "strict", "batched", "deferred"] {
+        for policy in policies.iter().map(String::as_str) {
             // 16 MiB of buffers per vCPU from 32 MiB.
             let mem = 32 + 16 * n.max(2);
             let cmdline = format!(
@@ -96,11 +148,11 @@ pub fn run(quick: bool, vcpus: &[u32], icount: bool) -> Result<()> {
             let found = run_guest(
                 &kernel,
                 &cmdline,
-                format!("g0 dma-bench={ops}"),
+                format!("g0 {}dma-bench={ops}", cells.words()),
                 &name,
                 |iso| machine_args(iso, n, icount),
                 parse,
-                |found| found.len() == 8 && found.iter().all(|f| f.vcpus == n as u64),
+                |found| found.len() == cells.count() && found.iter().all(|f| f.vcpus == n as u64),
             )
             .map_err(|e| format!("bench dma: policy {policy}, {n} vCPU(s): {e}"))?;
             rows.extend(found);

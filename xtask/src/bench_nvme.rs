@@ -8,7 +8,9 @@
 use moat_scenarios::Machine;
 use serde::{Deserialize, Serialize};
 
-use crate::bench_row::{emulated, parse_fields, run_guest, write_json, Phases};
+use crate::bench_row::{
+    emulated, env_policies, extra_qemu_args, parse_fields, run_guest, write_json, Phases,
+};
 use crate::{build_kernel, root, setup, Flavour, Result};
 
 /// One measured cell: a row of the printed table and an element of `target/bench/nvme.json`.
@@ -109,6 +111,7 @@ pub fn run(quick: bool, icount: bool) -> Result<()> {
                         if icount {
                             args.extend(["-icount".into(), "shift=0".into()]);
                         }
+                        args.extend(extra_qemu_args());
                         args
                     },
                     parse,
@@ -163,11 +166,7 @@ impl Knobs {
             v.parse::<u64>()
                 .map_err(|_| format!("{k}: `{v}` is not a number").into())
         };
-        let policies = var("MOAT_BENCH_POLICIES")
-            .map_or_else(|| POLICIES.iter().map(|p| p.to_string()).collect(), list);
-        if let Some(p) = policies.iter().find(|p| !POLICIES.contains(&p.as_str())) {
-            return Err(format!("MOAT_BENCH_POLICIES: unknown policy `{p}`").into());
-        }
+        let policies = env_policies(&POLICIES)?;
         let vcpus = match var("MOAT_BENCH_VCPUS") {
             Some(v) => list(v)
                 .iter()

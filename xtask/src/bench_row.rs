@@ -111,3 +111,35 @@ pub(crate) fn write_json<R: Serialize>(rows: &[R], path: &Path) -> Result<()> {
     eprintln!("xtask: wrote {}", path.display());
     Ok(())
 }
+
+/// The policies `MOAT_BENCH_POLICIES` names (e.g. `passthrough,batched`), in `all`'s order;
+/// every one of `all` when unset. An unknown name is an error.
+pub(crate) fn env_policies(all: &[&str]) -> Result<Vec<String>> {
+    let Some(v) = std::env::var("MOAT_BENCH_POLICIES")
+        .ok()
+        .filter(|v| !v.is_empty())
+    else {
+        return Ok(all.iter().map(|p| p.to_string()).collect());
+    };
+    let asked: Vec<&str> = v.split(',').map(str::trim).collect();
+    if let Some(p) = asked.iter().find(|p| !all.contains(p)) {
+        return Err(format!(
+            "MOAT_BENCH_POLICIES: unknown policy `{p}` (known: {})",
+            all.join(", ")
+        )
+        .into());
+    }
+    Ok(all
+        .iter()
+        .filter(|p| asked.contains(p))
+        .map(|p| p.to_string())
+        .collect())
+}
+
+/// Extra QEMU arguments from `MOAT_BENCH_QEMU_ARGS` (split at white space), appended to a
+/// benchmark's QEMU command line: e.g. a TCG plugin (`-plugin ...`, see `tools/tbprof`).
+pub(crate) fn extra_qemu_args() -> Vec<String> {
+    std::env::var("MOAT_BENCH_QEMU_ARGS")
+        .map(|v| v.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
+}

@@ -9,7 +9,9 @@
 //! Tests: `hello`, `spin=N`, `probe-pci`, `edu-bar`, `escape-read[=GPA]`,
 //! `escape-write[=GPA]` (default: the first byte past the guest's memory), `msr`,
 //! `triple-fault`, `bad-hypercall`, `vmmcall-bench=N`, the PV DMA tests `dma-*` (`dma/`,
-//! `dma_bounds.rs`; `dma-demo` is `cargo xtask run`'s), the interrupt tests `irq-*`/`msi-*`
+//! `dma_bounds.rs`; `dma-demo` is `cargo xtask run`'s; `dma-bench-bytes=B` and
+//! `dma-bench-batch=N` anywhere on the line run only `dma-bench`'s cells of that buffer size
+//! and batch), the interrupt tests `irq-*`/`msi-*`
 //! (`irq.rs`), `vapic-timer` (`vapic.rs`) and the NVMe tests `nvme-pattern`, `nvme-faults`, `nvme-errors`, `nvme-bench=N` (`nvme-burst=MAX`, `nvme-burst-min=MIN` before it: its bursts)
 //! (`nvme/`, with `moat-nvme`; the other vCPUs run their queue pairs). Numbers are decimal or
 //! `0x` hex.
@@ -85,6 +87,11 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
         abi::exit(0xfe);
     }
     let line = cmdline(&info);
+    // Read by every vCPU before any `dma-bench` cell runs.
+    dma::select_bench_cell(
+        number_arg(line, "dma-bench-bytes="),
+        number_arg(line, "dma-bench-batch="),
+    );
     if vcpu != 0 {
         println!("vcpu {vcpu} of {} up", info.vcpus.get());
         if let Some(rounds) = number_arg(line, "dma-smp=") {
@@ -229,6 +236,8 @@ extern "C" fn guest_main(info: *const BootInfo, vcpu: u64) -> ! {
             "vapic-ipi" => ipi::run(&info, arg.unwrap_or(8)),
             // Read by the other vCPUs (see above).
             "vcpu-spin" => continue,
+            // Read by every vCPU at start (see above).
+            "dma-bench-bytes" | "dma-bench-batch" => continue,
             other => {
                 println!("FAIL {other}: unknown test");
                 failed += 1;

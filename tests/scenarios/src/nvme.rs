@@ -162,7 +162,7 @@ fn pipelined_matches_policy(log: &str, policy: &str, cpus: u32) -> Result<(), St
                 ": 0 byte(s) differ",
             ],
         )?;
-        if !number_after(l, "at most ").is_some_and(|n| n >= 1) {
+        if number_after(l, "at most ").is_none_or(|n| n < 1) {
             return Err(format!("nothing was mapped ahead: {l:?}"));
         }
     }

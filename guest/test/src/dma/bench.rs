@@ -26,6 +26,22 @@ static CREW: Crew = Crew::new();
 static STOP: AtomicU64 = AtomicU64::new(0);
 /// Operations of the current cell, all vCPUs.
 static CELL_OPS: AtomicU64 = AtomicU64::new(0);
+/// The cells to run (`dma-bench-bytes=`, `dma-bench-batch=`): buffer size and batch packed as
+/// `bytes << 16 | batch`, 0 in either part: every one.
+static CELL_FILTER: AtomicU64 = AtomicU64::new(0);
+
+/// Runs only the cells of buffer size `bytes` and batch `batch` (each `None` or 0: all).
+pub fn select_bench_cell(bytes: Option<u64>, batch: Option<u64>) {
+    let (bytes, batch) = (bytes.unwrap_or(0), batch.unwrap_or(0).min(0xffff));
+    CELL_FILTER.store(bytes << 16 | batch, SeqCst);
+}
+
+/// Whether the cell of `bytes` and `batch` runs.
+fn selected(bytes: u64, batch: u64) -> bool {
+    let f = CELL_FILTER.load(SeqCst);
+    let (b, n) = (f >> 16, f & 0xffff);
+    (b == 0 || b == bytes) && (n == 0 || n == batch)
+}
 
 /// Waits until all `n` vCPUs reached barrier `k` (counted from 1), or a worker failed.
 fn barrier(n: u64, k: u64) -> Outcome {
@@ -103,6 +119,9 @@ fn bench_cells(info: &BootInfo, v: usize, ops_per_cell: u64) -> Outcome {
     for bytes in [4096u64, 65536] {
         for batch in [1u64, 8, 64, 256] {
             cell += 1;
+            if !selected(bytes, batch) {
+                continue;
+            }
             let batch = batch.min(cap as u64);
             let rounds = (ops_per_cell / batch).max(1);
             let mut iovas = [0u64; 256];

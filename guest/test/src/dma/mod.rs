@@ -26,6 +26,7 @@ pub use bad::bad;
 pub use batch::batch;
 pub use bench::bench;
 pub use bench::bench_worker;
+pub use bench::select_bench_cell;
 pub(crate) use bench::PhaseCycles;
 pub use calls::calls;
 pub use concurrent::{concurrent, concurrent_worker};
