@@ -528,17 +528,34 @@ impl<F: Format> PageTable<F> {
         if !F::valid_attr(attr) {
             return Err(Error::NoAccess);
         }
-        let mut cur = va;
         // The table that received the last leaf: consecutive pages in its span skip the walk
         // (and with a walker, the next call's pages too).
         let generation = self.unlinks.load(Ordering::Acquire);
-        let mut last = self.cached(sink, generation);
+        let last = self.cached(sink, generation);
         if let Some((t, 1, base)) = last
             && self.fill_leaves(mem, (t, base), va, phys, end, attr, sink)
         {
             self.keep(sink, last, generation, len as i64);
             return Ok(());
         }
+        self.map_walk(mem, (va, end), phys, attr, sink, (last, generation))
+    }
+
+    /// The rest of [`Self::map`] when the walker's table does not take the whole range:
+    /// page by page, walking where the cached table does not cover the page. Kept out of
+    /// line so that the common case (the fast path above) needs no large frame.
+    #[inline(never)]
+    fn map_walk<M: TableMemory, S: Sink>(
+        &self,
+        mem: &M,
+        (va, end): (u64, u64),
+        phys: u64,
+        attr: F::Attr,
+        sink: &mut S,
+        (mut last, generation): (Option<(PhysAddr, u8, u64)>, u64),
+    ) -> Result<(), Error> {
+        let len = end - va;
+        let mut cur = va;
         // Leaves written there and not flushed yet (non-coherent walks): one run of
         // consecutive slots, flushed when the run breaks and before returning.
         let mut run = Run::default();
@@ -831,15 +848,30 @@ impl<F: Format> PageTable<F> {
         sink: &mut S,
     ) -> Result<(), Error> {
         let end = self.check_range(va, len)?;
-        let mut cur = va;
         let generation = self.unlinks.load(Ordering::Acquire);
-        let mut last = self.cached(sink, generation);
+        let last = self.cached(sink, generation);
         if let Some((t, 1, base)) = last
             && self.clear_leaves(mem, t, base, va, end)
         {
             self.keep(sink, last, generation, -(len as i64));
             return Ok(());
         }
+        self.unmap_walk(mem, (va, end), sink, (last, generation))
+    }
+
+    /// The rest of [`Self::unmap`] when the walker's table does not hold the whole range:
+    /// checks every page (walking where the cached table does not cover it), then clears.
+    /// Kept out of line so that the common case needs no large frame.
+    #[inline(never)]
+    fn unmap_walk<M: TableMemory, S: Sink>(
+        &self,
+        mem: &M,
+        (va, end): (u64, u64),
+        sink: &mut S,
+        (mut last, generation): (Option<(PhysAddr, u8, u64)>, u64),
+    ) -> Result<(), Error> {
+        let len = end - va;
+        let mut cur = va;
         // Whether every leaf of the range lies in one level-1 table (then cleared there).
         let mut one_table: Option<PhysAddr> = None;
         let mut single = true;
