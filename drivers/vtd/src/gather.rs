@@ -86,6 +86,7 @@ pub struct Gather {
 }
 
 /// Appends `r` to `v`, merging with the last range when they touch or overlap.
+#[inline]
 fn push_merged(v: &mut Vec<Range<u64>>, r: Range<u64>) {
     if let Some(last) = v.last_mut()
         && r.start <= last.end
@@ -181,6 +182,7 @@ impl Gather {
         self.new_mappings
     }
 
+    #[inline]
     pub(crate) fn add_unmapped(&mut self, r: Range<u64>) {
         if self.list_unmapped {
             self.unmapped.push(r.clone());
@@ -195,6 +197,7 @@ impl Gather {
     }
 
     /// Records a map; with caching mode the range must be invalidated too.
+    #[inline]
     pub(crate) fn add_mapped(&mut self, r: Range<u64>, caching_mode: bool) {
         self.new_mappings = true;
         if caching_mode {

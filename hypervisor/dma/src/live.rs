@@ -28,6 +28,7 @@ impl LiveMap {
     }
 
     /// The home slot of `iova` in a table of `n` slots (a power of two).
+    #[inline]
     fn home(iova: u64, n: usize) -> usize {
         // Fibonacci hashing of the page number: consecutive pages spread over the table.
         let h = (iova / PAGE_SIZE).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -35,6 +36,7 @@ impl LiveMap {
     }
 
     /// The slot holding `iova`, if any.
+    #[inline]
     fn find(&self, iova: u64) -> Option<usize> {
         let n = self.slots.len();
         if n == 0 {
@@ -57,6 +59,7 @@ impl LiveMap {
 
     /// Adds `m` (no mapping starts at `m.iova` yet: the IOVA allocator hands each range out
     /// once). Replaces one that does.
+    #[inline]
     pub(crate) fn insert(&mut self, m: Mapping) {
         if (self.len + 1) * 2 > self.slots.len() {
             self.grow();
@@ -81,6 +84,7 @@ impl LiveMap {
 
     /// The slot of the mapping starting at `iova` and a copy of it, for a later
     /// [`Self::remove_slot`] (one probe where a lookup and a removal would take two).
+    #[inline]
     pub(crate) fn lookup(&self, iova: u64) -> Option<(usize, Mapping)> {
         let i = self.find(iova)?;
         self.slots[i].map(|m| (i, m))
@@ -94,6 +98,7 @@ impl LiveMap {
 
     /// Removes and returns the mapping in `slot` (from [`Self::lookup`], with no insert or
     /// removal since).
+    #[inline]
     pub(crate) fn remove_slot(&mut self, slot: usize) -> Option<Mapping> {
         let mut hole = slot;
         let out = self.slots[hole].take()?;
@@ -119,6 +124,8 @@ impl LiveMap {
         self.slots.iter().flatten()
     }
 
+    #[cold]
+    #[inline(never)]
     fn grow(&mut self) {
         let n = (self.slots.len() * 2).max(MIN_SLOTS);
         let old = core::mem::replace(&mut self.slots, (0..n).map(|_| None).collect());

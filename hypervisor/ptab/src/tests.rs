@@ -248,17 +248,30 @@ fn non_coherent_flushes_every_write() {
     assert!(mem.unflushed().is_empty());
 }
 
+/// Tables with a walker, non-coherent (every write tracked until flushed; the memory then
+/// lends no table, so the engine goes entry by entry) or coherent (tables lent, slices).
+fn walker_tables(non_coherent: bool) -> (ArenaMemory, PageTable<VtdSecondLevel>, Pending) {
+    let mem = ArenaMemory::with_dirty_tracking(64, non_coherent);
+    let pt = PageTable::<VtdSecondLevel>::new(&mem, cfg(3, true, !non_coherent)).unwrap();
+    let s = Pending {
+        walkers: Some([Walker::default(); 2]),
+        ..Pending::default()
+    };
+    (mem, pt, s)
+}
+
 /// The walker's one-pass fill of its cached leaf table: a taken slot met half-way undoes the
 /// leaves written before it (reported for invalidation, flushed for a non-coherent walk), and
 /// the call fails with nothing changed; a free run is written and flushed as one range.
 #[test]
 fn cached_fill_undoes_a_partial_run() {
-    let mem = ArenaMemory::with_dirty_tracking(64, true);
-    let pt = PageTable::<VtdSecondLevel>::new(&mem, cfg(3, true, false)).unwrap();
-    let mut s = Pending {
-        walkers: Some([Walker::default(); 2]),
-        ..Pending::default()
-    };
+    for non_coherent in [true, false] {
+        cached_fill_undoes_a_partial_run_in(non_coherent);
+    }
+}
+
+fn cached_fill_undoes_a_partial_run_in(non_coherent: bool) {
+    let (mem, pt, mut s) = walker_tables(non_coherent);
     let rw = VtdAttr::READ | VtdAttr::WRITE;
     pt.map(&mem, 0x3000, PhysAddr::new(0x9000), 0x1000, rw, &mut s)
         .unwrap();
@@ -289,6 +302,28 @@ fn cached_fill_undoes_a_partial_run() {
     pt.unmap(&mem, 0x5000, 0x4000, &mut s).unwrap();
     assert!(pt.translate(&mem, 0x5000).is_none());
     assert!(mem.unflushed().is_empty(), "{:x?}", mem.unflushed());
+}
+
+/// The walker's one-pass clear of its cached leaf table checks every page first: a range
+/// with a hole (first, middle or last page) is refused with nothing cleared, by either path.
+#[test]
+fn cached_clear_refuses_a_range_with_a_hole() {
+    let rw = VtdAttr::READ | VtdAttr::WRITE;
+    for non_coherent in [true, false] {
+        for hole in [0x1000u64, 0x3000, 0x5000] {
+            let (mem, pt, mut s) = walker_tables(non_coherent);
+            for va in (0x1000..0x6000).step_by(0x1000).filter(|&va| va != hole) {
+                pt.map(&mem, va, PhysAddr::new(va + 0x10_0000), 0x1000, rw, &mut s)
+                    .unwrap();
+            }
+            let e = pt.unmap(&mem, 0x1000, 0x5000, &mut s);
+            assert_eq!(e, Err(Error::NotMapped { va: hole }), "hole {hole:#x}");
+            for va in (0x1000..0x6000).step_by(0x1000).filter(|&va| va != hole) {
+                assert!(pt.translate(&mem, va).is_some(), "{va:#x} cleared");
+            }
+            assert!(mem.unflushed().is_empty(), "{:x?}", mem.unflushed());
+        }
+    }
 }
 
 fn flush(mem: &ArenaMemory, s: &mut Pending) {

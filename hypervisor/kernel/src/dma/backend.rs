@@ -85,6 +85,7 @@ fn access(a: Access) -> moat_vtd::Access {
 impl Iommu for &VtdDomain {
     type Pending = VtdPending;
 
+    #[inline]
     fn map(
         &mut self,
         iova: u64,
@@ -110,6 +111,7 @@ impl Iommu for &VtdDomain {
         self.map_needs_flush
     }
 
+    #[inline]
     fn unmap(&mut self, iova: u64, len: u64, pending: &mut VtdPending) -> Result<(), Error> {
         // A live mapping of the caller's shard: nobody else writes its entries.
         let dom = &self.domain;
