@@ -118,6 +118,7 @@ impl Domain {
         Gather::new(self.unit_id, self.did)
     }
 
+    #[inline]
     fn check_gather(&self, g: &Gather) -> Result<(), Error> {
         if g.domain_id() != self.did || g.unit_id() != self.unit_id {
             return Err(Error::WrongDomain);
@@ -131,6 +132,7 @@ impl Domain {
     /// the failed call wrote and cleared again: the caller **must** flush `gather`
     /// successfully before it reuses those IOVAs (the tables the call installed stay linked;
     /// nothing leaks if the gather is flushed later with other work).
+    #[inline]
     pub fn map<M: DmaMemory>(
         &self,
         mem: &M,
@@ -157,6 +159,7 @@ impl Domain {
     }
 
     /// Unmaps `[iova, iova + len)`. See [`PageTable::unmap`].
+    #[inline]
     pub fn unmap<M: DmaMemory>(
         &self,
         mem: &M,

@@ -69,12 +69,41 @@ pub enum FlushPlan {
     },
 }
 
+/// A [`FlushPlan`] whose blocks are borrowed from the gather's own buffer
+/// ([`Gather::plan_in_place`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PlanRef<'a> {
+    /// Nothing to invalidate.
+    Nothing,
+    /// One domain-selective invalidation.
+    Domain,
+    /// Page-selective invalidations, sorted and disjoint.
+    Pages {
+        /// The blocks.
+        blocks: &'a [PsiBlock],
+        /// Invalidation hint, as in [`FlushPlan::Pages`].
+        ih: bool,
+    },
+}
+
+/// What [`plan_blocks`] found.
+enum Planned {
+    Nothing,
+    Domain,
+    /// The blocks are in its `out`.
+    Pages,
+}
+
 /// Accumulates the effects of maps and unmaps on one domain until a flush.
 #[derive(Debug)]
 pub struct Gather {
     unit: u32,
     did: u16,
     inval: Vec<Range<u64>>,
+    /// The planner's buffers, kept across flushes (a flush allocates nothing once they have
+    /// grown): blocks with the bytes requested inside them, and the planned blocks.
+    work: Vec<(PsiBlock, u64)>,
+    blocks: Vec<PsiBlock>,
     unmapped: Vec<Range<u64>>,
     freed_tables: Vec<PhysAddr>,
     new_mappings: bool,
@@ -86,6 +115,7 @@ pub struct Gather {
 }
 
 /// Appends `r` to `v`, merging with the last range when they touch or overlap.
+#[inline]
 fn push_merged(v: &mut Vec<Range<u64>>, r: Range<u64>) {
     if let Some(last) = v.last_mut()
         && r.start <= last.end
@@ -98,14 +128,81 @@ fn push_merged(v: &mut Vec<Range<u64>>, r: Range<u64>) {
     v.push(r);
 }
 
-/// Sorts and merges touching or overlapping ranges.
+/// Sorts and merges touching or overlapping ranges, in place (allocates nothing).
 pub(crate) fn merge_ranges(v: &mut Vec<Range<u64>>) {
-    v.sort_by_key(|r| r.start);
-    let mut out: Vec<Range<u64>> = Vec::with_capacity(v.len());
-    for r in v.drain(..) {
-        push_merged(&mut out, r);
+    v.sort_unstable_by_key(|r| r.start);
+    let mut kept = 0usize;
+    for i in 0..v.len() {
+        let r = v[i].clone();
+        // Sorted by start: `r` touches the last kept range when it starts at or before its end.
+        match kept.checked_sub(1).map(|k| &mut v[k]) {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => {
+                v[kept] = r;
+                kept += 1;
+            }
+        }
     }
-    *v = out;
+    v.truncate(kept);
+}
+
+/// Plans the page-selective blocks covering `ranges` (sorted and merged here, in place) into
+/// `out`, with `work` as scratch (both cleared first): see [`Gather::plan`].
+fn plan_blocks(
+    ranges: &mut Vec<Range<u64>>,
+    (psi, mamv, max_blocks): (bool, u8, usize),
+    work: &mut Vec<(PsiBlock, u64)>,
+    out: &mut Vec<PsiBlock>,
+) -> Planned {
+    if ranges.is_empty() {
+        return Planned::Nothing;
+    }
+    if !psi || max_blocks == 0 {
+        return Planned::Domain;
+    }
+    merge_ranges(ranges);
+    // (block, bytes actually requested inside it)
+    work.clear();
+    for r in ranges.iter() {
+        let b = psi_cover(r.start, r.end);
+        if b.am > mamv {
+            return Planned::Domain;
+        }
+        work.push((b, r.end - r.start));
+    }
+    // Aligned blocks either nest or are disjoint: sort by address (bigger first on ties),
+    // fold blocks inside the previous kept one into it, and merge neighbours into their
+    // common aligned cover while that cover is at most twice the bytes really requested
+    // (exact buddies always qualify; far-apart pages never do). The kept blocks are a prefix
+    // of `work` (never longer than what was read so far).
+    work.sort_unstable_by(|a, b| a.0.addr.cmp(&b.0.addr).then(b.0.am.cmp(&a.0.am)));
+    let mut kept = 0;
+    for i in 0..work.len() {
+        let (b, w) = work[i];
+        if kept > 0 && b.addr < work[kept - 1].0.end() {
+            work[kept - 1].1 += w;
+            continue;
+        }
+        work[kept] = (b, w);
+        kept += 1;
+        while kept >= 2 {
+            let ((a, wa), (b, wb)) = (work[kept - 2], work[kept - 1]);
+            let cover = psi_cover(a.addr, b.end());
+            if cover.am > mamv || cover.size() > 2u64.saturating_mul(wa + wb) {
+                break;
+            }
+            // A cover reaching below `a` and containing earlier blocks merges with them
+            // in the next rounds: their cover is itself, within the same bound.
+            kept -= 1;
+            work[kept - 1] = (cover, wa + wb);
+        }
+    }
+    if kept > max_blocks {
+        return Planned::Domain;
+    }
+    out.clear();
+    out.extend(work[..kept].iter().map(|&(b, _)| b));
+    Planned::Pages
 }
 
 impl Gather {
@@ -116,6 +213,8 @@ impl Gather {
             unit: unit_id,
             did,
             inval: Vec::new(),
+            work: Vec::new(),
+            blocks: Vec::new(),
             unmapped: Vec::new(),
             freed_tables: Vec::new(),
             new_mappings: false,
@@ -181,6 +280,7 @@ impl Gather {
         self.new_mappings
     }
 
+    #[inline]
     pub(crate) fn add_unmapped(&mut self, r: Range<u64>) {
         if self.list_unmapped {
             self.unmapped.push(r.clone());
@@ -195,6 +295,7 @@ impl Gather {
     }
 
     /// Records a map; with caching mode the range must be invalidated too.
+    #[inline]
     pub(crate) fn add_mapped(&mut self, r: Range<u64>, caching_mode: bool) {
         self.new_mappings = true;
         if caching_mode {
@@ -212,58 +313,42 @@ impl Gather {
     /// `psi` is `CAP.PSI`, `mamv` is `CAP.MAMV`, `max_blocks` is the most page-selective
     /// descriptors one flush may use before a single domain-selective one is cheaper.
     pub fn plan(&self, psi: bool, mamv: u8, max_blocks: usize) -> FlushPlan {
-        if self.inval.is_empty() {
-            return FlushPlan::Nothing;
+        let (mut ranges, mut blocks) = (self.inval.clone(), Vec::new());
+        let planned = plan_blocks(
+            &mut ranges,
+            (psi, mamv, max_blocks),
+            &mut Vec::new(),
+            &mut blocks,
+        );
+        match planned {
+            Planned::Nothing => FlushPlan::Nothing,
+            Planned::Domain => FlushPlan::Domain,
+            Planned::Pages => FlushPlan::Pages {
+                blocks,
+                ih: self.leaf_only(),
+            },
         }
-        if !psi || max_blocks == 0 {
-            return FlushPlan::Domain;
+    }
+
+    /// As [`Self::plan`], without allocating once the gather's buffers have grown: the
+    /// pending ranges are sorted and merged in place (the same ranges), the blocks are lent
+    /// from the gather.
+    pub fn plan_in_place(&mut self, psi: bool, mamv: u8, max_blocks: usize) -> PlanRef<'_> {
+        let params = (psi, mamv, max_blocks);
+        match plan_blocks(&mut self.inval, params, &mut self.work, &mut self.blocks) {
+            Planned::Nothing => PlanRef::Nothing,
+            Planned::Domain => PlanRef::Domain,
+            Planned::Pages => PlanRef::Pages {
+                ih: self.leaf_only(),
+                blocks: &self.blocks,
+            },
         }
-        let mut ranges = self.inval.clone();
-        merge_ranges(&mut ranges);
-        // (block, bytes actually requested inside it)
-        let mut blocks: Vec<(PsiBlock, u64)> = Vec::with_capacity(ranges.len());
-        for r in &ranges {
-            let b = psi_cover(r.start, r.end);
-            if b.am > mamv {
-                return FlushPlan::Domain;
-            }
-            blocks.push((b, r.end - r.start));
-        }
-        // Aligned blocks either nest or are disjoint: sort by address (bigger first on ties),
-        // fold blocks inside the previous kept one into it, and merge neighbours into their
-        // common aligned cover while that cover is at most twice the bytes really requested
-        // (exact buddies always qualify; far-apart pages never do).
-        blocks.sort_by(|a, b| a.0.addr.cmp(&b.0.addr).then(b.0.am.cmp(&a.0.am)));
-        let mut kept: Vec<(PsiBlock, u64)> = Vec::with_capacity(blocks.len());
-        for (b, w) in blocks {
-            if let Some(top) = kept.last_mut()
-                && b.addr < top.0.end()
-            {
-                top.1 += w;
-                continue;
-            }
-            kept.push((b, w));
-            while kept.len() >= 2 {
-                let n = kept.len();
-                let ((a, wa), (b, wb)) = (kept[n - 2], kept[n - 1]);
-                let cover = psi_cover(a.addr, b.end());
-                if cover.am > mamv || cover.size() > 2u64.saturating_mul(wa + wb) {
-                    break;
-                }
-                // A cover reaching below `a` and containing earlier blocks merges with them
-                // in the next rounds: their cover is itself, within the same bound.
-                kept.truncate(n - 2);
-                kept.push((cover, wa + wb));
-            }
-        }
-        let kept: Vec<PsiBlock> = kept.into_iter().map(|(b, _)| b).collect();
-        if kept.len() > max_blocks {
-            return FlushPlan::Domain;
-        }
-        FlushPlan::Pages {
-            blocks: kept,
-            ih: self.freed_tables.is_empty() && !self.invalidate_maps,
-        }
+    }
+
+    /// The invalidation hint: only leaf entries changed (no page-table page was freed and no
+    /// entry went from not-present to present).
+    fn leaf_only(&self) -> bool {
+        self.freed_tables.is_empty() && !self.invalidate_maps
     }
 
     /// Empties the gather, returning the unmapped ranges and the page-table pages to free.
@@ -480,6 +565,33 @@ mod tests {
     }
 
     proptest! {
+        /// Planning in place (the flush's way: ranges normalized in the gather, blocks lent)
+        /// gives the plan of [`Gather::plan`], again and again as ranges keep coming, and
+        /// leaves the same set of ranges to invalidate.
+        #[test]
+        fn plan_in_place_matches_plan(rounds in proptest::collection::vec(
+                                          proptest::collection::vec((0u64..4096, 1u64..40), 0..12), 1..4),
+                                      mamv in 0u8..20, max in 0usize..40, psi in any::<bool>()) {
+            let mut g = Gather::new(0, 1);
+            for pages in rounds {
+                for (p, n) in pages {
+                    g.add_unmapped(p * 4096..(p + n) * 4096);
+                }
+                let want = g.plan(psi, mamv, max);
+                let pages_before: alloc::collections::BTreeSet<u64> =
+                    g.inval.iter().flat_map(|r| r.start / 4096..r.end / 4096).collect();
+                let got = match g.plan_in_place(psi, mamv, max) {
+                    PlanRef::Nothing => FlushPlan::Nothing,
+                    PlanRef::Domain => FlushPlan::Domain,
+                    PlanRef::Pages { blocks, ih } => FlushPlan::Pages { blocks: blocks.to_vec(), ih },
+                };
+                prop_assert_eq!(got, want);
+                let pages_after: alloc::collections::BTreeSet<u64> =
+                    g.inval.iter().flat_map(|r| r.start / 4096..r.end / 4096).collect();
+                prop_assert_eq!(pages_after, pages_before);
+            }
+        }
+
         /// The plan covers every gathered page, and the blocks are aligned, disjoint and
         /// within MAMV.
         #[test]

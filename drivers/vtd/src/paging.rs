@@ -164,6 +164,7 @@ impl PageTable {
     }
 
     /// Number of table pages currently linked into the tree (root included).
+    #[inline]
     pub fn table_pages(&self) -> usize {
         self.inner.table_pages()
     }
@@ -180,6 +181,7 @@ impl PageTable {
     /// invalidation (leaf-only, IH = 1). **The caller must flush `gather` (and see the flush
     /// succeed) before it reuses the IOVAs of a failed map**, even though the map failed;
     /// the gather holds no table page to free and reports no unmapped range for it.
+    #[inline]
     pub fn map<M: DmaMemory>(
         &self,
         mem: &M,
@@ -207,6 +209,7 @@ impl PageTable {
     /// to `gather`, with the table pages whose whole span the range covers (unlinked); they
     /// are released only by the flush that invalidates them. A table left empty by a smaller
     /// range stays linked (see the module docs).
+    #[inline]
     pub fn unmap<M: DmaMemory>(
         &self,
         mem: &M,

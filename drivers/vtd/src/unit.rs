@@ -10,7 +10,7 @@ use crate::domain::{Domain, DomainIdAllocator};
 use crate::entry::{ContextEntry, PagingLevels, RootEntry, SourceId, TranslationType};
 use crate::error::{Error, Operation};
 use crate::fault::{FaultCounters, FaultPoll, FaultRecord};
-use crate::gather::{FlushPlan, Gather};
+use crate::gather::{Gather, PlanRef};
 use crate::hw::{poll_until, Clock, DmaMemory, PhysAddr, RegisterWindow, PAGE_SIZE};
 use crate::intremap::{
     irta_value, IecGranularity, Irte, IRTE_SIZE, TABLE_ENTRIES, TABLE_SIZE_FIELD,
@@ -132,6 +132,8 @@ pub struct Unit<R: RegisterWindow, C: Clock> {
     faults: FaultCounters,
     inv_stats: InvalidationStats,
     ir: Option<IrTable>,
+    /// The invalidations of the flush being issued (see `plan_invalidations`).
+    invs: Vec<Invalidation>,
 }
 
 /// The unit's interrupt remapping table: one page of [`TABLE_ENTRIES`] IRTEs and which of
@@ -176,6 +178,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
             faults: FaultCounters::default(),
             inv_stats: InvalidationStats::default(),
             ir: None,
+            invs: Vec::new(),
         })
     }
 
@@ -880,35 +883,21 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         if gather.is_empty() {
             return Ok(Flushed::default());
         }
-        let did = gather.domain_id();
         let mut out = Flushed::default();
         if self.enabled {
             if gather.has_new_mappings() && !self.cap.caching_mode() {
                 self.write_buffer_flush()?;
             }
-            let plan = gather.plan(self.cap.psi(), self.cap.mamv(), self.cfg.max_psi_blocks);
-            let mut invs: Vec<Invalidation> = Vec::new();
-            match plan {
-                FlushPlan::Nothing => {}
-                FlushPlan::Domain => {
-                    out.domain_selective = true;
-                    invs.push(Invalidation::Iotlb(IotlbGranularity::Domain(did)));
-                }
-                FlushPlan::Pages { blocks, ih } => {
-                    invs.extend(blocks.iter().map(|b| {
-                        Invalidation::Iotlb(IotlbGranularity::Page {
-                            did,
-                            addr: b.addr,
-                            am: b.am,
-                            ih,
-                        })
-                    }));
-                }
-            }
-            if !invs.is_empty() {
-                self.invalidate(mem, &invs)?;
-            }
+            out.domain_selective = self.plan_invalidations(gather);
+            let invs = core::mem::take(&mut self.invs);
+            let r = if invs.is_empty() {
+                Ok(())
+            } else {
+                self.invalidate(mem, &invs)
+            };
             out.invalidations = invs.len();
+            self.invs = invs;
+            r?;
         }
         // Translation off: nothing is cached that `enable`'s global invalidation would not
         // drop, so everything can be released at once.
@@ -942,24 +931,8 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
         if gather.is_empty() || !self.enabled || !self.qi_on {
             return self.flush(mem, gather).map(Submitted::Done);
         }
-        let did = gather.domain_id();
-        let plan = gather.plan(self.cap.psi(), self.cap.mamv(), self.cfg.max_psi_blocks);
-        let invs: Vec<Invalidation> = match &plan {
-            FlushPlan::Nothing => Vec::new(),
-            FlushPlan::Domain => vec![Invalidation::Iotlb(IotlbGranularity::Domain(did))],
-            FlushPlan::Pages { blocks, ih } => blocks
-                .iter()
-                .map(|b| {
-                    Invalidation::Iotlb(IotlbGranularity::Page {
-                        did,
-                        addr: b.addr,
-                        am: b.am,
-                        ih: *ih,
-                    })
-                })
-                .collect(),
-        };
-        if invs.is_empty() || invs.len() > QUEUE_ENTRIES - 2 {
+        let domain_selective = self.plan_invalidations(gather);
+        if self.invs.is_empty() || self.invs.len() > QUEUE_ENTRIES - 2 {
             return self.flush(mem, gather).map(Submitted::Done);
         }
         if gather.has_new_mappings() && !self.cap.caching_mode() {
@@ -975,7 +948,7 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
             mem,
             &self.clock,
             self.cfg.timeout_ns,
-            &invs,
+            &self.invs,
             status,
             seq,
             &mut self.inv_stats,
@@ -986,9 +959,37 @@ impl<R: RegisterWindow, C: Clock> Unit<R, C> {
             wait_idx,
             flush_status: !q.coherent(),
             timeout_ns: self.cfg.timeout_ns,
-            invalidations: invs.len(),
-            domain_selective: matches!(plan, FlushPlan::Domain),
+            invalidations: self.invs.len(),
+            domain_selective,
         }))
+    }
+
+    /// Plans the invalidations `gather`'s flush needs into `self.invs` (kept across flushes,
+    /// so that planning allocates nothing once it has grown); whether they are one
+    /// domain-selective invalidation.
+    fn plan_invalidations(&mut self, gather: &mut Gather) -> bool {
+        let did = gather.domain_id();
+        let (psi, mamv) = (self.cap.psi(), self.cap.mamv());
+        self.invs.clear();
+        match gather.plan_in_place(psi, mamv, self.cfg.max_psi_blocks) {
+            PlanRef::Nothing => false,
+            PlanRef::Domain => {
+                self.invs
+                    .push(Invalidation::Iotlb(IotlbGranularity::Domain(did)));
+                true
+            }
+            PlanRef::Pages { blocks, ih } => {
+                self.invs.extend(blocks.iter().map(|b| {
+                    Invalidation::Iotlb(IotlbGranularity::Page {
+                        did,
+                        addr: b.addr,
+                        am: b.am,
+                        ih,
+                    })
+                }));
+                false
+            }
+        }
     }
 
     /// For a waiter of [`Submitted::Queued`] whose status word is not written yet: checks

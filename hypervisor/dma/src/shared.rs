@@ -49,6 +49,18 @@ fn words(first: u64, end: u64) -> impl Iterator<Item = (usize, u64)> {
     })
 }
 
+/// The word and mask of pages `[first, first + pages)` when they lie in one word (the
+/// common MAP: up to 64 pages, not crossing a 256 KiB boundary); `None` otherwise
+/// ([`words`] then).
+#[inline(always)]
+fn one_word(first: u64, pages: u64) -> Option<(usize, u64)> {
+    let lo = first % 64;
+    if pages == 0 || lo + pages > 64 {
+        return None;
+    }
+    Some(((first / 64) as usize, u64::MAX >> (64 - pages) << lo))
+}
+
 impl Shared {
     /// Accounting for a guest of `ram_bytes` of RAM (its pages are the ones that can be
     /// mapped).
@@ -94,9 +106,28 @@ impl Shared {
 
     /// Marks guest pages `[gpa, gpa + pages)` as mapped; false (nothing changed) when one of
     /// them already is, or lies beyond the guest's RAM.
+    #[inline]
     pub(crate) fn claim(&self, gpa: u64, pages: u64) -> bool {
         let first = gpa / PAGE_SIZE;
-        let end = first + pages;
+        if let Some((w, mask)) = one_word(first, pages) {
+            // The common case, a range within one word: one atomic, nothing to give back
+            // on a loss (only bits that were clear are set, and `old` tells which).
+            let Some(word) = self.gpa.get(w) else {
+                return false;
+            };
+            let old = word.fetch_or(mask, Ordering::AcqRel);
+            if old & mask != 0 {
+                word.fetch_and(!(mask & !old), Ordering::AcqRel);
+                return false;
+            }
+            return true;
+        }
+        self.claim_words(first, first + pages)
+    }
+
+    /// [`Self::claim`] of pages `[first, end)` word by word, in ascending order.
+    #[inline(never)]
+    fn claim_words(&self, first: u64, end: u64) -> bool {
         if end.div_ceil(64) > self.gpa.len() as u64 {
             return false;
         }
@@ -115,9 +146,21 @@ impl Shared {
     }
 
     /// Clears what a successful [`Self::claim`] of the same range set.
+    #[inline]
     pub(crate) fn unclaim(&self, gpa: u64, pages: u64) {
         let first = gpa / PAGE_SIZE;
-        for (w, mask) in words(first, first + pages) {
+        if let Some((w, mask)) = one_word(first, pages) {
+            let old = self.gpa[w].fetch_and(!mask, Ordering::AcqRel);
+            debug_assert_eq!(old & mask, mask, "unclaim of pages that were not claimed");
+            return;
+        }
+        self.unclaim_words(first, first + pages);
+    }
+
+    /// [`Self::unclaim`] of pages `[first, end)` word by word.
+    #[inline(never)]
+    fn unclaim_words(&self, first: u64, end: u64) {
+        for (w, mask) in words(first, end) {
             let old = self.gpa[w].fetch_and(!mask, Ordering::AcqRel);
             debug_assert_eq!(old & mask, mask, "unclaim of pages that were not claimed");
         }
@@ -149,6 +192,52 @@ mod tests {
         assert_eq!(v, [(0, 0xF << 60), (1, u64::MAX), (2, 0b11)]);
         let v: Vec<_> = words(64, 128).collect();
         assert_eq!(v, [(1, u64::MAX)]);
+    }
+
+    #[test]
+    fn one_word_masks() {
+        assert_eq!(one_word(3, 2), Some((0, 0b11000)));
+        assert_eq!(one_word(64, 64), Some((1, u64::MAX)));
+        assert_eq!(one_word(127, 1), Some((1, 1 << 63)));
+        assert_eq!(one_word(63, 2), None, "crosses a word");
+        assert_eq!(one_word(0, 65), None);
+        assert_eq!(one_word(5, 0), None);
+        for (first, pages) in [(0u64, 1u64), (3, 2), (64, 64), (127, 1), (70, 10)] {
+            let v: Vec<_> = words(first, first + pages).collect();
+            assert_eq!(v, [one_word(first, pages).unwrap()], "{first} + {pages}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Against a model (one bool per page): claims within a word and across words, some
+        /// overlapping earlier ones, win exactly when no page is taken and then set exactly
+        /// their pages; losses change nothing; unclaims clear exactly their pages.
+        #[test]
+        fn claims_match_a_model(ops in proptest::collection::vec((0u64..250, 1u64..140, proptest::bool::ANY), 1..200)) {
+            let pages_total = 512u64;
+            let s = Shared::new(pages_total * PAGE_SIZE);
+            let mut model = [false; 512];
+            let mut held: Vec<(u64, u64)> = Vec::new();
+            for (first, n, release) in ops {
+                if release && !held.is_empty() {
+                    let (f, n) = held.remove((first as usize) % held.len());
+                    s.unclaim(f * PAGE_SIZE, n);
+                    model[f as usize..(f + n) as usize].fill(false);
+                } else {
+                    let fits = first + n <= pages_total;
+                    let free = fits && model[first as usize..(first + n) as usize].iter().all(|b| !b);
+                    proptest::prop_assert_eq!(s.claim(first * PAGE_SIZE, n), free);
+                    if free {
+                        model[first as usize..(first + n) as usize].fill(true);
+                        held.push((first, n));
+                    }
+                }
+                for p in 0..pages_total {
+                    let a = p * PAGE_SIZE;
+                    proptest::prop_assert_eq!(s.gpa_mapped(a, a + PAGE_SIZE), model[p as usize], "page {}", p);
+                }
+            }
+        }
     }
 
     #[test]
@@ -197,25 +286,39 @@ mod loom_tests {
     use super::*;
     use alloc::sync::Arc;
 
-    /// Two vCPUs claim overlapping ranges (pages 62..66 and 64..70, across a word boundary):
-    /// never both win, never both lose, and afterwards exactly the winner's bits are set.
-    #[test]
-    fn overlapping_claims() {
-        loom::model(|| {
+    /// Two vCPUs claim overlapping ranges of pages, `a` here and `b` on another thread:
+    /// never both win, never both lose, and afterwards words 0 and 1 hold exactly the
+    /// winner's bits (`if_a` or `if_b`).
+    fn claim_race(a: (u64, u64), b: (u64, u64), if_a: (u64, u64), if_b: (u64, u64)) {
+        loom::model(move || {
             let s = Arc::new(Shared::new(256 * PAGE_SIZE));
             let s2 = s.clone();
-            let t = loom::thread::spawn(move || s2.claim(64 * PAGE_SIZE, 6));
-            let a = s.claim(62 * PAGE_SIZE, 4);
-            let b = t.join().unwrap();
-            assert!(a ^ b, "exactly one claim wins (a {a}, b {b})");
-            let w0 = s.gpa[0].load(Ordering::Relaxed);
-            let w1 = s.gpa[1].load(Ordering::Relaxed);
-            if a {
-                assert_eq!((w0, w1), (0b11 << 62, 0b11));
-            } else {
-                assert_eq!((w0, w1), (0, 0b11_1111));
-            }
+            let t = loom::thread::spawn(move || s2.claim(b.0 * PAGE_SIZE, b.1));
+            let won_a = s.claim(a.0 * PAGE_SIZE, a.1);
+            let won_b = t.join().unwrap();
+            assert!(
+                won_a ^ won_b,
+                "exactly one claim wins (a {won_a}, b {won_b})"
+            );
+            let words = (
+                s.gpa[0].load(Ordering::Relaxed),
+                s.gpa[1].load(Ordering::Relaxed),
+            );
+            assert_eq!(words, if won_a { if_a } else { if_b });
         });
+    }
+
+    /// Pages 62..66 and 64..70, across a word boundary (word by word).
+    #[test]
+    fn overlapping_claims() {
+        claim_race((62, 4), (64, 6), (0b11 << 62, 0b11), (0, 0b11_1111));
+    }
+
+    /// Pages 64..68 and 66..70, inside one word (the single-atomic path): the loser's
+    /// give-back clears only bits it set itself.
+    #[test]
+    fn overlapping_claims_in_one_word() {
+        claim_race((64, 4), (66, 4), (0, 0b1111), (0, 0b11_1100));
     }
 
     /// Runs `a` here and `b` on another thread against one [`Shared`] with a quota of `max`

@@ -671,6 +671,7 @@ impl<P: Default> DmaState<P> {
     }
 
     /// Under `Deferred`, flushes when `deferred_entries` ranges wait.
+    #[inline]
     fn deferred_entry_bound<D, I, C>(&mut self, dom: &mut D, iovas: &mut I, clock: &C)
     where
         D: Iommu<Pending = P>,

@@ -121,6 +121,21 @@ impl MagRef<'_> {
         })
     }
 
+    /// Pops the top IOVA when a block of `2^order` pages there ends at or below `limit`
+    /// (exclusive pfn); `None` (nothing popped) otherwise, or when empty.
+    #[inline(always)]
+    pub(crate) fn pop_top_below(&mut self, limit: u64, order: u8) -> Option<u64> {
+        self.with(|c, s| {
+            let top = (*c as usize).checked_sub(1)?;
+            let v = *s.get(top)?;
+            if v.checked_add(1u64.checked_shl(order as u32)?)? > limit {
+                return None;
+            }
+            *c -= 1;
+            Some(v)
+        })
+    }
+
     /// Pops the most recent IOVA whose start is `<= max_start`, looking past the top (a bounded
     /// scan of at most [`MAG_SIZE`] entries) only when the top is above the limit.
     #[inline(always)]

@@ -118,8 +118,22 @@ impl<'a> PerCpu<'a> {
     ///
     /// Orders up to [`crate::MAX_CACHED_ORDER`] are served from this CPU's magazines when
     /// possible (no lock, no atomic); larger ones go to the backing allocator.
-    #[inline]
+    #[inline(always)]
     pub fn alloc(&mut self, order: u8, limit: u64) -> Result<Iova, Error> {
+        // The hit: the loaded magazine's top fits under the limit (no registry to update).
+        if !self.strict
+            && let Some(c) = self.classes.get_mut(order as usize)
+            && let Some(pfn) = c.loaded.pop_top_below(limit.min(self.end), order)
+        {
+            return Ok(Iova { pfn, order });
+        }
+        self.alloc_cached(order, limit)
+    }
+
+    /// [`Self::alloc`] past the loaded magazine's top: a deeper entry under the limit, the
+    /// previous magazine, the depot, the backing allocator; strict checking.
+    #[inline(never)]
+    fn alloc_cached(&mut self, order: u8, limit: u64) -> Result<Iova, Error> {
         let limit = if limit < self.end { limit } else { self.end };
         if let Some(c) = self.classes.get_mut(order as usize) {
             if let Some(max_start) = limit.checked_sub(1 << order) {

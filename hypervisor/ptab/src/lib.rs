@@ -155,6 +155,7 @@ struct Entries<'a, M: TableMemory> {
 }
 
 impl<'a, M: TableMemory> Entries<'a, M> {
+    #[inline(always)]
     fn new(mem: &'a M, table: PhysAddr) -> Self {
         Self {
             mem,
@@ -163,6 +164,7 @@ impl<'a, M: TableMemory> Entries<'a, M> {
         }
     }
 
+    #[inline(always)]
     fn load(&self, i: u64) -> u64 {
         match self.lent {
             Some(e) => e[(i & 511) as usize].load(Ordering::Acquire),
@@ -170,10 +172,68 @@ impl<'a, M: TableMemory> Entries<'a, M> {
         }
     }
 
+    #[inline(always)]
     fn store(&self, i: u64, value: u64) {
         match self.lent {
             Some(e) => e[(i & 511) as usize].store(value, Ordering::Release),
             None => self.mem.store_entry(self.table.entry(i), value),
+        }
+    }
+
+    /// Writes `leaf(k)` into slot `first + k` for each slot of `[first, stop)` (indices in
+    /// the table, `stop <= 512`) in order, stopping at the first slot whose entry is
+    /// `present`; returns how many were written.
+    #[inline(always)]
+    fn fill_free(
+        &self,
+        (first, stop): (u64, u64),
+        present: impl Fn(u64) -> bool,
+        leaf: impl Fn(u64) -> u64,
+    ) -> u64 {
+        if let Some(e) = self.lent {
+            // One bounds check for the run, then slot after slot.
+            let run = &e[first as usize..stop as usize];
+            for (k, slot) in run.iter().enumerate() {
+                if present(slot.load(Ordering::Acquire)) {
+                    return k as u64;
+                }
+                slot.store(leaf(k as u64), Ordering::Release);
+            }
+            return run.len() as u64;
+        }
+        let mut i = first;
+        while i < stop && !present(self.load(i)) {
+            self.store(i, leaf(i - first));
+            i += 1;
+        }
+        i - first
+    }
+
+    /// Whether the entry of every slot of `[first, stop)` is `present`.
+    #[inline(always)]
+    fn all(&self, (first, stop): (u64, u64), present: impl Fn(u64) -> bool) -> bool {
+        match self.lent {
+            Some(e) => e[first as usize..stop as usize]
+                .iter()
+                .all(|slot| present(slot.load(Ordering::Acquire))),
+            None => (first..stop).all(|i| present(self.load(i))),
+        }
+    }
+
+    /// Stores `value` into every slot of `[first, stop)`.
+    #[inline(always)]
+    fn set(&self, (first, stop): (u64, u64), value: u64) {
+        match self.lent {
+            Some(e) => {
+                for slot in &e[first as usize..stop as usize] {
+                    slot.store(value, Ordering::Release);
+                }
+            }
+            None => {
+                for i in first..stop {
+                    self.store(i, value);
+                }
+            }
         }
     }
 }
@@ -196,8 +256,12 @@ pub trait Sink {
 /// walker per caller and tree.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Walker {
-    /// The table of the last leaf written or checked: (table, level, span base).
-    last: Option<(PhysAddr, u8, u64)>,
+    /// The table of the last leaf written or checked (kept when `level` is not 0).
+    table: PhysAddr,
+    /// Its level; 0: no table kept.
+    level: u8,
+    /// The base of its span.
+    base: u64,
     /// The tree's unlink generation read before the walk that found `last`.
     generation: u64,
     /// Bytes mapped minus bytes unmapped, not yet added to the tree's count.
@@ -207,7 +271,7 @@ pub struct Walker {
 impl Walker {
     /// Forgets the cached table (it is found again by the next walk).
     pub fn forget(&mut self) {
-        self.last = None;
+        self.level = 0;
     }
 }
 
@@ -389,10 +453,11 @@ impl<F: Format> PageTable<F> {
     /// The sink's walker's table if it is still valid (the generation it was found at is
     /// `generation`, read before this call walks); a walker about to walk again settles its
     /// count.
+    #[inline(always)]
     fn cached<S: Sink>(&self, sink: &mut S, generation: u64) -> Option<(PhysAddr, u8, u64)> {
         let w = sink.walker()?;
-        if w.generation == generation && w.last.is_some() {
-            return w.last;
+        if w.generation == generation && w.level != 0 {
+            return Some((w.table, w.level, w.base));
         }
         self.settle(w);
         None
@@ -401,6 +466,7 @@ impl<F: Format> PageTable<F> {
     /// After a successful map (`delta` > 0) or unmap: keeps `last`, found with the tree at
     /// `generation`, in the sink's walker, with the bytes; without a walker the bytes go to
     /// the shared count at once.
+    #[inline(always)]
     fn keep<S: Sink>(
         &self,
         sink: &mut S,
@@ -410,7 +476,7 @@ impl<F: Format> PageTable<F> {
     ) {
         match sink.walker() {
             Some(w) => {
-                w.last = last;
+                (w.table, w.level, w.base) = last.unwrap_or((PhysAddr::new(0), 0, 0));
                 w.generation = generation;
                 w.mapped += delta;
             }
@@ -430,6 +496,7 @@ impl<F: Format> PageTable<F> {
         self.table_pages.load(Ordering::Relaxed)
     }
 
+    #[inline(always)]
     fn check_range(&self, va: u64, len: u64) -> Result<u64, Error> {
         if len == 0 || !va.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Misaligned);
@@ -441,6 +508,7 @@ impl<F: Format> PageTable<F> {
         Ok(end)
     }
 
+    #[inline(always)]
     fn check_phys(&self, phys: u64, len: u64) -> Result<(), Error> {
         if !phys.is_multiple_of(PAGE_SIZE) {
             return Err(Error::Misaligned);
@@ -513,6 +581,7 @@ impl<F: Format> PageTable<F> {
     ///
     /// On error the mapping is unchanged: the leaves this call wrote are cleared again and
     /// reported to `sink` as an invalidation; the tables it linked stay (empty, reused later).
+    #[inline(always)]
     pub fn map<M: TableMemory, S: Sink>(
         &self,
         mem: &M,
@@ -528,17 +597,32 @@ impl<F: Format> PageTable<F> {
         if !F::valid_attr(attr) {
             return Err(Error::NoAccess);
         }
-        let mut cur = va;
         // The table that received the last leaf: consecutive pages in its span skip the walk
         // (and with a walker, the next call's pages too).
         let generation = self.unlinks.load(Ordering::Acquire);
-        let mut last = self.cached(sink, generation);
+        let last = self.cached(sink, generation);
         if let Some((t, 1, base)) = last
             && self.fill_leaves(mem, (t, base), va, phys, end, attr, sink)
         {
             self.keep(sink, last, generation, len as i64);
             return Ok(());
         }
+        self.map_walk(mem, sink, (va, end, phys, attr), (last, generation))
+    }
+
+    /// The rest of [`Self::map`] when the walker's table does not take the whole range:
+    /// page by page, walking where the cached table does not cover the page. Kept out of
+    /// line so that the common case (the fast path above) needs no large frame.
+    #[inline(never)]
+    fn map_walk<M: TableMemory, S: Sink>(
+        &self,
+        mem: &M,
+        sink: &mut S,
+        (va, end, phys, attr): (u64, u64, u64, F::Attr),
+        (mut last, generation): (Option<(PhysAddr, u8, u64)>, u64),
+    ) -> Result<(), Error> {
+        let len = end - va;
+        let mut cur = va;
         // Leaves written there and not flushed yet (non-coherent walks): one run of
         // consecutive slots, flushed when the run breaks and before returning.
         let mut run = Run::default();
@@ -615,6 +699,7 @@ impl<F: Format> PageTable<F> {
     /// the leaves written so far are cleared again (and reported to `sink` for invalidation,
     /// as the general path does), and false lets the general path decide.
     #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
     fn fill_leaves<M: TableMemory, S: Sink>(
         &self,
         mem: &M,
@@ -631,18 +716,12 @@ impl<F: Format> PageTable<F> {
         }
         let leaves = Entries::new(mem, t);
         let (first, stop) = (index(va, 1), index(end - 1, 1) + 1);
-        let mut i = first;
-        while i < stop {
-            if F::is_present(leaves.load(i)) {
-                break;
-            }
-            leaves.store(i, Self::leaf_entry(phys + ((i - first) << 12), attr, 1));
-            i += 1;
-        }
+        let i = first
+            + leaves.fill_free((first, stop), F::is_present, |k| {
+                Self::leaf_entry(phys + (k << 12), attr, 1)
+            });
         if i < stop {
-            for j in first..i {
-                leaves.store(j, 0);
-            }
+            leaves.set((first, i), 0);
         }
         if !self.cfg.coherent && i > first {
             mem.flush_entries(t.entry(first), ((i - first) * 8) as usize);
@@ -823,6 +902,7 @@ impl<F: Format> PageTable<F> {
     /// Unmaps `[va, va + len)`: the whole range must be mapped and every superpage it touches
     /// must lie inside it. On error nothing changed. Table pages whose whole span the range
     /// covers are unlinked into `sink`.
+    #[inline(always)]
     pub fn unmap<M: TableMemory, S: Sink>(
         &self,
         mem: &M,
@@ -831,15 +911,30 @@ impl<F: Format> PageTable<F> {
         sink: &mut S,
     ) -> Result<(), Error> {
         let end = self.check_range(va, len)?;
-        let mut cur = va;
         let generation = self.unlinks.load(Ordering::Acquire);
-        let mut last = self.cached(sink, generation);
+        let last = self.cached(sink, generation);
         if let Some((t, 1, base)) = last
             && self.clear_leaves(mem, t, base, va, end)
         {
             self.keep(sink, last, generation, -(len as i64));
             return Ok(());
         }
+        self.unmap_walk(mem, (va, end), sink, (last, generation))
+    }
+
+    /// The rest of [`Self::unmap`] when the walker's table does not hold the whole range:
+    /// checks every page (walking where the cached table does not cover it), then clears.
+    /// Kept out of line so that the common case needs no large frame.
+    #[inline(never)]
+    fn unmap_walk<M: TableMemory, S: Sink>(
+        &self,
+        mem: &M,
+        (va, end): (u64, u64),
+        sink: &mut S,
+        (mut last, generation): (Option<(PhysAddr, u8, u64)>, u64),
+    ) -> Result<(), Error> {
+        let len = end - va;
+        let mut cur = va;
         // Whether every leaf of the range lies in one level-1 table (then cleared there).
         let mut one_table: Option<PhysAddr> = None;
         let mut single = true;
@@ -888,10 +983,7 @@ impl<F: Format> PageTable<F> {
             // there, without walking from the root again.
             Some(t) if single && !(va.is_multiple_of(span) && len == span) => {
                 let (first, last_idx) = (index(va, 1), index(end - 1, 1));
-                let leaves = Entries::new(mem, t);
-                for i in first..=last_idx {
-                    leaves.store(i, 0);
-                }
+                Entries::new(mem, t).set((first, last_idx + 1), 0);
                 if !self.cfg.coherent {
                     mem.flush_entries(t.entry(first), ((last_idx - first + 1) * 8) as usize);
                 }
@@ -907,6 +999,7 @@ impl<F: Format> PageTable<F> {
     /// (which would unlink the table), and every slot holds a leaf. Then they are cleared in
     /// one pass (flushed as one run for non-coherent walks) and true is returned; otherwise
     /// nothing is cleared and the general path decides.
+    #[inline(always)]
     fn clear_leaves<M: TableMemory>(
         &self,
         mem: &M,
@@ -921,12 +1014,10 @@ impl<F: Format> PageTable<F> {
         }
         let leaves = Entries::new(mem, t);
         let (first, stop) = (index(va, 1), index(end - 1, 1) + 1);
-        if !(first..stop).all(|i| F::is_present(leaves.load(i))) {
+        if !leaves.all((first, stop), F::is_present) {
             return false;
         }
-        for i in first..stop {
-            leaves.store(i, 0);
-        }
+        leaves.set((first, stop), 0);
         if !self.cfg.coherent {
             mem.flush_entries(t.entry(first), ((stop - first) * 8) as usize);
         }

@@ -248,33 +248,51 @@ fn non_coherent_flushes_every_write() {
     assert!(mem.unflushed().is_empty());
 }
 
-/// The walker's one-pass fill of its cached leaf table: a taken slot met half-way undoes the
-/// leaves written before it (reported for invalidation, flushed for a non-coherent walk), and
-/// the call fails with nothing changed; a free run is written and flushed as one range.
-#[test]
-fn cached_fill_undoes_a_partial_run() {
-    let mem = ArenaMemory::with_dirty_tracking(64, true);
-    let pt = PageTable::<VtdSecondLevel>::new(&mem, cfg(3, true, false)).unwrap();
-    let mut s = Pending {
+/// Tables with a walker, non-coherent (every write tracked until flushed; the memory then
+/// lends no table, so the engine goes entry by entry) or coherent (tables lent, slices).
+fn walker_tables(non_coherent: bool) -> (ArenaMemory, PageTable<VtdSecondLevel>, Pending) {
+    let mem = ArenaMemory::with_dirty_tracking(64, non_coherent);
+    let pt = PageTable::<VtdSecondLevel>::new(&mem, cfg(3, true, !non_coherent)).unwrap();
+    let s = Pending {
         walkers: Some([Walker::default(); 2]),
         ..Pending::default()
     };
+    (mem, pt, s)
+}
+
+/// The walker's one-pass fill of its cached leaf table: a taken slot (first, in the middle,
+/// last) met on the way undoes the leaves written before it (reported for invalidation,
+/// flushed for a non-coherent walk), and the call fails with nothing changed; a free run is
+/// written and flushed as one range.
+#[test]
+fn cached_fill_undoes_a_partial_run() {
+    for non_coherent in [true, false] {
+        // The taken page first, in the middle, last.
+        for taken in [0x1000, 0x3000, 0x4000] {
+            cached_fill_undoes_a_partial_run_in(non_coherent, taken);
+        }
+    }
+}
+
+fn cached_fill_undoes_a_partial_run_in(non_coherent: bool, taken: u64) {
+    let (mem, pt, mut s) = walker_tables(non_coherent);
     let rw = VtdAttr::READ | VtdAttr::WRITE;
-    pt.map(&mem, 0x3000, PhysAddr::new(0x9000), 0x1000, rw, &mut s)
+    pt.map(&mem, taken, PhysAddr::new(0x9000), 0x1000, rw, &mut s)
         .unwrap();
     s.inval.clear();
-    // Pages 1 and 2 are free, page 3 is taken: the cached table is tried first.
+    // Pages 1 to 4, one of them taken: the cached table is tried first.
     let e = pt.map(&mem, 0x1000, PhysAddr::new(0x50_0000), 0x4000, rw, &mut s);
-    assert_eq!(e, Err(Error::AlreadyMapped { va: 0x3000 }));
-    for va in [0x1000, 0x2000, 0x4000] {
+    assert_eq!(e, Err(Error::AlreadyMapped { va: taken }));
+    for va in (0x1000..0x5000).step_by(0x1000).filter(|&va| va != taken) {
         assert!(pt.translate(&mem, va).is_none(), "{va:#x} left mapped");
     }
     assert_eq!(
-        pt.translate(&mem, 0x3000).unwrap().phys,
+        pt.translate(&mem, taken).unwrap().phys,
         PhysAddr::new(0x9000)
     );
+    // What was written before the taken page and cleared again is to be invalidated.
     assert!(
-        s.inval.iter().any(|r| r.start <= 0x1000 && r.end >= 0x3000),
+        taken == 0x1000 || s.inval.iter().any(|r| r.start <= 0x1000 && r.end >= taken),
         "{:x?}",
         s.inval
     );
@@ -289,6 +307,28 @@ fn cached_fill_undoes_a_partial_run() {
     pt.unmap(&mem, 0x5000, 0x4000, &mut s).unwrap();
     assert!(pt.translate(&mem, 0x5000).is_none());
     assert!(mem.unflushed().is_empty(), "{:x?}", mem.unflushed());
+}
+
+/// The walker's one-pass clear of its cached leaf table checks every page first: a range
+/// with a hole (first, middle or last page) is refused with nothing cleared, by either path.
+#[test]
+fn cached_clear_refuses_a_range_with_a_hole() {
+    let rw = VtdAttr::READ | VtdAttr::WRITE;
+    for non_coherent in [true, false] {
+        for hole in [0x1000u64, 0x3000, 0x5000] {
+            let (mem, pt, mut s) = walker_tables(non_coherent);
+            for va in (0x1000..0x6000).step_by(0x1000).filter(|&va| va != hole) {
+                pt.map(&mem, va, PhysAddr::new(va + 0x10_0000), 0x1000, rw, &mut s)
+                    .unwrap();
+            }
+            let e = pt.unmap(&mem, 0x1000, 0x5000, &mut s);
+            assert_eq!(e, Err(Error::NotMapped { va: hole }), "hole {hole:#x}");
+            for va in (0x1000..0x6000).step_by(0x1000).filter(|&va| va != hole) {
+                assert!(pt.translate(&mem, va).is_some(), "{va:#x} cleared");
+            }
+            assert!(mem.unflushed().is_empty(), "{:x?}", mem.unflushed());
+        }
+    }
 }
 
 fn flush(mem: &ArenaMemory, s: &mut Pending) {

@@ -85,6 +85,7 @@ fn access(a: Access) -> moat_vtd::Access {
 impl Iommu for &VtdDomain {
     type Pending = VtdPending;
 
+    #[inline]
     fn map(
         &mut self,
         iova: u64,
@@ -110,6 +111,7 @@ impl Iommu for &VtdDomain {
         self.map_needs_flush
     }
 
+    #[inline]
     fn unmap(&mut self, iova: u64, len: u64, pending: &mut VtdPending) -> Result<(), Error> {
         // A live mapping of the caller's shard: nobody else writes its entries.
         let dom = &self.domain;
@@ -195,11 +197,33 @@ pub struct IovaHandle<'a> {
 }
 
 impl IovaSource for IovaHandle<'_> {
+    #[inline]
     fn alloc(&mut self, pages: u64) -> Option<u64> {
         let order = order_for_pages(pages)?;
         if let Ok(iova) = self.cpu.alloc(order, self.limit_pfn) {
             return iova.addr();
         }
+        self.reclaim_and_alloc(order)
+    }
+
+    #[inline]
+    fn free(&mut self, iova: u64, pages: u64) {
+        let Some(order) = order_for_pages(pages) else {
+            return;
+        };
+        if let Err(e) = self.cpu.free(Iova::new(iova >> 12, order)) {
+            // The service only frees what it allocated: a failure here is a bug, reported
+            // loudly but without taking the hypervisor down.
+            log::error!("dma: IOVA {iova:#x} ({pages} pages) refused by the allocator: {e:?}");
+        }
+    }
+}
+
+impl IovaHandle<'_> {
+    /// The allocation failed: empty the magazines of the other vCPUs and try once more.
+    #[cold]
+    #[inline(never)]
+    fn reclaim_and_alloc(&mut self, order: u8) -> Option<u64> {
         // The allocator's own exhaustion path drained the depot, this vCPU's magazines and
         // asked the others to drain; a vCPU that makes no DMA call never answers that
         // request, so its magazines are emptied here (its handle is free between calls).
@@ -214,17 +238,6 @@ impl IovaSource for IovaHandle<'_> {
             return None;
         }
         self.cpu.alloc(order, self.limit_pfn).ok()?.addr()
-    }
-
-    fn free(&mut self, iova: u64, pages: u64) {
-        let Some(order) = order_for_pages(pages) else {
-            return;
-        };
-        if let Err(e) = self.cpu.free(Iova::new(iova >> 12, order)) {
-            // The service only frees what it allocated: a failure here is a bug, reported
-            // loudly but without taking the hypervisor down.
-            log::error!("dma: IOVA {iova:#x} ({pages} pages) refused by the allocator: {e:?}");
-        }
     }
 }
 

@@ -180,6 +180,7 @@ macro_rules! table_memory_in {
             fn flush_entries(&self, addr: moat_ptab::PhysAddr, len: usize) {
                 $set.flush(addr, len)
             }
+            #[inline(always)]
             fn table(
                 &self,
                 table: moat_ptab::PhysAddr,
