@@ -360,7 +360,13 @@ impl<P: Default> DmaState<P> {
     }
 
     fn account(&mut self, phase: Phase, t0: u64, clock: &impl Clock) {
-        self.stats.cycles[phase as usize] += clock.cycles().wrapping_sub(t0);
+        self.account_until(phase, t0, clock.cycles());
+    }
+
+    /// Accounts `[t0, t1)` to `phase`: with `t1` the start of the next phase, one clock read
+    /// ends one phase and starts the next.
+    fn account_until(&mut self, phase: Phase, t0: u64, t1: u64) {
+        self.stats.cycles[phase as usize] += t1.wrapping_sub(t0);
     }
 
     fn fail<T>(&mut self, e: Error) -> Result<T, Error> {
@@ -531,14 +537,17 @@ impl<P: Default> DmaState<P> {
         let len = pages * PAGE_SIZE;
         let t0 = clock.cycles();
         let mut iova = iovas.alloc(pages);
-        self.account(Phase::IovaAlloc, t0, clock);
+        // The end of the allocation starts the page-table write (the common case).
+        let mut t1 = clock.cycles();
+        self.account_until(Phase::IovaAlloc, t0, t1);
         if iova.is_none() && !self.waiting.is_empty() {
-            // IOVAs wait for an invalidation: flush now and try once more.
+            // IOVAs wait for an invalidation: flush now (accounted as such) and try once more.
             if self.flush(dom, iovas, clock, false).is_ok() {
                 let t0 = clock.cycles();
                 iova = iovas.alloc(pages);
                 self.account(Phase::IovaAlloc, t0, clock);
             }
+            t1 = clock.cycles();
         }
         let Some(iova) = iova else {
             return Err(Error::Nomem);
@@ -549,9 +558,8 @@ impl<P: Default> DmaState<P> {
             gpa,
             access,
         };
-        let t0 = clock.cycles();
         let r = dom.map(iova, ram.host_base() + gpa, len, access, &mut self.pending);
-        self.account(Phase::PteWrite, t0, clock);
+        self.account(Phase::PteWrite, t1, clock);
         if let Err(e) = r {
             // The domain cleared what it wrote, but a device may hold it cached until the
             // invalidation the rollback left pending completes: the IOVA waits for it.
@@ -781,7 +789,8 @@ impl<P: Default> DmaState<P> {
         }
         let t0 = clock.cycles();
         let r = dom.flush(&mut self.pending);
-        self.account(Phase::InvalidateWait, t0, clock);
+        let t1 = clock.cycles();
+        self.account_until(Phase::InvalidateWait, t0, t1);
         let n = match r {
             Ok(n) => n,
             Err(e) => {
@@ -795,12 +804,11 @@ impl<P: Default> DmaState<P> {
             self.stats.waits += 1;
         }
         self.stats.invalidations += n as u64;
-        let t0 = clock.cycles();
         // Drained in place: the list keeps its capacity for the next batch.
         for w in self.waiting.drain(..) {
             iovas.free(w.m.iova, w.m.pages);
         }
-        self.account(Phase::IovaFree, t0, clock);
+        self.account(Phase::IovaFree, t1, clock);
         Ok(())
     }
 

@@ -3,9 +3,10 @@
 //! invalidation is visible here as a stale device access.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
 
 use moat_dma::{
-    Access, DmaState, Error, Iommu, IovaSource, Limits, Mapping, Policy, Unmapped, PAGE_SIZE,
+    Access, DmaState, Error, Iommu, IovaSource, Limits, Mapping, Phase, Policy, Unmapped, PAGE_SIZE,
 };
 use proptest::prelude::*;
 
@@ -29,6 +30,15 @@ struct FakeIommu {
     owed: bool,
     /// Every range handed to `pending` and not flushed yet (what a flush must invalidate).
     unflushed: Vec<(u64, u64)>,
+    /// A clock each call moves on by a known time (see `phases_are_charged_their_own_time`).
+    timer: Option<Rc<SetClock>>,
+}
+
+/// Moves `timer` (if any) on by `t`.
+fn tick(timer: &Option<Rc<SetClock>>, t: u64) {
+    if let Some(c) = timer {
+        c.advance(t);
+    }
 }
 
 impl FakeIommu {
@@ -65,6 +75,7 @@ impl Iommu for FakeIommu {
         _a: Access,
         pending: &mut Self::Pending,
     ) -> Result<(), Error> {
+        tick(&self.timer, 1);
         let hpa = hpa.as_u64();
         let pages = len / PAGE_SIZE;
         if (0..pages).any(|i| self.ptes.contains_key(&(iova + i * PAGE_SIZE))) {
@@ -96,6 +107,7 @@ impl Iommu for FakeIommu {
         self.caching_mode
     }
     fn unmap(&mut self, iova: u64, len: u64, pending: &mut Self::Pending) -> Result<(), Error> {
+        tick(&self.timer, 10);
         let pages = len / PAGE_SIZE;
         if (0..pages).any(|i| !self.ptes.contains_key(&(iova + i * PAGE_SIZE))) {
             return Err(Error::Noent);
@@ -108,6 +120,7 @@ impl Iommu for FakeIommu {
         Ok(())
     }
     fn flush(&mut self, pending: &mut Self::Pending) -> Result<u32, Error> {
+        tick(&self.timer, 100);
         if std::mem::take(&mut self.fail_next_flush) {
             self.owed = true;
             return Err(Error::Busy);
@@ -138,10 +151,18 @@ impl Iommu for FakeIommu {
 #[derive(Default)]
 struct FakeIovas {
     used: BTreeMap<u64, u64>,
+    /// At most this many ranges.
+    room: Option<usize>,
+    /// As [`FakeIommu::timer`].
+    timer: Option<Rc<SetClock>>,
 }
 
 impl IovaSource for FakeIovas {
     fn alloc(&mut self, pages: u64) -> Option<u64> {
+        tick(&self.timer, 1000);
+        if self.room.is_some_and(|r| self.used.len() >= r) {
+            return None;
+        }
         let mut at = 0x10_0000;
         for (&s, &p) in &self.used {
             if at + pages * PAGE_SIZE <= s {
@@ -155,6 +176,7 @@ impl IovaSource for FakeIovas {
         })
     }
     fn free(&mut self, iova: u64, pages: u64) {
+        tick(&self.timer, 10000);
         assert_eq!(
             self.used.remove(&iova),
             Some(pages),
@@ -981,4 +1003,44 @@ proptest! {
         prop_assert!(w.iovas.used.is_empty());
         prop_assert!(w.dom.ptes.is_empty() && w.dom.cached.is_empty());
     }
+}
+
+/// Each phase is charged exactly the time of its own calls (the model's calls take known
+/// times: map 1, unmap 10, flush 100, allocation 1000, free 10000): allocations (a failed one
+/// and its retry included), page-table writes, the flushes (also the one a MAP makes when the
+/// IOVAs ran out) and the frees.
+#[test]
+fn phases_are_charged_their_own_time() {
+    let clock = Rc::new(SetClock::default());
+    let mut dom = FakeIommu {
+        timer: Some(clock.clone()),
+        ..FakeIommu::default()
+    };
+    // Room for two ranges.
+    let mut iovas = FakeIovas {
+        timer: Some(clock.clone()),
+        room: Some(2),
+        ..FakeIovas::default()
+    };
+    let mut st: DmaState<Vec<(u64, u64)>> = DmaState::new(Policy::Batched, L);
+    st.begin_batch();
+    let map = |st: &mut DmaState<_>, dom: &mut FakeIommu, iovas: &mut FakeIovas, gpa| {
+        st.map(dom, iovas, &RAM, &*clock, gpa, 0x1000, Access::RW)
+    };
+    let a = map(&mut st, &mut dom, &mut iovas, 0x1000).unwrap();
+    let b = map(&mut st, &mut dom, &mut iovas, 0x2000).unwrap();
+    for iova in [a, b] {
+        let u = st.unmap(&mut dom, &mut iovas, &RAM, &*clock, iova, 0x1000);
+        assert_eq!(u, Ok(Unmapped::Done));
+    }
+    // No room: the allocation fails, the waiting unmaps are flushed and freed, the retry
+    // succeeds.
+    map(&mut st, &mut dom, &mut iovas, 0x3000).unwrap();
+    st.end_batch(&mut dom, &mut iovas, &*clock).unwrap();
+    let c = st.stats().cycles;
+    assert_eq!(c[Phase::IovaAlloc as usize], 4 * 1000, "{c:?}");
+    assert_eq!(c[Phase::PteWrite as usize], 3 + 2 * 10, "{c:?}");
+    assert_eq!(c[Phase::InvalidateWait as usize], 100, "{c:?}");
+    assert_eq!(c[Phase::IovaFree as usize], 2 * 10000, "{c:?}");
+    assert_eq!(clock.0.get(), c.iter().sum::<u64>());
 }

@@ -191,15 +191,32 @@ impl<'a, M: TableMemory> Entries<'a, M> {
         leaf: impl Fn(u64) -> u64,
     ) -> u64 {
         if let Some(e) = self.lent {
-            // One bounds check for the run, then slot after slot.
+            // One bounds check for the run, then two slots per round (half the loop's
+            // overhead; the second slot is read before the first is written: both are the
+            // caller's), in order.
             let run = &e[first as usize..stop as usize];
-            for (k, slot) in run.iter().enumerate() {
-                if present(slot.load(Ordering::Acquire)) {
-                    return k as u64;
+            let mut pairs = run.chunks_exact(2);
+            let mut k = 0;
+            for p in &mut pairs {
+                let (a, b) = (p[0].load(Ordering::Acquire), p[1].load(Ordering::Acquire));
+                if present(a) {
+                    return k;
                 }
-                slot.store(leaf(k as u64), Ordering::Release);
+                p[0].store(leaf(k), Ordering::Release);
+                if present(b) {
+                    return k + 1;
+                }
+                p[1].store(leaf(k + 1), Ordering::Release);
+                k += 2;
             }
-            return run.len() as u64;
+            if let [slot] = pairs.remainder() {
+                if present(slot.load(Ordering::Acquire)) {
+                    return k;
+                }
+                slot.store(leaf(k), Ordering::Release);
+                k += 1;
+            }
+            return k;
         }
         let mut i = first;
         while i < stop && !present(self.load(i)) {
@@ -225,8 +242,15 @@ impl<'a, M: TableMemory> Entries<'a, M> {
     fn set(&self, (first, stop): (u64, u64), value: u64) {
         match self.lent {
             Some(e) => {
-                for slot in &e[first as usize..stop as usize] {
+                // Two slots per round, as in `fill_free`; an odd one first.
+                let run = &e[first as usize..stop as usize];
+                let (odd, pairs) = run.split_at(run.len() % 2);
+                for slot in odd {
                     slot.store(value, Ordering::Release);
+                }
+                for p in pairs.chunks_exact(2) {
+                    p[0].store(value, Ordering::Release);
+                    p[1].store(value, Ordering::Release);
                 }
             }
             None => {

@@ -267,8 +267,8 @@ fn walker_tables(non_coherent: bool) -> (ArenaMemory, PageTable<VtdSecondLevel>,
 #[test]
 fn cached_fill_undoes_a_partial_run() {
     for non_coherent in [true, false] {
-        // The taken page first, in the middle, last.
-        for taken in [0x1000, 0x3000, 0x4000] {
+        // The taken page first, in the middle, second of a pair, last (odd one out).
+        for taken in [0x1000, 0x3000, 0x4000, 0x5000] {
             cached_fill_undoes_a_partial_run_in(non_coherent, taken);
         }
     }
@@ -280,10 +280,10 @@ fn cached_fill_undoes_a_partial_run_in(non_coherent: bool, taken: u64) {
     pt.map(&mem, taken, PhysAddr::new(0x9000), 0x1000, rw, &mut s)
         .unwrap();
     s.inval.clear();
-    // Pages 1 to 4, one of them taken: the cached table is tried first.
-    let e = pt.map(&mem, 0x1000, PhysAddr::new(0x50_0000), 0x4000, rw, &mut s);
+    // Pages 1 to 5, one of them taken: the cached table is tried first.
+    let e = pt.map(&mem, 0x1000, PhysAddr::new(0x50_0000), 0x5000, rw, &mut s);
     assert_eq!(e, Err(Error::AlreadyMapped { va: taken }));
-    for va in (0x1000..0x5000).step_by(0x1000).filter(|&va| va != taken) {
+    for va in (0x1000..0x6000).step_by(0x1000).filter(|&va| va != taken) {
         assert!(pt.translate(&mem, va).is_none(), "{va:#x} left mapped");
     }
     assert_eq!(
@@ -297,15 +297,18 @@ fn cached_fill_undoes_a_partial_run_in(non_coherent: bool, taken: u64) {
         s.inval
     );
     assert!(mem.unflushed().is_empty(), "{:x?}", mem.unflushed());
-    pt.map(&mem, 0x5000, PhysAddr::new(0x50_0000), 0x4000, rw, &mut s)
+    // Five free pages (pairs and an odd one), written and cleared.
+    pt.map(&mem, 0x6000, PhysAddr::new(0x50_0000), 0x5000, rw, &mut s)
         .unwrap();
     assert_eq!(
-        pt.translate(&mem, 0x8000).unwrap().phys,
-        PhysAddr::new(0x50_3000)
+        pt.translate(&mem, 0xA000).unwrap().phys,
+        PhysAddr::new(0x50_4000)
     );
     assert!(mem.unflushed().is_empty(), "{:x?}", mem.unflushed());
-    pt.unmap(&mem, 0x5000, 0x4000, &mut s).unwrap();
-    assert!(pt.translate(&mem, 0x5000).is_none());
+    pt.unmap(&mem, 0x6000, 0x5000, &mut s).unwrap();
+    for va in (0x6000..0xB000).step_by(0x1000) {
+        assert!(pt.translate(&mem, va).is_none(), "{va:#x} left mapped");
+    }
     assert!(mem.unflushed().is_empty(), "{:x?}", mem.unflushed());
 }
 
