@@ -195,6 +195,9 @@ fn two_vcpus_share_nothing_but_the_accounting() {
                 let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ (me as u64 + 1);
                 let mut mine: Vec<(u64, u64, u64)> = Vec::new();
                 let (mut maps, mut exist, mut nomem) = (0, 0, 0);
+                // Now and then a vCPU hoards its maps until the guest's quota refuses one
+                // (NOMEM whatever the other vCPU's pace; EXIST comes from the random pages).
+                let (mut hoard, mut next_hoard) = (false, 500);
                 // Until both vCPUs made their maps: a vCPU that is done keeps unmapping what
                 // the other hands over.
                 while !(DONE[0].load(SeqCst) && DONE[1].load(SeqCst)) {
@@ -205,6 +208,9 @@ fn two_vcpus_share_nothing_but_the_accounting() {
                             unmap(&shards, me, &dom, &iovas, m);
                         }
                         continue;
+                    }
+                    if maps >= next_hoard {
+                        (hoard, next_hoard) = (true, next_hoard + 1000);
                     }
                     let pages = 1 + rng(&mut seed) % 3;
                     let gpa = (rng(&mut seed) % (RAM_PAGES - pages)) * PAGE_SIZE;
@@ -232,17 +238,21 @@ fn two_vcpus_share_nothing_but_the_accounting() {
                                     }
                                 }
                             }
-                            if rng(&mut seed).is_multiple_of(2) {
+                            if !hoard && rng(&mut seed).is_multiple_of(2) {
                                 inbox[1 - me].lock().unwrap().push((iova, gpa, pages));
                             } else {
                                 mine.push((iova, gpa, pages));
                             }
                         }
                         Err(Error::Exist) => exist += 1,
-                        Err(Error::Nomem) => nomem += 1,
+                        Err(Error::Nomem) => {
+                            nomem += 1;
+                            hoard = false;
+                        }
                         Err(e) => panic!("unexpected {e:?}"),
                     }
-                    if (mine.len() > 8 || rng(&mut seed).is_multiple_of(3))
+                    if !hoard
+                        && (mine.len() > 8 || rng(&mut seed).is_multiple_of(3))
                         && let Some(m) = mine.pop()
                     {
                         unmap(&shards, me, &dom, &iovas, m);
