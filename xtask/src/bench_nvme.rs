@@ -9,7 +9,8 @@ use moat_scenarios::Machine;
 use serde::{Deserialize, Serialize};
 
 use crate::bench_row::{
-    emulated, env_policies, extra_qemu_args, parse_fields, run_guest, write_json, Phases,
+    emulated, env_policies, env_rounds, extra_qemu_args, median, median_runs, parse_fields,
+    run_guest, write_json, Phases,
 };
 use crate::{build_kernel, root, setup, Flavour, Result};
 
@@ -174,10 +175,7 @@ impl Knobs {
                 .collect::<Result<Vec<_>>>()?,
             None => vec![1, 2],
         };
-        let rounds = match var("MOAT_BENCH_ROUNDS") {
-            Some(v) => num("MOAT_BENCH_ROUNDS", &v)?.max(1) as u32,
-            None => rounds,
-        };
+        let rounds = env_rounds(rounds)?;
         let ios = match var("MOAT_BENCH_NVME_IOS") {
             Some(v) => num("MOAT_BENCH_NVME_IOS", &v)?.clamp(32, u64::from(u32::MAX) / 8),
             None => ios,
@@ -218,16 +216,6 @@ fn key(r: &Row) -> Key {
     (r.policy.clone(), r.workload.clone(), r.qd, r.vcpus)
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
 /// Per cell, its IOPS over passthrough's of the same round, workload, depth and vCPUs, one
 /// per round.
 fn paired_ratios(rows: &[Row]) -> Vec<(Key, Vec<f64>)> {
@@ -252,20 +240,11 @@ fn paired_ratios(rows: &[Row]) -> Vec<(Key, Vec<f64>)> {
 /// One row per cell (policy, workload, depth, vCPUs), in first-seen order: the run with the
 /// median IOPS, with every run's IOPS in `iops_runs`.
 fn medians(rows: Vec<Row>) -> Vec<Row> {
-    let mut keys = Vec::new();
-    for r in &rows {
-        if !keys.contains(&key(r)) {
-            keys.push(key(r));
-        }
-    }
-    keys.iter()
-        .map(|k| {
-            let mut runs: Vec<&Row> = rows.iter().filter(|r| &key(r) == k).collect();
-            let all: Vec<f64> = runs.iter().map(|r| r.iops).collect();
-            runs.sort_by(|a, b| a.iops.total_cmp(&b.iops));
-            let mut m = runs[runs.len() / 2].clone();
-            m.iops_runs = all;
-            m
+    median_runs(&rows, key, |r| r.iops)
+        .into_iter()
+        .map(|(m, all)| Row {
+            iops_runs: all,
+            ..m
         })
         .collect()
 }

@@ -143,3 +143,52 @@ pub(crate) fn extra_qemu_args() -> Vec<String> {
         .map(|v| v.split_whitespace().map(String::from).collect())
         .unwrap_or_default()
 }
+
+/// The median of `v` (NaN when empty; the mean of the middle two for an even count).
+pub(crate) fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// One row per key of `rows` (first-seen order): the run whose `value` is the median of its
+/// key's runs (the upper middle one for an even count), with every run's value.
+pub(crate) fn median_runs<R: Clone, K: PartialEq>(
+    rows: &[R],
+    key: impl Fn(&R) -> K,
+    value: impl Fn(&R) -> f64,
+) -> Vec<(R, Vec<f64>)> {
+    let mut keys: Vec<K> = Vec::new();
+    for r in rows {
+        let k = key(r);
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    keys.iter()
+        .map(|k| {
+            let mut runs: Vec<&R> = rows.iter().filter(|r| key(r) == *k).collect();
+            let all: Vec<f64> = runs.iter().map(|r| value(r)).collect();
+            runs.sort_by(|a, b| value(a).total_cmp(&value(b)));
+            (runs[runs.len() / 2].clone(), all)
+        })
+        .collect()
+}
+
+/// The number of interleaved rounds: `MOAT_BENCH_ROUNDS`, else `default`.
+pub(crate) fn env_rounds(default: u32) -> Result<u32> {
+    match std::env::var("MOAT_BENCH_ROUNDS")
+        .ok()
+        .filter(|v| !v.is_empty())
+    {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<u32>()
+            .map(|n| n.max(1))
+            .map_err(|_| format!("MOAT_BENCH_ROUNDS: `{v}` is not a number").into()),
+    }
+}
