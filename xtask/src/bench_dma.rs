@@ -149,7 +149,7 @@ pub fn run(quick: bool, vcpus: &[u32], icount: bool) -> Result<()> {
     let cells = Cells::from_env()?;
     // Rounds interleave the runs, so that a busy spell of the host hits every policy alike;
     // each cell reports its median run.
-    let rounds = env_rounds(if quick { 1 } else { 3 })?;
+    let rounds = env_rounds(if quick { 1 } else { 5 })?;
     let mut rows = Vec::new();
     for round in 1..=rounds {
         for &n in vcpus {
