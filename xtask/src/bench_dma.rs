@@ -1,5 +1,6 @@
-//! `cargo xtask bench dma`: the paravirtual DMA software path, one QEMU run per policy. The
-//! test guest (`dma-bench`) maps and unmaps real guest pages through the hypercalls for batch
+//! `cargo xtask bench dma`: the paravirtual DMA software path, one QEMU run per policy and
+//! round (five interleaved rounds; each cell reports its median run and its paired ratio to
+//! passthrough of the same round). The test guest (`dma-bench`) maps and unmaps real guest pages through the hypercalls for batch
 //! sizes 1, 8, 64, 256 and buffers of 4 KiB and 64 KiB, and reports per operation: time,
 //! cycles, invalidations, waits, VM exits and the hypervisor's per-phase cycles. Emulated
 //! (QEMU TCG) figures: the ratios between rows are the result, not the absolute times.
