@@ -612,32 +612,25 @@ impl<P: Default> DmaState<P> {
         R: GuestRam,
         C: Clock,
     {
-        match self.unmap_own(dom, iovas, ram, clock, iova, len) {
+        match self.unmap_own(dom, iovas, ram, clock, (iova, len)) {
             Ok(Some(u)) => Ok(u),
             Ok(None) => self.fail(Error::Noent),
             Err(e) => Err(e),
         }
     }
 
-    /// As [`Self::unmap`], but a mapping this state does not hold (no mapping at `iova`:
+    /// As [`Self::unmap`] of `(iova, len)`, but a mapping this state does not hold (no mapping at `iova`:
     /// perhaps another shard's) is `Ok(None)`, neither changed nor counted as an error, so
     /// that a caller can fetch the record from elsewhere ([`Self::adopt`]) and try again
     /// with one lookup on the common path.
-    pub fn unmap_own<D, I, R, C>(
+    pub fn unmap_own<D: Iommu<Pending = P>, I: IovaSource, R: GuestRam, C: Clock>(
         &mut self,
         dom: &mut D,
         iovas: &mut I,
         ram: &R,
         clock: &C,
-        iova: u64,
-        len: u64,
-    ) -> Result<Option<Unmapped>, Error>
-    where
-        D: Iommu<Pending = P>,
-        I: IovaSource,
-        R: GuestRam,
-        C: Clock,
-    {
+        (iova, len): (u64, u64),
+    ) -> Result<Option<Unmapped>, Error> {
         self.expire_deferred(dom, iovas, clock);
         if len == 0 || !len.is_multiple_of(PAGE_SIZE) || !iova.is_multiple_of(PAGE_SIZE) {
             return self.fail(Error::Inval);

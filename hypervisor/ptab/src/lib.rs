@@ -716,6 +716,18 @@ impl<F: Format> PageTable<F> {
         Ok(())
     }
 
+    /// The slots `[first, stop)` of `[va, end)` in the level-1 table of span `base`, when the
+    /// range lies in that span and is smaller than it (no superpage fits, and clearing it
+    /// never empties the whole table); `None` otherwise.
+    #[inline(always)]
+    fn leaf_run(base: u64, va: u64, end: u64) -> Option<(u64, u64)> {
+        let span = level_size(2);
+        if !in_span(va, 1, base) || end > base + span || end - va >= span {
+            return None;
+        }
+        Some((index(va, 1), index(end - 1, 1) + 1))
+    }
+
     /// The common case of a map (one walk per batch): `[va, end)` lies in the span `base` of
     /// the level-1 table `t` (the caller's cached leaf table) and is smaller than that span
     /// (so no superpage fits). Its 4 KiB leaves are written there in one pass (flushed as one
@@ -734,12 +746,10 @@ impl<F: Format> PageTable<F> {
         attr: F::Attr,
         sink: &mut S,
     ) -> bool {
-        let span = level_size(2);
-        if !in_span(va, 1, base) || end > base + span || end - va >= span {
+        let Some((first, stop)) = Self::leaf_run(base, va, end) else {
             return false;
-        }
+        };
         let leaves = Entries::new(mem, t);
-        let (first, stop) = (index(va, 1), index(end - 1, 1) + 1);
         let i = first
             + leaves.fill_free((first, stop), F::is_present, |k| {
                 Self::leaf_entry(phys + (k << 12), attr, 1)
@@ -1032,12 +1042,10 @@ impl<F: Format> PageTable<F> {
         va: u64,
         end: u64,
     ) -> bool {
-        let span = level_size(2);
-        if !in_span(va, 1, base) || end > base + span || end - va >= span {
+        let Some((first, stop)) = Self::leaf_run(base, va, end) else {
             return false;
-        }
+        };
         let leaves = Entries::new(mem, t);
-        let (first, stop) = (index(va, 1), index(end - 1, 1) + 1);
         if !leaves.all((first, stop), F::is_present) {
             return false;
         }

@@ -713,7 +713,7 @@ impl VtdDma {
                     return Some(Err(Status::Perm));
                 }
                 let r = self.on(shard, |st, dom, ivs| {
-                    st.unmap_own(dom, ivs, ram, &Tsc, iova, length)
+                    st.unmap_own(dom, ivs, ram, &Tsc, (iova, length))
                 });
                 let u = match r {
                     Ok(Some(u)) => u,
