@@ -71,8 +71,9 @@ impl Burst {
 }
 
 /// Requests whose buffers are mapped and that wait for room in the queue (see
-/// [`IoQueue::wait_pipelined`]): the first `n` of each array, oldest first.
-struct Staged {
+/// [`IoQueue::wait_pipelined`]): the first `n` of each array, oldest first. Owned by the
+/// caller of pipelined cycles (not by the queue: only they need its ~1.5 KiB).
+pub struct Staged {
     reqs: [Request; MAX_DEPTH],
     iovas: [u64; MAX_DEPTH],
     n: usize,
@@ -87,12 +88,23 @@ impl Staged {
         tag: 0,
     };
 
-    const fn empty() -> Self {
+    /// Nothing staged.
+    pub const fn empty() -> Self {
         Staged {
             reqs: [Self::NONE; MAX_DEPTH],
             iovas: [0; MAX_DEPTH],
             n: 0,
         }
+    }
+
+    /// Requests staged (mapped, not submitted yet).
+    pub fn len(&self) -> usize {
+        self.n
+    }
+
+    /// Whether nothing is staged.
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
     }
 
     /// Drops the first `k` (submitted).
@@ -192,8 +204,6 @@ pub struct IoQueue {
     slots: [Slot; MAX_DEPTH],
     /// Completions past the head known to be posted (see [`IoQueue::ready`]).
     seen: u16,
-    /// Requests mapped ahead by [`IoQueue::wait_pipelined`], not submitted yet.
-    staged: Staged,
     /// Time a command may take before [`IoQueue::wait`] gives up, microseconds.
     pub timeout_us: u64,
     /// How long [`IoQueue::wait_cycle`] waits for its `min` completions when fewer (but at
@@ -256,7 +266,6 @@ impl IoQueue {
             cids: Cids::new(MAX_DEPTH as u16),
             slots: [Slot::default(); MAX_DEPTH],
             seen: 0,
-            staged: Staged::empty(),
             timeout_us: 5_000_000,
             patience_us: 1000,
         })
@@ -296,11 +305,6 @@ impl IoQueue {
     /// Commands that can still be submitted.
     pub fn room(&self) -> usize {
         MAX_DEPTH - self.cids.outstanding() as usize
-    }
-
-    /// Requests [`IoQueue::wait_pipelined`] mapped ahead and has not submitted yet.
-    pub fn staged(&self) -> usize {
-        self.staged.n
     }
 
     fn check(&self, r: &Request) -> Result<u32, Error> {
@@ -581,12 +585,14 @@ impl IoQueue {
     /// before its command is submitted and unmapped before its completion is reported.
     ///
     /// On an error of the new burst (a bad request, a failed map) nothing of it stays
-    /// mapped and the completions are still reported; [`IoQueue::abandon`] also unmaps what is
-    /// staged.
+    /// mapped and the completions are still reported; [`IoQueue::unstage`] unmaps what is
+    /// staged (in `staged`, which the caller keeps across cycles).
+    #[allow(clippy::too_many_arguments)]
     pub fn wait_pipelined<P: Platform, H: Hypervisor>(
         &mut self,
         p: &mut P,
         m: &mut Mapper<H>,
+        staged: &mut Staged,
         depth: usize,
         (min, max): (usize, usize),
         refill: &mut dyn FnMut(&[u64], &mut [Request]) -> usize,
@@ -596,18 +602,18 @@ impl IoQueue {
         self.wait_ready(p, min)?;
         let t = self.take(p, max);
         let fits = depth.saturating_sub(self.outstanding() as usize);
-        let k = if t.stray { 0 } else { self.staged.n.min(fits) };
+        let k = if t.stray { 0 } else { staged.n.min(fits) };
         // The staged requests were checked when they were staged: their burst is rebuilt.
-        let (reqs, iovas) = (self.staged.reqs, self.staged.iovas);
+        let (reqs, iovas) = (staged.reqs, staged.iovas);
         let posted = self
             .prepare(&reqs[..k])
             .and_then(|b| self.post(p, &reqs[..k], &b, &iovas[..k]));
         let sent = if posted.is_ok() { k } else { 0 };
-        self.staged.consume(sent);
-        let want = depth - self.staged.n;
+        staged.consume(sent);
+        let want = depth - staged.n;
         let x = self.exchange_for(m, &t, want, t.stray || posted.is_err(), refill);
         if x.mapped.is_ok() {
-            self.staged.extend(&x.reqs[..x.k], &x.iovas);
+            staged.extend(&x.reqs[..x.k], &x.iovas);
         }
         let (unmapped, mapped) = (x.unmapped, x.mapped);
         t.report(unmapped, done);
@@ -693,19 +699,28 @@ impl IoQueue {
         Ok(())
     }
 
-    /// After the controller was disabled (it no longer touches memory), forgets every
-    /// outstanding command and unmaps its buffer, and unmaps the buffers of the requests
-    /// staged by [`IoQueue::wait_pipelined`] (dropped unsubmitted). Returns the commands
-    /// forgotten.
-    pub fn abandon<H: Hypervisor>(&mut self, m: &mut Mapper<H>) -> Result<u32, Error> {
-        let mut unmaps = [(0u64, 0u64); 2 * MAX_DEPTH];
-        let mut u = 0;
-        let st = &self.staged;
-        for (r, &iova) in st.reqs.iter().zip(&st.iovas).take(st.n) {
-            unmaps[u] = (iova, r.len.div_ceil(PAGE) * PAGE);
-            u += 1;
+    /// Unmaps the buffers of the requests `staged` holds (dropped unsubmitted).
+    pub fn unstage<H: Hypervisor>(m: &mut Mapper<H>, staged: &mut Staged) -> Result<(), Error> {
+        let mut unmaps = [(0u64, 0u64); MAX_DEPTH];
+        for (k, (r, &iova)) in staged
+            .reqs
+            .iter()
+            .zip(&staged.iovas)
+            .take(staged.n)
+            .enumerate()
+        {
+            unmaps[k] = (iova, r.len.div_ceil(PAGE) * PAGE);
         }
-        self.staged.n = 0;
+        let n = core::mem::take(&mut staged.n);
+        m.unmap_burst(&unmaps[..n])
+    }
+
+    /// After the controller was disabled (it no longer touches memory), forgets every
+    /// outstanding command and unmaps its buffer. Returns the commands forgotten (requests
+    /// staged by [`IoQueue::wait_pipelined`]: [`IoQueue::unstage`]).
+    pub fn abandon<H: Hypervisor>(&mut self, m: &mut Mapper<H>) -> Result<u32, Error> {
+        let mut unmaps = [(0u64, 0u64); MAX_DEPTH];
+        let mut u = 0;
         let mut n = 0;
         for cid in 0..MAX_DEPTH as u16 {
             if self.cids.free(cid) {

@@ -32,7 +32,9 @@ pub use controller::{
 };
 pub use dma::{Buffer, Exchange, Mapper, MapperStats, Mode};
 pub use error::{Error, Status, StatusKind, Wait};
-pub use io::{Cycle, Done, IoQueue, QueueMemory, Request, IO_ENTRIES, MAX_DEPTH, QUEUE_PAGES};
+pub use io::{
+    Cycle, Done, IoQueue, QueueMemory, Request, Staged, IO_ENTRIES, MAX_DEPTH, QUEUE_PAGES,
+};
 #[cfg(target_arch = "x86_64")]
 pub use platform::Native;
 pub use platform::Platform;

@@ -8,7 +8,7 @@
 use core::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use moat_abi::zerocopy::little_endian::U64;
-use moat_nvme::{Done, Request, MAX_DEPTH};
+use moat_nvme::{Done, Request, Staged, MAX_DEPTH};
 
 use super::{data, setup, Worker, OUTS};
 use crate::abi::BootInfo;
@@ -124,6 +124,8 @@ pub(crate) fn job(w: Worker<'_>, arg: u64, out: &mut [u64; OUTS]) -> Outcome {
     // Where the vCPU's time goes: TSC from `refill` (the completions are reaped, the burst
     // submitted, the call comes next) to the cycle's end, summed: the call and the reports.
     let (mut cycles, mut in_call) = (0u64, 0u64);
+    // The burst mapped ahead (empty again once every read was submitted).
+    let mut staged = Staged::empty();
     while completed < ios {
         let mut reaped_at = 0;
         let mut refill = |tags: &[u64], reqs: &mut [Request]| {
@@ -147,14 +149,22 @@ pub(crate) fn job(w: Worker<'_>, arg: u64, out: &mut [u64; OUTS]) -> Outcome {
             submitted += k as u64;
             k
         };
-        q.wait_pipelined(p, m, qd, (min, max), &mut refill, &mut |d: Done| {
-            if let Err(e) = d.result {
-                if failed == 0 {
-                    println!("nvme-bench: vcpu {v}: read {} failed: {e}", d.tag);
+        q.wait_pipelined(
+            p,
+            m,
+            &mut staged,
+            qd,
+            (min, max),
+            &mut refill,
+            &mut |d: Done| {
+                if let Err(e) = d.result {
+                    if failed == 0 {
+                        println!("nvme-bench: vcpu {v}: read {} failed: {e}", d.tag);
+                    }
+                    failed += 1;
                 }
-                failed += 1;
-            }
-        })
+            },
+        )
         .map_err(fail)?;
         in_call += crate::abi::rdtsc().saturating_sub(reaped_at);
         cycles += 1;
