@@ -42,6 +42,13 @@ pub struct Request {
     pub tag: u64,
 }
 
+impl Request {
+    /// Bytes its buffer's mapping covers: `len` rounded up to whole pages.
+    const fn mapped_len(&self) -> u64 {
+        self.len.div_ceil(PAGE) * PAGE
+    }
+}
+
 /// What one [`IoQueue::cycle`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Cycle {
@@ -344,7 +351,7 @@ impl IoQueue {
             b.blocks[k] = self.check(r)?;
             b.bufs[k] = Buffer {
                 gpa: r.gpa,
-                len: r.len.div_ceil(PAGE) * PAGE,
+                len: r.mapped_len(),
                 device_writes: !r.write,
             };
         }
@@ -709,7 +716,7 @@ impl IoQueue {
             .take(staged.n)
             .enumerate()
         {
-            unmaps[k] = (iova, r.len.div_ceil(PAGE) * PAGE);
+            unmaps[k] = (iova, r.mapped_len());
         }
         let n = core::mem::take(&mut staged.n);
         m.unmap_burst(&unmaps[..n])
